@@ -1,0 +1,146 @@
+"""The `edgerlhf` command: one entry point for every process of the service and for the pipeline.
+
+    edgerlhf up          backend + worker + dashboard together; Ctrl-C stops all three
+    edgerlhf backend     the FastAPI backend (uvicorn)
+    edgerlhf worker      the GPU worker (one job at a time)
+    edgerlhf frontend    the Streamlit dashboard
+    edgerlhf pipeline    run pipeline stages directly, without the service
+    edgerlhf bench       memory and speed benchmarks of every stage
+
+Subcommands import their code lazily, so `edgerlhf up` starts fast and `edgerlhf backend` never loads
+the training stack it does not need.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+USAGE = __doc__.split("\n\n")[1]
+
+FRONTEND_APP = Path(__file__).resolve().parent.parent / "frontend" / "streamlit_app.py"
+
+# subcommand -> "module:function" taking argv
+DISPATCH = {
+    "backend": "backend.main:main",
+    "worker": "worker.main:main",
+    "pipeline": "edgerlhf.pipeline:main",
+    "bench": "edgerlhf.bench:main",
+}
+
+
+def frontend_command(settings) -> list[str]:
+    """The Streamlit command line for the dashboard, on the configured port."""
+    return [sys.executable, "-m", "streamlit", "run", str(FRONTEND_APP),
+            "--server.port", str(settings.frontend_port),
+            "--server.address", settings.backend_host,
+            "--server.headless", "true",
+            "--browser.gatherUsageStats", "false"]
+
+
+def run_frontend(argv: list[str]) -> int:
+    from edgerlhf.settings import get_settings
+
+    return subprocess.call(frontend_command(get_settings()) + argv)
+
+
+def up(argv: list[str]) -> int:
+    """Start backend, worker and dashboard as child processes; stop them all on Ctrl-C or if one dies."""
+    import argparse
+
+    from edgerlhf.log import setup_logging
+    from edgerlhf.settings import get_settings
+
+    parser = argparse.ArgumentParser(prog="edgerlhf up", description=up.__doc__)
+    parser.add_argument("--no-worker", action="store_true", help="start only backend and dashboard")
+    args = parser.parse_args(argv)
+
+    settings = get_settings()
+    setup_logging("up", settings.log_level)
+    import logging
+
+    log = logging.getLogger("edgerlhf.up")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Children read the same settings from the environment; pin the resolved data dir so they agree.
+    env = {**os.environ, "EDGERLHF_DATA_DIR": str(settings.data_dir), "PYTHONUNBUFFERED": "1"}
+    commands = {"backend": [sys.executable, "-m", "edgerlhf.cli", "backend"]}
+    if not args.no_worker:
+        commands["worker"] = [sys.executable, "-m", "edgerlhf.cli", "worker"]
+    commands["frontend"] = frontend_command(settings)
+
+    # Each child gets its own process group so one Ctrl-C in this terminal reaches us only, and we
+    # stop the children in order (and their own children, e.g. the worker's job process) ourselves.
+    procs: dict[str, subprocess.Popen] = {}
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for name, cmd in commands.items():
+        procs[name] = subprocess.Popen(cmd, env=env, start_new_session=True)
+    log.info(f"data directory: {settings.data_dir}")
+    log.info(f"database:       {settings.db_url}")
+    log.info(f"backend:        {settings.api_url}  (API docs: {settings.api_url}/docs)")
+    log.info(f"dashboard:      http://{'127.0.0.1' if settings.backend_host in ('0.0.0.0', '::') else settings.backend_host}:{settings.frontend_port}")
+    log.info("press Ctrl-C to stop")
+
+    exit_code = 0
+    while not stopping:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                log.error(f"{name} exited with code {proc.returncode}; stopping the others")
+                exit_code = proc.returncode or 1
+                stopping = True
+                break
+        time.sleep(0.3)
+
+    log.info("stopping ...")
+    for proc in procs.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning(f"{name} did not stop in time; killing it")
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # Anything a child left in its process group (a job process, streamlit's helpers) goes too.
+    for proc in procs.values():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    log.info("stopped")
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "up":
+        return up(rest)
+    if command == "frontend":
+        return run_frontend(rest)
+    if command not in DISPATCH:
+        print(f"edgerlhf: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    module_name, func_name = DISPATCH[command].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return func(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,414 @@
+"""Configuration of a pipeline run: one dataclass per stage, presets, validation.
+
+Each field carries its help as a docstring right under it (CleanRL's style). Validation lives in
+`__post_init__` (as TRL's `ModelConfig` does) and raises `ConfigError` naming the field, so the CLI and
+the backend (422) can say exactly what is wrong. A job stores `PipelineConfig.to_dict()` as JSON, and
+`PipelineConfig.from_dict()` rebuilds it, so every run can be reproduced.
+
+This module imports nothing heavy: the backend validates jobs with it without loading torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = ("data", "sft", "reward", "ppo", "evaluate")
+"""The pipeline's stages, in the order they run."""
+
+PRECISIONS = ("bf16", "int8", "int4")
+"""Reward-model precisions: bf16 weights, or bitsandbytes int8 / nf4 (int4) quantized weights."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; `field` is its dotted path, e.g. `ppo.batch_size`."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{section}.{name}", f"must be > 0, got {value}")
+
+
+def _fraction(section: str, obj: Any, *names: str, inclusive: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        ok = 0.0 <= value <= 1.0 if inclusive else 0.0 < value < 1.0
+        if not ok:
+            bounds = "[0, 1]" if inclusive else "(0, 1)"
+            raise ConfigError(f"{section}.{name}", f"must be in {bounds}, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "distilgpt2"
+    """Base causal LM: a Hugging Face hub id or a local directory with config and weights."""
+    tokenizer: str | None = None
+    """Tokenizer hub id or local directory; defaults to `name_or_path`."""
+    random_init: bool = False
+    """Build the model from a GPT-2 config with random weights instead of loading weights (tests, benchmarks)."""
+    n_layer: int = 6
+    """With `random_init`: number of transformer blocks (6 = distilgpt2)."""
+    n_head: int = 12
+    """With `random_init`: attention heads per block (12 = distilgpt2)."""
+    n_embd: int = 768
+    """With `random_init`: hidden size (768 = distilgpt2)."""
+    n_positions: int = 1024
+    """With `random_init`: maximum sequence length."""
+
+    def __post_init__(self):
+        if not self.name_or_path and not self.random_init:
+            raise ConfigError("model.name_or_path", "must name a hub id or a local path")
+        _positive("model", self, "n_layer", "n_head", "n_embd", "n_positions")
+        if self.n_embd % self.n_head:
+            raise ConfigError("model.n_embd", f"must be divisible by n_head={self.n_head}")
+
+
+@dataclass
+class DataConfig:
+    source: str = "Anthropic/hh-rlhf"
+    """Hub id, a local `.jsonl`/`.jsonl.gz` file, or a directory of them (raw HH-RLHF or processed prompt/chosen/rejected)."""
+    data_dir: str | None = "harmless-base"
+    """Subset of the hub data set (`harmless-base`, `helpful-base`, ...); ignored for local files."""
+    split: str = "train"
+    """Split to read from the hub data set."""
+    max_pairs: int | None = None
+    """Keep at most this many pairs after cleaning (None: all)."""
+    test_fraction: float = 0.1
+    """Share of pairs held out for evaluation; the split is deterministic given `seed`."""
+    max_prompt_tokens: int = 256
+    """Pairs whose prompt is longer than this (in tokens) are dropped."""
+    max_response_tokens: int = 128
+    """Pairs whose chosen or rejected response is longer than this (in tokens) are dropped."""
+    skip_bad_lines: bool = False
+    """Count and skip malformed input lines instead of failing on the first one."""
+    labels: str = "human"
+    """`human`: HH-RLHF's own preference; `gold`: relabel each pair with the known gold scorer (known-answer task)."""
+    gold_scorer: str = "concise"
+    """With `labels=gold`: the text scorer whose preference is the truth (see edgerlhf.gold)."""
+
+    def __post_init__(self):
+        if not self.source:
+            raise ConfigError("data.source", "must name a hub id, a file or a directory")
+        if self.labels not in ("human", "gold"):
+            raise ConfigError("data.labels", f"must be 'human' or 'gold', got {self.labels!r}")
+        _positive("data", self, "max_pairs", "max_prompt_tokens", "max_response_tokens")
+        _fraction("data", self, "test_fraction")
+
+
+@dataclass
+class SFTConfig:
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])
+    """Modules that get LoRA adapters (GPT-2 names)."""
+    learning_rate: float = 2e-4
+    """Peak learning rate."""
+    max_steps: int = 500
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Sequences per device step."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    max_length: int = 384
+    """Prompt + response tokens per training sequence (longer ones are truncated)."""
+    completion_only_loss: bool = True
+    """Compute the loss on the response tokens only."""
+    eval_every: int = 100
+    """Evaluate loss and perplexity on held-out pairs every N steps."""
+    sample_every: int = 100
+    """Generate samples for the fixed held-out prompts every N steps."""
+    n_sample_prompts: int = 3
+    """How many fixed held-out prompts to sample."""
+
+    def __post_init__(self):
+        _positive("sft", self, "lora_r", "lora_alpha", "learning_rate", "max_steps", "batch_size",
+                  "grad_accum", "max_length", "eval_every", "sample_every")
+        _fraction("sft", self, "lora_dropout", inclusive=True)
+        if self.n_sample_prompts < 0:
+            raise ConfigError("sft.n_sample_prompts", "must be >= 0")
+        if not self.target_modules:
+            raise ConfigError("sft.target_modules", "must name at least one module")
+
+
+@dataclass
+class RewardConfig:
+    precisions: list[str] = field(default_factory=lambda: ["bf16"])
+    """Precisions to train a reward model in; more than one produces the precision study."""
+    lora_r: int = 16
+    """LoRA rank of the reward model."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    max_steps: int = 300
+    """Optimizer steps per precision."""
+    batch_size: int = 8
+    """Preference pairs per device step."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    max_length: int = 384
+    """Prompt + response tokens per scored sequence."""
+    eval_every: int = 100
+    """Evaluate held-out accuracy every N steps."""
+
+    def __post_init__(self):
+        if not self.precisions:
+            raise ConfigError("reward.precisions", "must list at least one precision")
+        for p in self.precisions:
+            if p not in PRECISIONS:
+                raise ConfigError("reward.precisions", f"unknown precision {p!r}; choose from {list(PRECISIONS)}")
+        if len(set(self.precisions)) != len(self.precisions):
+            raise ConfigError("reward.precisions", "lists a precision twice")
+        _positive("reward", self, "lora_r", "lora_alpha", "learning_rate", "max_steps", "batch_size",
+                  "grad_accum", "max_length", "eval_every")
+
+
+@dataclass
+class PPOConfig:
+    steps: int = 200
+    """PPO iterations (each samples `batch_size` prompts)."""
+    batch_size: int = 32
+    """Prompts sampled per PPO iteration (rollout batch)."""
+    mini_batch_size: int = 2
+    """Rollouts per forward/backward pass."""
+    grad_accum: int = 1
+    """Minibatches accumulated per optimizer step."""
+    ppo_epochs: int = 4
+    """Optimisation epochs over each rollout batch."""
+    learning_rate: float = 1.41e-5
+    """Adam learning rate for the policy adapter and value head."""
+    response_length: int = 64
+    """Maximum new tokens per sampled response."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int = 50
+    """Top-k sampling (0 disables)."""
+    top_p: float = 0.95
+    """Nucleus sampling threshold (1.0 disables)."""
+    init_kl_coef: float = 0.1
+    """Initial coefficient of the per-token KL penalty against the reference policy."""
+    adaptive_kl: bool = True
+    """Adapt the KL coefficient towards `target_kl` (Ziegler et al. 2019); False keeps it fixed."""
+    target_kl: float = 6.0
+    """Target KL per response for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive KL controller, in samples."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """PPO ratio clipping."""
+    cliprange_value: float = 0.2
+    """Value-function clipping."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    whiten_rewards: bool = False
+    """Whiten the scores before adding the KL penalty."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    reward_precision: str | None = None
+    """Which trained reward model scores the rollouts (one of reward.precisions; None: the first of them)."""
+    sample_every: int = 10
+    """Record sample generations (prompt, response, reward) every N steps."""
+    checkpoint_every: int = 20
+    """Save the policy adapter and optimizer every N steps so a run can resume."""
+
+    def __post_init__(self):
+        _positive("ppo", self, "steps", "batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
+                  "learning_rate", "response_length", "temperature", "kl_horizon", "sample_every",
+                  "checkpoint_every", "max_grad_norm")
+        if self.batch_size % self.mini_batch_size:
+            raise ConfigError("ppo.mini_batch_size", f"must divide batch_size={self.batch_size}")
+        if self.init_kl_coef < 0:
+            raise ConfigError("ppo.init_kl_coef", "must be >= 0")
+        if self.top_k < 0:
+            raise ConfigError("ppo.top_k", "must be >= 0")
+        _fraction("ppo", self, "top_p", "gamma", "lam", inclusive=True)
+        _positive("ppo", self, "cliprange", "cliprange_value", "target_kl")
+        if self.reward_precision is not None and self.reward_precision not in PRECISIONS:
+            raise ConfigError("ppo.reward_precision", f"unknown precision {self.reward_precision!r}")
+
+
+@dataclass
+class EvalConfig:
+    n_prompts: int = 64
+    """Held-out prompts to evaluate on."""
+    response_length: int = 64
+    """Maximum new tokens per response."""
+    n_show: int = 8
+    """Sample pairs (SFT vs PPO) written side by side to the report."""
+
+    def __post_init__(self):
+        _positive("evaluate", self, "n_prompts", "response_length")
+        if self.n_show < 0:
+            raise ConfigError("evaluate.n_show", "must be >= 0")
+
+
+@dataclass
+class PipelineConfig:
+    preset: str = "distilgpt2-8gb"
+    """Name of the preset this configuration started from."""
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    """Stages to run, a subset of data, sft, reward, ppo, evaluate (always in that order)."""
+    seed: int = 0
+    """Random seed for the data split, initialisation and sampling."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError("stages", f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        if not self.stages:
+            raise ConfigError("stages", "must list at least one stage")
+        self.stages = [s for s in STAGES if s in self.stages]
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.ppo.reward_precision is None:
+            self.ppo.reward_precision = self.reward.precisions[0]
+        if "ppo" in self.stages and self.ppo.reward_precision not in self.reward.precisions:
+            raise ConfigError("ppo.reward_precision",
+                              f"{self.ppo.reward_precision!r} is not among reward.precisions {self.reward.precisions}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
+        """Build and validate a config from plain data (as stored in a job), rejecting unknown fields."""
+        return _build(cls, data, prefix="")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", f"must be an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}", "unknown field")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    """Check `value` against a field's type annotation; nested dataclasses are built recursively."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{path}.")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"must be a list, got {type(value).__name__}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {path}")
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+SHARED_DIR = os.path.abspath(os.environ.get(
+    "EDGERLHF_SHARED_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared")))
+"""Local models and data sets beside the checkout (`../shared`); the hub cannot be reached offline."""
+TINY_TOKENIZER_DIR = os.path.join(SHARED_DIR, "models", "gpt2-tokenizer")
+"""The GPT-2 BPE tokenizer (the same as distilgpt2's) used by the `tiny` preset."""
+HH_PREFS_SAMPLE = os.path.join(SHARED_DIR, "data", "hh-rlhf", "processed", "prefs_sample.jsonl")
+"""1,000 HH-RLHF pairs as prompt/chosen/rejected, the `tiny` preset's data."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The reference configuration for an 8 GB GPU.
+    "distilgpt2-8gb": {
+        "model": {"name_or_path": "distilgpt2"},
+        "sft": {"lora_r": 16, "target_modules": ["c_attn", "c_proj"]},
+        "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 16},
+        "ppo": {"batch_size": 32, "mini_batch_size": 2, "response_length": 64, "learning_rate": 1.41e-5,
+                "init_kl_coef": 0.1, "top_k": 50, "top_p": 0.95},
+    },
+    # A small random GPT-2 on the known-answer task: the whole pipeline in minutes on 2 CPU cores.
+    "tiny": {
+        "device": "cpu",
+        "model": {"name_or_path": "tiny-gpt2", "tokenizer": TINY_TOKENIZER_DIR, "random_init": True,
+                  "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 256},
+        "data": {"source": HH_PREFS_SAMPLE, "labels": "gold",
+                 "max_pairs": 600, "test_fraction": 0.2, "max_prompt_tokens": 96, "max_response_tokens": 48},
+        "sft": {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-3, "max_steps": 60, "batch_size": 8,
+                "max_length": 160, "eval_every": 20, "sample_every": 30},
+        "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-3,
+                   "max_steps": 80, "batch_size": 8, "max_length": 160, "eval_every": 40},
+        "ppo": {"steps": 30, "batch_size": 16, "mini_batch_size": 4, "ppo_epochs": 2, "learning_rate": 1e-3,
+                "response_length": 24, "sample_every": 5, "checkpoint_every": 10},
+        "evaluate": {"n_prompts": 48, "response_length": 24, "n_show": 4},
+    },
+}
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The full configuration of a preset as plain data (every field, defaults filled in)."""
+    if name not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PipelineConfig.from_dict(_merge({"preset": name}, PRESETS[name])).to_dict()
+
+
+def load_config(preset: str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """A preset with overrides applied, e.g. `load_config("tiny", {"ppo": {"steps": 5}})`."""
+    return PipelineConfig.from_dict(_merge(preset_dict(preset), overrides or {}))

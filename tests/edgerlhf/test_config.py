@@ -1,0 +1,65 @@
+"""Stage configs: presets build, validation names the field, JSON round trip is lossless."""
+
+import json
+
+import pytest
+
+from edgerlhf.config import PRESETS, ConfigError, PipelineConfig, load_config, preset_dict
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build_and_round_trip(name):
+    config = load_config(name)
+    assert config.preset == name
+    again = PipelineConfig.from_dict(json.loads(config.to_json()))
+    assert again == config
+
+
+def test_reference_preset_matches_the_design():
+    c = load_config("distilgpt2-8gb")
+    assert c.model.name_or_path == "distilgpt2" and not c.model.random_init
+    assert (c.sft.lora_r, c.sft.target_modules) == (16, ["c_attn", "c_proj"])
+    assert (c.ppo.batch_size, c.ppo.mini_batch_size, c.ppo.response_length) == (32, 2, 64)
+    assert (c.ppo.learning_rate, c.ppo.init_kl_coef, c.ppo.top_k, c.ppo.top_p) == (1.41e-5, 0.1, 50, 0.95)
+    assert c.reward.precisions == ["bf16", "int8", "int4"]
+
+
+def test_overrides_merge_into_the_preset():
+    c = load_config("tiny", {"ppo": {"steps": 3}, "stages": ["data", "sft"]})
+    assert c.ppo.steps == 3
+    assert c.ppo.batch_size == preset_dict("tiny")["ppo"]["batch_size"]
+    assert c.stages == ["data", "sft"]
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"ppo": {"batch_size": -1}}, "ppo.batch_size"),
+    ({"ppo": {"batch_size": "32"}}, "ppo.batch_size"),
+    ({"ppo": {"batch_size": 30, "mini_batch_size": 4}}, "ppo.mini_batch_size"),
+    ({"ppo": {"bogus": 1}}, "ppo.bogus"),
+    ({"reward": {"precisions": ["fp8"]}}, "reward.precisions"),
+    ({"reward": {"precisions": ["int8"]}, "ppo": {"reward_precision": "int4"}}, "ppo.reward_precision"),
+    ({"stages": ["data", "train"]}, "stages"),
+    ({"data": {"test_fraction": 1.5}}, "data.test_fraction"),
+    ({"sft": {"completion_only_loss": "yes"}}, "sft.completion_only_loss"),
+    ({"device": "tpu"}, "device"),
+    ({"model": "distilgpt2"}, "model"),
+])
+def test_invalid_values_name_their_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        load_config("distilgpt2-8gb", overrides)
+    assert err.value.field == field
+
+
+def test_unknown_preset_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        load_config("gpt4-on-a-toaster")
+    assert err.value.field == "preset"
+
+
+def test_ppo_scores_with_the_first_trained_precision_by_default():
+    assert load_config("tiny", {"reward": {"precisions": ["int4", "bf16"]}}).ppo.reward_precision == "int4"
+    assert load_config("distilgpt2-8gb").ppo.reward_precision == "bf16"
+
+
+def test_stages_are_kept_in_pipeline_order():
+    assert load_config("tiny", {"stages": ["ppo", "data"]}).stages == ["data", "ppo"]
