@@ -411,4 +411,7 @@ def preset_dict(name: str) -> dict[str, Any]:
 
 def load_config(preset: str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """A preset with overrides applied, e.g. `load_config("tiny", {"ppo": {"steps": 5}})`."""
-    return PipelineConfig.from_dict(_merge(preset_dict(preset), overrides or {}))
+    if preset not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    # Merge onto the preset as written (not its resolved form) so derived defaults follow the overrides.
+    return PipelineConfig.from_dict(_merge({"preset": preset, **PRESETS[preset]}, overrides or {}))
