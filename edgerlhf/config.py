@@ -232,13 +232,24 @@ class PPOConfig:
     """Record sample generations (prompt, response, reward) every N steps."""
     checkpoint_every: int = 20
     """Save the policy adapter and optimizer every N steps so a run can resume."""
+    lora_r: int = 16
+    """LoRA rank of the policy adapter (trained on top of sft/merged)."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator of the policy adapter (scale = alpha / r)."""
+    n_probe_prompts: int = 3
+    """Fixed held-out prompts sampled at every checkpoint (kind `probe`), to watch the policy change."""
 
     def __post_init__(self):
         _positive("ppo", self, "steps", "batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
                   "learning_rate", "response_length", "temperature", "kl_horizon", "sample_every",
-                  "checkpoint_every", "max_grad_norm")
+                  "checkpoint_every", "max_grad_norm", "lora_r", "lora_alpha")
         if self.batch_size % self.mini_batch_size:
             raise ConfigError("ppo.mini_batch_size", f"must divide batch_size={self.batch_size}")
+        if (self.batch_size // self.mini_batch_size) % self.grad_accum:
+            raise ConfigError("ppo.grad_accum", f"must divide the {self.batch_size // self.mini_batch_size} "
+                                                "minibatches of a rollout batch")
+        if self.n_probe_prompts < 0:
+            raise ConfigError("ppo.n_probe_prompts", "must be >= 0")
         if self.init_kl_coef < 0:
             raise ConfigError("ppo.init_kl_coef", "must be >= 0")
         if self.top_k < 0:
@@ -257,11 +268,18 @@ class EvalConfig:
     """Maximum new tokens per response."""
     n_show: int = 8
     """Sample pairs (SFT vs PPO) written side by side to the report."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt and policy (more samples narrow the confidence intervals)."""
+    n_bootstrap: int = 2000
+    """Bootstrap resamples for the confidence intervals of the PPO - SFT differences."""
+    confidence: float = 0.95
+    """Level of the bootstrap confidence intervals."""
 
     def __post_init__(self):
-        _positive("evaluate", self, "n_prompts", "response_length")
+        _positive("evaluate", self, "n_prompts", "response_length", "samples_per_prompt", "n_bootstrap")
         if self.n_show < 0:
             raise ConfigError("evaluate.n_show", "must be >= 0")
+        _fraction("evaluate", self, "confidence")
 
 
 @dataclass

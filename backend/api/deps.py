@@ -1,0 +1,65 @@
+"""Dependencies shared by the routers: the database session, the settings, the API token check.
+
+`Annotated` aliases (`SessionDep`, `SettingsDep`) as in fastapi/full-stack-fastapi-template's `deps.py`.
+The app built by `backend.main.create_app` keeps its settings and session factory on `app.state`, so
+tests can build apps on different databases side by side.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from db import read
+from db.models import Job
+from edgerlhf.settings import Settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessions() as session:
+        yield session
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <EDGERLHF_API_TOKEN>` when a token is set")
+
+
+def token_ok(expected: str | None, authorization: str | None) -> bool:
+    """Whether an `Authorization` header value carries the expected bearer token (always true without one)."""
+    if not expected:
+        return True
+    if not authorization:
+        return False
+    scheme, _, value = authorization.partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(value.strip().encode(), expected.encode())
+
+
+def require_token(request: Request,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """401 unless the request carries the configured API token (no-op when none is configured)."""
+    expected = request.app.state.settings.api_token
+    header = f"Bearer {credentials.credentials}" if credentials else None
+    if not token_ok(expected, header):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong API token: send "
+                            "'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
+
+
+def get_job_or_404(job_id: int, session: SessionDep) -> Job:
+    job = read.get_job(session, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return job
+
+
+JobDep = Annotated[Job, Depends(get_job_or_404)]

@@ -1,0 +1,201 @@
+"""What a job produced: metrics, samples, logs (cursor pages), artifacts, stage reports, and a live SSE stream.
+
+Cursor pages: `?after=<id>` returns the rows written after the row with that id, at most `limit`;
+`cursor` in the answer is what to pass next. A resumed stage rewrites its points with new ids, so a
+reader following the cursor gets the new values (a point is unique per stage, key and step: keep the
+last value seen).
+
+`GET /api/jobs/{id}/events` is a server-sent-event stream (`text/event-stream`) of the same rows as they
+are written plus status changes: events `metric`, `sample`, `log`, `status` and a final `end`. Each
+event's id is `<metric cursor>.<sample cursor>.<log cursor>`; a reconnecting `EventSource` sends it back
+as `Last-Event-ID` and the stream resumes there (or pass `after`, `after_sample`, `after_log`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from backend.api.deps import JobDep, SessionDep, SettingsDep
+from backend.api.schemas import (
+    ArtifactPublic,
+    LogPublic,
+    LogsPage,
+    MetricPublic,
+    MetricsPage,
+    SamplePublic,
+    SamplesPage,
+    jsonable,
+)
+from db import FINISHED, read
+
+router = APIRouter(prefix="/jobs", tags=["metrics"])
+
+POLL_SECONDS = 0.5
+"""How often the event stream looks for new rows: a point reaches the browser within about a second."""
+STREAM_PAGE = 2_000
+"""Rows per kind per poll of the event stream."""
+
+AfterQ = Annotated[int, Query(ge=0, description="Return rows with id greater than this cursor")]
+
+
+def _keys(keys: list[str] | None) -> list[str]:
+    """`keys=a,b` and `keys=a&keys=b` both work."""
+    return [k.strip() for part in keys or [] for k in part.split(",") if k.strip()]
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsPage)
+def metrics(job: JobDep, session: SessionDep, after: AfterQ = 0,
+            keys: Annotated[list[str] | None, Query(description="Metric keys, comma separated or repeated")] = None,
+            stage: str | None = None, limit: Annotated[int, Query(ge=1, le=50_000)] = 10_000):
+    rows = read.metrics_after(session, job.id, after, _keys(keys), stage, limit)
+    return MetricsPage(items=[MetricPublic.of(m) for m in rows], cursor=rows[-1].id if rows else after,
+                       more=len(rows) == limit)
+
+
+@router.get("/{job_id}/samples", response_model=SamplesPage)
+def samples(job: JobDep, session: SessionDep, after: AfterQ = 0, stage: str | None = None,
+            kind: Annotated[str | None, Query(description="sample, probe or eval")] = None,
+            limit: Annotated[int, Query(ge=1, le=5_000)] = 500):
+    rows = read.samples_after(session, job.id, after, stage, kind, limit)
+    return SamplesPage(items=[SamplePublic.of(s) for s in rows], cursor=rows[-1].id if rows else after,
+                       more=len(rows) == limit)
+
+
+@router.get("/{job_id}/logs", response_model=LogsPage)
+def logs(job: JobDep, session: SessionDep, after: AfterQ = 0, limit: Annotated[int, Query(ge=1, le=10_000)] = 1_000):
+    rows = read.logs_after(session, job.id, after, limit)
+    return LogsPage(items=[LogPublic.of(line) for line in rows], cursor=rows[-1].id if rows else after,
+                    more=len(rows) == limit)
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactPublic])
+def artifacts(job: JobDep, session: SessionDep, settings: SettingsDep):
+    run_dir = str((settings.runs_dir / f"job-{job.id}").absolute())
+    return [ArtifactPublic.of(a, run_dir) for a in read.artifacts(session, job.id)]
+
+
+@router.get("/{job_id}/report", response_model=dict[str, Any])
+def report(job: JobDep, session: SessionDep, settings: SettingsDep):
+    """Stage name -> that stage's report (the stages that finished)."""
+    reports: dict[str, Any] = {}
+    runs = {r.stage: r for r in read.stage_runs(session, job.id)}
+    run_dir = settings.runs_dir / f"job-{job.id}"
+    for stage in job.config.get("stages", []):
+        run = runs.get(stage)
+        if run is not None and run.report is not None:
+            reports[stage] = run.report
+        elif (run_dir / stage / "report.json").is_file():  # written, but its stage end was not recorded
+            try:
+                reports[stage] = json.loads((run_dir / stage / "report.json").read_text())
+            except (OSError, ValueError):
+                pass
+    return jsonable(reports)
+
+
+# --- live stream -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Cursors:
+    metric: int = 0
+    sample: int = 0
+    log: int = 0
+
+    def event_id(self) -> str:
+        return f"{self.metric}.{self.sample}.{self.log}"
+
+    @classmethod
+    def parse(cls, value: str) -> _Cursors | None:
+        try:
+            parts = [int(p) for p in value.split(".")]
+        except ValueError:
+            return None
+        if len(parts) != 3 or min(parts) < 0:
+            return None
+        return cls(*parts)
+
+
+@dataclass
+class _Batch:
+    status: dict[str, Any] | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+    gone: bool = False
+
+
+def _poll(sessions, job_id: int, cursors: _Cursors) -> _Batch:
+    with sessions() as session:
+        job = read.get_job(session, job_id)
+        if job is None:
+            return _Batch(gone=True)
+        from backend.api.routes.jobs import job_public
+
+        batch = _Batch(status=job_public(session, job).model_dump(mode="json"), finished=job.status in FINISHED)
+        batch.metrics = [MetricPublic.of(m).model_dump() for m in
+                         read.metrics_after(session, job_id, cursors.metric, limit=STREAM_PAGE)]
+        batch.samples = [SamplePublic.of(s).model_dump() for s in
+                         read.samples_after(session, job_id, cursors.sample, limit=STREAM_PAGE)]
+        batch.logs = [LogPublic.of(line).model_dump() for line in
+                      read.logs_after(session, job_id, cursors.log, limit=STREAM_PAGE)]
+        return batch
+
+
+def existing_job_id(job_id: int, request: Request) -> int:
+    # A short-lived session: the stream must not hold a pooled connection for its whole life.
+    with request.app.state.sessions() as session:
+        if read.get_job(session, job_id) is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return job_id
+
+
+def _status_key(status: dict[str, Any]) -> tuple:
+    return (status["status"], status["stage"], round(status["progress"], 4), status["cancel_requested"],
+            status["attempts"], status["queue_position"], tuple((s["stage"], s["status"]) for s in status["stages"]))
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse,
+            responses={200: {"description": "Events `status`, `metric`, `sample`, `log`, `end`"}})
+async def events(job_id: Annotated[int, Depends(existing_job_id)], request: Request,
+                 after: AfterQ = 0, after_sample: AfterQ = 0, after_log: AfterQ = 0,
+                 last_event_id: Annotated[str | None, Header()] = None):
+    """Server-sent events of a job: new metrics, samples, log lines and status changes as they are written."""
+    cursors = _Cursors(after, after_sample, after_log)
+    if last_event_id and (resumed := _Cursors.parse(last_event_id)) is not None:
+        cursors = resumed
+    sessions = request.app.state.sessions
+    last_status: tuple | None = None
+    yield ServerSentEvent(comment="edgerlhf job events", retry=2000)
+    while True:
+        batch = await anyio.to_thread.run_sync(_poll, sessions, job_id, cursors)
+        if batch.gone:
+            yield ServerSentEvent(event="end", data={"job_id": job_id, "status": "deleted"}, id=cursors.event_id())
+            return
+        for row in batch.metrics:
+            cursors.metric = row["id"]
+            yield ServerSentEvent(event="metric", data=row, id=cursors.event_id())
+        for row in batch.samples:
+            cursors.sample = row["id"]
+            yield ServerSentEvent(event="sample", data=row, id=cursors.event_id())
+        for row in batch.logs:
+            cursors.log = row["id"]
+            yield ServerSentEvent(event="log", data=row, id=cursors.event_id())
+        key = _status_key(batch.status)
+        if key != last_status:
+            last_status = key
+            yield ServerSentEvent(event="status", data=batch.status, id=cursors.event_id())
+        more = any(len(rows) == STREAM_PAGE for rows in (batch.metrics, batch.samples, batch.logs))
+        if batch.finished and not more:
+            yield ServerSentEvent(event="end", data={"job_id": job_id, "status": batch.status["status"]},
+                                  id=cursors.event_id())
+            return
+        if not more:
+            await anyio.sleep(POLL_SECONDS)
+

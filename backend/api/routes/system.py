@@ -1,0 +1,112 @@
+"""Presets, the machine (GPUs, CPU memory, worker, queue) and the liveness check.
+
+GPU readings come from `nvidia-smi`, which does not create a CUDA context: asking torch
+(`edgerlhf.memory.gpu_info`) would make the backend process hold several hundred MB of the very GPU
+memory the worker needs. torch is asked only when it is loaded here anyway (the chat models) and
+`nvidia-smi` is missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import psutil
+from fastapi import APIRouter, Response, status
+
+from backend.api.deps import SessionDep, SettingsDep
+from backend.api.schemas import PresetPublic, SystemPublic, WorkerPublic
+from db import queue, read
+from edgerlhf.config import PRESETS, preset_dict
+
+router = APIRouter(tags=["system"])
+health_router = APIRouter(tags=["system"])
+
+PRESET_DESCRIPTIONS = {
+    "distilgpt2-8gb": "distilgpt2 on HH-RLHF harmless-base, sized for one 8 GB GPU (the reference run)",
+    "tiny": "a tiny random GPT-2 on 1,000 local HH-RLHF pairs with gold labels: the whole pipeline in minutes on a CPU",
+}
+
+_gpu_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
+_gpu_lock = threading.Lock()
+
+
+def _nvidia_smi() -> list[dict[str, Any]] | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=index,name,memory.total,memory.used",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4:
+            try:
+                gpus.append({"index": int(parts[0]), "name": parts[1],
+                             "memory_total_mb": float(parts[2]), "memory_used_mb": float(parts[3])})
+            except ValueError:
+                continue
+    return gpus
+
+
+def gpu_info() -> list[dict[str, Any]]:
+    """Visible NVIDIA GPUs with name and memory total/used in MB (cached for two seconds)."""
+    global _gpu_cache
+    with _gpu_lock:
+        stamp, cached = _gpu_cache
+        if time.monotonic() - stamp < 2.0:
+            return cached
+        gpus = _nvidia_smi()
+        if gpus is None:
+            gpus = []
+            if "torch" in sys.modules:  # loaded already (chat): asking it costs nothing more
+                from edgerlhf.memory import gpu_info as torch_gpu_info
+
+                gpus = torch_gpu_info()
+        _gpu_cache = (time.monotonic(), gpus)
+        return gpus
+
+
+@router.get("/presets", response_model=list[PresetPublic])
+def presets():
+    """Every preset with its full configuration (the base a job's `overrides` apply to)."""
+    return [PresetPublic(name=name, description=PRESET_DESCRIPTIONS.get(name, ""), config=preset_dict(name))
+            for name in PRESETS]
+
+
+@router.get("/system", response_model=SystemPublic)
+def system(session: SessionDep, settings: SettingsDep):
+    """GPUs, CPU memory, whether a worker is alive (and its last heartbeat), the queue."""
+    mem = psutil.virtual_memory()
+    cpu = {"count": psutil.cpu_count(), "percent": psutil.cpu_percent(interval=None),
+           "memory_total_mb": mem.total / 2**20, "memory_used_mb": (mem.total - mem.available) / 2**20,
+           "memory_percent": mem.percent}
+    window = max(3 * settings.heartbeat_seconds, 10.0)
+    alive = {w.id for w in read.alive_workers(session, window)}
+    workers = [WorkerPublic(alive=w.id in alive, id=w.id, state=w.state, job_id=w.job_id, last_heartbeat=w.heartbeat_at)
+               for w in read.workers(session)]
+    live = [w for w in workers if w.alive]
+    worker = live[0] if live else (workers[0] if workers else WorkerPublic(alive=False))
+    counts = read.status_counts(session)
+    return SystemPublic(gpus=gpu_info(), cpu=cpu, worker=worker, workers=workers,
+                        queue_length=counts["queued"], jobs=counts)
+
+
+@health_router.get("/healthz")
+def healthz(session: SessionDep, response: Response) -> dict[str, str]:
+    """Liveness: the backend answers and its database does. Never needs the API token."""
+    try:
+        queue.touch(session)
+    except Exception:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        return {"status": "error", "database": "unreachable"}
+    return {"status": "ok", "database": "ok"}

@@ -1,0 +1,208 @@
+"""Request and response bodies, a Create/Public pair per entity (fastapi/full-stack-fastapi-template style).
+
+Floats that are not finite (a diverged loss) are sent as `null`: JSON has no NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from db.models import Artifact, Job, JobStatus, LogLine, Metric, Sample, StageRun
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (recursively)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+
+
+class JobCreate(BaseModel):
+    """A new job: a preset plus overrides of any of its fields."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"name": "tiny smoke run", "preset": "tiny", "overrides": {"ppo": {"steps": 5}}}]})
+
+    name: str | None = Field(None, min_length=1, max_length=200, description="Shown in lists; default: the preset name")
+    preset: str = Field(min_length=1, max_length=100, description="A name from GET /api/presets")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description="Nested fields to change, e.g. {\"ppo\": {\"steps\": 5}}")
+
+
+class StagePublic(BaseModel):
+    stage: str
+    status: str
+    """pending, running, succeeded, failed, cancelled or interrupted."""
+    progress: float
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class JobPublic(BaseModel):
+    id: int
+    name: str
+    status: JobStatus
+    preset: str
+    config: dict[str, Any]
+    stage: str | None
+    progress: float
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    error: str | None
+    """One line; the traceback stays in the database and the worker's log."""
+    attempts: int
+    worker_id: str | None
+    cancel_requested: bool
+    queue_position: int | None
+    """1 = the next job a worker takes; None unless queued."""
+    stages: list[StagePublic]
+
+    @classmethod
+    def of(cls, job: Job, runs: list[StageRun], queue_position: int | None) -> JobPublic:
+        by_stage = {r.stage: r for r in runs}
+        stages = []
+        for name in job.config.get("stages", []):
+            run = by_stage.get(name)
+            stages.append(StagePublic(stage=name, status=run.status.value if run else "pending",
+                                      progress=run.progress if run else 0.0,
+                                      started_at=run.started_at if run else None,
+                                      finished_at=run.finished_at if run else None))
+        return cls(id=job.id, name=job.name, status=job.status, preset=job.preset, config=jsonable(job.config),
+                   stage=job.stage, progress=job.progress or 0.0, created_at=job.created_at,
+                   started_at=job.started_at, finished_at=job.finished_at, heartbeat_at=job.heartbeat_at,
+                   error=job.error, attempts=job.attempts, worker_id=job.worker_id,
+                   cancel_requested=job.cancel_requested,
+                   queue_position=queue_position if job.status == JobStatus.queued else None, stages=stages)
+
+
+class JobsPublic(BaseModel):
+    items: list[JobPublic]
+    total: int
+    """Jobs matching the filter (all pages)."""
+    limit: int
+    offset: int
+
+
+# --- rows read with a cursor -------------------------------------------------------------------------
+
+
+class MetricPublic(BaseModel):
+    id: int
+    stage: str
+    key: str
+    step: int
+    value: float | None
+    time: float
+
+    @classmethod
+    def of(cls, m: Metric) -> MetricPublic:
+        return cls(id=m.id, stage=m.stage, key=m.key, step=m.step, value=jsonable(m.value), time=m.time)
+
+
+class SamplePublic(BaseModel):
+    id: int
+    stage: str
+    kind: str
+    checkpoint: str | None
+    step: int
+    prompt: str
+    response: str
+    reward: float | None
+    time: float
+
+    @classmethod
+    def of(cls, s: Sample) -> SamplePublic:
+        return cls(id=s.id, stage=s.stage, kind=s.kind, checkpoint=s.checkpoint, step=s.step, prompt=s.prompt,
+                   response=s.response, reward=jsonable(s.reward), time=s.time)
+
+
+class LogPublic(BaseModel):
+    id: int
+    time: float
+    level: str
+    stage: str | None
+    message: str
+
+    @classmethod
+    def of(cls, line: LogLine) -> LogPublic:
+        return cls(id=line.id, time=line.time, level=line.level, stage=line.stage, message=line.message)
+
+
+class MetricsPage(BaseModel):
+    items: list[MetricPublic]
+    cursor: int
+    """Pass as `after` for the next page; unchanged when there were no new rows."""
+    more: bool
+    """The page was full: ask again at once for the rest."""
+
+
+class SamplesPage(BaseModel):
+    items: list[SamplePublic]
+    cursor: int
+    more: bool
+
+
+class LogsPage(BaseModel):
+    items: list[LogPublic]
+    cursor: int
+    more: bool
+
+
+class ArtifactPublic(BaseModel):
+    id: int
+    stage: str | None
+    kind: str
+    path: str
+    """Relative to the job's run directory when inside it."""
+    size: int | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, a: Artifact, run_dir: str) -> ArtifactPublic:
+        path = a.path
+        if path.startswith(run_dir.rstrip("/") + "/"):
+            path = path[len(run_dir.rstrip("/")) + 1:]
+        return cls(id=a.id, stage=a.stage, kind=a.kind, path=path, size=a.size, created_at=a.created_at)
+
+
+# --- system ----------------------------------------------------------------------------------------
+
+
+class PresetPublic(BaseModel):
+    name: str
+    description: str
+    config: dict[str, Any]
+
+
+class WorkerPublic(BaseModel):
+    alive: bool
+    """A worker heartbeated within the last few heartbeat intervals."""
+    id: str | None = None
+    state: str | None = None
+    job_id: int | None = None
+    last_heartbeat: datetime | None = None
+
+
+class SystemPublic(BaseModel):
+    gpus: list[dict[str, Any]]
+    """index, name, memory_total_mb, memory_used_mb per visible NVIDIA GPU."""
+    cpu: dict[str, Any]
+    worker: WorkerPublic
+    workers: list[WorkerPublic]
+    queue_length: int
+    """Queued jobs."""
+    jobs: dict[str, int]
+    """Job count per status."""

@@ -1,0 +1,447 @@
+"""The chat models of finished jobs: which exist, a bounded LRU cache of loaded ones, and generation.
+
+Every finished job serves up to three causal LMs, named as OpenAI names models:
+
+    job-12/base   the base model the job started from (a random-init base is saved under `base/`)
+    job-12/sft    `sft/merged`, the SFT policy
+    job-12/ppo    `sft/merged` + `ppo/adapter`, the PPO policy
+
+A model exists when its job has finished (succeeded, or failed/cancelled after that stage completed)
+and its stage wrote its artifacts and `report.json` into the run directory. Models load lazily through
+`edgerlhf.models.load_policy` and stay in an LRU cache of `settings.chat_cache_size` entries; one lock
+per loaded model serializes its generations (one network, one KV cache at a time on a small GPU),
+while different models generate in parallel. `unload_job(job_id)` drops a deleted job's models.
+
+Generation is a plain token loop with a KV cache (as nanoGPT's `generate`, plus top-p sampling):
+it owns a `torch.Generator` per request, so a `seed` gives the same tokens whether the answer is
+streamed or not and whatever other requests run at the same time, and it stops at the next HH turn
+marker (`edgerlhf.dialogue.STOP_STRINGS`), at the user's stop strings and at EOS. Text that could be
+the beginning of a stop string is held back, so a stream never shows a half stop marker.
+
+This module knows nothing of HTTP; `backend/api/routes/chat.py` maps its errors to OpenAI's.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("edgerlhf.chat")
+
+KINDS = ("base", "sft", "ppo")
+"""Policies a job can serve, in pipeline order."""
+
+FINISHED = ("succeeded", "failed", "cancelled")
+"""Job statuses whose run directory no longer changes; only these jobs serve models."""
+
+MODEL_ID = re.compile(r"^job-(\d+)/(base|sft|ppo)$")
+
+
+class ChatModelError(Exception):
+    """Base class of the registry's errors (the API maps each to an OpenAI error)."""
+
+
+class ModelNotFound(ChatModelError):
+    """No such model: malformed id, unknown or unfinished job, or the stage did not complete."""
+
+
+class ModelLoadError(ChatModelError):
+    """The model exists but could not be loaded (missing files, out of memory ...)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable model."""
+
+    id: str
+    """OpenAI model id, e.g. `job-12/ppo`."""
+    job_id: int
+    which: str
+    """`base`, `sft` or `ppo` (the `which` of `load_policy`)."""
+    run_dir: Path
+    created: int
+    """Unix time the job finished (or was created), for OpenAI's `created`."""
+
+
+def model_id(job_id: int, which: str) -> str:
+    return f"job-{job_id}/{which}"
+
+
+def parse_model_id(name: str) -> tuple[int, str]:
+    """`"job-12/ppo"` -> `(12, "ppo")`; raises `ModelNotFound` for anything else."""
+    match = MODEL_ID.match(name or "")
+    if not match:
+        raise ModelNotFound(f"The model `{name}` does not exist. Model ids look like `job-12/ppo`; "
+                            "GET /v1/models lists them.")
+    return int(match.group(1)), match.group(2)
+
+
+def _stage_done(run_dir: Path, stage: str) -> bool:
+    # run_stage writes <stage>/report.json only after the stage returned, so its artifacts are complete.
+    return (run_dir / stage / "report.json").is_file()
+
+
+def _base_available(run_dir: Path) -> bool:
+    if (run_dir / "base" / "config.json").is_file():
+        return True
+    try:  # not random-init: the base is the hub id or local path in the job's config
+        config = json.loads((run_dir / "config.json").read_text())
+        return not config.get("model", {}).get("random_init", False)
+    except (OSError, ValueError):
+        return False
+
+
+def available_kinds(run_dir: Path) -> list[str]:
+    """The policies a finished run directory can serve, in pipeline order."""
+    run_dir = Path(run_dir)
+    kinds = []
+    sft = _stage_done(run_dir, "sft") and (run_dir / "sft" / "merged" / "config.json").is_file()
+    if sft and _base_available(run_dir):
+        kinds.append("base")
+    if sft:
+        kinds.append("sft")
+    if sft and _stage_done(run_dir, "ppo") and (run_dir / "ppo" / "adapter" / "adapter_config.json").is_file():
+        kinds.append("ppo")
+    return kinds
+
+
+# --- stop strings --------------------------------------------------------------------------------
+
+
+class StopScanner:
+    """Turns the growing decoded text of one completion into safe-to-show deltas.
+
+    `feed(text)` takes the whole decoded completion so far and returns `(delta, stopped)`: the new
+    text that can be shown, and whether a stop string was found (the text before it is final). A
+    suffix that may still become a stop string, or an incomplete UTF-8 character (U+FFFD), is held
+    back until the next token decides. Leading whitespace is dropped: models answer `prompt + " " +
+    response`, and OpenAI's content starts with the first word.
+    """
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in dict.fromkeys(stops) if s]
+        self.sent = ""
+        self.stopped = False
+
+    def _visible(self, text: str, final: bool) -> str:
+        end = len(text)
+        hit = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hit:
+            end = min(hit)
+            self.stopped = True
+        elif not final:
+            held = 0
+            for stop in self.stops:
+                for k in range(min(len(stop) - 1, len(text)), held, -1):
+                    if text.endswith(stop[:k]):
+                        held = k
+                        break
+            while held < len(text) and text[len(text) - held - 1] == "\ufffd":
+                held += 1
+            end = len(text) - held
+        return text[:end].lstrip()
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        visible = self._visible(text, final)
+        # Byte-level BPE decodes prefix-stably, so `visible` extends what was sent; be safe if not.
+        delta = visible[len(self.sent):] if visible.startswith(self.sent) else ""
+        self.sent += delta
+        return delta, self.stopped
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """One finished completion."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    """`stop` (stop string or EOS), `length` (max_tokens) or `cancelled` (client went away)."""
+    completion_tokens: int = 0
+
+
+@dataclass
+class GenerationParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+
+
+def sample_next(logits, temperature: float, top_p: float, generator):
+    """Next token ids from last-position logits (N, V): greedy at temperature 0, else top-p sampling."""
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(dim=-1)  # (N,)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (N, V)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)  # (N, V)
+        # Drop a token when the mass before it already reaches top_p; the most likely token always stays.
+        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p  # (N, V)
+        drop[:, 0] = False
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (N, 1), renormalised by multinomial
+        return order.gather(-1, choice).squeeze(-1)  # (N,)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
+
+
+class LoadedModel:
+    """A policy in memory with its tokenizer; `generate` is serialized by `lock`."""
+
+    def __init__(self, spec: ModelSpec, model, tokenizer, device):
+        self.spec = spec
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.lock = threading.Lock()
+        config = getattr(model, "config", None)
+        self.context_length = int(getattr(config, "n_positions", None)
+                                  or getattr(config, "max_position_embeddings", None) or 1024)
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompt_ids: list[int], params: GenerationParams,
+                 on_delta: Callable[[int, str], None] | None = None,
+                 cancel: threading.Event | None = None) -> list[Choice]:
+        """Sample `params.n` completions of the prompt; `on_delta(index, text)` gets each new piece of text."""
+        import torch
+
+        stops = list(_dialogue_stops()) + list(params.stop)
+        choices = [Choice(i) for i in range(params.n)]
+        scanners = [StopScanner(stops) for _ in range(params.n)]
+        tokens: list[list[int]] = [[] for _ in range(params.n)]
+
+        def emit(i: int, final: bool = False) -> None:
+            text = self.tokenizer.decode(tokens[i], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            delta, stopped = scanners[i].feed(text, final=final)
+            if delta:
+                choices[i].text += delta
+                if on_delta is not None:
+                    on_delta(i, delta)
+            if stopped and choices[i].finish_reason is None:
+                choices[i].finish_reason = "stop"
+
+        with self.lock, torch.inference_mode():
+            generator = torch.Generator(device=self.device)
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+            # All n completions share the prompt, so they batch without padding.
+            step_ids = torch.tensor([prompt_ids] * params.n, dtype=torch.long, device=self.device)  # (N, P)
+            past = None
+            for _ in range(params.max_tokens):
+                if cancel is not None and cancel.is_set():
+                    for choice in choices:
+                        choice.finish_reason = choice.finish_reason or "cancelled"
+                    break
+                out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits = out.logits[:, -1, :].float()  # (N, V)
+                next_ids = sample_next(logits, params.temperature, params.top_p, generator)  # (N,)
+                for i, token in enumerate(next_ids.tolist()):
+                    if choices[i].finish_reason is not None:
+                        continue
+                    choices[i].completion_tokens += 1
+                    if token == self.eos_token_id:
+                        emit(i, final=True)
+                        choices[i].finish_reason = "stop"
+                        continue
+                    tokens[i].append(token)
+                    emit(i)
+                if all(c.finish_reason is not None for c in choices):
+                    break
+                step_ids = next_ids[:, None]  # (N, 1)
+            for i, choice in enumerate(choices):
+                if choice.finish_reason is None:
+                    emit(i, final=True)  # release held-back text: it did not become a stop string
+                    choice.finish_reason = choice.finish_reason or "length"
+        return choices
+
+
+def _dialogue_stops() -> tuple[str, ...]:
+    from edgerlhf import dialogue
+
+    return tuple(getattr(dialogue, "STOP_STRINGS", (dialogue.STOP_STRING,)))
+
+
+def render_prompt(messages: list[dict[str, str]]) -> str:
+    """OpenAI messages -> HH prompt (`edgerlhf.dialogue.render_chat`); raises ValueError when invalid."""
+    from edgerlhf.dialogue import render_chat
+
+    return render_chat(messages)
+
+
+# --- the registry --------------------------------------------------------------------------------
+
+
+class ChatModels:
+    """Which models exist (from the job table and run directories) and an LRU cache of loaded ones."""
+
+    def __init__(self, runs_dir: Path, device: str = "auto", cache_size: int = 2, precision: str = "bf16",
+                 loader: Callable[..., tuple[Any, Any]] | None = None):
+        self.runs_dir = Path(runs_dir)
+        self.device_spec = device
+        self.cache_size = max(1, int(cache_size))
+        self.precision = precision
+        self._loader = loader
+        self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()  # guards _cache, _loading, _epoch
+        self._loading: dict[str, threading.Lock] = {}  # one load at a time per model id
+        self._epoch: dict[int, int] = {}  # bumped by unload_job so a load racing a delete is discarded
+
+    # --- which models exist ----------------------------------------------------------------------
+
+    def list_models(self, jobs: Iterable[tuple[int, str, float | None]]) -> list[ModelSpec]:
+        """Specs of every servable model; `jobs` yields `(job_id, status, finished_unix_time)`."""
+        specs = []
+        for job_id, status, finished in jobs:
+            if status not in FINISHED:
+                continue
+            run_dir = self.runs_dir / f"job-{job_id}"
+            for which in available_kinds(run_dir):
+                specs.append(ModelSpec(model_id(job_id, which), job_id, which, run_dir, int(finished or 0)))
+        return specs
+
+    def resolve(self, name: str, job: tuple[int, str, float | None] | None) -> ModelSpec:
+        """The spec of model `name`, given its job's `(id, status, finished)` (None: no such job)."""
+        job_id, which = parse_model_id(name)
+        if job is None or job[0] != job_id:
+            raise ModelNotFound(f"The model `{name}` does not exist: there is no job {job_id}.")
+        if job[1] not in FINISHED:
+            raise ModelNotFound(f"The model `{name}` does not exist yet: job {job_id} is {job[1]}; "
+                                "its models are served once it has finished.")
+        run_dir = self.runs_dir / f"job-{job_id}"
+        if which not in available_kinds(run_dir):
+            raise ModelNotFound(f"The model `{name}` does not exist: job {job_id} has no completed "
+                                f"{which} stage (it serves {available_kinds(run_dir) or 'no models'}).")
+        return ModelSpec(name, job_id, which, run_dir, int(job[2] or 0))
+
+    # --- the cache -------------------------------------------------------------------------------
+
+    def cached(self) -> list[str]:
+        """Ids of the loaded models, least recently used first."""
+        with self._lock:
+            return list(self._cache)
+
+    def get(self, spec: ModelSpec) -> LoadedModel:
+        """The loaded model for `spec`, loading it (once, even under concurrent requests) if needed."""
+        with self._lock:
+            loaded = self._cache.get(spec.id)
+            if loaded is not None:
+                self._cache.move_to_end(spec.id)
+                return loaded
+            load_lock = self._loading.setdefault(spec.id, threading.Lock())
+            epoch = self._epoch.get(spec.job_id, 0)
+        with load_lock:
+            with self._lock:  # another request may have loaded it while we waited
+                loaded = self._cache.get(spec.id)
+                if loaded is not None:
+                    self._cache.move_to_end(spec.id)
+                    return loaded
+            loaded = self._load(spec)
+            with self._lock:
+                self._loading.pop(spec.id, None)
+                if self._epoch.get(spec.job_id, 0) != epoch:
+                    raise ModelNotFound(f"The model `{spec.id}` was deleted while it was loading.")
+                self._cache[spec.id] = loaded
+                evicted = []
+                while len(self._cache) > self.cache_size:
+                    evicted.append(self._cache.popitem(last=False)[0])
+            if evicted:
+                log.info(f"chat: evicted {', '.join(evicted)} (cache size {self.cache_size})")
+                _free_memory()
+            return loaded
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        from edgerlhf.models import resolve_device
+
+        loader = self._loader
+        if loader is None:
+            from edgerlhf.models import load_policy as loader
+        device = resolve_device(self.device_spec)
+        start = time.monotonic()
+        try:
+            model, tokenizer = loader(spec.run_dir, spec.which, device, self.precision)
+        except Exception as exc:  # the API answers 500 with this message; the log keeps the traceback
+            log.exception(f"chat: loading {spec.id} failed")
+            raise ModelLoadError(f"The model `{spec.id}` could not be loaded: {type(exc).__name__}: {exc}") from exc
+        model.eval()
+        log.info(f"chat: loaded {spec.id} on {device} in {time.monotonic() - start:.1f}s", extra={"job_id": spec.job_id})
+        return LoadedModel(spec, model, tokenizer, device)
+
+    def unload_job(self, job_id: int) -> list[str]:
+        """Drop every cached model of a job (its run directory is going away); returns their ids."""
+        with self._lock:
+            self._epoch[job_id] = self._epoch.get(job_id, 0) + 1
+            gone = [key for key, loaded in self._cache.items() if loaded.spec.job_id == job_id]
+            for key in gone:
+                del self._cache[key]
+        if gone:
+            log.info(f"chat: unloaded {', '.join(gone)}", extra={"job_id": job_id})
+            _free_memory()
+        return gone
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+        _free_memory()
+
+
+def _free_memory() -> None:
+    # A request still generating with an evicted model holds a reference; its memory goes when it ends.
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# --- the process-wide registry -------------------------------------------------------------------
+
+_registry: ChatModels | None = None
+_registry_lock = threading.Lock()
+
+
+def get_registry(settings=None) -> ChatModels:
+    """The backend's registry for `settings` (default: `get_settings()`); rebuilt if the data dir changes."""
+    global _registry
+    if settings is None:
+        from edgerlhf.settings import get_settings
+
+        settings = get_settings()
+    with _registry_lock:
+        if _registry is None or _registry.runs_dir != Path(settings.runs_dir):
+            _registry = ChatModels(settings.runs_dir, device=settings.device,
+                                   cache_size=settings.chat_cache_size,
+                                   precision=getattr(settings, "chat_precision", "bf16"))
+        return _registry
+
+
+def unload_job(job_id: int) -> list[str]:
+    """Drop a deleted job's models from the cache (called by the jobs API on DELETE)."""
+    with _registry_lock:
+        registry = _registry
+    return registry.unload_job(int(job_id)) if registry is not None else []

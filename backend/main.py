@@ -1,0 +1,128 @@
+"""The EdgeRLHF backend: FastAPI app factory, middleware, error handling, and the `edgerlhf backend` command.
+
+    edgerlhf backend [--host 127.0.0.1] [--port 8000]
+    uvicorn backend.main:app
+
+It enqueues and reads; it never trains. Routers live in `backend/api/routes/` (one per resource,
+included under `/api`; the chat router under `/v1`), after fastapi/full-stack-fastapi-template.
+OpenAPI docs are at `/docs`. With `EDGERLHF_API_TOKEN` set, every request but `/healthz` needs
+`Authorization: Bearer <token>`. A client never sees a server traceback: unexpected errors answer
+`500 {"detail": "internal server error"}` and the traceback goes to the backend's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from backend.api.deps import require_token
+from backend.api.middleware import BodyLimitMiddleware, TokenMiddleware
+from backend.api.routes import jobs, metrics, system
+from db import init_db, make_engine, make_sessionmaker
+from edgerlhf.settings import Settings, get_settings
+
+logger = logging.getLogger("edgerlhf.backend")
+
+
+def _chat_router():
+    """The chat engineer's `backend/api/routes/chat.py` router, if the module exists."""
+    try:
+        module = importlib.import_module("backend.api.routes.chat")
+    except ModuleNotFoundError as exc:
+        if exc.name == "backend.api.routes.chat":
+            return None
+        raise
+    return getattr(module, "router", None)
+
+
+def _chat_unload_hook() -> Callable[[int], None] | None:
+    """`backend.chat_models.unload_job(job_id)`: a deleted job's chat models leave memory with it."""
+    try:
+        module = importlib.import_module("backend.chat_models")
+    except ModuleNotFoundError as exc:
+        if exc.name == "backend.chat_models":
+            return None
+        raise
+    return getattr(module, "unload_job", None)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A backend app on `settings` (default: the environment's); creates the database tables if needed."""
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="EdgeRLHF", version="0.1.0", lifespan=lifespan,
+                  description="RLHF (SFT, reward model, PPO) on one consumer GPU: queue jobs, watch them live, chat "
+                              "with the results. Jobs live in the database and the worker, not in a browser tab.")
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = make_sessionmaker(engine)
+    app.state.job_deleted_hooks = []
+    """Callables `hook(job_id)` run after a job is deleted (the chat models of that job are unloaded)."""
+
+    guarded = [Depends(require_token)]
+    app.include_router(system.health_router)
+    app.include_router(system.router, prefix="/api", dependencies=guarded)
+    app.include_router(jobs.router, prefix="/api", dependencies=guarded)
+    app.include_router(metrics.router, prefix="/api", dependencies=guarded)
+    chat = _chat_router()
+    if chat is not None:
+        app.include_router(chat, prefix="/v1", dependencies=guarded)
+    unload = _chat_unload_hook()
+    if unload is not None:
+        app.state.job_deleted_hooks.append(unload)
+
+    # Outermost first in the request path: size limit, then the token, then routing.
+    app.add_middleware(TokenMiddleware, token=settings.api_token)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.error(f"{request.method} {request.url.path} failed", exc_info=exc)
+        return JSONResponse(status_code=500, content={"detail": "internal server error"})
+
+    return app
+
+
+def __getattr__(name: str):
+    # `backend.main:app` is built on first access, so importing this module has no side effects.
+    if name == "app":
+        app = create_app()
+        globals()["app"] = app
+        return app
+    raise AttributeError(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from edgerlhf.log import setup_logging
+
+    settings = get_settings()
+    parser = argparse.ArgumentParser(prog="edgerlhf backend", description="Run the EdgeRLHF API server.")
+    parser.add_argument("--host", default=settings.backend_host, help="interface to bind (default %(default)s)")
+    parser.add_argument("--port", type=int, default=settings.backend_port, help="port (default %(default)s)")
+    args = parser.parse_args(argv)
+    setup_logging("backend", settings.log_level)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:
+        logger.warning(f"binding to {args.host} without EDGERLHF_API_TOKEN: anyone on the network can queue jobs")
+    app = create_app(settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""SQLAlchemy 2.x models of the job service: jobs, their stage runs, metrics, samples, logs, artifacts, workers.
+
+The backend and the worker share nothing but these tables. Every table that a live view reads
+incrementally (metrics, samples, logs) has an autoincrement `id` that doubles as the read cursor:
+"everything after id N" is one index range scan on `(job_id, id)`. SQLite's `AUTOINCREMENT` keyword
+(`sqlite_autoincrement`) matters here: without it SQLite may hand a deleted row's id to the next
+insert, and a row re-written on resume could come back with an id a cursor reader has already passed.
+Layout after fastapi/full-stack-fastapi-template's `models.py`; queue semantics after procrastinate.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timezone-aware UTC datetime on every backend (SQLite stores naive text, so we re-attach UTC)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime; use db.models.utcnow()")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class JobStatus(str, enum.Enum):
+    """Life cycle of a job. Only `db.queue` moves a job from one status to another."""
+
+    queued = "queued"
+    """Waiting for a worker; `claim_next` takes the oldest queued job first."""
+    running = "running"
+    """Claimed by the worker in `worker_id`, which heartbeats; requeued if the heartbeat stops."""
+    succeeded = "succeeded"
+    """Every stage of the job's config finished."""
+    failed = "failed"
+    """A stage raised (message and traceback in `error`/`traceback`), or the job ran out of attempts."""
+    cancelled = "cancelled"
+    """Stopped on request; metrics up to the stop are kept."""
+
+
+FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+"""Statuses a job never leaves by itself (only `retry` requeues failed or cancelled jobs)."""
+
+
+class StageStatus(str, enum.Enum):
+    """Status of one stage of one job (a stage not yet begun has no row: the API calls it `pending`)."""
+
+    running = "running"
+    """Begun in the current attempt."""
+    succeeded = "succeeded"
+    """Finished; its report is stored and a resumed job skips it."""
+    failed = "failed"
+    """Raised; the job failed with it."""
+    cancelled = "cancelled"
+    """Was running when the job was cancelled."""
+    interrupted = "interrupted"
+    """Was running when its worker died; runs again from its start (or its own checkpoint) on resume."""
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    # Store the values as plain strings (no native ENUM type), so SQLite and PostgreSQL agree.
+    return Enum(cls, native_enum=False, length=16, validate_strings=True,
+                values_callable=lambda e: [m.value for m in e])
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_id", "status", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)
+    preset: Mapped[str] = mapped_column(String(100))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The full `PipelineConfig.to_dict()`: the job can be reproduced from it alone."""
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    """The stage running now (or the last one that ran)."""
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    """Overall progress in [0, 1] across the job's stages."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    """One-line reason of a failure (`ValueError: ...`)."""
+    traceback: Mapped[str | None] = mapped_column(Text, default=None)
+    """The full Python traceback of a failure; kept in the database, never sent to API clients."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """How many times a worker claimed the job (a clean worker shutdown gives its attempt back)."""
+    worker_id: Mapped[str | None] = mapped_column(String(200), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    stage_runs: Mapped[list[StageRun]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="StageRun.id")
+
+
+class StageRun(Base):
+    __tablename__ = "stage_runs"
+    __table_args__ = (UniqueConstraint("job_id", "stage", name="uq_stage_runs_job_stage"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(32))
+    status: Mapped[StageStatus] = mapped_column(_enum(StageStatus))
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    """The job attempt that began this stage last."""
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """The stage's `report.json`, once it succeeded."""
+
+    job: Mapped[Job] = relationship(back_populates="stage_runs")
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    __table_args__ = (
+        # One value per (job, stage, key, step): a resumed stage re-logging step i replaces the row.
+        UniqueConstraint("job_id", "stage", "key", "step", name="uq_metrics_point"),
+        Index("ix_metrics_job_cursor", "job_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(32))
+    key: Mapped[str] = mapped_column(String(100))
+    step: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float | None] = mapped_column(Float)
+    """None for a non-finite value (SQLite stores NaN as NULL anyway; JSON has no NaN)."""
+    time: Mapped[float] = mapped_column(Float)
+    """Unix time the value was logged."""
+
+
+class Sample(Base):
+    __tablename__ = "samples"
+    __table_args__ = (
+        # `seq` numbers the samples logged at one (stage, kind, step); deterministic stages log the
+        # same prompts in the same order, so a resumed stage replaces its samples instead of doubling them.
+        UniqueConstraint("job_id", "stage", "kind", "step", "seq", name="uq_samples_point"),
+        Index("ix_samples_job_cursor", "job_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(16), default="sample")
+    """`sample` (during training), `probe` (fixed prompts per checkpoint) or `eval`."""
+    checkpoint: Mapped[str | None] = mapped_column(String(100), default=None)
+    step: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    prompt: Mapped[str] = mapped_column(Text)
+    response: Mapped[str] = mapped_column(Text)
+    reward: Mapped[float | None] = mapped_column(Float, default=None)
+    time: Mapped[float] = mapped_column(Float)
+
+
+class LogLine(Base):
+    __tablename__ = "logs"
+    __table_args__ = (Index("ix_logs_job_cursor", "job_id", "id"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    time: Mapped[float] = mapped_column(Float)
+    level: Mapped[str] = mapped_column(String(10))
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    message: Mapped[str] = mapped_column(Text)
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "kind", "path", name="uq_artifacts_path"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    kind: Mapped[str] = mapped_column(String(50))
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int | None] = mapped_column(Integer, default=None)
+    """Bytes (a directory: the sum of its files)."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Worker(Base):
+    """One row per worker process, heartbeated while it lives, so the backend can say whether one is alive."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    """`<hostname>:<pid>` unless given."""
+    hostname: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    state: Mapped[str] = mapped_column(String(16), default="idle")
+    """`idle`, `busy` (running `job_id` in process `child_pid`) or `stopped`."""
+    job_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    child_pid: Mapped[int | None] = mapped_column(Integer, default=None)

@@ -1,0 +1,97 @@
+"""Read queries for the backend and tests: jobs with their queue position, and cursor pages of a job's rows.
+
+Cursor pages return rows with `id > after` in id order, at most `limit` of them; the caller passes the
+last id back as the next `after`. Ids only grow (see `db.models`), so a reader never misses a row that
+was committed after its previous page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.models import Artifact, Job, JobStatus, LogLine, Metric, Sample, StageRun, Worker, utcnow
+
+
+def get_job(session: Session, job_id: int) -> Job | None:
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def list_jobs(session: Session, statuses: Sequence[JobStatus] = (), limit: int = 50,
+              offset: int = 0) -> tuple[list[Job], int]:
+    """Newest first, optionally only the given statuses; also returns the total count of matches."""
+    query = select(Job)
+    count = select(func.count(Job.id))
+    if statuses:
+        query = query.where(Job.status.in_(statuses))
+        count = count.where(Job.status.in_(statuses))
+    jobs = session.scalars(query.order_by(Job.id.desc()).limit(limit).offset(offset)).all()
+    return list(jobs), int(session.scalar(count) or 0)
+
+
+def queue_positions(session: Session) -> dict[int, int]:
+    """Queued job id -> its position in the queue (1 = the next job a worker claims)."""
+    ids = session.scalars(select(Job.id).where(Job.status == JobStatus.queued).order_by(Job.id)).all()
+    return {job_id: i + 1 for i, job_id in enumerate(ids)}
+
+
+def status_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count(Job.id)).group_by(Job.status)).all()
+    counts = {s.value: 0 for s in JobStatus}
+    counts.update({status.value: int(n) for status, n in rows})
+    return counts
+
+
+def stage_runs(session: Session, job_id: int) -> list[StageRun]:
+    return list(session.scalars(select(StageRun).where(StageRun.job_id == job_id).order_by(StageRun.id)).all())
+
+
+def metrics_after(session: Session, job_id: int, after: int = 0, keys: Sequence[str] = (),
+                  stage: str | None = None, limit: int = 10_000) -> list[Metric]:
+    query = select(Metric).where(Metric.job_id == job_id, Metric.id > after)
+    if keys:
+        query = query.where(Metric.key.in_(keys))
+    if stage:
+        query = query.where(Metric.stage == stage)
+    return list(session.scalars(query.order_by(Metric.id).limit(limit)).all())
+
+
+def samples_after(session: Session, job_id: int, after: int = 0, stage: str | None = None,
+                  kind: str | None = None, limit: int = 1_000) -> list[Sample]:
+    query = select(Sample).where(Sample.job_id == job_id, Sample.id > after)
+    if stage:
+        query = query.where(Sample.stage == stage)
+    if kind:
+        query = query.where(Sample.kind == kind)
+    return list(session.scalars(query.order_by(Sample.id).limit(limit)).all())
+
+
+def logs_after(session: Session, job_id: int, after: int = 0, limit: int = 1_000) -> list[LogLine]:
+    query = select(LogLine).where(LogLine.job_id == job_id, LogLine.id > after)
+    return list(session.scalars(query.order_by(LogLine.id).limit(limit)).all())
+
+
+def artifacts(session: Session, job_id: int) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id)).all())
+
+
+def workers(session: Session) -> list[Worker]:
+    return list(session.scalars(select(Worker).order_by(Worker.heartbeat_at.desc())).all())
+
+
+def alive_workers(session: Session, within_seconds: float) -> list[Worker]:
+    """Workers that heartbeated in the last `within_seconds` and did not say they stopped."""
+    cutoff: datetime = utcnow() - timedelta(seconds=within_seconds)
+    return list(session.scalars(select(Worker).where(Worker.heartbeat_at >= cutoff, Worker.state != "stopped")
+                                .order_by(Worker.heartbeat_at.desc())).all())
+
+
+def metric_points(session: Session, job_id: int, key: str, stage: str | None = None) -> list[tuple[str, int, float | None]]:
+    """(stage, step, value) of every point of one metric, in step order (tests, reports)."""
+    query = select(Metric.stage, Metric.step, Metric.value).where(Metric.job_id == job_id, Metric.key == key)
+    if stage:
+        query = query.where(Metric.stage == stage)
+    return [tuple(r) for r in session.execute(query.order_by(Metric.stage, Metric.step)).all()]

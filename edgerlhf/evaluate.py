@@ -1,0 +1,204 @@
+"""Stage 5 — evaluation: the SFT policy against the PPO policy on held-out prompts.
+
+For each of `evaluate.n_prompts` held-out prompts (data/test_prefs.jsonl), both policies sample fresh
+responses with the PPO sampling settings; we report the mean reward of each (the reward model PPO was
+trained against), the win rate of PPO over SFT judged by that reward model, the KL of the PPO policy from
+the reference (= SFT) policy on its own samples, and, on the known-answer task (`data.labels = "gold"`),
+the gold score of both (`edgerlhf.gold`). Differences PPO - SFT get paired percentile-bootstrap
+confidence intervals over prompts (Efron & Tibshirani 1993), so "PPO is better" is a tested claim, as in
+the gold-reward-model set-up of Gao et al. 2022.
+
+Like PPO, it holds one copy of the network: sft/merged with the trained `ppo/adapter`; the SFT policy is
+that model with the adapter disabled. Writes evaluate/report.json (returned) and evaluate/report.md.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+GEN_BATCH = 16
+"""Prompts per `generate` call."""
+
+
+def bootstrap_ci(values, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Mean of `values` with a percentile-bootstrap confidence interval: {mean, low, high, confidence, n}.
+
+    For paired comparisons pass the per-prompt differences (PPO - SFT); an interval that excludes 0 is a
+    significant difference at level 1 - confidence.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "confidence": confidence, "n": 0}
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)  # (n_resamples,)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return {"mean": float(x.mean()), "low": float(low), "high": float(high), "confidence": confidence, "n": int(x.size)}
+
+
+def win_rate(a, b) -> float:
+    """Share of pairs where a beats b, ties counting one half."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(((a > b) + 0.5 * (a == b)).mean()) if a.size else float("nan")
+
+
+def sample_policy(models, prompts: list[str], config, use_adapter: bool, seed: int) -> dict[str, Any]:
+    """Responses of the PPO policy (`use_adapter`) or the SFT policy (adapter disabled) for `prompts`.
+
+    Returns texts, response lengths in tokens and, for the PPO policy, the KL from the reference of each
+    response (the SFT policy is the reference, its KL is 0).
+    """
+    from edgerlhf.ppo import generate, sequence_kl
+
+    cfg = config.ppo
+    model = models.model
+    responses, lengths, kls = [], [], []
+    for i in range(0, len(prompts), GEN_BATCH):
+        # The same seed per batch for both policies: common random numbers make the comparison less noisy.
+        torch.manual_seed(seed + i)
+        with nullcontext() if use_adapter else model.disable_adapter():
+            rollouts = generate(model, models.tokenizer, prompts[i:i + GEN_BATCH], config.evaluate.response_length,
+                                cfg.temperature, cfg.top_k, cfg.top_p)
+        responses += rollouts.responses
+        lengths += rollouts.response_mask.sum(1).tolist()
+        if use_adapter:
+            kls += sequence_kl(model, rollouts, cfg.temperature, cfg.mini_batch_size).tolist()
+        else:
+            kls += [0.0] * len(rollouts.responses)
+    return {"responses": responses, "lengths": lengths, "kl": kls}
+
+
+def _per_prompt(values, k: int) -> np.ndarray:
+    """Average the `k` samples of each prompt: (n_prompts * k,) -> (n_prompts,)."""
+    return np.asarray(values, dtype=np.float64).reshape(-1, k).mean(axis=1)
+
+
+def _summary(values) -> dict[str, float]:
+    x = np.asarray(values, dtype=np.float64)
+    return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else 0.0}
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """A short human-readable version of the report."""
+    def ci(d):
+        return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+    lines = [
+        "# Evaluation: SFT vs PPO",
+        "",
+        f"{report['n_prompts']} held-out prompts x {report['samples_per_prompt']} samples, reward model "
+        f"{report['reward_precision']}, {int(report['confidence'] * 100)} % bootstrap intervals.",
+        "",
+        "| | SFT | PPO | PPO - SFT |",
+        "|---|---|---|---|",
+        f"| reward | {report['sft']['reward']['mean']:.3f} | {report['ppo']['reward']['mean']:.3f} | "
+        f"{ci(report['reward_diff'])} |",
+    ]
+    if report.get("gold_diff"):
+        lines.append(f"| gold ({report['gold_scorer']}) | {report['sft']['gold']['mean']:.3f} | "
+                     f"{report['ppo']['gold']['mean']:.3f} | {ci(report['gold_diff'])} |")
+    lines += [
+        f"| response tokens | {report['sft']['response_tokens']['mean']:.1f} | "
+        f"{report['ppo']['response_tokens']['mean']:.1f} | |",
+        "",
+        f"Win rate of PPO over SFT (reward model): {report['win_rate']:.3f}. "
+        f"KL(PPO || SFT) per response: {report['ppo']['kl']['mean']:.3f}.",
+        "",
+        "## Samples",
+    ]
+    for s in report["samples"]:
+        prompt = s["prompt"].strip().replace("\n\n", " / ")
+        lines += ["", f"**Prompt:** {prompt}", "",
+                  f"- SFT ({s['sft_reward']:.2f}): {s['sft']!r}",
+                  f"- PPO ({s['ppo_reward']:.2f}): {s['ppo']!r}"]
+    return "\n".join(lines) + "\n"
+
+
+def run(config, ctx) -> dict[str, Any]:
+    """Compare the SFT and PPO policies on held-out prompts; returns (and writes) the report."""
+    from edgerlhf import gold, memory
+    from edgerlhf.data import read_prefs
+    from edgerlhf.models import ModelLoadError, resolve_device
+    from edgerlhf.ppo import build_models
+
+    cfg = config.evaluate
+    device = resolve_device(config.device)
+    run_dir = Path(ctx.run_dir)
+    out_dir = ctx.stage_dir("evaluate")
+    test_file = run_dir / "data" / "test_prefs.jsonl"
+    if not test_file.exists():
+        raise FileNotFoundError(f"{test_file} is missing: run the data stage first")
+    adapter = run_dir / "ppo" / "adapter"
+    if not adapter.is_dir():
+        raise ModelLoadError(f"{adapter} is missing: run the ppo stage first")
+    prompts = [row["prompt"] for row in read_prefs(test_file)][: cfg.n_prompts]
+    k = cfg.samples_per_prompt
+    all_prompts = [p for p in prompts for _ in range(k)]  # (n_prompts * k,)
+
+    models = build_models(config, run_dir, device, adapter_dir=adapter)
+    ctx.progress(0, 4)
+    sft = sample_policy(models, all_prompts, config, use_adapter=False, seed=config.seed)
+    ctx.check_cancelled()
+    ctx.progress(1, 4)
+    ppo = sample_policy(models, all_prompts, config, use_adapter=True, seed=config.seed)
+    ctx.check_cancelled()
+    ctx.progress(2, 4)
+    for result in (sft, ppo):
+        result["reward"] = models.score(all_prompts, result["responses"]).tolist()
+    ctx.progress(3, 4)
+
+    boot = dict(n_resamples=cfg.n_bootstrap, confidence=cfg.confidence, seed=config.seed)
+    report: dict[str, Any] = {
+        "n_prompts": len(prompts),
+        "samples_per_prompt": k,
+        "reward_precision": config.ppo.reward_precision,
+        "confidence": cfg.confidence,
+        "sft": {"reward": _summary(sft["reward"]), "response_tokens": _summary(sft["lengths"])},
+        "ppo": {"reward": _summary(ppo["reward"]), "response_tokens": _summary(ppo["lengths"]),
+                "kl": _summary(ppo["kl"])},
+        "win_rate": win_rate(ppo["reward"], sft["reward"]),
+        "reward_diff": bootstrap_ci(_per_prompt(ppo["reward"], k) - _per_prompt(sft["reward"], k), **boot),
+        "kl": float(np.mean(ppo["kl"])),
+        "gold_scorer": None,
+        "gold_diff": None,
+    }
+    if config.data.labels == "gold":
+        for result in (sft, ppo):
+            result["gold"] = gold.score_batch(all_prompts, result["responses"], config.data.gold_scorer)
+        report["gold_scorer"] = config.data.gold_scorer
+        report["sft"]["gold"] = _summary(sft["gold"])
+        report["ppo"]["gold"] = _summary(ppo["gold"])
+        report["gold_diff"] = bootstrap_ci(_per_prompt(ppo["gold"], k) - _per_prompt(sft["gold"], k), **boot)
+        report["gold_win_rate"] = win_rate(ppo["gold"], sft["gold"])
+
+    samples = []
+    for i in range(0, min(cfg.n_show, len(prompts)) * k, k):  # the first sample of the first n_show prompts
+        row = {"prompt": all_prompts[i], "sft": sft["responses"][i], "ppo": ppo["responses"][i],
+               "sft_reward": sft["reward"][i], "ppo_reward": ppo["reward"][i]}
+        if "gold" in sft:
+            row.update(sft_gold=sft["gold"][i], ppo_gold=ppo["gold"][i])
+        samples.append(row)
+        ctx.log_sample(row["prompt"], row["sft"], row["sft_reward"], 0, kind="eval", checkpoint="sft")
+        ctx.log_sample(row["prompt"], row["ppo"], row["ppo_reward"], 0, kind="eval", checkpoint="ppo")
+    report["samples"] = samples
+
+    metrics = {"evaluate/reward_sft": report["sft"]["reward"]["mean"],
+               "evaluate/reward_ppo": report["ppo"]["reward"]["mean"],
+               "evaluate/win_rate": report["win_rate"], "evaluate/kl": report["kl"]}
+    if report["gold_diff"]:
+        metrics.update({"evaluate/gold_sft": report["sft"]["gold"]["mean"],
+                        "evaluate/gold_ppo": report["ppo"]["gold"]["mean"]})
+    metrics.update(memory.snapshot(device))
+    ctx.log_metrics(metrics, 0)
+
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text(markdown_report(report))
+    ctx.artifact("report", out_dir / "report.md")
+    ctx.progress(4, 4)
+    return report

@@ -1,0 +1,358 @@
+"""Loading every model the pipeline uses: tokenizer, base LM, SFT/PPO policies and reward models.
+
+One place decides devices, dtypes and quantization, so the stages, the evaluation and the chat endpoint
+load models the same way. Precision comes from one factory, `quantization_config` (as in TRL's
+`get_quantization_config`): `bf16` loads plain weights, `int8` and `int4` load bitsandbytes LLM.int8()
+(Dettmers et al. 2022) and NF4 (QLoRA, Dettmers et al. 2023) weights.
+
+Compute dtype (`compute_dtype`): bf16 on a CUDA GPU that supports it (fp16 otherwise); on the CPU
+everything computes in fp32, including the "bf16" precision, because CPU bf16 matmuls are slow or
+emulated on most CPUs. Reports say which dtype was used.
+
+Run-directory formats read here (see the brief's run directory layout):
+
+    base/                    only for `model.random_init`: the random base LM + tokenizer
+    sft/merged/              base with the SFT LoRA merged in, + tokenizer (save_pretrained)
+    ppo/adapter/             a peft LoRA adapter on sft/merged (extra files such as a value head are ignored)
+    reward/<precision>/
+        adapter/             a peft LoRA adapter (task CAUSAL_LM, LoRA weights only) on sft/merged
+        score_head.pt        {"weight": (1, hidden) tensor, "bias": (1,) tensor or None}
+        reward_model.json    {"precision", "max_length", "compute_dtype", "hidden_size"}
+
+A reward is read from the final hidden state (after `ln_f`) of the last token of
+`prompt + " " + response` (no EOS appended), through the linear score head: the same position and
+value that `GPT2ForSequenceClassification` produces for that text with EOS as padding, which is how TRL's
+RewardTrainer trains it. Because the reward adapter is a plain causal-LM LoRA, PPO can load it as a
+second adapter on its shared `sft/merged` model (`model.load_adapter(dir / "adapter", "reward")`) and
+apply `score_head.pt` to `last_token_hidden(...)`; `encode_for_reward` gives the exact token layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from edgerlhf.config import PRECISIONS, ModelConfig, PipelineConfig
+from edgerlhf.dialogue import join
+
+REWARD_ADAPTER_DIR = "adapter"
+SCORE_HEAD_FILE = "score_head.pt"
+REWARD_META_FILE = "reward_model.json"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says why and what to do instead."""
+
+
+# --- devices, dtypes, quantization ---------------------------------------------------------------
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """`auto` -> the first CUDA device when one is available, else the CPU; `cpu`, `cuda`, `cuda:N` as given."""
+    if isinstance(spec, torch.device):
+        return spec
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {spec!r} was requested but no CUDA device is available; use 'cpu' or 'auto'")
+    return device
+
+
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype activations and unquantized weights use on `device` (bf16/fp16 on CUDA, fp32 on the CPU)."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def quantization_config(precision: str, compute_dtype: torch.dtype = torch.float32):
+    """The one precision factory: `None` for bf16, a `BitsAndBytesConfig` for int8 or int4 (NF4)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
+    if precision == "bf16":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if precision == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True)
+
+
+# --- hub or local ------------------------------------------------------------------------------
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all; False at once when HF_HUB_OFFLINE is set."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _looks_local(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.sep in name.strip("/").replace("/", "", 1)
+
+
+def _load(loader, name: str, what: str, **kwargs):
+    """`loader.from_pretrained(name)` for a local directory or a hub id, failing fast when offline.
+
+    huggingface_hub retries an unreachable hub for about a minute; we probe the hub once (a TCP connect,
+    3 s at most) and, when it does not answer, load from the local cache only or raise `ModelLoadError`.
+    """
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        try:
+            return loader.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the {what} from the local directory {path}: {exc}") from exc
+    if _looks_local(name) or os.path.exists(path):
+        raise ModelLoadError(f"the {what} path {name!r} is not a directory (expected a saved model/tokenizer)")
+    if not hub_reachable():
+        with _offline_hub():
+            try:  # a copy in the local cache still works offline
+                return loader.from_pretrained(name, **kwargs)
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(
+                    f"cannot load the {what} {name!r}: the Hugging Face hub cannot be reached (offline) and it is "
+                    f"not in the local cache. Download it where the hub is reachable (e.g. `hf download {name} "
+                    f"--local-dir DIR`) and set model.name_or_path (and model.tokenizer) to that local "
+                    f"directory.") from exc
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load the {what} {name!r} from the hub: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _offline_hub():
+    """Put huggingface_hub in offline mode for a moment, so nothing waits on network retries."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def load_tokenizer(name_or_path: str | Path, padding_side: str = "right"):
+    """A tokenizer with its pad token set to EOS (GPT-2 has none). Right padding by default (training,
+    scoring); pass `padding_side="left"` for batched `generate`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer, str(name_or_path), "tokenizer")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _placement(device: torch.device, precision: str) -> dict[str, Any]:
+    """from_pretrained kwargs for a device and precision (bitsandbytes models need a device_map)."""
+    dtype = compute_dtype(device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    qconfig = quantization_config(precision, dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    return kwargs
+
+
+def load_causal_lm(name_or_path: str | Path, device: torch.device | str = "cpu", precision: str = "bf16",
+                   model_class=None):
+    """A causal LM (or `model_class`) from a local dir or hub id, on `device`, in `precision`."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    loader = model_class or AutoModelForCausalLM
+    model = _load(loader, str(name_or_path), "model", **_placement(device, precision))
+    if precision == "bf16":
+        model = model.to(device)
+    return model
+
+
+def random_gpt2(model_cfg: ModelConfig, tokenizer, seed: int = 0):
+    """A GPT-2-shaped causal LM with random weights, sized by `model_cfg` (tests, tiny preset, benchmarks)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=model_cfg.n_positions, n_embd=model_cfg.n_embd,
+                        n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+
+def load_base_model(model_cfg: ModelConfig, device: torch.device | str = "cpu", precision: str = "bf16",
+                    tokenizer=None, seed: int = 0):
+    """The base causal LM of a config: a hub id, a local directory, or (random_init) a random GPT-2.
+
+    Offline, a hub id that is not cached raises `ModelLoadError` at once, saying how to use a local path.
+    A random model is built in fp32 and moved to `device`; it cannot be quantized before it is saved
+    (the reward stage quantizes `sft/merged`, which is on disk).
+    """
+    device = resolve_device(device)
+    if model_cfg.random_init:
+        if precision != "bf16":
+            raise ModelLoadError("a random_init model cannot be loaded quantized; save it and load the directory")
+        tokenizer = tokenizer or load_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path)
+        return random_gpt2(model_cfg, tokenizer, seed).to(device=device, dtype=compute_dtype(device))
+    return load_causal_lm(model_cfg.name_or_path, device, precision)
+
+
+# --- policies ----------------------------------------------------------------------------------
+
+def read_run_config(run_dir: str | Path) -> PipelineConfig | None:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return None
+    return PipelineConfig.from_dict(json.loads(path.read_text()))
+
+
+def load_policy(run_dir: str | Path, which: str, device: torch.device | str = "cpu", precision: str = "bf16"):
+    """(model, tokenizer) ready for `generate`: `base`, `sft` (sft/merged) or `ppo` (sft/merged + ppo/adapter).
+
+    The tokenizer pads on the left, as batched generation needs. The model is in eval mode.
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(device)
+    if which not in ("base", "sft", "ppo"):
+        raise ValueError(f"unknown policy {which!r}; choose base, sft or ppo")
+    if which == "base":
+        if (run_dir / "base").is_dir():
+            source: str | Path = run_dir / "base"
+        else:
+            config = read_run_config(run_dir)
+            if config is None:
+                raise ModelLoadError(f"{run_dir} has neither base/ nor config.json to find the base model")
+            if config.model.random_init:
+                raise ModelLoadError(f"{run_dir}/base is missing: the random base model is saved by the sft stage")
+            tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path, padding_side="left")
+            return load_base_model(config.model, device, precision, tokenizer).eval(), tokenizer
+    else:
+        source = run_dir / "sft" / "merged"
+        if not source.is_dir():
+            raise ModelLoadError(f"{source} is missing: run the sft stage first")
+    model = load_causal_lm(source, device, precision)
+    tokenizer = load_tokenizer(source, padding_side="left")
+    if which == "ppo":
+        from peft import PeftModel
+
+        adapter = run_dir / "ppo" / "adapter"
+        if not adapter.is_dir():
+            raise ModelLoadError(f"{adapter} is missing: run the ppo stage first")
+        model = PeftModel.from_pretrained(model, str(adapter))
+        if precision == "bf16":
+            model = model.merge_and_unload()  # plain weights: merging makes generation as fast as sft's
+    return model.eval(), tokenizer
+
+
+# --- reward models -----------------------------------------------------------------------------
+
+def encode_for_reward(tokenizer, prompts: list[str], responses: list[str], max_length: int,
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Tokens of `prompt + " " + response`, right-padded; longer texts lose their start (the response's
+    end, where the reward is read, is kept). Returns input_ids and attention_mask, each (B, T)."""
+    texts = [join(p, r) for p, r in zip(prompts, responses, strict=True)]
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                          padding_side="right")
+    finally:
+        tokenizer.truncation_side = side
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+
+def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden state of each row's last real token, with right padding: (B, T, H) -> (B, H)."""
+    last = attention_mask.long().sum(dim=1) - 1  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def _backbone(model) -> nn.Module:
+    """The transformer body (GPT2Model for GPT-2) of a causal LM, inside a peft wrapper if any."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
+
+
+class RewardModel(nn.Module):
+    """A causal LM body (+ reward LoRA) with a linear score head on the last token's hidden state."""
+
+    def __init__(self, model, head: nn.Linear, tokenizer, max_length: int = 384, precision: str = "bf16",
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.model = model
+        self.head = head
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.precision = precision
+        self.device = resolve_device(device)
+        self.compute_dtype = compute_dtype(self.device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = _backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        pooled = last_token_hidden(hidden, attention_mask)  # (B, H)
+        return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()  # (B,)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Rewards for (prompt, response) pairs: a float32 CPU tensor (N,)."""
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            batch = encode_for_reward(self.tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size],
+                                      self.max_length, self.device)
+            out.append(self(**batch).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def memory_footprint(self) -> int:
+        """Bytes of the weights (base, adapter and head), as held in memory."""
+        return int(self.model.get_memory_footprint()) + sum(p.numel() * p.element_size() for p in self.head.parameters())
+
+
+def load_score_head(path: str | Path, device: torch.device | str = "cpu") -> nn.Linear:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    weight = state["weight"]  # (1, H)
+    head = nn.Linear(weight.shape[1], 1, bias=state.get("bias") is not None)
+    head.load_state_dict({k: v for k, v in state.items() if v is not None})
+    return head.to(resolve_device(device)).float()
+
+
+def load_reward_model(run_dir: str | Path, precision: str = "bf16", device: torch.device | str = "cpu") -> RewardModel:
+    """The reward model trained in `precision`: sft/merged (quantized as trained) + reward LoRA + score head."""
+    from peft import PeftModel
+
+    run_dir = Path(run_dir)
+    device = resolve_device(device)
+    rm_dir = run_dir / "reward" / precision
+    if not (rm_dir / SCORE_HEAD_FILE).exists():
+        raise ModelLoadError(f"{rm_dir} holds no reward model: train reward.precisions including {precision!r}")
+    meta = json.loads((rm_dir / REWARD_META_FILE).read_text()) if (rm_dir / REWARD_META_FILE).exists() else {}
+    base_dir = run_dir / "sft" / "merged"
+    model = load_causal_lm(base_dir, device, precision)
+    model = PeftModel.from_pretrained(model, str(rm_dir / REWARD_ADAPTER_DIR)).eval()
+    tokenizer = load_tokenizer(base_dir)
+    head = load_score_head(rm_dir / SCORE_HEAD_FILE, device)
+    return RewardModel(model, head, tokenizer, meta.get("max_length", 384), precision, device).eval()

@@ -1,0 +1,232 @@
+"""Runs pipeline stages in order (data -> sft -> reward -> ppo -> evaluate), from Python or the command line.
+
+From Python (the worker does this with its database-backed context):
+
+    config = load_config("tiny", {"ppo": {"steps": 5}})
+    run_pipeline(config, RunContext("runs/demo"), skip={"data"})
+
+From the command line (`edgerlhf pipeline ...` dispatches here):
+
+    edgerlhf pipeline --preset tiny --run-dir runs/tiny
+    edgerlhf pipeline --preset tiny --run-dir runs/tiny --set ppo.steps=5 --set reward.precisions='["bf16"]'
+    edgerlhf pipeline --preset tiny --run-dir runs/tiny --stages data,sft
+    edgerlhf pipeline --config my_run.json --run-dir runs/mine --resume
+
+`--set KEY=VALUE` takes a dotted field and a JSON value (plain text when it is not JSON); `--config` reads
+a JSON object of overrides (it may name its `preset`), applied before `--set`. `--resume` skips stages
+whose `<stage>/report.json` already exists. A bad configuration exits with status 2 and names the field;
+a stage error exits with status 1; a cancelled run (Ctrl-C) with 130.
+
+Each stage module (`edgerlhf.<stage>`) is imported only when it runs, so `data` and `sft` work without
+the PPO dependencies loaded, and a stage's `run(config, ctx)` returns its report, which `run_stage`
+writes to `<run_dir>/<stage>/report.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from edgerlhf.config import STAGES, ConfigError, PipelineConfig, load_config
+from edgerlhf.context import Cancelled, ConsoleContext, RunContext
+
+logger = logging.getLogger("edgerlhf.pipeline")
+
+
+class StageUnavailable(RuntimeError):
+    """A stage's module cannot be imported (e.g. not installed in this build)."""
+
+
+def stage_module(name: str):
+    """The module that implements stage `name`, imported on first use."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; choose from {list(STAGES)}")
+    try:
+        return importlib.import_module(f"edgerlhf.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"edgerlhf.{name}":
+            raise StageUnavailable(f"stage {name!r} is not available: edgerlhf/{name}.py is missing") from exc
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_stage(name: str, config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
+    """Run one stage: begin, `run(config, ctx)`, write `<stage>/report.json`, end. Returns the report."""
+    module = stage_module(name)
+    ctx.begin_stage(name)
+    started = time.perf_counter()
+    report = _jsonable(module.run(config, ctx) or {})
+    report.setdefault("seconds", round(time.perf_counter() - started, 2))
+    path = ctx.stage_dir(name) / "report.json"
+    path.write_text(json.dumps(report, indent=2))
+    ctx.artifact("report", path)
+    ctx.end_stage(name, report)
+    return report
+
+
+def run_pipeline(config: PipelineConfig, ctx: RunContext, skip: Iterable[str] = frozenset()) -> dict[str, dict]:
+    """Run `config.stages` in order, skipping `skip`; writes `<run_dir>/config.json`. Returns reports by stage."""
+    skip = set(skip)
+    (ctx.run_dir / "config.json").write_text(config.to_json())
+    reports = {}
+    for name in config.stages:
+        if name in skip:
+            ctx.log(f"stage {name} skipped (already completed)")
+            continue
+        reports[name] = run_stage(name, config, ctx)
+    return reports
+
+
+# --- command line --------------------------------------------------------------------------------
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["ppo.steps=5", "reward.precisions=[\\"bf16\\"]"]` -> nested override dict (JSON values, else text)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(item, "expected KEY=VALUE, e.g. ppo.steps=5")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, "conflicts with another --set")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def build_config(preset: str | None, config_file: str | None, sets: list[str], stages: str | None) -> PipelineConfig:
+    """The run's configuration: preset, then the config file's overrides, then `--set`, then `--stages`."""
+    overrides: dict[str, Any] = {}
+    if config_file:
+        try:
+            overrides = json.loads(Path(config_file).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError("--config", f"cannot read {config_file}: {exc}") from exc
+        if not isinstance(overrides, dict):
+            raise ConfigError("--config", "must hold a JSON object")
+    preset = preset or overrides.get("preset") or "tiny"
+    overrides = _merge(overrides, parse_overrides(sets))
+    if stages:
+        overrides["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
+    return load_config(preset, overrides)
+
+
+class CLIContext(ConsoleContext):
+    """Prints stage progress as a bar on a terminal, or a line every 10 % otherwise."""
+
+    def __init__(self, run_dir, stream=None):
+        super().__init__(run_dir)
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self._shown = -1
+        self._stage_started = time.monotonic()
+
+    def begin_stage(self, stage):
+        self._shown = -1
+        self._stage_started = time.monotonic()
+        super().begin_stage(stage)
+
+    def end_stage(self, stage, report=None):
+        super().end_stage(stage, report)
+        if self.tty:
+            self.stream.write("\n")
+        self.stream.write(f"[{stage}] done in {time.monotonic() - self._stage_started:.1f}s\n")
+        self.stream.flush()
+
+    def _emit_progress(self, fraction):
+        pct = int(fraction * 100)
+        if self.tty:
+            bar = "#" * (pct // 4) + "." * (25 - pct // 4)
+            self.stream.write(f"\r[{self.stage}] [{bar}] {pct:3d}%")
+        elif pct // 10 > self._shown // 10 or pct == 100 and self._shown < 100:
+            self.stream.write(f"[{self.stage}] {pct}%\n")
+        else:
+            return
+        self._shown = pct
+        self.stream.flush()
+
+
+def _summary(name: str, report: dict) -> str:
+    if name == "data":
+        return f"{report.get('train')} train / {report.get('test')} test pairs, dropped {report.get('dropped')}"
+    if name == "sft":
+        return f"loss {report.get('first_loss')} -> {report.get('final_loss')}, eval perplexity {report.get('perplexity')}"
+    if name == "reward":
+        parts = [f"{p}: acc {r.get('accuracy'):.3f} spearman {r.get('spearman_vs_bf16')}"
+                 for p, r in report.get("precisions", {}).items()]
+        return "; ".join(parts)
+    return ", ".join(f"{k}={v}" for k, v in report.items() if isinstance(v, (int, float)))[:300]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgerlhf pipeline", description="Run the EdgeRLHF pipeline locally.")
+    parser.add_argument("--preset", help="preset to start from (default: tiny, or the config file's preset)")
+    parser.add_argument("--run-dir", required=True, help="directory for the run's artifacts and reports")
+    parser.add_argument("--config", help="JSON file of config overrides (may name its preset)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field, e.g. --set ppo.steps=5 (repeatable; JSON values)")
+    parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--resume", action="store_true", help="skip stages whose report.json already exists")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+
+    from edgerlhf.log import setup_logging
+
+    setup_logging("pipeline")
+    try:
+        config = build_config(args.preset, args.config, args.sets, args.stages)
+    except ConfigError as exc:
+        print(f"edgerlhf pipeline: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config.to_json())
+        return 0
+    ctx = CLIContext(args.run_dir)
+    skip = {s for s in config.stages if (ctx.run_dir / s / "report.json").exists()} if args.resume else set()
+    try:
+        reports = run_pipeline(config, ctx, skip=skip)
+    except KeyboardInterrupt:
+        print("\nedgerlhf pipeline: interrupted", file=sys.stderr)
+        return 130
+    except Cancelled as exc:
+        print(f"edgerlhf pipeline: {exc}", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a failed stage: say which and why, without a traceback for known errors
+        from edgerlhf.data import DataError
+        from edgerlhf.models import ModelLoadError
+
+        if not isinstance(exc, (DataError, ModelLoadError, StageUnavailable, ConfigError)):
+            logger.exception("stage %s failed", ctx.stage)
+        print(f"edgerlhf pipeline: stage {ctx.stage} failed: {exc}", file=sys.stderr)
+        return 1
+    for name, report in reports.items():
+        print(f"{name}: {_summary(name, report)}")
+    print(f"run directory: {ctx.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,697 @@
+"""Stage 4 — RLHF PPO against the reward model, written out in one file.
+
+Follows the RLHF recipe of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") as
+implemented by TRL's old `PPOTrainer` and "The N Implementation Details of RLHF with PPO" (Huang et al.
+2023), laid out like CleanRL's `ppo.py`: small pure functions for the math at the top, then the models,
+then one `run(config, ctx)` that reads top to bottom: sample prompts, generate, score, KL penalty, GAE,
+several epochs of clipped policy + value loss over minibatches.
+
+Memory design — one copy of the base network:
+- `sft/merged` is loaded once; the policy is a trainable LoRA adapter named `policy` on it (peft);
+- the reference policy is the same model under `with model.disable_adapter():`;
+- the value head is a small linear head on the policy's last hidden states (shared trunk, as TRL's
+  `AutoModelForCausalLMWithValueHead`);
+- a bf16 reward model is the reward LoRA loaded as a second, frozen adapter named `reward` on the same
+  model plus its score head; scoring switches adapters with peft's `set_adapter`.
+- An int8/int4 reward model cannot share bf16 weights: it is loaded with `models.load_reward_model`
+  and adds one quantized copy of the network (about 1/2 or 1/4 of its bf16 size).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --- PPO math: pure functions on (B, T) tensors, `mask` is 1 on response tokens -------------------
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (over everything, or along `dim`)."""
+    if dim is None:
+        return (values * mask).sum() / mask.sum()
+    return (values * mask).sum(dim) / mask.sum(dim)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `values` where `mask` is 1, with Bessel's correction by default (as TRL)."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        if n < 2:
+            return torch.zeros_like(variance)
+        variance = variance * n / (n - 1)
+    return variance
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """Normalise to unit variance (and zero mean when `shift_mean`) over the masked entries."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def whiten(values: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Whiten a flat batch (e.g. the scalar scores of a rollout batch)."""
+    return masked_whiten(values, torch.ones_like(values), shift_mean, eps)
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of the sampled tokens.
+
+    `k1` = log p - log q (unbiased, can be negative per token; what the penalty uses, as Ziegler et al.);
+    `k3` = (q/p - 1) - log(q/p) (unbiased and >= 0, Schulman's "Approximating KL divergence").
+    """
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}")
+
+
+def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                      mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards per response token: -kl_coef * KL on every token, plus the score on the last one.
+
+    Returns `(rewards, kl)`, both (B, T) and zero outside `mask`; rows of `mask` must be a prefix of ones
+    (responses are right-padded after their end).
+    """
+    kl = kl_estimate(logprobs, ref_logprobs) * mask  # (B, T)
+    rewards = -kl_coef * kl  # (B, T)
+    last = mask.sum(1).long() - 1  # (B,) index of each response's last token
+    rewards[torch.arange(len(scores)), last.clamp(min=0)] += scores * (last >= 0)
+    return rewards, kl
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1}, with V = 0 after the
+    last response token (the episode ends there). Returns `(advantages, returns)`, returns = A + V.
+    """
+    values = values * mask  # (B, T)
+    rewards = rewards * mask  # (B, T)
+    T = rewards.shape[1]
+    last_gae = torch.zeros_like(rewards[:, 0])  # (B,)
+    advantages_reversed = []
+    for t in reversed(range(T)):
+        next_values = values[:, t + 1] if t < T - 1 else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]
+        advantages_reversed.append(last_gae)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)  # (B, T)
+    returns = (advantages + values) * mask  # (B, T)
+    return advantages, returns
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution over the last dim: logsumexp(z) - sum(softmax(z) * z)."""
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each token in `tokens` (B, T) under `logits` (B, T, V)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate (Schulman et al. 2017), as a loss to minimise.
+
+    Returns `(loss, clip_frac, approx_kl)`: loss = mean(max(-A r, -A clip(r, 1-c, 1+c))), clip_frac the
+    share of tokens where the clipped term is the larger one, approx_kl = mean(0.5 (log r)^2).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    losses = -advantages * ratio
+    losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(losses, losses_clipped), mask)
+    clip_frac = masked_mean((losses_clipped > losses).float(), mask)
+    approx_kl = 0.5 * masked_mean(log_ratio ** 2, mask)
+    return loss, clip_frac, approx_kl
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor, cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss: 0.5 * mean(max((V - R)^2, (clip(V, V_old +- c) - R)^2)).
+
+    Returns `(loss, clip_frac)` where clip_frac is the share of tokens where the clipped term is larger.
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    losses = (values - returns) ** 2
+    losses_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(losses, losses_clipped), mask)
+    clip_frac = masked_mean((losses_clipped > losses).float(), mask)
+    return loss, clip_frac
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController(FixedKLController):
+    """Adaptive KL coefficient of Ziegler et al. 2019 (TRL's old `AdaptiveKLController`).
+
+    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon),
+    where KL is the mean KL per response of the last batch and n_steps the samples in it.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        super().__init__(init_kl_coef)
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = float(np.clip(current_kl / self.target - 1.0, -0.2, 0.2))
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+
+# --- the models: one copy of the base network -----------------------------------------------------
+
+POLICY = "policy"
+"""Name of the trainable LoRA adapter (the policy)."""
+REWARD = "reward"
+"""Name of the frozen reward LoRA adapter, when the bf16 reward model shares the network."""
+VALUE_HEAD_FILE = "value_head.pt"
+CHECKPOINT_FILE = "state.pt"
+
+
+class ValueHead(nn.Module):
+    """V(s_t): a linear map of the policy's last hidden state (B, T, H) -> (B, T), computed in fp32."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        # Small weights: the first value estimates are ~0, so early value losses do not swamp the policy.
+        nn.init.normal_(self.summary.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+@dataclass
+class PPOModels:
+    """Everything PPO holds in memory. `model` is the one network; the rest are views or small heads."""
+
+    model: Any
+    """peft model: sft/merged + the trainable `policy` LoRA (+ the frozen `reward` LoRA when shared)."""
+    value_head: ValueHead
+    reward_model: Any
+    """`edgerlhf.models.RewardModel`; for bf16 it wraps `model` itself (no copy)."""
+    tokenizer: Any
+    device: torch.device
+    reward_shared: bool
+    """True when the reward model is the `reward` adapter on `model` (bf16); False: a separate quantized copy."""
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        lora = [p for n, p in self.model.named_parameters() if "lora_" in n and f".{POLICY}." in n]
+        return lora + list(self.value_head.parameters())
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model, self.value_head, self.reward_model]
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Reward-model scores (N,) of (prompt, response) texts."""
+        if not self.reward_shared:
+            return self.reward_model.score(prompts, responses)
+        with using_adapter(self.model, REWARD):
+            return self.reward_model.score(prompts, responses)
+
+
+@contextmanager
+def using_adapter(model, name: str):
+    """Run a block with adapter `name` active (frozen), then give control back to the policy adapter."""
+    trainable = any(p.requires_grad for n, p in model.named_parameters() if f".{POLICY}." in n)
+    model.set_adapter(name, inference_mode=True)  # peft freezes every adapter but the active one
+    try:
+        yield
+    finally:
+        model.set_adapter(POLICY, inference_mode=not trainable)  # the policy LoRA trainable again, if it was
+
+
+def add_policy_adapter(model, config, adapter_name: str = POLICY):
+    """Wrap a causal LM in peft with a fresh trainable LoRA adapter (B = 0, so policy == reference at start)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.ppo.lora_r, lora_alpha=config.ppo.lora_alpha, lora_dropout=0.0,
+                      target_modules=list(config.sft.target_modules), task_type="CAUSAL_LM",
+                      # GPT-2 stores its projections as Conv1D (weights transposed).
+                      fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
+    return get_peft_model(model, lora, adapter_name=adapter_name)
+
+
+def build_models(config, run_dir: str | Path, device: torch.device, adapter_dir: str | Path | None = None) -> PPOModels:
+    """Load sft/merged once and hang the policy, reference, value head and (bf16) reward model on it.
+
+    With `adapter_dir` (a saved `ppo/adapter`) the policy is that trained adapter, frozen (evaluation);
+    without it, a fresh trainable LoRA (training).
+    """
+    from peft import PeftModel
+
+    from edgerlhf import models
+
+    run_dir = Path(run_dir)
+    precision = config.ppo.reward_precision
+    base, tokenizer = models.load_policy(run_dir, "sft", device)  # left padding, eval mode
+    # Dropout stays off during PPO updates (eval mode throughout), so the log-probs of the update pass
+    # match those of the rollout pass and the first ratio is exactly 1 (Huang et al. 2023, detail #16).
+    if adapter_dir is None:
+        model = add_policy_adapter(base, config).eval()
+    else:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=POLICY).eval()
+    rm_dir = run_dir / "reward" / precision
+    if precision == "bf16":
+        if not (rm_dir / models.SCORE_HEAD_FILE).exists():
+            raise models.ModelLoadError(f"{rm_dir} holds no reward model: run the reward stage with bf16 first")
+        model.load_adapter(str(rm_dir / models.REWARD_ADAPTER_DIR), adapter_name=REWARD, is_trainable=False)
+        meta_file = rm_dir / models.REWARD_META_FILE
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        head = models.load_score_head(rm_dir / models.SCORE_HEAD_FILE, device).requires_grad_(False)
+        reward_model = models.RewardModel(model, head, tokenizer, meta.get("max_length", 384), "bf16", device).eval()
+        shared = True
+    else:
+        # A quantized network cannot share the policy's bf16 weights: this adds one int8/int4 copy.
+        reward_model = models.load_reward_model(run_dir, precision, device).requires_grad_(False)
+        shared = False
+    model.set_adapter(POLICY, inference_mode=adapter_dir is not None)
+    value_head = ValueHead(model.config.hidden_size).to(device)
+    if adapter_dir is not None and (Path(adapter_dir) / VALUE_HEAD_FILE).exists():
+        value_head.load_state_dict(torch.load(Path(adapter_dir) / VALUE_HEAD_FILE, map_location=device))
+    return PPOModels(model, value_head, reward_model, tokenizer, device, shared)
+
+
+def base_weight_storages(objects: list[nn.Module]) -> dict[int, int]:
+    """Unique storages (data_ptr -> elements) of the non-adapter, non-head weights reachable from `objects`.
+
+    Everything PPO holds goes in; a design with one copy of the network gives exactly the base model's
+    parameter count, a second policy/reference/reward copy doubles it.
+    """
+    storages: dict[int, int] = {}
+    for obj in objects:
+        for name, tensor in list(obj.named_parameters()) + list(obj.named_buffers()):
+            if "lora_" in name or name.startswith(("summary.", "head.")) or ".head." in name:
+                continue
+            if tensor.numel() == 0 or not tensor.is_floating_point() and tensor.dtype not in (torch.int8, torch.uint8):
+                continue
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return storages
+
+
+# --- rollouts: generation and per-token statistics -----------------------------------------------
+
+
+@dataclass
+class Rollouts:
+    """A batch of sampled responses. Prompts are left-padded, responses right-padded after their end."""
+
+    prompts: list[str]
+    responses: list[str]
+    """Response texts as a user sees them (cut at the stop markers)."""
+    query_ids: torch.Tensor  # (B, P)
+    query_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, T)
+    response_mask: torch.Tensor  # (B, T) 1 up to and including the token that ended the response
+
+
+def response_lengths(tokenizer, response_ids: torch.Tensor) -> tuple[list[int], list[str]]:
+    """Where each sampled response ends, in tokens, and its text.
+
+    A response ends with its first EOS token or with the token that completes a stop marker
+    (`"\\n\\nHuman:"`, the model opening the next turn); that token is the policy's last action and is
+    kept in the mask, everything after it is padding.
+    """
+    from edgerlhf.dialogue import STOP_STRINGS, cut_at_stop
+
+    eos = tokenizer.eos_token_id
+    lengths, texts = [], []
+    for row in response_ids.tolist():
+        n = row.index(eos) + 1 if eos in row else len(row)
+        text = tokenizer.decode(row[:n], skip_special_tokens=True)
+        if any(marker in text for marker in STOP_STRINGS):
+            n = next(k for k in range(1, n + 1)
+                     if any(m in tokenizer.decode(row[:k], skip_special_tokens=True) for m in STOP_STRINGS))
+        lengths.append(n)
+        texts.append(cut_at_stop(text))
+    return lengths, texts
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, do_sample: bool = True) -> Rollouts:
+    """Sample one response per prompt (left-padded batch), stopping at EOS or a stop marker."""
+    from edgerlhf.dialogue import STOP_STRINGS
+
+    device = next(model.parameters()).device
+    n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"  # keep the prompt's end
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                      max_length=max(n_positions - max_new_tokens, 1)).to(device)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p) if do_sample \
+        else dict(do_sample=False)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, stop_strings=list(STOP_STRINGS),
+                         tokenizer=tokenizer, **sampling)  # (B, P + T)
+    query_ids = batch["input_ids"]  # (B, P)
+    response_ids = out[:, query_ids.shape[1]:]  # (B, T)
+    lengths, texts = response_lengths(tokenizer, response_ids)
+    positions = torch.arange(response_ids.shape[1], device=device)
+    response_mask = (positions[None, :] < torch.tensor(lengths, device=device)[:, None]).long()  # (B, T)
+    # Tokens after the end are padding: make them EOS so no stray sample leaks into later passes.
+    response_ids = torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id)
+    return Rollouts(list(prompts), texts, query_ids, batch["attention_mask"], response_ids, response_mask)
+
+
+def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                     response_mask: torch.Tensor, temperature: float = 1.0, value_head: ValueHead | None = None):
+    """One forward pass over prompt + response: logits, log-probs (and values) at the response tokens.
+
+    Returns `(logits (B, T, V), logprobs (B, T), values (B, T) or None)`. Position ids follow the left
+    padding exactly as `generate` built them, so the log-probs are those of the sampling pass.
+    """
+    P, T = query_ids.shape[1], response_ids.shape[1]
+    input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P + T)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, P + T)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=value_head is not None, logits_to_keep=T + 1, use_cache=False)
+    # The logits at position i predict token i + 1: the last T + 1 positions predict the T response tokens.
+    logits = out.logits[:, :-1].float() / temperature  # (B, T, V)
+    logprobs = logprobs_from_logits(logits, response_ids)  # (B, T)
+    values = None
+    if value_head is not None:
+        values = value_head(out.hidden_states[-1][:, P - 1:-1])  # (B, T): V of the state before each token
+    return logits, logprobs, values
+
+
+def sequence_kl(model, rollouts: Rollouts, temperature: float, batch_size: int) -> torch.Tensor:
+    """KL(policy || reference) of each sampled response: sum over its tokens of log pi - log pi_ref (B,)."""
+    out = []
+    for i in range(0, len(rollouts.prompts), batch_size):
+        s = slice(i, i + batch_size)
+        args = (rollouts.query_ids[s], rollouts.query_mask[s], rollouts.response_ids[s], rollouts.response_mask[s])
+        with torch.no_grad():
+            _, logp, _ = forward_response(model, *args, temperature=temperature)
+            with model.disable_adapter():
+                _, ref_logp, _ = forward_response(model, *args, temperature=temperature)
+        out.append(((logp - ref_logp) * rollouts.response_mask[s]).sum(1).cpu())
+    return torch.cat(out)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def _lora_signature(config) -> dict[str, Any]:
+    return {"lora_r": config.ppo.lora_r, "lora_alpha": config.ppo.lora_alpha,
+            "target_modules": list(config.sft.target_modules)}
+
+
+def save_checkpoint(path: Path, step: int, models: PPOModels, optimizer, kl_ctl, config) -> None:
+    """Everything a resumed run needs, in one file written atomically (a crash never leaves half a file)."""
+    from peft import get_peft_model_state_dict
+
+    path.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "adapter": {k: v.cpu() for k, v in get_peft_model_state_dict(models.model, adapter_name=POLICY).items()},
+        "value_head": models.value_head.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "kl_ctl": kl_ctl.state_dict(),
+        "lora": _lora_signature(config),
+        # Sampling is reseeded from (seed, step) at each step; the generators are kept for completeness.
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+    }
+    tmp = path / (CHECKPOINT_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path / CHECKPOINT_FILE)
+
+
+def load_checkpoint(path: Path, models: PPOModels, optimizer, kl_ctl, config) -> int | None:
+    """Restore a checkpoint written by `save_checkpoint`; returns its step, or None if there is none."""
+    from peft import set_peft_model_state_dict
+
+    file = path / CHECKPOINT_FILE
+    if not file.exists():
+        return None
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    if state.get("lora") != _lora_signature(config):
+        return None  # a different adapter shape: the old checkpoint cannot be resumed
+    set_peft_model_state_dict(models.model, state["adapter"], adapter_name=POLICY)
+    models.value_head.load_state_dict(state["value_head"])
+    optimizer.load_state_dict(state["optimizer"])
+    kl_ctl.load_state_dict(state["kl_ctl"])
+    return int(state["step"])
+
+
+def save_adapter(path: Path, models: PPOModels) -> None:
+    """The final policy: a standard peft adapter directory (loadable with `PeftModel.from_pretrained` on
+    sft/merged) plus the value head."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(models.model, adapter_name=POLICY)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / "adapter_model.safetensors"))
+    peft_config = models.model.peft_config[POLICY]
+    peft_config.inference_mode = True
+    peft_config.save_pretrained(str(path))
+    peft_config.inference_mode = False
+    torch.save(models.value_head.state_dict(), path / VALUE_HEAD_FILE)
+
+
+def _seed_step(seed: int, step: int) -> None:
+    """Reseed every generator from (seed, step): a resumed run samples exactly what an uninterrupted one would."""
+    s = (seed * 1_000_003 + step) % (2 ** 31)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def _prompts(path: Path) -> list[str]:
+    from edgerlhf.data import read_prefs
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the data stage first")
+    return [row["prompt"] for row in read_prefs(path)]
+
+
+def _probe(ctx, models: PPOModels, prompts: list[str], step: int, config) -> None:
+    """Sample the fixed held-out probe prompts (same seed each time) and log them for this checkpoint."""
+    if not prompts:
+        return
+    cfg = config.ppo
+    with torch.random.fork_rng(devices=[models.device] if models.device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        rollouts = generate(models.model, models.tokenizer, prompts, cfg.response_length, cfg.temperature,
+                            cfg.top_k, cfg.top_p)
+    scores = models.score(rollouts.prompts, rollouts.responses)
+    for prompt, response, score in zip(prompts, rollouts.responses, scores.tolist()):
+        ctx.log_sample(prompt, response, score, step, kind="probe", checkpoint=f"ppo/step-{step}")
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def run(config, ctx) -> dict[str, Any]:
+    """PPO on the SFT policy against the reward model; returns the stage report."""
+    from edgerlhf import memory
+    from edgerlhf.models import compute_dtype, dtype_name, resolve_device
+
+    cfg = config.ppo
+    device = resolve_device(config.device)
+    run_dir = Path(ctx.run_dir)
+    out_dir = ctx.stage_dir("ppo")
+    torch.manual_seed(config.seed)
+    memory.reset_peak(device)
+
+    train_prompts = _prompts(run_dir / "data" / "train_prefs.jsonl")
+    test_file = run_dir / "data" / "test_prefs.jsonl"
+    probe_prompts = _prompts(test_file)[: cfg.n_probe_prompts] if test_file.exists() else []
+
+    models = build_models(config, run_dir, device)
+    model, value_head, tokenizer = models.model, models.value_head, models.tokenizer
+    base_storages = base_weight_storages(models.modules())
+    params = models.policy_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
+    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.init_kl_coef))
+
+    ckpt_dir = out_dir / "checkpoint"
+    start = load_checkpoint(ckpt_dir, models, optimizer, kl_ctl, config) or 0
+    if start:
+        ctx.log(f"ppo: resuming from {ckpt_dir} at step {start}")
+    else:
+        _probe(ctx, models, probe_prompts, 0, config)
+    ctx.log(f"ppo: {sum(p.numel() for p in params):,} trainable parameters, reward model {cfg.reward_precision} "
+            f"({'shared adapter' if models.reward_shared else 'separate quantized copy'})")
+
+    n_minibatches = cfg.batch_size // cfg.mini_batch_size
+    history: dict[str, list[float]] = {}
+    t_start = time.perf_counter()
+    for step in range(start + 1, cfg.steps + 1):
+        ctx.check_cancelled()
+        t0 = time.perf_counter()
+        _seed_step(config.seed, step)
+
+        # 1. Rollouts: sample prompts, generate with the policy, score with the reward model.
+        batch_prompts = random.choices(train_prompts, k=cfg.batch_size) if len(train_prompts) < cfg.batch_size \
+            else random.sample(train_prompts, cfg.batch_size)
+        rollouts = generate(model, tokenizer, batch_prompts, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p)
+        scores = models.score(rollouts.prompts, rollouts.responses).to(device)  # (B,)
+        t_gen = time.perf_counter() - t0
+
+        # 2. Log-probs of policy and reference, values and entropy of the sampled tokens (no grad).
+        b_logprobs, b_ref_logprobs, b_values, b_entropy = [], [], [], []
+        with torch.no_grad():
+            for i in range(0, cfg.batch_size, cfg.mini_batch_size):
+                s = slice(i, i + cfg.mini_batch_size)
+                args = (rollouts.query_ids[s], rollouts.query_mask[s], rollouts.response_ids[s],
+                        rollouts.response_mask[s])
+                logits, logp, values = forward_response(model, *args, cfg.temperature, value_head)
+                with model.disable_adapter():  # the reference policy: the same network without the LoRA
+                    _, ref_logp, _ = forward_response(model, *args, cfg.temperature)
+                b_logprobs.append(logp)
+                b_ref_logprobs.append(ref_logp)
+                b_values.append(values)
+                b_entropy.append(entropy_from_logits(logits))
+                del logits
+        b_logprobs = torch.cat(b_logprobs)  # (B, T)
+        b_ref_logprobs = torch.cat(b_ref_logprobs)  # (B, T)
+        b_values = torch.cat(b_values)  # (B, T)
+        b_mask = rollouts.response_mask.float()  # (B, T)
+        entropy = masked_mean(torch.cat(b_entropy), b_mask).item()
+
+        # 3. Rewards: KL penalty on every token, the score on the last; then GAE and whitening.
+        b_scores = whiten(scores) if cfg.whiten_rewards else scores  # (B,)
+        b_rewards, b_kl = per_token_rewards(b_scores, b_logprobs, b_ref_logprobs, b_mask, kl_ctl.value)  # (B, T)
+        b_advantages, b_returns = compute_gae(b_rewards, b_values, b_mask, cfg.gamma, cfg.lam)  # (B, T)
+        b_advantages = masked_whiten(b_advantages, b_mask)  # (B, T)
+
+        # 4. PPO epochs over shuffled minibatches, gradient accumulation over `grad_accum` of them.
+        stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": [], "approx_kl": [],
+                                         "vf_clip_frac": [], "train_entropy": []}
+        for _epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(cfg.batch_size, device=device)
+            for k in range(n_minibatches):
+                mb = order[k * cfg.mini_batch_size:(k + 1) * cfg.mini_batch_size]
+                mb_mask = b_mask[mb]  # (M, T)
+                logits, mb_logprobs, mb_values = forward_response(
+                    model, rollouts.query_ids[mb], rollouts.query_mask[mb], rollouts.response_ids[mb],
+                    rollouts.response_mask[mb], cfg.temperature, value_head)
+                pg_loss, clip_frac, approx_kl = clipped_policy_loss(
+                    mb_logprobs, b_logprobs[mb], b_advantages[mb], mb_mask, cfg.cliprange)
+                v_loss, vf_clip_frac = clipped_value_loss(mb_values, b_values[mb], b_returns[mb], mb_mask,
+                                                          cfg.cliprange_value)
+                mb_entropy = masked_mean(entropy_from_logits(logits), mb_mask)
+                loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * mb_entropy
+                (loss / cfg.grad_accum).backward()
+                if (k + 1) % cfg.grad_accum == 0:
+                    nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("clip_frac", clip_frac),
+                                   ("approx_kl", approx_kl), ("vf_clip_frac", vf_clip_frac),
+                                   ("train_entropy", mb_entropy)):
+                    stats[key].append(value.item())
+                del logits, loss
+
+        # 5. The KL controller moves towards its target with this batch's KL per response.
+        mean_kl = b_kl.sum(1).mean().item()
+        kl_coef = kl_ctl.value
+        kl_ctl.update(mean_kl, cfg.batch_size)
+
+        elapsed = time.perf_counter() - t0
+        n_tokens = b_mask.sum().item()
+        metrics = {
+            "ppo/reward_mean": scores.mean().item(),
+            "ppo/reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+            "ppo/kl": mean_kl,
+            "ppo/kl_coef": kl_coef,
+            "ppo/entropy": entropy,
+            "ppo/non_score_reward": (-kl_coef * b_kl).sum(1).mean().item(),
+            "ppo/policy_loss": float(np.mean(stats["policy_loss"])),
+            "ppo/value_loss": float(np.mean(stats["value_loss"])),
+            "ppo/clip_frac": float(np.mean(stats["clip_frac"])),
+            "ppo/vf_clip_frac": float(np.mean(stats["vf_clip_frac"])),
+            "ppo/approx_kl": float(np.mean(stats["approx_kl"])),
+            "ppo/returns_mean": masked_mean(b_returns, b_mask).item(),
+            "ppo/response_length": b_mask.sum(1).mean().item(),
+            "ppo/tokens_per_s": n_tokens / elapsed,
+            "ppo/generation_s": t_gen,
+            "ppo/step_s": elapsed,
+        }
+        metrics.update(memory.snapshot(device))
+        ctx.log_metrics(metrics, step)
+        for key, value in metrics.items():
+            history.setdefault(key, []).append(value)
+        ctx.progress(step, cfg.steps)
+
+        if step % cfg.sample_every == 0 or step == 1:
+            for prompt, response, score in list(zip(rollouts.prompts, rollouts.responses, scores.tolist()))[:2]:
+                ctx.log_sample(prompt, response, score, step)
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            save_checkpoint(ckpt_dir, step, models, optimizer, kl_ctl, config)
+            _probe(ctx, models, probe_prompts, step, config)
+
+    # The final policy, plus a last checkpoint so a finished stage re-run does not train again.
+    save_adapter(out_dir / "adapter", models)
+    save_checkpoint(ckpt_dir, cfg.steps, models, optimizer, kl_ctl, config)
+    if start < cfg.steps:
+        _probe(ctx, models, probe_prompts, cfg.steps, config)
+    ctx.artifact("adapter", out_dir / "adapter")
+    ctx.artifact("checkpoint", ckpt_dir)
+
+    def last(key: str, n: int = 5) -> float | None:
+        values = history.get(key, [])[-n:]
+        return float(np.mean(values)) if values else None
+
+    base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    snapshot = memory.snapshot(device)
+    return {
+        "steps": cfg.steps,
+        "resumed_from_step": start,
+        "reward_precision": cfg.reward_precision,
+        "reward_model": "shared adapter" if models.reward_shared else "separate quantized copy",
+        "compute_dtype": dtype_name(compute_dtype(device)),
+        "device": str(device),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "base_parameters": base_params,
+        "base_weight_bytes_held": int(sum(base_storages.values())),
+        "first": {k: v[0] for k, v in history.items() if k.startswith("ppo/")},
+        "final": {k: last(k) for k in history if k.startswith("ppo/")},
+        "kl_coef_final": kl_ctl.value,
+        "wall_s": time.perf_counter() - t_start,
+        "peak_rss_mb": memory.peak_rss_mb(),
+        "memory": snapshot,
+    }

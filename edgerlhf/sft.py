@@ -1,0 +1,205 @@
+"""Stage 2, sft: LoRA supervised fine-tuning on prompt + chosen response, with TRL's SFTTrainer.
+
+The first step of the InstructGPT recipe (Ouyang et al. 2022): the base LM learns to answer HH prompts
+the way the preferred responses do. Training pairs come from `data/train_prefs.jsonl` as TRL
+prompt-completion examples (`prompt`, `completion = " " + chosen`, EOS appended by TRL); with
+`sft.completion_only_loss` (default) the loss covers the response tokens only (TRL masks the prompt's
+labels to -100). LoRA (Hu et al. 2021) adapts `sft.target_modules`; everything else stays frozen.
+
+Reports through the context: `sft/loss`, `sft/learning_rate`, `sft/grad_norm`, `sft/tokens_per_s`,
+`sft/eval_loss`, `sft/perplexity` (exp of the eval loss, on held-out responses), `mem/*`; probe
+generations on a few fixed held-out prompts every `sample_every` steps (`kind="probe"`,
+`checkpoint="sft/step-N"`, reward = the gold score when `data.labels == "gold"`).
+
+Writes: `sft/adapter/` (the LoRA adapter), `sft/merged/` (base with the LoRA merged + tokenizer) and,
+for a `model.random_init` base, `base/` (the random base + tokenizer) so later stages can load it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgerlhf import gold
+from edgerlhf.config import PipelineConfig
+from edgerlhf.context import RunContext
+from edgerlhf.data import read_prefs
+from edgerlhf.dialogue import cut_at_stop
+from edgerlhf.memory import reset_peak, snapshot
+from edgerlhf.models import compute_dtype, dtype_name, load_base_model, load_tokenizer, resolve_device
+
+
+def prompt_completion_dataset(path: Path):
+    """TRL prompt-completion examples from a prefs file: prompt, completion = " " + chosen."""
+    from datasets import Dataset
+
+    rows = read_prefs(path)
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": " " + r["chosen"]} for r in rows])
+
+
+@torch.no_grad()
+def generate_probes(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of `prompts`, one at a time (no padding), cut at the stop markers."""
+    was_training = model.training
+    model.eval()
+    out = []
+    device = next(model.parameters()).device
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").to(device)
+        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out.append(cut_at_stop(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
+    if was_training:
+        model.train()
+    return out
+
+
+def _callback(config: PipelineConfig, ctx: RunContext, tokenizer, probe_prompts: list[str], device):
+    """A TrainerCallback that forwards logs as namespaced metrics, samples probes and honours cancel."""
+    from transformers import TrainerCallback
+
+    cfg = config.sft
+    gold_on = config.data.labels == "gold"
+
+    class ContextCallback(TrainerCallback):
+        def __init__(self):
+            self.last_probes: list[dict[str, Any]] = []
+            self.last_tokens = 0.0
+            self.last_time = time.perf_counter()
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            ctx.progress(state.global_step, cfg.max_steps)
+            ctx.check_cancelled()
+            if probe_prompts and (state.global_step % cfg.sample_every == 0 or state.global_step == cfg.max_steps):
+                self.probe(model, state.global_step)
+
+        def probe(self, model, step):
+            responses = generate_probes(model, tokenizer, probe_prompts, config.data.max_response_tokens)
+            self.last_probes = []
+            for prompt, response in zip(probe_prompts, responses):
+                reward = gold.score(prompt, response, config.data.gold_scorer) if gold_on else None
+                ctx.log_sample(prompt, response, reward, step, kind="probe", checkpoint=f"sft/step-{step}")
+                self.last_probes.append({"step": step, "prompt": prompt, "response": response, "gold": reward})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            step = state.global_step
+            metrics: dict[str, float] = {}
+            if "loss" in logs:
+                metrics["sft/loss"] = logs["loss"]
+                now = time.perf_counter()
+                tokens = logs.get("num_tokens", 0.0)
+                if tokens > self.last_tokens:
+                    metrics["sft/tokens_per_s"] = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+                self.last_tokens, self.last_time = tokens, now
+                for src, key in (("learning_rate", "sft/learning_rate"), ("grad_norm", "sft/grad_norm"),
+                                 ("mean_token_accuracy", "sft/token_accuracy")):
+                    if src in logs:
+                        metrics[key] = logs[src]
+                metrics.update(snapshot(device))
+            if "eval_loss" in logs:
+                metrics["sft/eval_loss"] = logs["eval_loss"]
+                metrics["sft/perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+            metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+            if metrics:
+                ctx.log_metrics(metrics, step)
+
+    return ContextCallback()
+
+
+def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, device, callbacks=()):
+    """The SFTTrainer for this run (LoRA on `model`, data from `data/`); tests inspect its collator."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = config.sft
+    data_dir = ctx.run_dir / "data"
+    train = prompt_completion_dataset(data_dir / "train_prefs.jsonl")
+    test = prompt_completion_dataset(data_dir / "test_prefs.jsonl")
+    dtype = compute_dtype(device)
+    args = SFTConfig(
+        output_dir=str(ctx.stage_dir("sft") / "trainer"),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, cfg.max_steps // 20),
+        max_length=cfg.max_length,
+        completion_only_loss=cfg.completion_only_loss,
+        packing=False,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_every,
+        logging_steps=max(1, cfg.max_steps // 100),
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device.type == "cpu",
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        dataloader_num_workers=0,
+    )
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+                      fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2 uses Conv1D (in, out) weights
+    return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, processing_class=tokenizer,
+                      peft_config=lora, callbacks=list(callbacks))
+
+
+def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
+    cfg = config.sft
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
+    model = load_base_model(config.model, device, tokenizer=tokenizer, seed=config.seed)
+    if config.model.random_init:
+        # Later stages and the chat page need the exact random weights SFT started from.
+        base_dir = ctx.run_dir / "base"
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+        ctx.artifact("base_model", base_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    probe_prompts = [r["prompt"] for r in read_prefs(ctx.run_dir / "data" / "test_prefs.jsonl")[: cfg.n_sample_prompts]]
+    reset_peak(device)
+    callback = _callback(config, ctx, tokenizer, probe_prompts, device)
+    trainer = build_trainer(config, ctx, model, tokenizer, device, callbacks=[callback])
+    n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    ctx.log(f"SFT: {n_params / 1e6:.1f}M parameters, {n_trainable / 1e6:.3f}M trainable (LoRA r={cfg.lora_r}), "
+            f"{len(trainer.train_dataset)} train pairs, {cfg.max_steps} steps on {device} ({dtype_name(compute_dtype(device))})")
+    started = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - started
+    final_eval = trainer.evaluate()
+    ctx.log_metrics({"sft/eval_loss": final_eval["eval_loss"],
+                     "sft/perplexity": math.exp(min(final_eval["eval_loss"], 50.0))}, cfg.max_steps)
+
+    out_dir = ctx.stage_dir("sft")
+    peft_model = trainer.model
+    peft_model.save_pretrained(out_dir / "adapter")
+    ctx.artifact("adapter", out_dir / "adapter")
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(out_dir / "merged")
+    tokenizer.save_pretrained(out_dir / "merged")
+    ctx.artifact("model", out_dir / "merged")
+
+    losses = [v for _, v in ctx.metric_series("sft/loss")]
+    return {
+        "device": str(device), "compute_dtype": dtype_name(compute_dtype(device)),
+        "parameters": n_params, "trainable_parameters": n_trainable,
+        "train_pairs": len(trainer.train_dataset), "eval_pairs": len(trainer.eval_dataset),
+        "steps": result.global_step, "train_seconds": round(train_seconds, 2),
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "train_loss": result.training_loss, "eval_loss": final_eval["eval_loss"],
+        "perplexity": math.exp(min(final_eval["eval_loss"], 50.0)),
+        "completion_only_loss": cfg.completion_only_loss,
+        "memory": snapshot(device),
+        "probes": callback.last_probes,
+    }

@@ -1,0 +1,236 @@
+"""The dashboard's one client of the EdgeRLHF backend API (httpx, kept in `st.cache_resource`).
+
+The dashboard talks to the backend and nothing else: every page goes through `get_client()`. Errors come
+back as two exceptions a page can act on: `BackendDown` (no answer at all: show the banner, keep what is
+on screen) and `ApiError` (the backend answered 4xx/5xx; `field_errors` maps a config field such as
+`ppo.batch_size` to its message so a form can show it next to the widget).
+
+Paged endpoints (`/metrics`, `/samples`, `/logs`) are read with a cursor: `after` is the id of the last
+row already seen, so a live panel only ever downloads new rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+TIMEOUT = httpx.Timeout(10.0, connect=2.0)
+"""Connect fails fast (the banner should show at once); reads may take a moment on a busy backend."""
+
+
+class BackendDown(Exception):
+    """The backend could not be reached (refused, timed out, DNS ...)."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"backend unreachable at {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+@dataclass
+class ApiError(Exception):
+    """The backend answered with an error status."""
+
+    status: int
+    message: str
+    field_errors: dict[str, str] = field(default_factory=dict)
+    """Config field (dotted path, e.g. `ppo.batch_size`) -> message, from a 422."""
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.message}"
+
+
+@dataclass
+class Page:
+    """One page of a cursor-paged endpoint."""
+
+    items: list[dict[str, Any]]
+    cursor: int
+    """Pass as `after` to get the rows after this page (unchanged when there were none)."""
+    more: bool = False
+    """The backend had more rows than it returned: ask again at once."""
+
+
+def _field_of(loc: Any) -> str:
+    """A FastAPI error location (`["body", "overrides", "ppo", "steps"]`) as a config path."""
+    if isinstance(loc, str):
+        return loc
+    parts = [str(p) for p in (loc or []) if p not in ("body", "query", "path")]
+    if parts and parts[0] == "overrides":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def parse_error(status: int, payload: Any) -> ApiError:
+    """Turn an error body into an `ApiError`, whatever shape the backend used.
+
+    Handles FastAPI's `{"detail": [{"loc": [...], "msg": ...}]}`, a config error
+    `{"detail": {"field": "ppo.steps", "message": ...}}` and a plain `{"detail": "text"}`.
+    """
+    detail = payload.get("detail", payload) if isinstance(payload, dict) else payload
+    fields: dict[str, str] = {}
+    if isinstance(detail, dict):
+        if detail.get("field"):
+            fields[str(detail["field"])] = str(detail.get("message") or detail.get("msg") or "")
+        for err in detail.get("errors") or []:
+            if isinstance(err, dict) and (err.get("field") or err.get("loc")):
+                fields[str(err.get("field") or _field_of(err.get("loc")))] = str(err.get("message") or err.get("msg"))
+        message = str(detail.get("message") or detail.get("msg") or detail.get("error") or detail)
+    elif isinstance(detail, list):
+        for err in detail:
+            if isinstance(err, dict):
+                name = err.get("field") or _field_of(err.get("loc"))
+                fields[name or "request"] = str(err.get("message") or err.get("msg") or err)
+        message = "; ".join(f"{k}: {v}" for k, v in fields.items()) or str(detail)
+    else:
+        message = str(detail)
+    return ApiError(status, message, fields)
+
+
+def _items(data: Any, *names: str) -> list[dict[str, Any]]:
+    """The list of rows in a response that is either a bare list or an object wrapping one."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        for name in (*names, "items", "data", "results", "rows"):
+            if isinstance(data.get(name), list):
+                return data[name]
+    return []
+
+
+class ApiClient:
+    """Synchronous client of the backend API. One instance per (URL, token), shared by all sessions."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout: httpx.Timeout = TIMEOUT):
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    @property
+    def http(self) -> httpx.Client:
+        """The underlying httpx client (base URL and token set), for streaming endpoints such as chat."""
+        return self._http
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- plumbing --------------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except (httpx.TransportError, OSError) as exc:  # refused, reset, timed out, DNS
+            raise BackendDown(self.base_url, f"{type(exc).__name__}: {exc}") from exc
+        if resp.status_code >= 400:
+            try:
+                payload = resp.json()
+            except ValueError:
+                payload = resp.text or resp.reason_phrase
+            raise parse_error(resp.status_code, payload)
+        if resp.status_code == 204 or not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError:
+            return resp.text
+
+    def _page(self, path: str, after: int, **params: Any) -> Page:
+        params = {k: v for k, v in params.items() if v is not None}
+        data = self.request("GET", path, params={"after": after, **params})
+        items = _items(data, "metrics", "samples", "logs", "lines")
+        cursor = None
+        more = False
+        if isinstance(data, dict):
+            for name in ("cursor", "next_cursor", "next_after", "last_id"):
+                if isinstance(data.get(name), int):
+                    cursor = data[name]
+                    break
+            more = bool(data.get("more") or data.get("has_more"))
+        if cursor is None:
+            ids = [row["id"] for row in items if isinstance(row.get("id"), int)]
+            cursor = max(ids, default=after)
+        return Page(items, max(int(cursor), after), more)
+
+    # --- endpoints -------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/healthz") or {}
+
+    def presets(self) -> dict[str, dict[str, Any]]:
+        """Preset name -> its full configuration."""
+        data = self.request("GET", "/api/presets")
+        if isinstance(data, list):  # [{"name": ..., "config": {...}}]
+            return {p["name"]: p.get("config", p) for p in data}
+        if isinstance(data, dict) and isinstance(data.get("presets"), (dict, list)):
+            inner = data["presets"]
+            return inner if isinstance(inner, dict) else {p["name"]: p.get("config", p) for p in inner}
+        return data or {}
+
+    def system(self) -> dict[str, Any]:
+        return self.request("GET", "/api/system") or {}
+
+    def list_jobs(self, status: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        params = {"limit": limit, "offset": offset}
+        if status:
+            params["status"] = status
+        return _items(self.request("GET", "/api/jobs", params=params), "jobs")
+
+    def get_job(self, job_id: int) -> dict[str, Any]:
+        return self.request("GET", f"/api/jobs/{job_id}")
+
+    def create_job(self, preset: str, overrides: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"preset": preset, "overrides": overrides or {}}
+        if name:
+            body["name"] = name
+        return self.request("POST", "/api/jobs", json=body)
+
+    def cancel_job(self, job_id: int) -> dict[str, Any]:
+        return self.request("POST", f"/api/jobs/{job_id}/cancel")
+
+    def retry_job(self, job_id: int) -> dict[str, Any]:
+        return self.request("POST", f"/api/jobs/{job_id}/retry")
+
+    def delete_job(self, job_id: int) -> None:
+        self.request("DELETE", f"/api/jobs/{job_id}")
+
+    def metrics(self, job_id: int, after: int = 0, keys: list[str] | None = None, limit: int | None = None) -> Page:
+        return self._page(f"/api/jobs/{job_id}/metrics", after,
+                          keys=",".join(keys) if keys else None, limit=limit)
+
+    def samples(self, job_id: int, after: int = 0, kind: str | None = None, limit: int | None = None) -> Page:
+        return self._page(f"/api/jobs/{job_id}/samples", after, kind=kind, limit=limit)
+
+    def logs(self, job_id: int, after: int = 0, limit: int | None = None) -> Page:
+        return self._page(f"/api/jobs/{job_id}/logs", after, limit=limit)
+
+    def artifacts(self, job_id: int) -> list[dict[str, Any]]:
+        return _items(self.request("GET", f"/api/jobs/{job_id}/artifacts"), "artifacts")
+
+    def report(self, job_id: int) -> dict[str, Any]:
+        """Stage name -> that stage's report.json (only the stages that finished)."""
+        data = self.request("GET", f"/api/jobs/{job_id}/report") or {}
+        if isinstance(data, dict) and isinstance(data.get("reports"), dict):
+            return data["reports"]
+        return data if isinstance(data, dict) else {}
+
+
+def _cached_client(base_url: str, token: str | None) -> ApiClient:
+    return ApiClient(base_url, token)
+
+
+try:  # `st.cache_resource` shares one connection pool between all browser sessions.
+    import streamlit as st
+
+    _cached_client = st.cache_resource(show_spinner=False)(_cached_client)
+except ImportError:  # pragma: no cover - the client also works outside Streamlit
+    pass
+
+
+def get_client() -> ApiClient:
+    """The shared client for the backend named by the settings (`EDGERLHF_BACKEND_URL`, `EDGERLHF_API_TOKEN`)."""
+    from edgerlhf.settings import get_settings
+
+    settings = get_settings()
+    return _cached_client(settings.api_url, settings.api_token)

@@ -1,0 +1,70 @@
+"""Probe prompts page: the same fixed prompts answered by every checkpoint of a job, side by side.
+
+The pipeline logs `kind == "probe"` samples for a fixed set of held-out prompts at each checkpoint
+(`sft/step-30`, then `ppo/step-10`, `ppo/step-20` ...). Grouped by prompt, a person reads how the answers
+and their rewards change from SFT through PPO (and spots a policy that learned to game the reward).
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from frontend import charts, live, ui
+from frontend.api_client import ApiError, BackendDown, get_client
+
+COLUMNS = 4
+"""Checkpoints per row before wrapping."""
+
+
+def group_probes(samples: list[dict]) -> tuple[dict[str, dict[str, dict]], list[str]]:
+    """{prompt: {checkpoint: sample}} in first-seen prompt order, and all checkpoints in training order."""
+    by_prompt: dict[str, dict[str, dict]] = {}
+    for s in samples:
+        if s.get("kind") != "probe":
+            continue
+        ckpt = s.get("checkpoint") or f"{s.get('stage')}/step-{s.get('step')}"
+        by_prompt.setdefault(s.get("prompt") or "", {})[ckpt] = s  # a re-logged checkpoint replaces the old one
+    order = sorted({c for per in by_prompt.values() for c in per}, key=ui.checkpoint_order)
+    return by_prompt, order
+
+
+st.title("Probe prompts")
+st.caption("Fixed prompts answered by each checkpoint: SFT first, then the PPO steps.")
+job_id = ui.pick_job(key="probes_job")
+if job_id is None:
+    st.stop()
+client = get_client()
+feed = live.feed_for(st.session_state, job_id)
+
+
+def panel() -> None:
+    try:
+        live.pull(client, feed, metrics=False, logs=False)
+        ui.backend_back()
+    except BackendDown as exc:
+        ui.backend_down(exc, inline=True)
+    except ApiError as exc:
+        st.error(f"Backend error {exc.status}: {exc.message}")
+        return
+    by_prompt, order = group_probes(feed.samples)
+    if not by_prompt:
+        st.info("No probe generations yet: they are logged at each SFT and PPO checkpoint.")
+        return
+    st.plotly_chart(charts.probe_reward_figure([s for per in by_prompt.values() for s in per.values()], order),
+                    key=f"probe-rewards-{job_id}", use_container_width=True)
+    shown = st.multiselect("Checkpoints", order, default=order if len(order) <= COLUMNS else
+                           [order[0], *order[-(COLUMNS - 1):]], key=f"probe-ckpts-{job_id}")
+    shown = sorted(shown, key=ui.checkpoint_order)
+    for i, (prompt, per) in enumerate(by_prompt.items(), start=1):
+        with st.container(border=True, key=f"probe-{i}"):
+            st.markdown(f"**Probe {i}**")
+            st.text(ui.tail(prompt, 800))
+            for start in range(0, len(shown), COLUMNS):
+                row = shown[start:start + COLUMNS]
+                for col, ckpt in zip(st.columns(COLUMNS), row):
+                    s = per.get(ckpt)
+                    col.markdown(f"`{ckpt}`" + (f" · reward **{ui.fmt(s.get('reward'))}**" if s else ""))
+                    col.text(s.get("response") or "(empty)" if s else "—")
+
+
+st.fragment(run_every=3.0 if (feed.job is None or feed.active) else None)(panel)()

@@ -1,0 +1,163 @@
+"""Plotly figures of a job's metrics (interactive: zoom, hover, toggle traces).
+
+Pure functions from a `JobFeed` (or series) to a `go.Figure`, so pages stay short and the figures can be
+checked without a browser. Every trace draws lines with markers, so even a run of two steps shows points.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterable
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from frontend.live import JobFeed
+
+HEIGHT = 300
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _layout(fig: go.Figure, title: str, x: str = "step", y: str | None = None, height: int = HEIGHT) -> go.Figure:
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=height, hovermode="x unified",
+                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25),
+                      xaxis_title=x, yaxis_title=y)
+    return fig
+
+
+def _xy(points: Iterable[tuple[int, float | None]]) -> tuple[list[int], list[float | None]]:
+    xs, ys = [], []
+    for step, value in points:
+        xs.append(step)
+        # Plotly leaves a gap at None: a NaN step shows as a break in the line, not a fake value.
+        ys.append(value if value is not None and math.isfinite(value) else None)
+    return xs, ys
+
+
+def line(fig: go.Figure, points, name: str, color: str | None = None, **kw: Any) -> go.Figure:
+    xs, ys = _xy(points)
+    fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines+markers", marker=dict(size=5),
+                             line=dict(color=color), **kw))
+    return fig
+
+
+def reward_figure(feed: JobFeed) -> go.Figure:
+    """PPO reward: the batch mean with a band of ± one standard deviation."""
+    mean = feed.series("ppo/reward_mean", "ppo") or feed.series("ppo/reward_mean")
+    std = dict(feed.series("ppo/reward_std", "ppo") or feed.series("ppo/reward_std"))
+    fig = go.Figure()
+    steps, ys = _xy(mean)
+    band = [(s, y, std.get(s)) for s, y in zip(steps, ys) if y is not None and std.get(s) is not None]
+    if band:
+        upper = [y + sd for _, y, sd in band]
+        lower = [y - sd for _, y, sd in band]
+        xs = [s for s, _, _ in band]
+        fig.add_trace(go.Scatter(x=xs + xs[::-1], y=upper + lower[::-1], fill="toself", name="± std",
+                                 fillcolor="rgba(31,119,180,0.18)", line=dict(width=0), hoverinfo="skip"))
+    line(fig, mean, "reward mean", COLORS[0])
+    return _layout(fig, "Reward (PPO batch mean ± std)", y="reward")
+
+
+def kl_figure(feed: JobFeed) -> go.Figure:
+    """KL to the reference policy, and the KL coefficient on a second axis."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    for i, key in enumerate(("ppo/kl", "ppo/approx_kl")):
+        pts = feed.series(key, "ppo") or feed.series(key)
+        if pts:
+            xs, ys = _xy(pts)
+            fig.add_trace(go.Scatter(x=xs, y=ys, name=key.split("/")[1], mode="lines+markers",
+                                     marker=dict(size=5), line=dict(color=COLORS[i + 1])), secondary_y=False)
+    coef = feed.series("ppo/kl_coef", "ppo") or feed.series("ppo/kl_coef")
+    if coef:
+        xs, ys = _xy(coef)
+        fig.add_trace(go.Scatter(x=xs, y=ys, name="kl_coef", mode="lines", line=dict(dash="dot", color="gray")),
+                      secondary_y=True)
+    fig.update_yaxes(title_text="KL (nats)", secondary_y=False)
+    fig.update_yaxes(title_text="coef", secondary_y=True, showgrid=False)
+    return _layout(fig, "KL to the reference policy")
+
+
+def keys_figure(feed: JobFeed, keys: list[str], title: str, stage: str | None = None, y: str | None = None) -> go.Figure:
+    """Several metrics of one stage on one chart."""
+    fig = go.Figure()
+    for i, key in enumerate(keys):
+        pts = feed.series(key, stage) if stage else feed.series(key)
+        if pts:
+            line(fig, pts, key.split("/", 1)[-1] if stage else key, COLORS[i % len(COLORS)])
+    return _layout(fig, title, y=y)
+
+
+def diagnostics_figure(feed: JobFeed) -> go.Figure:
+    """Small multiples of the PPO health signals: response length, entropy, clip fraction, throughput."""
+    keys = ["ppo/response_length", "ppo/entropy", "ppo/clip_frac", "ppo/tokens_per_s"]
+    fig = make_subplots(rows=1, cols=4, subplot_titles=[k.split("/")[1] for k in keys])
+    for i, key in enumerate(keys, start=1):
+        xs, ys = _xy(feed.series(key, "ppo") or feed.series(key))
+        fig.add_trace(go.Scatter(x=xs, y=ys, name=key, mode="lines+markers", marker=dict(size=4),
+                                 line=dict(color=COLORS[i - 1]), showlegend=False), row=1, col=i)
+    fig.update_annotations(font_size=12)
+    return _layout(fig, "PPO diagnostics", height=260)
+
+
+def reward_model_figure(feed: JobFeed) -> go.Figure:
+    """Reward-model training per precision: loss (left) and held-out accuracy (right)."""
+    precisions = sorted({m.group(1) for k in feed.keys() if (m := re.match(r"reward/([^/]+)/(loss|accuracy)$", k))})
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["loss", "accuracy"])
+    for i, p in enumerate(precisions):
+        color = COLORS[i % len(COLORS)]
+        for col, metric in ((1, "loss"), (2, "accuracy")):
+            xs, ys = _xy(feed.series(f"reward/{p}/{metric}"))
+            fig.add_trace(go.Scatter(x=xs, y=ys, name=p, legendgroup=p, showlegend=col == 1,
+                                     mode="lines+markers", marker=dict(size=5), line=dict(color=color)),
+                          row=1, col=col)
+    return _layout(fig, "Reward model per precision")
+
+
+def memory_figure(feed: JobFeed, gpu_total_mb: float | None) -> go.Figure:
+    """Memory over the whole job (all stages, by time) against the GPU's total when there is a GPU."""
+    fig = go.Figure()
+    keys = ["mem/allocated_mb", "mem/peak_mb", "mem/reserved_mb"] if gpu_total_mb else ["mem/rss_mb"]
+    keys += [k for k in ("mem/rss_mb",) if k not in keys and gpu_total_mb]
+    for i, key in enumerate(keys):
+        rows = feed.timed(key)
+        if not rows:
+            continue
+        have_time = all(t is not None for t, *_ in rows)
+        xs = [t for t, *_ in rows] if have_time else list(range(len(rows)))
+        ys = [v if v is not None and math.isfinite(v) else None for *_, v in rows]
+        text = [f"{stage} step {step}" for _, step, stage, _ in rows]
+        fig.add_trace(go.Scatter(x=xs, y=ys, name=key.split("/")[1], mode="lines+markers", marker=dict(size=4),
+                                 text=text, line=dict(color=COLORS[i % len(COLORS)],
+                                                      dash="dot" if key == "mem/rss_mb" and gpu_total_mb else None)))
+    if gpu_total_mb:
+        fig.add_hline(y=gpu_total_mb, line=dict(color="red", dash="dash"),
+                      annotation_text=f"GPU total {gpu_total_mb:,.0f} MB", annotation_position="top left")
+    title = "Memory (MB) vs the GPU's total" if gpu_total_mb else "Process memory (RSS, MB): no GPU"
+    return _layout(fig, title, x="time", y="MB")
+
+
+def compare_figure(feeds: dict[str, JobFeed], key: str) -> go.Figure:
+    """One metric of several jobs overlaid."""
+    fig = go.Figure()
+    for i, (label, feed) in enumerate(feeds.items()):
+        pts = feed.series(key)
+        if pts:
+            line(fig, pts, label, COLORS[i % len(COLORS)])
+    return _layout(fig, key)
+
+
+def probe_reward_figure(rows: list[dict[str, Any]], order: list[str]) -> go.Figure:
+    """Probe rewards per checkpoint, one line per probe prompt."""
+    fig = go.Figure()
+    by_prompt: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r.get("reward") is not None:
+            by_prompt.setdefault(r["prompt"], {})[r.get("checkpoint") or "?"] = r["reward"]
+    for i, (prompt, rewards) in enumerate(by_prompt.items()):
+        xs = [c for c in order if c in rewards]
+        short = prompt.strip().splitlines()[-2 if prompt.strip().count("\n") else -1][:40] if prompt.strip() else "?"
+        fig.add_trace(go.Scatter(x=xs, y=[rewards[c] for c in xs], name=f"#{i + 1} {short}", mode="lines+markers",
+                                 line=dict(color=COLORS[i % len(COLORS)])))
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=order)
+    return _layout(fig, "Probe reward per checkpoint", x="checkpoint", y="reward")

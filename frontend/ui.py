@@ -1,0 +1,145 @@
+"""Small pieces shared by the dashboard's pages: the backend-down banner, job picking, formatting."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any, Callable, TypeVar
+
+import streamlit as st
+
+from frontend.api_client import ApiError, BackendDown, get_client
+
+T = TypeVar("T")
+
+STATUS_ICON = {"queued": "⏳", "running": "🏃", "succeeded": "✅", "failed": "❌", "cancelled": "⏹️"}
+BANNER = "Backend unreachable"
+"""First words of the banner shown when the backend does not answer (tests look for it)."""
+JOB_PAGE = "app_pages/job.py"
+
+
+def backend_down(exc: BackendDown, inline: bool = False) -> None:
+    """The banner. Shown once: when the main script (or a page) already showed it, it is on screen, also
+    while fragments refresh; `inline` (from a live fragment) does not claim it, so a fragment rerun after
+    the backend went away shows its own."""
+    if st.session_state.get("backend_down"):
+        return
+    if not inline:
+        st.session_state["backend_down"] = True
+    st.error(f"**{BANNER}** at `{exc.url}` — {exc.reason}. Start it with `edgerlhf backend` "
+             "(or `edgerlhf up`). Jobs keep running in the worker; this page catches up when it is back.",
+             icon="🔌")
+
+
+def backend_back() -> None:
+    """Called by a live fragment after a successful request: clear a stale banner with a full rerun."""
+    if st.session_state.get("backend_down"):
+        st.session_state["backend_down"] = False
+        st.rerun()
+
+
+def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """Run an API call; on failure show the banner (backend down) or the error, and return None."""
+    try:
+        return fn(*args, **kwargs)
+    except BackendDown as exc:
+        backend_down(exc)
+    except ApiError as exc:
+        st.error(f"Backend error {exc.status}: {exc.message}")
+    return None
+
+
+def act(fn: Callable[..., Any], *args: Any) -> bool:
+    """Run an action (cancel, retry, delete); show why it failed and return False if it did."""
+    try:
+        fn(*args)
+        return True
+    except BackendDown as exc:
+        backend_down(exc, inline=True)
+    except ApiError as exc:
+        st.error(f"Backend refused: {exc.message}")
+    return False
+
+
+def parse_time(value: Any) -> datetime | None:
+    if value in (None, ""):
+        return None
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    try:
+        dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def duration(job: dict[str, Any]) -> str:
+    """Run time so far (running) or in total (finished); empty while queued."""
+    start = parse_time(job.get("started_at"))
+    if start is None:
+        return ""
+    end = parse_time(job.get("finished_at")) or datetime.now(timezone.utc)
+    secs = max(0, int((end - start).total_seconds()))
+    h, rem = divmod(secs, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+
+
+def job_label(job: dict[str, Any]) -> str:
+    name = job.get("name") or job.get("preset") or ""
+    return f"#{job['id']} {name} · {STATUS_ICON.get(job.get('status'), '')} {job.get('status', '')}"
+
+
+def pick_job(key: str = "job") -> int | None:
+    """The job named by `?job=` in the URL, else a picker; the choice goes back into the URL.
+
+    Keeping the job in the URL is what lets a reloaded tab (or a shared link) re-attach to the same job.
+    """
+    jobs = call(get_client().list_jobs, limit=200)
+    wanted = st.query_params.get("job")
+    try:
+        wanted_id = int(wanted) if wanted is not None else None
+    except ValueError:
+        wanted_id = None
+    if jobs is None:  # backend down: keep the job in the URL so the page re-attaches when it is back
+        return wanted_id
+    if not jobs and wanted_id is None:
+        st.info("No jobs yet: launch one on the **New job** page.")
+        return None
+    ids = [j["id"] for j in jobs]
+    labels = {j["id"]: job_label(j) for j in jobs}
+    if wanted_id is not None and wanted_id not in labels:
+        ids.insert(0, wanted_id)
+        labels[wanted_id] = f"#{wanted_id}"
+    index = ids.index(wanted_id) if wanted_id in ids else 0
+    chosen = st.selectbox("Job", ids, index=index, format_func=lambda i: labels.get(i, f"#{i}"), key=key)
+    if chosen is not None and str(chosen) != wanted:
+        st.query_params["job"] = str(chosen)
+    return chosen
+
+
+_CKPT = re.compile(r"(\w+)(?:/step-(\d+))?")
+_STAGE_ORDER = {"base": 0, "sft": 1, "reward": 2, "ppo": 3, "final": 4, "evaluate": 5}
+
+
+def checkpoint_order(name: str | None) -> tuple[int, int, str]:
+    """Sort key of a checkpoint label: base, sft (by step), then ppo steps in order."""
+    if not name:
+        return (9, 0, "")
+    m = _CKPT.match(name)
+    stage = m.group(1) if m else name
+    step = int(m.group(2)) if m and m.group(2) else (10**9 if stage == "ppo" and "final" in name else -1)
+    return (_STAGE_ORDER.get(stage, 8), step, name)
+
+
+def tail(text: str, limit: int) -> str:
+    """The end of a long text (a dialogue's last turns matter most), marked when cut."""
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)

@@ -1,0 +1,192 @@
+"""The queue functions on a real SQLite file: atomic claims across processes, replace-on-resume metrics,
+stall detection, and the rules of cancel / retry / delete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, text, update
+
+from db import JobStateError, JobStatus, StageStatus, queue, read
+from db.models import Job, LogLine, Metric, Sample, StageRun, utcnow
+
+from ..conftest import REPO_ROOT
+
+CLAIMER = r"""
+import json, sys, time
+from db import make_engine, make_sessionmaker, queue
+url, worker, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
+sessions = make_sessionmaker(make_engine(url))
+while time.time() < start_at:  # both processes start claiming at the same moment
+    time.sleep(0.001)
+claimed = []
+while True:
+    with sessions() as s:
+        job = queue.claim_next(s, worker)
+    if job is None:
+        break
+    claimed.append(job.id)
+print(json.dumps(claimed))
+"""
+
+
+def make_jobs(sessions, n: int) -> list[int]:
+    with sessions() as s:
+        return [queue.create_job(s, name=f"j{i}", preset="tiny", config={"stages": ["data"]}).id for i in range(n)]
+
+
+def test_two_processes_claim_each_of_20_jobs_exactly_once(sessions, db_url):
+    ids = make_jobs(sessions, 20)
+    start_at = time.time() + 1.5  # after both interpreters have imported SQLAlchemy
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, db_url, f"w{i}", str(start_at)], cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    a, b = outs
+    assert not set(a) & set(b), f"claimed twice: {set(a) & set(b)}"
+    assert sorted(a + b) == ids
+    with sessions() as s:
+        jobs = {j.id: j for j in s.scalars(select(Job)).all()}
+    for worker, claimed in (("w0", a), ("w1", b)):
+        for job_id in claimed:
+            assert jobs[job_id].status == JobStatus.running
+            assert jobs[job_id].worker_id == worker
+            assert jobs[job_id].attempts == 1
+
+
+def test_claim_takes_oldest_first_and_returns_none_when_empty(sessions):
+    ids = make_jobs(sessions, 3)
+    with sessions() as s:
+        assert read.queue_positions(s) == {ids[0]: 1, ids[1]: 2, ids[2]: 3}
+        assert queue.claim_next(s, "w").id == ids[0]
+        assert read.queue_positions(s) == {ids[1]: 1, ids[2]: 2}
+        assert queue.claim_next(s, "w").id == ids[1]
+        assert queue.claim_next(s, "w").id == ids[2]
+        assert queue.claim_next(s, "w") is None
+
+
+def test_rewritten_metric_points_replace_the_old_ones_with_new_cursor_ids(sessions):
+    (job_id,) = make_jobs(sessions, 1)
+    with sessions() as s:
+        queue.claim_next(s, "w")
+        queue.record(s, job_id, metrics=[("sft", "sft/loss", step, 10.0 - step, 0.0) for step in range(1, 6)])
+        first = read.metrics_after(s, job_id)
+        cursor = first[-1].id
+        # A resumed stage logs steps 3..7 again (3..5 with different values).
+        queue.record(s, job_id, metrics=[("sft", "sft/loss", step, 100.0 + step, 0.0) for step in range(3, 8)])
+        # The same point twice in one batch: the last value wins.
+        queue.record(s, job_id, metrics=[("sft", "sft/lr", 1, 1.0, 0.0), ("sft", "sft/lr", 1, 2.0, 0.0)])
+        points = read.metric_points(s, job_id, "sft/loss")
+        assert points == [("sft", 1, 9.0), ("sft", 2, 8.0)] + [("sft", st, 100.0 + st) for st in range(3, 8)]
+        newer = read.metrics_after(s, job_id, after=cursor, keys=["sft/loss"])
+        assert [m.step for m in newer] == [3, 4, 5, 6, 7], "a cursor reader must see the rewritten points"
+        assert read.metric_points(s, job_id, "sft/lr") == [("sft", 1, 2.0)]
+        # Deleting the highest row and inserting again must not reuse its id (SQLite AUTOINCREMENT).
+        top = max(m.id for m in read.metrics_after(s, job_id))
+        queue.record(s, job_id, metrics=[("sft", "sft/lr", 1, 3.0, 0.0)])
+        assert read.metrics_after(s, job_id, after=top)[0].value == 3.0
+        # Non-finite values are stored as NULL instead of breaking JSON.
+        queue.record(s, job_id, metrics=[("sft", "sft/loss", 8, float("nan"), 0.0),
+                                          ("sft", "sft/loss", 9, float("inf"), 0.0)])
+        assert read.metric_points(s, job_id, "sft/loss")[-2:] == [("sft", 8, None), ("sft", 9, None)]
+
+
+def test_resampled_samples_replace_by_position(sessions):
+    (job_id,) = make_jobs(sessions, 1)
+    row = dict(stage="sft", kind="sample", checkpoint=None, step=30, prompt="p", response="r", reward=1.0, time=0.0)
+    with sessions() as s:
+        queue.record(s, job_id, samples=[{**row, "seq": 0}, {**row, "seq": 1}])
+        queue.record(s, job_id, samples=[{**row, "seq": 0, "response": "again"}])
+        got = read.samples_after(s, job_id)
+        assert sorted((x.seq, x.response) for x in got) == [(0, "again"), (1, "r")]
+
+
+def _age_heartbeat(sessions, job_id: int, seconds: float) -> None:
+    with sessions() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=seconds)))
+        s.commit()
+
+
+def test_requeue_stalled_requeues_then_fails_after_max_attempts(sessions):
+    job_a, job_b, job_c = make_jobs(sessions, 3)
+    with sessions() as s:
+        for _ in range(3):
+            queue.claim_next(s, "dead")
+        queue.begin_stage(s, job_a, "data", 1)
+        queue.end_stage(s, job_a, "data", {"pairs": 3})
+        queue.begin_stage(s, job_a, "sft", 1)
+        queue.request_cancel(s, job_c)
+    _age_heartbeat(sessions, job_a, 60)
+    _age_heartbeat(sessions, job_c, 60)
+    with sessions() as s:  # job_b heartbeats recently: left alone
+        done = dict(queue.requeue_stalled(s, stall_seconds=30, max_attempts=2))
+        assert done == {job_a: JobStatus.queued, job_c: JobStatus.cancelled}
+        a = read.get_job(s, job_a)
+        assert a.status == JobStatus.queued and a.worker_id is None
+        runs = {r.stage: r.status for r in read.stage_runs(s, job_a)}
+        assert runs == {"data": StageStatus.succeeded, "sft": StageStatus.interrupted}
+        assert queue.completed_stages(s, job_a) == {"data"}
+        assert read.get_job(s, job_b).status == JobStatus.running
+        # The dead worker's late heartbeat and final write are refused: the job is not its own any more.
+        assert not queue.heartbeat(s, job_a, "dead").owned
+        assert not queue.finish(s, job_a, "dead")
+        # Second attempt stalls too: with max_attempts=2 the job fails.
+        assert queue.claim_next(s, "w2").id == job_a
+    _age_heartbeat(sessions, job_a, 60)
+    with sessions() as s:
+        assert queue.requeue_stalled(s, stall_seconds=30, max_attempts=2) == [(job_a, JobStatus.failed)]
+        a = read.get_job(s, job_a)
+        assert a.status == JobStatus.failed and "gave up after 2 attempts" in a.error
+
+
+def test_cancel_retry_delete_rules(sessions):
+    running, done, queued = make_jobs(sessions, 3)
+    with sessions() as s:
+        assert queue.claim_next(s, "w").id == running
+        assert queue.claim_next(s, "w").id == done
+        queue.record(s, done, metrics=[("data", "data/pairs", 0, 1.0, 0.0)])
+        assert queue.finish(s, done, "w")
+
+        with pytest.raises(JobStateError):
+            queue.delete_job(s, running)
+        with pytest.raises(JobStateError):
+            queue.retry(s, running)
+        assert queue.request_cancel(s, running).cancel_requested
+        assert read.get_job(s, running).status == JobStatus.running  # its worker stops it
+        assert queue.heartbeat(s, running, "w").cancel_requested
+        assert queue.mark_cancelled(s, running, "w")
+        with pytest.raises(JobStateError):
+            queue.request_cancel(s, running)
+        job = queue.retry(s, running)
+        assert job.status == JobStatus.queued and not job.cancel_requested and job.attempts == 0
+
+        assert queue.request_cancel(s, queued).status == JobStatus.cancelled  # at once: no worker involved
+        with pytest.raises(JobStateError):
+            queue.request_cancel(s, done)
+        queue.delete_job(s, done)
+        assert read.get_job(s, done) is None
+        for model in (Metric, LogLine, StageRun, Sample):
+            assert s.scalar(select(func.count()).select_from(model).where(model.job_id == done)) == 0
+
+
+def test_release_gives_the_attempt_back(sessions):
+    (job_id,) = make_jobs(sessions, 1)
+    with sessions() as s:
+        queue.claim_next(s, "w")
+        assert queue.release(s, job_id, "w")
+        job = read.get_job(s, job_id)
+        assert job.status == JobStatus.queued and job.attempts == 0
+
+
+def test_sqlite_runs_in_wal_mode(sessions):
+    with sessions() as s:
+        assert s.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert s.execute(text("PRAGMA busy_timeout")).scalar() >= 1000

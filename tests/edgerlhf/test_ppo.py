@@ -1,0 +1,200 @@
+"""The PPO stage on a tiny run directory: one copy of the network, adapters, training, checkpoints, resume."""
+
+import copy
+import gc
+
+import pytest
+import torch
+
+from edgerlhf import models, ppo
+from edgerlhf.config import ConfigError, load_config
+from edgerlhf.context import RunContext
+from tests.edgerlhf.tiny_run import make_tiny_run, tiny_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("ppo-run"), precisions=("bf16", "int8"))
+
+
+@pytest.fixture(scope="module")
+def ppo_models(run_dir):
+    return ppo.build_models(tiny_config(), run_dir, torch.device("cpu"))
+
+
+def _base_param_count(model) -> int:
+    return sum(t.untyped_storage().nbytes() for t in {p.untyped_storage().data_ptr(): p for p in model.parameters()}.values())
+
+
+def _live_tensor_bytes() -> int:
+    gc.collect()
+    seen = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        except Exception:  # some objects refuse isinstance / storage access
+            continue
+    return sum(seen.values())
+
+
+def test_ppo_holds_exactly_one_copy_of_the_base_weights(run_dir):
+    sft_model, _ = models.load_policy(run_dir, "sft")
+    base_bytes = _base_param_count(sft_model)
+    del sft_model
+
+    before = _live_tensor_bytes()
+    built = ppo.build_models(tiny_config(), run_dir, torch.device("cpu"))
+    grown = _live_tensor_bytes() - before
+
+    # Every object PPO holds (policy+reference network, value head, reward model) reaches one set of base weights.
+    held = ppo.base_weight_storages(built.modules())
+    assert sum(held.values()) == base_bytes
+    assert built.reward_shared and built.reward_model.model is built.model
+    # Nothing else in the process grew by a second copy either (adapters and heads are tiny).
+    assert base_bytes <= grown < 1.5 * base_bytes
+
+    # The counter does see a second copy: the naive design with a separate reference model has two.
+    naive_reference = copy.deepcopy(built.model.get_base_model())
+    assert sum(ppo.base_weight_storages(built.modules() + [naive_reference]).values()) == 2 * base_bytes
+
+
+def test_quantized_reward_model_is_a_separate_copy(run_dir):
+    config = load_config("tiny", {**tiny_config().to_dict(), "reward": {"precisions": ["bf16", "int8"]},
+                                  "ppo": {**tiny_config().ppo.__dict__, "reward_precision": "int8"}})
+    built = ppo.build_models(config, run_dir, torch.device("cpu"))
+    assert not built.reward_shared
+    scores = built.score(["\n\nHuman: hi\n\nAssistant:"] * 2, ["hello", "a much longer answer"])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_shared_reward_adapter_scores_like_the_standalone_reward_model(run_dir, ppo_models):
+    prompts = ["\n\nHuman: How far can spiders jump?\n\nAssistant:"] * 3
+    responses = ["About a metre.", "", "They can jump many times their body length, often more than a metre."]
+    standalone = models.load_reward_model(run_dir, "bf16").score(prompts, responses)
+    shared = ppo_models.score(prompts, responses)
+    torch.testing.assert_close(shared, standalone, rtol=1e-5, atol=1e-5)
+    # Scoring hands the network back to the policy: its LoRA is trainable again, the reward LoRA frozen.
+    named = dict(ppo_models.model.named_parameters())
+    assert all(p.requires_grad for n, p in named.items() if "lora_" in n and ".policy." in n)
+    assert not any(p.requires_grad for n, p in named.items() if "lora_" in n and ".reward." in n)
+    assert ppo_models.model.active_adapter == ppo.POLICY
+
+
+def test_reference_is_the_sft_model_with_the_adapter_disabled(run_dir, ppo_models):
+    tokenizer = ppo_models.tokenizer
+    torch.manual_seed(0)
+    rollouts = ppo.generate(ppo_models.model, tokenizer, ["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: What is a cat?\n\nAssistant:"],
+                            6, top_k=50, top_p=0.95)
+    args = (rollouts.query_ids, rollouts.query_mask, rollouts.response_ids, rollouts.response_mask)
+    lora_b = [p for n, p in ppo_models.model.named_parameters() if "lora_B" in n and ".policy." in n]
+    saved = [p.detach().clone() for p in lora_b]
+    with torch.no_grad():
+        for p in lora_b:
+            p.normal_(std=0.5)  # make the policy differ from the reference
+        _, policy_logp, _ = ppo.forward_response(ppo_models.model, *args)
+        with ppo_models.model.disable_adapter():
+            _, ref_logp, _ = ppo.forward_response(ppo_models.model, *args)
+        sft_model, _ = models.load_policy(run_dir, "sft")
+        _, sft_logp, _ = ppo.forward_response(sft_model, *args)
+        for p, s in zip(lora_b, saved):
+            p.copy_(s)
+    mask = rollouts.response_mask.bool()
+    torch.testing.assert_close(ref_logp[mask], sft_logp[mask])
+    assert not torch.allclose(policy_logp[mask], sft_logp[mask])
+
+
+def test_forward_response_reproduces_the_sampling_log_probs(ppo_models):
+    # With left padding, log-probs recomputed in one pass must match those the sampler used.
+    model, tokenizer = ppo_models.model, ppo_models.tokenizer
+    prompts = ["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: Tell me a long story about a cat and a dog\n\nAssistant:"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=5, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        response_ids = out.sequences[:, batch["input_ids"].shape[1]:]
+        step_logp = torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1).gather(
+            -1, response_ids.unsqueeze(-1)).squeeze(-1)
+        _, logp, _ = ppo.forward_response(model, batch["input_ids"], batch["attention_mask"], response_ids,
+                                          torch.ones_like(response_ids))
+    torch.testing.assert_close(logp, step_logp, rtol=1e-4, atol=1e-4)
+
+
+def test_response_lengths_stop_at_eos_or_a_stop_marker(ppo_models):
+    tok = ppo_models.tokenizer
+    eos = tok.eos_token_id
+    hello = tok(" Hello there")["input_ids"]
+    human = tok("\n\nHuman: more")["input_ids"]
+    rows = [hello + [eos, eos, eos], hello + human, hello + tok(" friend")["input_ids"] + [5] * 6]  # no end: all of it
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows])
+    lengths, texts = ppo.response_lengths(tok, ids)
+    # "\n\nHuman:" ends on its ':' token: the response includes the marker tokens, the text does not.
+    n_marker = len(tok("\n\nHuman:")["input_ids"])
+    assert lengths == [len(hello) + 1, len(hello) + n_marker, width]
+    assert texts[:2] == ["Hello there", "Hello there"]
+
+
+def test_ppo_config_validates_grad_accum():
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", {"ppo": {"batch_size": 8, "mini_batch_size": 2, "grad_accum": 3}})
+    assert err.value.field == "ppo.grad_accum"
+
+
+class StopAfter(RunContext):
+    """A context whose run is cancelled once `n` PPO steps have been logged (as a user would cancel it)."""
+
+    def __init__(self, run_dir, n):
+        super().__init__(run_dir)
+        self.n = n
+
+    def _poll_cancel(self):
+        return len(self.metric_series("ppo/kl")) >= self.n
+
+
+def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
+    from edgerlhf.context import Cancelled
+
+    config = tiny_config(steps=4, checkpoint_every=2, grad_accum=2, batch_size=8)
+    run_dir = make_tiny_run(tmp_path / "run", config)
+
+    ctx = StopAfter(run_dir, 3)
+    ctx.begin_stage("ppo")
+    with pytest.raises(Cancelled):
+        ppo.run(config, ctx)
+    first = {k: dict(ctx.metric_series(k)) for k in ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss")}
+    assert sorted(first["ppo/kl"]) == [1, 2, 3]
+    expected_keys = {"ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/policy_loss",
+                     "ppo/value_loss", "ppo/clip_frac", "ppo/approx_kl", "ppo/response_length", "ppo/tokens_per_s",
+                     "mem/rss_mb"}
+    assert expected_keys <= {k for _, k, step, _ in ctx.metrics if step == 1}
+    assert (run_dir / "ppo" / "checkpoint" / ppo.CHECKPOINT_FILE).exists()
+    probes = {s.checkpoint for s in ctx.samples if s.kind == "probe"}
+    assert probes == {"ppo/step-0", "ppo/step-2"}
+    assert any(s.kind == "sample" and s.reward is not None for s in ctx.samples)
+
+    resumed = RunContext(run_dir)
+    resumed.begin_stage("ppo")
+    report = ppo.run(config, resumed)
+    assert report["resumed_from_step"] == 2
+    assert sorted(dict(resumed.metric_series("ppo/kl"))) == [3, 4]
+    # Step 3 again, from the checkpoint, is the same step 3: same prompts, samples and update.
+    for key, series in first.items():
+        assert dict(resumed.metric_series(key))[3] == pytest.approx(series[3], rel=1e-5, abs=1e-7)
+    assert report["final"]["ppo/kl"] is not None and report["base_weight_bytes_held"] > 0
+
+    # The trained adapter is a standard peft adapter: the shared loader applies it to sft/merged.
+    adapter = run_dir / "ppo" / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / ppo.VALUE_HEAD_FILE).exists()
+    trained, _ = models.load_policy(run_dir, "ppo")
+    sft, _ = models.load_policy(run_dir, "sft")
+    changed = [not torch.equal(a, b) for (n, a), (_, b) in zip(trained.named_parameters(), sft.named_parameters())
+               if "c_attn" in n and n.endswith("weight")]
+    assert any(changed)  # the LoRA update moved the merged weights
+
+    # A stage that already finished resumes at its end and trains no more.
+    again = RunContext(run_dir)
+    again.begin_stage("ppo")
+    assert ppo.run(config, again)["resumed_from_step"] == 4
+    assert again.metric_series("ppo/kl") == []

@@ -1,0 +1,140 @@
+"""End to end in a real headless Chromium: backend, worker and dashboard as real processes.
+
+The browser opens the dashboard, submits a `tiny` job through the New job form (small overrides so PPO
+steps come quickly), lands on the job's page and, without reloading, waits until the reward curve shows
+points and a sample generation appears. Screenshots go to `$EDGERLHF_TEST_ARTIFACTS` (default
+`tests/artifacts/`, git-ignored).
+
+Chromium is Debian's `chromium` package (`apt-get install -y chromium`); browsers cannot be downloaded
+here, so Playwright is pointed at `/usr/bin/chromium`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.frontend.conftest import REPO, free_port, service_env, stop, wait_http
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+EDGERLHF = REPO / ".venv" / "bin" / "edgerlhf"
+ARTIFACTS = Path(os.environ.get("EDGERLHF_TEST_ARTIFACTS", REPO / "tests" / "artifacts"))
+
+# What the test types into the form (label -> value); everything else stays at the `tiny` preset.
+FORM = {
+    "SFT steps": "6",
+    "Reward steps (per precision)": "6",
+    "PPO steps": "4",
+    "PPO rollout batch size": "4",
+    "PPO minibatch size": "2",
+    "Log samples every N steps": "1",
+    "Max pairs (empty: all)": "120",
+    "Evaluation prompts": "4",
+}
+# Fields the form has no widget for go through its "Extra overrides (JSON)" box.
+EXTRA = {"sft": {"eval_every": 3, "sample_every": 3, "batch_size": 4},
+         "reward": {"eval_every": 3, "batch_size": 4},
+         "ppo": {"checkpoint_every": 2, "ppo_epochs": 1}}
+PIPELINE_TIMEOUT_S = 420
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium); "
+                                                     "`apt-get install -y chromium` (the CI script does)"),
+]
+
+
+@pytest.fixture
+def service(tmp_path):
+    """backend + worker + dashboard on free ports and a temp data dir, as `edgerlhf` commands."""
+    data = tmp_path / "data"
+    data.mkdir()
+    bport, fport = free_port(), free_port()
+    env = service_env(data, EDGERLHF_BACKEND_PORT=str(bport), EDGERLHF_FRONTEND_PORT=str(fport))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name in ("backend", "worker", "frontend"):
+        log = (ARTIFACTS / f"e2e-{name}.log").open("w")
+        procs[name] = subprocess.Popen([str(EDGERLHF), name], cwd=REPO, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{bport}/healthz", procs["backend"], timeout=90)
+        wait_http(f"http://127.0.0.1:{fport}/_stcore/health", procs["frontend"], timeout=90)
+        yield {"api": f"http://127.0.0.1:{bport}", "ui": f"http://127.0.0.1:{fport}", "procs": procs}
+    finally:
+        for proc in procs.values():
+            stop(proc)
+
+
+def _job_status(api: str, job_id: int) -> dict:
+    return httpx.get(f"{api}/api/jobs/{job_id}", timeout=10).json()
+
+
+def test_submit_tiny_job_and_watch_it_live(service):
+    from playwright.sync_api import expect, sync_playwright
+
+    api, ui = service["api"], service["ui"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        try:
+            page.goto(f"{ui}/new", wait_until="domcontentloaded")
+            expect(page.get_by_label("PPO steps", exact=True)).to_be_visible(timeout=90_000)
+            page.get_by_label("Job name").fill("e2e-tiny")
+            for label, value in FORM.items():
+                box = page.get_by_label(label, exact=True)
+                box.fill(value)
+                box.press("Tab")
+            # Reward-model precisions: keep bf16 only (remove the int8/int4 tags of the tiny preset).
+            precisions = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Reward-model precisions")
+            for tag in ("int8", "int4"):
+                chip = precisions.locator('[data-baseweb="tag"]').filter(has_text=tag)
+                if chip.count():
+                    chip.locator('[role="presentation"]').first.click()
+            page.get_by_label("Extra overrides (JSON, applied last)").fill(json.dumps(EXTRA))
+            page.screenshot(path=str(ARTIFACTS / "e2e-new-job-form.png"), full_page=True)
+            page.get_by_role("button", name="Launch job").click()
+
+            # Submitting opens the job's page (the job id in the URL, so a reload would re-attach).
+            page.wait_for_url("**/job?job=*", timeout=60_000)
+            job_id = int(page.url.split("job=")[1].split("&")[0])
+            job = _job_status(api, job_id)
+            assert job["config"]["ppo"]["steps"] == 4 and job["config"]["reward"]["precisions"] == ["bf16"]
+            assert job["config"]["sft"]["max_steps"] == 6 and job["config"]["ppo"]["checkpoint_every"] == 2
+
+            # Live, without reloading: the reward curve gets points and a sample generation shows up.
+            reward_chart = page.locator(".js-plotly-plot").filter(has_text="Reward (PPO batch mean")
+            deadline = time.monotonic() + PIPELINE_TIMEOUT_S
+            while time.monotonic() < deadline:
+                status = _job_status(api, job_id)
+                assert status["status"] not in ("failed", "cancelled"), status.get("error")
+                if reward_chart.locator(".scatterlayer .points path").count() > 0:
+                    break
+                page.wait_for_timeout(2000)
+            else:
+                page.screenshot(path=str(ARTIFACTS / "e2e-timeout.png"), full_page=True)
+                pytest.fail(f"no reward point on the chart after {PIPELINE_TIMEOUT_S}s; job: {status}")
+            sample = page.locator('[class*="st-key-sample-card-"]').first
+            expect(sample).to_be_visible(timeout=60_000)
+            expect(sample).to_contain_text("Response")
+            expect(page.get_by_text("Backend unreachable")).to_have_count(0)
+            page.wait_for_timeout(1500)  # let plotly finish drawing before the picture
+            page.screenshot(path=str(ARTIFACTS / "e2e-job-live.png"), full_page=True)
+
+            # The job finishes on its own; the page follows it to the end, still without a reload.
+            expect(page.get_by_text("status **succeeded**").or_(page.get_by_text("status succeeded"))).to_be_visible(
+                timeout=PIPELINE_TIMEOUT_S * 1000)
+            assert _job_status(api, job_id)["status"] == "succeeded"
+            page.get_by_role("tab", name="Report").click()
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(ARTIFACTS / "e2e-job-report.png"), full_page=True)
+        finally:
+            browser.close()

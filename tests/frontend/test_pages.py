@@ -1,0 +1,192 @@
+"""Page logic of the dashboard with Streamlit's AppTest, against a real backend process and SQLite file.
+
+- The job page re-attaches to a running job after a reload with its whole history, and its refreshes
+  download only the rows written since (cursor), not the history again.
+- The new-job form shows the backend's validation message next to the field, and submitting a valid
+  form creates the job and opens its page.
+- When the backend is down, a banner says so, and a job page keeps the history it already has.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.frontend.conftest import APP, JobWriter, free_port, start_backend
+
+TIMEOUT = 60  # seconds per script run: the first import of plotly/pandas on a busy 2-core box is slow
+
+PPO_KEYS = ["ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/policy_loss", "ppo/value_loss",
+            "ppo/response_length", "ppo/entropy"]
+
+
+@pytest.fixture
+def backend(tmp_path):
+    b = start_backend(tmp_path / "data")
+    yield b
+    b.stop()
+
+
+def ppo_rows(start: int, n: int) -> dict[str, list[float]]:
+    return {key: [0.1 * (start + i) + j for i in range(n)] for j, key in enumerate(PPO_KEYS)}
+
+
+def walk(node):
+    """Every element of an AppTest tree in display order."""
+    yield node
+    children = getattr(node, "children", None)
+    if isinstance(children, dict):
+        for key in sorted(children):
+            yield from walk(children[key])
+
+
+def open_job_page(job_id: int) -> AppTest:
+    """A fresh browser session (a reload) opening `/job?job=<id>`."""
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.query_params["job"] = str(job_id)
+    at.run()
+    at.switch_page("app_pages/job.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def plotly_trace(at: AppTest, title: str, trace: str) -> dict:
+    for el in at.get("plotly_chart"):
+        spec = json.loads(el.proto.spec)
+        if title in json.dumps(spec["layout"].get("title", "")):
+            for t in spec["data"]:
+                if t.get("name") == trace:
+                    return t
+    raise AssertionError(f"no chart {title!r} with trace {trace!r}")
+
+
+def make_running_job(backend) -> tuple[int, JobWriter]:
+    client = httpx.Client(base_url=backend.url, timeout=30)
+    job = client.post("/api/jobs", json={"preset": "tiny", "name": "watched"})
+    assert job.status_code in (200, 201), job.text
+    job_id = job.json()["id"]
+    writer = JobWriter(backend.db_url, job_id)
+    writer.claim()
+    writer.begin("sft")
+    writer.metrics("sft", {"sft/loss": [3.0 - 0.1 * i for i in range(10)], "mem/rss_mb": [500.0 + i for i in range(10)]})
+    writer.end("sft", {"final_loss": 2.1}, overall=0.4)
+    writer.begin("ppo")
+    writer.metrics("ppo", ppo_rows(0, 5))
+    writer.samples("ppo", [{"step": 0, "seq": 0, "prompt": "\n\nHuman: hi\n\nAssistant:", "response": "hello there",
+                            "reward": 0.5}])
+    writer.log("ppo step 4 done", stage="ppo")
+    # A second job, created later, so the page must take the job from the URL, not the newest one.
+    other = client.post("/api/jobs", json={"preset": "tiny", "name": "other"})
+    assert other.status_code in (200, 201), other.text
+    return job_id, writer
+
+
+def test_job_page_reattaches_after_reload_with_history_and_reads_only_new_rows(backend, dashboard_env):
+    dashboard_env(backend.url)
+    job_id, writer = make_running_job(backend)
+
+    at = open_job_page(job_id)
+    feed = at.session_state[f"feed:{job_id}"]
+    assert feed.job["status"] == "running"
+    assert [s for s, _ in feed.series("ppo/reward_mean")] == [0, 1, 2, 3, 4]
+    assert len(feed.series("sft/loss")) == 10
+    assert len(plotly_trace(at, "Reward", "reward mean")["x"]) == 5
+    assert any("hello there" in t.value for t in at.text), "the sample generation is shown"
+    assert not any("Backend unreachable" in e.value for e in at.error)
+    downloaded = feed.rows_downloaded
+
+    # The worker writes three more PPO steps; the next refresh downloads exactly those rows.
+    new_rows = writer.metrics("ppo", ppo_rows(5, 3), start=5)
+    at.run()
+    feed = at.session_state[f"feed:{job_id}"]
+    assert [s for s, _ in feed.series("ppo/reward_mean")] == list(range(8))
+    assert feed.rows_downloaded - downloaded == new_rows
+    assert len(plotly_trace(at, "Reward", "reward mean")["x"]) == 8
+
+    # Reload: a new session, nothing in it, re-attaches through the URL and gets the whole history.
+    reloaded = open_job_page(job_id)
+    feed2 = reloaded.session_state[f"feed:{job_id}"]
+    assert feed2.job["status"] == "running" and feed2.job_id == job_id
+    assert {k: r["value"] for k, r in feed2.metrics.items()} == {k: r["value"] for k, r in feed.metrics.items()}
+    assert len(feed2.metrics) == 10 * 2 + 8 * len(PPO_KEYS)
+    assert len(plotly_trace(reloaded, "Reward", "reward mean")["x"]) == 8
+    assert any("hello there" in t.value for t in reloaded.text)
+    assert any("ppo step 4 done" in c.value for c in reloaded.code), "the log tail is shown"
+
+    # The job finishes: the page shows it.
+    writer.finish()
+    reloaded.run()
+    assert reloaded.session_state[f"feed:{job_id}"].job["status"] == "succeeded"
+    writer.close()
+
+
+def test_new_job_form_shows_backend_validation_next_to_the_field_then_opens_the_job(backend, dashboard_env):
+    dashboard_env(backend.url)
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    at.switch_page("app_pages/new_job.py").run()
+    assert not at.exception, at.exception
+
+    steps = at.number_input(key="nj:tiny:ppo.steps")
+    steps.set_value(-3)
+    at.number_input(key="nj:tiny:ppo.batch_size").set_value(6)  # batch 6 with minibatch 4: invalid too
+    at.text_input(key="nj_name").input("from-the-form")
+    submit = [b for b in at.button if "Launch" in (b.label or "")][0]
+    submit.click().run()
+    assert not at.exception, at.exception
+
+    # The message sits right under the widget it is about.
+    elements = list(walk(at.main))
+    pos = next(i for i, e in enumerate(elements) if getattr(e, "key", None) == "nj:tiny:ppo.steps")
+    after = next(e for e in elements[pos + 1:] if e.type in ("alert", "error", "number_input", "text_input",
+                                                                "selectbox", "multiselect", "checkbox"))
+    assert after.type in ("alert", "error") and "must be" in after.value, after
+    assert _jobs(backend) == [], "a rejected job changes nothing"
+    assert at.number_input(key="nj:tiny:ppo.steps").value == -3, "the form keeps what was typed"
+
+    # Fix the fields and launch: the job exists with the overrides, and its page opens.
+    at.number_input(key="nj:tiny:ppo.steps").set_value(2)
+    at.number_input(key="nj:tiny:ppo.batch_size").set_value(8)
+    [b for b in at.button if "Launch" in (b.label or "")][0].click().run()
+    assert not at.exception, at.exception
+    jobs = _jobs(backend)
+    assert len(jobs) == 1
+    job = httpx.get(f"{backend.url}/api/jobs/{jobs[0]['id']}").json()
+    assert job["name"] == "from-the-form"
+    assert job["config"]["ppo"]["steps"] == 2 and job["config"]["ppo"]["batch_size"] == 8
+    assert job["config"]["sft"]["max_steps"] == 60  # untouched fields keep the preset's values
+    assert at.query_params.get("job") in (str(job["id"]), [str(job["id"])])
+    assert any(f"Job #{job['id']}" in h.value for h in at.subheader)
+
+
+def _jobs(backend) -> list[dict]:
+    data = httpx.get(backend.url + "/api/jobs").json()
+    return data if isinstance(data, list) else data.get("items", [])
+
+
+def test_banner_when_backend_is_down(dashboard_env):
+    dashboard_env(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    banners = [e.value for e in at.error if "Backend unreachable" in e.value]
+    assert len(banners) == 1, [e.value for e in at.error]
+    at.switch_page("app_pages/new_job.py").run()
+    assert not at.exception, at.exception
+    assert sum("Backend unreachable" in e.value for e in at.error) == 1
+
+
+def test_job_page_keeps_its_history_when_the_backend_goes_away(backend, dashboard_env):
+    dashboard_env(backend.url)
+    job_id, writer = make_running_job(backend)
+    at = open_job_page(job_id)
+    assert len(at.session_state[f"feed:{job_id}"].series("ppo/reward_mean")) == 5
+    writer.close()
+
+    backend.stop()
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Backend unreachable" in e.value for e in at.error)
+    assert len(at.session_state[f"feed:{job_id}"].series("ppo/reward_mean")) == 5
+    assert len(plotly_trace(at, "Reward", "reward mean")["x"]) == 5, "the curves stay on screen"
