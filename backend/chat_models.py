@@ -2,7 +2,8 @@
 
 Every finished job serves up to three causal LMs, named as OpenAI names models:
 
-    job-12/base   the base model the job started from (a random-init base is saved under `base/`)
+    job-12/base   the base model the job started from: `base/` (random init), a local directory, or a
+                  hub id that is in the local Hugging Face cache
     job-12/sft    `sft/merged`, the SFT policy
     job-12/ppo    `sft/merged` + `ppo/adapter`, the PPO policy
 
@@ -24,8 +25,10 @@ This module knows nothing of HTTP; `backend/api/routes/chat.py` maps its errors 
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -93,10 +96,20 @@ def _stage_done(run_dir: Path, stage: str) -> bool:
 def _base_available(run_dir: Path) -> bool:
     if (run_dir / "base" / "config.json").is_file():
         return True
-    try:  # not random-init: the base is the hub id or local path in the job's config
-        config = json.loads((run_dir / "config.json").read_text())
-        return not config.get("model", {}).get("random_init", False)
+    try:  # not random-init: the base is the config's local directory or hub id
+        model = json.loads((run_dir / "config.json").read_text()).get("model", {})
     except (OSError, ValueError):
+        return False
+    name = str(model.get("name_or_path") or "")
+    if model.get("random_init") or not name:
+        return False
+    if os.path.isdir(os.path.expanduser(name)):
+        return True
+    try:  # a hub id serves only when it is in the local cache: chat must not wait on an unreachable hub
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an invalid repo id, a broken cache: no base model then
         return False
 
 
@@ -196,10 +209,12 @@ def sample_next(logits, temperature: float, top_p: float, generator):
         # Drop a token when the mass before it already reaches top_p; the most likely token always stays.
         drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p  # (N, V)
         drop[:, 0] = False
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (N, 1), renormalised by multinomial
-        return order.gather(-1, choice).squeeze(-1)  # (N,)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))  # (N, V), unnormalised
+    # Inverse-CDF draw: one uniform number per row and a binary search, instead of torch.multinomial's
+    # per-token work over GPT-2's 50k vocabulary (the CPU's slowest step of a tiny model's loop).
+    cdf = torch.cumsum(probs.double(), dim=-1)  # (N, V), unnormalised: the last entry is the kept mass
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)  # (N,)
 
 
 class LoadedModel:
@@ -215,6 +230,11 @@ class LoadedModel:
         self.context_length = int(getattr(config, "n_positions", None)
                                   or getattr(config, "max_position_embeddings", None) or 1024)
         self.eos_token_id = tokenizer.eos_token_id
+        # Only the last position's logits are needed: (N, P, V) logits of a long prompt would cost
+        # P x 50k floats per completion (hundreds of MB for n=8 on a small GPU).
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._forward_kwargs = ({"logits_to_keep": 1}
+                                if "logits_to_keep" in inspect.signature(inner.forward).parameters else {})
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -240,7 +260,9 @@ class LoadedModel:
             if stopped and choices[i].finish_reason is None:
                 choices[i].finish_reason = "stop"
 
+        waited = time.monotonic()
         with self.lock, torch.inference_mode():
+            start = time.monotonic()
             generator = torch.Generator(device=self.device)
             if params.seed is None:
                 generator.seed()
@@ -254,7 +276,7 @@ class LoadedModel:
                     for choice in choices:
                         choice.finish_reason = choice.finish_reason or "cancelled"
                     break
-                out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True)
+                out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True, **self._forward_kwargs)
                 past = out.past_key_values
                 logits = out.logits[:, -1, :].float()  # (N, V)
                 next_ids = sample_next(logits, params.temperature, params.top_p, generator)  # (N,)
@@ -275,6 +297,12 @@ class LoadedModel:
                 if choice.finish_reason is None:
                     emit(i, final=True)  # release held-back text: it did not become a stop string
                     choice.finish_reason = choice.finish_reason or "length"
+        took = time.monotonic() - start
+        tokens_out = sum(c.completion_tokens for c in choices)
+        log.info(f"chat: {self.spec.id} generated {tokens_out} tokens in {took:.2f}s "
+                 f"({tokens_out / max(took, 1e-9):.0f} tok/s, waited {start - waited:.2f}s for the model), "
+                 f"finish={','.join(sorted({c.finish_reason or '' for c in choices}))}",
+                 extra={"job_id": self.spec.job_id})
         return choices
 
 
@@ -434,9 +462,9 @@ def get_registry(settings=None) -> ChatModels:
         settings = get_settings()
     with _registry_lock:
         if _registry is None or _registry.runs_dir != Path(settings.runs_dir):
+            # Plain (unquantized) weights: load_policy computes them in bf16 on a GPU, in fp32 on the CPU.
             _registry = ChatModels(settings.runs_dir, device=settings.device,
-                                   cache_size=settings.chat_cache_size,
-                                   precision=getattr(settings, "chat_precision", "bf16"))
+                                   cache_size=settings.chat_cache_size, precision="bf16")
         return _registry
 
 

@@ -118,6 +118,9 @@ class SFTConfig:
     """Dropout on the LoRA branch."""
     target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])
     """Modules that get LoRA adapters (GPT-2 names)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the LoRA adapters and merged into sft/merged (the `tiny` preset trains
+    its random model's untied `lm_head`: a low-rank update of random weights alone cannot shape the output)."""
     learning_rate: float = 2e-4
     """Peak learning rate."""
     max_steps: int = 500

@@ -193,13 +193,19 @@ def load_causal_lm(name_or_path: str | Path, device: torch.device | str = "cpu",
 
 
 def random_gpt2(model_cfg: ModelConfig, tokenizer, seed: int = 0):
-    """A GPT-2-shaped causal LM with random weights, sized by `model_cfg` (tests, tiny preset, benchmarks)."""
+    """A GPT-2-shaped causal LM with random weights, sized by `model_cfg` (tests, tiny preset, benchmarks).
+
+    Unlike GPT-2, the LM head is not tied to the input embeddings, so SFT can train it in full
+    (`sft.modules_to_save=["lm_head"]`) while the rest gets LoRA.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=model_cfg.n_positions, n_embd=model_cfg.n_embd,
                         n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
+                        pad_token_id=tokenizer.pad_token_id,
+                        # Untied, so a stage can train the output layer without touching the input embeddings.
+                        tie_word_embeddings=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return GPT2LMHeadModel(config)

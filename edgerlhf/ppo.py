@@ -25,7 +25,7 @@ import os
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +241,18 @@ class PPOModels:
     def modules(self) -> list[nn.Module]:
         return [self.model, self.value_head, self.reward_model]
 
+    def forward(self, query_ids, query_mask, response_ids, response_mask, temperature: float = 1.0):
+        """Policy logits (B, T, V), log-probs (B, T) and values (B, T) of the response tokens, in one pass."""
+        return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, temperature,
+                                self.value_head)
+
+    @torch.no_grad()
+    def reference_logprobs(self, query_ids, query_mask, response_ids, response_mask,
+                           temperature: float = 1.0) -> torch.Tensor:
+        """Log-probs (B, T) under the reference policy: the same network with the LoRA adapters off."""
+        with self.model.disable_adapter():
+            return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, temperature)[1]
+
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Reward-model scores (N,) of (prompt, response) texts."""
@@ -367,12 +379,30 @@ def response_lengths(tokenizer, response_ids: torch.Tensor) -> tuple[list[int], 
     return lengths, texts
 
 
+class StopOnMarkers:
+    """A `generate` stopping criterion: a row is done once its generated text contains a stop marker.
+
+    Only the last `window` generated tokens are decoded each step (a marker is a few tokens), so this
+    costs microseconds per row; transformers' `StopStringCriteria` instead scans the whole vocabulary
+    when built (about a second for GPT-2, on every `generate` call).
+    """
+
+    def __init__(self, tokenizer, prompt_length: int, window: int = 12):
+        from edgerlhf.dialogue import STOP_STRINGS
+
+        self.tokenizer, self.prompt_length, self.window, self.markers = tokenizer, prompt_length, window, STOP_STRINGS
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        start = max(self.prompt_length, input_ids.shape[1] - self.window)
+        tails = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=True)
+        done = [any(m in tail for m in self.markers) for tail in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, do_sample: bool = True) -> Rollouts:
     """Sample one response per prompt (left-padded batch), stopping at EOS or a stop marker."""
-    from edgerlhf.dialogue import STOP_STRINGS
-
     device = next(model.parameters()).device
     n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"  # keep the prompt's end
@@ -380,9 +410,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
                       max_length=max(n_positions - max_new_tokens, 1)).to(device)
     sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p) if do_sample \
         else dict(do_sample=False)
+    stop = StopOnMarkers(tokenizer, batch["input_ids"].shape[1])
     out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, stop_strings=list(STOP_STRINGS),
-                         tokenizer=tokenizer, **sampling)  # (B, P + T)
+                         eos_token_id=tokenizer.eos_token_id, stopping_criteria=[stop], **sampling)  # (B, P + T)
     query_ids = batch["input_ids"]  # (B, P)
     response_ids = out[:, query_ids.shape[1]:]  # (B, T)
     lengths, texts = response_lengths(tokenizer, response_ids)
@@ -523,6 +553,101 @@ def _probe(ctx, models: PPOModels, prompts: list[str], step: int, config) -> Non
 # --- the stage -----------------------------------------------------------------------------------
 
 
+def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str], cfg) -> tuple[dict, Rollouts, torch.Tensor]:
+    """One PPO iteration on a batch of prompts: rollouts, rewards, advantages, `ppo_epochs` of updates.
+
+    Returns the step's metrics (`ppo/...`), the rollouts and their scores.
+    """
+    t0 = time.perf_counter()
+    device = models.device
+    params = models.policy_parameters()
+
+    # 1. Rollouts: generate with the policy, score with the reward model.
+    rollouts = generate(models.model, models.tokenizer, batch_prompts, cfg.response_length, cfg.temperature,
+                        cfg.top_k, cfg.top_p)
+    scores = models.score(rollouts.prompts, rollouts.responses).to(device)  # (B,)
+    t_gen = time.perf_counter() - t0
+
+    # 2. Log-probs of policy and reference, values and entropy of the sampled tokens (no grad).
+    b_logprobs, b_ref_logprobs, b_values, b_entropy = [], [], [], []
+    with torch.no_grad():
+        for i in range(0, cfg.batch_size, cfg.mini_batch_size):
+            s = slice(i, i + cfg.mini_batch_size)
+            args = (rollouts.query_ids[s], rollouts.query_mask[s], rollouts.response_ids[s], rollouts.response_mask[s])
+            logits, logp, values = models.forward(*args, cfg.temperature)
+            b_ref_logprobs.append(models.reference_logprobs(*args, cfg.temperature))
+            b_logprobs.append(logp)
+            b_values.append(values)
+            b_entropy.append(entropy_from_logits(logits))
+            del logits
+    b_logprobs = torch.cat(b_logprobs)  # (B, T)
+    b_ref_logprobs = torch.cat(b_ref_logprobs)  # (B, T)
+    b_values = torch.cat(b_values)  # (B, T)
+    b_mask = rollouts.response_mask.float()  # (B, T)
+    entropy = masked_mean(torch.cat(b_entropy), b_mask).item()
+
+    # 3. Rewards: KL penalty on every token, the score on the last; then GAE and whitening.
+    b_scores = whiten(scores) if cfg.whiten_rewards else scores  # (B,)
+    b_rewards, b_kl = per_token_rewards(b_scores, b_logprobs, b_ref_logprobs, b_mask, kl_ctl.value)  # (B, T)
+    b_advantages, b_returns = compute_gae(b_rewards, b_values, b_mask, cfg.gamma, cfg.lam)  # (B, T)
+    b_advantages = masked_whiten(b_advantages, b_mask)  # (B, T)
+
+    # 4. PPO epochs over shuffled minibatches, gradient accumulation over `grad_accum` of them.
+    n_minibatches = cfg.batch_size // cfg.mini_batch_size
+    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": [], "approx_kl": [],
+                                     "vf_clip_frac": [], "train_entropy": []}
+    for _epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(cfg.batch_size, device=device)
+        for k in range(n_minibatches):
+            mb = order[k * cfg.mini_batch_size:(k + 1) * cfg.mini_batch_size]
+            mb_mask = b_mask[mb]  # (M, T)
+            logits, mb_logprobs, mb_values = models.forward(rollouts.query_ids[mb], rollouts.query_mask[mb],
+                                                            rollouts.response_ids[mb], rollouts.response_mask[mb],
+                                                            cfg.temperature)
+            pg_loss, clip_frac, approx_kl = clipped_policy_loss(mb_logprobs, b_logprobs[mb], b_advantages[mb],
+                                                                mb_mask, cfg.cliprange)
+            v_loss, vf_clip_frac = clipped_value_loss(mb_values, b_values[mb], b_returns[mb], mb_mask,
+                                                      cfg.cliprange_value)
+            mb_entropy = masked_mean(entropy_from_logits(logits), mb_mask)
+            loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * mb_entropy
+            (loss / cfg.grad_accum).backward()
+            if (k + 1) % cfg.grad_accum == 0:
+                nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("clip_frac", clip_frac),
+                               ("approx_kl", approx_kl), ("vf_clip_frac", vf_clip_frac),
+                               ("train_entropy", mb_entropy)):
+                stats[key].append(value.item())
+            del logits, loss
+
+    # 5. The KL controller moves towards its target with this batch's KL per response.
+    mean_kl = b_kl.sum(1).mean().item()
+    kl_coef = kl_ctl.value
+    kl_ctl.update(mean_kl, cfg.batch_size)
+
+    elapsed = time.perf_counter() - t0
+    metrics = {
+        "ppo/reward_mean": scores.mean().item(),
+        "ppo/reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+        "ppo/kl": mean_kl,
+        "ppo/kl_coef": kl_coef,
+        "ppo/entropy": entropy,
+        "ppo/non_score_reward": (-kl_coef * b_kl).sum(1).mean().item(),
+        "ppo/policy_loss": float(np.mean(stats["policy_loss"])),
+        "ppo/value_loss": float(np.mean(stats["value_loss"])),
+        "ppo/clip_frac": float(np.mean(stats["clip_frac"])),
+        "ppo/vf_clip_frac": float(np.mean(stats["vf_clip_frac"])),
+        "ppo/approx_kl": float(np.mean(stats["approx_kl"])),
+        "ppo/returns_mean": masked_mean(b_returns, b_mask).item(),
+        "ppo/response_length": b_mask.sum(1).mean().item(),
+        "ppo/tokens_per_s": b_mask.sum().item() / elapsed,
+        "ppo/generation_s": t_gen,
+        "ppo/step_s": elapsed,
+    }
+    return metrics, rollouts, scores
+
+
 def run(config, ctx) -> dict[str, Any]:
     """PPO on the SFT policy against the reward model; returns the stage report."""
     from edgerlhf import memory
@@ -540,8 +665,9 @@ def run(config, ctx) -> dict[str, Any]:
     probe_prompts = _prompts(test_file)[: cfg.n_probe_prompts] if test_file.exists() else []
 
     models = build_models(config, run_dir, device)
-    model, value_head, tokenizer = models.model, models.value_head, models.tokenizer
-    base_storages = base_weight_storages(models.modules())
+    # What PPO holds of the base network: one copy (plus one quantized copy for an int8/int4 reward model).
+    held_bytes = sum(base_weight_storages(models.modules()).values())
+    network_bytes = sum(base_weight_storages([models.model]).values())
     params = models.policy_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
     kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
@@ -556,101 +682,14 @@ def run(config, ctx) -> dict[str, Any]:
     ctx.log(f"ppo: {sum(p.numel() for p in params):,} trainable parameters, reward model {cfg.reward_precision} "
             f"({'shared adapter' if models.reward_shared else 'separate quantized copy'})")
 
-    n_minibatches = cfg.batch_size // cfg.mini_batch_size
     history: dict[str, list[float]] = {}
     t_start = time.perf_counter()
     for step in range(start + 1, cfg.steps + 1):
         ctx.check_cancelled()
-        t0 = time.perf_counter()
         _seed_step(config.seed, step)
-
-        # 1. Rollouts: sample prompts, generate with the policy, score with the reward model.
         batch_prompts = random.choices(train_prompts, k=cfg.batch_size) if len(train_prompts) < cfg.batch_size \
             else random.sample(train_prompts, cfg.batch_size)
-        rollouts = generate(model, tokenizer, batch_prompts, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p)
-        scores = models.score(rollouts.prompts, rollouts.responses).to(device)  # (B,)
-        t_gen = time.perf_counter() - t0
-
-        # 2. Log-probs of policy and reference, values and entropy of the sampled tokens (no grad).
-        b_logprobs, b_ref_logprobs, b_values, b_entropy = [], [], [], []
-        with torch.no_grad():
-            for i in range(0, cfg.batch_size, cfg.mini_batch_size):
-                s = slice(i, i + cfg.mini_batch_size)
-                args = (rollouts.query_ids[s], rollouts.query_mask[s], rollouts.response_ids[s],
-                        rollouts.response_mask[s])
-                logits, logp, values = forward_response(model, *args, cfg.temperature, value_head)
-                with model.disable_adapter():  # the reference policy: the same network without the LoRA
-                    _, ref_logp, _ = forward_response(model, *args, cfg.temperature)
-                b_logprobs.append(logp)
-                b_ref_logprobs.append(ref_logp)
-                b_values.append(values)
-                b_entropy.append(entropy_from_logits(logits))
-                del logits
-        b_logprobs = torch.cat(b_logprobs)  # (B, T)
-        b_ref_logprobs = torch.cat(b_ref_logprobs)  # (B, T)
-        b_values = torch.cat(b_values)  # (B, T)
-        b_mask = rollouts.response_mask.float()  # (B, T)
-        entropy = masked_mean(torch.cat(b_entropy), b_mask).item()
-
-        # 3. Rewards: KL penalty on every token, the score on the last; then GAE and whitening.
-        b_scores = whiten(scores) if cfg.whiten_rewards else scores  # (B,)
-        b_rewards, b_kl = per_token_rewards(b_scores, b_logprobs, b_ref_logprobs, b_mask, kl_ctl.value)  # (B, T)
-        b_advantages, b_returns = compute_gae(b_rewards, b_values, b_mask, cfg.gamma, cfg.lam)  # (B, T)
-        b_advantages = masked_whiten(b_advantages, b_mask)  # (B, T)
-
-        # 4. PPO epochs over shuffled minibatches, gradient accumulation over `grad_accum` of them.
-        stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": [], "approx_kl": [],
-                                         "vf_clip_frac": [], "train_entropy": []}
-        for _epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(cfg.batch_size, device=device)
-            for k in range(n_minibatches):
-                mb = order[k * cfg.mini_batch_size:(k + 1) * cfg.mini_batch_size]
-                mb_mask = b_mask[mb]  # (M, T)
-                logits, mb_logprobs, mb_values = forward_response(
-                    model, rollouts.query_ids[mb], rollouts.query_mask[mb], rollouts.response_ids[mb],
-                    rollouts.response_mask[mb], cfg.temperature, value_head)
-                pg_loss, clip_frac, approx_kl = clipped_policy_loss(
-                    mb_logprobs, b_logprobs[mb], b_advantages[mb], mb_mask, cfg.cliprange)
-                v_loss, vf_clip_frac = clipped_value_loss(mb_values, b_values[mb], b_returns[mb], mb_mask,
-                                                          cfg.cliprange_value)
-                mb_entropy = masked_mean(entropy_from_logits(logits), mb_mask)
-                loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * mb_entropy
-                (loss / cfg.grad_accum).backward()
-                if (k + 1) % cfg.grad_accum == 0:
-                    nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("clip_frac", clip_frac),
-                                   ("approx_kl", approx_kl), ("vf_clip_frac", vf_clip_frac),
-                                   ("train_entropy", mb_entropy)):
-                    stats[key].append(value.item())
-                del logits, loss
-
-        # 5. The KL controller moves towards its target with this batch's KL per response.
-        mean_kl = b_kl.sum(1).mean().item()
-        kl_coef = kl_ctl.value
-        kl_ctl.update(mean_kl, cfg.batch_size)
-
-        elapsed = time.perf_counter() - t0
-        n_tokens = b_mask.sum().item()
-        metrics = {
-            "ppo/reward_mean": scores.mean().item(),
-            "ppo/reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-            "ppo/kl": mean_kl,
-            "ppo/kl_coef": kl_coef,
-            "ppo/entropy": entropy,
-            "ppo/non_score_reward": (-kl_coef * b_kl).sum(1).mean().item(),
-            "ppo/policy_loss": float(np.mean(stats["policy_loss"])),
-            "ppo/value_loss": float(np.mean(stats["value_loss"])),
-            "ppo/clip_frac": float(np.mean(stats["clip_frac"])),
-            "ppo/vf_clip_frac": float(np.mean(stats["vf_clip_frac"])),
-            "ppo/approx_kl": float(np.mean(stats["approx_kl"])),
-            "ppo/returns_mean": masked_mean(b_returns, b_mask).item(),
-            "ppo/response_length": b_mask.sum(1).mean().item(),
-            "ppo/tokens_per_s": n_tokens / elapsed,
-            "ppo/generation_s": t_gen,
-            "ppo/step_s": elapsed,
-        }
+        metrics, rollouts, scores = ppo_step(models, optimizer, kl_ctl, batch_prompts, cfg)
         metrics.update(memory.snapshot(device))
         ctx.log_metrics(metrics, step)
         for key, value in metrics.items():
@@ -676,7 +715,6 @@ def run(config, ctx) -> dict[str, Any]:
         values = history.get(key, [])[-n:]
         return float(np.mean(values)) if values else None
 
-    base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     snapshot = memory.snapshot(device)
     return {
         "steps": cfg.steps,
@@ -686,8 +724,9 @@ def run(config, ctx) -> dict[str, Any]:
         "compute_dtype": dtype_name(compute_dtype(device)),
         "device": str(device),
         "trainable_parameters": sum(p.numel() for p in params),
-        "base_parameters": base_params,
-        "base_weight_bytes_held": int(sum(base_storages.values())),
+        "base_weight_bytes": int(network_bytes),
+        "base_weight_bytes_held": int(held_bytes),
+        "base_weight_copies": held_bytes / network_bytes,
         "first": {k: v[0] for k, v in history.items() if k.startswith("ppo/")},
         "final": {k: last(k) for k in history if k.startswith("ppo/")},
         "kl_coef_final": kl_ctl.value,

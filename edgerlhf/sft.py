@@ -114,6 +114,7 @@ def _callback(config: PipelineConfig, ctx: RunContext, tokenizer, probe_prompts:
 def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, device, callbacks=()):
     """The SFTTrainer for this run (LoRA on `model`, data from `data/`); tests inspect its collator."""
     from peft import LoraConfig
+    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     cfg = config.sft
@@ -148,9 +149,12 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
     )
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+                      modules_to_save=list(cfg.modules_to_save) or None,
                       fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2 uses Conv1D (in, out) weights
-    return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, processing_class=tokenizer,
-                      peft_config=lora, callbacks=list(callbacks))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, processing_class=tokenizer,
+                         peft_config=lora, callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # metrics go through the context, not print()
+    return trainer
 
 
 def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
@@ -177,9 +181,11 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
     started = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - started
-    final_eval = trainer.evaluate()
-    ctx.log_metrics({"sft/eval_loss": final_eval["eval_loss"],
-                     "sft/perplexity": math.exp(min(final_eval["eval_loss"], 50.0))}, cfg.max_steps)
+    evals = ctx.metric_series("sft/eval_loss")
+    if evals and evals[-1][0] == result.global_step:
+        eval_loss = evals[-1][1]
+    else:
+        eval_loss = trainer.evaluate()["eval_loss"]  # the callback logs it at the last step
 
     out_dir = ctx.stage_dir("sft")
     peft_model = trainer.model
@@ -197,8 +203,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
         "train_pairs": len(trainer.train_dataset), "eval_pairs": len(trainer.eval_dataset),
         "steps": result.global_step, "train_seconds": round(train_seconds, 2),
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-        "train_loss": result.training_loss, "eval_loss": final_eval["eval_loss"],
-        "perplexity": math.exp(min(final_eval["eval_loss"], 50.0)),
+        "train_loss": result.training_loss, "eval_loss": eval_loss,
+        "perplexity": math.exp(min(eval_loss, 50.0)),
         "completion_only_loss": cfg.completion_only_loss,
         "memory": snapshot(device),
         "probes": callback.last_probes,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import datetime
 from typing import Any, Iterable
 
 import plotly.graph_objects as go
@@ -123,8 +124,9 @@ def memory_figure(feed: JobFeed, gpu_total_mb: float | None) -> go.Figure:
         rows = feed.timed(key)
         if not rows:
             continue
-        have_time = all(t is not None for t, *_ in rows)
-        xs = [t for t, *_ in rows] if have_time else list(range(len(rows)))
+        have_time = all(isinstance(t, (int, float)) for t, *_ in rows)
+        # Unix seconds -> datetimes, so the axis reads as clock time (local time of the dashboard host).
+        xs = [datetime.fromtimestamp(t) for t, *_ in rows] if have_time else list(range(len(rows)))
         ys = [v if v is not None and math.isfinite(v) else None for *_, v in rows]
         text = [f"{stage} step {step}" for _, step, stage, _ in rows]
         fig.add_trace(go.Scatter(x=xs, y=ys, name=key.split("/")[1], mode="lines+markers", marker=dict(size=4),
@@ -144,7 +146,14 @@ def compare_figure(feeds: dict[str, JobFeed], key: str) -> go.Figure:
         pts = feed.series(key)
         if pts:
             line(fig, pts, label, COLORS[i % len(COLORS)])
+    fig.update_layout(showlegend=True)  # even for one job: say which job a line is
     return _layout(fig, key)
+
+
+def last_question(prompt: str) -> str:
+    """The last human turn of a dialogue prompt (`...\n\nHuman: question\n\nAssistant:`), for labels."""
+    text = prompt.rsplit("Human:", 1)[-1].split("Assistant:", 1)[0]
+    return " ".join(text.split()) or "?"
 
 
 def probe_reward_figure(rows: list[dict[str, Any]], order: list[str]) -> go.Figure:
@@ -156,7 +165,7 @@ def probe_reward_figure(rows: list[dict[str, Any]], order: list[str]) -> go.Figu
             by_prompt.setdefault(r["prompt"], {})[r.get("checkpoint") or "?"] = r["reward"]
     for i, (prompt, rewards) in enumerate(by_prompt.items()):
         xs = [c for c in order if c in rewards]
-        short = prompt.strip().splitlines()[-2 if prompt.strip().count("\n") else -1][:40] if prompt.strip() else "?"
+        short = last_question(prompt)[:40]
         fig.add_trace(go.Scatter(x=xs, y=[rewards[c] for c in xs], name=f"#{i + 1} {short}", mode="lines+markers",
                                  line=dict(color=COLORS[i % len(COLORS)])))
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=order)

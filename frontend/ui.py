@@ -12,7 +12,8 @@ from frontend.api_client import ApiError, BackendDown, get_client
 
 T = TypeVar("T")
 
-STATUS_ICON = {"queued": "⏳", "running": "🏃", "succeeded": "✅", "failed": "❌", "cancelled": "⏹️"}
+# Plain text symbols rather than emoji: they render in every font (a headless Chromium has no emoji font).
+STATUS_ICON = {"queued": "◷", "running": "▶", "succeeded": "✓", "failed": "✗", "cancelled": "■"}
 BANNER = "Backend unreachable"
 """First words of the banner shown when the backend does not answer (tests look for it)."""
 JOB_PAGE = "app_pages/job.py"

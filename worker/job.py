@@ -52,15 +52,14 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _tag_records_with_job(job_id: int) -> None:
     """Every log line of this process names the job (log.py prints `job=<id>`)."""
-    factory = logging.getLogRecordFactory()
 
-    def make(*args, **kwargs):
-        record = factory(*args, **kwargs)
+    def tag(record: logging.LogRecord) -> bool:
         if getattr(record, "job_id", None) is None:
             record.job_id = job_id
-        return record
+        return True
 
-    logging.setLogRecordFactory(make)
+    for handler in logging.getLogger().handlers:
+        handler.filters.insert(0, tag)  # before log.py's filter formats the job field
 
 
 def _write_result(path: Path, result: dict) -> None:

@@ -15,6 +15,15 @@ from backend.api.deps import token_ok
 OPEN_PATHS = frozenset({"/healthz"})
 """Paths that never need the token (liveness checks)."""
 
+OPENAI_PREFIX = "/v1"
+"""The OpenAI-compatible chat API: its clients expect OpenAI's error shape, `{"error": {...}}`."""
+
+
+def _error(path: str, message: str, code: str) -> dict:
+    if path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/"):
+        return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    return {"detail": message}
+
 
 async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps(body).encode()

@@ -18,9 +18,9 @@ from frontend import alerts, charts, live, ui
 from frontend.reports import eval_pairs, eval_scalars, precision_rows
 from frontend.api_client import ApiError, BackendDown, get_client
 
-REFRESH_SECONDS = 2.0
-SYSTEM_TTL = 60.0
-"""Seconds the GPU list (for the memory limit line) is reused before asking /api/system again."""
+# (Plain comments, not attribute docstrings: Streamlit's "magic" would print a bare string in a page.)
+REFRESH_SECONDS = 2.0  # how often the live panel asks for new rows
+SYSTEM_TTL = 60.0  # seconds the GPU list (for the memory limit line) is reused before asking /api/system again
 
 
 def gpu_total_mb(client, job: dict[str, Any] | None) -> tuple[float | None, str | None]:
@@ -243,8 +243,11 @@ client = get_client()
 feed = live.feed_for(st.session_state, job_id)
 
 
+# Refresh only while something can still change; a finished job is drawn once.
+live_refresh = feed.job is None or feed.active
+
+
 def panel() -> None:
-    was_active = feed.job is not None and feed.active
     try:
         live.pull(client, feed)
         if live.finished_stages(feed.job) or not feed.active:
@@ -283,9 +286,8 @@ def panel() -> None:
         report_tab(feed)
     st.caption(f"{len(feed.metrics)} metric points · {len(feed.samples)} samples · {len(feed.logs)} log lines "
                f"downloaded in {feed.pulls} refreshes ({feed.rows_downloaded} rows)")
-    if was_active and not feed.active:
-        st.rerun()  # the job finished: redraw once without the refresh timer
+    if live_refresh and feed.job is not None and not feed.active:
+        st.rerun()  # the job has finished (or was found finished): redraw once, without the timer
 
 
-# Refresh only while something can still change; a finished job is drawn once.
-st.fragment(run_every=REFRESH_SECONDS if (feed.job is None or feed.active) else None)(panel)()
+st.fragment(run_every=REFRESH_SECONDS if live_refresh else None)(panel)()

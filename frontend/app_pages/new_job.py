@@ -53,8 +53,7 @@ FIELDS: list[tuple[str, str, str, str, list[str] | None]] = [
     ("Evaluate", "evaluate.n_prompts", "Evaluation prompts", "int", None),
 ]
 LAYOUT = [["Run", "Model", "Data"], ["SFT", "Reward model"], ["PPO", "Evaluate"]]
-ERRORS = "new_job_errors"
-"""Session key: {field path: message} from the last rejected submit."""
+ERRORS = "new_job_errors"  # session key: {field path: message} from the last rejected submit
 
 
 def get_path(config: dict[str, Any], path: str) -> Any:

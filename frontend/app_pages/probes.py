@@ -12,8 +12,7 @@ import streamlit as st
 from frontend import charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
 
-COLUMNS = 4
-"""Checkpoints per row before wrapping."""
+COLUMNS = 4  # checkpoints per row before wrapping
 
 
 def group_probes(samples: list[dict]) -> tuple[dict[str, dict[str, dict]], list[str]]:
@@ -37,6 +36,9 @@ client = get_client()
 feed = live.feed_for(st.session_state, job_id)
 
 
+live_refresh = feed.job is None or feed.active
+
+
 def panel() -> None:
     try:
         live.pull(client, feed, metrics=False, logs=False)
@@ -46,6 +48,8 @@ def panel() -> None:
     except ApiError as exc:
         st.error(f"Backend error {exc.status}: {exc.message}")
         return
+    if live_refresh and feed.job is not None and not feed.active:
+        st.rerun()  # finished: draw once more without the refresh timer
     by_prompt, order = group_probes(feed.samples)
     if not by_prompt:
         st.info("No probe generations yet: they are logged at each SFT and PPO checkpoint.")
@@ -67,4 +71,4 @@ def panel() -> None:
                     col.text(s.get("response") or "(empty)" if s else "—")
 
 
-st.fragment(run_every=3.0 if (feed.job is None or feed.active) else None)(panel)()
+st.fragment(run_every=3.0 if live_refresh else None)(panel)()

@@ -54,14 +54,16 @@ def make_jobs(data_dir: Path) -> None:
 def start_backend(data_dir: Path, token: str | None = TOKEN, **env: str) -> tuple[subprocess.Popen, str]:
     """`edgerlhf backend` on a free port; returns the process and its base URL once /healthz answers."""
     port = free_port()
-    environ = {**os.environ, "EDGERLHF_DATA_DIR": str(data_dir), "EDGERLHF_DEVICE": "cpu",
+    # Only our settings: an EDGERLHF_* variable of the developer's shell must not leak into the test.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("EDGERLHF_") or k == "EDGERLHF_SHARED_DIR"}
+    environ = {**inherited, "EDGERLHF_DATA_DIR": str(data_dir), "EDGERLHF_DEVICE": "cpu",
                "EDGERLHF_CHAT_MAX_TOKENS": str(MAX_TOKENS), "EDGERLHF_CHAT_CACHE_SIZE": "2",
                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **env}
     if token:
         environ["EDGERLHF_API_TOKEN"] = token
-    log = open(data_dir / "backend.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "edgerlhf.cli", "backend", "--port", str(port)],
-                            cwd=REPO_ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)
+    with open(data_dir / "backend.log", "wb") as log:  # the child keeps its own copy of the handle
+        proc = subprocess.Popen([sys.executable, "-m", "edgerlhf.cli", "backend", "--port", str(port)],
+                                cwd=REPO_ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -215,6 +217,7 @@ def test_unknown_models_are_404(client):
     ({"temperature": 5}, "temperature"),
     ({"top_p": 1.5}, "top_p"),
     ({"n": 0}, "n"),
+    ({"n": 9}, "n"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
@@ -252,6 +255,9 @@ def test_invalid_json_and_missing_fields_are_400(backend):
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
     resp = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES}, headers=headers)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "model"
+    huge = {"model": "job-1/sft", "messages": [{"role": "user", "content": "x" * 1_100_000}]}
+    resp = httpx.post(f"{url}/v1/chat/completions", json=huge, headers=headers)
+    assert resp.status_code == 413 and "larger than" in resp.json()["error"]["message"]
 
 
 def test_missing_or_wrong_token_is_401(backend):

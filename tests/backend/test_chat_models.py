@@ -157,8 +157,14 @@ def test_generation_is_seeded_streams_the_same_text_and_honours_stops(runs_dir):
     assert cut[0].finish_reason == "stop"
     assert cut[0].completion_tokens <= first[0].completion_tokens
 
-    greedy = GenerationParams(max_tokens=8, temperature=0.0, seed=None)
-    assert loaded.generate(prompt, greedy)[0].text == loaded.generate(prompt, greedy)[0].text
+    # The KV-cache loop is the model's own: greedy decoding gives what transformers' generate gives.
+    import torch
+
+    greedy = loaded.generate(prompt, GenerationParams(max_tokens=16, temperature=0.0))[0]
+    with torch.no_grad():
+        reference = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                          pad_token_id=loaded.eos_token_id)
+    assert greedy.text == loaded.tokenizer.decode(reference[0, len(prompt):], skip_special_tokens=True).lstrip()
 
 
 def test_ppo_differs_from_sft_and_same_model_is_safe_across_threads(runs_dir):
@@ -211,3 +217,26 @@ def test_lru_cache_loads_once_evicts_and_unloads(runs_dir):
     assert registry.cached() == ["job-2/sft"]
     registry.get(spec["job-1/sft"])  # loads again from disk
     assert calls[-1] == ("job-1", "sft") and len(calls) == 4
+
+
+def test_sampling_draws_from_the_top_p_distribution():
+    import torch
+
+    from backend.chat_models import sample_next
+
+    probs = torch.zeros(50)
+    probs[[7, 3, 11]] = torch.tensor([0.5, 0.3, 0.2])
+    logits = probs.log().expand(20_000, -1)  # (N, V): 20k rows sampled in one call
+    gen = torch.Generator().manual_seed(0)
+
+    counts = torch.bincount(sample_next(logits, 1.0, 1.0, gen), minlength=50) / 20_000
+    assert counts[[7, 3, 11]].tolist() == pytest.approx([0.5, 0.3, 0.2], abs=0.015)
+    assert counts.sum() == pytest.approx(1.0) and counts[[7, 3, 11]].sum() == pytest.approx(1.0)
+    # top_p=0.75: 0.5 + 0.3 reach it, so token 11 is dropped and the rest renormalised.
+    counts = torch.bincount(sample_next(logits, 1.0, 0.75, gen), minlength=50) / 20_000
+    assert counts[[7, 3, 11]].tolist() == pytest.approx([0.625, 0.375, 0.0], abs=0.015)
+    # temperature 0.5 squares the odds: 25:9:4.
+    counts = torch.bincount(sample_next(logits, 0.5, 1.0, gen), minlength=50) / 20_000
+    assert counts[[7, 3, 11]].tolist() == pytest.approx([25 / 38, 9 / 38, 4 / 38], abs=0.015)
+    assert set(sample_next(logits[:5], 0.0, 1.0, gen).tolist()) == {7}
+    assert set(sample_next(logits[:500], 1.0, 0.0, gen).tolist()) == {7}

@@ -56,7 +56,10 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
 
 def service_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGERLHF_") or k == "EDGERLHF_SHARED_DIR"}
-    env.update({"EDGERLHF_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update({"EDGERLHF_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                # The checkout first on the path: the processes import this tree's packages, however (or
+                # whether) it was pip-installed.
+                "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])})
     env.update(extra)
     return env
 

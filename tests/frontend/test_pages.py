@@ -190,3 +190,43 @@ def test_job_page_keeps_its_history_when_the_backend_goes_away(backend, dashboar
     assert any("Backend unreachable" in e.value for e in at.error)
     assert len(at.session_state[f"feed:{job_id}"].series("ppo/reward_mean")) == 5
     assert len(plotly_trace(at, "Reward", "reward mean")["x"]) == 5, "the curves stay on screen"
+
+
+def test_probe_page_puts_each_checkpoints_answer_side_by_side_in_training_order(backend, dashboard_env):
+    dashboard_env(backend.url)
+    job_id, writer = make_running_job(backend)
+    prompts = ["\n\nHuman: How do I bake bread?\n\nAssistant:", "\n\nHuman: Capital of France?\n\nAssistant:"]
+    # Logged out of order on purpose: the page sorts SFT first, then PPO steps numerically.
+    for ckpt, stage, step in [("ppo/step-10", "ppo", 10), ("sft/step-30", "sft", 30), ("ppo/step-5", "ppo", 5)]:
+        writer.samples(stage, [{"kind": "probe", "checkpoint": ckpt, "step": step, "seq": i, "prompt": p,
+                                "response": f"{ckpt} answers #{i}", "reward": step / 10 + i} for i, p in enumerate(prompts)])
+    writer.close()
+
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.query_params["job"] = str(job_id)
+    at.run()
+    at.switch_page("app_pages/probes.py").run()
+    assert not at.exception, at.exception
+    texts = [t.value for t in at.text]
+    for i in range(2):
+        answers = [t for t in texts if t.endswith(f"answers #{i}")]
+        assert answers == [f"sft/step-30 answers #{i}", f"ppo/step-5 answers #{i}", f"ppo/step-10 answers #{i}"]
+    assert "hello there" not in texts, "ordinary samples are not probes"
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert spec["layout"]["xaxis"]["categoryarray"] == ["sft/step-30", "ppo/step-5", "ppo/step-10"]
+
+
+def test_jobs_page_lists_jobs_and_cancels_one(backend, dashboard_env):
+    dashboard_env(backend.url)
+    client = httpx.Client(base_url=backend.url, timeout=30)
+    ids = [client.post("/api/jobs", json={"preset": "tiny", "name": f"job-{i}"}).json()["id"] for i in range(2)]
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert sorted(table["id"].tolist()) == sorted(ids)
+    assert sorted(table["queue"].tolist()) == [1, 2]
+    at.selectbox(key="jobs_action_job").select(ids[1]).run()
+    at.button(key="jobs_cancel").click().run()
+    assert not at.exception, at.exception
+    assert client.get(f"/api/jobs/{ids[1]}").json()["status"] == "cancelled"
+    assert client.get(f"/api/jobs/{ids[0]}").json()["status"] == "queued"

@@ -30,8 +30,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend import chat_models
-from db import FINISHED, read
 from backend.chat_models import ChatModelError, GenerationParams, ModelLoadError, ModelNotFound
+from db import FINISHED, read
 
 logger = logging.getLogger("edgerlhf.chat")
 
@@ -116,7 +116,7 @@ class OpenAIRoute(APIRoute):
         return openai_handler
 
 
-# --- dependencies --------------------------------------------------------------------------------
+# --- the router ----------------------------------------------------------------------------------
 
 
 def _settings(request: Request):
@@ -198,7 +198,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     n: int | None = Field(None, ge=1, le=MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -290,7 +290,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
 
     spec = await run_in_threadpool(_resolve, request, body.model)
     loaded = await run_in_threadpool(_load, request, spec)
-    prompt_ids = loaded.encode(prompt)
+    prompt_ids = await run_in_threadpool(loaded.encode, prompt)  # a long prompt takes a while to tokenize
     limit = min(settings.chat_max_prompt_tokens, loaded.context_length - 1)
     if len(prompt_ids) > limit:
         raise OpenAIError(400, f"This model's maximum prompt length is {limit} tokens. However, your messages "

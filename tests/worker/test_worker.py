@@ -1,0 +1,116 @@
+"""The worker as real processes on a real SQLite file: racing workers, crash and resume, cancel, failures.
+
+These run the real pipeline (`tiny` preset, very small overrides), so each job process imports the
+training stack; the slow ones are marked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections import Counter
+
+import psutil
+import pytest
+
+from db import JobStatus, StageStatus, queue, read
+
+from .conftest import DATA_ONLY, sft_job, wait_for
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_two_workers_run_each_queued_job_exactly_once(service):
+    ids = [service.add_job(DATA_ONLY, name=f"race {i}") for i in range(6)]
+    workers = [service.start_worker("--once") for _ in range(2)]
+    for w in workers:
+        assert w.wait(timeout=240) == 0, service.worker_logs()
+    for job_id in ids:
+        job = service.job(job_id)
+        assert job.status == JobStatus.succeeded, (job.error, service.worker_logs())
+        assert job.attempts == 1
+        claims = [m for m in service.logs(job_id) if m.startswith("claimed by")]
+        assert len(claims) == 1, claims
+        # Each metric point exists once and the data stage ran once.
+        assert service.points(job_id, "data/train") == [("data", 0, 16.0)]
+        assert Counter(m for m in service.logs(job_id))["stage data started"] == 1
+
+
+def test_a_failing_stage_fails_its_job_with_traceback_and_the_worker_goes_on(service):
+    bad = service.add_job({"stages": ["data"], "data": {"source": "/nonexistent/prefs.jsonl"}}, name="bad")
+    good = service.add_job(DATA_ONLY, name="good")
+    worker = service.start_worker("--once")
+    assert worker.wait(timeout=240) == 0, service.worker_logs()
+    failed = service.job(bad)
+    assert failed.status == JobStatus.failed
+    assert "DataError" in failed.error and "/nonexistent/prefs.jsonl" in failed.error
+    assert failed.traceback.startswith("Traceback (most recent call last)")
+    assert "edgerlhf/data.py" in failed.traceback
+    with service.sessions() as s:
+        assert [(r.stage, r.status) for r in read.stage_runs(s, bad)] == [("data", StageStatus.failed)]
+    assert any(m.startswith("failed: DataError") for m in service.logs(bad))
+    assert service.job(good).status == JobStatus.succeeded
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_running_job_and_its_process(service):
+    job_id = service.add_job(sft_job(max_steps=99), name="long")
+    service.start_worker("--max-jobs", "1", "--cancel-grace", "30")
+    wait_for(lambda: service.points(job_id, "sft/loss"), 240, "the first SFT step")
+    with service.sessions() as s:
+        child_pid = next(w.child_pid for w in read.workers(s) if w.job_id == job_id)
+        assert psutil.pid_exists(child_pid)
+        queue.request_cancel(s, job_id)
+    # The job process notices between steps and exits itself (the grace before a kill is 30 s).
+    job = wait_for(lambda: (j := service.job(job_id)).status != JobStatus.running and j, 30, "the job to stop")
+    assert job.status == JobStatus.cancelled, service.worker_logs()
+    assert gone(child_pid), "the job process (and its memory) must be gone"
+    assert service.points(job_id, "sft/loss"), "partial metrics are kept"
+    with service.sessions() as s:
+        runs = {r.stage: r.status for r in read.stage_runs(s, job_id)}
+    assert runs == {"data": StageStatus.succeeded, "sft": StageStatus.cancelled}
+    assert "kill" not in service.worker_logs()  # it stopped by itself, not by the grace-period kill
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_is_followed_by_one_that_resumes_without_duplicate_or_missing_steps(service):
+    steps = 12
+    job_id = service.add_job(sft_job(max_steps=steps), name="crash")
+    first = service.start_worker("--max-jobs", "1")
+    wait_for(lambda: service.points(job_id, "sft/loss"), 240, "the first SFT step")
+    with service.sessions() as s:
+        child_pid = next(w.child_pid for w in read.workers(s) if w.job_id == job_id)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(timeout=10)
+    # The job process dies with its worker (no orphan keeps training).
+    wait_for(lambda: gone(child_pid), 10, "the orphaned job process to die")
+    job = service.job(job_id)
+    with service.sessions() as s:
+        runs = {r.stage: r for r in read.stage_runs(s, job_id)}
+    assert job.status == JobStatus.running and runs["sft"].status == StageStatus.running, \
+        "the kill must land in the middle of the SFT stage"
+    killed_at = [step for _, step, _ in service.points(job_id, "sft/loss")]
+    assert 0 < len(killed_at) < steps
+    data_started = runs["data"].started_at
+
+    second = service.start_worker("--max-jobs", "1")  # requeues the stalled job after EDGERLHF_STALL_SECONDS
+    assert second.wait(timeout=300) == 0, service.worker_logs()
+    job = service.job(job_id)
+    assert job.status == JobStatus.succeeded, (job.error, service.worker_logs())
+    assert job.attempts == 2
+    losses = service.points(job_id, "sft/loss")
+    assert [step for _, step, _ in losses] == list(range(1, steps + 1)), "each step exactly once"
+    with service.sessions() as s:
+        runs = {r.stage: r for r in read.stage_runs(s, job_id)}
+    assert runs["data"].started_at == data_started, "the completed data stage is not run again"
+    assert runs["sft"].status == StageStatus.succeeded and runs["sft"].attempt == 2
+    messages = service.logs(job_id)
+    assert any("stopped heartbeating; requeued" in m for m in messages)
+    assert any(m.startswith("resuming attempt 2") for m in messages)
+    assert Counter(messages)["stage data started"] == 1
