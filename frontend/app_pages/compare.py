@@ -51,7 +51,7 @@ def panel() -> None:
                             key="compare_keys")
     cols = st.columns(2)
     for i, key in enumerate(picked):
-        cols[i % 2].plotly_chart(charts.compare_figure(feeds, key), key=f"cmp-{key}", use_container_width=True)
+        cols[i % 2].plotly_chart(charts.compare_figure(feeds, key), key=f"cmp-{key}", width="stretch")
 
     st.markdown("#### Final reports (SFT vs PPO)")
     rows = []
@@ -60,7 +60,7 @@ def panel() -> None:
         if isinstance(ev, dict):
             rows.append({"job": label, **eval_scalars(ev)})
     if rows:
-        st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     else:
         st.caption("None of the chosen jobs has finished its evaluate stage.")
 
@@ -68,7 +68,7 @@ def panel() -> None:
     study = [{"job": label, **r} for label, feed in feeds.items()
              for r in precision_rows((feed.report or {}).get("reward"))]
     if study:
-        st.dataframe(pd.DataFrame(study), hide_index=True, use_container_width=True)
+        st.dataframe(pd.DataFrame(study), hide_index=True, width="stretch")
     else:
         st.caption("None of the chosen jobs has finished its reward stage.")
 

@@ -84,10 +84,10 @@ def header(client, feed: live.JobFeed) -> None:
     left.markdown(" · ".join(facts))
     with right:
         b1, b2 = st.columns(2)
-        if b1.button("Cancel", key="job_cancel", disabled=status not in ("queued", "running"), use_container_width=True):
+        if b1.button("Cancel", key="job_cancel", disabled=status not in ("queued", "running"), width="stretch"):
             if ui.act(client.cancel_job, feed.job_id):
                 st.toast("Cancel requested: the worker stops within a few seconds.")
-        if b2.button("Retry", key="job_retry", disabled=status not in ("failed", "cancelled"), use_container_width=True):
+        if b2.button("Retry", key="job_retry", disabled=status not in ("failed", "cancelled"), width="stretch"):
             if ui.act(client.retry_job, feed.job_id):
                 st.toast("Queued again: it resumes after its last completed stage.")
                 st.rerun()
@@ -129,25 +129,25 @@ def sample_card(s: dict[str, Any], key: str) -> None:
 def overview(feed: live.JobFeed, jid: int) -> None:
     c1, c2 = st.columns(2)
     if feed.series("ppo/reward_mean"):
-        c1.plotly_chart(charts.reward_figure(feed), key=f"j{jid}-reward", use_container_width=True)
+        c1.plotly_chart(charts.reward_figure(feed), key=f"j{jid}-reward", width="stretch")
         n = len(feed.series("ppo/reward_mean"))
         c1.caption(f"{n} PPO steps · last reward mean {ui.fmt(feed.last('ppo/reward_mean'))}")
     else:
         c1.info("Reward curve: no PPO step yet (PPO runs after SFT and the reward model).")
     if feed.series("ppo/kl"):
-        c2.plotly_chart(charts.kl_figure(feed), key=f"j{jid}-kl", use_container_width=True)
+        c2.plotly_chart(charts.kl_figure(feed), key=f"j{jid}-kl", width="stretch")
     else:
         c2.info("KL: no PPO step yet.")
     if feed.series("ppo/policy_loss") or feed.series("ppo/value_loss"):
         c3, c4 = st.columns(2)
         c3.plotly_chart(charts.keys_figure(feed, ["ppo/policy_loss"], "Policy loss", "ppo"),
-                        key=f"j{jid}-pl", use_container_width=True)
+                        key=f"j{jid}-pl", width="stretch")
         c4.plotly_chart(charts.keys_figure(feed, ["ppo/value_loss"], "Value loss", "ppo"),
-                        key=f"j{jid}-vl", use_container_width=True)
-        st.plotly_chart(charts.diagnostics_figure(feed), key=f"j{jid}-diag", use_container_width=True)
+                        key=f"j{jid}-vl", width="stretch")
+        st.plotly_chart(charts.diagnostics_figure(feed), key=f"j{jid}-diag", width="stretch")
     if not feed.series("ppo/reward_mean") and (feed.series("sft/loss") or feed.keys()):
         st.plotly_chart(charts.keys_figure(feed, ["sft/loss", "sft/eval_loss"], "SFT loss", "sft"),
-                        key=f"j{jid}-sft-overview", use_container_width=True)
+                        key=f"j{jid}-sft-overview", width="stretch")
 
     st.markdown("#### Latest sample generations")
     recent = [s for s in feed.samples if s.get("kind", "sample") != "probe"][-3:][::-1]
@@ -161,19 +161,19 @@ def training_tab(feed: live.JobFeed, jid: int) -> None:
     c1, c2 = st.columns(2)
     if feed.series("sft/loss") or feed.series("sft/eval_loss"):
         c1.plotly_chart(charts.keys_figure(feed, ["sft/loss", "sft/eval_loss"], "SFT loss", "sft", y="loss"),
-                        key=f"j{jid}-sft", use_container_width=True)
+                        key=f"j{jid}-sft", width="stretch")
         if feed.series("sft/perplexity"):
             c1.caption(f"Held-out perplexity: {ui.fmt(feed.last('sft/perplexity'))}")
     else:
         c1.info("No SFT metrics yet.")
     if any(k.startswith("reward/") for k in feed.keys()):
-        c2.plotly_chart(charts.reward_model_figure(feed), key=f"j{jid}-rm", use_container_width=True)
+        c2.plotly_chart(charts.reward_model_figure(feed), key=f"j{jid}-rm", width="stretch")
     else:
         c2.info("No reward-model metrics yet.")
     st.markdown("#### Precision study")
     rows = precision_rows((feed.report or {}).get("reward"))
     if rows:
-        st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
         st.caption("Accuracy on held-out pairs, memory and throughput per reward-model precision (reward/report.json).")
     else:
         st.caption("Appears when the reward stage has finished.")
@@ -194,7 +194,7 @@ def samples_tab(feed: live.JobFeed, jid: int) -> None:
                                 "reward": s.get("reward"), "prompt": ui.tail(s.get("prompt") or "", 200),
                                 "response": s.get("response"), "checkpoint": s.get("checkpoint")}
                                for s in rows[::-1]]),
-                 hide_index=True, use_container_width=True, height=420)
+                 hide_index=True, width="stretch", height=420)
 
 
 def logs_tab(feed: live.JobFeed) -> None:
@@ -275,7 +275,7 @@ def panel() -> None:
         training_tab(feed, job_id)
     with tabs[2]:
         if any(k.startswith("mem/") for k in feed.keys()):
-            st.plotly_chart(charts.memory_figure(feed, gpu_total), key=f"j{job_id}-mem", use_container_width=True)
+            st.plotly_chart(charts.memory_figure(feed, gpu_total), key=f"j{job_id}-mem", width="stretch")
         st.caption(f"GPU: {gpu_name}, {gpu_total:,.0f} MB total." if gpu_total else
                    "No GPU: this job runs on the CPU; the chart shows the worker's resident memory (RSS).")
     with tabs[3]:

@@ -16,7 +16,7 @@ STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"]
 st.title("Jobs")
 top = st.columns([3, 1])
 status_filter = top[0].multiselect("Status", STATUSES, default=[], placeholder="all statuses", key="jobs_status")
-if top[1].button("New job", icon=":material/add:", use_container_width=True):
+if top[1].button("New job", icon=":material/add:", width="stretch"):
     st.switch_page("app_pages/new_job.py")
 
 
@@ -61,7 +61,7 @@ def job_table() -> None:
     counts = {s: sum(j.get("status") == s for j in jobs) for s in STATUSES}
     st.caption(" · ".join(f"{ui.STATUS_ICON[s]} {counts[s]} {s}" for s in STATUSES if counts[s]))
     st.dataframe(
-        _rows(jobs), hide_index=True, use_container_width=True, key="jobs_table",
+        _rows(jobs), hide_index=True, width="stretch", key="jobs_table",
         column_config={
             "id": st.column_config.NumberColumn("id", width="small"),
             "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
@@ -80,16 +80,16 @@ def job_table() -> None:
     if job is None:
         return
     status = job.get("status")
-    if cols[1].button("Open", key="jobs_open", use_container_width=True):
+    if cols[1].button("Open", key="jobs_open", width="stretch"):
         st.switch_page(ui.JOB_PAGE, query_params={"job": str(chosen)})
-    if cols[2].button("Cancel", key="jobs_cancel", disabled=status not in ("queued", "running"), use_container_width=True):
+    if cols[2].button("Cancel", key="jobs_cancel", disabled=status not in ("queued", "running"), width="stretch"):
         if ui.act(client.cancel_job, chosen):
             st.toast(f"Cancel requested for job #{chosen}")
-    if cols[3].button("Retry", key="jobs_retry", disabled=status not in ("failed", "cancelled"), use_container_width=True):
+    if cols[3].button("Retry", key="jobs_retry", disabled=status not in ("failed", "cancelled"), width="stretch"):
         if ui.act(client.retry_job, chosen):
             st.toast(f"Job #{chosen} queued again")
     if cols[4].button("Delete", key="jobs_delete", disabled=status not in ("succeeded", "failed", "cancelled"),
-                      use_container_width=True, help="Removes the job and its artifacts"):
+                      width="stretch", help="Removes the job and its artifacts"):
         st.session_state["jobs_confirm_delete"] = chosen
     if st.session_state.get("jobs_confirm_delete") == chosen:
         st.warning(f"Delete job #{chosen} and all its artifacts?")

@@ -55,7 +55,7 @@ def panel() -> None:
         st.info("No probe generations yet: they are logged at each SFT and PPO checkpoint.")
         return
     st.plotly_chart(charts.probe_reward_figure([s for per in by_prompt.values() for s in per.values()], order),
-                    key=f"probe-rewards-{job_id}", use_container_width=True)
+                    key=f"probe-rewards-{job_id}", width="stretch")
     shown = st.multiselect("Checkpoints", order, default=order if len(order) <= COLUMNS else
                            [order[0], *order[-(COLUMNS - 1):]], key=f"probe-ckpts-{job_id}")
     shown = sorted(shown, key=ui.checkpoint_order)

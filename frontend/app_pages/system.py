@@ -50,7 +50,7 @@ def panel() -> None:
     gpus = info.get("gpus") or []
     st.subheader("GPUs")
     if gpus:
-        st.plotly_chart(gpu_figure(gpus), key="sys-gpus", use_container_width=True)
+        st.plotly_chart(gpu_figure(gpus), key="sys-gpus", width="stretch")
         for g in gpus:
             total = _num(g, "memory_total_mb", "total_mb")
             used = _num(g, "memory_used_mb", "used_mb")
@@ -88,7 +88,7 @@ def panel() -> None:
     if jobs:
         st.caption(" · ".join(f"{ui.STATUS_ICON.get(k, '')} {v} {k}" for k, v in jobs.items()))
     if workers:
-        st.dataframe(workers, hide_index=True, use_container_width=True)
+        st.dataframe(workers, hide_index=True, width="stretch")
     with st.expander("Raw /api/system"):
         st.json(info, expanded=False)
 

@@ -79,14 +79,14 @@ class Backend:
         stop(self.proc)
 
 
-def start_backend(data_dir: Path) -> Backend:
+def start_backend(data_dir: Path, **env: str) -> Backend:
     port = free_port()
     log = data_dir / "backend.log"
     data_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "backend.main:app", "--host", "127.0.0.1", "--port", str(port),
          "--log-level", "warning"],
-        cwd=REPO, env=service_env(data_dir), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=REPO, env=service_env(data_dir, **env), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     backend = Backend(f"http://127.0.0.1:{port}", data_dir, proc, log)
     try:
         wait_http(backend.url + "/healthz", proc, timeout=60)
@@ -108,10 +108,12 @@ def dashboard_env(monkeypatch):
     """Point the in-process dashboard (AppTest runs it in this process) at a backend URL."""
     from edgerlhf.settings import get_settings
 
-    def point_at(url: str) -> None:
+    def point_at(url: str, token: str | None = None) -> None:
         for key in [k for k in os.environ if k.startswith("EDGERLHF_") and k != "EDGERLHF_SHARED_DIR"]:
             monkeypatch.delenv(key)
         monkeypatch.setenv("EDGERLHF_BACKEND_URL", url)
+        if token:
+            monkeypatch.setenv("EDGERLHF_API_TOKEN", token)
         get_settings.cache_clear()
 
     yield point_at

@@ -230,3 +230,20 @@ def test_jobs_page_lists_jobs_and_cancels_one(backend, dashboard_env):
     assert not at.exception, at.exception
     assert client.get(f"/api/jobs/{ids[1]}").json()["status"] == "cancelled"
     assert client.get(f"/api/jobs/{ids[0]}").json()["status"] == "queued"
+
+
+def test_dashboard_sends_the_api_token(tmp_path, dashboard_env):
+    b = start_backend(tmp_path / "data", EDGERLHF_API_TOKEN="s3cret-token")
+    try:
+        assert httpx.get(b.url + "/api/jobs").status_code == 401
+        httpx.post(b.url + "/api/jobs", json={"preset": "tiny", "name": "guarded"},
+                   headers={"Authorization": "Bearer s3cret-token"}).raise_for_status()
+        dashboard_env(b.url)  # no token: the backend refuses, and the page says so
+        at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+        assert any("401" in e.value for e in at.error), [e.value for e in at.error]
+        dashboard_env(b.url, token="s3cret-token")
+        at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+        assert not at.error, [e.value for e in at.error]
+        assert at.dataframe[0].value["name"].tolist() == ["guarded"]
+    finally:
+        b.stop()

@@ -1,0 +1,1 @@
+"""Tests of the worker (`worker/`) with real processes."""

@@ -114,3 +114,35 @@ def test_sigkilled_worker_is_followed_by_one_that_resumes_without_duplicate_or_m
     assert any("stopped heartbeating; requeued" in m for m in messages)
     assert any(m.startswith("resuming attempt 2") for m in messages)
     assert Counter(messages)["stage data started"] == 1
+
+
+def _child_of(service, job_id: int) -> int:
+    def find():
+        with service.sessions() as s:
+            return next((w.child_pid for w in read.workers(s) if w.job_id == job_id and w.child_pid), None)
+    return wait_for(find, 120, "the job process to start")
+
+
+def test_a_job_process_that_ignores_a_cancel_is_killed_after_the_grace_period(service):
+    job_id = service.add_job(sft_job(max_steps=99), name="hung")
+    service.start_worker("--max-jobs", "1", "--cancel-grace", "1")
+    child_pid = _child_of(service, job_id)
+    os.kill(child_pid, signal.SIGSTOP)  # frozen, as in a hung CUDA call: it can never see the cancel
+    with service.sessions() as s:
+        queue.request_cancel(s, job_id)
+    job = wait_for(lambda: (j := service.job(job_id)).status != JobStatus.running and j, 60, "the job to stop")
+    assert job.status == JobStatus.cancelled, service.worker_logs()
+    assert gone(child_pid)
+    assert "ignored the cancel" in service.worker_logs()
+
+
+def test_a_crashed_job_process_fails_the_job_and_the_worker_takes_the_next(service):
+    crashing = service.add_job(sft_job(max_steps=99), name="crash")
+    after = service.add_job(DATA_ONLY, name="after")
+    worker = service.start_worker("--max-jobs", "2")
+    child_pid = _child_of(service, crashing)
+    os.kill(child_pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    assert worker.wait(timeout=240) == 0, service.worker_logs()
+    job = service.job(crashing)
+    assert job.status == JobStatus.failed and job.error == "job process killed by signal 9 (out of memory?)"
+    assert service.job(after).status == JobStatus.succeeded

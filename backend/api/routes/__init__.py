@@ -1,0 +1,1 @@
+"""One router per resource: jobs, metrics (and the event stream), system, chat."""

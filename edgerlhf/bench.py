@@ -1,0 +1,618 @@
+"""Benchmarks: peak memory and speed of every stage, our one-copy PPO against the alternatives, and the floor.
+
+    edgerlhf bench                                    # distilgpt2 architecture, random weights, distilgpt2-8gb preset
+    edgerlhf bench --model PATH --out bench.json      # any local causal LM directory
+    edgerlhf bench --set ppo.batch_size=8 --set ppo.ppo_epochs=1 --stages generation,ppo,ppo_naive
+
+Runs offline. Without `--model` the model is the exact distilgpt2 architecture (6 layers, 12 heads, 768
+wide, GPT-2 vocabulary) with random weights, so the figures are those of distilgpt2 without a download.
+A synthetic run directory stands in for the earlier stages (sft/merged = that model; reward/<precision>
+= a random reward LoRA + score head; prompts from the local HH-RLHF sample), and every stage is measured
+in a fresh subprocess, so one stage's peak never hides in another's:
+
+- `generation`: `ppo.batch_size` prompts, `ppo.response_length` new tokens, the PPO sampler;
+- `sft`: one LoRA SFT optimizer step (`sft.batch_size` x `sft.max_length` tokens, causal-LM loss);
+- `reward_bf16/int8/int4`: one Bradley-Terry reward step (`reward.batch_size` pairs of `reward.max_length`
+  tokens) on the base loaded in that precision, LoRA + score head;
+- `ppo`: one `edgerlhf.ppo.ppo_step` of our design (one network: policy LoRA, reference = adapters off,
+  value head, reward LoRA as a second adapter);
+- `ppo_naive`: the same `ppo_step` with separate policy, reference, value and reward networks, as PPO
+  trainers traditionally hold them (TRL's old PPOTrainer, OpenRLHF, DeepSpeed-Chat);
+- `rloo`: TRL's `RLOOTrainer` with the same model, LoRA, rollout batch, response length, minibatch and
+  epochs (one rollout batch = `batch_size / mini_batch_size / grad_accum * ppo_epochs` trainer steps).
+
+Peak memory is the CUDA peak allocated on a GPU, the peak resident set (`ru_maxrss`) of the stage's
+process on the CPU (which includes the Python + torch runtime, reported as `rss_baseline_mb`). The floor
+next to each peak is the memory the configuration cannot do without (see `floor`). Benchmarks print
+figures; they assert nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MB = 1024 * 1024
+STAGES = ("generation", "sft", "reward_bf16", "reward_int8", "reward_int4", "ppo", "ppo_naive", "rloo")
+"""Every benchmark, in the order they run."""
+DISTILGPT2 = {"n_layer": 6, "n_head": 12, "n_embd": 768, "n_positions": 1024}
+"""The distilgpt2 architecture (with the GPT-2 tokenizer's 50,257-token vocabulary)."""
+TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 256}
+"""A toy model for the smoke test (`--tiny`)."""
+
+
+# --- the synthetic run directory -----------------------------------------------------------------
+
+
+def bench_config(preset: str, model: str | None, overrides: dict[str, Any], tiny: bool = False):
+    """The preset with the benchmark's model: `model` (a local directory) or random-weight distilgpt2."""
+    from edgerlhf.config import TINY_TOKENIZER_DIR, load_config
+    from edgerlhf.pipeline import _merge
+
+    base: dict[str, Any] = {"device": "auto"}
+    if model:
+        base["model"] = {"name_or_path": model, "random_init": False}
+    else:
+        base["model"] = {"name_or_path": "distilgpt2-random" if not tiny else "tiny-gpt2", "random_init": True,
+                         "tokenizer": TINY_TOKENIZER_DIR, **(TINY if tiny else DISTILGPT2)}
+    return load_config(preset, _merge(base, overrides))
+
+
+def prepare_run_dir(config, work: Path) -> Path:
+    """Write what the data, sft and reward stages would leave: sft/merged, reward/<p>/, data/train_prefs.jsonl."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from edgerlhf.config import HH_PREFS_SAMPLE
+    from edgerlhf.dialogue import normalize_prompt
+    from edgerlhf.models import load_base_model, load_tokenizer
+
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
+    torch.manual_seed(config.seed)
+    model = load_base_model(config.model, "cpu", tokenizer=tokenizer, seed=config.seed).float()
+    model.save_pretrained(work / "sft" / "merged")
+    tokenizer.save_pretrained(work / "sft" / "merged")
+    hidden = model.config.hidden_size
+    gpt2 = getattr(model.config, "model_type", "") == "gpt2"
+    for precision in ("bf16", "int8", "int4"):
+        rm_dir = work / "reward" / precision
+        lora = get_peft_model(copy.deepcopy(model), LoraConfig(
+            r=config.reward.lora_r, lora_alpha=config.reward.lora_alpha, target_modules=list(config.sft.target_modules),
+            fan_in_fan_out=gpt2, task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02)
+        lora.save_pretrained(rm_dir / "adapter")
+        torch.save({"weight": torch.randn(1, hidden) / math.sqrt(hidden), "bias": torch.zeros(1)},
+                   rm_dir / "score_head.pt")
+        (rm_dir / "reward_model.json").write_text(json.dumps({"precision": precision, "max_length": config.reward.max_length,
+                                                              "hidden_size": hidden}))
+        del lora
+    prompts = []
+    if os.path.exists(HH_PREFS_SAMPLE):
+        with open(HH_PREFS_SAMPLE, encoding="utf-8") as f:
+            for line in f:
+                prompt = normalize_prompt(json.loads(line)["prompt"])
+                if len(tokenizer(prompt)["input_ids"]) <= config.data.max_prompt_tokens:
+                    prompts.append(prompt)
+    if not prompts:  # no local sample: fixed synthetic prompts
+        prompts = [f"\n\nHuman: Tell me something about the number {i}.\n\nAssistant:" for i in range(256)]
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    (work / "data" / "train_prefs.jsonl").write_text(
+        "".join(json.dumps({"prompt": p, "chosen": "", "rejected": ""}) + "\n" for p in prompts))
+    (work / "config.json").write_text(config.to_json())
+    return work
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+class Meter:
+    """Peak memory of this process (CUDA peak allocated, or peak RSS on the CPU) and step times."""
+
+    def __init__(self, device):
+        import torch
+
+        from edgerlhf.memory import peak_rss_mb
+
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.baseline_mb = torch.cuda.memory_allocated(device) / MB if self.cuda else peak_rss_mb()
+        self.times: list[float] = []
+
+    def sync(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def peak_mb(self) -> float:
+        import torch
+
+        from edgerlhf.memory import peak_rss_mb
+
+        return torch.cuda.max_memory_allocated(self.device) / MB if self.cuda else peak_rss_mb()
+
+    def time(self, fn, steps: int, warmup: int):
+        """Run `fn()` warmup + steps times; keep the timed steps. Returns the last result."""
+        out = None
+        for i in range(warmup + steps):
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn()
+            self.sync()
+            if i >= warmup:
+                self.times.append(time.perf_counter() - t0)
+        return out
+
+    def result(self, tokens_per_step: float, **extra) -> dict[str, Any]:
+        step_s = sum(self.times) / len(self.times)
+        return {"peak_mb": self.peak_mb(), ("cuda_baseline_mb" if self.cuda else "rss_baseline_mb"): self.baseline_mb,
+                "step_s": step_s, "step_times_s": self.times, "tokens_per_step": tokens_per_step,
+                "tokens_per_s": tokens_per_step / step_s, **extra}
+
+
+def _weights_bytes(*modules) -> int:
+    seen: dict[int, int] = {}
+    for module in modules:
+        for t in list(module.parameters()) + list(module.buffers()):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def floor(weights: int, trainable: int, model_cfg, device, *, train_tokens: int = 0, logit_tokens: int = 0,
+          kv_tokens: int = 0, kv_rows: int = 0) -> dict[str, int]:
+    """The memory a configuration cannot do without, in bytes (an estimate, stated term by term).
+
+    weights: the bytes of every weight held (one copy of the network + adapters + heads, as loaded);
+    optimizer: fp32 gradient + two AdamW moments per trainable parameter (12 bytes);
+    activations: the larger of the training pass and the generation pass, which never overlap:
+      training, with per-layer recomputation (activation checkpointing, the least a backward pass can keep):
+        every layer's input (n_layer * tokens * H) + one layer's working set while it is recomputed
+        (~14 H per token: qkv 3H, attention out H, MLP 4H + GELU 4H, two LayerNorms 2H)
+        + fp32 logits and their gradient for the tokens that are scored (2 * 4 * V bytes each);
+      generation: the KV cache (2 * n_layer * H per token in the batch) + one step of fp32 logits per row.
+    """
+    from edgerlhf.models import compute_dtype
+
+    b = 2 if compute_dtype(device) in (_torch().bfloat16, _torch().float16) else 4
+    H, L, V = model_cfg.hidden_size, model_cfg.num_hidden_layers, model_cfg.vocab_size
+    train = (L * train_tokens * H + 14 * train_tokens * H) * b + 2 * 4 * V * logit_tokens if train_tokens else 0
+    generation = 2 * L * H * kv_tokens * b + 4 * V * kv_rows if kv_tokens else 0
+    out = {"weights": int(weights), "optimizer": int(12 * trainable), "activations": int(max(train, generation))}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _prompts(run_dir: Path, n: int) -> list[str]:
+    rows = [json.loads(line) for line in (run_dir / "data" / "train_prefs.jsonl").read_text().splitlines() if line]
+    return [rows[i % len(rows)]["prompt"] for i in range(n)]
+
+
+# --- the stages (each runs in its own process) -------------------------------------------------------
+
+
+def bench_generation(config, run_dir: Path, device, steps: int, warmup: int) -> dict[str, Any]:
+    from edgerlhf import models, ppo
+
+    meter = Meter(device)
+    cfg = config.ppo
+    model, tokenizer = models.load_policy(run_dir, "sft", device)
+    prompts = _prompts(run_dir, cfg.batch_size)
+    lengths = []
+
+    def step():
+        rollouts = ppo.generate(model, tokenizer, prompts, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p)
+        lengths.append(int(rollouts.response_mask.sum()))
+        return rollouts
+
+    rollouts = meter.time(step, steps, warmup)
+    kv_tokens = rollouts.query_ids.numel() + rollouts.response_ids.numel()
+    return meter.result(sum(lengths[warmup:]) / steps, batch_size=cfg.batch_size, response_length=cfg.response_length,
+                        prompt_tokens=int(rollouts.query_ids.shape[1]),
+                        floor=floor(_weights_bytes(model), 0, model.config, device, kv_tokens=kv_tokens,
+                                    kv_rows=cfg.batch_size))
+
+
+def _lora(model, r: int, alpha: int, target_modules, adapter_name: str = "default"):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules),
+                                            fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
+                                            task_type="CAUSAL_LM"), adapter_name=adapter_name)
+
+
+def _random_batch(n: int, length: int, vocab: int, device):
+    torch = _torch()
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (n, length), generator=g).to(device)
+
+
+def bench_sft(config, run_dir: Path, device, steps: int, warmup: int) -> dict[str, Any]:
+    from edgerlhf import models
+
+    torch = _torch()
+    meter = Meter(device)
+    cfg = config.sft
+    base = models.load_causal_lm(run_dir / "sft" / "merged", device)
+    model = _lora(base, cfg.lora_r, cfg.lora_alpha, cfg.target_modules).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    ids = _random_batch(cfg.batch_size, cfg.max_length, model.config.vocab_size, device)
+
+    def step():
+        for _ in range(cfg.grad_accum):
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / cfg.grad_accum).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    meter.time(step, steps, warmup)
+    tokens = cfg.batch_size * cfg.max_length * cfg.grad_accum
+    trainable = sum(p.numel() for p in params)
+    return meter.result(tokens, batch_size=cfg.batch_size, max_length=cfg.max_length, lora_r=cfg.lora_r,
+                        trainable_parameters=trainable,
+                        floor=floor(_weights_bytes(model), trainable, model.config, device,
+                                    train_tokens=cfg.batch_size * cfg.max_length,
+                                    logit_tokens=cfg.batch_size * cfg.max_length))
+
+
+def bench_reward(config, run_dir: Path, device, steps: int, warmup: int, precision: str) -> dict[str, Any]:
+    from edgerlhf import models
+
+    torch = _torch()
+    meter = Meter(device)
+    cfg = config.reward
+    base = models.load_causal_lm(run_dir / "sft" / "merged", device, precision)
+    model = _lora(base, cfg.lora_r, cfg.lora_alpha, config.sft.target_modules).train()
+    head = torch.nn.Linear(model.config.hidden_size, 1).to(device)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    chosen = _random_batch(cfg.batch_size, cfg.max_length, model.config.vocab_size, device)
+    rejected = chosen.flip(0)
+
+    def reward(ids):
+        hidden = model.get_base_model().base_model(input_ids=ids).last_hidden_state  # (B, T, H)
+        return head(hidden[:, -1].float()).squeeze(-1)  # (B,)
+
+    def step():
+        for _ in range(cfg.grad_accum):
+            # Bradley-Terry: -log sigmoid(r_chosen - r_rejected), chosen and rejected in one batch as TRL does.
+            r = reward(torch.cat([chosen, rejected]))
+            loss = -torch.nn.functional.logsigmoid(r[: len(chosen)] - r[len(chosen):]).mean()
+            (loss / cfg.grad_accum).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    meter.time(step, steps, warmup)
+    tokens = 2 * cfg.batch_size * cfg.max_length * cfg.grad_accum
+    trainable = sum(p.numel() for p in params)
+    return meter.result(tokens, precision=precision, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                        weights_mb=_weights_bytes(model) / MB, trainable_parameters=trainable,
+                        compute_dtype=models.dtype_name(models.compute_dtype(device)),
+                        floor=floor(_weights_bytes(model, head), trainable, model.config, device,
+                                    train_tokens=2 * cfg.batch_size * cfg.max_length, logit_tokens=0))
+
+
+class NaivePPOModels:
+    """The traditional PPO layout: separate policy, reference, value and reward networks.
+
+    Same `ppo_step`, same algorithm; only where the networks live differs. The value model is its own
+    network with its own trainable LoRA and value head (as TRL's old `PPOTrainer` / OpenRLHF critics are).
+    """
+
+    def __init__(self, config, run_dir: Path, device):
+        from edgerlhf import models, ppo
+
+        self.device = device
+        base, self.tokenizer = models.load_policy(run_dir, "sft", device)
+        self.model = ppo.add_policy_adapter(base, config).eval()
+        self.reference, _ = models.load_policy(run_dir, "sft", device)
+        value_base, _ = models.load_policy(run_dir, "sft", device)
+        self.value_model = _lora(value_base, config.ppo.lora_r, config.ppo.lora_alpha, config.sft.target_modules,
+                                 adapter_name="value").eval()
+        self.value_head = ppo.ValueHead(base.config.hidden_size).to(device)
+        self.reward_model = models.load_reward_model(run_dir, "bf16", device)
+        self.reward_shared = False
+
+    def modules(self):
+        return [self.model, self.reference, self.value_model, self.value_head, self.reward_model]
+
+    def policy_parameters(self):
+        trainable = [p for m in (self.model, self.value_model) for p in m.parameters() if p.requires_grad]
+        return trainable + list(self.value_head.parameters())
+
+    def forward(self, query_ids, query_mask, response_ids, response_mask, temperature: float = 1.0):
+        from edgerlhf.ppo import forward_response
+
+        logits, logp, _ = forward_response(self.model, query_ids, query_mask, response_ids, response_mask, temperature)
+        _, _, values = forward_response(self.value_model, query_ids, query_mask, response_ids, response_mask,
+                                        temperature, self.value_head)
+        return logits, logp, values
+
+    def reference_logprobs(self, query_ids, query_mask, response_ids, response_mask, temperature: float = 1.0):
+        from edgerlhf.ppo import forward_response
+
+        with _torch().no_grad():
+            return forward_response(self.reference, query_ids, query_mask, response_ids, response_mask, temperature)[1]
+
+    def score(self, prompts, responses):
+        return self.reward_model.score(prompts, responses)
+
+
+def bench_ppo(config, run_dir: Path, device, steps: int, warmup: int, naive: bool = False) -> dict[str, Any]:
+    from edgerlhf import ppo
+
+    torch = _torch()
+    meter = Meter(device)
+    cfg = config.ppo
+    models = NaivePPOModels(config, run_dir, device) if naive else ppo.build_models(config, run_dir, device)
+    params = models.policy_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)
+    kl_ctl = ppo.AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+    prompts = _prompts(run_dir, cfg.batch_size)
+    out: dict[str, Any] = {}
+
+    def step():
+        torch.manual_seed(0)
+        metrics, rollouts, _ = ppo.ppo_step(models, optimizer, kl_ctl, prompts, cfg)
+        out.update(metrics=metrics, P=rollouts.query_ids.shape[1], T=rollouts.response_ids.shape[1])
+        return metrics
+
+    meter.time(step, steps, warmup)
+    trainable = sum(p.numel() for p in params)
+    P, T = out["P"], out["T"]
+    copies = sum(ppo.base_weight_storages(models.modules()).values()) / _weights_bytes(
+        models.reference if naive else models.model.get_base_model())
+    model_cfg = models.model.config
+    return meter.result(out["metrics"]["ppo/response_length"] * cfg.batch_size,
+                        design="naive: separate policy, reference, value and reward networks" if naive
+                        else "one copy: policy LoRA, reference = adapters off, value head, reward LoRA",
+                        network_copies=round(copies, 3), trainable_parameters=trainable,
+                        batch_size=cfg.batch_size, mini_batch_size=cfg.mini_batch_size, ppo_epochs=cfg.ppo_epochs,
+                        response_length=cfg.response_length, prompt_tokens=P,
+                        generation_s=out["metrics"]["ppo/generation_s"],
+                        floor=floor(_weights_bytes(*[m for m in models.modules() if m is not None]) if naive else
+                                    _weights_bytes(models.model, models.value_head, models.reward_model),
+                                    trainable, model_cfg, device,
+                                    train_tokens=cfg.mini_batch_size * (P + T), logit_tokens=cfg.mini_batch_size * T,
+                                    kv_tokens=cfg.batch_size * (P + T), kv_rows=cfg.batch_size))
+
+
+def bench_rloo(config, run_dir: Path, device, steps: int, warmup: int) -> dict[str, Any]:
+    """TRL's RLOOTrainer on the same model, LoRA, rollout batch, response length, minibatch and epochs."""
+    import datasets
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from edgerlhf import models
+
+    torch = _torch()
+    meter = Meter(device)
+    cfg = config.ppo
+    reward_model = models.load_reward_model(run_dir, "bf16", device)
+
+    def reward_func(prompts, completions, **kwargs):
+        return reward_model.score(list(prompts), list(completions)).tolist()
+
+    steps_per_rollout = cfg.batch_size // cfg.mini_batch_size // cfg.grad_accum * cfg.ppo_epochs
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            meter.sync()
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step % steps_per_rollout == 0:
+                meter.sync()
+                marks.append(time.perf_counter())
+
+    prompts = _prompts(run_dir, cfg.batch_size * (steps + warmup))
+    dtype = models.compute_dtype(device)
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = RLOOConfig(
+            output_dir=out_dir, report_to="none", save_strategy="no", logging_steps=10_000, seed=config.seed,
+            per_device_train_batch_size=cfg.mini_batch_size, gradient_accumulation_steps=cfg.grad_accum,
+            generation_batch_size=cfg.batch_size, num_generations=2, num_iterations=cfg.ppo_epochs,
+            max_completion_length=cfg.response_length, temperature=cfg.temperature, top_k=cfg.top_k,
+            top_p=cfg.top_p, learning_rate=cfg.learning_rate, beta=cfg.init_kl_coef,
+            max_steps=steps_per_rollout * (steps + warmup), gradient_checkpointing=False,
+            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device.type == "cpu",
+            model_init_kwargs={"dtype": dtype}, disable_dropout=True, dataloader_num_workers=0)
+        trainer = RLOOTrainer(
+            model=str(run_dir / "sft" / "merged"), reward_funcs=reward_func, args=args,
+            train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in prompts]),
+            processing_class=models.load_tokenizer(run_dir / "sft" / "merged", padding_side="left"),
+            peft_config=LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                   target_modules=list(config.sft.target_modules), task_type="CAUSAL_LM",
+                                   fan_in_fan_out=True),
+            callbacks=[Clock()])
+        trainer.train()
+    per_rollout = [b - a for a, b in zip(marks, marks[1:])]
+    meter.times = per_rollout[warmup:] or per_rollout
+    return meter.result(cfg.batch_size * cfg.response_length, trainer="trl.RLOOTrainer",
+                        steps_per_rollout_batch=steps_per_rollout, num_generations=2, beta=cfg.init_kl_coef,
+                        note="tokens_per_step assumes full-length responses")
+
+
+def worker(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int, result: Path) -> None:
+    """Entry point of one stage's subprocess: measure, write the result as JSON."""
+    torch = _torch()
+    from edgerlhf.config import PipelineConfig
+    from edgerlhf.models import resolve_device
+
+    config = PipelineConfig.from_dict(json.loads(config_file.read_text()))
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    if stage == "generation":
+        out = bench_generation(config, run_dir, device, steps, warmup)
+    elif stage == "sft":
+        out = bench_sft(config, run_dir, device, steps, warmup)
+    elif stage.startswith("reward_"):
+        out = bench_reward(config, run_dir, device, steps, warmup, stage.removeprefix("reward_"))
+    elif stage in ("ppo", "ppo_naive"):
+        out = bench_ppo(config, run_dir, device, steps, warmup, naive=stage == "ppo_naive")
+    elif stage == "rloo":
+        out = bench_rloo(config, run_dir, device, steps, warmup)
+    else:
+        raise ValueError(f"unknown benchmark stage {stage!r}; choose from {list(STAGES)}")
+    out["device"] = str(device)
+    result.write_text(json.dumps(out))
+
+
+# --- the driver ------------------------------------------------------------------------------------
+
+
+def run_stage_process(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int,
+                      timeout: float | None) -> dict[str, Any]:
+    """Measure one stage in a fresh Python process; a failure is recorded, not raised."""
+    result = run_dir / f"result-{stage}.json"
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "edgerlhf.bench", "--worker", stage, "--config-file", str(config_file),
+           "--run-dir", str(run_dir), "--steps", str(steps), "--warmup", str(warmup), "--result", str(result)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout}s"}
+    if proc.returncode != 0 or not result.exists():
+        return {"error": (proc.stderr or proc.stdout or f"exit status {proc.returncode}").strip()[-2000:]}
+    out = json.loads(result.read_text())
+    out["process_s"] = time.perf_counter() - t0
+    return out
+
+
+def compare(results: dict[str, dict]) -> dict[str, Any]:
+    """The side-by-side ratios: naive / ours (memory, time), ours / TRL RLOO (time)."""
+    ours, naive, rloo = results.get("ppo", {}), results.get("ppo_naive", {}), results.get("rloo", {})
+    out: dict[str, Any] = {}
+    if "peak_mb" in ours and "peak_mb" in naive:
+        base = "rss_baseline_mb"
+        out["naive_vs_ours_peak_ratio"] = naive["peak_mb"] / ours["peak_mb"]
+        if base in ours and base in naive:  # on the CPU, without the runtime both processes carry
+            out["naive_vs_ours_peak_ratio_above_baseline"] = ((naive["peak_mb"] - naive[base])
+                                                              / max(ours["peak_mb"] - ours[base], 1e-9))
+        out["naive_vs_ours_step_time_ratio"] = naive["step_s"] / ours["step_s"]
+    if "step_s" in ours and "step_s" in rloo:
+        out["ours_vs_rloo_step_time_ratio"] = ours["step_s"] / rloo["step_s"]
+    return out
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = [f"{'stage':<12} {'peak MB':>9} {'floor MB':>9} {'step s':>9} {'tokens/s':>10}  note"]
+    for stage, r in report["stages"].items():
+        if "error" in r:
+            rows.append(f"{stage:<12} {'error':>9}  {str(r['error']).splitlines()[-1][:80]}")
+            continue
+        fl = r.get("floor", {}).get("total")
+        note = r.get("design", r.get("trainer", r.get("precision", "")))
+        rows.append(f"{stage:<12} {r['peak_mb']:>9.0f} {fl / MB if fl else float('nan'):>9.0f} "
+                    f"{r['step_s']:>9.3f} {r['tokens_per_s']:>10.1f}  {note}")
+    for key, value in report["comparisons"].items():
+        rows.append(f"{key}: {value:.2f}")
+    return "\n".join(rows)
+
+
+def run_benchmarks(config, stages: list[str], work: Path, steps: int, warmup: int,
+                   timeout: float | None = None) -> dict[str, Any]:
+    from edgerlhf.memory import gpu_info
+    from edgerlhf.models import resolve_device
+
+    run_dir = prepare_run_dir(config, work)
+    config_file = work / "bench_config.json"
+    config_file.write_text(config.to_json())
+    results = {}
+    for stage in stages:
+        print(f"[bench] {stage} ...", file=sys.stderr, flush=True)
+        results[stage] = run_stage_process(stage, config_file, run_dir, steps, warmup, timeout)
+    device = resolve_device(config.device)
+    return {
+        "device": str(device),
+        "gpus": gpu_info(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": _torch().get_num_threads(),
+        "model": config.model.name_or_path if not config.model.random_init else
+        f"random GPT-2 n_layer={config.model.n_layer} n_head={config.model.n_head} n_embd={config.model.n_embd}",
+        "preset": config.preset,
+        "steps": steps,
+        "warmup": warmup,
+        "memory_measure": "CUDA peak allocated" if device.type == "cuda" else "peak RSS of the stage's process",
+        "config": config.to_dict(),
+        "stages": results,
+        "comparisons": compare(results),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgerlhf bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="local model directory (default: distilgpt2 architecture, random weights)")
+    parser.add_argument("--preset", default="distilgpt2-8gb", help="configuration preset (default: distilgpt2-8gb)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set ppo.batch_size=8 (repeatable)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per stage")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    parser.add_argument("--device", help="auto, cpu, cuda (default: the preset's, auto)")
+    parser.add_argument("--out", default="bench.json", help="where to write the JSON report")
+    parser.add_argument("--work-dir", help="where to build the synthetic run directory (default: a temp dir)")
+    parser.add_argument("--timeout", type=float, help="seconds allowed per stage")
+    parser.add_argument("--tiny", action="store_true", help="a toy model instead of distilgpt2 (smoke test)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--config-file", help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        worker(args.worker, Path(args.config_file), Path(args.run_dir), args.steps, args.warmup, Path(args.result))
+        return 0
+
+    from edgerlhf.config import ConfigError
+    from edgerlhf.pipeline import parse_overrides
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    try:
+        overrides = parse_overrides(args.sets)
+        if args.device:
+            overrides["device"] = args.device
+        config = bench_config(args.preset, args.model, overrides, tiny=args.tiny)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="edgerlhf-bench-") as tmp:
+        work = Path(args.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        report = run_benchmarks(config, stages, work, args.steps, args.warmup, args.timeout)
+    report["command"] = "edgerlhf bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(table(report))
+    print(f"[bench] wrote {args.out}", file=sys.stderr)
+    return 1 if any("error" in r for r in report["stages"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The worker's database context in-process on a real SQLite file: batched writes, cancel, memory, stages."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import event
+
+from db import StageStatus, queue, read
+from edgerlhf.context import Cancelled
+from worker.context import DBContext
+
+from .conftest import wait_for
+
+
+def test_metrics_are_written_in_batches_and_all_arrive(service):
+    job_id = service.add_job({"stages": ["data", "sft"]})
+    commits = []
+    event.listen(service.engine, "commit", lambda conn: commits.append(1))
+    with service.sessions() as s:
+        queue.claim_next(s, "w")
+    ctx = DBContext(service.sessions, job_id, service.tmp_path / "run", stages=["data", "sft"],
+                    flush_interval=0.2, memory_interval=0)
+    with ctx:
+        ctx.begin_stage("sft")
+        commits.clear()
+        for step in range(1, 2001):
+            ctx.log_metrics({"sft/loss": 1.0 / step, "sft/learning_rate": 1e-3}, step)
+        ctx.log_sample("Human: hi\n\nAssistant:", " hello", 0.5, 10, kind="probe")
+        ctx.log_sample("Human: hi\n\nAssistant:", " hello again", 0.7, 10, kind="probe")
+        ctx.progress(5, 10)
+        ctx.artifact("adapter", service.tmp_path / "run")
+        # Rows appear without any explicit flush (the background thread writes them).
+        wait_for(lambda: len(service.points(job_id, "sft/loss")) == 2000, 30, "the flusher to write every point")
+    assert len(commits) < 50, f"{len(commits)} transactions for 4,000 metric rows: not batched"
+    assert [step for _, step, _ in service.points(job_id, "sft/loss")] == list(range(1, 2001))
+    with service.sessions() as s:
+        samples = read.samples_after(s, job_id)
+        assert [(x.seq, x.response) for x in samples] == [(0, " hello"), (1, " hello again")]
+        job = read.get_job(s, job_id)
+        assert job.stage == "sft" and abs(job.progress - 0.75) < 1e-9  # stage 2 of 2, half done
+        assert [a.kind for a in read.artifacts(s, job_id)] == ["adapter"]
+        assert "stage sft started" in [line.message for line in read.logs_after(s, job_id)]
+
+
+def test_end_stage_lands_after_the_stages_points_and_resume_skips_it(service):
+    job_id = service.add_job({"stages": ["data", "sft"]})
+    with service.sessions() as s:
+        queue.claim_next(s, "w")
+    with DBContext(service.sessions, job_id, service.tmp_path / "run", stages=["data", "sft"],
+                   flush_interval=60, memory_interval=0) as ctx:  # the timer never fires here
+        ctx.begin_stage("data")
+        ctx.log_metrics({"data/train": 16}, 0)
+        ctx.end_stage("data", {"train": 16})
+        assert service.points(job_id, "data/train") == [("data", 0, 16.0)]
+    with service.sessions() as s:
+        assert queue.completed_stages(s, job_id) == {"data"}
+        run = read.stage_runs(s, job_id)[0]
+        assert run.status == StageStatus.succeeded and run.report == {"train": 16}
+
+
+def test_check_cancelled_raises_soon_after_a_cancel_request(service):
+    job_id = service.add_job({"stages": ["data"]})
+    with service.sessions() as s:
+        queue.claim_next(s, "w")
+    with DBContext(service.sessions, job_id, service.tmp_path / "run", stages=["data"],
+                   flush_interval=0.1, memory_interval=0) as ctx:
+        ctx.check_cancelled()  # nothing requested yet
+        with service.sessions() as s:
+            queue.request_cancel(s, job_id)
+
+        def raises() -> bool:
+            try:
+                ctx.check_cancelled()
+            except Cancelled:
+                return True
+            return False
+
+        wait_for(raises, 10, "check_cancelled to raise")
+
+
+def test_memory_is_sampled_as_mem_metrics_at_the_stages_step(service):
+    job_id = service.add_job({"stages": ["sft"]})
+    with service.sessions() as s:
+        queue.claim_next(s, "w")
+    with DBContext(service.sessions, job_id, service.tmp_path / "run", stages=["sft"], memory_device="cpu",
+                   flush_interval=0.1, memory_interval=0.1) as ctx:
+        ctx.begin_stage("sft")
+        ctx.log_metric("sft/loss", 2.0, 7)
+        wait_for(lambda: service.points(job_id, "mem/rss_mb"), 10, "a memory sample")
+        time.sleep(0.3)
+    (stage, step, rss), = service.points(job_id, "mem/rss_mb")
+    assert stage == "sft" and step == 7 and rss > 10
