@@ -78,8 +78,9 @@ def artifacts(session: Session, job_id: int) -> list[Artifact]:
     return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id)).all())
 
 
-def workers(session: Session) -> list[Worker]:
-    return list(session.scalars(select(Worker).order_by(Worker.heartbeat_at.desc())).all())
+def workers(session: Session, limit: int = 20) -> list[Worker]:
+    """The workers that heartbeated last, most recent first (old rows of stopped workers stay in the table)."""
+    return list(session.scalars(select(Worker).order_by(Worker.heartbeat_at.desc()).limit(limit)).all())
 
 
 def alive_workers(session: Session, within_seconds: float) -> list[Worker]:

@@ -103,7 +103,7 @@ def prepare_run_dir(config, work: Path) -> Path:
         with open(HH_PREFS_SAMPLE, encoding="utf-8") as f:
             for line in f:
                 prompt = normalize_prompt(json.loads(line)["prompt"])
-                if len(tokenizer(prompt)["input_ids"]) <= config.data.max_prompt_tokens:
+                if len(tokenizer(prompt, verbose=False)["input_ids"]) <= config.data.max_prompt_tokens:
                     prompts.append(prompt)
     if not prompts:  # no local sample: fixed synthetic prompts
         prompts = [f"\n\nHuman: Tell me something about the number {i}.\n\nAssistant:" for i in range(256)]
@@ -159,7 +159,9 @@ class Meter:
 
     def result(self, tokens_per_step: float, **extra) -> dict[str, Any]:
         step_s = sum(self.times) / len(self.times)
-        return {"peak_mb": self.peak_mb(), ("cuda_baseline_mb" if self.cuda else "rss_baseline_mb"): self.baseline_mb,
+        peak = self.peak_mb()
+        return {"peak_mb": peak, ("cuda_baseline_mb" if self.cuda else "rss_baseline_mb"): self.baseline_mb,
+                "peak_above_baseline_mb": peak - self.baseline_mb,
                 "step_s": step_s, "step_times_s": self.times, "tokens_per_step": tokens_per_step,
                 "tokens_per_s": tokens_per_step / step_s, **extra}
 
@@ -380,8 +382,8 @@ def bench_ppo(config, run_dir: Path, device, steps: int, warmup: int, naive: boo
     meter.time(step, steps, warmup)
     trainable = sum(p.numel() for p in params)
     P, T = out["P"], out["T"]
-    copies = sum(ppo.base_weight_storages(models.modules()).values()) / _weights_bytes(
-        models.reference if naive else models.model.get_base_model())
+    one_network = sum(ppo.base_weight_storages([models.model]).values())
+    copies = sum(ppo.base_weight_storages(models.modules()).values()) / one_network
     model_cfg = models.model.config
     return meter.result(out["metrics"]["ppo/response_length"] * cfg.batch_size,
                         design="naive: separate policy, reference, value and reward networks" if naive
@@ -533,8 +535,21 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def run_stage_here(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int) -> dict[str, Any]:
+    """Measure one stage in this process (`--in-process`: quick, but the peaks of earlier stages carry over)."""
+    result = run_dir / f"result-{stage}.json"
+    t0 = time.perf_counter()
+    try:
+        worker(stage, config_file, run_dir, steps, warmup, result)
+    except Exception as exc:  # recorded like a failed subprocess
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    out = json.loads(result.read_text())
+    out["process_s"] = time.perf_counter() - t0
+    return out
+
+
 def run_benchmarks(config, stages: list[str], work: Path, steps: int, warmup: int,
-                   timeout: float | None = None) -> dict[str, Any]:
+                   timeout: float | None = None, in_process: bool = False) -> dict[str, Any]:
     from edgerlhf.memory import gpu_info
     from edgerlhf.models import resolve_device
 
@@ -544,7 +559,10 @@ def run_benchmarks(config, stages: list[str], work: Path, steps: int, warmup: in
     results = {}
     for stage in stages:
         print(f"[bench] {stage} ...", file=sys.stderr, flush=True)
-        results[stage] = run_stage_process(stage, config_file, run_dir, steps, warmup, timeout)
+        if in_process:
+            results[stage] = run_stage_here(stage, config_file, run_dir, steps, warmup)
+        else:
+            results[stage] = run_stage_process(stage, config_file, run_dir, steps, warmup, timeout)
     device = resolve_device(config.device)
     return {
         "device": str(device),
@@ -556,7 +574,8 @@ def run_benchmarks(config, stages: list[str], work: Path, steps: int, warmup: in
         "preset": config.preset,
         "steps": steps,
         "warmup": warmup,
-        "memory_measure": "CUDA peak allocated" if device.type == "cuda" else "peak RSS of the stage's process",
+        "memory_measure": ("CUDA peak allocated" if device.type == "cuda" else "peak RSS of the stage's process")
+        + (" (all stages in one process: peaks carry over)" if in_process else ""),
         "config": config.to_dict(),
         "stages": results,
         "comparisons": compare(results),
@@ -578,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", help="where to build the synthetic run directory (default: a temp dir)")
     parser.add_argument("--timeout", type=float, help="seconds allowed per stage")
     parser.add_argument("--tiny", action="store_true", help="a toy model instead of distilgpt2 (smoke test)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every stage in this process (quick smoke runs; memory peaks then mix)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config-file", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -606,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgerlhf-bench-") as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        report = run_benchmarks(config, stages, work, args.steps, args.warmup, args.timeout)
+        report = run_benchmarks(config, stages, work, args.steps, args.warmup, args.timeout, args.in_process)
     report["command"] = "edgerlhf bench " + " ".join(argv if argv is not None else sys.argv[1:])
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(table(report))

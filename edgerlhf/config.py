@@ -400,12 +400,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "device": "cpu",
         "model": {"name_or_path": "tiny-gpt2", "tokenizer": TINY_TOKENIZER_DIR, "random_init": True,
                   "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 256},
-        "data": {"source": HH_PREFS_SAMPLE, "labels": "gold",
-                 "max_pairs": 600, "test_fraction": 0.2, "max_prompt_tokens": 96, "max_response_tokens": 48},
-        "sft": {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-3, "max_steps": 60, "batch_size": 8,
-                "max_length": 160, "eval_every": 20, "sample_every": 30},
+        # Both local HH files (raw harmless-base test + the processed sample): enough short pairs for a
+        # held-out set of ~120 known-answer pairs.
+        "data": {"source": os.path.join(SHARED_DIR, "data", "hh-rlhf"), "labels": "gold",
+                 "max_pairs": 600, "test_fraction": 0.2, "max_prompt_tokens": 128, "max_response_tokens": 48},
+        # A LoRA on random weights cannot shape the output alone, so the (untied) LM head trains in full.
+        "sft": {"lora_r": 8, "lora_alpha": 16, "modules_to_save": ["lm_head"], "learning_rate": 2e-3,
+                "max_steps": 40, "batch_size": 8, "max_length": 192, "eval_every": 40, "sample_every": 20},
         "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-3,
-                   "max_steps": 80, "batch_size": 8, "max_length": 160, "eval_every": 40},
+                   "max_steps": 60, "batch_size": 8, "max_length": 192, "eval_every": 60},
         "ppo": {"steps": 30, "batch_size": 16, "mini_batch_size": 4, "ppo_epochs": 2, "learning_rate": 1e-3,
                 "response_length": 24, "sample_every": 5, "checkpoint_every": 10},
         "evaluate": {"n_prompts": 48, "response_length": 24, "n_show": 4},

@@ -42,17 +42,21 @@ def prompt_completion_dataset(path: Path):
 
 
 @torch.no_grad()
-def generate_probes(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of `prompts`, one at a time (no padding), cut at the stop markers."""
+def generate_probes(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int = 0) -> list[str]:
+    """Sampled continuations (top-k 50, seeded: the same prompts and seed give the same draws for the same
+    weights) of `prompts`, one at a time (no padding), cut at the stop markers. Sampling, not greedy: a
+    weak model's greedy output is a single repeated token and says little about what it learned."""
     was_training = model.training
     model.eval()
     out = []
     device = next(model.parameters()).device
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").to(device)
-        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        out.append(cut_at_stop(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").to(device)
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=50, top_p=1.0,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out.append(cut_at_stop(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
     if was_training:
         model.train()
     return out
@@ -78,7 +82,8 @@ def _callback(config: PipelineConfig, ctx: RunContext, tokenizer, probe_prompts:
                 self.probe(model, state.global_step)
 
         def probe(self, model, step):
-            responses = generate_probes(model, tokenizer, probe_prompts, config.data.max_response_tokens)
+            responses = generate_probes(model, tokenizer, probe_prompts, config.data.max_response_tokens,
+                                        seed=config.seed)
             self.last_probes = []
             for prompt, response in zip(probe_prompts, responses):
                 reward = gold.score(prompt, response, config.data.gold_scorer) if gold_on else None
@@ -134,6 +139,7 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
         max_length=cfg.max_length,
         completion_only_loss=cfg.completion_only_loss,
         packing=False,
+        gradient_checkpointing=False,  # small models: recomputing activations costs more than it saves
         eval_strategy="steps",
         eval_steps=cfg.eval_every,
         logging_steps=max(1, cfg.max_steps // 100),

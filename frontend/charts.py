@@ -54,7 +54,7 @@ def reward_figure(feed: JobFeed) -> go.Figure:
         upper = [y + sd for _, y, sd in band]
         lower = [y - sd for _, y, sd in band]
         xs = [s for s, _, _ in band]
-        fig.add_trace(go.Scatter(x=xs + xs[::-1], y=upper + lower[::-1], fill="toself", name="± std",
+        fig.add_trace(go.Scatter(x=xs + xs[::-1], y=upper + lower[::-1], fill="toself", name="± std", mode="lines",
                                  fillcolor="rgba(31,119,180,0.18)", line=dict(width=0), hoverinfo="skip"))
     line(fig, mean, "reward mean", COLORS[0])
     return _layout(fig, "Reward (PPO batch mean ± std)", y="reward")
@@ -102,17 +102,51 @@ def diagnostics_figure(feed: JobFeed) -> go.Figure:
 
 
 def reward_model_figure(feed: JobFeed) -> go.Figure:
-    """Reward-model training per precision: loss (left) and held-out accuracy (right)."""
-    precisions = sorted({m.group(1) for k in feed.keys() if (m := re.match(r"reward/([^/]+)/(loss|accuracy)$", k))})
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["loss", "accuracy"])
+    """Reward-model training per precision: loss (left), training and held-out accuracy (right)."""
+    keys = feed.keys()
+    precisions = sorted({m.group(1) for k in keys if (m := re.match(r"reward/([^/]+)/(loss|accuracy|eval_accuracy)$", k))})
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["loss", "accuracy (dotted: held-out)"])
     for i, p in enumerate(precisions):
         color = COLORS[i % len(COLORS)]
-        for col, metric in ((1, "loss"), (2, "accuracy")):
-            xs, ys = _xy(feed.series(f"reward/{p}/{metric}"))
-            fig.add_trace(go.Scatter(x=xs, y=ys, name=p, legendgroup=p, showlegend=col == 1,
-                                     mode="lines+markers", marker=dict(size=5), line=dict(color=color)),
-                          row=1, col=col)
+        for col, metric, dash in ((1, "loss", None), (2, "accuracy", None), (2, "eval_accuracy", "dot")):
+            pts = feed.series(f"reward/{p}/{metric}")
+            if not pts:
+                continue
+            xs, ys = _xy(pts)
+            fig.add_trace(go.Scatter(x=xs, y=ys, name=p if metric != "eval_accuracy" else f"{p} held-out",
+                                     legendgroup=p, showlegend=metric != "accuracy", mode="lines+markers",
+                                     marker=dict(size=5), line=dict(color=color, dash=dash)), row=1, col=col)
     return _layout(fig, "Reward model per precision")
+
+
+def precision_figure(rows: list[dict[str, Any]]) -> go.Figure:
+    """The precision study side by side: held-out accuracy, peak memory, scoring throughput."""
+    panels = [("accuracy", "held-out accuracy"), ("peak_train_mb", "peak memory (MB)"),
+              ("throughput_pairs_per_s", "throughput (pairs/s)")]
+    panels = [(k, t) for k, t in panels if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    fig = make_subplots(rows=1, cols=max(1, len(panels)), subplot_titles=[t for _, t in panels])
+    names = [str(r.get("precision")) for r in rows]
+    for col, (key, _) in enumerate(panels, start=1):
+        fig.add_trace(go.Bar(x=names, y=[r.get(key) for r in rows], showlegend=False,
+                             marker_color=[COLORS[i % len(COLORS)] for i in range(len(rows))]), row=1, col=col)
+    fig.update_annotations(font_size=12)
+    return _layout(fig, "Precision study", x=None, height=260)
+
+
+def eval_figure(report: dict[str, Any]) -> go.Figure:
+    """SFT vs PPO on held-out prompts: mean reward (and gold score) with ± one standard deviation."""
+    measures = [m for m in ("reward", "gold") if isinstance((report.get("sft") or {}).get(m), dict)]
+    fig = make_subplots(rows=1, cols=max(1, len(measures)),
+                        subplot_titles=[("reward model score" if m == "reward" else f"gold score ({report.get('gold_scorer')})")
+                                        for m in measures])
+    for col, m in enumerate(measures, start=1):
+        for i, who in enumerate(("sft", "ppo")):
+            d = (report.get(who) or {}).get(m) or {}
+            fig.add_trace(go.Bar(x=[who.upper()], y=[d.get("mean")], name=who.upper(), showlegend=col == 1,
+                                 error_y=dict(type="data", array=[d.get("std") or 0.0], visible=True),
+                                 marker_color=COLORS[i]), row=1, col=col)
+    fig.update_annotations(font_size=12)
+    return _layout(fig, "SFT vs PPO (mean ± std)", x=None, height=280)
 
 
 def memory_figure(feed: JobFeed, gpu_total_mb: float | None) -> go.Figure:

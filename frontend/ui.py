@@ -87,8 +87,10 @@ def duration(job: dict[str, Any]) -> str:
 
 
 def job_label(job: dict[str, Any]) -> str:
-    name = job.get("name") or job.get("preset") or ""
-    return f"#{job['id']} {name} · {STATUS_ICON.get(job.get('status'), '')} {job.get('status', '')}"
+    """A job in a picker. Without its status: a select box keeps showing the label it had when chosen, so a
+    status in it would go stale while the job runs (the page shows the live status elsewhere)."""
+    name = job.get("name") or ""
+    return f"#{job['id']} {name} ({job.get('preset') or '?'})".replace("  ", " ")
 
 
 def pick_job(key: str = "job") -> int | None:

@@ -159,6 +159,9 @@ class DBContext(RunContext):
         return self._cancel_seen
 
     def begin_stage(self, stage: str) -> None:
+        # A cancel that came while the job process was starting stops it before the stage, not after it.
+        self._check_cancel_flag()
+        self.check_cancelled()
         self.flush()
         with self.sessions() as session:
             queue.begin_stage(session, int(self.job_id), stage, self.attempt)

@@ -108,7 +108,7 @@ def run(job_id: int) -> tuple[int, dict]:
         return EXIT_OK, {"status": "succeeded"}
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the worker
         message = f"{type(exc).__name__}: {exc}".strip()
-        logger.error(f"job failed: {message}", extra={"job_id": job_id})
+        logger.error(f"job failed: {message}", extra={"job_id": job_id}, exc_info=True)  # traceback to the log
         return EXIT_FAILED, {"status": "failed", "error": message, "traceback": traceback.format_exc()}
     finally:
         engine.dispose()

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -134,15 +135,19 @@ class JobRunner:
         logger.info(f"running job {job_id} '{self.job.name}' (attempt {self.job.attempts})", extra={"job_id": job_id})
         heart: _Heartbeat | None = None
         interrupted = False
+        broken: str | None = None
         code: int | None = None
         try:
             self.proc = self._start()
             heart = _Heartbeat(self)
             heart.start()
             code = self.proc.wait()
-        except BaseException:
-            interrupted = True  # Shutdown, KeyboardInterrupt, or the worker itself broke
+        except (Shutdown, KeyboardInterrupt):
+            interrupted = True  # the job goes back to the queue
             raise
+        except Exception:  # the worker could not run it (e.g. cannot create its run directory): fail, go on
+            broken = traceback.format_exc()
+            logger.exception("could not run the job", extra={"job_id": job_id})
         finally:
             if heart is not None:
                 heart.stop_event.set()
@@ -157,17 +162,24 @@ class JobRunner:
             if self.proc is not None:
                 _kill_tree(self.proc)  # leftovers of the job's process group, if any
                 code = self.proc.returncode
-            status = self._record_end(code, interrupted, heart)
+            status = self._record_end(code, interrupted, heart, broken)
         return status
 
-    def _record_end(self, code: int | None, interrupted: bool, heart: _Heartbeat | None) -> JobStatus | None:
+    def _record_end(self, code: int | None, interrupted: bool, heart: _Heartbeat | None,
+                    broken: str | None = None) -> JobStatus | None:
         job_id = self.job.id
         extra = {"job_id": job_id}
         if heart is not None and heart.lost:
             return None
         result = self._read_result()
+        if broken is not None:
+            result = {"error": f"the worker could not run the job: {broken.strip().splitlines()[-1]}",
+                      "traceback": broken}
         with self.sessions() as session:
             if interrupted:
+                if queue.cancel_requested(session, job_id):
+                    queue.mark_cancelled(session, job_id, self.worker_id)
+                    return JobStatus.cancelled
                 queue.release(session, job_id, self.worker_id)
                 logger.warning("worker stopping: job requeued", extra=extra)
                 return JobStatus.queued

@@ -11,7 +11,7 @@ import streamlit as st
 
 from frontend import charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
-from frontend.reports import eval_scalars, precision_rows
+from frontend.reports import eval_headline, precision_rows
 
 DEFAULT_KEYS = ["ppo/reward_mean", "ppo/kl", "ppo/response_length", "sft/eval_loss"]
 
@@ -58,7 +58,7 @@ def panel() -> None:
     for label, feed in feeds.items():
         ev = (feed.report or {}).get("evaluate")
         if isinstance(ev, dict):
-            rows.append({"job": label, **eval_scalars(ev)})
+            rows.append({"job": label, **eval_headline(ev)})
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     else:

@@ -15,7 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from frontend import alerts, charts, live, ui
-from frontend.reports import eval_pairs, eval_scalars, precision_rows
+from frontend.reports import eval_headline, eval_pairs, eval_rows, precision_rows
 from frontend.api_client import ApiError, BackendDown, get_client
 
 # (Plain comments, not attribute docstrings: Streamlit's "magic" would print a bare string in a page.)
@@ -63,7 +63,7 @@ def stages_of(job: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-STAGE_ICON = {"pending": "○", "queued": "○", "running": "⏵", "succeeded": "✔", "completed": "✔", "done": "✔",
+STAGE_ICON = {"pending": "○", "queued": "○", "running": "▶", "succeeded": "✔", "completed": "✔", "done": "✔",
               "failed": "✖", "cancelled": "■", "skipped": "↷", "interrupted": "↻"}
 
 
@@ -171,10 +171,13 @@ def training_tab(feed: live.JobFeed, jid: int) -> None:
     else:
         c2.info("No reward-model metrics yet.")
     st.markdown("#### Precision study")
-    rows = precision_rows((feed.report or {}).get("reward"))
+    reward_report = (feed.report or {}).get("reward")
+    rows = precision_rows(reward_report)
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-        st.caption("Accuracy on held-out pairs, memory and throughput per reward-model precision (reward/report.json).")
+        st.plotly_chart(charts.precision_figure(rows), key=f"j{jid}-precision", width="stretch")
+        note = reward_report.get("note") if isinstance(reward_report, dict) else None
+        st.caption(note or "Held-out accuracy, memory and throughput per reward-model precision (reward/report.json).")
     else:
         st.caption("Appears when the reward stage has finished.")
 
@@ -209,27 +212,35 @@ def logs_tab(feed: live.JobFeed) -> None:
     st.code("\n".join(lines), language="text", wrap_lines=True)
 
 
-def report_tab(feed: live.JobFeed) -> None:
+def report_tab(feed: live.JobFeed, jid: int) -> None:
     report = (feed.report or {}).get("evaluate")
     if not isinstance(report, dict):
         st.caption("The final report (SFT vs PPO) appears when the evaluate stage has finished.")
     else:
         st.markdown("#### SFT vs PPO")
-        scalars = eval_scalars(report)
-        cols = st.columns(min(4, max(1, len(scalars))))
-        for i, (k, v) in enumerate(scalars.items()):
-            cols[i % len(cols)].metric(k.replace("_", " "), ui.fmt(v))
+        head = eval_headline(report)
+        cols = st.columns(min(5, max(1, len(head))))
+        for i, (k, v) in enumerate(head.items()):
+            cols[i % len(cols)].metric(k, ui.fmt(v))
+        rows = eval_rows(report)
+        left, right = st.columns([3, 2])
+        if rows:
+            left.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+            left.caption(f"{report.get('n_prompts', '?')} held-out prompts × {report.get('samples_per_prompt', 1)} "
+                         "samples; the interval is a bootstrap interval of the per-prompt difference "
+                         "(PPO better when it excludes 0).")
+            right.plotly_chart(charts.eval_figure(report), key=f"j{jid}-eval", width="stretch")
         for i, pair in enumerate(eval_pairs(report)):
             with st.container(border=True, key=f"eval-pair-{i}"):
                 st.caption("Prompt")
                 st.text(ui.tail(str(pair.get("prompt", "")), 600))
-                left, right = st.columns(2)
-                for col, who in ((left, "sft"), (right, "ppo")):
+                cols = st.columns(2)
+                for col, who in zip(cols, ("sft", "ppo")):
                     resp = pair.get(f"{who}_response", pair.get(who))
-                    rew = pair.get(f"{who}_reward")
-                    col.markdown(f"**{who.upper()}** · reward {ui.fmt(rew)}")
+                    extra = f" · gold {ui.fmt(pair[f'{who}_gold'])}" if pair.get(f"{who}_gold") is not None else ""
+                    col.markdown(f"**{who.upper()}** · reward {ui.fmt(pair.get(f'{who}_reward'))}{extra}")
                     col.text(resp if isinstance(resp, str) else str(resp))
-    others = {k: v for k, v in (feed.report or {}).items() if k not in ("evaluate",)}
+    others = {k: v for k, v in (feed.report or {}).items() if k != "evaluate"}
     if others:
         with st.expander("Stage reports (JSON)"):
             st.json(others, expanded=False)
@@ -283,7 +294,7 @@ def panel() -> None:
     with tabs[4]:
         logs_tab(feed)
     with tabs[5]:
-        report_tab(feed)
+        report_tab(feed, job_id)
     st.caption(f"{len(feed.metrics)} metric points · {len(feed.samples)} samples · {len(feed.logs)} log lines "
                f"downloaded in {feed.pulls} refreshes ({feed.rows_downloaded} rows)")
     if live_refresh and feed.job is not None and not feed.active:

@@ -8,7 +8,7 @@ import math
 from frontend import charts
 from frontend.api_client import ApiClient, BackendDown, parse_error
 from frontend.live import JobFeed, finished_stages
-from frontend.reports import eval_pairs, eval_scalars, precision_rows
+from frontend.reports import eval_headline, eval_pairs, eval_rows, eval_scalars, precision_rows
 from frontend.ui import checkpoint_order
 
 
@@ -77,15 +77,37 @@ def test_checkpoints_sort_sft_then_ppo_steps_numerically():
 
 
 def test_reports_to_rows():
-    study = {"precisions": {"bf16": {"accuracy": 0.8, "peak_mb": 900.0, "nested": {"x": 1}},
-                            "int4": {"accuracy": 0.78, "peak_mb": 400.0}}}
-    assert precision_rows(study) == [{"precision": "bf16", "accuracy": 0.8, "peak_mb": 900.0},
-                                     {"precision": "int4", "accuracy": 0.78, "peak_mb": 400.0}]
-    assert precision_rows([{"precision": "int8", "accuracy": 0.7}]) == []  # not a dict: nothing
-    ev = {"win_rate": 0.6, "sft": {"reward_mean": 0.1}, "ppo": {"reward_mean": 0.4},
-          "samples": [{"prompt": "p", "sft_response": "a", "ppo_response": "b"}]}
-    assert eval_scalars(ev) == {"win_rate": 0.6, "sft/reward_mean": 0.1, "ppo/reward_mean": 0.4}
-    assert eval_pairs(ev)[0]["ppo_response"] == "b"
+    # Shapes of reward/report.json and evaluate/report.json as the stages write them.
+    study = {"precisions": {"bf16": {"accuracy": 0.8, "peak_train_mb": 900.0, "memory_footprint_bytes": 2 * 1024 * 1024,
+                                     "compute_dtype": "float32", "spearman_vs_bf16": 1.0},
+                            "int4": {"accuracy": 0.78, "peak_train_mb": 400.0, "memory_footprint_bytes": 1024 * 1024,
+                                     "compute_dtype": "bfloat16", "spearman_vs_bf16": None}},
+             "note": "bf16 computes in fp32 on the CPU"}
+    assert precision_rows(study) == [
+        {"precision": "bf16", "accuracy": 0.8, "peak_train_mb": 900.0, "memory_footprint_mb": 2.0,
+         "compute_dtype": "float32", "spearman_vs_bf16": 1.0},
+        {"precision": "int4", "accuracy": 0.78, "peak_train_mb": 400.0, "memory_footprint_mb": 1.0,
+         "compute_dtype": "bfloat16", "spearman_vs_bf16": None}]
+    assert precision_rows(None) == []
+    ev = {"n_prompts": 4, "samples_per_prompt": 1, "reward_precision": "bf16", "confidence": 0.95,
+          "sft": {"reward": {"mean": 0.1, "std": 0.2}, "response_tokens": {"mean": 20.0, "std": 1.0},
+                  "gold": {"mean": -3.0, "std": 1.0}},
+          "ppo": {"reward": {"mean": 0.4, "std": 0.2}, "response_tokens": {"mean": 24.0, "std": 1.0},
+                  "kl": {"mean": 0.3, "std": 0.1}, "gold": {"mean": -2.0, "std": 1.0}},
+          "win_rate": 0.75, "kl": 0.3, "gold_scorer": "concise", "gold_win_rate": 0.5,
+          "reward_diff": {"mean": 0.3, "low": 0.1, "high": 0.5, "confidence": 0.95, "n": 4},
+          "gold_diff": {"mean": 1.0, "low": -0.5, "high": 2.0, "confidence": 0.95, "n": 4},
+          "samples": [{"prompt": "p", "sft": "a", "ppo": "b", "sft_reward": 0.1, "ppo_reward": 0.4}]}
+    assert eval_headline(ev) == {"reward SFT": 0.1, "reward PPO": 0.4, "reward PPO−SFT": 0.3, "win rate": 0.75,
+                                 "KL": 0.3, "gold PPO−SFT": 1.0, "gold win rate": 0.5}
+    rows = eval_rows(ev)
+    assert [r["measure"] for r in rows] == ["reward (RM bf16)", "gold score (concise)", "response tokens"]
+    assert rows[0]["PPO − SFT"] == 0.3 and rows[0]["interval"] == "[+0.1, +0.5] (95%)"
+    assert rows[2]["PPO − SFT"] == 4.0 and "interval" not in rows[2]
+    assert eval_scalars(ev)["sft/reward/mean"] == 0.1 and not any(k.startswith("samples/") for k in eval_scalars(ev))
+    assert eval_pairs(ev)[0]["ppo"] == "b"
+    fig = charts.eval_figure(ev)
+    assert [(t.name, t.y[0]) for t in fig.data] == [("SFT", 0.1), ("PPO", 0.4), ("SFT", -3.0), ("PPO", -2.0)]
 
 
 def test_reward_figure_has_mean_points_and_a_std_band_with_gaps_at_nan():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from collections import Counter
 
 import psutil
@@ -26,20 +25,25 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_two_workers_run_each_queued_job_exactly_once(service):
-    ids = [service.add_job(DATA_ONLY, name=f"race {i}") for i in range(6)]
+@pytest.mark.slow
+def test_two_workers_race_for_20_queued_jobs_and_run_each_exactly_once(service):
+    ids = [service.add_job(DATA_ONLY, name=f"race {i}") for i in range(20)]
     workers = [service.start_worker("--once") for _ in range(2)]
     for w in workers:
-        assert w.wait(timeout=240) == 0, service.worker_logs()
+        assert w.wait(timeout=600) == 0, service.worker_logs()
+    runs_per_worker = Counter()
     for job_id in ids:
         job = service.job(job_id)
         assert job.status == JobStatus.succeeded, (job.error, service.worker_logs())
         assert job.attempts == 1
+        runs_per_worker[job.worker_id] += 1
         claims = [m for m in service.logs(job_id) if m.startswith("claimed by")]
         assert len(claims) == 1, claims
         # Each metric point exists once and the data stage ran once.
         assert service.points(job_id, "data/train") == [("data", 0, 16.0)]
         assert Counter(m for m in service.logs(job_id))["stage data started"] == 1
+    assert sum(runs_per_worker.values()) == 20
+    assert len(runs_per_worker) == 2, f"both workers should have taken jobs: {runs_per_worker}"
 
 
 def test_a_failing_stage_fails_its_job_with_traceback_and_the_worker_goes_on(service):
@@ -146,3 +150,17 @@ def test_a_crashed_job_process_fails_the_job_and_the_worker_takes_the_next(servi
     job = service.job(crashing)
     assert job.status == JobStatus.failed and job.error == "job process killed by signal 9 (out of memory?)"
     assert service.job(after).status == JobStatus.succeeded
+
+
+def test_sigterm_stops_the_worker_cleanly_and_gives_the_job_back(service):
+    job_id = service.add_job(sft_job(max_steps=99), name="interrupted")
+    worker = service.start_worker()
+    child_pid = _child_of(service, job_id)
+    worker.send_signal(signal.SIGTERM)  # what `edgerlhf up` sends on Ctrl-C
+    assert worker.wait(timeout=60) == 0, service.worker_logs()
+    assert gone(child_pid), "no job process outlives its worker"
+    job = service.job(job_id)
+    assert job.status == JobStatus.queued and job.attempts == 0 and job.worker_id is None
+    with service.sessions() as s:
+        assert [w.state for w in read.workers(s)] == ["stopped"]
+    assert any("job requeued" in m for m in service.logs(job_id))

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, s
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from backend.api.deps import JobDep, SessionDep, SettingsDep
+from backend.api.routes.jobs import job_public
 from backend.api.schemas import (
     ArtifactPublic,
     LogPublic,
@@ -136,8 +137,6 @@ def _poll(sessions, job_id: int, cursors: _Cursors) -> _Batch:
         job = read.get_job(session, job_id)
         if job is None:
             return _Batch(gone=True)
-        from backend.api.routes.jobs import job_public
-
         batch = _Batch(status=job_public(session, job).model_dump(mode="json"), finished=job.status in FINISHED)
         batch.metrics = [MetricPublic.of(m).model_dump() for m in
                          read.metrics_after(session, job_id, cursors.metric, limit=STREAM_PAGE)]

@@ -1,0 +1,306 @@
+"""Stage 3, reward: pairwise Bradley–Terry reward models in bf16, int8 and int4, and the precision study.
+
+A reward model scores `prompt + " " + response` with a scalar and is trained so the chosen response
+scores higher: loss = -log sigmoid(r_chosen - r_rejected) (Bradley & Terry 1952; Ouyang et al. 2022).
+It starts from the SFT model (`sft/merged`) as `GPT2ForSequenceClassification` (the LM head replaced by a
+1-output score head) and trains a LoRA adapter plus the score head, with TRL's `RewardTrainer`.
+For int8 / int4 the frozen base is loaded through bitsandbytes (LLM.int8() / NF4, as in QLoRA); TRL then
+keeps the trainable adapter and head in bf16, as the QLoRA paper does.
+
+Every precision in `reward.precisions` trains from the same seed, data order and initialisation, so the
+study compares precisions and not luck. The study (`reward/report.json`, key `precisions`) gives per
+precision: held-out pairwise accuracy and mean margin, the model's memory footprint (bytes of weights),
+peak memory while training (CUDA peak allocation, or process RSS on the CPU: `peak_source` says which),
+scoring throughput (pairs/s), the compute dtype actually used (fp32 on the CPU even for "bf16"), and
+the Spearman rank correlation of its test-set scores with the bf16 model's. Held-out numbers come from
+reloading the saved model with `edgerlhf.models.load_reward_model`, so they measure what PPO will use.
+
+Saved per precision (format documented in `edgerlhf.models`): `reward/<precision>/adapter/` (a plain
+causal-LM LoRA adapter, loadable as a second adapter on `sft/merged`), `score_head.pt`,
+`reward_model.json`.
+
+Metrics: `reward/<precision>/loss`, `/accuracy`, `/margin`, `/learning_rate`, `/eval_loss`,
+`/eval_accuracy`, `/eval_margin` at that precision's own step (curves overlay), and `mem/*` at the stage
+step `k * max_steps + step` for the k-th precision (one continuous memory curve).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from edgerlhf.config import PipelineConfig
+from edgerlhf.context import RunContext
+from edgerlhf.data import read_prefs
+from edgerlhf.memory import MB, reset_peak, snapshot
+from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, compute_dtype, dtype_name,
+                             load_causal_lm, load_reward_model, load_tokenizer, resolve_device)
+
+
+def preference_dataset(path: Path):
+    """TRL explicit-prompt preference examples; responses get their leading space (`dialogue.join`)."""
+    from datasets import Dataset
+
+    rows = read_prefs(path)
+    return Dataset.from_list([{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
+                              for r in rows])
+
+
+def spearman(a: list[float] | torch.Tensor, b: list[float] | torch.Tensor) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        order = torch.argsort(x)
+        r = torch.empty_like(x)
+        r[order] = torch.arange(len(x), dtype=torch.float64)
+        for value in torch.unique(x):  # ties share their mean rank
+            tied = x == value
+            if tied.sum() > 1:
+                r[tied] = r[tied].mean()
+        return r
+
+    ra, rb = ranks(torch.as_tensor(a)), ranks(torch.as_tensor(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread: the CPU stand-in for CUDA's peak allocation."""
+
+    def __init__(self, every: float = 0.05):
+        self.every = every
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc.memory_info().rss)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, psutil.Process().memory_info().rss)
+
+
+def load_for_training(run_dir: Path, precision: str, device: torch.device, seed: int):
+    """sft/merged as a 1-output sequence classifier in `precision`; the new score head is seeded."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)  # the score head's initialisation is the same for every precision
+    model = load_causal_lm(run_dir / "sft" / "merged", device, precision,
+                           model_class=_SeqCls(AutoModelForSequenceClassification))
+    return model
+
+
+class _SeqCls:
+    """`AutoModelForSequenceClassification` with `num_labels=1` baked into `from_pretrained`."""
+
+    def __init__(self, auto):
+        self.auto = auto
+
+    def from_pretrained(self, *args, **kwargs):
+        return self.auto.from_pretrained(*args, num_labels=1, **kwargs)
+
+
+def _callback(ctx: RunContext, precision: str, max_steps: int, offset: int, device: torch.device):
+    from transformers import TrainerCallback
+
+    prefix = f"reward/{precision}"
+    renames = {"loss": "loss", "accuracy": "accuracy", "margin": "margin", "learning_rate": "learning_rate",
+               "grad_norm": "grad_norm", "eval_loss": "eval_loss", "eval_accuracy": "eval_accuracy",
+               "eval_margin": "eval_margin"}
+
+    class ContextCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ctx.check_cancelled()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            metrics = {f"{prefix}/{new}": float(logs[old]) for old, new in renames.items()
+                       if old in logs and logs[old] is not None and math.isfinite(float(logs[old]))}
+            if metrics:
+                ctx.log_metrics(metrics, state.global_step)
+            if "loss" in logs:
+                ctx.log_metrics(snapshot(device), offset + state.global_step)
+
+    return ContextCallback()
+
+
+def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model, tokenizer, device, callbacks=()):
+    """TRL's RewardTrainer with a LoRA + score-head adapter on `model` (tests use it directly)."""
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+    from trl import RewardConfig, RewardTrainer
+
+    cfg = config.reward
+    data_dir = ctx.run_dir / "data"
+    dtype = compute_dtype(device)
+    args = RewardConfig(
+        output_dir=str(ctx.stage_dir("reward") / "trainer"),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size * 2,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, cfg.max_steps // 20),
+        max_length=cfg.max_length,
+        gradient_checkpointing=False,  # small models: recomputing activations costs more than it saves
+        eval_strategy="steps",
+        eval_steps=cfg.eval_every,
+        logging_steps=max(1, cfg.max_steps // 100),
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device.type == "cpu",
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        dataloader_num_workers=0,
+    )
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=list(config.sft.target_modules), task_type="SEQ_CLS", modules_to_save=["score"],
+                      fan_in_fan_out=model.config.model_type == "gpt2")
+    torch.manual_seed(config.seed)  # LoRA initialisation, identical across precisions
+    trainer = RewardTrainer(model=model, args=args, train_dataset=preference_dataset(data_dir / "train_prefs.jsonl"),
+                            eval_dataset=preference_dataset(data_dir / "test_prefs.jsonl"),
+                            processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)
+    if dtype == torch.float32:
+        # TRL keeps a quantized model's trainable weights in bf16 (QLoRA); with fp32 compute (the CPU) the
+        # head would then meet fp32 activations, so they train in fp32 there.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
+
+
+def save_reward_model(peft_model, out_dir: Path, precision: str, max_length: int, device: torch.device) -> None:
+    """Write the LoRA (as a plain causal-LM adapter), the score head and metadata (see edgerlhf.models)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(peft_model)
+    lora = {k: v.detach().float().cpu().contiguous() for k, v in state.items() if "lora_" in k}
+    (score_key,) = [k for k in state if k.endswith("score.weight")]
+    adapter_config = copy.deepcopy(peft_model.peft_config["default"])
+    adapter_config.task_type = "CAUSAL_LM"
+    adapter_config.modules_to_save = None
+    adapter_dir = out_dir / REWARD_ADAPTER_DIR
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    adapter_config.save_pretrained(str(adapter_dir))
+    save_file(lora, str(adapter_dir / "adapter_model.safetensors"))
+    torch.save({"weight": state[score_key].detach().float().cpu(), "bias": None}, out_dir / SCORE_HEAD_FILE)
+    hidden = state[score_key].shape[1]
+    (out_dir / REWARD_META_FILE).write_text(json.dumps({
+        "precision": precision, "max_length": max_length, "compute_dtype": dtype_name(compute_dtype(device)),
+        "hidden_size": hidden, "base": "sft/merged"}, indent=2))
+
+
+def evaluate_saved(run_dir: Path, precision: str, device: torch.device, test: list[dict]) -> tuple[dict, torch.Tensor]:
+    """Reload the saved reward model and score the test pairs: accuracy, margin, throughput, footprint."""
+    rm = load_reward_model(run_dir, precision, device)
+    prompts = [r["prompt"] for r in test]
+    started = time.perf_counter()
+    chosen = rm.score(prompts, [r["chosen"] for r in test])  # (N,)
+    rejected = rm.score(prompts, [r["rejected"] for r in test])  # (N,)
+    seconds = time.perf_counter() - started
+    stats = {
+        "accuracy": float((chosen > rejected).float().mean()),
+        "mean_margin": float((chosen - rejected).mean()),
+        "memory_footprint_bytes": rm.memory_footprint(),
+        "throughput_pairs_per_s": len(test) / max(seconds, 1e-9),
+        "reward_mean": float(torch.cat([chosen, rejected]).mean()),
+        "reward_std": float(torch.cat([chosen, rejected]).std()),
+    }
+    del rm
+    return stats, torch.cat([chosen, rejected])
+
+
+def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, index: int) -> dict[str, Any]:
+    """Train, save and reload one reward model; returns its row of the precision study (without spearman)."""
+    cfg = config.reward
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(ctx.run_dir / "sft" / "merged")
+    gc.collect()
+    reset_peak(device)
+    rss_before = psutil.Process().memory_info().rss
+    model = load_for_training(ctx.run_dir, precision, device, config.seed)
+    trainer = build_trainer(config, ctx, precision, model, tokenizer, device,
+                            callbacks=[_callback(ctx, precision, cfg.max_steps, index * cfg.max_steps, device)])
+    ctx.log(f"reward model {precision}: {len(trainer.train_dataset)} train pairs, {cfg.max_steps} steps "
+            f"on {device} (compute {dtype_name(compute_dtype(device))})")
+    started = time.perf_counter()
+    with PeakRSS() as rss:
+        result = trainer.train()
+    train_seconds = time.perf_counter() - started
+    if device.type == "cuda":
+        peak, source = torch.cuda.max_memory_allocated(device) / MB, "cuda_max_allocated"
+    else:
+        peak, source = rss.peak / MB, "process_rss"
+    out_dir = ctx.stage_dir("reward") / precision
+    save_reward_model(trainer.model, out_dir, precision, cfg.max_length, device)
+    ctx.artifact("reward_model", out_dir)
+    train_accuracy = [v for _, v in ctx.metric_series(f"reward/{precision}/accuracy")]
+    del trainer, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "precision": precision, "compute_dtype": dtype_name(compute_dtype(device)),
+        "quantization": {"bf16": None, "int8": "bitsandbytes LLM.int8()", "int4": "bitsandbytes NF4"}[precision],
+        "train_seconds": round(train_seconds, 2), "train_loss": result.training_loss,
+        "final_train_accuracy": train_accuracy[-1] if train_accuracy else None,
+        "peak_train_mb": round(peak, 1), "peak_source": source,
+        "rss_before_train_mb": round(rss_before / MB, 1),
+    }
+
+
+def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
+    cfg = config.reward
+    device = resolve_device(config.device)
+    if not (ctx.run_dir / "sft" / "merged").is_dir():
+        raise FileNotFoundError(f"{ctx.run_dir / 'sft' / 'merged'} is missing: run the sft stage first")
+    test = read_prefs(ctx.run_dir / "data" / "test_prefs.jsonl")
+    # bf16 first when present: the others are compared with it.
+    order = sorted(cfg.precisions, key=lambda p: p != "bf16")
+    study: dict[str, dict[str, Any]] = {}
+    scores: dict[str, torch.Tensor] = {}
+    for k, precision in enumerate(order):
+        row = train_precision(config, ctx, precision, k)
+        held_out, scores[precision] = evaluate_saved(ctx.run_dir, precision, device, test)
+        row.update(held_out)
+        study[precision] = row
+        ctx.log_metrics({f"reward/{precision}/test_accuracy": row["accuracy"],
+                         f"reward/{precision}/test_margin": row["mean_margin"]}, cfg.max_steps)
+        ctx.log(f"reward model {precision}: held-out accuracy {row['accuracy']:.3f}, margin {row['mean_margin']:.3f}, "
+                f"{row['memory_footprint_bytes'] / MB:.1f} MB weights, {row['throughput_pairs_per_s']:.1f} pairs/s")
+        ctx.progress(k + 1, len(order))
+    for precision, row in study.items():
+        row["spearman_vs_bf16"] = spearman(scores[precision], scores["bf16"]) if "bf16" in scores else None
+        if row["spearman_vs_bf16"] is not None and math.isnan(row["spearman_vs_bf16"]):
+            row["spearman_vs_bf16"] = None
+    return {
+        "device": str(device), "test_pairs": len(test), "labels": config.data.labels,
+        "precisions": {p: study[p] for p in cfg.precisions},
+        "note": ("bf16 computes in fp32 on the CPU (compute_dtype says which); peak memory on the CPU is the "
+                 "process RSS, which includes everything else the process holds"),
+    }
