@@ -21,8 +21,10 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e3
 
 
 def _layout(fig: go.Figure, title: str, x: str = "step", y: str | None = None, height: int = HEIGHT) -> go.Figure:
+    # Subplot titles are annotations just above the plots: leave room for them under the figure's title.
+    top = 70 if fig.layout.annotations else 40
     fig.update_layout(title=dict(text=title, font=dict(size=14)), height=height, hovermode="x unified",
-                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25),
+                      margin=dict(l=10, r=10, t=top, b=10), legend=dict(orientation="h", y=-0.25),
                       xaxis_title=x, yaxis_title=y)
     return fig
 

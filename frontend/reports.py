@@ -41,7 +41,10 @@ def precision_rows(report: dict[str, Any] | None) -> list[dict[str, Any]]:
             else:
                 row[k] = x
         rows.append(row)
-    return rows
+    # The study's headline columns first, in a fixed order; whatever else the stage reports follows.
+    first = ["precision", "accuracy", "mean_margin", "memory_footprint_mb", "peak_train_mb",
+             "throughput_pairs_per_s", "spearman_vs_bf16", "compute_dtype"]
+    return [{**{k: r[k] for k in first if k in r}, **{k: v for k, v in r.items() if k not in first}} for r in rows]
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, float]:

@@ -29,7 +29,7 @@ def backend_down(exc: BackendDown, inline: bool = False) -> None:
         st.session_state["backend_down"] = True
     st.error(f"**{BANNER}** at `{exc.url}` — {exc.reason}. Start it with `edgerlhf backend` "
              "(or `edgerlhf up`). Jobs keep running in the worker; this page catches up when it is back.",
-             icon="🔌")
+             icon=":material/cloud_off:")
 
 
 def backend_back() -> None:

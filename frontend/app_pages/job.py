@@ -15,8 +15,8 @@ import pandas as pd
 import streamlit as st
 
 from frontend import alerts, charts, live, ui
-from frontend.reports import eval_headline, eval_pairs, eval_rows, precision_rows
 from frontend.api_client import ApiError, BackendDown, get_client
+from frontend.reports import eval_headline, eval_pairs, eval_rows, precision_rows
 
 # (Plain comments, not attribute docstrings: Streamlit's "magic" would print a bare string in a page.)
 REFRESH_SECONDS = 2.0  # how often the live panel asks for new rows
@@ -43,23 +43,20 @@ def gpu_total_mb(client, job: dict[str, Any] | None) -> tuple[float | None, str 
 
 
 def stages_of(job: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-stage status rows, whatever shape the job JSON uses; stages not yet started show as pending."""
+    """Per-stage rows (name, status, progress) in the job's stage order; stages not yet begun are pending."""
     raw = job.get("stages") or []
     if isinstance(raw, dict):
         raw = [{"name": k, **(v if isinstance(v, dict) else {"status": v})} for k, v in raw.items()]
     by_name = {(s.get("name") or s.get("stage")): s for s in raw if isinstance(s, dict)}
-    planned = ((job.get("config") or {}).get("stages")) or list(by_name) or ["data", "sft", "reward", "ppo", "evaluate"]
+    planned = ((job.get("config") or {}).get("stages")) or list(by_name)
     out = []
     for name in planned:
-        s = dict(by_name.get(name) or {})
+        s = by_name.get(name) or {}
         status = s.get("status") or "pending"
         progress = s.get("progress")
         if progress is None:
-            progress = 1.0 if status in ("succeeded", "completed", "done") else (
-                job.get("progress") or 0.0 if job.get("stage") == name and job.get("status") == "running" else 0.0)
-        if job.get("stage") == name and job.get("status") == "running" and status == "pending":
-            status = "running"
-        out.append({"name": name, "status": status, "progress": float(progress or 0.0)})
+            progress = 1.0 if status == "succeeded" else 0.0
+        out.append({"name": name, "status": status, "progress": float(progress)})
     return out
 
 
@@ -93,7 +90,7 @@ def header(client, feed: live.JobFeed) -> None:
                 st.rerun()
     if job.get("error"):
         lines = str(job["error"]).strip().splitlines()
-        st.error(f"**{lines[-1] if lines else 'failed'}**", icon="❌")
+        st.error(f"**{lines[-1] if lines else 'failed'}**", icon=":material/error:")
         with st.expander("Traceback"):
             st.code(job["error"], language="text")
 
@@ -108,7 +105,7 @@ def show_alerts(feed: live.JobFeed, gpu_total: float | None) -> None:
     found = alerts.check_all(feed.all_series(), gpu_total_mb=gpu_total, target_kl=ppo_cfg.get("target_kl"),
                              max_response_length=ppo_cfg.get("response_length"))
     for a in found:
-        (st.error if a.level == "error" else st.warning)(a.message, icon="🚨" if a.level == "error" else "⚠️")
+        (st.error if a.level == "error" else st.warning)(a.message, icon=":material/error:" if a.level == "error" else ":material/warning:")
 
 
 def sample_card(s: dict[str, Any], key: str) -> None:
@@ -120,8 +117,8 @@ def sample_card(s: dict[str, Any], key: str) -> None:
         if s.get("kind") and s.get("kind") != "sample":
             meta.append(s["kind"])
         st.markdown(" · ".join(meta))
-        st.caption("Prompt")
-        st.text(ui.tail(s.get("prompt") or "", 600))
+        st.caption("Prompt (its end)")
+        st.text(ui.tail(s.get("prompt") or "", 300))
         st.caption("Response")
         st.text(s.get("response") or "(empty)")
 

@@ -108,7 +108,7 @@ def field_error(path: str, errors: dict[str, str]) -> None:
     """The backend's message for this field (or one of its items, e.g. `reward.precisions[1]`), under it."""
     for name, message in errors.items():
         if name == path or name.startswith(path + "[") or name.startswith(path + "."):
-            st.error(f"{message}", icon="⚠️")
+            st.error(message, icon=":material/error:")
 
 
 st.title("New job")
@@ -139,6 +139,8 @@ values: dict[str, Any] = {}
 with st.form("new_job", border=True):
     if other:
         st.error("The backend rejected the job:\n\n" + "\n".join(f"- `{k}`: {v}" for k, v in other.items()))
+    st.caption(f"Every field starts at the `{preset}` preset's value (its ⓘ shows the config field and the "
+               "default); only what you change is sent as an override. The backend checks the whole config.")
     name = st.text_input("Job name", key="nj_name", placeholder="optional, e.g. tiny-lr-1e-3")
     for column, sections in zip(st.columns(len(LAYOUT)), LAYOUT):
         with column:

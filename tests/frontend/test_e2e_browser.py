@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from tests.frontend.conftest import REPO, free_port, service_env, stop, wait_htt
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-EDGERLHF = REPO / ".venv" / "bin" / "edgerlhf"
+# The `edgerlhf` console script of this interpreter's environment (else its `python -m` equivalent).
+_SCRIPT = Path(sys.executable).parent / "edgerlhf"
+EDGERLHF = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "edgerlhf.cli"]
 ARTIFACTS = Path(os.environ.get("EDGERLHF_TEST_ARTIFACTS", REPO / "tests" / "artifacts"))
 
 # What the test types into the form (label -> value); everything else stays at the `tiny` preset.
@@ -63,7 +66,7 @@ def service(tmp_path):
     procs = {}
     for name in ("backend", "worker", "frontend"):
         log = (ARTIFACTS / f"e2e-{name}.log").open("w")
-        procs[name] = subprocess.Popen([str(EDGERLHF), name], cwd=REPO, env=env, stdout=log,
+        procs[name] = subprocess.Popen([*EDGERLHF, name], cwd=REPO, env=env, stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{bport}/healthz", procs["backend"], timeout=90)
@@ -129,6 +132,7 @@ def test_submit_tiny_job_and_watch_it_live(service):
             expect(page.get_by_text("Backend unreachable")).to_have_count(0)
             page.wait_for_timeout(1500)  # let plotly finish drawing before the picture
             page.screenshot(path=str(ARTIFACTS / "e2e-job-live.png"), full_page=True)
+            sample.screenshot(path=str(ARTIFACTS / "e2e-sample.png"))
 
             # The job finishes on its own; the page follows it to the end, still without a reload.
             deadline = time.monotonic() + PIPELINE_TIMEOUT_S
@@ -138,9 +142,19 @@ def test_submit_tiny_job_and_watch_it_live(service):
             assert status["status"] == "succeeded", status.get("error")
             expect(page.get_by_text("evaluate · succeeded")).to_be_visible(timeout=30_000)
             page.get_by_role("tab", name="Report").click()
-            expect(page.get_by_text("SFT vs PPO")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("SFT vs PPO", exact=True)).to_be_visible(timeout=30_000)
             assert page.evaluate("window.__no_reload === true"), "the page was reloaded"
             page.wait_for_timeout(1000)
             page.screenshot(path=str(ARTIFACTS / "e2e-job-report.png"), full_page=True)
+            page.get_by_role("tab", name="SFT & reward model").click()
+            expect(page.locator(".js-plotly-plot").filter(has_text="Precision study")).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(ARTIFACTS / "e2e-job-training.png"), full_page=True)
+
+            # The probe prompts of the finished job, answered by each checkpoint side by side.
+            page.goto(f"{ui}/probes?job={job_id}", wait_until="domcontentloaded")
+            expect(page.locator('[class*="st-key-probe-1"]')).to_be_visible(timeout=60_000)
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(ARTIFACTS / "e2e-probes.png"), full_page=True)
         finally:
             browser.close()

@@ -156,7 +156,9 @@ def test_new_job_form_shows_backend_validation_next_to_the_field_then_opens_the_
     job = httpx.get(f"{backend.url}/api/jobs/{jobs[0]['id']}").json()
     assert job["name"] == "from-the-form"
     assert job["config"]["ppo"]["steps"] == 2 and job["config"]["ppo"]["batch_size"] == 8
-    assert job["config"]["sft"]["max_steps"] == 60  # untouched fields keep the preset's values
+    tiny = next(p["config"] for p in httpx.get(backend.url + "/api/presets").json() if p["name"] == "tiny")
+    assert job["config"]["sft"] == tiny["sft"], "untouched fields keep the preset's values"
+    assert job["config"]["reward"]["precisions"] == tiny["reward"]["precisions"]
     assert at.query_params.get("job") in (str(job["id"]), [str(job["id"])])
     assert any(f"Job #{job['id']}" in h.value for h in at.subheader)
 

@@ -1,0 +1,138 @@
+"""The whole pipeline end to end, on the task whose answer we know, and on real HH-RLHF data.
+
+`tiny` preset (random 2-layer GPT-2, HH-RLHF prompts relabelled by the gold "concise" scorer):
+data -> sft -> reward (bf16, int8, int4) -> ppo -> evaluate, run once for the module. We check, with our
+own computations from the saved artifacts rather than the stages' reports alone:
+- the bf16 reward model agrees with the gold labels on >= 90 % of the held-out pairs;
+- the int8 and int4 reward models load, score, and rank the held-out responses like bf16 (Spearman >= 0.9);
+- after PPO, fresh samples on held-out prompts have a higher gold score than the SFT policy's, with a
+  bootstrap confidence interval that excludes 0;
+- the KL from the reference stays finite and is reported, and PPO held one copy of the network.
+
+Then the same pipeline on the real Anthropic raw file (human labels) with tiny budgets: it must run and
+write every report.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from edgerlhf import gold, models
+from edgerlhf.config import SHARED_DIR, load_config
+from edgerlhf.context import RunContext
+from edgerlhf.data import read_prefs
+from edgerlhf.pipeline import run_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+def spearman(a, b) -> float:
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("known-answer")
+    config = load_config("tiny")
+    ctx = RunContext(run_dir)
+    reports = run_pipeline(config, ctx)
+    return config, ctx, run_dir, reports
+
+
+@pytest.fixture(scope="module")
+def held_out_scores(tiny_run):
+    """Every reward model's scores of the held-out chosen and rejected responses."""
+    _, _, run_dir, _ = tiny_run
+    test = read_prefs(run_dir / "data" / "test_prefs.jsonl")
+    prompts = [r["prompt"] for r in test]
+    scores = {}
+    for precision in ("bf16", "int8", "int4"):
+        rm = models.load_reward_model(run_dir, precision)
+        scores[precision] = (rm.score(prompts, [r["chosen"] for r in test]),
+                             rm.score(prompts, [r["rejected"] for r in test]))
+        del rm
+    return test, scores
+
+
+def test_held_out_pairs_are_labelled_by_the_gold(tiny_run):
+    _, _, run_dir, reports = tiny_run
+    test = read_prefs(run_dir / "data" / "test_prefs.jsonl")
+    assert len(test) >= 50
+    assert all(gold.prefers(r["prompt"], r["chosen"], r["rejected"]) for r in test)
+    assert reports["data"]["test"] == len(test)
+
+
+def test_bf16_reward_model_agrees_with_the_gold(held_out_scores, tiny_run):
+    test, scores = held_out_scores
+    chosen, rejected = scores["bf16"]
+    agreement = (chosen > rejected).float().mean().item()
+    assert agreement >= 0.9, f"bf16 reward model agrees with the gold on {agreement:.1%} of {len(test)} pairs"
+    assert tiny_run[3]["reward"]["precisions"]["bf16"]["accuracy"] == pytest.approx(agreement, abs=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_reward_models_rank_like_bf16(held_out_scores, precision):
+    _, scores = held_out_scores
+    quantized = torch.cat(scores[precision]).numpy()
+    reference = torch.cat(scores["bf16"]).numpy()
+    assert np.isfinite(quantized).all()
+    rho = spearman(quantized, reference)
+    assert rho >= 0.9, f"{precision} vs bf16 Spearman {rho:.3f}"
+
+
+def test_ppo_beats_sft_on_the_gold_with_a_significant_margin(tiny_run):
+    _, _, run_dir, reports = tiny_run
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    diff = report["gold_diff"]
+    assert report["gold_scorer"] == "concise"
+    assert diff["n"] == report["n_prompts"] >= 32
+    assert diff["low"] > 0.0, (f"gold PPO - SFT = {diff['mean']:.3f}, {diff['confidence']:.0%} interval "
+                               f"[{diff['low']:.3f}, {diff['high']:.3f}] does not exclude 0")
+    assert report["ppo"]["gold"]["mean"] > report["sft"]["gold"]["mean"]
+    assert reports["evaluate"]["gold_diff"]["low"] == diff["low"]
+
+
+def test_kl_is_finite_and_reported(tiny_run):
+    config, ctx, run_dir, reports = tiny_run
+    kl = ctx.metric_series("ppo/kl")
+    assert [step for step, _ in kl] == list(range(1, config.ppo.steps + 1))
+    assert all(math.isfinite(v) for _, v in kl)
+    assert math.isfinite(reports["ppo"]["final"]["ppo/kl"])
+    evaluation = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    assert math.isfinite(evaluation["kl"]) and evaluation["kl"] > 0.0  # PPO moved away from the reference
+    assert reports["ppo"]["base_weight_copies"] == 1.0  # bf16 reward: one network for everything
+
+
+def test_every_stage_wrote_its_report(tiny_run):
+    _, _, run_dir, _ = tiny_run
+    for stage in ("data", "sft", "reward", "ppo", "evaluate"):
+        assert json.loads((run_dir / stage / "report.json").read_text()), stage
+    assert (run_dir / "ppo" / "adapter" / "adapter_config.json").exists()
+    assert (run_dir / "evaluate" / "report.md").exists()
+
+
+def test_pipeline_runs_on_the_real_hh_rlhf_file(tmp_path):
+    """Real Anthropic raw data, human labels, tiny budgets: every stage runs and writes its report."""
+    source = f"{SHARED_DIR}/data/hh-rlhf/harmless-base/test.jsonl.gz"
+    config = load_config("tiny", {
+        "data": {"source": source, "labels": "human", "max_pairs": 80},
+        "sft": {"max_steps": 3, "batch_size": 4, "eval_every": 3, "sample_every": 3, "n_sample_prompts": 1},
+        "reward": {"precisions": ["bf16"], "max_steps": 3, "batch_size": 4, "eval_every": 3},
+        "ppo": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "response_length": 8,
+                "checkpoint_every": 1, "sample_every": 1, "n_probe_prompts": 1},
+        "evaluate": {"n_prompts": 4, "response_length": 8, "n_show": 2, "n_bootstrap": 100},
+    })
+    ctx = RunContext(tmp_path)
+    reports = run_pipeline(config, ctx)
+    assert list(reports) == ["data", "sft", "reward", "ppo", "evaluate"]
+    for stage in reports:
+        assert (tmp_path / stage / "report.json").exists()
+    assert reports["data"]["train"] > 0 and reports["data"]["test"] > 0
+    assert reports["evaluate"]["gold_diff"] is None  # human labels: no gold
+    assert math.isfinite(reports["evaluate"]["kl"]) and 0.0 <= reports["evaluate"]["win_rate"] <= 1.0
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["labels"] == "human"
