@@ -345,16 +345,16 @@ class NaivePPOModels:
     def forward(self, query_ids, query_mask, response_ids, response_mask, temperature: float = 1.0):
         from edgerlhf.ppo import forward_response
 
-        logits, logp, _ = forward_response(self.model, query_ids, query_mask, response_ids, response_mask, temperature)
-        _, _, values = forward_response(self.value_model, query_ids, query_mask, response_ids, response_mask,
-                                        temperature, self.value_head)
-        return logits, logp, values
+        logits, _ = forward_response(self.model, query_ids, query_mask, response_ids, response_mask, temperature)
+        _, values = forward_response(self.value_model, query_ids, query_mask, response_ids, response_mask,
+                                     temperature, self.value_head)
+        return logits, values
 
-    def reference_logprobs(self, query_ids, query_mask, response_ids, response_mask, temperature: float = 1.0):
+    def reference_logits(self, query_ids, query_mask, response_ids, response_mask, temperature: float = 1.0):
         from edgerlhf.ppo import forward_response
 
         with _torch().no_grad():
-            return forward_response(self.reference, query_ids, query_mask, response_ids, response_mask, temperature)[1]
+            return forward_response(self.reference, query_ids, query_mask, response_ids, response_mask, temperature)[0]
 
     def score(self, prompts, responses):
         return self.reward_model.score(prompts, responses)

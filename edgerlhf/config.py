@@ -98,6 +98,9 @@ class DataConfig:
     """`human`: HH-RLHF's own preference; `gold`: relabel each pair with the known gold scorer (known-answer task)."""
     gold_scorer: str = "concise"
     """With `labels=gold`: the text scorer whose preference is the truth (see edgerlhf.gold)."""
+    gold_empty_fraction: float = 0.15
+    """With `labels=gold`: for this share of pairs, also add the pair (chosen vs an empty response), so the
+    reward model learns the gold's rule that an empty answer is a bad one."""
 
     def __post_init__(self):
         if not self.source:
@@ -106,6 +109,7 @@ class DataConfig:
             raise ConfigError("data.labels", f"must be 'human' or 'gold', got {self.labels!r}")
         _positive("data", self, "max_pairs", "max_prompt_tokens", "max_response_tokens")
         _fraction("data", self, "test_fraction")
+        _fraction("data", self, "gold_empty_fraction", inclusive=True)
 
 
 @dataclass
@@ -406,9 +410,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "max_pairs": 600, "test_fraction": 0.2, "max_prompt_tokens": 128, "max_response_tokens": 48},
         # A LoRA on random weights cannot shape the output alone, so the (untied) LM head trains in full.
         "sft": {"lora_r": 8, "lora_alpha": 16, "modules_to_save": ["lm_head"], "learning_rate": 2e-3,
-                "max_steps": 40, "batch_size": 8, "max_length": 192, "eval_every": 40, "sample_every": 20},
-        "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-3,
-                   "max_steps": 60, "batch_size": 8, "max_length": 192, "eval_every": 60},
+                "max_steps": 30, "batch_size": 8, "max_length": 192, "eval_every": 30, "sample_every": 15},
+        "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 8, "lora_alpha": 16, "learning_rate": 3e-3,
+                   "max_steps": 200, "batch_size": 8, "max_length": 192, "eval_every": 100},
         "ppo": {"steps": 30, "batch_size": 16, "mini_batch_size": 4, "ppo_epochs": 2, "learning_rate": 1e-3,
                 "response_length": 24, "sample_every": 5, "checkpoint_every": 10},
         "evaluate": {"n_prompts": 48, "response_length": 24, "n_show": 4},

@@ -14,7 +14,8 @@ responses, prompt/response split mismatch (raw pairs whose dialogues differ befo
 duplicate pair (same prompt and the same two responses, in either order), prompt longer than
 `max_prompt_tokens`, a response longer than `max_response_tokens`, and with `labels = "gold"` a gold tie.
 With `labels = "gold"` each pair is relabelled by the gold scorer (`edgerlhf.gold`): chosen is the
-response the gold prefers. The kept pairs are shuffled with `seed`, capped at `max_pairs`, and the first
+response the gold prefers; and for a `gold_empty_fraction` share of them a pair (chosen vs the empty
+response) is added, so the reward model also learns the gold's verdict on empty answers. The kept pairs are shuffled with `seed`, capped at `max_pairs`, and the first
 `test_fraction` of them becomes the test split, so the split depends only on the data and the seed.
 
 A malformed line (not JSON, not an object, missing fields, no dialogue) raises `DataError` naming the
@@ -159,7 +160,8 @@ def read_pairs(cfg: DataConfig) -> tuple[list[dict[str, str]], dict[str, Any]]:
 
 # --- cleaning --------------------------------------------------------------------------------------
 
-def clean_pairs(pairs: list[dict[str, str]], cfg: DataConfig, tokenizer) -> tuple[list[dict[str, str]], Counter, dict]:
+def clean_pairs(pairs: list[dict[str, str]], cfg: DataConfig, tokenizer,
+                seed: int = 0) -> tuple[list[dict[str, str]], Counter, dict]:
     """Drop unusable pairs (counted by reason), relabel by the gold scorer if asked; keeps input order."""
     dropped: Counter = Counter()
     kept, seen = [], set()
@@ -205,9 +207,16 @@ def clean_pairs(pairs: list[dict[str, str]], cfg: DataConfig, tokenizer) -> tupl
             agree += verdict
             chosen, rejected = (pair["chosen"], pair["rejected"]) if verdict else (pair["rejected"], pair["chosen"])
             relabelled.append({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected})
+        # The gold rates an empty answer low, but cleaning removed every empty response: show the reward
+        # model some, as the rejected side of extra pairs (chosen: that pair's chosen response).
+        rng = random.Random(seed)
+        extra = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": ""}
+                 for p in relabelled if rng.random() < cfg.gold_empty_fraction
+                 and gold.prefers(p["prompt"], p["chosen"], "", cfg.gold_scorer)]
         gold_info = {"gold_scorer": cfg.gold_scorer,
-                     "gold_agrees_with_human": agree / len(relabelled) if relabelled else None}
-        budgeted = relabelled
+                     "gold_agrees_with_human": agree / len(relabelled) if relabelled else None,
+                     "gold_empty_pairs_added": len(extra)}
+        budgeted = relabelled + extra
     out = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in budgeted]
     return out, dropped, gold_info
 
@@ -273,7 +282,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
     if source_info["bad_lines"]:
         ctx.log(f"skipped {source_info['bad_lines']} malformed line(s), e.g. {source_info['bad_line_examples'][0]}",
                 level="warning")
-    kept, dropped, gold_info = clean_pairs(pairs, cfg, tokenizer)
+    kept, dropped, gold_info = clean_pairs(pairs, cfg, tokenizer, config.seed)
     ctx.progress(2, 3)
     train, test = split_pairs(kept, cfg.test_fraction, config.seed, cfg.max_pairs)
 

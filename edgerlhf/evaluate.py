@@ -68,7 +68,7 @@ def sample_policy(models, prompts: list[str], config, use_adapter: bool, seed: i
         responses += rollouts.responses
         lengths += rollouts.response_mask.sum(1).tolist()
         if use_adapter:
-            kls += sequence_kl(model, rollouts, cfg.temperature, cfg.mini_batch_size).tolist()
+            kls += sequence_kl(models, rollouts, cfg, cfg.mini_batch_size).tolist()
         else:
             kls += [0.0] * len(rollouts.responses)
     return {"responses": responses, "lengths": lengths, "kl": kls}

@@ -9,19 +9,20 @@ Reward Model Overoptimization", with a hand-written gold).
 The gold is **conciseness** (`concise`): fewer words is better.
 
     score(prompt, response) = -words(response)       for a response with at least one word
-    score(prompt, "")       = -EMPTY_WORDS (= -8)      an empty response is worth as little as an 8-word one
+    score(prompt, "")       = -EMPTY_WORDS (= -20)     an empty response is worth as little as a 20-word one
 
 Why this task: a tiny random GPT-2 learns it in minutes on a CPU. In a preference pair both responses
 follow the same prompt, so the longer text is the longer response and a reward model can rank by the
 position of the last token, which GPT-2's position embeddings expose directly; a policy can shorten its
-answers simply by emitting EOS (or "\\n\\nHuman:") earlier, which gives PPO a strong, smooth signal.
+answers simply by emitting EOS (or "\n\nHuman:") earlier, which gives PPO a strong, smooth signal.
 
 Why the empty-response rule: pure "shorter is better" would make the empty response the best answer, a
-degenerate optimum. Here the best answers are one-word ones, and an empty one scores like eight words:
-still better than the long answers an SFT model writes (so a policy that collapses to empty answers is
-visible in the gold score as no better than an 8-word one, not as the best), but never the optimum. The
-data stage drops empty responses, so no training pair is labelled by this rule; it only matters when
-scoring generated samples.
+degenerate optimum that PPO would happily find (a weak SFT model already emits EOS first fairly often).
+Here the best answers are one-word ones and an empty one is worse than a typical long answer, so
+collapsing to empty answers shows up in the gold score as a failure, not as success. Cleaning drops
+empty responses from the data, so with `labels = "gold"` the data stage adds, for a share of pairs
+(`data.gold_empty_fraction`), the pair (chosen vs "") that the gold labels, and the reward model learns
+this rule too.
 
 `prefers` (used to label pairs) calls scores within 20 % of each other a tie, and such pairs are dropped.
 
@@ -39,7 +40,7 @@ from collections.abc import Callable
 
 from edgerlhf.dialogue import cut_at_stop
 
-EMPTY_WORDS = 8
+EMPTY_WORDS = 20
 """An empty response scores like a response of this many words."""
 
 TIE_MARGIN = 0.2

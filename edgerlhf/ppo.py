@@ -132,6 +132,43 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def sampling_support(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The tokens top-k then top-p (nucleus) sampling can draw from `logits` (..., V), as a bool mask.
+
+    Same rules and order as transformers' `TopKLogitsWarper` / `TopPLogitsWarper`: keep the `top_k`
+    largest; then drop the least likely tokens whose cumulative probability stays <= 1 - top_p (the most
+    likely token always stays).
+    """
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        keep = logits >= kth
+    if top_p < 1.0:
+        masked = logits.masked_fill(~keep, float("-inf"))
+        sorted_logits, order = torch.sort(masked, dim=-1)  # ascending
+        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1.0 - top_p
+        drop_sorted[..., -1] = False
+        keep = keep & ~drop_sorted.scatter(-1, order, drop_sorted)
+    return keep
+
+
+def restricted_logprobs(logits: torch.Tensor, tokens: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Log-probability of `tokens` (B, T) under softmax(`logits`) renormalised over `support` (B, T, V).
+
+    The sampled token always belongs to the support (a borderline token can fall out of a recomputed
+    top-k/top-p set by float rounding; it was drawn, so it is kept).
+    """
+    support = support.scatter(-1, tokens.unsqueeze(-1), True)
+    masked = logits.float().masked_fill(~support, float("-inf"))
+    return masked.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(masked, dim=-1)
+
+
+def restricted_entropy(logits: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(`logits`) renormalised over `support`: (B, T, V) -> (B, T)."""
+    logp = torch.log_softmax(logits.float().masked_fill(~support, float("-inf")), dim=-1)
+    return -(logp.exp() * logp.masked_fill(~support, 0.0)).sum(-1)
+
+
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017), as a loss to minimise.
@@ -242,16 +279,16 @@ class PPOModels:
         return [self.model, self.value_head, self.reward_model]
 
     def forward(self, query_ids, query_mask, response_ids, response_mask, temperature: float = 1.0):
-        """Policy logits (B, T, V), log-probs (B, T) and values (B, T) of the response tokens, in one pass."""
+        """Policy logits (B, T, V) and values (B, T) at the response tokens, in one pass."""
         return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, temperature,
                                 self.value_head)
 
     @torch.no_grad()
-    def reference_logprobs(self, query_ids, query_mask, response_ids, response_mask,
-                           temperature: float = 1.0) -> torch.Tensor:
-        """Log-probs (B, T) under the reference policy: the same network with the LoRA adapters off."""
+    def reference_logits(self, query_ids, query_mask, response_ids, response_mask,
+                         temperature: float = 1.0) -> torch.Tensor:
+        """Logits (B, T, V) of the reference policy: the same network with the LoRA adapters off."""
         with self.model.disable_adapter():
-            return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, temperature)[1]
+            return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, temperature)[0]
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -425,10 +462,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
 
 def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                      response_mask: torch.Tensor, temperature: float = 1.0, value_head: ValueHead | None = None):
-    """One forward pass over prompt + response: logits, log-probs (and values) at the response tokens.
+    """One forward pass over prompt + response: logits (and values) at the response tokens.
 
-    Returns `(logits (B, T, V), logprobs (B, T), values (B, T) or None)`. Position ids follow the left
-    padding exactly as `generate` built them, so the log-probs are those of the sampling pass.
+    Returns `(logits (B, T, V) float32 / temperature, values (B, T) or None)`. Position ids follow the
+    left padding exactly as `generate` built them, so the logits are those of the sampling pass.
     """
     P, T = query_ids.shape[1], response_ids.shape[1]
     input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, P + T)
@@ -438,23 +475,43 @@ def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, r
                 output_hidden_states=value_head is not None, logits_to_keep=T + 1, use_cache=False)
     # The logits at position i predict token i + 1: the last T + 1 positions predict the T response tokens.
     logits = out.logits[:, :-1].float() / temperature  # (B, T, V)
-    logprobs = logprobs_from_logits(logits, response_ids)  # (B, T)
     values = None
     if value_head is not None:
         values = value_head(out.hidden_states[-1][:, P - 1:-1])  # (B, T): V of the state before each token
-    return logits, logprobs, values
+    return logits, values
 
 
-def sequence_kl(model, rollouts: Rollouts, temperature: float, batch_size: int) -> torch.Tensor:
-    """KL(policy || reference) of each sampled response: sum over its tokens of log pi - log pi_ref (B,)."""
+def policy_stats(logits: torch.Tensor, ref_logits: torch.Tensor | None, tokens: torch.Tensor, top_k: int,
+                 top_p: float):
+    """Log-probs of the sampled tokens under the distribution they were drawn from, and the reference's.
+
+    The policy samples with temperature, top-k and top-p, so its probability of a token is the softmax
+    renormalised over that step's top-k/top-p support; the PPO ratio uses exactly that, so the importance
+    weights are those of the sampler. The reference is renormalised over the same support: the KL
+    estimate log pi(x) - log pi_ref(x) is then 0 when policy == reference and >= 0 in expectation, where
+    full-vocabulary reference log-probs would make it negative and turn the penalty into a bonus for
+    flattening the policy (TRL's "negative KL" pitfall with top-k/top-p sampling). With top_k = 0 and
+    top_p = 1 everything reduces to the plain softmax.
+
+    Returns `(logprobs (B, T), ref_logprobs (B, T) or None, entropy (B, T))`.
+    """
+    support = sampling_support(logits, top_k, top_p)  # (B, T, V)
+    logprobs = restricted_logprobs(logits, tokens, support)
+    ref_logprobs = None if ref_logits is None else restricted_logprobs(ref_logits, tokens, support)
+    return logprobs, ref_logprobs, restricted_entropy(logits, support)
+
+
+def sequence_kl(models, rollouts: Rollouts, cfg, batch_size: int) -> torch.Tensor:
+    """KL(policy || reference) of each sampled response: sum over its tokens of log pi - log pi_ref (B,),
+    with the same estimator as the PPO penalty (`policy_stats`)."""
     out = []
     for i in range(0, len(rollouts.prompts), batch_size):
         s = slice(i, i + batch_size)
         args = (rollouts.query_ids[s], rollouts.query_mask[s], rollouts.response_ids[s], rollouts.response_mask[s])
         with torch.no_grad():
-            _, logp, _ = forward_response(model, *args, temperature=temperature)
-            with model.disable_adapter():
-                _, ref_logp, _ = forward_response(model, *args, temperature=temperature)
+            logits, _ = models.forward(*args, cfg.temperature)
+            ref_logits = models.reference_logits(*args, cfg.temperature)
+            logp, ref_logp, _ = policy_stats(logits, ref_logits, rollouts.response_ids[s], cfg.top_k, cfg.top_p)
         out.append(((logp - ref_logp) * rollouts.response_mask[s]).sum(1).cpu())
     return torch.cat(out)
 
@@ -574,12 +631,14 @@ def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str], cfg
         for i in range(0, cfg.batch_size, cfg.mini_batch_size):
             s = slice(i, i + cfg.mini_batch_size)
             args = (rollouts.query_ids[s], rollouts.query_mask[s], rollouts.response_ids[s], rollouts.response_mask[s])
-            logits, logp, values = models.forward(*args, cfg.temperature)
-            b_ref_logprobs.append(models.reference_logprobs(*args, cfg.temperature))
+            logits, values = models.forward(*args, cfg.temperature)  # (M, T, V), (M, T)
+            ref_logits = models.reference_logits(*args, cfg.temperature)  # (M, T, V)
+            logp, ref_logp, ent = policy_stats(logits, ref_logits, rollouts.response_ids[s], cfg.top_k, cfg.top_p)
             b_logprobs.append(logp)
+            b_ref_logprobs.append(ref_logp)
             b_values.append(values)
-            b_entropy.append(entropy_from_logits(logits))
-            del logits
+            b_entropy.append(ent)
+            del logits, ref_logits
     b_logprobs = torch.cat(b_logprobs)  # (B, T)
     b_ref_logprobs = torch.cat(b_ref_logprobs)  # (B, T)
     b_values = torch.cat(b_values)  # (B, T)
@@ -601,14 +660,14 @@ def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str], cfg
         for k in range(n_minibatches):
             mb = order[k * cfg.mini_batch_size:(k + 1) * cfg.mini_batch_size]
             mb_mask = b_mask[mb]  # (M, T)
-            logits, mb_logprobs, mb_values = models.forward(rollouts.query_ids[mb], rollouts.query_mask[mb],
-                                                            rollouts.response_ids[mb], rollouts.response_mask[mb],
-                                                            cfg.temperature)
+            logits, mb_values = models.forward(rollouts.query_ids[mb], rollouts.query_mask[mb],
+                                               rollouts.response_ids[mb], rollouts.response_mask[mb], cfg.temperature)
+            mb_logprobs, _, mb_entropy = policy_stats(logits, None, rollouts.response_ids[mb], cfg.top_k, cfg.top_p)
             pg_loss, clip_frac, approx_kl = clipped_policy_loss(mb_logprobs, b_logprobs[mb], b_advantages[mb],
                                                                 mb_mask, cfg.cliprange)
             v_loss, vf_clip_frac = clipped_value_loss(mb_values, b_values[mb], b_returns[mb], mb_mask,
                                                       cfg.cliprange_value)
-            mb_entropy = masked_mean(entropy_from_logits(logits), mb_mask)
+            mb_entropy = masked_mean(mb_entropy, mb_mask)
             loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * mb_entropy
             (loss / cfg.grad_accum).backward()
             if (k + 1) % cfg.grad_accum == 0:

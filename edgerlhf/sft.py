@@ -34,11 +34,13 @@ from edgerlhf.models import compute_dtype, dtype_name, load_base_model, load_tok
 
 
 def prompt_completion_dataset(path: Path):
-    """TRL prompt-completion examples from a prefs file: prompt, completion = " " + chosen."""
+    """TRL prompt-completion examples from a prefs file: prompt, completion = " " + chosen, each once
+    (a prompt can carry the same chosen response in several pairs)."""
     from datasets import Dataset
 
-    rows = read_prefs(path)
-    return Dataset.from_list([{"prompt": r["prompt"], "completion": " " + r["chosen"]} for r in rows])
+    examples = {(r["prompt"], " " + r["chosen"]) for r in read_prefs(path)}
+    ordered = sorted(examples, key=lambda e: (e[0], e[1]))  # a set has no stable order across processes
+    return Dataset.from_list([{"prompt": p, "completion": c} for p, c in ordered])
 
 
 @torch.no_grad()

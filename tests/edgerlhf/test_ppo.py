@@ -93,11 +93,11 @@ def test_reference_is_the_sft_model_with_the_adapter_disabled(run_dir, ppo_model
     with torch.no_grad():
         for p in lora_b:
             p.normal_(std=0.5)  # make the policy differ from the reference
-        _, policy_logp, _ = ppo.forward_response(ppo_models.model, *args)
-        with ppo_models.model.disable_adapter():
-            _, ref_logp, _ = ppo.forward_response(ppo_models.model, *args)
+        tokens = rollouts.response_ids
+        policy_logp = ppo.logprobs_from_logits(ppo_models.forward(*args)[0], tokens)
+        ref_logp = ppo.logprobs_from_logits(ppo_models.reference_logits(*args), tokens)
         sft_model, _ = models.load_policy(run_dir, "sft")
-        _, sft_logp, _ = ppo.forward_response(sft_model, *args)
+        sft_logp = ppo.logprobs_from_logits(ppo.forward_response(sft_model, *args)[0], tokens)
         for p, s in zip(lora_b, saved):
             p.copy_(s)
     mask = rollouts.response_mask.bool()
@@ -116,8 +116,9 @@ def test_forward_response_reproduces_the_sampling_log_probs(ppo_models):
         response_ids = out.sequences[:, batch["input_ids"].shape[1]:]
         step_logp = torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1).gather(
             -1, response_ids.unsqueeze(-1)).squeeze(-1)
-        _, logp, _ = ppo.forward_response(model, batch["input_ids"], batch["attention_mask"], response_ids,
-                                          torch.ones_like(response_ids))
+        logits, _ = ppo.forward_response(model, batch["input_ids"], batch["attention_mask"], response_ids,
+                                         torch.ones_like(response_ids))
+        logp = ppo.logprobs_from_logits(logits, response_ids)
     torch.testing.assert_close(logp, step_logp, rtol=1e-4, atol=1e-4)
 
 

@@ -137,3 +137,42 @@ def test_adaptive_kl_controller():
     restored = AdaptiveKLController(1.0, 6.0, 10000)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == ctl.value
+
+
+def test_sampling_support_follows_top_k_then_top_p():
+    from edgerlhf.ppo import sampling_support
+
+    logits = t([[math.log(p) for p in (0.05, 0.5, 0.15, 0.3)]])
+    assert sampling_support(logits).tolist() == [[True] * 4]
+    assert sampling_support(logits, top_k=2).tolist() == [[False, True, False, True]]
+    # top-p 0.7: ascending probs .05 .15 .3 .5, cumulative .05 .2 .5 1: drop those <= 0.3 -> keep .3 and .5
+    assert sampling_support(logits, top_p=0.7).tolist() == [[False, True, False, True]]
+    assert sampling_support(logits, top_p=0.9).tolist() == [[False, True, True, True]]
+    # top-k first, then top-p on the renormalised rest: .5/.95 alone already exceeds 0.5
+    assert sampling_support(logits, top_k=3, top_p=0.5).tolist() == [[False, True, False, False]]
+    assert sampling_support(t([[0.0, 0.0]]), top_p=0.01).sum() == 1  # the most likely token always stays
+
+
+def test_restricted_logprobs_and_entropy():
+    from edgerlhf.ppo import restricted_entropy, restricted_logprobs, sampling_support
+
+    logits = t([[[math.log(p) for p in (0.05, 0.5, 0.15, 0.3)]]])  # (B=1, T=1, V=4)
+    support = sampling_support(logits, top_k=2)
+    close(restricted_logprobs(logits, torch.tensor([[1]]), support), [[math.log(0.5 / 0.8)]])
+    # A sampled token outside the support is added to it: {1, 3} + {2}
+    close(restricted_logprobs(logits, torch.tensor([[2]]), support), [[math.log(0.15 / 0.95)]])
+    p = torch.tensor([0.5, 0.3]) / 0.8
+    close(restricted_entropy(logits, support), [[float(-(p * p.log()).sum())]])
+    full = torch.ones_like(support)
+    close(restricted_logprobs(logits, torch.tensor([[3]]), full), [[math.log(0.3)]])
+
+
+def test_kl_estimate_on_a_shared_support_is_zero_for_identical_policies():
+    from edgerlhf.ppo import policy_stats
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 50, dtype=torch.float64)
+    tokens = torch.randint(0, 50, (2, 5))
+    logp, ref_logp, entropy = policy_stats(logits, logits.clone(), tokens, top_k=10, top_p=0.9)
+    close(logp - ref_logp, torch.zeros(2, 5))
+    assert (entropy <= math.log(10) + 1e-9).all()  # at most 10 tokens in the support
