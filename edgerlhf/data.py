@@ -182,7 +182,7 @@ def clean_pairs(pairs: list[dict[str, str]], cfg: DataConfig, tokenizer,
 
     # Token budgets; responses are counted as they follow the prompt (" " + response).
     def n_tokens(texts: list[str]) -> list[int]:
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]] if texts else []
 
     prompt_len = n_tokens([p["prompt"] for p in kept])
     chosen_len = n_tokens([" " + p["chosen"] for p in kept])
@@ -247,12 +247,17 @@ def length_stats(pairs: list[dict[str, str]], tokenizer) -> dict[str, Any]:
     if not pairs:
         return {}
     def n_tokens(texts):
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
     lp = n_tokens([p["prompt"] for p in pairs])
     lc = n_tokens([" " + p["chosen"] for p in pairs])
     lr = n_tokens([" " + p["rejected"] for p in pairs])
     return {"prompt_tokens": _stats(lp), "chosen_tokens": _stats(lc), "rejected_tokens": _stats(lr),
-            "chosen_shorter_fraction": round(sum(c < r for c, r in zip(lc, lr)) / len(pairs), 4)}
+            # Among pairs of two non-empty responses (gold data adds pairs against the empty one).
+            "chosen_shorter_fraction": round(_mean([c < r for c, r, p in zip(lc, lr, pairs) if p["rejected"]]), 4)}
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -189,7 +189,23 @@ def load_causal_lm(name_or_path: str | Path, device: torch.device | str = "cpu",
     model = _load(loader, str(name_or_path), "model", **_placement(device, precision))
     if precision == "bf16":
         model = model.to(device)
+    if precision == "int4" and device.type == "cpu":
+        _keep_nf4_layout(model)
     return model
+
+
+def _keep_nf4_layout(model) -> None:
+    """Turn off bitsandbytes 0.50's CPU repacking of NF4 weights for its AVX512-BF16 kernel.
+
+    It repacks a layer the first time it runs in eval mode, and the packed layout (a) breaks training
+    afterwards (the backward fails: "a view of a leaf Variable ... in-place"), which periodic evaluation
+    triggers, and (b) fails outright for layers narrower than the 64-value quantization block.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def random_gpt2(model_cfg: ModelConfig, tokenizer, seed: int = 0):

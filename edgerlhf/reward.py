@@ -270,6 +270,8 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
         "train_seconds": round(train_seconds, 2), "train_loss": result.training_loss,
         "final_train_accuracy": train_accuracy[-1] if train_accuracy else None,
         "peak_train_mb": round(peak, 1), "peak_source": source,
+        # On the CPU the RSS peak includes what earlier precisions left allocated; the delta is this model's.
+        "peak_train_delta_mb": round(peak - rss_before / MB, 1) if source == "process_rss" else None,
         "rss_before_train_mb": round(rss_before / MB, 1),
     }
 

@@ -1,0 +1,113 @@
+"""The pipeline runner: `run_stage` / `run_pipeline` in process, and `edgerlhf pipeline` as a real
+subprocess on tiny budgets (data -> sft -> reward), bad configurations, unknown stages, and --resume."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgerlhf.config import HH_PREFS_SAMPLE, load_config
+from edgerlhf.context import RunContext
+from edgerlhf.pipeline import StageUnavailable, parse_overrides, run_pipeline, run_stage, stage_module
+from edgerlhf.config import ConfigError
+
+TINY_SETS = [
+    "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+    f"data.source={HH_PREFS_SAMPLE}", "data.max_pairs=40", "data.max_prompt_tokens=64",
+    "data.max_response_tokens=16",
+    "sft.max_steps=2", "sft.batch_size=4", "sft.max_length=96", "sft.eval_every=2", "sft.sample_every=2",
+    'reward.precisions=["bf16"]', "reward.max_steps=2", "reward.batch_size=4", "reward.eval_every=2",
+    "reward.max_length=96",
+]
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "edgerlhf.cli", "pipeline", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_parse_overrides():
+    assert parse_overrides(["ppo.steps=5", 'reward.precisions=["bf16"]', "data.source=/x/y.jsonl", "seed=3"]) == {
+        "ppo": {"steps": 5}, "reward": {"precisions": ["bf16"]}, "data": {"source": "/x/y.jsonl"}, "seed": 3}
+    with pytest.raises(ConfigError):
+        parse_overrides(["ppo.steps"])
+
+
+def test_run_stage_and_pipeline_in_process(tmp_path):
+    config = load_config("tiny", {"stages": ["data"], "data": {"source": HH_PREFS_SAMPLE, "max_pairs": 30}})
+    ctx = RunContext(tmp_path)
+    reports = run_pipeline(config, ctx)
+    assert list(reports) == ["data"]
+    assert json.loads((tmp_path / "data" / "report.json").read_text())["train"] == reports["data"]["train"] == 24
+    assert json.loads((tmp_path / "config.json").read_text()) == config.to_dict()
+    assert ctx.progress_by_stage["data"] == 1.0
+    assert ("report", str(tmp_path / "data" / "report.json")) in ctx.artifacts
+
+    assert run_pipeline(config, RunContext(tmp_path), skip={"data"}) == {}
+    with pytest.raises(ValueError, match="unknown stage"):
+        run_stage("deploy", config, ctx)
+
+
+def test_missing_stage_module_is_a_clear_error(monkeypatch):
+    import edgerlhf.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "STAGES", (*pipeline.STAGES, "distill"))
+    with pytest.raises(StageUnavailable, match="edgerlhf/distill.py is missing"):
+        stage_module("distill")
+
+
+@pytest.mark.slow
+def test_cli_runs_data_sft_reward(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--preset", "tiny", "--run-dir", str(run_dir), "--stages", "data,sft,reward"]
+    for item in TINY_SETS:
+        args += ["--set", item]
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in ("config.json", "data/train_prefs.jsonl", "data/report.json", "base/config.json",
+                 "sft/merged/config.json", "sft/adapter/adapter_config.json", "sft/report.json",
+                 "reward/bf16/score_head.pt", "reward/report.json"):
+        assert (run_dir / path).exists(), path
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["stages"] == ["data", "sft", "reward"] and config["sft"]["max_steps"] == 2
+    study = json.loads((run_dir / "reward" / "report.json").read_text())["precisions"]
+    assert list(study) == ["bf16"] and 0.0 <= study["bf16"]["accuracy"] <= 1.0
+    assert "[sft] 100%" in result.stderr and "[reward] done" in result.stderr  # progress display
+    assert "reward: bf16: acc" in result.stdout
+
+    # --resume skips what is done: the data report stays as it was
+    before = (run_dir / "data" / "report.json").stat().st_mtime_ns
+    again = cli("--preset", "tiny", "--run-dir", str(run_dir), "--stages", "data", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "stage data skipped" in again.stderr
+    assert (run_dir / "data" / "report.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--set", "sft.max_steps=0"], "sft.max_steps"),
+    (["--set", "reward.precisions=[\"fp8\"]"], "reward.precisions"),
+    (["--set", "sft.bogus=1"], "sft.bogus"),
+    (["--stages", "data,deploy"], "stages"),
+    (["--preset", "huge"], "preset"),
+])
+def test_cli_rejects_bad_config(tmp_path, args, field):
+    result = cli("--run-dir", str(tmp_path / "run"), *args, timeout=120)
+    assert result.returncode == 2
+    assert "invalid configuration" in result.stderr and field in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_cli_config_file_and_stage_failure(tmp_path):
+    overrides = tmp_path / "run.json"
+    overrides.write_text(json.dumps({"preset": "tiny", "stages": ["data"],
+                                     "data": {"source": str(tmp_path / "missing.jsonl")}}))
+    result = cli("--config", str(overrides), "--run-dir", str(tmp_path / "run"), timeout=120)
+    assert result.returncode == 1
+    assert "stage data failed" in result.stderr and "missing.jsonl: no such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    printed = cli("--config", str(overrides), "--run-dir", str(tmp_path / "run"), "--print-config",
+                  "--set", "seed=7", timeout=120)
+    config = json.loads(printed.stdout)
+    assert config["preset"] == "tiny" and config["seed"] == 7 and config["stages"] == ["data"]
