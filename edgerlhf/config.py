@@ -107,6 +107,10 @@ class DataConfig:
             raise ConfigError("data.source", "must name a hub id, a file or a directory")
         if self.labels not in ("human", "gold"):
             raise ConfigError("data.labels", f"must be 'human' or 'gold', got {self.labels!r}")
+        from edgerlhf.gold import SCORERS  # light: plain Python, no torch
+
+        if self.gold_scorer not in SCORERS:
+            raise ConfigError("data.gold_scorer", f"unknown scorer {self.gold_scorer!r}; choose from {sorted(SCORERS)}")
         _positive("data", self, "max_pairs", "max_prompt_tokens", "max_response_tokens")
         _fraction("data", self, "test_fraction")
         _fraction("data", self, "gold_empty_fraction", inclusive=True)
@@ -410,7 +414,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "max_pairs": 600, "test_fraction": 0.2, "max_prompt_tokens": 128, "max_response_tokens": 48},
         # A LoRA on random weights cannot shape the output alone, so the (untied) LM head trains in full.
         "sft": {"lora_r": 8, "lora_alpha": 16, "modules_to_save": ["lm_head"], "learning_rate": 2e-3,
-                "max_steps": 30, "batch_size": 8, "max_length": 192, "eval_every": 30, "sample_every": 15},
+                "max_steps": 150, "batch_size": 8, "max_length": 192, "eval_every": 50, "sample_every": 50},
         "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 8, "lora_alpha": 16, "learning_rate": 3e-3,
                    "max_steps": 200, "batch_size": 8, "max_length": 192, "eval_every": 100},
         "ppo": {"steps": 30, "batch_size": 16, "mini_batch_size": 4, "ppo_epochs": 2, "learning_rate": 1e-3,

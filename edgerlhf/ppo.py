@@ -132,41 +132,65 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def sampling_support(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """The tokens top-k then top-p (nucleus) sampling can draw from `logits` (..., V), as a bool mask.
+def sampling_support(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0):
+    """The tokens top-k then top-p (nucleus) sampling can draw from `logits` (..., V).
 
     Same rules and order as transformers' `TopKLogitsWarper` / `TopPLogitsWarper`: keep the `top_k`
     largest; then drop the least likely tokens whose cumulative probability stays <= 1 - top_p (the most
-    likely token always stays).
+    likely token always stays). Returns `(idx, keep)`: candidate token ids (..., K), most likely first,
+    and which of them stay (..., K); `(None, None)` when sampling uses the whole vocabulary. With top-k,
+    K = top_k and nothing of size V is sorted or materialised (the vocabulary is 50k tokens).
     """
-    keep = torch.ones_like(logits, dtype=torch.bool)
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        keep = logits >= kth
+    V = logits.shape[-1]
+    if top_k and top_k < V:
+        values, idx = torch.topk(logits, top_k, dim=-1)  # (..., K) descending
+    elif top_p < 1.0:
+        values, idx = torch.sort(logits, dim=-1, descending=True)  # (..., V)
+    else:
+        return None, None
+    keep = torch.ones_like(values, dtype=torch.bool)
     if top_p < 1.0:
-        masked = logits.masked_fill(~keep, float("-inf"))
-        sorted_logits, order = torch.sort(masked, dim=-1)  # ascending
-        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1.0 - top_p
-        drop_sorted[..., -1] = False
-        keep = keep & ~drop_sorted.scatter(-1, order, drop_sorted)
-    return keep
+        probs = torch.softmax(values.float(), dim=-1)
+        # HF's ascending cumulative probability of a token = the mass of it and every less likely token.
+        tail = probs.flip(-1).cumsum(-1).flip(-1)
+        keep = tail > 1.0 - top_p
+        keep[..., 0] = True
+    return idx, keep
 
 
-def restricted_logprobs(logits: torch.Tensor, tokens: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """Log-probability of `tokens` (B, T) under softmax(`logits`) renormalised over `support` (B, T, V).
+def support_mask(support, shape) -> torch.Tensor:
+    """The support of `sampling_support` as a bool mask over the vocabulary (..., V)."""
+    idx, keep = support
+    if idx is None:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.zeros(shape, dtype=torch.bool, device=idx.device).scatter(-1, idx, keep)
+
+
+def restricted_logprobs(logits: torch.Tensor, tokens: torch.Tensor, support) -> torch.Tensor:
+    """Log-probability of `tokens` (B, T) under softmax(`logits`) renormalised over `support`.
 
     The sampled token always belongs to the support (a borderline token can fall out of a recomputed
     top-k/top-p set by float rounding; it was drawn, so it is kept).
     """
-    support = support.scatter(-1, tokens.unsqueeze(-1), True)
-    masked = logits.float().masked_fill(~support, float("-inf"))
-    return masked.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(masked, dim=-1)
+    idx, keep = support
+    logits = logits.float()
+    token_logit = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if idx is None:
+        return token_logit - torch.logsumexp(logits, dim=-1)
+    candidates = logits.gather(-1, idx).masked_fill(~keep, float("-inf"))  # (B, T, K)
+    log_z = torch.logsumexp(candidates, dim=-1)  # (B, T)
+    inside = ((idx == tokens.unsqueeze(-1)) & keep).any(-1)  # (B, T)
+    log_z = torch.where(inside, log_z, torch.logaddexp(log_z, token_logit))
+    return token_logit - log_z
 
 
-def restricted_entropy(logits: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+def restricted_entropy(logits: torch.Tensor, support) -> torch.Tensor:
     """Entropy of softmax(`logits`) renormalised over `support`: (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(logits.float().masked_fill(~support, float("-inf")), dim=-1)
-    return -(logp.exp() * logp.masked_fill(~support, 0.0)).sum(-1)
+    idx, keep = support
+    if idx is None:
+        return entropy_from_logits(logits.float())
+    logp = torch.log_softmax(logits.float().gather(-1, idx).masked_fill(~keep, float("-inf")), dim=-1)
+    return -(logp.exp() * logp.masked_fill(~keep, 0.0)).sum(-1)
 
 
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -416,6 +440,19 @@ def response_lengths(tokenizer, response_ids: torch.Tensor) -> tuple[list[int], 
     return lengths, texts
 
 
+class TopKTopP:
+    """A `generate` logits processor: -inf outside the top-k/top-p support of `sampling_support`."""
+
+    def __init__(self, top_k: int, top_p: float):
+        self.top_k, self.top_p = top_k, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        support = sampling_support(scores, self.top_k, self.top_p)
+        if support[0] is None:
+            return scores
+        return scores.masked_fill(~support_mask(support, scores.shape), float("-inf"))
+
+
 class StopOnMarkers:
     """A `generate` stopping criterion: a row is done once its generated text contains a stop marker.
 
@@ -445,8 +482,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"  # keep the prompt's end
     batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
                       max_length=max(n_positions - max_new_tokens, 1)).to(device)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p) if do_sample \
-        else dict(do_sample=False)
+    # Top-k/top-p through our own processor: the sampler and PPO's log-probs (`policy_stats`) then use the
+    # very same support rule, and top-p runs on the top-k candidates instead of sorting the vocabulary.
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                    logits_processor=[TopKTopP(top_k, top_p)]) if do_sample else dict(do_sample=False)
     stop = StopOnMarkers(tokenizer, batch["input_ids"].shape[1])
     out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, stopping_criteria=[stop], **sampling)  # (B, P + T)

@@ -4,8 +4,9 @@ A reward model scores `prompt + " " + response` with a scalar and is trained so 
 scores higher: loss = -log sigmoid(r_chosen - r_rejected) (Bradley & Terry 1952; Ouyang et al. 2022).
 It starts from the SFT model (`sft/merged`) as `GPT2ForSequenceClassification` (the LM head replaced by a
 1-output score head) and trains a LoRA adapter plus the score head, with TRL's `RewardTrainer`.
-For int8 / int4 the frozen base is loaded through bitsandbytes (LLM.int8() / NF4, as in QLoRA); TRL then
-keeps the trainable adapter and head in bf16, as the QLoRA paper does.
+For int8 / int4 the frozen base is loaded through bitsandbytes (LLM.int8() / NF4, as in QLoRA); the
+trainable adapter and head stay in fp32 in every precision (TRL would cast a quantized model's to bf16,
+as the QLoRA paper does; fp32 costs little here and keeps the precisions comparable).
 
 Every precision in `reward.precisions` trains from the same seed, data order and initialisation, so the
 study compares precisions and not luck. The study (`reward/report.json`, key `precisions`) gives per
@@ -43,7 +44,7 @@ from edgerlhf.context import RunContext
 from edgerlhf.data import read_prefs
 from edgerlhf.memory import MB, reset_peak, snapshot
 from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, compute_dtype, dtype_name,
-                             load_causal_lm, load_reward_model, load_tokenizer, resolve_device)
+                             load_causal_lm, load_reward_model, load_tokenizer, resolve_device, upcast_trainable)
 
 
 def preference_dataset(path: Path):
@@ -128,6 +129,9 @@ def _callback(ctx: RunContext, precision: str, max_steps: int, offset: int, devi
                "eval_margin": "eval_margin"}
 
     class ContextCallback(TrainerCallback):
+        def __init__(self):
+            self.train_accuracy: list[float] = []
+
         def on_step_end(self, args, state, control, **kwargs):
             ctx.check_cancelled()
 
@@ -137,6 +141,8 @@ def _callback(ctx: RunContext, precision: str, max_steps: int, offset: int, devi
                        if old in logs and logs[old] is not None and math.isfinite(float(logs[old]))}
             if metrics:
                 ctx.log_metrics(metrics, state.global_step)
+            if "accuracy" in logs:
+                self.train_accuracy.append(float(logs["accuracy"]))
             if "loss" in logs:
                 ctx.log_metrics(snapshot(device), offset + state.global_step)
 
@@ -184,12 +190,7 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model
                             eval_dataset=preference_dataset(data_dir / "test_prefs.jsonl"),
                             processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)
-    if dtype == torch.float32:
-        # TRL keeps a quantized model's trainable weights in bf16 (QLoRA); with fp32 compute (the CPU) the
-        # head would then meet fp32 activations, so they train in fp32 there.
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
+    upcast_trainable(trainer.model)  # TRL puts a quantized model's adapter in bf16; we train it in fp32
     return trainer
 
 
@@ -227,6 +228,7 @@ def evaluate_saved(run_dir: Path, precision: str, device: torch.device, test: li
         "accuracy": float((chosen > rejected).float().mean()),
         "mean_margin": float((chosen - rejected).mean()),
         "memory_footprint_bytes": rm.memory_footprint(),
+        "memory_footprint_mb": round(rm.memory_footprint() / MB, 2),
         "throughput_pairs_per_s": len(test) / max(seconds, 1e-9),
         "reward_mean": float(torch.cat([chosen, rejected]).mean()),
         "reward_std": float(torch.cat([chosen, rejected]).std()),
@@ -244,8 +246,9 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
     reset_peak(device)
     rss_before = psutil.Process().memory_info().rss
     model = load_for_training(ctx.run_dir, precision, device, config.seed)
-    trainer = build_trainer(config, ctx, precision, model, tokenizer, device,
-                            callbacks=[_callback(ctx, precision, cfg.max_steps, index * cfg.max_steps, device)])
+    callback = _callback(ctx, precision, cfg.max_steps, index * cfg.max_steps, device)
+    trainer = build_trainer(config, ctx, precision, model, tokenizer, device, callbacks=[callback])
+    n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     ctx.log(f"reward model {precision}: {len(trainer.train_dataset)} train pairs, {cfg.max_steps} steps "
             f"on {device} (compute {dtype_name(compute_dtype(device))})")
     started = time.perf_counter()
@@ -259,7 +262,7 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
     out_dir = ctx.stage_dir("reward") / precision
     save_reward_model(trainer.model, out_dir, precision, cfg.max_length, device)
     ctx.artifact("reward_model", out_dir)
-    train_accuracy = [v for _, v in ctx.metric_series(f"reward/{precision}/accuracy")]
+    train_accuracy = callback.train_accuracy
     del trainer, model
     gc.collect()
     if device.type == "cuda":
@@ -267,6 +270,7 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
     return {
         "precision": precision, "compute_dtype": dtype_name(compute_dtype(device)),
         "quantization": {"bf16": None, "int8": "bitsandbytes LLM.int8()", "int4": "bitsandbytes NF4"}[precision],
+        "trainable_parameters": n_trainable,
         "train_seconds": round(train_seconds, 2), "train_loss": result.training_loss,
         "final_train_accuracy": train_accuracy[-1] if train_accuracy else None,
         "peak_train_mb": round(peak, 1), "peak_source": source,

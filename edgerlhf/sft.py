@@ -4,7 +4,9 @@ The first step of the InstructGPT recipe (Ouyang et al. 2022): the base LM learn
 the way the preferred responses do. Training pairs come from `data/train_prefs.jsonl` as TRL
 prompt-completion examples (`prompt`, `completion = " " + chosen`, EOS appended by TRL); with
 `sft.completion_only_loss` (default) the loss covers the response tokens only (TRL masks the prompt's
-labels to -100). LoRA (Hu et al. 2021) adapts `sft.target_modules`; everything else stays frozen.
+labels to -100). LoRA (Hu et al. 2021) adapts `sft.target_modules`, `sft.modules_to_save` train in
+full, everything else stays frozen. The loss is TRL's, computed without its vocabulary-tiled kernel,
+whose CPU fallback is ~30x slower on small models (see `CompletionSFTTrainer`).
 
 Reports through the context: `sft/loss`, `sft/learning_rate`, `sft/grad_norm`, `sft/tokens_per_s`,
 `sft/eval_loss`, `sft/perplexity` (exp of the eval loss, on held-out responses), `mem/*`; probe
@@ -31,7 +33,8 @@ from edgerlhf.context import RunContext
 from edgerlhf.data import read_prefs
 from edgerlhf.dialogue import cut_at_stop
 from edgerlhf.memory import reset_peak, snapshot
-from edgerlhf.models import compute_dtype, dtype_name, load_base_model, load_tokenizer, resolve_device
+from edgerlhf.models import (compute_dtype, dtype_name, load_base_model, load_tokenizer, resolve_device,
+                             upcast_trainable)
 
 
 def prompt_completion_dataset(path: Path):
@@ -74,6 +77,8 @@ def _callback(config: PipelineConfig, ctx: RunContext, tokenizer, probe_prompts:
 
     class ContextCallback(TrainerCallback):
         def __init__(self):
+            self.losses: list[float] = []
+            self.evals: list[tuple[int, float]] = []  # (step, eval loss)
             self.last_probes: list[dict[str, Any]] = []
             self.last_tokens = 0.0
             self.last_time = time.perf_counter()
@@ -99,6 +104,7 @@ def _callback(config: PipelineConfig, ctx: RunContext, tokenizer, probe_prompts:
             metrics: dict[str, float] = {}
             if "loss" in logs:
                 metrics["sft/loss"] = logs["loss"]
+                self.losses.append(float(logs["loss"]))
                 now = time.perf_counter()
                 tokens = logs.get("num_tokens", 0.0)
                 if tokens > self.last_tokens:
@@ -111,6 +117,7 @@ def _callback(config: PipelineConfig, ctx: RunContext, tokenizer, probe_prompts:
                 metrics.update(snapshot(device))
             if "eval_loss" in logs:
                 metrics["sft/eval_loss"] = logs["eval_loss"]
+                self.evals.append((step, float(logs["eval_loss"])))
                 metrics["sft/perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
             if metrics:
@@ -199,6 +206,7 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
     trainer = _trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=test,
                                processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # metrics go through the context, not print()
+    upcast_trainable(trainer.model)  # a head trained in full must not be a bf16 copy on the GPU
     return trainer
 
 
@@ -216,19 +224,20 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
         ctx.artifact("base_model", base_dir)
     n_params = sum(p.numel() for p in model.parameters())
 
-    probe_prompts = [r["prompt"] for r in read_prefs(ctx.run_dir / "data" / "test_prefs.jsonl")[: cfg.n_sample_prompts]]
+    test_rows = read_prefs(ctx.run_dir / "data" / "test_prefs.jsonl")
+    probe_prompts = [r["prompt"] for r in test_rows[: cfg.n_sample_prompts]]
     reset_peak(device)
     callback = _callback(config, ctx, tokenizer, probe_prompts, device)
     trainer = build_trainer(config, ctx, model, tokenizer, device, callbacks=[callback])
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     ctx.log(f"SFT: {n_params / 1e6:.1f}M parameters, {n_trainable / 1e6:.3f}M trainable (LoRA r={cfg.lora_r}), "
-            f"{len(trainer.train_dataset)} train pairs, {cfg.max_steps} steps on {device} ({dtype_name(compute_dtype(device))})")
+            f"{len(trainer.train_dataset)} train examples, {cfg.max_steps} steps on {device} "
+            f"({dtype_name(compute_dtype(device))})")
     started = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - started
-    evals = ctx.metric_series("sft/eval_loss")
-    if evals and evals[-1][0] == result.global_step:
-        eval_loss = evals[-1][1]
+    if callback.evals and callback.evals[-1][0] == result.global_step:
+        eval_loss = callback.evals[-1][1]
     else:
         eval_loss = trainer.evaluate()["eval_loss"]  # the callback logs it at the last step
 
@@ -241,11 +250,11 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
     tokenizer.save_pretrained(out_dir / "merged")
     ctx.artifact("model", out_dir / "merged")
 
-    losses = [v for _, v in ctx.metric_series("sft/loss")]
+    losses = callback.losses
     return {
         "device": str(device), "compute_dtype": dtype_name(compute_dtype(device)),
         "parameters": n_params, "trainable_parameters": n_trainable,
-        "train_pairs": len(trainer.train_dataset), "eval_pairs": len(trainer.eval_dataset),
+        "train_examples": len(trainer.train_dataset), "eval_examples": len(trainer.eval_dataset),
         "steps": result.global_step, "train_seconds": round(train_seconds, 2),
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "train_loss": result.training_loss, "eval_loss": eval_loss,

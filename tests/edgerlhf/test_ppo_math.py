@@ -140,17 +140,38 @@ def test_adaptive_kl_controller():
 
 
 def test_sampling_support_follows_top_k_then_top_p():
-    from edgerlhf.ppo import sampling_support
+    from edgerlhf.ppo import sampling_support, support_mask
 
     logits = t([[math.log(p) for p in (0.05, 0.5, 0.15, 0.3)]])
-    assert sampling_support(logits).tolist() == [[True] * 4]
-    assert sampling_support(logits, top_k=2).tolist() == [[False, True, False, True]]
+
+    def mask(**kw):
+        return support_mask(sampling_support(logits, **kw), logits.shape).tolist()
+
+    assert mask() == [[True] * 4]
+    assert mask(top_k=2) == [[False, True, False, True]]
     # top-p 0.7: ascending probs .05 .15 .3 .5, cumulative .05 .2 .5 1: drop those <= 0.3 -> keep .3 and .5
-    assert sampling_support(logits, top_p=0.7).tolist() == [[False, True, False, True]]
-    assert sampling_support(logits, top_p=0.9).tolist() == [[False, True, True, True]]
+    assert mask(top_p=0.7) == [[False, True, False, True]]
+    assert mask(top_p=0.9) == [[False, True, True, True]]
     # top-k first, then top-p on the renormalised rest: .5/.95 alone already exceeds 0.5
-    assert sampling_support(logits, top_k=3, top_p=0.5).tolist() == [[False, True, False, False]]
-    assert sampling_support(t([[0.0, 0.0]]), top_p=0.01).sum() == 1  # the most likely token always stays
+    assert mask(top_k=3, top_p=0.5) == [[False, True, False, False]]
+    assert mask(top_k=3, top_p=0.9) == [[False, True, True, True]]
+    assert support_mask(sampling_support(t([[0.0, 0.0]]), top_p=0.01), (1, 2)).sum() == 1  # the best one stays
+
+
+def test_sampling_support_matches_transformers_warpers():
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    from edgerlhf.ppo import sampling_support, support_mask
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 1000) * 3
+    for top_k, top_p in ((50, 0.95), (0, 0.9), (20, 1.0), (200, 0.5)):
+        warped = scores.clone()
+        if top_k:
+            warped = TopKLogitsWarper(top_k)(None, warped)
+        warped = TopPLogitsWarper(top_p)(None, warped) if top_p < 1 else warped
+        ours = support_mask(sampling_support(scores, top_k, top_p), scores.shape)
+        assert torch.equal(ours, torch.isfinite(warped)), (top_k, top_p)
 
 
 def test_restricted_logprobs_and_entropy():
@@ -163,8 +184,9 @@ def test_restricted_logprobs_and_entropy():
     close(restricted_logprobs(logits, torch.tensor([[2]]), support), [[math.log(0.15 / 0.95)]])
     p = torch.tensor([0.5, 0.3]) / 0.8
     close(restricted_entropy(logits, support), [[float(-(p * p.log()).sum())]])
-    full = torch.ones_like(support)
+    full = sampling_support(logits)
     close(restricted_logprobs(logits, torch.tensor([[3]]), full), [[math.log(0.3)]])
+    close(restricted_entropy(logits, full), [[-sum(q * math.log(q) for q in (0.05, 0.5, 0.15, 0.3))]])
 
 
 def test_kl_estimate_on_a_shared_support_is_zero_for_identical_policies():

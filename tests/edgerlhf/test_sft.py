@@ -68,6 +68,27 @@ def test_labels_mask_the_prompt(tmp_path, data_dir, completion_only):
             assert torch.equal(labels[:n], ids[:n])
 
 
+def test_loss_equals_trls_own(tmp_path, data_dir):
+    """Our plain completion loss gives the number TRL's fused-kernel loss gives, on the same batch."""
+    from trl import SFTTrainer
+
+    config = tiny_config()
+    ctx = new_run(tmp_path, data_dir)
+    tokenizer = load_tokenizer(config.model.tokenizer)
+    model = load_base_model(config.model, "cpu", tokenizer=tokenizer)
+    trainer = sft.build_trainer(config, ctx, model, tokenizer, torch.device("cpu"))
+    with torch.no_grad():
+        # a non-zero head adapter copy, so the comparison is not between two uniform distributions
+        trainer.model.base_model.model.lm_head.modules_to_save["default"].weight.normal_(std=0.5)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, dict(batch))
+        theirs = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch))
+    assert abs(ours.item() - math.log(50257)) > 1.0  # not the loss of a uniform head: a real comparison
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-4)
+
+
 def test_sft_trains_saves_and_reports(tmp_path, data_dir):
     config = tiny_config()
     ctx = new_run(tmp_path, data_dir)
