@@ -95,8 +95,8 @@ def prepare_run_dir(config, work: Path) -> Path:
         lora.save_pretrained(rm_dir / "adapter")
         torch.save({"weight": torch.randn(1, hidden) / math.sqrt(hidden), "bias": torch.zeros(1)},
                    rm_dir / "score_head.pt")
-        (rm_dir / "reward_model.json").write_text(json.dumps({"precision": precision, "max_length": config.reward.max_length,
-                                                              "hidden_size": hidden}))
+        meta = {"precision": precision, "max_length": config.reward.max_length, "hidden_size": hidden}
+        (rm_dir / "reward_model.json").write_text(json.dumps(meta))
         del lora
     prompts = []
     if os.path.exists(HH_PREFS_SAMPLE):
@@ -237,9 +237,9 @@ def bench_generation(config, run_dir: Path, device, steps: int, warmup: int) -> 
 def _lora(model, r: int, alpha: int, target_modules, adapter_name: str = "default"):
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules),
-                                            fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
-                                            task_type="CAUSAL_LM"), adapter_name=adapter_name)
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules),
+                      fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora, adapter_name=adapter_name)
 
 
 def _random_batch(n: int, length: int, vocab: int, device):

@@ -2,9 +2,16 @@
 
 Follows the RLHF recipe of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") as
 implemented by TRL's old `PPOTrainer` and "The N Implementation Details of RLHF with PPO" (Huang et al.
-2023), laid out like CleanRL's `ppo.py`: small pure functions for the math at the top, then the models,
-then one `run(config, ctx)` that reads top to bottom: sample prompts, generate, score, KL penalty, GAE,
-several epochs of clipped policy + value loss over minibatches.
+2023), laid out like CleanRL's `ppo.py`: small pure functions for the math at the top, then the models and
+rollouts, then `ppo_step` — the whole algorithm in one function that reads top to bottom: generate,
+score, per-token KL penalty with the score on the last token, GAE, whitening, `ppo_epochs` of clipped
+policy + value loss (- entropy bonus) over shuffled minibatches with gradient accumulation — and
+`run(config, ctx)`, the stage: prompts, checkpoints and resume, metrics, samples and probes.
+
+Sampling and log-probs agree: rollouts are drawn with temperature, top-k and top-p, and the PPO ratio
+uses the probability of a token under exactly that distribution (the softmax renormalised over the
+step's top-k/top-p support); the reference is scored on the same support, so the KL estimate is 0 for an
+unchanged policy and cannot go negative in expectation (see `policy_stats`).
 
 Memory design — one copy of the base network:
 - `sft/merged` is loaded once; the policy is a trainable LoRA adapter named `policy` on it (peft);
@@ -32,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # --- PPO math: pure functions on (B, T) tensors, `mask` is 1 on response tokens -------------------
 
@@ -345,7 +351,8 @@ def add_policy_adapter(model, config, adapter_name: str = POLICY):
     return get_peft_model(model, lora, adapter_name=adapter_name)
 
 
-def build_models(config, run_dir: str | Path, device: torch.device, adapter_dir: str | Path | None = None) -> PPOModels:
+def build_models(config, run_dir: str | Path, device: torch.device,
+                 adapter_dir: str | Path | None = None) -> PPOModels:
     """Load sft/merged once and hang the policy, reference, value head and (bf16) reward model on it.
 
     With `adapter_dir` (a saved `ppo/adapter`) the policy is that trained adapter, frozen (evaluation);
@@ -649,7 +656,8 @@ def _probe(ctx, models: PPOModels, prompts: list[str], step: int, config) -> Non
 # --- the stage -----------------------------------------------------------------------------------
 
 
-def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str], cfg) -> tuple[dict, Rollouts, torch.Tensor]:
+def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str],
+             cfg) -> tuple[dict, Rollouts, torch.Tensor]:
     """One PPO iteration on a batch of prompts: rollouts, rewards, advantages, `ppo_epochs` of updates.
 
     Returns the step's metrics (`ppo/...`), the rollouts and their scores.

@@ -151,7 +151,7 @@ def _callback(ctx: RunContext, precision: str, max_steps: int, offset: int, devi
 
 def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model, tokenizer, device, callbacks=()):
     """TRL's RewardTrainer with a LoRA + score-head adapter on `model` (tests use it directly)."""
-    from peft import LoraConfig
+    from peft import LoraConfig, get_peft_model
     from transformers import PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
@@ -186,9 +186,18 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model
                       target_modules=list(config.sft.target_modules), task_type="SEQ_CLS", modules_to_save=["score"],
                       fan_in_fan_out=model.config.model_type == "gpt2")
     torch.manual_seed(config.seed)  # LoRA initialisation, identical across precisions
+    model = get_peft_model(model, lora)
+    upcast_trainable(model)
+    # The score head is a fresh layer that must grow large weights, the body only needs a small low-rank
+    # nudge: one learning rate for both leaves the head far from converged within a short budget.
+    head = [p for n, p in model.named_parameters() if p.requires_grad and ".score." in n]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and ".score." not in n]
+    optimizer = torch.optim.AdamW([{"params": body, "lr": cfg.learning_rate},
+                                   {"params": head, "lr": cfg.learning_rate * cfg.head_lr_scale}],
+                                  lr=cfg.learning_rate, weight_decay=0.0)
     trainer = RewardTrainer(model=model, args=args, train_dataset=preference_dataset(data_dir / "train_prefs.jsonl"),
                             eval_dataset=preference_dataset(data_dir / "test_prefs.jsonl"),
-                            processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
+                            processing_class=tokenizer, callbacks=list(callbacks), optimizers=(optimizer, None))
     trainer.remove_callback(PrinterCallback)
     upcast_trainable(trainer.model)  # TRL puts a quantized model's adapter in bf16; we train it in fp32
     return trainer

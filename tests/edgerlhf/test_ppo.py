@@ -23,7 +23,9 @@ def ppo_models(run_dir):
 
 
 def _base_param_count(model) -> int:
-    return sum(t.untyped_storage().nbytes() for t in {p.untyped_storage().data_ptr(): p for p in model.parameters()}.values())
+    """Bytes of a model's weights, each shared storage counted once (GPT-2 may tie its embeddings)."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
 
 
 def _live_tensor_bytes() -> int:
@@ -85,8 +87,8 @@ def test_shared_reward_adapter_scores_like_the_standalone_reward_model(run_dir, 
 def test_reference_is_the_sft_model_with_the_adapter_disabled(run_dir, ppo_models):
     tokenizer = ppo_models.tokenizer
     torch.manual_seed(0)
-    rollouts = ppo.generate(ppo_models.model, tokenizer, ["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: What is a cat?\n\nAssistant:"],
-                            6, top_k=50, top_p=0.95)
+    prompts = ["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: What is a cat?\n\nAssistant:"]
+    rollouts = ppo.generate(ppo_models.model, tokenizer, prompts, 6, top_k=50, top_p=0.95)
     args = (rollouts.query_ids, rollouts.query_mask, rollouts.response_ids, rollouts.response_mask)
     lora_b = [p for n, p in ppo_models.model.named_parameters() if "lora_B" in n and ".policy." in n]
     saved = [p.detach().clone() for p in lora_b]

@@ -55,8 +55,9 @@ def make_tiny_run(run_dir: Path, config=None, precisions=("bf16",), n_train: int
                     p.normal_(std=0.5)  # a non-zero reward adapter: it must change what the network computes
         lora.save_pretrained(rm_dir / "adapter")
         torch.save({"weight": torch.randn(1, config.model.n_embd), "bias": torch.zeros(1)}, rm_dir / "score_head.pt")
-        (rm_dir / "reward_model.json").write_text(json.dumps(
-            {"precision": precision, "max_length": 160, "compute_dtype": "float32", "hidden_size": config.model.n_embd}))
+        meta = {"precision": precision, "max_length": 160, "compute_dtype": "float32",
+                "hidden_size": config.model.n_embd}
+        (rm_dir / "reward_model.json").write_text(json.dumps(meta))
 
     rows = []
     with open(HH_PREFS_SAMPLE, encoding="utf-8") as f:
