@@ -251,6 +251,9 @@ class PPOConfig:
     """LoRA scaling numerator of the policy adapter (scale = alpha / r)."""
     n_probe_prompts: int = 3
     """Fixed held-out prompts sampled at every checkpoint (kind `probe`), to watch the policy change."""
+    quantized_policy: bool = False
+    """With an int8/int4 reward model: load the one network in that precision and train the policy LoRA on it
+    (QLoRA-style), so policy, reference and reward share it; False keeps a bf16 policy plus a quantized reward copy."""
 
     def __post_init__(self):
         _positive("ppo", self, "steps", "batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
@@ -418,7 +421,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft": {"lora_r": 8, "lora_alpha": 16, "modules_to_save": ["lm_head"], "learning_rate": 2e-3,
                 "max_steps": 150, "batch_size": 8, "max_length": 192, "eval_every": 50, "sample_every": 50},
         "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 8, "lora_alpha": 16, "learning_rate": 3e-3,
-                   "max_steps": 200, "batch_size": 8, "max_length": 192, "eval_every": 100},
+                   "head_lr_scale": 30.0, "max_steps": 200, "batch_size": 8, "max_length": 192, "eval_every": 100},
         # PPO and evaluation sized so the gold gain of PPO over SFT is significant in about 2 CPU minutes;
         # 4 samples per held-out prompt narrow the bootstrap interval.
         "ppo": {"steps": 30, "batch_size": 16, "mini_batch_size": 4, "ppo_epochs": 4, "learning_rate": 3e-3,

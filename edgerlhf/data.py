@@ -14,9 +14,10 @@ responses, prompt/response split mismatch (raw pairs whose dialogues differ befo
 duplicate pair (same prompt and the same two responses, in either order), prompt longer than
 `max_prompt_tokens`, a response longer than `max_response_tokens`, and with `labels = "gold"` a gold tie.
 With `labels = "gold"` each pair is relabelled by the gold scorer (`edgerlhf.gold`): chosen is the
-response the gold prefers; and for a `gold_empty_fraction` share of them a pair (chosen vs the empty
-response) is added, so the reward model also learns the gold's verdict on empty answers. The kept pairs are shuffled with `seed`, capped at `max_pairs`, and the first
-`test_fraction` of them becomes the test split, so the split depends only on the data and the seed.
+response the gold prefers; and for a `gold_empty_fraction` share of them a pair (the longer response vs
+the empty one) is added, so the reward model also learns the gold's verdict on empty answers. The kept pairs
+are shuffled with `seed`, capped at `max_pairs`, and the first `test_fraction` of them becomes the test
+split, so the split depends only on the data and the seed.
 
 A malformed line (not JSON, not an object, missing fields, no dialogue) raises `DataError` naming the
 file and line, unless `skip_bad_lines` is set: then it is skipped and counted.
@@ -182,7 +183,9 @@ def clean_pairs(pairs: list[dict[str, str]], cfg: DataConfig, tokenizer,
 
     # Token budgets; responses are counted as they follow the prompt (" " + response).
     def n_tokens(texts: list[str]) -> list[int]:
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]] if texts else []
+        if not texts:
+            return []
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
     prompt_len = n_tokens([p["prompt"] for p in kept])
     chosen_len = n_tokens([" " + p["chosen"] for p in kept])
@@ -208,11 +211,13 @@ def clean_pairs(pairs: list[dict[str, str]], cfg: DataConfig, tokenizer,
             chosen, rejected = (pair["chosen"], pair["rejected"]) if verdict else (pair["rejected"], pair["chosen"])
             relabelled.append({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected})
         # The gold rates an empty answer low, but cleaning removed every empty response: show the reward
-        # model some, as the rejected side of extra pairs (chosen: that pair's chosen response).
+        # model some, as the rejected side of extra pairs. Their chosen side is the pair's *longer*
+        # response, the comparison that teaches the reward model how bad empty is (a short one would only
+        # say "worse than short"). These pairs end in "" and the sft stage leaves them out.
         rng = random.Random(seed)
-        extra = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": ""}
+        extra = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": ""}
                  for p in relabelled if rng.random() < cfg.gold_empty_fraction
-                 and gold.prefers(p["prompt"], p["chosen"], "", cfg.gold_scorer)]
+                 and gold.prefers(p["prompt"], p["rejected"], "", cfg.gold_scorer)]
         gold_info = {"gold_scorer": cfg.gold_scorer,
                      "gold_agrees_with_human": agree / len(relabelled) if relabelled else None,
                      "gold_empty_pairs_added": len(extra)}

@@ -10,7 +10,7 @@ The gold is **conciseness** (`concise`): fewer words is better (a word is a run 
 or a single punctuation mark: see `words`).
 
     score(prompt, response) = -words(response)       for a response with at least one word
-    score(prompt, "")       = -EMPTY_WORDS (= -20)     an empty response is worth as little as a 20-word one
+    score(prompt, "")       = -EMPTY_WORDS (= -40)     an empty response is worth as little as a 40-word one
 
 Why this task: a tiny random GPT-2 learns it in minutes on a CPU. In a preference pair both responses
 follow the same prompt, so the longer text is the longer response and a reward model can rank by the
@@ -25,7 +25,7 @@ empty responses from the data, so with `labels = "gold"` the data stage adds, fo
 (`data.gold_empty_fraction`), the pair (chosen vs "") that the gold labels, and the reward model learns
 this rule too.
 
-`prefers` (used to label pairs) calls scores within 20 % of each other a tie, and such pairs are dropped.
+`prefers` (used to label pairs) calls scores within 30 % of each other a tie, and such pairs are dropped.
 
 Responses are cut at the first stop marker (`edgerlhf.dialogue.cut_at_stop`) before counting, so a raw
 continuation that runs into a new "\\n\\nHuman:" turn is scored like the response a user would see.
@@ -41,10 +41,10 @@ from collections.abc import Callable
 
 from edgerlhf.dialogue import cut_at_stop
 
-EMPTY_WORDS = 20
+EMPTY_WORDS = 40
 """An empty response scores like a response of this many words."""
 
-TIE_MARGIN = 0.2
+TIE_MARGIN = 0.3
 """`prefers` calls two responses a tie when their scores differ by less than this fraction (see there)."""
 
 _WORD = re.compile(r"\w+|[^\w\s]")

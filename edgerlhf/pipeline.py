@@ -169,15 +169,20 @@ class CLIContext(ConsoleContext):
         self.stream.flush()
 
 
+def _num(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+
+
 def _summary(name: str, report: dict) -> str:
+    """One line per stage for the end of a CLI run."""
     if name == "data":
         return f"{report.get('train')} train / {report.get('test')} test pairs, dropped {report.get('dropped')}"
     if name == "sft":
-        return f"loss {report.get('first_loss')} -> {report.get('final_loss')}, eval perplexity {report.get('perplexity')}"
+        return (f"loss {_num(report.get('first_loss'))} -> {_num(report.get('final_loss'))}, "
+                f"eval perplexity {_num(report.get('perplexity'), 1)}")
     if name == "reward":
-        parts = [f"{p}: acc {r.get('accuracy'):.3f} spearman {r.get('spearman_vs_bf16')}"
-                 for p, r in report.get("precisions", {}).items()]
-        return "; ".join(parts)
+        return "; ".join(f"{p}: acc {_num(r.get('accuracy'))} spearman {_num(r.get('spearman_vs_bf16'))}"
+                         for p, r in report.get("precisions", {}).items())
     return ", ".join(f"{k}={v}" for k, v in report.items() if isinstance(v, (int, float)))[:300]
 
 

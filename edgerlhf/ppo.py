@@ -20,8 +20,11 @@ Memory design — one copy of the base network:
   `AutoModelForCausalLMWithValueHead`);
 - a bf16 reward model is the reward LoRA loaded as a second, frozen adapter named `reward` on the same
   model plus its score head; scoring switches adapters with peft's `set_adapter`.
-- An int8/int4 reward model cannot share bf16 weights: it is loaded with `models.load_reward_model`
-  and adds one quantized copy of the network (about 1/2 or 1/4 of its bf16 size).
+- An int8/int4 reward model cannot share bf16 weights: by default it is loaded with
+  `models.load_reward_model` and adds one quantized copy of the network (about 1/2 or 1/4 of its bf16
+  size). With `ppo.quantized_policy` the one network is instead loaded in int8/int4 and everything
+  shares it, QLoRA-style (Dettmers et al. 2023): the policy LoRA trains on the quantized base and the
+  reference is that quantized base.
 """
 
 from __future__ import annotations
@@ -364,7 +367,10 @@ def build_models(config, run_dir: str | Path, device: torch.device,
 
     run_dir = Path(run_dir)
     precision = config.ppo.reward_precision
-    base, tokenizer = models.load_policy(run_dir, "sft", device)  # left padding, eval mode
+    # QLoRA-style sharing: with `quantized_policy`, the one network is loaded in the reward's int8/int4
+    # precision, and policy, reference and reward all run on it.
+    shared = precision == "bf16" or config.ppo.quantized_policy
+    base, tokenizer = models.load_policy(run_dir, "sft", device, precision=precision if shared else "bf16")
     # Dropout stays off during PPO updates (eval mode throughout), so the log-probs of the update pass
     # match those of the rollout pass and the first ratio is exactly 1 (Huang et al. 2023, detail #16).
     if adapter_dir is None:
@@ -372,19 +378,18 @@ def build_models(config, run_dir: str | Path, device: torch.device,
     else:
         model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=POLICY).eval()
     rm_dir = run_dir / "reward" / precision
-    if precision == "bf16":
+    if shared:
         if not (rm_dir / models.SCORE_HEAD_FILE).exists():
-            raise models.ModelLoadError(f"{rm_dir} holds no reward model: run the reward stage with bf16 first")
+            raise models.ModelLoadError(f"{rm_dir} holds no reward model: run the reward stage with {precision} first")
         model.load_adapter(str(rm_dir / models.REWARD_ADAPTER_DIR), adapter_name=REWARD, is_trainable=False)
         meta_file = rm_dir / models.REWARD_META_FILE
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         head = models.load_score_head(rm_dir / models.SCORE_HEAD_FILE, device).requires_grad_(False)
-        reward_model = models.RewardModel(model, head, tokenizer, meta.get("max_length", 384), "bf16", device).eval()
-        shared = True
+        reward_model = models.RewardModel(model, head, tokenizer, meta.get("max_length", 384), precision,
+                                          device).eval()
     else:
         # A quantized network cannot share the policy's bf16 weights: this adds one int8/int4 copy.
         reward_model = models.load_reward_model(run_dir, precision, device).requires_grad_(False)
-        shared = False
     model.set_adapter(POLICY, inference_mode=adapter_dir is not None)
     value_head = ValueHead(model.config.hidden_size).to(device)
     if adapter_dir is not None and (Path(adapter_dir) / VALUE_HEAD_FILE).exists():
@@ -565,12 +570,20 @@ def sequence_kl(models, rollouts: Rollouts, cfg, batch_size: int) -> torch.Tenso
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
-def _lora_signature(config) -> dict[str, Any]:
+def _signature(config, run_dir: Path) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the adapter's shape and the models it was trained
+    against (a re-run sft or reward stage makes an old PPO checkpoint meaningless)."""
+    inputs = {}
+    for name in ("sft/merged", f"reward/{config.ppo.reward_precision}"):
+        for file in sorted((run_dir / name).rglob("*.safetensors")) + sorted((run_dir / name).rglob("*.pt")):
+            stat = file.stat()
+            inputs[str(file.relative_to(run_dir))] = [stat.st_size, stat.st_mtime_ns]
     return {"lora_r": config.ppo.lora_r, "lora_alpha": config.ppo.lora_alpha,
-            "target_modules": list(config.sft.target_modules)}
+            "target_modules": list(config.sft.target_modules), "reward_precision": config.ppo.reward_precision,
+            "inputs": inputs}
 
 
-def save_checkpoint(path: Path, step: int, models: PPOModels, optimizer, kl_ctl, config) -> None:
+def save_checkpoint(path: Path, step: int, models: PPOModels, optimizer, kl_ctl, config, run_dir: Path) -> None:
     """Everything a resumed run needs, in one file written atomically (a crash never leaves half a file)."""
     from peft import get_peft_model_state_dict
 
@@ -581,7 +594,7 @@ def save_checkpoint(path: Path, step: int, models: PPOModels, optimizer, kl_ctl,
         "value_head": models.value_head.state_dict(),
         "optimizer": optimizer.state_dict(),
         "kl_ctl": kl_ctl.state_dict(),
-        "lora": _lora_signature(config),
+        "signature": _signature(config, run_dir),
         # Sampling is reseeded from (seed, step) at each step; the generators are kept for completeness.
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
     }
@@ -590,7 +603,7 @@ def save_checkpoint(path: Path, step: int, models: PPOModels, optimizer, kl_ctl,
     os.replace(tmp, path / CHECKPOINT_FILE)
 
 
-def load_checkpoint(path: Path, models: PPOModels, optimizer, kl_ctl, config) -> int | None:
+def load_checkpoint(path: Path, models: PPOModels, optimizer, kl_ctl, config, run_dir: Path) -> int | None:
     """Restore a checkpoint written by `save_checkpoint`; returns its step, or None if there is none."""
     from peft import set_peft_model_state_dict
 
@@ -598,8 +611,8 @@ def load_checkpoint(path: Path, models: PPOModels, optimizer, kl_ctl, config) ->
     if not file.exists():
         return None
     state = torch.load(file, map_location="cpu", weights_only=False)
-    if state.get("lora") != _lora_signature(config):
-        return None  # a different adapter shape: the old checkpoint cannot be resumed
+    if state.get("signature") != _signature(config, run_dir):
+        return None  # another adapter shape or other sft/reward models: the old checkpoint does not apply
     set_peft_model_state_dict(models.model, state["adapter"], adapter_name=POLICY)
     models.value_head.load_state_dict(state["value_head"])
     optimizer.load_state_dict(state["optimizer"])
@@ -780,10 +793,13 @@ def run(config, ctx) -> dict[str, Any]:
               else FixedKLController(cfg.init_kl_coef))
 
     ckpt_dir = out_dir / "checkpoint"
-    start = load_checkpoint(ckpt_dir, models, optimizer, kl_ctl, config) or 0
+    start = load_checkpoint(ckpt_dir, models, optimizer, kl_ctl, config, run_dir) or 0
     if start:
         ctx.log(f"ppo: resuming from {ckpt_dir} at step {start}")
     else:
+        if (ckpt_dir / CHECKPOINT_FILE).exists():
+            ctx.log(f"ppo: {ckpt_dir} was trained with another adapter or other sft/reward models; "
+                    "starting afresh", "warning")
         _probe(ctx, models, probe_prompts, 0, config)
     ctx.log(f"ppo: {sum(p.numel() for p in params):,} trainable parameters, reward model {cfg.reward_precision} "
             f"({'shared adapter' if models.reward_shared else 'separate quantized copy'})")
@@ -806,12 +822,12 @@ def run(config, ctx) -> dict[str, Any]:
             for prompt, response, score in list(zip(rollouts.prompts, rollouts.responses, scores.tolist()))[:2]:
                 ctx.log_sample(prompt, response, score, step)
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_checkpoint(ckpt_dir, step, models, optimizer, kl_ctl, config)
+            save_checkpoint(ckpt_dir, step, models, optimizer, kl_ctl, config, run_dir)
             _probe(ctx, models, probe_prompts, step, config)
 
     # The final policy, plus a last checkpoint so a finished stage re-run does not train again.
     save_adapter(out_dir / "adapter", models)
-    save_checkpoint(ckpt_dir, cfg.steps, models, optimizer, kl_ctl, config)
+    save_checkpoint(ckpt_dir, cfg.steps, models, optimizer, kl_ctl, config, run_dir)
     if start < cfg.steps:
         _probe(ctx, models, probe_prompts, cfg.steps, config)
     ctx.artifact("adapter", out_dir / "adapter")

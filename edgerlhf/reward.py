@@ -3,7 +3,8 @@
 A reward model scores `prompt + " " + response` with a scalar and is trained so the chosen response
 scores higher: loss = -log sigmoid(r_chosen - r_rejected) (Bradley & Terry 1952; Ouyang et al. 2022).
 It starts from the SFT model (`sft/merged`) as `GPT2ForSequenceClassification` (the LM head replaced by a
-1-output score head) and trains a LoRA adapter plus the score head, with TRL's `RewardTrainer`.
+1-output score head) and trains a LoRA adapter plus the score head, with TRL's `RewardTrainer`; the new
+head learns `reward.head_lr_scale` times faster than the adapter (it has to grow from a near-zero init).
 For int8 / int4 the frozen base is loaded through bitsandbytes (LLM.int8() / NF4, as in QLoRA); the
 trainable adapter and head stay in fp32 in every precision (TRL would cast a quantized model's to bf16,
 as the QLoRA paper does; fp32 costs little here and keeps the precisions comparable).

@@ -38,11 +38,14 @@ from edgerlhf.models import (compute_dtype, dtype_name, load_base_model, load_to
 
 
 def prompt_completion_dataset(path: Path):
-    """TRL prompt-completion examples from a prefs file: prompt, completion = " " + chosen, each once
-    (a prompt can carry the same chosen response in several pairs)."""
+    """TRL prompt-completion examples from a prefs file: prompt, completion = " " + chosen, each once.
+
+    Pairs against an empty response are left out: the data stage adds them for the reward model
+    (`data.gold_empty_fraction`), with the longer response of a pair as their chosen side.
+    """
     from datasets import Dataset
 
-    examples = {(r["prompt"], " " + r["chosen"]) for r in read_prefs(path)}
+    examples = {(r["prompt"], " " + r["chosen"]) for r in read_prefs(path) if r["rejected"]}
     ordered = sorted(examples, key=lambda e: (e[0], e[1]))  # a set has no stable order across processes
     return Dataset.from_list([{"prompt": p, "completion": c} for p, c in ordered])
 

@@ -148,7 +148,8 @@ def test_processed_prompts_are_normalised(tmp_path):
     rows = sorted(read_prefs(out / "train_prefs.jsonl") + read_prefs(out / "test_prefs.jsonl"),
                   key=lambda r: r["prompt"])
     assert rows == [
-        {"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:", "chosen": "Bye!", "rejected": "No."},
+        {"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:", "chosen": "Bye!",
+         "rejected": "No."},
         {"prompt": "\n\nHuman: q\n\nAssistant:", "chosen": "A.", "rejected": "B."},
     ]
 

@@ -74,7 +74,7 @@ def test_cli_runs_data_sft_reward(tmp_path):
     study = json.loads((run_dir / "reward" / "report.json").read_text())["precisions"]
     assert list(study) == ["bf16"] and 0.0 <= study["bf16"]["accuracy"] <= 1.0
     assert "[sft] 100%" in result.stderr and "[reward] done" in result.stderr  # progress display
-    assert "reward: bf16: acc" in result.stdout
+    assert "reward: bf16: acc " in result.stdout
 
     # --resume skips what is done: the data report stays as it was
     before = (run_dir / "data" / "report.json").stat().st_mtime_ns

@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import math
 
 import pytest
 import torch
@@ -62,13 +63,37 @@ def test_ppo_holds_exactly_one_copy_of_the_base_weights(run_dir):
     assert sum(ppo.base_weight_storages(built.modules() + [naive_reference]).values()) == 2 * base_bytes
 
 
+def _int8_config(**ppo_fields):
+    return load_config("tiny", {**tiny_config().to_dict(), "reward": {"precisions": ["bf16", "int8"]},
+                                "ppo": {**tiny_config().ppo.__dict__, "reward_precision": "int8", **ppo_fields}})
+
+
 def test_quantized_reward_model_is_a_separate_copy(run_dir):
-    config = load_config("tiny", {**tiny_config().to_dict(), "reward": {"precisions": ["bf16", "int8"]},
-                                  "ppo": {**tiny_config().ppo.__dict__, "reward_precision": "int8"}})
-    built = ppo.build_models(config, run_dir, torch.device("cpu"))
+    built = ppo.build_models(_int8_config(), run_dir, torch.device("cpu"))
     assert not built.reward_shared
     scores = built.score(["\n\nHuman: hi\n\nAssistant:"] * 2, ["hello", "a much longer answer"])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+    standalone = models.load_reward_model(run_dir, "int8").score(["\n\nHuman: hi\n\nAssistant:"] * 2,
+                                                                  ["hello", "a much longer answer"])
+    torch.testing.assert_close(scores, standalone)
+
+
+def test_quantized_policy_shares_one_int8_network(run_dir):
+    """`ppo.quantized_policy`: policy, reference and int8 reward model all on one int8 network (QLoRA-style)."""
+    config = _int8_config(quantized_policy=True)
+    built = ppo.build_models(config, run_dir, torch.device("cpu"))
+    assert built.reward_shared and built.reward_model.model is built.model
+    assert any(p.dtype == torch.int8 for p in built.model.parameters())
+    held = ppo.base_weight_storages(built.modules())
+    assert held == ppo.base_weight_storages([built.model])  # nothing beyond the one (quantized) network
+    prompts = ["\n\nHuman: hi\n\nAssistant:"] * 2
+    standalone = models.load_reward_model(run_dir, "int8").score(prompts, ["hello", "a longer answer"])
+    torch.testing.assert_close(built.score(prompts, ["hello", "a longer answer"]), standalone)
+    optimizer = torch.optim.AdamW(built.policy_parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in built.policy_parameters()]
+    metrics, _, _ = ppo.ppo_step(built, optimizer, ppo.FixedKLController(0.1), prompts * 2, config.ppo)
+    assert all(map(math.isfinite, metrics.values()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, built.policy_parameters()))
 
 
 def test_shared_reward_adapter_scores_like_the_standalone_reward_model(run_dir, ppo_models):
@@ -201,3 +226,9 @@ def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
     again.begin_stage("ppo")
     assert ppo.run(config, again)["resumed_from_step"] == 4
     assert again.metric_series("ppo/kl") == []
+
+    # A checkpoint trained against other sft/reward models does not apply to this run directory.
+    signature = ppo._signature(config, run_dir)
+    weights = next((run_dir / "sft" / "merged").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())
+    assert ppo._signature(config, run_dir) != signature
