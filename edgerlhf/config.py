@@ -98,7 +98,7 @@ class DataConfig:
     """`human`: HH-RLHF's own preference; `gold`: relabel each pair with the known gold scorer (known-answer task)."""
     gold_scorer: str = "concise"
     """With `labels=gold`: the text scorer whose preference is the truth (see edgerlhf.gold)."""
-    gold_empty_fraction: float = 0.15
+    gold_empty_fraction: float = 0.3
     """With `labels=gold`: for this share of pairs, also add the pair (chosen vs an empty response), so the
     reward model learns the gold's rule that an empty answer is a bad one."""
 
@@ -251,6 +251,10 @@ class PPOConfig:
     """LoRA scaling numerator of the policy adapter (scale = alpha / r)."""
     n_probe_prompts: int = 3
     """Fixed held-out prompts sampled at every checkpoint (kind `probe`), to watch the policy change."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt in a rollout batch (batch_size / samples_per_prompt prompts). With more than
+    one, each score gets the mean score of the other responses to its prompt subtracted (a leave-one-out
+    baseline, as RLOO): prompts the reward model simply likes more stop swamping the signal."""
     quantized_policy: bool = False
     """With an int8/int4 reward model: load the one network in that precision and train the policy LoRA on it
     (QLoRA-style), so policy, reference and reward share it; False keeps a bf16 policy plus a quantized reward copy."""
@@ -266,6 +270,8 @@ class PPOConfig:
                                                 "minibatches of a rollout batch")
         if self.n_probe_prompts < 0:
             raise ConfigError("ppo.n_probe_prompts", "must be >= 0")
+        if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
+            raise ConfigError("ppo.samples_per_prompt", f"must be >= 1 and divide batch_size={self.batch_size}")
         if self.init_kl_coef < 0:
             raise ConfigError("ppo.init_kl_coef", "must be >= 0")
         if self.top_k < 0:
@@ -421,7 +427,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft": {"lora_r": 8, "lora_alpha": 16, "modules_to_save": ["lm_head"], "learning_rate": 2e-3,
                 "max_steps": 150, "batch_size": 8, "max_length": 192, "eval_every": 50, "sample_every": 50},
         "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 8, "lora_alpha": 16, "learning_rate": 3e-3,
-                   "head_lr_scale": 30.0, "max_steps": 200, "batch_size": 8, "max_length": 192, "eval_every": 100},
+                   "head_lr_scale": 30.0, "max_steps": 300, "batch_size": 8, "max_length": 192, "eval_every": 150},
         # PPO and evaluation sized so the gold gain of PPO over SFT is significant in about 2 CPU minutes;
         # 4 samples per held-out prompt narrow the bootstrap interval.
         "ppo": {"steps": 30, "batch_size": 16, "mini_batch_size": 4, "ppo_epochs": 4, "learning_rate": 3e-3,

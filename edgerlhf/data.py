@@ -284,11 +284,10 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
 
     cfg = config.data
     out_dir = ctx.stage_dir("data")
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
     ctx.log(f"reading {cfg.source}" + (f" ({cfg.data_dir}/{cfg.split})" if not _is_local(cfg.source) else ""))
-
     pairs, source_info = read_pairs(cfg)
     ctx.progress(1, 3)
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)  # for the token budgets
     if source_info["bad_lines"]:
         ctx.log(f"skipped {source_info['bad_lines']} malformed line(s), e.g. {source_info['bad_line_examples'][0]}",
                 level="warning")

@@ -20,7 +20,8 @@ Run-directory formats read here (see the brief's run directory layout):
         reward_model.json    {"precision", "max_length", "compute_dtype", "hidden_size"}
 
 A reward is read from the final hidden state (after `ln_f`) of the last token of
-`prompt + " " + response` (no EOS appended), through the linear score head: the same position and
+`prompt + " " + response` (no EOS appended; an empty response ends on that space token), through the
+linear score head: the same position and
 value that `GPT2ForSequenceClassification` produces for that text with EOS as padding, which is how TRL's
 RewardTrainer trains it. Because the reward adapter is a plain causal-LM LoRA, PPO can load it as a
 second adapter on its shared `sft/merged` model (`model.load_adapter(dir / "adapter", "reward")`) and

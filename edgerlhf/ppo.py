@@ -94,6 +94,19 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     raise ValueError(f"unknown KL estimator {kind!r}")
 
 
+def leave_one_out(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """Scores minus the mean score of the other members of their group (consecutive runs of `group`).
+
+    The baseline of each sample comes from the other samples of the same prompt only, so the policy
+    gradient stays unbiased (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free!").
+    """
+    if group == 1:
+        return scores
+    grouped = scores.view(-1, group)  # (n_prompts, group)
+    others = (grouped.sum(1, keepdim=True) - grouped) / (group - 1)
+    return (grouped - others).reshape(-1)
+
+
 def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                       mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards per response token: -kl_coef * KL on every token, plus the score on the last one.
@@ -706,7 +719,8 @@ def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str],
     entropy = masked_mean(torch.cat(b_entropy), b_mask).item()
 
     # 3. Rewards: KL penalty on every token, the score on the last; then GAE and whitening.
-    b_scores = whiten(scores) if cfg.whiten_rewards else scores  # (B,)
+    b_scores = leave_one_out(scores, cfg.samples_per_prompt)  # (B,)
+    b_scores = whiten(b_scores) if cfg.whiten_rewards else b_scores  # (B,)
     b_rewards, b_kl = per_token_rewards(b_scores, b_logprobs, b_ref_logprobs, b_mask, kl_ctl.value)  # (B, T)
     b_advantages, b_returns = compute_gae(b_rewards, b_values, b_mask, cfg.gamma, cfg.lam)  # (B, T)
     b_advantages = masked_whiten(b_advantages, b_mask)  # (B, T)
@@ -809,8 +823,10 @@ def run(config, ctx) -> dict[str, Any]:
     for step in range(start + 1, cfg.steps + 1):
         ctx.check_cancelled()
         _seed_step(config.seed, step)
-        batch_prompts = random.choices(train_prompts, k=cfg.batch_size) if len(train_prompts) < cfg.batch_size \
-            else random.sample(train_prompts, cfg.batch_size)
+        n_prompts = cfg.batch_size // cfg.samples_per_prompt
+        chosen = random.choices(train_prompts, k=n_prompts) if len(train_prompts) < n_prompts \
+            else random.sample(train_prompts, n_prompts)
+        batch_prompts = [p for p in chosen for _ in range(cfg.samples_per_prompt)]  # each prompt k times in a row
         metrics, rollouts, scores = ppo_step(models, optimizer, kl_ctl, batch_prompts, cfg)
         metrics.update(memory.snapshot(device))
         ctx.log_metrics(metrics, step)

@@ -198,3 +198,11 @@ def test_kl_estimate_on_a_shared_support_is_zero_for_identical_policies():
     logp, ref_logp, entropy = policy_stats(logits, logits.clone(), tokens, top_k=10, top_p=0.9)
     close(logp - ref_logp, torch.zeros(2, 5))
     assert (entropy <= math.log(10) + 1e-9).all()  # at most 10 tokens in the support
+
+
+def test_leave_one_out_baseline():
+    from edgerlhf.ppo import leave_one_out
+
+    # Groups (1, 2, 6) and (10, 10, 10): 1 - (2 + 6) / 2 = -3, 2 - 3.5 = -1.5, 6 - 1.5 = 4.5; the second group is flat
+    close(leave_one_out(t([1.0, 2.0, 6.0, 10.0, 10.0, 10.0]), 3), [-3.0, -1.5, 4.5, 0.0, 0.0, 0.0])
+    close(leave_one_out(t([1.0, 5.0]), 1), [1.0, 5.0])

@@ -84,7 +84,7 @@ def test_cancel_stops_a_running_job_and_its_process(service):
 
 @pytest.mark.slow
 def test_sigkilled_worker_is_followed_by_one_that_resumes_without_duplicate_or_missing_steps(service):
-    steps = 12
+    steps = 60  # enough that the kill lands mid-stage even on a fast machine
     job_id = service.add_job(sft_job(max_steps=steps), name="crash")
     first = service.start_worker("--max-jobs", "1")
     wait_for(lambda: service.points(job_id, "sft/loss"), 240, "the first SFT step")
