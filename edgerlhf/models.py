@@ -16,8 +16,9 @@ Run-directory formats read here (see the brief's run directory layout):
     ppo/adapter/             a peft LoRA adapter on sft/merged (extra files such as a value head are ignored)
     reward/<precision>/
         adapter/             a peft LoRA adapter (task CAUSAL_LM, LoRA weights only) on sft/merged
-        score_head.pt        {"weight": (1, hidden) tensor, "bias": (1,) tensor or None}
-        reward_model.json    {"precision", "max_length", "compute_dtype", "hidden_size"}
+        score_head.pt        {"weight": (1, hidden) tensor, "bias": (1,) tensor or None}, normalised so
+                             rewards have mean 0, std 1 on the training responses
+        reward_model.json    {"precision", "max_length", "compute_dtype", "hidden_size", "normalization"}
 
 A reward is read from the final hidden state (after `ln_f`) of the last token of
 `prompt + " " + response` (no EOS appended; an empty response ends on that space token), through the

@@ -4,7 +4,8 @@ Follows the RLHF recipe of Ziegler et al. 2019 ("Fine-Tuning Language Models fro
 implemented by TRL's old `PPOTrainer` and "The N Implementation Details of RLHF with PPO" (Huang et al.
 2023), laid out like CleanRL's `ppo.py`: small pure functions for the math at the top, then the models and
 rollouts, then `ppo_step` — the whole algorithm in one function that reads top to bottom: generate,
-score, per-token KL penalty with the score on the last token, GAE, whitening, `ppo_epochs` of clipped
+score (optionally against a leave-one-out baseline over several samples per prompt), per-token KL
+penalty with the score on the last token, GAE, whitening, `ppo_epochs` of clipped
 policy + value loss (- entropy bonus) over shuffled minibatches with gradient accumulation — and
 `run(config, ctx)`, the stage: prompts, checkpoints and resume, metrics, samples and probes.
 
@@ -835,8 +836,8 @@ def run(config, ctx) -> dict[str, Any]:
         ctx.progress(step, cfg.steps)
 
         if step % cfg.sample_every == 0 or step == 1:
-            for prompt, response, score in list(zip(rollouts.prompts, rollouts.responses, scores.tolist()))[:2]:
-                ctx.log_sample(prompt, response, score, step)
+            for i in sorted({0, cfg.samples_per_prompt % cfg.batch_size}):  # two different prompts when there are
+                ctx.log_sample(rollouts.prompts[i], rollouts.responses[i], scores[i].item(), step)
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             save_checkpoint(ckpt_dir, step, models, optimizer, kl_ctl, config, run_dir)
             _probe(ctx, models, probe_prompts, step, config)

@@ -19,7 +19,8 @@ reloading the saved model with `edgerlhf.models.load_reward_model`, so they meas
 
 Saved per precision (format documented in `edgerlhf.models`): `reward/<precision>/adapter/` (a plain
 causal-LM LoRA adapter, loadable as a second adapter on `sft/merged`), `score_head.pt`,
-`reward_model.json`.
+`reward_model.json`. The saved head is normalised: rewards have mean 0 and std 1 on the training
+responses (`normalize_saved`); the margins in the study are in those units.
 
 Metrics: `reward/<precision>/loss`, `/accuracy`, `/margin`, `/learning_rate`, `/eval_loss`,
 `/eval_accuracy`, `/eval_margin` at that precision's own step (curves overlay), and `mem/*` at the stage
@@ -226,6 +227,34 @@ def save_reward_model(peft_model, out_dir: Path, precision: str, max_length: int
         "hidden_size": hidden, "base": "sft/merged"}, indent=2))
 
 
+NORMALIZE_SAMPLES = 1024
+"""At most this many training responses set a reward model's normalisation."""
+
+
+def normalize_saved(run_dir: Path, precision: str, device: torch.device, train: list[dict]) -> dict[str, float]:
+    """Fold a normalisation into the saved score head so rewards have mean 0 and std 1 on the training
+    responses (Ziegler et al. 2019 normalise their reward model the same way before RL).
+
+    Pairwise accuracy and rank correlations do not change; PPO gets rewards of a known scale whatever
+    the head learned (a fast-learning head can reach scores in the tens), which keeps its value loss and
+    the KL penalty's weight comparable across runs and precisions.
+    """
+    rm = load_reward_model(run_dir, precision, device)
+    rows = train[: NORMALIZE_SAMPLES // 2]
+    prompts = [r["prompt"] for r in rows] * 2
+    scores = rm.score(prompts, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])  # (2N,)
+    mean, std = float(scores.mean()), float(scores.std().clamp(min=1e-6))
+    out_dir = run_dir / "reward" / precision
+    state = torch.load(out_dir / SCORE_HEAD_FILE, map_location="cpu", weights_only=True)
+    bias = state.get("bias")
+    bias = torch.zeros(1) if bias is None else bias
+    torch.save({"weight": state["weight"] / std, "bias": (bias - mean) / std}, out_dir / SCORE_HEAD_FILE)
+    meta = json.loads((out_dir / REWARD_META_FILE).read_text())
+    meta["normalization"] = {"mean": mean, "std": std, "samples": len(scores)}
+    (out_dir / REWARD_META_FILE).write_text(json.dumps(meta, indent=2))
+    return meta["normalization"]
+
+
 def evaluate_saved(run_dir: Path, precision: str, device: torch.device, test: list[dict]) -> tuple[dict, torch.Tensor]:
     """Reload the saved reward model and score the test pairs: accuracy, margin, throughput, footprint."""
     rm = load_reward_model(run_dir, precision, device)
@@ -295,6 +324,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
     device = resolve_device(config.device)
     if not (ctx.run_dir / "sft" / "merged").is_dir():
         raise FileNotFoundError(f"{ctx.run_dir / 'sft' / 'merged'} is missing: run the sft stage first")
+    train = read_prefs(ctx.run_dir / "data" / "train_prefs.jsonl")
     test = read_prefs(ctx.run_dir / "data" / "test_prefs.jsonl")
     # bf16 first when present: the others are compared with it.
     order = sorted(cfg.precisions, key=lambda p: p != "bf16")
@@ -302,6 +332,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
     scores: dict[str, torch.Tensor] = {}
     for k, precision in enumerate(order):
         row = train_precision(config, ctx, precision, k)
+        row["normalization"] = normalize_saved(ctx.run_dir, precision, device, train)
         held_out, scores[precision] = evaluate_saved(ctx.run_dir, precision, device, test)
         row.update(held_out)
         study[precision] = row

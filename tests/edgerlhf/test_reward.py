@@ -84,6 +84,14 @@ def test_precision_study(tmp_path, base_run):
     assert max(s for s, _ in ctx.metric_series("mem/rss_mb")) > 12
     assert ctx.progress_by_stage["reward"] == 1.0
 
+    # the saved heads are normalised: mean 0, std 1 over the training responses
+    train = read_prefs(ctx.run_dir / "data" / "train_prefs.jsonl")
+    rm = load_reward_model(ctx.run_dir, "int8", "cpu")
+    responses = [r["chosen"] for r in train] + [r["rejected"] for r in train]
+    train_scores = rm.score([r["prompt"] for r in train] * 2, responses)
+    assert abs(train_scores.mean().item()) < 1e-3 and train_scores.std().item() == pytest.approx(1.0, abs=1e-3)
+    assert study["int8"]["normalization"]["samples"] == 2 * len(train)
+
     # every precision loads, scores, and its layers are really quantized
     layer_types = {"bf16": "Linear", "int8": "Linear8bitLt", "int4": "Linear4bit"}
     prompts, responses = [r["prompt"] for r in test[:5]], [r["chosen"] for r in test[:5]]
