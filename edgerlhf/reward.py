@@ -33,6 +33,7 @@ import copy
 import gc
 import json
 import math
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -341,6 +342,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
         ctx.log(f"reward model {precision}: held-out accuracy {row['accuracy']:.3f}, margin {row['mean_margin']:.3f}, "
                 f"{row['memory_footprint_bytes'] / MB:.1f} MB weights, {row['throughput_pairs_per_s']:.1f} pairs/s")
         ctx.progress(k + 1, len(order))
+    shutil.rmtree(ctx.stage_dir("reward") / "trainer", ignore_errors=True)  # the Trainer's unused output_dir
     for precision, row in study.items():
         row["spearman_vs_bf16"] = spearman(scores[precision], scores["bf16"]) if "bf16" in scores else None
         if row["spearman_vs_bf16"] is not None and math.isnan(row["spearman_vs_bf16"]):

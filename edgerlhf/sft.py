@@ -20,6 +20,7 @@ for a `model.random_init` base, `base/` (the random base + tokenizer) so later s
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
     merged.save_pretrained(out_dir / "merged")
     tokenizer.save_pretrained(out_dir / "merged")
     ctx.artifact("model", out_dir / "merged")
+    shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the Trainer's output_dir; nothing is kept there
 
     losses = callback.losses
     return {

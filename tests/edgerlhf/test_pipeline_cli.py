@@ -7,10 +7,9 @@ import sys
 
 import pytest
 
-from edgerlhf.config import HH_PREFS_SAMPLE, load_config
+from edgerlhf.config import HH_PREFS_SAMPLE, ConfigError, load_config
 from edgerlhf.context import RunContext
 from edgerlhf.pipeline import StageUnavailable, parse_overrides, run_pipeline, run_stage, stage_module
-from edgerlhf.config import ConfigError
 
 TINY_SETS = [
     "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
