@@ -25,7 +25,9 @@ def test_every_stage_runs_and_reports(tmp_path, capsys):
         fl = report["stages"][stage]["floor"]
         assert fl["total"] == fl["weights"] + fl["optimizer"] + fl["activations"] > 0
     assert report["stages"]["ppo"]["network_copies"] == 1.0
-    assert report["stages"]["ppo_naive"]["network_copies"] == 4.0
+    # Policy, reference and value network are whole copies; the reward network has no LM head, which in
+    # the toy model (untied head) is a sizeable share of the weights: between three and four copies.
+    assert 3.0 < report["stages"]["ppo_naive"]["network_copies"] <= 4.0
     # The naive design holds four networks, so even its floor is larger.
     assert report["stages"]["ppo_naive"]["floor"]["weights"] > 3 * report["stages"]["ppo"]["floor"]["weights"] * 0.9
     assert {"naive_vs_ours_peak_ratio", "naive_vs_ours_step_time_ratio", "ours_vs_rloo_step_time_ratio"} <= set(
