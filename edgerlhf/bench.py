@@ -21,8 +21,8 @@ in a fresh subprocess, so one stage's peak never hides in another's:
 - `rloo`: TRL's `RLOOTrainer` with the same model, LoRA, rollout batch, response length, minibatch and
   epochs (one rollout batch = `batch_size / mini_batch_size / grad_accum * ppo_epochs` trainer steps).
 
-Peak memory is the CUDA peak allocated on a GPU, the peak resident set (`ru_maxrss`) of the stage's
-process on the CPU (which includes the Python + torch runtime, reported as `rss_baseline_mb`). The floor
+Peak memory is the CUDA peak allocated on a GPU, the peak resident set (`VmHWM`) of the stage's process
+on the CPU (which includes the Python + torch runtime, reported as `rss_baseline_mb`). The floor
 next to each peak is the memory the configuration cannot do without (see `floor`). Benchmarks print
 figures; they assert nothing about speed.
 """
@@ -79,6 +79,11 @@ def prepare_run_dir(config, work: Path) -> Path:
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
     torch.manual_seed(config.seed)
     model = load_base_model(config.model, "cpu", tokenizer=tokenizer, seed=config.seed).float()
+    if config.model.random_init:
+        # distilgpt2 ties its LM head to the input embeddings (the random models of the `tiny` preset do not):
+        # tie them, so the weights are exactly distilgpt2's 82M parameters.
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
     model.save_pretrained(work / "sft" / "merged")
     tokenizer.save_pretrained(work / "sft" / "merged")
     hidden = model.config.hidden_size
@@ -117,19 +122,50 @@ def prepare_run_dir(config, work: Path) -> Path:
 # --- measuring ---------------------------------------------------------------------------------
 
 
+def _proc_status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status (`VmRSS`, `VmHWM`) in MB; None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process. `VmHWM` belongs to the address space, so unlike `ru_maxrss` it
+    does not inherit the parent's peak across fork + exec (which made every stage report the driver's peak)."""
+    from edgerlhf.memory import peak_rss_mb as ru_maxrss_mb
+
+    hwm = _proc_status_mb("VmHWM")
+    return hwm if hwm is not None else ru_maxrss_mb()
+
+
+def reset_peak_rss() -> None:
+    """Reset `VmHWM` to the current RSS (Linux `clear_refs` 5), so a stage's peak is its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 class Meter:
     """Peak memory of this process (CUDA peak allocated, or peak RSS on the CPU) and step times."""
 
     def __init__(self, device):
         import torch
 
-        from edgerlhf.memory import peak_rss_mb
-
         self.device = device
         self.cuda = device.type == "cuda"
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        self.baseline_mb = torch.cuda.memory_allocated(device) / MB if self.cuda else peak_rss_mb()
+            self.baseline_mb = torch.cuda.memory_allocated(device) / MB
+        else:
+            reset_peak_rss()
+            self.baseline_mb = _proc_status_mb("VmRSS") or peak_rss_mb()
         self.times: list[float] = []
 
     def sync(self):
@@ -140,8 +176,6 @@ class Meter:
 
     def peak_mb(self) -> float:
         import torch
-
-        from edgerlhf.memory import peak_rss_mb
 
         return torch.cuda.max_memory_allocated(self.device) / MB if self.cuda else peak_rss_mb()
 
@@ -457,9 +491,12 @@ def bench_rloo(config, run_dir: Path, device, steps: int, warmup: int) -> dict[s
                         note="tokens_per_step assumes full-length responses")
 
 
-def worker(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int, result: Path) -> None:
+def worker(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int, result: Path,
+           threads: int | None = None) -> None:
     """Entry point of one stage's subprocess: measure, write the result as JSON."""
     torch = _torch()
+    if threads:
+        torch.set_num_threads(threads)
     from edgerlhf.config import PipelineConfig
     from edgerlhf.models import resolve_device
 
@@ -479,6 +516,7 @@ def worker(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int
     else:
         raise ValueError(f"unknown benchmark stage {stage!r}; choose from {list(STAGES)}")
     out["device"] = str(device)
+    out["torch_threads"] = torch.get_num_threads()
     result.write_text(json.dumps(out))
 
 
@@ -486,12 +524,14 @@ def worker(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int
 
 
 def run_stage_process(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int,
-                      timeout: float | None) -> dict[str, Any]:
+                      timeout: float | None, threads: int | None = None) -> dict[str, Any]:
     """Measure one stage in a fresh Python process; a failure is recorded, not raised."""
     result = run_dir / f"result-{stage}.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "edgerlhf.bench", "--worker", stage, "--config-file", str(config_file),
            "--run-dir", str(run_dir), "--steps", str(steps), "--warmup", str(warmup), "--result", str(result)]
+    if threads:
+        cmd += ["--threads", str(threads)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -528,19 +568,21 @@ def table(report: dict[str, Any]) -> str:
             continue
         fl = r.get("floor", {}).get("total")
         note = r.get("design", r.get("trainer", r.get("precision", "")))
-        rows.append(f"{stage:<12} {r['peak_mb']:>9.0f} {fl / MB if fl else float('nan'):>9.0f} "
+        floor_mb = f"{fl / MB:>9.0f}" if fl else f"{'-':>9}"
+        rows.append(f"{stage:<12} {r['peak_mb']:>9.0f} {floor_mb} "
                     f"{r['step_s']:>9.3f} {r['tokens_per_s']:>10.1f}  {note}")
     for key, value in report["comparisons"].items():
         rows.append(f"{key}: {value:.2f}")
     return "\n".join(rows)
 
 
-def run_stage_here(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int) -> dict[str, Any]:
+def run_stage_here(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int,
+                   threads: int | None = None) -> dict[str, Any]:
     """Measure one stage in this process (`--in-process`: quick, but the peaks of earlier stages carry over)."""
     result = run_dir / f"result-{stage}.json"
     t0 = time.perf_counter()
     try:
-        worker(stage, config_file, run_dir, steps, warmup, result)
+        worker(stage, config_file, run_dir, steps, warmup, result, threads)
     except Exception as exc:  # recorded like a failed subprocess
         return {"error": f"{type(exc).__name__}: {exc}"}
     out = json.loads(result.read_text())
@@ -548,8 +590,8 @@ def run_stage_here(stage: str, config_file: Path, run_dir: Path, steps: int, war
     return out
 
 
-def run_benchmarks(config, stages: list[str], work: Path, steps: int, warmup: int,
-                   timeout: float | None = None, in_process: bool = False) -> dict[str, Any]:
+def run_benchmarks(config, stages: list[str], work: Path, steps: int, warmup: int, timeout: float | None = None,
+                   in_process: bool = False, threads: int | None = None) -> dict[str, Any]:
     from edgerlhf.memory import gpu_info
     from edgerlhf.models import resolve_device
 
@@ -560,15 +602,15 @@ def run_benchmarks(config, stages: list[str], work: Path, steps: int, warmup: in
     for stage in stages:
         print(f"[bench] {stage} ...", file=sys.stderr, flush=True)
         if in_process:
-            results[stage] = run_stage_here(stage, config_file, run_dir, steps, warmup)
+            results[stage] = run_stage_here(stage, config_file, run_dir, steps, warmup, threads)
         else:
-            results[stage] = run_stage_process(stage, config_file, run_dir, steps, warmup, timeout)
+            results[stage] = run_stage_process(stage, config_file, run_dir, steps, warmup, timeout, threads)
     device = resolve_device(config.device)
     return {
         "device": str(device),
         "gpus": gpu_info(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": _torch().get_num_threads(),
+        "torch_threads": threads or _torch().get_num_threads(),
         "model": config.model.name_or_path if not config.model.random_init else
         f"random GPT-2 n_layer={config.model.n_layer} n_head={config.model.n_head} n_embd={config.model.n_embd}",
         "preset": config.preset,
@@ -596,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench.json", help="where to write the JSON report")
     parser.add_argument("--work-dir", help="where to build the synthetic run directory (default: a temp dir)")
     parser.add_argument("--timeout", type=float, help="seconds allowed per stage")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads per stage (default: torch's; 1 gives steadier figures on a busy CPU)")
     parser.add_argument("--tiny", action="store_true", help="a toy model instead of distilgpt2 (smoke test)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every stage in this process (quick smoke runs; memory peaks then mix)")
@@ -606,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.worker:
-        worker(args.worker, Path(args.config_file), Path(args.run_dir), args.steps, args.warmup, Path(args.result))
+        worker(args.worker, Path(args.config_file), Path(args.run_dir), args.steps, args.warmup, Path(args.result),
+               args.threads)
         return 0
 
     from edgerlhf.config import ConfigError
@@ -627,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgerlhf-bench-") as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        report = run_benchmarks(config, stages, work, args.steps, args.warmup, args.timeout, args.in_process)
+        report = run_benchmarks(config, stages, work, args.steps, args.warmup, args.timeout, args.in_process,
+                                args.threads)
     report["command"] = "edgerlhf bench " + " ".join(argv if argv is not None else sys.argv[1:])
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(table(report))

@@ -37,9 +37,10 @@ def test_every_stage_runs_and_reports(tmp_path, capsys):
 
 def test_stages_run_in_their_own_process(tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(SMALL + ["--stages", "generation", "--out", str(out)]) == 0
+    assert bench.main(SMALL + ["--stages", "generation", "--threads", "1", "--out", str(out)]) == 0
     r = json.loads(out.read_text())["stages"]["generation"]
     assert r["peak_mb"] >= r["rss_baseline_mb"] > 0 and r["tokens_per_step"] > 0
+    assert r["torch_threads"] == 1
 
 
 def test_unknown_stage_is_refused():
