@@ -247,7 +247,8 @@ def _prompts(run_dir: Path, n: int) -> list[str]:
 
 
 def bench_generation(config, run_dir: Path, device, steps: int, warmup: int) -> dict[str, Any]:
-    from edgerlhf import models, ppo
+    from edgerlhf import models
+    from edgerlhf.generation import Sampling, generate
 
     meter = Meter(device)
     cfg = config.ppo
@@ -256,7 +257,7 @@ def bench_generation(config, run_dir: Path, device, steps: int, warmup: int) -> 
     lengths = []
 
     def step():
-        rollouts = ppo.generate(model, tokenizer, prompts, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p)
+        rollouts = generate(model, tokenizer, prompts, cfg.response_length, Sampling.of(cfg))
         lengths.append(int(rollouts.response_mask.sum()))
         return rollouts
 
@@ -376,19 +377,19 @@ class NaivePPOModels:
         trainable = [p for m in (self.model, self.value_model) for p in m.parameters() if p.requires_grad]
         return trainable + list(self.value_head.parameters())
 
-    def forward(self, query_ids, query_mask, response_ids, response_mask, temperature: float = 1.0):
-        from edgerlhf.ppo import forward_response
+    def forward(self, query_ids, query_mask, response_ids, response_mask, sampling=None):
+        from edgerlhf.generation import forward_response
 
-        logits, _ = forward_response(self.model, query_ids, query_mask, response_ids, response_mask, temperature)
+        logits, _ = forward_response(self.model, query_ids, query_mask, response_ids, response_mask, sampling)
         _, values = forward_response(self.value_model, query_ids, query_mask, response_ids, response_mask,
-                                     temperature, self.value_head)
+                                     sampling, self.value_head)
         return logits, values
 
-    def reference_logits(self, query_ids, query_mask, response_ids, response_mask, temperature: float = 1.0):
-        from edgerlhf.ppo import forward_response
+    def reference_logits(self, query_ids, query_mask, response_ids, response_mask, sampling=None):
+        from edgerlhf.generation import forward_response
 
         with _torch().no_grad():
-            return forward_response(self.reference, query_ids, query_mask, response_ids, response_mask, temperature)[0]
+            return forward_response(self.reference, query_ids, query_mask, response_ids, response_mask, sampling)[0]
 
     def score(self, prompts, responses):
         return self.reward_model.score(prompts, responses)

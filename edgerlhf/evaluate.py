@@ -54,7 +54,8 @@ def sample_policy(models, prompts: list[str], config, use_adapter: bool, seed: i
     Returns texts, response lengths in tokens and, for the PPO policy, the KL from the reference of each
     response (the SFT policy is the reference, its KL is 0).
     """
-    from edgerlhf.ppo import generate, sequence_kl
+    from edgerlhf.generation import Sampling, generate
+    from edgerlhf.ppo import sequence_kl
 
     cfg = config.ppo
     model = models.model
@@ -64,7 +65,7 @@ def sample_policy(models, prompts: list[str], config, use_adapter: bool, seed: i
         torch.manual_seed(seed + i)
         with nullcontext() if use_adapter else model.disable_adapter():
             rollouts = generate(model, models.tokenizer, prompts[i:i + GEN_BATCH], config.evaluate.response_length,
-                                cfg.temperature, cfg.top_k, cfg.top_p)
+                                Sampling.of(cfg))
         responses += rollouts.responses
         lengths += rollouts.response_mask.sum(1).tolist()
         if use_adapter:

@@ -10,9 +10,9 @@ policy + value loss (- entropy bonus) over shuffled minibatches with gradient ac
 `run(config, ctx)`, the stage: prompts, checkpoints and resume, metrics, samples and probes.
 
 Sampling and log-probs agree: rollouts are drawn with temperature, top-k and top-p, and the PPO ratio
-uses the probability of a token under exactly that distribution (the softmax renormalised over the
-step's top-k/top-p support); the reference is scored on the same support, so the KL estimate is 0 for an
-unchanged policy and cannot go negative in expectation (see `policy_stats`).
+uses the probability of a token under exactly that distribution; both go through one definition,
+`edgerlhf.generation.Sampling`. The reference is scored on the same support, so the KL estimate is 0 for
+an unchanged policy and cannot go negative in expectation (see `generation.policy_stats`).
 
 Memory design — one copy of the base network:
 - `sft/merged` is loaded once; the policy is a trainable LoRA adapter named `policy` on it (peft);
@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+
+from edgerlhf.generation import Rollouts, Sampling, forward_response, generate, policy_stats
 
 # --- PPO math: pure functions on (B, T) tensors, `mask` is 1 on response tokens -------------------
 
@@ -142,78 +144,6 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     advantages = torch.stack(advantages_reversed[::-1], dim=1)  # (B, T)
     returns = (advantages + values) * mask  # (B, T)
     return advantages, returns
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution over the last dim: logsumexp(z) - sum(softmax(z) * z)."""
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each token in `tokens` (B, T) under `logits` (B, T, V)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def sampling_support(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0):
-    """The tokens top-k then top-p (nucleus) sampling can draw from `logits` (..., V).
-
-    Same rules and order as transformers' `TopKLogitsWarper` / `TopPLogitsWarper`: keep the `top_k`
-    largest; then drop the least likely tokens whose cumulative probability stays <= 1 - top_p (the most
-    likely token always stays). Returns `(idx, keep)`: candidate token ids (..., K), most likely first,
-    and which of them stay (..., K); `(None, None)` when sampling uses the whole vocabulary. With top-k,
-    K = top_k and nothing of size V is sorted or materialised (the vocabulary is 50k tokens).
-    """
-    V = logits.shape[-1]
-    if top_k and top_k < V:
-        values, idx = torch.topk(logits, top_k, dim=-1)  # (..., K) descending
-    elif top_p < 1.0:
-        values, idx = torch.sort(logits, dim=-1, descending=True)  # (..., V)
-    else:
-        return None, None
-    keep = torch.ones_like(values, dtype=torch.bool)
-    if top_p < 1.0:
-        probs = torch.softmax(values.float(), dim=-1)
-        # HF's ascending cumulative probability of a token = the mass of it and every less likely token.
-        tail = probs.flip(-1).cumsum(-1).flip(-1)
-        keep = tail > 1.0 - top_p
-        keep[..., 0] = True
-    return idx, keep
-
-
-def support_mask(support, shape) -> torch.Tensor:
-    """The support of `sampling_support` as a bool mask over the vocabulary (..., V)."""
-    idx, keep = support
-    if idx is None:
-        return torch.ones(shape, dtype=torch.bool)
-    return torch.zeros(shape, dtype=torch.bool, device=idx.device).scatter(-1, idx, keep)
-
-
-def restricted_logprobs(logits: torch.Tensor, tokens: torch.Tensor, support) -> torch.Tensor:
-    """Log-probability of `tokens` (B, T) under softmax(`logits`) renormalised over `support`.
-
-    The sampled token always belongs to the support (a borderline token can fall out of a recomputed
-    top-k/top-p set by float rounding; it was drawn, so it is kept).
-    """
-    idx, keep = support
-    logits = logits.float()
-    token_logit = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    if idx is None:
-        return token_logit - torch.logsumexp(logits, dim=-1)
-    candidates = logits.gather(-1, idx).masked_fill(~keep, float("-inf"))  # (B, T, K)
-    log_z = torch.logsumexp(candidates, dim=-1)  # (B, T)
-    inside = ((idx == tokens.unsqueeze(-1)) & keep).any(-1)  # (B, T)
-    log_z = torch.where(inside, log_z, torch.logaddexp(log_z, token_logit))
-    return token_logit - log_z
-
-
-def restricted_entropy(logits: torch.Tensor, support) -> torch.Tensor:
-    """Entropy of softmax(`logits`) renormalised over `support`: (B, T, V) -> (B, T)."""
-    idx, keep = support
-    if idx is None:
-        return entropy_from_logits(logits.float())
-    logp = torch.log_softmax(logits.float().gather(-1, idx).masked_fill(~keep, float("-inf")), dim=-1)
-    return -(logp.exp() * logp.masked_fill(~keep, 0.0)).sum(-1)
 
 
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -325,17 +255,17 @@ class PPOModels:
     def modules(self) -> list[nn.Module]:
         return [self.model, self.value_head, self.reward_model]
 
-    def forward(self, query_ids, query_mask, response_ids, response_mask, temperature: float = 1.0):
-        """Policy logits (B, T, V) and values (B, T) at the response tokens, in one pass."""
-        return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, temperature,
+    def forward(self, query_ids, query_mask, response_ids, response_mask, sampling: Sampling | None = None):
+        """Policy logits (B, T, V), scaled by `sampling`, and values (B, T) at the response tokens, in one pass."""
+        return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, sampling,
                                 self.value_head)
 
     @torch.no_grad()
     def reference_logits(self, query_ids, query_mask, response_ids, response_mask,
-                         temperature: float = 1.0) -> torch.Tensor:
+                         sampling: Sampling | None = None) -> torch.Tensor:
         """Logits (B, T, V) of the reference policy: the same network with the LoRA adapters off."""
         with self.model.disable_adapter():
-            return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, temperature)[0]
+            return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, sampling)[0]
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -428,155 +358,18 @@ def base_weight_storages(objects: list[nn.Module]) -> dict[int, int]:
     return storages
 
 
-# --- rollouts: generation and per-token statistics -----------------------------------------------
-
-
-@dataclass
-class Rollouts:
-    """A batch of sampled responses. Prompts are left-padded, responses right-padded after their end."""
-
-    prompts: list[str]
-    responses: list[str]
-    """Response texts as a user sees them (cut at the stop markers)."""
-    query_ids: torch.Tensor  # (B, P)
-    query_mask: torch.Tensor  # (B, P)
-    response_ids: torch.Tensor  # (B, T)
-    response_mask: torch.Tensor  # (B, T) 1 up to and including the token that ended the response
-
-
-def response_lengths(tokenizer, response_ids: torch.Tensor) -> tuple[list[int], list[str]]:
-    """Where each sampled response ends, in tokens, and its text.
-
-    A response ends with its first EOS token or with the token that completes a stop marker
-    (`"\\n\\nHuman:"`, the model opening the next turn); that token is the policy's last action and is
-    kept in the mask, everything after it is padding.
-    """
-    from edgerlhf.dialogue import STOP_STRINGS, cut_at_stop
-
-    eos = tokenizer.eos_token_id
-    lengths, texts = [], []
-    for row in response_ids.tolist():
-        n = row.index(eos) + 1 if eos in row else len(row)
-        text = tokenizer.decode(row[:n], skip_special_tokens=True)
-        if any(marker in text for marker in STOP_STRINGS):
-            n = next(k for k in range(1, n + 1)
-                     if any(m in tokenizer.decode(row[:k], skip_special_tokens=True) for m in STOP_STRINGS))
-        lengths.append(n)
-        texts.append(cut_at_stop(text))
-    return lengths, texts
-
-
-class TopKTopP:
-    """A `generate` logits processor: -inf outside the top-k/top-p support of `sampling_support`."""
-
-    def __init__(self, top_k: int, top_p: float):
-        self.top_k, self.top_p = top_k, top_p
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        support = sampling_support(scores, self.top_k, self.top_p)
-        if support[0] is None:
-            return scores
-        return scores.masked_fill(~support_mask(support, scores.shape), float("-inf"))
-
-
-class StopOnMarkers:
-    """A `generate` stopping criterion: a row is done once its generated text contains a stop marker.
-
-    Only the last `window` generated tokens are decoded each step (a marker is a few tokens), so this
-    costs microseconds per row; transformers' `StopStringCriteria` instead scans the whole vocabulary
-    when built (about a second for GPT-2, on every `generate` call).
-    """
-
-    def __init__(self, tokenizer, prompt_length: int, window: int = 12):
-        from edgerlhf.dialogue import STOP_STRINGS
-
-        self.tokenizer, self.prompt_length, self.window, self.markers = tokenizer, prompt_length, window, STOP_STRINGS
-
-    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
-        start = max(self.prompt_length, input_ids.shape[1] - self.window)
-        tails = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=True)
-        done = [any(m in tail for m in self.markers) for tail in tails]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, do_sample: bool = True) -> Rollouts:
-    """Sample one response per prompt (left-padded batch), stopping at EOS or a stop marker."""
-    device = next(model.parameters()).device
-    n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"  # keep the prompt's end
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                      max_length=max(n_positions - max_new_tokens, 1)).to(device)
-    # Top-k/top-p through our own processor: the sampler and PPO's log-probs (`policy_stats`) then use the
-    # very same support rule, and top-p runs on the top-k candidates instead of sorting the vocabulary.
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                    logits_processor=[TopKTopP(top_k, top_p)]) if do_sample else dict(do_sample=False)
-    stop = StopOnMarkers(tokenizer, batch["input_ids"].shape[1])
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, stopping_criteria=[stop], **sampling)  # (B, P + T)
-    query_ids = batch["input_ids"]  # (B, P)
-    response_ids = out[:, query_ids.shape[1]:]  # (B, T)
-    lengths, texts = response_lengths(tokenizer, response_ids)
-    positions = torch.arange(response_ids.shape[1], device=device)
-    response_mask = (positions[None, :] < torch.tensor(lengths, device=device)[:, None]).long()  # (B, T)
-    # Tokens after the end are padding: make them EOS so no stray sample leaks into later passes.
-    response_ids = torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id)
-    return Rollouts(list(prompts), texts, query_ids, batch["attention_mask"], response_ids, response_mask)
-
-
-def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                     response_mask: torch.Tensor, temperature: float = 1.0, value_head: ValueHead | None = None):
-    """One forward pass over prompt + response: logits (and values) at the response tokens.
-
-    Returns `(logits (B, T, V) float32 / temperature, values (B, T) or None)`. Position ids follow the
-    left padding exactly as `generate` built them, so the logits are those of the sampling pass.
-    """
-    P, T = query_ids.shape[1], response_ids.shape[1]
-    input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, P + T)
-    attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P + T)
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, P + T)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                output_hidden_states=value_head is not None, logits_to_keep=T + 1, use_cache=False)
-    # The logits at position i predict token i + 1: the last T + 1 positions predict the T response tokens.
-    logits = out.logits[:, :-1].float() / temperature  # (B, T, V)
-    values = None
-    if value_head is not None:
-        values = value_head(out.hidden_states[-1][:, P - 1:-1])  # (B, T): V of the state before each token
-    return logits, values
-
-
-def policy_stats(logits: torch.Tensor, ref_logits: torch.Tensor | None, tokens: torch.Tensor, top_k: int,
-                 top_p: float):
-    """Log-probs of the sampled tokens under the distribution they were drawn from, and the reference's.
-
-    The policy samples with temperature, top-k and top-p, so its probability of a token is the softmax
-    renormalised over that step's top-k/top-p support; the PPO ratio uses exactly that, so the importance
-    weights are those of the sampler. The reference is renormalised over the same support: the KL
-    estimate log pi(x) - log pi_ref(x) is then 0 when policy == reference and >= 0 in expectation, where
-    full-vocabulary reference log-probs would make it negative and turn the penalty into a bonus for
-    flattening the policy (TRL's "negative KL" pitfall with top-k/top-p sampling). With top_k = 0 and
-    top_p = 1 everything reduces to the plain softmax.
-
-    Returns `(logprobs (B, T), ref_logprobs (B, T) or None, entropy (B, T))`.
-    """
-    support = sampling_support(logits, top_k, top_p)  # (B, T, V)
-    logprobs = restricted_logprobs(logits, tokens, support)
-    ref_logprobs = None if ref_logits is None else restricted_logprobs(ref_logits, tokens, support)
-    return logprobs, ref_logprobs, restricted_entropy(logits, support)
-
-
 def sequence_kl(models, rollouts: Rollouts, cfg, batch_size: int) -> torch.Tensor:
     """KL(policy || reference) of each sampled response: sum over its tokens of log pi - log pi_ref (B,),
     with the same estimator as the PPO penalty (`policy_stats`)."""
+    sampling = Sampling.of(cfg)
     out = []
     for i in range(0, len(rollouts.prompts), batch_size):
         s = slice(i, i + batch_size)
         args = (rollouts.query_ids[s], rollouts.query_mask[s], rollouts.response_ids[s], rollouts.response_mask[s])
         with torch.no_grad():
-            logits, _ = models.forward(*args, cfg.temperature)
-            ref_logits = models.reference_logits(*args, cfg.temperature)
-            logp, ref_logp, _ = policy_stats(logits, ref_logits, rollouts.response_ids[s], cfg.top_k, cfg.top_p)
+            logits, _ = models.forward(*args, sampling)
+            ref_logits = models.reference_logits(*args, sampling)
+            logp, ref_logp, _ = policy_stats(logits, ref_logits, rollouts.response_ids[s], sampling)
         out.append(((logp - ref_logp) * rollouts.response_mask[s]).sum(1).cpu())
     return torch.cat(out)
 
@@ -673,8 +466,7 @@ def _probe(ctx, models: PPOModels, prompts: list[str], step: int, config) -> Non
     cfg = config.ppo
     with torch.random.fork_rng(devices=[models.device] if models.device.type == "cuda" else []):
         torch.manual_seed(config.seed)
-        rollouts = generate(models.model, models.tokenizer, prompts, cfg.response_length, cfg.temperature,
-                            cfg.top_k, cfg.top_p)
+        rollouts = generate(models.model, models.tokenizer, prompts, cfg.response_length, Sampling.of(cfg))
     scores = models.score(rollouts.prompts, rollouts.responses)
     for prompt, response, score in zip(prompts, rollouts.responses, scores.tolist()):
         ctx.log_sample(prompt, response, score, step, kind="probe", checkpoint=f"ppo/step-{step}")
@@ -692,10 +484,10 @@ def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str],
     t0 = time.perf_counter()
     device = models.device
     params = models.policy_parameters()
+    sampling = Sampling.of(cfg)
 
     # 1. Rollouts: generate with the policy, score with the reward model.
-    rollouts = generate(models.model, models.tokenizer, batch_prompts, cfg.response_length, cfg.temperature,
-                        cfg.top_k, cfg.top_p)
+    rollouts = generate(models.model, models.tokenizer, batch_prompts, cfg.response_length, sampling)
     scores = models.score(rollouts.prompts, rollouts.responses).to(device)  # (B,)
     t_gen = time.perf_counter() - t0
 
@@ -705,9 +497,9 @@ def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str],
         for i in range(0, cfg.batch_size, cfg.mini_batch_size):
             s = slice(i, i + cfg.mini_batch_size)
             args = (rollouts.query_ids[s], rollouts.query_mask[s], rollouts.response_ids[s], rollouts.response_mask[s])
-            logits, values = models.forward(*args, cfg.temperature)  # (M, T, V), (M, T)
-            ref_logits = models.reference_logits(*args, cfg.temperature)  # (M, T, V)
-            logp, ref_logp, ent = policy_stats(logits, ref_logits, rollouts.response_ids[s], cfg.top_k, cfg.top_p)
+            logits, values = models.forward(*args, sampling)  # (M, T, V), (M, T)
+            ref_logits = models.reference_logits(*args, sampling)  # (M, T, V)
+            logp, ref_logp, ent = policy_stats(logits, ref_logits, rollouts.response_ids[s], sampling)
             b_logprobs.append(logp)
             b_ref_logprobs.append(ref_logp)
             b_values.append(values)
@@ -736,8 +528,8 @@ def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str],
             mb = order[k * cfg.mini_batch_size:(k + 1) * cfg.mini_batch_size]
             mb_mask = b_mask[mb]  # (M, T)
             logits, mb_values = models.forward(rollouts.query_ids[mb], rollouts.query_mask[mb],
-                                               rollouts.response_ids[mb], rollouts.response_mask[mb], cfg.temperature)
-            mb_logprobs, _, mb_entropy = policy_stats(logits, None, rollouts.response_ids[mb], cfg.top_k, cfg.top_p)
+                                               rollouts.response_ids[mb], rollouts.response_mask[mb], sampling)
+            mb_logprobs, _, mb_entropy = policy_stats(logits, None, rollouts.response_ids[mb], sampling)
             pg_loss, clip_frac, approx_kl = clipped_policy_loss(mb_logprobs, b_logprobs[mb], b_advantages[mb],
                                                                 mb_mask, cfg.cliprange)
             v_loss, vf_clip_frac = clipped_value_loss(mb_values, b_values[mb], b_returns[mb], mb_mask,

@@ -10,6 +10,7 @@ import torch
 from edgerlhf import models, ppo
 from edgerlhf.config import ConfigError, load_config
 from edgerlhf.context import RunContext
+from edgerlhf.generation import Sampling, forward_response, generate, logprobs_from_logits, response_lengths
 from tests.edgerlhf.tiny_run import make_tiny_run, tiny_config
 
 
@@ -113,7 +114,7 @@ def test_reference_is_the_sft_model_with_the_adapter_disabled(run_dir, ppo_model
     tokenizer = ppo_models.tokenizer
     torch.manual_seed(0)
     prompts = ["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: What is a cat?\n\nAssistant:"]
-    rollouts = ppo.generate(ppo_models.model, tokenizer, prompts, 6, top_k=50, top_p=0.95)
+    rollouts = generate(ppo_models.model, tokenizer, prompts, 6, Sampling(top_k=50, top_p=0.95))
     args = (rollouts.query_ids, rollouts.query_mask, rollouts.response_ids, rollouts.response_mask)
     lora_b = [p for n, p in ppo_models.model.named_parameters() if "lora_B" in n and ".policy." in n]
     saved = [p.detach().clone() for p in lora_b]
@@ -121,10 +122,10 @@ def test_reference_is_the_sft_model_with_the_adapter_disabled(run_dir, ppo_model
         for p in lora_b:
             p.normal_(std=0.5)  # make the policy differ from the reference
         tokens = rollouts.response_ids
-        policy_logp = ppo.logprobs_from_logits(ppo_models.forward(*args)[0], tokens)
-        ref_logp = ppo.logprobs_from_logits(ppo_models.reference_logits(*args), tokens)
+        policy_logp = logprobs_from_logits(ppo_models.forward(*args)[0], tokens)
+        ref_logp = logprobs_from_logits(ppo_models.reference_logits(*args), tokens)
         sft_model, _ = models.load_policy(run_dir, "sft")
-        sft_logp = ppo.logprobs_from_logits(ppo.forward_response(sft_model, *args)[0], tokens)
+        sft_logp = logprobs_from_logits(forward_response(sft_model, *args)[0], tokens)
         for p, s in zip(lora_b, saved):
             p.copy_(s)
     mask = rollouts.response_mask.bool()
@@ -143,9 +144,9 @@ def test_forward_response_reproduces_the_sampling_log_probs(ppo_models):
         response_ids = out.sequences[:, batch["input_ids"].shape[1]:]
         step_logp = torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1).gather(
             -1, response_ids.unsqueeze(-1)).squeeze(-1)
-        logits, _ = ppo.forward_response(model, batch["input_ids"], batch["attention_mask"], response_ids,
+        logits, _ = forward_response(model, batch["input_ids"], batch["attention_mask"], response_ids,
                                          torch.ones_like(response_ids))
-        logp = ppo.logprobs_from_logits(logits, response_ids)
+        logp = logprobs_from_logits(logits, response_ids)
     torch.testing.assert_close(logp, step_logp, rtol=1e-4, atol=1e-4)
 
 
@@ -157,7 +158,7 @@ def test_response_lengths_stop_at_eos_or_a_stop_marker(ppo_models):
     rows = [hello + [eos, eos, eos], hello + human, hello + tok(" friend")["input_ids"] + [5] * 6]  # no end: all of it
     width = max(map(len, rows))
     ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows])
-    lengths, texts = ppo.response_lengths(tok, ids)
+    lengths, texts = response_lengths(tok, ids)
     # "\n\nHuman:" ends on its ':' token: the response includes the marker tokens, the text does not.
     n_marker = len(tok("\n\nHuman:")["input_ids"])
     assert lengths == [len(hello) + 1, len(hello) + n_marker, width]

@@ -11,9 +11,7 @@ from edgerlhf.ppo import (
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
-    entropy_from_logits,
     kl_estimate,
-    logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -112,14 +110,6 @@ def test_clipped_value_loss():
     close(clip_frac, 0.5)
 
 
-def test_entropy_and_logprobs_from_logits():
-    close(entropy_from_logits(t([[0.0, 0.0, 0.0, 0.0]])), [math.log(4.0)])
-    probs = [0.5, 0.25, 0.25]
-    logits = t([[math.log(p) + 3.0 for p in probs]])  # a shift changes nothing
-    close(entropy_from_logits(logits), [0.5 * math.log(2) + 0.5 * math.log(4)])
-    close(logprobs_from_logits(logits.unsqueeze(0), torch.tensor([[1, 0]])[:, :1]), [[math.log(0.25)]])
-
-
 def test_fixed_kl_controller_does_not_move():
     ctl = FixedKLController(0.1)
     ctl.update(100.0, 32)
@@ -137,67 +127,6 @@ def test_adaptive_kl_controller():
     restored = AdaptiveKLController(1.0, 6.0, 10000)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == ctl.value
-
-
-def test_sampling_support_follows_top_k_then_top_p():
-    from edgerlhf.ppo import sampling_support, support_mask
-
-    logits = t([[math.log(p) for p in (0.05, 0.5, 0.15, 0.3)]])
-
-    def mask(**kw):
-        return support_mask(sampling_support(logits, **kw), logits.shape).tolist()
-
-    assert mask() == [[True] * 4]
-    assert mask(top_k=2) == [[False, True, False, True]]
-    # top-p 0.7: ascending probs .05 .15 .3 .5, cumulative .05 .2 .5 1: drop those <= 0.3 -> keep .3 and .5
-    assert mask(top_p=0.7) == [[False, True, False, True]]
-    assert mask(top_p=0.9) == [[False, True, True, True]]
-    # top-k first, then top-p on the renormalised rest: .5/.95 alone already exceeds 0.5
-    assert mask(top_k=3, top_p=0.5) == [[False, True, False, False]]
-    assert mask(top_k=3, top_p=0.9) == [[False, True, True, True]]
-    assert support_mask(sampling_support(t([[0.0, 0.0]]), top_p=0.01), (1, 2)).sum() == 1  # the best one stays
-
-
-def test_sampling_support_matches_transformers_warpers():
-    from transformers import TopKLogitsWarper, TopPLogitsWarper
-
-    from edgerlhf.ppo import sampling_support, support_mask
-
-    torch.manual_seed(0)
-    scores = torch.randn(6, 1000) * 3
-    for top_k, top_p in ((50, 0.95), (0, 0.9), (20, 1.0), (200, 0.5)):
-        warped = scores.clone()
-        if top_k:
-            warped = TopKLogitsWarper(top_k)(None, warped)
-        warped = TopPLogitsWarper(top_p)(None, warped) if top_p < 1 else warped
-        ours = support_mask(sampling_support(scores, top_k, top_p), scores.shape)
-        assert torch.equal(ours, torch.isfinite(warped)), (top_k, top_p)
-
-
-def test_restricted_logprobs_and_entropy():
-    from edgerlhf.ppo import restricted_entropy, restricted_logprobs, sampling_support
-
-    logits = t([[[math.log(p) for p in (0.05, 0.5, 0.15, 0.3)]]])  # (B=1, T=1, V=4)
-    support = sampling_support(logits, top_k=2)
-    close(restricted_logprobs(logits, torch.tensor([[1]]), support), [[math.log(0.5 / 0.8)]])
-    # A sampled token outside the support is added to it: {1, 3} + {2}
-    close(restricted_logprobs(logits, torch.tensor([[2]]), support), [[math.log(0.15 / 0.95)]])
-    p = torch.tensor([0.5, 0.3]) / 0.8
-    close(restricted_entropy(logits, support), [[float(-(p * p.log()).sum())]])
-    full = sampling_support(logits)
-    close(restricted_logprobs(logits, torch.tensor([[3]]), full), [[math.log(0.3)]])
-    close(restricted_entropy(logits, full), [[-sum(q * math.log(q) for q in (0.05, 0.5, 0.15, 0.3))]])
-
-
-def test_kl_estimate_on_a_shared_support_is_zero_for_identical_policies():
-    from edgerlhf.ppo import policy_stats
-
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 50, dtype=torch.float64)
-    tokens = torch.randint(0, 50, (2, 5))
-    logp, ref_logp, entropy = policy_stats(logits, logits.clone(), tokens, top_k=10, top_p=0.9)
-    close(logp - ref_logp, torch.zeros(2, 5))
-    assert (entropy <= math.log(10) + 1e-9).all()  # at most 10 tokens in the support
 
 
 def test_leave_one_out_baseline():

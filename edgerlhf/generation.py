@@ -1,0 +1,271 @@
+"""Generation: one definition of the sampling distribution, shared by the sampler and the log-prob maths.
+
+PPO's importance ratios, its KL penalty and the evaluation's KL are only right if the probability a
+token is scored with is the probability it was drawn with. Both sides therefore go through `Sampling`:
+
+    scaled = logits / temperature                    (temperature first, as every sampler documents it)
+    support = top-k of scaled, then top-p of those   (`sampling_support`, the rules of transformers' warpers)
+    p(token) = softmax(scaled) renormalised over the support
+
+`generate` draws with exactly that (`SamplingProcessor`, the only logits processor it uses; every
+built-in warper of `transformers.generate` is switched off, because in transformers 5 a custom processor
+runs *before* its temperature warper and would see unscaled logits), and `forward_response` +
+`policy_stats` score sampled tokens with exactly that. The reference policy is scored on the policy's
+support, so the KL estimate is 0 for an unchanged policy (see `policy_stats`).
+
+Also here: `Rollouts` (a batch of sampled responses), the stop rule (EOS or a stop marker, `StopOnMarkers`
+during sampling, `response_lengths` after it) and the one-pass re-scoring of prompt + response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# --- the sampling distribution -------------------------------------------------------------------
+
+
+def sampling_support(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0):
+    """The tokens top-k then top-p (nucleus) sampling can draw from `logits` (..., V), already scaled.
+
+    Same rules and order as transformers' `TopKLogitsWarper` / `TopPLogitsWarper`: keep the `top_k`
+    largest; then drop the least likely tokens whose cumulative probability stays <= 1 - top_p (the most
+    likely token always stays). Returns `(idx, keep)`: candidate token ids (..., K), most likely first,
+    and which of them stay (..., K); `(None, None)` when sampling uses the whole vocabulary. With top-k,
+    K = top_k and nothing of size V is sorted or materialised (the vocabulary is 50k tokens).
+    """
+    V = logits.shape[-1]
+    if top_k and top_k < V:
+        values, idx = torch.topk(logits, top_k, dim=-1)  # (..., K) descending
+    elif top_p < 1.0:
+        values, idx = torch.sort(logits, dim=-1, descending=True)  # (..., V)
+    else:
+        return None, None
+    keep = torch.ones_like(values, dtype=torch.bool)
+    if top_p < 1.0:
+        probs = torch.softmax(values.float(), dim=-1)
+        # HF's ascending cumulative probability of a token = the mass of it and every less likely token.
+        tail = probs.flip(-1).cumsum(-1).flip(-1)
+        keep = tail > 1.0 - top_p
+        keep[..., 0] = True
+    return idx, keep
+
+
+def support_mask(support, shape) -> torch.Tensor:
+    """The support of `sampling_support` as a bool mask over the vocabulary (..., V)."""
+    idx, keep = support
+    if idx is None:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.zeros(shape, dtype=torch.bool, device=idx.device).scatter(-1, idx, keep)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are drawn: temperature, then top-k, then top-p. `greedy` takes the arg max instead."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> Sampling:
+        """The sampling settings of a config section with `temperature`, `top_k`, `top_p` (e.g. `ppo`)."""
+        return cls(cfg.temperature, cfg.top_k, cfg.top_p)
+
+    def scale(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits in fp32 divided by the temperature: the only place the temperature is applied."""
+        return logits.float() / self.temperature
+
+    def support(self, scaled_logits: torch.Tensor):
+        """`sampling_support` of already scaled logits with these settings."""
+        return sampling_support(scaled_logits, self.top_k, self.top_p)
+
+
+class SamplingProcessor:
+    """The `generate` logits processor for `Sampling`: scaled logits, -inf outside the support."""
+
+    def __init__(self, sampling: Sampling):
+        self.sampling = sampling
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scaled = self.sampling.scale(scores)  # (B, V)
+        support = self.sampling.support(scaled)
+        if support[0] is None:
+            return scaled
+        return scaled.masked_fill(~support_mask(support, scaled.shape), float("-inf"))
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution over the last dim: logsumexp(z) - sum(softmax(z) * z)."""
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each token in `tokens` (B, T) under `logits` (B, T, V)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def restricted_logprobs(logits: torch.Tensor, tokens: torch.Tensor, support) -> torch.Tensor:
+    """Log-probability of `tokens` (B, T) under softmax(`logits`) renormalised over `support`.
+
+    The sampled token always belongs to the support (a borderline token can fall out of a recomputed
+    top-k/top-p set by float rounding; it was drawn, so it is kept).
+    """
+    idx, keep = support
+    logits = logits.float()
+    token_logit = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if idx is None:
+        return token_logit - torch.logsumexp(logits, dim=-1)
+    candidates = logits.gather(-1, idx).masked_fill(~keep, float("-inf"))  # (B, T, K)
+    log_z = torch.logsumexp(candidates, dim=-1)  # (B, T)
+    inside = ((idx == tokens.unsqueeze(-1)) & keep).any(-1)  # (B, T)
+    log_z = torch.where(inside, log_z, torch.logaddexp(log_z, token_logit))
+    return token_logit - log_z
+
+
+def restricted_entropy(logits: torch.Tensor, support) -> torch.Tensor:
+    """Entropy of softmax(`logits`) renormalised over `support`: (B, T, V) -> (B, T)."""
+    idx, keep = support
+    if idx is None:
+        return entropy_from_logits(logits.float())
+    logp = torch.log_softmax(logits.float().gather(-1, idx).masked_fill(~keep, float("-inf")), dim=-1)
+    return -(logp.exp() * logp.masked_fill(~keep, 0.0)).sum(-1)
+
+
+def policy_stats(logits: torch.Tensor, ref_logits: torch.Tensor | None, tokens: torch.Tensor, sampling: Sampling):
+    """Log-probs of the sampled tokens under the distribution they were drawn from, and the reference's.
+
+    `logits` and `ref_logits` are scaled (`forward_response(..., sampling)`). The policy's probability of
+    a token is the softmax renormalised over that step's support, so the PPO ratio uses the importance
+    weights of the sampler. The reference is renormalised over the same support: the KL estimate
+    log pi(x) - log pi_ref(x) is then 0 when policy == reference and >= 0 in expectation, where
+    full-vocabulary reference log-probs would make it negative and turn the penalty into a bonus for
+    flattening the policy (TRL's "negative KL" pitfall with top-k/top-p sampling).
+
+    Returns `(logprobs (B, T), ref_logprobs (B, T) or None, entropy (B, T))`.
+    """
+    support = sampling.support(logits)
+    logprobs = restricted_logprobs(logits, tokens, support)
+    ref_logprobs = None if ref_logits is None else restricted_logprobs(ref_logits, tokens, support)
+    return logprobs, ref_logprobs, restricted_entropy(logits, support)
+
+
+# --- sampling responses ----------------------------------------------------------------------------
+
+
+@dataclass
+class Rollouts:
+    """A batch of sampled responses. Prompts are left-padded, responses right-padded after their end."""
+
+    prompts: list[str]
+    responses: list[str]
+    """Response texts as a user sees them (cut at the stop markers)."""
+    query_ids: torch.Tensor  # (B, P)
+    query_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, T)
+    response_mask: torch.Tensor  # (B, T) 1 up to and including the token that ended the response
+
+
+def response_lengths(tokenizer, response_ids: torch.Tensor) -> tuple[list[int], list[str]]:
+    """Where each sampled response ends, in tokens, and its text.
+
+    A response ends with its first EOS token or with the token that completes a stop marker
+    (`"\\n\\nHuman:"`, the model opening the next turn); that token is the policy's last action and is
+    kept in the mask, everything after it is padding.
+    """
+    from edgerlhf.dialogue import STOP_STRINGS, cut_at_stop
+
+    eos = tokenizer.eos_token_id
+    lengths, texts = [], []
+    for row in response_ids.tolist():
+        n = row.index(eos) + 1 if eos in row else len(row)
+        text = tokenizer.decode(row[:n], skip_special_tokens=True)
+        if any(marker in text for marker in STOP_STRINGS):
+            n = next(k for k in range(1, n + 1)
+                     if any(m in tokenizer.decode(row[:k], skip_special_tokens=True) for m in STOP_STRINGS))
+        lengths.append(n)
+        texts.append(cut_at_stop(text))
+    return lengths, texts
+
+
+class StopOnMarkers:
+    """A `generate` stopping criterion: a row is done once its generated text contains a stop marker.
+
+    Only the last `window` generated tokens are decoded each step (a marker is a few tokens), so this
+    costs microseconds per row; transformers' `StopStringCriteria` instead scans the whole vocabulary
+    when built (about a second for GPT-2, on every `generate` call).
+    """
+
+    def __init__(self, tokenizer, prompt_length: int, window: int = 12):
+        from edgerlhf.dialogue import STOP_STRINGS
+
+        self.tokenizer, self.prompt_length, self.window, self.markers = tokenizer, prompt_length, window, STOP_STRINGS
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        start = max(self.prompt_length, input_ids.shape[1] - self.window)
+        tails = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=True)
+        done = [any(m in tail for m in self.markers) for tail in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def generation_config(sampling: Sampling, max_new_tokens: int, tokenizer):
+    """A `GenerationConfig` in which `SamplingProcessor` is the only thing shaping the distribution.
+
+    Built from scratch rather than from the model's own `generation_config`, whose defaults (a
+    temperature, top-k 50, a repetition penalty ...) would otherwise change what is sampled behind the
+    log-prob computation's back.
+    """
+    from transformers import GenerationConfig
+
+    # transformers fills every field left at None from the model's config, so the neutral values are explicit.
+    neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
+                   eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not sampling.greedy,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **neutral)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling: Sampling) -> Rollouts:
+    """Sample one response per prompt (left-padded batch) with `sampling`, stopping at EOS or a stop marker."""
+    device = next(model.parameters()).device
+    n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"  # keep the prompt's end
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                      max_length=max(n_positions - max_new_tokens, 1)).to(device)
+    processors = [] if sampling.greedy else [SamplingProcessor(sampling)]
+    stop = StopOnMarkers(tokenizer, batch["input_ids"].shape[1])
+    out = model.generate(**batch, generation_config=generation_config(sampling, max_new_tokens, tokenizer),
+                         logits_processor=processors, stopping_criteria=[stop])  # (B, P + T)
+    query_ids = batch["input_ids"]  # (B, P)
+    response_ids = out[:, query_ids.shape[1]:]  # (B, T)
+    lengths, texts = response_lengths(tokenizer, response_ids)
+    positions = torch.arange(response_ids.shape[1], device=device)
+    response_mask = (positions[None, :] < torch.tensor(lengths, device=device)[:, None]).long()  # (B, T)
+    # Tokens after the end are padding: make them the pad token so no stray sample leaks into later passes.
+    response_ids = torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id)
+    return Rollouts(list(prompts), texts, query_ids, batch["attention_mask"], response_ids, response_mask)
+
+
+def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                     response_mask: torch.Tensor, sampling: Sampling | None = None, value_head=None):
+    """One forward pass over prompt + response: scaled logits (and values) at the response tokens.
+
+    Returns `(logits (B, T, V) float32, scaled by `sampling`'s temperature, values (B, T) or None)`.
+    Position ids follow the left padding exactly as `generate` built them, so the logits are those of
+    the sampling pass.
+    """
+    P, T = query_ids.shape[1], response_ids.shape[1]
+    input_ids = torch.cat([query_ids, response_ids], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P + T)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, P + T)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=value_head is not None, logits_to_keep=T + 1, use_cache=False)
+    # The logits at position i predict token i + 1: the last T + 1 positions predict the T response tokens.
+    logits = (sampling or Sampling()).scale(out.logits[:, :-1])  # (B, T, V)
+    values = None
+    if value_head is not None:
+        values = value_head(out.hidden_states[-1][:, P - 1:-1])  # (B, T): V of the state before each token
+    return logits, values

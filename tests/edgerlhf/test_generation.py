@@ -1,0 +1,181 @@
+"""The one sampling definition (edgerlhf.generation): what `generate` draws is what PPO scores.
+
+Exact-value checks of the support and restricted log-probs, a chi-square test of `generate`'s empirical
+token frequencies against the distribution `forward_response` + `policy_stats` assign, and the first PPO
+update of an unchanged policy (ratio exactly 1, KL exactly 0) for several temperature/top-k/top-p settings.
+"""
+
+import math
+
+import pytest
+import torch
+
+from edgerlhf.config import TINY_TOKENIZER_DIR, ModelConfig
+from edgerlhf.generation import (
+    Sampling,
+    entropy_from_logits,
+    forward_response,
+    generate,
+    logprobs_from_logits,
+    policy_stats,
+    restricted_entropy,
+    restricted_logprobs,
+    sampling_support,
+    support_mask,
+)
+
+SETTINGS = [Sampling(0.7, 50, 0.95), Sampling(1.5, 0, 0.9), Sampling(0.5, 20, 1.0), Sampling(1.0, 50, 0.95),
+            Sampling(2.0, 30, 0.8)]
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def close(actual, expected, tol=1e-6):
+    assert torch.allclose(torch.as_tensor(actual, dtype=torch.float64), t(expected), atol=tol, rtol=0), actual
+
+
+def test_entropy_and_logprobs_from_logits():
+    close(entropy_from_logits(t([[0.0, 0.0, 0.0, 0.0]])), [math.log(4.0)])
+    probs = [0.5, 0.25, 0.25]
+    logits = t([[math.log(p) + 3.0 for p in probs]])  # a shift changes nothing
+    close(entropy_from_logits(logits), [0.5 * math.log(2) + 0.5 * math.log(4)])
+    close(logprobs_from_logits(logits.unsqueeze(0), torch.tensor([[1, 0]])[:, :1]), [[math.log(0.25)]])
+
+
+
+def test_sampling_support_follows_top_k_then_top_p():
+    logits = t([[math.log(p) for p in (0.05, 0.5, 0.15, 0.3)]])
+
+    def mask(**kw):
+        return support_mask(sampling_support(logits, **kw), logits.shape).tolist()
+
+    assert mask() == [[True] * 4]
+    assert mask(top_k=2) == [[False, True, False, True]]
+    # top-p 0.7: ascending probs .05 .15 .3 .5, cumulative .05 .2 .5 1: drop those <= 0.3 -> keep .3 and .5
+    assert mask(top_p=0.7) == [[False, True, False, True]]
+    assert mask(top_p=0.9) == [[False, True, True, True]]
+    # top-k first, then top-p on the renormalised rest: .5/.95 alone already exceeds 0.5
+    assert mask(top_k=3, top_p=0.5) == [[False, True, False, False]]
+    assert mask(top_k=3, top_p=0.9) == [[False, True, True, True]]
+    assert support_mask(sampling_support(t([[0.0, 0.0]]), top_p=0.01), (1, 2)).sum() == 1  # the best one stays
+
+
+def test_sampling_support_matches_transformers_warpers():
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    scores = torch.randn(6, 1000) * 3
+    for top_k, top_p in ((50, 0.95), (0, 0.9), (20, 1.0), (200, 0.5)):
+        warped = scores.clone()
+        if top_k:
+            warped = TopKLogitsWarper(top_k)(None, warped)
+        warped = TopPLogitsWarper(top_p)(None, warped) if top_p < 1 else warped
+        ours = support_mask(sampling_support(scores, top_k, top_p), scores.shape)
+        assert torch.equal(ours, torch.isfinite(warped)), (top_k, top_p)
+
+
+def test_restricted_logprobs_and_entropy():
+    logits = t([[[math.log(p) for p in (0.05, 0.5, 0.15, 0.3)]]])  # (B=1, T=1, V=4)
+    support = sampling_support(logits, top_k=2)
+    close(restricted_logprobs(logits, torch.tensor([[1]]), support), [[math.log(0.5 / 0.8)]])
+    # A sampled token outside the support is added to it: {1, 3} + {2}
+    close(restricted_logprobs(logits, torch.tensor([[2]]), support), [[math.log(0.15 / 0.95)]])
+    p = torch.tensor([0.5, 0.3]) / 0.8
+    close(restricted_entropy(logits, support), [[float(-(p * p.log()).sum())]])
+    full = sampling_support(logits)
+    close(restricted_logprobs(logits, torch.tensor([[3]]), full), [[math.log(0.3)]])
+    close(restricted_entropy(logits, full), [[-sum(q * math.log(q) for q in (0.05, 0.5, 0.15, 0.3))]])
+
+
+def test_kl_estimate_on_a_shared_support_is_zero_for_identical_policies():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 50, dtype=torch.float64)
+    tokens = torch.randint(0, 50, (2, 5))
+    logp, ref_logp, entropy = policy_stats(logits, logits.clone(), tokens, Sampling(top_k=10, top_p=0.9))
+    close(logp - ref_logp, torch.zeros(2, 5))
+    assert (entropy <= math.log(10) + 1e-9).all()  # at most 10 tokens in the support
+
+
+@pytest.fixture(scope="module")
+def peaked_model():
+    """A random 1-layer GPT-2 whose next-token distribution is peaked enough for temperature to matter."""
+    from edgerlhf.models import load_tokenizer, random_gpt2
+
+    tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
+    model = random_gpt2(ModelConfig(name_or_path="tiny", random_init=True, n_layer=1, n_head=2, n_embd=32,
+                                    n_positions=64), tokenizer, seed=0).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # logits with a std of a few units, as a trained LM has
+    return model, tokenizer
+
+
+def chi_square_critical(dof: int, z: float = 3.719) -> float:
+    """Upper quantile of chi-square(dof) at the normal quantile z (Wilson-Hilferty; z = 3.719: p = 1e-4)."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.mark.parametrize("sampling", SETTINGS, ids=str)
+def test_generate_draws_from_the_distribution_ppo_scores(peaked_model, sampling):
+    model, tokenizer = peaked_model
+    prompt = "\n\nHuman: What is a good name for a cat?\n\nAssistant:"
+    n, rows = 4000, 500
+    torch.manual_seed(0)
+    drawn = []
+    for _ in range(n // rows):
+        rollouts = generate(model, tokenizer, [prompt] * rows, 1, sampling)
+        drawn.append(rollouts.response_ids[:, 0])
+    drawn = torch.cat(drawn)  # (n,)
+
+    # The distribution PPO assigns to that first token: scaled logits, support, restricted softmax.
+    with torch.no_grad():
+        logits, _ = forward_response(model, rollouts.query_ids[:1], rollouts.query_mask[:1],
+                                     rollouts.response_ids[:1, :1], torch.ones(1, 1, dtype=torch.long), sampling)
+    idx, keep = sampling.support(logits[0, 0])
+    support = idx[keep] if idx is not None else torch.arange(logits.shape[-1])
+    logp = torch.log_softmax(logits[0, 0, support], -1)
+    expected = logp.exp() * n  # (K,)
+    counts = torch.bincount(drawn, minlength=logits.shape[-1]).double()
+
+    outside = int(counts.sum() - counts[support].sum())
+    assert outside == 0, f"{outside} of {n} draws fall outside the support PPO scores ({len(support)} tokens)"
+    # Pool the rare cells so every expected count is >= 5 (the chi-square approximation's rule of thumb).
+    order = torch.argsort(expected, descending=True)
+    exp_sorted, obs_sorted = expected[order], counts[support][order]
+    big = exp_sorted >= 5
+    exp_cells = torch.cat([exp_sorted[big], exp_sorted[~big].sum(0, keepdim=True)])
+    obs_cells = torch.cat([obs_sorted[big], obs_sorted[~big].sum(0, keepdim=True)])
+    if exp_cells[-1] < 5:  # a pooled remainder still too small joins the smallest big cell
+        exp_cells = torch.cat([exp_cells[:-2], exp_cells[-2:].sum(0, keepdim=True)])
+        obs_cells = torch.cat([obs_cells[:-2], obs_cells[-2:].sum(0, keepdim=True)])
+    dof = len(exp_cells) - 1
+    assert dof >= 3, f"the test needs a spread distribution, got {len(support)} support tokens"
+    statistic = float(((obs_cells - exp_cells) ** 2 / exp_cells).sum())
+    assert statistic < chi_square_critical(dof), (sampling, statistic, dof)
+
+
+@pytest.fixture(scope="module")
+def tiny_run_dir(tmp_path_factory):
+    from tests.edgerlhf.tiny_run import make_tiny_run
+
+    return make_tiny_run(tmp_path_factory.mktemp("generation-run"))
+
+
+@pytest.mark.parametrize("sampling", SETTINGS, ids=str)
+def test_unchanged_policy_has_ratio_one_and_kl_zero(tiny_run_dir, sampling):
+    """The first minibatch of the first epoch: the policy has not moved, so every ratio is exactly 1 and
+    the KL to the reference (the same network, adapters off; the LoRA B is 0) is exactly 0."""
+    from edgerlhf import ppo
+    from tests.edgerlhf.tiny_run import tiny_config
+
+    config = tiny_config(batch_size=4, mini_batch_size=4, ppo_epochs=1, temperature=sampling.temperature,
+                         top_k=sampling.top_k, top_p=sampling.top_p)
+    models = ppo.build_models(config, tiny_run_dir, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(models.policy_parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    prompts = ["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: What is a cat?\n\nAssistant:"] * 2
+    metrics, rollouts, _ = ppo.ppo_step(models, optimizer, ppo.FixedKLController(0.1), prompts, config.ppo)
+    assert rollouts.response_mask.sum() > 0
+    assert metrics["ppo/approx_kl"] == 0.0 and metrics["ppo/clip_frac"] == 0.0
+    assert metrics["ppo/kl"] == 0.0
