@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 STAGES = ("data", "sft", "reward", "ppo", "evaluate")
 """The pipeline's stages, in the order they run."""
 
 PRECISIONS = ("bf16", "int8", "int4")
 """Reward-model precisions: bf16 weights, or bitsandbytes int8 / nf4 (int4) quantized weights."""
+
+LOCATION_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"))
+"""(section, field) of the config fields that name a model or data location: a hub id or an absolute path."""
 
 
 class ConfigError(ValueError):
@@ -35,43 +40,87 @@ class ConfigError(ValueError):
         self.message = message
 
 
-def _positive(section: str, obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{section}.{name}", f"must be > 0, got {value}")
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts, declared on the field: `steps: Annotated[int, Range(1, 10**6)]`.
+
+    Every numeric field has one, so a typo (`10**12` steps, a learning rate of 1e308) is refused before a
+    job is queued, and the 422 and the field's documentation (`field_docs`) quote it. Open ends exclude
+    the bound: `Range(0, 1, low_open=True)` is (0, 1].
+    """
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __str__(self) -> str:
+        def fmt(x: float) -> str:
+            return f"{x:g}" if isinstance(x, float) else str(x)
+        return f"{'(' if self.low_open else '['}{fmt(self.low)}, {fmt(self.high)}{')' if self.high_open else ']'}"
+
+    def contains(self, value: float) -> bool:
+        # Written so that NaN is outside every range.
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return bool(above and below)
 
 
-def _fraction(section: str, obj: Any, *names: str, inclusive: bool = False) -> None:
-    for name in names:
+COUNT = Range(1, 1_000_000)
+"""Steps, intervals and other counts of things done."""
+BATCH = Range(1, 4096)
+"""Sequences or prompts per batch, accumulation steps."""
+TOKENS = Range(1, 32768)
+"""Lengths in tokens."""
+LORA_RANK = Range(1, 1024)
+LEARNING_RATE = Range(0, 1, low_open=True)
+FRACTION = Range(0, 1)
+FEW = Range(0, 64)
+"""How many fixed prompts to sample or show."""
+
+
+@functools.cache
+def ranges(cls: type) -> dict[str, Range]:
+    """The declared `Range` of each numeric field of a config dataclass."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        # `Annotated[int, Range(...)]`, or that inside an optional `... | None`
+        for candidate in (hint, *typing.get_args(hint)):
+            if typing.get_origin(candidate) is Annotated:
+                out[name] = next(a for a in typing.get_args(candidate) if isinstance(a, Range))
+    return out
+
+
+def check_ranges(section: str, obj: Any) -> None:
+    """Raise `ConfigError` for the first field of `obj` outside its declared `Range` (None is always allowed)."""
+    for name, bounds in ranges(type(obj)).items():
         value = getattr(obj, name)
-        ok = 0.0 <= value <= 1.0 if inclusive else 0.0 < value < 1.0
-        if not ok:
-            bounds = "[0, 1]" if inclusive else "(0, 1)"
-            raise ConfigError(f"{section}.{name}", f"must be in {bounds}, got {value}")
+        if value is not None and not bounds.contains(value):
+            raise ConfigError(f"{section}.{name}" if section else name, f"must be in {bounds}, got {value}")
 
 
 @dataclass
 class ModelConfig:
     name_or_path: str = "distilgpt2"
-    """Base causal LM: a Hugging Face hub id or a local directory with config and weights."""
+    """Base causal LM: a Hugging Face hub id (`name` or `org/name`) or an absolute local directory with config
+    and weights."""
     tokenizer: str | None = None
-    """Tokenizer hub id or local directory; defaults to `name_or_path`."""
+    """Tokenizer hub id or absolute local directory; defaults to `name_or_path`."""
     random_init: bool = False
     """Build the model from a GPT-2 config with random weights instead of loading weights (tests, benchmarks)."""
-    n_layer: int = 6
+    n_layer: Annotated[int, Range(1, 128)] = 6
     """With `random_init`: number of transformer blocks (6 = distilgpt2)."""
-    n_head: int = 12
+    n_head: Annotated[int, Range(1, 256)] = 12
     """With `random_init`: attention heads per block (12 = distilgpt2)."""
-    n_embd: int = 768
+    n_embd: Annotated[int, Range(1, 16384)] = 768
     """With `random_init`: hidden size (768 = distilgpt2)."""
-    n_positions: int = 1024
+    n_positions: Annotated[int, Range(8, 32768)] = 1024
     """With `random_init`: maximum sequence length."""
 
     def __post_init__(self):
         if not self.name_or_path and not self.random_init:
             raise ConfigError("model.name_or_path", "must name a hub id or a local path")
-        _positive("model", self, "n_layer", "n_head", "n_embd", "n_positions")
+        check_ranges("model", self)
         if self.n_embd % self.n_head:
             raise ConfigError("model.n_embd", f"must be divisible by n_head={self.n_head}")
 
@@ -79,18 +128,19 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "Anthropic/hh-rlhf"
-    """Hub id, a local `.jsonl`/`.jsonl.gz` file, or a directory of them (raw HH-RLHF or processed prompt/chosen/rejected)."""
+    """Hub id, or an absolute path to a local `.jsonl`/`.jsonl.gz` file or a directory of them (raw HH-RLHF or
+    processed prompt/chosen/rejected)."""
     data_dir: str | None = "harmless-base"
     """Subset of the hub data set (`harmless-base`, `helpful-base`, ...); ignored for local files."""
     split: str = "train"
     """Split to read from the hub data set."""
-    max_pairs: int | None = None
+    max_pairs: Annotated[int, Range(2, 10_000_000)] | None = None
     """Keep at most this many pairs after cleaning (None: all)."""
-    test_fraction: float = 0.1
-    """Share of pairs held out for evaluation; the split is deterministic given `seed`."""
-    max_prompt_tokens: int = 256
+    test_fraction: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.1
+    """Share of pairs held out for evaluation, split by prompt; the split is deterministic given `seed`."""
+    max_prompt_tokens: Annotated[int, TOKENS] = 256
     """Pairs whose prompt is longer than this (in tokens) are dropped."""
-    max_response_tokens: int = 128
+    max_response_tokens: Annotated[int, TOKENS] = 128
     """Pairs whose chosen or rejected response is longer than this (in tokens) are dropped."""
     skip_bad_lines: bool = False
     """Count and skip malformed input lines instead of failing on the first one."""
@@ -98,9 +148,9 @@ class DataConfig:
     """`human`: HH-RLHF's own preference; `gold`: relabel each pair with the known gold scorer (known-answer task)."""
     gold_scorer: str = "concise"
     """With `labels=gold`: the text scorer whose preference is the truth (see edgerlhf.gold)."""
-    gold_empty_fraction: float = 0.3
-    """With `labels=gold`: for this share of pairs, also add the pair (chosen vs an empty response), so the
-    reward model learns the gold's rule that an empty answer is a bad one."""
+    gold_empty_fraction: Annotated[float, FRACTION] = 0.3
+    """With `labels=gold`: for this share of training pairs, also add the pair (chosen vs an empty response), so
+    the reward model learns the gold's rule that an empty answer is a bad one."""
 
     def __post_init__(self):
         if not self.source:
@@ -111,49 +161,43 @@ class DataConfig:
 
         if self.gold_scorer not in SCORERS:
             raise ConfigError("data.gold_scorer", f"unknown scorer {self.gold_scorer!r}; choose from {sorted(SCORERS)}")
-        _positive("data", self, "max_pairs", "max_prompt_tokens", "max_response_tokens")
-        _fraction("data", self, "test_fraction")
-        _fraction("data", self, "gold_empty_fraction", inclusive=True)
+        check_ranges("data", self)
 
 
 @dataclass
 class SFTConfig:
-    lora_r: int = 16
+    lora_r: Annotated[int, LORA_RANK] = 16
     """LoRA rank."""
-    lora_alpha: int = 32
+    lora_alpha: Annotated[int, Range(1, 4096)] = 32
     """LoRA scaling numerator (scale = alpha / r)."""
-    lora_dropout: float = 0.05
+    lora_dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.05
     """Dropout on the LoRA branch."""
     target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])
     """Modules that get LoRA adapters (GPT-2 names)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the LoRA adapters and merged into sft/merged (the `tiny` preset trains
     its random model's untied `lm_head`: a low-rank update of random weights alone cannot shape the output)."""
-    learning_rate: float = 2e-4
+    learning_rate: Annotated[float, LEARNING_RATE] = 2e-4
     """Peak learning rate."""
-    max_steps: int = 500
+    max_steps: Annotated[int, COUNT] = 500
     """Optimizer steps."""
-    batch_size: int = 8
+    batch_size: Annotated[int, BATCH] = 8
     """Sequences per device step."""
-    grad_accum: int = 1
+    grad_accum: Annotated[int, BATCH] = 1
     """Gradient accumulation steps."""
-    max_length: int = 384
+    max_length: Annotated[int, TOKENS] = 384
     """Prompt + response tokens per training sequence (longer ones are truncated)."""
     completion_only_loss: bool = True
     """Compute the loss on the response tokens only."""
-    eval_every: int = 100
+    eval_every: Annotated[int, COUNT] = 100
     """Evaluate loss and perplexity on held-out pairs every N steps."""
-    sample_every: int = 100
+    sample_every: Annotated[int, COUNT] = 100
     """Generate samples for the fixed held-out prompts every N steps."""
-    n_sample_prompts: int = 3
+    n_sample_prompts: Annotated[int, FEW] = 3
     """How many fixed held-out prompts to sample."""
 
     def __post_init__(self):
-        _positive("sft", self, "lora_r", "lora_alpha", "learning_rate", "max_steps", "batch_size",
-                  "grad_accum", "max_length", "eval_every", "sample_every")
-        _fraction("sft", self, "lora_dropout", inclusive=True)
-        if self.n_sample_prompts < 0:
-            raise ConfigError("sft.n_sample_prompts", "must be >= 0")
+        check_ranges("sft", self)
         if not self.target_modules:
             raise ConfigError("sft.target_modules", "must name at least one module")
 
@@ -162,23 +206,23 @@ class SFTConfig:
 class RewardConfig:
     precisions: list[str] = field(default_factory=lambda: ["bf16"])
     """Precisions to train a reward model in; more than one produces the precision study."""
-    lora_r: int = 16
+    lora_r: Annotated[int, LORA_RANK] = 16
     """LoRA rank of the reward model."""
-    lora_alpha: int = 32
+    lora_alpha: Annotated[int, Range(1, 4096)] = 32
     """LoRA scaling numerator."""
-    learning_rate: float = 1e-4
+    learning_rate: Annotated[float, LEARNING_RATE] = 1e-4
     """Peak learning rate of the LoRA adapter."""
-    head_lr_scale: float = 10.0
+    head_lr_scale: Annotated[float, Range(0, 1000, low_open=True)] = 10.0
     """The score head (a new layer) learns this many times faster than the adapter."""
-    max_steps: int = 300
+    max_steps: Annotated[int, COUNT] = 300
     """Optimizer steps per precision."""
-    batch_size: int = 8
+    batch_size: Annotated[int, BATCH] = 8
     """Preference pairs per device step."""
-    grad_accum: int = 1
+    grad_accum: Annotated[int, BATCH] = 1
     """Gradient accumulation steps."""
-    max_length: int = 384
+    max_length: Annotated[int, TOKENS] = 384
     """Prompt + response tokens per scored sequence."""
-    eval_every: int = 100
+    eval_every: Annotated[int, COUNT] = 100
     """Evaluate held-out accuracy every N steps."""
 
     def __post_init__(self):
@@ -189,69 +233,68 @@ class RewardConfig:
                 raise ConfigError("reward.precisions", f"unknown precision {p!r}; choose from {list(PRECISIONS)}")
         if len(set(self.precisions)) != len(self.precisions):
             raise ConfigError("reward.precisions", "lists a precision twice")
-        _positive("reward", self, "lora_r", "lora_alpha", "learning_rate", "head_lr_scale", "max_steps", "batch_size",
-                  "grad_accum", "max_length", "eval_every")
+        check_ranges("reward", self)
 
 
 @dataclass
 class PPOConfig:
-    steps: int = 200
+    steps: Annotated[int, COUNT] = 200
     """PPO iterations (each samples `batch_size` prompts)."""
-    batch_size: int = 32
+    batch_size: Annotated[int, BATCH] = 32
     """Prompts sampled per PPO iteration (rollout batch)."""
-    mini_batch_size: int = 2
+    mini_batch_size: Annotated[int, BATCH] = 2
     """Rollouts per forward/backward pass."""
-    grad_accum: int = 1
+    grad_accum: Annotated[int, BATCH] = 1
     """Minibatches accumulated per optimizer step."""
-    ppo_epochs: int = 4
+    ppo_epochs: Annotated[int, Range(1, 100)] = 4
     """Optimisation epochs over each rollout batch."""
-    learning_rate: float = 1.41e-5
+    learning_rate: Annotated[float, LEARNING_RATE] = 1.41e-5
     """Adam learning rate for the policy adapter and value head."""
-    response_length: int = 64
+    response_length: Annotated[int, Range(1, 8192)] = 64
     """Maximum new tokens per sampled response."""
-    temperature: float = 1.0
-    """Sampling temperature."""
-    top_k: int = 50
+    temperature: Annotated[float, Range(0.01, 10)] = 1.0
+    """Sampling temperature (logits are divided by it before top-k and top-p)."""
+    top_k: Annotated[int, Range(0, 1_000_000)] = 50
     """Top-k sampling (0 disables)."""
-    top_p: float = 0.95
+    top_p: Annotated[float, Range(0, 1, low_open=True)] = 0.95
     """Nucleus sampling threshold (1.0 disables)."""
-    init_kl_coef: float = 0.1
+    init_kl_coef: Annotated[float, Range(0, 100)] = 0.1
     """Initial coefficient of the per-token KL penalty against the reference policy."""
     adaptive_kl: bool = True
     """Adapt the KL coefficient towards `target_kl` (Ziegler et al. 2019); False keeps it fixed."""
-    target_kl: float = 6.0
+    target_kl: Annotated[float, Range(0, 1000, low_open=True)] = 6.0
     """Target KL per response for the adaptive controller."""
-    kl_horizon: int = 10000
+    kl_horizon: Annotated[int, Range(1, 1_000_000_000)] = 10000
     """Horizon of the adaptive KL controller, in samples."""
-    gamma: float = 1.0
+    gamma: Annotated[float, FRACTION] = 1.0
     """Discount factor."""
-    lam: float = 0.95
+    lam: Annotated[float, FRACTION] = 0.95
     """GAE lambda."""
-    cliprange: float = 0.2
+    cliprange: Annotated[float, Range(0, 10, low_open=True)] = 0.2
     """PPO ratio clipping."""
-    cliprange_value: float = 0.2
+    cliprange_value: Annotated[float, Range(0, 1000, low_open=True)] = 0.2
     """Value-function clipping."""
-    vf_coef: float = 0.1
+    vf_coef: Annotated[float, Range(0, 100)] = 0.1
     """Weight of the value loss."""
-    ent_coef: float = 0.0
+    ent_coef: Annotated[float, Range(0, 10)] = 0.0
     """Weight of the entropy bonus."""
     whiten_rewards: bool = False
     """Whiten the scores before adding the KL penalty."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: Annotated[float, Range(0, 1e6, low_open=True)] = 1.0
     """Gradient clipping."""
     reward_precision: str | None = None
     """Which trained reward model scores the rollouts (one of reward.precisions; None: the first of them)."""
-    sample_every: int = 10
+    sample_every: Annotated[int, COUNT] = 10
     """Record sample generations (prompt, response, reward) every N steps."""
-    checkpoint_every: int = 20
+    checkpoint_every: Annotated[int, COUNT] = 20
     """Save the policy adapter and optimizer every N steps so a run can resume."""
-    lora_r: int = 16
+    lora_r: Annotated[int, LORA_RANK] = 16
     """LoRA rank of the policy adapter (trained on top of sft/merged)."""
-    lora_alpha: int = 32
+    lora_alpha: Annotated[int, Range(1, 4096)] = 32
     """LoRA scaling numerator of the policy adapter (scale = alpha / r)."""
-    n_probe_prompts: int = 3
+    n_probe_prompts: Annotated[int, FEW] = 3
     """Fixed held-out prompts sampled at every checkpoint (kind `probe`), to watch the policy change."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: Annotated[int, Range(1, 64)] = 1
     """Responses sampled per prompt in a rollout batch (batch_size / samples_per_prompt prompts). With more than
     one, each score gets the mean score of the other responses to its prompt subtracted (a leave-one-out
     baseline, as RLOO): prompts the reward model simply likes more stop swamping the signal."""
@@ -260,48 +303,35 @@ class PPOConfig:
     (QLoRA-style), so policy, reference and reward share it; False keeps a bf16 policy plus a quantized reward copy."""
 
     def __post_init__(self):
-        _positive("ppo", self, "steps", "batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
-                  "learning_rate", "response_length", "temperature", "kl_horizon", "sample_every",
-                  "checkpoint_every", "max_grad_norm", "lora_r", "lora_alpha")
+        check_ranges("ppo", self)
         if self.batch_size % self.mini_batch_size:
             raise ConfigError("ppo.mini_batch_size", f"must divide batch_size={self.batch_size}")
         if (self.batch_size // self.mini_batch_size) % self.grad_accum:
             raise ConfigError("ppo.grad_accum", f"must divide the {self.batch_size // self.mini_batch_size} "
                                                 "minibatches of a rollout batch")
-        if self.n_probe_prompts < 0:
-            raise ConfigError("ppo.n_probe_prompts", "must be >= 0")
-        if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
-            raise ConfigError("ppo.samples_per_prompt", f"must be >= 1 and divide batch_size={self.batch_size}")
-        if self.init_kl_coef < 0:
-            raise ConfigError("ppo.init_kl_coef", "must be >= 0")
-        if self.top_k < 0:
-            raise ConfigError("ppo.top_k", "must be >= 0")
-        _fraction("ppo", self, "top_p", "gamma", "lam", inclusive=True)
-        _positive("ppo", self, "cliprange", "cliprange_value", "target_kl")
+        if self.batch_size % self.samples_per_prompt:
+            raise ConfigError("ppo.samples_per_prompt", f"must divide batch_size={self.batch_size}")
         if self.reward_precision is not None and self.reward_precision not in PRECISIONS:
             raise ConfigError("ppo.reward_precision", f"unknown precision {self.reward_precision!r}")
 
 
 @dataclass
 class EvalConfig:
-    n_prompts: int = 64
+    n_prompts: Annotated[int, Range(1, 100_000)] = 64
     """Held-out prompts to evaluate on."""
-    response_length: int = 64
+    response_length: Annotated[int, Range(1, 8192)] = 64
     """Maximum new tokens per response."""
-    n_show: int = 8
+    n_show: Annotated[int, Range(0, 1000)] = 8
     """Sample pairs (SFT vs PPO) written side by side to the report."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: Annotated[int, Range(1, 64)] = 1
     """Responses sampled per prompt and policy (more samples narrow the confidence intervals)."""
-    n_bootstrap: int = 2000
+    n_bootstrap: Annotated[int, Range(1, 100_000)] = 2000
     """Bootstrap resamples for the confidence intervals of the PPO - SFT differences."""
-    confidence: float = 0.95
+    confidence: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.95
     """Level of the bootstrap confidence intervals."""
 
     def __post_init__(self):
-        _positive("evaluate", self, "n_prompts", "response_length", "samples_per_prompt", "n_bootstrap")
-        if self.n_show < 0:
-            raise ConfigError("evaluate.n_show", "must be >= 0")
-        _fraction("evaluate", self, "confidence")
+        check_ranges("evaluate", self)
 
 
 @dataclass
@@ -310,10 +340,11 @@ class PipelineConfig:
     """Name of the preset this configuration started from."""
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     """Stages to run, a subset of data, sft, reward, ppo, evaluate (always in that order)."""
-    seed: int = 0
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0
     """Random seed for the data split, initialisation and sampling."""
     device: str = "auto"
-    """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
+    """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`; a device the worker's machine lacks fails the job
+    when it is claimed."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -328,7 +359,8 @@ class PipelineConfig:
         if not self.stages:
             raise ConfigError("stages", "must list at least one stage")
         self.stages = [s for s in STAGES if s in self.stages]
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        check_ranges("", self)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", self.device):
             raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.ppo.reward_precision is None:
             self.ppo.reward_precision = self.reward.precisions[0]
@@ -366,6 +398,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=f"{path}.")
     origin = typing.get_origin(hint)
+    if origin is Annotated:  # the range is checked by the dataclass itself
+        return _coerce(typing.get_args(hint)[0], value, path)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

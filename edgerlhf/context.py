@@ -42,7 +42,7 @@ class RunContext:
     """
 
     def __init__(self, run_dir: str | Path, job_id: int | str | None = None):
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).resolve()  # stages load from it by absolute path only
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.job_id = job_id
         self.stage: str | None = None

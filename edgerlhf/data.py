@@ -2,9 +2,10 @@
 
 Sources (`data.source`):
   (a) a hub id, `Anthropic/hh-rlhf` with `data.data_dir` (harmless-base, helpful-base, ...) and
-      `data.split`, read through `datasets.load_dataset` (Bai et al. 2022). Offline, this fails at once
-      and says how to point `data.source` at local files instead;
-  (b) a local `.jsonl` / `.jsonl.gz` file, or a directory of them (read recursively, in name order), in
+      `data.split`, downloaded (never looked up on disk, see `edgerlhf.locations`) and read through
+      `datasets.load_dataset` (Bai et al. 2022). Offline, this fails at once and says how to point
+      `data.source` at local files instead;
+  (b) an absolute path to a local `.jsonl` / `.jsonl.gz` file, or a directory of them (read recursively, in name order), in
       Anthropic's raw format: each line `{"chosen": full dialogue, "rejected": full dialogue}`;
   (c) the same, in processed form: `{"prompt", "chosen", "rejected"}` (prompts are normalised to the
       canonical `"\\n\\nHuman: ...\\n\\nAssistant:"`). Raw and processed lines may be mixed.
@@ -14,10 +15,12 @@ responses, prompt/response split mismatch (raw pairs whose dialogues differ befo
 duplicate pair (same prompt and the same two responses, in either order), prompt longer than
 `max_prompt_tokens`, a response longer than `max_response_tokens`, and with `labels = "gold"` a gold tie.
 With `labels = "gold"` each pair is relabelled by the gold scorer (`edgerlhf.gold`): chosen is the
-response the gold prefers; and for a `gold_empty_fraction` share of them a pair (the longer response vs
-the empty one) is added, so the reward model also learns the gold's verdict on empty answers. The kept pairs
-are shuffled with `seed`, capped at `max_pairs`, and the first `test_fraction` of them becomes the test
-split, so the split depends only on the data and the seed.
+response the gold prefers. The kept pairs are shuffled with `seed`, capped at `max_pairs`, and split by
+prompt: the prompts that come first take about `test_fraction` of the pairs to the test split, and every
+pair of a prompt goes to the same side, so the split depends only on the data and the seed and no prompt
+is on both sides. Only then, on the training side, gold data gets for a `gold_empty_fraction` share of its
+pairs an extra pair (the longer response vs the empty one), so the reward model also learns the gold's
+verdict on empty answers.
 
 A malformed line (not JSON, not an object, missing fields, no dialogue) raises `DataError` naming the
 file and line, unless `skip_bad_lines` is set: then it is skipped and counted.
@@ -36,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgerlhf import gold
+from edgerlhf import gold, locations
 from edgerlhf.config import DataConfig, PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.dialogue import DialogueError, normalize_prompt, split_dialogue
@@ -113,30 +116,26 @@ def _records_from_files(files: list[Path]) -> Iterator[tuple[str, Any]]:
 
 
 def _records_from_hub(cfg: DataConfig) -> Iterator[tuple[str, Any]]:
-    from edgerlhf.models import hub_reachable
-
-    if not hub_reachable():
+    """Rows of a hub data set, read from its snapshot (the hub id is never looked up on disk)."""
+    try:
+        snapshot = locations.hub_snapshot(cfg.source, repo_type="dataset",
+                                          allow_patterns=[f"{cfg.data_dir}/*"] if cfg.data_dir else None)
+    except locations.LocationError as exc:
         raise DataError(
-            f"cannot load the data set {cfg.source!r} (data_dir={cfg.data_dir!r}): the Hugging Face hub cannot be "
-            f"reached (offline). Point data.source at a local file or directory instead, e.g. "
-            f"--set data.source=/path/to/hh-rlhf/harmless-base/train.jsonl.gz (raw HH-RLHF) or a .jsonl of "
-            f"prompt/chosen/rejected rows.")
+            f"cannot load the data set {exc} (data_dir={cfg.data_dir!r}). Point data.source at an absolute local "
+            f"file or directory instead, e.g. --set data.source=/path/to/hh-rlhf/harmless-base/train.jsonl.gz "
+            f"(raw HH-RLHF) or a .jsonl of prompt/chosen/rejected rows.") from exc
     import datasets
 
-    rows = datasets.load_dataset(cfg.source, data_dir=cfg.data_dir, split=cfg.split)
+    rows = datasets.load_dataset(str(snapshot), data_dir=cfg.data_dir, split=cfg.split)
     where = f"{cfg.source}:{cfg.data_dir or ''}/{cfg.split}"
     for i, row in enumerate(rows, start=1):
         yield f"{where}:{i}", row
 
 
-def _is_local(source: str) -> bool:
-    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.endswith(
-        (".jsonl", ".gz"))
-
-
 def read_pairs(cfg: DataConfig) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """All well-formed pairs of the source, and reading statistics (files, lines, bad lines)."""
-    if _is_local(cfg.source):
+    if locations.is_local(cfg.source):
         files = local_files(cfg.source)
         records = _records_from_files(files)
         info: dict[str, Any] = {"kind": "local", "files": [str(f) for f in files]}
@@ -161,8 +160,7 @@ def read_pairs(cfg: DataConfig) -> tuple[list[dict[str, str]], dict[str, Any]]:
 
 # --- cleaning --------------------------------------------------------------------------------------
 
-def clean_pairs(pairs: list[dict[str, str]], cfg: DataConfig, tokenizer,
-                seed: int = 0) -> tuple[list[dict[str, str]], Counter, dict]:
+def clean_pairs(pairs: list[dict[str, str]], cfg: DataConfig, tokenizer) -> tuple[list[dict[str, str]], Counter, dict]:
     """Drop unusable pairs (counted by reason), relabel by the gold scorer if asked; keeps input order."""
     dropped: Counter = Counter()
     kept, seen = [], set()
@@ -210,33 +208,52 @@ def clean_pairs(pairs: list[dict[str, str]], cfg: DataConfig, tokenizer,
             agree += verdict
             chosen, rejected = (pair["chosen"], pair["rejected"]) if verdict else (pair["rejected"], pair["chosen"])
             relabelled.append({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected})
-        # The gold rates an empty answer low, but cleaning removed every empty response: show the reward
-        # model some, as the rejected side of extra pairs. Their chosen side is the pair's *longer*
-        # response, the comparison that teaches the reward model how bad empty is (a short one would only
-        # say "worse than short"). These pairs end in "" and the sft stage leaves them out.
-        rng = random.Random(seed)
-        extra = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": ""}
-                 for p in relabelled if rng.random() < cfg.gold_empty_fraction
-                 and gold.prefers(p["prompt"], p["rejected"], "", cfg.gold_scorer)]
         gold_info = {"gold_scorer": cfg.gold_scorer,
-                     "gold_agrees_with_human": agree / len(relabelled) if relabelled else None,
-                     "gold_empty_pairs_added": len(extra)}
-        budgeted = relabelled + extra
+                     "gold_agrees_with_human": agree / len(relabelled) if relabelled else None}
+        budgeted = relabelled
     out = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in budgeted]
     return out, dropped, gold_info
 
 
 def split_pairs(pairs: list[dict[str, str]], test_fraction: float, seed: int,
                 max_pairs: int | None = None) -> tuple[list[dict], list[dict]]:
-    """Deterministic shuffle by `seed`, cap at `max_pairs`, first `test_fraction` -> test, rest -> train."""
+    """Deterministic shuffle by `seed`, cap at `max_pairs`, then about `test_fraction` of the pairs -> test,
+    split by prompt: every pair of a prompt goes to the same side, so no held-out prompt (and no response
+    to it) is ever trained on, and PPO never trains on an evaluation prompt."""
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     if max_pairs is not None:
         order = order[:max_pairs]
-    n_test = max(1, round(len(order) * test_fraction))
-    if len(order) - n_test < 1:
-        raise DataError(f"only {len(pairs)} usable pair(s) left after cleaning: too few for a train/test split")
-    return [pairs[i] for i in order[n_test:]], [pairs[i] for i in order[:n_test]]
+    pairs_of_prompt = Counter(pairs[i]["prompt"] for i in order)
+    n_test_target = max(1, round(len(order) * test_fraction))
+    test_prompts, n_test = set(), 0
+    for prompt in dict.fromkeys(pairs[i]["prompt"] for i in order):  # prompts in shuffled order
+        if n_test >= n_test_target:
+            break
+        test_prompts.add(prompt)
+        n_test += pairs_of_prompt[prompt]
+    train = [pairs[i] for i in order if pairs[i]["prompt"] not in test_prompts]
+    test = [pairs[i] for i in order if pairs[i]["prompt"] in test_prompts]
+    if not train:
+        raise DataError(f"only {len(pairs_of_prompt)} distinct prompt(s) left after cleaning: too few for a "
+                        "train/test split")
+    return train, test
+
+
+def add_empty_answer_pairs(pairs: list[dict[str, str]], cfg: DataConfig, seed: int) -> list[dict[str, str]]:
+    """Gold labels only: `pairs` plus, for about `gold_empty_fraction` of them, (a response vs "").
+
+    The gold rates an empty answer low, but cleaning removed every empty response: show the reward model
+    some, as the rejected side of extra pairs. Their chosen side is the pair's *longer* response, the
+    comparison that teaches the reward model how bad empty is (a short one would only say "worse than
+    short"). These pairs end in "" and the sft stage leaves them out. Applied to the training side only,
+    after the split, so no augmented pair shares a prompt with a held-out one.
+    """
+    rng = random.Random(seed)
+    extra = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": ""}
+             for p in pairs if rng.random() < cfg.gold_empty_fraction
+             and gold.prefers(p["prompt"], p["rejected"], "", cfg.gold_scorer)]
+    return pairs + extra
 
 
 def _stats(values: list[int]) -> dict[str, float]:
@@ -284,16 +301,20 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
 
     cfg = config.data
     out_dir = ctx.stage_dir("data")
-    ctx.log(f"reading {cfg.source}" + (f" ({cfg.data_dir}/{cfg.split})" if not _is_local(cfg.source) else ""))
+    ctx.log(f"reading {cfg.source}" + (f" ({cfg.data_dir}/{cfg.split})" if not locations.is_local(cfg.source) else ""))
     pairs, source_info = read_pairs(cfg)
     ctx.progress(1, 3)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)  # for the token budgets
     if source_info["bad_lines"]:
         ctx.log(f"skipped {source_info['bad_lines']} malformed line(s), e.g. {source_info['bad_line_examples'][0]}",
                 level="warning")
-    kept, dropped, gold_info = clean_pairs(pairs, cfg, tokenizer, config.seed)
+    kept, dropped, gold_info = clean_pairs(pairs, cfg, tokenizer)
     ctx.progress(2, 3)
     train, test = split_pairs(kept, cfg.test_fraction, config.seed, cfg.max_pairs)
+    if cfg.labels == "gold":
+        n_real = len(train)
+        train = add_empty_answer_pairs(train, cfg, config.seed)
+        gold_info["gold_empty_pairs_added"] = len(train) - n_real
 
     write_jsonl(out_dir / "train_prefs.jsonl", train)
     write_jsonl(out_dir / "test_prefs.jsonl", test)

@@ -31,17 +31,14 @@ apply `score_head.pt` to `last_token_hidden(...)`; `encode_for_reward` gives the
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from edgerlhf import locations
 from edgerlhf.config import PRECISIONS, ModelConfig, PipelineConfig
 from edgerlhf.dialogue import join
 
@@ -94,68 +91,33 @@ def quantization_config(precision: str, compute_dtype: torch.dtype = torch.float
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True)
 
 
-# --- hub or local ------------------------------------------------------------------------------
+# --- hub or local ---------------------------------------------------------------------------------
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers at all; False at once when HF_HUB_OFFLINE is set."""
-    from huggingface_hub import constants
+def _load(loader, name: str | Path, what: str, **kwargs):
+    """`loader.from_pretrained` of a local directory or a hub id (see `edgerlhf.locations`).
 
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _looks_local(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or os.sep in name.strip("/").replace("/", "", 1)
-
-
-def _load(loader, name: str, what: str, **kwargs):
-    """`loader.from_pretrained(name)` for a local directory or a hub id, failing fast when offline.
-
-    huggingface_hub retries an unreachable hub for about a minute; we probe the hub once (a TCP connect,
-    3 s at most) and, when it does not answer, load from the local cache only or raise `ModelLoadError`.
+    A `Path` is a directory this code built (a run directory's `sft/merged`); a string comes from a config
+    and is local only when absolute, otherwise a hub id that is fetched, never looked up on disk.
     """
-    path = os.path.expanduser(name)
-    if os.path.isdir(path):
+    if isinstance(name, Path) or locations.is_local(name):
+        path = Path(name).expanduser().resolve()
+        if not path.is_dir():
+            raise ModelLoadError(f"the {what} path {str(name)!r} is not a directory (expected a saved model/tokenizer)")
         try:
-            return loader.from_pretrained(path, **kwargs)
+            return loader.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the {what} from the local directory {path}: {exc}") from exc
-    if _looks_local(name) or os.path.exists(path):
-        raise ModelLoadError(f"the {what} path {name!r} is not a directory (expected a saved model/tokenizer)")
-    if not hub_reachable():
-        with _offline_hub():
-            try:  # a copy in the local cache still works offline
-                return loader.from_pretrained(name, **kwargs)
-            except (OSError, ValueError) as exc:
-                raise ModelLoadError(
-                    f"cannot load the {what} {name!r}: the Hugging Face hub cannot be reached (offline) and it is "
-                    f"not in the local cache. Download it where the hub is reachable (e.g. `hf download {name} "
-                    f"--local-dir DIR`) and set model.name_or_path (and model.tokenizer) to that local "
-                    f"directory.") from exc
     try:
-        return loader.from_pretrained(name, **kwargs)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot load the {what} {name!r} from the hub: {exc}") from exc
-
-
-@contextlib.contextmanager
-def _offline_hub():
-    """Put huggingface_hub in offline mode for a moment, so nothing waits on network retries."""
-    from huggingface_hub import constants
-
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
+        snapshot = locations.hub_snapshot(name, allow_patterns=locations.MODEL_FILES)
+    except locations.LocationError as exc:
+        raise ModelLoadError(
+            f"cannot load the {what} {exc}. Download it where the hub is reachable (e.g. `hf download {name} "
+            f"--local-dir DIR`) and set model.name_or_path (and model.tokenizer) to that absolute local "
+            f"directory.") from exc
     try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
+        return loader.from_pretrained(str(snapshot), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the {what} {name!r} from its hub snapshot {snapshot}: {exc}") from exc
 
 
 def load_tokenizer(name_or_path: str | Path, padding_side: str = "right"):
@@ -163,7 +125,7 @@ def load_tokenizer(name_or_path: str | Path, padding_side: str = "right"):
     scoring); pass `padding_side="left"` for batched `generate`."""
     from transformers import AutoTokenizer
 
-    tokenizer = _load(AutoTokenizer, str(name_or_path), "tokenizer")
+    tokenizer = _load(AutoTokenizer, name_or_path, "tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -188,7 +150,7 @@ def load_causal_lm(name_or_path: str | Path, device: torch.device | str = "cpu",
 
     device = resolve_device(device)
     loader = model_class or AutoModelForCausalLM
-    model = _load(loader, str(name_or_path), "model", **_placement(device, precision))
+    model = _load(loader, name_or_path, "model", **_placement(device, precision))
     if precision == "bf16":
         model = model.to(device)
     if precision == "int4" and device.type == "cpu":

@@ -34,8 +34,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from edgerlhf.config import STAGES, ConfigError, PipelineConfig, load_config
+from edgerlhf.config import LOCATION_FIELDS, STAGES, ConfigError, PipelineConfig, load_config
 from edgerlhf.context import Cancelled, ConsoleContext, RunContext
+from edgerlhf.locations import absolute_local_paths
 
 logger = logging.getLogger("edgerlhf.pipeline")
 
@@ -131,7 +132,14 @@ def build_config(preset: str | None, config_file: str | None, sets: list[str], s
     overrides = _merge(overrides, parse_overrides(sets))
     if stages:
         overrides["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
-    return load_config(preset, overrides)
+    config = load_config(preset, overrides)
+    # Relative paths are the person's, relative to where they typed the command; the stages only take
+    # absolute paths (anything else is a hub id, see edgerlhf.locations).
+    for section, name in LOCATION_FIELDS:
+        value = getattr(getattr(config, section), name)
+        if value is not None:
+            setattr(getattr(config, section), name, absolute_local_paths(value))
+    return config
 
 
 class CLIContext(ConsoleContext):
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config.to_json())
         return 0
-    ctx = CLIContext(args.run_dir)
+    ctx = CLIContext(Path(args.run_dir).resolve())
     skip = {s for s in config.stages if (ctx.run_dir / s / "report.json").exists()} if args.resume else set()
     try:
         reports = run_pipeline(config, ctx, skip=skip)

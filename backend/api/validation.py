@@ -2,8 +2,9 @@
 
 Errors come back as FastAPI-style 422 bodies naming the field, e.g.
 `{"detail": [{"loc": ["body", "overrides", "ppo", "batch_size"], "msg": "must be > 0, got -1", "type": "config"}]}`.
-A model or data path must be a Hugging Face hub id (`name` or `org/name`) or a local path that, after
-resolving symlinks and `..`, lies under `settings.allowed_roots` or `settings.data_dir`.
+A model or data path must be a Hugging Face hub id (`name` or `org/name`, which the job process never
+looks up on disk: see `edgerlhf.locations`) or an absolute local path that, after resolving symlinks and
+`..`, lies under `settings.allowed_roots` or `settings.data_dir`.
 """
 
 from __future__ import annotations
@@ -12,17 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from edgerlhf.config import PRESETS, ConfigError, PipelineConfig, load_config
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
-"""`distilgpt2`, `Anthropic/hh-rlhf`: what the hub accepts as a repository id."""
-
-LOCAL_SUFFIXES = (".json", ".jsonl", ".gz", ".csv", ".parquet", ".txt", ".arrow", ".bin", ".safetensors", ".pt")
-"""A name ending like a file is a local path, never a hub id."""
-
-PATH_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"))
-"""Config fields that name a model or data location."""
-
+from edgerlhf.config import LOCATION_FIELDS, PRESETS, ConfigError, PipelineConfig, load_config
+from edgerlhf.locations import is_hub_id, is_local
 
 class JobInvalid(Exception):
     """A job body is invalid; `errors` are FastAPI-style `{"loc", "msg", "type"}` entries."""
@@ -46,10 +38,6 @@ def _loc(field: str) -> list[str | int]:
     return loc
 
 
-def is_hub_id(value: str) -> bool:
-    return bool(HUB_ID.match(value)) and ".." not in value and not value.lower().endswith(LOCAL_SUFFIXES)
-
-
 def check_location(value: str, roots: list[Path]) -> str | None:
     """None if `value` is a hub id or a local path under one of `roots`; else what is wrong with it."""
     if is_hub_id(value):
@@ -57,7 +45,7 @@ def check_location(value: str, roots: list[Path]) -> str | None:
     if "\x00" in value:
         return "contains a NUL byte"
     path = Path(value).expanduser()
-    if not path.is_absolute():
+    if not is_local(value):
         return ("is neither a hub id ('name' or 'org/name') nor an absolute local path; "
                 "give local files as absolute paths")
     resolved = path.resolve()
@@ -81,7 +69,7 @@ def validate_job(preset: str, overrides: dict[str, Any], roots: list[Path]) -> P
     except ConfigError as exc:
         raise JobInvalid([{"loc": ["body", "overrides", *_loc(exc.field)], "type": "config", "msg": exc.message}])
     errors = []
-    for section, name in PATH_FIELDS:
+    for section, name in LOCATION_FIELDS:
         value = getattr(getattr(config, section), name)
         if value is None:
             continue

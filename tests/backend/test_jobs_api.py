@@ -27,9 +27,12 @@ def field_of(response) -> list:
     ({"preset": "tiny", "overrides": {"sft": {"learning_rate": True}}}, 422,
      ["body", "overrides", "sft", "learning_rate"], "must be a number"),
     ({"preset": "tiny", "overrides": {"ppo": {"batch_size": -4}}}, 422,
-     ["body", "overrides", "ppo", "batch_size"], "must be > 0"),
+     ["body", "overrides", "ppo", "batch_size"], "must be in [1, 4096]"),
     ({"preset": "tiny", "overrides": {"data": {"max_pairs": 0}}}, 422,
-     ["body", "overrides", "data", "max_pairs"], "must be > 0"),
+     ["body", "overrides", "data", "max_pairs"], "must be in [2, 10000000]"),
+    ({"preset": "tiny", "overrides": {"ppo": {"steps": 10**12}}}, 422,
+     ["body", "overrides", "ppo", "steps"], "must be in [1, 1000000]"),
+    ({"preset": "tiny", "overrides": {"seed": 10**19}}, 422, ["body", "overrides", "seed"], "must be in [0, "),
     ({"preset": "tiny", "overrides": {"ppo": {"no_such_field": 1}}}, 422,
      ["body", "overrides", "ppo", "no_such_field"], "unknown field"),
     ({"preset": "tiny", "overrides": {"stages": ["data", "train"]}}, 422, ["body", "overrides", "stages"], "unknown stage"),
@@ -84,6 +87,60 @@ def test_unknown_job_id_is_404_everywhere(client, app):
         assert response.status_code == 404, (method, path, response.text)
         assert response.json()["detail"] == "job 4242 not found"
     assert client.get("/api/jobs/not-a-number").status_code == 422
+    assert row_counts(app) == before
+
+
+BEYOND_64_BITS = [str(2**63), str(-(2**63) - 1), "9" * 40]
+"""Integers SQLite cannot bind (it raised OverflowError, a 500, before the bound)."""
+
+
+@pytest.mark.parametrize("big", BEYOND_64_BITS)
+def test_ids_beyond_64_bits_are_404_and_cursors_beyond_are_422(client, app, big):
+    from backend.api.routes.metrics import _Cursors
+
+    job_id = client.post("/api/jobs", json=TINY).json()["id"]
+    before = row_counts(app)
+    for method, path in [("GET", f"/api/jobs/{big}"), ("POST", f"/api/jobs/{big}/cancel"),
+                         ("POST", f"/api/jobs/{big}/retry"), ("DELETE", f"/api/jobs/{big}"),
+                         ("GET", f"/api/jobs/{big}/metrics"), ("GET", f"/api/jobs/{big}/samples"),
+                         ("GET", f"/api/jobs/{big}/logs"), ("GET", f"/api/jobs/{big}/artifacts"),
+                         ("GET", f"/api/jobs/{big}/report"), ("GET", f"/api/jobs/{big}/events")]:
+        response = client.request(method, path)
+        assert response.status_code == 404, (method, path, response.text)
+        assert response.json()["detail"] == f"job {big} not found"
+    for path, param in [("/api/jobs", "offset"), (f"/api/jobs/{job_id}/metrics", "after"),
+                        (f"/api/jobs/{job_id}/samples", "after"), (f"/api/jobs/{job_id}/logs", "after"),
+                        (f"/api/jobs/{job_id}/events", "after"), (f"/api/jobs/{job_id}/events", "after_sample"),
+                        (f"/api/jobs/{job_id}/events", "after_log")]:
+        response = client.get(path, params={param: big})
+        assert response.status_code == 422, (path, param, response.text)
+        assert response.json()["detail"][0]["loc"] == ["query", param]
+    assert _Cursors.parse(f"0.{big}.0") is None  # a reconnecting stream's Last-Event-ID: ignored, as a bad one is
+    # The chat API reads the job id out of the model name: no such model, in OpenAI's shape.
+    for response in (client.get(f"/v1/models/job-{big}/sft"),
+                     client.post("/v1/chat/completions", json={"model": f"job-{big}/sft",
+                                                               "messages": [{"role": "user", "content": "Hi"}]})):
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "model_not_found"
+    assert row_counts(app) == before
+
+
+def test_the_64_bit_extremes_are_ordinary_values(client):
+    job_id = client.post("/api/jobs", json=TINY).json()["id"]
+    for big in (2**63 - 1, -(2**63)):
+        assert client.get(f"/api/jobs/{big}").status_code == 404
+    assert client.get("/api/jobs", params={"offset": 2**63 - 1}).json()["items"] == []
+    page = client.get(f"/api/jobs/{job_id}/logs", params={"after": 2**63 - 1}).json()
+    assert page == {"items": [], "cursor": 2**63 - 1, "more": False}
+
+
+@pytest.mark.parametrize("body", [b"\xff\xfe{}", b'{"preset": "\xc3\x28"}', b"[" * 5_000 + b"]" * 5_000,
+                                  b'{"overrides":' * 5_000 + b"{}" + b"}" * 5_000, b"plain garbage"])
+def test_unparseable_bodies_are_4xx_and_store_nothing(client, app, body):
+    before = row_counts(app)
+    response = client.post("/api/jobs", content=body, headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text
+    assert "detail" in response.json()
     assert row_counts(app) == before
 
 

@@ -63,3 +63,36 @@ def test_ppo_scores_with_the_first_trained_precision_by_default():
 
 def test_stages_are_kept_in_pipeline_order():
     assert load_config("tiny", {"stages": ["ppo", "data"]}).stages == ["data", "ppo"]
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"ppo": {"batch_size": 10**12}}, "ppo.batch_size"),
+    ({"ppo": {"steps": 10**12}}, "ppo.steps"),
+    ({"data": {"max_pairs": 10**12}}, "data.max_pairs"),
+    ({"ppo": {"response_length": 10**9}}, "ppo.response_length"),
+    ({"ppo": {"learning_rate": 1e308}}, "ppo.learning_rate"),
+    ({"ppo": {"temperature": float("nan")}}, "ppo.temperature"),
+    ({"model": {"n_layer": 10**6}}, "model.n_layer"),
+    ({"model": {"n_positions": 10**9}}, "model.n_positions"),
+    ({"sft": {"lora_r": 10**9}}, "sft.lora_r"),
+    ({"seed": 10**19}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"evaluate": {"n_bootstrap": 10**12}}, "evaluate.n_bootstrap"),
+    ({"device": "cuda:1000000"}, "device"),
+])
+def test_every_numeric_field_has_an_upper_bound_quoted_in_the_error(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", overrides)
+    assert err.value.field == field
+    assert err.value.message.startswith(("must be in [", "must be in (", "must be auto"))
+
+
+def test_every_numeric_field_declares_a_range():
+    import typing
+
+    from edgerlhf.config import DataConfig, EvalConfig, ModelConfig, PPOConfig, RewardConfig, SFTConfig, ranges
+
+    for cls in (PipelineConfig, ModelConfig, DataConfig, SFTConfig, RewardConfig, PPOConfig, EvalConfig):
+        for name, hint in typing.get_type_hints(cls).items():
+            if int in (hint, *typing.get_args(hint)) or float in (hint, *typing.get_args(hint)):
+                assert name in ranges(cls), f"{cls.__name__}.{name} has no Range"

@@ -170,12 +170,29 @@ def test_gold_labels_follow_the_gold_scorer(tmp_path):
     report, out = run_data(tmp_path, config(HH_PREFS_SAMPLE, labels="gold", max_pairs=300, gold_empty_fraction=0.2))
     assert report["dropped"]["gold_tie"] > 0
     assert 0.3 < report["gold_agrees_with_human"] < 0.7  # human labels on HH are not about length
-    rows = read_prefs(out / "train_prefs.jsonl") + read_prefs(out / "test_prefs.jsonl")
-    empties = [r for r in rows if r["rejected"] == ""]
-    assert 0 < len(empties) <= report["gold_empty_pairs_added"]
+    train, test = read_prefs(out / "train_prefs.jsonl"), read_prefs(out / "test_prefs.jsonl")
+    rows = train + test
+    empties = [r for r in train if r["rejected"] == ""]
+    assert 0 < len(empties) == report["gold_empty_pairs_added"]
+    assert not any(r["rejected"] == "" for r in test)  # augmentation is for training only
     for row in rows:
         assert gold.prefers(row["prompt"], row["chosen"], row["rejected"]) is True
     assert report["lengths"]["train"]["chosen_shorter_fraction"] > 0.9
+
+
+def test_no_prompt_is_on_both_sides_of_the_split(tmp_path):
+    """Split by prompt, before augmentation: held-out prompts and their responses are never trained on."""
+    # Several pairs per prompt, as HH-RLHF has: a pair-level split would put most prompts on both sides.
+    lines = [raw(f"\n\nHuman: question {q}", f"Answer {q}.{k} " + "yes " * (k + 1), f"No {q}.{k}.")
+             for q in range(30) for k in range(4)]
+    path = write_lines(tmp_path / "many.jsonl", lines)
+    for labels in ("human", "gold"):
+        report, out = run_data(tmp_path / labels, config(path, labels=labels, test_fraction=0.2,
+                                                         gold_empty_fraction=1.0))
+        train, test = read_prefs(out / "train_prefs.jsonl"), read_prefs(out / "test_prefs.jsonl")
+        assert train and test
+        assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+        assert report["test"] == len(test) and abs(len(test) - 0.2 * report["kept"]) <= 4  # whole prompts
 
 
 def test_missing_source_and_too_few_pairs(tmp_path):

@@ -4,12 +4,16 @@ subprocess on tiny budgets (data -> sft -> reward), bad configurations, unknown 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from edgerlhf.config import HH_PREFS_SAMPLE, ConfigError, load_config
 from edgerlhf.context import RunContext
-from edgerlhf.pipeline import StageUnavailable, parse_overrides, run_pipeline, run_stage, stage_module
+from edgerlhf.data import DataError
+from edgerlhf.models import ModelLoadError, load_tokenizer
+from edgerlhf.pipeline import (StageUnavailable, build_config, parse_overrides, run_pipeline, run_stage,
+                               stage_module)
 
 TINY_SETS = [
     "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
@@ -38,7 +42,9 @@ def test_run_stage_and_pipeline_in_process(tmp_path):
     ctx = RunContext(tmp_path)
     reports = run_pipeline(config, ctx)
     assert list(reports) == ["data"]
-    assert json.loads((tmp_path / "data" / "report.json").read_text())["train"] == reports["data"]["train"] == 24
+    report = reports["data"]
+    assert json.loads((tmp_path / "data" / "report.json").read_text())["train"] == report["train"]
+    assert report["train"] == 24 + report["gold_empty_pairs_added"] and report["test"] == 6  # 30 pairs, 1 per prompt
     assert json.loads((tmp_path / "config.json").read_text()) == config.to_dict()
     assert ctx.progress_by_stage["data"] == 1.0
     assert ("report", str(tmp_path / "data" / "report.json")) in ctx.artifacts
@@ -110,3 +116,24 @@ def test_cli_config_file_and_stage_failure(tmp_path):
                   "--set", "seed=7", timeout=120)
     config = json.loads(printed.stdout)
     assert config["preset"] == "tiny" and config["seed"] == 7 and config["stages"] == ["data"]
+
+
+def test_cli_paths_are_absolute_and_bare_names_are_never_read_from_disk(tmp_path, monkeypatch):
+    """A relative path typed on the command line is the person's; a bare name is a hub id, never `./name`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outside").mkdir()
+    pairs = (tmp_path / "outside" / "pairs.jsonl")
+    pairs.write_text(Path(HH_PREFS_SAMPLE).read_text().splitlines()[0] + "\n")
+    config = build_config("tiny", None, ["data.source=./outside/pairs.jsonl", "model.tokenizer=outside"], None)
+    assert config.data.source == str(pairs)
+    assert config.model.tokenizer == "outside"  # a hub id: stays as it is
+
+    # The stage given the bare name `outside` goes to the hub (offline here), not to ./outside.
+    config = load_config("tiny", {"stages": ["data"], "data": {"source": "outside"}})
+    with pytest.raises(DataError, match="hub cannot be reached"):
+        run_pipeline(config, RunContext(tmp_path / "run"))
+    with pytest.raises(ModelLoadError, match="hub cannot be reached"):
+        load_tokenizer("outside")
+    (tmp_path / "etc").mkdir()
+    with pytest.raises(ModelLoadError, match="hub cannot be reached"):
+        load_tokenizer("etc")
