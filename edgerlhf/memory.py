@@ -1,8 +1,11 @@
-"""Memory readings for metrics and benchmarks: CUDA allocated/peak per device, process RSS on the CPU."""
+"""Memory readings for metrics and benchmarks: CUDA allocated/peak per device, process RSS on the CPU,
+and the bytes of tensors a process holds (to measure what building something added)."""
 
 from __future__ import annotations
 
+import gc
 import os
+import warnings
 
 import psutil
 import torch
@@ -27,10 +30,43 @@ def reset_peak(device: torch.device | str | None = None) -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux `ru_maxrss`)."""
+    """Peak resident memory of this process so far: Linux `VmHWM` (`ru_maxrss` would report a forked
+    parent's peak as ours), `ru_maxrss` where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def tensor_bytes(device: torch.device | str = "cpu") -> int:
+    """Bytes of the tensors this process holds on `device`, each storage once.
+
+    On CUDA the allocator's count (`torch.cuda.memory_allocated`); on the CPU the storages of every live
+    tensor the garbage collector can reach. The difference around building something is what it holds,
+    measured rather than derived from the objects it describes.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():  # isinstance() on deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+                    storage = obj.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+            except Exception:  # some objects refuse isinstance or storage access (e.g. lazy modules)
+                continue
+    return sum(storages.values())
 
 
 def gpu_info() -> list[dict[str, float | str]]:

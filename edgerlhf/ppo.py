@@ -590,9 +590,11 @@ def run(config, ctx) -> dict[str, Any]:
     test_file = run_dir / "data" / "test_prefs.jsonl"
     probe_prompts = _prompts(test_file)[: cfg.n_probe_prompts] if test_file.exists() else []
 
+    # What PPO holds, measured around building it: one copy of the network (plus one quantized copy for an
+    # int8/int4 reward model), the adapters and the heads.
+    before = memory.tensor_bytes(device)
     models = build_models(config, run_dir, device)
-    # What PPO holds of the base network: one copy (plus one quantized copy for an int8/int4 reward model).
-    held_bytes = sum(base_weight_storages(models.modules()).values())
+    held_bytes = memory.tensor_bytes(device) - before
     network_bytes = sum(base_weight_storages([models.model]).values())
     params = models.policy_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
@@ -655,9 +657,9 @@ def run(config, ctx) -> dict[str, Any]:
         "compute_dtype": dtype_name(compute_dtype(device)),
         "device": str(device),
         "trainable_parameters": sum(p.numel() for p in params),
-        "base_weight_bytes": int(network_bytes),
-        "base_weight_bytes_held": int(held_bytes),
-        "base_weight_copies": held_bytes / network_bytes,
+        "network_bytes": int(network_bytes),
+        "held_bytes": int(held_bytes),
+        "network_copies": held_bytes / network_bytes,
         "first": {k: v[0] for k, v in history.items() if k.startswith("ppo/")},
         "final": {k: last(k) for k in history if k.startswith("ppo/")},
         "kl_coef_final": kl_ctl.value,

@@ -114,7 +114,9 @@ def test_kl_is_finite_and_reported(tiny_run):
     assert math.isfinite(reports["ppo"]["final"]["ppo/kl"])
     evaluation = json.loads((run_dir / "evaluate" / "report.json").read_text())
     assert math.isfinite(evaluation["kl"]) and evaluation["kl"] > 0.0  # PPO moved away from the reference
-    assert reports["ppo"]["base_weight_copies"] == 1.0  # bf16 reward: one network for everything
+    # bf16 reward: one network for everything. `held_bytes` is measured (live tensor storages before and
+    # after building), so a second copy of the network would show as a ratio near 2.
+    assert 1.0 <= reports["ppo"]["network_copies"] < 1.2, reports["ppo"]["network_copies"]
 
 
 def test_every_stage_wrote_its_report(tiny_run):

@@ -1,13 +1,12 @@
 """The PPO stage on a tiny run directory: one copy of the network, adapters, training, checkpoints, resume."""
 
 import copy
-import gc
 import math
 
 import pytest
 import torch
 
-from edgerlhf import models, ppo
+from edgerlhf import memory, models, ppo
 from edgerlhf.config import ConfigError, load_config
 from edgerlhf.context import RunContext
 from edgerlhf.generation import Sampling, forward_response, generate, logprobs_from_logits, response_lengths
@@ -16,7 +15,7 @@ from tests.edgerlhf.tiny_run import make_tiny_run, tiny_config
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    return make_tiny_run(tmp_path_factory.mktemp("ppo-run"), precisions=("bf16", "int8"))
+    return make_tiny_run(tmp_path_factory.mktemp("ppo-run"), precisions=("bf16", "int8", "int4"))
 
 
 @pytest.fixture(scope="module")
@@ -30,27 +29,14 @@ def _base_param_count(model) -> int:
     return sum(storages.values())
 
 
-def _live_tensor_bytes() -> int:
-    gc.collect()
-    seen = {}
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-                storage = obj.untyped_storage()
-                seen[storage.data_ptr()] = storage.nbytes()
-        except Exception:  # some objects refuse isinstance / storage access
-            continue
-    return sum(seen.values())
-
-
 def test_ppo_holds_exactly_one_copy_of_the_base_weights(run_dir):
     sft_model, _ = models.load_policy(run_dir, "sft")
     base_bytes = _base_param_count(sft_model)
     del sft_model
 
-    before = _live_tensor_bytes()
+    before = memory.tensor_bytes()
     built = ppo.build_models(tiny_config(), run_dir, torch.device("cpu"))
-    grown = _live_tensor_bytes() - before
+    grown = memory.tensor_bytes() - before
 
     # Every object PPO holds (policy+reference network, value head, reward model) reaches one set of base weights.
     held = ppo.base_weight_storages(built.modules())
@@ -69,6 +55,25 @@ def _int8_config(**ppo_fields):
                                 "ppo": {**tiny_config().ppo.__dict__, "reward_precision": "int8", **ppo_fields}})
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_reward_copy_is_measured_and_bounded_by_its_size(run_dir, precision):
+    """An int8/int4 reward model adds one quantized copy: measured growth = the bf16 network + that copy."""
+    sft_model, _ = models.load_policy(run_dir, "sft")
+    network = _base_param_count(sft_model)
+    del sft_model
+    standalone = models.load_reward_model(run_dir, precision)
+    quantized = memory.tensor_bytes()  # measured with the quantized copy alive ...
+    del standalone
+    quantized -= memory.tensor_bytes()  # ... and without it
+    assert 0 < quantized < network  # int8/nf4 linear layers are smaller than the fp32 ones
+
+    before = memory.tensor_bytes()
+    built = ppo.build_models(_int8_config() if precision == "int8" else _int4_config(), run_dir, torch.device("cpu"))
+    grown = memory.tensor_bytes() - before
+    assert not built.reward_shared
+    assert network + 0.9 * quantized <= grown < 1.1 * (network + quantized), (grown, network, quantized)
+
+
 def test_quantized_reward_model_is_a_separate_copy(run_dir):
     built = ppo.build_models(_int8_config(), run_dir, torch.device("cpu"))
     assert not built.reward_shared
@@ -77,6 +82,11 @@ def test_quantized_reward_model_is_a_separate_copy(run_dir):
     standalone = models.load_reward_model(run_dir, "int8").score(["\n\nHuman: hi\n\nAssistant:"] * 2,
                                                                   ["hello", "a much longer answer"])
     torch.testing.assert_close(scores, standalone)
+
+
+def _int4_config():
+    return load_config("tiny", {**tiny_config().to_dict(), "reward": {"precisions": ["bf16", "int4"]},
+                                "ppo": {**tiny_config().ppo.__dict__, "reward_precision": "int4"}})
 
 
 def test_quantized_policy_shares_one_int8_network(run_dir):
@@ -211,7 +221,7 @@ def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
     # Step 3 again, from the checkpoint, is the same step 3: same prompts, samples and update.
     for key, series in first.items():
         assert dict(resumed.metric_series(key))[3] == pytest.approx(series[3], rel=1e-5, abs=1e-7)
-    assert report["final"]["ppo/kl"] is not None and report["base_weight_bytes_held"] > 0
+    assert report["final"]["ppo/kl"] is not None and report["held_bytes"] > 0
 
     # The trained adapter is a standard peft adapter: the shared loader applies it to sft/merged.
     adapter = run_dir / "ppo" / "adapter"
