@@ -70,6 +70,10 @@ class JobStatus(str, enum.Enum):
 FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 """Statuses a job never leaves by itself (only `retry` requeues failed or cancelled jobs)."""
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""The range of an INTEGER column (ids, cursors, offsets): SQLite cannot even bind an int outside it
+(OverflowError), so no query may be sent one."""
+
 
 class StageStatus(str, enum.Enum):
     """Status of one stage of one job (a stage not yet begun has no row: the API calls it `pending`)."""

@@ -13,10 +13,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Artifact, Job, JobStatus, LogLine, Metric, Sample, StageRun, Worker, utcnow
+from db.models import INT64_MAX, INT64_MIN, Artifact, Job, JobStatus, LogLine, Metric, Sample, StageRun, Worker, utcnow
 
 
 def get_job(session: Session, job_id: int) -> Job | None:
+    """The job with this id, or None; any int is accepted (ids come straight from URLs)."""
+    if not INT64_MIN <= job_id <= INT64_MAX:  # no row has it, and SQLite could not bind it
+        return None
     return session.get(Job, job_id, populate_existing=True)
 
 

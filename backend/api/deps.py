@@ -2,7 +2,9 @@
 
 `Annotated` aliases (`SessionDep`, `SettingsDep`) as in fastapi/full-stack-fastapi-template's `deps.py`.
 The app built by `backend.main.create_app` keeps its settings and session factory on `app.state`, so
-tests can build apps on different databases side by side.
+tests can build apps on different databases side by side. Integers from a URL meet SQLite's 64-bit
+INTEGER range in one of two places: a path id in `db.read.get_job` (beyond the range: no such job, 404),
+a query offset or cursor in the `RowOffset` type (beyond the range: 422).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import secrets
 from collections.abc import Iterator
 from typing import Annotated
 
+from annotated_types import Ge, Le
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from db import read
+from db import INT64_MAX, read
 from db.models import Job
 from edgerlhf.settings import Settings
 
@@ -31,6 +34,9 @@ def get_app_settings(request: Request) -> Settings:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+RowOffset = Annotated[int, Ge(0), Le(INT64_MAX)]
+"""A query's offset or row-id cursor: 422 beyond what SQLite can bind. Use as `Annotated[RowOffset, Query(...)]`."""
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <EDGERLHF_API_TOKEN>` when a token is set")
 

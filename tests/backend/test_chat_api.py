@@ -260,6 +260,19 @@ def test_invalid_json_and_missing_fields_are_400(backend):
     assert resp.status_code == 413 and "larger than" in resp.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("body", [b"\xff\xfe{}", b'{"model": "\xc3\x28"}', b"[" * 5_000 + b"]" * 5_000,
+                                  b'{"messages":' * 5_000 + b"[]" + b"}" * 5_000, b"plain garbage"])
+def test_unparseable_bodies_are_openai_400(backend, body):
+    """Bad UTF-8 and JSON nested too deep for the parser fail before validation: still OpenAI's 400."""
+    url, _ = backend
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    resp = httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers)
+    assert resp.status_code == 400, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["code"] == "invalid_json" and body["error"]["type"] == "invalid_request_error"
+
+
 def test_missing_or_wrong_token_is_401(backend):
     url, _ = backend
     with openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-token", max_retries=0) as bad:

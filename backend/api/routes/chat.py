@@ -22,12 +22,13 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend import chat_models
 from backend.chat_models import ChatModelError, GenerationParams, ModelLoadError, ModelNotFound
@@ -60,6 +61,12 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+def _invalid_json() -> OpenAIError:
+    return OpenAIError(400, "We could not parse the JSON body of your request. The body must be a JSON "
+                       "object (see https://platform.openai.com/docs/api-reference/chat/create).",
+                       param=None, code="invalid_json")
+
+
 def _validation_error(exc: RequestValidationError) -> OpenAIError:
     """FastAPI's 422 -> OpenAI's 400, naming the first offending parameter."""
     errors = exc.errors()
@@ -68,9 +75,7 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind in ("json_invalid", "model_attributes_type") and len(loc) <= 1:
-        return OpenAIError(400, "We could not parse the JSON body of your request. The body must be a JSON "
-                           "object (see https://platform.openai.com/docs/api-reference/chat/create).",
-                           param=None, code="invalid_json")
+        return _invalid_json()
     if kind == "missing":
         return OpenAIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     message = str(first.get("msg", "invalid value"))
@@ -78,11 +83,13 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     return OpenAIError(400, f"Invalid value for '{param}': {message}{more}.", param=param, code="invalid_value")
 
 
-def _http_error(exc: HTTPException) -> OpenAIError:
+def _http_error(exc: StarletteHTTPException) -> OpenAIError:
     if exc.status_code == 401:
         return OpenAIError(401, "Incorrect or missing API key. Send `Authorization: Bearer <token>` with the "
                            "token the backend was started with (EDGERLHF_API_TOKEN).",
                            param=None, code="invalid_api_key")
+    if exc.status_code == 400:  # FastAPI's "error parsing the body": not UTF-8, or JSON nested too deep
+        return _invalid_json()
     detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
     kinds = {404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}
     return OpenAIError(exc.status_code, detail, kinds.get(exc.status_code, "invalid_request_error"
@@ -106,7 +113,9 @@ class OpenAIRoute(APIRoute):
                 return exc.response()
             except RequestValidationError as exc:
                 return _validation_error(exc).response()
-            except HTTPException as exc:
+            # Starlette's base class, not FastAPI's subclass: FastAPI raises the base one itself for a
+            # body it cannot parse (bad UTF-8, JSON nested too deep), and that must be a 400 too.
+            except StarletteHTTPException as exc:
                 return _http_error(exc).response()
             except Exception:  # as the app's handler does, but in OpenAI's shape; the traceback goes to the log
                 logger.exception(f"{request.method} {request.url.path} failed")

@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from backend.api.deps import JobDep, SessionDep, SettingsDep
+from backend.api.deps import JobDep, RowOffset, SessionDep, SettingsDep
 from backend.api.schemas import JobCreate, JobPublic, JobsPublic
 from backend.api.validation import JobInvalid, validate_job
 from db import JobNotFound, JobStateError, JobStatus, queue, read
@@ -51,7 +51,7 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep):
 def list_jobs(session: SessionDep,
               status_: Annotated[list[JobStatus] | None, Query(alias="status", description="Repeat to allow several")] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0):
+              offset: RowOffset = 0):
     """Jobs, newest first, optionally filtered by status."""
     jobs, total = read.list_jobs(session, status_ or (), limit, offset)
     positions = read.queue_positions(session)

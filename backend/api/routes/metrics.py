@@ -21,7 +21,7 @@ import anyio
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from backend.api.deps import JobDep, SessionDep, SettingsDep
+from backend.api.deps import JobDep, RowOffset, SessionDep, SettingsDep
 from backend.api.routes.jobs import job_public
 from backend.api.schemas import (
     ArtifactPublic,
@@ -33,7 +33,7 @@ from backend.api.schemas import (
     SamplesPage,
     jsonable,
 )
-from db import FINISHED, read
+from db import FINISHED, INT64_MAX, read
 
 router = APIRouter(prefix="/jobs", tags=["metrics"])
 
@@ -42,7 +42,7 @@ POLL_SECONDS = 0.5
 STREAM_PAGE = 2_000
 """Rows per kind per poll of the event stream."""
 
-AfterQ = Annotated[int, Query(ge=0, description="Return rows with id greater than this cursor")]
+AfterQ = Annotated[RowOffset, Query(description="Return rows with id greater than this cursor")]
 
 
 def _keys(keys: list[str] | None) -> list[str]:
@@ -117,7 +117,7 @@ class _Cursors:
             parts = [int(p) for p in value.split(".")]
         except ValueError:
             return None
-        if len(parts) != 3 or min(parts) < 0:
+        if len(parts) != 3 or min(parts) < 0 or max(parts) > INT64_MAX:  # as RowOffset bounds `after`
             return None
         return cls(*parts)
 
