@@ -1,6 +1,6 @@
 """The `edgerlhf` command: one entry point for every process of the service and for the pipeline.
 
-    edgerlhf up          backend + worker + dashboard together; Ctrl-C stops all three
+    edgerlhf up          backend + worker + dashboard together; Ctrl-C stops all three, and they die with it
     edgerlhf backend     the FastAPI backend (uvicorn)
     edgerlhf worker      the GPU worker (one job at a time)
     edgerlhf frontend    the Streamlit dashboard
@@ -13,9 +13,11 @@ the training stack it does not need.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,12 +51,64 @@ def run_frontend(argv: list[str]) -> int:
     return subprocess.call(frontend_command(get_settings()) + argv)
 
 
+class Busy(Exception):
+    """Another instance holds what `up` needs (its data directory or a port)."""
+
+
+def _hold_data_dir(data_dir: Path) -> int:
+    """Lock `<data_dir>/up.lock` for the life of this process and write our pid into it; raises `Busy`.
+
+    An flock belongs to the open file, which the kernel closes when we die however we die, so a stale
+    lock cannot outlive its `up`. (Children do not inherit the descriptor: Python opens it non-inheritable.)
+    """
+    import fcntl
+
+    path = data_dir / "up.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's pid must stay readable
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise Busy(f"another `edgerlhf up` (pid {holder}) is running on the data directory {data_dir} "
+                   f"(it holds {path}); stop it, or set EDGERLHF_DATA_DIR to another directory") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on `host:port`: bind it as the servers will (with SO_REUSEADDR, as
+    uvicorn and streamlit's tornado do, so a closed connection in TIME_WAIT is no conflict)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror:
+        return False  # an unknown host is the server's error to report
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def _check_ports(settings) -> None:
+    for name, port, variable in (("backend", settings.backend_port, "EDGERLHF_BACKEND_PORT"),
+                                 ("dashboard", settings.frontend_port, "EDGERLHF_FRONTEND_PORT")):
+        if _port_in_use(settings.backend_host, port):
+            raise Busy(f"port {port} ({name}) on {settings.backend_host} is already in use (another "
+                       f"`edgerlhf up`?); stop what holds it, or set {variable} to a free port")
+
+
 def up(argv: list[str]) -> int:
     """Start backend, worker and dashboard as child processes; stop them all on Ctrl-C or if one dies."""
     import argparse
 
     from edgerlhf.log import setup_logging
     from edgerlhf.settings import get_settings
+    from worker.lifeline import Reaper, die_with_parent
 
     parser = argparse.ArgumentParser(prog="edgerlhf up", description=up.__doc__)
     parser.add_argument("--no-worker", action="store_true", help="start only backend and dashboard")
@@ -66,6 +120,13 @@ def up(argv: list[str]) -> int:
 
     log = logging.getLogger("edgerlhf.up")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Before starting anything: one line on what is taken, instead of children failing one by one.
+    try:
+        lock = _hold_data_dir(settings.data_dir)
+        _check_ports(settings)
+    except Busy as exc:
+        print(f"edgerlhf up: {exc}", file=sys.stderr)
+        return 1
     # Children read the same settings from the environment; pin the resolved data dir so they agree.
     env = {**os.environ, "EDGERLHF_DATA_DIR": str(settings.data_dir), "PYTHONUNBUFFERED": "1"}
     commands = {"backend": [sys.executable, "-m", "edgerlhf.cli", "backend"]}
@@ -75,6 +136,9 @@ def up(argv: list[str]) -> int:
 
     # Each child gets its own process group so one Ctrl-C in this terminal reaches us only, and we
     # stop the children in order (and their own children, e.g. the worker's job process) ourselves.
+    # Should we die without that (kill -9), they die with us: the kernel kills each child
+    # (`die_with_parent`) and the reaper kills their process groups, with whatever they started there
+    # (the worker's job process has a group of its own and dies with the worker in turn).
     procs: dict[str, subprocess.Popen] = {}
     stopping = False
 
@@ -84,8 +148,10 @@ def up(argv: list[str]) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    reaper = Reaper()
     for name, cmd in commands.items():
-        procs[name] = subprocess.Popen(cmd, env=env, start_new_session=True)
+        procs[name] = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent())
+        reaper.watch(procs[name].pid)
     log.info(f"data directory: {settings.data_dir}")
     log.info(f"database:       {settings.db_url}")
     log.info(f"backend:        {settings.api_url}  (API docs: {settings.api_url}/docs)")
@@ -120,6 +186,8 @@ def up(argv: list[str]) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    reaper.dismiss()
+    os.close(lock)
     log.info("stopped")
     return exit_code
 

@@ -1,9 +1,11 @@
-"""`edgerlhf up` (behind `make run`): three real processes come up, answer, and all go away on Ctrl-C."""
+"""`edgerlhf up` (behind `make run`): three real processes come up, answer, and all go away on Ctrl-C or
+with `up` itself (`kill -9`); a second `up` on the same data directory or ports says why it cannot start."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,3 +63,84 @@ def test_up_serves_backend_and_dashboard_and_stops_cleanly_on_ctrl_c(tmp_path):
     time.sleep(0.5)
     alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"left behind: {[c.cmdline() for c in alive]}"
+
+
+def up_env(data_dir, backend_port: int, frontend_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGERLHF_") or k == "EDGERLHF_SHARED_DIR"}
+    env.update({"EDGERLHF_DATA_DIR": str(data_dir), "EDGERLHF_BACKEND_PORT": str(backend_port),
+                "EDGERLHF_FRONTEND_PORT": str(frontend_port), "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def start_up(env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgerlhf.cli", "up"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def refused(env: dict[str, str]) -> tuple[int, str]:
+    """Run an `up` that should refuse to start; (exit code, its output)."""
+    second = start_up(env)
+    try:
+        output, _ = second.communicate(timeout=60)
+    finally:
+        if second.poll() is None:  # it started after all: take it down with everything it started
+            for child in psutil.Process(second.pid).children(recursive=True):
+                child.kill()
+            second.kill()
+            second.wait()
+    return second.returncode, output
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_kill_9_of_up_takes_every_process_it_started_with_it_and_a_second_up_is_refused(tmp_path):
+    ports = free_port(), free_port()
+    env = up_env(tmp_path / "data", *ports)
+    first = start_up(env)
+    descendants: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        wait_for(f"http://127.0.0.1:{ports[0]}/healthz", deadline)
+        wait_for(f"http://127.0.0.1:{ports[1]}/", deadline)
+
+        # Same data directory (on free ports): the lock names the running instance.
+        code, output = refused(up_env(tmp_path / "data", free_port(), free_port()))
+        assert code == 1, output
+        assert f"pid {first.pid}" in output and str(tmp_path / "data") in output and "EDGERLHF_DATA_DIR" in output
+        assert len(output.strip().splitlines()) == 1, output
+        # Same ports (another data directory): the busy port is named, with the setting that moves it.
+        code, output = refused(up_env(tmp_path / "other", *ports))
+        assert code == 1, output
+        assert f"port {ports[0]}" in output and "EDGERLHF_BACKEND_PORT" in output
+        assert len(output.strip().splitlines()) == 1, output
+
+        descendants = psutil.Process(first.pid).children(recursive=True)
+        started = " ".join(" ".join(p.cmdline()) for p in descendants)
+        assert "backend" in started and "worker" in started and "streamlit" in started, started
+    finally:
+        first.kill()  # SIGKILL: no handler of `up` runs
+        first.wait(timeout=30)
+        first.stdout.close()  # not read to its end: survivors would keep it open
+    deadline = time.monotonic() + 30  # generous: they are polled, not waited for
+    while alive(descendants) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = alive(descendants)
+    for p in left:  # do not leave them holding ports for the next test
+        p.kill()
+    assert not left, f"left behind: {[p.cmdline() for p in left]}"
+
+
+@pytest.mark.parametrize("busy", ["backend", "dashboard"])
+def test_up_refuses_to_start_on_a_busy_port_and_names_it(tmp_path, busy):
+    ports = {"backend": free_port(), "dashboard": free_port()}
+    with socket.socket() as holder:  # another program listening on the port
+        holder.bind(("127.0.0.1", ports[busy]))
+        holder.listen()
+        code, output = refused(up_env(tmp_path / "data", ports["backend"], ports["dashboard"]))
+    setting = {"backend": "EDGERLHF_BACKEND_PORT", "dashboard": "EDGERLHF_FRONTEND_PORT"}[busy]
+    assert code == 1, output
+    assert f"port {ports[busy]} ({busy})" in output and setting in output, output
+    assert len(output.strip().splitlines()) == 1, output

@@ -2,8 +2,10 @@
 
 Every tensor, CUDA context and data loader of a job lives in this process, so when it ends (finished,
 cancelled, killed) the operating system takes all of it back: nothing of a stopped job survives in the
-long-lived worker. It dies with its worker too (Linux `PR_SET_PDEATHSIG`, and a watchdog thread for the
-case the worker died before that was set), so a `kill -9` of the worker leaves no orphan training on.
+long-lived worker. It dies with its worker too (the worker starts it with `worker.lifeline.die_with_parent`,
+Linux's `PR_SET_PDEATHSIG`; a watchdog thread here covers other systems), so a `kill -9` of the worker
+leaves no orphan training on. A job that names a device this machine lacks (`cuda:99`, or `cuda` without
+CUDA) fails before its first stage, with the devices there are.
 
     python -m worker.job --job-id 12 --parent-pid 4711 --result /path/result.json
 
@@ -13,11 +15,10 @@ Exit code 0: succeeded, 3: cancelled, 1: failed; the result file says why (error
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
-import signal
+import socket
 import sys
 import threading
 import time
@@ -31,13 +32,12 @@ EXIT_CANCELLED = 3
 logger = logging.getLogger("edgerlhf.worker")
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    try:  # ask the kernel to SIGKILL us when the worker dies (Linux only)
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+class DeviceUnavailable(RuntimeError):
+    """The job asks for a device this machine does not have."""
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the worker is gone: the fallback for systems without `PR_SET_PDEATHSIG`."""
 
     def watch() -> None:
         while True:
@@ -45,7 +45,7 @@ def _die_with_parent(parent_pid: int) -> None:
                 os._exit(EXIT_FAILED)
             time.sleep(1.0)
 
-    if os.getppid() != parent_pid:  # the worker died before prctl took effect
+    if os.getppid() != parent_pid:  # the worker died before the watch began
         os._exit(EXIT_FAILED)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
@@ -60,6 +60,28 @@ def _tag_records_with_job(job_id: int) -> None:
 
     for handler in logging.getLogger().handlers:
         handler.filters.insert(0, tag)  # before log.py's filter formats the job field
+
+
+def check_device(device: str) -> None:
+    """Raise `DeviceUnavailable` unless `device` (`auto`, `cpu`, `cuda`, `cuda:N`) exists here.
+
+    Asked of the torch that will run the job, in the job's environment (`CUDA_VISIBLE_DEVICES` included),
+    so the answer is the one training would get, not a guess from outside (nvidia-smi knows no ROCm).
+    """
+    if not device.startswith("cuda"):
+        return  # `cpu` always exists; `auto` falls back to it
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = device.partition(":")[2] or "0"  # plain `cuda` is cuda:0
+    if index.isdigit() and int(index) < count:
+        return
+    have = ", ".join(["cpu", *(f"cuda:{i}" for i in range(count))])
+    why = "" if count else f" (torch {torch.__version__} sees no CUDA device)"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = socket.gethostname() + (f", CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "")
+    raise DeviceUnavailable(f"device {device!r} was asked for, but this machine ({where}) does not have it; "
+                            f"available: {have}{why}")
 
 
 def _write_result(path: Path, result: dict) -> None:
@@ -89,6 +111,7 @@ def run(job_id: int) -> tuple[int, dict]:
         config = PipelineConfig.from_dict(config_dict)
         if config.device == "auto" and settings.device != "auto":
             config.device = settings.device  # the worker's settings pin the device of jobs that leave it open
+        check_device(config.device)  # before any stage: a missing device is this job's error, not a retry
         memory_device = "cpu" if config.device == "cpu" else None
 
         run_dir = settings.runs_dir / f"job-{job_id}"
@@ -121,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", type=Path, required=True, help="JSON file to write the outcome to")
     args = parser.parse_args(argv)
 
-    _die_with_parent(args.parent_pid)
+    _watch_parent(args.parent_pid)
     from edgerlhf.log import setup_logging
     from edgerlhf.settings import get_settings
 

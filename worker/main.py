@@ -7,9 +7,11 @@
 Per job: claim it atomically (`db.queue.claim_next`), start `python -m worker.job` (see there for why
 a process per job), heartbeat from a background thread while it runs (that thread also watches the
 cancel flag and kills a job process that ignores a cancel for `--cancel-grace` seconds), and decide the
-final status in `finally`. On start and every few seconds the loop requeues jobs whose worker stopped
-heartbeating; they resume after their last completed stage. SIGTERM/SIGINT stop the job process and
-give its job back to the queue. The worker never imports FastAPI or torch.
+final status in `finally` from how the job process ended (a crash after a cancel request is still a
+failure), recording it only while the job is still this worker's. On start and every few seconds the
+loop requeues jobs whose worker stopped heartbeating; they resume after their last completed stage.
+SIGTERM/SIGINT stop the job process and give its job back to the queue. The worker never imports
+FastAPI or torch.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from db import Job, JobStatus, init_db, make_engine, make_sessionmaker, queue
 from edgerlhf.log import setup_logging
 from edgerlhf.settings import Settings, get_settings
 from worker.job import EXIT_CANCELLED, EXIT_OK
+from worker.lifeline import die_with_parent
 
 logger = logging.getLogger("edgerlhf.worker")
 
@@ -121,7 +124,8 @@ class JobRunner:
         cmd = [sys.executable, "-m", "worker.job", "--job-id", str(self.job.id),
                "--parent-pid", str(os.getpid()), "--result", str(self.result_path)]
         # Own process group: a cancel kills the job process and whatever it started, nothing else.
-        return subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+                                preexec_fn=die_with_parent())
 
     def _read_result(self) -> dict:
         try:
@@ -165,6 +169,21 @@ class JobRunner:
             status = self._record_end(code, interrupted, heart, broken)
         return status
 
+    def _outcome(self, code: int | None, interrupted: bool, heart: _Heartbeat | None, result: dict) -> JobStatus:
+        """How the job ended, from what its process did; a pending cancel request alone decides nothing."""
+        if code == EXIT_OK and result.get("status") == "succeeded":
+            return JobStatus.succeeded
+        if code == EXIT_CANCELLED:  # it saw the cancel and stopped between steps
+            return JobStatus.cancelled
+        if result.get("error"):  # it crashed by itself, cancel or not: keep its error and traceback
+            return JobStatus.failed
+        if heart is not None and heart.killed_for_cancel:
+            return JobStatus.cancelled
+        if interrupted:  # we stopped it because the worker is stopping: back to the queue, unless unwanted
+            with self.sessions() as session:
+                return JobStatus.cancelled if queue.cancel_requested(session, self.job.id) else JobStatus.queued
+        return JobStatus.failed
+
     def _record_end(self, code: int | None, interrupted: bool, heart: _Heartbeat | None,
                     broken: str | None = None) -> JobStatus | None:
         job_id = self.job.id
@@ -175,31 +194,34 @@ class JobRunner:
         if broken is not None:
             result = {"error": f"the worker could not run the job: {broken.strip().splitlines()[-1]}",
                       "traceback": broken}
+        status = JobStatus.failed if broken is not None else self._outcome(code, interrupted, heart, result)
+        error = result.get("error")
+        if status == JobStatus.failed and not error:
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            hint = " (out of memory?)" if code == -signal.SIGKILL else ""
+            error = f"job process {how}{hint}"
+        # Each write is compare-and-set on (running, this worker): it fails if the job was requeued after a
+        # missed heartbeat, and whoever owns it now records its outcome; we write and log nothing.
         with self.sessions() as session:
-            if interrupted:
-                if queue.cancel_requested(session, job_id):
-                    queue.mark_cancelled(session, job_id, self.worker_id)
-                    return JobStatus.cancelled
-                queue.release(session, job_id, self.worker_id)
-                logger.warning("worker stopping: job requeued", extra=extra)
-                return JobStatus.queued
-            if code == EXIT_OK and result.get("status") == "succeeded":
-                queue.finish(session, job_id, self.worker_id)
-                logger.info("job succeeded", extra=extra)
-                return JobStatus.succeeded
-            if code == EXIT_CANCELLED or (heart is not None and heart.cancel_seen_at is not None) \
-                    or queue.cancel_requested(session, job_id):
-                queue.mark_cancelled(session, job_id, self.worker_id)
-                logger.info("job cancelled", extra=extra)
-                return JobStatus.cancelled
-            error = result.get("error")
-            if not error:
-                how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-                hint = " (out of memory?)" if code == -signal.SIGKILL else ""
-                error = f"job process {how}{hint}"
-            queue.fail(session, job_id, error, result.get("traceback"), self.worker_id)
+            if status == JobStatus.succeeded:
+                owned = queue.finish(session, job_id, self.worker_id)
+            elif status == JobStatus.cancelled:
+                owned = queue.mark_cancelled(session, job_id, self.worker_id)
+            elif status == JobStatus.queued:
+                owned = queue.release(session, job_id, self.worker_id)
+            else:
+                owned = queue.fail(session, job_id, error, result.get("traceback"), self.worker_id)
+        if not owned:
+            logger.warning(f"the job is no longer this worker's (requeued or taken over meanwhile): not "
+                           f"recording it {status.value}; its owner records the outcome", extra=extra)
+            return None
+        if status == JobStatus.failed:
             logger.error(f"job failed: {error}", extra=extra)
-            return JobStatus.failed
+        elif status == JobStatus.queued:
+            logger.warning("worker stopping: job requeued", extra=extra)
+        else:
+            logger.info(f"job {status.value}", extra=extra)
+        return status
 
 
 class Worker:

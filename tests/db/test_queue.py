@@ -19,20 +19,32 @@ from ..conftest import REPO_ROOT
 
 CLAIMER = r"""
 import json, sys, time
-from db import make_engine, make_sessionmaker, queue
-url, worker, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
+from pathlib import Path
+from db import make_engine, make_sessionmaker, queue, read
+url, worker, ready, go = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
 sessions = make_sessionmaker(make_engine(url))
-while time.time() < start_at:  # both processes start claiming at the same moment
+with sessions() as s:
+    queue.touch(s)  # connect (and set the pragmas) before the start line, not after it
+ready.touch()
+while not go.exists():  # a start barrier: neither process claims before both are ready
     time.sleep(0.001)
 claimed = []
 while True:
     with sessions() as s:
         job = queue.claim_next(s, worker)
-    if job is None:
-        break
-    claimed.append(job.id)
+        # None also when it lost every race of one call: stop only once the queue is really empty.
+        if job is None and not read.queue_positions(s):
+            break
+    if job is not None:
+        claimed.append(job.id)
+        # "Run" it for a moment, as a worker does: SQLite's lock is not fair, and a claimer looping
+        # without a pause can hold it so often that the other never gets it (the race is still real:
+        # both keep going for the oldest queued job).
+        time.sleep(0.001)
 print(json.dumps(claimed))
 """
+RACE_JOBS = 200
+"""Enough that claiming them all takes far longer than both processes need to get past the barrier."""
 
 
 def make_jobs(sessions, n: int) -> list[int]:
@@ -40,17 +52,26 @@ def make_jobs(sessions, n: int) -> list[int]:
         return [queue.create_job(s, name=f"j{i}", preset="tiny", config={"stages": ["data"]}).id for i in range(n)]
 
 
-def test_two_processes_claim_each_of_20_jobs_exactly_once(sessions, db_url):
-    ids = make_jobs(sessions, 20)
-    start_at = time.time() + 1.5  # after both interpreters have imported SQLAlchemy
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, db_url, f"w{i}", str(start_at)], cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+def test_two_processes_race_to_claim_jobs_and_each_job_is_claimed_exactly_once(sessions, db_url, tmp_path):
+    ids = make_jobs(sessions, RACE_JOBS)
+    go = tmp_path / "go"
+    ready = [tmp_path / f"ready-w{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, db_url, f"w{i}", str(ready[i]), str(go)],
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in ready):
+        assert time.monotonic() < deadline, "the claimers never got ready"
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.01)
+    go.touch()
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
         outs.append(json.loads(out.strip().splitlines()[-1]))
     a, b = outs
+    assert a and b, f"both processes must win some claims for this to be a race: w0 {len(a)}, w1 {len(b)}"
     assert not set(a) & set(b), f"claimed twice: {set(a) & set(b)}"
     assert sorted(a + b) == ids
     with sessions() as s:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import signal
 from collections import Counter
+from datetime import timedelta
 
 import psutil
 import pytest
+from sqlalchemy import update
 
 from db import JobStatus, StageStatus, queue, read
+from db.models import Job, utcnow
 
 from .conftest import DATA_ONLY, sft_job, wait_for
 
@@ -39,8 +42,8 @@ def test_two_workers_race_for_20_queued_jobs_and_run_each_exactly_once(service):
         runs_per_worker[job.worker_id] += 1
         claims = [m for m in service.logs(job_id) if m.startswith("claimed by")]
         assert len(claims) == 1, claims
-        # Each metric point exists once and the data stage ran once.
-        assert service.points(job_id, "data/train") == [("data", 0, 16.0)]
+        # Each metric point exists once and the data stage ran once (the split's size is data.py's business).
+        assert [(stage, step) for stage, step, _ in service.points(job_id, "data/train")] == [("data", 0)]
         assert Counter(m for m in service.logs(job_id))["stage data started"] == 1
     assert sum(runs_per_worker.values()) == 20
     assert len(runs_per_worker) == 2, f"both workers should have taken jobs: {runs_per_worker}"
@@ -164,3 +167,66 @@ def test_sigterm_stops_the_worker_cleanly_and_gives_the_job_back(service):
     with service.sessions() as s:
         assert [w.state for w in read.workers(s)] == ["stopped"]
     assert any("job requeued" in m for m in service.logs(job_id))
+
+
+def test_a_job_taken_over_while_its_process_ran_is_not_recorded_by_its_old_worker(service):
+    # No second heartbeat: the worker cannot learn of the takeover before the job process ends.
+    service.env["EDGERLHF_HEARTBEAT_SECONDS"] = "600"
+    job_id = service.add_job(sft_job(max_steps=99), name="taken over")
+    worker = service.start_worker("--max-jobs", "1")
+    wait_for(lambda: service.points(job_id, "sft/loss"), 240, "the first SFT step")
+    # Another worker judged it stalled, requeued and claimed it while its first process still runs.
+    with service.sessions() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+        s.commit()
+        assert queue.requeue_stalled(s, stall_seconds=30, max_attempts=3) == [(job_id, JobStatus.queued)], \
+            "the takeover must land while the first job process runs"
+        assert queue.claim_next(s, "other-worker").id == job_id
+    assert worker.wait(timeout=240) == 0, service.worker_logs()
+    job = service.job(job_id)
+    assert (job.status, job.worker_id, job.attempts) == (JobStatus.running, "other-worker", 2)
+    logs = service.worker_logs()
+    assert "job succeeded" not in logs, "only the job's owner may record (and log) its outcome"
+    assert "no longer this worker's" in logs
+    assert "succeeded" not in service.logs(job_id)
+
+
+def test_a_job_process_that_crashes_after_a_cancel_request_fails_with_its_own_error(service):
+    # Only a real cancellation ends `cancelled`; a crash that merely follows a cancel request is a failure.
+    raised = service.add_job(sft_job(max_steps=99), name="raises")
+    killed = service.add_job(sft_job(max_steps=99), name="killed")
+    worker = service.start_worker("--max-jobs", "2", "--cancel-grace", "60")
+    # SIGINT: a Python exception with a traceback; SIGKILL: as the kernel's OOM killer would. Each lands
+    # right after the cancel request, long before the job process polls the flag and stops by itself.
+    for job_id, crash in ((raised, signal.SIGINT), (killed, signal.SIGKILL)):
+        wait_for(lambda job_id=job_id: service.points(job_id, "sft/loss"), 240, "the first SFT step")
+        child_pid = _child_of(service, job_id)
+        with service.sessions() as s:
+            queue.request_cancel(s, job_id)
+        os.kill(child_pid, crash)
+    assert worker.wait(timeout=240) == 0, service.worker_logs()
+    job = service.job(raised)
+    assert job.status == JobStatus.failed, service.worker_logs()
+    assert job.error.startswith("KeyboardInterrupt")
+    assert job.traceback.startswith("Traceback (most recent call last)") and "KeyboardInterrupt" in job.traceback
+    job = service.job(killed)
+    assert job.status == JobStatus.failed, service.worker_logs()
+    assert job.error == "job process killed by signal 9 (out of memory?)"
+    assert "job cancelled" not in service.worker_logs()
+
+
+def test_a_job_asking_for_a_device_this_machine_lacks_fails_at_once_and_the_worker_goes_on(service):
+    import torch
+
+    devices = ["cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+    bad = {device: service.add_job({**DATA_ONLY, "device": device}, name=device) for device in devices}
+    good = service.add_job(DATA_ONLY, name="good")
+    worker = service.start_worker("--once")
+    assert worker.wait(timeout=240) == 0, service.worker_logs()
+    for device, job_id in bad.items():
+        job = service.job(job_id)
+        assert (job.status, job.attempts) == (JobStatus.failed, 1), (device, job.error)
+        assert f"device {device!r} was asked for" in job.error and "available: cpu" in job.error, job.error
+        with service.sessions() as s:
+            assert read.stage_runs(s, job_id) == [], "no stage starts on a device that does not exist"
+    assert service.job(good).status == JobStatus.succeeded
