@@ -47,8 +47,10 @@ def frontend_command(settings) -> list[str]:
 
 def run_frontend(argv: list[str]) -> int:
     from edgerlhf.settings import get_settings
+    from worker.lifeline import die_with_parent
 
-    return subprocess.call(frontend_command(get_settings()) + argv)
+    # Streamlit dies with this command, however this command dies (as `up`'s children do).
+    return subprocess.call(frontend_command(get_settings()) + argv, preexec_fn=die_with_parent())
 
 
 class Busy(Exception):
