@@ -13,11 +13,13 @@ and its stage wrote its artifacts and `report.json` into the run directory. Mode
 per loaded model serializes its generations (one network, one KV cache at a time on a small GPU),
 while different models generate in parallel. `unload_job(job_id)` drops a deleted job's models.
 
-Generation is a plain token loop with a KV cache (as nanoGPT's `generate`, plus top-p sampling):
-it owns a `torch.Generator` per request, so a `seed` gives the same tokens whether the answer is
-streamed or not and whatever other requests run at the same time, and it stops at the next HH turn
-marker (`edgerlhf.dialogue.STOP_STRINGS`), at the user's stop strings and at EOS. Text that could be
-the beginning of a stop string is held back, so a stream never shows a half stop marker.
+Generation is a plain token loop with a KV cache (as nanoGPT's `generate`), so it can stream; what it
+samples and where it stops come from `edgerlhf.generation`, as for every other generator: each token is
+drawn by `Sampling.draw` (temperature, top-p; OpenAI's temperature 0 is greedy), and the stop rule is
+`StopRule` (EOS, the next HH turn marker, or one of the request's `stop` strings). The loop owns a
+`torch.Generator` per request, so a `seed` gives the same tokens whether the answer is streamed or not
+and whatever other requests run at the same time. Text that could be the beginning of a stop string is
+held back, so a stream never shows a half stop marker.
 
 This module knows nothing of HTTP; `backend/api/routes/chat.py` maps its errors to OpenAI's.
 """
@@ -38,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgerlhf.errors import ModelLoadError
+
 log = logging.getLogger("edgerlhf.chat")
 
 KINDS = ("base", "sft", "ppo")
@@ -55,10 +59,6 @@ class ChatModelError(Exception):
 
 class ModelNotFound(ChatModelError):
     """No such model: malformed id, unknown or unfinished job, or the stage did not complete."""
-
-
-class ModelLoadError(ChatModelError):
-    """The model exists but could not be loaded (missing files, out of memory ...)."""
 
 
 @dataclass(frozen=True)
@@ -134,30 +134,28 @@ class StopScanner:
     """Turns the growing decoded text of one completion into safe-to-show deltas.
 
     `feed(text)` takes the whole decoded completion so far and returns `(delta, stopped)`: the new
-    text that can be shown, and whether a stop string was found (the text before it is final). A
-    suffix that may still become a stop string, or an incomplete UTF-8 character (U+FFFD), is held
-    back until the next token decides. Leading whitespace is dropped: models answer `prompt + " " +
-    response`, and OpenAI's content starts with the first word.
+    text that can be shown, and whether a stop string was found (the text before it is final). Where
+    the text ends is `edgerlhf.generation.StopRule`'s answer, the rule every generator stops by; this
+    class only adds what streaming needs: a suffix that may still become a stop string, or an
+    incomplete UTF-8 character (U+FFFD), is held back until the next token decides. Leading whitespace
+    is dropped: models answer `prompt + " " + response`, and OpenAI's content starts with the first word.
     """
 
     def __init__(self, stops: Iterable[str]):
-        self.stops = [s for s in dict.fromkeys(stops) if s]
+        from edgerlhf.generation import StopRule  # imports torch: only when a model generates
+
+        self.rule = StopRule(stops)
         self.sent = ""
         self.stopped = False
 
     def _visible(self, text: str, final: bool) -> str:
-        end = len(text)
-        hit = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hit:
-            end = min(hit)
+        end = self.rule.find(text)
+        if end >= 0:
             self.stopped = True
-        elif not final:
-            held = 0
-            for stop in self.stops:
-                for k in range(min(len(stop) - 1, len(text)), held, -1):
-                    if text.endswith(stop[:k]):
-                        held = k
-                        break
+        elif final:
+            end = len(text)
+        else:
+            held = self.rule.pending(text)
             while held < len(text) and text[len(text) - held - 1] == "\ufffd":
                 held += 1
             end = len(text) - held
@@ -189,32 +187,30 @@ class Choice:
 
 @dataclass
 class GenerationParams:
+    """A chat request's generation settings, in OpenAI's terms."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    """The request's own stop strings, on top of the HH turn markers."""
     seed: int | None = None
     n: int = 1
 
+    def sampling(self):
+        """The `edgerlhf.generation.Sampling` these settings ask for: temperature 0 means greedy, as in
+        OpenAI's API (OpenAI has no top-k)."""
+        from edgerlhf.generation import Sampling
 
-def sample_next(logits, temperature: float, top_p: float, generator):
-    """Next token ids from last-position logits (N, V): greedy at temperature 0, else top-p sampling."""
-    import torch
+        if self.temperature <= 0:
+            return Sampling(greedy=True)
+        return Sampling(temperature=self.temperature, top_p=self.top_p)
 
-    if temperature <= 0:
-        return logits.argmax(dim=-1)  # (N,)
-    probs = torch.softmax(logits / temperature, dim=-1)  # (N, V)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)  # (N, V)
-        # Drop a token when the mass before it already reaches top_p; the most likely token always stays.
-        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p  # (N, V)
-        drop[:, 0] = False
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))  # (N, V), unnormalised
-    # Inverse-CDF draw: one uniform number per row and a binary search, instead of torch.multinomial's
-    # per-token work over GPT-2's 50k vocabulary (the CPU's slowest step of a tiny model's loop).
-    cdf = torch.cumsum(probs.double(), dim=-1)  # (N, V), unnormalised: the last entry is the kept mass
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)  # (N,)
+    def stops(self) -> list[str]:
+        """Every stop string of this request: the HH turn markers, then the request's own."""
+        from edgerlhf.dialogue import STOP_STRINGS
+
+        return [*STOP_STRINGS, *self.stop]
 
 
 class LoadedModel:
@@ -245,9 +241,9 @@ class LoadedModel:
         """Sample `params.n` completions of the prompt; `on_delta(index, text)` gets each new piece of text."""
         import torch
 
-        stops = list(_dialogue_stops()) + list(params.stop)
+        sampling = params.sampling()
         choices = [Choice(i) for i in range(params.n)]
-        scanners = [StopScanner(stops) for _ in range(params.n)]
+        scanners = [StopScanner(params.stops()) for _ in range(params.n)]
         tokens: list[list[int]] = [[] for _ in range(params.n)]
 
         def emit(i: int, final: bool = False) -> None:
@@ -278,8 +274,7 @@ class LoadedModel:
                     break
                 out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True, **self._forward_kwargs)
                 past = out.past_key_values
-                logits = out.logits[:, -1, :].float()  # (N, V)
-                next_ids = sample_next(logits, params.temperature, params.top_p, generator)  # (N,)
+                next_ids = sampling.draw(out.logits[:, -1, :], generator)  # (N,)
                 for i, token in enumerate(next_ids.tolist()):
                     if choices[i].finish_reason is not None:
                         continue
@@ -304,12 +299,6 @@ class LoadedModel:
                  f"finish={','.join(sorted({c.finish_reason or '' for c in choices}))}",
                  extra={"job_id": self.spec.job_id})
         return choices
-
-
-def _dialogue_stops() -> tuple[str, ...]:
-    from edgerlhf import dialogue
-
-    return tuple(getattr(dialogue, "STOP_STRINGS", (dialogue.STOP_STRING,)))
 
 
 def render_prompt(messages: list[dict[str, str]]) -> str:

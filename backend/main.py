@@ -13,43 +13,19 @@ OpenAPI docs are at `/docs`. With `EDGERLHF_API_TOKEN` set, every request but `/
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from backend.api.deps import require_token
+from backend import chat_models
 from backend.api.middleware import BodyLimitMiddleware, TokenMiddleware
-from backend.api.routes import jobs, metrics, system
+from backend.api.routes import chat, jobs, metrics, system
 from db import init_db, make_engine, make_sessionmaker
 from edgerlhf.settings import Settings, get_settings
 
 logger = logging.getLogger("edgerlhf.backend")
-
-
-def _chat_router():
-    """The chat engineer's `backend/api/routes/chat.py` router, if the module exists."""
-    try:
-        module = importlib.import_module("backend.api.routes.chat")
-    except ModuleNotFoundError as exc:
-        if exc.name == "backend.api.routes.chat":
-            return None
-        raise
-    return getattr(module, "router", None)
-
-
-def _chat_unload_hook() -> Callable[[int], None] | None:
-    """`backend.chat_models.unload_job(job_id)`: a deleted job's chat models leave memory with it."""
-    try:
-        module = importlib.import_module("backend.chat_models")
-    except ModuleNotFoundError as exc:
-        if exc.name == "backend.chat_models":
-            return None
-        raise
-    return getattr(module, "unload_job", None)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -70,22 +46,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = make_sessionmaker(engine)
-    app.state.job_deleted_hooks = []
+    app.state.job_deleted_hooks = [chat_models.unload_job]
     """Callables `hook(job_id)` run after a job is deleted (the chat models of that job are unloaded)."""
 
-    guarded = [Depends(require_token)]
     app.include_router(system.health_router)
-    app.include_router(system.router, prefix="/api", dependencies=guarded)
-    app.include_router(jobs.router, prefix="/api", dependencies=guarded)
-    app.include_router(metrics.router, prefix="/api", dependencies=guarded)
-    chat = _chat_router()
-    if chat is not None:
-        app.include_router(chat, prefix="/v1", dependencies=guarded)
-    unload = _chat_unload_hook()
-    if unload is not None:
-        app.state.job_deleted_hooks.append(unload)
+    app.include_router(system.router, prefix="/api")
+    app.include_router(jobs.router, prefix="/api")
+    app.include_router(metrics.router, prefix="/api")
+    app.include_router(chat.router, prefix="/v1")
 
-    # Outermost first in the request path: size limit, then the token, then routing.
+    # Outermost first in the request path: size limit, then the token, then routing. The token is checked
+    # here and nowhere else: a middleware sees every request (/api, /v1, the SSE streams, /docs, unknown
+    # paths), where a router dependency would only guard the routes it is attached to.
     app.add_middleware(TokenMiddleware, token=settings.api_token)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 

@@ -122,50 +122,17 @@ def prepare_run_dir(config, work: Path) -> Path:
 # --- measuring ---------------------------------------------------------------------------------
 
 
-def _proc_status_mb(field: str) -> float | None:
-    """A memory line of /proc/self/status (`VmRSS`, `VmHWM`) in MB; None where there is no /proc."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set of this process. `VmHWM` belongs to the address space, so unlike `ru_maxrss` it
-    does not inherit the parent's peak across fork + exec (which made every stage report the driver's peak)."""
-    from edgerlhf.memory import peak_rss_mb as ru_maxrss_mb
-
-    hwm = _proc_status_mb("VmHWM")
-    return hwm if hwm is not None else ru_maxrss_mb()
-
-
-def reset_peak_rss() -> None:
-    """Reset `VmHWM` to the current RSS (Linux `clear_refs` 5), so a stage's peak is its own."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 class Meter:
-    """Peak memory of this process (CUDA peak allocated, or peak RSS on the CPU) and step times."""
+    """Peak memory of this process (`edgerlhf.memory.peak_mb`: CUDA peak allocated, or peak RSS on the CPU)
+    from its creation on, above a baseline of what was held then, and step times."""
 
     def __init__(self, device):
-        import torch
+        from edgerlhf import memory
 
         self.device = device
         self.cuda = device.type == "cuda"
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            self.baseline_mb = torch.cuda.memory_allocated(device) / MB
-        else:
-            reset_peak_rss()
-            self.baseline_mb = _proc_status_mb("VmRSS") or peak_rss_mb()
+        memory.reset_peak(device)
+        self.baseline_mb = memory.current_mb(device)
         self.times: list[float] = []
 
     def sync(self):
@@ -175,9 +142,9 @@ class Meter:
             torch.cuda.synchronize(self.device)
 
     def peak_mb(self) -> float:
-        import torch
+        from edgerlhf import memory
 
-        return torch.cuda.max_memory_allocated(self.device) / MB if self.cuda else peak_rss_mb()
+        return memory.peak_mb(self.device)
 
     def time(self, fn, steps: int, warmup: int):
         """Run `fn()` warmup + steps times; keep the timed steps. Returns the last result."""

@@ -194,7 +194,7 @@ class SFTConfig:
     sample_every: Annotated[int, COUNT] = 100
     """Generate samples for the fixed held-out prompts every N steps."""
     n_sample_prompts: Annotated[int, FEW] = 3
-    """How many fixed held-out prompts to sample."""
+    """How many fixed held-out prompts to sample (as probes, with the `ppo` sampling settings)."""
 
     def __post_init__(self):
         check_ranges("sft", self)
@@ -251,9 +251,10 @@ class PPOConfig:
     learning_rate: Annotated[float, LEARNING_RATE] = 1.41e-5
     """Adam learning rate for the policy adapter and value head."""
     response_length: Annotated[int, Range(1, 8192)] = 64
-    """Maximum new tokens per sampled response."""
+    """Maximum new tokens per sampled response (also of the SFT and PPO probes)."""
     temperature: Annotated[float, Range(0.01, 10)] = 1.0
-    """Sampling temperature (logits are divided by it before top-k and top-p)."""
+    """Sampling temperature (logits are divided by it before top-k and top-p); these sampling settings
+    also draw the SFT and PPO probes and the evaluation's samples."""
     top_k: Annotated[int, Range(0, 1_000_000)] = 50
     """Top-k sampling (0 disables)."""
     top_p: Annotated[float, Range(0, 1, low_open=True)] = 0.95

@@ -43,12 +43,13 @@ from edgerlhf import gold, locations
 from edgerlhf.config import DataConfig, PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.dialogue import DialogueError, normalize_prompt, split_dialogue
+from edgerlhf.errors import StageError, require
 
 HUB_DATASET = "Anthropic/hh-rlhf"
 MAX_BAD_LINE_EXAMPLES = 5
 
 
-class DataError(ValueError):
+class DataError(StageError, ValueError):
     """The input data cannot be read; the message names the file and line when it is about one line."""
 
 
@@ -289,8 +290,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_prefs(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a `train_prefs.jsonl` / `test_prefs.jsonl` written by this stage."""
-    with Path(path).open(encoding="utf-8") as f:
+    """Rows of a `train_prefs.jsonl` / `test_prefs.jsonl` written by this stage (`MissingPrerequisite` if absent)."""
+    with require(path, "data").open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

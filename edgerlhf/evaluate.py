@@ -125,20 +125,16 @@ def run(config, ctx) -> dict[str, Any]:
     """Compare the SFT and PPO policies on held-out prompts; returns (and writes) the report."""
     from edgerlhf import gold, memory
     from edgerlhf.data import read_prefs
-    from edgerlhf.models import ModelLoadError, resolve_device
+    from edgerlhf.errors import require
+    from edgerlhf.models import resolve_device
     from edgerlhf.ppo import build_models
 
     cfg = config.evaluate
     device = resolve_device(config.device)
     run_dir = Path(ctx.run_dir)
     out_dir = ctx.stage_dir("evaluate")
-    test_file = run_dir / "data" / "test_prefs.jsonl"
-    if not test_file.exists():
-        raise FileNotFoundError(f"{test_file} is missing: run the data stage first")
-    adapter = run_dir / "ppo" / "adapter"
-    if not adapter.is_dir():
-        raise ModelLoadError(f"{adapter} is missing: run the ppo stage first")
-    prompts = [row["prompt"] for row in read_prefs(test_file)][: cfg.n_prompts]
+    prompts = [row["prompt"] for row in read_prefs(run_dir / "data" / "test_prefs.jsonl")][: cfg.n_prompts]
+    adapter = require(run_dir / "ppo" / "adapter", "ppo")
     k = cfg.samples_per_prompt
     all_prompts = [p for p in prompts for _ in range(k)]  # (n_prompts * k,)
 

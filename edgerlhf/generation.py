@@ -9,19 +9,25 @@ token is scored with is the probability it was drawn with. Both sides therefore 
 
 `generate` draws with exactly that (`SamplingProcessor`, the only logits processor it uses; every
 built-in warper of `transformers.generate` is switched off, because in transformers 5 a custom processor
-runs *before* its temperature warper and would see unscaled logits), and `forward_response` +
-`policy_stats` score sampled tokens with exactly that. The reference policy is scored on the policy's
-support, so the KL estimate is 0 for an unchanged policy (see `policy_stats`).
+runs *before* its temperature warper and would see unscaled logits), the chat's token loop draws with
+`Sampling.draw` (the same distribution, one step at a time with a KV cache, so it can stream), and
+`forward_response` + `policy_stats` score sampled tokens with exactly that. The reference policy is
+scored on the policy's support, so the KL estimate is 0 for an unchanged policy (see `policy_stats`).
 
-Also here: `Rollouts` (a batch of sampled responses), the stop rule (EOS or a stop marker, `StopOnMarkers`
-during sampling, `response_lengths` after it) and the one-pass re-scoring of prompt + response.
+Also here: `Rollouts` (a batch of sampled responses), the one stop rule (`StopRule`: EOS or the first stop
+string; `StopOnMarkers` applies it during `generate`, `response_lengths` after it, the chat's streaming
+`StopScanner` token by token), `sample_probes` (the probe generations every stage logs) and the one-pass
+re-scoring of prompt + response.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+from edgerlhf.dialogue import STOP_STRINGS
 
 # --- the sampling distribution -------------------------------------------------------------------
 
@@ -82,19 +88,35 @@ class Sampling:
         """`sampling_support` of already scaled logits with these settings."""
         return sampling_support(scaled_logits, self.top_k, self.top_p)
 
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scaled logits (N, V) with -inf outside the support: their softmax is the sampling distribution."""
+        scaled = self.scale(logits)  # (N, V)
+        support = self.support(scaled)
+        if support[0] is None:
+            return scaled
+        return scaled.masked_fill(~support_mask(support, scaled.shape), float("-inf"))
+
+    def draw(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Next token ids (N,) from last-position logits (N, V): the arg max when greedy, else one draw per
+        row from softmax(`warp(logits)`), the distribution `SamplingProcessor` hands `generate`."""
+        if self.greedy:
+            return logits.argmax(dim=-1)  # (N,)
+        probs = torch.softmax(self.warp(logits), dim=-1)  # (N, V), 0 outside the support
+        # Inverse-CDF draw: one uniform number per row and a binary search, instead of torch.multinomial's
+        # per-token work over GPT-2's 50k vocabulary (the CPU's slowest step of a tiny model's chat loop).
+        cdf = torch.cumsum(probs.double(), dim=-1)  # (N, V)
+        u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)  # (N,)
+
 
 class SamplingProcessor:
-    """The `generate` logits processor for `Sampling`: scaled logits, -inf outside the support."""
+    """The `generate` logits processor for `Sampling`: `Sampling.warp` of each step's logits."""
 
     def __init__(self, sampling: Sampling):
         self.sampling = sampling
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scaled = self.sampling.scale(scores)  # (B, V)
-        support = self.sampling.support(scaled)
-        if support[0] is None:
-            return scaled
-        return scaled.masked_fill(~support_mask(support, scaled.shape), float("-inf"))
+        return self.sampling.warp(scores)  # (B, V)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -169,30 +191,62 @@ class Rollouts:
     response_mask: torch.Tensor  # (B, T) 1 up to and including the token that ended the response
 
 
-def response_lengths(tokenizer, response_ids: torch.Tensor) -> tuple[list[int], list[str]]:
-    """Where each sampled response ends, in tokens, and its text.
+class StopRule:
+    """Where a response ends: at its first EOS token or at the first of `stops` in its text.
 
-    A response ends with its first EOS token or with the token that completes a stop marker
-    (`"\\n\\nHuman:"`, the model opening the next turn); that token is the policy's last action and is
-    kept in the mask, everything after it is padding.
+    The stops are the HH turn markers (`edgerlhf.dialogue.STOP_STRINGS`: the model opening the next turn)
+    unless given; the chat adds a request's own `stop` strings. EOS is a token, so the loops that see
+    tokens check it themselves; this class answers the text side, for every generator: `StopOnMarkers`
+    during `generate`, `response_lengths` after it, and the chat's streaming `StopScanner` token by token.
     """
-    from edgerlhf.dialogue import STOP_STRINGS, cut_at_stop
 
+    def __init__(self, stops: Iterable[str] = STOP_STRINGS):
+        self.stops = tuple(s for s in dict.fromkeys(stops) if s)
+
+    def find(self, text: str) -> int:
+        """Where the first stop string in `text` begins; -1 when there is none."""
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(hits) if hits else -1
+
+    def cut(self, text: str) -> str:
+        """`text` up to its first stop string (not stripped: a stream keeps what it already showed)."""
+        end = self.find(text)
+        return text if end < 0 else text[:end]
+
+    def pending(self, text: str) -> int:
+        """How many characters at the end of `text` could still grow into a stop string (the longest
+        suffix that is a proper prefix of one); a stream holds them back until the next token decides."""
+        held = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(text)), held, -1):
+                if text.endswith(stop[:k]):
+                    held = k
+                    break
+        return held
+
+
+def response_lengths(tokenizer, response_ids: torch.Tensor) -> tuple[list[int], list[str]]:
+    """Where each sampled response ends (`StopRule`), in tokens, and its text.
+
+    A response ends with its first EOS token or with the token that completes a stop marker (the model
+    opening the next turn); that token is the policy's last action and is kept in the mask, everything
+    after it is padding. The text is cut before the marker and stripped.
+    """
+    rule = StopRule()
     eos = tokenizer.eos_token_id
     lengths, texts = [], []
     for row in response_ids.tolist():
         n = row.index(eos) + 1 if eos in row else len(row)
         text = tokenizer.decode(row[:n], skip_special_tokens=True)
-        if any(marker in text for marker in STOP_STRINGS):
-            n = next(k for k in range(1, n + 1)
-                     if any(m in tokenizer.decode(row[:k], skip_special_tokens=True) for m in STOP_STRINGS))
+        if rule.find(text) >= 0:
+            n = next(k for k in range(1, n + 1) if rule.find(tokenizer.decode(row[:k], skip_special_tokens=True)) >= 0)
         lengths.append(n)
-        texts.append(cut_at_stop(text))
+        texts.append(rule.cut(text).strip())
     return lengths, texts
 
 
 class StopOnMarkers:
-    """A `generate` stopping criterion: a row is done once its generated text contains a stop marker.
+    """A `generate` stopping criterion: a row is done once its generated text holds a stop marker (`StopRule`).
 
     Only the last `window` generated tokens are decoded each step (a marker is a few tokens), so this
     costs microseconds per row; transformers' `StopStringCriteria` instead scans the whole vocabulary
@@ -200,14 +254,13 @@ class StopOnMarkers:
     """
 
     def __init__(self, tokenizer, prompt_length: int, window: int = 12):
-        from edgerlhf.dialogue import STOP_STRINGS
-
-        self.tokenizer, self.prompt_length, self.window, self.markers = tokenizer, prompt_length, window, STOP_STRINGS
+        self.tokenizer, self.prompt_length, self.window = tokenizer, prompt_length, window
+        self.rule = StopRule()
 
     def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
         start = max(self.prompt_length, input_ids.shape[1] - self.window)
         tails = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=True)
-        done = [any(m in tail for m in self.markers) for tail in tails]
+        done = [self.rule.find(tail) >= 0 for tail in tails]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -232,9 +285,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling
     """Sample one response per prompt (left-padded batch) with `sampling`, stopping at EOS or a stop marker."""
     device = next(model.parameters()).device
     n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"  # keep the prompt's end
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                      max_length=max(n_positions - max_new_tokens, 1)).to(device)
+    # Left padding and truncation keep each prompt's end next to its response. Only for this call: the
+    # tokenizer may be a trainer's (SFT probes), which saves it with the model.
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                          max_length=max(n_positions - max_new_tokens, 1)).to(device)
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = sides
     processors = [] if sampling.greedy else [SamplingProcessor(sampling)]
     stop = StopOnMarkers(tokenizer, batch["input_ids"].shape[1])
     out = model.generate(**batch, generation_config=generation_config(sampling, max_new_tokens, tokenizer),
@@ -247,6 +306,23 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling
     # Tokens after the end are padding: make them the pad token so no stray sample leaks into later passes.
     response_ids = torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id)
     return Rollouts(list(prompts), texts, query_ids, batch["attention_mask"], response_ids, response_mask)
+
+
+def sample_probes(model, tokenizer, prompts: list[str], config) -> Rollouts:
+    """The probe generations of a checkpoint, drawn alike in every stage so the Probes page compares like
+    with like: PPO's sampling settings (`Sampling.of(config.ppo)`) and response length, seeded with
+    `config.seed` on a forked RNG (the same draws for the same weights, and training's RNG is untouched),
+    in eval mode (no dropout: the distribution of the weights, not of a training step).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(config.seed)
+            return generate(model, tokenizer, prompts, config.ppo.response_length, Sampling.of(config.ppo))
+    finally:
+        model.train(was_training)
 
 
 def forward_response(model, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,

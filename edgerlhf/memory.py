@@ -1,5 +1,9 @@
 """Memory readings for metrics and benchmarks: CUDA allocated/peak per device, process RSS on the CPU,
-and the bytes of tensors a process holds (to measure what building something added)."""
+and the bytes of tensors a process holds (to measure what building something added).
+
+Peak memory has one definition, used by the stages and the benchmarks alike: `reset_peak(device)`, then
+`peak_mb(device)` = the CUDA peak allocated on a GPU, the peak resident set (`VmHWM`) on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -13,25 +17,65 @@ import torch
 MB = 1024 * 1024
 
 
+def _on_cuda(device: torch.device | str | None) -> bool:
+    """Whether memory on `device` is CUDA memory (`None`: the CUDA device when there is one)."""
+    device = torch.device(device) if device is not None else None
+    return torch.cuda.is_available() and (device is None or device.type == "cuda")
+
+
 def snapshot(device: torch.device | str | None = None) -> dict[str, float]:
     """Current memory as namespaced metrics: `mem/allocated_mb`, `mem/peak_mb` (CUDA), `mem/rss_mb` (process)."""
-    out = {"mem/rss_mb": psutil.Process(os.getpid()).memory_info().rss / MB}
-    device = torch.device(device) if device is not None else None
-    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+    out = {"mem/rss_mb": rss_mb()}
+    if _on_cuda(device):
         out["mem/allocated_mb"] = torch.cuda.memory_allocated(device) / MB
         out["mem/peak_mb"] = torch.cuda.max_memory_allocated(device) / MB
         out["mem/reserved_mb"] = torch.cuda.memory_reserved(device) / MB
     return out
 
 
+# --- peak memory: the one way every stage and benchmark measures it -------------------------------
+
+
 def reset_peak(device: torch.device | str | None = None) -> None:
-    if torch.cuda.is_available():
+    """Start measuring a new peak for `peak_mb`: CUDA's peak allocated on a GPU; on the CPU this process's
+    peak RSS (Linux `clear_refs` 5 resets `VmHWM` to the current RSS; where it cannot, the peak stays
+    the process's whole life)."""
+    if _on_cuda(device):
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_mb(device: torch.device | str | None = None) -> float:
+    """Peak memory since the last `reset_peak(device)`: CUDA peak allocated on a GPU, peak RSS on the CPU.
+
+    Both are exact high-water marks kept by the allocator or the kernel, so a short spike between two
+    readings is not missed (as a polling thread would miss it)."""
+    if _on_cuda(device):
+        return torch.cuda.max_memory_allocated(device) / MB
+    return peak_rss_mb()
+
+
+def current_mb(device: torch.device | str | None = None) -> float:
+    """Memory held now, measured as `peak_mb` measures its peak: CUDA allocated on a GPU, RSS on the CPU."""
+    if _on_cuda(device):
+        return torch.cuda.memory_allocated(device) / MB
+    return rss_mb()
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now."""
+    return psutil.Process(os.getpid()).memory_info().rss / MB
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far: Linux `VmHWM` (`ru_maxrss` would report a forked
-    parent's peak as ours), `ru_maxrss` where /proc is missing."""
+    """Peak resident memory of this process (since the last CPU `reset_peak`): Linux `VmHWM`, which
+    belongs to the address space, so unlike `ru_maxrss` it does not inherit a forked parent's peak;
+    `ru_maxrss` where /proc is missing."""
     try:
         with open("/proc/self/status") as f:
             for line in f:

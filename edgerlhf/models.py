@@ -41,14 +41,11 @@ from torch import nn
 from edgerlhf import locations
 from edgerlhf.config import PRECISIONS, ModelConfig, PipelineConfig
 from edgerlhf.dialogue import join
+from edgerlhf.errors import MissingPrerequisite, ModelLoadError, require
 
 REWARD_ADAPTER_DIR = "adapter"
 SCORE_HEAD_FILE = "score_head.pt"
 REWARD_META_FILE = "reward_model.json"
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be loaded; the message says why and what to do instead."""
 
 
 # --- devices, dtypes, quantization ---------------------------------------------------------------
@@ -266,21 +263,18 @@ def load_policy(run_dir: str | Path, which: str, device: torch.device | str = "c
             if config is None:
                 raise ModelLoadError(f"{run_dir} has neither base/ nor config.json to find the base model")
             if config.model.random_init:
-                raise ModelLoadError(f"{run_dir}/base is missing: the random base model is saved by the sft stage")
+                raise MissingPrerequisite(run_dir / "base", "sft",
+                                          "is missing (the random base model is saved by the sft stage)")
             tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path, padding_side="left")
             return load_base_model(config.model, device, precision, tokenizer).eval(), tokenizer
     else:
-        source = run_dir / "sft" / "merged"
-        if not source.is_dir():
-            raise ModelLoadError(f"{source} is missing: run the sft stage first")
+        source = require(run_dir / "sft" / "merged", "sft")
     model = load_causal_lm(source, device, precision)
     tokenizer = load_tokenizer(source, padding_side="left")
     if which == "ppo":
         from peft import PeftModel
 
-        adapter = run_dir / "ppo" / "adapter"
-        if not adapter.is_dir():
-            raise ModelLoadError(f"{adapter} is missing: run the ppo stage first")
+        adapter = require(run_dir / "ppo" / "adapter", "ppo")
         model = PeftModel.from_pretrained(model, str(adapter))
         if precision == "bf16":
             model = model.merge_and_unload()  # plain weights: merging makes generation as fast as sft's
@@ -368,7 +362,8 @@ def load_reward_model(run_dir: str | Path, precision: str = "bf16", device: torc
     device = resolve_device(device)
     rm_dir = run_dir / "reward" / precision
     if not (rm_dir / SCORE_HEAD_FILE).exists():
-        raise ModelLoadError(f"{rm_dir} holds no reward model: train reward.precisions including {precision!r}")
+        raise MissingPrerequisite(rm_dir, "reward",
+                                  f"holds no reward model (reward.precisions must include {precision!r})")
     meta = json.loads((rm_dir / REWARD_META_FILE).read_text()) if (rm_dir / REWARD_META_FILE).exists() else {}
     base_dir = run_dir / "sft" / "merged"
     model = load_causal_lm(base_dir, device, precision)

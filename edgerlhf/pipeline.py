@@ -15,7 +15,8 @@ From the command line (`edgerlhf pipeline ...` dispatches here):
 `--set KEY=VALUE` takes a dotted field and a JSON value (plain text when it is not JSON); `--config` reads
 a JSON object of overrides (it may name its `preset`), applied before `--set`. `--resume` skips stages
 whose `<stage>/report.json` already exists. A bad configuration exits with status 2 and names the field;
-a stage error exits with status 1; a cancelled run (Ctrl-C) with 130.
+a stage error exits with status 1 (one line for a `StageError`, such as a `MissingPrerequisite` naming the
+stage to run first; a traceback for anything else); a cancelled run (Ctrl-C) with 130.
 
 Each stage module (`edgerlhf.<stage>`) is imported only when it runs, so `data` and `sft` work without
 the PPO dependencies loaded, and a stage's `run(config, ctx)` returns its report, which `run_stage`
@@ -36,25 +37,17 @@ from typing import Any
 
 from edgerlhf.config import LOCATION_FIELDS, STAGES, ConfigError, PipelineConfig, load_config
 from edgerlhf.context import Cancelled, ConsoleContext, RunContext
+from edgerlhf.errors import StageError
 from edgerlhf.locations import absolute_local_paths
 
 logger = logging.getLogger("edgerlhf.pipeline")
-
-
-class StageUnavailable(RuntimeError):
-    """A stage's module cannot be imported (e.g. not installed in this build)."""
 
 
 def stage_module(name: str):
     """The module that implements stage `name`, imported on first use."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; choose from {list(STAGES)}")
-    try:
-        return importlib.import_module(f"edgerlhf.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"edgerlhf.{name}":
-            raise StageUnavailable(f"stage {name!r} is not available: edgerlhf/{name}.py is missing") from exc
-        raise
+    return importlib.import_module(f"edgerlhf.{name}")
 
 
 def _jsonable(value: Any) -> Any:
@@ -227,11 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     except Cancelled as exc:
         print(f"edgerlhf pipeline: {exc}", file=sys.stderr)
         return 130
-    except Exception as exc:  # a failed stage: say which and why, without a traceback for known errors
-        from edgerlhf.data import DataError
-        from edgerlhf.models import ModelLoadError
-
-        if not isinstance(exc, (DataError, ModelLoadError, StageUnavailable, ConfigError)):
+    except Exception as exc:  # a failed stage: say which and why; a traceback only for a bug
+        if not isinstance(exc, (StageError, ConfigError)):
             logger.exception("stage %s failed", ctx.stage)
         print(f"edgerlhf pipeline: stage {ctx.stage} failed: {exc}", file=sys.stderr)
         return 1

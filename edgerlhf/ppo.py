@@ -44,7 +44,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from edgerlhf.generation import Rollouts, Sampling, forward_response, generate, policy_stats
+from edgerlhf.errors import MissingPrerequisite
+from edgerlhf.generation import Rollouts, Sampling, forward_response, generate, policy_stats, sample_probes
 
 # --- PPO math: pure functions on (B, T) tensors, `mask` is 1 on response tokens -------------------
 
@@ -324,7 +325,8 @@ def build_models(config, run_dir: str | Path, device: torch.device,
     rm_dir = run_dir / "reward" / precision
     if shared:
         if not (rm_dir / models.SCORE_HEAD_FILE).exists():
-            raise models.ModelLoadError(f"{rm_dir} holds no reward model: run the reward stage with {precision} first")
+            raise MissingPrerequisite(rm_dir, "reward", f"holds no reward model (reward.precisions must include "
+                                      f"{precision!r})")
         model.load_adapter(str(rm_dir / models.REWARD_ADAPTER_DIR), adapter_name=REWARD, is_trainable=False)
         meta_file = rm_dir / models.REWARD_META_FILE
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
@@ -454,8 +456,6 @@ def _seed_step(seed: int, step: int) -> None:
 def _prompts(path: Path) -> list[str]:
     from edgerlhf.data import read_prefs
 
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the data stage first")
     return [row["prompt"] for row in read_prefs(path)]
 
 
@@ -463,10 +463,7 @@ def _probe(ctx, models: PPOModels, prompts: list[str], step: int, config) -> Non
     """Sample the fixed held-out probe prompts (same seed each time) and log them for this checkpoint."""
     if not prompts:
         return
-    cfg = config.ppo
-    with torch.random.fork_rng(devices=[models.device] if models.device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
-        rollouts = generate(models.model, models.tokenizer, prompts, cfg.response_length, Sampling.of(cfg))
+    rollouts = sample_probes(models.model, models.tokenizer, prompts, config)
     scores = models.score(rollouts.prompts, rollouts.responses)
     for prompt, response, score in zip(prompts, rollouts.responses, scores.tolist()):
         ctx.log_sample(prompt, response, score, step, kind="probe", checkpoint=f"ppo/step-{step}")

@@ -12,9 +12,10 @@ as the QLoRA paper does; fp32 costs little here and keeps the precisions compara
 Every precision in `reward.precisions` trains from the same seed, data order and initialisation, so the
 study compares precisions and not luck. The study (`reward/report.json`, key `precisions`) gives per
 precision: held-out pairwise accuracy and mean margin, the model's memory footprint (bytes of weights),
-peak memory while training (CUDA peak allocation, or process RSS on the CPU: `peak_source` says which),
-scoring throughput (pairs/s), the compute dtype actually used (fp32 on the CPU even for "bf16"), and
-the Spearman rank correlation of its test-set scores with the bf16 model's. Held-out numbers come from
+peak memory while loading and training (`edgerlhf.memory.peak_mb`: CUDA peak allocation, or the
+process's peak RSS on the CPU; `peak_source` says which), scoring throughput (pairs/s), the compute dtype
+actually used (fp32 on the CPU even for "bf16"), and the Spearman rank correlation of its test-set scores
+with the bf16 model's. Held-out numbers come from
 reloading the saved model with `edgerlhf.models.load_reward_model`, so they measure what PPO will use.
 
 Saved per precision (format documented in `edgerlhf.models`): `reward/<precision>/adapter/` (a plain
@@ -34,18 +35,18 @@ import gc
 import json
 import math
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
+from edgerlhf import memory
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.data import read_prefs
-from edgerlhf.memory import MB, reset_peak, snapshot
+from edgerlhf.errors import require
+from edgerlhf.memory import MB, snapshot
 from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, compute_dtype, dtype_name,
                              load_causal_lm, load_reward_model, load_tokenizer, resolve_device, upcast_trainable)
 
@@ -76,31 +77,6 @@ def spearman(a: list[float] | torch.Tensor, b: list[float] | torch.Tensor) -> fl
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
-
-
-class PeakRSS:
-    """Samples this process's resident memory in a thread: the CPU stand-in for CUDA's peak allocation."""
-
-    def __init__(self, every: float = 0.05):
-        self.every = every
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        proc = psutil.Process()
-        while not self._stop.is_set():
-            self.peak = max(self.peak, proc.memory_info().rss)
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, psutil.Process().memory_info().rss)
 
 
 def load_for_training(run_dir: Path, precision: str, device: torch.device, seed: int):
@@ -283,8 +259,8 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(ctx.run_dir / "sft" / "merged")
     gc.collect()
-    reset_peak(device)
-    rss_before = psutil.Process().memory_info().rss
+    memory.reset_peak(device)  # the peak from here on: this precision's model, loaded and trained
+    rss_before_mb = memory.rss_mb()
     model = load_for_training(ctx.run_dir, precision, device, config.seed)
     callback = _callback(ctx, precision, cfg.max_steps, index * cfg.max_steps, device)
     trainer = build_trainer(config, ctx, precision, model, tokenizer, device, callbacks=[callback])
@@ -292,13 +268,10 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
     ctx.log(f"reward model {precision}: {len(trainer.train_dataset)} train pairs, {cfg.max_steps} steps "
             f"on {device} (compute {dtype_name(compute_dtype(device))})")
     started = time.perf_counter()
-    with PeakRSS() as rss:
-        result = trainer.train()
+    result = trainer.train()
     train_seconds = time.perf_counter() - started
-    if device.type == "cuda":
-        peak, source = torch.cuda.max_memory_allocated(device) / MB, "cuda_max_allocated"
-    else:
-        peak, source = rss.peak / MB, "process_rss"
+    peak = memory.peak_mb(device)
+    source = "cuda_max_allocated" if device.type == "cuda" else "process_rss"
     out_dir = ctx.stage_dir("reward") / precision
     save_reward_model(trainer.model, out_dir, precision, cfg.max_length, device)
     ctx.artifact("reward_model", out_dir)
@@ -315,16 +288,15 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
         "final_train_accuracy": train_accuracy[-1] if train_accuracy else None,
         "peak_train_mb": round(peak, 1), "peak_source": source,
         # On the CPU the RSS peak includes what earlier precisions left allocated; the delta is this model's.
-        "peak_train_delta_mb": round(peak - rss_before / MB, 1) if source == "process_rss" else None,
-        "rss_before_train_mb": round(rss_before / MB, 1),
+        "peak_train_delta_mb": round(peak - rss_before_mb, 1) if source == "process_rss" else None,
+        "rss_before_train_mb": round(rss_before_mb, 1),
     }
 
 
 def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
     cfg = config.reward
     device = resolve_device(config.device)
-    if not (ctx.run_dir / "sft" / "merged").is_dir():
-        raise FileNotFoundError(f"{ctx.run_dir / 'sft' / 'merged'} is missing: run the sft stage first")
+    require(ctx.run_dir / "sft" / "merged", "sft")
     train = read_prefs(ctx.run_dir / "data" / "train_prefs.jsonl")
     test = read_prefs(ctx.run_dir / "data" / "test_prefs.jsonl")
     # bf16 first when present: the others are compared with it.

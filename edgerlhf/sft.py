@@ -11,7 +11,8 @@ whose CPU fallback is ~30x slower on small models (see `CompletionSFTTrainer`).
 Reports through the context: `sft/loss`, `sft/learning_rate`, `sft/grad_norm`, `sft/tokens_per_s`,
 `sft/eval_loss`, `sft/perplexity` (exp of the eval loss, on held-out responses), `mem/*`; probe
 generations on a few fixed held-out prompts every `sample_every` steps (`kind="probe"`,
-`checkpoint="sft/step-N"`, reward = the gold score when `data.labels == "gold"`).
+`checkpoint="sft/step-N"`, reward = the gold score when `data.labels == "gold"`), sampled as PPO samples
+its probes (`edgerlhf.generation.sample_probes`: PPO's sampling settings and response length, same seed).
 
 Writes: `sft/adapter/` (the LoRA adapter), `sft/merged/` (base with the LoRA merged + tokenizer) and,
 for a `model.random_init` base, `base/` (the random base + tokenizer) so later stages can load it.
@@ -32,7 +33,7 @@ from edgerlhf import gold
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.data import read_prefs
-from edgerlhf.dialogue import cut_at_stop
+from edgerlhf.generation import sample_probes
 from edgerlhf.memory import reset_peak, snapshot
 from edgerlhf.models import (compute_dtype, dtype_name, load_base_model, load_tokenizer, resolve_device,
                              upcast_trainable)
@@ -49,27 +50,6 @@ def prompt_completion_dataset(path: Path):
     examples = {(r["prompt"], " " + r["chosen"]) for r in read_prefs(path) if r["rejected"]}
     ordered = sorted(examples, key=lambda e: (e[0], e[1]))  # a set has no stable order across processes
     return Dataset.from_list([{"prompt": p, "completion": c} for p, c in ordered])
-
-
-@torch.no_grad()
-def generate_probes(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int = 0) -> list[str]:
-    """Sampled continuations (top-k 50, seeded: the same prompts and seed give the same draws for the same
-    weights) of `prompts`, one at a time (no padding), cut at the stop markers. Sampling, not greedy: a
-    weak model's greedy output is a single repeated token and says little about what it learned."""
-    was_training = model.training
-    model.eval()
-    out = []
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt").to(device)
-            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=50, top_p=1.0,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            out.append(cut_at_stop(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
-    if was_training:
-        model.train()
-    return out
 
 
 def _callback(config: PipelineConfig, ctx: RunContext, tokenizer, probe_prompts: list[str], device):
@@ -94,8 +74,7 @@ def _callback(config: PipelineConfig, ctx: RunContext, tokenizer, probe_prompts:
                 self.probe(model, state.global_step)
 
         def probe(self, model, step):
-            responses = generate_probes(model, tokenizer, probe_prompts, config.data.max_response_tokens,
-                                        seed=config.seed)
+            responses = sample_probes(model, tokenizer, probe_prompts, config).responses
             self.last_probes = []
             for prompt, response in zip(probe_prompts, responses):
                 reward = gold.score(prompt, response, config.data.gold_scorer) if gold_on else None

@@ -1,4 +1,4 @@
-"""Dependencies shared by the routers: the database session, the settings, the API token check.
+"""Dependencies shared by the routers: the database session, the settings, a job by id.
 
 `Annotated` aliases (`SessionDep`, `SettingsDep`) as in fastapi/full-stack-fastapi-template's `deps.py`.
 The app built by `backend.main.create_app` keeps its settings and session factory on `app.state`, so
@@ -9,13 +9,11 @@ a query offset or cursor in the `RowOffset` type (beyond the range: 422).
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from typing import Annotated
 
 from annotated_types import Ge, Le
 from fastapi import Depends, HTTPException, Request, status
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from db import INT64_MAX, read
@@ -37,28 +35,6 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 RowOffset = Annotated[int, Ge(0), Le(INT64_MAX)]
 """A query's offset or row-id cursor: 422 beyond what SQLite can bind. Use as `Annotated[RowOffset, Query(...)]`."""
-
-_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <EDGERLHF_API_TOKEN>` when a token is set")
-
-
-def token_ok(expected: str | None, authorization: str | None) -> bool:
-    """Whether an `Authorization` header value carries the expected bearer token (always true without one)."""
-    if not expected:
-        return True
-    if not authorization:
-        return False
-    scheme, _, value = authorization.partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(value.strip().encode(), expected.encode())
-
-
-def require_token(request: Request,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """401 unless the request carries the configured API token (no-op when none is configured)."""
-    expected = request.app.state.settings.api_token
-    header = f"Bearer {credentials.credentials}" if credentials else None
-    if not token_ok(expected, header):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong API token: send "
-                            "'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
 
 
 def get_job_or_404(job_id: int, session: SessionDep) -> Job:

@@ -1,28 +1,22 @@
 """Pure ASGI middleware: the API token gate and the request body size limit.
 
 Both run before routing, so they also cover paths no router declares (a wrong URL without the token
-gets 401, not 404) and no oversized body is ever parsed.
+gets 401, not 404) and no oversized body is ever parsed. `TokenMiddleware` is the backend's only token
+check: every route, `/v1` and the SSE streams included, is behind it.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from backend.api.deps import token_ok
 
 OPEN_PATHS = frozenset({"/healthz"})
 """Paths that never need the token (liveness checks)."""
 
 OPENAI_PREFIX = "/v1"
 """The OpenAI-compatible chat API: its clients expect OpenAI's error shape, `{"error": {...}}`."""
-
-
-def _error(path: str, message: str, code: str) -> dict:
-    if path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/"):
-        return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-    return {"detail": message}
 
 
 async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -34,10 +28,20 @@ async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[by
 
 
 def error_body(path: str, message: str, code: str | None = None) -> dict:
-    """`{"detail": message}`, or OpenAI's error shape on the OpenAI-compatible `/v1` paths (added by the chat engineer)."""
-    if path == "/v1" or path.startswith("/v1/"):
+    """`{"detail": message}`, or OpenAI's error shape on the OpenAI-compatible `/v1` paths."""
+    if path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/"):
         return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
     return {"detail": message}
+
+
+def token_ok(expected: str | None, authorization: str | None) -> bool:
+    """Whether an `Authorization` header value carries the expected bearer token (always true without one)."""
+    if not expected:
+        return True
+    if not authorization:
+        return False
+    scheme, _, value = authorization.partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(value.strip().encode(), expected.encode())
 
 
 class TokenMiddleware:

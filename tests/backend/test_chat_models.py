@@ -220,9 +220,11 @@ def test_lru_cache_loads_once_evicts_and_unloads(runs_dir):
 
 
 def test_sampling_draws_from_the_top_p_distribution():
+    """The chat's OpenAI settings map onto `edgerlhf.generation.Sampling` (temperature 0: greedy)."""
     import torch
 
-    from backend.chat_models import sample_next
+    def sample_next(logits, temperature, top_p, generator):
+        return GenerationParams(max_tokens=1, temperature=temperature, top_p=top_p).sampling().draw(logits, generator)
 
     probs = torch.zeros(50)
     probs[[7, 3, 11]] = torch.tensor([0.5, 0.3, 0.2])

@@ -1,8 +1,10 @@
 """The one sampling definition (edgerlhf.generation): what `generate` draws is what PPO scores.
 
 Exact-value checks of the support and restricted log-probs, a chi-square test of `generate`'s empirical
-token frequencies against the distribution `forward_response` + `policy_stats` assign, and the first PPO
-update of an unchanged policy (ratio exactly 1, KL exactly 0) for several temperature/top-k/top-p settings.
+token frequencies against the distribution `forward_response` + `policy_stats` assign, another of the
+chat's `Sampling.draw` against the distribution `SamplingProcessor` hands `generate`, the first PPO update
+of an unchanged policy (ratio exactly 1, KL exactly 0) for several temperature/top-k/top-p settings, the
+one stop rule, and the probe sampling every stage shares.
 """
 
 import math
@@ -10,9 +12,12 @@ import math
 import pytest
 import torch
 
-from edgerlhf.config import TINY_TOKENIZER_DIR, ModelConfig
+from edgerlhf.config import TINY_TOKENIZER_DIR, ModelConfig, load_config
+from edgerlhf.dialogue import STOP_STRINGS
 from edgerlhf.generation import (
     Sampling,
+    SamplingProcessor,
+    StopRule,
     entropy_from_logits,
     forward_response,
     generate,
@@ -20,6 +25,7 @@ from edgerlhf.generation import (
     policy_stats,
     restricted_entropy,
     restricted_logprobs,
+    sample_probes,
     sampling_support,
     support_mask,
 )
@@ -140,19 +146,39 @@ def test_generate_draws_from_the_distribution_ppo_scores(peaked_model, sampling)
 
     outside = int(counts.sum() - counts[support].sum())
     assert outside == 0, f"{outside} of {n} draws fall outside the support PPO scores ({len(support)} tokens)"
-    # Pool the rare cells so every expected count is >= 5 (the chi-square approximation's rule of thumb).
+    statistic, dof = pooled_chi_square(expected, counts[support])
+    assert dof >= 3, f"the test needs a spread distribution, got {len(support)} support tokens"
+    assert statistic < chi_square_critical(dof), (sampling, statistic, dof)
+
+
+def pooled_chi_square(expected: torch.Tensor, observed: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic and its degrees of freedom, the rare cells pooled so every expected count is
+    >= 5 (the chi-square approximation's rule of thumb)."""
     order = torch.argsort(expected, descending=True)
-    exp_sorted, obs_sorted = expected[order], counts[support][order]
+    exp_sorted, obs_sorted = expected[order], observed[order]
     big = exp_sorted >= 5
     exp_cells = torch.cat([exp_sorted[big], exp_sorted[~big].sum(0, keepdim=True)])
     obs_cells = torch.cat([obs_sorted[big], obs_sorted[~big].sum(0, keepdim=True)])
     if exp_cells[-1] < 5:  # a pooled remainder still too small joins the smallest big cell
         exp_cells = torch.cat([exp_cells[:-2], exp_cells[-2:].sum(0, keepdim=True)])
         obs_cells = torch.cat([obs_cells[:-2], obs_cells[-2:].sum(0, keepdim=True)])
-    dof = len(exp_cells) - 1
-    assert dof >= 3, f"the test needs a spread distribution, got {len(support)} support tokens"
-    statistic = float(((obs_cells - exp_cells) ** 2 / exp_cells).sum())
-    assert statistic < chi_square_critical(dof), (sampling, statistic, dof)
+    return float(((obs_cells - exp_cells) ** 2 / exp_cells).sum()), len(exp_cells) - 1
+
+
+@pytest.mark.parametrize("sampling", SETTINGS, ids=str)
+def test_chat_draw_samples_what_generate_samples(sampling):
+    """`Sampling.draw` (the chat's token loop) draws from softmax of `SamplingProcessor`'s output (`generate`)."""
+    torch.manual_seed(0)
+    logits = torch.randn(200)  # (V,): spread enough that every setting keeps many tokens
+    n = 20_000
+    drawn = sampling.draw(logits.expand(n, -1), torch.Generator().manual_seed(1))  # (n,)
+    probs = torch.softmax(SamplingProcessor(sampling)(None, logits[None])[0], -1).double()  # (V,)
+    counts = torch.bincount(drawn, minlength=200).double()
+    support = probs > 0
+    assert counts[~support].sum() == 0, "a draw outside the support"
+    statistic, dof = pooled_chi_square(probs[support] * n, counts[support])
+    assert dof >= 3 and statistic < chi_square_critical(dof), (sampling, statistic, dof)
+    assert Sampling(greedy=True).draw(logits.expand(3, -1)).tolist() == [int(logits.argmax())] * 3
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +205,40 @@ def test_unchanged_policy_has_ratio_one_and_kl_zero(tiny_run_dir, sampling):
     assert rollouts.response_mask.sum() > 0
     assert metrics["ppo/approx_kl"] == 0.0 and metrics["ppo/clip_frac"] == 0.0
     assert metrics["ppo/kl"] == 0.0
+
+
+def test_one_stop_rule_for_every_generator():
+    rule = StopRule()  # the HH turn markers
+    assert rule.stops == STOP_STRINGS
+    assert rule.find(" Sure.\n\nHuman: thanks\n\nAssistant: ok") == 6 and rule.find(" no stop") == -1
+    assert rule.cut(" A.\n\nAssistant: B") == " A." and rule.cut(" A.") == " A."
+    # A stream holds back what may still become a marker: "\n\nHu" could be "\n\nHuman:".
+    assert rule.pending("Hi\n\nHu") == 4 and rule.pending("Hi\n") == 1 and rule.pending("Hi") == 0
+    chat = StopRule([*STOP_STRINGS, "END", "", "END"])  # a chat request's own stops, deduplicated, none empty
+    assert chat.stops == (*STOP_STRINGS, "END")
+    assert chat.find("a b END c\n\nHuman:") == 4 and chat.pending("a b EN") == 2
+
+
+def test_probes_are_sampled_as_ppo_samples_them(peaked_model):
+    """`sample_probes`: PPO's sampling settings and response length from `config.seed`, whatever the caller's
+    RNG, model mode or tokenizer settings, which it leaves as they were (SFT probes a training model)."""
+    model, tokenizer = peaked_model
+    config = load_config("tiny", {"seed": 3, "ppo": {"response_length": 5, "temperature": 0.8, "top_k": 20}})
+    prompts = ["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: Name a colour.\n\nAssistant:"]
+    torch.manual_seed(config.seed)
+    expected = generate(model, tokenizer, prompts, 5, Sampling(0.8, 20, config.ppo.top_p))
+
+    model.train()
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    try:
+        first = sample_probes(model, tokenizer, prompts, config)
+        assert model.training and (tokenizer.padding_side, tokenizer.truncation_side) == sides
+        assert torch.equal(torch.get_rng_state(), rng), "probing moved the caller's RNG"
+        torch.manual_seed(7)
+        second = sample_probes(model, tokenizer, prompts, config)
+    finally:
+        model.eval()
+    assert first.responses == second.responses == expected.responses
+    assert torch.equal(first.response_ids, expected.response_ids) and first.response_ids.shape[1] <= 5

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from edgerlhf.config import TINY_TOKENIZER_DIR, ModelConfig
+from edgerlhf.errors import MissingPrerequisite
 from edgerlhf.models import (ModelLoadError, compute_dtype, load_base_model, load_causal_lm, load_policy,
                              load_tokenizer, quantization_config, random_gpt2, resolve_device)
 
@@ -105,7 +106,7 @@ def test_bitsandbytes_load_and_run_on_cpu(saved_tiny, precision, layer):
 def test_load_policy_sft_and_ppo(tmp_path, saved_tiny, tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    with pytest.raises(ModelLoadError, match="run the sft stage first"):
+    with pytest.raises(MissingPrerequisite, match="run the sft stage first"):
         load_policy(tmp_path, "sft")
     import shutil
 
@@ -117,7 +118,7 @@ def test_load_policy_sft_and_ppo(tmp_path, saved_tiny, tokenizer):
     out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[0] == 2 and out.shape[1] <= enc["input_ids"].shape[1] + 4
 
-    with pytest.raises(ModelLoadError, match="run the ppo stage first"):
+    with pytest.raises(MissingPrerequisite, match="run the ppo stage first"):
         load_policy(tmp_path, "ppo")
     torch.manual_seed(0)
     peft = get_peft_model(random_gpt2(TINY, tokenizer, seed=0),
@@ -138,5 +139,5 @@ def test_load_policy_base_for_random_init_needs_base_dir(tmp_path):
     from edgerlhf.config import load_config
 
     (tmp_path / "config.json").write_text(load_config("tiny").to_json())
-    with pytest.raises(ModelLoadError, match="saved by the sft stage"):
+    with pytest.raises(MissingPrerequisite, match="saved by the sft stage.*run the sft stage first"):
         load_policy(tmp_path, "base")

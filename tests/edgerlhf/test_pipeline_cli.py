@@ -2,6 +2,7 @@
 subprocess on tiny budgets (data -> sft -> reward), bad configurations, unknown stages, and --resume."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,9 @@ import pytest
 from edgerlhf.config import HH_PREFS_SAMPLE, ConfigError, load_config
 from edgerlhf.context import RunContext
 from edgerlhf.data import DataError
+from edgerlhf.errors import MissingPrerequisite, StageError
 from edgerlhf.models import ModelLoadError, load_tokenizer
-from edgerlhf.pipeline import (StageUnavailable, build_config, parse_overrides, run_pipeline, run_stage,
-                               stage_module)
+from edgerlhf.pipeline import build_config, main, parse_overrides, run_pipeline, run_stage
 
 TINY_SETS = [
     "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
@@ -54,12 +55,33 @@ def test_run_stage_and_pipeline_in_process(tmp_path):
         run_stage("deploy", config, ctx)
 
 
-def test_missing_stage_module_is_a_clear_error(monkeypatch):
-    import edgerlhf.pipeline as pipeline
+@pytest.mark.parametrize("stage, present, missing, first", [
+    ("sft", [], "data/test_prefs.jsonl", "data"),
+    ("reward", [], "sft/merged", "sft"),
+    ("ppo", [], "data/train_prefs.jsonl", "data"),
+    ("ppo", ["data/train_prefs.jsonl", "data/test_prefs.jsonl"], "sft/merged", "sft"),
+    ("evaluate", [], "data/test_prefs.jsonl", "data"),
+    ("evaluate", ["data/test_prefs.jsonl"], "ppo/adapter", "ppo"),
+])
+def test_a_missing_prerequisite_names_the_stage_to_run_first(tmp_path, stage, present, missing, first):
+    for name in present:  # empty files: only their existence matters here
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    config = load_config("tiny", {"stages": [stage]})
+    expected = f"{tmp_path / missing} is missing: run the {first} stage first"
+    with pytest.raises(MissingPrerequisite, match=re.escape(expected)) as info:
+        run_stage(stage, config, RunContext(tmp_path))
+    assert info.value.stage == first
 
-    monkeypatch.setattr(pipeline, "STAGES", (*pipeline.STAGES, "distill"))
-    with pytest.raises(StageUnavailable, match="edgerlhf/distill.py is missing"):
-        stage_module("distill")
+
+def test_the_cli_reports_a_stage_error_in_one_line(tmp_path, capsys, caplog, monkeypatch):
+    """A `StageError` (here: reward before sft) is the person's to fix: its message, status 1, no traceback."""
+    assert issubclass(ModelLoadError, StageError) and issubclass(DataError, StageError)
+    monkeypatch.setattr("edgerlhf.log.setup_logging", lambda *args, **kwargs: None)  # keep pytest's log capture
+    assert main(["--preset", "tiny", "--run-dir", str(tmp_path), "--stages", "reward"]) == 1
+    err = capsys.readouterr().err
+    assert f"stage reward failed: {tmp_path / 'sft' / 'merged'} is missing: run the sft stage first" in err
+    assert not [r for r in caplog.records if r.exc_info], "a StageError is reported without a traceback"
 
 
 @pytest.mark.slow

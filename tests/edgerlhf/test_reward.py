@@ -66,6 +66,8 @@ def test_precision_study(tmp_path, base_run):
         assert 0.0 <= row["accuracy"] <= 1.0 and math.isfinite(row["mean_margin"])
         assert row["memory_footprint_bytes"] > 0 and row["throughput_pairs_per_s"] > 0
         assert row["peak_train_mb"] > 0 and row["peak_source"] in ("process_rss", "cuda_max_allocated")
+        if row["peak_source"] == "process_rss":  # the high-water mark since the reset covers the RSS at the reset
+            assert row["peak_train_mb"] >= row["rss_before_train_mb"] and row["peak_train_delta_mb"] >= 0
         assert row["compute_dtype"] == "float32"  # the CPU computes "bf16" in fp32, and says so
         assert -1.0 <= row["spearman_vs_bf16"] <= 1.0
         for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "score_head.pt",

@@ -31,8 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend import chat_models
-from backend.chat_models import ChatModelError, GenerationParams, ModelLoadError, ModelNotFound
+from backend.chat_models import ChatModelError, GenerationParams, ModelNotFound
 from db import FINISHED, read
+from edgerlhf.errors import ModelLoadError
 
 logger = logging.getLogger("edgerlhf.chat")
 
@@ -57,8 +58,7 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 def _invalid_json() -> OpenAIError:
@@ -84,10 +84,6 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
 
 
 def _http_error(exc: StarletteHTTPException) -> OpenAIError:
-    if exc.status_code == 401:
-        return OpenAIError(401, "Incorrect or missing API key. Send `Authorization: Bearer <token>` with the "
-                           "token the backend was started with (EDGERLHF_API_TOKEN).",
-                           param=None, code="invalid_api_key")
     if exc.status_code == 400:  # FastAPI's "error parsing the body": not UTF-8, or JSON nested too deep
         return _invalid_json()
     detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
@@ -97,7 +93,7 @@ def _http_error(exc: StarletteHTTPException) -> OpenAIError:
 
 
 class OpenAIRoute(APIRoute):
-    """Routes of this router answer every error in OpenAI's shape, validation and auth included.
+    """Routes of this router answer every error in OpenAI's shape, validation included (auth is the middleware's).
 
     Exception handlers are app-wide, so the conversion lives in the route class (FastAPI's documented
     way to customise one router's request handling) and the rest of the API keeps its own format.
@@ -133,7 +129,8 @@ def _settings(request: Request):
 
 
 router = APIRouter(tags=["chat"], route_class=OpenAIRoute)
-"""Mounted at `/v1` by `backend.main.create_app`, behind the API token (`backend.api.deps.require_token`)."""
+"""Mounted at `/v1` by `backend.main.create_app`, behind the API token (`backend.api.middleware.TokenMiddleware`,
+which answers a 401 in OpenAI's shape on `/v1`)."""
 
 
 # --- jobs (read through db/) ---------------------------------------------------------------------
