@@ -21,11 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-STAGES = ("data", "sft", "reward", "ppo", "evaluate")
-"""The pipeline's stages, in the order they run."""
-
-PRECISIONS = ("bf16", "int8", "int4")
-"""Reward-model precisions: bf16 weights, or bitsandbytes int8 / nf4 (int4) quantized weights."""
+from edgerlhf.contract import PRECISIONS, STAGES
 
 LOCATION_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"))
 """(section, field) of the config fields that name a model or data location: a hub id or an absolute path."""
@@ -428,6 +424,56 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint!r} at {path}")
+
+
+# --- documentation of every field (for the dashboard's form and `/api/config/fields`) --------------
+
+
+@functools.cache
+def _docstrings(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass (CleanRL's style), by field name."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(following, ast.Expr) \
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def field_docs(cls: type = None, prefix: str = "") -> list[dict[str, Any]]:
+    """Every leaf field of the pipeline config: dotted path, type, default, help text and range.
+
+    The one source of a field's documentation: the CLI help, the API and the dashboard's form read it here.
+    """
+    cls = cls or PipelineConfig
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += field_docs(hint, f"{prefix}{f.name}.")
+            continue
+        bounds = ranges(cls).get(f.name)
+        out.append({"path": f"{prefix}{f.name}", "type": _type_name(hint), "default": getattr(defaults, f.name),
+                    "help": _docstrings(cls).get(f.name, ""),
+                    "range": None if bounds is None else dataclasses.asdict(bounds)})
+    return out
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return _type_name(args[0]) + " | None"
+    if typing.get_origin(hint) is list:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(hint, "__name__", str(hint))
 
 
 # --- presets -------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from edgerlhf.config import DataConfig, PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.dialogue import DialogueError, normalize_prompt, split_dialogue
 from edgerlhf.errors import StageError, require
+from edgerlhf.reports import DataReport, DataSource
 
 HUB_DATASET = "Anthropic/hh-rlhf"
 MAX_BAD_LINE_EXAMPLES = 5
@@ -265,10 +266,10 @@ def _stats(values: list[int]) -> dict[str, float]:
             "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "max": ordered[-1]}
 
 
-def length_stats(pairs: list[dict[str, str]], tokenizer) -> dict[str, Any]:
+def length_stats(pairs: list[dict[str, str]], tokenizer) -> dict[str, Any] | None:
     """Token-length statistics of prompts and responses, and how often chosen is the shorter response."""
     if not pairs:
-        return {}
+        return None
     def n_tokens(texts):
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
     lp = n_tokens([p["prompt"] for p in pairs])
@@ -297,7 +298,7 @@ def read_prefs(path: str | Path) -> list[dict[str, str]]:
 
 # --- the stage ----------------------------------------------------------------------------------
 
-def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
+def run(config: PipelineConfig, ctx: RunContext) -> DataReport:
     from edgerlhf.models import load_tokenizer
 
     cfg = config.data
@@ -321,14 +322,14 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
     write_jsonl(out_dir / "test_prefs.jsonl", test)
     ctx.artifact("data", out_dir / "train_prefs.jsonl")
     ctx.artifact("data", out_dir / "test_prefs.jsonl")
-    report = {
-        "source": source_info, "labels": cfg.labels, **gold_info, "seed": config.seed,
-        "pairs_read": len(pairs), "bad_lines": source_info["bad_lines"],
-        "dropped": dict(sorted(dropped.items())), "kept": len(kept),
-        "capped_by_max_pairs": max(0, len(kept) - (cfg.max_pairs or len(kept))),
-        "train": len(train), "test": len(test),
-        "lengths": {"train": length_stats(train, tokenizer), "test": length_stats(test, tokenizer)},
-    }
+    report = DataReport(
+        source=DataSource(**source_info), labels=cfg.labels, **gold_info, seed=config.seed,
+        pairs_read=len(pairs), bad_lines=source_info["bad_lines"],
+        dropped=dict(sorted(dropped.items())), kept=len(kept),
+        capped_by_max_pairs=max(0, len(kept) - (cfg.max_pairs or len(kept))),
+        train=len(train), test=len(test),
+        lengths={"train": length_stats(train, tokenizer), "test": length_stats(test, tokenizer)},
+    )
     ctx.log_metrics({"data/pairs_read": len(pairs), "data/kept": len(kept), "data/train": len(train),
                      "data/test": len(test), "data/bad_lines": source_info["bad_lines"]}, step=0)
     ctx.log(f"{len(pairs)} pairs read, {len(kept)} kept ({dict(dropped)} dropped): "

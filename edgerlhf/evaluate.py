@@ -14,13 +14,14 @@ that model with the adapter disabled. Writes evaluate/report.json (returned) and
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from edgerlhf.reports import EvalReport
 
 GEN_BATCH = 16
 """Prompts per `generate` call."""
@@ -121,7 +122,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(config, ctx) -> dict[str, Any]:
+def run(config, ctx) -> EvalReport:
     """Compare the SFT and PPO policies on held-out prompts; returns (and writes) the report."""
     from edgerlhf import gold, memory
     from edgerlhf.data import read_prefs
@@ -194,8 +195,7 @@ def run(config, ctx) -> dict[str, Any]:
     metrics.update(memory.snapshot(device))
     ctx.log_metrics(metrics, 0)
 
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "report.md").write_text(markdown_report(report))
+    (out_dir / "report.md").write_text(markdown_report(report))  # report.json: written by the pipeline
     ctx.artifact("report", out_dir / "report.md")
     ctx.progress(4, 4)
-    return report
+    return EvalReport(**report)

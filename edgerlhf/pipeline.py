@@ -35,10 +35,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from edgerlhf.contract import REPORT_FILE
 from edgerlhf.config import LOCATION_FIELDS, STAGES, ConfigError, PipelineConfig, load_config
 from edgerlhf.context import Cancelled, ConsoleContext, RunContext
 from edgerlhf.errors import StageError
 from edgerlhf.locations import absolute_local_paths
+from edgerlhf.reports import DataReport, EvalReport, PPOReport, Report, RewardReport, SFTReport
 
 logger = logging.getLogger("edgerlhf.pipeline")
 
@@ -50,25 +52,21 @@ def stage_module(name: str):
     return importlib.import_module(f"edgerlhf.{name}")
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def run_stage(name: str, config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
-    """Run one stage: begin, `run(config, ctx)`, write `<stage>/report.json`, end. Returns the report."""
+def run_stage(name: str, config: PipelineConfig, ctx: RunContext) -> Report:
+    """Run one stage: begin, `run(config, ctx)`, write `<stage>/report.json`, end. Returns the typed report."""
     module = stage_module(name)
     ctx.begin_stage(name)
     started = time.perf_counter()
-    report = _jsonable(module.run(config, ctx) or {})
-    report.setdefault("seconds", round(time.perf_counter() - started, 2))
-    path = ctx.stage_dir(name) / "report.json"
-    path.write_text(json.dumps(report, indent=2))
+    report = module.run(config, ctx)
+    report.seconds = round(time.perf_counter() - started, 2)
+    path = ctx.stage_dir(name) / REPORT_FILE
+    path.write_text(report.model_dump_json(indent=2))
     ctx.artifact("report", path)
-    ctx.end_stage(name, report)
+    ctx.end_stage(name, json.loads(report.model_dump_json()))  # plain JSON data for the database
     return report
 
 
-def run_pipeline(config: PipelineConfig, ctx: RunContext, skip: Iterable[str] = frozenset()) -> dict[str, dict]:
+def run_pipeline(config: PipelineConfig, ctx: RunContext, skip: Iterable[str] = frozenset()) -> dict[str, Report]:
     """Run `config.stages` in order, skipping `skip`; writes `<run_dir>/config.json`. Returns reports by stage."""
     skip = set(skip)
     (ctx.run_dir / "config.json").write_text(config.to_json())
@@ -174,17 +172,24 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
 
 
-def _summary(name: str, report: dict) -> str:
+def _summary(report: Report) -> str:
     """One line per stage for the end of a CLI run."""
-    if name == "data":
-        return f"{report.get('train')} train / {report.get('test')} test pairs, dropped {report.get('dropped')}"
-    if name == "sft":
-        return (f"loss {_num(report.get('first_loss'))} -> {_num(report.get('final_loss'))}, "
-                f"eval perplexity {_num(report.get('perplexity'), 1)}")
-    if name == "reward":
-        return "; ".join(f"{p}: acc {_num(r.get('accuracy'))} spearman {_num(r.get('spearman_vs_bf16'))}"
-                         for p, r in report.get("precisions", {}).items())
-    return ", ".join(f"{k}={v}" for k, v in report.items() if isinstance(v, (int, float)))[:300]
+    if isinstance(report, DataReport):
+        return f"{report.train} train / {report.test} test pairs, dropped {report.dropped}"
+    if isinstance(report, SFTReport):
+        return (f"loss {_num(report.first_loss)} -> {_num(report.final_loss)}, "
+                f"eval perplexity {_num(report.perplexity, 1)}")
+    if isinstance(report, RewardReport):
+        return "; ".join(f"{p}: acc {_num(r.accuracy)} spearman {_num(r.spearman_vs_bf16)}"
+                         for p, r in report.precisions.items())
+    if isinstance(report, PPOReport):
+        return (f"{report.steps} steps, reward {_num(report.final.get('ppo/reward_mean'))}, "
+                f"KL {_num(report.final.get('ppo/kl'))}, {report.network_copies:.2f} network copies held")
+    if isinstance(report, EvalReport):
+        gold = f", gold PPO - SFT {_num(report.gold_diff.mean)}" if report.gold_diff else ""
+        return (f"reward PPO - SFT {_num(report.reward_diff.mean)} [{_num(report.reward_diff.low)}, "
+                f"{_num(report.reward_diff.high)}], win rate {_num(report.win_rate)}, KL {_num(report.kl)}{gold}")
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgerlhf pipeline: stage {ctx.stage} failed: {exc}", file=sys.stderr)
         return 1
     for name, report in reports.items():
-        print(f"{name}: {_summary(name, report)}")
+        print(f"{name}: {_summary(report)}")
     print(f"run directory: {ctx.run_dir}")
     return 0
 

@@ -46,6 +46,7 @@ import torch.nn as nn
 
 from edgerlhf.errors import MissingPrerequisite
 from edgerlhf.generation import Rollouts, Sampling, forward_response, generate, policy_stats, sample_probes
+from edgerlhf.reports import PPOReport
 
 # --- PPO math: pure functions on (B, T) tensors, `mask` is 1 on response tokens -------------------
 
@@ -571,7 +572,7 @@ def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str],
     return metrics, rollouts, scores
 
 
-def run(config, ctx) -> dict[str, Any]:
+def run(config, ctx) -> PPOReport:
     """PPO on the SFT policy against the reward model; returns the stage report."""
     from edgerlhf import memory
     from edgerlhf.models import compute_dtype, dtype_name, resolve_device
@@ -645,22 +646,21 @@ def run(config, ctx) -> dict[str, Any]:
         values = history.get(key, [])[-n:]
         return float(np.mean(values)) if values else None
 
-    snapshot = memory.snapshot(device)
-    return {
-        "steps": cfg.steps,
-        "resumed_from_step": start,
-        "reward_precision": cfg.reward_precision,
-        "reward_model": "shared adapter" if models.reward_shared else "separate quantized copy",
-        "compute_dtype": dtype_name(compute_dtype(device)),
-        "device": str(device),
-        "trainable_parameters": sum(p.numel() for p in params),
-        "network_bytes": int(network_bytes),
-        "held_bytes": int(held_bytes),
-        "network_copies": held_bytes / network_bytes,
-        "first": {k: v[0] for k, v in history.items() if k.startswith("ppo/")},
-        "final": {k: last(k) for k in history if k.startswith("ppo/")},
-        "kl_coef_final": kl_ctl.value,
-        "wall_s": time.perf_counter() - t_start,
-        "peak_rss_mb": memory.peak_rss_mb(),
-        "memory": snapshot,
-    }
+    return PPOReport(
+        steps=cfg.steps,
+        resumed_from_step=start,
+        reward_precision=cfg.reward_precision,
+        reward_model="shared adapter" if models.reward_shared else "separate quantized copy",
+        compute_dtype=dtype_name(compute_dtype(device)),
+        device=str(device),
+        trainable_parameters=sum(p.numel() for p in params),
+        network_bytes=int(network_bytes),
+        held_bytes=int(held_bytes),
+        network_copies=held_bytes / network_bytes,
+        first={k: v[0] for k, v in history.items() if k.startswith("ppo/")},
+        final={k: last(k) for k in history if k.startswith("ppo/")},
+        kl_coef_final=kl_ctl.value,
+        wall_s=time.perf_counter() - t_start,
+        peak_rss_mb=memory.peak_rss_mb(),
+        memory=memory.snapshot(device),
+    )

@@ -46,6 +46,7 @@ from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.data import read_prefs
 from edgerlhf.errors import require
+from edgerlhf.reports import PrecisionResult, RewardReport
 from edgerlhf.memory import MB, snapshot
 from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, compute_dtype, dtype_name,
                              load_causal_lm, load_reward_model, load_tokenizer, resolve_device, upcast_trainable)
@@ -293,7 +294,7 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
     }
 
 
-def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
+def run(config: PipelineConfig, ctx: RunContext) -> RewardReport:
     cfg = config.reward
     device = resolve_device(config.device)
     require(ctx.run_dir / "sft" / "merged", "sft")
@@ -319,9 +320,9 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
         row["spearman_vs_bf16"] = spearman(scores[precision], scores["bf16"]) if "bf16" in scores else None
         if row["spearman_vs_bf16"] is not None and math.isnan(row["spearman_vs_bf16"]):
             row["spearman_vs_bf16"] = None
-    return {
-        "device": str(device), "test_pairs": len(test), "labels": config.data.labels,
-        "precisions": {p: study[p] for p in cfg.precisions},
-        "note": ("bf16 computes in fp32 on the CPU (compute_dtype says which); peak memory on the CPU is the "
-                 "process RSS, which includes everything else the process holds"),
-    }
+    return RewardReport(
+        device=str(device), test_pairs=len(test), labels=config.data.labels,
+        precisions={p: PrecisionResult(**study[p]) for p in cfg.precisions},
+        note=("bf16 computes in fp32 on the CPU (compute_dtype says which); peak memory on the CPU is the "
+              "process RSS, which includes everything else the process holds"),
+    )

@@ -35,6 +35,7 @@ from edgerlhf.context import RunContext
 from edgerlhf.data import read_prefs
 from edgerlhf.generation import sample_probes
 from edgerlhf.memory import reset_peak, snapshot
+from edgerlhf.reports import Probe, SFTReport
 from edgerlhf.models import (compute_dtype, dtype_name, load_base_model, load_tokenizer, resolve_device,
                              upcast_trainable)
 
@@ -193,7 +194,7 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
     return trainer
 
 
-def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
+def run(config: PipelineConfig, ctx: RunContext) -> SFTReport:
     cfg = config.sft
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -235,15 +236,15 @@ def run(config: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the Trainer's output_dir; nothing is kept there
 
     losses = callback.losses
-    return {
-        "device": str(device), "compute_dtype": dtype_name(compute_dtype(device)),
-        "parameters": n_params, "trainable_parameters": n_trainable,
-        "train_examples": len(trainer.train_dataset), "eval_examples": len(trainer.eval_dataset),
-        "steps": result.global_step, "train_seconds": round(train_seconds, 2),
-        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-        "train_loss": result.training_loss, "eval_loss": eval_loss,
-        "perplexity": math.exp(min(eval_loss, 50.0)),
-        "completion_only_loss": cfg.completion_only_loss,
-        "memory": snapshot(device),
-        "probes": callback.last_probes,
-    }
+    return SFTReport(
+        device=str(device), compute_dtype=dtype_name(compute_dtype(device)),
+        parameters=n_params, trainable_parameters=n_trainable,
+        train_examples=len(trainer.train_dataset), eval_examples=len(trainer.eval_dataset),
+        steps=result.global_step, train_seconds=round(train_seconds, 2),
+        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+        train_loss=result.training_loss, eval_loss=eval_loss,
+        perplexity=math.exp(min(eval_loss, 50.0)),
+        completion_only_loss=cfg.completion_only_loss,
+        memory=snapshot(device),
+        probes=[Probe(**p) for p in callback.last_probes],
+    )

@@ -187,6 +187,26 @@ class PresetPublic(BaseModel):
     config: dict[str, Any]
 
 
+class RangePublic(BaseModel):
+    low: float
+    high: float
+    low_open: bool
+    """True: the low bound itself is excluded."""
+    high_open: bool
+
+
+class ConfigFieldPublic(BaseModel):
+    path: str
+    """Dotted path, as in a job's `overrides` (`ppo.steps`)."""
+    type: str
+    """`int`, `float`, `bool`, `str`, `list[str]`, with ` | None` when it may be null."""
+    default: Any
+    """The value in `PipelineConfig()`; presets change some."""
+    help: str
+    range: RangePublic | None
+    """The values a numeric field accepts."""
+
+
 class WorkerPublic(BaseModel):
     alive: bool
     """A worker heartbeated within the last few heartbeat intervals."""

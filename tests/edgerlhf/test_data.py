@@ -25,7 +25,7 @@ def config(source, **data):
 def run_data(tmp_path, cfg, name="run"):
     ctx = RunContext(tmp_path / name)
     ctx.begin_stage("data")
-    report = run(cfg, ctx)
+    report = run(cfg, ctx).model_dump()
     return report, ctx.run_dir / "data"
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from edgerlhf import evaluate, ppo
+from edgerlhf.pipeline import run_stage
 from edgerlhf.context import RunContext
 from tests.edgerlhf.tiny_run import make_tiny_run, tiny_config
 
@@ -41,7 +42,7 @@ def test_an_unchanged_policy_evaluates_as_a_tie(tmp_path):
 
     ctx = RunContext(run_dir)
     ctx.begin_stage("evaluate")
-    report = evaluate.run(config, ctx)
+    report = evaluate.run(config, ctx).model_dump()
     assert report["kl"] == pytest.approx(0.0, abs=1e-5)
     assert report["win_rate"] == 0.5
     assert report["reward_diff"]["mean"] == pytest.approx(0.0, abs=1e-5)
@@ -53,10 +54,8 @@ def test_evaluate_report_after_ppo(tmp_path):
     config = tiny_config(steps=2, learning_rate=0.05)
     run_dir = make_tiny_run(tmp_path / "run", config)
     ctx = RunContext(run_dir)
-    ctx.begin_stage("ppo")
-    ppo.run(config, ctx)
-    ctx.begin_stage("evaluate")
-    report = evaluate.run(config, ctx)
+    run_stage("ppo", config, ctx)
+    report = run_stage("evaluate", config, ctx).model_dump()  # the stage, as the pipeline runs it
 
     assert report["n_prompts"] == config.evaluate.n_prompts
     assert math.isfinite(report["kl"]) and report["kl"] > 0.0  # a large learning rate moved the policy

@@ -49,7 +49,7 @@ def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("known-answer")
     config = load_config("tiny")
     ctx = RunContext(run_dir)
-    reports = run_pipeline(config, ctx)
+    reports = {k: r.model_dump() for k, r in run_pipeline(config, ctx).items()}
     return config, ctx, run_dir, reports
 
 
@@ -139,7 +139,7 @@ def test_pipeline_runs_on_the_real_hh_rlhf_file(tmp_path):
         "evaluate": {"n_prompts": 4, "response_length": 8, "n_show": 2, "n_bootstrap": 100},
     })
     ctx = RunContext(tmp_path)
-    reports = run_pipeline(config, ctx)
+    reports = {k: r.model_dump() for k, r in run_pipeline(config, ctx).items()}
     assert list(reports) == ["data", "sft", "reward", "ppo", "evaluate"]
     for stage in reports:
         assert (tmp_path / stage / "report.json").exists()

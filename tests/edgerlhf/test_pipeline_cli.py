@@ -41,7 +41,7 @@ def test_parse_overrides():
 def test_run_stage_and_pipeline_in_process(tmp_path):
     config = load_config("tiny", {"stages": ["data"], "data": {"source": HH_PREFS_SAMPLE, "max_pairs": 30}})
     ctx = RunContext(tmp_path)
-    reports = run_pipeline(config, ctx)
+    reports = {k: r.model_dump() for k, r in run_pipeline(config, ctx).items()}
     assert list(reports) == ["data"]
     report = reports["data"]
     assert json.loads((tmp_path / "data" / "report.json").read_text())["train"] == report["train"]

@@ -215,7 +215,7 @@ def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
 
     resumed = RunContext(run_dir)
     resumed.begin_stage("ppo")
-    report = ppo.run(config, resumed)
+    report = ppo.run(config, resumed).model_dump()
     assert report["resumed_from_step"] == 2
     assert sorted(dict(resumed.metric_series("ppo/kl"))) == [3, 4]
     # Step 3 again, from the checkpoint, is the same step 3: same prompts, samples and update.
@@ -235,7 +235,7 @@ def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
     # A stage that already finished resumes at its end and trains no more.
     again = RunContext(run_dir)
     again.begin_stage("ppo")
-    assert ppo.run(config, again)["resumed_from_step"] == 4
+    assert ppo.run(config, again).resumed_from_step == 4
     assert again.metric_series("ppo/kl") == []
 
     # A checkpoint trained against other sft/reward models does not apply to this run directory.

@@ -57,7 +57,7 @@ def test_spearman_exact_values():
 def test_precision_study(tmp_path, base_run):
     config = tiny_config()
     ctx = new_run(tmp_path, base_run)
-    report = reward.run(config, ctx)
+    report = reward.run(config, ctx).model_dump()
     test = read_prefs(ctx.run_dir / "data" / "test_prefs.jsonl")
     assert report["test_pairs"] == len(test)
     study = report["precisions"]

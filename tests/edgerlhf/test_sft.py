@@ -92,7 +92,7 @@ def test_loss_equals_trls_own(tmp_path, data_dir):
 def test_sft_trains_saves_and_reports(tmp_path, data_dir):
     config = tiny_config()
     ctx = new_run(tmp_path, data_dir)
-    report = sft.run(config, ctx)
+    report = sft.run(config, ctx).model_dump()
     run_dir = ctx.run_dir
 
     # artifacts: random base, adapter, merged model + tokenizer

@@ -14,12 +14,14 @@ as `Last-Event-ID` and the stream resumes there (or pass `after`, `after_sample`
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import ValidationError
 
 from backend.api.deps import JobDep, RowOffset, SessionDep, SettingsDep
 from backend.api.routes.jobs import job_public
@@ -34,6 +36,10 @@ from backend.api.schemas import (
     jsonable,
 )
 from db import FINISHED, INT64_MAX, read
+from edgerlhf.contract import REPORT_FILE, job_run_dir
+from edgerlhf.reports import STAGE_REPORTS, JobReports
+
+logger = logging.getLogger("edgerlhf.backend")
 
 router = APIRouter(prefix="/jobs", tags=["metrics"])
 
@@ -77,26 +83,35 @@ def logs(job: JobDep, session: SessionDep, after: AfterQ = 0, limit: Annotated[i
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactPublic])
 def artifacts(job: JobDep, session: SessionDep, settings: SettingsDep):
-    run_dir = str((settings.runs_dir / f"job-{job.id}").absolute())
+    run_dir = str(job_run_dir(settings.runs_dir, job.id).absolute())
     return [ArtifactPublic.of(a, run_dir) for a in read.artifacts(session, job.id)]
 
 
-@router.get("/{job_id}/report", response_model=dict[str, Any])
+@router.get("/{job_id}/report", response_model=JobReports)
 def report(job: JobDep, session: SessionDep, settings: SettingsDep):
-    """Stage name -> that stage's report (the stages that finished)."""
+    """The report of each finished stage (`edgerlhf.reports`); null for the others.
+
+    A report that does not match its model (written by an older version of a stage) is left out and
+    logged, so one stale file does not take the whole page down.
+    """
     reports: dict[str, Any] = {}
     runs = {r.stage: r for r in read.stage_runs(session, job.id)}
-    run_dir = settings.runs_dir / f"job-{job.id}"
+    run_dir = job_run_dir(settings.runs_dir, job.id)
     for stage in job.config.get("stages", []):
         run = runs.get(stage)
-        if run is not None and run.report is not None:
-            reports[stage] = run.report
-        elif (run_dir / stage / "report.json").is_file():  # written, but its stage end was not recorded
+        stored = run.report if run is not None else None
+        if stored is None and (run_dir / stage / REPORT_FILE).is_file():  # written, but its stage end was not recorded
             try:
-                reports[stage] = json.loads((run_dir / stage / "report.json").read_text())
+                stored = json.loads((run_dir / stage / REPORT_FILE).read_text())
             except (OSError, ValueError):
-                pass
-    return jsonable(reports)
+                continue
+        if stored is None or stage not in STAGE_REPORTS:
+            continue
+        try:
+            reports[stage] = STAGE_REPORTS[stage].model_validate(stored)
+        except ValidationError as exc:
+            logger.warning(f"job {job.id}: the {stage} report does not match its model; left out: {exc}")
+    return JobReports(**reports)
 
 
 # --- live stream -----------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ import psutil
 from fastapi import APIRouter, Response, status
 
 from backend.api.deps import SessionDep, SettingsDep
-from backend.api.schemas import PresetPublic, SystemPublic, WorkerPublic
+from backend.api.schemas import ConfigFieldPublic, PresetPublic, SystemPublic, WorkerPublic
 from db import queue, read
-from edgerlhf.config import PRESETS, preset_dict
+from edgerlhf.config import PRESETS, field_docs, preset_dict
 
 router = APIRouter(tags=["system"])
 health_router = APIRouter(tags=["system"])
@@ -81,6 +81,16 @@ def presets():
     """Every preset with its full configuration (the base a job's `overrides` apply to)."""
     return [PresetPublic(name=name, description=PRESET_DESCRIPTIONS.get(name, ""), config=preset_dict(name))
             for name in PRESETS]
+
+
+@router.get("/config/fields", response_model=list[ConfigFieldPublic])
+def config_fields():
+    """Every field of a job's configuration: dotted path, type, default, help and accepted range.
+
+    The help is the field's docstring in `edgerlhf/config.py`, the range its declared `Range`: the one
+    source the dashboard's form and the 422 messages both quote.
+    """
+    return field_docs()
 
 
 @router.get("/system", response_model=SystemPublic)

@@ -1,0 +1,89 @@
+"""The names every layer shares: stages, precisions, statuses, the run-directory layout, metric namespaces.
+
+The pipeline, the database, the worker, the backend and the dashboard import these; nobody retypes them.
+Plain Python only (no torch, no SQLAlchemy, no FastAPI), so every process can import it cheaply. The
+report models of the stages are the other half of the contract (`edgerlhf.reports`).
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+STAGES = ("data", "sft", "reward", "ppo", "evaluate")
+"""The pipeline's stages, in the order they run."""
+
+PRECISIONS = ("bf16", "int8", "int4")
+"""Reward-model precisions: bf16 weights, or bitsandbytes int8 / nf4 (int4) quantized weights."""
+
+
+class JobStatus(str, enum.Enum):
+    """Life cycle of a job. Only `db.queue` moves a job from one status to another."""
+
+    queued = "queued"
+    """Waiting for a worker; `claim_next` takes the oldest queued job first."""
+    running = "running"
+    """Claimed by the worker in `worker_id`, which heartbeats; requeued if the heartbeat stops."""
+    succeeded = "succeeded"
+    """Every stage of the job's config finished."""
+    failed = "failed"
+    """A stage raised (message and traceback in `error`/`traceback`), or the job ran out of attempts."""
+    cancelled = "cancelled"
+    """Stopped on request; metrics up to the stop are kept."""
+
+
+FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+"""Statuses a job never leaves by itself (only `retry` requeues failed or cancelled jobs)."""
+
+
+class StageStatus(str, enum.Enum):
+    """Status of one stage of one job. The API shows a stage not yet begun as `pending` (it has no row)."""
+
+    pending = "pending"
+    """Not begun in any attempt (API only; never stored)."""
+    running = "running"
+    """Begun in the current attempt."""
+    succeeded = "succeeded"
+    """Finished; its report is stored and a resumed job skips it."""
+    failed = "failed"
+    """Raised; the job failed with it."""
+    cancelled = "cancelled"
+    """Was running when the job was cancelled."""
+    interrupted = "interrupted"
+    """Was running when its worker died; runs again from its start (or its own checkpoint) on resume."""
+
+
+# --- the run directory ----------------------------------------------------------------------------
+#
+#   <data dir>/runs/job-<id>/         a job's run directory (`job_run_dir`); `edgerlhf pipeline --run-dir` any
+#       config.json                   the whole PipelineConfig
+#       <stage>/report.json           each stage's report (edgerlhf.reports)
+#       data/train_prefs.jsonl, data/test_prefs.jsonl
+#       base/                         only for model.random_init: the random base LM + tokenizer
+#       sft/merged/                   the SFT policy, LoRA merged in (save_pretrained)
+#       reward/<precision>/           adapter/, score_head.pt, reward_model.json
+#       ppo/adapter/                  the PPO policy's LoRA adapter + value_head.pt
+#       ppo/checkpoint/               state.pt, to resume
+
+CONFIG_FILE = "config.json"
+REPORT_FILE = "report.json"
+TRAIN_PREFS = "data/train_prefs.jsonl"
+TEST_PREFS = "data/test_prefs.jsonl"
+SFT_MERGED = "sft/merged"
+PPO_ADAPTER = "ppo/adapter"
+
+
+def job_run_dir(runs_dir: Path, job_id: int) -> Path:
+    """The run directory of job `job_id` under the service's `runs` directory."""
+    return Path(runs_dir) / f"job-{int(job_id)}"
+
+
+def reward_dir(precision: str) -> str:
+    """The reward model of one precision, relative to a run directory."""
+    return f"reward/{precision}"
+
+
+# --- metric keys ------------------------------------------------------------------------------------
+
+MEMORY_PREFIX = "mem/"
+"""Memory readings (`mem/peak_mb`, `mem/rss_mb` ...), written by the stage processes only."""

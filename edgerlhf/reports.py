@@ -1,0 +1,262 @@
+"""What each stage reports: one typed model per stage, the contract between the pipeline, the API and the
+dashboard.
+
+A stage's `run(config, ctx)` returns its report model; `pipeline.run_stage` writes it to
+`<run_dir>/<stage>/report.json` and the worker stores it with the stage. The backend serves the reports of a
+job as `JobReports` (so `/openapi.json` names every field), and the dashboard reads exactly these fields.
+Models forbid unknown fields, so a renamed field fails where it is written or read instead of blanking a
+chart. Pydantic only: the backend and the dashboard import this without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Report(BaseModel):
+    # Not-a-number (a diverged loss) is written as null: JSON has no NaN.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="null")
+
+    seconds: float | None = None
+    """Wall-clock time of the stage (set by `pipeline.run_stage`)."""
+
+
+class Part(BaseModel):
+    """A nested part of a report."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="null")
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+class DataSource(Part):
+    kind: Literal["local", "hub"]
+    files: list[str] | None = None
+    """Local files read, in order."""
+    dataset: str | None = None
+    data_dir: str | None = None
+    split: str | None = None
+    records: int
+    """Lines (local) or rows (hub) read."""
+    bad_lines: int
+    bad_line_examples: list[str]
+
+
+class LengthStats(Part):
+    mean: float
+    p50: int
+    p95: int
+    max: int
+
+
+class SplitLengths(Part):
+    """Token lengths of one side of the split."""
+
+    prompt_tokens: LengthStats
+    chosen_tokens: LengthStats
+    rejected_tokens: LengthStats
+    chosen_shorter_fraction: float
+    """Among pairs of two non-empty responses, how often chosen is the shorter one."""
+
+
+class DataReport(Report):
+    source: DataSource
+    labels: Literal["human", "gold"]
+    gold_scorer: str | None = None
+    gold_agrees_with_human: float | None = None
+    """With gold labels: how often the gold prefers the response the human raters chose."""
+    gold_empty_pairs_added: int | None = None
+    """With gold labels: (response vs "") pairs added to the training side."""
+    seed: int
+    pairs_read: int
+    bad_lines: int
+    dropped: dict[str, int]
+    """Pairs dropped, by reason."""
+    kept: int
+    capped_by_max_pairs: int
+    train: int
+    """Training pairs, including the added empty-answer pairs."""
+    test: int
+    lengths: dict[Literal["train", "test"], SplitLengths | None]
+
+
+# --- sft -----------------------------------------------------------------------------------------
+
+
+class Probe(Part):
+    step: int
+    prompt: str
+    response: str
+    gold: float | None
+    """The gold score of the response on the known-answer task, else None."""
+
+
+class SFTReport(Report):
+    device: str
+    compute_dtype: str
+    parameters: int
+    trainable_parameters: int
+    train_examples: int
+    eval_examples: int
+    steps: int
+    train_seconds: float
+    first_loss: float | None
+    final_loss: float | None
+    train_loss: float | None
+    eval_loss: float | None
+    perplexity: float | None
+    """exp(eval loss) on the held-out pairs' chosen responses."""
+    completion_only_loss: bool
+    memory: dict[str, float]
+    """`mem/*` readings at the end of the stage."""
+    probes: list[Probe]
+    """The fixed held-out prompts sampled at the last probe."""
+
+
+# --- reward --------------------------------------------------------------------------------------
+
+
+class Normalization(Part):
+    mean: float
+    std: float
+    samples: int
+
+
+class PrecisionResult(Part):
+    """One row of the precision study: a reward model trained and evaluated in one precision."""
+
+    precision: str
+    compute_dtype: str
+    quantization: str | None
+    trainable_parameters: int
+    train_seconds: float
+    train_loss: float | None
+    final_train_accuracy: float | None
+    peak_train_mb: float
+    peak_source: str
+    """`cuda_max_allocated` on a GPU, `process_rss` (VmHWM since the model was loaded) on the CPU."""
+    peak_train_delta_mb: float | None
+    rss_before_train_mb: float
+    normalization: Normalization
+    """Scores are shifted and scaled to mean 0, std 1 on the training responses."""
+    accuracy: float
+    """Held-out pairs the model ranks like the labels."""
+    mean_margin: float
+    memory_footprint_bytes: int
+    memory_footprint_mb: float
+    throughput_pairs_per_s: float
+    reward_mean: float
+    reward_std: float
+    spearman_vs_bf16: float | None = None
+    """Rank correlation of the held-out scores with the bf16 model's (None without a bf16 model)."""
+
+
+class RewardReport(Report):
+    device: str
+    test_pairs: int
+    labels: str
+    precisions: dict[str, PrecisionResult]
+    """The precision study, by precision."""
+    note: str
+
+
+# --- ppo -----------------------------------------------------------------------------------------
+
+
+class PPOReport(Report):
+    steps: int
+    resumed_from_step: int
+    reward_precision: str
+    reward_model: Literal["shared adapter", "separate quantized copy"]
+    compute_dtype: str
+    device: str
+    trainable_parameters: int
+    network_bytes: int
+    """Bytes of one copy of the base network."""
+    held_bytes: int
+    """Bytes PPO's models hold, measured around building them (CUDA allocated, or live tensor storages)."""
+    network_copies: float
+    """held_bytes / network_bytes: about 1 for the one-copy design (plus a quantized copy for int8/int4 rewards)."""
+    first: dict[str, float | None]
+    """`ppo/*` metrics of the first step of this run."""
+    final: dict[str, float | None]
+    """`ppo/*` metrics averaged over the last 5 steps."""
+    kl_coef_final: float
+    wall_s: float
+    peak_rss_mb: float
+    memory: dict[str, float]
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+
+
+class Summary(Part):
+    mean: float | None
+    std: float | None
+
+
+class Interval(Part):
+    """A mean with a percentile-bootstrap confidence interval."""
+
+    mean: float | None
+    low: float | None
+    high: float | None
+    confidence: float
+    n: int
+
+
+class PolicyEval(Part):
+    reward: Summary
+    response_tokens: Summary
+    gold: Summary | None = None
+    kl: Summary | None = None
+    """KL from the reference (PPO only; the SFT policy is the reference)."""
+
+
+class SamplePair(Part):
+    prompt: str
+    sft: str
+    ppo: str
+    sft_reward: float
+    ppo_reward: float
+    sft_gold: float | None = None
+    ppo_gold: float | None = None
+
+
+class EvalReport(Report):
+    n_prompts: int
+    samples_per_prompt: int
+    reward_precision: str
+    confidence: float
+    sft: PolicyEval
+    ppo: PolicyEval
+    win_rate: float
+    """Share of prompts where the PPO response out-scores the SFT one (reward model), ties counting 1/2."""
+    reward_diff: Interval
+    """Reward PPO - SFT, per prompt."""
+    kl: float
+    gold_scorer: str | None
+    gold_diff: Interval | None
+    """Gold score PPO - SFT, per prompt (known-answer task only)."""
+    gold_win_rate: float | None = None
+    samples: list[SamplePair]
+
+
+STAGE_REPORTS: dict[str, type[Report]] = {"data": DataReport, "sft": SFTReport, "reward": RewardReport,
+                                          "ppo": PPOReport, "evaluate": EvalReport}
+"""The report model of each stage."""
+
+
+class JobReports(BaseModel):
+    """The reports of a job's finished stages (`GET /api/jobs/{id}/report`)."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="null")
+
+    data: DataReport | None = None
+    sft: SFTReport | None = None
+    reward: RewardReport | None = None
+    ppo: PPOReport | None = None
+    evaluate: EvalReport | None = None
