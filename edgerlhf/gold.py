@@ -99,3 +99,10 @@ def prefers(prompt: str, a: str, b: str, name: str = "concise") -> bool | None:
     if abs(sa - sb) < max(1.0, TIE_MARGIN * min(abs(sa), abs(sb))):
         return None
     return sa > sb
+
+
+def probe_score(prompt: str, response: str, data_cfg) -> float | None:
+    """What a probe sample is scored with, the same in every stage: the gold score on the known-answer task
+    (`data.labels = "gold"`), else nothing. A reward-model score cannot be the common scale: the SFT stage
+    runs before any reward model exists."""
+    return score(prompt, response, data_cfg.gold_scorer) if data_cfg.labels == "gold" else None

@@ -461,13 +461,16 @@ def _prompts(path: Path) -> list[str]:
 
 
 def _probe(ctx, models: PPOModels, prompts: list[str], step: int, config) -> None:
-    """Sample the fixed held-out probe prompts (same seed each time) and log them for this checkpoint."""
+    """Sample the fixed held-out probe prompts (same seed each time) and log them for this checkpoint, scored
+    as the SFT stage scores its probes (`gold.probe_score`), so the Probes page compares like with like."""
     if not prompts:
         return
+    from edgerlhf.gold import probe_score
+
     rollouts = sample_probes(models.model, models.tokenizer, prompts, config)
-    scores = models.score(rollouts.prompts, rollouts.responses)
-    for prompt, response, score in zip(prompts, rollouts.responses, scores.tolist()):
-        ctx.log_sample(prompt, response, score, step, kind="probe", checkpoint=f"ppo/step-{step}")
+    for prompt, response in zip(prompts, rollouts.responses):
+        ctx.log_sample(prompt, response, probe_score(prompt, response, config.data), step, kind="probe",
+                       checkpoint=f"ppo/step-{step}")
 
 
 # --- the stage -----------------------------------------------------------------------------------

@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from edgerlhf import gold
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
+from edgerlhf.contract import SFT_MERGED, TEST_PREFS, TRAIN_PREFS
 from edgerlhf.data import read_prefs
 from edgerlhf.generation import sample_probes
 from edgerlhf.memory import reset_peak, snapshot
 from edgerlhf.reports import Probe, SFTReport
-from edgerlhf.models import (compute_dtype, dtype_name, load_base_model, load_tokenizer, resolve_device,
+from edgerlhf.models import (compute_dtype, dtype_name, load_base_model, load_tokenizer, lora_config, resolve_device,
                              upcast_trainable)
 
 
@@ -58,7 +59,6 @@ def _callback(config: PipelineConfig, ctx: RunContext, tokenizer, probe_prompts:
     from transformers import TrainerCallback
 
     cfg = config.sft
-    gold_on = config.data.labels == "gold"
 
     class ContextCallback(TrainerCallback):
         def __init__(self):
@@ -78,7 +78,7 @@ def _callback(config: PipelineConfig, ctx: RunContext, tokenizer, probe_prompts:
             responses = sample_probes(model, tokenizer, probe_prompts, config).responses
             self.last_probes = []
             for prompt, response in zip(probe_prompts, responses):
-                reward = gold.score(prompt, response, config.data.gold_scorer) if gold_on else None
+                reward = gold.probe_score(prompt, response, config.data)
                 ctx.log_sample(prompt, response, reward, step, kind="probe", checkpoint=f"sft/step-{step}")
                 self.last_probes.append({"step": step, "prompt": prompt, "response": response, "gold": reward})
 
@@ -147,14 +147,12 @@ def _trainer_class():
 
 def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, device, callbacks=()):
     """The SFTTrainer for this run (LoRA on `model`, data from `data/`); tests inspect its collator."""
-    from peft import LoraConfig
     from transformers import PrinterCallback
     from trl import SFTConfig
 
     cfg = config.sft
-    data_dir = ctx.run_dir / "data"
-    train = prompt_completion_dataset(data_dir / "train_prefs.jsonl")
-    test = prompt_completion_dataset(data_dir / "test_prefs.jsonl")
+    train = prompt_completion_dataset(ctx.run_dir / TRAIN_PREFS)
+    test = prompt_completion_dataset(ctx.run_dir / TEST_PREFS)
     dtype = compute_dtype(device)
     args = SFTConfig(
         output_dir=str(ctx.stage_dir("sft") / "trainer"),
@@ -183,10 +181,8 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
         fp16=dtype == torch.float16,
         dataloader_num_workers=0,
     )
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
-                      modules_to_save=list(cfg.modules_to_save) or None,
-                      fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2 uses Conv1D (in, out) weights
+    lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.target_modules, dropout=cfg.lora_dropout,
+                       modules_to_save=cfg.modules_to_save)
     trainer = _trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=test,
                                processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # metrics go through the context, not print()
@@ -208,7 +204,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> SFTReport:
         ctx.artifact("base_model", base_dir)
     n_params = sum(p.numel() for p in model.parameters())
 
-    test_rows = read_prefs(ctx.run_dir / "data" / "test_prefs.jsonl")
+    test_rows = read_prefs(ctx.run_dir / TEST_PREFS)
     probe_prompts = [r["prompt"] for r in test_rows[: cfg.n_sample_prompts]]
     reset_peak(device)
     callback = _callback(config, ctx, tokenizer, probe_prompts, device)
@@ -230,9 +226,9 @@ def run(config: PipelineConfig, ctx: RunContext) -> SFTReport:
     peft_model.save_pretrained(out_dir / "adapter")
     ctx.artifact("adapter", out_dir / "adapter")
     merged = peft_model.merge_and_unload()
-    merged.save_pretrained(out_dir / "merged")
-    tokenizer.save_pretrained(out_dir / "merged")
-    ctx.artifact("model", out_dir / "merged")
+    merged.save_pretrained(ctx.run_dir / SFT_MERGED)
+    tokenizer.save_pretrained(ctx.run_dir / SFT_MERGED)
+    ctx.artifact("model", ctx.run_dir / SFT_MERGED)
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the Trainer's output_dir; nothing is kept there
 
     losses = callback.losses

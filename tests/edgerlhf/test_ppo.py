@@ -211,6 +211,10 @@ def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
     assert (run_dir / "ppo" / "checkpoint" / ppo.CHECKPOINT_FILE).exists()
     probes = {s.checkpoint for s in ctx.samples if s.kind == "probe"}
     assert probes == {"ppo/step-0", "ppo/step-2"}
+    # Probes are on the SFT probes' scale: the gold score of the known-answer task, not the reward model's.
+    from edgerlhf import gold
+
+    assert all(s.reward == gold.score(s.prompt, s.response) for s in ctx.samples if s.kind == "probe")
     assert any(s.kind == "sample" and s.reward is not None for s in ctx.samples)
 
     resumed = RunContext(run_dir)
