@@ -7,6 +7,11 @@ on screen) and `ApiError` (the backend answered 4xx/5xx; `field_errors` maps a c
 
 Paged endpoints (`/metrics`, `/samples`, `/logs`) are read with a cursor: `after` is the id of the last
 row already seen, so a live panel only ever downloads new rows.
+
+The client reads exactly the fields of the backend's response schemas (`backend/api/schemas.py`: a page
+is `items` + `cursor` + `more`, a job list is `JobsPublic.items`) and parses a job's stage reports into
+the models of `edgerlhf.reports`. A field that is missing or renamed raises (`ContractError`, or
+pydantic's `ValidationError` for a report) instead of turning into an empty chart.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from edgerlhf.reports import JobReports
 
 TIMEOUT = httpx.Timeout(10.0, connect=2.0)
 """Connect fails fast (the banner should show at once); reads may take a moment on a busy backend."""
@@ -42,6 +49,18 @@ class ApiError(Exception):
         return f"{self.status}: {self.message}"
 
 
+class ContractError(Exception):
+    """The backend answered, but without a field its response schema promises (a renamed or dropped field)."""
+
+
+def _field(data: Any, name: str, where: str) -> Any:
+    """`data[name]`, or a `ContractError` naming the endpoint and the missing field."""
+    if not isinstance(data, dict) or name not in data:
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ContractError(f"{where}: the answer has no `{name}` (got {keys})")
+    return data[name]
+
+
 @dataclass
 class Page:
     """One page of a cursor-paged endpoint."""
@@ -49,8 +68,8 @@ class Page:
     items: list[dict[str, Any]]
     cursor: int
     """Pass as `after` to get the rows after this page (unchanged when there were none)."""
-    more: bool = False
-    """The backend had more rows than it returned: ask again at once."""
+    more: bool
+    """The page was full: ask again at once for the rest."""
 
 
 def _field_of(loc: Any) -> str:
@@ -87,17 +106,6 @@ def parse_error(status: int, payload: Any) -> ApiError:
     else:
         message = str(detail)
     return ApiError(status, message, fields)
-
-
-def _items(data: Any, *names: str) -> list[dict[str, Any]]:
-    """The list of rows in a response that is either a bare list or an object wrapping one."""
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict):
-        for name in (*names, "items", "data", "results", "rows"):
-            if isinstance(data.get(name), list):
-                return data[name]
-    return []
 
 
 class ApiClient:
@@ -137,21 +145,10 @@ class ApiClient:
             return resp.text
 
     def _page(self, path: str, after: int, **params: Any) -> Page:
+        """One page of a cursor-paged endpoint (`MetricsPage`, `SamplesPage`, `LogsPage`)."""
         params = {k: v for k, v in params.items() if v is not None}
         data = self.request("GET", path, params={"after": after, **params})
-        items = _items(data, "metrics", "samples", "logs", "lines")
-        cursor = None
-        more = False
-        if isinstance(data, dict):
-            for name in ("cursor", "next_cursor", "next_after", "last_id"):
-                if isinstance(data.get(name), int):
-                    cursor = data[name]
-                    break
-            more = bool(data.get("more") or data.get("has_more"))
-        if cursor is None:
-            ids = [row["id"] for row in items if isinstance(row.get("id"), int)]
-            cursor = max(ids, default=after)
-        return Page(items, max(int(cursor), after), more)
+        return Page(_field(data, "items", path), _field(data, "cursor", path), _field(data, "more", path))
 
     # --- endpoints -------------------------------------------------------------------------------
 
@@ -159,25 +156,27 @@ class ApiClient:
         return self.request("GET", "/healthz") or {}
 
     def presets(self) -> dict[str, dict[str, Any]]:
-        """Preset name -> its full configuration."""
-        data = self.request("GET", "/api/presets")
-        if isinstance(data, list):  # [{"name": ..., "config": {...}}]
-            return {p["name"]: p.get("config", p) for p in data}
-        if isinstance(data, dict) and isinstance(data.get("presets"), (dict, list)):
-            inner = data["presets"]
-            return inner if isinstance(inner, dict) else {p["name"]: p.get("config", p) for p in inner}
-        return data or {}
+        """Preset name -> `PresetPublic` (`name`, `description`, `config`: the full configuration)."""
+        return {p["name"]: p for p in self.request("GET", "/api/presets")}
+
+    def config_fields(self) -> list[dict[str, Any]]:
+        """Every leaf field of a job's configuration (`ConfigFieldPublic`): `path` (`ppo.steps`), `type`,
+        `default`, `help` (the field's docstring) and `range` (`low`, `high`, `low_open`, `high_open`, or None)."""
+        return self.request("GET", "/api/config/fields")
 
     def system(self) -> dict[str, Any]:
-        return self.request("GET", "/api/system") or {}
+        """`SystemPublic`: `gpus`, `cpu`, `worker`, `workers`, `queue_length`, `jobs`."""
+        return self.request("GET", "/api/system")
 
     def list_jobs(self, status: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """One page of jobs (`JobsPublic.items`: `JobPublic` objects), newest first."""
         params = {"limit": limit, "offset": offset}
         if status:
             params["status"] = status
-        return _items(self.request("GET", "/api/jobs", params=params), "jobs")
+        return _field(self.request("GET", "/api/jobs", params=params), "items", "/api/jobs")
 
     def get_job(self, job_id: int) -> dict[str, Any]:
+        """`JobPublic`: status, `stages` (`stage`, `status`, `progress` ...), config, error ..."""
         return self.request("GET", f"/api/jobs/{job_id}")
 
     def create_job(self, preset: str, overrides: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
@@ -206,14 +205,14 @@ class ApiClient:
         return self._page(f"/api/jobs/{job_id}/logs", after, limit=limit)
 
     def artifacts(self, job_id: int) -> list[dict[str, Any]]:
-        return _items(self.request("GET", f"/api/jobs/{job_id}/artifacts"), "artifacts")
+        return self.request("GET", f"/api/jobs/{job_id}/artifacts")
 
-    def report(self, job_id: int) -> dict[str, Any]:
-        """Stage name -> that stage's report.json (only the stages that finished)."""
-        data = self.request("GET", f"/api/jobs/{job_id}/report") or {}
-        if isinstance(data, dict) and isinstance(data.get("reports"), dict):
-            return data["reports"]
-        return data if isinstance(data, dict) else {}
+    def report(self, job_id: int) -> JobReports:
+        """The reports of the job's finished stages, parsed into `edgerlhf.reports.JobReports`.
+
+        Raises pydantic's `ValidationError` when a field is renamed, missing or unknown.
+        """
+        return JobReports.model_validate(self.request("GET", f"/api/jobs/{job_id}/report"))
 
 
 def _cached_client(base_url: str, token: str | None) -> ApiClient:

@@ -14,7 +14,9 @@ from typing import Any, Iterable
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from edgerlhf.reports import EvalReport
 from frontend.live import JobFeed
+from frontend.reports import parse
 
 HEIGHT = 300
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
@@ -122,30 +124,31 @@ def reward_model_figure(feed: JobFeed) -> go.Figure:
 
 
 def precision_figure(rows: list[dict[str, Any]]) -> go.Figure:
-    """The precision study side by side: held-out accuracy, peak memory, scoring throughput."""
+    """The precision study (rows of `reports.precision_rows`) side by side: held-out accuracy, peak memory,
+    scoring throughput."""
     panels = [("accuracy", "held-out accuracy"), ("peak_train_mb", "peak memory (MB)"),
               ("throughput_pairs_per_s", "throughput (pairs/s)")]
-    panels = [(k, t) for k, t in panels if any(isinstance(r.get(k), (int, float)) for r in rows)]
-    fig = make_subplots(rows=1, cols=max(1, len(panels)), subplot_titles=[t for _, t in panels])
-    names = [str(r.get("precision")) for r in rows]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for _, t in panels])
+    names = [r["precision"] for r in rows]
     for col, (key, _) in enumerate(panels, start=1):
-        fig.add_trace(go.Bar(x=names, y=[r.get(key) for r in rows], showlegend=False,
+        fig.add_trace(go.Bar(x=names, y=[r[key] for r in rows], showlegend=False,
                              marker_color=[COLORS[i % len(COLORS)] for i in range(len(rows))]), row=1, col=col)
     fig.update_annotations(font_size=12)
     return _layout(fig, "Precision study", x=None, height=260)
 
 
-def eval_figure(report: dict[str, Any]) -> go.Figure:
+def eval_figure(report: EvalReport | dict[str, Any]) -> go.Figure:
     """SFT vs PPO on held-out prompts: mean reward (and gold score) with ± one standard deviation."""
-    measures = [m for m in ("reward", "gold") if isinstance((report.get("sft") or {}).get(m), dict)]
-    fig = make_subplots(rows=1, cols=max(1, len(measures)),
-                        subplot_titles=[("reward model score" if m == "reward" else f"gold score ({report.get('gold_scorer')})")
+    report = parse(EvalReport, report)
+    measures = ["reward"] + (["gold"] if report.sft.gold is not None and report.ppo.gold is not None else [])
+    fig = make_subplots(rows=1, cols=len(measures),
+                        subplot_titles=[("reward model score" if m == "reward" else f"gold score ({report.gold_scorer})")
                                         for m in measures])
     for col, m in enumerate(measures, start=1):
-        for i, who in enumerate(("sft", "ppo")):
-            d = (report.get(who) or {}).get(m) or {}
-            fig.add_trace(go.Bar(x=[who.upper()], y=[d.get("mean")], name=who.upper(), showlegend=col == 1,
-                                 error_y=dict(type="data", array=[d.get("std") or 0.0], visible=True),
+        for i, (who, policy) in enumerate((("sft", report.sft), ("ppo", report.ppo))):
+            summary = getattr(policy, m)
+            fig.add_trace(go.Bar(x=[who.upper()], y=[summary.mean], name=who.upper(), showlegend=col == 1,
+                                 error_y=dict(type="data", array=[summary.std or 0.0], visible=True),
                                  marker_color=COLORS[i]), row=1, col=col)
     fig.update_annotations(font_size=12)
     return _layout(fig, "SFT vs PPO (mean ± std)", x=None, height=280)
@@ -192,13 +195,18 @@ def last_question(prompt: str) -> str:
     return " ".join(text.split()) or "?"
 
 
+def checkpoint_label(sample: dict[str, Any]) -> str:
+    """The checkpoint that produced a sample (`sft/step-30`, `ppo/step-10`); `<stage>/step-<step>` when unnamed."""
+    return sample["checkpoint"] or f"{sample['stage']}/step-{sample['step']}"
+
+
 def probe_reward_figure(rows: list[dict[str, Any]], order: list[str]) -> go.Figure:
     """Probe rewards per checkpoint, one line per probe prompt."""
     fig = go.Figure()
     by_prompt: dict[str, dict[str, float]] = {}
     for r in rows:
-        if r.get("reward") is not None:
-            by_prompt.setdefault(r["prompt"], {})[r.get("checkpoint") or "?"] = r["reward"]
+        if r["reward"] is not None:
+            by_prompt.setdefault(r["prompt"], {})[checkpoint_label(r)] = r["reward"]
     for i, (prompt, rewards) in enumerate(by_prompt.items()):
         xs = [c for c in order if c in rewards]
         short = last_question(prompt)[:40]

@@ -8,6 +8,9 @@ A reloaded page starts a new session and an empty feed, pulls the whole history 
 
 Metric rows are keyed by (stage, key, step): a resumed stage re-logs step i and the newer value replaces
 the older one, as it does in the database.
+
+Rows are the backend's `MetricPublic`, `SamplePublic` and `LogPublic`, the job its `JobPublic`, read by
+their field names; statuses are `edgerlhf.contract`'s. The stage reports are `edgerlhf.reports.JobReports`.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgerlhf.contract import FINISHED, JobStatus, StageStatus
+from edgerlhf.reports import JobReports
 from frontend.api_client import ApiClient
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-"""Job statuses after which nothing new arrives."""
 MAX_LOG_LINES = 500
 """Log lines kept per job in the session (the log tail)."""
 PAGE_LIMIT = 5000
@@ -30,21 +33,9 @@ MAX_PAGES = 50
 """Pages fetched per pull before handing control back to the page (a huge history loads over a few refreshes)."""
 
 
-def _value(v: Any) -> float | None:
-    """A metric value; NaN/inf may arrive as null or as a string."""
-    if v is None:
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def row_time(row: dict[str, Any]) -> Any:
-    for name in ("time", "created_at", "ts", "timestamp", "logged_at"):
-        if row.get(name) is not None:
-            return row[name]
-    return None
+def _value(v: float | None) -> float | None:
+    """A metric value; a NaN or infinity arrives as null (JSON has neither)."""
+    return None if v is None else float(v)
 
 
 @dataclass
@@ -59,7 +50,7 @@ class JobFeed:
     metric_cursor: int = 0
     sample_cursor: int = 0
     log_cursor: int = 0
-    report: dict[str, Any] | None = None
+    report: JobReports | None = None
     report_key: tuple | None = None
     """(status, finished stages) when the report was fetched: fetch again only when it changes."""
     rows_downloaded: int = 0
@@ -70,24 +61,26 @@ class JobFeed:
     # --- views -----------------------------------------------------------------------------------
 
     @property
-    def status(self) -> str:
-        return (self.job or {}).get("status", "unknown")
+    def status(self) -> JobStatus | None:
+        """The job's status; None before the first pull."""
+        return None if self.job is None else JobStatus(self.job["status"])
 
     @property
     def active(self) -> bool:
-        return self.status not in TERMINAL
+        """Something may still change: not yet pulled, or not finished."""
+        return self.status not in FINISHED
 
     def series(self, key: str, stage: str | None = None) -> list[tuple[int, float | None]]:
         """(step, value) of one metric, sorted by step; all stages unless `stage` is given."""
-        points = [(k[2], _value(row.get("value"))) for k, row in self.metrics.items()
+        points = [(k[2], _value(row["value"])) for k, row in self.metrics.items()
                   if k[1] == key and (stage is None or k[0] == stage)]
         return sorted(points, key=lambda p: p[0])
 
     def timed(self, key: str) -> list[tuple[Any, int, str, float | None]]:
         """(time, step, stage, value) of one metric across stages, in the order it was logged."""
         rows = [row for k, row in self.metrics.items() if k[1] == key]
-        rows.sort(key=lambda r: (r.get("id") or 0, row_time(r) or ""))
-        return [(row_time(r), r.get("step"), r.get("stage"), _value(r.get("value"))) for r in rows]
+        rows.sort(key=lambda r: r["id"])
+        return [(r["time"], r["step"], r["stage"], _value(r["value"])) for r in rows]
 
     def keys(self) -> list[str]:
         return sorted({k[1] for k in self.metrics})
@@ -97,7 +90,7 @@ class JobFeed:
         return {key: self.series(key) for key in self.keys()}
 
     def samples_of(self, kind: str | None = None) -> list[dict[str, Any]]:
-        return [s for s in self.samples if kind is None or s.get("kind", "sample") == kind]
+        return [s for s in self.samples if kind is None or s["kind"] == kind]
 
     def last(self, key: str) -> float | None:
         s = [v for _, v in self.series(key) if v is not None and math.isfinite(v)]
@@ -107,13 +100,12 @@ class JobFeed:
 
     def add_metrics(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            stage = row.get("stage") or ""
-            self.metrics[(stage, row["key"], int(row.get("step") or 0))] = row
+            self.metrics[(row["stage"], row["key"], row["step"])] = row
         self.rows_downloaded += len(rows)
 
     def add_samples(self, rows: list[dict[str, Any]]) -> None:
-        seen = {s.get("id") for s in self.samples if s.get("id") is not None}
-        self.samples.extend(r for r in rows if r.get("id") is None or r.get("id") not in seen)
+        seen = {s["id"] for s in self.samples}
+        self.samples.extend(r for r in rows if r["id"] not in seen)
         self.rows_downloaded += len(rows)
 
     def add_logs(self, rows: list[dict[str, Any]]) -> None:
@@ -127,9 +119,9 @@ def _drain(fetch, cursor: int) -> tuple[list[dict[str, Any]], int]:
     for _ in range(MAX_PAGES):
         page = fetch(cursor)
         rows.extend(page.items)
-        advanced = page.cursor > cursor
+        advanced = page.cursor > cursor  # a cursor that stands still would loop forever
         cursor = page.cursor
-        if not page.items or not advanced or (not page.more and len(page.items) < PAGE_LIMIT):
+        if not page.more or not advanced:
             break
     return rows, cursor
 
@@ -163,17 +155,13 @@ def pull(client: ApiClient, feed: JobFeed, metrics: bool = True, samples: bool =
 
 
 def finished_stages(job: dict[str, Any] | None) -> tuple[str, ...]:
-    """Names of the job's stages that completed, from the job JSON's `stages`."""
-    stages = (job or {}).get("stages") or []
-    if isinstance(stages, dict):
-        items = [{"name": k, **(v if isinstance(v, dict) else {"status": v})} for k, v in stages.items()]
-    else:
-        items = stages
-    return tuple(s.get("name") or s.get("stage") for s in items
-                 if isinstance(s, dict) and s.get("status") in ("succeeded", "completed", "done", "finished"))
+    """Names of the job's stages that succeeded, from `JobPublic.stages` (none before the first pull)."""
+    if job is None:
+        return ()
+    return tuple(s["stage"] for s in job["stages"] if StageStatus(s["status"]) == StageStatus.succeeded)
 
 
-def refresh_report(client: ApiClient, feed: JobFeed) -> dict[str, Any]:
+def refresh_report(client: ApiClient, feed: JobFeed) -> JobReports:
     """The job's stage reports, fetched again only when a stage finished or the status changed."""
     key = (feed.status, finished_stages(feed.job))
     if feed.report is None or key != feed.report_key:

@@ -1,119 +1,130 @@
-"""Stage reports (`<stage>/report.json`, from `GET /api/jobs/{id}/report`) turned into table rows."""
+"""Stage reports (`GET /api/jobs/{id}/report`, the models of `edgerlhf.reports`) turned into table rows.
+
+Every function takes a stage's report model, or its JSON, which it validates into that model first; then
+it reads the model's fields by name. A renamed or missing field fails (pydantic's `ValidationError`, or
+an `AttributeError` here) instead of leaving a blank cell or an empty chart.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from edgerlhf.reports import EvalReport, Interval, RewardReport
+
+M = TypeVar("M", bound=BaseModel)
+MB = 1024 * 1024
+
+PRECISION_COLUMNS = ["precision", "accuracy", "mean_margin", "memory_footprint_mb", "peak_train_mb",
+                     "throughput_pairs_per_s", "spearman_vs_bf16", "compute_dtype"]
+"""The precision study's headline columns, first and in this order; the result's other scalar fields follow."""
+_NOT_COLUMNS = {"normalization", "memory_footprint_bytes"}
+"""Fields of `PrecisionResult` not shown as their own column (nested, or shown in MB)."""
+
+
+def parse(model: type[M], report: M | dict[str, Any] | None) -> M | None:
+    """`report` as `model`: validated when it is JSON, as is when it already is one (None stays None)."""
+    if report is None or isinstance(report, model):
+        return report
+    return model.model_validate(report)
 
 
 def _scalar(v: Any) -> bool:
     return v is None or isinstance(v, (int, float, str, bool))
 
 
-MB = 1024 * 1024
+def precision_rows(report: RewardReport | dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The reward stage's precision study (`RewardReport.precisions`) as one row per precision.
 
-
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def precision_rows(report: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The reward stage's precision study (`reward/report.json`, key `precisions`) as one row per precision.
-
-    Scalar fields only; the weights' footprint in bytes is shown in MB.
+    The headline columns first (`PRECISION_COLUMNS`; the weights' `memory_footprint_bytes` shown in MB), then
+    every other scalar field of `PrecisionResult`.
     """
-    if not isinstance(report, dict):
+    report = parse(RewardReport, report)
+    if report is None:
         return []
-    table = report.get("precisions") or report.get("study") or report.get("results") or report
-    if isinstance(table, dict):
-        items = [(k, v) for k, v in table.items() if isinstance(v, dict)]
-    elif isinstance(table, list):
-        items = [(v.get("precision"), v) for v in table if isinstance(v, dict)]
-    else:
-        items = []
     rows = []
-    for name, v in items:
-        row: dict[str, Any] = {"precision": name}
-        for k, x in v.items():
-            if k == "precision" or not _scalar(x):
-                continue
-            if k.endswith("_bytes") and _num(x):
-                row[k[: -len("_bytes")] + "_mb"] = round(x / MB, 2)
-            else:
-                row[k] = x
-        rows.append(row)
-    # The study's headline columns first, in a fixed order; whatever else the stage reports follows.
-    first = ["precision", "accuracy", "mean_margin", "memory_footprint_mb", "peak_train_mb",
-             "throughput_pairs_per_s", "spearman_vs_bf16", "compute_dtype"]
-    return [{**{k: r[k] for k in first if k in r}, **{k: v for k, v in r.items() if k not in first}} for r in rows]
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, float]:
-    """Every number of a nested report as `a/b/c` -> value."""
-    out: dict[str, float] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}/"))
-    elif _num(d):
-        out[prefix.rstrip("/")] = d
-    return out
-
-
-def _mean(d: Any) -> float | None:
-    if isinstance(d, dict):
-        return d.get("mean") if _num(d.get("mean")) else None
-    return d if _num(d) else None
-
-
-def eval_rows(report: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """SFT vs PPO per measure (reward, gold score, response length): means, difference, its interval."""
-    if not isinstance(report, dict):
-        return []
-    sft, ppo = report.get("sft") or {}, report.get("ppo") or {}
-    measures = [("reward", f"reward (RM {report.get('reward_precision') or '?'})", "reward_diff"),
-                ("gold", f"gold score ({report.get('gold_scorer')})", "gold_diff"),
-                ("response_tokens", "response tokens", None)]
-    rows = []
-    for key, label, diff_key in measures:
-        if key not in sft and key not in ppo:
-            continue
-        row: dict[str, Any] = {"measure": label, "SFT": _mean(sft.get(key)), "PPO": _mean(ppo.get(key))}
-        diff = report.get(diff_key) if diff_key else None
-        if isinstance(diff, dict) and _num(diff.get("mean")):
-            row["PPO − SFT"] = diff["mean"]
-            if _num(diff.get("low")) and _num(diff.get("high")):
-                conf = diff.get("confidence") or report.get("confidence") or 0.95
-                row["interval"] = f"[{diff['low']:+.3g}, {diff['high']:+.3g}] ({conf:.0%})"
-        elif _num(row["SFT"]) and _num(row["PPO"]):
-            row["PPO − SFT"] = row["PPO"] - row["SFT"]
+    for name, r in report.precisions.items():
+        row: dict[str, Any] = {
+            "precision": name, "accuracy": r.accuracy, "mean_margin": r.mean_margin,
+            "memory_footprint_mb": round(r.memory_footprint_bytes / MB, 2), "peak_train_mb": r.peak_train_mb,
+            "throughput_pairs_per_s": r.throughput_pairs_per_s, "spearman_vs_bf16": r.spearman_vs_bf16,
+            "compute_dtype": r.compute_dtype}
+        for field in type(r).model_fields:
+            if field not in row and field not in _NOT_COLUMNS and _scalar(value := getattr(r, field)):
+                row[field] = value
         rows.append(row)
     return rows
 
 
-def eval_headline(report: dict[str, Any] | None) -> dict[str, float]:
-    """The few numbers of the final report a person reads first (for the Compare page's table)."""
-    if not isinstance(report, dict):
-        return {}
-    sft, ppo = report.get("sft") or {}, report.get("ppo") or {}
-    out = {"reward SFT": _mean(sft.get("reward")), "reward PPO": _mean(ppo.get("reward")),
-           "reward PPO−SFT": _mean(report.get("reward_diff")), "win rate": report.get("win_rate"),
-           "KL": report.get("kl"), "gold PPO−SFT": _mean(report.get("gold_diff")),
-           "gold win rate": report.get("gold_win_rate")}
-    out = {k: v for k, v in out.items() if _num(v)}
-    return out or eval_scalars(report)
+def flatten(d: Any, prefix: str = "") -> dict[str, float]:
+    """Every number of a nested report (as plain data) as `a/b/c` -> value."""
+    out: dict[str, float] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}/"))
+    elif isinstance(d, (int, float)) and not isinstance(d, bool):
+        out[prefix.rstrip("/")] = d
+    return out
 
 
-def eval_scalars(report: dict[str, Any] | None) -> dict[str, float]:
-    """Every number of the evaluate report except the samples, flattened (`sft/reward/mean` ...)."""
-    if not isinstance(report, dict):
-        return {}
-    return flatten({k: v for k, v in report.items() if k != "samples"})
+def _diff(row: dict[str, Any], diff: Interval | None) -> None:
+    """The PPO - SFT difference of a row and its bootstrap interval, from an `Interval`."""
+    if diff is None or diff.mean is None:
+        return
+    row["PPO − SFT"] = diff.mean
+    if diff.low is not None and diff.high is not None:
+        row["interval"] = f"[{diff.low:+.3g}, {diff.high:+.3g}] ({diff.confidence:.0%})"
 
 
-def eval_pairs(report: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The SFT-vs-PPO sample pairs of the evaluate report."""
-    if not isinstance(report, dict):
+def eval_rows(report: EvalReport | dict[str, Any] | None) -> list[dict[str, Any]]:
+    """SFT vs PPO per measure (reward, gold score, response length): means, difference, its interval."""
+    report = parse(EvalReport, report)
+    if report is None:
         return []
-    for key in ("samples", "pairs", "examples"):
-        if isinstance(report.get(key), list):
-            return [p for p in report[key] if isinstance(p, dict)]
-    return next((v for v in report.values() if isinstance(v, list) and v and isinstance(v[0], dict)), [])
+    sft, ppo = report.sft, report.ppo
+    reward = {"measure": f"reward (RM {report.reward_precision})", "SFT": sft.reward.mean, "PPO": ppo.reward.mean}
+    _diff(reward, report.reward_diff)
+    rows = [reward]
+    if sft.gold is not None and ppo.gold is not None:
+        gold = {"measure": f"gold score ({report.gold_scorer})", "SFT": sft.gold.mean, "PPO": ppo.gold.mean}
+        _diff(gold, report.gold_diff)
+        rows.append(gold)
+    tokens: dict[str, Any] = {"measure": "response tokens", "SFT": sft.response_tokens.mean,
+                              "PPO": ppo.response_tokens.mean}
+    if tokens["SFT"] is not None and tokens["PPO"] is not None:
+        tokens["PPO − SFT"] = tokens["PPO"] - tokens["SFT"]
+    rows.append(tokens)
+    return rows
+
+
+def eval_headline(report: EvalReport | dict[str, Any] | None) -> dict[str, float]:
+    """The few numbers of the final report a person reads first (for the Compare page's table).
+
+    The gold numbers only on the known-answer task (without a gold scorer they are None and left out).
+    """
+    report = parse(EvalReport, report)
+    if report is None:
+        return {}
+    out = {"reward SFT": report.sft.reward.mean, "reward PPO": report.ppo.reward.mean,
+           "reward PPO−SFT": report.reward_diff.mean, "win rate": report.win_rate, "KL": report.kl,
+           "gold PPO−SFT": report.gold_diff.mean if report.gold_diff is not None else None,
+           "gold win rate": report.gold_win_rate}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def eval_scalars(report: EvalReport | dict[str, Any] | None) -> dict[str, float]:
+    """Every number of the evaluate report except the samples, flattened (`sft/reward/mean` ...)."""
+    report = parse(EvalReport, report)
+    if report is None:
+        return {}
+    return flatten(report.model_dump(mode="json", exclude={"samples"}))
+
+
+def eval_pairs(report: EvalReport | dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The SFT-vs-PPO sample pairs of the evaluate report (`SamplePair` fields: `prompt`, `sft`, `ppo`,
+    `sft_reward`, `ppo_reward`, `sft_gold`, `ppo_gold`)."""
+    report = parse(EvalReport, report)
+    if report is None:
+        return []
+    return [pair.model_dump() for pair in report.samples]

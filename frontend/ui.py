@@ -8,15 +8,26 @@ from typing import Any, Callable, TypeVar
 
 import streamlit as st
 
+from edgerlhf.contract import JobStatus
 from frontend.api_client import ApiError, BackendDown, get_client
 
 T = TypeVar("T")
 
 # Plain text symbols rather than emoji: they render in every font (a headless Chromium has no emoji font).
-STATUS_ICON = {"queued": "◷", "running": "▶", "succeeded": "✓", "failed": "✗", "cancelled": "■"}
+STATUS_ICON = {JobStatus.queued: "◷", JobStatus.running: "▶", JobStatus.succeeded: "✓", JobStatus.failed: "✗",
+               JobStatus.cancelled: "■"}
+CANCELLABLE = (JobStatus.queued, JobStatus.running)
+"""Statuses the backend cancels from (`POST /api/jobs/{id}/cancel`); others answer 409."""
+RETRYABLE = (JobStatus.failed, JobStatus.cancelled)
+"""Statuses the backend requeues from (`POST /api/jobs/{id}/retry`)."""
 BANNER = "Backend unreachable"
 """First words of the banner shown when the backend does not answer (tests look for it)."""
 JOB_PAGE = "app_pages/job.py"
+
+
+def status_icon(status: str) -> str:
+    """The symbol of a job status (`JobPublic.status`); an unknown status raises."""
+    return STATUS_ICON[JobStatus(status)]
 
 
 def backend_down(exc: BackendDown, inline: bool = False) -> None:
@@ -76,10 +87,10 @@ def parse_time(value: Any) -> datetime | None:
 
 def duration(job: dict[str, Any]) -> str:
     """Run time so far (running) or in total (finished); empty while queued."""
-    start = parse_time(job.get("started_at"))
+    start = parse_time(job["started_at"])
     if start is None:
         return ""
-    end = parse_time(job.get("finished_at")) or datetime.now(timezone.utc)
+    end = parse_time(job["finished_at"]) or datetime.now(timezone.utc)
     secs = max(0, int((end - start).total_seconds()))
     h, rem = divmod(secs, 3600)
     m, s = divmod(rem, 60)
@@ -89,8 +100,7 @@ def duration(job: dict[str, Any]) -> str:
 def job_label(job: dict[str, Any]) -> str:
     """A job in a picker. Without its status: a select box keeps showing the label it had when chosen, so a
     status in it would go stale while the job runs (the page shows the live status elsewhere)."""
-    name = job.get("name") or ""
-    return f"#{job['id']} {name} ({job.get('preset') or '?'})".replace("  ", " ")
+    return f"#{job['id']} {job['name']} ({job['preset']})"
 
 
 def pick_job(key: str = "job") -> int | None:

@@ -31,12 +31,10 @@ class ChatError(Exception):
 
 
 def _error_message(payload: Any, fallback: str) -> str:
-    if isinstance(payload, dict):
-        error = payload.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if payload.get("detail"):
-            return str(payload["detail"])
+    """The message of OpenAI's error body `{"error": {"message", ...}}`, which every `/v1` answer uses
+    (auth included); `fallback` (the raw text) when something in between answered without JSON."""
+    if isinstance(payload, dict) and "error" in payload:
+        return str(payload["error"]["message"])
     return fallback
 
 
@@ -45,8 +43,8 @@ def stream_chat(client: ApiClient, model: str, messages: list[dict[str, str]], p
     """Yield the reply's text pieces from the SSE stream (appending each to `sink` too)."""
     body = {"model": model, "messages": messages, "stream": True, **params}
     try:
-        # The API client keeps its httpx client (base URL, token) private; the chat stream reuses it.
-        with client._http.stream("POST", "/v1/chat/completions", json=body, timeout=STREAM_TIMEOUT) as resp:
+        # The chat stream reuses the API client's httpx client (base URL, token).
+        with client.http.stream("POST", "/v1/chat/completions", json=body, timeout=STREAM_TIMEOUT) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 try:
@@ -63,8 +61,8 @@ def stream_chat(client: ApiClient, model: str, messages: list[dict[str, str]], p
                 chunk = json.loads(data)
                 if "error" in chunk:
                     raise ChatError(_error_message(chunk, "generation failed"))
-                for choice in chunk.get("choices", []):
-                    text = (choice.get("delta") or {}).get("content")
+                for choice in chunk["choices"]:
+                    text = choice["delta"].get("content")  # OpenAI: the last chunk's delta may be empty
                     if text:
                         sink.append(text)
                         yield text
@@ -118,7 +116,7 @@ client = get_client()
 listing = ui.call(client.request, "GET", "/v1/models")
 if listing is None:
     st.stop()
-models = [m["id"] for m in listing.get("data", [])]
+models = [m["id"] for m in listing["data"]]  # OpenAI's model list: {"object": "list", "data": [...]}
 if not models:
     st.info("No model to chat with yet: a job's models appear here once it has finished its SFT stage.")
     st.stop()

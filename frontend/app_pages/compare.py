@@ -9,6 +9,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from edgerlhf.contract import FINISHED, JobStatus
 from frontend import charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
 from frontend.reports import eval_headline, precision_rows
@@ -24,7 +25,7 @@ if not jobs:
     st.stop()
 
 by_id = {j["id"]: j for j in jobs}
-default = [j["id"] for j in jobs if j.get("status") in ("succeeded", "running")][:2] or [jobs[0]["id"]]
+default = [j["id"] for j in jobs if j["status"] in (JobStatus.succeeded, JobStatus.running)][:2] or [jobs[0]["id"]]
 chosen = st.multiselect("Jobs", list(by_id), default=default, format_func=lambda i: ui.job_label(by_id[i]),
                         key="compare_jobs")
 if not chosen:
@@ -42,7 +43,7 @@ def panel() -> None:
             ui.backend_down(exc, inline=True)
         except ApiError as exc:
             st.error(f"Job #{jid}: {exc.message}")
-        feeds[f"#{jid} {by_id[jid].get('name') or ''}".strip()] = feed
+        feeds[f"#{jid} {by_id[jid]['name']}"] = feed
     keys = sorted({k for f in feeds.values() for k in f.keys()})
     if not keys:
         st.info("The chosen jobs have no metrics yet.")
@@ -54,24 +55,20 @@ def panel() -> None:
         cols[i % 2].plotly_chart(charts.compare_figure(feeds, key), key=f"cmp-{key}", width="stretch")
 
     st.markdown("#### Final reports (SFT vs PPO)")
-    rows = []
-    for label, feed in feeds.items():
-        ev = (feed.report or {}).get("evaluate")
-        if isinstance(ev, dict):
-            rows.append({"job": label, **eval_headline(ev)})
+    reports = {label: feed.report for label, feed in feeds.items() if feed.report is not None}
+    rows = [{"job": label, **eval_headline(r.evaluate)} for label, r in reports.items() if r.evaluate is not None]
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     else:
         st.caption("None of the chosen jobs has finished its evaluate stage.")
 
     st.markdown("#### Reward-model precision study")
-    study = [{"job": label, **r} for label, feed in feeds.items()
-             for r in precision_rows((feed.report or {}).get("reward"))]
+    study = [{"job": label, **row} for label, r in reports.items() for row in precision_rows(r.reward)]
     if study:
         st.dataframe(pd.DataFrame(study), hide_index=True, width="stretch")
     else:
         st.caption("None of the chosen jobs has finished its reward stage.")
 
 
-any_active = any(by_id[j].get("status") not in live.TERMINAL for j in chosen)
+any_active = any(JobStatus(by_id[j]["status"]) not in FINISHED for j in chosen)
 st.fragment(run_every=5.0 if any_active else None)(panel)()

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from edgerlhf.contract import JobStatus, StageStatus
 from frontend import alerts, charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
 from frontend.reports import eval_headline, eval_pairs, eval_rows, precision_rows
@@ -23,104 +24,87 @@ REFRESH_SECONDS = 2.0  # how often the live panel asks for new rows
 SYSTEM_TTL = 60.0  # seconds the GPU list (for the memory limit line) is reused before asking /api/system again
 
 
-def gpu_total_mb(client, job: dict[str, Any] | None) -> tuple[float | None, str | None]:
-    """(memory total, name) of the GPU the job runs on; (None, None) without a GPU."""
+def gpu_total_mb(client, job: dict[str, Any]) -> tuple[float | None, str | None]:
+    """(memory total, name) of the GPU the job runs on (`SystemPublic.gpus`); (None, None) without a GPU."""
     cached = st.session_state.get("job_system")
     if cached is None or time.time() - cached[0] > SYSTEM_TTL:
         try:
             cached = (time.time(), client.system())
         except (BackendDown, ApiError):
-            cached = (time.time(), {})
+            cached = (time.time(), None)
         st.session_state["job_system"] = cached
-    gpus = cached[1].get("gpus") or []
-    device = str(((job or {}).get("config") or {}).get("device") or "auto")
-    if not gpus or device == "cpu":
+    system = cached[1]
+    device = job["config"]["device"]
+    if system is None or not system["gpus"] or device == "cpu":
         return None, None
+    gpus = system["gpus"]
     index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
-    gpu = next((g for g in gpus if g.get("index") == index), gpus[0])
-    total = gpu.get("memory_total_mb") or gpu.get("total_mb") or gpu.get("memory_total")
-    return (float(total) if total else None), gpu.get("name")
+    gpu = next((g for g in gpus if g["index"] == index), gpus[0])
+    return float(gpu["memory_total_mb"]), gpu["name"]
 
 
-def stages_of(job: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-stage rows (name, status, progress) in the job's stage order; stages not yet begun are pending."""
-    raw = job.get("stages") or []
-    if isinstance(raw, dict):
-        raw = [{"name": k, **(v if isinstance(v, dict) else {"status": v})} for k, v in raw.items()]
-    by_name = {(s.get("name") or s.get("stage")): s for s in raw if isinstance(s, dict)}
-    planned = ((job.get("config") or {}).get("stages")) or list(by_name)
-    out = []
-    for name in planned:
-        s = by_name.get(name) or {}
-        status = s.get("status") or "pending"
-        progress = s.get("progress")
-        if progress is None:
-            progress = 1.0 if status == "succeeded" else 0.0
-        out.append({"name": name, "status": status, "progress": float(progress)})
-    return out
-
-
-STAGE_ICON = {"pending": "○", "queued": "○", "running": "▶", "succeeded": "✔", "completed": "✔", "done": "✔",
-              "failed": "✖", "cancelled": "■", "skipped": "↷", "interrupted": "↻"}
+STAGE_ICON = {StageStatus.pending: "○", StageStatus.running: "▶", StageStatus.succeeded: "✔",
+              StageStatus.failed: "✖", StageStatus.cancelled: "■", StageStatus.interrupted: "↻"}
 
 
 def header(client, feed: live.JobFeed) -> None:
-    job = feed.job or {}
-    status = job.get("status", "?")
+    job = feed.job
+    status = JobStatus(job["status"])
     left, right = st.columns([4, 2])
-    left.subheader(f"{ui.STATUS_ICON.get(status, '')} Job #{job.get('id')} · {job.get('name') or job.get('preset') or ''}")
-    facts = [f"status **{status}**", f"preset `{job.get('preset')}`"]
-    if job.get("stage"):
+    left.subheader(f"{ui.status_icon(status)} Job #{job['id']} · {job['name']}")
+    facts = [f"status **{status.value}**", f"preset `{job['preset']}`"]
+    if job["stage"]:
         facts.append(f"stage **{job['stage']}**")
-    if job.get("queue_position"):
+    if job["queue_position"]:
         facts.append(f"queue position **{job['queue_position']}**")
     if ui.duration(job):
-        facts.append(f"running for {ui.duration(job)}" if status == "running" else f"took {ui.duration(job)}")
-    if (job.get("attempts") or 0) > 1:
+        took = ui.duration(job)
+        facts.append(f"running for {took}" if status == JobStatus.running else f"took {took}")
+    if job["attempts"] > 1:
         facts.append(f"attempt {job['attempts']}")
     left.markdown(" · ".join(facts))
     with right:
         b1, b2 = st.columns(2)
-        if b1.button("Cancel", key="job_cancel", disabled=status not in ("queued", "running"), width="stretch"):
+        if b1.button("Cancel", key="job_cancel", disabled=status not in ui.CANCELLABLE, width="stretch"):
             if ui.act(client.cancel_job, feed.job_id):
                 st.toast("Cancel requested: the worker stops within a few seconds.")
-        if b2.button("Retry", key="job_retry", disabled=status not in ("failed", "cancelled"), width="stretch"):
+        if b2.button("Retry", key="job_retry", disabled=status not in ui.RETRYABLE, width="stretch"):
             if ui.act(client.retry_job, feed.job_id):
                 st.toast("Queued again: it resumes after its last completed stage.")
                 st.rerun()
-    if job.get("error"):
+    if job["error"]:
         lines = str(job["error"]).strip().splitlines()
         st.error(f"**{lines[-1] if lines else 'failed'}**", icon=":material/error:")
         with st.expander("Traceback"):
             st.code(job["error"], language="text")
 
-    cols = st.columns(max(1, len(stages := stages_of(job))))
-    for col, s in zip(cols, stages):
+    stages = job["stages"]  # `StagePublic`, in the job's stage order; not yet begun: pending
+    for col, s in zip(st.columns(max(1, len(stages))), stages):
+        stage_status = StageStatus(s["status"])
         col.progress(min(max(s["progress"], 0.0), 1.0),
-                     text=f"{STAGE_ICON.get(s['status'], '?')} {s['name']} · {s['status']}")
+                     text=f"{STAGE_ICON[stage_status]} {s['stage']} · {stage_status.value}")
 
 
 def show_alerts(feed: live.JobFeed, gpu_total: float | None) -> None:
-    ppo_cfg = ((feed.job or {}).get("config") or {}).get("ppo") or {}
-    found = alerts.check_all(feed.all_series(), gpu_total_mb=gpu_total, target_kl=ppo_cfg.get("target_kl"),
-                             max_response_length=ppo_cfg.get("response_length"))
+    ppo_cfg = feed.job["config"]["ppo"]
+    found = alerts.check_all(feed.all_series(), gpu_total_mb=gpu_total, target_kl=ppo_cfg["target_kl"],
+                             max_response_length=ppo_cfg["response_length"])
     for a in found:
         (st.error if a.level == "error" else st.warning)(a.message, icon=":material/error:" if a.level == "error" else ":material/warning:")
 
 
 def sample_card(s: dict[str, Any], key: str) -> None:
     with st.container(border=True, key=key):
-        reward = s.get("reward")
-        meta = [f"{s.get('stage') or '?'} step {s.get('step')}", f"reward **{ui.fmt(reward)}**"]
-        if s.get("checkpoint"):
+        meta = [f"{s['stage']} step {s['step']}", f"reward **{ui.fmt(s['reward'])}**"]
+        if s["checkpoint"]:
             meta.append(f"checkpoint `{s['checkpoint']}`")
-        if s.get("kind") and s.get("kind") != "sample":
+        if s["kind"] != "sample":
             meta.append(s["kind"])
         st.markdown(" · ".join(meta))
         st.caption("Prompt (its end)")
-        st.text(ui.tail(s.get("prompt") or "", 300))
+        st.text(ui.tail(s["prompt"], 300))
         st.caption("Response")
-        st.text(s.get("response") or "(empty)")
+        st.text(s["response"] or "(empty)")
 
 
 def overview(feed: live.JobFeed, jid: int) -> None:
@@ -147,11 +131,11 @@ def overview(feed: live.JobFeed, jid: int) -> None:
                         key=f"j{jid}-sft-overview", width="stretch")
 
     st.markdown("#### Latest sample generations")
-    recent = [s for s in feed.samples if s.get("kind", "sample") != "probe"][-3:][::-1]
+    recent = [s for s in feed.samples if s["kind"] != "probe"][-3:][::-1]
     if not recent:
         st.caption("No samples yet: they arrive every few SFT/PPO steps.")
     for s in recent:
-        sample_card(s, key=f"sample-card-{s.get('id', id(s))}")
+        sample_card(s, key=f"sample-card-{s['id']}")
 
 
 def training_tab(feed: live.JobFeed, jid: int) -> None:
@@ -168,13 +152,12 @@ def training_tab(feed: live.JobFeed, jid: int) -> None:
     else:
         c2.info("No reward-model metrics yet.")
     st.markdown("#### Precision study")
-    reward_report = (feed.report or {}).get("reward")
-    rows = precision_rows(reward_report)
-    if rows:
+    reward_report = feed.report.reward if feed.report is not None else None
+    if reward_report is not None:
+        rows = precision_rows(reward_report)
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
         st.plotly_chart(charts.precision_figure(rows), key=f"j{jid}-precision", width="stretch")
-        note = reward_report.get("note") if isinstance(reward_report, dict) else None
-        st.caption(note or "Held-out accuracy, memory and throughput per reward-model precision (reward/report.json).")
+        st.caption(reward_report.note or "Held-out accuracy, memory and throughput per reward-model precision.")
     else:
         st.caption("Appears when the reward stage has finished.")
 
@@ -183,16 +166,15 @@ def samples_tab(feed: live.JobFeed, jid: int) -> None:
     if not feed.samples:
         st.caption("No samples yet.")
         return
-    kinds = sorted({s.get("kind", "sample") for s in feed.samples})
-    stages = sorted({s.get("stage") or "" for s in feed.samples})
+    kinds = sorted({s["kind"] for s in feed.samples})
+    stages = sorted({s["stage"] for s in feed.samples})
     f1, f2 = st.columns(2)
     kind = f1.selectbox("Kind", ["all", *kinds], key=f"j{jid}-skind")
     stage = f2.selectbox("Stage", ["all", *stages], key=f"j{jid}-sstage")
-    rows = [s for s in feed.samples if (kind == "all" or s.get("kind", "sample") == kind)
-            and (stage == "all" or (s.get("stage") or "") == stage)]
-    st.dataframe(pd.DataFrame([{"stage": s.get("stage"), "step": s.get("step"), "kind": s.get("kind"),
-                                "reward": s.get("reward"), "prompt": ui.tail(s.get("prompt") or "", 200),
-                                "response": s.get("response"), "checkpoint": s.get("checkpoint")}
+    rows = [s for s in feed.samples if (kind == "all" or s["kind"] == kind) and (stage == "all" or s["stage"] == stage)]
+    st.dataframe(pd.DataFrame([{"stage": s["stage"], "step": s["step"], "kind": s["kind"], "reward": s["reward"],
+                                "prompt": ui.tail(s["prompt"], 200), "response": s["response"],
+                                "checkpoint": s["checkpoint"]}
                                for s in rows[::-1]]),
                  hide_index=True, width="stretch", height=420)
 
@@ -203,15 +185,14 @@ def logs_tab(feed: live.JobFeed) -> None:
         return
     lines = []
     for row in list(feed.logs)[-200:]:
-        t = ui.parse_time(live.row_time(row))
-        stamp = t.astimezone().strftime("%H:%M:%S") if t else ""
-        lines.append(f"{stamp} {str(row.get('level') or '').upper():7} {row.get('message') or row.get('line') or ''}")
+        stamp = ui.parse_time(row["time"]).astimezone().strftime("%H:%M:%S")
+        lines.append(f"{stamp} {row['level'].upper():7} {row['message']}")
     st.code("\n".join(lines), language="text", wrap_lines=True)
 
 
 def report_tab(feed: live.JobFeed, jid: int) -> None:
-    report = (feed.report or {}).get("evaluate")
-    if not isinstance(report, dict):
+    report = feed.report.evaluate if feed.report is not None else None
+    if report is None:
         st.caption("The final report (SFT vs PPO) appears when the evaluate stage has finished.")
     else:
         st.markdown("#### SFT vs PPO")
@@ -219,25 +200,24 @@ def report_tab(feed: live.JobFeed, jid: int) -> None:
         cols = st.columns(min(5, max(1, len(head))))
         for i, (k, v) in enumerate(head.items()):
             cols[i % len(cols)].metric(k, ui.fmt(v))
-        rows = eval_rows(report)
         left, right = st.columns([3, 2])
-        if rows:
-            left.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-            left.caption(f"{report.get('n_prompts', '?')} held-out prompts × {report.get('samples_per_prompt', 1)} "
-                         "samples; the interval is a bootstrap interval of the per-prompt difference "
-                         "(PPO better when it excludes 0).")
-            right.plotly_chart(charts.eval_figure(report), key=f"j{jid}-eval", width="stretch")
+        left.dataframe(pd.DataFrame(eval_rows(report)), hide_index=True, width="stretch")
+        left.caption(f"{report.n_prompts} held-out prompts × {report.samples_per_prompt} "
+                     "samples; the interval is a bootstrap interval of the per-prompt difference "
+                     "(PPO better when it excludes 0).")
+        right.plotly_chart(charts.eval_figure(report), key=f"j{jid}-eval", width="stretch")
         for i, pair in enumerate(eval_pairs(report)):
             with st.container(border=True, key=f"eval-pair-{i}"):
                 st.caption("Prompt")
-                st.text(ui.tail(str(pair.get("prompt", "")), 600))
+                st.text(ui.tail(pair["prompt"], 600))
                 cols = st.columns(2)
                 for col, who in zip(cols, ("sft", "ppo")):
-                    resp = pair.get(f"{who}_response", pair.get(who))
-                    extra = f" · gold {ui.fmt(pair[f'{who}_gold'])}" if pair.get(f"{who}_gold") is not None else ""
-                    col.markdown(f"**{who.upper()}** · reward {ui.fmt(pair.get(f'{who}_reward'))}{extra}")
-                    col.text(resp if isinstance(resp, str) else str(resp))
-    others = {k: v for k, v in (feed.report or {}).items() if k != "evaluate"}
+                    gold = pair[f"{who}_gold"]
+                    extra = f" · gold {ui.fmt(gold)}" if gold is not None else ""
+                    col.markdown(f"**{who.upper()}** · reward {ui.fmt(pair[f'{who}_reward'])}{extra}")
+                    col.text(pair[who])
+    others = {stage: r.model_dump(mode="json") for stage, r in feed.report if r is not None and stage != "evaluate"} \
+        if feed.report is not None else {}
     if others:
         with st.expander("Stage reports (JSON)"):
             st.json(others, expanded=False)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import streamlit as st
 
+from edgerlhf.contract import FINISHED, JobStatus
 from frontend import ui
 from frontend.api_client import ApiError, BackendDown, get_client
 
-STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"]
+STATUSES = [s.value for s in JobStatus]
 
 st.title("Jobs")
 top = st.columns([3, 1])
@@ -23,20 +24,20 @@ if top[1].button("New job", icon=":material/add:", width="stretch"):
 def _rows(jobs: list[dict]) -> list[dict]:
     rows = []
     for j in jobs:
-        created = ui.parse_time(j.get("created_at"))
+        lines = (j["error"] or "").strip().splitlines()
         rows.append({
             "id": j["id"],
-            "name": j.get("name") or "",
-            "status": f"{ui.STATUS_ICON.get(j.get('status'), '')} {j.get('status', '')}",
-            "stage": j.get("stage") or "",
-            "progress": float(j.get("progress") or 0.0),
-            "queue": j.get("queue_position"),
-            "preset": j.get("preset") or "",
-            "created": created.astimezone().strftime("%Y-%m-%d %H:%M:%S") if created else "",
+            "name": j["name"],
+            "status": f"{ui.status_icon(j['status'])} {j['status']}",
+            "stage": j["stage"] or "",
+            "progress": j["progress"],
+            "queue": j["queue_position"],
+            "preset": j["preset"],
+            "created": ui.parse_time(j["created_at"]).astimezone().strftime("%Y-%m-%d %H:%M:%S"),
             "duration": ui.duration(j),
-            "attempts": j.get("attempts"),
+            "attempts": j["attempts"],
             "open": f"/job?job={j['id']}",
-            "error": (j.get("error") or "").strip().splitlines()[-1][:160] if j.get("error") else "",
+            "error": lines[-1][:160] if lines else "",
         })
     return rows
 
@@ -54,12 +55,12 @@ def job_table() -> None:
         st.error(f"Backend error {exc.status}: {exc.message}")
         return
     if status_filter:
-        jobs = [j for j in jobs if j.get("status") in status_filter]
+        jobs = [j for j in jobs if j["status"] in status_filter]
     if not jobs:
         st.info("No jobs yet: launch one on the **New job** page." if not status_filter else "No job matches the filter.")
         return
-    counts = {s: sum(j.get("status") == s for j in jobs) for s in STATUSES}
-    st.caption(" · ".join(f"{ui.STATUS_ICON[s]} {counts[s]} {s}" for s in STATUSES if counts[s]))
+    counts = {s: sum(j["status"] == s for j in jobs) for s in STATUSES}
+    st.caption(" · ".join(f"{ui.status_icon(s)} {counts[s]} {s}" for s in STATUSES if counts[s]))
     st.dataframe(
         _rows(jobs), hide_index=True, width="stretch", key="jobs_table",
         column_config={
@@ -79,16 +80,16 @@ def job_table() -> None:
     job = by_id.get(chosen)
     if job is None:
         return
-    status = job.get("status")
+    status = JobStatus(job["status"])
     if cols[1].button("Open", key="jobs_open", width="stretch"):
         st.switch_page(ui.JOB_PAGE, query_params={"job": str(chosen)})
-    if cols[2].button("Cancel", key="jobs_cancel", disabled=status not in ("queued", "running"), width="stretch"):
+    if cols[2].button("Cancel", key="jobs_cancel", disabled=status not in ui.CANCELLABLE, width="stretch"):
         if ui.act(client.cancel_job, chosen):
             st.toast(f"Cancel requested for job #{chosen}")
-    if cols[3].button("Retry", key="jobs_retry", disabled=status not in ("failed", "cancelled"), width="stretch"):
+    if cols[3].button("Retry", key="jobs_retry", disabled=status not in ui.RETRYABLE, width="stretch"):
         if ui.act(client.retry_job, chosen):
             st.toast(f"Job #{chosen} queued again")
-    if cols[4].button("Delete", key="jobs_delete", disabled=status not in ("succeeded", "failed", "cancelled"),
+    if cols[4].button("Delete", key="jobs_delete", disabled=status not in FINISHED,
                       width="stretch", help="Removes the job and its artifacts"):
         st.session_state["jobs_confirm_delete"] = chosen
     if st.session_state.get("jobs_confirm_delete") == chosen:

@@ -1,8 +1,10 @@
 """New job page: a preset, the stages, reward-model precisions, model, data and the main hyperparameters.
 
-Every field starts at the preset's value (shown in its help); only fields changed from the preset are
-sent as overrides, so the job's stored config says plainly what was changed. The backend validates: a
-422 names the field (`ppo.batch_size`), and its message is shown right under that field. Submitting
+Every field starts at the preset's value; only fields changed from the preset are sent as overrides, so
+the job's stored config says plainly what was changed. A field's help (its ⓘ) is the field's docstring in
+`edgerlhf/config.py` with its type and accepted range, as the backend serves them (`GET /api/config/fields`):
+the dashboard keeps no copy of it, and the widget's kind follows the field's type. The backend validates:
+a 422 names the field (`ppo.batch_size`), and its message is shown right under that field. Submitting
 opens the new job's page.
 """
 
@@ -13,54 +15,84 @@ from typing import Any
 
 import streamlit as st
 
+from edgerlhf.contract import PRECISIONS, STAGES
 from frontend import ui
-from frontend.api_client import ApiError, BackendDown, get_client
+from frontend.api_client import ApiClient, ApiError, BackendDown, get_client
 
-STAGES = ["data", "sft", "reward", "ppo", "evaluate"]
-PRECISIONS = ["bf16", "int8", "int4"]
-
-# (section, config path, label, kind, options). Kinds: int, int_opt (empty = None), float, text,
-# text_opt (empty = None), bool, select, multi. Only the hyperparameters people change most; anything
-# else goes into "Extra overrides (JSON)".
-FIELDS: list[tuple[str, str, str, str, list[str] | None]] = [
-    ("Run", "stages", "Stages to run", "multi", STAGES),
-    ("Run", "device", "Device", "select", ["auto", "cpu", "cuda"]),
-    ("Run", "seed", "Seed", "int", None),
-    ("Model", "model.name_or_path", "Base model (hub id or local path)", "text", None),
-    ("Model", "model.tokenizer", "Tokenizer (empty: the model's)", "text_opt", None),
-    ("Model", "model.random_init", "Random weights (tests, benchmarks)", "bool", None),
-    ("Data", "data.source", "Data set (hub id, local .jsonl[.gz] or directory)", "text", None),
-    ("Data", "data.data_dir", "Hub subset (e.g. harmless-base)", "text_opt", None),
-    ("Data", "data.max_pairs", "Max pairs (empty: all)", "int_opt", None),
-    ("Data", "data.labels", "Preference labels", "select", ["human", "gold"]),
-    ("SFT", "sft.max_steps", "SFT steps", "int", None),
-    ("SFT", "sft.learning_rate", "SFT learning rate", "float", None),
-    ("SFT", "sft.batch_size", "SFT batch size", "int", None),
-    ("SFT", "sft.lora_r", "SFT LoRA rank", "int", None),
-    ("Reward model", "reward.precisions", "Reward-model precisions", "multi", PRECISIONS),
-    ("Reward model", "reward.max_steps", "Reward steps (per precision)", "int", None),
-    ("Reward model", "reward.learning_rate", "Reward learning rate", "float", None),
-    ("Reward model", "reward.batch_size", "Reward batch size", "int", None),
-    ("PPO", "ppo.steps", "PPO steps", "int", None),
-    ("PPO", "ppo.batch_size", "PPO rollout batch size", "int", None),
-    ("PPO", "ppo.mini_batch_size", "PPO minibatch size", "int", None),
-    ("PPO", "ppo.learning_rate", "PPO learning rate", "float", None),
-    ("PPO", "ppo.init_kl_coef", "Initial KL coefficient", "float", None),
-    ("PPO", "ppo.target_kl", "Target KL (adaptive controller)", "float", None),
-    ("PPO", "ppo.response_length", "Max response tokens", "int", None),
-    ("PPO", "ppo.reward_precision", "Reward model scoring PPO", "select", PRECISIONS),
-    ("PPO", "ppo.sample_every", "Log samples every N steps", "int", None),
-    ("Evaluate", "evaluate.n_prompts", "Evaluation prompts", "int", None),
+# (section, config path, label, options). The widget follows the field's type from /api/config/fields:
+# int, float, bool, str (a select box when options are given), list[str] (a multiselect); `| None`:
+# empty means None. Only the hyperparameters people change most; anything else goes into "Extra
+# overrides (JSON)".
+FIELDS: list[tuple[str, str, str, list[str] | None]] = [
+    ("Run", "stages", "Stages to run", list(STAGES)),
+    ("Run", "device", "Device", ["auto", "cpu", "cuda"]),
+    ("Run", "seed", "Seed", None),
+    ("Model", "model.name_or_path", "Base model", None),
+    ("Model", "model.tokenizer", "Tokenizer (empty: the model's)", None),
+    ("Model", "model.random_init", "Random weights", None),
+    ("Data", "data.source", "Data set", None),
+    ("Data", "data.data_dir", "Hub subset (empty: none)", None),
+    ("Data", "data.max_pairs", "Max pairs (empty: all)", None),
+    ("Data", "data.labels", "Preference labels", ["human", "gold"]),
+    ("SFT", "sft.max_steps", "SFT steps", None),
+    ("SFT", "sft.learning_rate", "SFT learning rate", None),
+    ("SFT", "sft.batch_size", "SFT batch size", None),
+    ("SFT", "sft.lora_r", "SFT LoRA rank", None),
+    ("Reward model", "reward.precisions", "Reward-model precisions", list(PRECISIONS)),
+    ("Reward model", "reward.max_steps", "Reward steps (per precision)", None),
+    ("Reward model", "reward.learning_rate", "Reward learning rate", None),
+    ("Reward model", "reward.batch_size", "Reward batch size", None),
+    ("PPO", "ppo.steps", "PPO steps", None),
+    ("PPO", "ppo.batch_size", "PPO rollout batch size", None),
+    ("PPO", "ppo.mini_batch_size", "PPO minibatch size", None),
+    ("PPO", "ppo.learning_rate", "PPO learning rate", None),
+    ("PPO", "ppo.init_kl_coef", "Initial KL coefficient", None),
+    ("PPO", "ppo.target_kl", "Target KL", None),
+    ("PPO", "ppo.response_length", "Max response tokens", None),
+    ("PPO", "ppo.reward_precision", "Reward model scoring PPO", list(PRECISIONS)),
+    ("PPO", "ppo.sample_every", "Log samples every N steps", None),
+    ("Evaluate", "evaluate.n_prompts", "Evaluation prompts", None),
 ]
 LAYOUT = [["Run", "Model", "Data"], ["SFT", "Reward model"], ["PPO", "Evaluate"]]
 ERRORS = "new_job_errors"  # session key: {field path: message} from the last rejected submit
+CACHE_SECONDS = 300  # presets and field docs change only when the backend is upgraded
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def presets_of(base_url: str, _client: ApiClient) -> dict[str, dict[str, Any]]:
+    """The backend's presets (`PresetPublic` by name), fetched once per backend URL for a few minutes."""
+    return _client.presets()
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def fields_of(base_url: str, _client: ApiClient) -> dict[str, dict[str, Any]]:
+    """The backend's config fields (`ConfigFieldPublic`) by dotted path, cached like the presets."""
+    return {f["path"]: f for f in _client.config_fields()}
+
+
+def _number(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+def range_text(rng: dict[str, Any]) -> str:
+    """A `RangePublic` as an interval: `[1, 1,000,000]`, `(0, 1]`."""
+    return (f"{'(' if rng['low_open'] else '['}{_number(rng['low'])}, {_number(rng['high'])}"
+            f"{')' if rng['high_open'] else ']'}")
+
+
+def help_text(field: dict[str, Any], default: Any) -> str:
+    """The field's docstring, then its path, type, accepted range and the preset's value."""
+    facts = [f"`{field['path']}`", f"`{field['type']}`"]
+    if field["range"] is not None:
+        facts.append(f"accepts {range_text(field['range'])}")
+    facts.append(f"preset default: `{json.dumps(default)}`")
+    return f"{field['help']}\n\n{' · '.join(facts)}"
 
 
 def get_path(config: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path of a full configuration (a preset's `config` has every field)."""
     node: Any = config
     for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
         node = node[part]
     return node
 
@@ -80,28 +112,31 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def widget(path: str, label: str, kind: str, options: list[str] | None, default: Any, key: str) -> Any:
-    help_text = f"`{path}` · preset default: `{json.dumps(default)}`"
+def widget(field: dict[str, Any], label: str, options: list[str] | None, default: Any, key: str) -> Any:
+    """The input for one config field; its kind follows the field's `type`."""
+    kind, optional = field["type"].removesuffix(" | None"), field["type"].endswith(" | None")
+    help_ = help_text(field, default)
     if kind == "int":
-        return st.number_input(label, value=int(default) if default is not None else 0, step=1, key=key, help=help_text)
-    if kind == "int_opt":
-        return st.number_input(label, value=int(default) if default is not None else None, step=1, key=key,
-                               help=help_text, placeholder="all")
+        value = int(default) if default is not None else (None if optional else 0)
+        return st.number_input(label, value=value, step=1, key=key, help=help_,
+                               placeholder="none" if optional else None)
     if kind == "float":
-        value = float(default) if default is not None else 0.0
-        return st.number_input(label, value=value, step=abs(value) / 10 or 0.01, format="%g", key=key, help=help_text)
+        value = float(default) if default is not None else (None if optional else 0.0)
+        return st.number_input(label, value=value, step=abs(value or 0.0) / 10 or 0.01, format="%g", key=key,
+                               help=help_, placeholder="none" if optional else None)
     if kind == "bool":
-        return st.checkbox(label, value=bool(default), key=key, help=help_text)
-    if kind == "select":
-        opts = list(options or [])
-        if default is not None and default not in opts:
+        return st.checkbox(label, value=bool(default), key=key, help=help_)
+    if kind == "list[str]":
+        return st.multiselect(label, options, default=[d for d in default if d in options], key=key, help=help_)
+    if kind != "str":
+        raise ValueError(f"no widget for {field['path']} of type {field['type']}")
+    if options is not None:
+        opts = list(options)
+        if default not in opts:
             opts.insert(0, default)
-        return st.selectbox(label, opts, index=opts.index(default) if default in opts else 0, key=key, help=help_text)
-    if kind == "multi":
-        return st.multiselect(label, options or [], default=[d for d in (default or []) if d in (options or [])],
-                              key=key, help=help_text)
-    value = st.text_input(label, value="" if default is None else str(default), key=key, help=help_text)
-    return value if kind == "text" else (value.strip() or None)
+        return st.selectbox(label, opts, index=opts.index(default), key=key, help=help_)
+    value = st.text_input(label, value="" if default is None else str(default), key=key, help=help_)
+    return (value.strip() or None) if optional else value
 
 
 def field_error(path: str, errors: dict[str, str]) -> None:
@@ -113,8 +148,9 @@ def field_error(path: str, errors: dict[str, str]) -> None:
 
 st.title("New job")
 client = get_client()
-presets = ui.call(client.presets)
-if presets is None:
+presets = ui.call(presets_of, client.base_url, client)
+fields = ui.call(fields_of, client.base_url, client) if presets is not None else None
+if presets is None or fields is None:
     st.stop()
 if not presets:
     st.error("The backend offers no presets.")
@@ -124,14 +160,14 @@ names = list(presets)
 preset = st.selectbox("Preset", names, index=names.index("tiny") if "tiny" in names else 0, key="nj_preset",
                       on_change=lambda: st.session_state.pop(ERRORS, None),
                       help="The starting configuration; every field below starts at its value.")
-defaults = presets[preset]
-if isinstance(defaults, dict) and isinstance(defaults.get("config"), dict):
-    defaults = defaults["config"]
+defaults = presets[preset]["config"]
+if presets[preset]["description"]:
+    st.caption(presets[preset]["description"])
 with st.expander(f"Full `{preset}` configuration"):
     st.json(defaults, expanded=False)
 
 errors: dict[str, str] = st.session_state.get(ERRORS, {})
-known = {path for _, path, *_ in FIELDS}
+known = {path for _, path, _, _ in FIELDS}
 other = {k: v for k, v in errors.items()
          if not any(k == p or k.startswith(p + "[") or k.startswith(p + ".") for p in known) and k != "overrides"}
 
@@ -139,17 +175,17 @@ values: dict[str, Any] = {}
 with st.form("new_job", border=True):
     if other:
         st.error("The backend rejected the job:\n\n" + "\n".join(f"- `{k}`: {v}" for k, v in other.items()))
-    st.caption(f"Every field starts at the `{preset}` preset's value (its ⓘ shows the config field and the "
-               "default); only what you change is sent as an override. The backend checks the whole config.")
+    st.caption(f"Every field starts at the `{preset}` preset's value (its ⓘ explains the config field and "
+               "gives its range); only what you change is sent as an override. The backend checks the whole config.")
     name = st.text_input("Job name", key="nj_name", placeholder="optional, e.g. tiny-lr-1e-3")
     for column, sections in zip(st.columns(len(LAYOUT)), LAYOUT):
         with column:
             for section in sections:
                 st.subheader(section, divider="gray")
-                for sec, path, label, kind, options in FIELDS:
+                for sec, path, label, options in FIELDS:
                     if sec != section:
                         continue
-                    values[path] = widget(path, label, kind, options, get_path(defaults, path),
+                    values[path] = widget(fields[path], label, options, get_path(defaults, path),
                                           key=f"nj:{preset}:{path}")
                     field_error(path, errors)
     extra_text = st.text_area("Extra overrides (JSON, applied last)", key=f"nj:{preset}:extra",

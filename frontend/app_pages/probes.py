@@ -19,10 +19,10 @@ def group_probes(samples: list[dict]) -> tuple[dict[str, dict[str, dict]], list[
     """{prompt: {checkpoint: sample}} in first-seen prompt order, and all checkpoints in training order."""
     by_prompt: dict[str, dict[str, dict]] = {}
     for s in samples:
-        if s.get("kind") != "probe":
+        if s["kind"] != "probe":
             continue
-        ckpt = s.get("checkpoint") or f"{s.get('stage')}/step-{s.get('step')}"
-        by_prompt.setdefault(s.get("prompt") or "", {})[ckpt] = s  # a re-logged checkpoint replaces the old one
+        # A re-logged checkpoint replaces the old one.
+        by_prompt.setdefault(s["prompt"], {})[charts.checkpoint_label(s)] = s
     order = sorted({c for per in by_prompt.values() for c in per}, key=ui.checkpoint_order)
     return by_prompt, order
 
@@ -67,8 +67,8 @@ def panel() -> None:
                 row = shown[start:start + COLUMNS]
                 for col, ckpt in zip(st.columns(COLUMNS), row):
                     s = per.get(ckpt)
-                    col.markdown(f"`{ckpt}`" + (f" · reward **{ui.fmt(s.get('reward'))}**" if s else ""))
-                    col.text(s.get("response") or "(empty)" if s else "—")
+                    col.markdown(f"`{ckpt}`" + (f" · reward **{ui.fmt(s['reward'])}**" if s else ""))
+                    col.text((s["response"] or "(empty)") if s else "—")
 
 
 st.fragment(run_every=3.0 if live_refresh else None)(panel)()

@@ -96,6 +96,17 @@ def start_backend(data_dir: Path, **env: str) -> Backend:
     return backend
 
 
+def answering(routes: dict[str, object]):
+    """An `ApiClient` whose backend answers `routes` (path -> JSON body), for shapes the real backend never
+    sends (a renamed field): the client must refuse them."""
+    from frontend.api_client import ApiClient
+
+    client = ApiClient("http://backend.test")
+    client._http = httpx.Client(base_url=client.base_url, transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, json=routes[request.url.path])))
+    return client
+
+
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
     b = start_backend(tmp_path_factory.mktemp("data"))
@@ -118,6 +129,18 @@ def dashboard_env(monkeypatch):
 
     yield point_at
     get_settings.cache_clear()
+
+
+def sft_report(**fields) -> dict:
+    """An SFT stage's report as the stage writes it (`edgerlhf.reports.SFTReport`, as JSON data)."""
+    from edgerlhf.reports import SFTReport
+
+    report = {"seconds": 12.5, "device": "cpu", "compute_dtype": "float32", "parameters": 120_000,
+              "trainable_parameters": 4_096, "train_examples": 480, "eval_examples": 120, "steps": 10,
+              "train_seconds": 11.0, "first_loss": 3.0, "final_loss": 2.1, "train_loss": 2.4, "eval_loss": 2.2,
+              "perplexity": 9.03, "completion_only_loss": True, "memory": {"mem/rss_mb": 509.0},
+              "probes": [{"step": 10, "prompt": "\n\nHuman: hi\n\nAssistant:", "response": "hello", "gold": -1.0}]}
+    return SFTReport.model_validate({**report, **fields}).model_dump(mode="json")
 
 
 class JobWriter:
@@ -146,6 +169,7 @@ class JobWriter:
             queue.begin_stage(s, self.job_id, stage, attempt=1)
 
     def end(self, stage: str, report: dict | None = None, overall: float | None = None) -> None:
+        """End a stage with its report (the JSON data of its `edgerlhf.reports` model, as the worker stores it)."""
         from db import queue
 
         with self.Session() as s:

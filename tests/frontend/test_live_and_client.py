@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from frontend import charts
-from frontend.api_client import ApiClient, BackendDown, parse_error
+from frontend.api_client import ApiClient, BackendDown, ContractError, parse_error
 from frontend.live import JobFeed, finished_stages
 from frontend.reports import eval_headline, eval_pairs, eval_rows, eval_scalars, precision_rows
 from frontend.ui import checkpoint_order
+from tests.frontend.conftest import answering
 
 
 def metric(i, stage, key, step, value, t=None):
@@ -43,9 +46,15 @@ def test_samples_are_not_duplicated_by_id_and_filter_by_kind():
     assert [s["id"] for s in feed.samples_of("probe")] == [2, 3]
 
 
-def test_finished_stages_from_either_job_shape():
-    assert finished_stages({"stages": [{"name": "data", "status": "succeeded"}, {"name": "sft", "status": "running"}]}) == ("data",)
-    assert finished_stages({"stages": {"data": "succeeded", "sft": {"status": "succeeded"}}}) == ("data", "sft")
+def stage(name, status, progress=0.0):
+    """One of `JobPublic.stages` (`StagePublic`)."""
+    return {"stage": name, "status": status, "progress": progress, "started_at": None, "finished_at": None}
+
+
+def test_finished_stages_from_the_jobs_stages():
+    assert finished_stages({"stages": [stage("data", "succeeded", 1.0), stage("sft", "running", 0.3)]}) == ("data",)
+    assert finished_stages({"stages": [stage("data", "succeeded", 1.0), stage("sft", "succeeded", 1.0),
+                                       stage("reward", "pending")]}) == ("data", "sft")
     assert finished_stages(None) == ()
 
 
@@ -71,23 +80,62 @@ def test_client_raises_backend_down_when_nothing_listens():
         raise AssertionError("expected BackendDown")
 
 
+def test_client_reads_the_page_and_list_fields_and_refuses_other_names():
+    page = {"items": [metric(4, "ppo", "ppo/kl", 0, 0.1)], "cursor": 4, "more": True}
+    client = answering({"/api/jobs/1/metrics": page, "/api/jobs": {"items": [{"id": 1}], "total": 1, "limit": 100,
+                                                                    "offset": 0}})
+    got = client.metrics(1)
+    assert (got.items, got.cursor, got.more) == (page["items"], 4, True)
+    assert client.list_jobs() == [{"id": 1}]
+
+    # Yesterday's guesses (a cursor under another name, rows under `data`, a bare list) now fail loudly.
+    renamed = [{"items": [], "next_cursor": 4, "more": False}, {"data": [], "cursor": 0, "more": False},
+               {"items": [], "cursor": 0}]
+    for body in renamed:
+        with pytest.raises(ContractError):
+            answering({"/api/jobs/1/metrics": body}).metrics(1)
+    for body in ({"jobs": [{"id": 1}]}, [{"id": 1}]):
+        with pytest.raises(ContractError, match="items"):
+            answering({"/api/jobs": body}).list_jobs()
+
+
 def test_checkpoints_sort_sft_then_ppo_steps_numerically():
     names = ["ppo/step-20", "ppo/step-5", "sft/step-30", "ppo/step-10", "base"]
     assert sorted(names, key=checkpoint_order) == ["base", "sft/step-30", "ppo/step-5", "ppo/step-10", "ppo/step-20"]
 
 
+def precision_result(precision, **fields):
+    """One row of the reward stage's precision study (`PrecisionResult`), every field present."""
+    return {"precision": precision, "compute_dtype": "float32", "quantization": None, "trainable_parameters": 2848,
+            "train_seconds": 0.3, "train_loss": 0.69, "final_train_accuracy": 0.75, "peak_train_mb": 650.0,
+            "peak_source": "process_rss", "peak_train_delta_mb": 13.1, "rss_before_train_mb": 635.5,
+            "normalization": {"mean": 0.3, "std": 0.37, "samples": 30}, "accuracy": 0.7, "mean_margin": 0.44,
+            "memory_footprint_bytes": 6528132, "memory_footprint_mb": 6.23, "throughput_pairs_per_s": 480.0,
+            "reward_mean": -0.07, "reward_std": 1.58, "spearman_vs_bf16": 1.0, **fields}
+
+
+# The columns of `precision_result`'s row that the old hand-made study left out.
+OTHER_COLUMNS = {"mean_margin": 0.44, "throughput_pairs_per_s": 480.0, "quantization": None,
+                 "trainable_parameters": 2848, "train_seconds": 0.3, "train_loss": 0.69, "final_train_accuracy": 0.75,
+                 "peak_source": "process_rss", "peak_train_delta_mb": 13.1, "rss_before_train_mb": 635.5,
+                 "reward_mean": -0.07, "reward_std": 1.58}
+
+
 def test_reports_to_rows():
     # Shapes of reward/report.json and evaluate/report.json as the stages write them.
-    study = {"precisions": {"bf16": {"accuracy": 0.8, "peak_train_mb": 900.0, "memory_footprint_bytes": 2 * 1024 * 1024,
-                                     "compute_dtype": "float32", "spearman_vs_bf16": 1.0},
-                            "int4": {"accuracy": 0.78, "peak_train_mb": 400.0, "memory_footprint_bytes": 1024 * 1024,
-                                     "compute_dtype": "bfloat16", "spearman_vs_bf16": None}},
+    study = {"seconds": 5.0, "device": "cpu", "test_pairs": 120, "labels": "gold",
+             "precisions": {"bf16": precision_result("bf16", accuracy=0.8, peak_train_mb=900.0,
+                                                     memory_footprint_bytes=2 * 1024 * 1024, compute_dtype="float32",
+                                                     spearman_vs_bf16=1.0),
+                            "int4": precision_result("int4", accuracy=0.78, peak_train_mb=400.0,
+                                                     memory_footprint_bytes=1024 * 1024, compute_dtype="bfloat16",
+                                                     spearman_vs_bf16=None)},
              "note": "bf16 computes in fp32 on the CPU"}
     assert precision_rows(study) == [
         {"precision": "bf16", "accuracy": 0.8, "peak_train_mb": 900.0, "memory_footprint_mb": 2.0,
-         "compute_dtype": "float32", "spearman_vs_bf16": 1.0},
+         "compute_dtype": "float32", "spearman_vs_bf16": 1.0, **OTHER_COLUMNS},
         {"precision": "int4", "accuracy": 0.78, "peak_train_mb": 400.0, "memory_footprint_mb": 1.0,
-         "compute_dtype": "bfloat16", "spearman_vs_bf16": None}]
+         "compute_dtype": "bfloat16", "spearman_vs_bf16": None, **OTHER_COLUMNS}]
     assert precision_rows(None) == []
     ev = {"n_prompts": 4, "samples_per_prompt": 1, "reward_precision": "bf16", "confidence": 0.95,
           "sft": {"reward": {"mean": 0.1, "std": 0.2}, "response_tokens": {"mean": 20.0, "std": 1.0},

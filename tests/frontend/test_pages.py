@@ -15,7 +15,7 @@ import httpx
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.frontend.conftest import APP, JobWriter, free_port, start_backend
+from tests.frontend.conftest import APP, JobWriter, free_port, sft_report, start_backend
 
 TIMEOUT = 60  # seconds per script run: the first import of plotly/pandas on a busy 2-core box is slow
 
@@ -72,7 +72,7 @@ def make_running_job(backend) -> tuple[int, JobWriter]:
     writer.claim()
     writer.begin("sft")
     writer.metrics("sft", {"sft/loss": [3.0 - 0.1 * i for i in range(10)], "mem/rss_mb": [500.0 + i for i in range(10)]})
-    writer.end("sft", {"final_loss": 2.1}, overall=0.4)
+    writer.end("sft", sft_report(final_loss=2.1), overall=0.4)
     writer.begin("ppo")
     writer.metrics("ppo", ppo_rows(0, 5))
     writer.samples("ppo", [{"step": 0, "seq": 0, "prompt": "\n\nHuman: hi\n\nAssistant:", "response": "hello there",
@@ -163,9 +163,32 @@ def test_new_job_form_shows_backend_validation_next_to_the_field_then_opens_the_
     assert any(f"Job #{job['id']}" in h.value for h in at.subheader)
 
 
+def test_new_job_form_help_is_the_config_fields_docstring(backend, dashboard_env):
+    """Each field's ⓘ quotes `GET /api/config/fields` (the field's docstring in edgerlhf/config.py) and its
+    accepted range; the dashboard's source keeps no second copy of the text."""
+    dashboard_env(backend.url)
+    fields = {f["path"]: f for f in httpx.get(backend.url + "/api/config/fields").json()}
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    at.switch_page("app_pages/new_job.py").run()
+    assert not at.exception, at.exception
+
+    steps = at.number_input(key="nj:tiny:ppo.steps")
+    assert fields["ppo.steps"]["help"].startswith("PPO iterations")  # the docstring of PPOConfig.steps
+    assert steps.help.startswith(fields["ppo.steps"]["help"] + "\n\n"), steps.help
+    assert "`ppo.steps`" in steps.help and "accepts [1, 1,000,000]" in steps.help
+    assert "preset default: `30`" in steps.help
+    assert "accepts (0, 1]" in at.number_input(key="nj:tiny:ppo.learning_rate").help
+    widgets = [*at.number_input, *at.text_input, *at.checkbox, *at.selectbox, *at.multiselect]
+    shown = {w.key.split(":")[-1]: w.help for w in widgets if (w.key or "").startswith("nj:tiny:")}
+    assert {"stages", "model.tokenizer", "model.random_init", "reward.precisions", "ppo.reward_precision"} <= set(shown)
+    source = "\n".join(p.read_text() for p in (APP.parent).rglob("*.py"))
+    for path, help_ in shown.items():
+        assert help_.startswith(fields[path]["help"]) and fields[path]["help"], path
+        assert fields[path]["help"] not in source, f"a copy of the help of {path} in frontend/"
+
+
 def _jobs(backend) -> list[dict]:
-    data = httpx.get(backend.url + "/api/jobs").json()
-    return data if isinstance(data, list) else data.get("items", [])
+    return httpx.get(backend.url + "/api/jobs").json()["items"]
 
 
 def test_banner_when_backend_is_down(dashboard_env):
@@ -249,3 +272,22 @@ def test_dashboard_sends_the_api_token(tmp_path, dashboard_env):
         assert at.dataframe[0].value["name"].tolist() == ["guarded"]
     finally:
         b.stop()
+
+
+def test_system_page_shows_the_system_fields(backend, dashboard_env):
+    dashboard_env(backend.url)
+    httpx.post(backend.url + "/api/jobs", json={"preset": "tiny", "name": "waiting"}).raise_for_status()
+    info = httpx.get(backend.url + "/api/system").json()
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    at.switch_page("app_pages/system.py").run()
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Queued jobs"] == str(info["queue_length"]) == "1"
+    assert metrics["CPU cores"] == str(info["cpu"]["count"])
+    assert metrics["Worker"] == "not running"
+    assert any("1 queued" in c.value for c in at.caption), [c.value for c in at.caption]
+    if info["gpus"]:  # a GPU machine: a bar per GPU, total memory from `memory_total_mb`
+        gpu = info["gpus"][0]
+        assert any(f"/ {gpu['memory_total_mb']:,.0f} MB" in p.proto.text for p in at.get("progress"))
+    else:
+        assert any("No GPU visible" in i.value for i in at.info)

@@ -1,0 +1,186 @@
+"""The dashboard reads the stage reports field by field: real reports in, the same numbers on screen, and a
+renamed field is an error, never a blank cell.
+
+One real job for the module: the `tiny` preset shrunk to seconds, created through the real backend and run
+by the real worker (`edgerlhf worker --once`, its job process running every stage), so the report JSON is
+exactly what `GET /api/jobs/{id}/report` serves (`edgerlhf.reports.JobReports`).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from streamlit.testing.v1 import AppTest
+
+from edgerlhf.config import HH_PREFS_SAMPLE
+from edgerlhf.reports import JobReports
+from frontend import ui
+from frontend.api_client import ApiClient
+from frontend.reports import eval_headline, eval_pairs, eval_rows, precision_rows
+from tests.frontend.conftest import APP, REPO, answering, service_env, start_backend
+
+TIMEOUT = 60  # seconds per AppTest script run
+WORKER_TIMEOUT_S = 300  # the job takes ~15 s of CPU; the rest is imports on a busy 2-core box
+MB = 1024 * 1024
+TINY = {
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32},
+    "data": {"source": HH_PREFS_SAMPLE, "max_pairs": 60, "max_prompt_tokens": 64, "max_response_tokens": 16},
+    "sft": {"max_steps": 2, "batch_size": 4, "max_length": 96, "eval_every": 2, "sample_every": 2,
+            "n_sample_prompts": 1},
+    # Two precisions, so the study has two rows and int8 has a Spearman correlation with bf16.
+    "reward": {"precisions": ["bf16", "int8"], "max_steps": 2, "batch_size": 4, "max_length": 96, "eval_every": 2},
+    "ppo": {"steps": 2, "batch_size": 4, "samples_per_prompt": 1, "mini_batch_size": 2, "ppo_epochs": 1,
+            "response_length": 8, "sample_every": 1, "checkpoint_every": 1, "n_probe_prompts": 1, "lora_r": 4,
+            "lora_alpha": 8},
+    "evaluate": {"n_prompts": 4, "response_length": 8, "n_show": 2, "samples_per_prompt": 1, "n_bootstrap": 100},
+}
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory):
+    """(backend, job id, the job's report JSON as the backend serves it) of a job the real worker ran."""
+    backend = start_backend(tmp_path_factory.mktemp("report-contract") / "data")
+    try:
+        created = httpx.post(f"{backend.url}/api/jobs", json={"preset": "tiny", "name": "reports", "overrides": TINY},
+                             timeout=30)
+        assert created.status_code == 201, created.text
+        job_id = created.json()["id"]
+        worker = subprocess.run([sys.executable, "-m", "edgerlhf.cli", "worker", "--once", "--poll-interval", "0.2"],
+                                cwd=REPO, env=service_env(backend.data_dir), capture_output=True, text=True,
+                                timeout=WORKER_TIMEOUT_S)
+        job = httpx.get(f"{backend.url}/api/jobs/{job_id}", timeout=30).json()
+        assert job["status"] == "succeeded", (job["error"], worker.stdout[-3000:], worker.stderr[-3000:])
+        report = httpx.get(f"{backend.url}/api/jobs/{job_id}/report", timeout=30).json()
+        yield backend, job_id, report
+    finally:
+        backend.stop()
+
+
+def interval(diff: dict) -> str:
+    return f"[{diff['low']:+.3g}, {diff['high']:+.3g}] ({diff['confidence']:.0%})"
+
+
+def test_report_tables_hold_the_values_of_the_real_reports(finished_job):
+    backend, job_id, raw = finished_job
+    assert all(raw[stage] is not None for stage in ("data", "sft", "reward", "ppo", "evaluate")), raw
+    reports = ApiClient(backend.url).report(job_id)
+    assert isinstance(reports, JobReports)
+
+    # The precision study: one row per precision, every value the report's own.
+    study = raw["reward"]["precisions"]
+    rows = precision_rows(reports.reward)
+    assert [r["precision"] for r in rows] == list(study) == ["bf16", "int8"]
+    for row in rows:
+        p = study[row["precision"]]
+        assert (row["accuracy"], row["mean_margin"], row["peak_train_mb"], row["throughput_pairs_per_s"],
+                row["spearman_vs_bf16"], row["compute_dtype"]) == (
+            p["accuracy"], p["mean_margin"], p["peak_train_mb"], p["throughput_pairs_per_s"], p["spearman_vs_bf16"],
+            p["compute_dtype"])
+        assert row["memory_footprint_mb"] == round(p["memory_footprint_bytes"] / MB, 2)
+        skipped = {"precision", "normalization", "memory_footprint_bytes", "memory_footprint_mb"}
+        assert {k: v for k, v in row.items() if k not in skipped} == {k: v for k, v in p.items() if k not in skipped}
+    assert study["int8"]["spearman_vs_bf16"] is not None
+
+    # SFT vs PPO: means, differences and their bootstrap intervals, headline numbers, sample pairs.
+    ev = raw["evaluate"]
+    assert eval_rows(reports.evaluate) == [
+        {"measure": f"reward (RM {ev['reward_precision']})", "SFT": ev["sft"]["reward"]["mean"],
+         "PPO": ev["ppo"]["reward"]["mean"], "PPO − SFT": ev["reward_diff"]["mean"],
+         "interval": interval(ev["reward_diff"])},
+        {"measure": f"gold score ({ev['gold_scorer']})", "SFT": ev["sft"]["gold"]["mean"],
+         "PPO": ev["ppo"]["gold"]["mean"], "PPO − SFT": ev["gold_diff"]["mean"],
+         "interval": interval(ev["gold_diff"])},
+        {"measure": "response tokens", "SFT": ev["sft"]["response_tokens"]["mean"],
+         "PPO": ev["ppo"]["response_tokens"]["mean"],
+         "PPO − SFT": ev["ppo"]["response_tokens"]["mean"] - ev["sft"]["response_tokens"]["mean"]}]
+    assert eval_headline(reports.evaluate) == {
+        "reward SFT": ev["sft"]["reward"]["mean"], "reward PPO": ev["ppo"]["reward"]["mean"],
+        "reward PPO−SFT": ev["reward_diff"]["mean"], "win rate": ev["win_rate"], "KL": ev["kl"],
+        "gold PPO−SFT": ev["gold_diff"]["mean"], "gold win rate": ev["gold_win_rate"]}
+    assert eval_pairs(reports.evaluate) == ev["samples"] and len(ev["samples"]) == 2
+
+
+def test_job_page_shows_the_real_reports_values(finished_job, dashboard_env):
+    backend, job_id, raw = finished_job
+    dashboard_env(backend.url)
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.query_params["job"] = str(job_id)
+    at.run()
+    at.switch_page("app_pages/job.py").run()
+    assert not at.exception, at.exception
+
+    frames = [df.value for df in at.dataframe]
+    study = next(f for f in frames if "accuracy" in f.columns)
+    expected = raw["reward"]["precisions"]
+    assert study["precision"].tolist() == list(expected)
+    for column in ("accuracy", "mean_margin", "peak_train_mb", "spearman_vs_bf16"):
+        assert study[column].tolist() == [p[column] for p in expected.values()], column
+    assert study["memory_footprint_mb"].tolist() == [round(p["memory_footprint_bytes"] / MB, 2)
+                                                     for p in expected.values()]
+
+    ev = raw["evaluate"]
+    table = next(f for f in frames if "measure" in f.columns)
+    assert table["SFT"].tolist() == [ev["sft"]["reward"]["mean"], ev["sft"]["gold"]["mean"],
+                                     ev["sft"]["response_tokens"]["mean"]]
+    assert table["PPO"].tolist() == [ev["ppo"]["reward"]["mean"], ev["ppo"]["gold"]["mean"],
+                                     ev["ppo"]["response_tokens"]["mean"]]
+    assert table["interval"].tolist()[:2] == [interval(ev["reward_diff"]), interval(ev["gold_diff"])]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["win rate"] == ui.fmt(ev["win_rate"]) and metrics["KL"] == ui.fmt(ev["kl"])
+    texts = [t.value for t in at.text]
+    assert all(pair["ppo"] in texts and pair["sft"] in texts for pair in ev["samples"])
+
+
+def renamed(report: dict, path: tuple[str, ...], new: str) -> dict:
+    """A copy of `report` with the field at `path` renamed to `new`."""
+    out = copy.deepcopy(report)
+    parent = out
+    for part in path[:-1]:
+        parent = parent[part]
+    parent[new] = parent.pop(path[-1])
+    return out
+
+
+@pytest.mark.parametrize("stage, path, new, read", [
+    ("reward", ("precisions", "bf16", "accuracy"), "acc", precision_rows),
+    ("reward", ("precisions", "int8", "memory_footprint_bytes"), "footprint_bytes", precision_rows),
+    ("reward", ("precisions", "int8", "spearman_vs_bf16"), "spearman", precision_rows),
+    ("reward", ("precisions",), "study", precision_rows),
+    ("evaluate", ("samples",), "pairs", eval_pairs),
+    ("evaluate", ("reward_diff", "low"), "lo", eval_rows),
+    ("evaluate", ("sft", "reward", "mean"), "average", eval_headline),
+    ("evaluate", ("ppo", "gold"), "gold_score", eval_rows),
+])
+def test_a_renamed_report_field_raises_instead_of_blanking_a_cell(finished_job, stage, path, new, read):
+    backend, job_id, raw = finished_job
+    assert read(raw[stage]), "the report as served reads fine"
+    bad = renamed(raw[stage], path, new)
+    with pytest.raises(ValidationError, match=re.escape(new)):
+        read(bad)
+    # The same through the API client: the page never gets a half-read report.
+    with pytest.raises(ValidationError, match=re.escape(new)):
+        answering({f"/api/jobs/{job_id}/report": {**raw, stage: bad}}).report(job_id)
+
+
+def test_compare_page_shows_the_real_reports_values(finished_job, dashboard_env):
+    backend, job_id, raw = finished_job
+    dashboard_env(backend.url)
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    at.switch_page("app_pages/compare.py").run()
+    assert not at.exception, at.exception
+    assert at.multiselect(key="compare_jobs").value == [job_id], "a succeeded job is chosen by default"
+
+    frames = [df.value for df in at.dataframe]
+    headline = next(f for f in frames if "win rate" in f.columns)
+    ev = raw["evaluate"]
+    assert headline.to_dict("records") == [{"job": f"#{job_id} reports", **eval_headline(ev)}]
+    assert headline["reward PPO−SFT"].tolist() == [ev["reward_diff"]["mean"]]
+    study = next(f for f in frames if "accuracy" in f.columns)
+    assert study["precision"].tolist() == ["bf16", "int8"]
+    assert study["accuracy"].tolist() == [p["accuracy"] for p in raw["reward"]["precisions"].values()]
