@@ -7,6 +7,8 @@ Every finished job serves up to three causal LMs, named as OpenAI names models:
     job-12/sft    `sft/merged`, the SFT policy
     job-12/ppo    `sft/merged` + `ppo/adapter`, the PPO policy
 
+A model id is a name (`MODEL_ID_FORMAT`), not a path: the job's files are in `contract.job_run_dir`.
+
 A model exists when its job has finished (succeeded, or failed/cancelled after that stage completed)
 and its stage wrote its artifacts and `report.json` into the run directory. Models load lazily through
 `edgerlhf.models.load_policy` and stay in an LRU cache of `settings.chat_cache_size` entries; one lock
@@ -40,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgerlhf.contract import (CONFIG_FILE, FINISHED, PPO_ADAPTER, RANDOM_BASE, REPORT_FILE, SFT_MERGED,
+                               job_run_dir)
 from edgerlhf.errors import ModelLoadError
 
 log = logging.getLogger("edgerlhf.chat")
@@ -47,10 +51,9 @@ log = logging.getLogger("edgerlhf.chat")
 KINDS = ("base", "sft", "ppo")
 """Policies a job can serve, in pipeline order."""
 
-FINISHED = ("succeeded", "failed", "cancelled")
-"""Job statuses whose run directory no longer changes; only these jobs serve models."""
-
-MODEL_ID = re.compile(r"^job-(\d+)/(base|sft|ppo)$")
+MODEL_ID_FORMAT = "job-{job_id}/{which}"
+"""The OpenAI model id of one policy of one job, e.g. `job-12/ppo`: written by `model_id`, read by `parse_model_id`."""
+MODEL_ID = re.compile("^" + MODEL_ID_FORMAT.format(job_id=r"(\d+)", which=f"({'|'.join(KINDS)})") + "$")
 
 
 class ChatModelError(Exception):
@@ -76,7 +79,7 @@ class ModelSpec:
 
 
 def model_id(job_id: int, which: str) -> str:
-    return f"job-{job_id}/{which}"
+    return MODEL_ID_FORMAT.format(job_id=job_id, which=which)
 
 
 def parse_model_id(name: str) -> tuple[int, str]:
@@ -90,14 +93,14 @@ def parse_model_id(name: str) -> tuple[int, str]:
 
 def _stage_done(run_dir: Path, stage: str) -> bool:
     # run_stage writes <stage>/report.json only after the stage returned, so its artifacts are complete.
-    return (run_dir / stage / "report.json").is_file()
+    return (run_dir / stage / REPORT_FILE).is_file()
 
 
 def _base_available(run_dir: Path) -> bool:
-    if (run_dir / "base" / "config.json").is_file():
+    if (run_dir / RANDOM_BASE / "config.json").is_file():
         return True
     try:  # not random-init: the base is the config's local directory or hub id
-        model = json.loads((run_dir / "config.json").read_text()).get("model", {})
+        model = json.loads((run_dir / CONFIG_FILE).read_text()).get("model", {})
     except (OSError, ValueError):
         return False
     name = str(model.get("name_or_path") or "")
@@ -117,12 +120,12 @@ def available_kinds(run_dir: Path) -> list[str]:
     """The policies a finished run directory can serve, in pipeline order."""
     run_dir = Path(run_dir)
     kinds = []
-    sft = _stage_done(run_dir, "sft") and (run_dir / "sft" / "merged" / "config.json").is_file()
+    sft = _stage_done(run_dir, "sft") and (run_dir / SFT_MERGED / "config.json").is_file()
     if sft and _base_available(run_dir):
         kinds.append("base")
     if sft:
         kinds.append("sft")
-    if sft and _stage_done(run_dir, "ppo") and (run_dir / "ppo" / "adapter" / "adapter_config.json").is_file():
+    if sft and _stage_done(run_dir, "ppo") and (run_dir / PPO_ADAPTER / "adapter_config.json").is_file():
         kinds.append("ppo")
     return kinds
 
@@ -334,7 +337,7 @@ class ChatModels:
         for job_id, status, finished in jobs:
             if status not in FINISHED:
                 continue
-            run_dir = self.runs_dir / f"job-{job_id}"
+            run_dir = job_run_dir(self.runs_dir, job_id)
             for which in available_kinds(run_dir):
                 specs.append(ModelSpec(model_id(job_id, which), job_id, which, run_dir, int(finished or 0)))
         return specs
@@ -347,7 +350,7 @@ class ChatModels:
         if job[1] not in FINISHED:
             raise ModelNotFound(f"The model `{name}` does not exist yet: job {job_id} is {job[1]}; "
                                 "its models are served once it has finished.")
-        run_dir = self.runs_dir / f"job-{job_id}"
+        run_dir = job_run_dir(self.runs_dir, job_id)
         if which not in available_kinds(run_dir):
             raise ModelNotFound(f"The model `{name}` does not exist: job {job_id} has no completed "
                                 f"{which} stage (it serves {available_kinds(run_dir) or 'no models'}).")

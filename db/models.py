@@ -5,6 +5,8 @@ incrementally (metrics, samples, logs) has an autoincrement `id` that doubles as
 "everything after id N" is one index range scan on `(job_id, id)`. SQLite's `AUTOINCREMENT` keyword
 (`sqlite_autoincrement`) matters here: without it SQLite may hand a deleted row's id to the next
 insert, and a row re-written on resume could come back with an id a cursor reader has already passed.
+The statuses stored here (`JobStatus`, `StageStatus`, `FINISHED`) are the shared contract's
+(`edgerlhf.contract`), re-exported so `from db import JobStatus` keeps working.
 Layout after fastapi/full-stack-fastapi-template's `models.py`; queue semantics after procrastinate.
 """
 
@@ -30,6 +32,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from edgerlhf.contract import FINISHED, JobStatus, StageStatus
+
+__all__ = ["FINISHED", "INT64_MAX", "INT64_MIN", "JobStatus", "StageStatus", "Artifact", "Base", "Job", "LogLine",
+           "Metric", "Sample", "StageRun", "Worker", "utcnow"]
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -52,46 +59,15 @@ class UTCDateTime(TypeDecorator):
         return None if value is None else value.replace(tzinfo=timezone.utc)
 
 
-class JobStatus(str, enum.Enum):
-    """Life cycle of a job. Only `db.queue` moves a job from one status to another."""
-
-    queued = "queued"
-    """Waiting for a worker; `claim_next` takes the oldest queued job first."""
-    running = "running"
-    """Claimed by the worker in `worker_id`, which heartbeats; requeued if the heartbeat stops."""
-    succeeded = "succeeded"
-    """Every stage of the job's config finished."""
-    failed = "failed"
-    """A stage raised (message and traceback in `error`/`traceback`), or the job ran out of attempts."""
-    cancelled = "cancelled"
-    """Stopped on request; metrics up to the stop are kept."""
-
-
-FINISHED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
-"""Statuses a job never leaves by itself (only `retry` requeues failed or cancelled jobs)."""
-
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 """The range of an INTEGER column (ids, cursors, offsets): SQLite cannot even bind an int outside it
 (OverflowError), so no query may be sent one."""
 
 
-class StageStatus(str, enum.Enum):
-    """Status of one stage of one job (a stage not yet begun has no row: the API calls it `pending`)."""
-
-    running = "running"
-    """Begun in the current attempt."""
-    succeeded = "succeeded"
-    """Finished; its report is stored and a resumed job skips it."""
-    failed = "failed"
-    """Raised; the job failed with it."""
-    cancelled = "cancelled"
-    """Was running when the job was cancelled."""
-    interrupted = "interrupted"
-    """Was running when its worker died; runs again from its start (or its own checkpoint) on resume."""
-
-
 def _enum(cls: type[enum.Enum]) -> Enum:
-    # Store the values as plain strings (no native ENUM type), so SQLite and PostgreSQL agree.
+    # Store the values as plain strings (no native ENUM type, no CHECK constraint), so SQLite and PostgreSQL
+    # agree and the column's DDL does not depend on the members: a member added to the contract (such as
+    # the API-only `StageStatus.pending`, which is never stored) needs no migration of an existing database.
     return Enum(cls, native_enum=False, length=16, validate_strings=True,
                 values_callable=lambda e: [m.value for m in e])
 

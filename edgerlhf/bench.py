@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgerlhf.contract import CONFIG_FILE, PRECISIONS, SFT_MERGED, TRAIN_PREFS, merge_overrides, reward_dir
+
 MB = 1024 * 1024
 STAGES = ("generation", "sft", "reward_bf16", "reward_int8", "reward_int4", "ppo", "ppo_naive", "rloo")
 """Every benchmark, in the order they run."""
@@ -56,7 +58,6 @@ TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 256}
 def bench_config(preset: str, model: str | None, overrides: dict[str, Any], tiny: bool = False):
     """The preset with the benchmark's model: `model` (a local directory) or random-weight distilgpt2."""
     from edgerlhf.config import TINY_TOKENIZER_DIR, load_config
-    from edgerlhf.pipeline import _merge
 
     base: dict[str, Any] = {"device": "auto"}
     if model:
@@ -64,17 +65,18 @@ def bench_config(preset: str, model: str | None, overrides: dict[str, Any], tiny
     else:
         base["model"] = {"name_or_path": "distilgpt2-random" if not tiny else "tiny-gpt2", "random_init": True,
                          "tokenizer": TINY_TOKENIZER_DIR, **(TINY if tiny else DISTILGPT2)}
-    return load_config(preset, _merge(base, overrides))
+    return load_config(preset, merge_overrides(base, overrides))
 
 
 def prepare_run_dir(config, work: Path) -> Path:
     """Write what the data, sft and reward stages would leave: sft/merged, reward/<p>/, data/train_prefs.jsonl."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from edgerlhf.config import HH_PREFS_SAMPLE
     from edgerlhf.dialogue import normalize_prompt
-    from edgerlhf.models import load_base_model, load_tokenizer
+    from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, load_base_model,
+                                 load_tokenizer, lora_config)
 
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
     torch.manual_seed(config.seed)
@@ -84,24 +86,22 @@ def prepare_run_dir(config, work: Path) -> Path:
         # tie them, so the weights are exactly distilgpt2's 82M parameters.
         model.config.tie_word_embeddings = True
         model.tie_weights()
-    model.save_pretrained(work / "sft" / "merged")
-    tokenizer.save_pretrained(work / "sft" / "merged")
+    model.save_pretrained(work / SFT_MERGED)
+    tokenizer.save_pretrained(work / SFT_MERGED)
     hidden = model.config.hidden_size
-    gpt2 = getattr(model.config, "model_type", "") == "gpt2"
-    for precision in ("bf16", "int8", "int4"):
-        rm_dir = work / "reward" / precision
-        lora = get_peft_model(copy.deepcopy(model), LoraConfig(
-            r=config.reward.lora_r, lora_alpha=config.reward.lora_alpha, target_modules=list(config.sft.target_modules),
-            fan_in_fan_out=gpt2, task_type="CAUSAL_LM"))
+    for precision in PRECISIONS:
+        rm_dir = work / reward_dir(precision)
+        lora = get_peft_model(copy.deepcopy(model), lora_config(model, config.reward.lora_r, config.reward.lora_alpha,
+                                                                config.sft.target_modules))
         with torch.no_grad():
             for name, p in lora.named_parameters():
                 if "lora_B" in name:
                     p.normal_(std=0.02)
-        lora.save_pretrained(rm_dir / "adapter")
+        lora.save_pretrained(rm_dir / REWARD_ADAPTER_DIR)
         torch.save({"weight": torch.randn(1, hidden) / math.sqrt(hidden), "bias": torch.zeros(1)},
-                   rm_dir / "score_head.pt")
+                   rm_dir / SCORE_HEAD_FILE)
         meta = {"precision": precision, "max_length": config.reward.max_length, "hidden_size": hidden}
-        (rm_dir / "reward_model.json").write_text(json.dumps(meta))
+        (rm_dir / REWARD_META_FILE).write_text(json.dumps(meta))
         del lora
     prompts = []
     if os.path.exists(HH_PREFS_SAMPLE):
@@ -112,10 +112,10 @@ def prepare_run_dir(config, work: Path) -> Path:
                     prompts.append(prompt)
     if not prompts:  # no local sample: fixed synthetic prompts
         prompts = [f"\n\nHuman: Tell me something about the number {i}.\n\nAssistant:" for i in range(256)]
-    (work / "data").mkdir(parents=True, exist_ok=True)
-    (work / "data" / "train_prefs.jsonl").write_text(
+    (work / TRAIN_PREFS).parent.mkdir(parents=True, exist_ok=True)
+    (work / TRAIN_PREFS).write_text(
         "".join(json.dumps({"prompt": p, "chosen": "", "rejected": ""}) + "\n" for p in prompts))
-    (work / "config.json").write_text(config.to_json())
+    (work / CONFIG_FILE).write_text(config.to_json())
     return work
 
 
@@ -206,7 +206,7 @@ def _torch():
 
 
 def _prompts(run_dir: Path, n: int) -> list[str]:
-    rows = [json.loads(line) for line in (run_dir / "data" / "train_prefs.jsonl").read_text().splitlines() if line]
+    rows = [json.loads(line) for line in (run_dir / TRAIN_PREFS).read_text().splitlines() if line]
     return [rows[i % len(rows)]["prompt"] for i in range(n)]
 
 
@@ -237,11 +237,11 @@ def bench_generation(config, run_dir: Path, device, steps: int, warmup: int) -> 
 
 
 def _lora(model, r: int, alpha: int, target_modules, adapter_name: str = "default"):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules),
-                      fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora, adapter_name=adapter_name)
+    from edgerlhf.models import lora_config
+
+    return get_peft_model(model, lora_config(model, r, alpha, target_modules), adapter_name=adapter_name)
 
 
 def _random_batch(n: int, length: int, vocab: int, device):
@@ -256,7 +256,7 @@ def bench_sft(config, run_dir: Path, device, steps: int, warmup: int) -> dict[st
     torch = _torch()
     meter = Meter(device)
     cfg = config.sft
-    base = models.load_causal_lm(run_dir / "sft" / "merged", device)
+    base = models.load_causal_lm(run_dir / SFT_MERGED, device)
     model = _lora(base, cfg.lora_r, cfg.lora_alpha, cfg.target_modules).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
@@ -285,7 +285,7 @@ def bench_reward(config, run_dir: Path, device, steps: int, warmup: int, precisi
     torch = _torch()
     meter = Meter(device)
     cfg = config.reward
-    base = models.load_causal_lm(run_dir / "sft" / "merged", device, precision)
+    base = models.load_causal_lm(run_dir / SFT_MERGED, device, precision)
     model = _lora(base, cfg.lora_r, cfg.lora_alpha, config.sft.target_modules).train()
     head = torch.nn.Linear(model.config.hidden_size, 1).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
@@ -404,8 +404,7 @@ def bench_ppo(config, run_dir: Path, device, steps: int, warmup: int, naive: boo
 def bench_rloo(config, run_dir: Path, device, steps: int, warmup: int) -> dict[str, Any]:
     """TRL's RLOOTrainer on the same model, LoRA, rollout batch, response length, minibatch and epochs."""
     import datasets
-    from peft import LoraConfig
-    from transformers import TrainerCallback
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
     from edgerlhf import models
@@ -433,6 +432,8 @@ def bench_rloo(config, run_dir: Path, device, steps: int, warmup: int) -> dict[s
 
     prompts = _prompts(run_dir, cfg.batch_size * (steps + warmup))
     dtype = models.compute_dtype(device)
+    with torch.device("meta"):  # the architecture without weights, for the LoRA config (TRL loads the model)
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run_dir / SFT_MERGED))
     with tempfile.TemporaryDirectory() as out_dir:
         args = RLOOConfig(
             output_dir=out_dir, report_to="none", save_strategy="no", logging_steps=10_000, seed=config.seed,
@@ -444,12 +445,10 @@ def bench_rloo(config, run_dir: Path, device, steps: int, warmup: int) -> dict[s
             bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device.type == "cpu",
             model_init_kwargs={"dtype": dtype}, disable_dropout=True, dataloader_num_workers=0)
         trainer = RLOOTrainer(
-            model=str(run_dir / "sft" / "merged"), reward_funcs=reward_func, args=args,
+            model=str(run_dir / SFT_MERGED), reward_funcs=reward_func, args=args,
             train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in prompts]),
-            processing_class=models.load_tokenizer(run_dir / "sft" / "merged", padding_side="left"),
-            peft_config=LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                   target_modules=list(config.sft.target_modules), task_type="CAUSAL_LM",
-                                   fan_in_fan_out=True),
+            processing_class=models.load_tokenizer(run_dir / SFT_MERGED, padding_side="left"),
+            peft_config=models.lora_config(skeleton, cfg.lora_r, cfg.lora_alpha, config.sft.target_modules),
             callbacks=[Clock()])
         trainer.train()
     per_rollout = [b - a for a, b in zip(marks, marks[1:])]

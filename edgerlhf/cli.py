@@ -9,6 +9,12 @@
 
 Subcommands import their code lazily, so `edgerlhf up` starts fast and `edgerlhf backend` never loads
 the training stack it does not need.
+
+Why the service's entry point lives in the ML package, deliberately: `edgerlhf` is the distribution and
+the command, and `edgerlhf.cli:main` / `python -m edgerlhf.cli` is what the console script, docker-compose,
+`edgerlhf up` (for its children) and the tests start processes with. It is only a dispatcher: it names
+the service's modules as strings (`DISPATCH`) and imports one when its subcommand runs, so importing it,
+or anything else in `edgerlhf`, loads no backend, worker or dashboard code (tests/test_settings.py).
 """
 
 from __future__ import annotations

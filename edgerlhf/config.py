@@ -10,7 +10,6 @@ This module imports nothing heavy: the backend validates jobs with it without lo
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -21,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from edgerlhf.contract import PRECISIONS, STAGES
+from edgerlhf.contract import PRECISIONS, STAGES, merge_overrides
 
 LOCATION_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"))
 """(section, field) of the config fields that name a model or data location: a hub id or an absolute path."""
@@ -520,21 +519,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def preset_dict(name: str) -> dict[str, Any]:
     """The full configuration of a preset as plain data (every field, defaults filled in)."""
     if name not in PRESETS:
         raise ConfigError("preset", f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return PipelineConfig.from_dict(_merge({"preset": name}, PRESETS[name])).to_dict()
+    return PipelineConfig.from_dict(merge_overrides({"preset": name}, PRESETS[name])).to_dict()
 
 
 def load_config(preset: str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
@@ -542,4 +531,4 @@ def load_config(preset: str, overrides: dict[str, Any] | None = None) -> Pipelin
     if preset not in PRESETS:
         raise ConfigError("preset", f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     # Merge onto the preset as written (not its resolved form) so derived defaults follow the overrides.
-    return PipelineConfig.from_dict(_merge({"preset": preset, **PRESETS[preset]}, overrides or {}))
+    return PipelineConfig.from_dict(merge_overrides({"preset": preset, **PRESETS[preset]}, overrides or {}))

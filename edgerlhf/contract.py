@@ -1,4 +1,5 @@
-"""The names every layer shares: stages, precisions, statuses, the run-directory layout, metric namespaces.
+"""The names every layer shares: stages, precisions, statuses, the run-directory layout, metric namespaces,
+and how overrides apply to a preset.
 
 The pipeline, the database, the worker, the backend and the dashboard import these; nobody retypes them.
 Plain Python only (no torch, no SQLAlchemy, no FastAPI), so every process can import it cheaply. The
@@ -7,14 +8,32 @@ report models of the stages are the other half of the contract (`edgerlhf.report
 
 from __future__ import annotations
 
+import copy
 import enum
 from pathlib import Path
+from typing import Any
 
 STAGES = ("data", "sft", "reward", "ppo", "evaluate")
 """The pipeline's stages, in the order they run."""
 
 PRECISIONS = ("bf16", "int8", "int4")
 """Reward-model precisions: bf16 weights, or bitsandbytes int8 / nf4 (int4) quantized weights."""
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` applied: a dict merges into a dict key by key, any other value replaces.
+
+    How a job's config is built from its preset (`config.load_config`), the CLI's `--config` and `--set`,
+    the benchmark's model and the dashboard's form. Neither argument is changed; the result shares nothing
+    with them.
+    """
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_overrides(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 class JobStatus(str, enum.Enum):
@@ -69,6 +88,7 @@ CONFIG_FILE = "config.json"
 REPORT_FILE = "report.json"
 TRAIN_PREFS = "data/train_prefs.jsonl"
 TEST_PREFS = "data/test_prefs.jsonl"
+RANDOM_BASE = "base"
 SFT_MERGED = "sft/merged"
 PPO_ADAPTER = "ppo/adapter"
 
@@ -86,4 +106,10 @@ def reward_dir(precision: str) -> str:
 # --- metric keys ------------------------------------------------------------------------------------
 
 MEMORY_PREFIX = "mem/"
-"""Memory readings (`mem/peak_mb`, `mem/rss_mb` ...), written by the stage processes only."""
+"""Memory readings (`mem/peak_mb`, `mem/rss_mb` ...), written by the stages only, at their own steps
+(`edgerlhf.memory.snapshot`): the stage knows its device and when it reset the peak."""
+
+SAMPLED_PREFIX = "sys/"
+"""The job process's memory sampled every few seconds, between the stages' steps too (`sys/rss_mb`,
+`sys/gpu_used_mb`: `edgerlhf.memory.sampled`), written by the worker's sampler only
+(`worker.context.DBContext.sample_memory`). Apart from `mem/*`, so each key has one writer."""

@@ -42,6 +42,7 @@ from typing import Any
 from edgerlhf import gold, locations
 from edgerlhf.config import DataConfig, PipelineConfig
 from edgerlhf.context import RunContext
+from edgerlhf.contract import TEST_PREFS, TRAIN_PREFS
 from edgerlhf.dialogue import DialogueError, normalize_prompt, split_dialogue
 from edgerlhf.errors import StageError, require
 from edgerlhf.reports import DataReport, DataSource
@@ -302,7 +303,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> DataReport:
     from edgerlhf.models import load_tokenizer
 
     cfg = config.data
-    out_dir = ctx.stage_dir("data")
+    ctx.stage_dir("data")  # TRAIN_PREFS and TEST_PREFS live in it
     ctx.log(f"reading {cfg.source}" + (f" ({cfg.data_dir}/{cfg.split})" if not locations.is_local(cfg.source) else ""))
     pairs, source_info = read_pairs(cfg)
     ctx.progress(1, 3)
@@ -318,10 +319,10 @@ def run(config: PipelineConfig, ctx: RunContext) -> DataReport:
         train = add_empty_answer_pairs(train, cfg, config.seed)
         gold_info["gold_empty_pairs_added"] = len(train) - n_real
 
-    write_jsonl(out_dir / "train_prefs.jsonl", train)
-    write_jsonl(out_dir / "test_prefs.jsonl", test)
-    ctx.artifact("data", out_dir / "train_prefs.jsonl")
-    ctx.artifact("data", out_dir / "test_prefs.jsonl")
+    write_jsonl(ctx.run_dir / TRAIN_PREFS, train)
+    write_jsonl(ctx.run_dir / TEST_PREFS, test)
+    ctx.artifact("data", ctx.run_dir / TRAIN_PREFS)
+    ctx.artifact("data", ctx.run_dir / TEST_PREFS)
     report = DataReport(
         source=DataSource(**source_info), labels=cfg.labels, **gold_info, seed=config.seed,
         pairs_read=len(pairs), bad_lines=source_info["bad_lines"],

@@ -21,6 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgerlhf import gold, memory
+from edgerlhf.config import PipelineConfig
+from edgerlhf.context import RunContext
+from edgerlhf.contract import PPO_ADAPTER, TEST_PREFS
+from edgerlhf.data import read_prefs
+from edgerlhf.errors import require
+from edgerlhf.generation import Sampling, generate
+from edgerlhf.models import resolve_device
+from edgerlhf.ppo import build_models, sequence_kl
 from edgerlhf.reports import EvalReport
 
 GEN_BATCH = 16
@@ -55,8 +64,6 @@ def sample_policy(models, prompts: list[str], config, use_adapter: bool, seed: i
     Returns texts, response lengths in tokens and, for the PPO policy, the KL from the reference of each
     response (the SFT policy is the reference, its KL is 0).
     """
-    from edgerlhf.generation import Sampling, generate
-    from edgerlhf.ppo import sequence_kl
 
     cfg = config.ppo
     model = models.model
@@ -122,20 +129,14 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(config, ctx) -> EvalReport:
-    """Compare the SFT and PPO policies on held-out prompts; returns (and writes) the report."""
-    from edgerlhf import gold, memory
-    from edgerlhf.data import read_prefs
-    from edgerlhf.errors import require
-    from edgerlhf.models import resolve_device
-    from edgerlhf.ppo import build_models
-
+def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
+    """Compare the SFT and PPO policies on held-out prompts; returns the report (and writes report.md)."""
     cfg = config.evaluate
     device = resolve_device(config.device)
     run_dir = Path(ctx.run_dir)
     out_dir = ctx.stage_dir("evaluate")
-    prompts = [row["prompt"] for row in read_prefs(run_dir / "data" / "test_prefs.jsonl")][: cfg.n_prompts]
-    adapter = require(run_dir / "ppo" / "adapter", "ppo")
+    prompts = [row["prompt"] for row in read_prefs(run_dir / TEST_PREFS)][: cfg.n_prompts]
+    adapter = require(run_dir / PPO_ADAPTER, "ppo")
     k = cfg.samples_per_prompt
     all_prompts = [p for p in prompts for _ in range(k)]  # (n_prompts * k,)
 

@@ -1,6 +1,9 @@
 """Memory readings for metrics and benchmarks: CUDA allocated/peak per device, process RSS on the CPU,
 and the bytes of tensors a process holds (to measure what building something added).
 
+Two writers of memory metrics, each with its own keys: a stage logs `snapshot()` (`mem/*`) at its steps,
+and the worker's sampler records `sampled()` (`sys/*`) every few seconds (`edgerlhf.contract`).
+
 Peak memory has one definition, used by the stages and the benchmarks alike: `reset_peak(device)`, then
 `peak_mb(device)` = the CUDA peak allocated on a GPU, the peak resident set (`VmHWM`) on the CPU.
 """
@@ -14,6 +17,8 @@ import warnings
 import psutil
 import torch
 
+from edgerlhf.contract import MEMORY_PREFIX, SAMPLED_PREFIX
+
 MB = 1024 * 1024
 
 
@@ -25,11 +30,22 @@ def _on_cuda(device: torch.device | str | None) -> bool:
 
 def snapshot(device: torch.device | str | None = None) -> dict[str, float]:
     """Current memory as namespaced metrics: `mem/allocated_mb`, `mem/peak_mb` (CUDA), `mem/rss_mb` (process)."""
-    out = {"mem/rss_mb": rss_mb()}
+    out = {f"{MEMORY_PREFIX}rss_mb": rss_mb()}
     if _on_cuda(device):
-        out["mem/allocated_mb"] = torch.cuda.memory_allocated(device) / MB
-        out["mem/peak_mb"] = torch.cuda.max_memory_allocated(device) / MB
-        out["mem/reserved_mb"] = torch.cuda.memory_reserved(device) / MB
+        out[f"{MEMORY_PREFIX}allocated_mb"] = torch.cuda.memory_allocated(device) / MB
+        out[f"{MEMORY_PREFIX}peak_mb"] = torch.cuda.max_memory_allocated(device) / MB
+        out[f"{MEMORY_PREFIX}reserved_mb"] = torch.cuda.memory_reserved(device) / MB
+    return out
+
+
+def sampled(device: torch.device | str | None = None) -> dict[str, float]:
+    """What the worker's sampler records between steps: `sys/rss_mb` (this process) and, once this process
+    uses CUDA, `sys/gpu_used_mb`, the device memory in use (total - free, as nvidia-smi counts it: CUDA
+    context, the allocator's cache and other processes included, so it is what runs out first)."""
+    out = {f"{SAMPLED_PREFIX}rss_mb": rss_mb()}
+    if _on_cuda(device) and torch.cuda.is_initialized():  # never the sampler's thread starting CUDA
+        free, total = torch.cuda.mem_get_info(device)
+        out[f"{SAMPLED_PREFIX}gpu_used_mb"] = (total - free) / MB
     return out
 
 

@@ -9,7 +9,7 @@ Compute dtype (`compute_dtype`): bf16 on a CUDA GPU that supports it (fp16 other
 everything computes in fp32, including the "bf16" precision, because CPU bf16 matmuls are slow or
 emulated on most CPUs. Reports say which dtype was used.
 
-Run-directory formats read here (see the brief's run directory layout):
+Run-directory formats read here (where each lives: `edgerlhf.contract`):
 
     base/                    only for `model.random_init`: the random base LM + tokenizer
     sft/merged/              base with the SFT LoRA merged in, + tokenizer (save_pretrained)
@@ -40,6 +40,7 @@ from torch import nn
 
 from edgerlhf import locations
 from edgerlhf.config import PRECISIONS, ModelConfig, PipelineConfig
+from edgerlhf.contract import CONFIG_FILE, PPO_ADAPTER, RANDOM_BASE, SFT_MERGED, reward_dir
 from edgerlhf.dialogue import join
 from edgerlhf.errors import MissingPrerequisite, ModelLoadError, require
 
@@ -239,8 +240,38 @@ def upcast_trainable(model) -> None:
             param.data = param.data.float()
 
 
+def lora_config(model, r: int, alpha: int, target_modules, dropout: float = 0.0, modules_to_save=None,
+                task_type: str = "CAUSAL_LM"):
+    """The peft `LoraConfig` of every adapter the pipeline trains (LoRA, Hu et al. 2021) on `model`.
+
+    `fan_in_fan_out` is asked of the model, not of its architecture's name: it is set when the target
+    layers store their weight as (in, out), as transformers' `Conv1D` does (GPT-2's projections), rather
+    than (out, in) as `nn.Linear`. A bitsandbytes layer that replaced a `Conv1D` counts as one (it keeps
+    the class in `source_cls`; peft ignores the flag for it), so an adapter trained on a quantized model
+    has the same config as one trained on plain weights and loads onto either.
+    """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers.pytorch_utils import Conv1D
+
+    def is_conv1d(module) -> bool:
+        replaced = getattr(module, "source_cls", None)
+        return isinstance(module, Conv1D) or isinstance(replaced, type) and issubclass(replaced, Conv1D)
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        modules_to_save=list(modules_to_save) if modules_to_save else None, task_type=task_type)
+    # The layers peft will wrap, matched by peft's own rule.
+    conv1d = {name: is_conv1d(module) for name, module in model.named_modules()
+              if check_target_module_exists(config, name)}
+    if len(set(conv1d.values())) > 1:
+        raise ValueError(f"LoRA target modules {list(target_modules)} match both Conv1D and Linear layers "
+                         f"(Conv1D: {sorted(n for n, c in conv1d.items() if c)[:3]} ...); target one kind")
+    config.fan_in_fan_out = any(conv1d.values())
+    return config
+
+
 def read_run_config(run_dir: str | Path) -> PipelineConfig | None:
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         return None
     return PipelineConfig.from_dict(json.loads(path.read_text()))
@@ -256,25 +287,25 @@ def load_policy(run_dir: str | Path, which: str, device: torch.device | str = "c
     if which not in ("base", "sft", "ppo"):
         raise ValueError(f"unknown policy {which!r}; choose base, sft or ppo")
     if which == "base":
-        if (run_dir / "base").is_dir():
-            source: str | Path = run_dir / "base"
+        if (run_dir / RANDOM_BASE).is_dir():
+            source: str | Path = run_dir / RANDOM_BASE
         else:
             config = read_run_config(run_dir)
             if config is None:
                 raise ModelLoadError(f"{run_dir} has neither base/ nor config.json to find the base model")
             if config.model.random_init:
-                raise MissingPrerequisite(run_dir / "base", "sft",
+                raise MissingPrerequisite(run_dir / RANDOM_BASE, "sft",
                                           "is missing (the random base model is saved by the sft stage)")
             tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path, padding_side="left")
             return load_base_model(config.model, device, precision, tokenizer).eval(), tokenizer
     else:
-        source = require(run_dir / "sft" / "merged", "sft")
+        source = require(run_dir / SFT_MERGED, "sft")
     model = load_causal_lm(source, device, precision)
     tokenizer = load_tokenizer(source, padding_side="left")
     if which == "ppo":
         from peft import PeftModel
 
-        adapter = require(run_dir / "ppo" / "adapter", "ppo")
+        adapter = require(run_dir / PPO_ADAPTER, "ppo")
         model = PeftModel.from_pretrained(model, str(adapter))
         if precision == "bf16":
             model = model.merge_and_unload()  # plain weights: merging makes generation as fast as sft's
@@ -360,12 +391,12 @@ def load_reward_model(run_dir: str | Path, precision: str = "bf16", device: torc
 
     run_dir = Path(run_dir)
     device = resolve_device(device)
-    rm_dir = run_dir / "reward" / precision
+    rm_dir = run_dir / reward_dir(precision)
     if not (rm_dir / SCORE_HEAD_FILE).exists():
         raise MissingPrerequisite(rm_dir, "reward",
                                   f"holds no reward model (reward.precisions must include {precision!r})")
     meta = json.loads((rm_dir / REWARD_META_FILE).read_text()) if (rm_dir / REWARD_META_FILE).exists() else {}
-    base_dir = run_dir / "sft" / "merged"
+    base_dir = run_dir / SFT_MERGED
     model = load_causal_lm(base_dir, device, precision)
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and head.weight.data_ptr() != embeddings.weight.data_ptr():

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from edgerlhf.contract import REPORT_FILE
+from edgerlhf.contract import CONFIG_FILE, REPORT_FILE, merge_overrides
 from edgerlhf.config import LOCATION_FIELDS, STAGES, ConfigError, PipelineConfig, load_config
 from edgerlhf.context import Cancelled, ConsoleContext, RunContext
 from edgerlhf.errors import StageError
@@ -69,7 +69,7 @@ def run_stage(name: str, config: PipelineConfig, ctx: RunContext) -> Report:
 def run_pipeline(config: PipelineConfig, ctx: RunContext, skip: Iterable[str] = frozenset()) -> dict[str, Report]:
     """Run `config.stages` in order, skipping `skip`; writes `<run_dir>/config.json`. Returns reports by stage."""
     skip = set(skip)
-    (ctx.run_dir / "config.json").write_text(config.to_json())
+    (ctx.run_dir / CONFIG_FILE).write_text(config.to_json())
     reports = {}
     for name in config.stages:
         if name in skip:
@@ -102,13 +102,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def build_config(preset: str | None, config_file: str | None, sets: list[str], stages: str | None) -> PipelineConfig:
     """The run's configuration: preset, then the config file's overrides, then `--set`, then `--stages`."""
     overrides: dict[str, Any] = {}
@@ -120,7 +113,7 @@ def build_config(preset: str | None, config_file: str | None, sets: list[str], s
         if not isinstance(overrides, dict):
             raise ConfigError("--config", "must hold a JSON object")
     preset = preset or overrides.get("preset") or "tiny"
-    overrides = _merge(overrides, parse_overrides(sets))
+    overrides = merge_overrides(overrides, parse_overrides(sets))
     if stages:
         overrides["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
     config = load_config(preset, overrides)
@@ -216,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(config.to_json())
         return 0
     ctx = CLIContext(Path(args.run_dir).resolve())
-    skip = {s for s in config.stages if (ctx.run_dir / s / "report.json").exists()} if args.resume else set()
+    skip = {s for s in config.stages if (ctx.run_dir / s / REPORT_FILE).exists()} if args.resume else set()
     try:
         reports = run_pipeline(config, ctx, skip=skip)
     except KeyboardInterrupt:

@@ -44,8 +44,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from edgerlhf import memory
+from edgerlhf.config import PipelineConfig
+from edgerlhf.context import RunContext
+from edgerlhf.contract import PPO_ADAPTER, TEST_PREFS, TRAIN_PREFS, reward_dir
 from edgerlhf.errors import MissingPrerequisite
 from edgerlhf.generation import Rollouts, Sampling, forward_response, generate, policy_stats, sample_probes
+from edgerlhf.models import compute_dtype, dtype_name, resolve_device
 from edgerlhf.reports import PPOReport
 
 # --- PPO math: pure functions on (B, T) tensors, `mask` is 1 on response tokens -------------------
@@ -291,12 +296,11 @@ def using_adapter(model, name: str):
 
 def add_policy_adapter(model, config, adapter_name: str = POLICY):
     """Wrap a causal LM in peft with a fresh trainable LoRA adapter (B = 0, so policy == reference at start)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = LoraConfig(r=config.ppo.lora_r, lora_alpha=config.ppo.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(config.sft.target_modules), task_type="CAUSAL_LM",
-                      # GPT-2 stores its projections as Conv1D (weights transposed).
-                      fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
+    from edgerlhf.models import lora_config
+
+    lora = lora_config(model, config.ppo.lora_r, config.ppo.lora_alpha, config.sft.target_modules)
     return get_peft_model(model, lora, adapter_name=adapter_name)
 
 
@@ -323,7 +327,7 @@ def build_models(config, run_dir: str | Path, device: torch.device,
         model = add_policy_adapter(base, config).eval()
     else:
         model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=POLICY).eval()
-    rm_dir = run_dir / "reward" / precision
+    rm_dir = run_dir / reward_dir(precision)
     if shared:
         if not (rm_dir / models.SCORE_HEAD_FILE).exists():
             raise MissingPrerequisite(rm_dir, "reward", f"holds no reward model (reward.precisions must include "
@@ -575,11 +579,8 @@ def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str],
     return metrics, rollouts, scores
 
 
-def run(config, ctx) -> PPOReport:
+def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:
     """PPO on the SFT policy against the reward model; returns the stage report."""
-    from edgerlhf import memory
-    from edgerlhf.models import compute_dtype, dtype_name, resolve_device
-
     cfg = config.ppo
     device = resolve_device(config.device)
     run_dir = Path(ctx.run_dir)
@@ -587,8 +588,8 @@ def run(config, ctx) -> PPOReport:
     torch.manual_seed(config.seed)
     memory.reset_peak(device)
 
-    train_prompts = _prompts(run_dir / "data" / "train_prefs.jsonl")
-    test_file = run_dir / "data" / "test_prefs.jsonl"
+    train_prompts = _prompts(run_dir / TRAIN_PREFS)
+    test_file = run_dir / TEST_PREFS
     probe_prompts = _prompts(test_file)[: cfg.n_probe_prompts] if test_file.exists() else []
 
     # What PPO holds, measured around building it: one copy of the network (plus one quantized copy for an
@@ -638,11 +639,11 @@ def run(config, ctx) -> PPOReport:
             _probe(ctx, models, probe_prompts, step, config)
 
     # The final policy, plus a last checkpoint so a finished stage re-run does not train again.
-    save_adapter(out_dir / "adapter", models)
+    save_adapter(run_dir / PPO_ADAPTER, models)
     save_checkpoint(ckpt_dir, cfg.steps, models, optimizer, kl_ctl, config, run_dir)
     if start < cfg.steps:
         _probe(ctx, models, probe_prompts, cfg.steps, config)
-    ctx.artifact("adapter", out_dir / "adapter")
+    ctx.artifact("adapter", run_dir / PPO_ADAPTER)
     ctx.artifact("checkpoint", ckpt_dir)
 
     def last(key: str, n: int = 5) -> float | None:

@@ -44,12 +44,14 @@ import torch
 from edgerlhf import memory
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
+from edgerlhf.contract import SFT_MERGED, TEST_PREFS, TRAIN_PREFS, reward_dir
 from edgerlhf.data import read_prefs
 from edgerlhf.errors import require
 from edgerlhf.reports import PrecisionResult, RewardReport
 from edgerlhf.memory import MB, snapshot
 from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, compute_dtype, dtype_name,
-                             load_causal_lm, load_reward_model, load_tokenizer, resolve_device, upcast_trainable)
+                             load_causal_lm, load_reward_model, load_tokenizer, lora_config, resolve_device,
+                             upcast_trainable)
 
 
 def preference_dataset(path: Path):
@@ -85,7 +87,7 @@ def load_for_training(run_dir: Path, precision: str, device: torch.device, seed:
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)  # the score head's initialisation is the same for every precision
-    model = load_causal_lm(run_dir / "sft" / "merged", device, precision,
+    model = load_causal_lm(run_dir / SFT_MERGED, device, precision,
                            model_class=_SeqCls(AutoModelForSequenceClassification))
     return model
 
@@ -131,12 +133,11 @@ def _callback(ctx: RunContext, precision: str, max_steps: int, offset: int, devi
 
 def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model, tokenizer, device, callbacks=()):
     """TRL's RewardTrainer with a LoRA + score-head adapter on `model` (tests use it directly)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
     cfg = config.reward
-    data_dir = ctx.run_dir / "data"
     dtype = compute_dtype(device)
     args = RewardConfig(
         output_dir=str(ctx.stage_dir("reward") / "trainer"),
@@ -162,9 +163,8 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model
         fp16=dtype == torch.float16,
         dataloader_num_workers=0,
     )
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(config.sft.target_modules), task_type="SEQ_CLS", modules_to_save=["score"],
-                      fan_in_fan_out=model.config.model_type == "gpt2")
+    lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, config.sft.target_modules, modules_to_save=["score"],
+                       task_type="SEQ_CLS")
     torch.manual_seed(config.seed)  # LoRA initialisation, identical across precisions
     model = get_peft_model(model, lora)
     upcast_trainable(model)
@@ -175,8 +175,8 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model
     optimizer = torch.optim.AdamW([{"params": body, "lr": cfg.learning_rate},
                                    {"params": head, "lr": cfg.learning_rate * cfg.head_lr_scale}],
                                   lr=cfg.learning_rate, weight_decay=0.0)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=preference_dataset(data_dir / "train_prefs.jsonl"),
-                            eval_dataset=preference_dataset(data_dir / "test_prefs.jsonl"),
+    trainer = RewardTrainer(model=model, args=args, train_dataset=preference_dataset(ctx.run_dir / TRAIN_PREFS),
+                            eval_dataset=preference_dataset(ctx.run_dir / TEST_PREFS),
                             processing_class=tokenizer, callbacks=list(callbacks), optimizers=(optimizer, None))
     trainer.remove_callback(PrinterCallback)
     upcast_trainable(trainer.model)  # TRL puts a quantized model's adapter in bf16; we train it in fp32
@@ -202,7 +202,7 @@ def save_reward_model(peft_model, out_dir: Path, precision: str, max_length: int
     hidden = state[score_key].shape[1]
     (out_dir / REWARD_META_FILE).write_text(json.dumps({
         "precision": precision, "max_length": max_length, "compute_dtype": dtype_name(compute_dtype(device)),
-        "hidden_size": hidden, "base": "sft/merged"}, indent=2))
+        "hidden_size": hidden, "base": SFT_MERGED}, indent=2))
 
 
 NORMALIZE_SAMPLES = 1024
@@ -222,7 +222,7 @@ def normalize_saved(run_dir: Path, precision: str, device: torch.device, train: 
     prompts = [r["prompt"] for r in rows] * 2
     scores = rm.score(prompts, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])  # (2N,)
     mean, std = float(scores.mean()), float(scores.std().clamp(min=1e-6))
-    out_dir = run_dir / "reward" / precision
+    out_dir = run_dir / reward_dir(precision)
     state = torch.load(out_dir / SCORE_HEAD_FILE, map_location="cpu", weights_only=True)
     bias = state.get("bias")
     bias = torch.zeros(1) if bias is None else bias
@@ -258,7 +258,7 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
     """Train, save and reload one reward model; returns its row of the precision study (without spearman)."""
     cfg = config.reward
     device = resolve_device(config.device)
-    tokenizer = load_tokenizer(ctx.run_dir / "sft" / "merged")
+    tokenizer = load_tokenizer(ctx.run_dir / SFT_MERGED)
     gc.collect()
     memory.reset_peak(device)  # the peak from here on: this precision's model, loaded and trained
     rss_before_mb = memory.rss_mb()
@@ -273,7 +273,7 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
     train_seconds = time.perf_counter() - started
     peak = memory.peak_mb(device)
     source = "cuda_max_allocated" if device.type == "cuda" else "process_rss"
-    out_dir = ctx.stage_dir("reward") / precision
+    out_dir = ctx.run_dir / reward_dir(precision)
     save_reward_model(trainer.model, out_dir, precision, cfg.max_length, device)
     ctx.artifact("reward_model", out_dir)
     train_accuracy = callback.train_accuracy
@@ -297,9 +297,9 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
 def run(config: PipelineConfig, ctx: RunContext) -> RewardReport:
     cfg = config.reward
     device = resolve_device(config.device)
-    require(ctx.run_dir / "sft" / "merged", "sft")
-    train = read_prefs(ctx.run_dir / "data" / "train_prefs.jsonl")
-    test = read_prefs(ctx.run_dir / "data" / "test_prefs.jsonl")
+    require(ctx.run_dir / SFT_MERGED, "sft")
+    train = read_prefs(ctx.run_dir / TRAIN_PREFS)
+    test = read_prefs(ctx.run_dir / TEST_PREFS)
     # bf16 first when present: the others are compared with it.
     order = sorted(cfg.precisions, key=lambda p: p != "bf16")
     study: dict[str, dict[str, Any]] = {}

@@ -3,6 +3,14 @@
 Every field can be set by an environment variable with the `EDGERLHF_` prefix (or a `.env` file),
 e.g. `EDGERLHF_DATA_DIR=/srv/edgerlhf`, `EDGERLHF_BACKEND_PORT=9000`. The pipeline itself never reads
 these: it gets a `PipelineConfig` and a run directory.
+
+Why a service module lives in the ML package, deliberately: every process of the service reads these
+settings (backend, worker, job process, dashboard, `edgerlhf up`), and the only package all of them
+import is `edgerlhf`; in any process's own package the others would have to import it (the worker
+would import `backend`, i.e. FastAPI; the dashboard talks to the backend only through its API), and
+`db` takes a URL, not settings. It stays a leaf: nothing else in `edgerlhf` imports it but the `edgerlhf`
+command (`edgerlhf.cli`), and importing the pipeline and its stages never loads it
+(tests/test_settings.py checks that).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from edgerlhf import gold
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import SFT_MERGED, TEST_PREFS, TRAIN_PREFS
+from edgerlhf.contract import RANDOM_BASE, SFT_MERGED, TEST_PREFS, TRAIN_PREFS
 from edgerlhf.data import read_prefs
 from edgerlhf.generation import sample_probes
 from edgerlhf.memory import reset_peak, snapshot
@@ -198,7 +198,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> SFTReport:
     model = load_base_model(config.model, device, tokenizer=tokenizer, seed=config.seed)
     if config.model.random_init:
         # Later stages and the chat page need the exact random weights SFT started from.
-        base_dir = ctx.run_dir / "base"
+        base_dir = ctx.run_dir / RANDOM_BASE
         model.save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
         ctx.artifact("base_model", base_dir)

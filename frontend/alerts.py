@@ -117,7 +117,7 @@ def memory_near_limit(series: Series, gpu_total_mb: float | None, fraction: floa
     """Peak (or allocated/reserved) GPU memory above `fraction` of the GPU's total."""
     if not gpu_total_mb:
         return []
-    used = _finite(v for key in ("mem/peak_mb", "mem/reserved_mb", "mem/allocated_mb")
+    used = _finite(v for key in ("mem/peak_mb", "mem/reserved_mb", "mem/allocated_mb", "sys/gpu_used_mb")
                    for _, v in series.get(key, []))
     if not used:
         return []

@@ -157,8 +157,9 @@ def eval_figure(report: EvalReport | dict[str, Any]) -> go.Figure:
 def memory_figure(feed: JobFeed, gpu_total_mb: float | None) -> go.Figure:
     """Memory over the whole job (all stages, by time) against the GPU's total when there is a GPU."""
     fig = go.Figure()
-    keys = ["mem/allocated_mb", "mem/peak_mb", "mem/reserved_mb"] if gpu_total_mb else ["mem/rss_mb"]
-    keys += [k for k in ("mem/rss_mb",) if k not in keys and gpu_total_mb]
+    # `mem/*` from the stages at their steps; `sys/*` sampled by the worker between them (contract.SAMPLED_PREFIX).
+    keys = ["mem/allocated_mb", "mem/peak_mb", "mem/reserved_mb", "sys/gpu_used_mb"] if gpu_total_mb else []
+    keys += ["mem/rss_mb", "sys/rss_mb"]
     for i, key in enumerate(keys):
         rows = feed.timed(key)
         if not rows:

@@ -2,9 +2,13 @@
 
 A stage calls `ctx.log_metric(...)` thousands of times; each call only appends to an in-memory buffer.
 A background thread flushes the buffers in one transaction every `flush_interval` seconds (sooner when
-`flush_rows` rows are waiting), polls the job's cancel flag, and samples memory (`edgerlhf.memory`)
-as `mem/*` metrics. So the training loop never waits on SQLite, `check_cancelled()` costs a flag read,
-and a browser still sees a new point within about a second.
+`flush_rows` rows are waiting), polls the job's cancel flag, and samples memory every `memory_interval`
+seconds (`edgerlhf.memory.sampled`). So the training loop never waits on SQLite, `check_cancelled()`
+costs a flag read, and a browser still sees a new point within about a second.
+
+One writer per metric key: the sampler writes `sys/*` (`contract.SAMPLED_PREFIX`) and nothing else; the
+stages write `mem/*` at their own steps. Both write at a stage's step, so a shared key would silently
+replace one writer's point with the other's (a point is unique per stage, key and step).
 """
 
 from __future__ import annotations
@@ -214,17 +218,19 @@ class DBContext(RunContext):
             if queue.cancel_requested(session, int(self.job_id)):
                 self._cancel_seen = True
 
-    def sample_memory(self) -> None:
-        """Record `edgerlhf.memory.snapshot()` as `mem/*` metrics at the stage's latest step."""
+    def sample_memory(self) -> list[tuple[str, str, int, float]]:
+        """Record `edgerlhf.memory.sampled()` (`sys/*`) at the stage's latest step; returns the rows."""
         if not self.stage:
-            return
-        from edgerlhf.memory import snapshot
+            return []
+        from edgerlhf.memory import sampled
 
-        snap = snapshot(self.memory_device)
+        readings = sampled(self.memory_device)
         now = time.time()
         with self._lock:
             step = self._last_step.get(self.stage, 0)
-            self._metrics.extend((self.stage, key, step, float(value), now) for key, value in snap.items())
+            rows = [(self.stage, key, step, float(value)) for key, value in readings.items()]
+            self._metrics.extend((*row, now) for row in rows)
+        return rows
 
     def _loop(self) -> None:
         next_memory = time.monotonic()

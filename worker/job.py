@@ -95,6 +95,7 @@ def run(job_id: int) -> tuple[int, dict]:
     from db import make_engine, make_sessionmaker, queue, read
     from edgerlhf.config import PipelineConfig
     from edgerlhf.context import Cancelled
+    from edgerlhf.contract import job_run_dir
     from edgerlhf.settings import get_settings
     from worker.context import DBContext
 
@@ -112,9 +113,9 @@ def run(job_id: int) -> tuple[int, dict]:
         if config.device == "auto" and settings.device != "auto":
             config.device = settings.device  # the worker's settings pin the device of jobs that leave it open
         check_device(config.device)  # before any stage: a missing device is this job's error, not a retry
-        memory_device = "cpu" if config.device == "cpu" else None
+        memory_device = None if config.device == "auto" else config.device  # what the sampler reads
 
-        run_dir = settings.runs_dir / f"job-{job_id}"
+        run_dir = job_run_dir(settings.runs_dir, job_id)
         ctx = DBContext(sessions, job_id, run_dir, stages=config.stages, attempt=attempt,
                         memory_device=memory_device)
         try:

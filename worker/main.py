@@ -32,6 +32,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import Job, JobStatus, init_db, make_engine, make_sessionmaker, queue
+from edgerlhf.contract import job_run_dir
 from edgerlhf.log import setup_logging
 from edgerlhf.settings import Settings, get_settings
 from worker.job import EXIT_CANCELLED, EXIT_OK
@@ -108,7 +109,7 @@ class JobRunner:
         self.worker_id = worker_id
         self.cancel_grace = cancel_grace
         self.heartbeat_seconds = settings.heartbeat_seconds
-        self.run_dir = settings.runs_dir / f"job-{job.id}"
+        self.run_dir = job_run_dir(settings.runs_dir, job.id)
         self.result_path = self.run_dir / "worker-result.json"
         self.proc: subprocess.Popen | None = None
 

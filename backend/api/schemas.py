@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from db.models import Artifact, Job, JobStatus, LogLine, Metric, Sample, StageRun
+from edgerlhf.contract import StageStatus
 
 
 def jsonable(value: Any) -> Any:
@@ -76,7 +77,7 @@ class JobPublic(BaseModel):
         stages = []
         for name in job.config.get("stages", []):
             run = by_stage.get(name)
-            stages.append(StagePublic(stage=name, status=run.status.value if run else "pending",
+            stages.append(StagePublic(stage=name, status=run.status.value if run else StageStatus.pending.value,
                                       progress=run.progress if run else 0.0,
                                       started_at=run.started_at if run else None,
                                       finished_at=run.finished_at if run else None))

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from edgerlhf.contract import JobStatus, StageStatus
+from edgerlhf.contract import MEMORY_PREFIX, SAMPLED_PREFIX, JobStatus, StageStatus
 from frontend import alerts, charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
 from frontend.reports import eval_headline, eval_pairs, eval_rows, precision_rows
@@ -262,7 +262,7 @@ def panel() -> None:
     with tabs[1]:
         training_tab(feed, job_id)
     with tabs[2]:
-        if any(k.startswith("mem/") for k in feed.keys()):
+        if any(k.startswith((MEMORY_PREFIX, SAMPLED_PREFIX)) for k in feed.keys()):
             st.plotly_chart(charts.memory_figure(feed, gpu_total), key=f"j{job_id}-mem", width="stretch")
         st.caption(f"GPU: {gpu_name}, {gpu_total:,.0f} MB total." if gpu_total else
                    "No GPU: this job runs on the CPU; the chart shows the worker's resident memory (RSS).")

@@ -15,7 +15,7 @@ from typing import Any
 
 import streamlit as st
 
-from edgerlhf.contract import PRECISIONS, STAGES
+from edgerlhf.contract import PRECISIONS, STAGES, merge_overrides
 from frontend import ui
 from frontend.api_client import ApiClient, ApiError, BackendDown, get_client
 
@@ -103,13 +103,6 @@ def set_path(config: dict[str, Any], path: str, value: Any) -> None:
     for part in parents:
         node = node.setdefault(part, {})
     node[last] = value
-
-
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def widget(field: dict[str, Any], label: str, options: list[str] | None, default: Any, key: str) -> Any:
@@ -205,7 +198,7 @@ if submitted:
             extra = json.loads(extra_text)
             if not isinstance(extra, dict):
                 raise ValueError("must be a JSON object")
-            overrides = merge(overrides, extra)
+            overrides = merge_overrides(overrides, extra)
         except ValueError as exc:
             new_errors["overrides"] = f"Extra overrides are not valid JSON: {exc}"
     if not new_errors:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from edgerlhf.config import HH_PREFS_SAMPLE, TINY_TOKENIZER_DIR, ModelConfig, load_config
+from edgerlhf.contract import CONFIG_FILE, SFT_MERGED, TEST_PREFS, TRAIN_PREFS, reward_dir
 from edgerlhf.dialogue import normalize_prompt
 
 
@@ -29,9 +30,9 @@ def tiny_config(run_dir: Path | None = None, **ppo):
 
 
 def make_tiny_run(run_dir: Path, config=None, precisions=("bf16",), n_train: int = 24, n_test: int = 8) -> Path:
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from edgerlhf.models import load_tokenizer, random_gpt2
+    from edgerlhf.models import load_tokenizer, lora_config, random_gpt2
 
     config = config or tiny_config()
     run_dir = Path(run_dir)
@@ -39,16 +40,15 @@ def make_tiny_run(run_dir: Path, config=None, precisions=("bf16",), n_train: int
     model_cfg = ModelConfig(name_or_path="tiny", random_init=True, n_layer=config.model.n_layer,
                             n_head=config.model.n_head, n_embd=config.model.n_embd, n_positions=256)
     model = random_gpt2(model_cfg, tokenizer, seed=0)
-    merged = run_dir / "sft" / "merged"
+    merged = run_dir / SFT_MERGED
     model.save_pretrained(merged)
     tokenizer.save_pretrained(merged)
 
     for precision in precisions:
-        rm_dir = run_dir / "reward" / precision
+        rm_dir = run_dir / reward_dir(precision)
         torch.manual_seed(1)
-        lora = get_peft_model(random_gpt2(model_cfg, tokenizer, seed=0),
-                              LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-                                         task_type="CAUSAL_LM"))
+        body = random_gpt2(model_cfg, tokenizer, seed=0)
+        lora = get_peft_model(body, lora_config(body, 4, 8, ["c_attn", "c_proj"]))
         with torch.no_grad():
             for name, p in lora.named_parameters():
                 if "lora_B" in name:
@@ -68,9 +68,8 @@ def make_tiny_run(run_dir: Path, config=None, precisions=("bf16",), n_train: int
                 rows.append({"prompt": prompt, "chosen": row["chosen"].strip(), "rejected": row["rejected"].strip()})
             if len(rows) == n_train + n_test:
                 break
-    data = run_dir / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    for name, part in (("test_prefs.jsonl", rows[:n_test]), ("train_prefs.jsonl", rows[n_test:])):
-        (data / name).write_text("".join(json.dumps(r) + "\n" for r in part))
-    (run_dir / "config.json").write_text(config.to_json())
+    for name, part in ((TEST_PREFS, rows[:n_test]), (TRAIN_PREFS, rows[n_test:])):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    (run_dir / CONFIG_FILE).write_text(config.to_json())
     return run_dir

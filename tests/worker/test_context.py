@@ -7,10 +7,13 @@ import time
 from sqlalchemy import event
 
 from db import StageStatus, queue, read
+from edgerlhf.config import PipelineConfig
 from edgerlhf.context import Cancelled
+from edgerlhf.contract import MEMORY_PREFIX, SAMPLED_PREFIX
+from edgerlhf.pipeline import run_pipeline
 from worker.context import DBContext
 
-from .conftest import wait_for
+from .conftest import sft_job, wait_for
 
 
 def test_metrics_are_written_in_batches_and_all_arrive(service):
@@ -79,7 +82,7 @@ def test_check_cancelled_raises_soon_after_a_cancel_request(service):
         wait_for(raises, 10, "check_cancelled to raise")
 
 
-def test_memory_is_sampled_as_mem_metrics_at_the_stages_step(service):
+def test_memory_is_sampled_as_sys_metrics_at_the_stages_step(service):
     job_id = service.add_job({"stages": ["sft"]})
     with service.sessions() as s:
         queue.claim_next(s, "w")
@@ -87,7 +90,42 @@ def test_memory_is_sampled_as_mem_metrics_at_the_stages_step(service):
                    flush_interval=0.1, memory_interval=0.1) as ctx:
         ctx.begin_stage("sft")
         ctx.log_metric("sft/loss", 2.0, 7)
-        wait_for(lambda: service.points(job_id, "mem/rss_mb"), 10, "a memory sample")
+        wait_for(lambda: service.points(job_id, "sys/rss_mb"), 10, "a memory sample")
         time.sleep(0.3)
-    (stage, step, rss), = service.points(job_id, "mem/rss_mb")
+    (stage, step, rss), = service.points(job_id, "sys/rss_mb")
     assert stage == "sft" and step == 7 and rss > 10
+    assert not service.points(job_id, "mem/rss_mb")  # the stages' key: the sampler leaves it alone
+
+
+def test_each_metric_key_has_one_writer_the_stages_or_the_sampler(service):
+    """A real data + sft run with the sampler firing all the time: the keys the stages log (`mem/*`
+    included) and the keys the sampler records never overlap, and every row in the table is one writer's."""
+    job_id = service.add_job(sft_job(6))
+    with service.sessions() as s:
+        queue.claim_next(s, "w")
+        config = PipelineConfig.from_dict(read.get_job(s, job_id).config)
+    written: dict[str, set[tuple[str, str, int]]] = {"stages": set(), "sampler": set()}
+
+    class Recording(DBContext):
+        def _emit_metrics(self, rows):
+            written["stages"].update((stage, key, step) for stage, key, step, _ in rows)
+            super()._emit_metrics(rows)
+
+        def sample_memory(self):
+            rows = super().sample_memory()
+            written["sampler"].update((stage, key, step) for stage, key, step, _ in rows)
+            return rows
+
+    with Recording(service.sessions, job_id, service.tmp_path / "run", stages=config.stages, memory_device="cpu",
+                   flush_interval=0.05, memory_interval=0.01) as ctx:
+        run_pipeline(config, ctx)
+    stage_keys = {key for _, key, _ in written["stages"]}
+    sampler_keys = {key for _, key, _ in written["sampler"]}
+    assert {k for k in stage_keys if k.startswith(MEMORY_PREFIX)}, "the stages log memory at their steps"
+    assert "sft" in {stage for stage, _, _ in written["sampler"]}, "the sampler ran while the stages logged"
+    assert stage_keys.isdisjoint(sampler_keys), stage_keys & sampler_keys
+    assert all(k.startswith(SAMPLED_PREFIX) for k in sampler_keys), sampler_keys
+    assert not any(k.startswith(SAMPLED_PREFIX) for k in stage_keys)
+    with service.sessions() as s:
+        rows = [(m.stage, m.key, m.step) for m in read.metrics_after(s, job_id, 0, limit=100_000)]
+    assert set(rows) == written["stages"] | written["sampler"]

@@ -18,6 +18,7 @@ from backend.api.schemas import JobCreate, JobPublic, JobsPublic
 from backend.api.validation import JobInvalid, validate_job
 from db import JobNotFound, JobStateError, JobStatus, queue, read
 from db.models import Job
+from edgerlhf.contract import job_run_dir
 
 logger = logging.getLogger("edgerlhf.backend")
 
@@ -97,7 +98,7 @@ def delete_job(job: JobDep, session: SessionDep, settings: SettingsDep, request:
     except JobStateError as exc:
         raise _conflict(exc) from None
     runs = settings.runs_dir.resolve()
-    run_dir = (runs / f"job-{job.id}").resolve()
+    run_dir = job_run_dir(runs, job.id).resolve()
     if run_dir.parent == runs and run_dir.exists():
         shutil.rmtree(run_dir, ignore_errors=True)
     for hook in request.app.state.job_deleted_hooks:  # e.g. unload the job's chat models

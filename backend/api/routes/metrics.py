@@ -33,7 +33,6 @@ from backend.api.schemas import (
     MetricsPage,
     SamplePublic,
     SamplesPage,
-    jsonable,
 )
 from db import FINISHED, INT64_MAX, read
 from edgerlhf.contract import REPORT_FILE, job_run_dir
