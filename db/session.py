@@ -11,9 +11,9 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Base
@@ -58,16 +58,44 @@ def get_engine(url: str) -> Engine:
 
 
 def init_db(engine: Engine) -> None:
-    """Create missing tables. Safe when several processes start at once on a fresh database."""
+    """Create missing tables, then add missing columns. Safe when several processes start at once.
+
+    The schema only ever grows by columns that are nullable or have a `server_default` (a new column must
+    have one of the two: old rows get it), so `add_missing_columns` is the whole migration story, the same
+    on SQLite and PostgreSQL: a database written by an older version gains the new columns in place.
+    """
     for attempt in range(5):
         try:
             Base.metadata.create_all(engine)
+            add_missing_columns(engine)
             return
-        except OperationalError as exc:
-            # Two processes may both see a table missing; the loser's CREATE fails and retrying finds it.
-            if "already exists" not in str(exc) and "locked" not in str(exc) or attempt == 4:
+        except (OperationalError, ProgrammingError) as exc:
+            # Two processes may both see a table or column missing; the loser's DDL fails and retrying finds it.
+            if not any(word in str(exc) for word in ("already exists", "duplicate column", "locked")) or attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """`ALTER TABLE ... ADD COLUMN` for every model column the database lacks; returns `table.column` added."""
+    added = []
+    existing_tables = set(inspect(engine).get_table_names())
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            if table.name not in existing_tables:
+                continue
+            present = {c["name"] for c in inspect(conn).get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = column.server_default.arg if column.server_default is not None else None
+                ddl = f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'
+                if default is not None:
+                    ddl += f" DEFAULT {default}"
+                conn.execute(text(ddl))
+                added.append(f"{table.name}.{column.name}")
+    return added
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
