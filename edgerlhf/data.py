@@ -45,6 +45,7 @@ from edgerlhf.context import RunContext
 from edgerlhf.contract import TEST_PREFS, TRAIN_PREFS
 from edgerlhf.dialogue import DialogueError, normalize_prompt, split_dialogue
 from edgerlhf.errors import StageError, require
+from edgerlhf.models import load_tokenizer
 from edgerlhf.reports import DataReport, DataSource
 
 HUB_DATASET = "Anthropic/hh-rlhf"
@@ -300,8 +301,6 @@ def read_prefs(path: str | Path) -> list[dict[str, str]]:
 # --- the stage ----------------------------------------------------------------------------------
 
 def run(config: PipelineConfig, ctx: RunContext) -> DataReport:
-    from edgerlhf.models import load_tokenizer
-
     cfg = config.data
     ctx.stage_dir("data")  # TRAIN_PREFS and TEST_PREFS live in it
     ctx.log(f"reading {cfg.source}" + (f" ({cfg.data_dir}/{cfg.split})" if not locations.is_local(cfg.source) else ""))
