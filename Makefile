@@ -7,12 +7,12 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test setup browser clean
+.PHONY: run test setup browser postgres clean
 
 run: setup
 	$(BIN)/edgerlhf up
 
-test: setup browser
+test: setup browser postgres
 	$(BIN)/python -m pytest
 
 setup: $(STAMP)
@@ -33,6 +33,18 @@ browser:
 		echo "installing Debian's chromium for the browser test"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "note: /usr/bin/chromium missing and cannot be installed; the browser test will be skipped"; fi
+
+# Every database test runs on SQLite and on PostgreSQL: the tests start a throw-away server from Debian's
+# server binaries (tests/postgres.py). Installed without the default cluster: nothing starts at boot.
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's postgresql for the PostgreSQL tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-common >/dev/null && \
+		sed -i 's/^#* *create_main_cluster *=.*/create_main_cluster = false/' /etc/postgresql-common/createcluster.conf && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "note: no PostgreSQL server binaries and they cannot be installed; the PostgreSQL tests will be" \
+		"skipped (and fail under CI=true)"; fi
 
 clean:
 	rm -rf $(VENV) edgerlhf-data .pytest_cache

@@ -1,6 +1,7 @@
-"""Metric write throughput on a real SQLite file: one transaction per number vs the worker's batched context.
+"""Metric write throughput on a real database: one transaction per number vs the worker's batched context.
 
-    python -m db.bench [--rows 20000] [--dir /tmp/edgerlhf-bench]
+    python -m db.bench [--rows 20000] [--dir /tmp/edgerlhf-bench]     # a SQLite file
+    python -m db.bench --url postgresql+psycopg://user:pass@host/db     # an (empty, scratch) PostgreSQL database
 
 Prints rows per second for (1) `db.queue.record` with one metric per transaction, the naive way, and
 (2) `worker.context.DBContext`, which buffers `log_metric` calls and writes them from a background
@@ -53,14 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m db.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--dir", type=Path, default=None, help="where the SQLite file goes (default: a temp dir)")
+    parser.add_argument("--url", default=None, help="a database URL instead of the SQLite file (its jobs are kept)")
     args = parser.parse_args(argv)
     directory = args.dir or Path(tempfile.mkdtemp(prefix="edgerlhf-bench-"))
-    engine = make_engine(f"sqlite:///{directory / 'bench.db'}")
+    engine = make_engine(args.url or f"sqlite:///{directory / 'bench.db'}")
     init_db(engine)
     sessions = make_sessionmaker(engine)
     naive_rows = min(args.rows, 2_000)  # the naive way is slow; a sample is enough for its rate
     naive = unbatched(sessions, naive_rows)
     fast, per_call_us = batched(sessions, args.rows, directory / "run")
+    print(f"database: {engine.dialect.name}")
     print(f"unbatched (1 transaction per metric): {naive:,.0f} rows/s  ({naive_rows} rows)")
     print(f"batched (DBContext, background flush): {fast:,.0f} rows/s  ({args.rows} rows); "
           f"log_metric costs the training loop {per_call_us:.1f} us per call")

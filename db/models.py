@@ -1,10 +1,11 @@
 """SQLAlchemy 2.x models of the job service: jobs, their stage runs, metrics, samples, logs, artifacts, workers.
 
 The backend and the worker share nothing but these tables. Every table that a live view reads
-incrementally (metrics, samples, logs) has an autoincrement `id` that doubles as the read cursor:
-"everything after id N" is one index range scan on `(job_id, id)`. SQLite's `AUTOINCREMENT` keyword
-(`sqlite_autoincrement`) matters here: without it SQLite may hand a deleted row's id to the next
-insert, and a row re-written on resume could come back with an id a cursor reader has already passed.
+incrementally (metrics, samples, logs) numbers a job's rows in `row_seq`, drawn from the job's own counter
+`Job.last_row_seq` under a lock on the job row, so that within a job the numbers follow commit order; it is
+the read cursor: "everything of job J after N" is one range scan of the unique index `(job_id, row_seq)`.
+Why not the autoincrement `id`: on PostgreSQL, ids commit out of order (`db.read` explains). SQLite's
+`AUTOINCREMENT` (`sqlite_autoincrement`) stays, so a deleted row's id is never handed out again.
 The statuses stored here (`JobStatus`, `StageStatus`, `FINISHED`) are the shared contract's
 (`edgerlhf.contract`), re-exported so `from db import JobStatus` keeps working.
 Layout after fastapi/full-stack-fastapi-template's `models.py`; queue semantics after procrastinate.
@@ -18,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Enum,
@@ -34,8 +36,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from edgerlhf.contract import FINISHED, JobStatus, StageStatus
 
-__all__ = ["FINISHED", "INT64_MAX", "INT64_MIN", "JobStatus", "StageStatus", "Artifact", "Base", "Job", "LogLine",
-           "Metric", "Sample", "StageRun", "Worker", "utcnow"]
+__all__ = ["FINISHED", "INT64_MAX", "INT64_MIN", "MAX_GPU_MEMORY_MB", "JobStatus", "StageStatus", "Artifact", "Base",
+           "Job", "LogLine", "Metric", "Sample", "StageRun", "Worker", "utcnow"]
 
 
 def utcnow() -> datetime:
@@ -60,8 +62,20 @@ class UTCDateTime(TypeDecorator):
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-"""The range of an INTEGER column (ids, cursors, offsets): SQLite cannot even bind an int outside it
-(OverflowError), so no query may be sent one."""
+"""The range of an id, cursor or offset (`ID64`, `BigInteger`): SQLite cannot even bind an int outside it
+(OverflowError), PostgreSQL cannot cast one to BIGINT, so no query may be sent one."""
+
+MAX_GPU_MEMORY_MB = 2**20
+"""Upper bound of a GPU memory figure in MB (a job's minimum, a worker's `--gpu-memory-mb`): 1 TiB, far above
+any one GPU and far inside a 32-bit INTEGER (PostgreSQL's)."""
+
+
+ID64 = BigInteger().with_variant(Integer(), "sqlite")
+"""The type of every id (and, through the foreign keys, every `job_id`): 64 bits on both engines, so the INT64
+range above is the whole story. SQLite's INTEGER is 64-bit already, and only a column declared exactly
+`INTEGER PRIMARY KEY` is its rowid (autoincrement); PostgreSQL's INTEGER is 32-bit, where an id past 2**31
+(a busy service's metrics) would overflow and an id from a URL past it would not even cast, so there it is
+BIGINT (BIGSERIAL)."""
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
@@ -80,7 +94,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (Index("ix_jobs_status_id", "status", "id"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(ID64, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued)
     preset: Mapped[str] = mapped_column(String(100))
@@ -102,6 +116,10 @@ class Job(Base):
     worker_id: Mapped[str | None] = mapped_column(String(200), default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_row_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    """The last `row_seq` handed to one of this job's metrics, samples or log lines (`db.queue.next_row_seqs`)."""
+    min_gpu_memory_mb: Mapped[int | None] = mapped_column(Integer, default=None)
+    """Only a worker whose GPU has at least this much memory (MB) claims the job; None: any worker."""
 
     stage_runs: Mapped[list[StageRun]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="StageRun.id")
@@ -111,7 +129,7 @@ class StageRun(Base):
     __tablename__ = "stage_runs"
     __table_args__ = (UniqueConstraint("job_id", "stage", name="uq_stage_runs_job_stage"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(ID64, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     stage: Mapped[str] = mapped_column(String(32))
     status: Mapped[StageStatus] = mapped_column(_enum(StageStatus))
@@ -131,12 +149,14 @@ class Metric(Base):
     __table_args__ = (
         # One value per (job, stage, key, step): a resumed stage re-logging step i replaces the row.
         UniqueConstraint("job_id", "stage", "key", "step", name="uq_metrics_point"),
-        Index("ix_metrics_job_cursor", "job_id", "id"),
+        Index("ix_metrics_job_row_seq", "job_id", "row_seq", unique=True),
         {"sqlite_autoincrement": True},
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(ID64, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    row_seq: Mapped[int] = mapped_column(BigInteger)
+    """This row's place in its job's stream, the read cursor (from `Job.last_row_seq`; unique per job)."""
     stage: Mapped[str] = mapped_column(String(32))
     key: Mapped[str] = mapped_column(String(100))
     step: Mapped[int] = mapped_column(Integer)
@@ -152,12 +172,14 @@ class Sample(Base):
         # `seq` numbers the samples logged at one (stage, kind, step); deterministic stages log the
         # same prompts in the same order, so a resumed stage replaces its samples instead of doubling them.
         UniqueConstraint("job_id", "stage", "kind", "step", "seq", name="uq_samples_point"),
-        Index("ix_samples_job_cursor", "job_id", "id"),
+        Index("ix_samples_job_row_seq", "job_id", "row_seq", unique=True),
         {"sqlite_autoincrement": True},
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(ID64, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    row_seq: Mapped[int] = mapped_column(BigInteger)
+    """This row's place in its job's stream, the read cursor (from `Job.last_row_seq`; unique per job)."""
     stage: Mapped[str] = mapped_column(String(32))
     kind: Mapped[str] = mapped_column(String(16), default="sample")
     """`sample` (during training), `probe` (fixed prompts per checkpoint) or `eval`."""
@@ -172,10 +194,12 @@ class Sample(Base):
 
 class LogLine(Base):
     __tablename__ = "logs"
-    __table_args__ = (Index("ix_logs_job_cursor", "job_id", "id"), {"sqlite_autoincrement": True})
+    __table_args__ = (Index("ix_logs_job_row_seq", "job_id", "row_seq", unique=True), {"sqlite_autoincrement": True})
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(ID64, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    row_seq: Mapped[int] = mapped_column(BigInteger)
+    """This row's place in its job's stream, the read cursor (from `Job.last_row_seq`; unique per job)."""
     time: Mapped[float] = mapped_column(Float)
     level: Mapped[str] = mapped_column(String(10))
     stage: Mapped[str | None] = mapped_column(String(32), default=None)
@@ -186,12 +210,12 @@ class Artifact(Base):
     __tablename__ = "artifacts"
     __table_args__ = (UniqueConstraint("job_id", "kind", "path", name="uq_artifacts_path"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(ID64, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     stage: Mapped[str | None] = mapped_column(String(32), default=None)
     kind: Mapped[str] = mapped_column(String(50))
     path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int | None] = mapped_column(Integer, default=None)
+    size: Mapped[int | None] = mapped_column(BigInteger, default=None)
     """Bytes (a directory: the sum of its files)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -211,3 +235,9 @@ class Worker(Base):
     """`idle`, `busy` (running `job_id` in process `child_pid`) or `stopped`."""
     job_id: Mapped[int | None] = mapped_column(Integer, default=None)
     child_pid: Mapped[int | None] = mapped_column(Integer, default=None)
+    gpu_index: Mapped[int | None] = mapped_column(Integer, default=None)
+    """The GPU the worker owns, as nvidia-smi numbers it (`edgerlhf worker --gpu N`); None: none named or found."""
+    gpu_name: Mapped[str | None] = mapped_column(String(200), default=None)
+    gpu_memory_mb: Mapped[int | None] = mapped_column(Integer, default=None)
+    """Its memory (`--gpu-memory-mb`, else nvidia-smi's `memory.total`); None: unknown (a CPU-only machine).
+    The worker claims only jobs whose `min_gpu_memory_mb` this meets."""

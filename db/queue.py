@@ -3,10 +3,15 @@
 Each function is one transaction on the `Session` it is given and commits it. State changes are
 compare-and-set updates (`UPDATE ... WHERE id = ? AND status = ?`) checked by their row count, so two
 processes can never both win: two workers claiming, a worker finishing a job another requeued, a cancel
-racing a claim. That needs no `SELECT ... FOR UPDATE` and works the same on SQLite and PostgreSQL.
+racing a claim; the same on SQLite and PostgreSQL. `claim_next` picks its candidate with
+`FOR NO KEY UPDATE SKIP LOCKED` on PostgreSQL (ignored by SQLite, whose one writer already serialises
+claims), so racing workers take different jobs instead of queueing on the same row and losing.
 
+Every metric, sample and log line of a job is numbered by `next_row_seqs`, which bumps the job row's
+counter and so holds the job row's lock until the transaction commits: a transaction that writes a job's
+rows locks the job row first (then anything else), and the numbers follow commit order (`db.read`).
 Metrics and samples are written in batches with "replace" semantics: a row for an existing
-(job, stage, key, step) point is deleted and inserted again, so it gets a new, larger id and a cursor
+(job, stage, key, step) point is deleted and inserted again, so it gets a new, larger number and a cursor
 reader (`after=N`) sees the new value, while the unique constraint guarantees no point exists twice.
 """
 
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -66,6 +71,34 @@ def _log_row(job_id: int, message: str, level: str = "info", stage: str | None =
     return {"job_id": job_id, "time": utcnow().timestamp(), "level": level, "stage": stage, "message": message}
 
 
+_jobs = Job.__table__
+_BUMP_ROW_SEQ = (update(_jobs).where(_jobs.c.id == bindparam("job_id"))
+                 .values(last_row_seq=func.coalesce(_jobs.c.last_row_seq, 0) + bindparam("n"))
+                 .returning(_jobs.c.last_row_seq))
+"""Built once: it runs for every batch a job writes, and building the statement cost more than running it."""
+
+
+def next_row_seqs(session: Session, job_id: int, n: int) -> int:
+    """Reserve the next `n` numbers of `job_id`'s row stream (`row_seq` of its metrics, samples and logs);
+    returns the first. The update locks the job row until this transaction ends, so no other transaction
+    numbers rows of the job before this one commits: numbers never commit out of order. Call it before
+    touching any other row in the transaction, so every writer takes its locks in the same order."""
+    last = session.execute(_BUMP_ROW_SEQ, {"job_id": job_id, "n": n}).scalar()
+    if last is None:
+        raise JobNotFound(job_id)
+    return last - n + 1
+
+
+def _numbered(rows: list[dict[str, Any]], first: int) -> list[dict[str, Any]]:
+    for i, row in enumerate(rows):
+        row["row_seq"] = first + i
+    return rows
+
+
+def _add_logs(session: Session, job_id: int, *rows: dict[str, Any]) -> None:
+    session.execute(insert(LogLine), _numbered(list(rows), next_row_seqs(session, job_id, len(rows))))
+
+
 def _get(session: Session, job_id: int) -> Job:
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:
@@ -76,21 +109,33 @@ def _get(session: Session, job_id: int) -> Job:
 # --- enqueue and claim -----------------------------------------------------------------------------
 
 
-def create_job(session: Session, *, name: str, preset: str, config: dict[str, Any]) -> Job:
-    job = Job(name=name, preset=preset, config=config, status=JobStatus.queued)
+def create_job(session: Session, *, name: str, preset: str, config: dict[str, Any],
+               min_gpu_memory_mb: int | None = None) -> Job:
+    job = Job(name=name, preset=preset, config=config, status=JobStatus.queued, min_gpu_memory_mb=min_gpu_memory_mb)
     session.add(job)
     session.flush()
-    session.execute(insert(LogLine), [_log_row(job.id, f"queued ({preset})")])
+    needs = f", needs a GPU with >= {min_gpu_memory_mb} MB" if min_gpu_memory_mb is not None else ""
+    _add_logs(session, job.id, _log_row(job.id, f"queued ({preset}{needs})"))
     session.commit()
     return job
 
 
-def claim_next(session: Session, worker_id: str) -> Job | None:
-    """Atomically take the oldest queued job for `worker_id`, or None if the queue is empty."""
+def fits_gpu(gpu_memory_mb: int | None) -> ColumnElement[bool]:
+    """The jobs a worker whose GPU has `gpu_memory_mb` may take: those without a minimum, and those whose
+    minimum it meets; a worker of unknown memory (None: no GPU, or none found) only the former."""
+    if gpu_memory_mb is None:
+        return Job.min_gpu_memory_mb.is_(None)
+    return or_(Job.min_gpu_memory_mb.is_(None), Job.min_gpu_memory_mb <= gpu_memory_mb)
+
+
+def claim_next(session: Session, worker_id: str, gpu_memory_mb: int | None = None) -> Job | None:
+    """Atomically take the oldest queued job that `worker_id`'s GPU memory fits (`fits_gpu`), or None if there
+    is none; jobs asking for more memory stay queued for a worker that has it."""
     for _ in range(50):  # lost races retry with the next candidate
         now = utcnow()
         job_id = session.scalar(
-            select(Job.id).where(Job.status == JobStatus.queued).order_by(Job.id).limit(1))
+            select(Job.id).where(Job.status == JobStatus.queued, fits_gpu(gpu_memory_mb)).order_by(Job.id).limit(1)
+            .with_for_update(skip_locked=True, key_share=True))
         if job_id is None:
             session.rollback()
             return None
@@ -104,7 +149,7 @@ def claim_next(session: Session, worker_id: str) -> Job | None:
             session.rollback()
             continue
         job = _get(session, job_id)
-        session.execute(insert(LogLine), [_log_row(job_id, f"claimed by worker {worker_id} (attempt {job.attempts})")])
+        _add_logs(session, job_id, _log_row(job_id, f"claimed by worker {worker_id} (attempt {job.attempts})"))
         session.commit()
         return job
     return None
@@ -130,8 +175,10 @@ def cancel_requested(session: Session, job_id: int) -> bool:
 
 
 def worker_heartbeat(session: Session, worker_id: str, *, hostname: str, pid: int, state: str,
-                     job_id: int | None = None, child_pid: int | None = None) -> None:
-    """Create or refresh the worker's row (the backend's "worker alive" comes from it)."""
+                     job_id: int | None = None, child_pid: int | None = None, gpu_index: int | None = None,
+                     gpu_name: str | None = None, gpu_memory_mb: int | None = None) -> None:
+    """Create or refresh the worker's row: the backend's "worker alive", and the GPU it owns (index, name,
+    memory: None where unknown)."""
     worker = session.get(Worker, worker_id, populate_existing=True)
     if worker is None:
         worker = Worker(id=worker_id, hostname=hostname, pid=pid)
@@ -140,6 +187,9 @@ def worker_heartbeat(session: Session, worker_id: str, *, hostname: str, pid: in
     worker.state = state
     worker.job_id = job_id
     worker.child_pid = child_pid
+    worker.gpu_index = gpu_index
+    worker.gpu_name = gpu_name
+    worker.gpu_memory_mb = gpu_memory_mb
     session.commit()
 
 
@@ -148,6 +198,9 @@ def worker_heartbeat(session: Session, worker_id: str, *, hostname: str, pid: in
 
 def begin_stage(session: Session, job_id: int, stage: str, attempt: int) -> None:
     now = utcnow()
+    # The job row first, as every writer of a job's rows locks it (`next_row_seqs`): one lock order, no deadlock.
+    session.execute(update(Job).where(Job.id == job_id).values(stage=stage)
+                    .execution_options(synchronize_session=False))
     run = session.scalar(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == stage))
     if run is None:
         run = StageRun(job_id=job_id, stage=stage)
@@ -158,20 +211,18 @@ def begin_stage(session: Session, job_id: int, stage: str, attempt: int) -> None
     run.started_at = now
     run.finished_at = None
     run.report = None
-    session.execute(update(Job).where(Job.id == job_id).values(stage=stage)
-                    .execution_options(synchronize_session=False))
     session.commit()
 
 
 def end_stage(session: Session, job_id: int, stage: str, report: dict[str, Any] | None,
               overall_progress: float | None = None) -> None:
+    if overall_progress is not None:  # the job row first (see begin_stage)
+        session.execute(update(Job).where(Job.id == job_id).values(progress=overall_progress)
+                        .execution_options(synchronize_session=False))
     session.execute(
         update(StageRun).where(StageRun.job_id == job_id, StageRun.stage == stage)
         .values(status=StageStatus.succeeded, progress=1.0, finished_at=utcnow(), report=report)
         .execution_options(synchronize_session=False))
-    if overall_progress is not None:
-        session.execute(update(Job).where(Job.id == job_id).values(progress=overall_progress)
-                        .execution_options(synchronize_session=False))
     session.commit()
 
 
@@ -184,7 +235,7 @@ def completed_stages(session: Session, job_id: int) -> set[str]:
 
 
 def _replace_rows(session: Session, model: type, rows: list[dict[str, Any]], key_cols: Sequence[str]) -> None:
-    """Insert `rows`; a row whose `key_cols` match an existing row replaces it (with a new id)."""
+    """Insert `rows`; a row whose `key_cols` match an existing row replaces it (with a new id and `row_seq`)."""
     if not rows:
         return
     if session.get_bind().dialect.name == "sqlite":
@@ -213,24 +264,29 @@ def record(session: Session, job_id: int, *,
 
     metrics: (stage, key, step, value, time); samples: dicts with stage, kind, checkpoint, step, seq,
     prompt, response, reward, time; logs: (time, level, stage, message); artifacts: (stage, kind,
-    path, size); progress: (stage, stage fraction, overall fraction).
+    path, size); progress: (stage, stage fraction, overall fraction). The batch's metrics, samples and
+    logs are numbered with one `next_row_seqs` call: one lock of the job row per batch, not per row.
     """
     metric_rows: dict[tuple[str, str, int], dict[str, Any]] = {}
     for stage, key, step, value, t in metrics:  # last write of a point wins within the batch too
         metric_rows[(stage, key, step)] = {"job_id": job_id, "stage": stage, "key": key, "step": step,
                                            "value": _finite(value), "time": t}
-    _replace_rows(session, Metric, list(metric_rows.values()), ("job_id", "stage", "key", "step"))
-
     sample_rows: dict[tuple, dict[str, Any]] = {}
     for s in samples:
         row = {"job_id": job_id, **s, "reward": _finite(s.get("reward"))}
         sample_rows[(row["stage"], row["kind"], row["step"], row["seq"])] = row
-    _replace_rows(session, Sample, list(sample_rows.values()), ("job_id", "stage", "kind", "step", "seq"))
-
     log_rows = [{"job_id": job_id, "time": t, "level": level, "stage": stage, "message": message}
                 for t, level, stage, message in logs]
+
+    # First, even with nothing to number: the job row is the first lock of every transaction that writes a job.
+    first = next_row_seqs(session, job_id, len(metric_rows) + len(sample_rows) + len(log_rows))
+    _replace_rows(session, Metric, _numbered(list(metric_rows.values()), first), ("job_id", "stage", "key", "step"))
+    first += len(metric_rows)
+    _replace_rows(session, Sample, _numbered(list(sample_rows.values()), first),
+                  ("job_id", "stage", "kind", "step", "seq"))
+    first += len(sample_rows)
     if log_rows:
-        session.execute(insert(LogLine), log_rows)
+        session.execute(insert(LogLine), _numbered(log_rows, first))
 
     artifact_rows = {(kind, path): {"job_id": job_id, "stage": stage, "kind": kind, "path": path, "size": size,
                                     "created_at": utcnow()}
@@ -244,16 +300,16 @@ def record(session: Session, job_id: int, *,
 
     if progress is not None:
         stage, stage_fraction, overall = progress
+        session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running)
+                        .values(progress=overall, stage=stage).execution_options(synchronize_session=False))
         session.execute(update(StageRun).where(StageRun.job_id == job_id, StageRun.stage == stage,
                                                StageRun.status == StageStatus.running)
                         .values(progress=stage_fraction).execution_options(synchronize_session=False))
-        session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running)
-                        .values(progress=overall, stage=stage).execution_options(synchronize_session=False))
     session.commit()
 
 
 def add_log(session: Session, job_id: int, message: str, level: str = "info", stage: str | None = None) -> None:
-    session.execute(insert(LogLine), [_log_row(job_id, message, level, stage)])
+    _add_logs(session, job_id, _log_row(job_id, message, level, stage))
     session.commit()
 
 
@@ -279,7 +335,7 @@ def _transition(session: Session, job_id: int, to: JobStatus, *, owner: str | No
         return False
     if stage_status is not None:
         _close_stage_runs(session, job_id, stage_status)
-    session.execute(insert(LogLine), [_log_row(job_id, message, level)])
+    _add_logs(session, job_id, _log_row(job_id, message, level))
     session.commit()
     return True
 
@@ -331,7 +387,7 @@ def request_cancel(session: Session, job_id: int) -> Job:
                 .values(cancel_requested=True).execution_options(synchronize_session=False))
             message = "cancel requested"
         if result.rowcount == 1:
-            session.execute(insert(LogLine), [_log_row(job_id, message)])
+            _add_logs(session, job_id, _log_row(job_id, message))
             session.commit()
             return _get(session, job_id)
         session.rollback()  # the status changed under us (claimed, finished); look again
@@ -368,7 +424,7 @@ def requeue_stalled(session: Session, stall_seconds: float, max_attempts: int) -
             session.rollback()
             continue
         _close_stage_runs(session, job_id, stage_status)
-        session.execute(insert(LogLine), [_log_row(job_id, message, "warning")])
+        _add_logs(session, job_id, _log_row(job_id, message, "warning"))
         session.commit()
         logger.warning(message, extra={"job_id": job_id})
         done.append((job_id, to))
@@ -389,7 +445,7 @@ def retry(session: Session, job_id: int) -> Job:
     if result.rowcount != 1:
         session.rollback()
         raise JobStateError(f"job {job_id} changed state; try again")
-    session.execute(insert(LogLine), [_log_row(job_id, "retry requested; requeued")])
+    _add_logs(session, job_id, _log_row(job_id, "retry requested; requeued"))
     session.commit()
     return _get(session, job_id)
 
@@ -401,6 +457,9 @@ def delete_job(session: Session, job_id: int) -> Job:
         session.rollback()
         raise JobStateError(f"job {job_id} is {job.status.value}; only finished jobs can be deleted "
                             f"(cancel it first)")
+    # The job row first, as every writer of a job's rows locks it (`next_row_seqs`): a late batch of a job
+    # process that outlived its job commits before the delete, or waits and finds no job.
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
     for model in (Metric, Sample, LogLine, Artifact, StageRun):
         session.execute(delete(model).where(model.job_id == job_id).execution_options(synchronize_session=False))
     result = session.execute(delete(Job).where(Job.id == job_id, Job.status.in_(FINISHED))

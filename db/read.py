@@ -1,8 +1,36 @@
 """Read queries for the backend and tests: jobs with their queue position, and cursor pages of a job's rows.
 
-Cursor pages return rows with `id > after` in id order, at most `limit` of them; the caller passes the
-last id back as the next `after`. Ids only grow (see `db.models`), so a reader never misses a row that
-was committed after its previous page.
+Cursor pages return a job's rows with `row_seq > after` in `row_seq` order, at most `limit` of them; the
+caller passes the last `row_seq` back as the next `after`. A reader never misses or repeats a row, on
+SQLite and PostgreSQL alike, with any number of processes writing the job's rows at once, because:
+
+- **Why not the global id.** A reader that has seen id 120 asks for `id > 120`. On PostgreSQL, ids come
+  from a sequence when a row is inserted, not when its transaction commits: the worker's flusher draws
+  118, the job process or the backend draws 120 and commits first, the reader sees 120, then 118 commits,
+  behind the cursor, and is never returned (tests/db/test_cursors.py showed it: with three writers the id
+  cursor missed rows in every run, up to 57 of 4,800). SQLite never showed it only because it has one
+  writer at a time.
+- **A per-job number, handed out under the job row's lock.** Each job row carries a counter
+  (`Job.last_row_seq`); a transaction that writes a job's metrics, samples or log lines first bumps it by the
+  batch's size (`db.queue.next_row_seqs`: one `UPDATE jobs ... RETURNING`, so one lock per batch, not
+  per row) and numbers the rows from it. The update holds the job row's lock until commit, so a second
+  writer of the same job waits for the first to commit before it draws its numbers: within a job, number
+  order is commit order, and every snapshot a reader takes holds all of a job's committed numbers up to
+  some point and none after it (PostgreSQL's row lock; SQLite's single writer serialises the same way).
+  A rolled-back batch rolls its numbers back with it. The price: writers of one job wait for each other's
+  batch transaction (milliseconds; the worker's context writes one batch every half second), and so does
+  a heartbeat or a cancel, which update the same row.
+- **Why per job, not a global counter or a global lock.** Writers of different jobs never wait on each
+  other, and every reader follows one job. One counter serves the three tables (a page of one kind skips
+  the numbers of the others, which only makes gaps), so a batch with metrics, samples and logs takes the
+  lock once. Considered and not taken: a global advisory lock (serialises every job's writers),
+  reading only up to the oldest open transaction's snapshot (`pg_snapshot_xmin`, PostgreSQL-only and
+  a stalled transaction stalls every reader), and commit timestamps (not in visibility order either).
+- Rows written before `row_seq` existed were numbered with their id by `db.session.init_db`, so a
+  cursor a dashboard held across the upgrade (a global id) still resumes where it was.
+
+The unique index `(job_id, row_seq)` of each table makes a page one index range scan, and makes a
+number handed out twice an error instead of a silently skipped row.
 """
 
 from __future__ import annotations
@@ -54,27 +82,27 @@ def stage_runs(session: Session, job_id: int) -> list[StageRun]:
 
 def metrics_after(session: Session, job_id: int, after: int = 0, keys: Sequence[str] = (),
                   stage: str | None = None, limit: int = 10_000) -> list[Metric]:
-    query = select(Metric).where(Metric.job_id == job_id, Metric.id > after)
+    query = select(Metric).where(Metric.job_id == job_id, Metric.row_seq > after)
     if keys:
         query = query.where(Metric.key.in_(keys))
     if stage:
         query = query.where(Metric.stage == stage)
-    return list(session.scalars(query.order_by(Metric.id).limit(limit)).all())
+    return list(session.scalars(query.order_by(Metric.row_seq).limit(limit)).all())
 
 
 def samples_after(session: Session, job_id: int, after: int = 0, stage: str | None = None,
                   kind: str | None = None, limit: int = 1_000) -> list[Sample]:
-    query = select(Sample).where(Sample.job_id == job_id, Sample.id > after)
+    query = select(Sample).where(Sample.job_id == job_id, Sample.row_seq > after)
     if stage:
         query = query.where(Sample.stage == stage)
     if kind:
         query = query.where(Sample.kind == kind)
-    return list(session.scalars(query.order_by(Sample.id).limit(limit)).all())
+    return list(session.scalars(query.order_by(Sample.row_seq).limit(limit)).all())
 
 
 def logs_after(session: Session, job_id: int, after: int = 0, limit: int = 1_000) -> list[LogLine]:
-    query = select(LogLine).where(LogLine.job_id == job_id, LogLine.id > after)
-    return list(session.scalars(query.order_by(LogLine.id).limit(limit)).all())
+    query = select(LogLine).where(LogLine.job_id == job_id, LogLine.row_seq > after)
+    return list(session.scalars(query.order_by(LogLine.row_seq).limit(limit)).all())
 
 
 def artifacts(session: Session, job_id: int) -> list[Artifact]:

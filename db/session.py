@@ -1,8 +1,10 @@
-"""Engine and session factory. SQLite gets WAL mode and a busy timeout; any other SQLAlchemy URL works as is.
+"""Engine and session factory, and the schema's creation and growth (`init_db`), for SQLite and PostgreSQL.
 
-WAL lets the backend read while the worker writes (readers never block the single writer), and the
-busy timeout makes a second writer (another worker, the backend enqueueing) wait for the lock instead
-of failing with "database is locked". SQLAlchemy's SQLite notes describe the pragmas used here.
+SQLite (the embedded default) gets WAL mode and a busy timeout: WAL lets the backend read while the worker
+writes (readers never block the single writer), and the busy timeout makes a second writer (another worker,
+the backend enqueueing) wait for the lock instead of failing with "database is locked". SQLAlchemy's SQLite
+notes describe the pragmas used here. PostgreSQL (`postgresql+psycopg://user:pass@host/db`, psycopg 3) is
+used as is, with `pool_pre_ping` so a restarted server costs one failed check, not a failed request.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, inspect, text
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy import create_engine, event, func, inspect, select, text, update
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Base
+from db.models import Base, Job, LogLine, Metric, Sample
 
 BUSY_TIMEOUT_S = 30.0
 """How long a SQLite writer waits for the write lock before giving up."""
@@ -57,21 +59,31 @@ def get_engine(url: str) -> Engine:
         return _engines[url]
 
 
+_RACE_WORDS = ("already exists", "duplicate column", "duplicate key value", "locked", "deadlock detected")
+"""What the loser of two processes creating the same table, column or index is told (SQLite, PostgreSQL)."""
+
+
 def init_db(engine: Engine) -> None:
-    """Create missing tables, then add missing columns. Safe when several processes start at once.
+    """Create missing tables, add missing columns, number old rows, add missing indexes. Safe when several
+    processes start at once, on SQLite and PostgreSQL.
 
     The schema only ever grows by columns that are nullable or have a `server_default` (a new column must
     have one of the two: old rows get it), so `add_missing_columns` is the whole migration story, the same
-    on SQLite and PostgreSQL: a database written by an older version gains the new columns in place.
+    on SQLite and PostgreSQL: a database written by an older version gains the new columns in place. The
+    one column filled by a step of its own is `row_seq`, the read cursor of metrics, samples and logs
+    (`number_old_rows`), and indexes of tables that already exist come after it (`add_missing_indexes`).
     """
     for attempt in range(5):
         try:
             Base.metadata.create_all(engine)
             add_missing_columns(engine)
+            number_old_rows(engine)
+            add_missing_indexes(engine)
             return
-        except (OperationalError, ProgrammingError) as exc:
-            # Two processes may both see a table or column missing; the loser's DDL fails and retrying finds it.
-            if not any(word in str(exc) for word in ("already exists", "duplicate column", "locked")) or attempt == 4:
+        except (OperationalError, ProgrammingError, IntegrityError) as exc:
+            # Two processes may both see a table, column or index missing; the loser's DDL fails (on PostgreSQL
+            # a concurrent CREATE TABLE can also fail on its catalog's unique index) and retrying finds it.
+            if not any(word in str(exc) for word in _RACE_WORDS) or attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))
 
@@ -95,6 +107,50 @@ def add_missing_columns(engine: Engine) -> list[str]:
                     ddl += f" DEFAULT {default}"
                 conn.execute(text(ddl))
                 added.append(f"{table.name}.{column.name}")
+    return added
+
+
+def number_old_rows(engine: Engine) -> int:
+    """Give the metrics, samples and log lines written before `row_seq` existed a number: their id, so a cursor
+    a reader held then (a global id) still resumes in the right place; then raise each job's counter
+    (`Job.last_row_seq`) past its rows. Returns how many rows it numbered.
+
+    A table created with `row_seq` has it NOT NULL and is skipped at no cost. Where `add_missing_columns` added
+    the column (nullable), every start looks for rows without a number, so a row an old worker wrote after the
+    upgrade began is numbered by the next start; PostgreSQL then marks the column NOT NULL, and stops looking.
+    """
+    numbered = 0
+    with engine.begin() as conn:
+        for model in (Metric, Sample, LogLine):
+            table = model.__table__
+            if not _nullable(conn, table.name, "row_seq"):
+                continue
+            count = conn.execute(update(table).where(table.c.row_seq.is_(None)).values(row_seq=table.c.id)).rowcount
+            if count:
+                numbered += count
+                jobs = Job.__table__
+                last = select(func.max(table.c.row_seq)).where(table.c.job_id == jobs.c.id).scalar_subquery()
+                conn.execute(update(jobs).where(func.coalesce(jobs.c.last_row_seq, 0) < last).values(last_row_seq=last))
+            if engine.dialect.name == "postgresql":
+                conn.execute(text(f"ALTER TABLE {table.name} ALTER COLUMN row_seq SET NOT NULL"))
+    return numbered
+
+
+def _nullable(conn: Connection, table: str, column: str) -> bool:
+    return next(c["nullable"] for c in inspect(conn).get_columns(table) if c["name"] == column)
+
+
+def add_missing_indexes(engine: Engine) -> list[str]:
+    """`CREATE INDEX` for every model index an existing table lacks (create_all only indexes the tables it
+    creates); returns the names added."""
+    added = []
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            present = {ix["name"] for ix in inspect(conn).get_indexes(table.name)}
+            for index in table.indexes:
+                if index.name not in present:
+                    index.create(conn)
+                    added.append(index.name)
     return added
 
 

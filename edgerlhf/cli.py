@@ -1,6 +1,7 @@
 """The `edgerlhf` command: one entry point for every process of the service and for the pipeline.
 
     edgerlhf up          backend + worker + dashboard together; Ctrl-C stops all three, and they die with it
+                         (`--workers N`: N workers, worker i on GPU i)
     edgerlhf backend     the FastAPI backend (uvicorn)
     edgerlhf worker      the GPU worker (one job at a time)
     edgerlhf frontend    the Streamlit dashboard
@@ -110,8 +111,17 @@ def _check_ports(settings) -> None:
                        f"`edgerlhf up`?); stop what holds it, or set {variable} to a free port")
 
 
+def worker_commands(workers: int | None) -> dict[str, list[str]]:
+    """The worker processes of `up`: one that takes its GPU from the environment (`workers` None), or
+    `workers` of them, worker i owning GPU i (`edgerlhf worker --gpu i`)."""
+    base = [sys.executable, "-m", "edgerlhf.cli", "worker"]
+    if workers is None:
+        return {"worker": base}
+    return {f"worker-{i}": [*base, "--gpu", str(i)] for i in range(workers)}
+
+
 def up(argv: list[str]) -> int:
-    """Start backend, worker and dashboard as child processes; stop them all on Ctrl-C or if one dies."""
+    """Start backend, worker(s) and dashboard as child processes; stop them all on Ctrl-C or if one dies."""
     import argparse
 
     from edgerlhf.log import setup_logging
@@ -119,7 +129,11 @@ def up(argv: list[str]) -> int:
     from worker.lifeline import Reaper, die_with_parent
 
     parser = argparse.ArgumentParser(prog="edgerlhf up", description=up.__doc__)
-    parser.add_argument("--no-worker", action="store_true", help="start only backend and dashboard")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--no-worker", action="store_true", help="start only backend and dashboard")
+    group.add_argument("--workers", type=_positive, default=None, metavar="N",
+                       help="start N workers, worker i owning GPU i (`edgerlhf worker --gpu i`); default: one "
+                            "worker on the GPU of CUDA_VISIBLE_DEVICES (or GPU 0)")
     args = parser.parse_args(argv)
 
     settings = get_settings()
@@ -139,7 +153,7 @@ def up(argv: list[str]) -> int:
     env = {**os.environ, "EDGERLHF_DATA_DIR": str(settings.data_dir), "PYTHONUNBUFFERED": "1"}
     commands = {"backend": [sys.executable, "-m", "edgerlhf.cli", "backend"]}
     if not args.no_worker:
-        commands["worker"] = [sys.executable, "-m", "edgerlhf.cli", "worker"]
+        commands.update(worker_commands(args.workers))
     commands["frontend"] = frontend_command(settings)
 
     # Each child gets its own process group so one Ctrl-C in this terminal reaches us only, and we
@@ -162,6 +176,8 @@ def up(argv: list[str]) -> int:
         reaper.watch(procs[name].pid)
     log.info(f"data directory: {settings.data_dir}")
     log.info(f"database:       {settings.db_url}")
+    if args.workers is not None:
+        log.info(f"workers:        {args.workers}, on GPUs {', '.join(str(i) for i in range(args.workers))}")
     log.info(f"backend:        {settings.api_url}  (API docs: {settings.api_url}/docs)")
     log.info(f"dashboard:      http://{'127.0.0.1' if settings.backend_host in ('0.0.0.0', '::') else settings.backend_host}:{settings.frontend_port}")
     log.info("press Ctrl-C to stop")
@@ -198,6 +214,15 @@ def up(argv: list[str]) -> int:
     os.close(lock)
     log.info("stopped")
     return exit_code
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'edgerlhf.db'}"
 
     @property
+    def worker_alive_seconds(self) -> float:
+        """A worker that heartbeated within this many seconds counts as alive (a missed beat or two is no death)."""
+        return max(3 * self.heartbeat_seconds, 10.0)
+
+    @property
     def runs_dir(self) -> Path:
         return self.data_dir / "runs"
 

@@ -5,8 +5,9 @@ back as two exceptions a page can act on: `BackendDown` (no answer at all: show 
 on screen) and `ApiError` (the backend answered 4xx/5xx; `field_errors` maps a config field such as
 `ppo.batch_size` to its message so a form can show it next to the widget).
 
-Paged endpoints (`/metrics`, `/samples`, `/logs`) are read with a cursor: `after` is the id of the last
-row already seen, so a live panel only ever downloads new rows.
+Paged endpoints (`/metrics`, `/samples`, `/logs`) are read with a cursor: `after` is the `cursor` of the
+last page (the last row's place in its job's stream, never a global id), so a live panel only ever downloads
+new rows, and misses none that another process committed late.
 
 The client reads exactly the fields of the backend's response schemas (`backend/api/schemas.py`: a page
 is `items` + `cursor` + `more`, a job list is `JobsPublic.items`) and parses a job's stage reports into
@@ -179,10 +180,14 @@ class ApiClient:
         """`JobPublic`: status, `stages` (`stage`, `status`, `progress` ...), config, error ..."""
         return self.request("GET", f"/api/jobs/{job_id}")
 
-    def create_job(self, preset: str, overrides: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
+    def create_job(self, preset: str, overrides: dict[str, Any] | None = None, name: str | None = None,
+                   min_gpu_memory_mb: int | None = None) -> dict[str, Any]:
+        """`JobCreate`; `min_gpu_memory_mb`: only a worker whose GPU has that much memory runs it (None: any)."""
         body: dict[str, Any] = {"preset": preset, "overrides": overrides or {}}
         if name:
             body["name"] = name
+        if min_gpu_memory_mb is not None:
+            body["min_gpu_memory_mb"] = min_gpu_memory_mb
         return self.request("POST", "/api/jobs", json=body)
 
     def cancel_job(self, job_id: int) -> dict[str, Any]:

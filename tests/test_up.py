@@ -1,5 +1,6 @@
 """`edgerlhf up` (behind `make run`): three real processes come up, answer, and all go away on Ctrl-C or
-with `up` itself (`kill -9`); a second `up` on the same data directory or ports says why it cannot start."""
+with `up` itself (`kill -9`); a second `up` on the same data directory or ports says why it cannot start;
+`up --workers 2` runs a worker per GPU, and both go with it too."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import psutil
 import pytest
 
 from .conftest import REPO_ROOT, free_port
+from .fake_gpus import FAKE_GPUS, fake_nvidia_smi_path
 
 
 def wait_for(url: str, deadline: float) -> httpx.Response:
@@ -72,8 +74,8 @@ def up_env(data_dir, backend_port: int, frontend_port: int) -> dict[str, str]:
     return env
 
 
-def start_up(env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgerlhf.cli", "up"], cwd=REPO_ROOT, env=env,
+def start_up(env: dict[str, str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgerlhf.cli", "up", *args], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -144,3 +146,53 @@ def test_up_refuses_to_start_on_a_busy_port_and_names_it(tmp_path, busy):
     assert code == 1, output
     assert f"port {ports[busy]} ({busy})" in output and setting in output, output
     assert len(output.strip().splitlines()) == 1, output
+
+
+@pytest.mark.slow
+def test_up_with_two_workers_runs_one_per_gpu_both_heartbeat_and_both_die_with_up(tmp_path):
+    ports = free_port(), free_port()
+    env = up_env(tmp_path / "data", *ports)
+    env["PATH"] = fake_nvidia_smi_path(tmp_path / "bin")  # two GPUs, on any machine
+    env["EDGERLHF_HEARTBEAT_SECONDS"] = "0.5"
+    first = start_up(env, "--workers", "2")
+    api = f"http://127.0.0.1:{ports[0]}/api/system"
+    descendants: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        wait_for(f"http://127.0.0.1:{ports[0]}/healthz", deadline)
+
+        def live_workers() -> dict[int, dict]:
+            return {w["gpu_index"]: w for w in httpx.get(api, timeout=5).json()["workers"] if w["alive"]}
+
+        while len(seen := live_workers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert sorted(seen) == [0, 1], f"expected a live worker on GPU 0 and one on GPU 1: {seen}"
+        for index, (name, memory) in enumerate(FAKE_GPUS):
+            w = seen[index]
+            assert (w["gpu_name"], w["gpu_memory_mb"], w["state"], w["host"]) == (name, memory, "idle",
+                                                                                 socket.gethostname()), w
+        # Both keep heartbeating (not merely once at start).
+        while time.monotonic() < deadline:
+            now = live_workers()
+            if all(now[i]["last_heartbeat"] > seen[i]["last_heartbeat"] for i in (0, 1)):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"not both heartbeating: {seen} then {now}")
+
+        descendants = psutil.Process(first.pid).children(recursive=True)
+        pids = {p.pid: p for p in descendants}
+        workers = [pids[seen[i]["pid"]] for i in (0, 1)]
+        assert [w.cmdline()[-2:] for w in workers] == [["--gpu", "0"], ["--gpu", "1"]]
+    finally:
+        first.kill()  # SIGKILL: no handler of `up` runs
+        first.wait(timeout=30)
+        first.stdout.close()
+    deadline = time.monotonic() + 30
+    while alive(descendants) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = alive(descendants)
+    for p in left:
+        p.kill()
+    assert not left, f"left behind: {[p.cmdline() for p in left]}"
+    assert not alive(workers), "both workers die with up"

@@ -3,7 +3,7 @@
 A stage calls `ctx.log_metric(...)` thousands of times; each call only appends to an in-memory buffer.
 A background thread flushes the buffers in one transaction every `flush_interval` seconds (sooner when
 `flush_rows` rows are waiting), polls the job's cancel flag, and samples memory every `memory_interval`
-seconds (`edgerlhf.memory.sampled`). So the training loop never waits on SQLite, `check_cancelled()`
+seconds (`edgerlhf.memory.sampled`). So the training loop never waits on the database, `check_cancelled()`
 costs a flag read, and a browser still sees a new point within about a second.
 
 One writer per metric key: the sampler writes `sys/*` (`contract.SAMPLED_PREFIX`) and nothing else; the

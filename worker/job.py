@@ -120,6 +120,10 @@ def run(job_id: int) -> tuple[int, dict]:
                         memory_device=memory_device)
         try:
             with ctx:
+                # Which machine and GPU ran this attempt: with many workers, the first question about a job.
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                ctx.log(f"job process on {socket.gethostname()} (pid {os.getpid()}), device {config.device}, "
+                        + (f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "every GPU visible"))
                 todo = [s for s in config.stages if s not in skip]
                 if skip:
                     ctx.log(f"resuming attempt {attempt}: stage(s) {', '.join(s for s in config.stages if s in skip)} "

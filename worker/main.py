@@ -1,14 +1,18 @@
 """The GPU worker: a plain synchronous loop that claims one job at a time and runs it in a child process.
 
     edgerlhf worker                       run forever
-    edgerlhf worker --once                run queued jobs until the queue is empty, then exit
+    edgerlhf worker --once                run queued jobs until none that fits its GPU is left, then exit
     edgerlhf worker --max-jobs 1          exit after one job
+    edgerlhf worker --gpu 1               own GPU 1: its jobs run with CUDA_VISIBLE_DEVICES=1
+    edgerlhf worker --gpu-memory-mb 8192  its GPU's memory, instead of asking nvidia-smi
 
-Per job: claim it atomically (`db.queue.claim_next`), start `python -m worker.job` (see there for why
-a process per job), heartbeat from a background thread while it runs (that thread also watches the
-cancel flag and kills a job process that ignores a cancel for `--cancel-grace` seconds), and decide the
-final status in `finally` from how the job process ended (a crash after a cancel request is still a
-failure), recording it only while the job is still this worker's. On start and every few seconds the
+Each worker owns one GPU (`worker.gpu`) and claims only jobs whose minimum GPU memory that GPU meets;
+many workers, on one machine or several, share one queue (one database). Per job: claim it atomically
+(`db.queue.claim_next`), start `python -m worker.job` (see there for why a process per job) with
+`CUDA_VISIBLE_DEVICES` set to the worker's GPU, heartbeat from a background thread while it runs (that
+thread also watches the cancel flag and kills a job process that ignores a cancel for `--cancel-grace`
+seconds), and decide the final status in `finally` from how the job process ended (a crash after a cancel
+request is still a failure), recording it only while the job is still this worker's. On start and every few seconds the
 loop requeues jobs whose worker stopped heartbeating; they resume after their last completed stage.
 SIGTERM/SIGINT stop the job process and give its job back to the queue. The worker never imports
 FastAPI or torch.
@@ -32,9 +36,11 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import Job, JobStatus, init_db, make_engine, make_sessionmaker, queue
+from db.models import MAX_GPU_MEMORY_MB
 from edgerlhf.contract import job_run_dir
 from edgerlhf.log import setup_logging
 from edgerlhf.settings import Settings, get_settings
+from worker.gpu import GPUError, WorkerGPU, resolve
 from worker.job import EXIT_CANCELLED, EXIT_OK
 from worker.lifeline import die_with_parent
 
@@ -77,7 +83,7 @@ class _Heartbeat(threading.Thread):
                 with r.sessions() as session:
                     reply = queue.heartbeat(session, r.job.id, r.worker_id)
                     queue.worker_heartbeat(session, r.worker_id, hostname=socket.gethostname(), pid=os.getpid(),
-                                           state="busy", job_id=r.job.id, child_pid=r.proc.pid)
+                                           state="busy", job_id=r.job.id, child_pid=r.proc.pid, **r.gpu.columns())
                 if not reply.owned:
                     self.lost = True
                     logger.error("lost the job (requeued or deleted elsewhere); stopping its process",
@@ -102,12 +108,13 @@ class JobRunner:
     """Runs one claimed job in a child process and records how it ended."""
 
     def __init__(self, job: Job, sessions: sessionmaker[Session], settings: Settings, worker_id: str,
-                 cancel_grace: float):
+                 cancel_grace: float, gpu: WorkerGPU = WorkerGPU()):
         self.job = job
         self.sessions = sessions
         self.settings = settings
         self.worker_id = worker_id
         self.cancel_grace = cancel_grace
+        self.gpu = gpu
         self.heartbeat_seconds = settings.heartbeat_seconds
         self.run_dir = job_run_dir(settings.runs_dir, job.id)
         self.result_path = self.run_dir / "worker-result.json"
@@ -122,6 +129,10 @@ class JobRunner:
         env["EDGERLHF_DATA_DIR"] = str(self.settings.data_dir)
         if self.settings.database_url:
             env["EDGERLHF_DATABASE_URL"] = self.settings.database_url
+        if self.gpu.visible_devices is not None:
+            # The job sees only this worker's GPU, as its cuda:0; numbered as nvidia-smi numbers them.
+            env["CUDA_VISIBLE_DEVICES"] = self.gpu.visible_devices
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         cmd = [sys.executable, "-m", "worker.job", "--job-id", str(self.job.id),
                "--parent-pid", str(os.getpid()), "--result", str(self.result_path)]
         # Own process group: a cancel kills the job process and whatever it started, nothing else.
@@ -229,11 +240,12 @@ class Worker:
     """The loop: requeue stalled jobs, claim, run, repeat."""
 
     def __init__(self, settings: Settings, worker_id: str | None = None, poll_interval: float = 1.0,
-                 cancel_grace: float = 10.0):
+                 cancel_grace: float = 10.0, gpu: WorkerGPU = WorkerGPU()):
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.poll_interval = poll_interval
         self.cancel_grace = cancel_grace
+        self.gpu = gpu
         self.engine = make_engine(settings.db_url)
         init_db(self.engine)
         self.sessions = make_sessionmaker(self.engine)
@@ -246,7 +258,7 @@ class Worker:
         self._next_beat = time.monotonic() + self.settings.heartbeat_seconds
         with self.sessions() as session:
             queue.worker_heartbeat(session, self.worker_id, hostname=socket.gethostname(), pid=os.getpid(),
-                                   state=state)
+                                   state=state, **self.gpu.columns())
 
     def _requeue_stalled(self) -> None:
         if time.monotonic() < self._next_requeue:
@@ -257,16 +269,16 @@ class Worker:
             queue.requeue_stalled(session, self.settings.stall_seconds, self.settings.max_attempts)
 
     def run_one(self) -> JobStatus | None | bool:
-        """Claim and run one job; False when the queue was empty."""
+        """Claim and run one job; False when no queued job fits this worker's GPU."""
         self._requeue_stalled()
         with self.sessions() as session:
-            job = queue.claim_next(session, self.worker_id)
+            job = queue.claim_next(session, self.worker_id, self.gpu.memory_mb)
         if job is None:
             return False
-        return JobRunner(job, self.sessions, self.settings, self.worker_id, self.cancel_grace).run()
+        return JobRunner(job, self.sessions, self.settings, self.worker_id, self.cancel_grace, self.gpu).run()
 
     def run(self, once: bool = False, max_jobs: int | None = None) -> int:
-        logger.info(f"worker {self.worker_id} started on {self.settings.db_url}")
+        logger.info(f"worker {self.worker_id} started on {self.settings.db_url} with {self.gpu.describe()}")
         done = 0
         try:
             while max_jobs is None or done < max_jobs:
@@ -309,21 +321,47 @@ def _install_signal_handlers() -> None:
         pass
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _memory(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_GPU_MEMORY_MB:
+        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_GPU_MEMORY_MB}] (MB), got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgerlhf worker", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--once", action="store_true", help="run queued jobs until the queue is empty, then exit")
+    parser.add_argument("--once", action="store_true",
+                        help="run queued jobs until none that fits this worker's GPU is left, then exit")
     parser.add_argument("--max-jobs", type=int, default=None, help="exit after running this many jobs")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between queue polls when idle")
     parser.add_argument("--cancel-grace", type=float, default=10.0,
                         help="seconds a job process gets to stop after a cancel before it is killed")
     parser.add_argument("--worker-id", default=None, help="name in the database (default <hostname>:<pid>)")
+    parser.add_argument("--gpu", type=_count, default=None, metavar="N",
+                        help="the GPU this worker owns (nvidia-smi's index); its jobs run with CUDA_VISIBLE_DEVICES=N "
+                             "(default: the first of CUDA_VISIBLE_DEVICES, else GPU 0 if there is one)")
+    parser.add_argument("--gpu-memory-mb", type=_memory, default=None, metavar="M",
+                        help="the GPU's memory in MB (default: nvidia-smi's memory.total; unknown without nvidia-smi); "
+                             "the worker claims only jobs whose min_gpu_memory_mb it meets")
     args = parser.parse_args(argv)
 
     settings = get_settings()
     setup_logging("worker", settings.log_level)
+    try:
+        gpu = resolve(args.gpu, args.gpu_memory_mb, os.environ)
+    except GPUError as exc:
+        print(f"edgerlhf worker: {exc}", file=sys.stderr)
+        return 2
     _install_signal_handlers()
     worker = Worker(settings, worker_id=args.worker_id, poll_interval=args.poll_interval,
-                    cancel_grace=args.cancel_grace)
+                    cancel_grace=args.cancel_grace, gpu=gpu)
     return worker.run(once=args.once, max_jobs=args.max_jobs)
 
 

@@ -2,9 +2,10 @@
 
 `Annotated` aliases (`SessionDep`, `SettingsDep`) as in fastapi/full-stack-fastapi-template's `deps.py`.
 The app built by `backend.main.create_app` keeps its settings and session factory on `app.state`, so
-tests can build apps on different databases side by side. Integers from a URL meet SQLite's 64-bit
-INTEGER range in one of two places: a path id in `db.read.get_job` (beyond the range: no such job, 404),
-a query offset or cursor in the `RowOffset` type (beyond the range: 422).
+tests can build apps on different databases side by side. Integers from a URL meet the 64-bit range of
+ids and cursors (SQLite's INTEGER, PostgreSQL's BIGINT: `db.models.ID64`) in one of two places: a path id
+in `db.read.get_job` (beyond the range: no such job, 404), a query offset or cursor in the `RowOffset` type
+(beyond the range: 422).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 RowOffset = Annotated[int, Ge(0), Le(INT64_MAX)]
-"""A query's offset or row-id cursor: 422 beyond what SQLite can bind. Use as `Annotated[RowOffset, Query(...)]`."""
+"""A query's offset or row cursor: 422 beyond 64 bits (what SQLite can bind, PostgreSQL's BIGINT). Use as
+`Annotated[RowOffset, Query(...)]`."""
 
 
 def get_job_or_404(job_id: int, session: SessionDep) -> Job:

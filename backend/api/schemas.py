@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from db.models import Artifact, Job, JobStatus, LogLine, Metric, Sample, StageRun
+from db.models import MAX_GPU_MEMORY_MB, Artifact, Job, JobStatus, LogLine, Metric, Sample, StageRun, Worker
 from edgerlhf.contract import StageStatus
 
 
@@ -39,6 +39,9 @@ class JobCreate(BaseModel):
     preset: str = Field(min_length=1, max_length=100, description="A name from GET /api/presets")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description="Nested fields to change, e.g. {\"ppo\": {\"steps\": 5}}")
+    min_gpu_memory_mb: int | None = Field(
+        None, strict=True, ge=1, le=MAX_GPU_MEMORY_MB,
+        description="Only a worker whose GPU has at least this much memory (MB) runs the job; default: any worker")
 
 
 class StagePublic(BaseModel):
@@ -69,10 +72,16 @@ class JobPublic(BaseModel):
     cancel_requested: bool
     queue_position: int | None
     """1 = the next job a worker takes; None unless queued."""
+    min_gpu_memory_mb: int | None
+    """Only a worker whose GPU has at least this much memory (MB) claims the job; None: any worker."""
+    waiting_for: str | None
+    """Why a queued job waits when no live worker could ever take it (`waiting for a worker with ≥ M MB ...`);
+    None otherwise."""
     stages: list[StagePublic]
 
     @classmethod
-    def of(cls, job: Job, runs: list[StageRun], queue_position: int | None) -> JobPublic:
+    def of(cls, job: Job, runs: list[StageRun], queue_position: int | None,
+           waiting_for: str | None = None) -> JobPublic:
         by_stage = {r.stage: r for r in runs}
         stages = []
         for name in job.config.get("stages", []):
@@ -86,7 +95,9 @@ class JobPublic(BaseModel):
                    started_at=job.started_at, finished_at=job.finished_at, heartbeat_at=job.heartbeat_at,
                    error=job.error, attempts=job.attempts, worker_id=job.worker_id,
                    cancel_requested=job.cancel_requested,
-                   queue_position=queue_position if job.status == JobStatus.queued else None, stages=stages)
+                   queue_position=queue_position if job.status == JobStatus.queued else None,
+                   min_gpu_memory_mb=job.min_gpu_memory_mb,
+                   waiting_for=waiting_for if job.status == JobStatus.queued else None, stages=stages)
 
 
 class JobsPublic(BaseModel):
@@ -102,6 +113,8 @@ class JobsPublic(BaseModel):
 
 class MetricPublic(BaseModel):
     id: int
+    cursor: int
+    """This row's place in its job's stream: `after=<cursor>` returns the rows written after it."""
     stage: str
     key: str
     step: int
@@ -110,11 +123,14 @@ class MetricPublic(BaseModel):
 
     @classmethod
     def of(cls, m: Metric) -> MetricPublic:
-        return cls(id=m.id, stage=m.stage, key=m.key, step=m.step, value=jsonable(m.value), time=m.time)
+        return cls(id=m.id, cursor=m.row_seq, stage=m.stage, key=m.key, step=m.step, value=jsonable(m.value),
+                   time=m.time)
 
 
 class SamplePublic(BaseModel):
     id: int
+    cursor: int
+    """This row's place in its job's stream: `after=<cursor>` returns the rows written after it."""
     stage: str
     kind: str
     checkpoint: str | None
@@ -126,12 +142,14 @@ class SamplePublic(BaseModel):
 
     @classmethod
     def of(cls, s: Sample) -> SamplePublic:
-        return cls(id=s.id, stage=s.stage, kind=s.kind, checkpoint=s.checkpoint, step=s.step, prompt=s.prompt,
-                   response=s.response, reward=jsonable(s.reward), time=s.time)
+        return cls(id=s.id, cursor=s.row_seq, stage=s.stage, kind=s.kind, checkpoint=s.checkpoint, step=s.step,
+                   prompt=s.prompt, response=s.response, reward=jsonable(s.reward), time=s.time)
 
 
 class LogPublic(BaseModel):
     id: int
+    cursor: int
+    """This row's place in its job's stream: `after=<cursor>` returns the rows written after it."""
     time: float
     level: str
     stage: str | None
@@ -139,7 +157,8 @@ class LogPublic(BaseModel):
 
     @classmethod
     def of(cls, line: LogLine) -> LogPublic:
-        return cls(id=line.id, time=line.time, level=line.level, stage=line.stage, message=line.message)
+        return cls(id=line.id, cursor=line.row_seq, time=line.time, level=line.level, stage=line.stage,
+                   message=line.message)
 
 
 class MetricsPage(BaseModel):
@@ -212,9 +231,25 @@ class WorkerPublic(BaseModel):
     alive: bool
     """A worker heartbeated within the last few heartbeat intervals."""
     id: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    gpu_index: int | None = None
+    """The GPU the worker owns (nvidia-smi's index); None: none named or found."""
+    gpu_name: str | None = None
+    gpu_memory_mb: int | None = None
+    """Its memory; None: unknown (the worker then takes only jobs without a minimum)."""
     state: str | None = None
+    """`idle`, `busy` or `stopped`."""
     job_id: int | None = None
+    """The job it runs now."""
+    started_at: datetime | None = None
     last_heartbeat: datetime | None = None
+
+    @classmethod
+    def of(cls, w: Worker, alive: bool) -> WorkerPublic:
+        return cls(alive=alive, id=w.id, host=w.hostname, pid=w.pid, gpu_index=w.gpu_index, gpu_name=w.gpu_name,
+                   gpu_memory_mb=w.gpu_memory_mb, state=w.state, job_id=w.job_id, started_at=w.started_at,
+                   last_heartbeat=w.heartbeat_at)
 
 
 class SystemPublic(BaseModel):
@@ -222,7 +257,9 @@ class SystemPublic(BaseModel):
     """index, name, memory_total_mb, memory_used_mb per visible NVIDIA GPU."""
     cpu: dict[str, Any]
     worker: WorkerPublic
+    """The live worker that heartbeated last (else the last one seen); `workers` has them all."""
     workers: list[WorkerPublic]
+    """Every worker seen (at most the 20 that heartbeated last), alive or not, most recent first."""
     queue_length: int
     """Queued jobs."""
     jobs: dict[str, int]

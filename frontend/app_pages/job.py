@@ -25,7 +25,8 @@ SYSTEM_TTL = 60.0  # seconds the GPU list (for the memory limit line) is reused 
 
 
 def gpu_total_mb(client, job: dict[str, Any]) -> tuple[float | None, str | None]:
-    """(memory total, name) of the GPU the job runs on (`SystemPublic.gpus`); (None, None) without a GPU."""
+    """(memory total, name) of the GPU the job runs on: its worker's GPU (`SystemPublic.workers`), else the
+    backend machine's GPU its device names (`SystemPublic.gpus`); (None, None) without a GPU."""
     cached = st.session_state.get("job_system")
     if cached is None or time.time() - cached[0] > SYSTEM_TTL:
         try:
@@ -35,7 +36,12 @@ def gpu_total_mb(client, job: dict[str, Any]) -> tuple[float | None, str | None]
         st.session_state["job_system"] = cached
     system = cached[1]
     device = job["config"]["device"]
-    if system is None or not system["gpus"] or device == "cpu":
+    if system is None or device == "cpu":
+        return None, None
+    worker = next((w for w in system["workers"] if w["id"] == job["worker_id"]), None)
+    if worker is not None and worker["gpu_memory_mb"]:  # the worker may be on another machine
+        return float(worker["gpu_memory_mb"]), worker["gpu_name"] or f"GPU {worker['gpu_index']}"
+    if not system["gpus"]:
         return None, None
     gpus = system["gpus"]
     index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
@@ -57,6 +63,10 @@ def header(client, feed: live.JobFeed) -> None:
         facts.append(f"stage **{job['stage']}**")
     if job["queue_position"]:
         facts.append(f"queue position **{job['queue_position']}**")
+    if job["min_gpu_memory_mb"] is not None:
+        facts.append(f"needs a GPU with ≥ {job['min_gpu_memory_mb']:,} MB")
+    if job["worker_id"] and status == JobStatus.running:
+        facts.append(f"worker `{job['worker_id']}`")
     if ui.duration(job):
         took = ui.duration(job)
         facts.append(f"running for {took}" if status == JobStatus.running else f"took {took}")
@@ -72,6 +82,10 @@ def header(client, feed: live.JobFeed) -> None:
             if ui.act(client.retry_job, feed.job_id):
                 st.toast("Queued again: it resumes after its last completed stage.")
                 st.rerun()
+    if job["waiting_for"]:  # no live worker could ever take it
+        st.warning(f"{job['waiting_for'][0].upper()}{job['waiting_for'][1:]}: start one with "
+                   f"`edgerlhf worker --gpu N` on a machine whose GPU has that much memory.",
+                   icon=":material/hourglass_empty:")
     if job["error"]:
         lines = str(job["error"]).strip().splitlines()
         st.error(f"**{lines[-1] if lines else 'failed'}**", icon=":material/error:")

@@ -5,7 +5,8 @@ the job's stored config says plainly what was changed. A field's help (its ⓘ) 
 `edgerlhf/config.py` with its type and accepted range, as the backend serves them (`GET /api/config/fields`):
 the dashboard keeps no copy of it, and the widget's kind follows the field's type. The backend validates:
 a 422 names the field (`ppo.batch_size`), and its message is shown right under that field. Submitting
-opens the new job's page.
+opens the new job's page. Beside the config, a job may ask for a minimum GPU memory (`min_gpu_memory_mb`):
+only a worker whose GPU has that much takes it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ FIELDS: list[tuple[str, str, str, list[str] | None]] = [
 ]
 LAYOUT = [["Run", "Model", "Data"], ["SFT", "Reward model"], ["PPO", "Evaluate"]]
 ERRORS = "new_job_errors"  # session key: {field path: message} from the last rejected submit
+MIN_GPU = "min_gpu_memory_mb"  # the job-level field of `JobCreate` (not part of the config)
 CACHE_SECONDS = 300  # presets and field docs change only when the backend is upgraded
 
 
@@ -162,7 +164,8 @@ with st.expander(f"Full `{preset}` configuration"):
 errors: dict[str, str] = st.session_state.get(ERRORS, {})
 known = {path for _, path, _, _ in FIELDS}
 other = {k: v for k, v in errors.items()
-         if not any(k == p or k.startswith(p + "[") or k.startswith(p + ".") for p in known) and k != "overrides"}
+         if not any(k == p or k.startswith(p + "[") or k.startswith(p + ".") for p in known)
+         and k not in ("overrides", MIN_GPU)}
 
 values: dict[str, Any] = {}
 with st.form("new_job", border=True):
@@ -170,7 +173,14 @@ with st.form("new_job", border=True):
         st.error("The backend rejected the job:\n\n" + "\n".join(f"- `{k}`: {v}" for k, v in other.items()))
     st.caption(f"Every field starts at the `{preset}` preset's value (its ⓘ explains the config field and "
                "gives its range); only what you change is sent as an override. The backend checks the whole config.")
-    name = st.text_input("Job name", key="nj_name", placeholder="optional, e.g. tiny-lr-1e-3")
+    name_col, gpu_col = st.columns([2, 1])
+    name = name_col.text_input("Job name", key="nj_name", placeholder="optional, e.g. tiny-lr-1e-3")
+    with gpu_col:
+        min_gpu = st.number_input("Minimum GPU memory (MB)", value=None, step=1, key="nj_min_gpu_memory_mb",
+                                  placeholder="any worker",
+                                  help="Only a worker whose GPU has at least this much memory takes the job "
+                                       "(the System page lists each worker's GPU); empty: any worker.")
+        field_error(MIN_GPU, errors)
     for column, sections in zip(st.columns(len(LAYOUT)), LAYOUT):
         with column:
             for section in sections:
@@ -203,7 +213,8 @@ if submitted:
             new_errors["overrides"] = f"Extra overrides are not valid JSON: {exc}"
     if not new_errors:
         try:
-            job = client.create_job(preset, overrides, name=name.strip() or None)
+            job = client.create_job(preset, overrides, name=name.strip() or None,
+                                    min_gpu_memory_mb=None if min_gpu is None else int(min_gpu))
         except BackendDown as exc:
             ui.backend_down(exc, inline=True)
             st.stop()

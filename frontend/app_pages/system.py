@@ -1,6 +1,9 @@
-"""System page: GPUs and their memory, CPU memory, the worker's state and the queue (`GET /api/system`).
+"""System page: GPUs and their memory, CPU memory, every worker and the queue (`GET /api/system`).
 
-Reads `SystemPublic` by its field names: each GPU's `index`, `name`, `memory_total_mb`, `memory_used_mb`.
+Reads `SystemPublic` by its field names: each GPU's `index`, `name`, `memory_total_mb`, `memory_used_mb`;
+each worker's (`WorkerPublic`) `id`, `host`, `pid`, `gpu_index`, `gpu_name`, `gpu_memory_mb`, `state`,
+`job_id`, `last_heartbeat` and `alive`. The GPUs are those the backend's machine sees; each worker names
+its own, on whatever machine it runs.
 """
 
 from __future__ import annotations
@@ -26,6 +29,20 @@ def gpu_figure(gpus: list[dict[str, Any]]) -> go.Figure:
     fig.update_layout(barmode="stack", height=120 + 40 * len(gpus), margin=dict(l=10, r=10, t=30, b=10),
                       xaxis_title="MB", title="GPU memory")
     return fig
+
+
+def worker_rows(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One table row per worker (`SystemPublic.workers`), alive or not."""
+    rows = []
+    for w in workers:
+        gpu = "–" if w["gpu_index"] is None and w["gpu_name"] is None else \
+            f"{w['gpu_index'] if w['gpu_index'] is not None else '?'}: {w['gpu_name'] or 'unknown'}"
+        beat = ui.parse_time(w["last_heartbeat"])
+        rows.append({"worker": w["id"], "alive": "yes" if w["alive"] else "no", "host": w["host"], "pid": w["pid"],
+                     "GPU": gpu, "GPU memory (MB)": w["gpu_memory_mb"], "state": w["state"],
+                     "job": f"#{w['job_id']}" if w["job_id"] else "–",
+                     "last heartbeat": beat.astimezone().strftime("%Y-%m-%d %H:%M:%S") if beat else "–"})
+    return rows
 
 
 st.title("System")
@@ -63,21 +80,21 @@ def panel() -> None:
     cols[3].metric("RAM total", f"{total:,.0f} MB")
     st.progress(min(used / total, 1.0), text=f"RAM {used / total:.0%} used")
 
-    st.subheader("Worker and queue")
-    worker = info["worker"]
+    st.subheader("Workers and queue")
     workers = info["workers"]
-    alive = worker["alive"]
+    live = [w for w in workers if w["alive"]]
     c = st.columns(4)
-    c[0].metric("Worker", f"alive · {worker['state'] or ''}" if alive else "not running")
-    beat = ui.parse_time(worker["last_heartbeat"])
-    c[1].metric("Last heartbeat", beat.astimezone().strftime("%H:%M:%S") if beat else "–")
-    c[2].metric("Running job", f"#{worker['job_id']}" if worker["job_id"] else "–")
+    c[0].metric("Workers", f"{len(live)} alive" if live else "not running")
+    beats = [b for b in (ui.parse_time(w["last_heartbeat"]) for w in workers) if b]
+    c[1].metric("Last heartbeat", max(beats).astimezone().strftime("%H:%M:%S") if beats else "–")
+    running = [f"#{w['job_id']}" for w in live if w["job_id"]]
+    c[2].metric("Running jobs", ", ".join(running) or "–")
     c[3].metric("Queued jobs", info["queue_length"])
-    if not alive:
+    if not live:
         st.warning("No worker is heartbeating: queued jobs wait until one starts (`edgerlhf worker`).")
     st.caption(" · ".join(f"{ui.status_icon(k)} {v} {k}" for k, v in info["jobs"].items()))
     if workers:
-        st.dataframe(workers, hide_index=True, width="stretch")
+        st.dataframe(worker_rows(workers), hide_index=True, width="stretch", key="sys-workers")
     with st.expander("Raw /api/system"):
         st.json(info, expanded=False)
 

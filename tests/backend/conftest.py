@@ -1,4 +1,5 @@
-"""Fixtures for the backend tests: an app on a fresh SQLite file, a real uvicorn server, row counts."""
+"""Fixtures for the backend tests: an app on a fresh database (SQLite or PostgreSQL: `db_url`), a real uvicorn
+server, row counts."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from ..conftest import REPO_ROOT, free_port
 
 
 @pytest.fixture
-def settings(tmp_path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", api_token=None)
+def settings(tmp_path, db_url) -> Settings:
+    return Settings(data_dir=tmp_path / "data", database_url=db_url, api_token=None)
 
 
 @pytest.fixture

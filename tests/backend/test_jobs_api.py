@@ -207,6 +207,7 @@ def test_rows_pages_follow_the_cursor(client, app):
                      artifacts=[("sft", "adapter", "/elsewhere/adapter", 12)])
     page = client.get(f"/api/jobs/{job_id}/metrics", params={"keys": "sft/loss", "limit": 4}).json()
     assert [m["step"] for m in page["items"]] == [0, 1, 2, 3] and page["more"]
+    assert page["cursor"] == page["items"][-1]["cursor"], "a page's cursor is its last row's"
     rest = client.get(f"/api/jobs/{job_id}/metrics", params={"keys": "sft/loss", "after": page["cursor"]}).json()
     assert [m["step"] for m in rest["items"]] == list(range(4, 11)) and not rest["more"]
     assert rest["items"][-1]["value"] is None  # NaN travels as null

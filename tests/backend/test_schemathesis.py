@@ -1,10 +1,10 @@
 """Schemathesis over the backend's own OpenAPI schema: no request it can generate, valid or not, gets a 5xx.
 
-The backend runs as a real `edgerlhf backend` process (a temp SQLite data dir, an API token) holding a few
-jobs, so generated ids hit existing rows as well as missing ones. Every operation of `/openapi.json` is
-exercised with schema examples, boundary values (schemathesis' coverage phase: huge integers, empty and
-odd strings) and a bounded number of random valid and invalid requests, derandomized so that a run is
-repeatable. Only the `not_a_server_error` check runs: the aim is robustness, not schema conformance.
+The backend runs as a real `edgerlhf backend` process (a temp data dir, an API token) on SQLite and on
+PostgreSQL (whose integer columns meet the boundary values too), holding a few jobs, so generated ids hit
+existing rows as well as missing ones. Every operation of `/openapi.json` is exercised with schema
+examples, boundary values (schemathesis' coverage phase: huge integers, empty and odd strings) and a
+bounded number of random valid and invalid requests, derandomized so that a run is repeatable. Only the `not_a_server_error` check runs: the aim is robustness, not schema conformance.
 The SSE route `/api/jobs/{job_id}/events` is left out: it streams until its job finishes.
 """
 
@@ -18,6 +18,7 @@ from schemathesis.checks import not_a_server_error
 from db import init_db, make_engine, make_sessionmaker, queue
 from edgerlhf.config import load_config
 
+from ..conftest import ENGINES
 from .conftest import Server
 
 TOKEN = "fuzz-token"
@@ -26,10 +27,9 @@ MAX_EXAMPLES = 60
 """Random examples per operation, on top of the schema examples and boundary values (about 15 s in all on 2 cores)."""
 
 
-def _seed_jobs(data_dir) -> None:
+def _seed_jobs(db_url: str) -> None:
     """Jobs 1 (succeeded, with a metric), 2 (failed) and 3 (queued): ids 1-3 reach real rows."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(f"sqlite:///{data_dir / 'edgerlhf.db'}")
+    engine = make_engine(db_url)
     init_db(engine)
     config = load_config("tiny", {"stages": ["data"]}).to_dict()
     with make_sessionmaker(engine)() as session:
@@ -43,13 +43,19 @@ def _seed_jobs(data_dir) -> None:
     engine.dispose()
 
 
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory):
+@pytest.fixture(scope="module", params=ENGINES)
+def backend(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("schemathesis")
-    _seed_jobs(tmp / "data")
-    server = Server(tmp / "data", tmp / "backend.log", EDGERLHF_API_TOKEN=TOKEN, EDGERLHF_DEVICE="cpu")
+    (tmp / "data").mkdir()
+    db_url = (f"sqlite:///{tmp / 'data' / 'edgerlhf.db'}" if request.param == "sqlite"
+              else request.getfixturevalue("postgres").create_database())
+    _seed_jobs(db_url)
+    server = Server(tmp / "data", tmp / "backend.log", EDGERLHF_API_TOKEN=TOKEN, EDGERLHF_DEVICE="cpu",
+                    EDGERLHF_DATABASE_URL=db_url)
     yield server
     server.stop()
+    if request.param != "sqlite":
+        request.getfixturevalue("postgres").drop_database(db_url)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The backend as a real uvicorn process: the API token gate, and the live SSE stream of a job that a real
-worker runs."""
+worker runs (on SQLite and PostgreSQL: `db_url`)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-def server(tmp_path):
-    srv = Server(tmp_path / "data", tmp_path / "backend.log", EDGERLHF_API_TOKEN=TOKEN)
+def server(tmp_path, db_url):
+    srv = Server(tmp_path / "data", tmp_path / "backend.log", EDGERLHF_API_TOKEN=TOKEN, EDGERLHF_DATABASE_URL=db_url)
     yield srv
     srv.stop()
 
@@ -72,8 +72,8 @@ def read_events(lines, until: callable, timeout: float) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_event_stream_delivers_what_the_worker_writes_as_it_happens(tmp_path, server):
-    service = Service(tmp_path)  # the same data directory, so the worker shares the server's database
+def test_event_stream_delivers_what_the_worker_writes_as_it_happens(tmp_path, db_url, server):
+    service = Service(tmp_path, db_url)  # the server's data directory and database
     service.env["EDGERLHF_API_TOKEN"] = TOKEN
     try:
         job = httpx.post(f"{server.url}/api/jobs", json={"preset": "tiny", "overrides": DATA_ONLY, "name": "live"},
@@ -100,8 +100,10 @@ def test_event_stream_delivers_what_the_worker_writes_as_it_happens(tmp_path, se
         # Re-attaching with Last-Event-ID continues after that event instead of replaying it.
         with httpx.stream("GET", url, headers={**AUTH, "Last-Event-ID": metric["id"]}, timeout=30) as response:
             again = read_events(response.iter_lines(), lambda e: e["event"] == "end", 30)
-        replayed = [e["data"]["id"] for e in again if e["event"] == "metric"]
-        assert metric["data"]["id"] not in replayed
-        assert all(i > metric["data"]["id"] for i in replayed)
+        replayed = [e["data"]["cursor"] for e in again if e["event"] == "metric"]
+        assert metric["data"]["cursor"] not in replayed
+        assert all(c > metric["data"]["cursor"] for c in replayed)
+        assert metric["id"] == f"{metric['data']['cursor']}." + metric["id"].split(".", 1)[1], \
+            "an event's id carries the cursor of the row it sent"
     finally:
         service.close()

@@ -1,15 +1,10 @@
-"""Fixtures for the database tests: a fresh SQLite file (WAL) per test."""
+"""Fixtures for the database tests: a fresh database per test, on SQLite and on PostgreSQL (`db_url`)."""
 
 from __future__ import annotations
 
 import pytest
 
 from db import init_db, make_engine, make_sessionmaker
-
-
-@pytest.fixture
-def db_url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'edgerlhf.db'}"
 
 
 @pytest.fixture

@@ -1,28 +1,116 @@
-"""The schema grows in place: a database made by an older version gains new columns (`init_db`)."""
+"""The schema grows in place, on SQLite and PostgreSQL: a database made by an older version gains new columns,
+its rows gain their cursor numbers, and several processes may create or migrate one database at once (`init_db`)."""
 
-import sqlite3
+from __future__ import annotations
 
-from sqlalchemy import inspect
+import subprocess
+import sys
+import time
 
-from db import init_db, make_engine
-from db.models import Base
+from sqlalchemy import inspect, select, text
+
+from db import init_db, make_engine, make_sessionmaker, queue, read
+from db.models import Base, Job
+
+from ..conftest import REPO_ROOT
+
+ROW_TABLES = ("metrics", "samples", "logs")
+OLD_JOB = ("INSERT INTO jobs (name, status, preset, config, progress, created_at, attempts, cancel_requested) "
+           "VALUES ('{name}', 'running', 'tiny', '{{}}', 0, '2026-01-01', 1, false)")
 
 
-def test_an_older_database_gains_the_missing_columns(tmp_path):
-    path = tmp_path / "old.db"
-    engine = make_engine(f"sqlite:///{path}")
+def columns(engine, table: str) -> set[str]:
+    return {c["name"] for c in inspect(engine).get_columns(table)}
+
+
+def test_an_older_database_gains_the_missing_columns(db_url):
+    engine = make_engine(db_url)
     init_db(engine)
+    with engine.begin() as conn:  # play an older version: drop a column the models have (SQLite >= 3.35 can)
+        conn.execute(text("ALTER TABLE samples DROP COLUMN checkpoint"))
+        conn.execute(text(OLD_JOB.format(name="old")))
     engine.dispose()
-    # Play an older version: drop a column the models have (SQLite >= 3.35 can).
-    with sqlite3.connect(path) as conn:
-        conn.execute("ALTER TABLE samples DROP COLUMN checkpoint")
-        conn.execute("INSERT INTO jobs (name, status, preset, config, progress, created_at, attempts, "
-                     "cancel_requested) VALUES ('old', 'queued', 'tiny', '{}', 0, '2026-01-01', 0, 0)")
 
-    engine = make_engine(f"sqlite:///{path}")
+    engine = make_engine(db_url)
     init_db(engine)
-    columns = {c["name"] for c in inspect(engine).get_columns("samples")}
-    assert columns == {c.name for c in Base.metadata.tables["samples"].columns}
+    assert columns(engine, "samples") == {c.name for c in Base.metadata.tables["samples"].columns}
     with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT name FROM jobs").scalar_one() == "old"  # nothing lost
+        assert conn.execute(text("SELECT name FROM jobs")).scalar_one() == "old"  # nothing lost
     init_db(engine)  # and a second start changes nothing
+    engine.dispose()
+
+
+def test_rows_from_before_the_cursor_numbers_get_their_id_and_an_old_cursor_still_resumes(db_url):
+    engine = make_engine(db_url)
+    init_db(engine)
+    with engine.begin() as conn:  # the version before `row_seq`: the global id was the cursor
+        for table in ROW_TABLES:
+            conn.execute(text(f"DROP INDEX ix_{table}_job_row_seq"))
+            conn.execute(text(f"ALTER TABLE {table} DROP COLUMN row_seq"))
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN last_row_seq"))
+        conn.execute(text(OLD_JOB.format(name="a")))
+        conn.execute(text(OLD_JOB.format(name="b")))
+        a, b = conn.execute(text("SELECT id FROM jobs ORDER BY id")).scalars().all()
+        for step in range(6):  # the two jobs' points interleave in the global id order
+            for job_id in (a, b):
+                conn.execute(text('INSERT INTO metrics (job_id, stage, "key", step, value, time) '
+                                  f"VALUES ({job_id}, 'sft', 'sft/loss', {step}, {step}, 0)"))
+        conn.execute(text(f"INSERT INTO logs (job_id, time, level, message) VALUES ({a}, 0, 'info', 'old line')"))
+        old_ids = conn.execute(text(f"SELECT id FROM metrics WHERE job_id = {a} ORDER BY id")).scalars().all()
+    engine.dispose()
+
+    engine = make_engine(db_url)
+    init_db(engine)  # a newer version starts on it
+    for table in ROW_TABLES:
+        assert {ix["name"] for ix in inspect(engine).get_indexes(table)} >= {f"ix_{table}_job_row_seq"}
+    sessions = make_sessionmaker(engine)
+    with sessions() as s:
+        old = read.metrics_after(s, a)
+        assert [m.row_seq for m in old] == [m.id for m in old] == old_ids, "an old row's number is its id"
+        counters = dict(s.execute(select(Job.id, Job.last_row_seq)).all())
+        assert counters[a] == max(max(old_ids), read.logs_after(s, a)[0].id)
+        assert counters[b] == max(m.id for m in read.metrics_after(s, b))
+        # A dashboard that had read up to the third point (an id cursor from the old API) resumes there:
+        # the last three old points, then what the new version writes, once each.
+        queue.record(s, a, metrics=[("sft", "sft/loss", 6, 6.0, 0.0)], logs=[(0.0, "info", "sft", "new line")])
+        rest = read.metrics_after(s, a, after=old_ids[2])
+        assert [m.step for m in rest] == [3, 4, 5, 6]
+        assert rest[-1].row_seq > counters[a]
+        assert [line.message for line in read.logs_after(s, a)] == ["old line", "new line"]
+    init_db(engine)  # a second start finds nothing to do
+    with sessions() as s:
+        assert [m.row_seq for m in read.metrics_after(s, a)] == [m.row_seq for m in old] + [rest[-1].row_seq]
+    if engine.dialect.name == "postgresql":  # PostgreSQL makes the column NOT NULL once it is filled
+        assert not next(c for c in inspect(engine).get_columns("metrics") if c["name"] == "row_seq")["nullable"]
+    engine.dispose()
+
+
+STARTER = r"""
+import sys, time
+from pathlib import Path
+from db import init_db, make_engine
+url, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+engine = make_engine(url)
+ready.touch()
+while not go.exists():
+    time.sleep(0.001)
+init_db(engine)
+"""
+
+
+def test_several_processes_creating_one_database_at_once_all_succeed(db_url, tmp_path):
+    go, ready = tmp_path / "go", [tmp_path / f"ready-{i}" for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", STARTER, db_url, str(r), str(go)], cwd=REPO_ROOT,
+                              stderr=subprocess.PIPE, text=True) for r in ready]
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in ready):  # all of them at the start line, then all at once
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a starter died"
+        time.sleep(0.01)
+    go.touch()
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    engine = make_engine(db_url)
+    assert set(inspect(engine).get_table_names()) >= set(Base.metadata.tables)
+    for table in ROW_TABLES:
+        assert f"ix_{table}_job_row_seq" in {ix["name"] for ix in inspect(engine).get_indexes(table)}
+    engine.dispose()

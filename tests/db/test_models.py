@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import create_engine, select, text, update
+from sqlalchemy import select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable
 
 import db
-from db import init_db, make_sessionmaker
+from db import init_db, make_engine, make_sessionmaker
 from db.models import Base, Job, StageRun
 from edgerlhf import contract
 
-# The two tables as an earlier version created them (before StageStatus gained the API-only `pending`).
+# The two tables as an earlier version created them (before StageStatus gained the API-only `pending`), in
+# types both engines know.
 EXISTING_SCHEMA = [
     """CREATE TABLE jobs (id INTEGER NOT NULL, name VARCHAR(200) NOT NULL, status VARCHAR(16) NOT NULL,
        preset VARCHAR(100) NOT NULL, config JSON NOT NULL, stage VARCHAR(32), progress FLOAT NOT NULL,
-       created_at DATETIME NOT NULL, started_at DATETIME, finished_at DATETIME, error TEXT, traceback TEXT,
-       attempts INTEGER NOT NULL, worker_id VARCHAR(200), heartbeat_at DATETIME, cancel_requested BOOLEAN NOT NULL,
+       created_at TIMESTAMP NOT NULL, started_at TIMESTAMP, finished_at TIMESTAMP, error TEXT, traceback TEXT,
+       attempts INTEGER NOT NULL, worker_id VARCHAR(200), heartbeat_at TIMESTAMP, cancel_requested BOOLEAN NOT NULL,
        PRIMARY KEY (id))""",
     """CREATE TABLE stage_runs (id INTEGER NOT NULL, job_id INTEGER NOT NULL, stage VARCHAR(32) NOT NULL,
-       status VARCHAR(16) NOT NULL, attempt INTEGER NOT NULL, progress FLOAT NOT NULL, started_at DATETIME,
-       finished_at DATETIME, report JSON, PRIMARY KEY (id),
+       status VARCHAR(16) NOT NULL, attempt INTEGER NOT NULL, progress FLOAT NOT NULL, started_at TIMESTAMP,
+       finished_at TIMESTAMP, report JSON, PRIMARY KEY (id),
        CONSTRAINT uq_stage_runs_job_stage UNIQUE (job_id, stage),
        FOREIGN KEY(job_id) REFERENCES jobs (id) ON DELETE CASCADE)""",
 ]
@@ -43,10 +44,12 @@ def test_status_columns_are_plain_strings_without_a_check_on_the_members(dialect
         assert "ENUM" not in ddl.upper()
 
 
-def test_an_existing_database_stores_and_reads_every_stored_status(tmp_path):
-    engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+def test_an_existing_database_stores_and_reads_every_stored_status(db_url):
+    engine = make_engine(db_url)
     with engine.begin() as conn:
         for statement in EXISTING_SCHEMA:
+            if engine.dialect.name == "postgresql":  # as SQLAlchemy makes an integer primary key count there
+                statement = statement.replace("(id INTEGER NOT NULL", "(id SERIAL NOT NULL")
             conn.execute(text(statement))
     init_db(engine)  # creates only the tables that are missing
     sessions = make_sessionmaker(engine)

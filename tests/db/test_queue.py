@@ -1,5 +1,5 @@
-"""The queue functions on a real SQLite file: atomic claims across processes, replace-on-resume metrics,
-stall detection, and the rules of cancel / retry / delete."""
+"""The queue functions on a real database, SQLite and PostgreSQL (`db_url`): atomic claims across processes,
+replace-on-resume metrics, stall detection, and the rules of cancel / retry / delete."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from datetime import timedelta
 
 import pytest
@@ -15,13 +16,13 @@ from sqlalchemy import func, select, text, update
 from db import JobStateError, JobStatus, StageStatus, queue, read
 from db.models import Job, LogLine, Metric, Sample, StageRun, utcnow
 
-from ..conftest import REPO_ROOT
+from ..conftest import REPO_ROOT, sqlite_only
 
 CLAIMER = r"""
 import json, sys, time
 from pathlib import Path
 from db import make_engine, make_sessionmaker, queue, read
-url, worker, ready, go = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+url, worker, ready, go, hold = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5])
 sessions = make_sessionmaker(make_engine(url))
 with sessions() as s:
     queue.touch(s)  # connect (and set the pragmas) before the start line, not after it
@@ -38,13 +39,11 @@ while True:
     if job is not None:
         claimed.append(job.id)
         # "Run" it for a moment, as a worker does: SQLite's lock is not fair, and a claimer looping
-        # without a pause can hold it so often that the other never gets it (the race is still real:
-        # both keep going for the oldest queued job).
-        time.sleep(0.001)
+        # without a pause can hold it so often that the others never get it (the race is still real:
+        # all keep going for the oldest queued job).
+        time.sleep(hold)
 print(json.dumps(claimed))
 """
-RACE_JOBS = 200
-"""Enough that claiming them all takes far longer than both processes need to get past the barrier."""
 
 
 def make_jobs(sessions, n: int) -> list[int]:
@@ -52,13 +51,17 @@ def make_jobs(sessions, n: int) -> list[int]:
         return [queue.create_job(s, name=f"j{i}", preset="tiny", config={"stages": ["data"]}).id for i in range(n)]
 
 
-def test_two_processes_race_to_claim_jobs_and_each_job_is_claimed_exactly_once(sessions, db_url, tmp_path):
-    ids = make_jobs(sessions, RACE_JOBS)
+# Claiming them all takes far longer than the processes need to get past the barrier: 200 jobs "run" for 1 ms,
+# or 40 for 20 ms (on PostgreSQL the claimers skip each other's locked candidate: FOR UPDATE SKIP LOCKED).
+@pytest.mark.parametrize("processes, jobs, hold", [(2, 200, 0.001), (4, 40, 0.02)], ids=["2x200", "4x40"])
+def test_processes_race_to_claim_jobs_and_each_job_is_claimed_exactly_once(sessions, db_url, tmp_path,
+                                                                          processes, jobs, hold):
+    ids = make_jobs(sessions, jobs)
     go = tmp_path / "go"
-    ready = [tmp_path / f"ready-w{i}" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, db_url, f"w{i}", str(ready[i]), str(go)],
+    ready = [tmp_path / f"ready-w{i}" for i in range(processes)]
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, db_url, f"w{i}", str(ready[i]), str(go), str(hold)],
                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+             for i in range(processes)]
     deadline = time.monotonic() + 120
     while not all(r.exists() for r in ready):
         assert time.monotonic() < deadline, "the claimers never got ready"
@@ -70,17 +73,19 @@ def test_two_processes_race_to_claim_jobs_and_each_job_is_claimed_exactly_once(s
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
         outs.append(json.loads(out.strip().splitlines()[-1]))
-    a, b = outs
-    assert a and b, f"both processes must win some claims for this to be a race: w0 {len(a)}, w1 {len(b)}"
-    assert not set(a) & set(b), f"claimed twice: {set(a) & set(b)}"
-    assert sorted(a + b) == ids
+    assert all(outs), f"every process must win some claims for this to be a race: {[len(o) for o in outs]}"
+    claimed = [job_id for out in outs for job_id in out]
+    assert len(claimed) == len(set(claimed)), f"claimed twice: {[i for i in set(claimed) if claimed.count(i) > 1]}"
+    assert sorted(claimed) == ids
     with sessions() as s:
-        jobs = {j.id: j for j in s.scalars(select(Job)).all()}
-    for worker, claimed in (("w0", a), ("w1", b)):
-        for job_id in claimed:
-            assert jobs[job_id].status == JobStatus.running
-            assert jobs[job_id].worker_id == worker
-            assert jobs[job_id].attempts == 1
+        rows = {j.id: j for j in s.scalars(select(Job)).all()}
+        claim_logs = Counter(s.scalars(select(LogLine.job_id).where(LogLine.message.startswith("claimed by"))).all())
+    for i, out in enumerate(outs):
+        for job_id in out:
+            assert rows[job_id].status == JobStatus.running
+            assert rows[job_id].worker_id == f"w{i}"
+            assert rows[job_id].attempts == 1
+    assert claim_logs == dict.fromkeys(ids, 1), "one claim log line per job: no claim was undone half-way"
 
 
 def test_claim_takes_oldest_first_and_returns_none_when_empty(sessions):
@@ -94,13 +99,13 @@ def test_claim_takes_oldest_first_and_returns_none_when_empty(sessions):
         assert queue.claim_next(s, "w") is None
 
 
-def test_rewritten_metric_points_replace_the_old_ones_with_new_cursor_ids(sessions):
+def test_rewritten_metric_points_replace_the_old_ones_with_new_cursors(sessions):
     (job_id,) = make_jobs(sessions, 1)
     with sessions() as s:
         queue.claim_next(s, "w")
         queue.record(s, job_id, metrics=[("sft", "sft/loss", step, 10.0 - step, 0.0) for step in range(1, 6)])
         first = read.metrics_after(s, job_id)
-        cursor = first[-1].id
+        cursor = first[-1].row_seq
         # A resumed stage logs steps 3..7 again (3..5 with different values).
         queue.record(s, job_id, metrics=[("sft", "sft/loss", step, 100.0 + step, 0.0) for step in range(3, 8)])
         # The same point twice in one batch: the last value wins.
@@ -110,10 +115,11 @@ def test_rewritten_metric_points_replace_the_old_ones_with_new_cursor_ids(sessio
         newer = read.metrics_after(s, job_id, after=cursor, keys=["sft/loss"])
         assert [m.step for m in newer] == [3, 4, 5, 6, 7], "a cursor reader must see the rewritten points"
         assert read.metric_points(s, job_id, "sft/lr") == [("sft", 1, 2.0)]
-        # Deleting the highest row and inserting again must not reuse its id (SQLite AUTOINCREMENT).
-        top = max(m.id for m in read.metrics_after(s, job_id))
+        # Replacing the newest row gives the new one a new, larger number (and a fresh id: SQLite AUTOINCREMENT).
+        newest = read.metrics_after(s, job_id)[-1]
         queue.record(s, job_id, metrics=[("sft", "sft/lr", 1, 3.0, 0.0)])
-        assert read.metrics_after(s, job_id, after=top)[0].value == 3.0
+        (replaced,) = read.metrics_after(s, job_id, after=newest.row_seq)
+        assert replaced.value == 3.0 and replaced.id > newest.id
         # Non-finite values are stored as NULL instead of breaking JSON.
         queue.record(s, job_id, metrics=[("sft", "sft/loss", 8, float("nan"), 0.0),
                                           ("sft", "sft/loss", 9, float("inf"), 0.0)])
@@ -207,6 +213,7 @@ def test_release_gives_the_attempt_back(sessions):
         assert job.status == JobStatus.queued and job.attempts == 0
 
 
+@sqlite_only
 def test_sqlite_runs_in_wal_mode(sessions):
     with sessions() as s:
         assert s.execute(text("PRAGMA journal_mode")).scalar() == "wal"

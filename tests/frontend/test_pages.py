@@ -3,7 +3,9 @@
 - The job page re-attaches to a running job after a reload with its whole history, and its refreshes
   download only the rows written since (cursor), not the history again.
 - The new-job form shows the backend's validation message next to the field, and submitting a valid
-  form creates the job and opens its page.
+  form creates the job and opens its page; it sends a minimum GPU memory, and the job page says when no
+  live worker has it.
+- The System page lists every worker with its host, GPU, state, job and heartbeat.
 - When the backend is down, a banner says so, and a job page keeps the history it already has.
 """
 
@@ -284,10 +286,89 @@ def test_system_page_shows_the_system_fields(backend, dashboard_env):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Queued jobs"] == str(info["queue_length"]) == "1"
     assert metrics["CPU cores"] == str(info["cpu"]["count"])
-    assert metrics["Worker"] == "not running"
+    assert metrics["Workers"] == "not running"
     assert any("1 queued" in c.value for c in at.caption), [c.value for c in at.caption]
     if info["gpus"]:  # a GPU machine: a bar per GPU, total memory from `memory_total_mb`
         gpu = info["gpus"][0]
         assert any(f"/ {gpu['memory_total_mb']:,.0f} MB" in p.proto.text for p in at.get("progress"))
     else:
         assert any("No GPU visible" in i.value for i in at.info)
+
+
+def test_new_job_form_sends_a_minimum_gpu_memory_and_the_job_page_says_no_worker_has_it(backend, dashboard_env):
+    dashboard_env(backend.url)
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    at.switch_page("app_pages/new_job.py").run()
+    assert not at.exception, at.exception
+    launch = lambda: [b for b in at.button if "Launch" in (b.label or "")][0].click().run()  # noqa: E731
+
+    at.number_input(key="nj_min_gpu_memory_mb").set_value(0)
+    launch()
+    assert not at.exception, at.exception
+    elements = list(walk(at.main))
+    pos = next(i for i, e in enumerate(elements) if getattr(e, "key", None) == "nj_min_gpu_memory_mb")
+    after = next(e for e in elements[pos + 1:] if e.type in ("alert", "error", "number_input", "text_input"))
+    assert after.type in ("alert", "error") and "greater than or equal to 1" in after.value, after
+    assert _jobs(backend) == []
+
+    at.number_input(key="nj_min_gpu_memory_mb").set_value(40_000)
+    launch()
+    assert not at.exception, at.exception
+    (job,) = _jobs(backend)
+    assert job["min_gpu_memory_mb"] == 40_000
+    assert job["waiting_for"] == "waiting for a worker with ≥ 40,000 MB of GPU memory (no worker is alive)"
+    # The job's page opened, and says why the job waits.
+    assert any(f"Job #{job['id']}" in h.value for h in at.subheader)
+    assert any("Waiting for a worker with ≥ 40,000 MB" in w.value for w in at.warning), [w.value for w in at.warning]
+
+
+def test_system_page_lists_every_worker_with_its_gpu(backend, dashboard_env):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from db import make_engine, make_sessionmaker, queue
+    from db.models import Worker, utcnow
+
+    dashboard_env(backend.url)
+    job_id = httpx.post(backend.url + "/api/jobs", json={"preset": "tiny", "name": "running"}).json()["id"]
+    engine = make_engine(backend.db_url)
+    with make_sessionmaker(engine)() as s:  # what two workers on two hosts wrote, one of them long gone
+        queue.worker_heartbeat(s, "gpu-box:11", hostname="gpu-box", pid=11, state="busy", job_id=job_id,
+                               gpu_index=1, gpu_name="RTX 4090", gpu_memory_mb=24_564)
+        queue.worker_heartbeat(s, "old-box:22", hostname="old-box", pid=22, state="idle", gpu_index=0,
+                               gpu_name="GTX 1080", gpu_memory_mb=8_192)
+        s.execute(update(Worker).where(Worker.id == "old-box:22").values(heartbeat_at=utcnow() - timedelta(hours=1)))
+        s.commit()
+    engine.dispose()
+
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    at.switch_page("app_pages/system.py").run()
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Workers"] == "1 alive" and metrics["Running jobs"] == f"#{job_id}"
+    table = at.dataframe[0].value
+    rows = {r["worker"]: r for r in table.to_dict("records")}
+    assert set(rows) == {"gpu-box:11", "old-box:22"}
+    busy, gone = rows["gpu-box:11"], rows["old-box:22"]
+    assert (busy["alive"], busy["host"], busy["GPU"], busy["GPU memory (MB)"], busy["state"], busy["job"]) == \
+        ("yes", "gpu-box", "1: RTX 4090", 24_564, "busy", f"#{job_id}")
+    assert (gone["alive"], gone["host"], gone["GPU"], gone["GPU memory (MB)"], gone["state"], gone["job"]) == \
+        ("no", "old-box", "0: GTX 1080", 8_192, "idle", "–")
+    assert busy["last heartbeat"] != "–" and gone["last heartbeat"] < busy["last heartbeat"]
+
+
+def test_job_page_measures_memory_against_the_gpu_of_the_worker_running_the_job(backend, dashboard_env):
+    from db import queue
+
+    dashboard_env(backend.url)
+    job = httpx.post(backend.url + "/api/jobs", json={"preset": "tiny", "overrides": {"device": "cuda"}})
+    job_id = job.json()["id"]
+    writer = JobWriter(backend.db_url, job_id)
+    writer.claim()
+    with writer.Session() as s:  # its worker owns a 24 GB GPU, on a machine other than the backend's
+        queue.worker_heartbeat(s, writer.worker_id, hostname="gpu-box", pid=11, state="busy", job_id=job_id,
+                               gpu_index=1, gpu_name="RTX 4090", gpu_memory_mb=24_564)
+    writer.close()
+    at = open_job_page(job_id)
+    assert any(c.value == "GPU: RTX 4090, 24,564 MB total." for c in at.caption), [c.value for c in at.caption]

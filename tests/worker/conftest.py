@@ -1,4 +1,5 @@
-"""Fixtures for the worker tests: a data directory with its SQLite file, jobs, and real worker processes."""
+"""Fixtures for the worker tests: a data directory, its database (SQLite or PostgreSQL: `db_url`), jobs, and real
+worker processes."""
 
 from __future__ import annotations
 
@@ -41,18 +42,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 
 
 class Service:
-    """A data directory, its database, and worker processes started on it."""
+    """A data directory, its database, and worker processes started on it (`EDGERLHF_DATABASE_URL`)."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, db_url: str | None = None):
         self.data_dir = tmp_path / "data"
         self.tmp_path = tmp_path
-        self.db_url = f"sqlite:///{self.data_dir / 'edgerlhf.db'}"
+        self.db_url = db_url or f"sqlite:///{self.data_dir / 'edgerlhf.db'}"
         self.engine = make_engine(self.db_url)
         init_db(self.engine)
         self.sessions = make_sessionmaker(self.engine)
         self.workers: list[subprocess.Popen] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("EDGERLHF_") or k == "EDGERLHF_SHARED_DIR"}
-        self.env.update({"EDGERLHF_DATA_DIR": str(self.data_dir), "EDGERLHF_HEARTBEAT_SECONDS": "0.5",
+        self.env.update({"EDGERLHF_DATA_DIR": str(self.data_dir), "EDGERLHF_DATABASE_URL": self.db_url,
+                         "EDGERLHF_HEARTBEAT_SECONDS": "0.5",
                          "EDGERLHF_STALL_SECONDS": "4", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
                          "OMP_NUM_THREADS": "1"})
 
@@ -97,7 +99,7 @@ class Service:
 
 
 @pytest.fixture
-def service(tmp_path):
-    svc = Service(tmp_path)
+def service(tmp_path, db_url):
+    svc = Service(tmp_path, db_url)
     yield svc
     svc.close()

@@ -1,4 +1,5 @@
-"""The worker's database context in-process on a real SQLite file: batched writes, cancel, memory, stages."""
+"""The worker's database context in-process on a real database (SQLite and PostgreSQL): batched writes, cancel,
+memory, stages."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The worker as real processes on a real SQLite file: racing workers, crash and resume, cancel, failures.
+"""The worker as real processes on a real database, SQLite and PostgreSQL (`db_url`): racing workers, crash and
+resume, cancel, failures.
 
 These run the real pipeline (`tiny` preset, very small overrides), so each job process imports the
 training stack; the slow ones are marked.
@@ -105,6 +106,10 @@ def test_sigkilled_worker_is_followed_by_one_that_resumes_without_duplicate_or_m
     killed_at = [step for _, step, _ in service.points(job_id, "sft/loss")]
     assert 0 < len(killed_at) < steps
     data_started = runs["data"].started_at
+    # A dashboard attached before the kill: what it has, and its cursor.
+    with service.sessions() as s:
+        seen = {(m.stage, m.key, m.step): m.value for m in read.metrics_after(s, job_id, limit=100_000)}
+        cursor = max(m.row_seq for m in read.metrics_after(s, job_id, limit=100_000))
 
     second = service.start_worker("--max-jobs", "1")  # requeues the stalled job after EDGERLHF_STALL_SECONDS
     assert second.wait(timeout=300) == 0, service.worker_logs()
@@ -113,6 +118,14 @@ def test_sigkilled_worker_is_followed_by_one_that_resumes_without_duplicate_or_m
     assert job.attempts == 2
     losses = service.points(job_id, "sft/loss")
     assert [step for _, step, _ in losses] == list(range(1, steps + 1)), "each step exactly once"
+    # The same dashboard, following its cursor to the end (a resumed point replaces the one it had),
+    # ends with exactly what the table holds: nothing missed across the crash, nothing twice.
+    with service.sessions() as s:
+        while page := read.metrics_after(s, job_id, after=cursor, limit=50):
+            seen.update({(m.stage, m.key, m.step): m.value for m in page})
+            cursor = page[-1].row_seq
+        table = {(m.stage, m.key, m.step): m.value for m in read.metrics_after(s, job_id, limit=100_000)}
+    assert seen == table
     with service.sessions() as s:
         runs = {r.stage: r for r in read.stage_runs(s, job_id)}
     assert runs["data"].started_at == data_started, "the completed data stage is not run again"

@@ -1,7 +1,8 @@
 """Jobs: create (validated), list, read, cancel, retry, delete. The backend only enqueues and reads.
 
 A job lives in the database and the worker, never in a browser session: closing a tab changes nothing,
-and any client can re-attach to a running job by its id.
+and any client can re-attach to a running job by its id. A job may ask for a minimum GPU memory; only a
+worker whose GPU has it claims the job, and while no live worker has it, `waiting_for` says so.
 """
 
 from __future__ import annotations
@@ -17,17 +18,35 @@ from backend.api.deps import JobDep, RowOffset, SessionDep, SettingsDep
 from backend.api.schemas import JobCreate, JobPublic, JobsPublic
 from backend.api.validation import JobInvalid, validate_job
 from db import JobNotFound, JobStateError, JobStatus, queue, read
-from db.models import Job
+from db.models import Job, Worker
 from edgerlhf.contract import job_run_dir
+from edgerlhf.settings import get_settings
 
 logger = logging.getLogger("edgerlhf.backend")
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-def job_public(session, job: Job) -> JobPublic:
+def waiting_for(job: Job, live: list[Worker]) -> str | None:
+    """Why a queued job with a minimum GPU memory waits, when no live worker (busy or idle) could ever take it."""
+    need = job.min_gpu_memory_mb
+    if job.status != JobStatus.queued or need is None:
+        return None
+    if any(w.gpu_memory_mb is not None and w.gpu_memory_mb >= need for w in live):
+        return None
+    known = [w.gpu_memory_mb for w in live if w.gpu_memory_mb is not None]
+    why = ("no worker is alive" if not live else f"the largest GPU of a live worker has {max(known):,} MB" if known
+           else "no live worker's GPU memory is known")
+    return f"waiting for a worker with ≥ {need:,} MB of GPU memory ({why})"
+
+
+def job_public(session, job: Job, alive_seconds: float | None = None) -> JobPublic:
+    """`alive_seconds`: the app's `Settings.worker_alive_seconds` (default: the environment's settings')."""
     position = read.queue_positions(session).get(job.id) if job.status == JobStatus.queued else None
-    return JobPublic.of(job, read.stage_runs(session, job.id), position)
+    live = []
+    if job.status == JobStatus.queued and job.min_gpu_memory_mb is not None:
+        live = read.alive_workers(session, alive_seconds or get_settings().worker_alive_seconds)
+    return JobPublic.of(job, read.stage_runs(session, job.id), position, waiting_for(job, live))
 
 
 def _conflict(exc: Exception) -> HTTPException:
@@ -43,48 +62,50 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep):
         config = validate_job(body.preset, body.overrides, [*settings.allowed_roots, settings.data_dir])
     except JobInvalid as exc:
         return JSONResponse(status_code=422, content={"detail": exc.errors})
-    job = queue.create_job(session, name=body.name or body.preset, preset=body.preset, config=config.to_dict())
+    job = queue.create_job(session, name=body.name or body.preset, preset=body.preset, config=config.to_dict(),
+                           min_gpu_memory_mb=body.min_gpu_memory_mb)
     logger.info(f"job {job.id} queued ({body.preset})", extra={"job_id": job.id})
-    return job_public(session, job)
+    return job_public(session, job, settings.worker_alive_seconds)
 
 
 @router.get("", response_model=JobsPublic)
-def list_jobs(session: SessionDep,
+def list_jobs(session: SessionDep, settings: SettingsDep,
               status_: Annotated[list[JobStatus] | None, Query(alias="status", description="Repeat to allow several")] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
               offset: RowOffset = 0):
     """Jobs, newest first, optionally filtered by status."""
     jobs, total = read.list_jobs(session, status_ or (), limit, offset)
     positions = read.queue_positions(session)
-    items = [JobPublic.of(j, read.stage_runs(session, j.id), positions.get(j.id)) for j in jobs]
+    live = read.alive_workers(session, settings.worker_alive_seconds)
+    items = [JobPublic.of(j, read.stage_runs(session, j.id), positions.get(j.id), waiting_for(j, live)) for j in jobs]
     return JobsPublic(items=items, total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={404: {"description": "No such job"}})
-def get_job(job: JobDep, session: SessionDep):
-    return job_public(session, job)
+def get_job(job: JobDep, session: SessionDep, settings: SettingsDep):
+    return job_public(session, job, settings.worker_alive_seconds)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED,
              responses={404: {"description": "No such job"}, 409: {"description": "Job already finished"}})
-def cancel_job(job: JobDep, session: SessionDep):
+def cancel_job(job: JobDep, session: SessionDep, settings: SettingsDep):
     """A queued job is cancelled at once; a running one stops within seconds (its worker checks between steps)."""
     try:
         job = queue.request_cancel(session, job.id)
     except JobStateError as exc:
         raise _conflict(exc) from None
-    return job_public(session, job)
+    return job_public(session, job, settings.worker_alive_seconds)
 
 
 @router.post("/{job_id}/retry", response_model=JobPublic,
              responses={404: {"description": "No such job"}, 409: {"description": "Job is not failed or cancelled"}})
-def retry_job(job: JobDep, session: SessionDep):
+def retry_job(job: JobDep, session: SessionDep, settings: SettingsDep):
     """Requeue a failed or cancelled job; it resumes after its last completed stage."""
     try:
         job = queue.retry(session, job.id)
     except JobStateError as exc:
         raise _conflict(exc) from None
-    return job_public(session, job)
+    return job_public(session, job, settings.worker_alive_seconds)
 
 
 @router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT,

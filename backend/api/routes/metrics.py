@@ -1,8 +1,11 @@
 """What a job produced: metrics, samples, logs (cursor pages), artifacts, stage reports, and a live SSE stream.
 
-Cursor pages: `?after=<id>` returns the rows written after the row with that id, at most `limit`;
-`cursor` in the answer is what to pass next. A resumed stage rewrites its points with new ids, so a
-reader following the cursor gets the new values (a point is unique per stage, key and step: keep the
+Cursor pages: `?after=<cursor>` returns the job's rows written after the row with that cursor, at most
+`limit`; `cursor` in the answer (and on each row) is what to pass next. A cursor is the row's number in its
+job's stream (`row_seq`), not its global id: numbers follow commit order within a job, so a reader
+never misses or repeats a row while the worker, the job process and the backend write at once, on SQLite
+and PostgreSQL (`db.read` says why ids could not). A resumed stage rewrites its points with new numbers,
+so a reader following the cursor gets the new values (a point is unique per stage, key and step: keep the
 last value seen).
 
 `GET /api/jobs/{id}/events` is a server-sent-event stream (`text/event-stream`) of the same rows as they
@@ -47,7 +50,7 @@ POLL_SECONDS = 0.5
 STREAM_PAGE = 2_000
 """Rows per kind per poll of the event stream."""
 
-AfterQ = Annotated[RowOffset, Query(description="Return rows with id greater than this cursor")]
+AfterQ = Annotated[RowOffset, Query(description="Return the job's rows after this cursor (a page's `cursor`)")]
 
 
 def _keys(keys: list[str] | None) -> list[str]:
@@ -60,7 +63,7 @@ def metrics(job: JobDep, session: SessionDep, after: AfterQ = 0,
             keys: Annotated[list[str] | None, Query(description="Metric keys, comma separated or repeated")] = None,
             stage: str | None = None, limit: Annotated[int, Query(ge=1, le=50_000)] = 10_000):
     rows = read.metrics_after(session, job.id, after, _keys(keys), stage, limit)
-    return MetricsPage(items=[MetricPublic.of(m) for m in rows], cursor=rows[-1].id if rows else after,
+    return MetricsPage(items=[MetricPublic.of(m) for m in rows], cursor=rows[-1].row_seq if rows else after,
                        more=len(rows) == limit)
 
 
@@ -69,14 +72,14 @@ def samples(job: JobDep, session: SessionDep, after: AfterQ = 0, stage: str | No
             kind: Annotated[str | None, Query(description="sample, probe or eval")] = None,
             limit: Annotated[int, Query(ge=1, le=5_000)] = 500):
     rows = read.samples_after(session, job.id, after, stage, kind, limit)
-    return SamplesPage(items=[SamplePublic.of(s) for s in rows], cursor=rows[-1].id if rows else after,
+    return SamplesPage(items=[SamplePublic.of(s) for s in rows], cursor=rows[-1].row_seq if rows else after,
                        more=len(rows) == limit)
 
 
 @router.get("/{job_id}/logs", response_model=LogsPage)
 def logs(job: JobDep, session: SessionDep, after: AfterQ = 0, limit: Annotated[int, Query(ge=1, le=10_000)] = 1_000):
     rows = read.logs_after(session, job.id, after, limit)
-    return LogsPage(items=[LogPublic.of(line) for line in rows], cursor=rows[-1].id if rows else after,
+    return LogsPage(items=[LogPublic.of(line) for line in rows], cursor=rows[-1].row_seq if rows else after,
                     more=len(rows) == limit)
 
 
@@ -192,13 +195,13 @@ async def events(job_id: Annotated[int, Depends(existing_job_id)], request: Requ
             yield ServerSentEvent(event="end", data={"job_id": job_id, "status": "deleted"}, id=cursors.event_id())
             return
         for row in batch.metrics:
-            cursors.metric = row["id"]
+            cursors.metric = row["cursor"]
             yield ServerSentEvent(event="metric", data=row, id=cursors.event_id())
         for row in batch.samples:
-            cursors.sample = row["id"]
+            cursors.sample = row["cursor"]
             yield ServerSentEvent(event="sample", data=row, id=cursors.event_id())
         for row in batch.logs:
-            cursors.log = row["id"]
+            cursors.log = row["cursor"]
             yield ServerSentEvent(event="log", data=row, id=cursors.event_id())
         key = _status_key(batch.status)
         if key != last_status:

@@ -95,15 +95,13 @@ def config_fields():
 
 @router.get("/system", response_model=SystemPublic)
 def system(session: SessionDep, settings: SettingsDep):
-    """GPUs, CPU memory, whether a worker is alive (and its last heartbeat), the queue."""
+    """GPUs, CPU memory, every worker (host, GPU, state, current job, last heartbeat, alive or not), the queue."""
     mem = psutil.virtual_memory()
     cpu = {"count": psutil.cpu_count(), "percent": psutil.cpu_percent(interval=None),
            "memory_total_mb": mem.total / 2**20, "memory_used_mb": (mem.total - mem.available) / 2**20,
            "memory_percent": mem.percent}
-    window = max(3 * settings.heartbeat_seconds, 10.0)
-    alive = {w.id for w in read.alive_workers(session, window)}
-    workers = [WorkerPublic(alive=w.id in alive, id=w.id, state=w.state, job_id=w.job_id, last_heartbeat=w.heartbeat_at)
-               for w in read.workers(session)]
+    alive = {w.id for w in read.alive_workers(session, settings.worker_alive_seconds)}
+    workers = [WorkerPublic.of(w, alive=w.id in alive) for w in read.workers(session)]
     live = [w for w in workers if w.alive]
     worker = live[0] if live else (workers[0] if workers else WorkerPublic(alive=False))
     counts = read.status_counts(session)
