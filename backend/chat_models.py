@@ -44,6 +44,7 @@ from typing import Any
 
 from edgerlhf.contract import (CONFIG_FILE, FINISHED, PPO_ADAPTER, RANDOM_BASE, REPORT_FILE, SFT_MERGED,
                                job_run_dir)
+from edgerlhf.dialogue import StopRule
 from edgerlhf.errors import ModelLoadError
 
 log = logging.getLogger("edgerlhf.chat")
@@ -138,15 +139,13 @@ class StopScanner:
 
     `feed(text)` takes the whole decoded completion so far and returns `(delta, stopped)`: the new
     text that can be shown, and whether a stop string was found (the text before it is final). Where
-    the text ends is `edgerlhf.generation.StopRule`'s answer, the rule every generator stops by; this
+    the text ends is `edgerlhf.dialogue.StopRule`'s answer, the rule every generator stops by; this
     class only adds what streaming needs: a suffix that may still become a stop string, or an
     incomplete UTF-8 character (U+FFFD), is held back until the next token decides. Leading whitespace
     is dropped: models answer `prompt + " " + response`, and OpenAI's content starts with the first word.
     """
 
     def __init__(self, stops: Iterable[str]):
-        from edgerlhf.generation import StopRule  # imports torch: only when a model generates
-
         self.rule = StopRule(stops)
         self.sent = ""
         self.stopped = False

@@ -13,6 +13,8 @@ next human turn) or at the tokenizer's EOS token.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 HUMAN = "\n\nHuman:"
 """Marker that opens a human turn."""
 ASSISTANT = "\n\nAssistant:"
@@ -76,18 +78,47 @@ def join(prompt: str, response: str) -> str:
     return prompt + " " + response
 
 
+class StopRule:
+    """Where a response ends: at its first EOS token or at the first of `stops` in its text.
+
+    The stops are the HH turn markers (`STOP_STRINGS`: the model opening the next turn)
+    unless given; the chat adds a request's own `stop` strings. EOS is a token, so the loops that see
+    tokens check it themselves; this class answers the text side, for every generator: `StopOnMarkers`
+    during `generate`, `response_lengths` after it, and the chat's streaming `StopScanner` token by token.
+    """
+
+    def __init__(self, stops: Iterable[str] = STOP_STRINGS):
+        self.stops = tuple(s for s in dict.fromkeys(stops) if s)
+
+    def find(self, text: str) -> int:
+        """Where the first stop string in `text` begins; -1 when there is none."""
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(hits) if hits else -1
+
+    def cut(self, text: str) -> str:
+        """`text` up to its first stop string (not stripped: a stream keeps what it already showed)."""
+        end = self.find(text)
+        return text if end < 0 else text[:end]
+
+    def pending(self, text: str) -> int:
+        """How many characters at the end of `text` could still grow into a stop string (the longest
+        suffix that is a proper prefix of one); a stream holds them back until the next token decides."""
+        held = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(text)), held, -1):
+                if text.endswith(stop[:k]):
+                    held = k
+                    break
+        return held
+
+
 def cut_at_stop(text: str) -> str:
     """A generated continuation cut before the first stop marker, stripped.
 
     >>> cut_at_stop(" Sure thing.\\n\\nHuman: thanks")
     'Sure thing.'
     """
-    end = len(text)
-    for marker in STOP_STRINGS:
-        at = text.find(marker)
-        if at >= 0:
-            end = min(end, at)
-    return text[:end].strip()
+    return StopRule().cut(text).strip()
 
 
 def _clean_content(content: str) -> str:
