@@ -17,8 +17,10 @@ while different models generate in parallel. `unload_job(job_id)` drops a delete
 
 Generation is a plain token loop with a KV cache (as nanoGPT's `generate`), so it can stream; what it
 samples and where it stops come from `edgerlhf.generation`, as for every other generator: each token is
-drawn by `Sampling.draw` (temperature, top-p; OpenAI's temperature 0 is greedy), and the stop rule is
-`StopRule` (EOS, the next HH turn marker, or one of the request's `stop` strings). The loop owns a
+drawn by `Sampling.draw` (temperature, top-p; OpenAI's temperature 0 is greedy), the messages become a
+prompt and the answer stops as the model's `edgerlhf.dialogue.PromptFormat` says (its chat template and
+end-of-turn token when its tokenizer has one, else the HH text, EOS and the next HH turn marker), or at one
+of the request's `stop` strings. The loop owns a
 `torch.Generator` per request, so a `seed` gives the same tokens whether the answer is streamed or not
 and whatever other requests run at the same time. Text that could be the beginning of a stop string is
 held back, so a stream never shows a half stop marker.
@@ -44,7 +46,7 @@ from typing import Any
 
 from edgerlhf.contract import (CONFIG_FILE, FINISHED, PPO_ADAPTER, RANDOM_BASE, REPORT_FILE, SFT_MERGED,
                                job_run_dir)
-from edgerlhf.dialogue import StopRule
+from edgerlhf.dialogue import PromptFormat, StopRule
 from edgerlhf.errors import ModelLoadError
 
 log = logging.getLogger("edgerlhf.chat")
@@ -195,7 +197,7 @@ class GenerationParams:
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
-    """The request's own stop strings, on top of the HH turn markers."""
+    """The request's own stop strings, on top of the model's (`PromptFormat.stop_rule`)."""
     seed: int | None = None
     n: int = 1
 
@@ -208,12 +210,6 @@ class GenerationParams:
             return Sampling(greedy=True)
         return Sampling(temperature=self.temperature, top_p=self.top_p)
 
-    def stops(self) -> list[str]:
-        """Every stop string of this request: the HH turn markers, then the request's own."""
-        from edgerlhf.dialogue import STOP_STRINGS
-
-        return [*STOP_STRINGS, *self.stop]
-
 
 class LoadedModel:
     """A policy in memory with its tokenizer; `generate` is serialized by `lock`."""
@@ -224,18 +220,23 @@ class LoadedModel:
         self.tokenizer = tokenizer
         self.device = device
         self.lock = threading.Lock()
-        config = getattr(model, "config", None)
-        self.context_length = int(getattr(config, "n_positions", None)
-                                  or getattr(config, "max_position_embeddings", None) or 1024)
-        self.eos_token_id = tokenizer.eos_token_id
+        from edgerlhf.generation import context_length
+
+        self.context_length = context_length(model)
+        self.format = PromptFormat.of(tokenizer)
         # Only the last position's logits are needed: (N, P, V) logits of a long prompt would cost
         # P x 50k floats per completion (hundreds of MB for n=8 on a small GPU).
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._forward_kwargs = ({"logits_to_keep": 1}
                                 if "logits_to_keep" in inspect.signature(inner.forward).parameters else {})
 
-    def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    def encode(self, text: str) -> list[int]:
+        """Token ids of model text (a rendered prompt)."""
+        return self.tokenizer(text, add_special_tokens=self.format.add_special_tokens)["input_ids"]
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of OpenAI messages in this model's format (its chat template, or HH text)."""
+        return self.encode(self.format.chat(messages))
 
     def generate(self, prompt_ids: list[int], params: GenerationParams,
                  on_delta: Callable[[int, str], None] | None = None,
@@ -245,7 +246,8 @@ class LoadedModel:
 
         sampling = params.sampling()
         choices = [Choice(i) for i in range(params.n)]
-        scanners = [StopScanner(params.stops()) for _ in range(params.n)]
+        stop_ids = set(self.format.stop_token_ids)
+        scanners = [StopScanner(self.format.stop_rule(params.stop).stops) for _ in range(params.n)]
         tokens: list[list[int]] = [[] for _ in range(params.n)]
 
         def emit(i: int, final: bool = False) -> None:
@@ -281,7 +283,7 @@ class LoadedModel:
                     if choices[i].finish_reason is not None:
                         continue
                     choices[i].completion_tokens += 1
-                    if token == self.eos_token_id:
+                    if token in stop_ids:
                         emit(i, final=True)
                         choices[i].finish_reason = "stop"
                         continue
@@ -303,11 +305,11 @@ class LoadedModel:
         return choices
 
 
-def render_prompt(messages: list[dict[str, str]]) -> str:
-    """OpenAI messages -> HH prompt (`edgerlhf.dialogue.render_chat`); raises ValueError when invalid."""
+def check_messages(messages: list[dict[str, str]]) -> None:
+    """Raise ValueError (`DialogueError`) for messages no model can answer: unknown role, no user message..."""
     from edgerlhf.dialogue import render_chat
 
-    return render_chat(messages)
+    render_chat(messages)
 
 
 # --- the registry --------------------------------------------------------------------------------

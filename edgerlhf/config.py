@@ -94,30 +94,56 @@ def check_ranges(section: str, obj: Any) -> None:
             raise ConfigError(f"{section}.{name}" if section else name, f"must be in {bounds}, got {value}")
 
 
+RANDOM_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")
+"""Model families a `random_init` model can be built as (transformers `model_type` names); each is tested end to end."""
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = "distilgpt2"
     """Base causal LM: a Hugging Face hub id (`name` or `org/name`) or an absolute local directory with config
-    and weights."""
+    and weights. Any causal LM family works (GPT-2, Llama, Qwen, Mistral, Gemma, Phi...); a chat model's chat
+    template is used when its tokenizer has one."""
     tokenizer: str | None = None
     """Tokenizer hub id or absolute local directory; defaults to `name_or_path`."""
     random_init: bool = False
-    """Build the model from a GPT-2 config with random weights instead of loading weights (tests, benchmarks)."""
+    """Build the model with random weights from `architecture` and the size fields below instead of loading
+    weights (tests, benchmarks)."""
+    architecture: str = "gpt2"
+    """With `random_init`: the model family (a transformers model type: gpt2, llama, qwen2, qwen3, mistral,
+    gemma, gemma2, gemma3_text, phi3)."""
     n_layer: Annotated[int, Range(1, 128)] = 6
     """With `random_init`: number of transformer blocks (6 = distilgpt2)."""
     n_head: Annotated[int, Range(1, 256)] = 12
     """With `random_init`: attention heads per block (12 = distilgpt2)."""
+    n_kv_head: Annotated[int, Range(1, 256)] | None = None
+    """With `random_init`: key/value heads (grouped-query attention; None: one per attention head; not gpt2)."""
     n_embd: Annotated[int, Range(1, 16384)] = 768
     """With `random_init`: hidden size (768 = distilgpt2)."""
-    n_positions: Annotated[int, Range(8, 32768)] = 1024
+    head_dim: Annotated[int, Range(1, 1024)] | None = None
+    """With `random_init`: width of an attention head (None: n_embd / n_head; not gpt2)."""
+    intermediate_size: Annotated[int, Range(1, 131072)] | None = None
+    """With `random_init`: width of the MLP (None: 4 * n_embd)."""
+    n_positions: Annotated[int, Range(8, 1048576)] = 1024
     """With `random_init`: maximum sequence length."""
+    vocab_size: Annotated[int, Range(1, 1048576)] | None = None
+    """With `random_init`: rows of the embedding matrix (None: the tokenizer's length; more rows rebuild a
+    published model's exact shape for benchmarks)."""
+    tie_word_embeddings: bool = False
+    """With `random_init`: share the output layer with the input embeddings. Off by default so the `tiny`
+    preset can train its output layer in full; the published shapes of small models tie them."""
 
     def __post_init__(self):
         if not self.name_or_path and not self.random_init:
             raise ConfigError("model.name_or_path", "must name a hub id or a local path")
         check_ranges("model", self)
-        if self.n_embd % self.n_head:
+        if self.architecture not in RANDOM_ARCHITECTURES:
+            raise ConfigError("model.architecture", f"unknown architecture {self.architecture!r}; "
+                                                    f"choose from {list(RANDOM_ARCHITECTURES)}")
+        if self.head_dim is None and self.n_embd % self.n_head:
             raise ConfigError("model.n_embd", f"must be divisible by n_head={self.n_head}")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ConfigError("model.n_kv_head", f"must divide n_head={self.n_head}")
 
 
 @dataclass
@@ -167,8 +193,9 @@ class SFTConfig:
     """LoRA scaling numerator (scale = alpha / r)."""
     lora_dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.05
     """Dropout on the LoRA branch."""
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])
-    """Modules that get LoRA adapters (GPT-2 names)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get LoRA adapters, by name (`q_proj`, GPT-2's `c_attn`...), or `all-linear`: every linear
+    layer of the body, in any model family. The reward model and the PPO policy adapt the same modules."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the LoRA adapters and merged into sft/merged (the `tiny` preset trains
     its random model's untied `lm_head`: a low-rank update of random weights alone cannot shape the output)."""
@@ -504,8 +531,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"source": os.path.join(SHARED_DIR, "data", "hh-rlhf"), "labels": "gold",
                  "max_pairs": 600, "test_fraction": 0.2, "max_prompt_tokens": 128, "max_response_tokens": 48},
         # A LoRA on random weights cannot shape the output alone, so the (untied) LM head trains in full.
-        "sft": {"lora_r": 8, "lora_alpha": 16, "modules_to_save": ["lm_head"], "learning_rate": 2e-3,
-                "max_steps": 150, "batch_size": 8, "max_length": 192, "eval_every": 50, "sample_every": 50},
+        "sft": {"lora_r": 8, "lora_alpha": 16, "target_modules": ["c_attn", "c_proj"], "modules_to_save": ["lm_head"],
+                "learning_rate": 2e-3, "max_steps": 150, "batch_size": 8, "max_length": 192, "eval_every": 50,
+                "sample_every": 50},
         "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 8, "lora_alpha": 16, "learning_rate": 3e-3,
                    "head_lr_scale": 30.0, "max_steps": 300, "batch_size": 8, "max_length": 192, "eval_every": 150},
         # PPO sized so its gold gain over SFT is significant in about 2 CPU minutes: 8 prompts x 4 samples per

@@ -1,4 +1,4 @@
-"""The HH-RLHF dialogue format: splitting raw dialogues, normalising prompts, rendering chat messages.
+"""The HH-RLHF dialogue format, and how a model sees a dialogue (`PromptFormat`: HH text or a chat template).
 
 Anthropic's HH-RLHF (Bai et al. 2022, "Training a Helpful and Harmless Assistant with RLHF") stores each
 preference as two full dialogues that share every turn but the last assistant reply:
@@ -9,11 +9,18 @@ Everything in EdgeRLHF speaks this format. A *prompt* is the dialogue up to and 
 `"\\n\\nAssistant:"`; a *response* is the text of that final assistant turn, stripped. A model sees
 `prompt + " " + response` (`join`), and generation stops at `STOP_STRING` (the model starting the
 next human turn) or at the tokenizer's EOS token.
+
+Data is stored in this format whatever the model. A model whose tokenizer has a chat template sees the
+same dialogue through that template instead (`PromptFormat`): the turns become messages
+(`to_messages`), the prompt is `apply_chat_template(messages, add_generation_prompt=True)`, a response
+ends with the template's end-of-turn text, and generation stops at its end-of-turn token(s).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 HUMAN = "\n\nHuman:"
 """Marker that opens a human turn."""
@@ -157,3 +164,114 @@ def render_chat(messages: list[dict[str, str]]) -> str:
     if not any(m.get("role") == "user" for m in messages):
         raise DialogueError("at least one user message is needed")
     return "".join(parts) + ASSISTANT
+
+
+_TURN = re.compile(r"\n\n(Human|Assistant|System):")
+_ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
+
+
+def to_messages(prompt: str) -> list[dict[str, str]]:
+    """An HH prompt as OpenAI-style messages, without its final (empty) assistant turn: the inverse of
+    `render_chat`.
+
+    >>> to_messages("\\n\\nHuman: Hi\\n\\nAssistant: Hello.\\n\\nHuman: Bye\\n\\nAssistant:")
+    [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello.'}, {'role': 'user', 'content': 'Bye'}]
+    """
+    parts = _TURN.split(normalize_prompt(prompt))  # ["", role, text, role, text, ...]
+    messages = [{"role": _ROLES[role], "content": text.strip()} for role, text in zip(parts[1::2], parts[2::2])]
+    return messages[:-1]  # the prompt ends with the assistant turn still to be written
+
+
+TEMPLATE_PROBE = "EDGERLHF-END-OF-TURN-PROBE"
+"""An answer rendered through a chat template to find what the template writes after an assistant turn."""
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one tokenizer's model sees a dialogue: the raw HH text, or the tokenizer's chat template.
+
+    The one place every stage, the evaluation, the probes and the chat turn a stored HH prompt and
+    response into model text (`PromptFormat.of(tokenizer)`):
+
+                      HH text (no template)              chat template
+        prompt(p)     p  ("...\\n\\nAssistant:")          apply_chat_template(to_messages(p), add_generation_prompt)
+        answer(r)     " " + r + EOS  (SFT's target)      r + end_of_turn  (e.g. "<|im_end|>\\n")
+        scored(p, r)  p + " " + r  (the reward's input)  prompt(p) + r
+        stops         EOS and the HH turn markers        EOS and the end-of-turn token(s)
+
+    The reward reads the last token of `scored`, the response's own last token in both formats (no
+    end-of-turn or EOS: a tokenizer whose pad token is its EOS would hide that token from the
+    sequence classifier the reward model is trained as). Template text already holds its special tokens
+    (a BOS), so it is tokenized with `add_special_tokens=False`.
+    """
+
+    tokenizer: object
+    chat_template: bool
+    end_of_turn: str
+    """What the template writes after an assistant's answer ("" without a template)."""
+    stop_token_ids: tuple[int, ...]
+    """Token ids that end a response: EOS and the special tokens of `end_of_turn`."""
+    stop_strings: tuple[str, ...]
+    """Texts that end a response: the HH turn markers without a template; none with one (its turn ends with a token)."""
+
+    @classmethod
+    def of(cls, tokenizer) -> PromptFormat:
+        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        if not getattr(tokenizer, "chat_template", None):
+            return cls(tokenizer, False, "", tuple(eos), STOP_STRINGS)
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": TEMPLATE_PROBE}]
+        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+        end_of_turn = rendered[rendered.rindex(TEMPLATE_PROBE) + len(TEMPLATE_PROBE):]
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        turn_ids = [i for i in tokenizer(end_of_turn, add_special_tokens=False)["input_ids"] if i in special]
+        return cls(tokenizer, True, end_of_turn, tuple(dict.fromkeys(eos + turn_ids)), ())
+
+    @property
+    def add_special_tokens(self) -> bool:
+        """Whether tokenizing this format's text should add the tokenizer's own special tokens (a BOS)."""
+        return not self.chat_template
+
+    def prompt(self, prompt: str) -> str:
+        """The model text of a stored HH prompt, ending where the assistant's answer begins."""
+        if not self.chat_template:
+            return prompt
+        return self._apply(to_messages(prompt))
+
+    def answer(self, response: str) -> str:
+        """The text SFT teaches after `prompt(p)`: the response and the end of the turn."""
+        if not self.chat_template:
+            return " " + response + (self.tokenizer.eos_token or "")
+        return response + self.end_of_turn
+
+    def scored(self, prompt: str, response: str) -> str:
+        """The text a reward model scores (its last token is the response's last token)."""
+        return join(prompt, response) if not self.chat_template else self.prompt(prompt) + response
+
+    def chat(self, messages: list[dict[str, str]]) -> str:
+        """The model text of OpenAI-style chat messages, ending where the assistant's answer begins.
+
+        Raises `DialogueError` as `render_chat` does. With a template, the special tokens' texts are
+        removed from message contents, so a user cannot forge a turn (as `render_chat` defuses markers).
+        """
+        prompt = render_chat(messages)  # validates roles and contents, defuses HH markers
+        if not self.chat_template:
+            return prompt
+        specials = [t for t in self.tokenizer.all_special_tokens if t] + \
+            [t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special]
+        clean = []
+        for m in messages:
+            content = m["content"]
+            for token in specials:
+                content = content.replace(token, "")
+            clean.append({"role": m["role"], "content": content.strip()})
+        return self._apply(clean)
+
+    def _apply(self, messages: list[dict[str, str]]) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja's TemplateError: e.g. a template that refuses system messages
+            raise DialogueError(f"the model's chat template refused these messages: {exc}") from exc
+
+    def stop_rule(self, extra: Iterable[str] = ()) -> StopRule:
+        """The text side of where a response ends: this format's stop strings and `extra` (a request's own)."""
+        return StopRule((*self.stop_strings, *extra))

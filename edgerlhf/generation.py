@@ -14,10 +14,12 @@ runs *before* its temperature warper and would see unscaled logits), the chat's 
 `forward_response` + `policy_stats` score sampled tokens with exactly that. The reference policy is
 scored on the policy's support, so the KL estimate is 0 for an unchanged policy (see `policy_stats`).
 
-Also here: `Rollouts` (a batch of sampled responses), the one stop rule (`StopRule`: EOS or the first stop
-string; `StopOnMarkers` applies it during `generate`, `response_lengths` after it, the chat's streaming
+Also here: `Rollouts` (a batch of sampled responses), where a response ends (a stop token of the model's
+`PromptFormat`, EOS or its chat template's end of turn, or the first stop string of `StopRule`;
+`StopOnMarkers` applies it during `generate`, `response_lengths` after it, the chat's streaming
 `StopScanner` token by token), `sample_probes` (the probe generations every stage logs) and the one-pass
-re-scoring of prompt + response.
+re-scoring of prompt + response. Prompts are stored HH dialogues; `generate` renders them in the model's
+`PromptFormat` (its chat template, if it has one).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgerlhf.dialogue import StopRule
+from edgerlhf.dialogue import PromptFormat
 
 # --- the sampling distribution -------------------------------------------------------------------
 
@@ -191,17 +193,19 @@ class Rollouts:
 
 
 def response_lengths(tokenizer, response_ids: torch.Tensor) -> tuple[list[int], list[str]]:
-    """Where each sampled response ends (`StopRule`), in tokens, and its text.
+    """Where each sampled response ends, in tokens, and its text.
 
-    A response ends with its first EOS token or with the token that completes a stop marker (the model
-    opening the next turn); that token is the policy's last action and is kept in the mask, everything
-    after it is padding. The text is cut before the marker and stripped.
+    A response ends with its first stop token (EOS, or the chat template's end of turn) or with the token
+    that completes a stop marker (the model opening the next HH turn); that token is the policy's last
+    action and is kept in the mask, everything after it is padding. The text is cut before the marker
+    and stripped.
     """
-    rule = StopRule()
-    eos = tokenizer.eos_token_id
+    fmt = PromptFormat.of(tokenizer)
+    rule = fmt.stop_rule()
+    stops = set(fmt.stop_token_ids)
     lengths, texts = [], []
     for row in response_ids.tolist():
-        n = row.index(eos) + 1 if eos in row else len(row)
+        n = next((k + 1 for k, token in enumerate(row) if token in stops), len(row))
         text = tokenizer.decode(row[:n], skip_special_tokens=True)
         if rule.find(text) >= 0:
             n = next(k for k in range(1, n + 1) if rule.find(tokenizer.decode(row[:k], skip_special_tokens=True)) >= 0)
@@ -220,13 +224,19 @@ class StopOnMarkers:
 
     def __init__(self, tokenizer, prompt_length: int, window: int = 12):
         self.tokenizer, self.prompt_length, self.window = tokenizer, prompt_length, window
-        self.rule = StopRule()
+        self.rule = PromptFormat.of(tokenizer).stop_rule()
 
     def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
         start = max(self.prompt_length, input_ids.shape[1] - self.window)
         tails = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=True)
         done = [self.rule.find(tail) >= 0 for tail in tails]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def context_length(model) -> int:
+    """The longest sequence `model` takes (GPT-2's `n_positions`, the others' `max_position_embeddings`)."""
+    config = model.config
+    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024)
 
 
 def generation_config(sampling: Sampling, max_new_tokens: int, tokenizer):
@@ -242,27 +252,30 @@ def generation_config(sampling: Sampling, max_new_tokens: int, tokenizer):
     neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
                    eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not sampling.greedy,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **neutral)
+                            pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=list(PromptFormat.of(tokenizer).stop_token_ids), **neutral)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling: Sampling) -> Rollouts:
-    """Sample one response per prompt (left-padded batch) with `sampling`, stopping at EOS or a stop marker."""
+    """Sample one response per stored HH prompt (rendered in the model's `PromptFormat`, left-padded batch)
+    with `sampling`, stopping at a stop token or a stop marker."""
     device = next(model.parameters()).device
-    n_positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+    fmt = PromptFormat.of(tokenizer)
     # Left padding and truncation keep each prompt's end next to its response. Only for this call: the
     # tokenizer may be a trainer's (SFT probes), which saves it with the model.
     sides = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                          max_length=max(n_positions - max_new_tokens, 1)).to(device)
+        batch = tokenizer([fmt.prompt(p) for p in prompts], return_tensors="pt", padding=True, truncation=True,
+                          max_length=max(context_length(model) - max_new_tokens, 1),
+                          add_special_tokens=fmt.add_special_tokens).to(device)
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = sides
     processors = [] if sampling.greedy else [SamplingProcessor(sampling)]
-    stop = StopOnMarkers(tokenizer, batch["input_ids"].shape[1])
+    stops = [StopOnMarkers(tokenizer, batch["input_ids"].shape[1])] if fmt.stop_strings else []
     out = model.generate(**batch, generation_config=generation_config(sampling, max_new_tokens, tokenizer),
-                         logits_processor=processors, stopping_criteria=[stop])  # (B, P + T)
+                         logits_processor=processors, stopping_criteria=stops)  # (B, P + T)
     query_ids = batch["input_ids"]  # (B, P)
     response_ids = out[:, query_ids.shape[1]:]  # (B, T)
     lengths, texts = response_lengths(tokenizer, response_ids)

@@ -20,11 +20,11 @@ Run-directory formats read here (where each lives: `edgerlhf.contract`):
                              rewards have mean 0, std 1 on the training responses
         reward_model.json    {"precision", "max_length", "compute_dtype", "hidden_size", "normalization"}
 
-A reward is read from the final hidden state (after `ln_f`) of the last token of
-`prompt + " " + response` (no EOS appended; an empty response ends on that space token), through the
-linear score head: the same position and
-value that `GPT2ForSequenceClassification` produces for that text with EOS as padding, which is how TRL's
-RewardTrainer trains it. Because the reward adapter is a plain causal-LM LoRA, PPO can load it as a
+A reward is read from the final hidden state (after the body's final norm, in every family) of the last
+token of `PromptFormat.scored(prompt, response)` (HH text `prompt + " " + response`, or the chat
+template's prompt + response; no EOS or end of turn: `reward_token_ids`), through the linear score head:
+the same position and value that the family's `...ForSequenceClassification` produces for those tokens,
+which is how TRL's RewardTrainer trains it. Because the reward adapter is a plain causal-LM LoRA, PPO can load it as a
 second adapter on its shared `sft/merged` model (`model.load_adapter(dir / "adapter", "reward")`) and
 apply `score_head.pt` to `last_token_hidden(...)`; `encode_for_reward` gives the exact token layout.
 """
@@ -41,7 +41,7 @@ from torch import nn
 from edgerlhf import locations
 from edgerlhf.config import PRECISIONS, ModelConfig, PipelineConfig
 from edgerlhf.contract import CONFIG_FILE, PPO_ADAPTER, RANDOM_BASE, SFT_MERGED, reward_dir
-from edgerlhf.dialogue import join
+from edgerlhf.dialogue import PromptFormat
 from edgerlhf.errors import MissingPrerequisite, ModelLoadError, require
 
 REWARD_ADAPTER_DIR = "adapter"
@@ -171,47 +171,49 @@ def _keep_nf4_layout(model) -> None:
 
 
 POSITION_AMPLITUDE = 0.1
-"""Amplitude of a random model's sinusoidal position embeddings (see `random_gpt2`)."""
+"""Amplitude of a random GPT-2's sinusoidal position embeddings (see `random_model`)."""
 
 
-def random_gpt2(model_cfg: ModelConfig, tokenizer, seed: int = 0):
-    """A GPT-2-shaped causal LM with random weights, sized by `model_cfg` (tests, tiny preset, benchmarks).
+def random_model(model_cfg: ModelConfig, tokenizer, seed: int = 0):
+    """A causal LM of `model.architecture` with random weights, sized by `model_cfg` (tests, tiny preset, benchmarks).
 
-    Two choices differ from GPT-2's own initialisation, both for what the frozen random weights must
-    offer the small adapters trained on top of them:
-    - the LM head is not tied to the input embeddings, so SFT can train it in full
-      (`sft.modules_to_save=["lm_head"]`) while the rest gets LoRA;
-    - the position embeddings start as the sinusoids of Vaswani et al. (2017) with amplitude 0.1 (five
-      times GPT-2's init std, so they stand out of the token embeddings' noise) instead of noise: their
-      slow dimensions are nearly linear in the position, so "how far into the text" can be read from one
-      token's hidden state. A linear probe on the last token of a random model then ranks the known-answer
-      pairs by length with ~98 % held-out accuracy, against ~89 % with GPT-2's noise init.
+    Built from its transformers config (`edgerlhf.architectures.random_config`), so every family
+    transformers has comes out as the model class a checkpoint of that family loads into. Two choices
+    differ from the families' own initialisation, both for what the frozen random weights must offer the
+    small adapters trained on top of them:
+    - the LM head is not tied to the input embeddings (unless `model.tie_word_embeddings`), so SFT can
+      train it in full (`sft.modules_to_save=["lm_head"]`) while the rest gets LoRA;
+    - GPT-2's learned position embeddings start as the sinusoids of Vaswani et al. (2017) with amplitude
+      0.1 (five times GPT-2's init std, so they stand out of the token embeddings' noise) instead of noise:
+      their slow dimensions are nearly linear in the position, so "how far into the text" can be read from
+      one token's hidden state (a linear probe on the last token of a random model then ranks the
+      known-answer pairs by length with ~98 % held-out accuracy, against ~89 % with GPT-2's noise init).
+      The other families encode positions by rotation (RoPE) and have nothing to initialise.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=model_cfg.n_positions, n_embd=model_cfg.n_embd,
-                        n_layer=model_cfg.n_layer, n_head=model_cfg.n_head,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id,
-                        # Untied, so a stage can train the output layer without touching the input embeddings.
-                        tie_word_embeddings=False)
+    from edgerlhf.architectures import random_config
+
+    config = random_config(model_cfg, len(tokenizer), bos_token_id=tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
-    n, d = config.n_positions, config.n_embd
-    position = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
-    frequency = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # (d/2,)
-    wpe = torch.zeros(n, d)
-    wpe[:, 0::2] = torch.sin(position * frequency)
-    wpe[:, 1::2] = torch.cos(position * frequency)[:, : d // 2]
-    with torch.no_grad():
-        model.transformer.wpe.weight.copy_(wpe * POSITION_AMPLITUDE)
+        model = AutoModelForCausalLM.from_config(config)
+    if config.model_type == "gpt2":
+        n, d = config.n_positions, config.n_embd
+        position = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
+        frequency = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # (d/2,)
+        wpe = torch.zeros(n, d)
+        wpe[:, 0::2] = torch.sin(position * frequency)
+        wpe[:, 1::2] = torch.cos(position * frequency)[:, : d // 2]
+        with torch.no_grad():
+            model.transformer.wpe.weight.copy_(wpe * POSITION_AMPLITUDE)
     return model
 
 
 def load_base_model(model_cfg: ModelConfig, device: torch.device | str = "cpu", precision: str = "bf16",
                     tokenizer=None, seed: int = 0):
-    """The base causal LM of a config: a hub id, a local directory, or (random_init) a random GPT-2.
+    """The base causal LM of a config: a hub id, a local directory, or (random_init) a random model.
 
     Offline, a hub id that is not cached raises `ModelLoadError` at once, saying how to use a local path.
     A random model is built in fp32 and moved to `device`; it cannot be quantized before it is saved
@@ -222,7 +224,7 @@ def load_base_model(model_cfg: ModelConfig, device: torch.device | str = "cpu", 
         if precision != "bf16":
             raise ModelLoadError("a random_init model cannot be loaded quantized; save it and load the directory")
         tokenizer = tokenizer or load_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path)
-        return random_gpt2(model_cfg, tokenizer, seed).to(device=device, dtype=compute_dtype(device))
+        return random_model(model_cfg, tokenizer, seed).to(device=device, dtype=compute_dtype(device))
     return load_causal_lm(model_cfg.name_or_path, device, precision)
 
 
@@ -240,9 +242,17 @@ def upcast_trainable(model) -> None:
             param.data = param.data.float()
 
 
+ALL_LINEAR = "all-linear"
+"""`target_modules` shorthand: every linear layer of the body, not the output layer (peft's; the QLoRA recipe)."""
+
+
 def lora_config(model, r: int, alpha: int, target_modules, dropout: float = 0.0, modules_to_save=None,
                 task_type: str = "CAUSAL_LM"):
     """The peft `LoraConfig` of every adapter the pipeline trains (LoRA, Hu et al. 2021) on `model`.
+
+    `target_modules` names layers (`["q_proj", "v_proj"]`, GPT-2's `["c_attn", "c_proj"]`) or is
+    `["all-linear"]`, which fits every family: each linear (or GPT-2 `Conv1D`) layer of the transformer
+    body gets an adapter, the output layer does not.
 
     `fan_in_fan_out` is asked of the model, not of its architecture's name: it is set when the target
     layers store their weight as (in, out), as transformers' `Conv1D` does (GPT-2's projections), rather
@@ -258,11 +268,22 @@ def lora_config(model, r: int, alpha: int, target_modules, dropout: float = 0.0,
         replaced = getattr(module, "source_cls", None)
         return isinstance(module, Conv1D) or isinstance(replaced, type) and issubclass(replaced, Conv1D)
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+    all_linear = list(target_modules) == [ALL_LINEAR]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=ALL_LINEAR if all_linear else list(target_modules),
                         modules_to_save=list(modules_to_save) if modules_to_save else None, task_type=task_type)
-    # The layers peft will wrap, matched by peft's own rule.
-    conv1d = {name: is_conv1d(module) for name, module in model.named_modules()
-              if check_target_module_exists(config, name)}
+    # The layers peft will wrap, matched by peft's own rule (all-linear: the body's linear-like layers).
+    if all_linear:
+        output = model.get_output_embeddings()
+        conv1d = {name: is_conv1d(module) for name, module in model.named_modules()
+                  if module is not output and (is_conv1d(module) or isinstance(module, nn.Linear)
+                                               or hasattr(module, "source_cls"))}
+    else:
+        conv1d = {name: is_conv1d(module) for name, module in model.named_modules()
+                  if check_target_module_exists(config, name)}
+    if not conv1d:
+        raise ValueError(f"LoRA target modules {list(target_modules)} match no layer of this "
+                         f"{type(model).__name__}; name its layers (e.g. q_proj, v_proj) or use ['all-linear']")
     if len(set(conv1d.values())) > 1:
         raise ValueError(f"LoRA target modules {list(target_modules)} match both Conv1D and Linear layers "
                          f"(Conv1D: {sorted(n for n, c in conv1d.items() if c)[:3]} ...); target one kind")
@@ -314,19 +335,27 @@ def load_policy(run_dir: str | Path, which: str, device: torch.device | str = "c
 
 # --- reward models -----------------------------------------------------------------------------
 
+def reward_token_ids(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list[list[int]]:
+    """The tokens a reward model reads for each (prompt, response): `PromptFormat.scored` (HH text
+    `prompt + " " + response`, or the chat template's prompt + response), at most `max_length` of them;
+    a longer text loses its start (the response's end, where the reward is read, is kept)."""
+    fmt = PromptFormat.of(tokenizer)
+    texts = [fmt.scored(p, r) for p, r in zip(prompts, responses, strict=True)]
+    rows = tokenizer(texts, add_special_tokens=fmt.add_special_tokens)["input_ids"]
+    return [row[-max_length:] for row in rows]
+
+
 def encode_for_reward(tokenizer, prompts: list[str], responses: list[str], max_length: int,
                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Tokens of `prompt + " " + response`, right-padded; longer texts lose their start (the response's
-    end, where the reward is read, is kept). Returns input_ids and attention_mask, each (B, T)."""
-    texts = [join(p, r) for p, r in zip(prompts, responses, strict=True)]
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
-    try:
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
-                          padding_side="right")
-    finally:
-        tokenizer.truncation_side = side
-    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    """`reward_token_ids` right-padded into a batch: input_ids and attention_mask, each (B, T)."""
+    rows = reward_token_ids(tokenizer, prompts, responses, max_length)
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        attention_mask[i, :len(row)] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
 def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Stage 3, reward: pairwise Bradley–Terry reward models in bf16, int8 and int4, and the precision study.
 
-A reward model scores `prompt + " " + response` with a scalar and is trained so the chosen response
+A reward model scores a (prompt, response) pair with a scalar (read at the response's last token, laid
+out by `models.reward_token_ids` in the model's `PromptFormat`) and is trained so the chosen response
 scores higher: loss = -log sigmoid(r_chosen - r_rejected) (Bradley & Terry 1952; Ouyang et al. 2022).
-It starts from the SFT model (`sft/merged`) as `GPT2ForSequenceClassification` (the LM head replaced by a
-1-output score head) and trains a LoRA adapter plus the score head, with TRL's `RewardTrainer`; the new
+It starts from the SFT model (`sft/merged`) as its family's `...ForSequenceClassification` (the LM head
+replaced by a 1-output score head) and trains a LoRA adapter plus the score head, with TRL's `RewardTrainer`; the new
 head learns `reward.head_lr_scale` times faster than the adapter (it has to grow from a near-zero init).
 For int8 / int4 the frozen base is loaded through bitsandbytes (LLM.int8() / NF4, as in QLoRA); the
 trainable adapter and head stay in fp32 in every precision (TRL would cast a quantized model's to bf16,
@@ -51,16 +52,19 @@ from edgerlhf.reports import PrecisionResult, RewardReport
 from edgerlhf.memory import MB, snapshot
 from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, compute_dtype, dtype_name,
                              load_causal_lm, load_reward_model, load_tokenizer, lora_config, resolve_device,
-                             upcast_trainable)
+                             reward_token_ids, upcast_trainable)
 
 
-def preference_dataset(path: Path):
-    """TRL explicit-prompt preference examples; responses get their leading space (`dialogue.join`)."""
+def preference_dataset(path: Path, tokenizer, max_length: int):
+    """Tokenized preference pairs: `chosen_ids`, `rejected_ids` laid out as `models.encode_for_reward` lays
+    out what PPO scores, so the reward model is trained on exactly the inputs it will judge."""
     from datasets import Dataset
 
     rows = read_prefs(path)
-    return Dataset.from_list([{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
-                              for r in rows])
+    prompts = [r["prompt"] for r in rows]
+    chosen = reward_token_ids(tokenizer, prompts, [r["chosen"] for r in rows], max_length)
+    rejected = reward_token_ids(tokenizer, prompts, [r["rejected"] for r in rows], max_length)
+    return Dataset.from_list([{"chosen_ids": c, "rejected_ids": r} for c, r in zip(chosen, rejected)])
 
 
 def spearman(a: list[float] | torch.Tensor, b: list[float] | torch.Tensor) -> float:
@@ -175,8 +179,9 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model
     optimizer = torch.optim.AdamW([{"params": body, "lr": cfg.learning_rate},
                                    {"params": head, "lr": cfg.learning_rate * cfg.head_lr_scale}],
                                   lr=cfg.learning_rate, weight_decay=0.0)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=preference_dataset(ctx.run_dir / TRAIN_PREFS),
-                            eval_dataset=preference_dataset(ctx.run_dir / TEST_PREFS),
+    trainer = RewardTrainer(model=model, args=args,
+                            train_dataset=preference_dataset(ctx.run_dir / TRAIN_PREFS, tokenizer, cfg.max_length),
+                            eval_dataset=preference_dataset(ctx.run_dir / TEST_PREFS, tokenizer, cfg.max_length),
                             processing_class=tokenizer, callbacks=list(callbacks), optimizers=(optimizer, None))
     trainer.remove_callback(PrinterCallback)
     upcast_trainable(trainer.model)  # TRL puts a quantized model's adapter in bf16; we train it in fp32

@@ -1,10 +1,10 @@
 """Stage 2, sft: LoRA supervised fine-tuning on prompt + chosen response, with TRL's SFTTrainer.
 
 The first step of the InstructGPT recipe (Ouyang et al. 2022): the base LM learns to answer HH prompts
-the way the preferred responses do. Training pairs come from `data/train_prefs.jsonl` as TRL
-prompt-completion examples (`prompt`, `completion = " " + chosen`, EOS appended by TRL); with
-`sft.completion_only_loss` (default) the loss covers the response tokens only (TRL masks the prompt's
-labels to -100). LoRA (Hu et al. 2021) adapts `sft.target_modules`, `sft.modules_to_save` train in
+the way the preferred responses do. Training pairs come from `data/train_prefs.jsonl`, tokenized here in
+the model's `PromptFormat` (`sft_dataset`: its chat template, or `prompt + " " + chosen + EOS`); with
+`sft.completion_only_loss` (default) the loss covers the answer's tokens only (TRL masks the prompt's
+labels to -100 from our `completion_mask`). LoRA (Hu et al. 2021) adapts `sft.target_modules`, `sft.modules_to_save` train in
 full, everything else stays frozen. The loss is TRL's, computed without its vocabulary-tiled kernel,
 whose CPU fallback is ~30x slower on small models (see `CompletionSFTTrainer`).
 
@@ -34,6 +34,7 @@ from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.contract import RANDOM_BASE, SFT_MERGED, TEST_PREFS, TRAIN_PREFS
 from edgerlhf.data import read_prefs
+from edgerlhf.dialogue import PromptFormat
 from edgerlhf.generation import sample_probes
 from edgerlhf.memory import reset_peak, snapshot
 from edgerlhf.reports import Probe, SFTReport
@@ -41,17 +42,26 @@ from edgerlhf.models import (compute_dtype, dtype_name, load_base_model, load_to
                              upcast_trainable)
 
 
-def prompt_completion_dataset(path: Path):
-    """TRL prompt-completion examples from a prefs file: prompt, completion = " " + chosen, each once.
+def sft_dataset(path: Path, tokenizer):
+    """Tokenized SFT examples from a prefs file: each (prompt, chosen) once, in the model's `PromptFormat`.
 
-    Pairs against an empty response are left out: the data stage adds them for the reward model
-    (`data.gold_empty_fraction`), with the longer response of a pair as their chosen side.
+    `input_ids` = tokens of `prompt(p)` then tokens of `answer(chosen)` (the response and its end: EOS,
+    or the chat template's end of turn), tokenized apart so the prompt's tokens are exactly those
+    generation feeds the model; `completion_mask` marks the answer, the only tokens that carry loss with
+    `sft.completion_only_loss`. Pairs against an empty response are left out: the data stage adds them for
+    the reward model (`data.gold_empty_fraction`), with the longer response of a pair as their chosen side.
     """
     from datasets import Dataset
 
-    examples = {(r["prompt"], " " + r["chosen"]) for r in read_prefs(path) if r["rejected"]}
-    ordered = sorted(examples, key=lambda e: (e[0], e[1]))  # a set has no stable order across processes
-    return Dataset.from_list([{"prompt": p, "completion": c} for p, c in ordered])
+    fmt = PromptFormat.of(tokenizer)
+    examples = {(r["prompt"], r["chosen"]) for r in read_prefs(path) if r["rejected"]}
+    rows = []
+    for prompt, chosen in sorted(examples):  # a set has no stable order across processes
+        prompt_ids = tokenizer(fmt.prompt(prompt), add_special_tokens=fmt.add_special_tokens)["input_ids"]
+        answer_ids = tokenizer(fmt.answer(chosen), add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": prompt_ids + answer_ids,
+                     "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)})
+    return Dataset.from_list(rows)
 
 
 def _callback(config: PipelineConfig, ctx: RunContext, tokenizer, probe_prompts: list[str], device):
@@ -151,8 +161,8 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
     from trl import SFTConfig
 
     cfg = config.sft
-    train = prompt_completion_dataset(ctx.run_dir / TRAIN_PREFS)
-    test = prompt_completion_dataset(ctx.run_dir / TEST_PREFS)
+    train = sft_dataset(ctx.run_dir / TRAIN_PREFS, tokenizer)
+    test = sft_dataset(ctx.run_dir / TEST_PREFS, tokenizer)
     dtype = compute_dtype(device)
     args = SFTConfig(
         output_dir=str(ctx.stage_dir("sft") / "trainer"),

@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from edgerlhf.config import TINY_TOKENIZER_DIR, ModelConfig, load_config
-from edgerlhf.dialogue import STOP_STRINGS
+from edgerlhf.dialogue import STOP_STRINGS, StopRule
 from edgerlhf.generation import (
     Sampling,
     SamplingProcessor,
-    StopRule,
     entropy_from_logits,
     forward_response,
     generate,
@@ -107,10 +106,10 @@ def test_kl_estimate_on_a_shared_support_is_zero_for_identical_policies():
 @pytest.fixture(scope="module")
 def peaked_model():
     """A random 1-layer GPT-2 whose next-token distribution is peaked enough for temperature to matter."""
-    from edgerlhf.models import load_tokenizer, random_gpt2
+    from edgerlhf.models import load_tokenizer, random_model
 
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
-    model = random_gpt2(ModelConfig(name_or_path="tiny", random_init=True, n_layer=1, n_head=2, n_embd=32,
+    model = random_model(ModelConfig(name_or_path="tiny", random_init=True, n_layer=1, n_head=2, n_embd=32,
                                     n_positions=64), tokenizer, seed=0).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(40.0)  # logits with a std of a few units, as a trained LM has

@@ -9,7 +9,7 @@ import torch
 from edgerlhf.config import TINY_TOKENIZER_DIR, ModelConfig
 from edgerlhf.errors import MissingPrerequisite
 from edgerlhf.models import (ModelLoadError, compute_dtype, load_base_model, load_causal_lm, load_policy,
-                             load_tokenizer, quantization_config, random_gpt2, resolve_device)
+                             load_tokenizer, quantization_config, random_model, resolve_device)
 
 TINY = ModelConfig(name_or_path="tiny", tokenizer=TINY_TOKENIZER_DIR, random_init=True,
                    n_layer=1, n_head=2, n_embd=32, n_positions=128)
@@ -23,7 +23,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("tiny-model")
-    model = random_gpt2(TINY, tokenizer, seed=0)
+    model = random_model(TINY, tokenizer, seed=0)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -121,7 +121,7 @@ def test_load_policy_sft_and_ppo(tmp_path, saved_tiny, tokenizer):
     with pytest.raises(MissingPrerequisite, match="run the ppo stage first"):
         load_policy(tmp_path, "ppo")
     torch.manual_seed(0)
-    peft = get_peft_model(random_gpt2(TINY, tokenizer, seed=0),
+    peft = get_peft_model(random_model(TINY, tokenizer, seed=0),
                           LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in peft.named_parameters():

@@ -12,7 +12,7 @@ from edgerlhf.config import HH_PREFS_SAMPLE, load_config
 from edgerlhf.context import RunContext
 from edgerlhf.data import read_prefs
 from edgerlhf.data import run as run_data
-from edgerlhf.models import load_reward_model, load_tokenizer, random_gpt2
+from edgerlhf.models import load_reward_model, load_tokenizer, random_model
 
 
 def tiny_config(precisions=("bf16", "int8", "int4"), **reward_overrides):
@@ -33,7 +33,7 @@ def base_run(tmp_path_factory):
     ctx.begin_stage("data")
     run_data(config, ctx)
     tokenizer = load_tokenizer(config.model.tokenizer)
-    model = random_gpt2(config.model, tokenizer, seed=0)
+    model = random_model(config.model, tokenizer, seed=0)
     model.save_pretrained(ctx.run_dir / "sft" / "merged")
     tokenizer.save_pretrained(ctx.run_dir / "sft" / "merged")
     return ctx.run_dir

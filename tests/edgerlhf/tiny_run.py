@@ -32,14 +32,14 @@ def tiny_config(run_dir: Path | None = None, **ppo):
 def make_tiny_run(run_dir: Path, config=None, precisions=("bf16",), n_train: int = 24, n_test: int = 8) -> Path:
     from peft import get_peft_model
 
-    from edgerlhf.models import load_tokenizer, lora_config, random_gpt2
+    from edgerlhf.models import load_tokenizer, lora_config, random_model
 
     config = config or tiny_config()
     run_dir = Path(run_dir)
     tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
     model_cfg = ModelConfig(name_or_path="tiny", random_init=True, n_layer=config.model.n_layer,
                             n_head=config.model.n_head, n_embd=config.model.n_embd, n_positions=256)
-    model = random_gpt2(model_cfg, tokenizer, seed=0)
+    model = random_model(model_cfg, tokenizer, seed=0)
     merged = run_dir / SFT_MERGED
     model.save_pretrained(merged)
     tokenizer.save_pretrained(merged)
@@ -47,7 +47,7 @@ def make_tiny_run(run_dir: Path, config=None, precisions=("bf16",), n_train: int
     for precision in precisions:
         rm_dir = run_dir / reward_dir(precision)
         torch.manual_seed(1)
-        body = random_gpt2(model_cfg, tokenizer, seed=0)
+        body = random_model(model_cfg, tokenizer, seed=0)
         lora = get_peft_model(body, lora_config(body, 4, 8, ["c_attn", "c_proj"]))
         with torch.no_grad():
             for name, p in lora.named_parameters():

@@ -6,7 +6,7 @@ OpenAI-compatible tools work unchanged: the same request fields (`messages`, `te
 objects (`data: {...}` ... `data: [DONE]`), and the same error body,
 `{"error": {"message", "type", "param", "code"}}`, with 400 for bad parameters (FastAPI's 422s are
 converted), 401 for a missing or wrong token, 404 for an unknown model. Messages are rendered in the
-HH dialogue format (`edgerlhf.dialogue.render_chat`); models come from `backend.chat_models`, and
+model's format (`edgerlhf.dialogue.PromptFormat`: its chat template, or the HH dialogue text); models come from `backend.chat_models`, and
 generation runs in worker threads so the event loop keeps serving other requests.
 """
 
@@ -289,14 +289,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         raise OpenAIError(400, f"max_tokens is too large: {max_tokens}. This server allows at most "
                           f"{settings.chat_max_tokens} completion tokens (EDGERLHF_CHAT_MAX_TOKENS).",
                           param=param, code="invalid_value")
+    messages = [m.as_dict() for m in body.messages]
     try:
-        prompt = chat_models.render_prompt([m.as_dict() for m in body.messages])
+        chat_models.check_messages(messages)
     except ValueError as exc:  # DialogueError: unknown role, no user message ...
         raise OpenAIError(400, f"Invalid 'messages': {exc}.", param="messages", code="invalid_value") from exc
 
     spec = await run_in_threadpool(_resolve, request, body.model)
     loaded = await run_in_threadpool(_load, request, spec)
-    prompt_ids = await run_in_threadpool(loaded.encode, prompt)  # a long prompt takes a while to tokenize
+    try:  # a long prompt takes a while to tokenize
+        prompt_ids = await run_in_threadpool(loaded.prompt_ids, messages)
+    except ValueError as exc:  # the model's chat template refused the messages
+        raise OpenAIError(400, f"Invalid 'messages': {exc}.", param="messages", code="invalid_value") from exc
     limit = min(settings.chat_max_prompt_tokens, loaded.context_length - 1)
     if len(prompt_ids) > limit:
         raise OpenAIError(400, f"This model's maximum prompt length is {limit} tokens. However, your messages "
