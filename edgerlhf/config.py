@@ -187,6 +187,9 @@ class DataConfig:
 
 @dataclass
 class SFTConfig:
+    precision: str = "bf16"
+    """Precision of the frozen base during SFT: `bf16`, or `int8` / `int4` (QLoRA: the LoRA trains on a
+    bitsandbytes-quantized base; the adapter is then merged into the base's bf16 weights for sft/merged)."""
     lora_r: Annotated[int, LORA_RANK] = 16
     """LoRA rank."""
     lora_alpha: Annotated[int, Range(1, 4096)] = 32
@@ -219,6 +222,8 @@ class SFTConfig:
     """How many fixed held-out prompts to sample (as probes, with the `ppo` sampling settings)."""
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError("sft.precision", f"unknown precision {self.precision!r}; choose from {list(PRECISIONS)}")
         check_ranges("sft", self)
         if not self.target_modules:
             raise ConfigError("sft.target_modules", "must name at least one module")
@@ -520,6 +525,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 16},
         "ppo": {"batch_size": 32, "mini_batch_size": 2, "response_length": 64, "learning_rate": 1.41e-5,
                 "init_kl_coef": 0.1, "top_k": 50, "top_p": 0.95},
+    },
+    # A ~0.5B chat model in bf16 with LoRA adapters on every linear layer, through its chat template.
+    "qwen2.5-0.5b-8gb": {
+        "model": {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"},
+        "sft": {"lora_r": 16, "batch_size": 4, "grad_accum": 2},
+        "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 16, "batch_size": 4, "grad_accum": 2},
+        "ppo": {"batch_size": 16, "mini_batch_size": 2, "response_length": 64, "learning_rate": 1e-5,
+                "init_kl_coef": 0.1, "top_k": 50, "top_p": 0.95},
+    },
+    # A 1.7B chat model that does not fit in bf16 beside its activations: one 4-bit (NF4) copy of the network
+    # carries the SFT LoRA (QLoRA), the reward adapter and the policy adapter; the reference is adapters off.
+    "smollm2-1.7b-8gb": {
+        "model": {"name_or_path": "HuggingFaceTB/SmolLM2-1.7B-Instruct"},
+        "sft": {"precision": "int4", "lora_r": 16, "batch_size": 2, "grad_accum": 4},
+        "reward": {"precisions": ["int4"], "lora_r": 16, "batch_size": 2, "grad_accum": 4},
+        "ppo": {"quantized_policy": True, "batch_size": 16, "mini_batch_size": 1, "response_length": 64,
+                "learning_rate": 1e-5, "init_kl_coef": 0.1, "top_k": 50, "top_p": 0.95},
     },
     # A small random GPT-2 on the known-answer task: the whole pipeline in minutes on 2 CPU cores.
     "tiny": {
