@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 HUMAN = "\n\nHuman:"
 """Marker that opens a human turn."""
@@ -205,7 +205,7 @@ class PromptFormat:
     (a BOS), so it is tokenized with `add_special_tokens=False`.
     """
 
-    tokenizer: object
+    tokenizer: object = field(repr=False)
     chat_template: bool
     end_of_turn: str
     """What the template writes after an assistant's answer ("" without a template)."""

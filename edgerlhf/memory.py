@@ -138,3 +138,10 @@ def gpu_info() -> list[dict[str, float | str]]:
             gpus.append({"index": i, "name": torch.cuda.get_device_name(i),
                          "memory_total_mb": total / MB, "memory_used_mb": (total - free) / MB})
     return gpus
+
+
+def free_memory(device: torch.device | str | None = None) -> None:
+    """Give back what dropped references held: collect the garbage, then return CUDA's cached blocks."""
+    gc.collect()
+    if _on_cuda(device):
+        torch.cuda.empty_cache()

@@ -31,6 +31,7 @@ apply `score_head.pt` to `last_token_hidden(...)`; `encode_for_reward` gives the
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -272,12 +273,12 @@ def lora_config(model, r: int, alpha: int, target_modules, dropout: float = 0.0,
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=ALL_LINEAR if all_linear else list(target_modules),
                         modules_to_save=list(modules_to_save) if modules_to_save else None, task_type=task_type)
-    # The layers peft will wrap, matched by peft's own rule (all-linear: the body's linear-like layers).
+    # The layers peft will wrap, matched by peft's own rules.
     if all_linear:
-        output = model.get_output_embeddings()
-        conv1d = {name: is_conv1d(module) for name, module in model.named_modules()
-                  if module is not output and (is_conv1d(module) or isinstance(module, nn.Linear)
-                                               or hasattr(module, "source_cls"))}
+        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+        names = _maybe_include_all_linear_layers(copy.deepcopy(config), model).target_modules
+        conv1d = {name: is_conv1d(model.get_submodule(name)) for name in names}
     else:
         conv1d = {name: is_conv1d(module) for name, module in model.named_modules()
                   if check_target_module_exists(config, name)}

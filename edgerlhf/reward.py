@@ -283,9 +283,7 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
     ctx.artifact("reward_model", out_dir)
     train_accuracy = callback.train_accuracy
     del trainer, model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    memory.free_memory(device)
     return {
         "precision": precision, "compute_dtype": dtype_name(compute_dtype(device)),
         "quantization": {"bf16": None, "int8": "bitsandbytes LLM.int8()", "int4": "bitsandbytes NF4"}[precision],
