@@ -7,6 +7,7 @@
     edgerlhf frontend    the Streamlit dashboard
     edgerlhf pipeline    run pipeline stages directly, without the service
     edgerlhf bench       memory and speed benchmarks of every stage
+    edgerlhf export      merge a run's aligned policy into one Hugging Face model directory
 
 Subcommands import their code lazily, so `edgerlhf up` starts fast and `edgerlhf backend` never loads
 the training stack it does not need.
@@ -40,6 +41,7 @@ DISPATCH = {
     "worker": "worker.main:main",
     "pipeline": "edgerlhf.pipeline:main",
     "bench": "edgerlhf.bench:main",
+    "export": "edgerlhf.export:main",
 }
 
 

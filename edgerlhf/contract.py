@@ -83,6 +83,7 @@ class StageStatus(str, enum.Enum):
 #       reward/<precision>/           adapter/, score_head.pt, reward_model.json
 #       ppo/adapter/                  the PPO policy's LoRA adapter + value_head.pt
 #       ppo/checkpoint/               state.pt, to resume
+#       export/model/                 the PPO policy merged into one model directory (edgerlhf.export), on request
 
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.json"
@@ -91,6 +92,8 @@ TEST_PREFS = "data/test_prefs.jsonl"
 RANDOM_BASE = "base"
 SFT_MERGED = "sft/merged"
 PPO_ADAPTER = "ppo/adapter"
+EXPORTED_MODEL = "export/model"
+"""The aligned policy merged into one Hugging Face model directory (`edgerlhf.export`)."""
 
 
 def job_run_dir(runs_dir: Path, job_id: int) -> Path:

@@ -16,10 +16,11 @@ import openai
 import pytest
 import torch
 
-from backend.chat_models import GenerationParams, LoadedModel, ModelSpec, render_prompt
+from backend.chat_models import GenerationParams, LoadedModel, ModelSpec
 from db import init_db, make_engine, make_sessionmaker, queue
 from edgerlhf.config import HH_PREFS_SAMPLE, load_config
 from edgerlhf.context import RunContext
+from edgerlhf.dialogue import render_chat
 from edgerlhf.pipeline import run_pipeline
 from tests.backend.test_chat_api import TOKEN, start_backend, stop_backend
 
@@ -79,7 +80,7 @@ def _reference_models(run_dir):
 
 
 def _prompt_ids(tokenizer, question: str) -> list[int]:
-    return tokenizer(render_prompt([{"role": "user", "content": question}]), add_special_tokens=False)["input_ids"]
+    return tokenizer(render_chat([{"role": "user", "content": question}]))["input_ids"]
 
 
 def _greedy(model, tokenizer, question: str) -> str:

@@ -2,6 +2,7 @@
 the CPU, and policies from a run directory."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -79,6 +80,44 @@ def test_offline_hub_id_fails_at_once_with_advice():
     assert "model.name_or_path" in message and "local directory" in message
     with pytest.raises(ModelLoadError, match="hub cannot be reached"):
         load_tokenizer("openai-community/gpt2")
+
+
+@pytest.mark.timeout(90)
+def test_gated_hub_model_asks_for_hf_token(tmp_path):
+    """Against a stand-in hub (HF_ENDPOINT) that answers like huggingface.co does for a gated repository
+    without a token (401 + `X-Error-Code: GatedRepo`), the real huggingface_hub client raises its
+    GatedRepoError, and loading says what to do at once."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    class GatedHub(http.server.BaseHTTPRequestHandler):
+        def _gated(self):
+            self.send_response(401)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header("X-Error-Message", "Access to model meta-llama/Llama-3.2-1B-Instruct is restricted.")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = _gated
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), GatedHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    code = ("from edgerlhf.models import load_base_model\nfrom edgerlhf.config import ModelConfig\n"
+            "load_base_model(ModelConfig(name_or_path='meta-llama/Llama-3.2-1B-Instruct'))")
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HOME": str(tmp_path)}
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):  # the suite runs offline (conftest)
+        env.pop(name, None)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=80)
+    finally:
+        server.shutdown()
+    assert out.returncode != 0
+    assert "ModelLoadError" in out.stderr and "gated" in out.stderr and "HF_TOKEN" in out.stderr, out.stderr[-2000:]
 
 
 def test_missing_local_path_is_a_clear_error(tmp_path):

@@ -73,3 +73,20 @@ def make_tiny_run(run_dir: Path, config=None, precisions=("bf16",), n_train: int
         (run_dir / name).write_text("".join(json.dumps(r) + "\n" for r in part))
     (run_dir / CONFIG_FILE).write_text(config.to_json())
     return run_dir
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+"""The ChatML template of Qwen and SmolLM2 chat models (their system-prompt defaults left out)."""
+
+
+def chat_template_tokenizer(path: Path):
+    """The GPT-2 tokenizer made a chat model's: ChatML's two special tokens added and its template set, saved
+    to `path` (a `model.tokenizer` directory). Returns the tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(path)
+    return tokenizer
