@@ -1,11 +1,14 @@
 """Benchmarks: peak memory and speed of every stage, our one-copy PPO against the alternatives, and the floor.
 
     edgerlhf bench                                    # distilgpt2 architecture, random weights, distilgpt2-8gb preset
+    edgerlhf bench --preset qwen2.5-0.5b-8gb          # Qwen2.5-0.5B's exact architecture, random weights
     edgerlhf bench --model PATH --out bench.json      # any local causal LM directory
     edgerlhf bench --set ppo.batch_size=8 --set ppo.ppo_epochs=1 --stages generation,ppo,ppo_naive
 
-Runs offline. Without `--model` the model is the exact distilgpt2 architecture (6 layers, 12 heads, 768
-wide, GPT-2 vocabulary) with random weights, so the figures are those of distilgpt2 without a download.
+Runs offline. Without `--model` the model is the exact architecture of the preset's model (for the
+default preset distilgpt2: 6 layers, 12 heads, 768 wide, GPT-2 vocabulary; see
+`edgerlhf.architectures.PUBLISHED_SHAPES`) with random weights and the GPT-2 tokenizer, so the figures
+are that model's without a download.
 A synthetic run directory stands in for the earlier stages (sft/merged = that model; reward/<precision>
 = a random reward LoRA + score head; prompts from the local HH-RLHF sample), and every stage is measured
 in a fresh subprocess, so one stage's peak never hides in another's:
@@ -46,8 +49,6 @@ from edgerlhf.contract import CONFIG_FILE, PRECISIONS, SFT_MERGED, TRAIN_PREFS, 
 MB = 1024 * 1024
 STAGES = ("generation", "sft", "reward_bf16", "reward_int8", "reward_int4", "ppo", "ppo_naive", "rloo")
 """Every benchmark, in the order they run."""
-DISTILGPT2 = {"n_layer": 6, "n_head": 12, "n_embd": 768, "n_positions": 1024}
-"""The distilgpt2 architecture (with the GPT-2 tokenizer's 50,257-token vocabulary)."""
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 256}
 """A toy model for the smoke test (`--tiny`)."""
 
@@ -56,15 +57,23 @@ TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 256}
 
 
 def bench_config(preset: str, model: str | None, overrides: dict[str, Any], tiny: bool = False):
-    """The preset with the benchmark's model: `model` (a local directory) or random-weight distilgpt2."""
-    from edgerlhf.config import TINY_TOKENIZER_DIR, load_config
+    """The preset with the benchmark's model: `model` (a local directory), or the preset's own model rebuilt
+    from its published shape with random weights (`edgerlhf.architectures.PUBLISHED_SHAPES`) and the GPT-2
+    tokenizer, or (`tiny`) a toy GPT-2."""
+    from edgerlhf.architectures import PUBLISHED_SHAPES, published_shape
+    from edgerlhf.config import PRESETS, TINY_TOKENIZER_DIR, ConfigError, load_config
 
     base: dict[str, Any] = {"device": "auto"}
     if model:
         base["model"] = {"name_or_path": model, "random_init": False}
+    elif tiny:
+        base["model"] = {"name_or_path": "tiny-gpt2", "random_init": True, "tokenizer": TINY_TOKENIZER_DIR, **TINY}
     else:
-        base["model"] = {"name_or_path": "distilgpt2-random" if not tiny else "tiny-gpt2", "random_init": True,
-                         "tokenizer": TINY_TOKENIZER_DIR, **(TINY if tiny else DISTILGPT2)}
+        name = PRESETS.get(preset, {}).get("model", {}).get("name_or_path", "")
+        if name not in PUBLISHED_SHAPES:
+            raise ConfigError("model", f"preset {preset!r} loads {name!r}, whose shape is not in "
+                                       f"edgerlhf.architectures.PUBLISHED_SHAPES: pass --model DIR")
+        base["model"] = {"name_or_path": name, "tokenizer": TINY_TOKENIZER_DIR, **published_shape(name)}
     return load_config(preset, merge_overrides(base, overrides))
 
 
@@ -81,11 +90,6 @@ def prepare_run_dir(config, work: Path) -> Path:
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
     torch.manual_seed(config.seed)
     model = load_base_model(config.model, "cpu", tokenizer=tokenizer, seed=config.seed).float()
-    if config.model.random_init:
-        # distilgpt2 ties its LM head to the input embeddings (the random models of the `tiny` preset do not):
-        # tie them, so the weights are exactly distilgpt2's 82M parameters.
-        model.config.tie_word_embeddings = True
-        model.tie_weights()
     model.save_pretrained(work / SFT_MERGED)
     tokenizer.save_pretrained(work / SFT_MERGED)
     hidden = model.config.hidden_size
@@ -579,7 +583,8 @@ def run_benchmarks(config, stages: list[str], work: Path, steps: int, warmup: in
         "cpu_count": os.cpu_count(),
         "torch_threads": threads or _torch().get_num_threads(),
         "model": config.model.name_or_path if not config.model.random_init else
-        f"random GPT-2 n_layer={config.model.n_layer} n_head={config.model.n_head} n_embd={config.model.n_embd}",
+        f"{config.model.name_or_path} shape, random weights ({config.model.architecture}, "
+        f"n_layer={config.model.n_layer} n_head={config.model.n_head} n_embd={config.model.n_embd})",
         "preset": config.preset,
         "steps": steps,
         "warmup": warmup,
@@ -594,7 +599,8 @@ def run_benchmarks(config, stages: list[str], work: Path, steps: int, warmup: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgerlhf bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="local model directory (default: distilgpt2 architecture, random weights)")
+    parser.add_argument("--model", help="local model directory (default: the preset's model's architecture, "
+                                        "random weights)")
     parser.add_argument("--preset", default="distilgpt2-8gb", help="configuration preset (default: distilgpt2-8gb)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set ppo.batch_size=8 (repeatable)")

@@ -26,6 +26,8 @@ from edgerlhf.reports import JobReports
 
 TIMEOUT = httpx.Timeout(10.0, connect=2.0)
 """Connect fails fast (the banner should show at once); reads may take a moment on a busy backend."""
+EXPORT_TIMEOUT = httpx.Timeout(900.0, connect=2.0)
+"""Exporting merges a whole model on the CPU, and its download is the model's size."""
 
 
 class BackendDown(Exception):
@@ -157,7 +159,7 @@ class ApiClient:
         return self.request("GET", "/healthz") or {}
 
     def presets(self) -> dict[str, dict[str, Any]]:
-        """Preset name -> `PresetPublic` (`name`, `description`, `config`: the full configuration)."""
+        """Preset name -> `PresetPublic` (`name`, `model` (what it loads), `description`, `config`: the full configuration)."""
         return {p["name"]: p for p in self.request("GET", "/api/presets")}
 
     def config_fields(self) -> list[dict[str, Any]]:
@@ -198,6 +200,18 @@ class ApiClient:
 
     def delete_job(self, job_id: int) -> None:
         self.request("DELETE", f"/api/jobs/{job_id}")
+
+    def export_job(self, job_id: int) -> dict[str, Any]:
+        """Merge the job's PPO policy into one model directory (`ExportPublic`: `path`, `files`, `bytes`,
+        `download`); merging a model of a few GB takes a minute."""
+        return self.request("POST", f"/api/jobs/{job_id}/export", timeout=EXPORT_TIMEOUT)
+
+    def export_tar(self, job_id: int) -> bytes:
+        """The exported directory as a .tar (after `export_job`)."""
+        resp = self._http.get(f"/api/jobs/{job_id}/export.tar", timeout=EXPORT_TIMEOUT)
+        if resp.status_code >= 400:
+            raise parse_error(resp.status_code, resp.json())
+        return resp.content
 
     def metrics(self, job_id: int, after: int = 0, keys: list[str] | None = None, limit: int | None = None) -> Page:
         return self._page(f"/api/jobs/{job_id}/metrics", after,

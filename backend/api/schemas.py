@@ -203,6 +203,8 @@ class ArtifactPublic(BaseModel):
 
 class PresetPublic(BaseModel):
     name: str
+    model: str
+    """The model the preset loads (a hub id or local path; "(random weights)" for a random_init model)."""
     description: str
     config: dict[str, Any]
 

@@ -230,11 +230,39 @@ def report_tab(feed: live.JobFeed, jid: int) -> None:
                     extra = f" · gold {ui.fmt(gold)}" if gold is not None else ""
                     col.markdown(f"**{who.upper()}** · reward {ui.fmt(pair[f'{who}_reward'])}{extra}")
                     col.text(pair[who])
+    if feed.report is not None and feed.report.ppo is not None:
+        export_section(jid)
     others = {stage: r.model_dump(mode="json") for stage, r in feed.report if r is not None and stage != "evaluate"} \
         if feed.report is not None else {}
     if others:
         with st.expander("Stage reports (JSON)"):
             st.json(others, expanded=False)
+
+
+DOWNLOAD_LIMIT = 200 * 1024 * 1024
+"""Larger exports are fetched with the API (the dashboard would hold the whole .tar in memory)."""
+
+
+def export_section(jid: int) -> None:
+    """Export the aligned policy as one Hugging Face model directory, and download it."""
+    st.markdown("#### Export the aligned model")
+    key = f"export-{jid}"
+    client = get_client()
+    if st.button("Export model", key=f"{key}-button",
+                 help="Merge the PPO adapter into the SFT model: one directory that "
+                      "`AutoModelForCausalLM.from_pretrained` loads anywhere, with the tokenizer and chat template."):
+        with st.spinner("Merging the policy…"):
+            st.session_state[key] = ui.call(client.export_job, jid)
+    exported = st.session_state.get(key)
+    if not exported:
+        return
+    st.success(f"Exported to `{exported['path']}` ({exported['bytes'] / 2**20:,.1f} MB, "
+               f"{len(exported['files'])} files).")
+    st.code(f"curl -H 'Authorization: Bearer $EDGERLHF_API_TOKEN' -o job-{jid}.tar "
+            f"{client.base_url}{exported['download']}", language="bash")
+    if exported["bytes"] <= DOWNLOAD_LIMIT:
+        st.download_button("Download .tar", data=lambda: client.export_tar(jid), file_name=f"job-{jid}.tar",
+                           mime="application/x-tar", key=f"{key}-download")
 
 
 st.title("Job")

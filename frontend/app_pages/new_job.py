@@ -153,6 +153,7 @@ if not presets:
 
 names = list(presets)
 preset = st.selectbox("Preset", names, index=names.index("tiny") if "tiny" in names else 0, key="nj_preset",
+                      format_func=lambda name: f"{name} · {presets[name]['model']}",
                       on_change=lambda: st.session_state.pop(ERRORS, None),
                       help="The starting configuration; every field below starts at its value.")
 defaults = presets[preset]["config"]

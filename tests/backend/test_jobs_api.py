@@ -224,8 +224,12 @@ def test_rows_pages_follow_the_cursor(client, app):
 
 def test_presets_system_and_docs(client):
     presets = {p["name"]: p for p in client.get("/api/presets").json()}
-    assert {"tiny", "distilgpt2-8gb"} <= set(presets)
+    assert {"tiny", "distilgpt2-8gb", "qwen2.5-0.5b-8gb", "smollm2-1.7b-8gb"} <= set(presets)
     assert presets["tiny"]["config"]["model"]["random_init"] is True
+    assert presets["tiny"]["model"] == "tiny-gpt2 (random weights)"
+    assert presets["qwen2.5-0.5b-8gb"]["model"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert presets["smollm2-1.7b-8gb"]["config"]["sft"]["precision"] == "int4"
+    assert presets["smollm2-1.7b-8gb"]["config"]["ppo"]["quantized_policy"] is True
     system = client.get("/api/system").json()
     assert system["worker"]["alive"] is False and system["queue_length"] == 0
     assert system["cpu"]["memory_total_mb"] > 0 and isinstance(system["gpus"], list)

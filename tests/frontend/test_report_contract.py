@@ -184,3 +184,22 @@ def test_compare_page_shows_the_real_reports_values(finished_job, dashboard_env)
     study = next(f for f in frames if "accuracy" in f.columns)
     assert study["precision"].tolist() == ["bf16", "int8"]
     assert study["accuracy"].tolist() == [p["accuracy"] for p in raw["reward"]["precisions"].values()]
+
+
+def test_job_page_exports_the_aligned_model(finished_job, dashboard_env):
+    """The Export button merges the job's policy into one model directory the page then offers for download."""
+    backend, job_id, raw = finished_job
+    dashboard_env(backend.url)
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.query_params["job"] = str(job_id)
+    at.run()
+    at.switch_page("app_pages/job.py").run()
+    at.button(key=f"export-{job_id}-button").click().run(timeout=300)
+    assert not at.exception, at.exception
+    (done,) = [s.value for s in at.success if "Exported to" in s.value]
+    path = re.search(r"`([^`]+)`", done).group(1)
+    assert path.endswith(f"job-{job_id}/export/model")
+    from pathlib import Path
+
+    assert (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
+    assert f"/api/jobs/{job_id}/export.tar" in at.code[-1].value

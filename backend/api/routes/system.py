@@ -29,6 +29,10 @@ health_router = APIRouter(tags=["system"])
 PRESET_DESCRIPTIONS = {
     "distilgpt2-8gb": "distilgpt2 on HH-RLHF harmless-base, sized for one 8 GB GPU (the reference run)",
     "tiny": "a tiny random GPT-2 on 1,000 local HH-RLHF pairs with gold labels: the whole pipeline in minutes on a CPU",
+    "qwen2.5-0.5b-8gb": "Qwen2.5-0.5B-Instruct through its chat template, bf16 weights with LoRA on every linear layer, "
+                        "sized for one 8 GB GPU",
+    "smollm2-1.7b-8gb": "SmolLM2-1.7B-Instruct through its chat template with one 4-bit (NF4) network: QLoRA SFT, an "
+                        "int4 reward adapter and the policy on the same weights, sized for one 8 GB GPU",
 }
 
 _gpu_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
@@ -79,8 +83,12 @@ def gpu_info() -> list[dict[str, Any]]:
 @router.get("/presets", response_model=list[PresetPublic])
 def presets():
     """Every preset with its full configuration (the base a job's `overrides` apply to)."""
-    return [PresetPublic(name=name, description=PRESET_DESCRIPTIONS.get(name, ""), config=preset_dict(name))
-            for name in PRESETS]
+    out = []
+    for name in PRESETS:
+        config = preset_dict(name)
+        model = config["model"]["name_or_path"] + (" (random weights)" if config["model"]["random_init"] else "")
+        out.append(PresetPublic(name=name, model=model, description=PRESET_DESCRIPTIONS.get(name, ""), config=config))
+    return out
 
 
 @router.get("/config/fields", response_model=list[ConfigFieldPublic])
