@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 
 from backend import chat_models
 from backend.api.middleware import BodyLimitMiddleware, TokenMiddleware
-from backend.api.routes import chat, export, jobs, metrics, system
+from backend.api.routes import arena, chat, export, jobs, metrics, plan, system
 from db import init_db, make_engine, make_sessionmaker
 from edgerlhf.settings import Settings, get_settings
 
@@ -52,8 +52,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(system.health_router)
     app.include_router(system.router, prefix="/api")
     app.include_router(jobs.router, prefix="/api")
+    app.include_router(plan.router, prefix="/api")
     app.include_router(export.router, prefix="/api")
     app.include_router(metrics.router, prefix="/api")
+    app.include_router(arena.router, prefix="/api")
     app.include_router(chat.router, prefix="/v1")
 
     # Outermost first in the request path: size limit, then the token, then routing. The token is checked

@@ -35,9 +35,10 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from edgerlhf.contract import FINISHED, JobStatus, StageStatus
+from edgerlhf.votes import VoteChoice
 
-__all__ = ["FINISHED", "INT64_MAX", "INT64_MIN", "MAX_GPU_MEMORY_MB", "JobStatus", "StageStatus", "Artifact", "Base",
-           "Job", "LogLine", "Metric", "Sample", "StageRun", "Worker", "utcnow"]
+__all__ = ["FINISHED", "INT64_MAX", "INT64_MIN", "MAX_GPU_MEMORY_MB", "JobStatus", "StageStatus", "ArenaVote",
+           "Artifact", "Base", "Job", "LogLine", "Metric", "Sample", "StageRun", "VoteChoice", "Worker", "utcnow"]
 
 
 def utcnow() -> datetime:
@@ -241,3 +242,28 @@ class Worker(Base):
     gpu_memory_mb: Mapped[int | None] = mapped_column(Integer, default=None)
     """Its memory (`--gpu-memory-mb`, else nvidia-smi's `memory.total`); None: unknown (a CPU-only machine).
     The worker claims only jobs whose `min_gpu_memory_mb` this meets."""
+
+
+class ArenaVote(Base):
+    """One judgement from the arena: two answers to one prompt, and which the person preferred.
+
+    Votes are the person's data, not a job's: no foreign key, so deleting a job keeps the votes about its
+    models (their ids stay as labels). What a vote means as preference pairs is `edgerlhf.votes.vote_pairs`.
+    """
+
+    __tablename__ = "arena_votes"
+
+    id: Mapped[int] = mapped_column(ID64, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    prompt: Mapped[str] = mapped_column(Text)
+    """The prompt in HH form (`"\\n\\nHuman: ...\\n\\nAssistant:"`), as both models saw it."""
+    prompt_source: Mapped[str | None] = mapped_column(String(200), default=None)
+    """Where the prompt came from: None (typed), or e.g. `job-3 held-out` (its data/test_prefs.jsonl)."""
+    model_a: Mapped[str] = mapped_column(String(100))
+    """The chat model id of answer A (`job-3/ppo`)."""
+    model_b: Mapped[str] = mapped_column(String(100))
+    answer_a: Mapped[str] = mapped_column(Text)
+    answer_b: Mapped[str] = mapped_column(Text)
+    choice: Mapped[VoteChoice] = mapped_column(_enum(VoteChoice))
+    better: Mapped[str | None] = mapped_column(Text, default=None)
+    """An answer the person wrote, better than both (None: none written)."""

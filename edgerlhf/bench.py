@@ -260,7 +260,7 @@ def bench_sft(config, run_dir: Path, device, steps: int, warmup: int) -> dict[st
     torch = _torch()
     meter = Meter(device)
     cfg = config.sft
-    base = models.load_causal_lm(run_dir / SFT_MERGED, device)
+    base = models.load_causal_lm(run_dir / SFT_MERGED, device, cfg.precision)  # QLoRA with sft.precision int8/int4
     model = _lora(base, cfg.lora_r, cfg.lora_alpha, cfg.target_modules).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
@@ -277,7 +277,7 @@ def bench_sft(config, run_dir: Path, device, steps: int, warmup: int) -> dict[st
     tokens = cfg.batch_size * cfg.max_length * cfg.grad_accum
     trainable = sum(p.numel() for p in params)
     return meter.result(tokens, batch_size=cfg.batch_size, max_length=cfg.max_length, lora_r=cfg.lora_r,
-                        trainable_parameters=trainable,
+                        precision=cfg.precision, trainable_parameters=trainable,
                         floor=floor(_weights_bytes(model), trainable, model.config, device,
                                     train_tokens=cfg.batch_size * cfg.max_length,
                                     logit_tokens=cfg.batch_size * cfg.max_length))

@@ -7,7 +7,9 @@
     edgerlhf frontend    the Streamlit dashboard
     edgerlhf pipeline    run pipeline stages directly, without the service
     edgerlhf bench       memory and speed benchmarks of every stage
+    edgerlhf plan        will a config fit the GPU: each stage's planned peak memory, itemised
     edgerlhf export      merge a run's aligned policy into one Hugging Face model directory
+    edgerlhf known-answer  every known-answer gold at several seeds: is content learned, not length
 
 Subcommands import their code lazily, so `edgerlhf up` starts fast and `edgerlhf backend` never loads
 the training stack it does not need.
@@ -41,7 +43,9 @@ DISPATCH = {
     "worker": "worker.main:main",
     "pipeline": "edgerlhf.pipeline:main",
     "bench": "edgerlhf.bench:main",
+    "plan": "edgerlhf.plan:main",
     "export": "edgerlhf.export:main",
+    "known-answer": "edgerlhf.known_answer:main",
 }
 
 

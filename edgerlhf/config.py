@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 from edgerlhf.contract import PRECISIONS, STAGES, merge_overrides
 
-LOCATION_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"))
+LOCATION_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"), ("data", "votes_file"))
 """(section, field) of the config fields that name a model or data location: a hub id or an absolute path."""
 
 
@@ -172,6 +172,12 @@ class DataConfig:
     gold_empty_fraction: Annotated[float, FRACTION] = 0.3
     """With `labels=gold`: for this share of training pairs, also add the pair (chosen vs an empty response), so
     the reward model learns the gold's rule that an empty answer is a bad one."""
+    votes_file: str | None = None
+    """Arena votes as preference pairs, an absolute path (`POST /api/arena/votes/snapshot` writes one): mixed into
+    the training and held-out pairs after the data set's own cleaning and split (edgerlhf.votes); None: no votes."""
+    votes_weight: Annotated[float, Range(0, 1, low_open=True)] = 1.0
+    """With `votes_file`: the share of training pairs that are votes (each vote pair repeated to reach it); 1: the
+    votes alone, the data set's pairs set aside."""
 
     def __post_init__(self):
         if not self.source:
@@ -183,6 +189,27 @@ class DataConfig:
         if self.gold_scorer not in SCORERS:
             raise ConfigError("data.gold_scorer", f"unknown scorer {self.gold_scorer!r}; choose from {sorted(SCORERS)}")
         check_ranges("data", self)
+
+
+@dataclass
+class WarmupConfig:
+    steps: Annotated[int, Range(0, 100_000)] = 0
+    """With `model.random_init`: causal-LM steps on the training dialogues' text before SFT, every parameter
+    trained, so the random base can form words (edgerlhf.warmup); 0: none."""
+    batch_size: Annotated[int, BATCH] = 8
+    """Dialogue texts (a prompt and one of its responses) per step."""
+    max_length: Annotated[int, TOKENS] = 256
+    """Tokens per text; longer ones are cut."""
+    learning_rate: Annotated[float, LEARNING_RATE] = 3e-3
+    """Peak learning rate (linear warm-up over the first 5 % of the steps, then cosine decay to a tenth)."""
+    max_epochs: Annotated[float, Range(0, 1000, low_open=True)] = 4.0
+    """At most this many passes over the training texts: fewer steps on a small data set, which more passes
+    would only memorise."""
+    eval_every: Annotated[int, COUNT] = 100
+    """Measure the held-out perplexity every N steps (and before and after)."""
+
+    def __post_init__(self):
+        check_ranges("warmup", self)
 
 
 @dataclass
@@ -357,6 +384,9 @@ class EvalConfig:
     """Bootstrap resamples for the confidence intervals of the PPO - SFT differences."""
     confidence: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.95
     """Level of the bootstrap confidence intervals."""
+    length_strata: Annotated[int, Range(1, 100)] = 8
+    """Length bins (quantiles of the non-empty responses' token lengths; empty answers are one more) within
+    which the gold difference at equal length compares the two policies."""
 
     def __post_init__(self):
         check_ranges("evaluate", self)
@@ -375,6 +405,7 @@ class PipelineConfig:
     when it is claimed."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -552,6 +583,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # held-out set of ~120 known-answer pairs.
         "data": {"source": os.path.join(SHARED_DIR, "data", "hh-rlhf"), "labels": "gold",
                  "max_pairs": 600, "test_fraction": 0.2, "max_prompt_tokens": 128, "max_response_tokens": 48},
+        # A random base cannot form words: a short causal-LM warm-up on the training dialogues first.
+        "warmup": {"steps": 150, "batch_size": 4, "learning_rate": 3e-3, "eval_every": 50},
         # A LoRA on random weights cannot shape the output alone, so the (untied) LM head trains in full.
         "sft": {"lora_r": 8, "lora_alpha": 16, "target_modules": ["c_attn", "c_proj"], "modules_to_save": ["lm_head"],
                 "learning_rate": 2e-3, "max_steps": 150, "batch_size": 8, "max_length": 192, "eval_every": 50,
@@ -564,7 +597,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ppo": {"steps": 30, "batch_size": 32, "samples_per_prompt": 4, "whiten_rewards": True, "mini_batch_size": 4,
                 "ppo_epochs": 2, "learning_rate": 3e-3, "response_length": 24, "sample_every": 5,
                 "checkpoint_every": 10},
-        "evaluate": {"n_prompts": 48, "response_length": 24, "n_show": 4, "samples_per_prompt": 4},
+        # 48 tokens: every training answer fits (data.max_response_tokens), so lengths are the policy's own.
+        "evaluate": {"n_prompts": 48, "response_length": 48, "n_show": 4, "samples_per_prompt": 4},
     },
 }
 

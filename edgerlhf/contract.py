@@ -78,6 +78,7 @@ class StageStatus(str, enum.Enum):
 #       config.json                   the whole PipelineConfig
 #       <stage>/report.json           each stage's report (edgerlhf.reports)
 #       data/train_prefs.jsonl, data/test_prefs.jsonl
+#       data/votes.jsonl              only with data.votes_file: the arena vote pairs the job used (edgerlhf.votes)
 #       base/                         only for model.random_init: the random base LM + tokenizer
 #       sft/merged/                   the SFT policy, LoRA merged in (save_pretrained)
 #       reward/<precision>/           adapter/, score_head.pt, reward_model.json
@@ -89,6 +90,7 @@ CONFIG_FILE = "config.json"
 REPORT_FILE = "report.json"
 TRAIN_PREFS = "data/train_prefs.jsonl"
 TEST_PREFS = "data/test_prefs.jsonl"
+VOTES_PAIRS = "data/votes.jsonl"
 RANDOM_BASE = "base"
 SFT_MERGED = "sft/merged"
 PPO_ADAPTER = "ppo/adapter"
@@ -111,6 +113,10 @@ def reward_dir(precision: str) -> str:
 MEMORY_PREFIX = "mem/"
 """Memory readings (`mem/peak_mb`, `mem/rss_mb` ...), written by the stages only, at their own steps
 (`edgerlhf.memory.snapshot`): the stage knows its device and when it reset the peak."""
+
+MICRO_BATCH_METRIC = MEMORY_PREFIX + "micro_batch"
+"""Rows per forward/backward pass after a step ran out of memory and was retried in halves (`edgerlhf.oom`);
+logged only when it changes. The dashboard's alerts show it."""
 
 SAMPLED_PREFIX = "sys/"
 """The job process's memory sampled every few seconds, between the stages' steps too (`sys/rss_mb`,

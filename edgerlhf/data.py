@@ -15,21 +15,26 @@ responses, prompt/response split mismatch (raw pairs whose dialogues differ befo
 duplicate pair (same prompt and the same two responses, in either order), prompt longer than
 `max_prompt_tokens`, a response longer than `max_response_tokens`, and with `labels = "gold"` a gold tie.
 With `labels = "gold"` each pair is relabelled by the gold scorer (`edgerlhf.gold`): chosen is the
-response the gold prefers. The kept pairs are shuffled with `seed`, capped at `max_pairs`, and split by
-prompt: the prompts that come first take about `test_fraction` of the pairs to the test split, and every
-pair of a prompt goes to the same side, so the split depends only on the data and the seed and no prompt
-is on both sides. Only then, on the training side, gold data gets for a `gold_empty_fraction` share of its
-pairs an extra pair (the longer response vs the empty one), so the reward model also learns the gold's
-verdict on empty answers.
+response the gold prefers; for a gold about content the labelled pairs are then balanced by length
+(`balance_by_length`, the excess counted as `length_balance`). The kept pairs are shuffled with `seed`,
+capped at `max_pairs`, and split by prompt: the prompts that come first take about `test_fraction` of
+the pairs to the test split, and every pair of a prompt goes to the same side, so the split depends only
+on the data and the seed and no prompt is on both sides. Only then, on the training side, gold data
+gets for a `gold_empty_fraction` share of its pairs an extra pair (the worse response vs the empty one),
+so the reward model also learns the gold's verdict on empty answers. The report gives every gold's
+correlation with the responses' length.
 
 A malformed line (not JSON, not an object, missing fields, no dialogue) raises `DataError` naming the
 file and line, unless `skip_bad_lines` is set: then it is skipped and counted.
+
+With `data.votes_file`, arena votes join last, after the split (`edgerlhf.votes.mix`; never relabelled).
 
 Writes `data/train_prefs.jsonl`, `data/test_prefs.jsonl` and returns the report (`data/report.json`).
 """
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import json
 import random
@@ -39,7 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgerlhf import gold, locations
+from edgerlhf import gold, locations, votes
 from edgerlhf.config import DataConfig, PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.contract import TEST_PREFS, TRAIN_PREFS
@@ -212,11 +217,35 @@ def clean_pairs(pairs: list[dict[str, str]], cfg: DataConfig, tokenizer) -> tupl
             agree += verdict
             chosen, rejected = (pair["chosen"], pair["rejected"]) if verdict else (pair["rejected"], pair["chosen"])
             relabelled.append({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected})
+        if gold.get_scorer(cfg.gold_scorer).balance_length:
+            balanced = balance_by_length(relabelled)
+            dropped["length_balance"] += len(relabelled) - len(balanced)
+            relabelled = balanced
         gold_info = {"gold_scorer": cfg.gold_scorer,
                      "gold_agrees_with_human": agree / len(relabelled) if relabelled else None}
         budgeted = relabelled
     out = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in budgeted]
     return out, dropped, gold_info
+
+
+LENGTH_GAPS = (3, 6, 11, 21)
+"""Bounds of the strata of |words(chosen) - words(rejected)| that `balance_by_length` balances separately."""
+
+
+def balance_by_length(pairs: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`pairs` without the excess of one side: in each stratum of length gap (`LENGTH_GAPS`), as many pairs
+    whose chosen response is the longer as pairs whose chosen is the shorter (the first ones in input
+    order are kept; equal lengths always). So a preference for length, in either direction, explains
+    none of the labels of a gold about content."""
+    sides: dict[tuple[int, bool], list[int]] = {}
+    for i, p in enumerate(pairs):
+        gap = gold.words(p["chosen"]) - gold.words(p["rejected"])
+        if gap:
+            sides.setdefault((bisect.bisect_right(LENGTH_GAPS, abs(gap)), gap > 0), []).append(i)
+    keep = set(range(len(pairs))) - {i for rows in sides.values() for i in rows}
+    for (stratum, longer), rows in sides.items():
+        keep.update(rows[:len(sides.get((stratum, not longer), []))])
+    return [p for i, p in enumerate(pairs) if i in keep]
 
 
 def split_pairs(pairs: list[dict[str, str]], test_fraction: float, seed: int,
@@ -248,16 +277,33 @@ def add_empty_answer_pairs(pairs: list[dict[str, str]], cfg: DataConfig, seed: i
     """Gold labels only: `pairs` plus, for about `gold_empty_fraction` of them, (a response vs "").
 
     The gold rates an empty answer low, but cleaning removed every empty response: show the reward model
-    some, as the rejected side of extra pairs. Their chosen side is the pair's *longer* response, the
-    comparison that teaches the reward model how bad empty is (a short one would only say "worse than
-    short"). These pairs end in "" and the sft stage leaves them out. Applied to the training side only,
-    after the split, so no augmented pair shares a prompt with a held-out one.
+    some, as the rejected side of extra pairs. Their chosen side is the pair's *worse* response (for
+    `concise` the longer one), the comparison that teaches the reward model how bad empty is (the better
+    one would only say "worse than good"); a pair the gold would not label that way is not added. These
+    pairs end in "" and the sft stage leaves them out. Applied to the training side only, after the split,
+    so no augmented pair shares a prompt with a held-out one.
     """
     rng = random.Random(seed)
     extra = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": ""}
              for p in pairs if rng.random() < cfg.gold_empty_fraction
              and gold.prefers(p["prompt"], p["rejected"], "", cfg.gold_scorer)]
     return pairs + extra
+
+
+def gold_length_correlation(pairs: list[dict[str, str]]) -> dict[str, float | None]:
+    """For every gold (`gold.SCORERS`), the Pearson correlation of its score with the length in words over
+    the distinct non-empty responses of `pairs`: how much of a gold a length preference alone could buy
+    (None when either side is constant)."""
+    texts = sorted({(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected") if p[side]})
+    lengths = [gold.words(r) for _, r in texts]
+    out: dict[str, float | None] = {}
+    for name in gold.SCORERS:
+        scores = gold.score_batch([p for p, _ in texts], [r for _, r in texts], name)
+        try:
+            out[name] = round(statistics.correlation(scores, lengths), 4)
+        except statistics.StatisticsError:  # fewer than two responses, or a constant side
+            out[name] = None
+    return out
 
 
 def _stats(values: list[int]) -> dict[str, float]:
@@ -317,6 +363,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> DataReport:
         n_real = len(train)
         train = add_empty_answer_pairs(train, cfg, config.seed)
         gold_info["gold_empty_pairs_added"] = len(train) - n_real
+        gold_info["gold_length_correlation"] = gold_length_correlation(train + test)
+    train, test, votes_info = votes.mix(config, ctx, train, test, tokenizer)  # arena votes (data.votes_file)
 
     write_jsonl(ctx.run_dir / TRAIN_PREFS, train)
     write_jsonl(ctx.run_dir / TEST_PREFS, test)
@@ -329,6 +377,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> DataReport:
         capped_by_max_pairs=max(0, len(kept) - (cfg.max_pairs or len(kept))),
         train=len(train), test=len(test),
         lengths={"train": length_stats(train, tokenizer), "test": length_stats(test, tokenizer)},
+        votes=votes_info,
     )
     ctx.log_metrics({"data/pairs_read": len(pairs), "data/kept": len(kept), "data/train": len(train),
                      "data/test": len(test), "data/bad_lines": source_info["bad_lines"]}, step=0)

@@ -8,6 +8,14 @@ the gold score of both (`edgerlhf.gold`). Differences PPO - SFT get paired perce
 confidence intervals over prompts (Efron & Tibshirani 1993), so "PPO is better" is a tested claim, as in
 the gold-reward-model set-up of Gao et al. 2022.
 
+Content or length: a policy can raise many scores just by answering longer or shorter. So the report also
+gives the length difference PPO - SFT (response tokens, with its interval), how often each policy's
+responses ran into the length cap (`evaluate.response_length`) or came out empty, and, for a gold, the
+gold difference *at equal length* (`stratified_difference`): responses are grouped into strata of equal
+length (empty answers, then `evaluate.length_strata` quantile bins of the pooled token lengths) and the
+within-stratum differences are averaged, weighted as a regression of the gold on the policy with one
+intercept per stratum would weight them; its interval resamples prompts like the others.
+
 Like PPO, it holds one copy of the network: sft/merged with the trained `ppo/adapter`; the SFT policy is
 that model with the adapter disabled. Writes evaluate/report.json (returned) and evaluate/report.md.
 """
@@ -26,9 +34,11 @@ from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.contract import PPO_ADAPTER, TEST_PREFS
 from edgerlhf.data import read_prefs
+from edgerlhf.dialogue import PromptFormat
 from edgerlhf.errors import require
-from edgerlhf.generation import Sampling, generate
+from edgerlhf.generation import Sampling, concat_rollouts, generate
 from edgerlhf.models import resolve_device
+from edgerlhf.oom import MicroBatch, chunks, planner_hint
 from edgerlhf.ppo import build_models, sequence_kl
 from edgerlhf.reports import EvalReport
 
@@ -58,29 +68,104 @@ def win_rate(a, b) -> float:
     return float(((a > b) + 0.5 * (a == b)).mean()) if a.size else float("nan")
 
 
-def sample_policy(models, prompts: list[str], config, use_adapter: bool, seed: int) -> dict[str, Any]:
+def hit_cap(tokenizer, rollouts, max_new_tokens: int) -> list[bool]:
+    """Whether each response ran into the length cap instead of ending by itself (a stop token or marker)."""
+    fmt = PromptFormat.of(tokenizer)
+    rule, stops = fmt.stop_rule(), set(fmt.stop_token_ids)
+    capped = []
+    for ids, n in zip(rollouts.response_ids.tolist(), rollouts.response_mask.sum(1).tolist()):
+        ended = n < max_new_tokens or ids[n - 1] in stops \
+            or rule.find(tokenizer.decode(ids[:n], skip_special_tokens=True)) >= 0
+        capped.append(not ended)
+    return capped
+
+
+def sample_policy(models, prompts: list[str], config, use_adapter: bool, seed: int,
+                  micro: MicroBatch | None = None) -> dict[str, Any]:
     """Responses of the PPO policy (`use_adapter`) or the SFT policy (adapter disabled) for `prompts`.
 
-    Returns texts, response lengths in tokens and, for the PPO policy, the KL from the reference of each
-    response (the SFT policy is the reference, its KL is 0).
+    Returns texts, response lengths in tokens, whether each hit the length cap and, for the PPO policy,
+    the KL from the reference of each response (the SFT policy is the reference, its KL is 0). Out of
+    memory, a batch is sampled again in `micro`'s halves (`edgerlhf.oom`).
     """
 
     cfg = config.ppo
     model = models.model
-    responses, lengths, kls = [], [], []
+    max_new_tokens = config.evaluate.response_length
+    micro = micro or MicroBatch(GEN_BATCH, "evaluate")
+    responses, lengths, capped, kls = [], [], [], []
     for i in range(0, len(prompts), GEN_BATCH):
-        # The same seed per batch for both policies: common random numbers make the comparison less noisy.
-        torch.manual_seed(seed + i)
-        with nullcontext() if use_adapter else model.disable_adapter():
-            rollouts = generate(model, models.tokenizer, prompts[i:i + GEN_BATCH], config.evaluate.response_length,
-                                Sampling.of(cfg))
+        batch = prompts[i:i + GEN_BATCH]
+
+        def attempt(size: int):
+            # The same seed per batch for both policies: common random numbers make the comparison less noisy.
+            torch.manual_seed(seed + i)
+            with nullcontext() if use_adapter else model.disable_adapter():
+                rollouts = concat_rollouts(
+                    [generate(model, models.tokenizer, batch[rows], max_new_tokens, Sampling.of(cfg))
+                     for rows in chunks(len(batch), size)], models.tokenizer.pad_token_id)
+            kl = sequence_kl(models, rollouts, cfg, min(size, cfg.mini_batch_size)) if use_adapter else None
+            return rollouts, kl
+
+        rollouts, kl = micro.run(i // GEN_BATCH + 1, attempt)
         responses += rollouts.responses
         lengths += rollouts.response_mask.sum(1).tolist()
-        if use_adapter:
-            kls += sequence_kl(models, rollouts, cfg, cfg.mini_batch_size).tolist()
-        else:
-            kls += [0.0] * len(rollouts.responses)
-    return {"responses": responses, "lengths": lengths, "kl": kls}
+        capped += hit_cap(models.tokenizer, rollouts, max_new_tokens)
+        kls += kl.tolist() if kl is not None else [0.0] * len(rollouts.responses)
+    return {"responses": responses, "lengths": lengths, "capped": capped, "kl": kls}
+
+
+def length_strata(lengths, empty, n_strata: int) -> np.ndarray:
+    """The stratum of each response: 0 for an empty answer, else 1 + its bin among `n_strata` quantile bins
+    of the non-empty lengths (equal lengths always share a bin)."""
+    lengths, empty = np.asarray(lengths, dtype=np.float64), np.asarray(empty, dtype=bool)
+    filled = lengths[~empty]
+    if filled.size == 0:
+        return np.zeros(lengths.shape, dtype=np.int64)
+    edges = np.unique(np.quantile(filled, np.linspace(0.0, 1.0, n_strata + 1)[1:-1]))
+    return np.where(empty, 0, 1 + np.searchsorted(edges, lengths, side="right"))
+
+
+def stratified_difference(sft, ppo, strata_sft, strata_ppo, k: int, n_resamples: int = 2000,
+                          confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Difference PPO - SFT of `sft`/`ppo` (k responses per prompt, prompt-major) at equal length.
+
+    In each length stratum holding both policies, d_s = mean PPO - mean SFT, weighted by
+    w_s = n_sft n_ppo / (n_sft + n_ppo): exactly the policy coefficient of a least-squares regression of the
+    value on the policy with one intercept per stratum. A length change alone moves responses between
+    strata and leaves every d_s unchanged. The percentile-bootstrap interval resamples prompts (with all
+    their responses), as `bootstrap_ci` does; {mean, low, high, confidence, n}, NaN when no stratum holds
+    both policies.
+    """
+    values = np.concatenate([np.asarray(sft, np.float64), np.asarray(ppo, np.float64)])  # (2N,)
+    strata = np.concatenate([np.asarray(strata_sft), np.asarray(strata_ppo)])  # (2N,)
+    n = len(sft)
+    n_prompts, n_strata = n // k, int(strata.max()) + 1
+    prompt = np.tile(np.arange(n) // k, 2)  # (2N,)
+    cell = strata * 2 + np.repeat([0, 1], n)  # (2N,) stratum x policy
+    counts = np.zeros((n_prompts, 2 * n_strata))
+    sums = np.zeros((n_prompts, 2 * n_strata))
+    np.add.at(counts, (prompt, cell), 1.0)
+    np.add.at(sums, (prompt, cell), values)
+
+    def estimate(weights: np.ndarray) -> np.ndarray:  # weights (R, n_prompts): how often each prompt is drawn
+        c = (weights @ counts).reshape(-1, n_strata, 2)  # (R, S, 2)
+        s = (weights @ sums).reshape(-1, n_strata, 2)  # (R, S, 2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d = np.nan_to_num(s[..., 1] / c[..., 1] - s[..., 0] / c[..., 0])  # (R, S), 0 where a side is missing
+            w = c[..., 0] * c[..., 1] / np.maximum(c[..., 0] + c[..., 1], 1.0)  # (R, S), 0 where a side is missing
+            return (w * d).sum(1) / w.sum(1)  # (R,)
+
+    point = float(estimate(np.ones((1, n_prompts)))[0])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_prompts, size=(n_resamples, n_prompts))
+    weights = np.zeros((n_resamples, n_prompts))
+    np.add.at(weights, (np.arange(n_resamples)[:, None], draws), 1.0)
+    boot = estimate(weights)
+    boot = boot[np.isfinite(boot)]
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(boot, [alpha, 1.0 - alpha]) if boot.size else (float("nan"), float("nan"))
+    return {"mean": point, "low": float(low), "high": float(high), "confidence": confidence, "n": n_prompts}
 
 
 def _per_prompt(values, k: int) -> np.ndarray:
@@ -110,11 +195,15 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{ci(report['reward_diff'])} |",
     ]
     if report.get("gold_diff"):
-        lines.append(f"| gold ({report['gold_scorer']}) | {report['sft']['gold']['mean']:.3f} | "
-                     f"{report['ppo']['gold']['mean']:.3f} | {ci(report['gold_diff'])} |")
+        lines += [f"| gold ({report['gold_scorer']}) | {report['sft']['gold']['mean']:.3f} | "
+                  f"{report['ppo']['gold']['mean']:.3f} | {ci(report['gold_diff'])} |",
+                  f"| gold at equal length | | | {ci(report['gold_diff_equal_length'])} |"]
     lines += [
         f"| response tokens | {report['sft']['response_tokens']['mean']:.1f} | "
-        f"{report['ppo']['response_tokens']['mean']:.1f} | |",
+        f"{report['ppo']['response_tokens']['mean']:.1f} | {ci(report['length_diff'])} |",
+        f"| hit the {report['response_length']}-token cap | {report['sft']['cap_hit_rate']:.1%} | "
+        f"{report['ppo']['cap_hit_rate']:.1%} | |",
+        f"| empty answers | {report['sft']['empty_rate']:.1%} | {report['ppo']['empty_rate']:.1%} | |",
         "",
         f"Win rate of PPO over SFT (reward model): {report['win_rate']:.3f}. "
         f"KL(PPO || SFT) per response: {report['ppo']['kl']['mean']:.3f}.",
@@ -142,10 +231,11 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
 
     models = build_models(config, run_dir, device, adapter_dir=adapter)
     ctx.progress(0, 4)
-    sft = sample_policy(models, all_prompts, config, use_adapter=False, seed=config.seed)
+    micro = MicroBatch(GEN_BATCH, "evaluate", ctx, device, planner_hint=lambda: planner_hint(config, "evaluate"))
+    sft = sample_policy(models, all_prompts, config, use_adapter=False, seed=config.seed, micro=micro)
     ctx.check_cancelled()
     ctx.progress(1, 4)
-    ppo = sample_policy(models, all_prompts, config, use_adapter=True, seed=config.seed)
+    ppo = sample_policy(models, all_prompts, config, use_adapter=True, seed=config.seed, micro=micro)
     ctx.check_cancelled()
     ctx.progress(2, 4)
     for result in (sft, ppo):
@@ -153,16 +243,23 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
     ctx.progress(3, 4)
 
     boot = dict(n_resamples=cfg.n_bootstrap, confidence=cfg.confidence, seed=config.seed)
+    policies: dict[str, dict[str, Any]] = {}
+    for name, result in (("sft", sft), ("ppo", ppo)):
+        result["empty"] = [not response for response in result["responses"]]
+        policies[name] = {"reward": _summary(result["reward"]), "response_tokens": _summary(result["lengths"]),
+                          "cap_hit_rate": float(np.mean(result["capped"])),
+                          "empty_rate": float(np.mean(result["empty"]))}
+    policies["ppo"]["kl"] = _summary(ppo["kl"])
     report: dict[str, Any] = {
         "n_prompts": len(prompts),
         "samples_per_prompt": k,
         "reward_precision": config.ppo.reward_precision,
         "confidence": cfg.confidence,
-        "sft": {"reward": _summary(sft["reward"]), "response_tokens": _summary(sft["lengths"])},
-        "ppo": {"reward": _summary(ppo["reward"]), "response_tokens": _summary(ppo["lengths"]),
-                "kl": _summary(ppo["kl"])},
+        "response_length": cfg.response_length,
+        **policies,
         "win_rate": win_rate(ppo["reward"], sft["reward"]),
         "reward_diff": bootstrap_ci(_per_prompt(ppo["reward"], k) - _per_prompt(sft["reward"], k), **boot),
+        "length_diff": bootstrap_ci(_per_prompt(ppo["lengths"], k) - _per_prompt(sft["lengths"], k), **boot),
         "kl": float(np.mean(ppo["kl"])),
         "gold_scorer": None,
         "gold_diff": None,
@@ -175,6 +272,9 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
         report["ppo"]["gold"] = _summary(ppo["gold"])
         report["gold_diff"] = bootstrap_ci(_per_prompt(ppo["gold"], k) - _per_prompt(sft["gold"], k), **boot)
         report["gold_win_rate"] = win_rate(ppo["gold"], sft["gold"])
+        strata = length_strata(sft["lengths"] + ppo["lengths"], sft["empty"] + ppo["empty"], cfg.length_strata)
+        report["gold_diff_equal_length"] = stratified_difference(sft["gold"], ppo["gold"], strata[:len(sft["gold"])],
+                                                                 strata[len(sft["gold"]):], k, **boot)
 
     samples = []
     for i in range(0, min(cfg.n_show, len(prompts)) * k, k):  # the first sample of the first n_show prompts
@@ -189,10 +289,13 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
 
     metrics = {"evaluate/reward_sft": report["sft"]["reward"]["mean"],
                "evaluate/reward_ppo": report["ppo"]["reward"]["mean"],
-               "evaluate/win_rate": report["win_rate"], "evaluate/kl": report["kl"]}
+               "evaluate/win_rate": report["win_rate"], "evaluate/kl": report["kl"],
+               "evaluate/length_diff": report["length_diff"]["mean"],
+               "evaluate/cap_hit_rate_ppo": report["ppo"]["cap_hit_rate"]}
     if report["gold_diff"]:
         metrics.update({"evaluate/gold_sft": report["sft"]["gold"]["mean"],
-                        "evaluate/gold_ppo": report["ppo"]["gold"]["mean"]})
+                        "evaluate/gold_ppo": report["ppo"]["gold"]["mean"],
+                        "evaluate/gold_diff_equal_length": report["gold_diff_equal_length"]["mean"]})
     metrics.update(memory.snapshot(device))
     ctx.log_metrics(metrics, 0)
 

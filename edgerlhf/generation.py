@@ -192,6 +192,26 @@ class Rollouts:
     response_mask: torch.Tensor  # (B, T) 1 up to and including the token that ended the response
 
 
+def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
+    """Rollouts sampled in several `generate` calls as one batch: prompts left-padded and responses
+    right-padded to the widest part (masks 0 there), as one call would have laid them out."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.query_ids.shape[1] for p in parts)
+    T = max(p.response_ids.shape[1] for p in parts)
+
+    def pad(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+        extra = width - t.shape[1]
+        return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
+
+    return Rollouts(
+        [x for p in parts for x in p.prompts], [x for p in parts for x in p.responses],
+        torch.cat([pad(p.query_ids, P, pad_token_id, True) for p in parts]),
+        torch.cat([pad(p.query_mask, P, 0, True) for p in parts]),
+        torch.cat([pad(p.response_ids, T, pad_token_id, False) for p in parts]),
+        torch.cat([pad(p.response_mask, T, 0, False) for p in parts]))
+
+
 def response_lengths(tokenizer, response_ids: torch.Tensor) -> tuple[list[int], list[str]]:
     """Where each sampled response ends, in tokens, and its text.
 

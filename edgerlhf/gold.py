@@ -1,53 +1,89 @@
-"""The known-answer task: a "gold" scorer defined on the text, whose preferences are the truth.
+"""The known-answer tasks: "gold" scorers defined on the text, whose preferences are the truth.
 
 Random-weight models cannot show alignment on human labels, so the `tiny` preset relabels HH-RLHF pairs
-with a scorer we can compute exactly (`data.labels = "gold"`), trains the reward model on those labels and
-runs PPO against that reward model; the gold score of fresh samples then measures whether the whole loop
-moved the policy towards the truth (the "gold reward model" set-up of Gao et al. 2022, "Scaling Laws for
-Reward Model Overoptimization", with a hand-written gold).
+with a scorer we can compute exactly (`data.labels = "gold"`, `data.gold_scorer` names it), trains the
+reward model on those labels and runs PPO against that reward model; the gold score of fresh samples then
+measures whether the whole loop moved the policy towards the truth (the "gold reward model" set-up of
+Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization", with hand-written golds).
 
-The gold is **conciseness** (`concise`): fewer words is better (a word is a run of letters and digits,
-or a single punctuation mark: see `words`).
+A *word* is a run of letters and digits, or a single punctuation mark (`words`); responses are cut at
+the first stop marker (`edgerlhf.dialogue.cut_at_stop`) before scoring, so a raw continuation that runs
+into a new "\\n\\nHuman:" turn is scored like the response a user would see.
 
-    score(prompt, response) = -words(response)       for a response with at least one word
-    score(prompt, "")       = -EMPTY_WORDS (= -40)     an empty response is worth as little as a 40-word one
+**Length.** `concise` is about length only: PPO satisfies it by emitting EOS earlier. The other golds
+are about *content*, and length is made irrelevant in two ways. By construction: `positive` and `you` are
+shares of the response's words (`lexicon_rate`), so an answer made longer or shorter with words like its
+own keeps its expected score, and `question` looks at the last mark only. And by the data: for a gold
+about content (`Gold.balance_length`) the labelled pairs are balanced by length (`data.balance_by_length`),
+so the preferred answer is the longer one exactly as often as the shorter one. The data report gives, for
+every gold, its correlation with the length of the responses (`DataReport.gold_length_correlation`: within
+about 0.1 of 0 for the content golds on the `tiny` preset's pairs, -1 for `concise` by definition), and
+the evaluation reports the gold gain at equal length (`evaluate.stratified_difference`).
 
-Why this task: a tiny random GPT-2 learns it in minutes on a CPU. In a preference pair both responses
-follow the same prompt, so the longer text is the longer response and a reward model can rank by the
-position of the last token, which GPT-2's position embeddings expose directly; a policy can shorten its
-answers simply by emitting EOS (or "\n\nHuman:") earlier, which gives PPO a strong, smooth signal.
+    concise    -words(response)                              fewer words is better
+    positive   (positive - negative lexicon words) / words   a warmer, more positive answer
+    you        second-person words ("you", "your") / words   an answer that addresses the user
+    question   1 if the answer ends with "?", else 0         an answer that asks the user back
 
-Why the empty-response rule: pure "shorter is better" would make the empty response the best answer, a
-degenerate optimum that PPO would happily find (a weak SFT model already emits EOS first fairly often).
-Here the best answers are one-word ones and an empty one is worse than a typical long answer, so
-collapsing to empty answers shows up in the gold score as a failure, not as success. Cleaning drops
-empty responses from the data, so with `labels = "gold"` the data stage adds, for a share of pairs
-(`data.gold_empty_fraction`), the pair (chosen vs "") that the gold labels, and the reward model learns
-this rule too.
+The rates divide by `max(words, RATE_MIN_WORDS)`: a one-word answer cannot reach a rate of 1 ("Sure."
+counts as one positive word in five), so the degenerate way up, answering with one lexicon word, is closed
+(and shortening below five words can only lose). Negations are spelled out first ("don't" counts as
+"do not").
 
-`prefers` (used to label pairs) calls scores within 30 % of each other a tie, and such pairs are dropped.
+Why a tiny model could learn each: the lexicon words of `positive` and `you` are among the most frequent
+in HH answers ("you" is the most frequent word; "sure", "help", "good", "not", "sorry" follow), so the
+SFT policy already samples them and PPO only has to shift their probabilities; `question` needs one token
+("?") before the end, and the reward model reads the reward at the answer's last token, where that mark
+is. What a tiny model *does* learn at the `tiny` budget is measured, not assumed: `edgerlhf.known_answer`
+(README, "Known-answer suite"). In short, at three seeds: `question` is learned at every seed; `you` where
+its reward model learns it (2 of 3 seeds, held-out accuracy 0.82-0.91; 0.65 where it failed); `positive`
+at none, its reward models staying near chance (0.55-0.60). The reward model reads one token's hidden
+state, and counting a few dozen different words across the answer, learned from a few hundred pairs, is
+beyond it at this budget.
 
-Responses are cut at the first stop marker (`edgerlhf.dialogue.cut_at_stop`) before counting, so a raw
-continuation that runs into a new "\\n\\nHuman:" turn is scored like the response a user would see.
-`prompt` is accepted for scorers that need it; `concise` ignores it.
+**Empty answers.** A scorer that rewards shorter answers, or a share that an empty answer cannot get
+wrong, would make the empty answer a good one, a degenerate optimum PPO finds quickly. So an empty
+response is worse than typical answers: `concise` counts it as `EMPTY_WORDS` words, the content golds
+give it `EMPTY_RATE` (below every answer without a single lexicon word, or that asks nothing). Cleaning
+drops empty responses from the data, so with `labels = "gold"` the data stage adds, for a share of
+training pairs (`data.gold_empty_fraction`), a pair (response vs "") that the gold labels, and the reward
+model learns this rule too.
 
-Used by: the data stage (relabelling, `prefers`) and the PPO / evaluate stages (`score`, `score_batch`).
+**Ties.** `prefers` (used to label pairs) calls two scores a tie when they differ by less than the gold's
+`tie_margin` (or `tie_fraction` of the smaller magnitude), and tied pairs are dropped: a difference the
+model cannot see is noise. To add a gold, write its `(prompt, response) -> float` (higher is better) and
+register it in `SCORERS` as a `Gold` with its tie margin; `lexicon_rate` builds the share-of-words kind.
+
+Used by: the data stage (relabelling, `prefers`, the report) and the SFT / PPO / evaluate stages (`score`,
+`score_batch`, `probe_score`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from edgerlhf.dialogue import cut_at_stop
 
 EMPTY_WORDS = 40
-"""An empty response scores like a response of this many words."""
+"""`concise`: an empty response scores like a response of this many words."""
 
 TIE_MARGIN = 0.3
-"""`prefers` calls two responses a tie when their scores differ by less than this fraction (see there)."""
+"""`concise`: two word counts within this fraction of the smaller one are a tie (see `prefers`)."""
+
+RATE_MIN_WORDS = 5
+"""A rate divides by at least this many words (see the module docstring)."""
+
+EMPTY_RATE = -0.25
+"""A content gold's score of an empty response: below every answer that avoids the lexicon altogether."""
+
+RATE_TIE_MARGIN = 0.04
+"""Rates closer than this are a tie: about one lexicon word in 25."""
 
 _WORD = re.compile(r"\w+|[^\w\s]")
+_NEGATED = re.compile(r"n[’']t\b", re.IGNORECASE)
+_CLOSERS = " \t\n\"'”’)]"
 
 
 def words(text: str) -> int:
@@ -61,17 +97,99 @@ def words(text: str) -> int:
     return len(_WORD.findall(cut_at_stop(text)))
 
 
+def lexicon_words(text: str) -> list[str]:
+    """The lower-cased words of a response cut at the stop markers, with "n't" spelled " not"."""
+    return [w.lower() for w in _WORD.findall(_NEGATED.sub(" not", cut_at_stop(text)))]
+
+
+def lexicon_rate(response: str, plus: Iterable[str], minus: Iterable[str] = ()) -> float:
+    """(words in `plus` - words in `minus`) / max(words, `RATE_MIN_WORDS`); `EMPTY_RATE` for an empty response."""
+    found = lexicon_words(response)
+    if not found:
+        return EMPTY_RATE
+    plus, minus = set(plus), set(minus)
+    return (sum(w in plus for w in found) - sum(w in minus for w in found)) / max(len(found), RATE_MIN_WORDS)
+
+
+# --- the golds -------------------------------------------------------------------------------------
+
 def concise(prompt: str, response: str) -> float:
     """Fewer words is better; an empty response counts as `EMPTY_WORDS` words."""
     n = words(response)
     return -float(n if n > 0 else EMPTY_WORDS)
 
 
-SCORERS: dict[str, Callable[[str, str], float]] = {"concise": concise}
+POSITIVE_WORDS = frozenset("""
+    good great glad happy sure yes thanks thank love nice well help helpful best fine enjoy fun welcome hope
+    interesting okay ok definitely wonderful excellent safe kind better beautiful easy awesome perfect agree
+    """.split())
+"""`positive`: words of a warm, positive answer, frequent in HH answers."""
+NEGATIVE_WORDS = frozenset("""
+    not no never nothing sorry bad hate wrong kill illegal dangerous harm hurt steal stupid terrible die
+    crime worse worst problem afraid unfortunately difficult sad angry
+    """.split())
+"""`positive`: words of a negative or refusing answer ("don't" counts as "do not")."""
+
+
+def positive(prompt: str, response: str) -> float:
+    """Sentiment per word: (positive - negative lexicon words) / words."""
+    return lexicon_rate(response, POSITIVE_WORDS, NEGATIVE_WORDS)
+
+
+SECOND_PERSON = frozenset({"you", "your", "yours", "yourself", "yourselves"})
+"""`you`: the words that address the user."""
+
+
+def you(prompt: str, response: str) -> float:
+    """Second-person words per word: an answer about the person asking."""
+    return lexicon_rate(response, SECOND_PERSON)
+
+
+def question(prompt: str, response: str) -> float:
+    """1 when the answer ends by asking the user something (its last mark is "?"), else 0; `EMPTY_RATE` if empty."""
+    text = cut_at_stop(response).rstrip(_CLOSERS)
+    if not text:
+        return EMPTY_RATE
+    return float(text.endswith("?"))
+
+
+@dataclass(frozen=True)
+class Gold:
+    """A gold scorer: the score of a response (higher is better) and when two scores are a tie."""
+
+    score: Callable[[str, str], float]
+    """(prompt, response) -> score."""
+    tie_margin: float
+    """Scores closer than this are a tie."""
+    tie_fraction: float = 0.0
+    """... or closer than this fraction of the smaller magnitude."""
+    balance_length: bool = True
+    """Keep the labelled data balanced by length (`data.balance_by_length`): the preferred response is the
+    longer one as often as the shorter, so length predicts nothing about the labels. False for a gold
+    about length."""
+
+    def __call__(self, prompt: str, response: str) -> float:
+        return self.score(prompt, response)
+
+    def tie(self, a: float, b: float) -> bool:
+        return abs(a - b) < max(self.tie_margin, self.tie_fraction * min(abs(a), abs(b)))
+
+
+SCORERS: dict[str, Gold] = {
+    # Scores closer than 30 % of the smaller (at least one word) are a tie: word counts and the token counts
+    # a model sees disagree on about 5 % of near-equal HH pairs.
+    "concise": Gold(concise, tie_margin=1.0, tie_fraction=TIE_MARGIN, balance_length=False),
+    "positive": Gold(positive, tie_margin=RATE_TIE_MARGIN),
+    "you": Gold(you, tie_margin=RATE_TIE_MARGIN),
+    "question": Gold(question, tie_margin=0.2),
+}
 """Gold scorers by name (`data.gold_scorer`)."""
 
+CONTENT_GOLDS = tuple(name for name, g in SCORERS.items() if g.balance_length)
+"""The golds about content rather than length."""
 
-def get_scorer(name: str = "concise") -> Callable[[str, str], float]:
+
+def get_scorer(name: str = "concise") -> Gold:
     if name not in SCORERS:
         raise ValueError(f"unknown gold scorer {name!r}; choose from {sorted(SCORERS)}")
     return SCORERS[name]
@@ -89,14 +207,11 @@ def score_batch(prompts: list[str], responses: list[str], name: str = "concise")
 
 
 def prefers(prompt: str, a: str, b: str, name: str = "concise") -> bool | None:
-    """True when the gold clearly prefers response `a`, False when it clearly prefers `b`, None for a tie.
-
-    Scores closer than `TIE_MARGIN` of the smaller magnitude (at least 1) are a tie: word counts and the
-    token counts a model sees disagree on about 5 % of near-equal HH pairs, and a label the model cannot
-    see is noise. Ties are dropped from the known-answer data (their count is in the data report).
-    """
-    sa, sb = score(prompt, a, name), score(prompt, b, name)
-    if abs(sa - sb) < max(1.0, TIE_MARGIN * min(abs(sa), abs(sb))):
+    """True when the gold clearly prefers response `a`, False when it clearly prefers `b`, None for a tie
+    (`Gold.tie`). Ties are dropped from the known-answer data (their count is in the data report)."""
+    gold = get_scorer(name)
+    sa, sb = gold(prompt, a), gold(prompt, b)
+    if gold.tie(sa, sb):
         return None
     return sa > sb
 

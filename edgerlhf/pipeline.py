@@ -53,11 +53,17 @@ def stage_module(name: str):
 
 
 def run_stage(name: str, config: PipelineConfig, ctx: RunContext) -> Report:
-    """Run one stage: begin, `run(config, ctx)`, write `<stage>/report.json`, end. Returns the typed report."""
+    """Run one stage: begin, `run(config, ctx)`, write `<stage>/report.json`, end. Returns the typed report.
+
+    With `EDGERLHF_MAX_ALLOC_MB` set, the stage runs under that allocation limit (`edgerlhf.oom`), to try
+    its out-of-memory recovery on any machine."""
+    from edgerlhf.oom import allocation_limit  # loads torch, which only running a stage needs
+
     module = stage_module(name)
     ctx.begin_stage(name)
     started = time.perf_counter()
-    report = module.run(config, ctx)
+    with allocation_limit():
+        report = module.run(config, ctx)
     report.seconds = round(time.perf_counter() - started, 2)
     path = ctx.stage_dir(name) / REPORT_FILE
     path.write_text(report.model_dump_json(indent=2))

@@ -49,8 +49,10 @@ from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.contract import PPO_ADAPTER, TEST_PREFS, TRAIN_PREFS, reward_dir
 from edgerlhf.errors import MissingPrerequisite
-from edgerlhf.generation import Rollouts, Sampling, forward_response, generate, policy_stats, sample_probes
+from edgerlhf.generation import (Rollouts, Sampling, concat_rollouts, forward_response, generate, policy_stats,
+                                 sample_probes)
 from edgerlhf.models import compute_dtype, dtype_name, resolve_device
+from edgerlhf.oom import MicroBatch, chunks, planner_hint
 from edgerlhf.reports import PPOReport
 
 # --- PPO math: pure functions on (B, T) tensors, `mask` is 1 on response tokens -------------------
@@ -480,41 +482,60 @@ def _probe(ctx, models: PPOModels, prompts: list[str], step: int, config) -> Non
 # --- the stage -----------------------------------------------------------------------------------
 
 
-def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str],
-             cfg) -> tuple[dict, Rollouts, torch.Tensor]:
+@dataclass
+class StepMicroBatches:
+    """The micro-batches a PPO step cuts its work into, each halved on its own out-of-memory errors
+    (`edgerlhf.oom`): rows per `generate` call, and rollouts per forward/backward pass."""
+
+    rollouts: MicroBatch
+    passes: MicroBatch
+
+    @classmethod
+    def of(cls, cfg, ctx=None, device=None, config=None) -> StepMicroBatches:
+        def hint() -> str:
+            return planner_hint(config, "ppo") if config is not None else ""
+        return cls(MicroBatch(cfg.batch_size, "ppo rollout generation", ctx, device, planner_hint=hint),
+                   MicroBatch(cfg.mini_batch_size, "ppo", ctx, device, planner_hint=hint))
+
+
+def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str], cfg,
+             micro: StepMicroBatches | None = None, step: int = 0) -> tuple[dict, Rollouts, torch.Tensor]:
     """One PPO iteration on a batch of prompts: rollouts, rewards, advantages, `ppo_epochs` of updates.
 
-    Returns the step's metrics (`ppo/...`), the rollouts and their scores.
+    Returns the step's metrics (`ppo/...`), the rollouts and their scores. Each phase runs in `micro`'s
+    micro-batches and, out of memory, again in halves (the minibatch's gradients and statistics stay those
+    of the whole minibatch).
     """
     t0 = time.perf_counter()
     device = models.device
     params = models.policy_parameters()
     sampling = Sampling.of(cfg)
+    micro = micro or StepMicroBatches.of(cfg)
 
     # 1. Rollouts: generate with the policy, score with the reward model.
-    rollouts = generate(models.model, models.tokenizer, batch_prompts, cfg.response_length, sampling)
+    rollouts = micro.rollouts.run(step, lambda size: concat_rollouts(
+        [generate(models.model, models.tokenizer, batch_prompts[rows], cfg.response_length, sampling)
+         for rows in chunks(len(batch_prompts), size)], models.tokenizer.pad_token_id))
     scores = models.score(rollouts.prompts, rollouts.responses).to(device)  # (B,)
     t_gen = time.perf_counter() - t0
 
     # 2. Log-probs of policy and reference, values and entropy of the sampled tokens (no grad).
-    b_logprobs, b_ref_logprobs, b_values, b_entropy = [], [], [], []
-    with torch.no_grad():
-        for i in range(0, cfg.batch_size, cfg.mini_batch_size):
-            s = slice(i, i + cfg.mini_batch_size)
-            args = (rollouts.query_ids[s], rollouts.query_mask[s], rollouts.response_ids[s], rollouts.response_mask[s])
-            logits, values = models.forward(*args, sampling)  # (M, T, V), (M, T)
-            ref_logits = models.reference_logits(*args, sampling)  # (M, T, V)
-            logp, ref_logp, ent = policy_stats(logits, ref_logits, rollouts.response_ids[s], sampling)
-            b_logprobs.append(logp)
-            b_ref_logprobs.append(ref_logp)
-            b_values.append(values)
-            b_entropy.append(ent)
-            del logits, ref_logits
-    b_logprobs = torch.cat(b_logprobs)  # (B, T)
-    b_ref_logprobs = torch.cat(b_ref_logprobs)  # (B, T)
-    b_values = torch.cat(b_values)  # (B, T)
+    def rollout_stats(size: int):
+        out = []
+        with torch.no_grad():
+            for s in chunks(cfg.batch_size, min(size, cfg.mini_batch_size)):
+                args = (rollouts.query_ids[s], rollouts.query_mask[s], rollouts.response_ids[s],
+                        rollouts.response_mask[s])
+                logits, values = models.forward(*args, sampling)  # (M, T, V), (M, T)
+                ref_logits = models.reference_logits(*args, sampling)  # (M, T, V)
+                logp, ref_logp, ent = policy_stats(logits, ref_logits, rollouts.response_ids[s], sampling)
+                out.append((logp, ref_logp, values, ent))
+                del logits, ref_logits
+        return [torch.cat(parts) for parts in zip(*out)]  # each (B, T)
+
+    b_logprobs, b_ref_logprobs, b_values, b_entropy = micro.passes.run(step, rollout_stats)
     b_mask = rollouts.response_mask.float()  # (B, T)
-    entropy = masked_mean(torch.cat(b_entropy), b_mask).item()
+    entropy = masked_mean(b_entropy, b_mask).item()
 
     # 3. Rewards: KL penalty on every token, the score on the last; then GAE and whitening.
     b_scores = leave_one_out(scores, cfg.samples_per_prompt)  # (B,)
@@ -527,30 +548,51 @@ def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str],
     n_minibatches = cfg.batch_size // cfg.mini_batch_size
     stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": [], "approx_kl": [],
                                      "vf_clip_frac": [], "train_entropy": []}
+    def update(mb: torch.Tensor, size: int) -> dict[str, float]:
+        """Forward/backward of one minibatch in pieces of `size` rollouts: each piece's losses (means over its
+        tokens) are weighted by its share of the minibatch's tokens, so the gradients and the statistics are
+        the whole minibatch's. A failed attempt's gradients are rolled back before it is retried."""
+        saved = [None if p.grad is None else p.grad.clone() for p in params]
+        mb_stats = dict.fromkeys(stats, 0.0)
+        n_tokens = b_mask[mb].sum().clamp(min=1)
+        try:
+            for rows in chunks(len(mb), size):
+                piece = mb[rows]
+                mb_mask = b_mask[piece]  # (m, T)
+                share = mb_mask.sum() / n_tokens
+                logits, mb_values = models.forward(rollouts.query_ids[piece], rollouts.query_mask[piece],
+                                                   rollouts.response_ids[piece], rollouts.response_mask[piece],
+                                                   sampling)
+                mb_logprobs, _, mb_entropy = policy_stats(logits, None, rollouts.response_ids[piece], sampling)
+                pg_loss, clip_frac, approx_kl = clipped_policy_loss(mb_logprobs, b_logprobs[piece],
+                                                                    b_advantages[piece], mb_mask, cfg.cliprange)
+                v_loss, vf_clip_frac = clipped_value_loss(mb_values, b_values[piece], b_returns[piece], mb_mask,
+                                                          cfg.cliprange_value)
+                mb_entropy = masked_mean(mb_entropy, mb_mask)
+                loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * mb_entropy
+                (loss * share / cfg.grad_accum).backward()
+                for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("clip_frac", clip_frac),
+                                   ("approx_kl", approx_kl), ("vf_clip_frac", vf_clip_frac),
+                                   ("train_entropy", mb_entropy)):
+                    mb_stats[key] += (value * share).item()
+                del logits, loss
+        except Exception:
+            for p, grad in zip(params, saved):
+                p.grad = grad
+            raise
+        return mb_stats
+
     for _epoch in range(cfg.ppo_epochs):
         order = torch.randperm(cfg.batch_size, device=device)
         for k in range(n_minibatches):
             mb = order[k * cfg.mini_batch_size:(k + 1) * cfg.mini_batch_size]
-            mb_mask = b_mask[mb]  # (M, T)
-            logits, mb_values = models.forward(rollouts.query_ids[mb], rollouts.query_mask[mb],
-                                               rollouts.response_ids[mb], rollouts.response_mask[mb], sampling)
-            mb_logprobs, _, mb_entropy = policy_stats(logits, None, rollouts.response_ids[mb], sampling)
-            pg_loss, clip_frac, approx_kl = clipped_policy_loss(mb_logprobs, b_logprobs[mb], b_advantages[mb],
-                                                                mb_mask, cfg.cliprange)
-            v_loss, vf_clip_frac = clipped_value_loss(mb_values, b_values[mb], b_returns[mb], mb_mask,
-                                                      cfg.cliprange_value)
-            mb_entropy = masked_mean(mb_entropy, mb_mask)
-            loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * mb_entropy
-            (loss / cfg.grad_accum).backward()
+            mb_stats = micro.passes.run(step, lambda size: update(mb, size))
             if (k + 1) % cfg.grad_accum == 0:
                 nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("clip_frac", clip_frac),
-                               ("approx_kl", approx_kl), ("vf_clip_frac", vf_clip_frac),
-                               ("train_entropy", mb_entropy)):
-                stats[key].append(value.item())
-            del logits, loss
+            for key, value in mb_stats.items():
+                stats[key].append(value)
 
     # 5. The KL controller moves towards its target with this batch's KL per response.
     mean_kl = b_kl.sum(1).mean().item()
@@ -616,6 +658,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:
             f"({'shared adapter' if models.reward_shared else 'separate quantized copy'})")
 
     history: dict[str, list[float]] = {}
+    micro = StepMicroBatches.of(cfg, ctx, device, config)
     t_start = time.perf_counter()
     for step in range(start + 1, cfg.steps + 1):
         ctx.check_cancelled()
@@ -624,7 +667,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:
         chosen = random.choices(train_prompts, k=n_prompts) if len(train_prompts) < n_prompts \
             else random.sample(train_prompts, n_prompts)
         batch_prompts = [p for p in chosen for _ in range(cfg.samples_per_prompt)]  # each prompt k times in a row
-        metrics, rollouts, scores = ppo_step(models, optimizer, kl_ctl, batch_prompts, cfg)
+        metrics, rollouts, scores = ppo_step(models, optimizer, kl_ctl, batch_prompts, cfg, micro, step)
         metrics.update(memory.snapshot(device))
         ctx.log_metrics(metrics, step)
         for key, value in metrics.items():

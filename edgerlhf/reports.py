@@ -62,6 +62,32 @@ class SplitLengths(Part):
     """Among pairs of two non-empty responses, how often chosen is the shorter one."""
 
 
+class VotesPart(Part):
+    """The arena votes a job's data took (`data.votes_file`, `edgerlhf.votes.mix`)."""
+
+    file: str
+    pairs_read: int
+    """Preference pairs in the votes file."""
+    votes_read: int
+    """Distinct votes those pairs come from."""
+    dropped: dict[str, int]
+    """Vote pairs dropped, by reason."""
+    votes_used: int
+    """Distinct votes with at least one pair in the written train or test split."""
+    vote_ids: list[int]
+    """Their ids (`/api/arena/votes/{id}`): the feedback that shaped this run."""
+    train_pairs: int
+    """Distinct vote pairs on the training side (each written `repeats` times)."""
+    test_pairs: int
+    repeats: int
+    weight: float
+    """`data.votes_weight`: the share of training pairs asked for."""
+    share: float
+    """The share of written training pairs that are vote pairs."""
+    with_data_set: bool
+    """False: the votes alone (`data.votes_weight` = 1), the data set's pairs set aside."""
+
+
 class DataReport(Report):
     source: DataSource
     labels: Literal["human", "gold"]
@@ -70,6 +96,10 @@ class DataReport(Report):
     """With gold labels: how often the gold prefers the response the human raters chose."""
     gold_empty_pairs_added: int | None = None
     """With gold labels: (response vs "") pairs added to the training side."""
+    gold_length_correlation: dict[str, float | None] | None = None
+    """With gold labels: for every gold scorer, the Pearson correlation of its score with the response's
+    length in words over the labelled pairs' responses, train and test (how much of it length alone could
+    buy)."""
     seed: int
     pairs_read: int
     bad_lines: int
@@ -81,6 +111,8 @@ class DataReport(Report):
     """Training pairs, including the added empty-answer pairs."""
     test: int
     lengths: dict[Literal["train", "test"], SplitLengths | None]
+    votes: VotesPart | None = None
+    """With `data.votes_file`: the arena votes mixed in (counted in `train` and `test`)."""
 
 
 # --- sft -----------------------------------------------------------------------------------------
@@ -214,6 +246,10 @@ class PolicyEval(Part):
     gold: Summary | None = None
     kl: Summary | None = None
     """KL from the reference (PPO only; the SFT policy is the reference)."""
+    cap_hit_rate: float | None = None
+    """Share of responses that ran into the length cap (`EvalReport.response_length`) instead of ending."""
+    empty_rate: float | None = None
+    """Share of empty responses."""
 
 
 class SamplePair(Part):
@@ -231,16 +267,22 @@ class EvalReport(Report):
     samples_per_prompt: int
     reward_precision: str
     confidence: float
+    response_length: int | None = None
+    """The length cap of the sampled responses, in tokens (`evaluate.response_length`)."""
     sft: PolicyEval
     ppo: PolicyEval
     win_rate: float
     """Share of prompts where the PPO response out-scores the SFT one (reward model), ties counting 1/2."""
     reward_diff: Interval
     """Reward PPO - SFT, per prompt."""
+    length_diff: Interval | None = None
+    """Response tokens PPO - SFT, per prompt."""
     kl: float
     gold_scorer: str | None
     gold_diff: Interval | None
     """Gold score PPO - SFT, per prompt (known-answer task only)."""
+    gold_diff_equal_length: Interval | None = None
+    """Gold score PPO - SFT at equal length: within length strata (`evaluate.stratified_difference`)."""
     gold_win_rate: float | None = None
     samples: list[SamplePair]
 

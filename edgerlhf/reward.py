@@ -50,6 +50,7 @@ from edgerlhf.data import read_prefs
 from edgerlhf.errors import require
 from edgerlhf.reports import PrecisionResult, RewardReport
 from edgerlhf.memory import MB, snapshot
+from edgerlhf.oom import MicroBatch, SplitOnOutOfMemory, planner_hint
 from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, compute_dtype, dtype_name,
                              load_causal_lm, load_reward_model, load_tokenizer, lora_config, resolve_device,
                              reward_token_ids, upcast_trainable)
@@ -139,7 +140,7 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model
     """TRL's RewardTrainer with a LoRA + score-head adapter on `model` (tests use it directly)."""
     from peft import get_peft_model
     from transformers import PrinterCallback
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardConfig
 
     cfg = config.reward
     dtype = compute_dtype(device)
@@ -179,14 +180,34 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model
     optimizer = torch.optim.AdamW([{"params": body, "lr": cfg.learning_rate},
                                    {"params": head, "lr": cfg.learning_rate * cfg.head_lr_scale}],
                                   lr=cfg.learning_rate, weight_decay=0.0)
-    trainer = RewardTrainer(model=model, args=args,
-                            train_dataset=preference_dataset(ctx.run_dir / TRAIN_PREFS, tokenizer, cfg.max_length),
-                            eval_dataset=preference_dataset(ctx.run_dir / TEST_PREFS, tokenizer, cfg.max_length),
-                            processing_class=tokenizer, callbacks=list(callbacks), optimizers=(optimizer, None))
+    trainer = _stage_trainer_class()(
+        model=model, args=args, processing_class=tokenizer, callbacks=list(callbacks), optimizers=(optimizer, None),
+        train_dataset=preference_dataset(ctx.run_dir / TRAIN_PREFS, tokenizer, cfg.max_length),
+        eval_dataset=preference_dataset(ctx.run_dir / TEST_PREFS, tokenizer, cfg.max_length))
     trainer.remove_callback(PrinterCallback)
     upcast_trainable(trainer.model)  # TRL puts a quantized model's adapter in bf16; we train it in fp32
+    trainer.micro = MicroBatch(cfg.batch_size, f"reward ({precision})", ctx, device,
+                               planner_hint=lambda: planner_hint(config, f"reward/{precision}"))
     return trainer
 
+
+def _stage_trainer_class():
+    from trl import RewardTrainer
+
+    class RewardStageTrainer(SplitOnOutOfMemory, RewardTrainer):
+        """TRL's RewardTrainer with a step that splits its micro-batch on out-of-memory. A batch holds B chosen
+        rows then B rejected rows (TRL's collator), so a piece takes the same pairs from both halves."""
+
+        def rows(self, inputs) -> int:
+            return len(inputs["input_ids"]) // 2
+
+        def part(self, inputs, rows: slice):
+            n = self.rows(inputs)
+            both = torch.cat([torch.arange(n)[rows], torch.arange(n)[rows] + n])
+            return {k: (v[both] if len(v) == 2 * n else v[rows]) if isinstance(v, torch.Tensor) and v.dim() else v
+                    for k, v in inputs.items()}
+
+    return RewardStageTrainer
 
 def save_reward_model(peft_model, out_dir: Path, precision: str, max_length: int, device: torch.device) -> None:
     """Write the LoRA (as a plain causal-LM adapter), the score head and metadata (see edgerlhf.models)."""

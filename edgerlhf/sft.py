@@ -20,6 +20,7 @@ for a `model.random_init` base, `base/` (the random base + tokenizer) so later s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -36,8 +37,10 @@ from edgerlhf.contract import RANDOM_BASE, SFT_MERGED, TEST_PREFS, TRAIN_PREFS
 from edgerlhf.data import read_prefs
 from edgerlhf.dialogue import PromptFormat
 from edgerlhf.generation import sample_probes
-from edgerlhf.memory import reset_peak, snapshot
+from edgerlhf.memory import free_memory, reset_peak, snapshot
+from edgerlhf.oom import MicroBatch, SplitOnOutOfMemory, planner_hint
 from edgerlhf.reports import Probe, SFTReport
+from edgerlhf.warmup import warm_up
 from edgerlhf.models import (compute_dtype, dtype_name, load_base_model, load_tokenizer, lora_config, resolve_device,
                              upcast_trainable)
 
@@ -152,7 +155,15 @@ def _trainer_class():
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return (loss, {"loss": loss}) if return_outputs else loss
 
-    return CompletionSFTTrainer
+    class SFTStageTrainer(SplitOnOutOfMemory, CompletionSFTTrainer):
+        """The SFT stage's trainer: our loss, and a step that splits its micro-batch on out-of-memory."""
+
+        def loss_share(self, part, inputs, num_items_in_batch) -> float:
+            if num_items_in_batch is not None:  # the loss is already over the whole batch's labelled tokens
+                return 1.0
+            return int((part["labels"][:, 1:] != -100).sum()) / max(int((inputs["labels"][:, 1:] != -100).sum()), 1)
+
+    return SFTStageTrainer
 
 
 def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, device, callbacks=()):
@@ -196,8 +207,16 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
     trainer = _trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=test,
                                processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # metrics go through the context, not print()
+    trainer.micro = MicroBatch(cfg.batch_size, "sft", ctx, device, planner_hint=lambda: planner_hint(config, "sft"))
     upcast_trainable(trainer.model)  # a head trained in full must not be a bf16 copy on the GPU
     return trainer
+
+
+def base_model_config(config: PipelineConfig, ctx: RunContext):
+    """The base model's config as later loads see it: a random base is the directory SFT saved it to."""
+    if not config.model.random_init:
+        return config.model
+    return dataclasses.replace(config.model, name_or_path=str(ctx.run_dir / RANDOM_BASE), random_init=False)
 
 
 def run(config: PipelineConfig, ctx: RunContext) -> SFTReport:
@@ -205,13 +224,20 @@ def run(config: PipelineConfig, ctx: RunContext) -> SFTReport:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
-    model = load_base_model(config.model, device, tokenizer=tokenizer, seed=config.seed)
     if config.model.random_init:
+        model = load_base_model(config.model, device, tokenizer=tokenizer, seed=config.seed)
+        warm_up(config, ctx, model, tokenizer)  # a random base first learns the dialogues' words (edgerlhf.warmup)
         # Later stages and the chat page need the exact random weights SFT started from.
         base_dir = ctx.run_dir / RANDOM_BASE
         model.save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
         ctx.artifact("base_model", base_dir)
+        if cfg.precision != "bf16":  # QLoRA on a random base: quantize what was saved, once the fp copy is gone
+            del model
+            free_memory(device)
+            model = load_base_model(base_model_config(config, ctx), device, cfg.precision)
+    else:  # QLoRA: the frozen base is loaded quantized
+        model = load_base_model(config.model, device, cfg.precision)
     n_params = sum(p.numel() for p in model.parameters())
 
     test_rows = read_prefs(ctx.run_dir / TEST_PREFS)
@@ -231,11 +257,22 @@ def run(config: PipelineConfig, ctx: RunContext) -> SFTReport:
     else:
         eval_loss = trainer.evaluate()["eval_loss"]  # the callback logs it at the last step
 
+    n_train, n_eval = len(trainer.train_dataset), len(trainer.eval_dataset)
     out_dir = ctx.stage_dir("sft")
     peft_model = trainer.model
     peft_model.save_pretrained(out_dir / "adapter")
     ctx.artifact("adapter", out_dir / "adapter")
-    merged = peft_model.merge_and_unload()
+    if cfg.precision == "bf16":
+        merged = peft_model.merge_and_unload()
+    else:
+        # A quantized layer cannot hold base + LoRA: merge into the base's full-precision weights, loaded once
+        # the quantized training copy is gone (as the QLoRA recipe merges).
+        from peft import PeftModel
+
+        del trainer, peft_model, model
+        free_memory(device)
+        base = load_base_model(base_model_config(config, ctx), device)
+        merged = PeftModel.from_pretrained(base, str(out_dir / "adapter")).merge_and_unload()
     merged.save_pretrained(ctx.run_dir / SFT_MERGED)
     tokenizer.save_pretrained(ctx.run_dir / SFT_MERGED)
     ctx.artifact("model", ctx.run_dir / SFT_MERGED)
@@ -245,7 +282,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> SFTReport:
     return SFTReport(
         device=str(device), compute_dtype=dtype_name(compute_dtype(device)),
         parameters=n_params, trainable_parameters=n_trainable,
-        train_examples=len(trainer.train_dataset), eval_examples=len(trainer.eval_dataset),
+        train_examples=n_train, eval_examples=n_eval,
         steps=result.global_step, train_seconds=round(train_seconds, 2),
         first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
         train_loss=result.training_loss, eval_loss=eval_loss,

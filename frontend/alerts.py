@@ -6,6 +6,7 @@
   KL coefficient too high, or the adapter is not being trained).
 - NaN or infinite losses / rewards.
 - Memory close to the GPU's total (the next spike is an out-of-memory error).
+- A step that ran out of memory and was retried on a smaller micro-batch (`edgerlhf.oom`).
 
 The module is named `alerts` rather than `warnings` because Streamlit puts `frontend/` on `sys.path`,
 where a `warnings.py` would shadow the standard library's.
@@ -19,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Iterable
+
+from edgerlhf.contract import MICRO_BATCH_METRIC
 
 Series = dict[str, list[tuple[int, float | None]]]
 
@@ -130,6 +133,17 @@ def memory_near_limit(series: Series, gpu_total_mb: float | None, fraction: floa
                   "close to out-of-memory. Lower the batch size or sequence length, or quantize the reward model.")]
 
 
+def out_of_memory_retries(series: Series) -> list[Alert]:
+    """Steps that ran out of memory and went on with half the micro-batch (the metric `mem/micro_batch`)."""
+    retries = [(step, v) for step, v in series.get(MICRO_BATCH_METRIC, []) if v is not None]
+    if not retries:
+        return []
+    step, size = retries[-1]
+    return [Alert("warning", "out_of_memory",
+                  f"ran out of memory {len(retries)} time(s); since step {step} the micro-batch is {size:.0f} rows, "
+                  "accumulated to the same effective batch (slower, same maths). The logs say which stage.")]
+
+
 def check_all(series: Series, gpu_total_mb: float | None = None, target_kl: float | None = None,
               max_response_length: int | None = None) -> list[Alert]:
     """Every check above; errors first."""
@@ -137,5 +151,6 @@ def check_all(series: Series, gpu_total_mb: float | None = None, target_kl: floa
     alerts = (nan_values(series)
               + reward_hacking(series, kl_limit=kl_limit, max_response_length=max_response_length)
               + kl_collapse(series)
-              + memory_near_limit(series, gpu_total_mb))
+              + memory_near_limit(series, gpu_total_mb)
+              + out_of_memory_retries(series))
     return sorted(alerts, key=lambda a: a.level != "error")

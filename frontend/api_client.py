@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from edgerlhf.plan import MemoryPlan
 from edgerlhf.reports import JobReports
 
 TIMEOUT = httpx.Timeout(10.0, connect=2.0)
@@ -183,14 +184,28 @@ class ApiClient:
         return self.request("GET", f"/api/jobs/{job_id}")
 
     def create_job(self, preset: str, overrides: dict[str, Any] | None = None, name: str | None = None,
-                   min_gpu_memory_mb: int | None = None) -> dict[str, Any]:
-        """`JobCreate`; `min_gpu_memory_mb`: only a worker whose GPU has that much memory runs it (None: any)."""
+                   min_gpu_memory_mb: int | None = None, override_memory_plan: bool = False) -> dict[str, Any]:
+        """`JobCreate`; `min_gpu_memory_mb`: only a worker whose GPU has that much memory runs it (None: any);
+        `override_memory_plan`: queue it even if the memory plan says it does not fit (else a 409 says why)."""
         body: dict[str, Any] = {"preset": preset, "overrides": overrides or {}}
         if name:
             body["name"] = name
         if min_gpu_memory_mb is not None:
             body["min_gpu_memory_mb"] = min_gpu_memory_mb
+        if override_memory_plan:
+            body["override_memory_plan"] = True
         return self.request("POST", "/api/jobs", json=body)
+
+    def plan(self, preset: str, overrides: dict[str, Any] | None = None,
+             gpu_memory_mb: int | None = None) -> tuple[MemoryPlan, str]:
+        """(the plan, which GPU it was checked against) from `PlanPublic`: each stage's planned peak memory
+        (`edgerlhf.plan.StagePlan`), checked against `gpu_memory_mb` (None: as a new job is checked)."""
+        body: dict[str, Any] = {"preset": preset, "overrides": overrides or {}}
+        if gpu_memory_mb is not None:
+            body["gpu_memory_mb"] = gpu_memory_mb
+        data = self.request("POST", "/api/plan", json=body)
+        return MemoryPlan.model_validate({k: v for k, v in data.items() if k != "gpu_source"}), \
+            _field(data, "gpu_source", "/api/plan")
 
     def cancel_job(self, job_id: int) -> dict[str, Any]:
         return self.request("POST", f"/api/jobs/{job_id}/cancel")

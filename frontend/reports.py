@@ -78,7 +78,9 @@ def _diff(row: dict[str, Any], diff: Interval | None) -> None:
 
 
 def eval_rows(report: EvalReport | dict[str, Any] | None) -> list[dict[str, Any]]:
-    """SFT vs PPO per measure (reward, gold score, response length): means, difference, its interval."""
+    """SFT vs PPO per measure: reward, gold score and the gold at equal length (no means: a difference
+    within length strata), response length, then the shares of responses that hit the length cap or came
+    out empty; means, difference, its interval. Rows whose fields an older report lacks are left out."""
     report = parse(EvalReport, report)
     if report is None:
         return []
@@ -90,11 +92,22 @@ def eval_rows(report: EvalReport | dict[str, Any] | None) -> list[dict[str, Any]
         gold = {"measure": f"gold score ({report.gold_scorer})", "SFT": sft.gold.mean, "PPO": ppo.gold.mean}
         _diff(gold, report.gold_diff)
         rows.append(gold)
+        if report.gold_diff_equal_length is not None:
+            equal = {"measure": "gold at equal length", "SFT": None, "PPO": None}
+            _diff(equal, report.gold_diff_equal_length)
+            rows.append(equal)
     tokens: dict[str, Any] = {"measure": "response tokens", "SFT": sft.response_tokens.mean,
                               "PPO": ppo.response_tokens.mean}
-    if tokens["SFT"] is not None and tokens["PPO"] is not None:
+    if report.length_diff is not None:
+        _diff(tokens, report.length_diff)
+    elif tokens["SFT"] is not None and tokens["PPO"] is not None:
         tokens["PPO − SFT"] = tokens["PPO"] - tokens["SFT"]
     rows.append(tokens)
+    for measure, field in ((f"hit the {report.response_length}-token cap", "cap_hit_rate"),
+                           ("empty answers", "empty_rate")):
+        shares = getattr(sft, field), getattr(ppo, field)
+        if None not in shares:
+            rows.append({"measure": measure, "SFT": shares[0], "PPO": shares[1], "PPO − SFT": shares[1] - shares[0]})
     return rows
 
 
@@ -109,7 +122,11 @@ def eval_headline(report: EvalReport | dict[str, Any] | None) -> dict[str, float
     out = {"reward SFT": report.sft.reward.mean, "reward PPO": report.ppo.reward.mean,
            "reward PPO−SFT": report.reward_diff.mean, "win rate": report.win_rate, "KL": report.kl,
            "gold PPO−SFT": report.gold_diff.mean if report.gold_diff is not None else None,
-           "gold win rate": report.gold_win_rate}
+           "gold PPO−SFT at equal length": (report.gold_diff_equal_length.mean
+                                            if report.gold_diff_equal_length is not None else None),
+           "gold win rate": report.gold_win_rate,
+           "length PPO−SFT": report.length_diff.mean if report.length_diff is not None else None,
+           "PPO cap hits": report.ppo.cap_hit_rate}
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -156,3 +156,23 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
     return str(value)
+
+
+def sampling_sidebar(page: str, zero_help: str, seed: bool = False) -> dict[str, Any]:
+    """The sidebar's sampling settings of a page that generates (`chat`, `arena`), as the parameters of
+    `/v1/chat/completions`; widget keys are `<page>_temperature` and so on."""
+    from edgerlhf.settings import get_settings
+
+    limit = get_settings().chat_max_tokens
+    with st.sidebar:
+        st.subheader("Sampling")
+        params: dict[str, Any] = {
+            "temperature": st.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key=f"{page}_temperature", help=zero_help),
+            "top_p": st.slider("Top-p", 0.05, 1.0, 0.95, 0.05, key=f"{page}_top_p"),
+            "max_tokens": int(st.slider("Max new tokens", 1, limit, min(64, limit), key=f"{page}_max_tokens"))}
+        if seed:
+            value = st.number_input("Seed", min_value=-1, value=-1, step=1, key=f"{page}_seed",
+                                    help="-1: a new sample every time; any other value repeats the same sample.")
+            if value >= 0:
+                params["seed"] = int(value)
+    return params

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from db.models import MAX_GPU_MEMORY_MB, Artifact, Job, JobStatus, LogLine, Metric, Sample, StageRun, Worker
 from edgerlhf.contract import StageStatus
+from edgerlhf.plan import MemoryPlan
 
 
 def jsonable(value: Any) -> Any:
@@ -42,6 +43,33 @@ class JobCreate(BaseModel):
     min_gpu_memory_mb: int | None = Field(
         None, strict=True, ge=1, le=MAX_GPU_MEMORY_MB,
         description="Only a worker whose GPU has at least this much memory (MB) runs the job; default: any worker")
+    override_memory_plan: bool = Field(
+        False, description="Queue the job even if the memory planner says a stage does not fit the GPU it is "
+                           "checked against (see POST /api/plan); default: such a job is refused with 409")
+
+
+class PlanRequest(BaseModel):
+    """A configuration to plan: the same preset and overrides a job would have."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"preset": "qwen2.5-0.5b-8gb", "overrides": {"ppo": {"mini_batch_size": 1}},
+                      "gpu_memory_mb": 8192}]})
+
+    preset: str = Field(min_length=1, max_length=100, description="A name from GET /api/presets")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Nested fields to change, as for a job")
+    gpu_memory_mb: int | None = Field(
+        None, strict=True, ge=1, le=MAX_GPU_MEMORY_MB,
+        description="The GPU memory to check against (a job's min_gpu_memory_mb); default: as a new job is "
+                    "checked, the largest GPU memory of the registered workers (none: figures only)")
+    device: Literal["cuda", "cpu"] | None = Field(
+        None, description="Plan for a bf16 GPU or fp32 CPU tensors; default: cpu for a config on the CPU, else cuda")
+
+
+class PlanPublic(MemoryPlan):
+    """The planner's answer (`edgerlhf.plan.MemoryPlan`) and which GPU it was checked against."""
+
+    gpu_source: str
+    """Where `gpu_memory_bytes` came from: the request, the largest registered worker, or nowhere."""
 
 
 class StagePublic(BaseModel):

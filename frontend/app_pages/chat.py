@@ -1,73 +1,24 @@
 """Chat page: talk to a finished job's models, one at a time or its SFT and PPO policies side by side.
 
 It speaks the backend's OpenAI-compatible API (`GET /v1/models`, `POST /v1/chat/completions` with
-`stream: true`) through the dashboard's one API client, and shows tokens as they arrive with
-`st.write_stream` (Streamlit's chat-app pattern). Conversations live in the browser session, one per
+`stream: true`: `frontend.chat_stream`) through the dashboard's one API client, and shows tokens as they
+arrive with `st.write_stream` (Streamlit's chat-app pattern). Conversations live in the browser session, one per
 model; the side-by-side mode sends each message to both policies of one job with the same sampling
 seed, so the difference you read is the difference PPO made.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
-from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import streamlit as st
 
-from edgerlhf.settings import get_settings
 from frontend import ui
 from frontend.api_client import ApiClient, BackendDown, get_client
+from frontend.chat_stream import ChatError, stream_chat
 
-STREAM_TIMEOUT = httpx.Timeout(300.0, connect=2.0)
-"""The first reply may wait for the model to load (and for other chats with it to finish)."""
 SINGLE, SIDE = "Single model", "Side by side: SFT vs PPO"
-
-
-class ChatError(Exception):
-    """The backend refused or failed a chat request; the message is OpenAI's `error.message`."""
-
-
-def _error_message(payload: Any, fallback: str) -> str:
-    """The message of OpenAI's error body `{"error": {"message", ...}}`, which every `/v1` answer uses
-    (auth included); `fallback` (the raw text) when something in between answered without JSON."""
-    if isinstance(payload, dict) and "error" in payload:
-        return str(payload["error"]["message"])
-    return fallback
-
-
-def stream_chat(client: ApiClient, model: str, messages: list[dict[str, str]], params: dict[str, Any],
-                sink: list[str]) -> Iterator[str]:
-    """Yield the reply's text pieces from the SSE stream (appending each to `sink` too)."""
-    body = {"model": model, "messages": messages, "stream": True, **params}
-    try:
-        # The chat stream reuses the API client's httpx client (base URL, token).
-        with client.http.stream("POST", "/v1/chat/completions", json=body, timeout=STREAM_TIMEOUT) as resp:
-            if resp.status_code >= 400:
-                resp.read()
-                try:
-                    payload = resp.json()
-                except ValueError:
-                    payload = None
-                raise ChatError(f"{resp.status_code}: {_error_message(payload, resp.text or resp.reason_phrase)}")
-            for line in resp.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    return
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise ChatError(_error_message(chunk, "generation failed"))
-                for choice in chunk["choices"]:
-                    text = choice["delta"].get("content")  # OpenAI: the last chunk's delta may be empty
-                    if text:
-                        sink.append(text)
-                        yield text
-    except (httpx.TransportError, OSError) as exc:
-        raise BackendDown(client.base_url, f"{type(exc).__name__}: {exc}") from exc
 
 
 def show_history(history: list[dict[str, str]]) -> None:
@@ -94,23 +45,6 @@ def reply(client: ApiClient, model: str, history: list[dict[str, str]], params: 
     return True
 
 
-def sampling_params() -> dict[str, Any]:
-    settings = get_settings()
-    with st.sidebar:
-        st.subheader("Sampling")
-        temperature = st.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="chat_temperature",
-                                help="0 picks the most likely token every time.")
-        top_p = st.slider("Top-p", 0.05, 1.0, 0.95, 0.05, key="chat_top_p")
-        max_tokens = st.slider("Max new tokens", 1, settings.chat_max_tokens, min(64, settings.chat_max_tokens),
-                               key="chat_max_tokens")
-        seed = st.number_input("Seed", min_value=-1, value=-1, step=1, key="chat_seed",
-                               help="-1: a new sample every time; any other value repeats the same sample.")
-    params: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "max_tokens": int(max_tokens)}
-    if seed >= 0:
-        params["seed"] = int(seed)
-    return params
-
-
 st.title("Chat")
 client = get_client()
 listing = ui.call(client.request, "GET", "/v1/models")
@@ -120,7 +54,7 @@ models = [m["id"] for m in listing["data"]]  # OpenAI's model list: {"object": "
 if not models:
     st.info("No model to chat with yet: a job's models appear here once it has finished its SFT stage.")
     st.stop()
-params = sampling_params()
+params = ui.sampling_sidebar("chat", "0 picks the most likely token every time.", seed=True)
 conversations: dict[str, Any] = st.session_state.setdefault("chat_conversations", {})
 pairs = [job for job in dict.fromkeys(m.split("/")[0] for m in models)
          if f"{job}/sft" in models and f"{job}/ppo" in models]

@@ -153,6 +153,13 @@ def overview(feed: live.JobFeed, jid: int) -> None:
 
 
 def training_tab(feed: live.JobFeed, jid: int) -> None:
+    votes = feed.report.data.votes if feed.report is not None and feed.report.data is not None else None
+    if votes is not None:  # the feedback that shaped this run (edgerlhf.votes)
+        shown = ", ".join(f"#{i}" for i in votes.vote_ids[:30]) + (" …" if len(votes.vote_ids) > 30 else "")
+        st.info(f"Trained on **{votes.votes_used} arena vote(s)** ({shown}): {votes.train_pairs} training and "
+                f"{votes.test_pairs} held-out pair(s), {votes.share:.0%} of the training pairs"
+                + (" (the votes alone)." if not votes.with_data_set else " (mixed with the data set)."),
+                icon=":material/how_to_vote:")
     c1, c2 = st.columns(2)
     if feed.series("sft/loss") or feed.series("sft/eval_loss"):
         c1.plotly_chart(charts.keys_figure(feed, ["sft/loss", "sft/eval_loss"], "SFT loss", "sft", y="loss"),
@@ -218,7 +225,9 @@ def report_tab(feed: live.JobFeed, jid: int) -> None:
         left.dataframe(pd.DataFrame(eval_rows(report)), hide_index=True, width="stretch")
         left.caption(f"{report.n_prompts} held-out prompts × {report.samples_per_prompt} "
                      "samples; the interval is a bootstrap interval of the per-prompt difference "
-                     "(PPO better when it excludes 0).")
+                     "(PPO better when it excludes 0). The gold at equal length compares the policies within "
+                     "strata of equal response length, so a gain there is content, not length; the last rows "
+                     "are shares of responses.")
         right.plotly_chart(charts.eval_figure(report), key=f"j{jid}-eval", width="stretch")
         for i, pair in enumerate(eval_pairs(report)):
             with st.container(border=True, key=f"eval-pair-{i}"):

@@ -6,7 +6,13 @@ the job's stored config says plainly what was changed. A field's help (its ⓘ) 
 the dashboard keeps no copy of it, and the widget's kind follows the field's type. The backend validates:
 a 422 names the field (`ppo.batch_size`), and its message is shown right under that field. Submitting
 opens the new job's page. Beside the config, a job may ask for a minimum GPU memory (`min_gpu_memory_mb`):
-only a worker whose GPU has that much takes it.
+only a worker whose GPU has that much takes it. "Arena votes" trains the job on the Arena page's votes, alone
+or mixed with the data set: at launch a snapshot of them becomes `data.votes_file` (`frontend.arena`).
+
+Below the fields, the memory plan (`POST /api/plan`, `edgerlhf.plan`) follows every change: each stage's
+planned peak, whether it fits the GPU the job would be checked against, what dominates, and for a stage
+that does not fit the cheapest change that makes it fit. The backend refuses a job that does not fit
+(409, its message shown under the override box) unless "Launch even if it does not fit" is ticked.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 import streamlit as st
 
 from edgerlhf.contract import PRECISIONS, STAGES, merge_overrides
-from frontend import ui
+from frontend import arena, ui
 from frontend.api_client import ApiClient, ApiError, BackendDown, get_client
 
 # (section, config path, label, options). The widget follows the field's type from /api/config/fields:
@@ -57,6 +63,8 @@ FIELDS: list[tuple[str, str, str, list[str] | None]] = [
 LAYOUT = [["Run", "Model", "Data"], ["SFT", "Reward model"], ["PPO", "Evaluate"]]
 ERRORS = "new_job_errors"  # session key: {field path: message} from the last rejected submit
 MIN_GPU = "min_gpu_memory_mb"  # the job-level field of `JobCreate` (not part of the config)
+OVERRIDE = "override_memory_plan"  # the job-level field that queues a job the memory plan refuses
+PLAN_SECONDS = 10  # a plan depends on the registered workers' GPUs too: recompute it now and then
 CACHE_SECONDS = 300  # presets and field docs change only when the backend is upgraded
 
 
@@ -134,6 +142,54 @@ def widget(field: dict[str, Any], label: str, options: list[str] | None, default
     return (value.strip() or None) if optional else value
 
 
+@st.cache_data(ttl=PLAN_SECONDS, show_spinner=False)
+def plan_of(base_url: str, _client: ApiClient, preset: str, overrides_json: str, gpu_memory_mb: int | None):
+    """The backend's memory plan of a configuration (`(MemoryPlan, gpu_source)`), cached for a few seconds."""
+    return _client.plan(preset, json.loads(overrides_json), gpu_memory_mb)
+
+
+def form_overrides(values: dict[str, Any], defaults: dict[str, Any], extra_text: str) -> dict[str, Any]:
+    """The fields changed from the preset, then the extra JSON overrides; `ValueError` for bad JSON."""
+    overrides: dict[str, Any] = {}
+    for path, value in values.items():
+        if value != get_path(defaults, path):
+            set_path(overrides, path, value)
+    if extra_text.strip():
+        extra = json.loads(extra_text)
+        if not isinstance(extra, dict):
+            raise ValueError("must be a JSON object")
+        overrides = merge_overrides(overrides, extra)
+    return overrides
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def show_plan(result, source: str) -> None:
+    """Each stage's planned peak against the GPU, the terms that dominate, and a fix for what does not fit."""
+    st.subheader("Memory plan", divider="gray")
+    checked = f"checked against {_gib(result.gpu_memory_bytes)} GiB ({source})" if result.gpu_memory_bytes \
+        else source
+    st.caption(f"{result.model} · {result.compute_dtype} · {checked}. {result.note}")
+    rows = [{"stage": s.stage, "peak GiB": round(s.peak_bytes / 2**30, 2),
+             "fits": {True: "yes", False: "no", None: "–"}[s.fits], "peak in": s.phase,
+             "largest terms": " · ".join(f"{i.name} {_gib(i.bytes)}" for i in s.items[:3])} for s in result.stages]
+    st.dataframe(rows, hide_index=True, width="stretch", key="nj-plan")
+    for s in result.stages:
+        if s.fits is False:
+            fix = (f"Cheapest change that fits: **{s.suggestion.change}** → {_gib(s.suggestion.peak_bytes)} GiB"
+                   + (f" (overrides `{json.dumps(s.suggestion.overrides)}`)" if s.suggestion.overrides else "")
+                   if s.suggestion else "No single change tried here makes it fit.")
+            st.warning(f"`{s.stage}` does not fit: {_gib(s.peak_bytes)} GiB at its {s.phase}. {fix}",
+                       icon=":material/memory:")
+    with st.expander("What each stage's peak is made of"):
+        for s in result.stages:
+            st.markdown(f"**{s.stage}** — {_gib(s.peak_bytes)} GiB at the {s.phase}")
+            st.dataframe([{"term": i.name, "GiB": round(i.bytes / 2**30, 3), "note": i.note} for i in s.items],
+                         hide_index=True, width="stretch")
+
+
 def field_error(path: str, errors: dict[str, str]) -> None:
     """The backend's message for this field (or one of its items, e.g. `reward.precisions[1]`), under it."""
     for name, message in errors.items():
@@ -166,10 +222,11 @@ errors: dict[str, str] = st.session_state.get(ERRORS, {})
 known = {path for _, path, _, _ in FIELDS}
 other = {k: v for k, v in errors.items()
          if not any(k == p or k.startswith(p + "[") or k.startswith(p + ".") for p in known)
-         and k not in ("overrides", MIN_GPU)}
+         and k not in ("overrides", MIN_GPU, OVERRIDE)}
 
 values: dict[str, Any] = {}
-with st.form("new_job", border=True):
+# Plain widgets rather than a form: the memory plan below follows every change as it is made.
+with st.container(border=True):
     if other:
         st.error("The backend rejected the job:\n\n" + "\n".join(f"- `{k}`: {v}" for k, v in other.items()))
     st.caption(f"Every field starts at the `{preset}` preset's value (its ⓘ explains the config field and "
@@ -192,30 +249,40 @@ with st.form("new_job", border=True):
                     values[path] = widget(fields[path], label, options, get_path(defaults, path),
                                           key=f"nj:{preset}:{path}")
                     field_error(path, errors)
+    arena_votes = arena.votes_option(client, key=f"nj:{preset}:votes")  # train on the Arena page's votes
     extra_text = st.text_area("Extra overrides (JSON, applied last)", key=f"nj:{preset}:extra",
                               placeholder='{"ppo": {"top_k": 0, "temperature": 0.7}}',
                               help="Any other config field, as nested JSON; see the full configuration above.")
     field_error("overrides", errors)
-    submitted = st.form_submit_button("Launch job", type="primary", icon=":material/rocket_launch:")
+
+    try:
+        overrides = form_overrides(values, defaults, extra_text)
+        overrides_error = None
+    except ValueError as exc:
+        overrides, overrides_error = {}, f"Extra overrides are not valid JSON: {exc}"
+    if overrides_error is None:
+        try:
+            result, source = plan_of(client.base_url, client, preset, json.dumps(overrides, sort_keys=True),
+                                     None if min_gpu is None else int(min_gpu))
+        except BackendDown as exc:
+            ui.backend_down(exc, inline=True)
+        except ApiError as exc:  # a field being typed is invalid: its message comes on submit
+            st.info(f"Memory plan unavailable: {exc.message}", icon=":material/memory:")
+        else:
+            show_plan(result, source)
+    override = st.checkbox("Launch even if the memory plan says it does not fit", key="nj_override_memory_plan",
+                           help="The backend refuses a job a stage of which the plan says cannot fit the GPU it is "
+                                "checked against; tick this to queue it anyway (e.g. when the plan is too cautious).")
+    field_error(OVERRIDE, errors)
+    submitted = st.button("Launch job", type="primary", icon=":material/rocket_launch:")
 
 if submitted:
-    overrides: dict[str, Any] = {}
-    for path, value in values.items():
-        if value != get_path(defaults, path):
-            set_path(overrides, path, value)
-    new_errors: dict[str, str] = {}
-    if extra_text.strip():
-        try:
-            extra = json.loads(extra_text)
-            if not isinstance(extra, dict):
-                raise ValueError("must be a JSON object")
-            overrides = merge_overrides(overrides, extra)
-        except ValueError as exc:
-            new_errors["overrides"] = f"Extra overrides are not valid JSON: {exc}"
+    new_errors: dict[str, str] = {"overrides": overrides_error} if overrides_error else {}
     if not new_errors:
         try:
-            job = client.create_job(preset, overrides, name=name.strip() or None,
-                                    min_gpu_memory_mb=None if min_gpu is None else int(min_gpu))
+            job = client.create_job(preset, arena.with_votes(client, overrides, arena_votes), name=name.strip() or None,
+                                    min_gpu_memory_mb=None if min_gpu is None else int(min_gpu),
+                                    override_memory_plan=override)
         except BackendDown as exc:
             ui.backend_down(exc, inline=True)
             st.stop()

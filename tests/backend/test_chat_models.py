@@ -163,7 +163,7 @@ def test_generation_is_seeded_streams_the_same_text_and_honours_stops(runs_dir):
     greedy = loaded.generate(prompt, GenerationParams(max_tokens=16, temperature=0.0))[0]
     with torch.no_grad():
         reference = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                                          pad_token_id=loaded.eos_token_id)
+                                          pad_token_id=loaded.tokenizer.eos_token_id)
     assert greedy.text == loaded.tokenizer.decode(reference[0, len(prompt):], skip_special_tokens=True).lstrip()
 
 

@@ -213,3 +213,33 @@ def test_hub_source_offline_fails_at_once_with_advice(tmp_path, monkeypatch):
     message = str(info.value)
     assert "Anthropic/hh-rlhf" in message and "cannot be reached" in message
     assert "data.source" in message
+
+
+def test_balance_by_length_leaves_length_no_say_in_the_labels():
+    from edgerlhf.data import balance_by_length
+
+    def pair(i, chosen_words, rejected_words):
+        return {"prompt": f"p{i}", "chosen": " ".join(["a"] * chosen_words),
+                "rejected": " ".join(["b"] * rejected_words)}
+
+    pairs = ([pair(i, 10, 4) for i in range(5)]          # chosen longer by 6: stratum [6, 11)
+             + [pair(10 + i, 4, 10) for i in range(2)]   # chosen shorter by 6
+             + [pair(20 + i, 5, 5) for i in range(3)]    # equal lengths: always kept
+             + [pair(30, 30, 2)])                         # longer by 28, alone in its stratum: dropped
+    kept = balance_by_length(pairs)
+    assert [p["prompt"] for p in kept] == ["p0", "p1", "p10", "p11", "p20", "p21", "p22"]  # input order
+
+
+def test_content_gold_data_is_balanced_by_length_and_reports_length_correlations(tmp_path):
+    report, out = run_data(tmp_path, config(HH_PREFS_SAMPLE, labels="gold", gold_scorer="you", max_pairs=None))
+    assert report["dropped"]["length_balance"] > 0
+    rows = read_prefs(out / "train_prefs.jsonl") + read_prefs(out / "test_prefs.jsonl")
+    real = [r for r in rows if r["rejected"]]
+    longer = sum(gold.words(r["chosen"]) > gold.words(r["rejected"]) for r in real)
+    shorter = sum(gold.words(r["chosen"]) < gold.words(r["rejected"]) for r in real)
+    assert longer == shorter  # balanced before the split, so over both sides together
+    assert all(gold.prefers(r["prompt"], r["chosen"], r["rejected"], "you") for r in rows)
+    correlation = report["gold_length_correlation"]
+    assert set(correlation) == set(gold.SCORERS)
+    assert correlation["concise"] == -1.0  # minus the word count, exactly
+    assert all(abs(correlation[name]) < 0.3 for name in gold.CONTENT_GOLDS), correlation

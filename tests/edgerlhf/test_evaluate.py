@@ -65,8 +65,81 @@ def test_evaluate_report_after_ppo(tmp_path):
     assert diff["low"] <= diff["mean"] <= diff["high"] and diff["n"] == config.evaluate.n_prompts
     assert len(report["samples"]) == config.evaluate.n_show
     assert {"prompt", "sft", "ppo", "sft_reward", "ppo_reward", "sft_gold", "ppo_gold"} <= set(report["samples"][0])
+    # length, cap and empty answers, and the gold at equal length, computed again from the samples' own lengths
+    for side in ("sft", "ppo"):
+        assert 0.0 <= report[side]["cap_hit_rate"] <= 1.0 and 0.0 <= report[side]["empty_rate"] <= 1.0
+    length = report["length_diff"]
+    assert length["mean"] == pytest.approx(report["ppo"]["response_tokens"]["mean"]
+                                           - report["sft"]["response_tokens"]["mean"])
+    equal = report["gold_diff_equal_length"]
+    assert equal["n"] == config.evaluate.n_prompts and equal["low"] <= equal["high"]
+    assert report["response_length"] == config.evaluate.response_length
     assert json.loads((run_dir / "evaluate" / "report.json").read_text())["win_rate"] == report["win_rate"]
+    assert "gold at equal length" in (run_dir / "evaluate" / "report.md").read_text()
     assert "SFT vs PPO" in (run_dir / "evaluate" / "report.md").read_text()
     evals = [s for s in ctx.samples if s.kind == "eval"]
     assert {s.checkpoint for s in evals} == {"sft", "ppo"} and len(evals) == 2 * config.evaluate.n_show
     assert dict(ctx.metric_series("evaluate/kl"))[0] == pytest.approx(report["kl"])
+
+
+def test_length_strata_put_empty_answers_apart_and_equal_lengths_together():
+    empty = [True] + [False] * 7
+    strata = evaluate.length_strata([1, 2, 2, 3, 10, 11, 12, 1], empty, 2)
+    assert strata[0] == 0 and strata[-1] != 0  # empty vs a one-token answer
+    assert strata[1] == strata[2]
+    assert len(set(strata[1:4])) <= 2 and strata[4] == strata[5] == strata[6] > strata[1]
+    assert len(set(evaluate.length_strata([5, 5, 5], [False] * 3, 8))) == 1
+
+
+def test_gold_at_equal_length_removes_a_pure_length_effect_and_keeps_a_content_effect():
+    """PPO answers longer; gold = length + content. Within strata of equal length only content remains."""
+    rng = np.random.default_rng(0)
+    n_prompts, k = 60, 4
+    sft_len = rng.integers(2, 30, n_prompts * k)
+    ppo_len = np.minimum(sft_len + rng.integers(0, 10, n_prompts * k), 40)  # longer
+
+    def run(content):
+        sft_gold = 0.1 * sft_len + rng.normal(0, 0.2, sft_len.size)
+        ppo_gold = 0.1 * ppo_len + content + rng.normal(0, 0.2, ppo_len.size)
+        # one stratum per length: nothing of the length effect is left inside a stratum
+        strata = evaluate.length_strata(np.r_[sft_len, ppo_len], np.zeros(2 * sft_len.size, bool), 100)
+        return (evaluate.bootstrap_ci((ppo_gold - sft_gold).reshape(-1, k).mean(1), n_resamples=500),
+                evaluate.stratified_difference(sft_gold, ppo_gold, strata[:sft_len.size], strata[sft_len.size:], k,
+                                               n_resamples=500))
+
+    plain, equal = run(content=0.0)
+    assert plain["low"] > 0.2  # the length effect alone makes PPO look better
+    assert equal["low"] < 0.0 < equal["high"]  # at equal length: nothing
+    plain, equal = run(content=0.3)
+    assert equal["mean"] == pytest.approx(0.3, abs=0.1) and equal["low"] > 0.0
+    assert equal["n"] == n_prompts
+
+
+def test_one_stratum_is_the_plain_difference_and_no_overlap_is_nan():
+    sft, ppo = [1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 5.0, 4.0]
+    one = evaluate.stratified_difference(sft, ppo, [1] * 4, [1] * 4, k=2, n_resamples=200)
+    assert one["mean"] == pytest.approx(np.mean(ppo) - np.mean(sft))
+    apart = evaluate.stratified_difference(sft, ppo, [1] * 4, [2] * 4, k=2, n_resamples=50)
+    assert math.isnan(apart["mean"]) and math.isnan(apart["low"])
+
+
+def test_hit_cap_tells_a_cut_answer_from_one_that_ended():
+    from types import SimpleNamespace
+
+    from edgerlhf.config import TINY_TOKENIZER_DIR
+    from edgerlhf.models import load_tokenizer
+
+    tok = load_tokenizer(TINY_TOKENIZER_DIR)
+    words = tok(" one two three four", add_special_tokens=False)["input_ids"]  # 4 tokens
+    marker = tok(" Hi\n\nHuman:", add_special_tokens=False)["input_ids"]  # the model opened the next turn
+    eos = tok.eos_token_id
+
+    def capped(ids, n, cap):
+        mask = [[1] * n + [0] * (len(ids) - n)]
+        rollouts = SimpleNamespace(response_ids=torch.tensor([ids]), response_mask=torch.tensor(mask))
+        return evaluate.hit_cap(tok, rollouts, cap)[0]
+
+    assert capped(words, 4, cap=4)  # ran into the cap
+    assert not capped(words[:3] + [eos], 4, cap=4)  # ended with EOS on the last allowed token
+    assert not capped(words[:2] + [eos, eos], 3, cap=4)  # ended early
+    assert not capped(marker, len(marker), cap=len(marker))  # ended with a stop marker on the last token

@@ -1,16 +1,20 @@
-"""The whole pipeline end to end, on the task whose answer we know, and on real HH-RLHF data.
+"""The whole pipeline end to end, on a task whose answer we know and that length cannot game, and on real
+HH-RLHF data.
 
-`tiny` preset (random 2-layer GPT-2, HH-RLHF prompts relabelled by the gold "concise" scorer):
-data -> sft -> reward (bf16, int8, int4) -> ppo -> evaluate, run once for the module. We check, with our
-own computations from the saved artifacts rather than the stages' reports alone:
-- the bf16 reward model agrees with the gold labels on >= 90 % of the held-out pairs;
-- the int8 and int4 reward models load, score, and rank the held-out responses like bf16 (Spearman >= 0.9);
-- after PPO, fresh samples on held-out prompts have a higher gold score than the SFT policy's, with a
-  bootstrap confidence interval that excludes 0;
+`tiny` preset (random 2-layer GPT-2 warmed up on the training dialogues, HH-RLHF prompts relabelled by the
+content gold `question`: an answer is better when it ends by asking the user something, whatever its
+length; the labelled pairs are balanced by length): data -> warm-up + sft -> reward (bf16, int8, int4) ->
+ppo -> evaluate, run once for the module. We check, with our own computations from the saved artifacts
+rather than the stages' reports alone:
+- the warm-up gave a base that is not word salad: held-out perplexity far below a random base's;
+- the labels are the gold's, balanced by length, and the bf16 reward model agrees with them on >= 90 % of
+  the held-out pairs; the int8 and int4 reward models rank the held-out responses like bf16 (Spearman >= 0.9);
+- after PPO, fresh samples on held-out prompts score higher on the gold than the SFT policy's *at equal
+  length*, with a bootstrap interval that excludes 0, and the answers did not collapse to empty ones;
 - the KL from the reference stays finite and is reported, and PPO held one copy of the network.
 
 Then the same pipeline on the real Anthropic raw file (human labels) with tiny budgets: it must run and
-write every report.
+write every report. Every gold at three seeds: `python -m edgerlhf.known_answer` (README, "Known-answer suite").
 """
 
 import json
@@ -27,6 +31,9 @@ from edgerlhf.data import read_prefs
 from edgerlhf.pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow
+
+GOLD = "question"
+"""The content gold the CI run learns (`edgerlhf.gold`)."""
 
 
 def spearman(a, b) -> float:
@@ -47,7 +54,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("known-answer")
-    config = load_config("tiny")
+    config = load_config("tiny", {"data": {"gold_scorer": GOLD}})
     ctx = RunContext(run_dir)
     reports = {k: r.model_dump() for k, r in run_pipeline(config, ctx).items()}
     return config, ctx, run_dir, reports
@@ -68,12 +75,25 @@ def held_out_scores(tiny_run):
     return test, scores
 
 
-def test_held_out_pairs_are_labelled_by_the_gold(tiny_run):
+def test_the_warmed_up_base_is_not_word_salad(tiny_run):
+    _, ctx, _, reports = tiny_run
+    warmup = ctx.metric_series("warmup/perplexity")
+    assert warmup[0][1] > 10_000  # a random base: about the vocabulary's size
+    assert warmup[-1][1] < 600, warmup
+    assert reports["sft"]["perplexity"] < 450, reports["sft"]["perplexity"]  # a LoRA SFT alone: ~500-900
+
+
+def test_held_out_pairs_are_labelled_by_the_gold_and_balanced_by_length(tiny_run):
     _, _, run_dir, reports = tiny_run
     test = read_prefs(run_dir / "data" / "test_prefs.jsonl")
-    assert len(test) >= 50
-    assert all(gold.prefers(r["prompt"], r["chosen"], r["rejected"]) for r in test)
+    train = [r for r in read_prefs(run_dir / "data" / "train_prefs.jsonl") if r["rejected"]]
+    assert len(test) >= 40
+    assert all(gold.prefers(r["prompt"], r["chosen"], r["rejected"], GOLD) for r in test + train)
     assert reports["data"]["test"] == len(test)
+    longer = [gold.words(r["chosen"]) > gold.words(r["rejected"]) for r in test + train
+              if gold.words(r["chosen"]) != gold.words(r["rejected"])]
+    assert abs(sum(longer) / len(longer) - 0.5) < 0.05  # the preferred answer is the longer one half the time
+    assert abs(reports["data"]["gold_length_correlation"][GOLD]) < 0.3
 
 
 def test_bf16_reward_model_agrees_with_the_gold(held_out_scores, tiny_run):
@@ -94,16 +114,26 @@ def test_quantized_reward_models_rank_like_bf16(held_out_scores, precision):
     assert rho >= 0.9, f"{precision} vs bf16 Spearman {rho:.3f}"
 
 
-def test_ppo_beats_sft_on_the_gold_with_a_significant_margin(tiny_run):
+def test_ppo_beats_sft_on_the_gold_at_equal_length(tiny_run):
     _, _, run_dir, reports = tiny_run
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
-    diff = report["gold_diff"]
-    assert report["gold_scorer"] == "concise"
-    assert diff["n"] == report["n_prompts"] >= 32
-    assert diff["low"] > 0.0, (f"gold PPO - SFT = {diff['mean']:.3f}, {diff['confidence']:.0%} interval "
-                               f"[{diff['low']:.3f}, {diff['high']:.3f}] does not exclude 0")
+    equal = report["gold_diff_equal_length"]
+    assert report["gold_scorer"] == GOLD
+    assert equal["n"] == report["n_prompts"] >= 32
+    assert equal["low"] > 0.0, (f"gold PPO - SFT at equal length = {equal['mean']:.3f}, {equal['confidence']:.0%} "
+                                f"interval [{equal['low']:.3f}, {equal['high']:.3f}] does not exclude 0 (length "
+                                f"PPO - SFT {report['length_diff']['mean']:+.1f} tokens)")
     assert report["ppo"]["gold"]["mean"] > report["sft"]["gold"]["mean"]
-    assert reports["evaluate"]["gold_diff"]["low"] == diff["low"]
+    assert reports["evaluate"]["gold_diff_equal_length"]["low"] == equal["low"]
+
+
+def test_no_collapse_to_empty_answers(tiny_run):
+    _, _, run_dir, _ = tiny_run
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    assert report["ppo"]["empty_rate"] <= 0.1, report["ppo"]
+    assert report["ppo"]["response_tokens"]["mean"] >= 3.0, report["ppo"]
+    # The evaluation window holds the answers: few run into the cap.
+    assert report["response_length"] == 48 and report["sft"]["cap_hit_rate"] <= 0.25
 
 
 def test_kl_is_finite_and_reported(tiny_run):
@@ -132,6 +162,7 @@ def test_pipeline_runs_on_the_real_hh_rlhf_file(tmp_path):
     source = f"{SHARED_DIR}/data/hh-rlhf/harmless-base/test.jsonl.gz"
     config = load_config("tiny", {
         "data": {"source": source, "labels": "human", "max_pairs": 80},
+        "warmup": {"steps": 3, "eval_every": 3},
         "sft": {"max_steps": 3, "batch_size": 4, "eval_every": 3, "sample_every": 3, "n_sample_prompts": 1},
         "reward": {"precisions": ["bf16"], "max_steps": 3, "batch_size": 4, "eval_every": 3},
         "ppo": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "response_length": 8,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-from frontend.alerts import check_all, kl_collapse, memory_near_limit, nan_values, reward_hacking
+from frontend.alerts import (check_all, kl_collapse, memory_near_limit, nan_values, out_of_memory_retries,
+                             reward_hacking)
 
 
 def ser(values):
@@ -86,6 +87,14 @@ def test_memory_near_the_gpu_total():
     warn = memory_near_limit(s, gpu_total_mb=8188)
     assert warn[0].level == "warning" and "8,188" in warn[0].message
     assert memory_near_limit(s, gpu_total_mb=7600)[0].level == "error"
+
+
+def test_out_of_memory_retries_are_shown():
+    assert out_of_memory_retries(HEALTHY) == []
+    (alert,) = out_of_memory_retries({"mem/micro_batch": [(3, 4.0), (7, 2.0)]})
+    assert alert.level == "warning" and "2 time(s)" in alert.message and "since step 7" in alert.message
+    assert "2 rows" in alert.message
+    assert [a.code for a in check_all({**HEALTHY, "mem/micro_batch": [(3, 4.0)]})] == ["out_of_memory"]
 
 
 def test_check_all_puts_errors_first():

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import httpx
+import pandas as pd
 import pytest
 from pydantic import ValidationError
 from streamlit.testing.v1 import AppTest
@@ -31,6 +32,7 @@ MB = 1024 * 1024
 TINY = {
     "model": {"n_layer": 1, "n_head": 2, "n_embd": 32},
     "data": {"source": HH_PREFS_SAMPLE, "max_pairs": 60, "max_prompt_tokens": 64, "max_response_tokens": 16},
+    "warmup": {"steps": 2, "batch_size": 2, "eval_every": 2},
     "sft": {"max_steps": 2, "batch_size": 4, "max_length": 96, "eval_every": 2, "sample_every": 2,
             "n_sample_prompts": 1},
     # Two precisions, so the study has two rows and int8 has a Spearman correlation with bf16.
@@ -66,6 +68,28 @@ def interval(diff: dict) -> str:
     return f"[{diff['low']:+.3g}, {diff['high']:+.3g}] ({diff['confidence']:.0%})"
 
 
+def expected_eval_rows(ev: dict) -> list[dict]:
+    """The SFT-vs-PPO table as the report's own numbers say it must read."""
+    def shares(measure: str, field: str) -> dict:
+        return {"measure": measure, "SFT": ev["sft"][field], "PPO": ev["ppo"][field],
+                "PPO − SFT": ev["ppo"][field] - ev["sft"][field]}
+
+    return [
+        {"measure": f"reward (RM {ev['reward_precision']})", "SFT": ev["sft"]["reward"]["mean"],
+         "PPO": ev["ppo"]["reward"]["mean"], "PPO − SFT": ev["reward_diff"]["mean"],
+         "interval": interval(ev["reward_diff"])},
+        {"measure": f"gold score ({ev['gold_scorer']})", "SFT": ev["sft"]["gold"]["mean"],
+         "PPO": ev["ppo"]["gold"]["mean"], "PPO − SFT": ev["gold_diff"]["mean"],
+         "interval": interval(ev["gold_diff"])},
+        {"measure": "gold at equal length", "SFT": None, "PPO": None,
+         "PPO − SFT": ev["gold_diff_equal_length"]["mean"], "interval": interval(ev["gold_diff_equal_length"])},
+        {"measure": "response tokens", "SFT": ev["sft"]["response_tokens"]["mean"],
+         "PPO": ev["ppo"]["response_tokens"]["mean"], "PPO − SFT": ev["length_diff"]["mean"],
+         "interval": interval(ev["length_diff"])},
+        shares(f"hit the {ev['response_length']}-token cap", "cap_hit_rate"),
+        shares("empty answers", "empty_rate")]
+
+
 def test_report_tables_hold_the_values_of_the_real_reports(finished_job):
     backend, job_id, raw = finished_job
     assert all(raw[stage] is not None for stage in ("data", "sft", "reward", "ppo", "evaluate")), raw
@@ -89,20 +113,14 @@ def test_report_tables_hold_the_values_of_the_real_reports(finished_job):
 
     # SFT vs PPO: means, differences and their bootstrap intervals, headline numbers, sample pairs.
     ev = raw["evaluate"]
-    assert eval_rows(reports.evaluate) == [
-        {"measure": f"reward (RM {ev['reward_precision']})", "SFT": ev["sft"]["reward"]["mean"],
-         "PPO": ev["ppo"]["reward"]["mean"], "PPO − SFT": ev["reward_diff"]["mean"],
-         "interval": interval(ev["reward_diff"])},
-        {"measure": f"gold score ({ev['gold_scorer']})", "SFT": ev["sft"]["gold"]["mean"],
-         "PPO": ev["ppo"]["gold"]["mean"], "PPO − SFT": ev["gold_diff"]["mean"],
-         "interval": interval(ev["gold_diff"])},
-        {"measure": "response tokens", "SFT": ev["sft"]["response_tokens"]["mean"],
-         "PPO": ev["ppo"]["response_tokens"]["mean"],
-         "PPO − SFT": ev["ppo"]["response_tokens"]["mean"] - ev["sft"]["response_tokens"]["mean"]}]
+    assert eval_rows(reports.evaluate) == expected_eval_rows(ev)
     assert eval_headline(reports.evaluate) == {
         "reward SFT": ev["sft"]["reward"]["mean"], "reward PPO": ev["ppo"]["reward"]["mean"],
         "reward PPO−SFT": ev["reward_diff"]["mean"], "win rate": ev["win_rate"], "KL": ev["kl"],
-        "gold PPO−SFT": ev["gold_diff"]["mean"], "gold win rate": ev["gold_win_rate"]}
+        "gold PPO−SFT": ev["gold_diff"]["mean"],
+        "gold PPO−SFT at equal length": ev["gold_diff_equal_length"]["mean"],
+        "gold win rate": ev["gold_win_rate"], "length PPO−SFT": ev["length_diff"]["mean"],
+        "PPO cap hits": ev["ppo"]["cap_hit_rate"]}
     assert eval_pairs(reports.evaluate) == ev["samples"] and len(ev["samples"]) == 2
 
 
@@ -126,13 +144,16 @@ def test_job_page_shows_the_real_reports_values(finished_job, dashboard_env):
 
     ev = raw["evaluate"]
     table = next(f for f in frames if "measure" in f.columns)
-    assert table["SFT"].tolist() == [ev["sft"]["reward"]["mean"], ev["sft"]["gold"]["mean"],
-                                     ev["sft"]["response_tokens"]["mean"]]
-    assert table["PPO"].tolist() == [ev["ppo"]["reward"]["mean"], ev["ppo"]["gold"]["mean"],
-                                     ev["ppo"]["response_tokens"]["mean"]]
-    assert table["interval"].tolist()[:2] == [interval(ev["reward_diff"]), interval(ev["gold_diff"])]
+    expected = expected_eval_rows(ev)
+    assert table["measure"].tolist() == [row["measure"] for row in expected]
+    for column in ("SFT", "PPO", "PPO − SFT"):  # the equal-length row has no means: NaN on the page
+        assert [None if pd.isna(v) else v for v in table[column]] == [row[column] for row in expected], column
+    assert [None if pd.isna(v) else v for v in table["interval"]] == [row.get("interval") for row in expected]
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["win rate"] == ui.fmt(ev["win_rate"]) and metrics["KL"] == ui.fmt(ev["kl"])
+    assert metrics["gold PPO−SFT at equal length"] == ui.fmt(ev["gold_diff_equal_length"]["mean"])
+    assert metrics["length PPO−SFT"] == ui.fmt(ev["length_diff"]["mean"])
+    assert metrics["PPO cap hits"] == ui.fmt(ev["ppo"]["cap_hit_rate"])
     texts = [t.value for t in at.text]
     assert all(pair["ppo"] in texts and pair["sft"] in texts for pair in ev["samples"])
 
@@ -156,6 +177,8 @@ def renamed(report: dict, path: tuple[str, ...], new: str) -> dict:
     ("evaluate", ("reward_diff", "low"), "lo", eval_rows),
     ("evaluate", ("sft", "reward", "mean"), "average", eval_headline),
     ("evaluate", ("ppo", "gold"), "gold_score", eval_rows),
+    ("evaluate", ("gold_diff_equal_length",), "gold_diff_same_length", eval_rows),
+    ("evaluate", ("ppo", "cap_hit_rate"), "capped", eval_headline),
 ])
 def test_a_renamed_report_field_raises_instead_of_blanking_a_cell(finished_job, stage, path, new, read):
     backend, job_id, raw = finished_job

@@ -2,7 +2,9 @@
 
 A job lives in the database and the worker, never in a browser session: closing a tab changes nothing,
 and any client can re-attach to a running job by its id. A job may ask for a minimum GPU memory; only a
-worker whose GPU has it claims the job, and while no live worker has it, `waiting_for` says so.
+worker whose GPU has it claims the job, and while no live worker has it, `waiting_for` says so. A job the
+memory planner says cannot fit the GPU it would get is refused unless the person overrides the plan
+(`backend.api.routes.plan`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from backend.api.deps import JobDep, RowOffset, SessionDep, SettingsDep
+from backend.api.routes.plan import gpu_to_check, planned, refusal
 from backend.api.schemas import JobCreate, JobPublic, JobsPublic
 from backend.api.validation import JobInvalid, validate_job
 from db import JobNotFound, JobStateError, JobStatus, queue, read
@@ -55,13 +58,28 @@ def _conflict(exc: Exception) -> HTTPException:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic,
              responses={422: {"description": "A field of the body or of the resulting config is invalid"},
+                        409: {"description": "The memory plan says a stage does not fit the GPU the job is "
+                                             "checked against (`override_memory_plan` queues it anyway)"},
                         413: {"description": "Body too large"}})
 def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep):
-    """Queue a job: `preset` plus `overrides`. A bad field gets 422 naming it; nothing is stored then."""
+    """Queue a job: `preset` plus `overrides`. A bad field gets 422 naming it; a job the memory planner says
+    cannot fit its GPU gets 409 with the plan and the cheapest change that fits (see `POST /api/plan`),
+    unless `override_memory_plan`. Nothing is stored then."""
     try:
         config = validate_job(body.preset, body.overrides, [*settings.allowed_roots, settings.data_dir])
     except JobInvalid as exc:
         return JSONResponse(status_code=422, content={"detail": exc.errors})
+    if not body.override_memory_plan:
+        gpu, source = gpu_to_check(session, body.min_gpu_memory_mb)
+        try:
+            result = planned(config, gpu, source)
+        except ValueError as exc:  # what cannot be planned is not refused
+            logger.warning(f"no memory plan for a {body.preset} job: {exc}")
+        else:
+            why = refusal(result)
+            if why:
+                return JSONResponse(status_code=409, content={"detail": {
+                    "field": "override_memory_plan", "message": why, "plan": result.model_dump(mode="json")}})
     job = queue.create_job(session, name=body.name or body.preset, preset=body.preset, config=config.to_dict(),
                            min_gpu_memory_mb=body.min_gpu_memory_mb)
     logger.info(f"job {job.id} queued ({body.preset})", extra={"job_id": job.id})

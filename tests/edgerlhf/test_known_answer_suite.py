@@ -1,0 +1,39 @@
+"""The known-answer suite's command (`edgerlhf known-answer`): its table and its verdicts, without running
+the pipeline (the runs themselves are the benchmark's; tests/edgerlhf/test_known_answer.py runs one)."""
+
+import pytest
+
+from edgerlhf import cli, known_answer
+
+
+def interval(mean, low, high):
+    return {"mean": mean, "low": low, "high": high, "confidence": 0.95, "n": 48}
+
+
+def row(gold, seed, content, equal_low, learned):
+    return {"gold": gold, "seed": seed, "content": content, "gold_diff": interval(0.2, 0.1, 0.3),
+            "gold_diff_equal_length": interval(0.05, equal_low, 0.1), "length_diff": interval(-3.0, -4.0, -2.0),
+            "kl": 1.5, "reward_accuracy": 0.98, "sft_perplexity": 250.0, "empty_rate": {"sft": 0.02, "ppo": 0.0},
+            "gold_length_correlation": -0.1, "learned": learned}
+
+
+def test_table_has_a_row_per_run_and_counts_the_seeds_where_a_gold_was_learned():
+    rows = [row("question", 0, True, 0.02, True), row("question", 1, True, -0.01, False),
+            row("concise", 0, False, -0.2, True)]
+    text = known_answer.table(rows)
+    lines = text.splitlines()
+    assert lines[0].startswith("| gold | seed | gold gain PPO − SFT | gain at equal length")
+    assert ("| question | 0 | +0.200 [+0.100, +0.300] | +0.050 [+0.020, +0.100] | -3.0 | 1.50 | 0.980 | 250 | "
+            "2%/0% | yes |") in lines
+    assert "- `question`: learned in 1 of 2 seeds (gain at equal length above 0); gold-length correlation in the " \
+           "data -0.100" in lines
+    assert any(line.startswith("- `concise`: learned in 1 of 1 seeds (plain gain: a gold about length")
+               for line in lines)
+
+
+def test_the_command_is_dispatched_and_refuses_a_bad_configuration(capsys):
+    assert cli.DISPATCH["known-answer"] == "edgerlhf.known_answer:main"
+    assert known_answer.main(["--set", "ppo.steps=0", "--seeds", "0"]) == 2
+    assert "ppo.steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        known_answer.main(["--golds", "no-such-gold"])

@@ -1,0 +1,59 @@
+"""The planner against measured memory: the real stages (`pipeline.run_stage` of sft, reward, ppo) run on
+tiny random models with the planner's worst-case data, their peak of live tensor storage measured by
+`plan_check.TensorPeak`, each within +-20 % of the plan. The full table is `python -m edgerlhf.plan_check`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgerlhf import plan, plan_check
+from edgerlhf.config import load_config
+from edgerlhf.contract import merge_overrides
+
+TINY_RUNS = {
+    # GPT-2 with the tiny preset's untied output layer trained in full beside LoRA on c_attn + c_proj; enough
+    # labelled and response positions that the vocabulary-sized logits outweigh the weights.
+    "gpt2": {"model": {"architecture": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 128},
+             "data": {"max_prompt_tokens": 48, "max_response_tokens": 16},
+             "sft": {"batch_size": 8, "max_length": 96},
+             "reward": {"precisions": ["bf16"], "batch_size": 2, "max_length": 96},
+             "ppo": {"batch_size": 8, "mini_batch_size": 4, "response_length": 16}},
+    # Llama with LoRA on every linear, deep and long enough that activations outweigh the weights in training.
+    "llama": {"model": {"architecture": "llama", "n_layer": 4, "n_head": 4, "n_embd": 128, "intermediate_size": 384,
+                        "n_positions": 192, "tie_word_embeddings": True},
+              "data": {"max_prompt_tokens": 96, "max_response_tokens": 16},
+              "sft": {"batch_size": 4, "max_length": 128, "target_modules": ["all-linear"],
+                      "modules_to_save": []},
+              "reward": {"precisions": ["bf16"], "batch_size": 4, "max_length": 128},
+              "ppo": {"batch_size": 4, "mini_batch_size": 4, "response_length": 16}},
+}
+"""Small configurations of the real stages (two optimizer steps, as `plan_check.SMALL`: AdamW's moments
+exist from the first step on): seconds each on a CPU core, and in each stage the terms other than the
+weights (activations, logits, passes) are about half the peak or more, so a planning error in them shows
+beyond the +-20 % tolerance."""
+
+
+def test_tensor_peak_counts_live_storages_once():
+    a = torch.zeros(1000)  # alive before: counted at entry, not in the stage's peak
+    with plan_check.TensorPeak() as meter:
+        b = torch.ones(2000)
+        view = b[:10]  # a view adds no storage
+        c = b * 2  # 8,000 more bytes: the peak
+        del b, c
+        d = torch.ones(500)
+    assert meter.stage_peak == 8_000 + 8_000  # b and c
+    assert meter.current - meter.start == 8_000 + 2_000  # the view keeps b's storage alive; d
+    assert a.numel() and view.numel() and d.numel()
+
+
+@pytest.mark.parametrize("name", sorted(TINY_RUNS))
+def test_measured_stage_peaks_are_within_20_percent_of_the_plan(tmp_path, name):
+    torch.set_num_threads(1)
+    config = load_config("tiny", merge_overrides(plan_check.SMALL, TINY_RUNS[name]))
+    planned = {s.stage: s.tensor_bytes for s in plan.plan(config, device="cpu").stages}
+    measured = plan_check.measure(config, tmp_path, ["sft", "reward", "ppo"])
+    assert set(measured) == {"sft", "reward/bf16", "ppo"}
+    ratios = {stage: planned[stage] / value for stage, value in measured.items()}
+    assert all(abs(r - 1) <= plan_check.TOLERANCE for r in ratios.values()), ratios
