@@ -548,8 +548,8 @@ def _sft(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
         "probe generation": [weights, *trainable, *_generation(arch, max(cfg.n_sample_prompts, 1), prompt,
                                                                config.ppo.response_length, cb)],
     }
-    if cfg.precision != "bf16":  # the plain base is still referenced while the quantized one loads
-        phases["quantized load"] = [plain, weights, *_loading(arch, cb, gpu)]
+    if cfg.precision != "bf16":  # loaded quantized (a random base: once its saved bf16 copy is freed)
+        phases["quantized load"] = [weights, *_loading(arch, cb, gpu)]
     if config.model.random_init and config.warmup.steps:
         phases.update(_warm_up(config, arch, plain, prompt, answer, cb, gpu))
     ckpt = ("training step", sum(i.bytes for i in step) - activations.bytes + train_activations(arch, p, True))

@@ -227,7 +227,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> SFTReport:
     if config.model.random_init:
         model = load_base_model(config.model, device, tokenizer=tokenizer, seed=config.seed)
         warm_up(config, ctx, model, tokenizer)  # a random base first learns the dialogues' words (edgerlhf.warmup)
-        # Later stages and the chat page need the exact random weights SFT started from.
+        # Later stages and the chat page need the exact base SFT started from (random, then warmed up).
         base_dir = ctx.run_dir / RANDOM_BASE
         model.save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
