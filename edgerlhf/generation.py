@@ -212,7 +212,8 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
         torch.cat([pad(p.response_mask, T, 0, False) for p in parts]))
 
 
-def response_lengths(tokenizer, response_ids: torch.Tensor) -> tuple[list[int], list[str]]:
+def response_lengths(tokenizer, response_ids: torch.Tensor,
+                     fmt: PromptFormat | None = None) -> tuple[list[int], list[str]]:
     """Where each sampled response ends, in tokens, and its text.
 
     A response ends with its first stop token (EOS, or the chat template's end of turn) or with the token
@@ -220,7 +221,7 @@ def response_lengths(tokenizer, response_ids: torch.Tensor) -> tuple[list[int], 
     action and is kept in the mask, everything after it is padding. The text is cut before the marker
     and stripped.
     """
-    fmt = PromptFormat.of(tokenizer)
+    fmt = fmt or PromptFormat.of(tokenizer)
     rule = fmt.stop_rule()
     stops = set(fmt.stop_token_ids)
     lengths, texts = [], []
@@ -242,9 +243,9 @@ class StopOnMarkers:
     when built (about a second for GPT-2, on every `generate` call).
     """
 
-    def __init__(self, tokenizer, prompt_length: int, window: int = 12):
+    def __init__(self, tokenizer, prompt_length: int, fmt: PromptFormat, window: int = 12):
         self.tokenizer, self.prompt_length, self.window = tokenizer, prompt_length, window
-        self.rule = PromptFormat.of(tokenizer).stop_rule()
+        self.rule = fmt.stop_rule()
 
     def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
         start = max(self.prompt_length, input_ids.shape[1] - self.window)
@@ -259,7 +260,7 @@ def context_length(model) -> int:
     return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024)
 
 
-def generation_config(sampling: Sampling, max_new_tokens: int, tokenizer):
+def generation_config(sampling: Sampling, max_new_tokens: int, tokenizer, fmt: PromptFormat):
     """A `GenerationConfig` in which `SamplingProcessor` is the only thing shaping the distribution.
 
     Built from scratch rather than from the model's own `generation_config`, whose defaults (a
@@ -273,7 +274,7 @@ def generation_config(sampling: Sampling, max_new_tokens: int, tokenizer):
                    eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not sampling.greedy,
                             pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=list(PromptFormat.of(tokenizer).stop_token_ids), **neutral)
+                            eos_token_id=list(fmt.stop_token_ids), **neutral)
 
 
 @torch.no_grad()
@@ -293,12 +294,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = sides
     processors = [] if sampling.greedy else [SamplingProcessor(sampling)]
-    stops = [StopOnMarkers(tokenizer, batch["input_ids"].shape[1])] if fmt.stop_strings else []
-    out = model.generate(**batch, generation_config=generation_config(sampling, max_new_tokens, tokenizer),
+    stops = [StopOnMarkers(tokenizer, batch["input_ids"].shape[1], fmt)] if fmt.stop_strings else []
+    out = model.generate(**batch, generation_config=generation_config(sampling, max_new_tokens, tokenizer, fmt),
                          logits_processor=processors, stopping_criteria=stops)  # (B, P + T)
     query_ids = batch["input_ids"]  # (B, P)
     response_ids = out[:, query_ids.shape[1]:]  # (B, T)
-    lengths, texts = response_lengths(tokenizer, response_ids)
+    lengths, texts = response_lengths(tokenizer, response_ids, fmt)
     positions = torch.arange(response_ids.shape[1], device=device)
     response_mask = (positions[None, :] < torch.tensor(lengths, device=device)[:, None]).long()  # (B, T)
     # Tokens after the end are padding: make them the pad token so no stray sample leaks into later passes.

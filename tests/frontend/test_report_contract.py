@@ -124,13 +124,18 @@ def test_report_tables_hold_the_values_of_the_real_reports(finished_job):
     assert eval_pairs(reports.evaluate) == ev["samples"] and len(ev["samples"]) == 2
 
 
-def test_job_page_shows_the_real_reports_values(finished_job, dashboard_env):
-    backend, job_id, raw = finished_job
-    dashboard_env(backend.url)
+def job_page(job_id: int) -> AppTest:
+    """The dashboard's job page for `job_id`, run once."""
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
     at.query_params["job"] = str(job_id)
     at.run()
-    at.switch_page("app_pages/job.py").run()
+    return at.switch_page("app_pages/job.py").run()
+
+
+def test_job_page_shows_the_real_reports_values(finished_job, dashboard_env):
+    backend, job_id, raw = finished_job
+    dashboard_env(backend.url)
+    at = job_page(job_id)
     assert not at.exception, at.exception
 
     frames = [df.value for df in at.dataframe]
@@ -213,10 +218,7 @@ def test_job_page_exports_the_aligned_model(finished_job, dashboard_env):
     """The Export button merges the job's policy into one model directory the page then offers for download."""
     backend, job_id, raw = finished_job
     dashboard_env(backend.url)
-    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-    at.query_params["job"] = str(job_id)
-    at.run()
-    at.switch_page("app_pages/job.py").run()
+    at = job_page(job_id)
     at.button(key=f"export-{job_id}-button").click().run(timeout=300)
     assert not at.exception, at.exception
     (done,) = [s.value for s in at.success if "Exported to" in s.value]
