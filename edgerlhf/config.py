@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from edgerlhf.contract import PRECISIONS, STAGES, merge_overrides
+from edgerlhf.contract import ALGORITHMS, PRECISIONS, STAGES, merge_overrides
 
 LOCATION_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"), ("data", "votes_file"))
 """(section, field) of the config fields that name a model or data location: a hub id or an absolute path."""
@@ -349,10 +349,11 @@ class PPOConfig:
     """LoRA scaling numerator of the policy adapter (scale = alpha / r)."""
     n_probe_prompts: Annotated[int, FEW] = 3
     """Fixed held-out prompts sampled at every checkpoint (kind `probe`), to watch the policy change."""
-    samples_per_prompt: Annotated[int, Range(1, 64)] = 1
-    """Responses sampled per prompt in a rollout batch (batch_size / samples_per_prompt prompts). With more than
+    samples_per_prompt: Annotated[int | None, Range(1, 64)] = None
+    """None: 1 for PPO, 4 for GRPO and RLOO. Responses sampled per prompt in a rollout batch (batch_size / samples_per_prompt prompts). With more than
     one, each score gets the mean score of the other responses to its prompt subtracted (a leave-one-out
-    baseline, as RLOO): prompts the reward model simply likes more stop swamping the signal."""
+    baseline, as RLOO): prompts the reward model simply likes more stop swamping the signal. GRPO's group size G
+    and RLOO's k; both need at least 2."""
     quantized_policy: bool = False
     """With an int8/int4 reward model: load the one network in that precision and train the policy LoRA on it
     (QLoRA-style), so policy, reference and reward share it; False keeps a bf16 policy plus a quantized reward copy."""
@@ -364,10 +365,36 @@ class PPOConfig:
         if (self.batch_size // self.mini_batch_size) % self.grad_accum:
             raise ConfigError("ppo.grad_accum", f"must divide the {self.batch_size // self.mini_batch_size} "
                                                 "minibatches of a rollout batch")
-        if self.batch_size % self.samples_per_prompt:
-            raise ConfigError("ppo.samples_per_prompt", f"must divide batch_size={self.batch_size}")
         if self.reward_precision is not None and self.reward_precision not in PRECISIONS:
             raise ConfigError("ppo.reward_precision", f"unknown precision {self.reward_precision!r}")
+
+
+@dataclass
+class DPOConfig:
+    """Direct Preference Optimization (Rafailov et al. 2023) on the preference pairs, with TRL's `DPOTrainer`: a
+    LoRA policy on sft/merged whose reference is the same network with the adapter off."""
+
+    beta: Annotated[float, Range(0, 100, low_open=True)] = 0.1
+    """Strength of the implicit KL constraint: the loss is -log sigmoid(beta * (policy - reference log-ratio margin))."""
+    loss_type: str = "sigmoid"
+    """`sigmoid` (the DPO paper), `ipo` (Azar et al. 2023) or `hinge` (SLiC)."""
+    max_steps: Annotated[int, COUNT] = 200
+    """Optimizer steps."""
+    batch_size: Annotated[int, BATCH] = 8
+    """Preference pairs per device step."""
+    grad_accum: Annotated[int, BATCH] = 1
+    """Gradient accumulation steps."""
+    learning_rate: Annotated[float, LEARNING_RATE] = 5e-6
+    """Peak learning rate of the policy LoRA."""
+    max_length: Annotated[int, TOKENS] = 384
+    """Prompt + response tokens per sequence (the prompt is cut from the left, keeping its end)."""
+    eval_every: Annotated[int, COUNT] = 50
+    """Evaluate the held-out preference loss and accuracy every N steps."""
+
+    def __post_init__(self):
+        check_ranges("dpo", self)
+        if self.loss_type not in ("sigmoid", "ipo", "hinge"):
+            raise ConfigError("dpo.loss_type", f"unknown loss {self.loss_type!r}; choose from sigmoid, ipo, hinge")
 
 
 @dataclass
@@ -403,12 +430,17 @@ class PipelineConfig:
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`; a device the worker's machine lacks fails the job
     when it is claimed."""
+    algorithm: str = "ppo"
+    """Alignment algorithm of the `ppo` stage: `ppo`, `grpo` (group-normalised advantages, k3 KL in the loss),
+    `rloo` (leave-one-out baseline, KL in the reward) or `dpo` (offline on the preference pairs; the reward
+    stage is then optional). PPO, GRPO and RLOO take their settings from `ppo`, DPO from `dpo`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
@@ -421,9 +453,19 @@ class PipelineConfig:
         check_ranges("", self)
         if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", self.device):
             raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError("algorithm", f"unknown algorithm {self.algorithm!r}; choose from {list(ALGORITHMS)}")
+        group_methods = ("grpo", "rloo")
+        if self.ppo.samples_per_prompt is None:
+            self.ppo.samples_per_prompt = 4 if self.algorithm in group_methods else 1
+        if self.ppo.batch_size % self.ppo.samples_per_prompt:
+            raise ConfigError("ppo.samples_per_prompt", f"must divide ppo.batch_size={self.ppo.batch_size}")
+        if self.algorithm in group_methods and self.ppo.samples_per_prompt < 2:
+            raise ConfigError("ppo.samples_per_prompt", f"{self.algorithm} compares several samples of a prompt: "
+                                                        "needs at least 2")
         if self.ppo.reward_precision is None:
             self.ppo.reward_precision = self.reward.precisions[0]
-        if "ppo" in self.stages and self.ppo.reward_precision not in self.reward.precisions:
+        if "ppo" in self.stages and self.algorithm != "dpo" and self.ppo.reward_precision not in self.reward.precisions:
             raise ConfigError("ppo.reward_precision",
                               f"{self.ppo.reward_precision!r} is not among reward.precisions {self.reward.precisions}")
 

@@ -16,6 +16,11 @@ from typing import Any
 STAGES = ("data", "sft", "reward", "ppo", "evaluate")
 """The pipeline's stages, in the order they run."""
 
+ALGORITHMS = ("ppo", "grpo", "rloo", "dpo")
+"""Alignment algorithms the `ppo` stage (the alignment stage; its name predates the others) can run
+(`PipelineConfig.algorithm`): PPO, GRPO and RLOO sample from the policy and score with the reward model;
+DPO trains offline on the preference pairs. Each writes its metrics under its own namespace (`grpo/...`)."""
+
 PRECISIONS = ("bf16", "int8", "int4")
 """Reward-model precisions: bf16 weights, or bitsandbytes int8 / nf4 (int4) quantized weights."""
 
@@ -109,6 +114,14 @@ def reward_dir(precision: str) -> str:
 
 
 # --- metric keys ------------------------------------------------------------------------------------
+
+def algorithm_metric(algorithm: str, name: str) -> str:
+    """`grpo/reward_mean`: metric `name` of the alignment stage run with `algorithm`. Every algorithm that
+    samples logs `reward_mean`, `reward_std`, `kl`, `response_length`, `entropy`, `policy_loss`, `step_s` and
+    `tokens_per_s` under its own namespace; DPO logs `loss`, `accuracy`, `margin`, `kl`. The dashboard
+    reads a job's curves through this, whichever algorithm it ran."""
+    return f"{algorithm}/{name}"
+
 
 MEMORY_PREFIX = "mem/"
 """Memory readings (`mem/peak_mb`, `mem/rss_mb` ...), written by the stages only, at their own steps

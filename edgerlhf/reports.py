@@ -199,10 +199,14 @@ class RewardReport(Report):
 
 
 class PPOReport(Report):
+    """The alignment stage's report, whichever algorithm ran (`algorithm`); its metrics are `<algorithm>/*`."""
+
+    algorithm: str = "ppo"
     steps: int
     resumed_from_step: int
-    reward_precision: str
-    reward_model: Literal["shared adapter", "separate quantized copy"]
+    reward_precision: str | None
+    """The reward model that scored the rollouts; None for DPO, which trains on the pairs."""
+    reward_model: Literal["shared adapter", "separate quantized copy", "none"]
     compute_dtype: str
     device: str
     trainable_parameters: int
@@ -213,10 +217,10 @@ class PPOReport(Report):
     network_copies: float
     """held_bytes / network_bytes: about 1 for the one-copy design (plus a quantized copy for int8/int4 rewards)."""
     first: dict[str, float | None]
-    """`ppo/*` metrics of the first step of this run."""
+    """`<algorithm>/*` metrics of the first step of this run."""
     final: dict[str, float | None]
-    """`ppo/*` metrics averaged over the last 5 steps."""
-    kl_coef_final: float
+    """`<algorithm>/*` metrics averaged over the last 5 steps."""
+    kl_coef_final: float | None
     wall_s: float
     peak_rss_mb: float
     memory: dict[str, float]
