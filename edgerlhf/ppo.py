@@ -251,7 +251,7 @@ class PPOModels:
     """peft model: sft/merged + the trainable `policy` LoRA (+ the frozen `reward` LoRA when shared)."""
     value_head: ValueHead
     reward_model: Any
-    """`edgerlhf.models.RewardModel`; for bf16 it wraps `model` itself (no copy)."""
+    """`edgerlhf.models.RewardModel`; for bf16 it wraps `model` itself (no copy); None when built without one."""
     tokenizer: Any
     device: torch.device
     reward_shared: bool
@@ -262,7 +262,7 @@ class PPOModels:
         return lora + list(self.value_head.parameters())
 
     def modules(self) -> list[nn.Module]:
-        return [self.model, self.value_head, self.reward_model]
+        return [m for m in (self.model, self.value_head, self.reward_model) if m is not None]
 
     def forward(self, query_ids, query_mask, response_ids, response_mask, sampling: Sampling | None = None):
         """Policy logits (B, T, V), scaled by `sampling`, and values (B, T) at the response tokens, in one pass."""
@@ -279,6 +279,8 @@ class PPOModels:
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Reward-model scores (N,) of (prompt, response) texts."""
+        if self.reward_model is None:
+            raise RuntimeError("these models were built without a reward model (build_models(reward=False))")
         if not self.reward_shared:
             return self.reward_model.score(prompts, responses)
         with using_adapter(self.model, REWARD):
@@ -307,11 +309,12 @@ def add_policy_adapter(model, config, adapter_name: str = POLICY):
 
 
 def build_models(config, run_dir: str | Path, device: torch.device,
-                 adapter_dir: str | Path | None = None) -> PPOModels:
+                 adapter_dir: str | Path | None = None, reward: bool = True) -> PPOModels:
     """Load sft/merged once and hang the policy, reference, value head and (bf16) reward model on it.
 
     With `adapter_dir` (a saved `ppo/adapter`) the policy is that trained adapter, frozen (evaluation);
-    without it, a fresh trainable LoRA (training).
+    without it, a fresh trainable LoRA (training). `reward=False` loads no reward model (`reward_model` is
+    None): a DPO run evaluated without one.
     """
     from peft import PeftModel
 
@@ -330,7 +333,9 @@ def build_models(config, run_dir: str | Path, device: torch.device,
     else:
         model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=POLICY).eval()
     rm_dir = run_dir / reward_dir(precision)
-    if shared:
+    if not reward:
+        reward_model = None
+    elif shared:
         if not (rm_dir / models.SCORE_HEAD_FILE).exists():
             raise MissingPrerequisite(rm_dir, "reward", f"holds no reward model (reward.precisions must include "
                                       f"{precision!r})")
