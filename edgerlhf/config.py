@@ -278,8 +278,14 @@ class RewardConfig:
     """Prompt + response tokens per scored sequence."""
     eval_every: Annotated[int, COUNT] = 100
     """Evaluate held-out accuracy every N steps."""
+    pooling: str = "last"
+    """How the score head reads the response: `last` (the last token's hidden state, the usual reward model) or
+    `mean` (the mean of per-token scores over the response's tokens: learns properties spread over the answer,
+    such as a share of its words, that one position summarises poorly)."""
 
     def __post_init__(self):
+        if self.pooling not in ("last", "mean"):
+            raise ConfigError("reward.pooling", f"unknown pooling {self.pooling!r}; choose from last, mean")
         if not self.precisions:
             raise ConfigError("reward.precisions", "must list at least one precision")
         for p in self.precisions:

@@ -18,15 +18,17 @@ Run-directory formats read here (where each lives: `edgerlhf.contract`):
         adapter/             a peft LoRA adapter (task CAUSAL_LM, LoRA weights only) on sft/merged
         score_head.pt        {"weight": (1, hidden) tensor, "bias": (1,) tensor or None}, normalised so
                              rewards have mean 0, std 1 on the training responses
-        reward_model.json    {"precision", "max_length", "compute_dtype", "hidden_size", "normalization"}
+        reward_model.json    {"precision", "max_length", "compute_dtype", "hidden_size", "pooling", "normalization"}
 
-A reward is read from the final hidden state (after the body's final norm, in every family) of the last
-token of `PromptFormat.scored(prompt, response)` (HH text `prompt + " " + response`, or the chat
-template's prompt + response; no EOS or end of turn: `reward_token_ids`), through the linear score head:
-the same position and value that the family's `...ForSequenceClassification` produces for those tokens,
-which is how TRL's RewardTrainer trains it. Because the reward adapter is a plain causal-LM LoRA, PPO can load it as a
-second adapter on its shared `sft/merged` model (`model.load_adapter(dir / "adapter", "reward")`) and
-apply `score_head.pt` to `last_token_hidden(...)`; `encode_for_reward` gives the exact token layout.
+A reward is read from the final hidden states (after the body's final norm, in every family) of
+`PromptFormat.scored(prompt, response)` (HH text `prompt + " " + response`, or the chat template's prompt +
+response; no EOS or end of turn: `reward_tokens`), through the linear score head, pooled as the reward
+model's `pooling` says: at the last token (the position and value the family's `...ForSequenceClassification`
+produces, which is how TRL's RewardTrainer trains it), or as the mean over the response's tokens (the score
+head being linear, the mean of per-token scores; trained through the same classifier by
+`running_response_mean`). Because the reward adapter is a plain causal-LM LoRA, PPO can load it as a second
+adapter on its shared `sft/merged` model (`model.load_adapter(dir / "adapter", "reward")`) and score with
+`RewardModel`; `encode_for_reward` gives the exact token layout and the response mask.
 """
 
 from __future__ import annotations
@@ -336,33 +338,81 @@ def load_policy(run_dir: str | Path, which: str, device: torch.device | str = "c
 
 # --- reward models -----------------------------------------------------------------------------
 
-def reward_token_ids(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list[list[int]]:
-    """The tokens a reward model reads for each (prompt, response): `PromptFormat.scored` (HH text
-    `prompt + " " + response`, or the chat template's prompt + response), at most `max_length` of them;
-    a longer text loses its start (the response's end, where the reward is read, is kept)."""
+def reward_tokens(tokenizer, prompts: list[str], responses: list[str],
+                  max_length: int) -> tuple[list[list[int]], list[int]]:
+    """The tokens a reward model reads for each (prompt, response), and where the response begins in them.
+
+    The text is `PromptFormat.scored` (HH text `prompt + " " + response`, or the chat template's prompt +
+    response), at most `max_length` tokens of it; a longer text loses its start (the response's end, where a
+    last-token reward is read, is kept). The response begins at the first token that reaches into the
+    response's characters (a token straddling the boundary counts as the response's); it is at most the last
+    token, so an empty response pools its last token.
+    """
     fmt = PromptFormat.of(tokenizer)
     texts = [fmt.scored(p, r) for p, r in zip(prompts, responses, strict=True)]
-    rows = tokenizer(texts, add_special_tokens=fmt.add_special_tokens)["input_ids"]
-    return [row[-max_length:] for row in rows]
+    if tokenizer.is_fast:
+        encoded = tokenizer(texts, add_special_tokens=fmt.add_special_tokens, return_offsets_mapping=True)
+        rows = encoded["input_ids"]
+        starts = []
+        for text, response, offsets in zip(texts, responses, encoded["offset_mapping"]):
+            first_char = len(text) - len(response)
+            starts.append(next((i for i, (_, end) in enumerate(offsets) if end > first_char), len(offsets)))
+    else:  # no offsets: the response begins after the tokens of the text without it
+        rows = tokenizer(texts, add_special_tokens=fmt.add_special_tokens)["input_ids"]
+        heads = tokenizer([t[:len(t) - len(r)] for t, r in zip(texts, responses)],
+                          add_special_tokens=fmt.add_special_tokens)["input_ids"]
+        starts = [len(h) for h in heads]
+    cut = [max(0, len(row) - max_length) for row in rows]
+    return ([row[c:] for row, c in zip(rows, cut)],
+            [min(max(0, start - c), len(row) - c - 1) for row, start, c in zip(rows, starts, cut)])
+
+
+def reward_token_ids(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list[list[int]]:
+    """The tokens a reward model reads for each (prompt, response) (`reward_tokens` without the starts)."""
+    return reward_tokens(tokenizer, prompts, responses, max_length)[0]
 
 
 def encode_for_reward(tokenizer, prompts: list[str], responses: list[str], max_length: int,
                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """`reward_token_ids` right-padded into a batch: input_ids and attention_mask, each (B, T)."""
-    rows = reward_token_ids(tokenizer, prompts, responses, max_length)
+    """`reward_tokens` right-padded into a batch: input_ids, attention_mask and response_mask (1 on the
+    response's tokens), each (B, T)."""
+    rows, starts = reward_tokens(tokenizer, prompts, responses, max_length)
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         input_ids[i, :len(row)] = torch.tensor(row)
         attention_mask[i, :len(row)] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "response_mask": response_mask(starts, [len(row) for row in rows], width).to(device)}
+
+
+def response_mask(starts: list[int], lengths: list[int], width: int) -> torch.Tensor:
+    """(B, width) long: 1 from each row's response start to its length (right padding)."""
+    positions = torch.arange(width)
+    return ((positions >= torch.tensor(starts)[:, None]) & (positions < torch.tensor(lengths)[:, None])).long()
 
 
 def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The hidden state of each row's last real token, with right padding: (B, T, H) -> (B, H)."""
     last = attention_mask.long().sum(dim=1) - 1  # (B,)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def running_response_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """At each position, the mean of `values` over the response's tokens up to it: (B, T, D) -> (B, T, D).
+
+    At a row's last token this is the mean over its whole response: a sequence classifier that reads its
+    score there (TRL's RewardTrainer) then trains the `mean` pooling that `RewardModel` applies.
+    """
+    weights = mask.unsqueeze(-1).to(values.dtype)  # (B, T, 1)
+    return (values * weights).cumsum(1) / weights.cumsum(1).clamp(min=1)
+
+
+REWARD_POOLINGS = ("last", "mean")
+"""How a reward model turns the hidden states into one score: the last token's (the usual choice, Ouyang et
+al. 2022), or their mean over the response's tokens (a score per token, averaged: it sees a property spread
+over the answer, such as a share of words, that one position summarises poorly)."""
 
 
 def _backbone(model) -> nn.Module:
@@ -372,11 +422,14 @@ def _backbone(model) -> nn.Module:
 
 
 class RewardModel(nn.Module):
-    """A causal LM body (+ reward LoRA) with a linear score head on the last token's hidden state."""
+    """A causal LM body (+ reward LoRA) with a linear score head on its final hidden states, pooled as
+    `pooling` says (`REWARD_POOLINGS`): the last token's, or the mean over the response's tokens."""
 
     def __init__(self, model, head: nn.Linear, tokenizer, max_length: int = 384, precision: str = "bf16",
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", pooling: str = "last"):
         super().__init__()
+        if pooling not in REWARD_POOLINGS:
+            raise ValueError(f"unknown reward pooling {pooling!r}; choose from {list(REWARD_POOLINGS)}")
         self.model = model
         self.head = head
         self.tokenizer = tokenizer
@@ -384,11 +437,18 @@ class RewardModel(nn.Module):
         self.precision = precision
         self.device = resolve_device(device)
         self.compute_dtype = compute_dtype(self.device)
+        self.pooling = pooling
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
         body = _backbone(self.model)
         hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        pooled = last_token_hidden(hidden, attention_mask)  # (B, H)
+        if self.pooling == "mean":
+            if response_mask is None:
+                raise ValueError("a mean-pooled reward model needs the response_mask (encode_for_reward gives it)")
+            pooled = last_token_hidden(running_response_mean(hidden, response_mask), attention_mask)  # (B, H)
+        else:
+            pooled = last_token_hidden(hidden, attention_mask)  # (B, H)
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()  # (B,)
 
     @torch.no_grad()
@@ -436,4 +496,5 @@ def load_reward_model(run_dir: str | Path, precision: str = "bf16", device: torc
     model = PeftModel.from_pretrained(model, str(rm_dir / REWARD_ADAPTER_DIR)).eval()
     tokenizer = load_tokenizer(base_dir)
     head = load_score_head(rm_dir / SCORE_HEAD_FILE, device)
-    return RewardModel(model, head, tokenizer, meta.get("max_length", 384), precision, device).eval()
+    return RewardModel(model, head, tokenizer, meta.get("max_length", 384), precision, device,
+                       meta.get("pooling", "last")).eval()

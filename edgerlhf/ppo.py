@@ -344,7 +344,7 @@ def build_models(config, run_dir: str | Path, device: torch.device,
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         head = models.load_score_head(rm_dir / models.SCORE_HEAD_FILE, device).requires_grad_(False)
         reward_model = models.RewardModel(model, head, tokenizer, meta.get("max_length", 384), precision,
-                                          device).eval()
+                                          device, meta.get("pooling", "last")).eval()
     else:
         # A quantized network cannot share the policy's bf16 weights: this adds one int8/int4 copy.
         reward_model = models.load_reward_model(run_dir, precision, device).requires_grad_(False)

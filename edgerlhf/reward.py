@@ -1,7 +1,8 @@
 """Stage 3, reward: pairwise Bradley–Terry reward models in bf16, int8 and int4, and the precision study.
 
-A reward model scores a (prompt, response) pair with a scalar (read at the response's last token, laid
-out by `models.reward_token_ids` in the model's `PromptFormat`) and is trained so the chosen response
+A reward model scores a (prompt, response) pair with a scalar (read at the response's last token, or
+averaged over the response's tokens with `reward.pooling="mean"`; laid out by `models.reward_tokens` in
+the model's `PromptFormat`) and is trained so the chosen response
 scores higher: loss = -log sigmoid(r_chosen - r_rejected) (Bradley & Terry 1952; Ouyang et al. 2022).
 It starts from the SFT model (`sft/merged`) as its family's `...ForSequenceClassification` (the LM head
 replaced by a 1-output score head) and trains a LoRA adapter plus the score head, with TRL's `RewardTrainer`; the new
@@ -53,19 +54,36 @@ from edgerlhf.memory import MB, snapshot
 from edgerlhf.oom import MicroBatch, SplitOnOutOfMemory, planner_hint
 from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, compute_dtype, dtype_name,
                              load_causal_lm, load_reward_model, load_tokenizer, lora_config, resolve_device,
-                             reward_token_ids, upcast_trainable)
+                             response_mask, reward_tokens, running_response_mean, upcast_trainable)
 
 
 def preference_dataset(path: Path, tokenizer, max_length: int):
     """Tokenized preference pairs: `chosen_ids`, `rejected_ids` laid out as `models.encode_for_reward` lays
-    out what PPO scores, so the reward model is trained on exactly the inputs it will judge."""
+    out what PPO scores, so the reward model is trained on exactly the inputs it will judge, and where each
+    response begins (`chosen_start`, `rejected_start`) for a mean-pooled reward."""
     from datasets import Dataset
 
     rows = read_prefs(path)
     prompts = [r["prompt"] for r in rows]
-    chosen = reward_token_ids(tokenizer, prompts, [r["chosen"] for r in rows], max_length)
-    rejected = reward_token_ids(tokenizer, prompts, [r["rejected"] for r in rows], max_length)
-    return Dataset.from_list([{"chosen_ids": c, "rejected_ids": r} for c, r in zip(chosen, rejected)])
+    chosen, chosen_starts = reward_tokens(tokenizer, prompts, [r["chosen"] for r in rows], max_length)
+    rejected, rejected_starts = reward_tokens(tokenizer, prompts, [r["rejected"] for r in rows], max_length)
+    return Dataset.from_list([{"chosen_ids": c, "rejected_ids": r, "chosen_start": cs, "rejected_start": rs}
+                              for c, r, cs, rs in zip(chosen, rejected, chosen_starts, rejected_starts)])
+
+
+def preference_collator(pad_token_id: int):
+    """TRL's preference collator (B chosen rows, then B rejected rows, right-padded) plus `response_mask`."""
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    class WithResponseMask(DataCollatorForPreference):
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            starts = [e["chosen_start"] for e in examples] + [e["rejected_start"] for e in examples]
+            lengths = [len(e["chosen_ids"]) for e in examples] + [len(e["rejected_ids"]) for e in examples]
+            batch["response_mask"] = response_mask(starts, lengths, batch["input_ids"].shape[1])
+            return batch
+
+    return WithResponseMask(pad_token_id=pad_token_id)
 
 
 def spearman(a: list[float] | torch.Tensor, b: list[float] | torch.Tensor) -> float:
@@ -182,10 +200,13 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model
                                   lr=cfg.learning_rate, weight_decay=0.0)
     trainer = _stage_trainer_class()(
         model=model, args=args, processing_class=tokenizer, callbacks=list(callbacks), optimizers=(optimizer, None),
+        data_collator=preference_collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                          else tokenizer.eos_token_id),
         train_dataset=preference_dataset(ctx.run_dir / TRAIN_PREFS, tokenizer, cfg.max_length),
         eval_dataset=preference_dataset(ctx.run_dir / TEST_PREFS, tokenizer, cfg.max_length))
     trainer.remove_callback(PrinterCallback)
     upcast_trainable(trainer.model)  # TRL puts a quantized model's adapter in bf16; we train it in fp32
+    trainer.pool_over_response = cfg.pooling == "mean"
     trainer.micro = MicroBatch(cfg.batch_size, f"reward ({precision})", ctx, device,
                                planner_hint=lambda: planner_hint(config, f"reward/{precision}"))
     return trainer
@@ -195,8 +216,30 @@ def _stage_trainer_class():
     from trl import RewardTrainer
 
     class RewardStageTrainer(SplitOnOutOfMemory, RewardTrainer):
-        """TRL's RewardTrainer with a step that splits its micro-batch on out-of-memory. A batch holds B chosen
-        rows then B rejected rows (TRL's collator), so a piece takes the same pairs from both halves."""
+        """TRL's RewardTrainer with a step that splits its micro-batch on out-of-memory, and mean pooling.
+
+        A batch holds B chosen rows then B rejected rows (TRL's collator), so a piece takes the same pairs from
+        both halves. With `pool_over_response`, the score head's per-token outputs become their running mean over
+        the response's tokens (`models.running_response_mean`), so the classifier's last-token score is the mean
+        score of the response, which is what `RewardModel` computes with `pooling="mean"`.
+        """
+
+        pool_over_response = False
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            self._signature_columns += ["chosen_start", "rejected_start"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mask = inputs.pop("response_mask")
+            if not self.pool_over_response:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            head = model.get_submodule("base_model.model.score")  # peft's wrapper of the trained score head
+            handle = head.register_forward_hook(lambda _module, _args, out: running_response_mean(out, mask))
+            try:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                handle.remove()
 
         def rows(self, inputs) -> int:
             return len(inputs["input_ids"]) // 2
@@ -209,7 +252,8 @@ def _stage_trainer_class():
 
     return RewardStageTrainer
 
-def save_reward_model(peft_model, out_dir: Path, precision: str, max_length: int, device: torch.device) -> None:
+def save_reward_model(peft_model, out_dir: Path, precision: str, max_length: int, device: torch.device,
+                      pooling: str = "last") -> None:
     """Write the LoRA (as a plain causal-LM adapter), the score head and metadata (see edgerlhf.models)."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -228,7 +272,7 @@ def save_reward_model(peft_model, out_dir: Path, precision: str, max_length: int
     hidden = state[score_key].shape[1]
     (out_dir / REWARD_META_FILE).write_text(json.dumps({
         "precision": precision, "max_length": max_length, "compute_dtype": dtype_name(compute_dtype(device)),
-        "hidden_size": hidden, "base": SFT_MERGED}, indent=2))
+        "hidden_size": hidden, "pooling": pooling, "base": SFT_MERGED}, indent=2))
 
 
 NORMALIZE_SAMPLES = 1024
@@ -300,7 +344,7 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
     peak = memory.peak_mb(device)
     source = "cuda_max_allocated" if device.type == "cuda" else "process_rss"
     out_dir = ctx.run_dir / reward_dir(precision)
-    save_reward_model(trainer.model, out_dir, precision, cfg.max_length, device)
+    save_reward_model(trainer.model, out_dir, precision, cfg.max_length, device, cfg.pooling)
     ctx.artifact("reward_model", out_dir)
     train_accuracy = callback.train_accuracy
     del trainer, model

@@ -11,7 +11,7 @@ import torch
 from edgerlhf.config import TINY_TOKENIZER_DIR, ModelConfig
 from edgerlhf.dialogue import DialogueError, PromptFormat, render_chat, to_messages
 from edgerlhf.generation import Sampling, generate, response_lengths
-from edgerlhf.models import load_tokenizer, random_model, reward_token_ids
+from edgerlhf.models import encode_for_reward, load_tokenizer, random_model, reward_token_ids, reward_tokens
 from tests.edgerlhf.tiny_run import chat_template_tokenizer
 
 PROMPT = "\n\nHuman: How far can spiders jump?\n\nAssistant: About a metre.\n\nHuman: Really?\n\nAssistant:"
@@ -61,6 +61,23 @@ def test_reward_reads_the_responses_last_token(chatml):
     assert chatml.decode(ids) == PromptFormat.of(chatml).prompt(PROMPT) + "Far."
     (short,) = reward_token_ids(chatml, [PROMPT], ["Far."], max_length=5)
     assert short == ids[-5:]  # a long text loses its start, never the response's end
+
+
+def test_reward_tokens_know_where_the_response_begins(chatml):
+    plain = load_tokenizer(TINY_TOKENIZER_DIR)
+    responses = ["Far.", "Up to fifty times their length, they say.", ""]
+    for tokenizer, sep in ((chatml, ""), (plain, " ")):
+        rows, starts = reward_tokens(tokenizer, [PROMPT] * 3, responses, max_length=512)
+        for ids, start, response in zip(rows[:2], starts, responses):
+            assert tokenizer.decode(ids[start:]) == sep + response  # the response's tokens, and only them
+        assert starts[2] == len(rows[2]) - 1  # an empty response pools the last token
+        # cut from the left, the start moves with the cut
+        short, short_starts = reward_tokens(tokenizer, [PROMPT] * 2, responses[:2], max_length=12)
+        assert [len(r) - s for r, s in zip(short, short_starts)] == [len(r) - s for r, s in zip(rows[:2], starts)]
+    batch = encode_for_reward(plain, [PROMPT] * 2, responses[:2], 512)
+    mask, attention = batch["response_mask"], batch["attention_mask"]
+    assert mask.shape == attention.shape and bool((mask <= attention).all())
+    assert plain.decode(batch["input_ids"][1][mask[1].bool()]) == " " + responses[1]
 
 
 def _llama(tokenizer):

@@ -130,3 +130,38 @@ def test_saved_model_scores_like_the_trained_classifier(tmp_path, base_run, prec
     reward.save_reward_model(classifier, ctx.run_dir / "reward" / precision, precision, 96, device)
     got = load_reward_model(ctx.run_dir, precision, device).score(prompts, responses)
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_mean_pooled_reward_is_the_mean_of_per_token_scores_over_the_response(tmp_path, base_run):
+    """`reward.pooling="mean"`: the classifier trained through `running_response_mean` and the saved model
+    both give each response the mean of the score head's per-token outputs over the response's tokens."""
+    config = tiny_config(precisions=("bf16",), max_steps=3, pooling="mean")
+    ctx = new_run(tmp_path, base_run)
+    device = torch.device("cpu")
+    tokenizer = load_tokenizer(ctx.run_dir / "sft" / "merged")
+    model = reward.load_for_training(ctx.run_dir, "bf16", device, config.seed)
+    trainer = reward.build_trainer(config, ctx, "bf16", model, tokenizer, device)
+    trainer.train()
+    test = read_prefs(ctx.run_dir / "data" / "test_prefs.jsonl")[:6]
+    prompts, responses = [r["prompt"] for r in test], [r["chosen"] for r in test]
+
+    classifier = trainer.model.eval()
+    per_token = {}
+    head = classifier.get_submodule("base_model.model.score")
+    handle = head.register_forward_hook(lambda _m, _a, out: per_token.update(scores=out[0, :, 0].float()))
+    expected, last = [], []
+    with torch.no_grad():
+        for p, r in zip(prompts, responses):
+            n_prompt = len(tokenizer(p)["input_ids"])  # GPT-2 BPE: the response's first token carries the space
+            ids = tokenizer(p + " " + r, return_tensors="pt")
+            classifier(**ids)
+            expected.append(per_token["scores"][n_prompt:].mean())
+            last.append(per_token["scores"][-1])
+    handle.remove()
+    expected, last = torch.stack(expected), torch.stack(last)
+    assert not torch.allclose(expected, last, atol=1e-3)  # the pooling changes the scores
+
+    reward.save_reward_model(classifier, ctx.run_dir / "reward" / "bf16", "bf16", 96, device, "mean")
+    loaded = load_reward_model(ctx.run_dir, "bf16", device)
+    assert loaded.pooling == "mean"
+    torch.testing.assert_close(loaded.score(prompts, responses), expected, rtol=1e-3, atol=1e-3)
