@@ -278,12 +278,21 @@ class RewardConfig:
     """Prompt + response tokens per scored sequence."""
     eval_every: Annotated[int, COUNT] = 100
     """Evaluate held-out accuracy every N steps."""
+    target_modules: list[str] | None = None
+    """Layers the reward LoRA adapts; None: the same as `sft.target_modules`. May add the token embedding
+    (`wte` in GPT-2, `embed_tokens` elsewhere): a random-init model's hidden states carry no word features
+    (which a pretrained model's do), and a LoRA on the embedding gives each word its own."""
     pooling: str = "last"
     """How the score head reads the response: `last` (the last token's hidden state, the usual reward model) or
     `mean` (the mean of per-token scores over the response's tokens: learns properties spread over the answer,
     such as a share of its words, that one position summarises poorly)."""
 
+    def lora_targets(self, sft: SFTConfig) -> list[str]:
+        return list(self.target_modules) if self.target_modules else list(sft.target_modules)
+
     def __post_init__(self):
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("reward.target_modules", "must name at least one module (or be null: sft's)")
         if self.pooling not in ("last", "mean"):
             raise ConfigError("reward.pooling", f"unknown pooling {self.pooling!r}; choose from last, mean")
         if not self.precisions:

@@ -282,8 +282,9 @@ def lora_config(model, r: int, alpha: int, target_modules, dropout: float = 0.0,
         names = _maybe_include_all_linear_layers(copy.deepcopy(config), model).target_modules
         conv1d = {name: is_conv1d(model.get_submodule(name)) for name in names}
     else:
+        # An embedding (LoRA on the token table) is neither kind; it takes no fan_in_fan_out.
         conv1d = {name: is_conv1d(module) for name, module in model.named_modules()
-                  if check_target_module_exists(config, name)}
+                  if check_target_module_exists(config, name) and not isinstance(module, torch.nn.Embedding)}
     if not conv1d:
         raise ValueError(f"LoRA target modules {list(target_modules)} match no layer of this "
                          f"{type(model).__name__}; name its layers (e.g. q_proj, v_proj) or use ['all-linear']")
