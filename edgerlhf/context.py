@@ -4,6 +4,10 @@ A stage receives a `RunContext` and reports through it: metrics (`ctx.log_metric
 sample generations, log lines, stage progress and artifacts. It calls `ctx.check_cancelled()` between
 training steps. The stage never knows whether a terminal (the CLI), a test, or the worker's database
 sits behind the context: the worker subclasses it and writes to the job tables.
+
+Whatever sits behind it, every metric also goes to TensorBoard event files under `<run_dir>/tensorboard/`
+(`torch.utils.tensorboard`), so `tensorboard --logdir <data dir>/runs` shows and compares every run with no
+extra step. The writer is made on the first metric, so importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -14,7 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgerlhf.contract import MEMORY_PREFIX, TENSORBOARD_DIR
+
 logger = logging.getLogger("edgerlhf")
+
+TENSORBOARD_FLUSH_SECONDS = 5
+"""The writer's own flush interval: how stale a live `tensorboard` may be (a stage's end and `close` flush too)."""
+
+
+def tensorboard_tag(stage: str, key: str) -> str:
+    """The TensorBoard tag of metric `key` logged by `stage`: the key itself, except memory readings, which every
+    stage logs at its own steps (`mem/peak_mb` -> `mem/sft/peak_mb`), so that each tag has one stage's steps."""
+    if key.startswith(MEMORY_PREFIX) and stage:
+        return f"{MEMORY_PREFIX}{stage}/{key[len(MEMORY_PREFIX):]}"
+    return key
 
 
 class Cancelled(Exception):
@@ -51,6 +68,7 @@ class RunContext:
         self.artifacts: list[tuple[str, str]] = []  # (kind, path)
         self.progress_by_stage: dict[str, float] = {}
         self._cancel_requested = False
+        self._tensorboard: Any = None  # a SummaryWriter once the first metric comes; False if it cannot be made
 
     # --- what stages call ----------------------------------------------------------------------
 
@@ -66,6 +84,7 @@ class RunContext:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         rows = [(self.stage or "", k, int(step), float(v)) for k, v in metrics.items()]
         self.metrics.extend(rows)
+        self._write_tensorboard(rows)
         self._emit_metrics(rows)
 
     def log_sample(self, prompt: str, response: str, reward: float | None, step: int,
@@ -106,8 +125,32 @@ class RunContext:
 
     def end_stage(self, stage: str, report: dict[str, Any] | None = None) -> None:
         self.progress_by_stage[stage] = 1.0
+        if self._tensorboard:
+            self._tensorboard.flush()  # a finished stage's curves are whole on disk
         self._emit_progress(1.0)
         self._emit_log("info", f"stage {stage} finished")
+
+    def close(self) -> None:
+        """Write out and close the TensorBoard event file (later metrics still reach the subclass, not the file)."""
+        if self._tensorboard:
+            self._tensorboard.close()
+        self._tensorboard = False
+
+    # --- TensorBoard -----------------------------------------------------------------------------
+
+    def _write_tensorboard(self, rows: list[tuple[str, str, int, float]]) -> None:
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # loads tensorboard: only once metrics come
+
+                self._tensorboard = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR),
+                                                  flush_secs=TENSORBOARD_FLUSH_SECONDS)
+            except Exception as exc:  # TensorBoard is a view of the metrics: never a reason to stop training
+                self._tensorboard = False
+                self._emit_log("warning", f"no TensorBoard event files for this run ({type(exc).__name__}: {exc})")
+        if self._tensorboard:
+            for stage, key, step, value in rows:
+                self._tensorboard.add_scalar(tensorboard_tag(stage, key), value, step)
 
     # --- hooks for subclasses ------------------------------------------------------------------
 

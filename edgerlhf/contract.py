@@ -90,6 +90,7 @@ class StageStatus(str, enum.Enum):
 #       ppo/adapter/                  the PPO policy's LoRA adapter + value_head.pt
 #       ppo/checkpoint/               state.pt, to resume
 #       export/model/                 the PPO policy merged into one model directory (edgerlhf.export), on request
+#       tensorboard/                  every metric as TensorBoard event files (edgerlhf.context)
 
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.json"
@@ -101,6 +102,8 @@ SFT_MERGED = "sft/merged"
 PPO_ADAPTER = "ppo/adapter"
 EXPORTED_MODEL = "export/model"
 """The aligned policy merged into one Hugging Face model directory (`edgerlhf.export`)."""
+TENSORBOARD_DIR = "tensorboard"
+"""TensorBoard event files of every metric the run logged (`RunContext.log_metrics`)."""
 
 
 def job_run_dir(runs_dir: Path, job_id: int) -> Path:

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from edgerlhf.contract import CONFIG_FILE, REPORT_FILE, merge_overrides
+from edgerlhf.contract import ALGORITHMS, CONFIG_FILE, REPORT_FILE, algorithm_metric, merge_overrides
 from edgerlhf.config import LOCATION_FIELDS, STAGES, ConfigError, PipelineConfig, load_config
 from edgerlhf.context import Cancelled, ConsoleContext, RunContext
 from edgerlhf.errors import StageError
@@ -182,12 +182,16 @@ def _summary(report: Report) -> str:
         return "; ".join(f"{p}: acc {_num(r.accuracy)} spearman {_num(r.spearman_vs_bf16)}"
                          for p, r in report.precisions.items())
     if isinstance(report, PPOReport):
-        return (f"{report.steps} steps, reward {_num(report.final.get('ppo/reward_mean'))}, "
-                f"KL {_num(report.final.get('ppo/kl'))}, {report.network_copies:.2f} network copies held")
+        final = {name: report.final.get(algorithm_metric(report.algorithm, name)) for name in ("reward_mean", "kl")}
+        reward = f"reward {_num(final['reward_mean'])}, " if report.algorithm != "dpo" else ""
+        return (f"{report.algorithm}: {report.steps} steps, {reward}KL {_num(final['kl'])}, "
+                f"{report.network_copies:.2f} network copies held")
     if isinstance(report, EvalReport):
-        gold = f", gold PPO - SFT {_num(report.gold_diff.mean)}" if report.gold_diff else ""
-        return (f"reward PPO - SFT {_num(report.reward_diff.mean)} [{_num(report.reward_diff.low)}, "
-                f"{_num(report.reward_diff.high)}], win rate {_num(report.win_rate)}, KL {_num(report.kl)}{gold}")
+        gold = f", gold aligned - SFT {_num(report.gold_diff.mean)}" if report.gold_diff else ""
+        reward = (f"reward aligned - SFT {_num(report.reward_diff.mean)} [{_num(report.reward_diff.low)}, "
+                  f"{_num(report.reward_diff.high)}], win rate {_num(report.win_rate)}, "
+                  if report.reward_diff is not None else "no reward model, ")
+        return f"{reward}KL {_num(report.kl)}{gold}"
     return ""
 
 
@@ -198,10 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="JSON file of config overrides (may name its preset)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set ppo.steps=5 (repeatable; JSON values)")
+    parser.add_argument("--algorithm", choices=ALGORITHMS,
+                        help="alignment algorithm of the ppo stage, short for --set algorithm=NAME (a later --set "
+                             "algorithm=... wins): ppo (clipped policy gradient with a value head), grpo (advantages "
+                             "within a group of samples per prompt), rloo (leave-one-out baseline), dpo (offline on "
+                             "the preference pairs; settings under dpo.*)")
     parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--resume", action="store_true", help="skip stages whose report.json already exists")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
+    if args.algorithm:
+        args.sets.insert(0, f"algorithm={args.algorithm}")
 
     from edgerlhf.log import setup_logging
 

@@ -2,6 +2,8 @@
 
 - Reward rising while KL or the response length runs away: the policy is likely exploiting the reward
   model (reward hacking; Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization").
+- KL far above its target while the reward does not rise: the policy drifts away for nothing (KL blow-up).
+- Responses shrinking towards nothing: the policy may be collapsing to empty answers (length collapse).
 - KL collapsing to zero: the policy stopped moving away from the reference (learning rate too low,
   KL coefficient too high, or the adapter is not being trained).
 - NaN or infinite losses / rewards.
@@ -12,16 +14,19 @@ The module is named `alerts` rather than `warnings` because Streamlit puts `fron
 where a `warnings.py` would shadow the standard library's.
 
 Series are `{key: [(step, value), ...]}` sorted by step; values may be `None` (a NaN the backend could not
-put into JSON). Nothing here imports Streamlit, so the checks are unit-tested directly.
+put into JSON). The alignment checks read the metrics of the job's algorithm (`grpo/kl` for a GRPO job,
+`contract.algorithm_metric`); `check_job` takes the algorithm and the limits from the job's config. Nothing
+here imports Streamlit, so the checks are unit-tested directly.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
-from edgerlhf.contract import MICRO_BATCH_METRIC
+from edgerlhf.contract import MICRO_BATCH_METRIC, algorithm_metric
+from frontend.live import job_algorithm
 
 Series = dict[str, list[tuple[int, float | None]]]
 
@@ -31,7 +36,8 @@ class Alert:
     level: str
     """`warning` or `error`."""
     code: str
-    """Stable identifier: `reward_hacking`, `kl_collapse`, `nan`, `memory`."""
+    """Stable identifier: `reward_hacking`, `kl_blowup`, `length_collapse`, `kl_collapse`, `nan`, `memory`,
+    `out_of_memory`."""
     message: str
 
 
@@ -60,9 +66,25 @@ def nan_values(series: Series) -> list[Alert]:
     return alerts
 
 
+def _values(series: Series, algorithm: str, name: str) -> list[float]:
+    """The finite values of the alignment metric `name` of `algorithm` (`grpo/kl`)."""
+    return _finite(v for _, v in series.get(algorithm_metric(algorithm, name), []))
+
+
+def _reward_rise(series: Series, algorithm: str, min_points: int) -> tuple[float, float] | None:
+    """(first-third mean, last-third mean) of the reward when it rises: the last third above the first by more
+    than a tenth of its range; None when it does not rise or has fewer than `min_points` points."""
+    reward = _values(series, algorithm, "reward_mean")
+    if len(reward) < min_points:
+        return None
+    r0, r1 = _ends(reward)
+    spread = max(reward) - min(reward)
+    return (r0, r1) if spread > 0 and r1 - r0 > 0.1 * spread else None
+
+
 def reward_hacking(series: Series, min_points: int = 6, kl_growth: float = 3.0, kl_floor: float = 1.0,
                    kl_limit: float | None = None, length_growth: float = 1.5,
-                   max_response_length: int | None = None) -> list[Alert]:
+                   max_response_length: int | None = None, algorithm: str = "ppo") -> list[Alert]:
     """Reward going up while KL or response length runs away.
 
     The reward counts as rising when the mean of its last third exceeds the mean of its first third by
@@ -70,15 +92,12 @@ def reward_hacking(series: Series, min_points: int = 6, kl_growth: float = 3.0, 
     (and above `kl_floor` nats, so noise around zero does not fire) or above `kl_limit`. The response
     length runs away when it grows by `length_growth` times or sits at `max_response_length`.
     """
-    reward = _finite(v for _, v in series.get("ppo/reward_mean", []))
-    if len(reward) < min_points:
+    rise = _reward_rise(series, algorithm, min_points)
+    if rise is None:
         return []
-    r0, r1 = _ends(reward)
-    spread = max(reward) - min(reward)
-    if not (r1 - r0 > 0.1 * spread and spread > 0):
-        return []
+    r0, r1 = rise
     alerts = []
-    kl = _finite(v for _, v in series.get("ppo/kl", []))
+    kl = _values(series, algorithm, "kl")
     if len(kl) >= min_points:
         k0, k1 = _ends(kl)
         grew = k1 > kl_floor and k1 > kl_growth * max(k0, 1e-8)
@@ -88,7 +107,7 @@ def reward_hacking(series: Series, min_points: int = 6, kl_growth: float = 3.0, 
                                 f"Reward rising ({r0:.3g} → {r1:.3g}) while KL runs away ({k0:.3g} → {k1:.3g} nats): "
                                 "the policy may be exploiting the reward model. Raise the KL coefficient or "
                                 "lower the target KL, and read the samples."))
-    length = _finite(v for _, v in series.get("ppo/response_length", []))
+    length = _values(series, algorithm, "response_length")
     if len(length) >= min_points:
         l0, l1 = _ends(length)
         grew = l1 > length_growth * max(l0, 1e-8)
@@ -101,9 +120,39 @@ def reward_hacking(series: Series, min_points: int = 6, kl_growth: float = 3.0, 
     return alerts
 
 
-def kl_collapse(series: Series, eps: float = 1e-3, last: int = 3, min_points: int = 5) -> list[Alert]:
-    """KL to the reference stuck at (or below) zero over the last `last` PPO steps."""
-    kl = _finite(v for _, v in series.get("ppo/kl", []))
+def kl_blowup(series: Series, kl_limit: float | None, min_points: int = 6, algorithm: str = "ppo") -> list[Alert]:
+    """KL's last third above `kl_limit` while the reward does not rise (a rising reward makes it
+    `reward_hacking`): the policy moves away from the reference and gains nothing for it."""
+    kl = _values(series, algorithm, "kl")
+    if kl_limit is None or len(kl) < min_points or _reward_rise(series, algorithm, min_points) is not None:
+        return []
+    k0, k1 = _ends(kl)
+    if k1 <= kl_limit:
+        return []
+    return [Alert("warning", "kl_blowup",
+                  f"KL to the reference is {k1:.3g} nats (from {k0:.3g}), over {kl_limit:.3g}, and the reward is not "
+                  "rising: the policy drifts away for nothing. Lower the learning rate or raise the KL coefficient.")]
+
+
+def length_collapse(series: Series, min_points: int = 6, drop: float = 0.4, min_tokens: float = 4.0,
+                    algorithm: str = "ppo") -> list[Alert]:
+    """Responses shrinking to under `drop` times their early length (which was at least `min_tokens`): the
+    policy may be learning that an (almost) empty answer pays, whether or not the reward rises."""
+    length = _values(series, algorithm, "response_length")
+    if len(length) < min_points:
+        return []
+    l0, l1 = _ends(length)
+    if l0 < min_tokens or l1 >= drop * l0:
+        return []
+    return [Alert("warning", "length_collapse",
+                  f"Responses shrink from {l0:.3g} to {l1:.3g} tokens: the policy may be collapsing to (almost) empty "
+                  "answers. Read the samples; if they are empty, the reward model pays for ending early.")]
+
+
+def kl_collapse(series: Series, eps: float = 1e-3, last: int = 3, min_points: int = 5,
+                algorithm: str = "ppo") -> list[Alert]:
+    """KL to the reference stuck at (or below) zero over the last `last` steps of the alignment stage."""
+    kl = _values(series, algorithm, "kl")
     if len(kl) < min_points:
         return []
     tail = kl[-last:]
@@ -145,12 +194,27 @@ def out_of_memory_retries(series: Series) -> list[Alert]:
 
 
 def check_all(series: Series, gpu_total_mb: float | None = None, target_kl: float | None = None,
-              max_response_length: int | None = None) -> list[Alert]:
-    """Every check above; errors first."""
+              max_response_length: int | None = None, algorithm: str = "ppo") -> list[Alert]:
+    """Every check above, the alignment ones on `algorithm`'s metrics; errors first."""
     kl_limit = 2 * target_kl if target_kl else None
     alerts = (nan_values(series)
-              + reward_hacking(series, kl_limit=kl_limit, max_response_length=max_response_length)
-              + kl_collapse(series)
+              + reward_hacking(series, kl_limit=kl_limit, max_response_length=max_response_length,
+                               algorithm=algorithm)
+              + kl_blowup(series, kl_limit, algorithm=algorithm)
+              + length_collapse(series, algorithm=algorithm)
+              + kl_collapse(series, algorithm=algorithm)
               + memory_near_limit(series, gpu_total_mb)
               + out_of_memory_retries(series))
     return sorted(alerts, key=lambda a: a.level != "error")
+
+
+def check_job(job: dict[str, Any], series: Series, gpu_total_mb: float | None = None) -> list[Alert]:
+    """`check_all` for a job (`JobPublic`): its algorithm's metrics; for the algorithms that sample, the KL
+    limit (twice `ppo.target_kl`) and the length cap (`ppo.response_length`) of its config. DPO samples
+    nothing while it trains: only its NaN, KL-collapse and memory checks apply."""
+    algorithm = job_algorithm(job)
+    sampling = algorithm != "dpo"
+    ppo = job["config"].get("ppo", {})
+    return check_all(series, gpu_total_mb=gpu_total_mb, algorithm=algorithm,
+                     target_kl=ppo.get("target_kl") if sampling else None,
+                     max_response_length=ppo.get("response_length") if sampling else None)

@@ -2,6 +2,9 @@
 
 Pure functions from a `JobFeed` (or series) to a `go.Figure`, so pages stay short and the figures can be
 checked without a browser. Every trace draws lines with markers, so even a run of two steps shows points.
+The alignment stage's figures read the metrics of the job's algorithm (`JobFeed.key`: `grpo/kl` for a GRPO
+job), so one figure serves PPO, GRPO and RLOO, and DPO has its own (`dpo_figure`). The Compare page's figures
+overlay several jobs of any algorithms (`compare_figure`, `frontier_figure`).
 """
 
 from __future__ import annotations
@@ -47,10 +50,16 @@ def line(fig: go.Figure, points, name: str, color: str | None = None, **kw: Any)
     return fig
 
 
+def _stage_series(feed: JobFeed, name: str) -> list[tuple[int, float | None]]:
+    """The alignment stage's series of metric `name` in the job's algorithm's namespace."""
+    key = feed.key(name)
+    return feed.series(key, "ppo") or feed.series(key)
+
+
 def reward_figure(feed: JobFeed) -> go.Figure:
-    """PPO reward: the batch mean with a band of ± one standard deviation."""
-    mean = feed.series("ppo/reward_mean", "ppo") or feed.series("ppo/reward_mean")
-    std = dict(feed.series("ppo/reward_std", "ppo") or feed.series("ppo/reward_std"))
+    """The reward of the algorithm's rollouts (PPO, GRPO, RLOO): the batch mean with a band of ± one std."""
+    mean = _stage_series(feed, "reward_mean")
+    std = dict(_stage_series(feed, "reward_std"))
     fig = go.Figure()
     steps, ys = _xy(mean)
     band = [(s, y, std.get(s)) for s, y in zip(steps, ys) if y is not None and std.get(s) is not None]
@@ -61,19 +70,19 @@ def reward_figure(feed: JobFeed) -> go.Figure:
         fig.add_trace(go.Scatter(x=xs + xs[::-1], y=upper + lower[::-1], fill="toself", name="± std", mode="lines",
                                  fillcolor="rgba(31,119,180,0.18)", line=dict(width=0), hoverinfo="skip"))
     line(fig, mean, "reward mean", COLORS[0])
-    return _layout(fig, "Reward (PPO batch mean ± std)", y="reward")
+    return _layout(fig, f"Reward ({feed.algorithm.upper()} batch mean ± std)", y="reward")
 
 
 def kl_figure(feed: JobFeed) -> go.Figure:
-    """KL to the reference policy, and the KL coefficient on a second axis."""
+    """KL to the reference policy (DPO's too, and its held-out KL), and the KL coefficient on a second axis."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    for i, key in enumerate(("ppo/kl", "ppo/approx_kl")):
-        pts = feed.series(key, "ppo") or feed.series(key)
+    for i, name in enumerate(("kl", "approx_kl", "eval_kl")):
+        pts = _stage_series(feed, name)
         if pts:
             xs, ys = _xy(pts)
-            fig.add_trace(go.Scatter(x=xs, y=ys, name=key.split("/")[1], mode="lines+markers",
+            fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines+markers",
                                      marker=dict(size=5), line=dict(color=COLORS[i + 1])), secondary_y=False)
-    coef = feed.series("ppo/kl_coef", "ppo") or feed.series("ppo/kl_coef")
+    coef = _stage_series(feed, "kl_coef")
     if coef:
         xs, ys = _xy(coef)
         fig.add_trace(go.Scatter(x=xs, y=ys, name="kl_coef", mode="lines", line=dict(dash="dot", color="gray")),
@@ -93,16 +102,43 @@ def keys_figure(feed: JobFeed, keys: list[str], title: str, stage: str | None = 
     return _layout(fig, title, y=y)
 
 
+DIAGNOSTICS = ("response_length", "entropy", "clip_frac", "tokens_per_s")
+"""The health signals of a sampling algorithm, in its namespace; those it does not log are left out."""
+
+
 def diagnostics_figure(feed: JobFeed) -> go.Figure:
-    """Small multiples of the PPO health signals: response length, entropy, clip fraction, throughput."""
-    keys = ["ppo/response_length", "ppo/entropy", "ppo/clip_frac", "ppo/tokens_per_s"]
-    fig = make_subplots(rows=1, cols=4, subplot_titles=[k.split("/")[1] for k in keys])
-    for i, key in enumerate(keys, start=1):
-        xs, ys = _xy(feed.series(key, "ppo") or feed.series(key))
-        fig.add_trace(go.Scatter(x=xs, y=ys, name=key, mode="lines+markers", marker=dict(size=4),
+    """Small multiples of the sampling algorithm's health signals: response length, entropy, clip fraction,
+    throughput (the ones the job's algorithm logs)."""
+    names = [n for n in DIAGNOSTICS if _stage_series(feed, n)] or list(DIAGNOSTICS[:1])
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names)
+    for i, name in enumerate(names, start=1):
+        xs, ys = _xy(_stage_series(feed, name))
+        fig.add_trace(go.Scatter(x=xs, y=ys, name=feed.key(name), mode="lines+markers", marker=dict(size=4),
                                  line=dict(color=COLORS[i - 1]), showlegend=False), row=1, col=i)
     fig.update_annotations(font_size=12)
-    return _layout(fig, "PPO diagnostics", height=260)
+    return _layout(fig, f"{feed.algorithm.upper()} diagnostics", height=260)
+
+
+DPO_PANELS = (("loss", ("loss", "eval_loss")), ("accuracy", ("accuracy", "eval_accuracy")),
+              ("margin", ("margin", "eval_margin")), ("implicit rewards", ("chosen_reward", "rejected_reward")))
+"""DPO's panels: (title, metric names); a held-out `eval_*` series is drawn dotted."""
+
+
+def dpo_figure(feed: JobFeed) -> go.Figure:
+    """DPO's training: preference loss, accuracy and margin (training, and dotted held-out), and the implicit
+    rewards beta * log(policy / reference) of the chosen and rejected responses."""
+    fig = make_subplots(rows=1, cols=len(DPO_PANELS), subplot_titles=[t for t, _ in DPO_PANELS])
+    for col, (_, names) in enumerate(DPO_PANELS, start=1):
+        for i, name in enumerate(names):
+            pts = _stage_series(feed, name)
+            if not pts:
+                continue
+            xs, ys = _xy(pts)
+            fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines+markers", marker=dict(size=4),
+                                     line=dict(color=COLORS[(col - 1 + 4 * i) % len(COLORS)],
+                                               dash="dot" if name.startswith("eval_") else None)), row=1, col=col)
+    fig.update_annotations(font_size=12)
+    return _layout(fig, "DPO on the preference pairs", height=300)
 
 
 def reward_model_figure(feed: JobFeed) -> go.Figure:
@@ -138,20 +174,24 @@ def precision_figure(rows: list[dict[str, Any]]) -> go.Figure:
 
 
 def eval_figure(report: EvalReport | dict[str, Any]) -> go.Figure:
-    """SFT vs PPO on held-out prompts: mean reward (and gold score) with ± one standard deviation."""
+    """SFT vs the aligned policy (named after its algorithm) on held-out prompts: mean reward-model score and
+    gold score, those the run has, with ± one standard deviation; response length when it has neither (a
+    DPO run without a reward model on human labels)."""
     report = parse(EvalReport, report)
-    measures = ["reward"] + (["gold"] if report.sft.gold is not None and report.ppo.gold is not None else [])
-    fig = make_subplots(rows=1, cols=len(measures),
-                        subplot_titles=[("reward model score" if m == "reward" else f"gold score ({report.gold_scorer})")
-                                        for m in measures])
+    titles = {"reward": "reward model score", "gold": f"gold score ({report.gold_scorer})",
+              "response_tokens": "response tokens"}
+    measures = [m for m in ("reward", "gold")
+                if getattr(report.sft, m) is not None and getattr(report.ppo, m) is not None] or ["response_tokens"]
+    aligned = report.algorithm.upper()
+    fig = make_subplots(rows=1, cols=len(measures), subplot_titles=[titles[m] for m in measures])
     for col, m in enumerate(measures, start=1):
-        for i, (who, policy) in enumerate((("sft", report.sft), ("ppo", report.ppo))):
+        for i, (who, policy) in enumerate((("SFT", report.sft), (aligned, report.ppo))):
             summary = getattr(policy, m)
-            fig.add_trace(go.Bar(x=[who.upper()], y=[summary.mean], name=who.upper(), showlegend=col == 1,
+            fig.add_trace(go.Bar(x=[who], y=[summary.mean], name=who, showlegend=col == 1,
                                  error_y=dict(type="data", array=[summary.std or 0.0], visible=True),
                                  marker_color=COLORS[i]), row=1, col=col)
     fig.update_annotations(font_size=12)
-    return _layout(fig, "SFT vs PPO (mean ± std)", x=None, height=280)
+    return _layout(fig, f"SFT vs {aligned} (mean ± std)", x=None, height=280)
 
 
 def memory_figure(feed: JobFeed, gpu_total_mb: float | None) -> go.Figure:
@@ -179,15 +219,73 @@ def memory_figure(feed: JobFeed, gpu_total_mb: float | None) -> go.Figure:
     return _layout(fig, title, x="time", y="MB")
 
 
-def compare_figure(feeds: dict[str, JobFeed], key: str) -> go.Figure:
-    """One metric of several jobs overlaid."""
+X_AXES = {"step": "step", "samples": "samples seen"}
+"""The Compare page's common x-axes: a metric's own step, or the samples its stage had consumed by then
+(`JobFeed.samples_per_step`: responses for PPO/GRPO/RLOO, preference pairs for DPO)."""
+
+
+def compare_figure(feeds: dict[str, JobFeed], name: str, x: str = "step") -> go.Figure:
+    """Metric `name` of several jobs overlaid on a common x-axis (`X_AXES`).
+
+    An alignment metric (`reward_mean`, no namespace) is read in each job's own algorithm's namespace, so a PPO
+    job's `ppo/reward_mean` and a GRPO job's `grpo/reward_mean` share the chart; a full key (`sft/eval_loss`)
+    is read as it is. On the samples axis a job whose metric has no samples per step is left out.
+    """
+    if x not in X_AXES:
+        raise ValueError(f"unknown x-axis {x!r}; choose from {list(X_AXES)}")
+    fig = go.Figure()
+    drawn = []
+    for i, (label, feed) in enumerate(feeds.items()):
+        pts = feed.series(feed.key(name))
+        per_step = feed.samples_per_step(name)
+        if not pts or (x == "samples" and per_step is None):
+            continue
+        if x == "samples":
+            pts = [(step * per_step, value) for step, value in pts]
+        line(fig, pts, label if "/" in name else f"{label} ({feed.algorithm})", COLORS[i % len(COLORS)])
+        drawn.append(feed.algorithm)
+    fig.update_layout(showlegend=True)  # even for one job: say which job a line is
+    title = name if "/" in name else f"{name} ({', '.join(dict.fromkeys(drawn)) or 'alignment'})"
+    return _layout(fig, title, x=X_AXES[x])
+
+
+def frontier_figure(feeds: dict[str, JobFeed]) -> go.Figure:
+    """Reward against KL to the reference, the trade every alignment run makes.
+
+    Each sampling run's training trajectory (one point per step, its batch's mean KL and reward), and each
+    finished run's held-out pair from its evaluate report: the SFT policy at KL 0 and the aligned policy at
+    its KL, joined by a dotted line. DPO samples nothing while it trains, so it appears by that held-out
+    pair (when the run has a reward model to score it).
+    """
     fig = go.Figure()
     for i, (label, feed) in enumerate(feeds.items()):
-        pts = feed.series(key)
-        if pts:
-            line(fig, pts, label, COLORS[i % len(COLORS)])
-    fig.update_layout(showlegend=True)  # even for one job: say which job a line is
-    return _layout(fig, key)
+        color, name = COLORS[i % len(COLORS)], f"{label} ({feed.algorithm})"
+        kl = dict(_stage_series(feed, "kl"))
+        path = [(kl[step], reward, step) for step, reward in _stage_series(feed, "reward_mean")
+                if _finite(reward) and _finite(kl.get(step))]
+        if path:
+            fig.add_trace(go.Scatter(x=[k for k, _, _ in path], y=[r for _, r, _ in path], name=f"{name} training",
+                                     text=[f"step {s}" for _, _, s in path], mode="lines+markers", legendgroup=label,
+                                     marker=dict(size=5), line=dict(color=color),
+                                     hovertemplate="KL %{x:.3g}, reward %{y:.3g} (%{text})"))
+        ev = feed.report.evaluate if feed.report is not None else None
+        if ev is not None and ev.sft.reward is not None and ev.ppo.reward is not None \
+                and _finite(ev.sft.reward.mean) and _finite(ev.ppo.reward.mean) and _finite(ev.kl):
+            fig.add_trace(go.Scatter(x=[0.0, ev.kl], y=[ev.sft.reward.mean, ev.ppo.reward.mean],
+                                     name=f"{name} held-out: SFT → {ev.algorithm.upper()}", legendgroup=label,
+                                     text=["SFT", ev.algorithm.upper()], mode="lines+markers",
+                                     marker=dict(size=[9, 15], symbol=["circle-open", "star"], color=color),
+                                     line=dict(color=color, dash="dot"),
+                                     hovertemplate="%{text}: KL %{x:.3g}, reward %{y:.3g} (held-out)"))
+    fig.update_layout(showlegend=True)
+    _layout(fig, "Reward vs KL (training steps; ★ the aligned policy on held-out prompts)",
+            x="KL to the reference (nats per response)", y="reward", height=420)
+    fig.update_layout(hovermode="closest")  # points, not a step's column: the x-axis is KL
+    return fig
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def last_question(prompt: str) -> str:

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgerlhf.contract import FINISHED, JobStatus, StageStatus
+from edgerlhf.contract import FINISHED, JobStatus, StageStatus, algorithm_metric
 from edgerlhf.reports import JobReports
 from frontend.api_client import ApiClient
 
@@ -70,6 +70,37 @@ class JobFeed:
         """Something may still change: not yet pulled, or not finished."""
         return self.status not in FINISHED
 
+    @property
+    def algorithm(self) -> str:
+        """The alignment algorithm the job's config names (`PipelineConfig.algorithm`); `ppo` before the first
+        pull and for jobs stored before there was a choice."""
+        return job_algorithm(self.job)
+
+    def key(self, name: str) -> str:
+        """The metric key of `name`: an alignment metric (`reward_mean`, `kl`) in the job's algorithm's namespace
+        (`grpo/reward_mean`); a key with a namespace (`sft/loss`) as it is."""
+        return name if "/" in name else algorithm_metric(self.algorithm, name)
+
+    def samples_per_step(self, name: str) -> int | None:
+        """What one step of metric `name` (a name as `key` takes it) consumed, from the job's stored config: for
+        the alignment stage a rollout batch (`ppo.batch_size` responses) or, for DPO, `dpo.batch_size x
+        dpo.grad_accum` preference pairs; for SFT, warm-up and the reward model their batch x accumulation;
+        None for keys without a training step (memory, evaluation) or before the first pull."""
+        if self.job is None:
+            return None
+        config, namespace = self.job["config"], self.key(name).split("/", 1)[0]
+        if namespace == self.algorithm:
+            section = "dpo" if namespace == "dpo" else "ppo"
+        elif namespace in ("sft", "reward", "warmup"):
+            section = namespace
+        else:
+            return None
+        cfg = config.get(section) or {}
+        if "batch_size" not in cfg:
+            return None
+        # A PPO step is one rollout batch, whatever its minibatches; the others step once per accumulated batch.
+        return int(cfg["batch_size"]) * (1 if section == "ppo" else int(cfg.get("grad_accum", 1)))
+
     def series(self, key: str, stage: str | None = None) -> list[tuple[int, float | None]]:
         """(step, value) of one metric, sorted by step; all stages unless `stage` is given."""
         points = [(k[2], _value(row["value"])) for k, row in self.metrics.items()
@@ -84,6 +115,12 @@ class JobFeed:
 
     def keys(self) -> list[str]:
         return sorted({k[1] for k in self.metrics})
+
+    def names(self) -> list[str]:
+        """The job's metrics as the Compare page matches them across jobs: its algorithm's by name
+        (`grpo/reward_mean` -> `reward_mean`, what `key` takes back), every other key as it is."""
+        prefix = algorithm_metric(self.algorithm, "")
+        return sorted({key.removeprefix(prefix) for key in self.keys()})
 
     def all_series(self) -> dict[str, list[tuple[int, float | None]]]:
         """Every metric key -> series; memory keys span stages, the others belong to one."""
@@ -111,6 +148,12 @@ class JobFeed:
     def add_logs(self, rows: list[dict[str, Any]]) -> None:
         self.logs.extend(rows)
         self.rows_downloaded += len(rows)
+
+
+def job_algorithm(job: dict[str, Any] | None) -> str:
+    """The alignment algorithm of a job (`JobPublic`): its config's `algorithm`, `ppo` for a job stored before
+    the config named one (or no job yet)."""
+    return (job or {}).get("config", {}).get("algorithm", "ppo")
 
 
 def _drain(fetch, cursor: int) -> tuple[list[dict[str, Any]], int]:

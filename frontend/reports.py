@@ -7,11 +7,15 @@ an `AttributeError` here) instead of leaving a blank cell or an empty chart.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
+from edgerlhf.contract import MEMORY_PREFIX
 from edgerlhf.reports import EvalReport, Interval, RewardReport
+
+if TYPE_CHECKING:
+    from frontend.live import JobFeed
 
 M = TypeVar("M", bound=BaseModel)
 MB = 1024 * 1024
@@ -85,9 +89,11 @@ def eval_rows(report: EvalReport | dict[str, Any] | None) -> list[dict[str, Any]
     if report is None:
         return []
     sft, ppo = report.sft, report.ppo
-    reward = {"measure": f"reward (RM {report.reward_precision})", "SFT": sft.reward.mean, "PPO": ppo.reward.mean}
-    _diff(reward, report.reward_diff)
-    rows = [reward]
+    rows = []
+    if sft.reward is not None and ppo.reward is not None:  # None: a run without a reward model (DPO)
+        reward = {"measure": f"reward (RM {report.reward_precision})", "SFT": sft.reward.mean, "PPO": ppo.reward.mean}
+        _diff(reward, report.reward_diff)
+        rows.append(reward)
     if sft.gold is not None and ppo.gold is not None:
         gold = {"measure": f"gold score ({report.gold_scorer})", "SFT": sft.gold.mean, "PPO": ppo.gold.mean}
         _diff(gold, report.gold_diff)
@@ -114,13 +120,17 @@ def eval_rows(report: EvalReport | dict[str, Any] | None) -> list[dict[str, Any]
 def eval_headline(report: EvalReport | dict[str, Any] | None) -> dict[str, float]:
     """The few numbers of the final report a person reads first (for the Compare page's table).
 
-    The gold numbers only on the known-answer task (without a gold scorer they are None and left out).
+    The gold numbers only on the known-answer task (without a gold scorer they are None and left out), the
+    reward numbers only with a reward model. "PPO" is the aligned policy, whichever algorithm trained it.
     """
     report = parse(EvalReport, report)
     if report is None:
         return {}
-    out = {"reward SFT": report.sft.reward.mean, "reward PPO": report.ppo.reward.mean,
-           "reward PPO−SFT": report.reward_diff.mean, "win rate": report.win_rate, "KL": report.kl,
+    scored = report.sft.reward is not None and report.ppo.reward is not None
+    out = {"reward SFT": report.sft.reward.mean if scored else None,
+           "reward PPO": report.ppo.reward.mean if scored else None,
+           "reward PPO−SFT": report.reward_diff.mean if report.reward_diff is not None else None,
+           "win rate": report.win_rate, "KL": report.kl,
            "gold PPO−SFT": report.gold_diff.mean if report.gold_diff is not None else None,
            "gold PPO−SFT at equal length": (report.gold_diff_equal_length.mean
                                             if report.gold_diff_equal_length is not None else None),
@@ -145,3 +155,55 @@ def eval_pairs(report: EvalReport | dict[str, Any] | None) -> list[dict[str, Any
     if report is None:
         return []
     return [pair.model_dump() for pair in report.samples]
+
+
+# --- the Compare page ----------------------------------------------------------------------------
+
+
+def run_row(label: str, feed: JobFeed) -> dict[str, Any]:
+    """One run of the Compare page's table, the same columns whatever its algorithm.
+
+    From the alignment stage's report (`PPOReport`) and metrics: its training reward at the end (the mean of
+    its last steps; the latest step while it runs; none for DPO, which samples nothing), its peak memory
+    (`mem/peak_mb` on a GPU, else the process's peak RSS) and time per step (the mean of its `<algorithm>/step_s`).
+    From the evaluate report, the aligned policy on held-out prompts: reward, gain over SFT, gold gain (with a
+    gold scorer), KL and response length. What a run has not measured yet is None.
+    """
+    reports = feed.report
+    aligned = reports.ppo if reports is not None else None
+    ev = reports.evaluate if reports is not None else None
+    reward_key = feed.key("reward_mean")
+    step_s = [v for _, v in feed.series(feed.key("step_s")) if v is not None]
+    peak_mb, peak_of = None, None
+    if aligned is not None:
+        gpu_peak = aligned.memory.get(f"{MEMORY_PREFIX}peak_mb")
+        peak_mb, peak_of = (gpu_peak, "GPU") if gpu_peak is not None else (aligned.peak_rss_mb, "RSS")
+    return {
+        "job": label,
+        "algorithm": feed.algorithm,
+        "steps": aligned.steps if aligned is not None else max((s for s, _ in feed.series(feed.key("step_s"))),
+                                                               default=None),
+        "final reward (training)": aligned.final.get(reward_key) if aligned is not None else feed.last(reward_key),
+        "reward (held-out)": ev.ppo.reward.mean if ev is not None and ev.ppo.reward is not None else None,
+        "reward gain": ev.reward_diff.mean if ev is not None and ev.reward_diff is not None else None,
+        "gold gain": ev.gold_diff.mean if ev is not None and ev.gold_diff is not None else None,
+        "KL (held-out)": ev.kl if ev is not None else None,
+        "response tokens": ev.ppo.response_tokens.mean if ev is not None else None,
+        "peak memory (MB)": peak_mb,
+        "peak of": peak_of,
+        "s / step": sum(step_s) / len(step_s) if step_s else None,
+    }
+
+
+def side_by_side(evals: dict[str, EvalReport | dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The held-out prompts shown in the runs' evaluate reports (`EvalReport.samples`), each with every run's
+    answer: `{"prompt", "answers": {label: SamplePair fields or None}}`. Prompts every run answered come first,
+    in the order the reports list them; a run that did not show a prompt has None there."""
+    parsed = {label: parse(EvalReport, report) for label, report in evals.items() if report is not None}
+    answers: dict[str, dict[str, dict[str, Any]]] = {}
+    for label, report in parsed.items():
+        for pair in report.samples:
+            answers.setdefault(pair.prompt, {}).setdefault(label, pair.model_dump())
+    rows = [{"prompt": prompt, "answers": {label: by_run.get(label) for label in parsed}}
+            for prompt, by_run in answers.items()]
+    return sorted(rows, key=lambda row: sum(a is None for a in row["answers"].values()))  # stable sort

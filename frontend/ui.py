@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
 import streamlit as st
 
 from edgerlhf.contract import JobStatus
+from frontend import alerts
 from frontend.api_client import ApiError, BackendDown, get_client
+from frontend.live import job_algorithm
 
 T = TypeVar("T")
 
@@ -98,9 +101,51 @@ def duration(job: dict[str, Any]) -> str:
 
 
 def job_label(job: dict[str, Any]) -> str:
-    """A job in a picker. Without its status: a select box keeps showing the label it had when chosen, so a
-    status in it would go stale while the job runs (the page shows the live status elsewhere)."""
-    return f"#{job['id']} {job['name']} ({job['preset']})"
+    """A job in a picker, with its preset and alignment algorithm. Without its status: a select box keeps
+    showing the label it had when chosen, so a status in it would go stale while the job runs (the page shows
+    the live status elsewhere)."""
+    return f"#{job['id']} {job['name']} ({job['preset']}, {job_algorithm(job)})"
+
+
+SYSTEM_TTL = 60.0  # seconds the GPU list (for the memory limit line) is reused before asking /api/system again
+
+
+def gpu_total_mb(client, job: dict[str, Any]) -> tuple[float | None, str | None]:
+    """(memory total, name) of the GPU the job runs on: its worker's GPU (`SystemPublic.workers`), else the
+    backend machine's GPU its device names (`SystemPublic.gpus`); (None, None) without a GPU."""
+    cached = st.session_state.get("job_system")
+    if cached is None or time.time() - cached[0] > SYSTEM_TTL:
+        try:
+            cached = (time.time(), client.system())
+        except (BackendDown, ApiError):
+            cached = (time.time(), None)
+        st.session_state["job_system"] = cached
+    system = cached[1]
+    device = job["config"]["device"]
+    if system is None or device == "cpu":
+        return None, None
+    worker = next((w for w in system["workers"] if w["id"] == job["worker_id"]), None)
+    if worker is not None and worker["gpu_memory_mb"]:  # the worker may be on another machine
+        return float(worker["gpu_memory_mb"]), worker["gpu_name"] or f"GPU {worker['gpu_index']}"
+    if not system["gpus"]:
+        return None, None
+    gpus = system["gpus"]
+    index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+    gpu = next((g for g in gpus if g["index"] == index), gpus[0])
+    return float(gpu["memory_total_mb"]), gpu["name"]
+
+
+def show_alerts(job: dict[str, Any], series: dict[str, list], gpu_total: float | None,
+                title: str | None = None) -> int:
+    """The dashboard's warnings of a job (`frontend.alerts.check_job`: its algorithm's metrics and limits),
+    under `title` when there are any; returns how many."""
+    found = alerts.check_job(job, series, gpu_total_mb=gpu_total)
+    if found and title:
+        st.markdown(title)
+    for a in found:
+        (st.error if a.level == "error" else st.warning)(
+            a.message, icon=":material/error:" if a.level == "error" else ":material/warning:")
+    return len(found)
 
 
 def pick_job(key: str = "job") -> int | None:

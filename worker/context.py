@@ -100,13 +100,16 @@ class DBContext(RunContext):
         return self
 
     def close(self) -> None:
-        """Stop the background thread and write whatever is still buffered."""
+        """Stop the background thread and write whatever is still buffered (the TensorBoard file too)."""
         logging.getLogger().removeHandler(self._handler)
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            super().close()
 
     def __enter__(self) -> DBContext:
         return self.start()

@@ -1,4 +1,13 @@
-"""Compare page: overlay the curves and reports of several jobs.
+"""Compare page: runs of any alignment algorithm side by side.
+
+- Curves overlaid on a common x-axis, steps or samples seen (`charts.X_AXES`); an alignment metric is
+  matched by name across algorithms (`reward_mean` is `ppo/reward_mean` of a PPO job and `grpo/reward_mean`
+  of a GRPO job: `JobFeed.key`).
+- The reward-vs-KL frontier: each sampling run's training trajectory and each finished run's held-out
+  point, so DPO appears too (`charts.frontier_figure`).
+- One row per run: algorithm, rewards, gold gain, KL, length, peak memory, time per step (`reports.run_row`),
+  then the final reports and the precision study.
+- The dashboard's warnings per run (`frontend.alerts`), and the same held-out prompts answered by each run.
 
 Each job's metrics come through the same cursor feeds as the job page (`frontend.live`), so comparing
 running jobs keeps downloading only their new points.
@@ -12,11 +21,114 @@ import streamlit as st
 from edgerlhf.contract import FINISHED, JobStatus
 from frontend import charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
-from frontend.reports import eval_headline, precision_rows
+from frontend.reports import eval_headline, precision_rows, run_row, side_by_side
 
-DEFAULT_KEYS = ["ppo/reward_mean", "ppo/kl", "ppo/response_length", "sft/eval_loss"]
+DEFAULT_NAMES = ["reward_mean", "kl", "response_length", "loss", "sft/eval_loss"]
+"""Curves shown first: alignment metrics by name (each job's algorithm's), then full keys."""
+SHOWN_PROMPTS = 4  # held-out prompts answered side by side
 
-st.title("Compare jobs")
+
+def metric_label(name: str) -> str:
+    """An alignment metric by name reads as `<algorithm>/reward_mean`; a full key as it is."""
+    return name if "/" in name else f"<algorithm>/{name}"
+
+
+def curves(feeds: dict[str, live.JobFeed]) -> None:
+    names = sorted({n for feed in feeds.values() for n in feed.names()}, key=lambda n: ("/" in n, n))
+    if not names:
+        st.info("The chosen jobs have no metrics yet.")
+        return
+    left, right = st.columns([3, 1])
+    picked = left.multiselect("Metrics", names, default=[n for n in DEFAULT_NAMES if n in names] or names[:2],
+                              format_func=metric_label, key="compare_keys",
+                              help="An alignment metric without a namespace (reward_mean, kl …) is each job's own "
+                                   "algorithm's: a PPO job's ppo/reward_mean overlays a GRPO job's grpo/reward_mean.")
+    x = right.radio("x-axis", list(charts.X_AXES), format_func=charts.X_AXES.get, key="compare_x", horizontal=True,
+                    help="Samples seen = step × what a step consumed, from each job's config: its rollout batch "
+                         "(ppo.batch_size responses) for PPO, GRPO and RLOO; dpo.batch_size × dpo.grad_accum preference "
+                         "pairs for DPO; the batch × accumulation of SFT, warm-up and the reward model.")
+    cols = st.columns(2)
+    for i, name in enumerate(picked):
+        cols[i % 2].plotly_chart(charts.compare_figure(feeds, name, x), key=f"cmp-{name}", width="stretch")
+
+
+def frontier(feeds: dict[str, live.JobFeed]) -> None:
+    st.markdown("#### Reward vs KL")
+    fig = charts.frontier_figure(feeds)
+    if not fig.data:
+        st.caption("No reward and KL yet: the frontier fills as the runs train and evaluate.")
+        return
+    st.plotly_chart(fig, key="cmp-frontier", width="stretch")
+    st.caption("Up and to the left is better: more reward for less distance from the SFT policy. Lines: the "
+               "training batches, step by step; ★: the aligned policy on held-out prompts (evaluate), joined to its "
+               "SFT policy at KL 0. DPO trains without sampling, so it shows by its held-out point only.")
+
+
+def runs_table(feeds: dict[str, live.JobFeed]) -> None:
+    st.markdown("#### Runs")
+    with st.container(key="cmp-runs"):  # a plain table: a few rows, readable in any screenshot
+        st.table(pd.DataFrame([run_row(label, feed) for label, feed in feeds.items()]), hide_index=True)
+    st.caption("Training reward: the mean of the last steps (DPO samples nothing while it trains). Held-out: the "
+               "aligned policy on the evaluate stage's prompts; gains are over the run's own SFT policy, gold "
+               "gain on the known-answer task only. Peak memory and time per step are the alignment stage's.")
+
+    reports = {label: feed.report for label, feed in feeds.items() if feed.report is not None}
+    st.markdown("#### Final reports (SFT vs the aligned policy: PPO, GRPO, RLOO or DPO)")
+    rows = [{"job": label, **eval_headline(r.evaluate)} for label, r in reports.items() if r.evaluate is not None]
+    if rows:
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+        st.caption("\"PPO\" columns are each run's aligned policy, whichever algorithm trained it.")
+    else:
+        st.caption("None of the chosen jobs has finished its evaluate stage.")
+
+    st.markdown("#### Reward-model precision study")
+    study = [{"job": label, **row} for label, r in reports.items() for row in precision_rows(r.reward)]
+    if study:
+        st.dataframe(pd.DataFrame(study), hide_index=True, width="stretch")
+    else:
+        st.caption("None of the chosen jobs has finished its reward stage.")
+
+
+def warnings(feeds: dict[str, live.JobFeed]) -> None:
+    st.markdown("#### Warnings")
+    quiet = []
+    for label, feed in feeds.items():
+        if feed.job is None:
+            continue
+        gpu_total, _ = ui.gpu_total_mb(client, feed.job)
+        with st.container(key=f"cmp-alerts-{feed.job_id}"):
+            if not ui.show_alerts(feed.job, feed.all_series(), gpu_total, title=f"**{label}** ({feed.algorithm})"):
+                quiet.append(label)
+    if quiet:
+        st.caption(f"No warning for {', '.join(quiet)}.")
+
+
+def held_out_answers(feeds: dict[str, live.JobFeed]) -> None:
+    st.markdown("#### The same held-out prompts, answered by each run")
+    evals = {label: feed.report.evaluate for label, feed in feeds.items() if feed.report is not None}
+    rows = side_by_side({label: ev for label, ev in evals.items() if ev is not None})
+    if not rows:
+        st.caption("Appears when the chosen jobs have finished their evaluate stage.")
+        return
+    for i, row in enumerate(rows[:SHOWN_PROMPTS]):
+        with st.container(border=True, key=f"cmp-prompt-{i}"):
+            st.caption("Prompt")
+            st.text(ui.tail(row["prompt"], 500))
+            for col, (label, pair) in zip(st.columns(len(row["answers"])), row["answers"].items()):
+                col.markdown(f"**{label}** ({feeds[label].algorithm})")
+                if pair is None:
+                    col.caption("not among this run's shown samples")
+                    continue
+                facts = [f"reward {ui.fmt(pair['ppo_reward'])}"] if pair["ppo_reward"] is not None else []
+                facts += [f"gold {ui.fmt(pair['ppo_gold'])}"] if pair["ppo_gold"] is not None else []
+                col.caption(" · ".join(facts) or "no reward model")
+                col.text(pair["ppo"] or "(empty)")
+    shared = sum(all(a is not None for a in row["answers"].values()) for row in rows)
+    st.caption(f"{shared} prompt(s) shown by every run (same data and seed give the same held-out split); each "
+               "run's evaluate report shows `evaluate.n_show` of its prompts.")
+
+
+st.title("Compare runs")
 client = get_client()
 jobs = ui.call(client.list_jobs, limit=200)
 if not jobs:
@@ -27,7 +139,7 @@ if not jobs:
 by_id = {j["id"]: j for j in jobs}
 default = [j["id"] for j in jobs if j["status"] in (JobStatus.succeeded, JobStatus.running)][:2] or [jobs[0]["id"]]
 chosen = st.multiselect("Jobs", list(by_id), default=default, format_func=lambda i: ui.job_label(by_id[i]),
-                        key="compare_jobs")
+                        key="compare_jobs", help="Runs of any algorithm: PPO, GRPO, RLOO and DPO compare side by side.")
 if not chosen:
     st.stop()
 
@@ -44,30 +156,11 @@ def panel() -> None:
         except ApiError as exc:
             st.error(f"Job #{jid}: {exc.message}")
         feeds[f"#{jid} {by_id[jid]['name']}"] = feed
-    keys = sorted({k for f in feeds.values() for k in f.keys()})
-    if not keys:
-        st.info("The chosen jobs have no metrics yet.")
-        return
-    picked = st.multiselect("Metrics", keys, default=[k for k in DEFAULT_KEYS if k in keys] or keys[:2],
-                            key="compare_keys")
-    cols = st.columns(2)
-    for i, key in enumerate(picked):
-        cols[i % 2].plotly_chart(charts.compare_figure(feeds, key), key=f"cmp-{key}", width="stretch")
-
-    st.markdown("#### Final reports (SFT vs PPO)")
-    reports = {label: feed.report for label, feed in feeds.items() if feed.report is not None}
-    rows = [{"job": label, **eval_headline(r.evaluate)} for label, r in reports.items() if r.evaluate is not None]
-    if rows:
-        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-    else:
-        st.caption("None of the chosen jobs has finished its evaluate stage.")
-
-    st.markdown("#### Reward-model precision study")
-    study = [{"job": label, **row} for label, r in reports.items() for row in precision_rows(r.reward)]
-    if study:
-        st.dataframe(pd.DataFrame(study), hide_index=True, width="stretch")
-    else:
-        st.caption("None of the chosen jobs has finished its reward stage.")
+    curves(feeds)
+    frontier(feeds)
+    runs_table(feeds)
+    warnings(feeds)
+    held_out_answers(feeds)
 
 
 any_active = any(JobStatus(by_id[j]["status"]) not in FINISHED for j in chosen)

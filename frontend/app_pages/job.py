@@ -1,5 +1,8 @@
 """Job page: one job, live. Stage timeline, curves, warnings, samples, log tail, reports.
 
+The alignment stage's curves and warnings follow the job's algorithm (`PipelineConfig.algorithm`): reward, KL
+and diagnostics of PPO, GRPO or RLOO under their own namespace (`grpo/kl`), DPO's loss, accuracy, margin and KL.
+
 The job is named in the URL (`/job?job=12`), so a reloaded tab re-attaches to it: the new session pulls
 the job's history once from the backend and then, every two seconds, only the rows after its cursors
 (`frontend.live`). Everything below the job picker is one fragment that refreshes itself while the job is
@@ -8,45 +11,18 @@ queued or running and stops once it has finished.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 from edgerlhf.contract import MEMORY_PREFIX, SAMPLED_PREFIX, JobStatus, StageStatus
-from frontend import alerts, charts, live, ui
+from frontend import charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
 from frontend.reports import eval_headline, eval_pairs, eval_rows, precision_rows
 
 # (Plain comments, not attribute docstrings: Streamlit's "magic" would print a bare string in a page.)
 REFRESH_SECONDS = 2.0  # how often the live panel asks for new rows
-SYSTEM_TTL = 60.0  # seconds the GPU list (for the memory limit line) is reused before asking /api/system again
-
-
-def gpu_total_mb(client, job: dict[str, Any]) -> tuple[float | None, str | None]:
-    """(memory total, name) of the GPU the job runs on: its worker's GPU (`SystemPublic.workers`), else the
-    backend machine's GPU its device names (`SystemPublic.gpus`); (None, None) without a GPU."""
-    cached = st.session_state.get("job_system")
-    if cached is None or time.time() - cached[0] > SYSTEM_TTL:
-        try:
-            cached = (time.time(), client.system())
-        except (BackendDown, ApiError):
-            cached = (time.time(), None)
-        st.session_state["job_system"] = cached
-    system = cached[1]
-    device = job["config"]["device"]
-    if system is None or device == "cpu":
-        return None, None
-    worker = next((w for w in system["workers"] if w["id"] == job["worker_id"]), None)
-    if worker is not None and worker["gpu_memory_mb"]:  # the worker may be on another machine
-        return float(worker["gpu_memory_mb"]), worker["gpu_name"] or f"GPU {worker['gpu_index']}"
-    if not system["gpus"]:
-        return None, None
-    gpus = system["gpus"]
-    index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
-    gpu = next((g for g in gpus if g["index"] == index), gpus[0])
-    return float(gpu["memory_total_mb"]), gpu["name"]
 
 
 STAGE_ICON = {StageStatus.pending: "○", StageStatus.running: "▶", StageStatus.succeeded: "✔",
@@ -58,7 +34,7 @@ def header(client, feed: live.JobFeed) -> None:
     status = JobStatus(job["status"])
     left, right = st.columns([4, 2])
     left.subheader(f"{ui.status_icon(status)} Job #{job['id']} · {job['name']}")
-    facts = [f"status **{status.value}**", f"preset `{job['preset']}`"]
+    facts = [f"status **{status.value}**", f"algorithm **{feed.algorithm.upper()}**", f"preset `{job['preset']}`"]
     if job["stage"]:
         facts.append(f"stage **{job['stage']}**")
     if job["queue_position"]:
@@ -99,14 +75,6 @@ def header(client, feed: live.JobFeed) -> None:
                      text=f"{STAGE_ICON[stage_status]} {s['stage']} · {stage_status.value}")
 
 
-def show_alerts(feed: live.JobFeed, gpu_total: float | None) -> None:
-    ppo_cfg = feed.job["config"]["ppo"]
-    found = alerts.check_all(feed.all_series(), gpu_total_mb=gpu_total, target_kl=ppo_cfg["target_kl"],
-                             max_response_length=ppo_cfg["response_length"])
-    for a in found:
-        (st.error if a.level == "error" else st.warning)(a.message, icon=":material/error:" if a.level == "error" else ":material/warning:")
-
-
 def sample_card(s: dict[str, Any], key: str) -> None:
     with st.container(border=True, key=key):
         meta = [f"{s['stage']} step {s['step']}", f"reward **{ui.fmt(s['reward'])}**"]
@@ -121,33 +89,53 @@ def sample_card(s: dict[str, Any], key: str) -> None:
         st.text(s["response"] or "(empty)")
 
 
-def overview(feed: live.JobFeed, jid: int) -> None:
+def sampling_curves(feed: live.JobFeed, jid: int) -> bool:
+    """PPO's, GRPO's or RLOO's curves, in the job's algorithm's namespace; True once a step has been logged."""
+    name, reward = feed.algorithm.upper(), feed.key("reward_mean")
     c1, c2 = st.columns(2)
-    if feed.series("ppo/reward_mean"):
+    if feed.series(reward):
         c1.plotly_chart(charts.reward_figure(feed), key=f"j{jid}-reward", width="stretch")
-        n = len(feed.series("ppo/reward_mean"))
-        c1.caption(f"{n} PPO steps · last reward mean {ui.fmt(feed.last('ppo/reward_mean'))}")
+        c1.caption(f"{len(feed.series(reward))} {name} steps · last reward mean {ui.fmt(feed.last(reward))}")
     else:
-        c1.info("Reward curve: no PPO step yet (PPO runs after SFT and the reward model).")
-    if feed.series("ppo/kl"):
+        c1.info(f"Reward curve: no {name} step yet ({name} runs after SFT and the reward model).")
+    if feed.series(feed.key("kl")):
         c2.plotly_chart(charts.kl_figure(feed), key=f"j{jid}-kl", width="stretch")
     else:
-        c2.info("KL: no PPO step yet.")
-    if feed.series("ppo/policy_loss") or feed.series("ppo/value_loss"):
-        c3, c4 = st.columns(2)
-        c3.plotly_chart(charts.keys_figure(feed, ["ppo/policy_loss"], "Policy loss", "ppo"),
-                        key=f"j{jid}-pl", width="stretch")
-        c4.plotly_chart(charts.keys_figure(feed, ["ppo/value_loss"], "Value loss", "ppo"),
-                        key=f"j{jid}-vl", width="stretch")
+        c2.info(f"KL: no {name} step yet.")
+    losses = [key for key in (feed.key("policy_loss"), feed.key("value_loss")) if feed.series(key)]
+    if losses:
+        for col, key in zip(st.columns(len(losses)), losses):
+            title = "Policy loss" if key.endswith("policy_loss") else "Value loss"  # only PPO has a value head
+            col.plotly_chart(charts.keys_figure(feed, [key], title, "ppo"), key=f"j{jid}-{key}", width="stretch")
         st.plotly_chart(charts.diagnostics_figure(feed), key=f"j{jid}-diag", width="stretch")
-    if not feed.series("ppo/reward_mean") and (feed.series("sft/loss") or feed.keys()):
+    return bool(feed.series(reward))
+
+
+def dpo_curves(feed: live.JobFeed, jid: int) -> bool:
+    """DPO's curves: its preference loss, accuracy, margin and implicit rewards, and its KL; True once a step
+    has been logged."""
+    if not feed.series(feed.key("loss")):
+        st.info("DPO: no step yet (DPO runs after SFT, on the preference pairs).")
+        return False
+    st.plotly_chart(charts.dpo_figure(feed), key=f"j{jid}-dpo", width="stretch")
+    c1, c2 = st.columns(2)
+    c1.caption(f"{len(feed.series(feed.key('loss')))} DPO steps · last loss {ui.fmt(feed.last(feed.key('loss')))} · "
+               f"last accuracy {ui.fmt(feed.last(feed.key('accuracy')))}")
+    if feed.series(feed.key("kl")):
+        c2.plotly_chart(charts.kl_figure(feed), key=f"j{jid}-kl", width="stretch")
+    return True
+
+
+def overview(feed: live.JobFeed, jid: int) -> None:
+    aligned = dpo_curves(feed, jid) if feed.algorithm == "dpo" else sampling_curves(feed, jid)
+    if not aligned and (feed.series("sft/loss") or feed.keys()):
         st.plotly_chart(charts.keys_figure(feed, ["sft/loss", "sft/eval_loss"], "SFT loss", "sft"),
                         key=f"j{jid}-sft-overview", width="stretch")
 
     st.markdown("#### Latest sample generations")
     recent = [s for s in feed.samples if s["kind"] != "probe"][-3:][::-1]
     if not recent:
-        st.caption("No samples yet: they arrive every few SFT/PPO steps.")
+        st.caption(f"No samples yet: they arrive every few SFT/{feed.algorithm.upper()} steps.")
     for s in recent:
         sample_card(s, key=f"sample-card-{s['id']}")
 
@@ -213,19 +201,21 @@ def logs_tab(feed: live.JobFeed) -> None:
 
 def report_tab(feed: live.JobFeed, jid: int) -> None:
     report = feed.report.evaluate if feed.report is not None else None
+    aligned = feed.algorithm.upper()  # the report calls the aligned side `ppo` whichever algorithm trained it
     if report is None:
-        st.caption("The final report (SFT vs PPO) appears when the evaluate stage has finished.")
+        st.caption(f"The final report (SFT vs {aligned}) appears when the evaluate stage has finished.")
     else:
-        st.markdown("#### SFT vs PPO")
-        head = eval_headline(report)
+        st.markdown(f"#### SFT vs {aligned}")
+        named = {"PPO": aligned, "PPO − SFT": f"{aligned} − SFT"}
+        head = {k.replace("PPO", aligned): v for k, v in eval_headline(report).items()}
         cols = st.columns(min(5, max(1, len(head))))
         for i, (k, v) in enumerate(head.items()):
             cols[i % len(cols)].metric(k, ui.fmt(v))
         left, right = st.columns([3, 2])
-        left.dataframe(pd.DataFrame(eval_rows(report)), hide_index=True, width="stretch")
+        left.dataframe(pd.DataFrame(eval_rows(report)).rename(columns=named), hide_index=True, width="stretch")
         left.caption(f"{report.n_prompts} held-out prompts × {report.samples_per_prompt} "
                      "samples; the interval is a bootstrap interval of the per-prompt difference "
-                     "(PPO better when it excludes 0). The gold at equal length compares the policies within "
+                     f"({aligned} better when it excludes 0). The gold at equal length compares the policies within "
                      "strata of equal response length, so a gain there is content, not length; the last rows "
                      "are shares of responses.")
         right.plotly_chart(charts.eval_figure(report), key=f"j{jid}-eval", width="stretch")
@@ -234,10 +224,8 @@ def report_tab(feed: live.JobFeed, jid: int) -> None:
                 st.caption("Prompt")
                 st.text(ui.tail(pair["prompt"], 600))
                 cols = st.columns(2)
-                for col, who in zip(cols, ("sft", "ppo")):
-                    gold = pair[f"{who}_gold"]
-                    extra = f" · gold {ui.fmt(gold)}" if gold is not None else ""
-                    col.markdown(f"**{who.upper()}** · reward {ui.fmt(pair[f'{who}_reward'])}{extra}")
+                for col, who, name in zip(cols, ("sft", "ppo"), ("SFT", aligned)):
+                    col.markdown(f"**{name}** · {answer_facts(pair[f'{who}_reward'], pair[f'{who}_gold'])}")
                     col.text(pair[who])
     if feed.report is not None and feed.report.ppo is not None:
         export_section(jid)
@@ -246,6 +234,13 @@ def report_tab(feed: live.JobFeed, jid: int) -> None:
     if others:
         with st.expander("Stage reports (JSON)"):
             st.json(others, expanded=False)
+
+
+def answer_facts(reward: float | None, gold: float | None) -> str:
+    """`reward 0.31 · gold -2` of a held-out answer: what the run measured of it."""
+    facts = [f"reward {ui.fmt(reward)}"] if reward is not None else []
+    facts += [f"gold {ui.fmt(gold)}"] if gold is not None else []
+    return " · ".join(facts) or "no reward model"
 
 
 DOWNLOAD_LIMIT = 200 * 1024 * 1024
@@ -258,7 +253,7 @@ def export_section(jid: int) -> None:
     key = f"export-{jid}"
     client = get_client()
     if st.button("Export model", key=f"{key}-button",
-                 help="Merge the PPO adapter into the SFT model: one directory that "
+                 help="Merge the aligned policy's adapter into the SFT model: one directory that "
                       "`AutoModelForCausalLM.from_pretrained` loads anywhere, with the tokenizer and chat template."):
         with st.spinner("Merging the policy…"):
             st.session_state[key] = ui.call(client.export_job, jid)
@@ -304,9 +299,9 @@ def panel() -> None:
             st.error(f"Backend error {exc.status}: {exc.message}")
         if feed.job is None:
             return
-    gpu_total, gpu_name = gpu_total_mb(client, feed.job)
+    gpu_total, gpu_name = ui.gpu_total_mb(client, feed.job)
     header(client, feed)
-    show_alerts(feed, gpu_total)
+    ui.show_alerts(feed.job, feed.all_series(), gpu_total)
     tabs = st.tabs(["Overview", "SFT & reward model", "Memory", "Samples", "Logs", "Report"])
     with tabs[0]:
         overview(feed, job_id)

@@ -9,6 +9,9 @@ opens the new job's page. Beside the config, a job may ask for a minimum GPU mem
 only a worker whose GPU has that much takes it. "Arena votes" trains the job on the Arena page's votes, alone
 or mixed with the data set: at launch a snapshot of them becomes `data.votes_file` (`frontend.arena`).
 
+The alignment algorithm (`algorithm`: PPO, GRPO, RLOO or DPO) decides which settings follow: the sampling
+algorithms' (`ppo.*`, shared by PPO, GRPO and RLOO; a few PPO's own) or DPO's (`dpo.*`).
+
 Below the fields, the memory plan (`POST /api/plan`, `edgerlhf.plan`) follows every change: each stage's
 planned peak, whether it fits the GPU the job would be checked against, what dominates, and for a stage
 that does not fit the cheapest change that makes it fit. The backend refuses a job that does not fit
@@ -22,7 +25,7 @@ from typing import Any
 
 import streamlit as st
 
-from edgerlhf.contract import PRECISIONS, STAGES, merge_overrides
+from edgerlhf.contract import ALGORITHMS, PRECISIONS, STAGES, merge_overrides
 from frontend import arena, ui
 from frontend.api_client import ApiClient, ApiError, BackendDown, get_client
 
@@ -32,6 +35,7 @@ from frontend.api_client import ApiClient, ApiError, BackendDown, get_client
 # overrides (JSON)".
 FIELDS: list[tuple[str, str, str, list[str] | None]] = [
     ("Run", "stages", "Stages to run", list(STAGES)),
+    ("Run", "algorithm", "Alignment algorithm", list(ALGORITHMS)),
     ("Run", "device", "Device", ["auto", "cpu", "cuda"]),
     ("Run", "seed", "Seed", None),
     ("Model", "model.name_or_path", "Base model", None),
@@ -52,15 +56,38 @@ FIELDS: list[tuple[str, str, str, list[str] | None]] = [
     ("PPO", "ppo.steps", "PPO steps", None),
     ("PPO", "ppo.batch_size", "PPO rollout batch size", None),
     ("PPO", "ppo.mini_batch_size", "PPO minibatch size", None),
+    ("PPO", "ppo.samples_per_prompt", "Samples per prompt (group size)", None),
     ("PPO", "ppo.learning_rate", "PPO learning rate", None),
     ("PPO", "ppo.init_kl_coef", "Initial KL coefficient", None),
     ("PPO", "ppo.target_kl", "Target KL", None),
     ("PPO", "ppo.response_length", "Max response tokens", None),
     ("PPO", "ppo.reward_precision", "Reward model scoring PPO", list(PRECISIONS)),
     ("PPO", "ppo.sample_every", "Log samples every N steps", None),
+    ("DPO", "dpo.beta", "DPO beta", None),
+    ("DPO", "dpo.loss_type", "DPO loss", ["sigmoid", "ipo", "hinge"]),
+    ("DPO", "dpo.max_steps", "DPO steps", None),
+    ("DPO", "dpo.batch_size", "DPO batch size (pairs)", None),
+    ("DPO", "dpo.grad_accum", "DPO gradient accumulation", None),
+    ("DPO", "dpo.learning_rate", "DPO learning rate", None),
+    ("DPO", "dpo.max_length", "DPO max tokens per pair side", None),
+    ("DPO", "dpo.eval_every", "DPO held-out evaluation every N steps", None),
     ("Evaluate", "evaluate.n_prompts", "Evaluation prompts", None),
 ]
-LAYOUT = [["Run", "Model", "Data"], ["SFT", "Reward model"], ["PPO", "Evaluate"]]
+LAYOUT = [["Run", "Model", "Data"], ["SFT", "Reward model"], ["PPO", "DPO", "Evaluate"]]
+ALGORITHM_HELP = {
+    "ppo": "clipped policy gradient, value head and GAE, adaptive KL penalty in the reward",
+    "grpo": "each response scored against its group of samples; KL in the loss; no value head",
+    "rloo": "leave-one-out baseline over a prompt's samples; KL in the reward; no value head",
+    "dpo": "offline on the preference pairs: no sampling, no reward model needed",
+}
+"""One line per algorithm for the select box (the field's ⓘ holds `PipelineConfig.algorithm`'s docstring)."""
+SECTION_ALGORITHMS = {"PPO": ("ppo", "grpo", "rloo"), "DPO": ("dpo",)}
+"""Sections shown only for some algorithms: `ppo.*` holds the settings of every sampling algorithm."""
+FIELD_ALGORITHMS = {"ppo.target_kl": ("ppo",)}
+"""Fields of a shown section that only some of its algorithms read (the adaptive KL controller is PPO's)."""
+BY_ALGORITHM = ("ppo.samples_per_prompt",)
+"""Fields whose default the config derives from the algorithm (None: 1 for PPO, 4 for GRPO and RLOO). The preset
+shows the value derived for its own algorithm; for another one the field starts empty, so the config derives it."""
 ERRORS = "new_job_errors"  # session key: {field path: message} from the last rejected submit
 MIN_GPU = "min_gpu_memory_mb"  # the job-level field of `JobCreate` (not part of the config)
 OVERRIDE = "override_memory_plan"  # the job-level field that queues a job the memory plan refuses
@@ -115,6 +142,17 @@ def set_path(config: dict[str, Any], path: str, value: Any) -> None:
     node[last] = value
 
 
+def algorithm_option(name: str) -> str:
+    """`GRPO — each response scored against its group …`: an algorithm and what sets it apart."""
+    return f"{name.upper()} — {ALGORITHM_HELP[name]}" if name in ALGORITHM_HELP else name
+
+
+def shown(section: str, path: str, algorithm: str) -> bool:
+    """Whether the form shows field `path` of `section` for the chosen algorithm."""
+    return algorithm in SECTION_ALGORITHMS.get(section, (algorithm,)) and \
+        algorithm in FIELD_ALGORITHMS.get(path, (algorithm,))
+
+
 def widget(field: dict[str, Any], label: str, options: list[str] | None, default: Any, key: str) -> Any:
     """The input for one config field; its kind follows the field's `type`."""
     kind, optional = field["type"].removesuffix(" | None"), field["type"].endswith(" | None")
@@ -137,7 +175,8 @@ def widget(field: dict[str, Any], label: str, options: list[str] | None, default
         opts = list(options)
         if default not in opts:
             opts.insert(0, default)
-        return st.selectbox(label, opts, index=opts.index(default), key=key, help=help_)
+        return st.selectbox(label, opts, index=opts.index(default), key=key, help=help_,
+                            format_func=algorithm_option if field["path"] == "algorithm" else str)
     value = st.text_input(label, value="" if default is None else str(default), key=key, help=help_)
     return (value.strip() or None) if optional else value
 
@@ -242,12 +281,23 @@ with st.container(border=True):
     for column, sections in zip(st.columns(len(LAYOUT)), LAYOUT):
         with column:
             for section in sections:
-                st.subheader(section, divider="gray")
+                # The Run column comes first, so the algorithm is chosen before its settings are drawn.
+                algorithm = values.get("algorithm", defaults["algorithm"])
+                if algorithm not in SECTION_ALGORITHMS.get(section, (algorithm,)):
+                    continue
+                sampling = section == "PPO" and algorithm != "ppo"  # GRPO and RLOO read the `ppo` section
+                st.subheader(f"{algorithm.upper()} (`ppo.*`)" if sampling else section, divider="gray")
+                if section == "DPO" and "reward" not in values.get("stages", defaults["stages"]):
+                    st.caption("Without the reward stage, the evaluation measures gold, length and KL, not reward.")
                 for sec, path, label, options in FIELDS:
-                    if sec != section:
+                    if sec != section or not shown(section, path, algorithm):
                         continue
-                    values[path] = widget(fields[path], label, options, get_path(defaults, path),
-                                          key=f"nj:{preset}:{path}")
+                    default, key = get_path(defaults, path), f"nj:{preset}:{path}"
+                    if path in BY_ALGORITHM:
+                        default = default if algorithm == defaults["algorithm"] else None
+                        key = f"nj:{preset}:{algorithm}:{path}"  # a fresh widget when the algorithm changes
+                    values[path] = widget(fields[path], label.replace("PPO", algorithm.upper()) if sampling else label,
+                                          options, default, key=key)
                     field_error(path, errors)
     arena_votes = arena.votes_option(client, key=f"nj:{preset}:votes")  # train on the Arena page's votes
     extra_text = st.text_area("Extra overrides (JSON, applied last)", key=f"nj:{preset}:extra",

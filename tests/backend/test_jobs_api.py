@@ -247,3 +247,22 @@ def test_server_errors_never_show_a_traceback(client, app):
     assert response.status_code == 500
     assert response.json() == {"detail": "internal server error"}
     assert "Traceback" not in response.text and "metrics" not in response.text
+
+
+def test_a_wrong_algorithm_is_a_422_naming_the_field_and_stores_nothing(client, app):
+    before = row_counts(app)
+    response = client.post("/api/jobs", json={"preset": "tiny", "overrides": {"algorithm": "a2c"}})
+    assert response.status_code == 422, response.text
+    assert field_of(response) == ["body", "overrides", "algorithm"]
+    message = response.json()["detail"][0]["msg"]
+    assert "'a2c'" in message and all(name in message for name in ("ppo", "grpo", "rloo", "dpo"))
+    assert row_counts(app) == before
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dpo"])
+def test_the_chosen_algorithm_is_stored_in_the_jobs_config(client, algorithm):
+    body = {"preset": "tiny", "overrides": {"algorithm": algorithm, "dpo": {"beta": 0.2}}}
+    created = client.post("/api/jobs", json=body)
+    assert created.status_code in (200, 201), created.text
+    stored = client.get(f"/api/jobs/{created.json()['id']}").json()["config"]
+    assert stored["algorithm"] == algorithm and stored["dpo"]["beta"] == 0.2

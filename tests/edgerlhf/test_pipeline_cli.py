@@ -159,3 +159,14 @@ def test_cli_paths_are_absolute_and_bare_names_are_never_read_from_disk(tmp_path
     (tmp_path / "etc").mkdir()
     with pytest.raises(ModelLoadError, match="hub cannot be reached"):
         load_tokenizer("etc")
+
+
+def test_algorithm_flag_is_short_for_set_algorithm(capsys, tmp_path):
+    assert main(["--run-dir", str(tmp_path), "--algorithm", "grpo", "--print-config"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["algorithm"] == "grpo" and config["ppo"]["samples_per_prompt"] >= 2
+    assert main(["--run-dir", str(tmp_path), "--algorithm", "grpo", "--set", "algorithm=rloo", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["algorithm"] == "rloo"  # a later --set wins
+    with pytest.raises(SystemExit) as exc:
+        main(["--run-dir", str(tmp_path), "--algorithm", "a2c"])
+    assert exc.value.code == 2 and "invalid choice: 'a2c'" in capsys.readouterr().err

@@ -175,7 +175,7 @@ def test_new_job_form_help_is_the_config_fields_docstring(backend, dashboard_env
     assert not at.exception, at.exception
 
     steps = at.number_input(key="nj:tiny:ppo.steps")
-    assert fields["ppo.steps"]["help"].startswith("PPO iterations")  # the docstring of PPOConfig.steps
+    assert fields["ppo.steps"]["help"].startswith("Iterations")  # the docstring of PPOConfig.steps
     assert steps.help.startswith(fields["ppo.steps"]["help"] + "\n\n"), steps.help
     assert "`ppo.steps`" in steps.help and "accepts [1, 1,000,000]" in steps.help
     assert "preset default: `30`" in steps.help
