@@ -646,8 +646,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sft": {"lora_r": 8, "lora_alpha": 16, "target_modules": ["c_attn", "c_proj"], "modules_to_save": ["lm_head"],
                 "learning_rate": 2e-3, "max_steps": 150, "batch_size": 8, "max_length": 192, "eval_every": 50,
                 "sample_every": 50},
+        # The reward LoRA also adapts the token embedding: a random base's hidden states carry no word features
+        # for a score head to read (a pretrained model's do), and content golds are about words.
         "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 8, "lora_alpha": 16, "learning_rate": 3e-3,
-                   "head_lr_scale": 30.0, "max_steps": 300, "batch_size": 8, "max_length": 192, "eval_every": 150},
+                   "head_lr_scale": 30.0, "max_steps": 300, "batch_size": 8, "max_length": 192, "eval_every": 150,
+                   "target_modules": ["c_attn", "c_proj", "wte"]},
         # PPO sized so its gold gain over SFT is significant in about 2 CPU minutes: 8 prompts x 4 samples per
         # step with a leave-one-out baseline (the reward model's offsets between prompts dwarf the differences
         # between answers), whitened scores; 4 samples per held-out prompt narrow the bootstrap interval.
