@@ -22,13 +22,22 @@ def test_table_has_a_row_per_run_and_counts_the_seeds_where_a_gold_was_learned()
             row("concise", 0, False, -0.2, True)]
     text = known_answer.table(rows)
     lines = text.splitlines()
-    assert lines[0].startswith("| gold | seed | gold gain PPO − SFT | gain at equal length")
-    assert ("| question | 0 | +0.200 [+0.100, +0.300] | +0.050 [+0.020, +0.100] | -3.0 | 1.50 | 0.980 | 250 | "
+    assert lines[0].startswith("| gold | algorithm | seed | gold gain aligned − SFT | gain at equal length")
+    assert ("| question | ppo | 0 | +0.200 [+0.100, +0.300] | +0.050 [+0.020, +0.100] | -3.0 | 1.50 | 0.980 | 250 | "
             "2%/0% | yes |") in lines
-    assert "- `question`: learned in 1 of 2 seeds (gain at equal length above 0); gold-length correlation in the " \
-           "data -0.100" in lines
-    assert any(line.startswith("- `concise`: learned in 1 of 1 seeds (plain gain: a gold about length")
+    assert "- `question` with ppo: learned in 1 of 2 seeds (gain at equal length above 0); gold-length correlation " \
+           "in the data -0.100" in lines
+    assert any(line.startswith("- `concise` with ppo: learned in 1 of 1 seeds (plain gain: a gold about length")
                for line in lines)
+
+
+def test_table_counts_each_algorithm_apart():
+    rows = [row("you", 0, True, 0.02, True), {**row("you", 0, True, -0.01, False), "algorithm": "dpo"},
+            {**row("you", 1, True, 0.01, True), "algorithm": "dpo"}]
+    lines = known_answer.table(rows).splitlines()
+    assert any(line.startswith("| you | dpo | 0 |") and line.endswith("| no |") for line in lines)
+    assert any(line.startswith("- `you` with ppo: learned in 1 of 1 seeds") for line in lines)
+    assert any(line.startswith("- `you` with dpo: learned in 1 of 2 seeds") for line in lines)
 
 
 def test_the_command_is_dispatched_and_refuses_a_bad_configuration(capsys):
