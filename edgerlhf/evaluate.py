@@ -1,10 +1,12 @@
-"""Stage 5 — evaluation: the SFT policy against the PPO policy on held-out prompts.
+"""Stage 5 — evaluation: the SFT policy against the aligned policy (PPO, GRPO, RLOO or DPO) on held-out prompts.
 
 For each of `evaluate.n_prompts` held-out prompts (data/test_prefs.jsonl), both policies sample fresh
 responses with the PPO sampling settings; we report the mean reward of each (the reward model PPO was
 trained against), the win rate of PPO over SFT judged by that reward model, the KL of the PPO policy from
 the reference (= SFT) policy on its own samples, and, on the known-answer task (`data.labels = "gold"`),
-the gold score of both (`edgerlhf.gold`). Differences PPO - SFT get paired percentile-bootstrap
+the gold score of both (`edgerlhf.gold`). "PPO" is whichever algorithm trained `ppo/adapter`
+(`EvalReport.algorithm`); a DPO run, trained without a reward model, is scored by the run's reward model
+when the reward stage ran and has no reward figures otherwise (gold, length and KL stay). Differences PPO - SFT get paired percentile-bootstrap
 confidence intervals over prompts (Efron & Tibshirani 1993), so "PPO is better" is a tested claim, as in
 the gold-reward-model set-up of Gao et al. 2022.
 
@@ -32,12 +34,12 @@ import torch
 from edgerlhf import gold, memory
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import PPO_ADAPTER, TEST_PREFS
+from edgerlhf.contract import PPO_ADAPTER, TEST_PREFS, reward_dir
 from edgerlhf.data import read_prefs
 from edgerlhf.dialogue import PromptFormat
 from edgerlhf.errors import require
 from edgerlhf.generation import Sampling, concat_rollouts, generate
-from edgerlhf.models import resolve_device
+from edgerlhf.models import SCORE_HEAD_FILE, resolve_device
 from edgerlhf.oom import MicroBatch, chunks, planner_hint
 from edgerlhf.ppo import build_models, sequence_kl
 from edgerlhf.reports import EvalReport
@@ -179,21 +181,25 @@ def _summary(values) -> dict[str, float]:
 
 
 def markdown_report(report: dict[str, Any]) -> str:
-    """A short human-readable version of the report."""
+    """A short human-readable version of the report (its aligned side named after the algorithm that trained it)."""
     def ci(d):
         return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
+    name = report.get("algorithm", "ppo").upper()
+    scored = report["reward_diff"] is not None
+    rm = f"reward model {report['reward_precision']}" if scored else "no reward model"
     lines = [
-        "# Evaluation: SFT vs PPO",
+        f"# Evaluation: SFT vs {name}",
         "",
-        f"{report['n_prompts']} held-out prompts x {report['samples_per_prompt']} samples, reward model "
-        f"{report['reward_precision']}, {int(report['confidence'] * 100)} % bootstrap intervals.",
+        f"{report['n_prompts']} held-out prompts x {report['samples_per_prompt']} samples, {rm}, "
+        f"{int(report['confidence'] * 100)} % bootstrap intervals.",
         "",
-        "| | SFT | PPO | PPO - SFT |",
+        f"| | SFT | {name} | {name} - SFT |",
         "|---|---|---|---|",
-        f"| reward | {report['sft']['reward']['mean']:.3f} | {report['ppo']['reward']['mean']:.3f} | "
-        f"{ci(report['reward_diff'])} |",
     ]
+    if scored:
+        lines.append(f"| reward | {report['sft']['reward']['mean']:.3f} | {report['ppo']['reward']['mean']:.3f} | "
+                     f"{ci(report['reward_diff'])} |")
     if report.get("gold_diff"):
         lines += [f"| gold ({report['gold_scorer']}) | {report['sft']['gold']['mean']:.3f} | "
                   f"{report['ppo']['gold']['mean']:.3f} | {ci(report['gold_diff'])} |",
@@ -205,21 +211,34 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{report['ppo']['cap_hit_rate']:.1%} | |",
         f"| empty answers | {report['sft']['empty_rate']:.1%} | {report['ppo']['empty_rate']:.1%} | |",
         "",
-        f"Win rate of PPO over SFT (reward model): {report['win_rate']:.3f}. "
-        f"KL(PPO || SFT) per response: {report['ppo']['kl']['mean']:.3f}.",
+        (f"Win rate of {name} over SFT (reward model): {report['win_rate']:.3f}. " if scored else "")
+        + f"KL({name} || SFT) per response: {report['ppo']['kl']['mean']:.3f}.",
         "",
         "## Samples",
     ]
+
+    def score(s, side):
+        values = [f"{s[f'{side}_{k}']:.2f}" for k in ("reward", "gold") if s.get(f"{side}_{k}") is not None]
+        return f" ({', '.join(values)})" if values else ""
+
     for s in report["samples"]:
         prompt = s["prompt"].strip().replace("\n\n", " / ")
         lines += ["", f"**Prompt:** {prompt}", "",
-                  f"- SFT ({s['sft_reward']:.2f}): {s['sft']!r}",
-                  f"- PPO ({s['ppo_reward']:.2f}): {s['ppo']!r}"]
+                  f"- SFT{score(s, 'sft')}: {s['sft']!r}",
+                  f"- {name}{score(s, 'ppo')}: {s['ppo']!r}"]
     return "\n".join(lines) + "\n"
 
 
+def has_reward_model(config: PipelineConfig, run_dir: Path) -> bool:
+    """Whether the run directory holds the reward model `ppo.reward_precision` names (the reward stage ran)."""
+    return (run_dir / reward_dir(config.ppo.reward_precision) / SCORE_HEAD_FILE).exists()
+
+
 def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
-    """Compare the SFT and PPO policies on held-out prompts; returns the report (and writes report.md)."""
+    """Compare the SFT and the aligned policy on held-out prompts; returns the report (and writes report.md).
+
+    PPO, GRPO and RLOO were trained against a reward model, which must be there; a DPO run is scored by one
+    when the reward stage ran, and otherwise reports gold, length and KL without reward figures."""
     cfg = config.evaluate
     device = resolve_device(config.device)
     run_dir = Path(ctx.run_dir)
@@ -229,7 +248,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
     k = cfg.samples_per_prompt
     all_prompts = [p for p in prompts for _ in range(k)]  # (n_prompts * k,)
 
-    models = build_models(config, run_dir, device, adapter_dir=adapter)
+    scored = config.algorithm != "dpo" or has_reward_model(config, run_dir)
+    models = build_models(config, run_dir, device, adapter_dir=adapter, reward=scored)
     ctx.progress(0, 4)
     micro = MicroBatch(GEN_BATCH, "evaluate", ctx, device, planner_hint=lambda: planner_hint(config, "evaluate"))
     sft = sample_policy(models, all_prompts, config, use_adapter=False, seed=config.seed, micro=micro)
@@ -239,26 +259,30 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
     ctx.check_cancelled()
     ctx.progress(2, 4)
     for result in (sft, ppo):
-        result["reward"] = models.score(all_prompts, result["responses"]).tolist()
+        result["reward"] = models.score(all_prompts, result["responses"]).tolist() if scored \
+            else [None] * len(all_prompts)
     ctx.progress(3, 4)
 
     boot = dict(n_resamples=cfg.n_bootstrap, confidence=cfg.confidence, seed=config.seed)
     policies: dict[str, dict[str, Any]] = {}
     for name, result in (("sft", sft), ("ppo", ppo)):
         result["empty"] = [not response for response in result["responses"]]
-        policies[name] = {"reward": _summary(result["reward"]), "response_tokens": _summary(result["lengths"]),
+        policies[name] = {"reward": _summary(result["reward"]) if scored else None,
+                          "response_tokens": _summary(result["lengths"]),
                           "cap_hit_rate": float(np.mean(result["capped"])),
                           "empty_rate": float(np.mean(result["empty"]))}
     policies["ppo"]["kl"] = _summary(ppo["kl"])
     report: dict[str, Any] = {
+        "algorithm": config.algorithm,
         "n_prompts": len(prompts),
         "samples_per_prompt": k,
-        "reward_precision": config.ppo.reward_precision,
+        "reward_precision": config.ppo.reward_precision if scored else None,
         "confidence": cfg.confidence,
         "response_length": cfg.response_length,
         **policies,
-        "win_rate": win_rate(ppo["reward"], sft["reward"]),
-        "reward_diff": bootstrap_ci(_per_prompt(ppo["reward"], k) - _per_prompt(sft["reward"], k), **boot),
+        "win_rate": win_rate(ppo["reward"], sft["reward"]) if scored else None,
+        "reward_diff": bootstrap_ci(_per_prompt(ppo["reward"], k) - _per_prompt(sft["reward"], k), **boot)
+        if scored else None,
         "length_diff": bootstrap_ci(_per_prompt(ppo["lengths"], k) - _per_prompt(sft["lengths"], k), **boot),
         "kl": float(np.mean(ppo["kl"])),
         "gold_scorer": None,
@@ -287,11 +311,11 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
         ctx.log_sample(row["prompt"], row["ppo"], row["ppo_reward"], 0, kind="eval", checkpoint="ppo")
     report["samples"] = samples
 
-    metrics = {"evaluate/reward_sft": report["sft"]["reward"]["mean"],
-               "evaluate/reward_ppo": report["ppo"]["reward"]["mean"],
-               "evaluate/win_rate": report["win_rate"], "evaluate/kl": report["kl"],
-               "evaluate/length_diff": report["length_diff"]["mean"],
+    metrics = {"evaluate/kl": report["kl"], "evaluate/length_diff": report["length_diff"]["mean"],
                "evaluate/cap_hit_rate_ppo": report["ppo"]["cap_hit_rate"]}
+    if scored:
+        metrics.update({"evaluate/reward_sft": report["sft"]["reward"]["mean"],
+                        "evaluate/reward_ppo": report["ppo"]["reward"]["mean"], "evaluate/win_rate": report["win_rate"]})
     if report["gold_diff"]:
         metrics.update({"evaluate/gold_sft": report["sft"]["gold"]["mean"],
                         "evaluate/gold_ppo": report["ppo"]["gold"]["mean"],

@@ -245,7 +245,8 @@ class Interval(Part):
 
 
 class PolicyEval(Part):
-    reward: Summary
+    reward: Summary | None = None
+    """Reward-model score; None when the run has no reward model (a DPO run without the reward stage)."""
     response_tokens: Summary
     gold: Summary | None = None
     kl: Summary | None = None
@@ -260,24 +261,29 @@ class SamplePair(Part):
     prompt: str
     sft: str
     ppo: str
-    sft_reward: float
-    ppo_reward: float
+    sft_reward: float | None = None
+    ppo_reward: float | None = None
     sft_gold: float | None = None
     ppo_gold: float | None = None
 
 
 class EvalReport(Report):
+    algorithm: str = "ppo"
+    """The alignment algorithm that trained the evaluated policy (`PipelineConfig.algorithm`); whichever it was,
+    the report calls that policy's side `ppo` (the alignment stage's name)."""
     n_prompts: int
     samples_per_prompt: int
-    reward_precision: str
+    reward_precision: str | None
+    """The reward model that scored both policies; None when the run has none (DPO without the reward stage):
+    then every reward field is None, and gold, length and KL are still measured."""
     confidence: float
     response_length: int | None = None
     """The length cap of the sampled responses, in tokens (`evaluate.response_length`)."""
     sft: PolicyEval
     ppo: PolicyEval
-    win_rate: float
+    win_rate: float | None
     """Share of prompts where the PPO response out-scores the SFT one (reward model), ties counting 1/2."""
-    reward_diff: Interval
+    reward_diff: Interval | None
     """Reward PPO - SFT, per prompt."""
     length_diff: Interval | None = None
     """Response tokens PPO - SFT, per prompt."""
