@@ -87,7 +87,7 @@ class StageStatus(str, enum.Enum):
 #       base/                         only for model.random_init: the random base LM + tokenizer
 #       sft/merged/                   the SFT policy, LoRA merged in (save_pretrained)
 #       reward/<precision>/           adapter/, score_head.pt, reward_model.json
-#       ppo/adapter/                  the PPO policy's LoRA adapter + value_head.pt
+#       ppo/adapter/                  the aligned policy's LoRA adapter (+ value_head.pt for PPO), whatever the algorithm
 #       ppo/checkpoint/               state.pt, to resume
 #       export/model/                 the PPO policy merged into one model directory (edgerlhf.export), on request
 #       tensorboard/                  every metric as TensorBoard event files (edgerlhf.context)

@@ -62,7 +62,7 @@ def run_one(gold_name: str, seed: int, run_dir: Path, overrides: dict[str, Any],
     content = gold.get_scorer(gold_name).balance_length
     decisive = ev.gold_diff_equal_length if content else ev.gold_diff
     row = {
-        "gold": gold_name, "seed": seed, "algorithm": algorithm, "content": content, "run_dir": str(run_dir),
+        "gold": gold_name, "seed": seed, "algorithm": config.algorithm, "content": content, "run_dir": str(run_dir),
         "gold_diff": ev.gold_diff.model_dump(), "gold_diff_equal_length": ev.gold_diff_equal_length.model_dump(),
         "length_diff": ev.length_diff.model_dump(), "kl": ev.kl,
         "empty_rate": {"sft": ev.sft.empty_rate, "ppo": ev.ppo.empty_rate},

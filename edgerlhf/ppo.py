@@ -1,24 +1,31 @@
-"""Stage 4 — RLHF PPO against the reward model, written out in one file.
+"""Stage 4 — the alignment stage: PPO, GRPO or RLOO against the reward model (DPO: `edgerlhf.dpo`).
 
-Follows the RLHF recipe of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") as
+`run(config, ctx)` is the stage for every algorithm that samples from the policy (`config.algorithm`):
+prompts, the models, checkpoints and resume, metrics under the algorithm's namespace (`ppo/...`,
+`grpo/...`, `rloo/...`), samples and probes; each step is the algorithm's own function:
+`ppo_step` here, `grpo.grpo_step` (group-normalised advantages, k3 KL in the loss, no value head) and
+`rloo.rloo_step` (leave-one-out baseline, KL in the reward, no value head). `algorithm = "dpo"` hands the
+stage to `edgerlhf.dpo.run`, which trains offline on the preference pairs.
+
+PPO follows the RLHF recipe of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") as
 implemented by TRL's old `PPOTrainer` and "The N Implementation Details of RLHF with PPO" (Huang et al.
-2023), laid out like CleanRL's `ppo.py`: small pure functions for the math at the top, then the models and
-rollouts, then `ppo_step` — the whole algorithm in one function that reads top to bottom: generate,
+2023), laid out like CleanRL's `ppo.py`: small pure functions for the math at the top, then the models,
+the phases every sampling algorithm shares (sample and score, log-probs of the rollouts, minibatch
+updates), then `ppo_step` — the whole algorithm in one function that reads top to bottom: generate,
 score (optionally against a leave-one-out baseline over several samples per prompt), per-token KL
 penalty with the score on the last token, GAE, whitening, `ppo_epochs` of clipped
-policy + value loss (- entropy bonus) over shuffled minibatches with gradient accumulation — and
-`run(config, ctx)`, the stage: prompts, checkpoints and resume, metrics, samples and probes.
+policy + value loss (- entropy bonus) over shuffled minibatches with gradient accumulation.
 
-Sampling and log-probs agree: rollouts are drawn with temperature, top-k and top-p, and the PPO ratio
-uses the probability of a token under exactly that distribution; both go through one definition,
-`edgerlhf.generation.Sampling`. The reference is scored on the same support, so the KL estimate is 0 for
-an unchanged policy and cannot go negative in expectation (see `generation.policy_stats`).
+Sampling and log-probs agree: rollouts are drawn with temperature, top-k and top-p, and the ratio of
+every algorithm uses the probability of a token under exactly that distribution; both go through one
+definition, `edgerlhf.generation.Sampling`. The reference is scored on the same support, so the KL
+estimate is 0 for an unchanged policy and cannot go negative in expectation (see `generation.policy_stats`).
 
-Memory design — one copy of the base network:
+Memory design — one copy of the base network, whichever algorithm:
 - `sft/merged` is loaded once; the policy is a trainable LoRA adapter named `policy` on it (peft);
 - the reference policy is the same model under `with model.disable_adapter():`;
-- the value head is a small linear head on the policy's last hidden states (shared trunk, as TRL's
-  `AutoModelForCausalLMWithValueHead`);
+- PPO's value head is a small linear head on the policy's last hidden states (shared trunk, as TRL's
+  `AutoModelForCausalLMWithValueHead`); GRPO and RLOO have none;
 - a bf16 reward model is the reward LoRA loaded as a second, frozen adapter named `reward` on the same
   model plus its score head; scoring switches adapters with peft's `set_adapter`.
 - An int8/int4 reward model cannot share bf16 weights: by default it is loaded with
@@ -35,6 +42,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +55,7 @@ import torch.nn as nn
 from edgerlhf import memory
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import PPO_ADAPTER, TEST_PREFS, TRAIN_PREFS, reward_dir
+from edgerlhf.contract import PPO_ADAPTER, TEST_PREFS, TRAIN_PREFS, algorithm_metric, reward_dir
 from edgerlhf.errors import MissingPrerequisite
 from edgerlhf.generation import (Rollouts, Sampling, concat_rollouts, forward_response, generate, policy_stats,
                                  sample_probes)
@@ -219,6 +227,15 @@ class AdaptiveKLController(FixedKLController):
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
 
 
+def kl_controller(config) -> FixedKLController:
+    """The KL coefficient of the alignment stage: PPO's adaptive controller when `ppo.adaptive_kl`, else (and
+    always for GRPO and RLOO, whose beta is fixed as TRL's) `ppo.init_kl_coef` held constant."""
+    cfg = config.ppo
+    if cfg.adaptive_kl and config.algorithm == "ppo":
+        return AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+    return FixedKLController(cfg.init_kl_coef)
+
+
 # --- the models: one copy of the base network -----------------------------------------------------
 
 POLICY = "policy"
@@ -245,11 +262,13 @@ class ValueHead(nn.Module):
 
 @dataclass
 class PPOModels:
-    """Everything PPO holds in memory. `model` is the one network; the rest are views or small heads."""
+    """Everything the alignment stage holds in memory. `model` is the one network; the rest are views or small
+    heads."""
 
     model: Any
     """peft model: sft/merged + the trainable `policy` LoRA (+ the frozen `reward` LoRA when shared)."""
-    value_head: ValueHead
+    value_head: ValueHead | None
+    """PPO's critic; None for GRPO and RLOO, whose baselines come from the other samples of a prompt."""
     reward_model: Any
     """`edgerlhf.models.RewardModel`; for bf16 it wraps `model` itself (no copy); None when built without one."""
     tokenizer: Any
@@ -259,13 +278,14 @@ class PPOModels:
 
     def policy_parameters(self) -> list[nn.Parameter]:
         lora = [p for n, p in self.model.named_parameters() if "lora_" in n and f".{POLICY}." in n]
-        return lora + list(self.value_head.parameters())
+        return lora + (list(self.value_head.parameters()) if self.value_head is not None else [])
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.model, self.value_head, self.reward_model) if m is not None]
 
     def forward(self, query_ids, query_mask, response_ids, response_mask, sampling: Sampling | None = None):
-        """Policy logits (B, T, V), scaled by `sampling`, and values (B, T) at the response tokens, in one pass."""
+        """Policy logits (B, T, V), scaled by `sampling`, and values (B, T) at the response tokens, in one pass
+        (values None without a value head)."""
         return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, sampling,
                                 self.value_head)
 
@@ -309,12 +329,14 @@ def add_policy_adapter(model, config, adapter_name: str = POLICY):
 
 
 def build_models(config, run_dir: str | Path, device: torch.device,
-                 adapter_dir: str | Path | None = None, reward: bool = True) -> PPOModels:
-    """Load sft/merged once and hang the policy, reference, value head and (bf16) reward model on it.
+                 adapter_dir: str | Path | None = None, reward: bool = True,
+                 value_head: bool | None = None) -> PPOModels:
+    """Load sft/merged once and hang the policy, reference, (PPO's) value head and (bf16) reward model on it.
 
     With `adapter_dir` (a saved `ppo/adapter`) the policy is that trained adapter, frozen (evaluation);
     without it, a fresh trainable LoRA (training). `reward=False` loads no reward model (`reward_model` is
-    None): a DPO run evaluated without one.
+    None): a DPO run evaluated without one. `value_head` (default: only when `config.algorithm` is PPO)
+    adds PPO's critic, loaded from `adapter_dir` when it holds one.
     """
     from peft import PeftModel
 
@@ -349,10 +371,12 @@ def build_models(config, run_dir: str | Path, device: torch.device,
         # A quantized network cannot share the policy's bf16 weights: this adds one int8/int4 copy.
         reward_model = models.load_reward_model(run_dir, precision, device).requires_grad_(False)
     model.set_adapter(POLICY, inference_mode=adapter_dir is not None)
-    value_head = ValueHead(model.config.hidden_size).to(device)
-    if adapter_dir is not None and (Path(adapter_dir) / VALUE_HEAD_FILE).exists():
-        value_head.load_state_dict(torch.load(Path(adapter_dir) / VALUE_HEAD_FILE, map_location=device))
-    return PPOModels(model, value_head, reward_model, tokenizer, device, shared)
+    critic = None
+    if value_head or (value_head is None and config.algorithm == "ppo"):
+        critic = ValueHead(model.config.hidden_size).to(device)
+        if adapter_dir is not None and (Path(adapter_dir) / VALUE_HEAD_FILE).exists():
+            critic.load_state_dict(torch.load(Path(adapter_dir) / VALUE_HEAD_FILE, map_location=device))
+    return PPOModels(model, critic, reward_model, tokenizer, device, shared)
 
 
 def base_weight_storages(objects: list[nn.Module]) -> dict[int, int]:
@@ -392,14 +416,15 @@ def sequence_kl(models, rollouts: Rollouts, cfg, batch_size: int) -> torch.Tenso
 
 
 def _signature(config, run_dir: Path) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the adapter's shape and the models it was trained
-    against (a re-run sft or reward stage makes an old PPO checkpoint meaningless)."""
+    """What a checkpoint must match to be resumed: the algorithm, the adapter's shape and the models it was
+    trained against (a re-run sft or reward stage makes an old checkpoint meaningless, and a GRPO adapter
+    with no value head is no PPO checkpoint)."""
     inputs = {}
     for name in ("sft/merged", f"reward/{config.ppo.reward_precision}"):
         for file in sorted((run_dir / name).rglob("*.safetensors")) + sorted((run_dir / name).rglob("*.pt")):
             stat = file.stat()
             inputs[str(file.relative_to(run_dir))] = [stat.st_size, stat.st_mtime_ns]
-    return {"lora_r": config.ppo.lora_r, "lora_alpha": config.ppo.lora_alpha,
+    return {"algorithm": config.algorithm, "lora_r": config.ppo.lora_r, "lora_alpha": config.ppo.lora_alpha,
             "target_modules": list(config.sft.target_modules), "reward_precision": config.ppo.reward_precision,
             "inputs": inputs}
 
@@ -412,7 +437,7 @@ def save_checkpoint(path: Path, step: int, models: PPOModels, optimizer, kl_ctl,
     state = {
         "step": step,
         "adapter": {k: v.cpu() for k, v in get_peft_model_state_dict(models.model, adapter_name=POLICY).items()},
-        "value_head": models.value_head.state_dict(),
+        "value_head": models.value_head.state_dict() if models.value_head is not None else None,
         "optimizer": optimizer.state_dict(),
         "kl_ctl": kl_ctl.state_dict(),
         "signature": _signature(config, run_dir),
@@ -433,9 +458,10 @@ def load_checkpoint(path: Path, models: PPOModels, optimizer, kl_ctl, config, ru
         return None
     state = torch.load(file, map_location="cpu", weights_only=False)
     if state.get("signature") != _signature(config, run_dir):
-        return None  # another adapter shape or other sft/reward models: the old checkpoint does not apply
+        return None  # another algorithm, adapter shape or sft/reward models: the old checkpoint does not apply
     set_peft_model_state_dict(models.model, state["adapter"], adapter_name=POLICY)
-    models.value_head.load_state_dict(state["value_head"])
+    if models.value_head is not None:
+        models.value_head.load_state_dict(state["value_head"])
     optimizer.load_state_dict(state["optimizer"])
     kl_ctl.load_state_dict(state["kl_ctl"])
     return int(state["step"])
@@ -443,7 +469,7 @@ def load_checkpoint(path: Path, models: PPOModels, optimizer, kl_ctl, config, ru
 
 def save_adapter(path: Path, models: PPOModels) -> None:
     """The final policy: a standard peft adapter directory (loadable with `PeftModel.from_pretrained` on
-    sft/merged) plus the value head."""
+    sft/merged) plus PPO's value head, when there is one."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -454,7 +480,10 @@ def save_adapter(path: Path, models: PPOModels) -> None:
     peft_config.inference_mode = True
     peft_config.save_pretrained(str(path))
     peft_config.inference_mode = False
-    torch.save(models.value_head.state_dict(), path / VALUE_HEAD_FILE)
+    if models.value_head is not None:
+        torch.save(models.value_head.state_dict(), path / VALUE_HEAD_FILE)
+    else:
+        (path / VALUE_HEAD_FILE).unlink(missing_ok=True)  # an earlier PPO run's critic is not this policy's
 
 
 def _seed_step(seed: int, step: int) -> None:
@@ -484,23 +513,128 @@ def _probe(ctx, models: PPOModels, prompts: list[str], step: int, config) -> Non
                        checkpoint=f"ppo/step-{step}")
 
 
-# --- the stage -----------------------------------------------------------------------------------
+# --- one step: the phases PPO, GRPO and RLOO share, then PPO's step ------------------------------
 
 
 @dataclass
 class StepMicroBatches:
-    """The micro-batches a PPO step cuts its work into, each halved on its own out-of-memory errors
-    (`edgerlhf.oom`): rows per `generate` call, and rollouts per forward/backward pass."""
+    """The micro-batches a step of PPO, GRPO or RLOO cuts its work into, each halved on its own out-of-memory
+    errors (`edgerlhf.oom`): rows per `generate` call, and rollouts per forward/backward pass."""
 
     rollouts: MicroBatch
     passes: MicroBatch
 
     @classmethod
     def of(cls, cfg, ctx=None, device=None, config=None) -> StepMicroBatches:
+        algorithm = config.algorithm if config is not None else "ppo"
+
         def hint() -> str:
             return planner_hint(config, "ppo") if config is not None else ""
-        return cls(MicroBatch(cfg.batch_size, "ppo rollout generation", ctx, device, planner_hint=hint),
-                   MicroBatch(cfg.mini_batch_size, "ppo", ctx, device, planner_hint=hint))
+        return cls(MicroBatch(cfg.batch_size, f"{algorithm} rollout generation", ctx, device, planner_hint=hint),
+                   MicroBatch(cfg.mini_batch_size, algorithm, ctx, device, planner_hint=hint))
+
+
+def rollout_args(rollouts: Rollouts, rows) -> tuple[torch.Tensor, ...]:
+    """What `PPOModels.forward` takes for some rows of a rollout batch: query ids and mask, response ids and mask."""
+    return (rollouts.query_ids[rows], rollouts.query_mask[rows], rollouts.response_ids[rows],
+            rollouts.response_mask[rows])
+
+
+def sample_and_score(models: PPOModels, batch_prompts: list[str], cfg, sampling: Sampling,
+                     micro: StepMicroBatches, step: int) -> tuple[Rollouts, torch.Tensor]:
+    """A step's rollouts, one response per entry of `batch_prompts` drawn by the policy (`micro.rollouts` rows
+    per `generate` call), and their reward-model scores (B,)."""
+    rollouts = micro.rollouts.run(step, lambda size: concat_rollouts(
+        [generate(models.model, models.tokenizer, batch_prompts[rows], cfg.response_length, sampling)
+         for rows in chunks(len(batch_prompts), size)], models.tokenizer.pad_token_id))
+    return rollouts, models.score(rollouts.prompts, rollouts.responses).to(models.device)
+
+
+def rollout_logprobs(models: PPOModels, rollouts: Rollouts, cfg, sampling: Sampling, micro: StepMicroBatches,
+                     step: int) -> list[torch.Tensor | None]:
+    """`[logprobs, ref_logprobs, entropy, values]` of the sampled tokens, each (B, T), without gradients: the
+    log-probs under the policy that drew them and under the reference, the policy's entropy, and the values
+    (None without a value head). Passes of at most `mini_batch_size` rollouts, fewer after out-of-memory errors."""
+    def attempt(size: int):
+        out = []
+        with torch.no_grad():
+            for rows in chunks(len(rollouts.prompts), min(size, cfg.mini_batch_size)):
+                logits, values = models.forward(*rollout_args(rollouts, rows), sampling)  # (M, T, V), (M, T)
+                ref_logits = models.reference_logits(*rollout_args(rollouts, rows), sampling)  # (M, T, V)
+                logp, ref_logp, ent = policy_stats(logits, ref_logits, rollouts.response_ids[rows], sampling)
+                out.append((logp, ref_logp, ent, values))
+                del logits, ref_logits
+        return [None if parts[0] is None else torch.cat(parts) for parts in zip(*out)]
+
+    return micro.passes.run(step, attempt)
+
+
+def minibatch_updates(params: list[nn.Parameter], optimizer, cfg, micro: StepMicroBatches, step: int,
+                      row_weights: torch.Tensor,
+                      piece_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+                      ) -> dict[str, float]:
+    """`ppo_epochs` passes over the rollout batch in shuffled minibatches of `mini_batch_size` rollouts, with an
+    optimizer step (after gradient clipping) every `grad_accum` minibatches; returns each statistic's mean over
+    the minibatches.
+
+    `piece_loss(rows)` is the algorithm: its loss on some rollouts of a minibatch and its statistics, each a
+    mean over the units that loss averages, tokens or sequences (`row_weights` (B,) counts them per rollout).
+    A minibatch runs in pieces of `micro.passes` rollouts, halved on out-of-memory errors; each piece is
+    weighted by its share of the minibatch's units, so the gradients and the statistics are the whole
+    minibatch's, and a failed attempt's gradients are rolled back before it is retried.
+    """
+    def update(mb: torch.Tensor, size: int) -> dict[str, float]:
+        saved = [None if p.grad is None else p.grad.clone() for p in params]
+        mb_stats: dict[str, float] = {}
+        units = row_weights[mb].sum().clamp(min=1)
+        try:
+            for rows in chunks(len(mb), size):
+                piece = mb[rows]
+                share = row_weights[piece].sum() / units
+                loss, stats = piece_loss(piece)
+                (loss * share / cfg.grad_accum).backward()
+                for key, value in stats.items():
+                    mb_stats[key] = mb_stats.get(key, 0.0) + (value * share).item()
+                del loss
+        except Exception:
+            for p, grad in zip(params, saved):
+                p.grad = grad
+            raise
+        return mb_stats
+
+    history: dict[str, list[float]] = {}
+    n_minibatches = cfg.batch_size // cfg.mini_batch_size
+    for _epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(cfg.batch_size, device=row_weights.device)
+        for k in range(n_minibatches):
+            mb = order[k * cfg.mini_batch_size:(k + 1) * cfg.mini_batch_size]
+            mb_stats = micro.passes.run(step, lambda size: update(mb, size))
+            if (k + 1) % cfg.grad_accum == 0:
+                nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in mb_stats.items():
+                history.setdefault(key, []).append(value)
+    return {key: float(np.mean(values)) for key, values in history.items()}
+
+
+def step_metrics(algorithm: str, scores: torch.Tensor, b_seq_kl: torch.Tensor, b_entropy: torch.Tensor,
+                 b_mask: torch.Tensor, own: dict[str, float], t0: float, t_gen: float) -> dict[str, float]:
+    """A step's metrics under the algorithm's namespace (`contract.algorithm_metric`): those every sampling
+    algorithm logs alike (scores (B,), KL(policy || reference) per response `b_seq_kl` (B,) as the sum of
+    its tokens' log-ratios at sampling time, entropy, length, speed), then the algorithm's `own`."""
+    elapsed = time.perf_counter() - t0
+    common = {
+        "reward_mean": scores.mean().item(),
+        "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+        "kl": b_seq_kl.mean().item(),
+        "entropy": masked_mean(b_entropy, b_mask).item(),
+        "response_length": b_mask.sum(1).mean().item(),
+        "tokens_per_s": b_mask.sum().item() / elapsed,
+        "generation_s": t_gen,
+        "step_s": elapsed,
+    }
+    return {algorithm_metric(algorithm, key): value for key, value in {**common, **own}.items()}
 
 
 def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str], cfg,
@@ -512,35 +646,17 @@ def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str], cfg
     of the whole minibatch).
     """
     t0 = time.perf_counter()
-    device = models.device
-    params = models.policy_parameters()
     sampling = Sampling.of(cfg)
     micro = micro or StepMicroBatches.of(cfg)
 
     # 1. Rollouts: generate with the policy, score with the reward model.
-    rollouts = micro.rollouts.run(step, lambda size: concat_rollouts(
-        [generate(models.model, models.tokenizer, batch_prompts[rows], cfg.response_length, sampling)
-         for rows in chunks(len(batch_prompts), size)], models.tokenizer.pad_token_id))
-    scores = models.score(rollouts.prompts, rollouts.responses).to(device)  # (B,)
+    rollouts, scores = sample_and_score(models, batch_prompts, cfg, sampling, micro, step)  # scores (B,)
     t_gen = time.perf_counter() - t0
 
-    # 2. Log-probs of policy and reference, values and entropy of the sampled tokens (no grad).
-    def rollout_stats(size: int):
-        out = []
-        with torch.no_grad():
-            for s in chunks(cfg.batch_size, min(size, cfg.mini_batch_size)):
-                args = (rollouts.query_ids[s], rollouts.query_mask[s], rollouts.response_ids[s],
-                        rollouts.response_mask[s])
-                logits, values = models.forward(*args, sampling)  # (M, T, V), (M, T)
-                ref_logits = models.reference_logits(*args, sampling)  # (M, T, V)
-                logp, ref_logp, ent = policy_stats(logits, ref_logits, rollouts.response_ids[s], sampling)
-                out.append((logp, ref_logp, values, ent))
-                del logits, ref_logits
-        return [torch.cat(parts) for parts in zip(*out)]  # each (B, T)
-
-    b_logprobs, b_ref_logprobs, b_values, b_entropy = micro.passes.run(step, rollout_stats)
+    # 2. Log-probs of policy and reference, entropy and values of the sampled tokens (no grad).
+    b_logprobs, b_ref_logprobs, b_entropy, b_values = rollout_logprobs(models, rollouts, cfg, sampling, micro,
+                                                                       step)  # (B, T) each
     b_mask = rollouts.response_mask.float()  # (B, T)
-    entropy = masked_mean(b_entropy, b_mask).item()
 
     # 3. Rewards: KL penalty on every token, the score on the last; then GAE and whitening.
     b_scores = leave_one_out(scores, cfg.samples_per_prompt)  # (B,)
@@ -549,85 +665,59 @@ def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str], cfg
     b_advantages, b_returns = compute_gae(b_rewards, b_values, b_mask, cfg.gamma, cfg.lam)  # (B, T)
     b_advantages = masked_whiten(b_advantages, b_mask)  # (B, T)
 
-    # 4. PPO epochs over shuffled minibatches, gradient accumulation over `grad_accum` of them.
-    n_minibatches = cfg.batch_size // cfg.mini_batch_size
-    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": [], "approx_kl": [],
-                                     "vf_clip_frac": [], "train_entropy": []}
-    def update(mb: torch.Tensor, size: int) -> dict[str, float]:
-        """Forward/backward of one minibatch in pieces of `size` rollouts: each piece's losses (means over its
-        tokens) are weighted by its share of the minibatch's tokens, so the gradients and the statistics are
-        the whole minibatch's. A failed attempt's gradients are rolled back before it is retried."""
-        saved = [None if p.grad is None else p.grad.clone() for p in params]
-        mb_stats = dict.fromkeys(stats, 0.0)
-        n_tokens = b_mask[mb].sum().clamp(min=1)
-        try:
-            for rows in chunks(len(mb), size):
-                piece = mb[rows]
-                mb_mask = b_mask[piece]  # (m, T)
-                share = mb_mask.sum() / n_tokens
-                logits, mb_values = models.forward(rollouts.query_ids[piece], rollouts.query_mask[piece],
-                                                   rollouts.response_ids[piece], rollouts.response_mask[piece],
-                                                   sampling)
-                mb_logprobs, _, mb_entropy = policy_stats(logits, None, rollouts.response_ids[piece], sampling)
-                pg_loss, clip_frac, approx_kl = clipped_policy_loss(mb_logprobs, b_logprobs[piece],
-                                                                    b_advantages[piece], mb_mask, cfg.cliprange)
-                v_loss, vf_clip_frac = clipped_value_loss(mb_values, b_values[piece], b_returns[piece], mb_mask,
-                                                          cfg.cliprange_value)
-                mb_entropy = masked_mean(mb_entropy, mb_mask)
-                loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * mb_entropy
-                (loss * share / cfg.grad_accum).backward()
-                for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("clip_frac", clip_frac),
-                                   ("approx_kl", approx_kl), ("vf_clip_frac", vf_clip_frac),
-                                   ("train_entropy", mb_entropy)):
-                    mb_stats[key] += (value * share).item()
-                del logits, loss
-        except Exception:
-            for p, grad in zip(params, saved):
-                p.grad = grad
-            raise
-        return mb_stats
+    # 4. PPO epochs over shuffled minibatches; the loss of a piece of one, as means over its tokens.
+    def piece_loss(piece: torch.Tensor):
+        mb_mask = b_mask[piece]  # (m, T)
+        logits, mb_values = models.forward(*rollout_args(rollouts, piece), sampling)  # (m, T, V), (m, T)
+        mb_logprobs, _, mb_entropy = policy_stats(logits, None, rollouts.response_ids[piece], sampling)
+        pg_loss, clip_frac, approx_kl = clipped_policy_loss(mb_logprobs, b_logprobs[piece], b_advantages[piece],
+                                                            mb_mask, cfg.cliprange)
+        v_loss, vf_clip_frac = clipped_value_loss(mb_values, b_values[piece], b_returns[piece], mb_mask,
+                                                  cfg.cliprange_value)
+        mb_entropy = masked_mean(mb_entropy, mb_mask)
+        loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * mb_entropy
+        return loss, {"policy_loss": pg_loss, "value_loss": v_loss, "clip_frac": clip_frac,
+                      "vf_clip_frac": vf_clip_frac, "approx_kl": approx_kl}
 
-    for _epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(cfg.batch_size, device=device)
-        for k in range(n_minibatches):
-            mb = order[k * cfg.mini_batch_size:(k + 1) * cfg.mini_batch_size]
-            mb_stats = micro.passes.run(step, lambda size: update(mb, size))
-            if (k + 1) % cfg.grad_accum == 0:
-                nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for key, value in mb_stats.items():
-                stats[key].append(value)
+    stats = minibatch_updates(models.policy_parameters(), optimizer, cfg, micro, step, b_mask.sum(1), piece_loss)
 
     # 5. The KL controller moves towards its target with this batch's KL per response.
-    mean_kl = b_kl.sum(1).mean().item()
+    b_seq_kl = b_kl.sum(1)  # (B,)
     kl_coef = kl_ctl.value
-    kl_ctl.update(mean_kl, cfg.batch_size)
+    kl_ctl.update(b_seq_kl.mean().item(), cfg.batch_size)
 
-    elapsed = time.perf_counter() - t0
-    metrics = {
-        "ppo/reward_mean": scores.mean().item(),
-        "ppo/reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-        "ppo/kl": mean_kl,
-        "ppo/kl_coef": kl_coef,
-        "ppo/entropy": entropy,
-        "ppo/non_score_reward": (-kl_coef * b_kl).sum(1).mean().item(),
-        "ppo/policy_loss": float(np.mean(stats["policy_loss"])),
-        "ppo/value_loss": float(np.mean(stats["value_loss"])),
-        "ppo/clip_frac": float(np.mean(stats["clip_frac"])),
-        "ppo/vf_clip_frac": float(np.mean(stats["vf_clip_frac"])),
-        "ppo/approx_kl": float(np.mean(stats["approx_kl"])),
-        "ppo/returns_mean": masked_mean(b_returns, b_mask).item(),
-        "ppo/response_length": b_mask.sum(1).mean().item(),
-        "ppo/tokens_per_s": b_mask.sum().item() / elapsed,
-        "ppo/generation_s": t_gen,
-        "ppo/step_s": elapsed,
-    }
+    metrics = step_metrics("ppo", scores, b_seq_kl, b_entropy, b_mask, {
+        "kl_coef": kl_coef, "non_score_reward": -kl_coef * b_seq_kl.mean().item(), **stats,
+        "returns_mean": masked_mean(b_returns, b_mask).item()}, t0, t_gen)
     return metrics, rollouts, scores
 
 
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def step_function(algorithm: str) -> Callable[..., tuple[dict, Rollouts, torch.Tensor]]:
+    """The step of a sampling algorithm, called alike for all: `(models, optimizer, kl_ctl, batch_prompts, cfg,
+    micro, step) -> (metrics, rollouts, scores)`. GRPO and RLOO keep their KL coefficient fixed at
+    `ppo.init_kl_coef` (as TRL's `beta`) and take no controller."""
+    if algorithm == "ppo":
+        return ppo_step
+    from edgerlhf import grpo, rloo
+
+    steps = {"grpo": grpo.grpo_step, "rloo": rloo.rloo_step}
+    if algorithm not in steps:
+        raise ValueError(f"the sampling stage runs ppo, grpo or rloo, not {algorithm!r}")
+    return lambda models, optimizer, kl_ctl, *args: steps[algorithm](models, optimizer, *args)
+
+
 def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:
-    """PPO on the SFT policy against the reward model; returns the stage report."""
+    """The alignment stage with `config.algorithm` against the reward model (PPO, GRPO or RLOO on the SFT
+    policy; DPO is `edgerlhf.dpo.run`); returns the stage report."""
+    if config.algorithm == "dpo":
+        from edgerlhf import dpo
+
+        return dpo.run(config, ctx)
+    algorithm = config.algorithm
+    train_step = step_function(algorithm)
     cfg = config.ppo
     device = resolve_device(config.device)
     run_dir = Path(ctx.run_dir)
@@ -639,28 +729,27 @@ def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:
     test_file = run_dir / TEST_PREFS
     probe_prompts = _prompts(test_file)[: cfg.n_probe_prompts] if test_file.exists() else []
 
-    # What PPO holds, measured around building it: one copy of the network (plus one quantized copy for an
-    # int8/int4 reward model), the adapters and the heads.
+    # What the stage holds, measured around building it: one copy of the network (plus one quantized copy for
+    # an int8/int4 reward model), the adapters and (PPO only) the value head.
     before = memory.tensor_bytes(device)
     models = build_models(config, run_dir, device)
     held_bytes = memory.tensor_bytes(device) - before
     network_bytes = sum(base_weight_storages([models.model]).values())
     params = models.policy_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
-    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
-              else FixedKLController(cfg.init_kl_coef))
+    kl_ctl = kl_controller(config)
 
     ckpt_dir = out_dir / "checkpoint"
     start = load_checkpoint(ckpt_dir, models, optimizer, kl_ctl, config, run_dir) or 0
     if start:
-        ctx.log(f"ppo: resuming from {ckpt_dir} at step {start}")
+        ctx.log(f"{algorithm}: resuming from {ckpt_dir} at step {start}")
     else:
         if (ckpt_dir / CHECKPOINT_FILE).exists():
-            ctx.log(f"ppo: {ckpt_dir} was trained with another adapter or other sft/reward models; "
+            ctx.log(f"{algorithm}: {ckpt_dir} was trained with another algorithm, adapter or sft/reward models; "
                     "starting afresh", "warning")
         _probe(ctx, models, probe_prompts, 0, config)
-    ctx.log(f"ppo: {sum(p.numel() for p in params):,} trainable parameters, reward model {cfg.reward_precision} "
-            f"({'shared adapter' if models.reward_shared else 'separate quantized copy'})")
+    ctx.log(f"{algorithm}: {sum(p.numel() for p in params):,} trainable parameters, reward model "
+            f"{cfg.reward_precision} ({'shared adapter' if models.reward_shared else 'separate quantized copy'})")
 
     history: dict[str, list[float]] = {}
     micro = StepMicroBatches.of(cfg, ctx, device, config)
@@ -672,7 +761,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:
         chosen = random.choices(train_prompts, k=n_prompts) if len(train_prompts) < n_prompts \
             else random.sample(train_prompts, n_prompts)
         batch_prompts = [p for p in chosen for _ in range(cfg.samples_per_prompt)]  # each prompt k times in a row
-        metrics, rollouts, scores = ppo_step(models, optimizer, kl_ctl, batch_prompts, cfg, micro, step)
+        metrics, rollouts, scores = train_step(models, optimizer, kl_ctl, batch_prompts, cfg, micro, step)
         metrics.update(memory.snapshot(device))
         ctx.log_metrics(metrics, step)
         for key, value in metrics.items():
@@ -694,11 +783,14 @@ def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:
     ctx.artifact("adapter", run_dir / PPO_ADAPTER)
     ctx.artifact("checkpoint", ckpt_dir)
 
+    namespace = algorithm_metric(algorithm, "")
+
     def last(key: str, n: int = 5) -> float | None:
         values = history.get(key, [])[-n:]
         return float(np.mean(values)) if values else None
 
     return PPOReport(
+        algorithm=algorithm,
         steps=cfg.steps,
         resumed_from_step=start,
         reward_precision=cfg.reward_precision,
@@ -709,8 +801,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:
         network_bytes=int(network_bytes),
         held_bytes=int(held_bytes),
         network_copies=held_bytes / network_bytes,
-        first={k: v[0] for k, v in history.items() if k.startswith("ppo/")},
-        final={k: last(k) for k in history if k.startswith("ppo/")},
+        first={k: v[0] for k, v in history.items() if k.startswith(namespace)},
+        final={k: last(k) for k in history if k.startswith(namespace)},
         kl_coef_final=kl_ctl.value,
         wall_s=time.perf_counter() - t_start,
         peak_rss_mb=memory.peak_rss_mb(),

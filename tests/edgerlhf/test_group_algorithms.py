@@ -1,0 +1,288 @@
+"""GRPO and RLOO: their math against hand-computed values, a step on the tiny network, one copy of the base
+weights (measured), checkpoints and resume through the alignment stage."""
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from edgerlhf import grpo, memory, models, ppo, rloo
+from edgerlhf.config import load_config
+from edgerlhf.context import Cancelled, RunContext
+from edgerlhf.generation import Sampling, forward_response, generate, policy_stats
+from edgerlhf.oom import allocation_limit
+from tests.edgerlhf.tiny_run import make_tiny_run, tiny_config
+
+ALGORITHMS = ("grpo", "rloo")
+COMMON_METRICS = ("reward_mean", "reward_std", "kl", "response_length", "entropy", "policy_loss", "clip_frac",
+                  "step_s", "tokens_per_s", "generation_s")
+
+
+def algorithm_config(algorithm: str, **ppo_fields):
+    """The shrunk `tiny` config of the PPO tests (4 samples per prompt) with `algorithm` set."""
+    return load_config("tiny", {**tiny_config(**ppo_fields).to_dict(), "algorithm": algorithm})
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("group-run"))
+
+
+# --- the math ----------------------------------------------------------------------------------------
+
+
+def test_group_advantages_normalise_each_group_by_its_own_mean_and_std():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
+    std = math.sqrt((4 + 1 + 0 + 9) / 3)  # unbiased std of the first group (mean 3)
+    expected = torch.tensor([-2.0, -1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0])
+    expected[:4] /= std + 1e-4
+    torch.testing.assert_close(grpo.group_advantages(scores, 4), expected)
+    # Groups are consecutive runs: (0, 2) has mean 1 and std sqrt(2), (7, 3) mean 5 and std sqrt(8).
+    pairs = grpo.group_advantages(torch.tensor([0.0, 2.0, 7.0, 3.0]), 2)
+    a, b = 1 / (math.sqrt(2) + 1e-4), 2 / (math.sqrt(8) + 1e-4)
+    torch.testing.assert_close(pairs, torch.tensor([-a, a, b, -b]))
+
+
+def test_rloo_puts_the_kl_in_the_reward_and_subtracts_the_mean_of_the_others():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    seq_kl = torch.tensor([0.0, 1.0, 2.0, 4.0])
+    rewards = rloo.rloo_rewards(scores, seq_kl, beta=0.5)
+    torch.testing.assert_close(rewards, torch.tensor([1.0, 1.5, 2.0, 4.0]))
+    advantages = rloo.rloo_advantages(rewards, 4)
+    # 1 - (1.5 + 2 + 4) / 3, 1.5 - (1 + 2 + 4) / 3, 2 - (1 + 1.5 + 4) / 3, 4 - (1 + 1.5 + 2) / 3
+    torch.testing.assert_close(advantages, torch.tensor([-1.5, 1.5 - 7 / 3, 2 - 6.5 / 3, 2.5]))
+    # Two prompts of two: each against its sibling only.
+    torch.testing.assert_close(rloo.rloo_advantages(torch.tensor([1.0, 3.0, 10.0, 4.0]), 2),
+                               torch.tensor([-2.0, 2.0, 6.0, -6.0]))
+
+
+def test_k3_is_nonnegative_zero_at_the_reference_and_pulls_the_policy_back():
+    torch.manual_seed(0)
+    ref = torch.randn(64).log_softmax(0)
+    logp = torch.randn(64).log_softmax(0)
+    k3 = ppo.kl_estimate(logp, ref, "k3")
+    assert (k3 >= 0).all() and k3.sum() > 0
+    assert ppo.kl_estimate(ref, ref, "k3").abs().max() == 0
+    # By hand: log p = log 0.5, log q = log 0.25 -> q/p - 1 - log(q/p) = 0.5 - 1 + log 2.
+    torch.testing.assert_close(ppo.kl_estimate(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)]), "k3"),
+                               torch.tensor([math.log(2) - 0.5]))
+    # In GRPO's loss (zero advantages, so only the KL term): the gradient lowers a log-prob above the
+    # reference's and raises one below it.
+    logprobs = torch.tensor([[-1.0, -3.0]], requires_grad=True)
+    ref_logprobs = torch.tensor([[-2.0, -2.0]])
+    loss, stats = grpo.grpo_loss(logprobs, logprobs.detach(), ref_logprobs, torch.zeros(1), torch.ones(1, 2),
+                                 cliprange=0.2, beta=1.0)
+    loss.backward()
+    assert logprobs.grad[0, 0] > 0 and logprobs.grad[0, 1] < 0  # gradient descent moves both towards -2
+    assert stats["k3_kl"] > 0
+
+
+@pytest.mark.parametrize("advantage, ratio, clipped", [(1.0, 1.5, True), (1.0, 0.5, False),
+                                                       (-1.0, 0.5, True), (-1.0, 1.5, False), (1.0, 1.1, False)])
+def test_ratio_clipping_stops_the_gradient_only_beyond_the_trust_region_on_the_advantage_side(
+        advantage, ratio, clipped):
+    """A ratio already moved past 1 + eps in the direction the advantage favours (up for A > 0, down for
+    A < 0) gets no more gradient; one on the other side keeps its full gradient, whose sign follows A."""
+    old = torch.tensor([[-2.0]])
+    new = (old + math.log(ratio)).requires_grad_(True)
+    loss, stats = grpo.grpo_loss(new, old, new.detach(), torch.tensor([advantage]), torch.ones(1, 1), 0.2, 0.0)
+    loss.backward()
+    seq = (old[:, 0] + math.log(ratio)).requires_grad_(True)
+    seq_loss, seq_stats = rloo.rloo_loss(seq, old[:, 0], torch.tensor([advantage]), 0.2)
+    seq_loss.backward()
+    for grad, frac in ((new.grad.item(), stats["clip_frac"].item()), (seq.grad.item(), seq_stats["clip_frac"].item())):
+        if clipped:
+            assert grad == 0.0 and frac == 1.0
+        else:
+            assert frac == 0.0
+            assert grad == pytest.approx(-advantage * ratio)  # d(-A r)/d log pi = -A r: descent raises log pi if A > 0
+
+
+def test_minibatch_pieces_are_weighted_by_their_share_of_the_loss_units():
+    """The shared update loop: a minibatch cut into pieces of 1 (after out-of-memory errors) gives the
+    gradient of the whole when rows count for different numbers of units (tokens of unequal responses)."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(batch_size=4, mini_batch_size=4, ppo_epochs=1, grad_accum=1, max_grad_norm=1e9)
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [1.0, 3.0]])
+    row_weights = torch.tensor([1.0, 2.0, 3.0, 6.0])  # e.g. response lengths
+
+    def piece_loss(rows):  # a mean over the piece's units, as every algorithm's loss is
+        loss = (row_weights[rows, None] * features[rows] * weight).sum() / row_weights[rows].sum()
+        return loss, {"loss": loss}
+
+    after = {}
+    for size in (4, 1):
+        weight = torch.nn.Parameter(torch.ones(2))
+        micro = ppo.StepMicroBatches.of(SimpleNamespace(batch_size=4, mini_batch_size=4))
+        micro.passes.size = size
+        stats = ppo.minibatch_updates([weight], torch.optim.SGD([weight], lr=1.0), cfg, micro, 1, row_weights,
+                                      piece_loss)
+        after[size] = weight.detach().clone(), stats["loss"]
+    gradient = (row_weights[:, None] * features).sum(0) / row_weights.sum()  # of the mean over all units
+    whole_loss = (row_weights * features.sum(1)).sum() / row_weights.sum()  # at the weights before the step
+    for size in (4, 1):
+        torch.testing.assert_close(after[size][0], 1 - gradient)
+        assert after[size][1] == pytest.approx(whole_loss.item())
+
+
+# --- on the tiny network ------------------------------------------------------------------------------
+
+
+def _sequence_logprobs(built, rollouts, sampling):
+    logits, _ = forward_response(built.model, rollouts.query_ids, rollouts.query_mask, rollouts.response_ids,
+                                 rollouts.response_mask, sampling)
+    logp, _, _ = policy_stats(logits, None, rollouts.response_ids, sampling)
+    return logp, (logp * rollouts.response_mask).sum(1)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_one_update_raises_the_log_prob_of_the_better_response(run_dir, algorithm):
+    """Four responses to one prompt, the first scored best and the last worst: one gradient step on the
+    algorithm's loss makes the first more likely and the last less likely."""
+    config = algorithm_config(algorithm)
+    built = ppo.build_models(config, run_dir, torch.device("cpu"))
+    sampling = Sampling.of(config.ppo)
+    torch.manual_seed(3)
+    rollouts = generate(built.model, built.tokenizer, ["\n\nHuman: What is a cat?\n\nAssistant:"] * 4, 8, sampling)
+    assert len(set(rollouts.responses)) == 4
+    scores = torch.tensor([2.0, 0.5, 0.0, -1.0])
+    mask = rollouts.response_mask.float()
+    with torch.no_grad():
+        old_logp, old_seq = _sequence_logprobs(built, rollouts, sampling)
+    optimizer = torch.optim.SGD(built.policy_parameters(), lr=0.05)
+    logp, seq = _sequence_logprobs(built, rollouts, sampling)
+    if algorithm == "grpo":
+        loss, _ = grpo.grpo_loss(logp, old_logp, old_logp, grpo.group_advantages(scores, 4), mask, 0.2, 0.1)
+    else:
+        advantages = rloo.rloo_advantages(rloo.rloo_rewards(scores, torch.zeros(4), 0.1), 4)
+        loss, _ = rloo.rloo_loss(seq, old_seq, advantages, 0.2)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        _, new_seq = _sequence_logprobs(built, rollouts, sampling)
+    change = new_seq - old_seq
+    assert change[0] > 0 > change[3], change
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_step_trains_the_adapter_alone_on_one_copy_of_the_network(run_dir, algorithm):
+    config = algorithm_config(algorithm, batch_size=8, mini_batch_size=4, ppo_epochs=2)
+    sft_model, _ = models.load_policy(run_dir, "sft")
+    base_bytes = sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                      for p in sft_model.parameters()}.values())
+    del sft_model
+
+    built = ppo.build_models(config, run_dir, torch.device("cpu"))
+    assert built.value_head is None  # the group is the baseline: no critic to train or save
+    params = built.policy_parameters()
+    assert params and all("lora_" in n and ".policy." in n for n, p in built.model.named_parameters()
+                          if any(p is q for q in params))
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    before_step = memory.tensor_bytes()
+    weights = [p.detach().clone() for p in params]
+    step = {"grpo": grpo.grpo_step, "rloo": rloo.rloo_step}[algorithm]
+    torch.manual_seed(0)
+    prompts = [p for p in ("\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: What is a cat?\n\nAssistant:") for _ in range(4)]
+    metrics, rollouts, scores = step(built, optimizer, prompts, config.ppo)
+    grown = memory.tensor_bytes() - before_step
+
+    assert {f"{algorithm}/{name}" for name in COMMON_METRICS} <= set(metrics)
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert metrics[f"{algorithm}/kl"] == 0.0  # the policy sampled before any update is the reference
+    assert scores.shape == (8,) and rollouts.response_mask.sum() > 0
+    assert any(not torch.equal(a, b) for a, b in zip(weights, params))
+    # Everything the step touched reaches one set of base weights, none of them in the optimizer, and the
+    # step left no second copy behind (Adam's state and the rollouts are tiny beside the network).
+    held = ppo.base_weight_storages(built.modules())
+    assert sum(held.values()) == base_bytes
+    optimized = {p.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]}
+    assert not optimized & set(held)
+    assert grown < 0.5 * base_bytes, (grown, base_bytes)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_out_of_memory_halves_the_passes_and_gives_the_same_update(run_dir, algorithm):
+    """Out of memory in a pass of 4 rollouts, the step retries in passes of 2 (`edgerlhf.oom`): the same
+    rollouts, the same gradients (GRPO weighs the halves by tokens, RLOO by responses), the same adapter."""
+    config = algorithm_config(algorithm, batch_size=8, mini_batch_size=4, response_length=16, ppo_epochs=2)
+    step = {"grpo": grpo.grpo_step, "rloo": rloo.rloo_step}[algorithm]
+    prompts = [f"\n\nHuman: Question {i}?\n\nAssistant:" for i in range(2) for _ in range(4)]
+    after = {}
+    # Logits of a pass: rows x 17 positions x 50,257 tokens x 4 bytes = 3.4 MB a row; 8 MB hold 2 rows, not 4.
+    for limit in (None, 8):
+        torch.manual_seed(0)
+        built = ppo.build_models(config, run_dir, torch.device("cpu"))
+        # SGD: Adam's first steps are about sign(gradient) and would hide a wrongly weighted half.
+        optimizer = torch.optim.SGD(built.policy_parameters(), lr=0.1)
+        micro = ppo.StepMicroBatches.of(config.ppo)
+        torch.manual_seed(1)  # the same rollouts for both
+        with allocation_limit(limit) if limit else contextlib.nullcontext():
+            metrics, _, _ = step(built, optimizer, prompts, config.ppo, micro, 1)
+        after[limit] = ([p.detach().clone() for p in built.policy_parameters()], metrics, micro)
+    assert after[None][2].passes.size == 4 and after[8][2].passes.size == 2
+    assert after[8][2].rollouts.size == 8  # generation fitted: the rollouts are the same
+    for whole, halves in zip(after[None][0], after[8][0]):
+        torch.testing.assert_close(halves, whole, rtol=1e-4, atol=1e-6)
+    for key in ("policy_loss", "clip_frac", "approx_kl", "reward_mean"):
+        key = f"{algorithm}/{key}"
+        assert after[8][1][key] == pytest.approx(after[None][1][key], rel=1e-4, abs=1e-7), key
+
+
+class StopAfter(RunContext):
+    """A context whose run is cancelled once `n` steps of `algorithm` have been logged."""
+
+    def __init__(self, run_dir, algorithm, n):
+        super().__init__(run_dir)
+        self.key, self.n = f"{algorithm}/kl", n
+
+    def _poll_cancel(self):
+        return len(self.metric_series(self.key)) >= self.n
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_stage_holds_one_network_checkpoints_and_resumes_with_the_same_steps(tmp_path, algorithm):
+    config = algorithm_config(algorithm, steps=4, checkpoint_every=2, batch_size=8, grad_accum=2)
+    run_dir = make_tiny_run(tmp_path / "run", config)
+
+    ctx = StopAfter(run_dir, algorithm, 3)
+    ctx.begin_stage("ppo")
+    with pytest.raises(Cancelled):
+        ppo.run(config, ctx)
+    first = {k: dict(ctx.metric_series(f"{algorithm}/{k}")) for k in ("reward_mean", "kl", "policy_loss")}
+    assert sorted(first["kl"]) == [1, 2, 3]
+    assert not ctx.metric_series("ppo/kl")  # one namespace per algorithm
+    state = torch.load(run_dir / "ppo" / "checkpoint" / ppo.CHECKPOINT_FILE, weights_only=False)
+    assert state["step"] == 2 and state["value_head"] is None
+
+    resumed = RunContext(run_dir)
+    resumed.begin_stage("ppo")
+    report = ppo.run(config, resumed)
+    assert report.algorithm == algorithm and report.resumed_from_step == 2
+    assert sorted(dict(resumed.metric_series(f"{algorithm}/kl"))) == [3, 4]
+    # Step 3 again, from the checkpoint, is the same step 3: same prompts, samples and update.
+    for key, series in first.items():
+        assert dict(resumed.metric_series(f"{algorithm}/{key}"))[3] == pytest.approx(series[3], rel=1e-5, abs=1e-7)
+    assert set(report.final) and all(k.startswith(f"{algorithm}/") for k in report.first)
+    assert report.kl_coef_final == config.ppo.init_kl_coef
+    # One copy of the network, measured around building the models: the adapters add a few percent.
+    assert report.held_bytes >= report.network_bytes and 1.0 <= report.network_copies < 1.5
+
+    adapter = run_dir / "ppo" / "adapter"
+    assert (adapter / "adapter_config.json").exists() and not (adapter / ppo.VALUE_HEAD_FILE).exists()
+    trained, _ = models.load_policy(run_dir, "ppo")  # a standard peft adapter, merged into sft/merged
+    sft, _ = models.load_policy(run_dir, "sft")
+    assert any(not torch.equal(a, b) for (n, a), (_, b) in zip(trained.named_parameters(), sft.named_parameters())
+               if "c_attn" in n and n.endswith("weight"))
+
+    # The final checkpoint resumes under this algorithm only (a PPO run would find no value head in it).
+    def resumes_at(cfg):
+        built = ppo.build_models(cfg, run_dir, torch.device("cpu"))
+        optimizer = torch.optim.AdamW(built.policy_parameters(), lr=1e-3)
+        return ppo.load_checkpoint(run_dir / "ppo" / "checkpoint", built, optimizer, ppo.FixedKLController(0.1),
+                                   cfg, run_dir)
+
+    assert resumes_at(config) == 4
+    for other in {"ppo", "grpo", "rloo"} - {algorithm}:
+        assert resumes_at(load_config("tiny", {**config.to_dict(), "algorithm": other})) is None
