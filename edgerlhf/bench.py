@@ -1,28 +1,40 @@
-"""Benchmarks: peak memory and speed of every stage, our one-copy PPO against the alternatives, and the floor.
+"""Benchmarks: peak memory and speed of every stage, our one-copy alignment algorithms against TRL's trainers and a
+naive PPO, and the floor.
 
     edgerlhf bench                                    # distilgpt2 architecture, random weights, distilgpt2-8gb preset
     edgerlhf bench --preset qwen2.5-0.5b-8gb          # Qwen2.5-0.5B's exact architecture, random weights
     edgerlhf bench --model PATH --out bench.json      # any local causal LM directory
     edgerlhf bench --set ppo.batch_size=8 --set ppo.ppo_epochs=1 --stages generation,ppo,ppo_naive
+    edgerlhf bench --stages grpo,trl_grpo,rloo,trl_rloo,dpo,trl_dpo --threads 1   # ours against TRL's
 
 Runs offline. Without `--model` the model is the exact architecture of the preset's model (for the
 default preset distilgpt2: 6 layers, 12 heads, 768 wide, GPT-2 vocabulary; see
 `edgerlhf.architectures.PUBLISHED_SHAPES`) with random weights and the GPT-2 tokenizer, so the figures
 are that model's without a download.
 A synthetic run directory stands in for the earlier stages (sft/merged = that model; reward/<precision>
-= a random reward LoRA + score head; prompts from the local HH-RLHF sample), and every stage is measured
-in a fresh subprocess, so one stage's peak never hides in another's:
+= a random reward LoRA + score head; prompts and preference pairs from the local HH-RLHF sample), and every
+stage is measured in a fresh subprocess, so one stage's peak never hides in another's:
 
 - `generation`: `ppo.batch_size` prompts, `ppo.response_length` new tokens, the PPO sampler;
 - `sft`: one LoRA SFT optimizer step (`sft.batch_size` x `sft.max_length` tokens, causal-LM loss);
 - `reward_bf16/int8/int4`: one Bradley-Terry reward step (`reward.batch_size` pairs of `reward.max_length`
   tokens) on the base loaded in that precision, LoRA + score head;
-- `ppo`: one `edgerlhf.ppo.ppo_step` of our design (one network: policy LoRA, reference = adapters off,
-  value head, reward LoRA as a second adapter);
+- `ppo`, `grpo`, `rloo`: one step of our alignment stage with that algorithm (`edgerlhf.ppo.step_function`:
+  a rollout batch of `ppo.batch_size` responses, `ppo.samples_per_prompt` to a prompt, scored, then
+  `ppo_epochs` of minibatch updates) on one network: policy LoRA, reference = adapters off, the reward LoRA
+  as a second adapter (and PPO's value head);
 - `ppo_naive`: the same `ppo_step` with separate policy, reference, value and reward networks, as PPO
   trainers traditionally hold them (TRL's old PPOTrainer, OpenRLHF, DeepSpeed-Chat);
-- `rloo`: TRL's `RLOOTrainer` with the same model, LoRA, rollout batch, response length, minibatch and
-  epochs (one rollout batch = `batch_size / mini_batch_size / grad_accum * ppo_epochs` trainer steps).
+- `trl_grpo`, `trl_rloo`: TRL's `GRPOTrainer` / `RLOOTrainer` with the same model, LoRA, rollout batch, group
+  size, response length, minibatch, epochs, beta and clip range, our reward model as its reward function; one
+  step = one rollout batch (`batch_size / mini_batch_size / grad_accum * ppo_epochs` trainer steps);
+- `dpo`: one optimizer step of our DPO stage's trainer (`edgerlhf.dpo.build_trainer`: `dpo.batch_size` pairs
+  x `dpo.grad_accum`); `trl_dpo`: TRL's `DPOTrainer` as it is (its own LM head, no KL metric) on the same
+  tokenized pairs and settings.
+
+The stages of a group algorithm (GRPO, RLOO) run with `algorithm` set to it, so `ppo.samples_per_prompt`
+resolves to its default group of 4 where the preset's PPO samples one response per prompt. `compare` gives
+ours / TRL for each algorithm (peak memory, step time) and naive / ours for PPO.
 
 Peak memory is the CUDA peak allocated on a GPU, the peak resident set (`VmHWM`) of the stage's process
 on the CPU (which includes the Python + torch runtime, reported as `rss_baseline_mb`). The floor
@@ -44,11 +56,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgerlhf.contract import CONFIG_FILE, PRECISIONS, SFT_MERGED, TRAIN_PREFS, merge_overrides, reward_dir
+from edgerlhf.contract import (CONFIG_FILE, PRECISIONS, SFT_MERGED, TEST_PREFS, TRAIN_PREFS, algorithm_metric,
+                               merge_overrides, reward_dir)
 
 MB = 1024 * 1024
-STAGES = ("generation", "sft", "reward_bf16", "reward_int8", "reward_int4", "ppo", "ppo_naive", "rloo")
-"""Every benchmark, in the order they run."""
+STAGES = ("generation", "sft", "reward_bf16", "reward_int8", "reward_int4", "ppo", "ppo_naive", "grpo", "trl_grpo",
+          "rloo", "trl_rloo", "dpo", "trl_dpo")
+"""Every benchmark, in the order they run: each of our algorithms next to TRL's trainer for it, so a run cut short
+(out of time) still compares whole pairs and the two of a pair meet the same load on a shared machine."""
+ALIGNMENT_STAGES = {
+    "ppo": ("ours", "ppo"), "ppo_naive": ("ours-naive", "ppo"), "grpo": ("ours", "grpo"), "rloo": ("ours", "rloo"),
+    "dpo": ("ours", "dpo"), "trl_grpo": ("TRL", "grpo"), "trl_rloo": ("TRL", "rloo"), "trl_dpo": ("TRL", "dpo"),
+}
+"""The alignment stages: whose trainer (ours or TRL's) and which algorithm each runs."""
+GROUP_ALGORITHMS = ("grpo", "rloo")
+"""Algorithms whose baseline is the other responses to a prompt: they need `ppo.samples_per_prompt` >= 2."""
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 256}
 """A toy model for the smoke test (`--tiny`)."""
 
@@ -78,7 +100,8 @@ def bench_config(preset: str, model: str | None, overrides: dict[str, Any], tiny
 
 
 def prepare_run_dir(config, work: Path) -> Path:
-    """Write what the data, sft and reward stages would leave: sft/merged, reward/<p>/, data/train_prefs.jsonl."""
+    """Write what the data, sft and reward stages would leave: sft/merged, reward/<p>/, data/train_prefs.jsonl and
+    data/test_prefs.jsonl."""
     import torch
     from peft import get_peft_model
 
@@ -107,18 +130,23 @@ def prepare_run_dir(config, work: Path) -> Path:
         meta = {"precision": precision, "max_length": config.reward.max_length, "hidden_size": hidden}
         (rm_dir / REWARD_META_FILE).write_text(json.dumps(meta))
         del lora
-    prompts = []
+    pairs = []
     if os.path.exists(HH_PREFS_SAMPLE):
         with open(HH_PREFS_SAMPLE, encoding="utf-8") as f:
             for line in f:
-                prompt = normalize_prompt(json.loads(line)["prompt"])
+                row = json.loads(line)
+                prompt = normalize_prompt(row["prompt"])
                 if len(tokenizer(prompt, verbose=False)["input_ids"]) <= config.data.max_prompt_tokens:
-                    prompts.append(prompt)
-    if not prompts:  # no local sample: fixed synthetic prompts
-        prompts = [f"\n\nHuman: Tell me something about the number {i}.\n\nAssistant:" for i in range(256)]
+                    pairs.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]})
+    if not pairs:  # no local sample: fixed synthetic pairs
+        pairs = [{"prompt": f"\n\nHuman: Tell me something about the number {i}.\n\nAssistant:",
+                  "chosen": f"{i} is {'even' if i % 2 == 0 else 'odd'}.", "rejected": "I do not know."}
+                 for i in range(256)]
+    # The pairs feed DPO; the sampling stages read only their prompts. DPO's trainer also builds an evaluation
+    # set, never run by the bench: a few of the same pairs.
     (work / TRAIN_PREFS).parent.mkdir(parents=True, exist_ok=True)
-    (work / TRAIN_PREFS).write_text(
-        "".join(json.dumps({"prompt": p, "chosen": "", "rejected": ""}) + "\n" for p in prompts))
+    (work / TRAIN_PREFS).write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (work / TEST_PREFS).write_text("".join(json.dumps(r) + "\n" for r in pairs[:16]))
     (work / CONFIG_FILE).write_text(config.to_json())
     return work
 
@@ -212,6 +240,28 @@ def _torch():
 def _prompts(run_dir: Path, n: int) -> list[str]:
     rows = [json.loads(line) for line in (run_dir / TRAIN_PREFS).read_text().splitlines() if line]
     return [rows[i % len(rows)]["prompt"] for i in range(n)]
+
+
+def _batch_prompts(run_dir: Path, cfg) -> list[str]:
+    """A rollout batch as the alignment stage draws it: `batch_size / samples_per_prompt` prompts, each
+    `samples_per_prompt` times in a row."""
+    k = cfg.samples_per_prompt
+    return [p for p in _prompts(run_dir, cfg.batch_size // k) for _ in range(k)]
+
+
+def stage_config(config, stage: str):
+    """The configuration `stage` runs: the bench's with `algorithm` set to the stage's, so that
+    `ppo.samples_per_prompt` resolves for it (a group algorithm gets its default group of 4 where the preset's
+    PPO samples one response per prompt; a group size set with `--set` is kept)."""
+    from edgerlhf.config import PipelineConfig
+
+    if stage not in ALIGNMENT_STAGES:
+        return config
+    data = config.to_dict()
+    data["algorithm"] = ALIGNMENT_STAGES[stage][1]
+    if data["algorithm"] in GROUP_ALGORITHMS and data["ppo"]["samples_per_prompt"] < 2:
+        data["ppo"]["samples_per_prompt"] = None
+    return PipelineConfig.from_dict(data)
 
 
 # --- the stages (each runs in its own process) -------------------------------------------------------
@@ -366,22 +416,27 @@ class NaivePPOModels:
         return self.reward_model.score(prompts, responses)
 
 
-def bench_ppo(config, run_dir: Path, device, steps: int, warmup: int, naive: bool = False) -> dict[str, Any]:
+def bench_sampling(config, run_dir: Path, device, steps: int, warmup: int, naive: bool = False) -> dict[str, Any]:
+    """One step of our alignment stage with `config.algorithm` (PPO, GRPO or RLOO), called as the stage calls it;
+    `naive`: PPO's step on `NaivePPOModels`."""
+    torch = _torch()
+    meter = Meter(device)  # before the imports, as for TRL's trainers: what a stage imports is its own cost
     from edgerlhf import ppo
 
-    torch = _torch()
-    meter = Meter(device)
     cfg = config.ppo
+    algorithm = config.algorithm
     models = NaivePPOModels(config, run_dir, device) if naive else ppo.build_models(config, run_dir, device)
     params = models.policy_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)
-    kl_ctl = ppo.AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
-    prompts = _prompts(run_dir, cfg.batch_size)
+    kl_ctl = (ppo.AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+              if cfg.adaptive_kl and algorithm == "ppo" else ppo.FixedKLController(cfg.init_kl_coef))
+    train_step = ppo.step_function(algorithm)
+    prompts = _batch_prompts(run_dir, cfg)
     out: dict[str, Any] = {}
 
     def step():
         torch.manual_seed(0)
-        metrics, rollouts, _ = ppo.ppo_step(models, optimizer, kl_ctl, prompts, cfg)
+        metrics, rollouts, _ = train_step(models, optimizer, kl_ctl, prompts, cfg)
         out.update(metrics=metrics, P=rollouts.query_ids.shape[1], T=rollouts.response_ids.shape[1])
         return metrics
 
@@ -391,75 +446,169 @@ def bench_ppo(config, run_dir: Path, device, steps: int, warmup: int, naive: boo
     one_network = sum(ppo.base_weight_storages([models.model]).values())
     copies = sum(ppo.base_weight_storages(models.modules()).values()) / one_network
     model_cfg = models.model.config
-    return meter.result(out["metrics"]["ppo/response_length"] * cfg.batch_size,
-                        design="naive: separate policy, reference, value and reward networks" if naive
-                        else "one copy: policy LoRA, reference = adapters off, value head, reward LoRA",
-                        network_copies=round(copies, 3), trainable_parameters=trainable,
-                        batch_size=cfg.batch_size, mini_batch_size=cfg.mini_batch_size, ppo_epochs=cfg.ppo_epochs,
-                        response_length=cfg.response_length, prompt_tokens=P,
-                        generation_s=out["metrics"]["ppo/generation_s"],
-                        floor=floor(_weights_bytes(*[m for m in models.modules() if m is not None]) if naive else
-                                    _weights_bytes(models.model, models.value_head, models.reward_model),
-                                    trainable, model_cfg, device,
+    design = ("naive: separate policy, reference, value and reward networks" if naive else
+              "one copy: policy LoRA, reference = adapters off, " +
+              ("value head, " if models.value_head is not None else "") + "reward LoRA")
+    return meter.result(out["metrics"][algorithm_metric(algorithm, "response_length")] * cfg.batch_size,
+                        algorithm=algorithm, design=design, network_copies=round(copies, 3),
+                        trainable_parameters=trainable, batch_size=cfg.batch_size,
+                        samples_per_prompt=cfg.samples_per_prompt, mini_batch_size=cfg.mini_batch_size,
+                        ppo_epochs=cfg.ppo_epochs, response_length=cfg.response_length, prompt_tokens=P,
+                        generation_s=out["metrics"][algorithm_metric(algorithm, "generation_s")],
+                        floor=floor(_weights_bytes(*models.modules()), trainable, model_cfg, device,
                                     train_tokens=cfg.mini_batch_size * (P + T), logit_tokens=cfg.mini_batch_size * T,
                                     kv_tokens=cfg.batch_size * (P + T), kv_rows=cfg.batch_size))
 
 
-def bench_rloo(config, run_dir: Path, device, steps: int, warmup: int) -> dict[str, Any]:
-    """TRL's RLOOTrainer on the same model, LoRA, rollout batch, response length, minibatch and epochs."""
+def step_clock(meter: Meter, every: int = 1):
+    """A `TrainerCallback` that marks the time when training begins and after every `every` optimizer steps (one
+    bench step: a rollout batch of GRPO or RLOO, one batch of DPO), and keeps the Trainer from evaluating or
+    saving a checkpoint (`DefaultFlowCallback` asks for both at the last step): the bench times training only."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.marks: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            meter.sync()
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % every == 0:
+                meter.sync()
+                self.marks.append(time.perf_counter())
+            control.should_evaluate = control.should_save = False
+            return control
+
+        def step_times(self, warmup: int) -> list[float]:
+            per_step = [b - a for a, b in zip(self.marks, self.marks[1:])]
+            return per_step[warmup:] or per_step
+
+    return StepClock()
+
+
+def bench_trl_sampling(config, run_dir: Path, device, steps: int, warmup: int) -> dict[str, Any]:
+    """TRL's `GRPOTrainer` or `RLOOTrainer` (`config.algorithm`) with the same model, LoRA, rollout batch, group size,
+    response length, minibatch, epochs, beta and clip range as ours; its reward function is our reward model
+    (`ppo.reward_precision`), loaded as TRL loads a reward model: a network of its own beside the policy."""
+    torch = _torch()
+    meter = Meter(device)  # before importing TRL, whose import is its own cost (~250 MB of RSS on the CPU)
     import datasets
-    from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
-    from trl import RLOOConfig, RLOOTrainer
+    import trl
+    from transformers import AutoConfig, AutoModelForCausalLM, PrinterCallback
 
     from edgerlhf import models
+    from edgerlhf.ppo import base_weight_storages
 
-    torch = _torch()
-    meter = Meter(device)
     cfg = config.ppo
-    reward_model = models.load_reward_model(run_dir, "bf16", device)
+    algorithm = config.algorithm
+    reward_model = models.load_reward_model(run_dir, cfg.reward_precision, device)
 
     def reward_func(prompts, completions, **kwargs):
         return reward_model.score(list(prompts), list(completions)).tolist()
 
     steps_per_rollout = cfg.batch_size // cfg.mini_batch_size // cfg.grad_accum * cfg.ppo_epochs
-    marks: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            meter.sync()
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step % steps_per_rollout == 0:
-                meter.sync()
-                marks.append(time.perf_counter())
-
-    prompts = _prompts(run_dir, cfg.batch_size * (steps + warmup))
+    clock = step_clock(meter, every=steps_per_rollout)
+    # Every rollout batch on the prompts ours samples (`_batch_prompts`), in order: TRL repeats each of them
+    # `samples_per_prompt` times, and the step times compare the same work.
+    prompts = _prompts(run_dir, cfg.batch_size // cfg.samples_per_prompt) * (steps + warmup)
     dtype = models.compute_dtype(device)
     with torch.device("meta"):  # the architecture without weights, for the LoRA config (TRL loads the model)
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run_dir / SFT_MERGED))
     with tempfile.TemporaryDirectory() as out_dir:
-        args = RLOOConfig(
+        common = dict(
             output_dir=out_dir, report_to="none", save_strategy="no", logging_steps=10_000, seed=config.seed,
             per_device_train_batch_size=cfg.mini_batch_size, gradient_accumulation_steps=cfg.grad_accum,
-            generation_batch_size=cfg.batch_size, num_generations=2, num_iterations=cfg.ppo_epochs,
-            max_completion_length=cfg.response_length, temperature=cfg.temperature, top_k=cfg.top_k,
-            top_p=cfg.top_p, learning_rate=cfg.learning_rate, beta=cfg.init_kl_coef,
-            max_steps=steps_per_rollout * (steps + warmup), gradient_checkpointing=False,
-            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device.type == "cpu",
-            model_init_kwargs={"dtype": dtype}, disable_dropout=True, dataloader_num_workers=0)
-        trainer = RLOOTrainer(
+            generation_batch_size=cfg.batch_size, num_generations=cfg.samples_per_prompt,
+            num_iterations=cfg.ppo_epochs, max_completion_length=cfg.response_length, temperature=cfg.temperature,
+            top_k=cfg.top_k, top_p=cfg.top_p, learning_rate=cfg.learning_rate, beta=cfg.init_kl_coef,
+            epsilon=cfg.cliprange, max_grad_norm=cfg.max_grad_norm, max_steps=steps_per_rollout * (steps + warmup),
+            gradient_checkpointing=False, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+            use_cpu=device.type == "cpu", model_init_kwargs={"dtype": dtype}, disable_dropout=True,
+            dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False)
+        if algorithm == "grpo":  # our GRPO's loss: token-level mean over a minibatch, group-std advantages
+            args, trainer_class = trl.GRPOConfig(**common, loss_type="bnpo", scale_rewards="group",
+                                                 entropy_coef=cfg.ent_coef), trl.GRPOTrainer
+        elif algorithm == "rloo":
+            args, trainer_class = trl.RLOOConfig(**common, normalize_advantages=cfg.whiten_rewards), trl.RLOOTrainer
+        else:
+            raise ValueError(f"TRL's sampling trainers here are GRPO and RLOO, not {algorithm!r}")
+        trainer = trainer_class(
             model=str(run_dir / SFT_MERGED), reward_funcs=reward_func, args=args,
             train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in prompts]),
             processing_class=models.load_tokenizer(run_dir / SFT_MERGED, padding_side="left"),
             peft_config=models.lora_config(skeleton, cfg.lora_r, cfg.lora_alpha, config.sft.target_modules),
-            callbacks=[Clock()])
+            callbacks=[clock])
+        trainer.remove_callback(PrinterCallback)  # the figures go to the report, not to stdout
         trainer.train()
-    per_rollout = [b - a for a, b in zip(marks, marks[1:])]
-    meter.times = per_rollout[warmup:] or per_rollout
-    return meter.result(cfg.batch_size * cfg.response_length, trainer="trl.RLOOTrainer",
-                        steps_per_rollout_batch=steps_per_rollout, num_generations=2, beta=cfg.init_kl_coef,
-                        note="tokens_per_step assumes full-length responses")
+    meter.times = clock.step_times(warmup)
+    # The mean completion length over the run's rollouts (TRL logs it once, at the end of training).
+    lengths = [log["completions/mean_length"] for log in trainer.state.log_history if "completions/mean_length" in log]
+    one_network = sum(base_weight_storages([trainer.model]).values())
+    copies = sum(base_weight_storages([trainer.model, reward_model]).values()) / one_network
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return meter.result(cfg.batch_size * (lengths[-1] if lengths else cfg.response_length), algorithm=algorithm,
+                        trainer=f"trl.{trainer_class.__name__}", design="policy LoRA, reference = adapter off "
+                        "(TRL with peft), reward model a separate network", network_copies=round(copies, 3),
+                        trainable_parameters=trainable, batch_size=cfg.batch_size,
+                        samples_per_prompt=cfg.samples_per_prompt, mini_batch_size=cfg.mini_batch_size,
+                        ppo_epochs=cfg.ppo_epochs, response_length=cfg.response_length,
+                        steps_per_rollout_batch=steps_per_rollout, beta=cfg.init_kl_coef)
+
+
+def _plain_trl_dpo_trainer():
+    """TRL's `DPOTrainer` as it is (its own LM head, no KL metric, no out-of-memory splitting), taking the pairs
+    already tokenized as our stage tokenizes them (`dpo.preference_dataset`), so both train on the same tokens."""
+    from trl import DPOTrainer
+
+    class PlainDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return PlainDPOTrainer
+
+
+def bench_dpo(config, run_dir: Path, device, steps: int, warmup: int, trl: bool = False) -> dict[str, Any]:
+    """Optimizer steps of our DPO stage's trainer, built as the stage builds it (`edgerlhf.dpo.build_trainer`: TRL's
+    DPOTrainer, a LoRA policy whose reference is the adapter off, our answer-only LM head off the GPU, the
+    chosen-answer KL metric), or with `trl` TRL's own DPOTrainer with the same settings on the same pairs.
+    A step is `dpo.batch_size` pairs x `dpo.grad_accum`."""
+    meter = Meter(device)
+    from unittest import mock
+
+    from edgerlhf import dpo, models
+    from edgerlhf.context import RunContext
+
+    cfg = config.dpo
+    cfg.max_steps = steps + warmup
+    clock = step_clock(meter)
+    ctx = RunContext(run_dir)
+    model = models.load_causal_lm(run_dir / SFT_MERGED, device)
+    tokenizer = models.load_tokenizer(run_dir / SFT_MERGED)
+    if trl:
+        # The same build with TRL's class in place of our stage's (dpo.build_trainer takes no class).
+        with mock.patch.object(dpo, "_trainer_class", _plain_trl_dpo_trainer):
+            trainer = dpo.build_trainer(config, ctx, model, tokenizer, device, callbacks=[clock])
+    else:
+        trainer = dpo.build_trainer(config, ctx, model, tokenizer, device, callbacks=[clock])
+    trainer.train()
+    meter.times = clock.step_times(warmup)
+    pairs = trainer.train_dataset
+    answer_tokens = sum(len(c) + len(r) for c, r in zip(pairs["chosen_ids"], pairs["rejected_ids"])) / len(pairs)
+    pair_tokens = 2 * sum(len(p) for p in pairs["prompt_ids"]) / len(pairs) + answer_tokens
+    pairs_per_step = cfg.batch_size * cfg.grad_accum
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    cpu_head = " + our answer-only LM head" if device.type not in ("cuda", "xpu") else ""  # as dpo.py installs it
+    return meter.result(pairs_per_step * pair_tokens, algorithm="dpo",
+                        trainer="trl.DPOTrainer" if trl else f"edgerlhf.dpo (trl.DPOTrainer{cpu_head}, KL metric)",
+                        design="policy LoRA, reference = adapter off", trainable_parameters=trainable,
+                        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_length=cfg.max_length,
+                        mean_pair_tokens=pair_tokens, beta=cfg.beta,
+                        note="tokens_per_step: pairs per step x the mean tokens of a pair (prompt twice, both answers)",
+                        floor=floor(_weights_bytes(trainer.model), trainable, trainer.model.config, device,
+                                    train_tokens=int(cfg.batch_size * pair_tokens),
+                                    logit_tokens=int(cfg.batch_size * answer_tokens)))
 
 
 def worker(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int, result: Path,
@@ -471,7 +620,7 @@ def worker(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int
     from edgerlhf.config import PipelineConfig
     from edgerlhf.models import resolve_device
 
-    config = PipelineConfig.from_dict(json.loads(config_file.read_text()))
+    config = stage_config(PipelineConfig.from_dict(json.loads(config_file.read_text())), stage)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     if stage == "generation":
@@ -480,10 +629,12 @@ def worker(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int
         out = bench_sft(config, run_dir, device, steps, warmup)
     elif stage.startswith("reward_"):
         out = bench_reward(config, run_dir, device, steps, warmup, stage.removeprefix("reward_"))
-    elif stage in ("ppo", "ppo_naive"):
-        out = bench_ppo(config, run_dir, device, steps, warmup, naive=stage == "ppo_naive")
-    elif stage == "rloo":
-        out = bench_rloo(config, run_dir, device, steps, warmup)
+    elif stage in ("ppo", "ppo_naive", "grpo", "rloo"):
+        out = bench_sampling(config, run_dir, device, steps, warmup, naive=stage == "ppo_naive")
+    elif stage in ("trl_grpo", "trl_rloo"):
+        out = bench_trl_sampling(config, run_dir, device, steps, warmup)
+    elif stage in ("dpo", "trl_dpo"):
+        out = bench_dpo(config, run_dir, device, steps, warmup, trl=stage == "trl_dpo")
     else:
         raise ValueError(f"unknown benchmark stage {stage!r}; choose from {list(STAGES)}")
     out["device"] = str(device)
@@ -515,33 +666,47 @@ def run_stage_process(stage: str, config_file: Path, run_dir: Path, steps: int, 
     return out
 
 
+def _ratios(numerator: dict, denominator: dict, prefix: str) -> dict[str, float]:
+    """`{prefix}_peak_ratio`, `..._peak_ratio_above_baseline` (on the CPU, without the runtime both processes
+    carry) and `..._step_time_ratio` of two stage results, where both were measured."""
+    if "peak_mb" not in numerator or "peak_mb" not in denominator:
+        return {}
+    base = "rss_baseline_mb"
+    out = {f"{prefix}_peak_ratio": numerator["peak_mb"] / denominator["peak_mb"]}
+    if base in numerator and base in denominator:
+        out[f"{prefix}_peak_ratio_above_baseline"] = ((numerator["peak_mb"] - numerator[base])
+                                                      / max(denominator["peak_mb"] - denominator[base], 1e-9))
+    out[f"{prefix}_step_time_ratio"] = numerator["step_s"] / denominator["step_s"]
+    return out
+
+
 def compare(results: dict[str, dict]) -> dict[str, Any]:
-    """The side-by-side ratios: naive / ours (memory, time), ours / TRL RLOO (time)."""
-    ours, naive, rloo = results.get("ppo", {}), results.get("ppo_naive", {}), results.get("rloo", {})
-    out: dict[str, Any] = {}
-    if "peak_mb" in ours and "peak_mb" in naive:
-        base = "rss_baseline_mb"
-        out["naive_vs_ours_peak_ratio"] = naive["peak_mb"] / ours["peak_mb"]
-        if base in ours and base in naive:  # on the CPU, without the runtime both processes carry
-            out["naive_vs_ours_peak_ratio_above_baseline"] = ((naive["peak_mb"] - naive[base])
-                                                              / max(ours["peak_mb"] - ours[base], 1e-9))
-        out["naive_vs_ours_step_time_ratio"] = naive["step_s"] / ours["step_s"]
-    if "step_s" in ours and "step_s" in rloo:
-        out["ours_vs_rloo_step_time_ratio"] = ours["step_s"] / rloo["step_s"]
+    """The side-by-side ratios: naive / ours for PPO; ours / TRL for GRPO, RLOO and DPO (peak memory, step time:
+    below 1, ours is the smaller or the faster); our PPO / TRL's RLOO (step time)."""
+    out = _ratios(results.get("ppo_naive", {}), results.get("ppo", {}), "naive_vs_ours")
+    for algorithm in ("grpo", "rloo", "dpo"):
+        out.update(_ratios(results.get(algorithm, {}), results.get(f"trl_{algorithm}", {}),
+                           f"{algorithm}_ours_vs_trl"))
+    ours, trl_rloo = results.get("ppo", {}), results.get("trl_rloo", {})
+    if "step_s" in ours and "step_s" in trl_rloo:
+        out["ppo_vs_trl_rloo_step_time_ratio"] = ours["step_s"] / trl_rloo["step_s"]
     return out
 
 
 def table(report: dict[str, Any]) -> str:
-    rows = [f"{'stage':<12} {'peak MB':>9} {'floor MB':>9} {'step s':>9} {'tokens/s':>10}  note"]
+    """The report as text: one row per stage (whose trainer, which algorithm), then the comparisons."""
+    rows = [f"{'stage':<12} {'trainer':<12} {'algorithm':<9} {'peak MB':>9} {'floor MB':>9} {'step s':>9} "
+            f"{'tokens/s':>10}  note"]
     for stage, r in report["stages"].items():
+        trainer, algorithm = ALIGNMENT_STAGES.get(stage, ("ours", "-"))
+        head = f"{stage:<12} {trainer:<12} {algorithm:<9}"
         if "error" in r:
-            rows.append(f"{stage:<12} {'error':>9}  {str(r['error']).splitlines()[-1][:80]}")
+            rows.append(f"{head} {'error':>9}  {str(r['error']).splitlines()[-1][:80]}")
             continue
         fl = r.get("floor", {}).get("total")
-        note = r.get("design", r.get("trainer", r.get("precision", "")))
+        note = r.get("trainer", r.get("design", r.get("precision", "")))
         floor_mb = f"{fl / MB:>9.0f}" if fl else f"{'-':>9}"
-        rows.append(f"{stage:<12} {r['peak_mb']:>9.0f} {floor_mb} "
-                    f"{r['step_s']:>9.3f} {r['tokens_per_s']:>10.1f}  {note}")
+        rows.append(f"{head} {r['peak_mb']:>9.0f} {floor_mb} {r['step_s']:>9.3f} {r['tokens_per_s']:>10.1f}  {note}")
     for key, value in report["comparisons"].items():
         rows.append(f"{key}: {value:.2f}")
     return "\n".join(rows)

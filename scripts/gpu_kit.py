@@ -1078,16 +1078,21 @@ def summary_table(result: dict[str, Any]) -> str:
             lines.append(f"  error: {report['error'][:300]}")
         lines += bench_rows(report, PEAK_TARGET_MIB if reference else None)
         c, s = report.get("comparisons") or {}, report.get("stages", {})
-        ours, naive, rloo = s.get("ppo", {}), s.get("ppo_naive", {}), s.get("rloo", {})
+        ours, naive, rloo = s.get("ppo", {}), s.get("ppo_naive", {}), s.get("trl_rloo", {})
         if "peak_mb" in ours and ("peak_mb" in naive or "peak_mb" in rloo):
             text = f"  PPO on the GPU: one copy {ours['peak_mb']:,.0f} MiB"
             if "peak_mb" in naive:
                 text += (f"; naive {naive['peak_mb']:,.0f} MiB = {c.get('naive_vs_ours_peak_ratio', 0):.2f}x the "
                          f"memory, {c.get('naive_vs_ours_step_time_ratio', 0):.2f}x the step time")
             if "peak_mb" in rloo:
-                text += (f"; TRL RLOO {rloo['peak_mb']:,.0f} MiB, ours/RLOO step time "
-                         f"{c.get('ours_vs_rloo_step_time_ratio', 0):.2f}")
+                text += (f"; TRL RLOO {rloo['peak_mb']:,.0f} MiB, our PPO/TRL RLOO step time "
+                         f"{c.get('ppo_vs_trl_rloo_step_time_ratio', 0):.2f}")
             lines.append(text)
+        for algorithm in ("grpo", "rloo", "dpo"):  # ours against TRL's trainer (bench.compare): below 1, ours wins
+            key = f"{algorithm}_ours_vs_trl"
+            if f"{key}_peak_ratio" in c:
+                lines.append(f"  {algorithm.upper()} ours/TRL: {c[f'{key}_peak_ratio']:.2f}x the memory, "
+                             f"{c[f'{key}_step_time_ratio']:.2f}x the step time")
         if reference:
             over = [st for st, r in s.items() if "peak_mb" in r and r["peak_mb"] > PEAK_TARGET_MIB]
             lines.append(f"  1 GB target ({PEAK_TARGET_MIB} MiB per stage): " +

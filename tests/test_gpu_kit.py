@@ -163,7 +163,8 @@ def test_the_table_flags_stages_over_the_target_and_failing_tests(kit):
         return {"peak_mb": peak, "step_s": 1.0, "tokens_per_s": 10.0, "floor": {"total": 200 * kit.MiB}, **extra}
 
     stages = {"sft": stage(1500.0), "ppo": stage(800.0, network_copies=1.0), "ppo_naive": stage(1600.0),
-              "rloo": {"error": "Traceback ...\nOutOfMemoryError: CUDA out of memory"}}
+              "trl_rloo": {"error": "Traceback ...\nOutOfMemoryError: CUDA out of memory"},
+              "grpo": stage(700.0), "trl_grpo": stage(1000.0)}
     from edgerlhf.bench import compare
 
     result = {"budget_s": 540, "elapsed_s": 500,
@@ -174,7 +175,8 @@ def test_the_table_flags_stages_over_the_target_and_failing_tests(kit):
     table = kit.summary_table(result)
     lines = {line.split()[0]: line for line in table.splitlines() if line.startswith("  ") and line.split()}
     assert "OVER" in lines["sft"] and "under" in lines["ppo"]
-    assert "OutOfMemoryError" in lines["rloo"]
+    assert "OutOfMemoryError" in lines["trl_rloo"]
+    assert "GRPO ours/TRL: 0.70x the memory, 1.00x the step time" in table and "RLOO ours/TRL" not in table
     assert "FAILED t::b (call): boom" in table and "t::a" not in table
     assert "naive 1,600 MiB = 2.00x the memory" in table
     assert "over in sft, ppo_naive" in table
