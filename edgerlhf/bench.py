@@ -575,8 +575,6 @@ def bench_dpo(config, run_dir: Path, device, steps: int, warmup: int, trl: bool 
     chosen-answer KL metric), or with `trl` TRL's own DPOTrainer with the same settings on the same pairs.
     A step is `dpo.batch_size` pairs x `dpo.grad_accum`."""
     meter = Meter(device)
-    from unittest import mock
-
     from edgerlhf import dpo, models
     from edgerlhf.context import RunContext
 
@@ -586,12 +584,8 @@ def bench_dpo(config, run_dir: Path, device, steps: int, warmup: int, trl: bool 
     ctx = RunContext(run_dir)
     model = models.load_causal_lm(run_dir / SFT_MERGED, device)
     tokenizer = models.load_tokenizer(run_dir / SFT_MERGED)
-    if trl:
-        # The same build with TRL's class in place of our stage's (dpo.build_trainer takes no class).
-        with mock.patch.object(dpo, "_trainer_class", _plain_trl_dpo_trainer):
-            trainer = dpo.build_trainer(config, ctx, model, tokenizer, device, callbacks=[clock])
-    else:
-        trainer = dpo.build_trainer(config, ctx, model, tokenizer, device, callbacks=[clock])
+    trainer = dpo.build_trainer(config, ctx, model, tokenizer, device, callbacks=[clock],
+                                trainer_class=_plain_trl_dpo_trainer() if trl else None)
     trainer.train()
     meter.times = clock.step_times(warmup)
     pairs = trainer.train_dataset

@@ -209,9 +209,11 @@ def _trainer_class():
     return DPOStageTrainer
 
 
-def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, device, callbacks=(), ref_model=None):
+def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, device, callbacks=(), ref_model=None,
+                  trainer_class=None):
     """TRL's DPOTrainer with a fresh LoRA policy on `model` (sft/merged); the reference is the adapter disabled
-    unless a `ref_model` is given (tests pass a second copy to see the one-copy check fail)."""
+    unless a `ref_model` is given (tests pass a second copy to see the one-copy check fail). `trainer_class`
+    replaces the stage's trainer class (the bench passes TRL's own)."""
     from transformers import PrinterCallback
     from trl import DPOConfig
 
@@ -246,7 +248,7 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
         dataloader_num_workers=0,
     )
     lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, config.sft.target_modules)
-    trainer = _trainer_class()(
+    trainer = (trainer_class or _trainer_class())(
         model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=lora,
         callbacks=list(callbacks),
         train_dataset=preference_dataset(ctx.run_dir / TRAIN_PREFS, tokenizer, cfg.max_length),
