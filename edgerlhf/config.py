@@ -376,6 +376,11 @@ class PPOConfig:
     G and RLOO's k; both need at least 2. PPO with more than one subtracts from each score the mean score of the
     other responses to its prompt (a leave-one-out baseline, as RLOO): prompts the reward model simply likes
     more stop swamping the signal."""
+    reward_function: str | None = None
+    """Score the rollouts with a Python function instead of the reward model (PPO, GRPO, RLOO; the reward stage
+    is then not needed): a gold scorer's name (`question`, `you`, `positive`, `concise`: known-answer runs
+    against the truth itself) or, from the command line or Python only, `package.module:function` taking
+    (prompt, response) and returning a float. Evaluation scores with it too."""
     quantized_policy: bool = False
     """With an int8/int4 reward model: load the one network in that precision and train the policy LoRA on it
     (QLoRA-style), so policy, reference and reward share it; False keeps a bf16 policy plus a quantized reward copy."""
@@ -495,7 +500,15 @@ class PipelineConfig:
                                                         "needs at least 2")
         if self.ppo.reward_precision is None:
             self.ppo.reward_precision = self.reward.precisions[0]
-        if "ppo" in self.stages and self.algorithm != "dpo" and self.ppo.reward_precision not in self.reward.precisions:
+        function = self.ppo.reward_function
+        if function is not None:
+            from edgerlhf.gold import SCORERS, is_import_path
+
+            if function not in SCORERS and not is_import_path(function):
+                raise ConfigError("ppo.reward_function", f"must be a gold scorer ({sorted(SCORERS)}) or "
+                                                         f"`package.module:function`, got {function!r}")
+        if ("ppo" in self.stages and self.algorithm != "dpo" and function is None
+                and self.ppo.reward_precision not in self.reward.precisions):
             raise ConfigError("ppo.reward_precision",
                               f"{self.ppo.reward_precision!r} is not among reward.precisions {self.reward.precisions}")
 

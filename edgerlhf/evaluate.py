@@ -187,7 +187,8 @@ def markdown_report(report: dict[str, Any]) -> str:
 
     name = report.get("algorithm", "ppo").upper()
     scored = report["reward_diff"] is not None
-    rm = f"reward model {report['reward_precision']}" if scored else "no reward model"
+    rm = (f"reward function {report['reward_function']}" if report.get("reward_function") else
+          f"reward model {report['reward_precision']}" if scored else "no reward model")
     lines = [
         f"# Evaluation: SFT vs {name}",
         "",
@@ -248,7 +249,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
     k = cfg.samples_per_prompt
     all_prompts = [p for p in prompts for _ in range(k)]  # (n_prompts * k,)
 
-    scored = config.algorithm != "dpo" or has_reward_model(config, run_dir)
+    scored = config.algorithm != "dpo" or config.ppo.reward_function is not None or has_reward_model(config, run_dir)
     models = build_models(config, run_dir, device, adapter_dir=adapter, reward=scored)
     ctx.progress(0, 4)
     micro = MicroBatch(GEN_BATCH, "evaluate", ctx, device, planner_hint=lambda: planner_hint(config, "evaluate"))
@@ -276,7 +277,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
         "algorithm": config.algorithm,
         "n_prompts": len(prompts),
         "samples_per_prompt": k,
-        "reward_precision": config.ppo.reward_precision if scored else None,
+        "reward_precision": config.ppo.reward_precision if scored and not config.ppo.reward_function else None,
+        "reward_function": config.ppo.reward_function,
         "confidence": cfg.confidence,
         "response_length": cfg.response_length,
         **policies,

@@ -200,6 +200,31 @@ def score(prompt: str, response: str, name: str = "concise") -> float:
     return get_scorer(name)(prompt, response)
 
 
+IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+"""`package.module:function`: a reward function given by where to import it."""
+
+
+def is_import_path(spec: str) -> bool:
+    return IMPORT_PATH.fullmatch(spec) is not None
+
+
+def reward_function(spec: str) -> Callable[[str, str], float]:
+    """The function `ppo.reward_function` names: a gold scorer (the truth of a known-answer task, used as the
+    reward itself), or `package.module:function` imported from the Python path; (prompt, response) -> float."""
+    if spec in SCORERS:
+        return SCORERS[spec].score
+    if not is_import_path(spec):
+        raise ValueError(f"reward function {spec!r} is neither a gold scorer ({sorted(SCORERS)}) nor "
+                         "`package.module:function`")
+    import importlib
+
+    module, name = spec.split(":")
+    function = getattr(importlib.import_module(module), name, None)
+    if not callable(function):
+        raise ValueError(f"reward function {spec!r}: {module} has no function {name!r}")
+    return function
+
+
 def score_batch(prompts: list[str], responses: list[str], name: str = "concise") -> list[float]:
     """Gold scores of many (prompt, response) pairs."""
     scorer = get_scorer(name)

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from edgerlhf import memory
+from edgerlhf import gold, memory
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.contract import PPO_ADAPTER, TEST_PREFS, TRAIN_PREFS, algorithm_metric, reward_dir
@@ -275,6 +275,8 @@ class PPOModels:
     device: torch.device
     reward_shared: bool
     """True when the reward model is the `reward` adapter on `model` (bf16); False: a separate quantized copy."""
+    reward_function: Callable[[str, str], float] | None = None
+    """`ppo.reward_function`: scores the rollouts in place of a reward model (then None)."""
 
     def policy_parameters(self) -> list[nn.Parameter]:
         lora = [p for n, p in self.model.named_parameters() if "lora_" in n and f".{POLICY}." in n]
@@ -298,7 +300,9 @@ class PPOModels:
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """Reward-model scores (N,) of (prompt, response) texts."""
+        """Reward-model scores (N,) of (prompt, response) texts (or the reward function's)."""
+        if self.reward_function is not None:
+            return torch.tensor([float(self.reward_function(p, r)) for p, r in zip(prompts, responses, strict=True)])
         if self.reward_model is None:
             raise RuntimeError("these models were built without a reward model (build_models(reward=False))")
         if not self.reward_shared:
@@ -355,7 +359,8 @@ def build_models(config, run_dir: str | Path, device: torch.device,
     else:
         model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=POLICY).eval()
     rm_dir = run_dir / reward_dir(precision)
-    if not reward:
+    function = gold.reward_function(config.ppo.reward_function) if config.ppo.reward_function else None
+    if not reward or function is not None:
         reward_model = None
     elif shared:
         if not (rm_dir / models.SCORE_HEAD_FILE).exists():
@@ -376,7 +381,15 @@ def build_models(config, run_dir: str | Path, device: torch.device,
         critic = ValueHead(model.config.hidden_size).to(device)
         if adapter_dir is not None and (Path(adapter_dir) / VALUE_HEAD_FILE).exists():
             critic.load_state_dict(torch.load(Path(adapter_dir) / VALUE_HEAD_FILE, map_location=device))
-    return PPOModels(model, critic, reward_model, tokenizer, device, shared)
+    return PPOModels(model, critic, reward_model, tokenizer, device, shared and reward_model is not None, function)
+
+
+def reward_source(models: PPOModels, cfg) -> str:
+    """What scores the rollouts, for the log: the reward function, or the reward model and how it is held."""
+    if models.reward_function is not None:
+        return f"the function {cfg.reward_function}"
+    return (f"reward model {cfg.reward_precision} "
+            f"({'shared adapter' if models.reward_shared else 'separate quantized copy'})")
 
 
 def base_weight_storages(objects: list[nn.Module]) -> dict[int, int]:
@@ -748,8 +761,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:
             ctx.log(f"{algorithm}: {ckpt_dir} was trained with another algorithm, adapter or sft/reward models; "
                     "starting afresh", "warning")
         _probe(ctx, models, probe_prompts, 0, config)
-    ctx.log(f"{algorithm}: {sum(p.numel() for p in params):,} trainable parameters, reward model "
-            f"{cfg.reward_precision} ({'shared adapter' if models.reward_shared else 'separate quantized copy'})")
+    ctx.log(f"{algorithm}: {sum(p.numel() for p in params):,} trainable parameters, rewards from "
+            f"{reward_source(models, cfg)}")
 
     history: dict[str, list[float]] = {}
     micro = StepMicroBatches.of(cfg, ctx, device, config)
@@ -793,8 +806,9 @@ def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:
         algorithm=algorithm,
         steps=cfg.steps,
         resumed_from_step=start,
-        reward_precision=cfg.reward_precision,
-        reward_model="shared adapter" if models.reward_shared else "separate quantized copy",
+        reward_precision=None if models.reward_function else cfg.reward_precision,
+        reward_model=("python function" if models.reward_function else
+                      "shared adapter" if models.reward_shared else "separate quantized copy"),
         compute_dtype=dtype_name(compute_dtype(device)),
         device=str(device),
         trainable_parameters=sum(p.numel() for p in params),

@@ -205,8 +205,9 @@ class PPOReport(Report):
     steps: int
     resumed_from_step: int
     reward_precision: str | None
-    """The reward model that scored the rollouts; None for DPO, which trains on the pairs."""
-    reward_model: Literal["shared adapter", "separate quantized copy", "none"]
+    """The reward model that scored the rollouts; None for DPO, which trains on the pairs, and for a reward
+    function (`ppo.reward_function`)."""
+    reward_model: Literal["shared adapter", "separate quantized copy", "python function", "none"]
     compute_dtype: str
     device: str
     trainable_parameters: int
@@ -276,6 +277,8 @@ class EvalReport(Report):
     reward_precision: str | None
     """The reward model that scored both policies; None when the run has none (DPO without the reward stage):
     then every reward field is None, and gold, length and KL are still measured."""
+    reward_function: str | None = None
+    """`ppo.reward_function` when a function, not a reward model, scored both policies."""
     confidence: float
     response_length: int | None = None
     """The length cap of the sampled responses, in tokens (`evaluate.response_length`)."""

@@ -91,7 +91,8 @@ def eval_rows(report: EvalReport | dict[str, Any] | None) -> list[dict[str, Any]
     sft, ppo = report.sft, report.ppo
     rows = []
     if sft.reward is not None and ppo.reward is not None:  # None: a run without a reward model (DPO)
-        reward = {"measure": f"reward (RM {report.reward_precision})", "SFT": sft.reward.mean, "PPO": ppo.reward.mean}
+        source = f"function {report.reward_function}" if report.reward_function else f"RM {report.reward_precision}"
+        reward = {"measure": f"reward ({source})", "SFT": sft.reward.mean, "PPO": ppo.reward.mean}
         _diff(reward, report.reward_diff)
         rows.append(reward)
     if sft.gold is not None and ppo.gold is not None:

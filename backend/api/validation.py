@@ -4,7 +4,8 @@ Errors come back as FastAPI-style 422 bodies naming the field, e.g.
 `{"detail": [{"loc": ["body", "overrides", "ppo", "batch_size"], "msg": "must be > 0, got -1", "type": "config"}]}`.
 A model or data path must be a Hugging Face hub id (`name` or `org/name`, which the job process never
 looks up on disk: see `edgerlhf.locations`) or an absolute local path that, after resolving symlinks and
-`..`, lies under `settings.allowed_roots` or `settings.data_dir`.
+`..`, lies under `settings.allowed_roots` or `settings.data_dir`. A reward function (`ppo.reward_function`)
+must be a gold scorer: an import path would run code of the job's choosing on the worker.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from edgerlhf.config import LOCATION_FIELDS, PRESETS, ConfigError, PipelineConfig, load_config
+from edgerlhf.gold import SCORERS
 from edgerlhf.locations import is_hub_id, is_local
+
 
 class JobInvalid(Exception):
     """A job body is invalid; `errors` are FastAPI-style `{"loc", "msg", "type"}` entries."""
@@ -76,6 +79,12 @@ def validate_job(preset: str, overrides: dict[str, Any], roots: list[Path]) -> P
         problem = check_location(value, roots)
         if problem:
             errors.append({"loc": ["body", "overrides", section, name], "type": "path", "msg": problem})
+    function = config.ppo.reward_function
+    if function is not None and function not in SCORERS:
+        # An import path runs that module's code on the worker: only the command line and Python take one.
+        errors.append({"loc": ["body", "overrides", "ppo", "reward_function"], "type": "config",
+                       "msg": f"a job may name a gold scorer ({sorted(SCORERS)}); a Python import path like "
+                              f"{function!r} is taken from the command line only"})
     if errors:
         raise JobInvalid(errors)
     return config

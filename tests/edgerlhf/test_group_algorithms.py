@@ -286,3 +286,41 @@ def test_stage_holds_one_network_checkpoints_and_resumes_with_the_same_steps(tmp
     assert resumes_at(config) == 4
     for other in {"ppo", "grpo", "rloo"} - {algorithm}:
         assert resumes_at(load_config("tiny", {**config.to_dict(), "algorithm": other})) is None
+
+
+def words_with_e(prompt: str, response: str) -> float:
+    """A plain Python reward function for the test below: the share of the response's words that hold an 'e'."""
+    words = response.split()
+    return sum("e" in w for w in words) / max(len(words), 1)
+
+
+def test_a_python_function_or_a_gold_scores_the_rollouts_without_a_reward_model(tmp_path):
+    """`ppo.reward_function`: no reward model is loaded or needed, every logged reward is the function's value,
+    and the evaluation scores both policies with it."""
+    import json
+    import shutil
+
+    from edgerlhf import evaluate, gold
+
+    function = f"{__name__}:words_with_e"
+    config = load_config("tiny", {**algorithm_config("grpo", steps=2).to_dict(),
+                                  "stages": ["ppo", "evaluate"], "ppo": {
+                                      **algorithm_config("grpo", steps=2).to_dict()["ppo"],
+                                      "reward_function": function}})
+    run_dir = make_tiny_run(tmp_path / "run", config)
+    shutil.rmtree(run_dir / "reward")  # nothing to fall back on
+    ctx = RunContext(run_dir)
+    ctx.begin_stage("ppo")
+    report = ppo.run(config, ctx)
+    assert report.reward_model == "python function" and report.reward_precision is None
+    assert ctx.samples and all(s.reward == pytest.approx(words_with_e(s.prompt, s.response))
+                               for s in ctx.samples if s.kind == "sample")
+    ctx.begin_stage("evaluate")
+    evaluated = evaluate.run(config, ctx)
+    assert evaluated.reward_function == function and evaluated.reward_precision is None
+    shown = json.loads(evaluated.model_dump_json())["samples"]
+    assert shown and all(row["ppo_reward"] == pytest.approx(words_with_e(row["prompt"], row["ppo"])) for row in shown)
+    # A gold scorer's name is the gold itself.
+    assert gold.reward_function("question") is gold.SCORERS["question"].score
+    with pytest.raises(ValueError, match="has no function"):
+        gold.reward_function(f"{__name__}:no_such_function")
