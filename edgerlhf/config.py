@@ -278,21 +278,16 @@ class RewardConfig:
     """Prompt + response tokens per scored sequence."""
     eval_every: Annotated[int, COUNT] = 100
     """Evaluate held-out accuracy every N steps."""
-    target_modules: list[str] | None = None
-    """Layers the reward LoRA adapts; None: the same as `sft.target_modules`. May add the token embedding
-    (`wte` in GPT-2, `embed_tokens` elsewhere): a random-init model's hidden states carry no word features
-    (which a pretrained model's do), and a LoRA on the embedding gives each word its own."""
+    adapt_embedding: bool = False
+    """The reward LoRA also adapts the token embedding (beside `sft.target_modules`): a random-init model's
+    hidden states carry no word features for the score head to read (a pretrained model's do), and a LoRA on
+    the embedding gives each word its own."""
     pooling: str = "last"
     """How the score head reads the response: `last` (the last token's hidden state, the usual reward model) or
     `mean` (the mean of per-token scores over the response's tokens: learns properties spread over the answer,
     such as a share of its words, that one position summarises poorly)."""
 
-    def lora_targets(self, sft: SFTConfig) -> list[str]:
-        return list(self.target_modules) if self.target_modules else list(sft.target_modules)
-
     def __post_init__(self):
-        if self.target_modules is not None and not self.target_modules:
-            raise ConfigError("reward.target_modules", "must name at least one module (or be null: sft's)")
         if self.pooling not in ("last", "mean"):
             raise ConfigError("reward.pooling", f"unknown pooling {self.pooling!r}; choose from last, mean")
         if not self.precisions:
@@ -678,7 +673,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # for a score head to read (a pretrained model's do), and content golds are about words.
         "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 8, "lora_alpha": 16, "learning_rate": 3e-3,
                    "head_lr_scale": 30.0, "max_steps": 300, "batch_size": 8, "max_length": 192, "eval_every": 150,
-                   "target_modules": ["c_attn", "c_proj", "wte"]},
+                   "adapt_embedding": True},
         # PPO sized so its gold gain over SFT is significant in about 2 CPU minutes: 8 prompts x 4 samples per
         # step with a leave-one-out baseline (the reward model's offsets between prompts dwarf the differences
         # between answers), whitened scores; 4 samples per held-out prompt narrow the bootstrap interval.

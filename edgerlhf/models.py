@@ -250,12 +250,13 @@ ALL_LINEAR = "all-linear"
 
 
 def lora_config(model, r: int, alpha: int, target_modules, dropout: float = 0.0, modules_to_save=None,
-                task_type: str = "CAUSAL_LM"):
+                task_type: str = "CAUSAL_LM", embedding: bool = False):
     """The peft `LoraConfig` of every adapter the pipeline trains (LoRA, Hu et al. 2021) on `model`.
 
     `target_modules` names layers (`["q_proj", "v_proj"]`, GPT-2's `["c_attn", "c_proj"]`) or is
     `["all-linear"]`, which fits every family: each linear (or GPT-2 `Conv1D`) layer of the transformer
-    body gets an adapter, the output layer does not.
+    body gets an adapter, the output layer does not. `embedding` adds the token embedding, whatever the
+    family calls it (`transformer.wte`, `model.embed_tokens`).
 
     `fan_in_fan_out` is asked of the model, not of its architecture's name: it is set when the target
     layers store their weight as (in, out), as transformers' `Conv1D` does (GPT-2's projections), rather
@@ -282,9 +283,8 @@ def lora_config(model, r: int, alpha: int, target_modules, dropout: float = 0.0,
         names = _maybe_include_all_linear_layers(copy.deepcopy(config), model).target_modules
         conv1d = {name: is_conv1d(model.get_submodule(name)) for name in names}
     else:
-        # An embedding (LoRA on the token table) is neither kind; it takes no fan_in_fan_out.
         conv1d = {name: is_conv1d(module) for name, module in model.named_modules()
-                  if check_target_module_exists(config, name) and not isinstance(module, torch.nn.Embedding)}
+                  if check_target_module_exists(config, name)}
     if not conv1d:
         raise ValueError(f"LoRA target modules {list(target_modules)} match no layer of this "
                          f"{type(model).__name__}; name its layers (e.g. q_proj, v_proj) or use ['all-linear']")
@@ -292,6 +292,10 @@ def lora_config(model, r: int, alpha: int, target_modules, dropout: float = 0.0,
         raise ValueError(f"LoRA target modules {list(target_modules)} match both Conv1D and Linear layers "
                          f"(Conv1D: {sorted(n for n, c in conv1d.items() if c)[:3]} ...); target one kind")
     config.fan_in_fan_out = any(conv1d.values())
+    if embedding:
+        table = model.get_input_embeddings()
+        name = next(n for n, module in model.named_modules() if module is table)
+        config.target_modules = sorted(conv1d) + [name]  # the layers above by full name, and the embedding
     return config
 
 

@@ -210,14 +210,10 @@ def network_bytes(arch: Architecture, precision: str, cb: int, lm_head: bool = T
     return linear_weight_bytes(arch.linear_params(), rows, precision, cb) + (arch.other_params() + head) * cb
 
 
-EMBEDDING_NAMES = ("wte", "embed_tokens")
-"""The token-embedding layers of the families (GPT-2, the others), which a LoRA may also target."""
-
-
-def lora_params(arch: Architecture, target_modules: list[str], r: int) -> int:
-    """LoRA parameters on the targeted linears of every block, and on the token embedding if it is targeted."""
-    embedding = r * (arch.vocab + arch.hidden) if any(t in EMBEDDING_NAMES for t in target_modules) else 0
-    return arch.n_layer * sum(r * (lin.d_in + lin.d_out) for lin in arch.targeted(target_modules)) + embedding
+def lora_params(arch: Architecture, target_modules: list[str], r: int, embedding: bool = False) -> int:
+    """LoRA parameters on the targeted linears of every block, and on the token embedding with `embedding`."""
+    on_embedding = r * (arch.vocab + arch.hidden) if embedding else 0
+    return arch.n_layer * sum(r * (lin.d_in + lin.d_out) for lin in arch.targeted(target_modules)) + on_embedding
 
 
 def modules_to_save_params(arch: Architecture, names: list[str]) -> int:
@@ -622,8 +618,8 @@ def _reward(config: PipelineConfig, arch: Architecture, precision: str, cb: int,
     cfg = config.reward
     prompt, answer = _lengths(config, arch)
     seq = min(cfg.max_length, prompt + answer - 1)  # scored: prompt + response, no end token
-    lora = tuple(arch.targeted(cfg.lora_targets(config.sft)))
-    n_lora = lora_params(arch, cfg.lora_targets(config.sft), cfg.lora_r)
+    lora = tuple(arch.targeted(config.sft.target_modules))
+    n_lora = lora_params(arch, config.sft.target_modules, cfg.lora_r, cfg.adapt_embedding)
     # A sequence classifier: no output layer (an untied one is not loaded), a score head instead.
     weights = _weights_item(arch, precision, cb, "base (sequence classifier)", lm_head=False)
     trainable = _trainable_item(f"LoRA r={cfg.lora_r} + score head", n_lora + arch.hidden)
@@ -672,7 +668,7 @@ def _ppo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, trainin
     prompt, _ = _lengths(config, arch)
     response = cfg.response_length if training else config.evaluate.response_length
     n_policy = lora_params(arch, config.sft.target_modules, cfg.lora_r)
-    n_reward = lora_params(arch, config.reward.lora_targets(config.sft), config.reward.lora_r)
+    n_reward = lora_params(arch, config.sft.target_modules, config.reward.lora_r, config.reward.adapt_embedding)
     held = [_weights_item(arch, net_precision, cb, "network (policy, reference" + (", reward)" if shared else ")"))]
     if training:
         held.append(_trainable_item(f"policy LoRA r={cfg.lora_r} + value head", n_policy + arch.hidden + 1))

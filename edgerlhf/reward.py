@@ -186,8 +186,8 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model
         fp16=dtype == torch.float16,
         dataloader_num_workers=0,
     )
-    lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets(config.sft), modules_to_save=["score"],
-                       task_type="SEQ_CLS")
+    lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, config.sft.target_modules, modules_to_save=["score"],
+                       task_type="SEQ_CLS", embedding=cfg.adapt_embedding)
     torch.manual_seed(config.seed)  # LoRA initialisation, identical across precisions
     model = get_peft_model(model, lora)
     upcast_trainable(model)

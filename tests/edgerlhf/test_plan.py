@@ -85,7 +85,8 @@ def test_ppo_holds_what_build_models_holds_one_copy_shared_or_one_quantized_copy
     run_dir = make_tiny_run(tmp_path, precisions=("bf16", "int8"))
     for precision in ("bf16", "int8"):
         config = load_config("tiny", {"model": {"n_layer": 1, "n_head": 2, "n_embd": 32},  # make_tiny_run's model
-                                      "reward": {"precisions": ["bf16", "int8"], "lora_r": 4},
+                                      "reward": {"precisions": ["bf16", "int8"], "lora_r": 4,
+                                                 "adapt_embedding": False},  # make_tiny_run's adapter
                                       "ppo": {"reward_precision": precision, "lora_r": 4}})
         before = memory.tensor_bytes("cpu")
         models = build_models(config, run_dir, torch.device("cpu"))
