@@ -54,7 +54,7 @@ from edgerlhf.errors import require
 from edgerlhf.generation import sample_probes
 from edgerlhf.models import (compute_dtype, dtype_name, load_causal_lm, load_tokenizer, lora_config, resolve_device,
                              upcast_trainable)
-from edgerlhf.oom import MicroBatch, SplitOnOutOfMemory, planner_hint
+from edgerlhf.oom import MicroBatch, SplitPairsOnOutOfMemory, planner_hint
 from edgerlhf.reports import PPOReport
 
 ALGORITHM = "dpo"
@@ -177,7 +177,7 @@ def add_answer_logprob_head(model) -> None:
 def _trainer_class():
     from trl import DPOTrainer
 
-    class DPOStageTrainer(SplitOnOutOfMemory, DPOTrainer):
+    class DPOStageTrainer(SplitPairsOnOutOfMemory, DPOTrainer):
         """TRL's DPOTrainer on our tokenized pairs, with a step that splits its micro-batch on out-of-memory, the KL
         of the policy on the chosen answers among its metrics (`kl`, `eval_kl`) and, off the GPU, a plain LM head."""
 
@@ -189,15 +189,6 @@ def _trainer_class():
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # already tokenized in the model's PromptFormat (`preference_dataset`)
 
-        # A batch holds B chosen rows then B rejected rows (TRL's collator): a piece takes the same pairs from both.
-        def rows(self, inputs) -> int:
-            return len(inputs["input_ids"]) // 2
-
-        def part(self, inputs, rows: slice):
-            n = self.rows(inputs)
-            both = torch.cat([torch.arange(n)[rows], torch.arange(n)[rows] + n])
-            return {k: (v[both] if len(v) == 2 * n else v[rows]) if isinstance(v, torch.Tensor) and v.dim() else v
-                    for k, v in inputs.items()}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,

@@ -215,3 +215,17 @@ def planner_hint(config, stage: str) -> str:
         return f"(the memory planner could not estimate it: {exc})"
     return f"The memory planner estimates this stage's peak at {stage_plan.peak_bytes / 2**30:.2f} GiB: " \
            f"run `edgerlhf plan` for the itemised estimate and the cheapest change that fits."
+
+
+class SplitPairsOnOutOfMemory(SplitOnOutOfMemory):
+    """`SplitOnOutOfMemory` for preference batches: B chosen rows, then B rejected rows (TRL's collators), so a
+    piece takes the same pairs from both halves (the reward and DPO stages)."""
+
+    def rows(self, inputs) -> int:
+        return len(inputs["input_ids"]) // 2
+
+    def part(self, inputs, rows: slice):
+        n = self.rows(inputs)
+        both = torch.cat([torch.arange(n)[rows], torch.arange(n)[rows] + n])
+        return {k: (v[both] if len(v) == 2 * n else v[rows]) if isinstance(v, torch.Tensor) and v.dim() else v
+                for k, v in inputs.items()}

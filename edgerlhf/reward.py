@@ -51,7 +51,7 @@ from edgerlhf.data import read_prefs
 from edgerlhf.errors import require
 from edgerlhf.reports import PrecisionResult, RewardReport
 from edgerlhf.memory import MB, snapshot
-from edgerlhf.oom import MicroBatch, SplitOnOutOfMemory, planner_hint
+from edgerlhf.oom import MicroBatch, SplitPairsOnOutOfMemory, planner_hint
 from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, compute_dtype, dtype_name,
                              load_causal_lm, load_reward_model, load_tokenizer, lora_config, resolve_device,
                              response_mask, reward_tokens, running_response_mean, upcast_trainable)
@@ -215,12 +215,11 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model
 def _stage_trainer_class():
     from trl import RewardTrainer
 
-    class RewardStageTrainer(SplitOnOutOfMemory, RewardTrainer):
+    class RewardStageTrainer(SplitPairsOnOutOfMemory, RewardTrainer):
         """TRL's RewardTrainer with a step that splits its micro-batch on out-of-memory, and mean pooling.
 
-        A batch holds B chosen rows then B rejected rows (TRL's collator), so a piece takes the same pairs from
-        both halves. With `pool_over_response`, the score head's per-token outputs become their running mean over
-        the response's tokens (`models.running_response_mean`), so the classifier's last-token score is the mean
+        With `pool_over_response`, the score head's per-token outputs become their running mean over the
+        response's tokens (`models.running_response_mean`), so the classifier's last-token score is the mean
         score of the response, which is what `RewardModel` computes with `pooling="mean"`.
         """
 
@@ -240,15 +239,6 @@ def _stage_trainer_class():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:
                 handle.remove()
-
-        def rows(self, inputs) -> int:
-            return len(inputs["input_ids"]) // 2
-
-        def part(self, inputs, rows: slice):
-            n = self.rows(inputs)
-            both = torch.cat([torch.arange(n)[rows], torch.arange(n)[rows] + n])
-            return {k: (v[both] if len(v) == 2 * n else v[rows]) if isinstance(v, torch.Tensor) and v.dim() else v
-                    for k, v in inputs.items()}
 
     return RewardStageTrainer
 
