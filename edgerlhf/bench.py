@@ -428,8 +428,7 @@ def bench_sampling(config, run_dir: Path, device, steps: int, warmup: int, naive
     models = NaivePPOModels(config, run_dir, device) if naive else ppo.build_models(config, run_dir, device)
     params = models.policy_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)
-    kl_ctl = (ppo.AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
-              if cfg.adaptive_kl and algorithm == "ppo" else ppo.FixedKLController(cfg.init_kl_coef))
+    kl_ctl = ppo.kl_controller(config)
     train_step = ppo.step_function(algorithm)
     prompts = _batch_prompts(run_dir, cfg)
     out: dict[str, Any] = {}
