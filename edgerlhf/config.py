@@ -644,6 +644,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 16, "batch_size": 4, "grad_accum": 2},
         "ppo": {"batch_size": 16, "mini_batch_size": 2, "response_length": 64, "learning_rate": 1e-5,
                 "init_kl_coef": 0.1, "top_k": 50, "top_p": 0.95},
+        # DPO holds chosen + rejected rows with gradients: 8 pairs at once plan 11.8 GiB, 4 x 2 plan 6.8.
+        "dpo": {"batch_size": 4, "grad_accum": 2},
     },
     # A 1.7B chat model that does not fit in bf16 beside its activations: one 4-bit (NF4) copy of the network
     # carries the SFT LoRA (QLoRA), the reward adapter and the policy adapter; the reference is adapters off.
@@ -653,6 +655,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reward": {"precisions": ["int4"], "lora_r": 16, "batch_size": 2, "grad_accum": 4},
         "ppo": {"quantized_policy": True, "batch_size": 16, "mini_batch_size": 1, "response_length": 64,
                 "learning_rate": 1e-5, "init_kl_coef": 0.1, "top_k": 50, "top_p": 0.95},
+        # DPO trains a bf16 network (no 4-bit DPO yet): one pair at a time plans 6.7 GiB.
+        "dpo": {"batch_size": 1, "grad_accum": 8},
     },
     # A small random GPT-2 on the known-answer task: the whole pipeline in minutes on 2 CPU cores.
     "tiny": {

@@ -6,6 +6,9 @@
 "Will it fit on my 8 GB card?" is answered per stage, with the terms that make up each peak, so a person
 sees what dominates: LLaMA-Factory answers it with a static table, Unsloth for SFT only; RL needs the
 rollout's KV cache, the full-vocabulary logits of the PPO passes and the networks PPO actually holds.
+The alignment stage (`ppo`) is planned for `config.algorithm`: PPO, GRPO and RLOO share one sampling loop
+(only PPO holds a value head and keeps every layer's hidden states for it), `ppo.reward_function` drops the
+reward adapter, its copy and its scoring pass, and DPO is TRL's trainer on preference pairs (`_dpo`).
 Pure arithmetic: the architecture comes from `edgerlhf.architectures.model_config` (a config file, never
 weights), and every term below follows what the stage code does, term by term. Figures are checked
 against measured peaks of the real stages by `python -m edgerlhf.plan_check` (README, "Will it fit?").
@@ -14,16 +17,18 @@ What is counted (bytes; `cb` = bytes of the compute dtype: 2 for bf16 on a GPU, 
 `edgerlhf.models.compute_dtype`):
 - weights in their precision: plain (cb per parameter), int8 (LLM.int8(): 1 byte + an fp32 scale per
   output row) or nf4 (QLoRA: half a byte + the double-quantized block constants); embeddings, norms and the
-  output layer stay in cb. PPO holds one network (policy = LoRA, reference = adapters off, reward = a second
-  adapter) plus one quantized reward copy when the reward model is int8/int4 without `ppo.quantized_policy`
-  (`edgerlhf.ppo.build_models`);
-- trainable parameters (LoRA on `sft.target_modules`, the value or score head, `modules_to_save`): fp32
+  output layer stay in cb. PPO, GRPO and RLOO hold one network (policy = LoRA, reference = adapters off,
+  reward = a second adapter) plus one quantized reward copy when the reward model is int8/int4 without
+  `ppo.quantized_policy` (`edgerlhf.ppo.build_models`); DPO one bf16 network, policy LoRA and reference;
+- trainable parameters (LoRA on `sft.target_modules`, PPO's value head, the score head, `modules_to_save`): fp32
   weight + fp32 gradient + two fp32 AdamW moments = 16 bytes each; frozen adapters 4 bytes each;
 - activations a training micro-batch saves for its backward pass, layer by layer (`_layer_saved`): norm
   inputs, the inputs LoRA needs for its gradient, q/k/v and the attention output, the MLP's intermediate
   tensors, dropout masks; with gradient checkpointing only each layer's input plus one layer recomputed;
-- full-vocabulary logits: SFT's labelled positions through log-softmax and back (3 fp32 copies), PPO's
-  response positions (policy and reference logits, and the gradient tensors of the vocabulary in the update);
+- full-vocabulary logits: SFT's labelled positions through log-softmax and back (3 fp32 copies), the
+  sampling algorithms' response positions (policy and reference logits, and the gradient tensors of the
+  vocabulary in the update), DPO's answer positions (the CPU head's log-softmax kept for the backward, the
+  reference's beside it, `chosen_kl`'s pieces; TRL's tiles on a GPU);
 - the generation KV cache of the rollout batch (prompt + response positions, every layer), the reward
   model's scoring pass, one layer's working set of a no-grad pass;
 - on a GPU, the CUDA context and the caching allocator's slack, which are not tensors but do run out.
@@ -458,9 +463,9 @@ def _stage_plan(config: PipelineConfig, arch: Architecture, stage: str, gpu: boo
     elif stage.startswith("reward/"):
         phases, ckpt = _reward(config, arch, stage.removeprefix("reward/"), cb, gpu)
     elif stage == "ppo":
-        phases, ckpt = _ppo(config, arch, cb, gpu, training=True)
+        phases, ckpt = _alignment(config, arch, cb, gpu)
     elif stage == "evaluate":
-        phases, ckpt = _ppo(config, arch, cb, gpu, training=False)
+        phases, ckpt = _sampling(config, arch, cb, gpu, training=False)
     else:
         raise ValueError(f"no memory plan for stage {stage!r}")
     totals = {name: sum(i.bytes for i in items) for name, items in phases.items()}
@@ -472,8 +477,8 @@ def _stage_plan(config: PipelineConfig, arch: Architecture, stage: str, gpu: boo
                   Item(name="allocator slack", bytes=int(ALLOCATOR_SLACK * tensor),
                        note=f"{ALLOCATOR_SLACK:.0%} of the tensor peak")]
     ckpt_total = None
-    if ckpt is not None:  # (phase name, its total with checkpointing)
-        ckpt_total = _device_total(max(ckpt[1], *(v for k, v in totals.items() if k != ckpt[0])), gpu)
+    if ckpt is not None:  # {phase name: its total with checkpointing} for the phases that hold activations
+        ckpt_total = _device_total(max({**totals, **ckpt}.values()), gpu)
     return StagePlan(stage=stage, phase=phase, items=sorted(items, key=lambda i: -i.bytes), tensor_bytes=int(tensor),
                      peak_bytes=_device_total(tensor, gpu), phases={k: int(v) for k, v in totals.items()},
                      checkpointing_peak_bytes=ckpt_total)
@@ -554,7 +559,7 @@ def _sft(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
         phases["quantized load"] = [weights, *_loading(arch, cb, gpu)]
     if config.model.random_init and config.warmup.steps:
         phases.update(_warm_up(config, arch, plain, prompt, answer, cb, gpu))
-    ckpt = ("training step", sum(i.bytes for i in step) - activations.bytes + train_activations(arch, p, True))
+    ckpt = {"training step": sum(i.bytes for i in step) - activations.bytes + train_activations(arch, p, True)}
     return phases, ckpt
 
 
@@ -638,8 +643,8 @@ def _reward(config: PipelineConfig, arch: Architecture, precision: str, cb: int,
     }
     if precision != "bf16":
         phases["quantized load"] = [weights, *_loading(arch, cb, gpu)]
-    ckpt = ("training step", sum(i.bytes for i in phases["training step"]) - step[0].bytes
-            + train_activations(arch, p, checkpointing=True))
+    ckpt = {"training step": sum(i.bytes for i in phases["training step"]) - step[0].bytes
+            + train_activations(arch, p, checkpointing=True)}
     return phases, ckpt
 
 
@@ -658,10 +663,36 @@ def _generation(arch: Architecture, rows: int, prompt: int, response: int, cb: i
             _item("sampling logits", 5 * rows * arch.vocab * 4, "last position, fp32: scaled, masked, softmax")]
 
 
-def _ppo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, training: bool):
-    """PPO (`training`) or the evaluation: one network with adapters, and the passes of `ppo_step`
-    (evaluation: `evaluate.sample_policy`, whose KL pass keeps the previous batch's logits alive)."""
+def _alignment(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
+    """The alignment stage (`ppo` in STAGES) of `config.algorithm`: DPO's trainer, or the sampling loop that PPO,
+    GRPO and RLOO share (`edgerlhf.ppo.run`)."""
+    if config.algorithm == "dpo":
+        return _dpo(config, arch, cb, gpu)
+    return _sampling(config, arch, cb, gpu, training=True)
+
+
+def _reward_model(config: PipelineConfig, training: bool) -> str | None:
+    """How the rollouts are scored, as `ppo.build_models` loads it: `shared` (the reward adapter on the one
+    network), `copy` (a separate int8/int4 network) or None (`ppo.reward_function`'s Python scorer; an evaluation
+    of DPO without a reward stage in `config.stages`, which `evaluate.has_reward_model` finds no model for)."""
     cfg = config.ppo
+    if cfg.reward_function is not None:
+        return None
+    if not training and config.algorithm == "dpo" and "reward" not in config.stages:
+        return None
+    return "shared" if cfg.reward_precision == "bf16" or cfg.quantized_policy else "copy"
+
+
+def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, training: bool):
+    """PPO, GRPO or RLOO (`training`), or the evaluation: one network with adapters, and the passes of a step
+    (`ppo.ppo_step`, `grpo.grpo_step`, `rloo.rloo_step`: the same rollouts, log-prob passes and minibatch
+    updates; evaluation: `evaluate.sample_policy`, whose KL pass keeps the previous batch's logits alive).
+    Only PPO has a value head, and only its passes ask for every layer's hidden states; a reward function
+    replaces the reward adapter, its copy and its scoring pass."""
+    cfg = config.ppo
+    name = config.algorithm.upper()
+    value_head = config.algorithm == "ppo"  # `build_models`' default, in training and evaluation
+    reward = _reward_model(config, training)
     precision = cfg.reward_precision
     shared = precision == "bf16" or cfg.quantized_policy
     net_precision = precision if shared else "bf16"
@@ -669,13 +700,17 @@ def _ppo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, trainin
     response = cfg.response_length if training else config.evaluate.response_length
     n_policy = lora_params(arch, config.sft.target_modules, cfg.lora_r)
     n_reward = lora_params(arch, config.sft.target_modules, config.reward.lora_r, config.reward.adapt_embedding)
-    held = [_weights_item(arch, net_precision, cb, "network (policy, reference" + (", reward)" if shared else ")"))]
+    held = [_weights_item(arch, net_precision, cb,
+                          "network (policy, reference" + (", reward)" if reward == "shared" else ")"))]
     if training:
-        held.append(_trainable_item(f"policy LoRA r={cfg.lora_r} + value head", n_policy + arch.hidden + 1))
+        n_trainable = n_policy + (arch.hidden + 1 if value_head else 0)
+        held.append(_trainable_item(f"{name} policy LoRA r={cfg.lora_r}" + (" + value head" if value_head else ""),
+                                    n_trainable))
     else:
         held.append(_item("policy LoRA (frozen)", n_policy * FROZEN_ADAPTER_BYTES))
-    held.append(_item("reward LoRA (frozen)", n_reward * FROZEN_ADAPTER_BYTES))
-    if not shared:
+    if reward is not None:
+        held.append(_item("reward LoRA (frozen)", n_reward * FROZEN_ADAPTER_BYTES))
+    if reward == "copy":
         held.append(_weights_item(arch, precision, cb, "reward copy", lm_head=False))
     rows = cfg.batch_size if training else min(EVAL_GEN_BATCH, config.evaluate.n_prompts * config.evaluate.samples_per_prompt)
     m = cfg.mini_batch_size
@@ -683,20 +718,21 @@ def _ppo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, trainin
     reward_seq = min(config.reward.max_length, seq)
     n_vocab = m * response * arch.vocab  # one (M, T, V) tensor's entries
     # The evaluation's KL loop keeps the previous batch's scaled logits in its variables until the new
-    # ones replace them (PPO's loop deletes them).
+    # ones replace them (the training loop deletes them).
     previous = 2 if not training and rows > m else 0
     pass_note = f"{m} x {response} response positions x {arch.vocab:,} vocabulary"
-    phases = {
-        "rollout generation": [*held, *_generation(arch, rows, prompt, response, cb,
-                                                   "" if training else f" (evaluation batches of {EVAL_GEN_BATCH})")],
-        "reward scoring": [*held, _no_grad_pass(arch, min(rows, SCORE_BATCH), reward_seq, cb, "reward pass")],
-        # The policy's pass keeps every layer's output (for the value head) beside its logits.
+    # PPO's pass keeps every layer's output (for the value head) beside its logits; GRPO's and RLOO's do not.
+    hidden_states = ([_item("hidden states", (arch.n_layer + 1) * m * seq * arch.hidden * cb,
+                            "every layer's output (output_hidden_states, for the value head)")] if value_head else [])
+    label = "" if training else f" (evaluation batches of {EVAL_GEN_BATCH})"
+    phases = {"rollout generation": [*held, *_generation(arch, rows, prompt, response, cb, label)]}
+    if reward is not None:  # a reward function scores the texts in Python: no pass on the device
+        phases["reward scoring"] = [*held, _no_grad_pass(arch, min(rows, SCORE_BATCH), reward_seq, cb, "reward pass")]
+    phases |= {
         "policy log-probs": [
             *held, _item("previous batch's logits", previous * n_vocab * 4, "policy and reference, scaled fp32"),
             _item("policy logits", _pass_logits(m, response, arch.vocab, cb), f"{pass_note}: raw + scaled fp32"),
-            _item("hidden states", (arch.n_layer + 1) * m * seq * arch.hidden * cb,
-                  "every layer's output (output_hidden_states, for the value head)"),
-            _item("layer working set", inference_transient(arch, m, seq, cb), f"{m} x {seq} tokens")],
+            *hidden_states, _item("layer working set", inference_transient(arch, m, seq, cb), f"{m} x {seq} tokens")],
         "reference log-probs": [
             *held, _item("previous batch's logits", previous / 2 * n_vocab * 4, "reference, scaled fp32"),
             _item("policy logits", n_vocab * 4, f"{pass_note}: scaled fp32"),
@@ -714,15 +750,88 @@ def _ppo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, trainin
     update = [_item("activations", train_activations(arch, p), f"{m} x {seq} tokens, {arch.n_layer} layers"),
               _item("logits and their gradients", _update_logits(cfg, m, response, arch.vocab, cb),
                     f"{m} x {response} response positions x {arch.vocab:,} vocabulary")]
-    if gpu:  # the norms save fp32 copies, so the bf16 layer outputs output_hidden_states keeps are extra
+    if gpu and value_head:  # the norms save fp32 copies, so the bf16 layer outputs output_hidden_states keeps are extra
         update.append(_item("hidden states", (arch.n_layer + 1) * m * seq * arch.hidden * cb,
                             "every layer's output (output_hidden_states)"))
     update += _dequantized(arch, net_precision, cb)
-    phases["PPO update"] = [*held, *update]
+    phases[f"{name} update"] = [*held, *update]
     phases["optimizer step"] = [*held, _adam_step(max((cfg.lora_r * lin.d_in for lin in lora), default=arch.hidden),
                                                   n_policy, gpu)]
-    ckpt = ("PPO update", sum(i.bytes for i in phases["PPO update"]) - update[0].bytes
-            + train_activations(arch, p, checkpointing=True))
+    ckpt = {f"{name} update": sum(i.bytes for i in phases[f"{name} update"]) - update[0].bytes
+            + train_activations(arch, p, checkpointing=True)}
+    return phases, ckpt
+
+
+KL_CHUNK = 2 ** 24
+"""Logits per piece of `dpo.chosen_kl` and of the CPU head's entropy (`edgerlhf.dpo.KL_CHUNK`, which imports torch)."""
+TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768
+"""The tile of TRL's fused log-prob head on a GPU (`trl.kernels.chunked_logprob`: tokens x vocabulary)."""
+
+
+def _dpo_lengths(config: PipelineConfig, arch: Architecture) -> tuple[int, int]:
+    """(prompt, answer) tokens of a DPO sequence: `dpo.preference_dataset`'s cut to `dpo.max_length` (each answer
+    leaves the prompt at least half the budget, then the prompt is cut from the left to fit)."""
+    prompt, answer = _lengths(config, arch)
+    budget = config.dpo.max_length
+    answer = min(answer, budget - min(prompt, budget // 2))
+    return min(prompt, budget - answer), answer
+
+
+def _dpo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
+    """DPO (`edgerlhf.dpo`): TRL's DPOTrainer on one bf16 network, the policy a LoRA and the reference the adapter
+    disabled; no reward model, no sampling but the probes. A step runs the policy over chosen + rejected
+    (2 x `dpo.batch_size` rows) with gradients, the reference over the same rows without, the loss, then
+    `chosen_kl` (two more passes over the chosen rows) while the policy's graph waits for the backward pass.
+    The log-prob head scores the answer positions only: on the CPU `dpo.add_answer_logprob_head`, which keeps
+    the (answer positions, vocabulary) log-softmax for the backward; on a GPU TRL's fused head, in tiles.
+    Its evaluation passes run the same without gradients, below the training step."""
+    cfg = config.dpo
+    prompt, answer = _dpo_lengths(config, arch)
+    seq = prompt + answer
+    rows = 2 * cfg.batch_size  # the batch is the chosen rows, then the rejected rows
+    positions = rows * answer  # N: the answer positions the head scores
+    V, H = arch.vocab, arch.hidden
+    nv = positions * V * 4  # one fp32 (N, V) tensor
+    chunk = min(positions // 2, max(1, KL_CHUNK // V)) * V * 4  # one fp32 piece of `chosen_kl`
+    lora = tuple(arch.targeted(config.sft.target_modules))
+    n_lora = lora_params(arch, config.sft.target_modules, cfg.lora_r)
+    weights = _weights_item(arch, "bf16", cb, "network (DPO policy, reference = adapter off)")
+    trainable = [_trainable_item(f"DPO policy LoRA r={cfg.lora_r}", n_lora)]
+    p = Pass(rows, seq, cb, gpu, lora, cfg.lora_r, autocast=gpu)  # TRL switches dropout off
+    activations = _item("activations", train_activations(arch, p),
+                        f"{cfg.batch_size} pairs = {rows} x {seq} tokens (chosen + rejected), {arch.n_layer} layers")
+    # What the policy's pass keeps from its forward to its backward, beside the weights and the adapter.
+    graph = [weights, *_without_gradients(trainable, cfg.grad_accum), activations,
+             _item("answer hidden states", positions * H * cb, f"{positions} answer positions, the head's input")]
+    last_hidden = _item("last hidden states", rows * seq * H * cb, f"{rows} x {seq} tokens, the reference's output")
+    kl_note = f"{positions // 2} chosen answer positions x {V:,} vocabulary, fp32, in pieces of {KL_CHUNK:,} logits"
+    kl = [_item("chosen_kl hidden states", 2 * (positions // 2) * H * cb + cfg.batch_size * seq * H * cb,
+                "policy and reference at the chosen answers, one pass's output"),
+          _item("chosen_kl logits", 5 * chunk, kl_note + ": 2 log-softmax, exp, difference, product")]
+    if gpu:
+        tile = min(positions, TRL_TOKEN_TILE) * min(V, TRL_VOCAB_TILE)
+        phases = {
+            "DPO reference pass": [*graph, last_hidden, _item("log-prob tile", tile * cb, "TRL's fused head")],
+            "DPO chosen KL": [*graph, *kl],
+            "DPO backward": [*graph, _item("log-prob tile and its gradient", tile * (cb + 4), "TRL's fused head"),
+                             _item("gradient of the answer hidden states", positions * H * 4, "fp32 accumulator")],
+        }
+    else:
+        saved = _item("policy log-softmax", nv, f"{positions} answer positions x {V:,} vocabulary, fp32, for backward")
+        # The head's logits and log-softmax, then (logits freed) the entropy's exp and product in pieces.
+        ref_head = max(2 * nv, nv + 2 * min(positions, max(1, KL_CHUNK // V)) * V * 4)
+        phases = {
+            "DPO reference pass": [*graph, saved, last_hidden,
+                                   _item("reference logits", ref_head, "log-softmax + entropy temporaries, fp32")],
+            "DPO chosen KL": [*graph, saved, *kl],
+            "DPO backward": [*graph, saved, _item("log-softmax gradients", 2 * nv, "of the gather and the log-softmax")],
+        }
+    ckpt = {name: sum(i.bytes for i in items) - activations.bytes + train_activations(arch, p, checkpointing=True)
+            for name, items in phases.items()}
+    phases["optimizer step"] = [weights, *trainable]  # the Trainer's fused AdamW: no temporaries
+    if cfg.n_probe_prompts:  # sampled with PPO's settings (`generation.sample_probes`)
+        phases["probe generation"] = [weights, *trainable, *_generation(
+            arch, cfg.n_probe_prompts, _lengths(config, arch)[0], config.ppo.response_length, cb)]
     return phases, ckpt
 
 
@@ -803,6 +912,17 @@ def _candidates(config: PipelineConfig, stage: str):
         while length > 64:
             length //= 2
             yield f"{section}.max_length {cfg.max_length} -> {length} (shorter sequences)", {section: {"max_length": length}}
+        return
+    if stage == "ppo" and config.algorithm == "dpo":  # DPO's trainer reads `dpo`, not `ppo`
+        cfg = config.dpo
+        for batch, accum in _halvings(cfg.batch_size, cfg.grad_accum):
+            yield (f"dpo.batch_size {cfg.batch_size} -> {batch} with dpo.grad_accum {cfg.grad_accum} -> {accum} "
+                   "(same effective batch)", {"dpo": {"batch_size": batch, "grad_accum": accum}})
+        yield "gradient checkpointing (not a config option yet: the stages run without it)", None
+        length = cfg.max_length
+        while length > 64:
+            length //= 2
+            yield f"dpo.max_length {cfg.max_length} -> {length} (shorter pairs)", {"dpo": {"max_length": length}}
         return
     cfg = config.ppo
     for mini, accum in _halvings(cfg.mini_batch_size, cfg.grad_accum):

@@ -4,9 +4,10 @@
     python -m edgerlhf.plan_check --only gpt2-small  # one of them
     python -m edgerlhf.plan_check --json out.json
 
-Each configuration runs the real stages, `pipeline.run_stage` of sft, reward (once per precision), ppo (one
-step) and evaluate, one after the other on a fresh run directory, exactly as a job runs them, on a random
-model of its architecture (`model.random_init`, the GPT-2 tokenizer). The data are written so that every
+Each configuration runs the real stages of its `stages`, `pipeline.run_stage` of sft, reward (once per
+precision), ppo (one step, or two of DPO; the alignment stage runs the configuration's `algorithm`: PPO, GRPO,
+RLOO or DPO) and evaluate, one after the other on a fresh run directory, exactly as a job runs them, on a
+random model of its architecture (`model.random_init`, the GPT-2 tokenizer). The data are written so that every
 pair has exactly the planner's worst case: prompts of `data.max_prompt_tokens` tokens, responses of
 `data.max_response_tokens`, and the random policy rarely stops before `response_length`.
 
@@ -47,6 +48,7 @@ SMALL = {"warmup": {"steps": 0},
          "reward": {"max_steps": 2, "eval_every": 1000},
          "ppo": {"steps": 1, "ppo_epochs": 1, "samples_per_prompt": 1, "n_probe_prompts": 0, "sample_every": 1000,
                  "checkpoint_every": 1000},
+         "dpo": {"max_steps": 2, "eval_every": 1000, "checkpoint_every": 1000, "n_probe_prompts": 1},
          "evaluate": {"n_show": 1, "samples_per_prompt": 1, "n_bootstrap": 10}}
 """Budgets that keep each stage to a step or two: the peak of a step is the peak of the stage."""
 
@@ -123,6 +125,62 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "sft": {"batch_size": 4, "max_length": 192, "target_modules": ["all-linear"], "modules_to_save": []},
         "reward": {"precisions": ["bf16"], "batch_size": 4, "max_length": 192},
         "ppo": {"batch_size": 8, "mini_batch_size": 4, "response_length": 16},
+        "evaluate": {"n_prompts": 8, "response_length": 16},
+    },
+    # The alignment stage per algorithm (`algorithm`): GRPO with 4 samples a prompt and no value head (its policy
+    # pass keeps no hidden states), on GPT-2 with the shared bf16 reward adapter.
+    "gpt2-grpo": {
+        "algorithm": "grpo",
+        "model": {"architecture": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 512},
+        "data": {"max_prompt_tokens": 48, "max_response_tokens": 24},
+        "sft": {"batch_size": 4, "max_length": 128},
+        "reward": {"precisions": ["bf16"], "batch_size": 4, "max_length": 128},
+        "ppo": {"batch_size": 8, "samples_per_prompt": 4, "mini_batch_size": 4, "response_length": 24},
+        "evaluate": {"n_prompts": 8, "response_length": 24},
+    },
+    # RLOO on a deeper Llama against a separate int4 reward copy.
+    "llama-rloo": {
+        "algorithm": "rloo",
+        "model": {"architecture": "llama", "n_layer": 4, "n_head": 4, "n_embd": 256, "intermediate_size": 640,
+                  "n_positions": 512, "tie_word_embeddings": True},
+        "data": {"max_prompt_tokens": 96, "max_response_tokens": 24},
+        "sft": {"batch_size": 4, "max_length": 160, "target_modules": ["all-linear"], "modules_to_save": []},
+        "reward": {"precisions": ["int4"], "batch_size": 4, "max_length": 160},
+        "ppo": {"batch_size": 8, "samples_per_prompt": 2, "mini_batch_size": 4, "response_length": 24},
+        "evaluate": {"n_prompts": 8, "response_length": 24},
+    },
+    # PPO scored by a Python function (`ppo.reward_function`): no reward stage, no reward adapter, no scoring pass.
+    "llama-reward-fn": {
+        "stages": ["data", "sft", "ppo", "evaluate"],
+        "model": {"architecture": "llama", "n_layer": 2, "n_head": 4, "n_embd": 128, "intermediate_size": 384,
+                  "n_positions": 512},
+        "data": {"max_prompt_tokens": 48, "max_response_tokens": 24},
+        "sft": {"batch_size": 4, "max_length": 128, "target_modules": ["all-linear"], "modules_to_save": []},
+        "ppo": {"batch_size": 8, "mini_batch_size": 4, "response_length": 24, "reward_function": "question"},
+        "evaluate": {"n_prompts": 8, "response_length": 24},
+    },
+    # DPO (TRL's DPOTrainer, the CPU's answer-only log-prob head) without a reward stage: the evaluation has no
+    # reward model either.
+    "gpt2-dpo": {
+        "algorithm": "dpo",
+        "stages": ["data", "sft", "ppo", "evaluate"],
+        "model": {"architecture": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 512},
+        "data": {"max_prompt_tokens": 48, "max_response_tokens": 24},
+        "sft": {"batch_size": 4, "max_length": 128},
+        "dpo": {"batch_size": 4, "max_length": 128, "lora_r": 8},
+        "ppo": {"response_length": 24},
+        "evaluate": {"n_prompts": 8, "response_length": 24},
+    },
+    # DPO on a deeper Llama with LoRA on every linear and longer pairs: activations dominate its training step.
+    "llama-dpo": {
+        "algorithm": "dpo",
+        "model": {"architecture": "llama", "n_layer": 6, "n_head": 6, "n_embd": 384, "intermediate_size": 1024,
+                  "n_positions": 512, "tie_word_embeddings": True},
+        "data": {"max_prompt_tokens": 128, "max_response_tokens": 32},
+        "sft": {"batch_size": 4, "max_length": 192, "target_modules": ["all-linear"], "modules_to_save": []},
+        "reward": {"precisions": ["bf16"], "batch_size": 4, "max_length": 192},
+        "dpo": {"batch_size": 4, "max_length": 192, "lora_r": 16},
+        "ppo": {"response_length": 16},
         "evaluate": {"n_prompts": 8, "response_length": 16},
     },
 }
@@ -247,7 +305,8 @@ def worst_case_prefs(tokenizer, prompt_tokens: int, response_tokens: int, n: int
 
 
 def measure(config, run_dir: Path, stages: list[str] | None = None) -> dict[str, int]:
-    """Run the stages of `config` on a fresh `run_dir`; the peak tensor bytes of each (reward: per precision)."""
+    """Run `stages` (default: those of `config` but data) on a fresh `run_dir`; the peak tensor bytes of each
+    (reward: per precision; ppo: the alignment stage of `config.algorithm`)."""
     from edgerlhf.config import load_config
     from edgerlhf.context import RunContext
     from edgerlhf.models import load_tokenizer
@@ -264,7 +323,7 @@ def measure(config, run_dir: Path, stages: list[str] | None = None) -> dict[str,
     (run_dir / "config.json").write_text(config.to_json())
     ctx = RunContext(run_dir)
     peaks: dict[str, int] = {}
-    for stage in stages or ["sft", "reward", "ppo", "evaluate"]:
+    for stage in stages or [s for s in config.stages if s != "data"]:
         runs = [(stage, config)]
         if stage == "reward":  # one run per precision, each measured alone
             base = {k: v for k, v in config.to_dict().items() if k != "preset"}
@@ -313,7 +372,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgerlhf.plan_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", choices=sorted(CONFIGS), help="run only this configuration (repeatable)")
-    parser.add_argument("--stages", help="comma-separated subset of sft,reward,ppo,evaluate (later stages need the earlier)")
+    parser.add_argument("--stages", help="comma-separated subset of sft,reward,ppo,evaluate (later stages need the "
+                                         "earlier; default: the configuration's own stages)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared CPU)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: fp32, live tensor storage; cuda: bf16, torch.cuda.max_memory_allocated")

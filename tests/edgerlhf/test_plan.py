@@ -1,5 +1,6 @@
 """The memory planner (`edgerlhf.plan`): its arithmetic against real models, its monotonicity, the one-copy
-PPO design, the cheapest-change suggestions, and the `edgerlhf plan` command.
+PPO design, the alignment stage per algorithm (PPO's value head, a reward function, DPO's own step), the
+cheapest-change suggestions, and the `edgerlhf plan` command.
 
 The architecture terms are checked against models built for real (parameter counts, LoRA sizes, the bytes
 bitsandbytes holds for int8 and nf4 weights, what PPO's `build_models` holds); the measured-peak check of
@@ -16,6 +17,7 @@ import torch
 from edgerlhf import cli, plan
 from edgerlhf.architectures import random_config
 from edgerlhf.config import TINY_TOKENIZER_DIR, ModelConfig, load_config
+from edgerlhf.contract import merge_overrides
 from edgerlhf.plan import GiB, MiB, Architecture, MemoryPlan, lora_params, network_bytes
 
 QWEN = "qwen2.5-0.5b-8gb"
@@ -224,3 +226,89 @@ def test_edgerlhf_plan_json_and_cpu_and_bad_input(capsys):
     assert cli.main(["plan", "--preset", QWEN, "--set", "ppo.mini_batch_size=0"]) == 2
     assert "mini_batch_size" in capsys.readouterr().err
     assert MiB * 1024 == GiB
+
+
+# --- the alignment stage per algorithm ---------------------------------------------------------------
+
+
+def test_grpo_and_rloo_plan_no_value_head_and_no_hidden_states_ppo_does():
+    arch = plan.architecture(load_config(QWEN))
+    trainable = {}
+    for algorithm in ("ppo", "grpo", "rloo"):
+        s = stage(plan.plan(load_config(QWEN, {"algorithm": algorithm})), "ppo")
+        assert f"{algorithm.upper()} update" in s.phases and ("PPO update" in s.phases) == (algorithm == "ppo")
+        trainable[algorithm] = next(i for i in s.items if "policy LoRA" in i.name)
+        assert ("value head" in trainable[algorithm].name) == (algorithm == "ppo"), trainable[algorithm].name
+    # The value head's parameters are the only trainable difference; PPO's log-prob pass also keeps the
+    # hidden states of every layer, GRPO's does not.
+    assert trainable["ppo"].bytes - trainable["grpo"].bytes == (arch.hidden + 1) * plan.TRAINABLE_BYTES
+    cfg = load_config(QWEN, {"ppo": {"mini_batch_size": 4}})
+    m, seq = 4, plan._lengths(cfg, arch)[0] + cfg.ppo.response_length
+    hidden = (arch.n_layer + 1) * m * seq * arch.hidden * 2
+    ppo = stage(plan.plan(cfg), "ppo").phases["policy log-probs"]
+    grpo = stage(plan.plan(load_config(QWEN, {"algorithm": "grpo", "ppo": {"mini_batch_size": 4}})), "ppo")
+    assert ppo - grpo.phases["policy log-probs"] == hidden + trainable["ppo"].bytes - trainable["grpo"].bytes
+    # Rows per step are ppo.batch_size, however many samples per prompt.
+    kv = [stage(plan.plan(load_config(QWEN, {"algorithm": "grpo", "ppo": {"samples_per_prompt": k}})),
+                "ppo").phases["rollout generation"] for k in (2, 4, 8)]
+    assert len(set(kv)) == 1
+
+
+def test_a_reward_function_plans_no_reward_adapter_copy_or_scoring_pass():
+    with_model = plan.plan(load_config(QWEN, {"ppo": {"reward_precision": "int8"}}))
+    function = plan.plan(load_config(QWEN, {"ppo": {"reward_precision": "int8", "reward_function": "question"}}))
+    for name in ("ppo", "evaluate"):
+        before, after = stage(with_model, name), stage(function, name)
+        assert "reward scoring" in before.phases and "reward scoring" not in after.phases, name
+        assert any("reward copy" in i.name for i in before.items), name
+        assert not any("reward" in i.name for i in after.items), [i.name for i in after.items]
+        assert after.tensor_bytes < before.tensor_bytes
+
+
+def test_dpo_plans_its_own_step_from_the_dpo_fields_not_ppos():
+    def dpo_peak(overrides: dict) -> int:
+        return tensor_peak(QWEN, merge_overrides({"algorithm": "dpo"}, overrides), "ppo")
+
+    s = stage(plan.plan(load_config(QWEN, {"algorithm": "dpo"})), "ppo")
+    assert s.phase.startswith("DPO ") and "rollout generation" not in s.phases and "probe generation" in s.phases
+    assert not any("reward" in i.name or "value head" in i.name for i in s.items), [i.name for i in s.items]
+    for key, values in (("batch_size", (1, 2, 4, 8)), ("max_length", (64, 128, 256))):
+        peaks = [dpo_peak({"dpo": {key: v}}) for v in values]
+        assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks), (key, peaks)
+    assert dpo_peak({"dpo": {"lora_r": 64}}) > dpo_peak({"dpo": {"lora_r": 8}})
+    # The sampling fields leave DPO's training step alone (ppo.response_length only sizes the probes).
+    base = dpo_peak({})
+    assert base == dpo_peak({"ppo": {"batch_size": 64, "mini_batch_size": 16}})
+    assert base == dpo_peak({"ppo": {"response_length": 16}})
+
+
+def test_a_dpo_stage_that_does_not_fit_is_offered_dpo_changes():
+    too_big = {"algorithm": "dpo", "dpo": {"batch_size": 8, "grad_accum": 1}}  # 8 pairs at once
+    s = stage(plan.plan(load_config(QWEN, too_big), 8 * GiB), "ppo")
+    assert s.fits is False and s.suggestion.change.startswith("dpo.batch_size 8 -> "), s.suggestion
+    fixed = load_config(QWEN, merge_overrides(too_big, s.suggestion.overrides))
+    assert fixed.dpo.batch_size * fixed.dpo.grad_accum == 8
+    assert stage(plan.plan(fixed, 8 * GiB), "ppo").fits is True
+
+
+def test_a_dpo_run_without_a_reward_stage_is_evaluated_without_a_reward_model():
+    stages = ["data", "sft", "ppo", "evaluate"]
+    without = stage(plan.plan(load_config(QWEN, {"algorithm": "dpo", "stages": stages})), "evaluate")
+    scored = stage(plan.plan(load_config(QWEN, {"algorithm": "dpo"})), "evaluate")
+    assert "reward scoring" not in without.phases and "reward scoring" in scored.phases
+    assert not any("value head" in i.name or "hidden states" in i.name for i in scored.items)
+
+
+def test_the_dpo_chunk_is_the_one_the_stage_uses():
+    from edgerlhf import dpo
+
+    assert plan.KL_CHUNK == dpo.KL_CHUNK
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "dpo"])
+def test_every_8gb_preset_fits_8_gib_whatever_the_algorithm(algorithm):
+    from edgerlhf.config import PRESETS
+
+    for name in (n for n in PRESETS if n.endswith("-8gb")):
+        result = plan.plan(load_config(name, {"algorithm": algorithm}), 8 * GiB)
+        assert result.fits, (name, [(s.stage, round(s.peak_bytes / GiB, 2)) for s in result.stages if not s.fits])
