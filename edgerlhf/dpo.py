@@ -53,7 +53,7 @@ from edgerlhf.dialogue import PromptFormat
 from edgerlhf.errors import require
 from edgerlhf.generation import sample_probes
 from edgerlhf.models import (compute_dtype, dtype_name, load_causal_lm, load_tokenizer, lora_config, resolve_device,
-                             upcast_trainable)
+                             trainer_arguments, upcast_trainable)
 from edgerlhf.oom import MicroBatch, SplitPairsOnOutOfMemory, planner_hint
 from edgerlhf.reports import PPOReport
 
@@ -209,35 +209,9 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
     from trl import DPOConfig
 
     cfg = config.dpo
-    dtype = compute_dtype(device)
-    args = DPOConfig(
-        output_dir=str(ctx.run_dir / CHECKPOINT_DIR),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, cfg.max_steps // 20),
-        beta=cfg.beta,
-        loss_type=[cfg.loss_type],
-        max_length=cfg.max_length,
-        gradient_checkpointing=False,  # small models: recomputing activations costs more than it saves
-        eval_strategy="steps",
-        eval_steps=cfg.eval_every,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=cfg.checkpoint_every,
-        save_total_limit=1,
-        report_to="none",
-        disable_tqdm=True,
-        seed=config.seed,
-        data_seed=config.seed,
-        use_cpu=device.type == "cpu",
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        dataloader_num_workers=0,
-    )
+    args = DPOConfig(**trainer_arguments(cfg, config.seed, device, ctx.run_dir / CHECKPOINT_DIR,
+                                         beta=cfg.beta, loss_type=[cfg.loss_type], logging_steps=1,
+                                         save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=1))
     lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, config.sft.target_modules)
     trainer = (trainer_class or _trainer_class())(
         model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=lora,

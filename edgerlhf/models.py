@@ -245,6 +245,38 @@ def upcast_trainable(model) -> None:
             param.data = param.data.float()
 
 
+def trainer_arguments(cfg, seed: int, device: torch.device, output_dir: str | Path, **overrides) -> dict[str, Any]:
+    """The training arguments the pipeline's TRL trainers share (SFT, reward, DPO), from a stage's config
+    (`max_steps`, `batch_size`, `grad_accum`, `learning_rate`, `max_length`, `eval_every`); `overrides`
+    are the stage's own (its checkpoints, its loss). Pass them to the stage's `SFTConfig`, `RewardConfig`
+    or `DPOConfig`."""
+    dtype = compute_dtype(device)
+    return {
+        "output_dir": str(output_dir),
+        "max_steps": cfg.max_steps,
+        "per_device_train_batch_size": cfg.batch_size,
+        "per_device_eval_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": max(1, cfg.max_steps // 20),
+        "max_length": cfg.max_length,
+        "gradient_checkpointing": False,  # small models: recomputing activations costs more than it saves
+        "eval_strategy": "steps",
+        "eval_steps": cfg.eval_every,
+        "logging_steps": max(1, cfg.max_steps // 100),
+        "save_strategy": "no",
+        "report_to": "none",  # metrics go through the run context
+        "disable_tqdm": True,
+        "seed": seed,
+        "data_seed": seed,
+        "use_cpu": device.type == "cpu",
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+        "dataloader_num_workers": 0,
+    } | overrides
+
+
 ALL_LINEAR = "all-linear"
 """`target_modules` shorthand: every linear layer of the body, not the output layer (peft's; the QLoRA recipe)."""
 

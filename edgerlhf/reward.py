@@ -54,7 +54,8 @@ from edgerlhf.memory import MB, snapshot
 from edgerlhf.oom import MicroBatch, SplitPairsOnOutOfMemory, planner_hint
 from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, compute_dtype, dtype_name,
                              load_causal_lm, load_reward_model, load_tokenizer, lora_config, resolve_device,
-                             response_mask, reward_tokens, running_response_mean, upcast_trainable)
+                             response_mask, reward_tokens, running_response_mean, trainer_arguments,
+                             upcast_trainable)
 
 
 def preference_dataset(path: Path, tokenizer, max_length: int):
@@ -161,31 +162,8 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model
     from trl import RewardConfig
 
     cfg = config.reward
-    dtype = compute_dtype(device)
-    args = RewardConfig(
-        output_dir=str(ctx.stage_dir("reward") / "trainer"),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size * 2,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, cfg.max_steps // 20),
-        max_length=cfg.max_length,
-        gradient_checkpointing=False,  # small models: recomputing activations costs more than it saves
-        eval_strategy="steps",
-        eval_steps=cfg.eval_every,
-        logging_steps=max(1, cfg.max_steps // 100),
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=config.seed,
-        data_seed=config.seed,
-        use_cpu=device.type == "cpu",
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        dataloader_num_workers=0,
-    )
+    args = RewardConfig(**trainer_arguments(cfg, config.seed, device, ctx.stage_dir("reward") / "trainer",
+                                            per_device_eval_batch_size=cfg.batch_size * 2))
     lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, config.sft.target_modules, modules_to_save=["score"],
                        task_type="SEQ_CLS", embedding=cfg.adapt_embedding)
     torch.manual_seed(config.seed)  # LoRA initialisation, identical across precisions

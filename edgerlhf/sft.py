@@ -42,7 +42,7 @@ from edgerlhf.oom import MicroBatch, SplitOnOutOfMemory, planner_hint
 from edgerlhf.reports import Probe, SFTReport
 from edgerlhf.warmup import warm_up
 from edgerlhf.models import (compute_dtype, dtype_name, load_base_model, load_tokenizer, lora_config, resolve_device,
-                             upcast_trainable)
+                             trainer_arguments, upcast_trainable)
 
 
 def sft_dataset(path: Path, tokenizer):
@@ -174,34 +174,9 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
     cfg = config.sft
     train = sft_dataset(ctx.run_dir / TRAIN_PREFS, tokenizer)
     test = sft_dataset(ctx.run_dir / TEST_PREFS, tokenizer)
-    dtype = compute_dtype(device)
-    args = SFTConfig(
-        output_dir=str(ctx.stage_dir("sft") / "trainer"),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, cfg.max_steps // 20),
-        max_length=cfg.max_length,
-        completion_only_loss=cfg.completion_only_loss,
-        packing=False,
-        gradient_checkpointing=False,  # small models: recomputing activations costs more than it saves
-        eval_strategy="steps",
-        eval_steps=cfg.eval_every,
-        prediction_loss_only=True,
-        logging_steps=max(1, cfg.max_steps // 100),
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=config.seed,
-        data_seed=config.seed,
-        use_cpu=device.type == "cpu",
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        dataloader_num_workers=0,
-    )
+    args = SFTConfig(**trainer_arguments(cfg, config.seed, device, ctx.stage_dir("sft") / "trainer",
+                                         completion_only_loss=cfg.completion_only_loss, packing=False,
+                                         prediction_loss_only=True))
     lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, cfg.target_modules, dropout=cfg.lora_dropout,
                        modules_to_save=cfg.modules_to_save)
     trainer = _trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=test,
