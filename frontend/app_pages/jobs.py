@@ -1,4 +1,5 @@
-"""Jobs page: every job with its status, stage, progress, queue position and duration; cancel/retry/delete.
+"""Jobs page: every job with its status, stage, progress, queue position, preset, alignment algorithm and
+duration; cancel/retry/delete.
 
 The table refreshes itself every few seconds (a fragment), so a queued job is seen starting without
 reloading the page.
@@ -33,6 +34,7 @@ def _rows(jobs: list[dict]) -> list[dict]:
             "progress": j["progress"],
             "queue": j["queue_position"],
             "preset": j["preset"],
+            "algorithm": j["config"].get("algorithm", "ppo"),  # jobs queued before it existed ran PPO
             "created": ui.parse_time(j["created_at"]).astimezone().strftime("%Y-%m-%d %H:%M:%S"),
             "duration": ui.duration(j),
             "attempts": j["attempts"],

@@ -246,12 +246,14 @@ def test_probe_page_puts_each_checkpoints_answer_side_by_side_in_training_order(
 def test_jobs_page_lists_jobs_and_cancels_one(backend, dashboard_env):
     dashboard_env(backend.url)
     client = httpx.Client(base_url=backend.url, timeout=30)
-    ids = [client.post("/api/jobs", json={"preset": "tiny", "name": f"job-{i}"}).json()["id"] for i in range(2)]
+    ids = [client.post("/api/jobs", json={"preset": "tiny", "name": f"job-{i}", "overrides": {"algorithm": a}}
+                       ).json()["id"] for i, a in enumerate(["ppo", "grpo"])]
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     assert not at.exception, at.exception
     table = at.dataframe[0].value
     assert sorted(table["id"].tolist()) == sorted(ids)
     assert sorted(table["queue"].tolist()) == [1, 2]
+    assert dict(zip(table["id"], table["algorithm"])) == {ids[0]: "ppo", ids[1]: "grpo"}
     at.selectbox(key="jobs_action_job").select(ids[1]).run()
     at.button(key="jobs_cancel").click().run()
     assert not at.exception, at.exception
