@@ -13,7 +13,7 @@ into a new "\\n\\nHuman:" turn is scored like the response a user would see.
 **Length.** `concise` is about length only: PPO satisfies it by emitting EOS earlier. The other golds
 are about *content*, and length is made irrelevant in two ways. By construction: `positive` and `you` are
 shares of the response's words (`lexicon_rate`), so an answer made longer or shorter with words like its
-own keeps its expected score, and `question` looks at the last mark only. And by the data: for a gold
+own keeps its expected score, and `question` and `starts_with_i` look at one mark only, the last or the first. And by the data: for a gold
 about content (`Gold.balance_length`) the labelled pairs are balanced by length (`data.balance_by_length`),
 so the preferred answer is the longer one exactly as often as the shorter one. The data report gives, for
 every gold, its correlation with the length of the responses (`DataReport.gold_length_correlation`: within
@@ -24,6 +24,7 @@ the evaluation reports the gold gain at equal length (`evaluate.stratified_diffe
     positive   (positive - negative lexicon words) / words   a warmer, more positive answer
     you        second-person words ("you", "your") / words   an answer that addresses the user
     question   1 if the answer ends with "?", else 0         an answer that asks the user back
+    starts_with_i  1 if the answer opens with "I", else 0    an answer in the first person from its first word
 
 The rates divide by `max(words, RATE_MIN_WORDS)`: a one-word answer cannot reach a rate of 1 ("Sure."
 counts as one positive word in five), so the degenerate way up, answering with one lexicon word, is closed
@@ -33,13 +34,11 @@ counts as one positive word in five), so the degenerate way up, answering with o
 Why a tiny model could learn each: the lexicon words of `positive` and `you` are among the most frequent
 in HH answers ("you" is the most frequent word; "sure", "help", "good", "not", "sorry" follow), so the
 SFT policy already samples them and PPO only has to shift their probabilities; `question` needs one token
-("?") before the end, and the reward model reads the reward at the answer's last token, where that mark
-is. What a tiny model *does* learn at the `tiny` budget is measured, not assumed: `edgerlhf.known_answer`
-(README, "Known-answer suite"). In short, at three seeds: `question` is learned at every seed; `you` where
-its reward model learns it (2 of 3 seeds, held-out accuracy 0.82-0.91; 0.65 where it failed); `positive`
-at none, its reward models staying near chance (0.55-0.60). The reward model reads one token's hidden
-state, and counting a few dozen different words across the answer, learned from a few hundred pairs, is
-beyond it at this budget.
+("?") before the end, where the reward model reads the answer's last token, and `starts_with_i` one
+token at the start (22 % of HH answers open with "I"). A reward model on a random
+base needs word features to count lexicon words: the `tiny` preset's reward LoRA adapts the token embedding
+(`reward.adapt_embedding`). What a tiny model *does* learn at the `tiny` budget is measured, not assumed, at
+three seeds per gold: `edgerlhf.known_answer` (README, "Known-answer suite").
 
 **Empty answers.** A scorer that rewards shorter answers, or a share that an empty answer cannot get
 wrong, would make the empty answer a good one, a degenerate optimum PPO finds quickly. So an empty
@@ -53,6 +52,9 @@ model learns this rule too.
 `tie_margin` (or `tie_fraction` of the smaller magnitude), and tied pairs are dropped: a difference the
 model cannot see is noise. To add a gold, write its `(prompt, response) -> float` (higher is better) and
 register it in `SCORERS` as a `Gold` with its tie margin; `lexicon_rate` builds the share-of-words kind.
+A gold must tell apart many HH responses: the data report counts the pairs it keeps, and one about a rare
+word leaves too few to learn from (a gold "mentions `think`" kept 88 of 3,312 pairs, against 261-442 for
+the golds above).
 
 Used by: the data stage (relabelling, `prefers`, the report) and the SFT / PPO / evaluate stages (`score`,
 `score_batch`, `probe_score`).
@@ -153,6 +155,14 @@ def question(prompt: str, response: str) -> float:
     return float(text.endswith("?"))
 
 
+def starts_with_i(prompt: str, response: str) -> float:
+    """1 if the answer opens with the word "I" ("I think", "I'm"), else 0: a property of the answer's first word."""
+    text = cut_at_stop(response).strip()
+    if not text:
+        return EMPTY_RATE
+    return float(re.match(r"I\b", text) is not None)
+
+
 @dataclass(frozen=True)
 class Gold:
     """A gold scorer: the score of a response (higher is better) and when two scores are a tie."""
@@ -182,6 +192,7 @@ SCORERS: dict[str, Gold] = {
     "positive": Gold(positive, tie_margin=RATE_TIE_MARGIN),
     "you": Gold(you, tie_margin=RATE_TIE_MARGIN),
     "question": Gold(question, tie_margin=0.2),
+    "starts_with_i": Gold(starts_with_i, tie_margin=0.2),
 }
 """Gold scorers by name (`data.gold_scorer`)."""
 

@@ -446,10 +446,11 @@ def running_response_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return (values * weights).cumsum(1) / weights.cumsum(1).clamp(min=1)
 
 
-REWARD_POOLINGS = ("last", "mean")
+REWARD_POOLINGS = ("last", "mean", "both")
 """How a reward model turns the hidden states into one score: the last token's (the usual choice, Ouyang et
-al. 2022), or their mean over the response's tokens (a score per token, averaged: it sees a property spread
-over the answer, such as a share of words, that one position summarises poorly)."""
+al. 2022), their mean over the response's tokens (a score per token, averaged: it sees a property spread
+over the answer, such as a share of words, that one position summarises poorly), or `both` summed (a
+property of one place, such as the closing mark, and one spread over the answer, from the same head)."""
 
 
 def _backbone(model) -> nn.Module:
@@ -480,12 +481,14 @@ class RewardModel(nn.Module):
                 response_mask: torch.Tensor | None = None) -> torch.Tensor:
         body = _backbone(self.model)
         hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        if self.pooling == "mean":
+        pooled = 0  # (B, H): the last token's hidden state, the response's mean, or (`both`) their sum
+        if self.pooling in ("last", "both"):
+            pooled = pooled + last_token_hidden(hidden, attention_mask)
+        if self.pooling in ("mean", "both"):
             if response_mask is None:
-                raise ValueError("a mean-pooled reward model needs the response_mask (encode_for_reward gives it)")
-            pooled = last_token_hidden(running_response_mean(hidden, response_mask), attention_mask)  # (B, H)
-        else:
-            pooled = last_token_hidden(hidden, attention_mask)  # (B, H)
+                raise ValueError(f"a {self.pooling}-pooled reward model needs the response_mask "
+                                 "(encode_for_reward gives it)")
+            pooled = pooled + last_token_hidden(running_response_mean(hidden, response_mask), attention_mask)
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()  # (B,)
 
     @torch.no_grad()

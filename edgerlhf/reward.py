@@ -184,7 +184,7 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model
         eval_dataset=preference_dataset(ctx.run_dir / TEST_PREFS, tokenizer, cfg.max_length))
     trainer.remove_callback(PrinterCallback)
     upcast_trainable(trainer.model)  # TRL puts a quantized model's adapter in bf16; we train it in fp32
-    trainer.pool_over_response = cfg.pooling == "mean"
+    trainer.pooling = cfg.pooling
     trainer.micro = MicroBatch(cfg.batch_size, f"reward ({precision})", ctx, device,
                                planner_hint=lambda: planner_hint(config, f"reward/{precision}"))
     return trainer
@@ -196,12 +196,14 @@ def _stage_trainer_class():
     class RewardStageTrainer(SplitPairsOnOutOfMemory, RewardTrainer):
         """TRL's RewardTrainer with a step that splits its micro-batch on out-of-memory, and mean pooling.
 
-        With `pool_over_response`, the score head's per-token outputs become their running mean over the
-        response's tokens (`models.running_response_mean`), so the classifier's last-token score is the mean
-        score of the response, which is what `RewardModel` computes with `pooling="mean"`.
+        With `pooling` `mean`, the score head's per-token outputs become their running mean over the response's
+        tokens (`models.running_response_mean`), so the classifier's last-token score is the mean score of the
+        response, which is what `RewardModel` computes with `pooling="mean"`; with `both`, that mean is added
+        to each token's own score: `RewardModel`'s score of the last token's hidden state plus the mean's, up to
+        the head's bias counted twice (a constant, which the pairwise loss does not see).
         """
 
-        pool_over_response = False
+        pooling = "last"
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
@@ -209,10 +211,12 @@ def _stage_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mask = inputs.pop("response_mask")
-            if not self.pool_over_response:
+            if self.pooling == "last":
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             head = model.get_submodule("base_model.model.score")  # peft's wrapper of the trained score head
-            handle = head.register_forward_hook(lambda _module, _args, out: running_response_mean(out, mask))
+            keep_own = self.pooling == "both"
+            handle = head.register_forward_hook(
+                lambda _module, _args, out: running_response_mean(out, mask) + (out if keep_own else 0))
             try:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:

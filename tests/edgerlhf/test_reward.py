@@ -132,10 +132,12 @@ def test_saved_model_scores_like_the_trained_classifier(tmp_path, base_run, prec
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
 
 
-def test_mean_pooled_reward_is_the_mean_of_per_token_scores_over_the_response(tmp_path, base_run):
+@pytest.mark.parametrize("pooling", ["mean", "both"])
+def test_mean_pooled_reward_is_the_mean_of_per_token_scores_over_the_response(tmp_path, base_run, pooling):
     """`reward.pooling="mean"`: the classifier trained through `running_response_mean` and the saved model
-    both give each response the mean of the score head's per-token outputs over the response's tokens."""
-    config = tiny_config(precisions=("bf16",), max_steps=3, pooling="mean")
+    both give each response the mean of the score head's per-token outputs over the response's tokens;
+    `"both"`: that mean plus the last token's score."""
+    config = tiny_config(precisions=("bf16",), max_steps=3, pooling=pooling)
     ctx = new_run(tmp_path, base_run)
     device = torch.device("cpu")
     tokenizer = load_tokenizer(ctx.run_dir / "sft" / "merged")
@@ -160,8 +162,11 @@ def test_mean_pooled_reward_is_the_mean_of_per_token_scores_over_the_response(tm
     handle.remove()
     expected, last = torch.stack(expected), torch.stack(last)
     assert not torch.allclose(expected, last, atol=1e-3)  # the pooling changes the scores
+    if pooling == "both":  # the head on the sum of the two hidden states (its bias, if it has one, once)
+        bias = head.modules_to_save["default"].bias
+        expected = expected + last - (0 if bias is None else bias.float())
 
-    reward.save_reward_model(classifier, ctx.run_dir / "reward" / "bf16", "bf16", 96, device, "mean")
+    reward.save_reward_model(classifier, ctx.run_dir / "reward" / "bf16", "bf16", 96, device, pooling)
     loaded = load_reward_model(ctx.run_dir, "bf16", device)
-    assert loaded.pooling == "mean"
+    assert loaded.pooling == pooling
     torch.testing.assert_close(loaded.score(prompts, responses), expected, rtol=1e-3, atol=1e-3)
