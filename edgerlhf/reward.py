@@ -1,9 +1,9 @@
 """Stage 3, reward: pairwise Bradley–Terry reward models in bf16, int8 and int4, and the precision study.
 
-A reward model scores a (prompt, response) pair with a scalar (read at the response's last token, or
-averaged over the response's tokens with `reward.pooling="mean"`; laid out by `models.reward_tokens` in
-the model's `PromptFormat`) and is trained so the chosen response
-scores higher: loss = -log sigmoid(r_chosen - r_rejected) (Bradley & Terry 1952; Ouyang et al. 2022).
+A reward model scores a (prompt, response) pair with a scalar (read at the response's last token, averaged
+over the response's tokens with `reward.pooling="mean"`, or both summed with `"both"`; laid out by
+`models.reward_tokens` in the model's `PromptFormat`) and is trained so the chosen response scores higher:
+loss = -log sigmoid(r_chosen - r_rejected) (Bradley & Terry 1952; Ouyang et al. 2022).
 It starts from the SFT model (`sft/merged`) as its family's `...ForSequenceClassification` (the LM head
 replaced by a 1-output score head) and trains a LoRA adapter plus the score head, with TRL's `RewardTrainer`; the new
 head learns `reward.head_lr_scale` times faster than the adapter (it has to grow from a near-zero init).
@@ -194,7 +194,7 @@ def _stage_trainer_class():
     from trl import RewardTrainer
 
     class RewardStageTrainer(SplitPairsOnOutOfMemory, RewardTrainer):
-        """TRL's RewardTrainer with a step that splits its micro-batch on out-of-memory, and mean pooling.
+        """TRL's RewardTrainer with a step that splits its micro-batch on out-of-memory, and the response poolings.
 
         With `pooling` `mean`, the score head's per-token outputs become their running mean over the response's
         tokens (`models.running_response_mean`), so the classifier's last-token score is the mean score of the
