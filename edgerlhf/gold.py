@@ -14,8 +14,9 @@ into a new "\\n\\nHuman:" turn is scored like the response a user would see.
 are about *content*, and length is made irrelevant in two ways. By construction: `positive` and `you` are
 shares of the response's words (`lexicon_rate`), so an answer made longer or shorter with words like its
 own keeps its expected score, and `question` and `starts_with_i` look at one mark only, the last or the
-first. And by the data: for a gold about content (`Gold.balance_length`) the labelled pairs are balanced by length (`data.balance_by_length`),
-so the preferred answer is the longer one exactly as often as the shorter one. The data report gives, for
+first. And by the data: for a gold about content (`Gold.balance_length`) the labelled pairs are balanced
+by length (`data.balance_by_length`), so the preferred answer is the longer one exactly as often as the
+shorter one. The data report gives, for
 every gold, its correlation with the length of the responses (`DataReport.gold_length_correlation`: within
 about 0.1 of 0 for the content golds on the `tiny` preset's pairs, -1 for `concise` by definition), and
 the evaluation reports the gold gain at equal length (`evaluate.stratified_difference`).
