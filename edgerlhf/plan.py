@@ -694,8 +694,7 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
     value_head = config.algorithm == "ppo"  # `build_models`' default, in training and evaluation
     reward = _reward_model(config, training)
     precision = cfg.reward_precision
-    shared = precision == "bf16" or cfg.quantized_policy
-    net_precision = precision if shared else "bf16"
+    net_precision = precision if cfg.quantized_policy else "bf16"  # bf16 unless the network itself is quantized
     prompt, _ = _lengths(config, arch)
     response = cfg.response_length if training else config.evaluate.response_length
     n_policy = lora_params(arch, config.sft.target_modules, cfg.lora_r)
