@@ -201,3 +201,14 @@ def test_the_table_shows_what_the_gpu_tests_recorded(kit):
     assert "cancelled job (hung): GPU memory used (nvidia-smi) 500 MiB before, 1,500 while it trained, 501 after" \
         in text
     assert "48 tokens at 120 tokens/s" in text
+
+
+def test_the_rehearsal_pins_the_targets_own_packages_and_runs_tests_that_exist(kit):
+    """`scripts/gpu-rehearse` builds the target's Python from `TARGET_VERSIONS` and runs `REHEARSAL_TESTS`: a pin
+    outside the target's list, or a test path that moved, would rehearse something else."""
+    assert set(kit.TARGET_VERSIONS) <= kit.TARGET_PACKAGES
+    assert not set(kit.REHEARSAL_TEST_ONLY) & (kit.TARGET_PACKAGES | set(kit.WHEELHOUSE))
+    args = kit.REHEARSAL_TESTS
+    paths = [arg for i, arg in enumerate(args) if not arg.startswith("-") and (i == 0 or args[i - 1] != "-k")]
+    assert paths and all((REPO_ROOT / path).exists() for path in paths), paths
+    assert (REPO_ROOT / "scripts" / "gpu-rehearse").stat().st_mode & 0o111
