@@ -286,11 +286,12 @@ class RewardConfig:
     """How the score head reads the response: `last` (the last token's hidden state, the usual reward model) or
     `mean` (the mean of per-token scores over the response's tokens: learns properties spread over the answer,
     such as a share of its words, that one position summarises poorly) or `both` (their sum: one head reads a
-    property of one place, such as the closing mark, and one spread over the answer)."""
+    property of one place, such as the closing mark, and one spread over the answer) or `ends` (the response's
+    first token's score plus its last's: how the answer opens and how it ends)."""
 
     def __post_init__(self):
-        if self.pooling not in ("last", "mean", "both"):
-            raise ConfigError("reward.pooling", f"unknown pooling {self.pooling!r}; choose from last, mean, both")
+        if self.pooling not in ("last", "mean", "both", "ends"):
+            raise ConfigError("reward.pooling", f"unknown pooling {self.pooling!r}; choose from last, mean, both, ends")
         if not self.precisions:
             raise ConfigError("reward.precisions", "must list at least one precision")
         for p in self.precisions:

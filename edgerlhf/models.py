@@ -24,9 +24,10 @@ A reward is read from the final hidden states (after the body's final norm, in e
 `PromptFormat.scored(prompt, response)` (HH text `prompt + " " + response`, or the chat template's prompt +
 response; no EOS or end of turn: `reward_tokens`), through the linear score head, pooled as the reward
 model's `pooling` says: at the last token (the position and value the family's `...ForSequenceClassification`
-produces, which is how TRL's RewardTrainer trains it), or as the mean over the response's tokens (the score
+produces, which is how TRL's RewardTrainer trains it), as the mean over the response's tokens (the score
 head being linear, the mean of per-token scores; trained through the same classifier by
-`running_response_mean`). Because the reward adapter is a plain causal-LM LoRA, PPO can load it as a second
+`running_response_mean`), their sum (`both`), or the response's first token's plus its last's (`ends`,
+trained through `response_first`). Because the reward adapter is a plain causal-LM LoRA, PPO can load it as a second
 adapter on its shared `sft/merged` model (`model.load_adapter(dir / "adapter", "reward")`) and score with
 `RewardModel`; `encode_for_reward` gives the exact token layout and the response mask.
 """
@@ -446,11 +447,25 @@ def running_response_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return (values * weights).cumsum(1) / weights.cumsum(1).clamp(min=1)
 
 
-REWARD_POOLINGS = ("last", "mean", "both")
+def response_first(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """At every position, `values` at the response's first token: (B, T, D) -> (B, T, D).
+
+    Read at a row's last token, this is the first token's score: how a sequence classifier that reads its
+    score there (TRL's RewardTrainer) trains the `ends` pooling that `RewardModel` applies.
+    """
+    first = mask.long().argmax(dim=1)  # (B,) the first 1 of each row
+    rows = torch.arange(values.shape[0], device=values.device)
+    return values[rows, first].unsqueeze(1).expand_as(values)
+
+
+REWARD_POOLINGS = ("last", "mean", "both", "ends")
 """How a reward model turns the hidden states into one score: the last token's (the usual choice, Ouyang et
 al. 2022), their mean over the response's tokens (a score per token, averaged: it sees a property spread
-over the answer, such as a share of words, that one position summarises poorly), or `both` summed (a
-property of one place, such as the closing mark, and one spread over the answer, from the same head)."""
+over the answer, such as a share of words, that one position summarises poorly), `both` summed (a
+property of one place, such as the closing mark, and one spread over the answer, from the same head), or
+`ends`, the response's first token's plus its last token's (how the answer opens, which a small model reads
+poorly from the last position, and how it ends; one position each, nothing a policy can add up by repeating
+words)."""
 
 
 def _backbone(model) -> nn.Module:
@@ -461,7 +476,8 @@ def _backbone(model) -> nn.Module:
 
 class RewardModel(nn.Module):
     """A causal LM body (+ reward LoRA) with a linear score head on its final hidden states, pooled as
-    `pooling` says (`REWARD_POOLINGS`): the last token's, or the mean over the response's tokens."""
+    `pooling` says (`REWARD_POOLINGS`): the last token's, the mean over the response's tokens, their sum, or
+    the response's first token's plus its last's."""
 
     def __init__(self, model, head: nn.Linear, tokenizer, max_length: int = 384, precision: str = "bf16",
                  device: torch.device | str = "cpu", pooling: str = "last"):
@@ -481,14 +497,13 @@ class RewardModel(nn.Module):
                 response_mask: torch.Tensor | None = None) -> torch.Tensor:
         body = _backbone(self.model)
         hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        pooled = 0  # (B, H): the last token's hidden state, the response's mean, or (`both`) their sum
-        if self.pooling in ("last", "both"):
-            pooled = pooled + last_token_hidden(hidden, attention_mask)
-        if self.pooling in ("mean", "both"):
+        pooled = last_token_hidden(hidden, attention_mask) if self.pooling != "mean" else 0  # (B, H)
+        if self.pooling != "last":
             if response_mask is None:
                 raise ValueError(f"a {self.pooling}-pooled reward model needs the response_mask "
                                  "(encode_for_reward gives it)")
-            pooled = pooled + last_token_hidden(running_response_mean(hidden, response_mask), attention_mask)
+            spread = response_first if self.pooling == "ends" else running_response_mean
+            pooled = pooled + last_token_hidden(spread(hidden, response_mask), attention_mask)
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()  # (B,)
 
     @torch.no_grad()

@@ -1,7 +1,8 @@
 """Stage 3, reward: pairwise Bradley–Terry reward models in bf16, int8 and int4, and the precision study.
 
 A reward model scores a (prompt, response) pair with a scalar (read at the response's last token, averaged
-over the response's tokens with `reward.pooling="mean"`, or both summed with `"both"`; laid out by
+over the response's tokens with `reward.pooling="mean"`, both summed with `"both"`, or the response's first
+token's plus its last's with `"ends"`; laid out by
 `models.reward_tokens` in the model's `PromptFormat`) and is trained so the chosen response scores higher:
 loss = -log sigmoid(r_chosen - r_rejected) (Bradley & Terry 1952; Ouyang et al. 2022).
 It starts from the SFT model (`sft/merged`) as its family's `...ForSequenceClassification` (the LM head
@@ -54,7 +55,7 @@ from edgerlhf.memory import MB, snapshot
 from edgerlhf.oom import MicroBatch, SplitPairsOnOutOfMemory, planner_hint
 from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, compute_dtype, dtype_name,
                              load_causal_lm, load_reward_model, load_tokenizer, lora_config, resolve_device,
-                             response_mask, reward_tokens, running_response_mean, trainer_arguments,
+                             response_first, response_mask, reward_tokens, running_response_mean, trainer_arguments,
                              upcast_trainable)
 
 
@@ -200,7 +201,8 @@ def _stage_trainer_class():
         tokens (`models.running_response_mean`), so the classifier's last-token score is the mean score of the
         response, which is what `RewardModel` computes with `pooling="mean"`; with `both`, that mean is added
         to each token's own score: `RewardModel`'s score of the last token's hidden state plus the mean's, up to
-        the head's bias counted twice (a constant, which the pairwise loss does not see).
+        the head's bias counted twice (a constant, which the pairwise loss does not see); with `ends`, the
+        response's first token's score is added instead (`models.response_first`).
         """
 
         pooling = "last"
@@ -214,9 +216,12 @@ def _stage_trainer_class():
             if self.pooling == "last":
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             head = model.get_submodule("base_model.model.score")  # peft's wrapper of the trained score head
-            keep_own = self.pooling == "both"
-            handle = head.register_forward_hook(
-                lambda _module, _args, out: running_response_mean(out, mask) + (out if keep_own else 0))
+            def pool(_module, _args, out):  # (B, T, 1) per-token scores -> what the last token reads
+                if self.pooling == "ends":
+                    return response_first(out, mask) + out
+                return running_response_mean(out, mask) + (out if self.pooling == "both" else 0)
+
+            handle = head.register_forward_hook(pool)
             try:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:

@@ -132,11 +132,12 @@ def test_saved_model_scores_like_the_trained_classifier(tmp_path, base_run, prec
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "both"])
-def test_mean_pooled_reward_is_the_mean_of_per_token_scores_over_the_response(tmp_path, base_run, pooling):
+@pytest.mark.parametrize("pooling", ["mean", "both", "ends"])
+def test_pooled_reward_is_the_pooling_of_per_token_scores_over_the_response(tmp_path, base_run, pooling):
     """`reward.pooling="mean"`: the classifier trained through `running_response_mean` and the saved model
     both give each response the mean of the score head's per-token outputs over the response's tokens;
-    `"both"`: that mean plus the last token's score."""
+    `"both"`: that mean plus the last token's score; `"ends"`: the response's first token's score plus its
+    last's."""
     config = tiny_config(precisions=("bf16",), max_steps=3, pooling=pooling)
     ctx = new_run(tmp_path, base_run)
     device = torch.device("cpu")
@@ -157,12 +158,13 @@ def test_mean_pooled_reward_is_the_mean_of_per_token_scores_over_the_response(tm
             n_prompt = len(tokenizer(p)["input_ids"])  # GPT-2 BPE: the response's first token carries the space
             ids = tokenizer(p + " " + r, return_tensors="pt")
             classifier(**ids)
-            expected.append(per_token["scores"][n_prompt:].mean())
+            response = per_token["scores"][n_prompt:]
+            expected.append(response[0] if pooling == "ends" else response.mean())
             last.append(per_token["scores"][-1])
     handle.remove()
     expected, last = torch.stack(expected), torch.stack(last)
     assert not torch.allclose(expected, last, atol=1e-3)  # the pooling changes the scores
-    if pooling == "both":  # the head on the sum of the two hidden states (its bias, if it has one, once)
+    if pooling != "mean":  # the head on the sum of the two hidden states (its bias, if it has one, once)
         bias = head.modules_to_save["default"].bias
         expected = expected + last - (0 if bias is None else bias.float())
 
