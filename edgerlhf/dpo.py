@@ -98,9 +98,9 @@ def preference_dataset(path: Path, tokenizer, max_length: int):
 # --- the trainer ---------------------------------------------------------------------------------
 
 
-KL_CHUNK = 2 ** 24
-"""Logits per piece of `chosen_kl` and of the CPU head's entropy (64 MB in fp32): a statistic of whole next-token
-distributions, which TRL's fused head never builds, is computed a few hundred positions at a time."""
+KL_CHUNK = 2 ** 22
+"""Logits per piece of `chosen_kl` and of the CPU head (`AnswerLogprobs`), 16 MB in fp32: whole next-token
+distributions are computed some tens of positions at a time (83 for a 50k vocabulary), never all at once."""
 
 
 def chosen_kl(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -132,20 +132,58 @@ def chosen_kl(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.zeros(n, device=per_position.device).index_add_(0, pair, per_position.float())
 
 
+class AnswerLogprobs(torch.autograd.Function):
+    """log p(target) at each answer position (N,) from the hidden states (N, H) through a linear LM head, the
+    vocabulary-wide log-softmax computed `KL_CHUNK` logits at a time: no (N, V) tensor is kept, in the forward
+    or for the backward, which recomputes each piece's softmax (one more head matmul) to get
+    d log p(t) / d logits = onehot(t) - softmax. Also returns, without gradients, each position's entropy,
+    mean logit and whether the target is the top token (what TRL logs)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        rows = max(1, KL_CHUNK // weight.shape[0])
+        token_logp, entropy, mean_logits, is_top1 = [], [], [], []
+        for h, t in zip(hidden.split(rows), targets.split(rows)):
+            logits = F.linear(h, weight, bias).float()  # (rows, V)
+            logp = logits.log_softmax(-1)
+            token_logp.append(logp.gather(-1, t[:, None]).squeeze(-1))
+            entropy.append(-(logp.exp() * logp).sum(-1))
+            mean_logits.append(logits.mean(-1))
+            is_top1.append(logits.argmax(-1) == t)
+            del logits, logp
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        extras = torch.cat(entropy), torch.cat(mean_logits), torch.cat(is_top1)
+        ctx.mark_non_differentiable(*extras)
+        return (torch.cat(token_logp), *extras)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        rows = max(1, KL_CHUNK // weight.shape[0])
+        grad_hidden = torch.empty_like(hidden)
+        for i in range(0, len(hidden), rows):
+            g, t = grad[i:i + rows].float(), targets[i:i + rows]
+            d = F.linear(hidden[i:i + rows], weight, bias).float().softmax(-1).mul_(-g[:, None])  # (rows, V)
+            d[torch.arange(len(t), device=d.device), t] += g
+            grad_hidden[i:i + rows] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
+        return grad_hidden, None, None, None
+
+
 def add_answer_logprob_head(model) -> None:
-    """Compute TRL's fused LM head plainly, on the answer positions only: `model(..., labels=labels,
-    fused_lm_head=True)` keeps its meaning (per-token log-probs of the labels, zero where a label is -100),
-    its outputs those DPO reads.
+    """Compute TRL's fused LM head plainly, on the answer positions only and a piece of the vocabulary-wide
+    log-softmax at a time (`AnswerLogprobs`): `model(..., labels=labels, fused_lm_head=True)` keeps its meaning
+    (per-token log-probs of the labels, zero where a label is -100), its outputs those DPO reads.
 
     TRL's head projects every position (prompt included) in vocabulary tiles to save GPU memory; its CPU
     fallback makes several passes over each (tokens, vocab) tile: 11.8-13.0 s per step of the tiny preset
-    (16 sequences x 142 tokens x 50k vocabulary) against 1.8-1.9 s here, on the same loaded core. The price
-    is the (answer tokens, vocab) log-probs in memory for the backward, ~150 MB for that batch; on a GPU
-    TRL's kernel stays.
+    (16 sequences x 142 tokens x 50k vocabulary) against 1.8-1.9 s here, on the same loaded core. On a GPU
+    TRL's kernel stays. A head that trains (an LM head among the LoRA targets) falls back to the whole
+    (answer positions, vocabulary) log-softmax, which autograd keeps for the backward.
     """
     from trl.trainer.utils import FusedCausalLMOutput
 
     fused = model.forward  # TRL's: without `fused_lm_head` it is the model's own forward
+    head = model.get_output_embeddings()
 
     def forward(*args, fused_lm_head=False, labels=None, **kwargs):
         if not fused_lm_head:
@@ -154,15 +192,18 @@ def add_answer_logprob_head(model) -> None:
         hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]  # (B, T-1, H)
         targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
         mask = targets != -100  # (B, T-1)
-        logits = model.get_output_embeddings()(hidden[mask]).float()  # (N, V), answer positions only
-        with torch.no_grad():  # DPO logs these, it does not train on them
-            mean_logits, is_top1 = logits.mean(-1), logits.argmax(-1) == targets[mask]  # (N,)
-        logp = F.log_softmax(logits, dim=-1)  # (N, V)
-        del logits  # the backward needs only logp: one (N, V) tensor fewer at the peak
-        token_logp = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)  # (N,)
-        with torch.no_grad():
-            rows = max(1, KL_CHUNK // logp.shape[-1])
-            entropy = torch.cat([-(part.exp() * part).sum(-1) for part in logp.detach().split(rows)])  # (N,)
+        if type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters()):
+            token_logp, entropy, mean_logits, is_top1 = AnswerLogprobs.apply(hidden[mask], head.weight, head.bias,
+                                                                             targets[mask])
+        else:
+            logits = head(hidden[mask]).float()  # (N, V)
+            with torch.no_grad():  # DPO logs these, it does not train on them
+                mean_logits, is_top1 = logits.mean(-1), logits.argmax(-1) == targets[mask]
+            logp = F.log_softmax(logits, dim=-1)  # (N, V), kept for the backward
+            del logits
+            token_logp = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)  # (N,)
+            with torch.no_grad():
+                entropy = -(logp.exp() * logp).sum(-1)
 
         def scatter(values: torch.Tensor) -> torch.Tensor:  # (N,) -> (B, T-1), zero off the answers
             return values.new_zeros(mask.shape).masked_scatter(mask, values)

@@ -761,8 +761,8 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
     return phases, ckpt
 
 
-KL_CHUNK = 2 ** 24
-"""Logits per piece of `dpo.chosen_kl` and of the CPU head's entropy (`edgerlhf.dpo.KL_CHUNK`, which imports torch)."""
+KL_CHUNK = 2 ** 22
+"""Logits per piece of `dpo.chosen_kl` and of the CPU head (`edgerlhf.dpo.KL_CHUNK`, which imports torch)."""
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768
 """The tile of TRL's fused log-prob head on a GPU (`trl.kernels.chunked_logprob`: tokens x vocabulary)."""
 
@@ -781,8 +781,8 @@ def _dpo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
     disabled; no reward model, no sampling but the probes. A step runs the policy over chosen + rejected
     (2 x `dpo.batch_size` rows) with gradients, the reference over the same rows without, the loss, then
     `chosen_kl` (two more passes over the chosen rows) while the policy's graph waits for the backward pass.
-    The log-prob head scores the answer positions only: on the CPU `dpo.add_answer_logprob_head`, which keeps
-    the (answer positions, vocabulary) log-softmax for the backward; on a GPU TRL's fused head, in tiles.
+    The log-prob head scores the answer positions only: on the CPU `dpo.add_answer_logprob_head`, a piece of
+    the vocabulary-wide log-softmax at a time, recomputed in the backward; on a GPU TRL's fused head, in tiles.
     Its evaluation passes run the same without gradients, below the training step."""
     cfg = config.dpo
     prompt, answer = _dpo_lengths(config, arch)
@@ -790,7 +790,6 @@ def _dpo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
     rows = 2 * cfg.batch_size  # the batch is the chosen rows, then the rejected rows
     positions = rows * answer  # N: the answer positions the head scores
     V, H = arch.vocab, arch.hidden
-    nv = positions * V * 4  # one fp32 (N, V) tensor
     chunk = min(positions // 2, max(1, KL_CHUNK // V)) * V * 4  # one fp32 piece of `chosen_kl`
     lora = tuple(arch.targeted(config.sft.target_modules))
     n_lora = lora_params(arch, config.sft.target_modules, cfg.lora_r)
@@ -815,15 +814,15 @@ def _dpo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
             "DPO backward": [*graph, _item("log-prob tile and its gradient", tile * (cb + 4), "TRL's fused head"),
                              _item("gradient of the answer hidden states", positions * H * 4, "fp32 accumulator")],
         }
-    else:
-        saved = _item("policy log-softmax", nv, f"{positions} answer positions x {V:,} vocabulary, fp32, for backward")
-        # The head's logits and log-softmax, then (logits freed) the entropy's exp and product in pieces.
-        ref_head = max(2 * nv, nv + 2 * min(positions, max(1, KL_CHUNK // V)) * V * 4)
+    else:  # `dpo.AnswerLogprobs`: the log-softmax a piece at a time, recomputed in the backward
+        piece = min(positions, max(1, KL_CHUNK // V)) * V * 4
+        piece_note = f"pieces of {piece // (V * 4)} answer positions x {V:,} vocabulary, fp32"
         phases = {
-            "DPO reference pass": [*graph, saved, last_hidden,
-                                   _item("reference logits", ref_head, "log-softmax + entropy temporaries, fp32")],
-            "DPO chosen KL": [*graph, saved, *kl],
-            "DPO backward": [*graph, saved, _item("log-softmax gradients", 2 * nv, "of the gather and the log-softmax")],
+            "DPO reference pass": [*graph, last_hidden,
+                                   _item("head pieces", 4 * piece, piece_note + ": logits, log-softmax, exp, product")],
+            "DPO chosen KL": [*graph, *kl],
+            "DPO backward": [*graph, _item("head pieces", 2 * piece, piece_note + ": logits, softmax"),
+                             _item("gradient of the answer hidden states", positions * H * 4, "fp32")],
         }
     ckpt = {name: sum(i.bytes for i in items) - activations.bytes + train_activations(arch, p, checkpointing=True)
             for name, items in phases.items()}

@@ -208,3 +208,32 @@ def test_pipeline_with_dpo_and_no_reward_stage(tmp_path):
     assert "SFT vs DPO" in (ctx.run_dir / "evaluate" / "report.md").read_text()
     assert "evaluate/reward_ppo" not in {k for _, k, _, _ in ctx.metrics}
     assert json.loads((ctx.run_dir / "evaluate" / "report.json").read_text())["reward_diff"] is None
+
+
+def test_the_chunked_head_gives_autograds_gradients_without_a_whole_vocabulary_tensor(monkeypatch):
+    """`AnswerLogprobs` recomputes each piece's softmax in its backward: its log-probs and the gradient of any loss
+    on them, with respect to the hidden states, are what autograd gives through the whole log-softmax, also when
+    the pieces split the positions unevenly; the entropy, mean logit and top-1 flags are the whole tensor's."""
+    torch.manual_seed(0)
+    n, h, v = 11, 8, 50
+    hidden = torch.randn(n, h, requires_grad=True)
+    head = torch.nn.Linear(h, v)
+    targets = torch.randint(0, v, (n,))
+    weights = torch.randn(n)  # a loss that weighs the positions differently
+    monkeypatch.setattr(dpo, "KL_CHUNK", 4 * v)  # pieces of 4 positions: 4 + 4 + 3
+
+    token_logp, entropy, mean_logits, is_top1 = dpo.AnswerLogprobs.apply(hidden, head.weight.detach(),
+                                                                         head.bias.detach(), targets)
+    (token_logp * weights).sum().backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+
+    logits = head(hidden)
+    logp = F.log_softmax(logits, -1)
+    expected = logp.gather(-1, targets[:, None]).squeeze(-1)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(token_logp, expected.detach())
+    torch.testing.assert_close(got, hidden.grad)
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1).detach())
+    torch.testing.assert_close(mean_logits, logits.mean(-1).detach())
+    assert torch.equal(is_top1, logits.argmax(-1) == targets)
