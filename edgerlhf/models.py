@@ -246,6 +246,16 @@ def upcast_trainable(model) -> None:
             param.data = param.data.float()
 
 
+def without_activation_checkpointing() -> dict[str, bool]:
+    """The training argument that turns activation checkpointing off, which TRL's configs turn on: for small
+    models recomputing activations costs more than it saves. transformers 5.23 (here) renamed it
+    `activation_checkpointing` and warns at the old name; 5.17 (the GPU image's) knows only `gradient_checkpointing`."""
+    from transformers import TrainingArguments
+
+    renamed = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if renamed else "gradient_checkpointing": False}
+
+
 def trainer_arguments(cfg, seed: int, device: torch.device, output_dir: str | Path, **overrides) -> dict[str, Any]:
     """The training arguments the pipeline's TRL trainers share (SFT, reward, DPO), from a stage's config
     (`max_steps`, `batch_size`, `grad_accum`, `learning_rate`, `max_length`, `eval_every`); `overrides`
@@ -262,7 +272,7 @@ def trainer_arguments(cfg, seed: int, device: torch.device, output_dir: str | Pa
         "lr_scheduler_type": "cosine",
         "warmup_steps": max(1, cfg.max_steps // 20),
         "max_length": cfg.max_length,
-        "gradient_checkpointing": False,  # small models: recomputing activations costs more than it saves
+        **without_activation_checkpointing(),
         "eval_strategy": "steps",
         "eval_steps": cfg.eval_every,
         "logging_steps": max(1, cfg.max_steps // 100),
