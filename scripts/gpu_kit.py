@@ -1196,8 +1196,8 @@ suite and without PostgreSQL (`NOT_NEEDED`)."""
 
 def find_python312() -> str | None:
     """A Python 3.12 here that runs: `python3.12` on PATH (a pyenv shim may not), else pyenv's own."""
-    candidates = [shutil.which("python3.12"), *sorted(map(str, Path.home().glob(".pyenv/versions/3.12*/bin/python3.12")),
-                                                       reverse=True)]
+    pyenv = sorted(map(str, Path.home().glob(".pyenv/versions/3.12*/bin/python3.12")), reverse=True)
+    candidates = [shutil.which("python3.12"), *pyenv]
     for python in filter(None, candidates):
         ok = subprocess.run([python, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"], capture_output=True)
         if ok.returncode == 0:
