@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from edgerlhf.contract import ALGORITHMS, PRECISIONS, STAGES, merge_overrides
+from edgerlhf.contract import ALGORITHMS, PRECISIONS, REWARD_POOLINGS, STAGES, merge_overrides
 
 LOCATION_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"), ("data", "votes_file"))
 """(section, field) of the config fields that name a model or data location: a hub id or an absolute path."""
@@ -290,8 +290,9 @@ class RewardConfig:
     first token's score plus its last's: how the answer opens and how it ends)."""
 
     def __post_init__(self):
-        if self.pooling not in ("last", "mean", "both", "ends"):
-            raise ConfigError("reward.pooling", f"unknown pooling {self.pooling!r}; choose from last, mean, both, ends")
+        if self.pooling not in REWARD_POOLINGS:
+            raise ConfigError("reward.pooling",
+                              f"unknown pooling {self.pooling!r}; choose from {list(REWARD_POOLINGS)}")
         if not self.precisions:
             raise ConfigError("reward.precisions", "must list at least one precision")
         for p in self.precisions:

@@ -24,6 +24,15 @@ DPO trains offline on the preference pairs. Each writes its metrics under its ow
 PRECISIONS = ("bf16", "int8", "int4")
 """Reward-model precisions: bf16 weights, or bitsandbytes int8 / nf4 (int4) quantized weights."""
 
+REWARD_POOLINGS = ("last", "mean", "both", "ends")
+"""How a reward model turns the hidden states into one score: the last token's (the usual choice, Ouyang et
+al. 2022), their mean over the response's tokens (a score per token, averaged: it sees a property spread
+over the answer, such as a share of words, that one position summarises poorly), `both` summed (a
+property of one place, such as the closing mark, and one spread over the answer, from the same head), or
+`ends`, the response's first token's plus its last token's (how the answer opens, which a small model reads
+poorly from the last position, and how it ends; one position each, nothing a policy can add up by repeating
+words)."""
+
 
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """`base` with `overrides` applied: a dict merges into a dict key by key, any other value replaces.

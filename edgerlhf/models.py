@@ -44,7 +44,7 @@ from torch import nn
 
 from edgerlhf import locations
 from edgerlhf.config import PRECISIONS, ModelConfig, PipelineConfig
-from edgerlhf.contract import CONFIG_FILE, PPO_ADAPTER, RANDOM_BASE, SFT_MERGED, reward_dir
+from edgerlhf.contract import CONFIG_FILE, PPO_ADAPTER, RANDOM_BASE, REWARD_POOLINGS, SFT_MERGED, reward_dir
 from edgerlhf.dialogue import PromptFormat
 from edgerlhf.errors import MissingPrerequisite, ModelLoadError, require
 
@@ -466,16 +466,6 @@ def response_first(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     first = mask.long().argmax(dim=1)  # (B,) the first 1 of each row
     rows = torch.arange(values.shape[0], device=values.device)
     return values[rows, first].unsqueeze(1).expand_as(values)
-
-
-REWARD_POOLINGS = ("last", "mean", "both", "ends")
-"""How a reward model turns the hidden states into one score: the last token's (the usual choice, Ouyang et
-al. 2022), their mean over the response's tokens (a score per token, averaged: it sees a property spread
-over the answer, such as a share of words, that one position summarises poorly), `both` summed (a
-property of one place, such as the closing mark, and one spread over the answer, from the same head), or
-`ends`, the response's first token's plus its last token's (how the answer opens, which a small model reads
-poorly from the last position, and how it ends; one position each, nothing a policy can add up by repeating
-words)."""
 
 
 def _backbone(model) -> nn.Module:

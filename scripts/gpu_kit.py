@@ -1310,7 +1310,7 @@ def main_rehearse(argv: list[str] | None = None) -> int:
         description="Before a GPU session: on this CPU machine, build a Python like the GPU machine's (Python 3.12, "
                     "torch 2.11, transformers 5.17, huggingface-hub 1.33...), install the wheelhouse into it as "
                     "gpu-check does, import everything the GPU run needs, and run the CPU tests of its code paths "
-                    "there (about 10 minutes, 3.5 GB of downloads the first time).")
+                    "there (about 20 minutes on 2 cores, 3.5 GB of downloads the first time).")
     parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "edgerlhf-gpu-target",
                         help="the target-like environment (kept between rehearsals; default %(default)s)")
     parser.add_argument("--wheels", type=Path, default=REPO / "gpu-wheels", help="the kit scripts/gpu-wheels built")
