@@ -52,8 +52,8 @@ from edgerlhf.data import read_prefs
 from edgerlhf.dialogue import PromptFormat
 from edgerlhf.errors import require
 from edgerlhf.generation import sample_probes
-from edgerlhf.models import (compute_dtype, dtype_name, load_causal_lm, load_tokenizer, lora_config, resolve_device,
-                             trainer_arguments, upcast_trainable)
+from edgerlhf.models import (compute_dtype, dtype_name, head_logits, load_causal_lm, load_tokenizer, logit_transform,
+                             lora_config, resolve_device, trainer_arguments, transform_logits, upcast_trainable)
 from edgerlhf.oom import MicroBatch, SplitPairsOnOutOfMemory, planner_hint
 from edgerlhf.reports import PPOReport
 
@@ -111,7 +111,7 @@ def chosen_kl(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     input_ids, attention = inputs["input_ids"][:n], inputs["attention_mask"][:n]  # (B, T)
     targets = inputs["completion_mask"][:n, 1:].bool()  # (B, T-1): position t predicts answer token t+1
     lm = model.get_base_model()
-    head = lm.get_output_embeddings()
+    vocabulary = lm.get_output_embeddings().weight.shape[0]
 
     def answer_hidden() -> torch.Tensor:  # (N, H) at the answer positions only
         hidden = lm.base_model(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
@@ -122,10 +122,10 @@ def chosen_kl(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         with model.disable_adapter():
             ref_hidden = answer_hidden()
         per_position = []
-        rows = max(1, KL_CHUNK // head.weight.shape[0])
+        rows = max(1, KL_CHUNK // vocabulary)
         for i in range(0, len(hidden), rows):
-            logp = F.log_softmax(head(hidden[i:i + rows]).float(), dim=-1)  # (rows, V)
-            ref_logp = F.log_softmax(head(ref_hidden[i:i + rows]).float(), dim=-1)  # (rows, V)
+            logp = F.log_softmax(head_logits(lm, hidden[i:i + rows]), dim=-1)  # (rows, V)
+            ref_logp = F.log_softmax(head_logits(lm, ref_hidden[i:i + rows]), dim=-1)  # (rows, V)
             per_position.append((logp.exp() * (logp - ref_logp)).sum(-1))
         per_position = torch.cat(per_position) if per_position else hidden.new_zeros(0)  # (N,)
     pair = targets.nonzero()[:, 0]  # (N,) the pair of each answer position
@@ -133,18 +133,19 @@ def chosen_kl(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class AnswerLogprobs(torch.autograd.Function):
-    """log p(target) at each answer position (N,) from the hidden states (N, H) through a linear LM head, the
-    vocabulary-wide log-softmax computed `KL_CHUNK` logits at a time: no (N, V) tensor is kept, in the forward
-    or for the backward, which recomputes each piece's softmax (one more head matmul) to get
-    d log p(t) / d logits = onehot(t) - softmax. Also returns, without gradients, each position's entropy,
-    mean logit and whether the target is the top token (what TRL logs)."""
+    """log p(target) at each answer position (N,) from the hidden states (N, H) through a linear LM head and the
+    family's `scale` and soft `cap` (`models.logit_transform`), the vocabulary-wide log-softmax computed
+    `KL_CHUNK` logits at a time: no (N, V) tensor is kept, in the forward or for the backward, which recomputes
+    each piece's softmax (one more head matmul) to get d log p(t) / d logits = onehot(t) - softmax, times the
+    transform's derivative. Also returns, without gradients, each position's entropy, mean logit and whether
+    the target is the top token (what TRL logs)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
+    def forward(ctx, hidden, weight, bias, targets, scale=1.0, cap=None):
         rows = max(1, KL_CHUNK // weight.shape[0])
         token_logp, entropy, mean_logits, is_top1 = [], [], [], []
         for h, t in zip(hidden.split(rows), targets.split(rows)):
-            logits = F.linear(h, weight, bias).float()  # (rows, V)
+            logits = transform_logits(F.linear(h, weight, bias).float(), scale, cap)  # (rows, V)
             logp = logits.log_softmax(-1)
             token_logp.append(logp.gather(-1, t[:, None]).squeeze(-1))
             entropy.append(-(logp.exp() * logp).sum(-1))
@@ -152,6 +153,7 @@ class AnswerLogprobs(torch.autograd.Function):
             is_top1.append(logits.argmax(-1) == t)
             del logits, logp
         ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.scale, ctx.cap = scale, cap
         extras = torch.cat(entropy), torch.cat(mean_logits), torch.cat(is_top1)
         ctx.mark_non_differentiable(*extras)
         return (torch.cat(token_logp), *extras)
@@ -163,10 +165,14 @@ class AnswerLogprobs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         for i in range(0, len(hidden), rows):
             g, t = grad[i:i + rows].float(), targets[i:i + rows]
-            d = F.linear(hidden[i:i + rows], weight, bias).float().softmax(-1).mul_(-g[:, None])  # (rows, V)
+            z = F.linear(hidden[i:i + rows], weight, bias).float() * ctx.scale  # (rows, V)
+            capped = torch.tanh(z / ctx.cap) if ctx.cap else None  # d(cap * tanh(z / cap)) / dz = 1 - tanh^2
+            d = (capped * ctx.cap if ctx.cap else z).softmax(-1).mul_(-g[:, None])  # (rows, V)
             d[torch.arange(len(t), device=d.device), t] += g
-            grad_hidden[i:i + rows] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
-        return grad_hidden, None, None, None
+            if ctx.cap:
+                d.mul_(1 - capped.square())
+            grad_hidden[i:i + rows] = (d.mul_(ctx.scale).to(weight.dtype) @ weight).to(hidden.dtype)
+        return grad_hidden, None, None, None, None, None
 
 
 def add_answer_logprob_head(model) -> None:
@@ -184,6 +190,7 @@ def add_answer_logprob_head(model) -> None:
 
     fused = model.forward  # TRL's: without `fused_lm_head` it is the model's own forward
     head = model.get_output_embeddings()
+    transform = logit_transform(model.config)  # (scale, soft cap), as the model's forward and TRL's kernel apply
 
     def forward(*args, fused_lm_head=False, labels=None, **kwargs):
         if not fused_lm_head:
@@ -194,9 +201,9 @@ def add_answer_logprob_head(model) -> None:
         mask = targets != -100  # (B, T-1)
         if type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters()):
             token_logp, entropy, mean_logits, is_top1 = AnswerLogprobs.apply(hidden[mask], head.weight, head.bias,
-                                                                             targets[mask])
+                                                                             targets[mask], *transform)
         else:
-            logits = head(hidden[mask]).float()  # (N, V)
+            logits = head_logits(model, hidden[mask])  # (N, V)
             with torch.no_grad():  # DPO logs these, it does not train on them
                 mean_logits, is_top1 = logits.mean(-1), logits.argmax(-1) == targets[mask]
             logp = F.log_softmax(logits, dim=-1)  # (N, V), kept for the backward

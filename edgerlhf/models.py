@@ -468,6 +468,32 @@ def response_first(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values[rows, first].unsqueeze(1).expand_as(values)
 
 
+def logit_transform(config) -> tuple[float, float | None]:
+    """`(scale, cap)`: what the family's forward does to its LM head's output, logits = cap * tanh(scale * z / cap)
+    (without a cap: scale * z). Gemma 2 caps them (`final_logit_softcapping`); Cohere scales them by
+    `logit_scale`, Falcon-H1 by `lm_head_multiplier`, Granite divides them by `logits_scaling`. Read as TRL's
+    fused LM head reads them (`trl.trainer.utils.add_fused_lm_head`), so a loss computed from the hidden states
+    (SFT's, the warm-up's, DPO's CPU head) is the model's own."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = next((v for v in (getattr(text, k, None) for k in ("logit_scale", "output_multiplier",
+                                                                "lm_head_multiplier")) if v is not None), None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if text.model_type == "hyperclovax" else 1 / text.logits_scaling
+    return (1.0 if scale is None else float(scale)), getattr(text, "final_logit_softcapping", None)
+
+
+def transform_logits(z: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
+    """The LM head's output `z` as the family's logits (`logit_transform`)."""
+    z = z * scale if scale != 1.0 else z
+    return torch.tanh(z / cap) * cap if cap else z
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits in fp32 from final hidden states (..., H) -> (..., V), as the causal LM's own forward
+    computes them: its output layer, then its scale and soft cap (`logit_transform`)."""
+    return transform_logits(model.get_output_embeddings()(hidden).float(), *logit_transform(model.config))
+
+
 def _backbone(model) -> nn.Module:
     """The transformer body (GPT2Model for GPT-2) of a causal LM, inside a peft wrapper if any."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -41,8 +41,8 @@ from edgerlhf.memory import free_memory, reset_peak, snapshot
 from edgerlhf.oom import MicroBatch, SplitOnOutOfMemory, planner_hint
 from edgerlhf.reports import Probe, SFTReport
 from edgerlhf.warmup import warm_up
-from edgerlhf.models import (compute_dtype, dtype_name, load_base_model, load_tokenizer, lora_config, resolve_device,
-                             trainer_arguments, upcast_trainable)
+from edgerlhf.models import (compute_dtype, dtype_name, head_logits, load_base_model, load_tokenizer, lora_config,
+                             resolve_device, trainer_arguments, upcast_trainable)
 
 
 def sft_dataset(path: Path, tokenizer):
@@ -143,7 +143,7 @@ def _trainer_class():
             hidden = lm.base_model(input_ids=inputs["input_ids"], use_cache=False, **kwargs).last_hidden_state
             targets = inputs["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
             mask = targets != -100  # (B, T-1)
-            logits = lm.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (N, V), labelled positions only
+            logits = head_logits(lm, hidden[:, :-1][mask])  # (N, V), labelled positions only
             n_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = F.cross_entropy(logits, targets[mask], reduction="sum") / torch.as_tensor(n_tokens).clamp(min=1)
             with torch.no_grad():

@@ -30,6 +30,7 @@ from edgerlhf.context import RunContext
 from edgerlhf.contract import TEST_PREFS, TRAIN_PREFS
 from edgerlhf.data import read_prefs
 from edgerlhf.dialogue import PromptFormat
+from edgerlhf.models import head_logits
 
 LOG_EVERY = 10
 """Training loss and learning rate are logged every this many steps."""
@@ -81,7 +82,7 @@ def next_token_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = input_ids[:, 1:]  # (B, T-1): position t predicts token t + 1
     mask = loss_mask[:, 1:]  # (B, T-1)
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (N, V)
+    logits = head_logits(model, hidden[:, :-1][mask])  # (N, V)
     return F.cross_entropy(logits, targets[mask], reduction=reduction)
 
 

@@ -210,10 +210,12 @@ def test_pipeline_with_dpo_and_no_reward_stage(tmp_path):
     assert json.loads((ctx.run_dir / "evaluate" / "report.json").read_text())["reward_diff"] is None
 
 
-def test_the_chunked_head_gives_autograds_gradients_without_a_whole_vocabulary_tensor(monkeypatch):
+@pytest.mark.parametrize("scale, cap", [(1.0, None), (0.5, 1.5)])  # plain; scaled and soft-capped (Cohere, Gemma 2)
+def test_the_chunked_head_gives_autograds_gradients_without_a_whole_vocabulary_tensor(monkeypatch, scale, cap):
     """`AnswerLogprobs` recomputes each piece's softmax in its backward: its log-probs and the gradient of any loss
-    on them, with respect to the hidden states, are what autograd gives through the whole log-softmax, also when
-    the pieces split the positions unevenly; the entropy, mean logit and top-1 flags are the whole tensor's."""
+    on them, with respect to the hidden states, are what autograd gives through the whole log-softmax of the
+    family's logits, also when the pieces split the positions unevenly; the entropy, mean logit and top-1 flags
+    are the whole tensor's."""
     torch.manual_seed(0)
     n, h, v = 11, 8, 50
     hidden = torch.randn(n, h, requires_grad=True)
@@ -223,12 +225,12 @@ def test_the_chunked_head_gives_autograds_gradients_without_a_whole_vocabulary_t
     monkeypatch.setattr(dpo, "KL_CHUNK", 4 * v)  # pieces of 4 positions: 4 + 4 + 3
 
     token_logp, entropy, mean_logits, is_top1 = dpo.AnswerLogprobs.apply(hidden, head.weight.detach(),
-                                                                         head.bias.detach(), targets)
+                                                                         head.bias.detach(), targets, scale, cap)
     (token_logp * weights).sum().backward()
     got = hidden.grad.clone()
     hidden.grad = None
 
-    logits = head(hidden)
+    logits = models.transform_logits(head(hidden), scale, cap)
     logp = F.log_softmax(logits, -1)
     expected = logp.gather(-1, targets[:, None]).squeeze(-1)
     (expected * weights).sum().backward()

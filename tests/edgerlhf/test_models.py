@@ -9,8 +9,8 @@ import torch
 
 from edgerlhf.config import TINY_TOKENIZER_DIR, ModelConfig
 from edgerlhf.errors import MissingPrerequisite
-from edgerlhf.models import (ModelLoadError, compute_dtype, load_base_model, load_causal_lm, load_policy,
-                             load_tokenizer, quantization_config, random_model, resolve_device)
+from edgerlhf.models import (ModelLoadError, compute_dtype, head_logits, load_base_model, load_causal_lm,
+                             load_policy, load_tokenizer, quantization_config, random_model, resolve_device)
 
 TINY = ModelConfig(name_or_path="tiny", tokenizer=TINY_TOKENIZER_DIR, random_init=True,
                    n_layer=1, n_head=2, n_embd=32, n_positions=128)
@@ -180,3 +180,27 @@ def test_load_policy_base_for_random_init_needs_base_dir(tmp_path):
     (tmp_path / "config.json").write_text(load_config("tiny").to_json())
     with pytest.raises(MissingPrerequisite, match="saved by the sft stage.*run the sft stage first"):
         load_policy(tmp_path, "base")
+
+
+@pytest.mark.parametrize("family, transform", [
+    ("gemma2", {"final_logit_softcapping": 0.5}),  # a cap the random logits reach
+    ("cohere", {"logit_scale": 3.0}),
+    ("granite", {"logits_scaling": 4.0}),
+    ("llama", {}),
+])
+def test_head_logits_are_the_models_own(family, transform):
+    """The losses computed from hidden states (SFT's, the warm-up's, DPO's CPU head) see the logits the model's
+    forward gives: its output layer plus the family's scale and soft cap."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, **transform)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    input_ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        own = model(input_ids=input_ids).logits
+        hidden = model.base_model(input_ids=input_ids).last_hidden_state
+        torch.testing.assert_close(head_logits(model, hidden), own.float())
+        if transform:  # the transform matters here: the bare output layer gives other logits
+            assert not torch.allclose(model.get_output_embeddings()(hidden), own, atol=1e-3)
