@@ -523,7 +523,7 @@ def bench_trl_sampling(config, run_dir: Path, device, steps: int, warmup: int) -
             num_iterations=cfg.ppo_epochs, max_completion_length=cfg.response_length, temperature=cfg.temperature,
             top_k=cfg.top_k, top_p=cfg.top_p, learning_rate=cfg.learning_rate, beta=cfg.init_kl_coef,
             epsilon=cfg.cliprange, max_grad_norm=cfg.max_grad_norm, max_steps=steps_per_rollout * (steps + warmup),
-            **models.without_activation_checkpointing(), bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+            **models.activation_checkpointing(False), bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
             use_cpu=device.type == "cpu", model_init_kwargs={"dtype": dtype}, disable_dropout=True,
             dataloader_num_workers=0, disable_tqdm=True, shuffle_dataset=False)
         if algorithm == "grpo":  # our GRPO's loss: token-level mean over a minibatch, group-std advantages

@@ -239,6 +239,10 @@ class SFTConfig:
     """Gradient accumulation steps."""
     max_length: Annotated[int, TOKENS] = 384
     """Prompt + response tokens per training sequence (longer ones are truncated)."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input for the backward pass and recompute the rest there (activation
+    checkpointing): the same maths, a fraction of the activation memory (`edgerlhf plan` gives both), about a
+    third more compute per step."""
     completion_only_loss: bool = True
     """Compute the loss on the response tokens only."""
     eval_every: Annotated[int, COUNT] = 100
@@ -276,6 +280,10 @@ class RewardConfig:
     """Gradient accumulation steps."""
     max_length: Annotated[int, TOKENS] = 384
     """Prompt + response tokens per scored sequence."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input for the backward pass and recompute the rest there (activation
+    checkpointing): the same maths, a fraction of the activation memory (`edgerlhf plan` gives both), about a
+    third more compute per step."""
     eval_every: Annotated[int, COUNT] = 100
     """Evaluate held-out accuracy every N steps."""
     adapt_embedding: bool = False
@@ -357,6 +365,10 @@ class PPOConfig:
     `normalize_advantages`); GRPO ignores it (its group normalisation scales the scores)."""
     max_grad_norm: Annotated[float, Range(0, 1e6, low_open=True)] = 1.0
     """Gradient clipping."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input for the backward pass of the update passes and recompute the rest there (activation
+    checkpointing): the same maths, a fraction of the activation memory (`edgerlhf plan` gives both), about a
+    third more compute per step."""
     reward_precision: str | None = None
     """Which trained reward model scores the rollouts (one of reward.precisions; None: the first of them)."""
     sample_every: Annotated[int, COUNT] = 10
@@ -413,6 +425,10 @@ class DPOConfig:
     """Peak learning rate of the policy LoRA."""
     max_length: Annotated[int, TOKENS] = 384
     """Prompt + response tokens per sequence (the prompt is cut from the left, keeping its end)."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input for the backward pass and recompute the rest there (activation
+    checkpointing): the same maths, a fraction of the activation memory (`edgerlhf plan` gives both), about a
+    third more compute per step."""
     eval_every: Annotated[int, COUNT] = 50
     """Evaluate the held-out preference loss and accuracy every N steps."""
     checkpoint_every: Annotated[int, COUNT] = 50

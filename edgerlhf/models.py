@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -246,19 +247,51 @@ def upcast_trainable(model) -> None:
             param.data = param.data.float()
 
 
-def without_activation_checkpointing() -> dict[str, bool]:
-    """The training argument that turns activation checkpointing off, which TRL's configs turn on: for small
-    models recomputing activations costs more than it saves. transformers 5.23 (here) renamed it
-    `activation_checkpointing` and warns at the old name; 5.17 (the GPU image's) knows only `gradient_checkpointing`."""
+CHECKPOINTING_KWARGS = {"use_reentrant": False}
+"""torch's non-reentrant checkpointing: it needs no input that requires grad (a LoRA on a frozen body has none)."""
+
+
+def activation_checkpointing(on: bool) -> dict[str, Any]:
+    """The training arguments that turn activation checkpointing on or off (TRL's configs turn it on by default;
+    for small models recomputing costs more than it saves, so the stages' `gradient_checkpointing` decides).
+    transformers 5.23 (here) renamed it `activation_checkpointing` and warns at the old name; 5.17 (the GPU
+    image's) knows only `gradient_checkpointing`."""
     from transformers import TrainingArguments
 
-    renamed = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-    return {"activation_checkpointing" if renamed else "gradient_checkpointing": False}
+    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": CHECKPOINTING_KWARGS} if on else {name: False}
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Activation checkpointing on every layer of `model` (a transformers model, in a peft wrapper or not): each
+    layer then runs under `torch.utils.checkpoint` whenever that layer's `training` flag is set."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING_KWARGS)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
+
+
+@contextmanager
+def checkpointed_layers(model, on: bool = True):
+    """Run a block with activation checkpointing while `model` stays in eval mode (dropout off): only each
+    checkpointing layer's own `training` flag is set, which is what starts its checkpoint, not its submodules'
+    (`enable_activation_checkpointing` first)."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)] if on else []
+    before = [m.training for m in layers]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, before):
+            m.training = was
 
 
 def trainer_arguments(cfg, seed: int, device: torch.device, output_dir: str | Path, **overrides) -> dict[str, Any]:
     """The training arguments the pipeline's TRL trainers share (SFT, reward, DPO), from a stage's config
-    (`max_steps`, `batch_size`, `grad_accum`, `learning_rate`, `max_length`, `eval_every`); `overrides`
+    (`max_steps`, `batch_size`, `grad_accum`, `learning_rate`, `max_length`, `gradient_checkpointing`,
+    `eval_every`); `overrides`
     are the stage's own (its checkpoints, its loss). Pass them to the stage's `SFTConfig`, `RewardConfig`
     or `DPOConfig`."""
     dtype = compute_dtype(device)
@@ -272,7 +305,7 @@ def trainer_arguments(cfg, seed: int, device: torch.device, output_dir: str | Pa
         "lr_scheduler_type": "cosine",
         "warmup_steps": max(1, cfg.max_steps // 20),
         "max_length": cfg.max_length,
-        **without_activation_checkpointing(),
+        **activation_checkpointing(cfg.gradient_checkpointing),
         "eval_strategy": "steps",
         "eval_steps": cfg.eval_every,
         "logging_steps": max(1, cfg.max_steps // 100),

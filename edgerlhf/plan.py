@@ -396,7 +396,8 @@ class StagePlan(BaseModel):
     phases: dict[str, int]
     """The tensor peak of each part of the stage."""
     checkpointing_peak_bytes: int | None = None
-    """The device total with gradient checkpointing (training stages; the stages run without it today)."""
+    """The device total with gradient checkpointing (training stages; `peak_bytes` itself where the stage's
+    `gradient_checkpointing` is on)."""
     fits: bool | None = None
     """None when no GPU memory was given or the device is the CPU."""
     suggestion: Suggestion | None = None
@@ -543,8 +544,8 @@ def _sft(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
                                f"{n_saved:,} parameters trained in full, beside the frozen original"))
     p = Pass(cfg.batch_size, seq, cb, gpu, lora, cfg.lora_r, cfg.lora_dropout > 0, model_dropout=True,
              autocast=gpu, precision=cfg.precision)
-    activations = _item("activations", train_activations(arch, p),
-                        f"{cfg.batch_size} x {seq} tokens, {arch.n_layer} layers, saved for backward")
+    activations = _item("activations", train_activations(arch, p, cfg.gradient_checkpointing),
+                        f"{cfg.batch_size} x {seq} tokens, {arch.n_layer} layers, {_saved(cfg)}")
     step = [weights, *_without_gradients(trainable, cfg.grad_accum), activations,
             *_loss_moment(cfg.batch_size * labelled, arch, (n_lora + n_saved) * 4, cfg.grad_accum),
             *_dequantized(arch, cfg.precision, cb)]
@@ -561,6 +562,12 @@ def _sft(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
         phases.update(_warm_up(config, arch, plain, prompt, answer, cb, gpu))
     ckpt = {"training step": sum(i.bytes for i in step) - activations.bytes + train_activations(arch, p, True)}
     return phases, ckpt
+
+
+def _saved(cfg) -> str:
+    """How a stage's activations are kept for the backward (its `gradient_checkpointing`)."""
+    return "checkpointed: each layer's input, one layer recomputed" if cfg.gradient_checkpointing \
+        else "saved for backward"
 
 
 def _without_gradients(trainable: list[Item], grad_accum: int) -> list[Item]:
@@ -629,8 +636,9 @@ def _reward(config: PipelineConfig, arch: Architecture, precision: str, cb: int,
     weights = _weights_item(arch, precision, cb, "base (sequence classifier)", lm_head=False)
     trainable = _trainable_item(f"LoRA r={cfg.lora_r} + score head", n_lora + arch.hidden)
     p = Pass(2 * cfg.batch_size, seq, cb, gpu, lora, cfg.lora_r, autocast=gpu, precision=precision)
-    step = [_item("activations", train_activations(arch, p),
-                  f"{cfg.batch_size} pairs = {2 * cfg.batch_size} x {seq} tokens, {arch.n_layer} layers")]
+    step = [_item("activations", train_activations(arch, p, cfg.gradient_checkpointing),
+                  f"{cfg.batch_size} pairs = {2 * cfg.batch_size} x {seq} tokens, {arch.n_layer} layers, "
+                  f"{_saved(cfg)}")]
     step += _dequantized(arch, precision, cb)
     largest = max((cfg.lora_r * lin.d_in for lin in lora), default=0)
     phases = {
@@ -746,7 +754,8 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
         return phases, None
     lora = tuple(arch.targeted(config.sft.target_modules))
     p = Pass(m, seq, cb, gpu, lora, cfg.lora_r, precision=net_precision)
-    update = [_item("activations", train_activations(arch, p), f"{m} x {seq} tokens, {arch.n_layer} layers"),
+    update = [_item("activations", train_activations(arch, p, cfg.gradient_checkpointing),
+                    f"{m} x {seq} tokens, {arch.n_layer} layers, {_saved(cfg)}"),
               _item("logits and their gradients", _update_logits(cfg, m, response, arch.vocab, cb),
                     f"{m} x {response} response positions x {arch.vocab:,} vocabulary")]
     if gpu and value_head:  # the norms save fp32 copies, so the bf16 layer outputs output_hidden_states keeps are extra
@@ -796,8 +805,9 @@ def _dpo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
     weights = _weights_item(arch, "bf16", cb, "network (DPO policy, reference = adapter off)")
     trainable = [_trainable_item(f"DPO policy LoRA r={cfg.lora_r}", n_lora)]
     p = Pass(rows, seq, cb, gpu, lora, cfg.lora_r, autocast=gpu)  # TRL switches dropout off
-    activations = _item("activations", train_activations(arch, p),
-                        f"{cfg.batch_size} pairs = {rows} x {seq} tokens (chosen + rejected), {arch.n_layer} layers")
+    activations = _item("activations", train_activations(arch, p, cfg.gradient_checkpointing),
+                        f"{cfg.batch_size} pairs = {rows} x {seq} tokens (chosen + rejected), {arch.n_layer} layers, "
+                        f"{_saved(cfg)}")
     # What the policy's pass keeps from its forward to its backward, beside the weights and the adapter.
     graph = [weights, *_without_gradients(trainable, cfg.grad_accum), activations,
              _item("answer hidden states", positions * H * cb, f"{positions} answer positions, the head's input")]
@@ -862,7 +872,7 @@ def _full_vocabulary_extra(cfg, update: bool) -> int:
 def suggestion(config: PipelineConfig, stage: str, gpu_memory_bytes: int) -> Suggestion | None:
     """The cheapest change that makes `stage` fit in `gpu_memory_bytes`, cheapest first: a smaller
     micro-batch with more accumulation (the same maths, only slower), gradient checkpointing (the same
-    maths, ~30 % slower, not a config option yet), a 4-bit network (QLoRA: different numerics), shorter
+    maths, about a third more compute), a 4-bit network (QLoRA: different numerics), shorter
     sequences or responses (a different task). None when nothing here makes it fit."""
     base = config.to_dict()
 
@@ -875,11 +885,6 @@ def suggestion(config: PipelineConfig, stage: str, gpu_memory_bytes: int) -> Sug
         return None if s is None else s.peak_bytes
 
     for change, overrides in _candidates(config, stage):
-        if overrides is None:  # gradient checkpointing: the figure, no option to set
-            current = next(s for s in plan(config, None, "cuda", suggest=False).stages if s.stage == stage)
-            if current.checkpointing_peak_bytes and current.checkpointing_peak_bytes <= gpu_memory_bytes:
-                return Suggestion(change=change, overrides={}, peak_bytes=current.checkpointing_peak_bytes)
-            continue
         value = peak(overrides)
         if value is not None and value <= gpu_memory_bytes:
             return Suggestion(change=change, overrides=overrides, peak_bytes=value)
@@ -895,15 +900,22 @@ def _halvings(value: int, accum: int) -> list[tuple[int, int]]:
     return out
 
 
+def _checkpointing(section: str, cfg):
+    """Gradient checkpointing as a candidate change, unless the stage already runs it."""
+    if not cfg.gradient_checkpointing:
+        yield (f"{section}.gradient_checkpointing -> true (same maths, about a third more compute)",
+               {section: {"gradient_checkpointing": True}})
+
+
 def _candidates(config: PipelineConfig, stage: str):
-    """(description, overrides) to try for `stage`, cheapest first; overrides None: checkpointing."""
+    """(description, overrides) to try for `stage`, cheapest first."""
     if stage == "sft" or stage.startswith("reward/"):
         section = "sft" if stage == "sft" else "reward"
         cfg = getattr(config, section)
         for batch, accum in _halvings(cfg.batch_size, cfg.grad_accum):
             yield (f"{section}.batch_size {cfg.batch_size} -> {batch} with {section}.grad_accum {cfg.grad_accum} -> "
                    f"{accum} (same effective batch)", {section: {"batch_size": batch, "grad_accum": accum}})
-        yield "gradient checkpointing (not a config option yet: the stages run without it)", None
+        yield from _checkpointing(section, cfg)
         if stage == "sft" and cfg.precision != "int4":
             yield "sft.precision -> int4 (QLoRA: LoRA on a 4-bit base)", {"sft": {"precision": "int4"}}
         length = cfg.max_length
@@ -916,7 +928,7 @@ def _candidates(config: PipelineConfig, stage: str):
         for batch, accum in _halvings(cfg.batch_size, cfg.grad_accum):
             yield (f"dpo.batch_size {cfg.batch_size} -> {batch} with dpo.grad_accum {cfg.grad_accum} -> {accum} "
                    "(same effective batch)", {"dpo": {"batch_size": batch, "grad_accum": accum}})
-        yield "gradient checkpointing (not a config option yet: the stages run without it)", None
+        yield from _checkpointing("dpo", cfg)
         length = cfg.max_length
         while length > 64:
             length //= 2
@@ -927,7 +939,7 @@ def _candidates(config: PipelineConfig, stage: str):
         yield (f"ppo.mini_batch_size {cfg.mini_batch_size} -> {mini} with ppo.grad_accum {cfg.grad_accum} -> {accum} "
                "(same optimizer steps)", {"ppo": {"mini_batch_size": mini, "grad_accum": accum}})
     if stage == "ppo":
-        yield "gradient checkpointing (not a config option yet: the stages run without it)", None
+        yield from _checkpointing("ppo", cfg)
     if not (cfg.quantized_policy and cfg.reward_precision == "int4"):
         precisions = list(dict.fromkeys([*config.reward.precisions, "int4"]))
         yield ("4-bit policy: ppo.quantized_policy with the int4 reward model (one NF4 network)",

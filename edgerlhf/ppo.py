@@ -59,7 +59,7 @@ from edgerlhf.contract import PPO_ADAPTER, TEST_PREFS, TRAIN_PREFS, algorithm_me
 from edgerlhf.errors import MissingPrerequisite
 from edgerlhf.generation import (Rollouts, Sampling, concat_rollouts, forward_response, generate, policy_stats,
                                  sample_probes)
-from edgerlhf.models import compute_dtype, dtype_name, resolve_device
+from edgerlhf.models import checkpointed_layers, compute_dtype, dtype_name, resolve_device
 from edgerlhf.oom import MicroBatch, chunks, planner_hint
 from edgerlhf.reports import PPOReport
 
@@ -277,6 +277,8 @@ class PPOModels:
     """True when the reward model is the `reward` adapter on `model` (bf16); False: a separate quantized copy."""
     reward_function: Callable[[str, str], float] | None = None
     """`ppo.reward_function`: scores the rollouts in place of a reward model (then None)."""
+    checkpointing: bool = False
+    """`ppo.gradient_checkpointing`: the passes with gradients recompute each layer in the backward."""
 
     def policy_parameters(self) -> list[nn.Parameter]:
         lora = [p for n, p in self.model.named_parameters() if "lora_" in n and f".{POLICY}." in n]
@@ -288,8 +290,9 @@ class PPOModels:
     def forward(self, query_ids, query_mask, response_ids, response_mask, sampling: Sampling | None = None):
         """Policy logits (B, T, V), scaled by `sampling`, and values (B, T) at the response tokens, in one pass
         (values None without a value head)."""
-        return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, sampling,
-                                self.value_head)
+        with checkpointed_layers(self.model, self.checkpointing and torch.is_grad_enabled()):
+            return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, sampling,
+                                    self.value_head)
 
     @torch.no_grad()
     def reference_logits(self, query_ids, query_mask, response_ids, response_mask,
@@ -381,7 +384,11 @@ def build_models(config, run_dir: str | Path, device: torch.device,
         critic = ValueHead(model.config.hidden_size).to(device)
         if adapter_dir is not None and (Path(adapter_dir) / VALUE_HEAD_FILE).exists():
             critic.load_state_dict(torch.load(Path(adapter_dir) / VALUE_HEAD_FILE, map_location=device))
-    return PPOModels(model, critic, reward_model, tokenizer, device, shared and reward_model is not None, function)
+    checkpointing = adapter_dir is None and config.ppo.gradient_checkpointing  # only a training policy needs it
+    if checkpointing:
+        models.enable_activation_checkpointing(model)
+    return PPOModels(model, critic, reward_model, tokenizer, device, shared and reward_model is not None, function,
+                     checkpointing)
 
 
 def reward_source(models: PPOModels, cfg) -> str:

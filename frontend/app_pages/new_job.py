@@ -49,10 +49,12 @@ FIELDS: list[tuple[str, str, str, list[str] | None]] = [
     ("SFT", "sft.learning_rate", "SFT learning rate", None),
     ("SFT", "sft.batch_size", "SFT batch size", None),
     ("SFT", "sft.lora_r", "SFT LoRA rank", None),
+    ("SFT", "sft.gradient_checkpointing", "SFT gradient checkpointing", None),
     ("Reward model", "reward.precisions", "Reward-model precisions", list(PRECISIONS)),
     ("Reward model", "reward.max_steps", "Reward steps (per precision)", None),
     ("Reward model", "reward.learning_rate", "Reward learning rate", None),
     ("Reward model", "reward.batch_size", "Reward batch size", None),
+    ("Reward model", "reward.gradient_checkpointing", "Reward gradient checkpointing", None),
     ("PPO", "ppo.steps", "PPO steps", None),
     ("PPO", "ppo.batch_size", "PPO rollout batch size", None),
     ("PPO", "ppo.mini_batch_size", "PPO minibatch size", None),
@@ -63,6 +65,7 @@ FIELDS: list[tuple[str, str, str, list[str] | None]] = [
     ("PPO", "ppo.response_length", "Max response tokens", None),
     ("PPO", "ppo.reward_precision", "Reward model scoring PPO", list(PRECISIONS)),
     ("PPO", "ppo.sample_every", "Log samples every N steps", None),
+    ("PPO", "ppo.gradient_checkpointing", "Gradient checkpointing in the updates", None),
     ("DPO", "dpo.beta", "DPO beta", None),
     ("DPO", "dpo.loss_type", "DPO loss", ["sigmoid", "ipo", "hinge"]),
     ("DPO", "dpo.max_steps", "DPO steps", None),
@@ -71,6 +74,7 @@ FIELDS: list[tuple[str, str, str, list[str] | None]] = [
     ("DPO", "dpo.learning_rate", "DPO learning rate", None),
     ("DPO", "dpo.max_length", "DPO max tokens per pair side", None),
     ("DPO", "dpo.eval_every", "DPO held-out evaluation every N steps", None),
+    ("DPO", "dpo.gradient_checkpointing", "DPO gradient checkpointing", None),
     ("Evaluate", "evaluate.n_prompts", "Evaluation prompts", None),
 ]
 LAYOUT = [["Run", "Model", "Data"], ["SFT", "Reward model"], ["PPO", "DPO", "Evaluate"]]

@@ -145,10 +145,21 @@ def test_one_network_ppo_is_far_below_the_naive_layout_and_a_4bit_policy_lower_s
 
 
 def test_gradient_checkpointing_keeps_only_layer_inputs():
+    """The what-if figure of every training stage is below its plan, and is the plan once the stage's
+    `gradient_checkpointing` is on (for DPO too)."""
     result = plan.plan(load_config(QWEN))
-    for s in result.stages:
+    on = {section: {"gradient_checkpointing": True} for section in ("sft", "reward", "ppo", "dpo")}
+    checkpointed = plan.plan(load_config(QWEN, on))
+    for s, c in zip(result.stages, checkpointed.stages, strict=True):
         if s.stage != "evaluate":
             assert s.checkpointing_peak_bytes < s.peak_bytes, s.stage
+            assert c.peak_bytes == c.checkpointing_peak_bytes == s.checkpointing_peak_bytes, s.stage
+            assert any("checkpointed" in i.note for i in c.items if i.name == "activations"), s.stage
+        else:
+            assert c.peak_bytes == s.peak_bytes
+    dpo = stage(plan.plan(load_config(QWEN, {"algorithm": "dpo"})), "ppo")
+    dpo_on = stage(plan.plan(load_config(QWEN, {"algorithm": "dpo", **on})), "ppo")
+    assert dpo_on.peak_bytes == dpo.checkpointing_peak_bytes < dpo.peak_bytes
 
 
 def test_the_gpu_total_adds_the_cuda_context_and_slack_the_cpu_none():
@@ -172,12 +183,14 @@ def test_a_stage_that_does_not_fit_names_the_cheapest_change_and_the_change_fits
     fixed = load_config(QWEN, {"ppo": {"mini_batch_size": 8}, **ppo.suggestion.overrides})
     assert stage(plan.plan(fixed, gpu), "ppo").fits is True
     assert stage(plan.plan(fixed, gpu), "ppo").peak_bytes == ppo.suggestion.peak_bytes
-    # Without a micro-batch left to halve: gradient checkpointing when it is enough (not a config option
-    # yet, so no overrides), else a 4-bit network; nothing when even that is too big.
+    # Without a micro-batch left to halve: gradient checkpointing when it is enough, else a 4-bit network;
+    # nothing when even that is too big.
     tight = {"ppo": {"mini_batch_size": 1, "grad_accum": 1, "batch_size": 16, "response_length": 16}}
     figures = stage(plan.plan(load_config(QWEN, tight)), "ppo")
     s = stage(plan.plan(load_config(QWEN, tight), figures.checkpointing_peak_bytes + MiB), "ppo")
-    assert s.fits is False and "gradient checkpointing" in s.suggestion.change and s.suggestion.overrides == {}
+    assert s.fits is False and s.suggestion.overrides == {"ppo": {"gradient_checkpointing": True}}
+    fixed = load_config(QWEN, merge_overrides(tight, s.suggestion.overrides))
+    assert stage(plan.plan(fixed, figures.checkpointing_peak_bytes + MiB), "ppo").fits is True
     short = load_config(QWEN, {**tight, "data": {"max_prompt_tokens": 32}})
     s = stage(plan.plan(short, int(1.5 * GiB)), "ppo")
     assert s.fits is False and s.suggestion is not None and "4-bit policy" in s.suggestion.change, s.suggestion

@@ -46,6 +46,7 @@ TINY_RUNS = {
                       "ppo": {"batch_size": 8, "samples_per_prompt": 4, "mini_batch_size": 2, "response_length": 8,
                               "reward_function": "question"}},
 }
+TINY_RUNS["llama-checkpointing"] = merge_overrides(TINY_RUNS["llama"], plan_check.CHECKPOINTING)
 """Small configurations of the real stages (two optimizer steps, as `plan_check.SMALL`: AdamW's moments
 exist from the first step on): seconds each on a CPU core, and in each stage the terms other than the
 weights (activations, logits, passes) are about half the peak or more, so a planning error in them shows
@@ -65,12 +66,49 @@ def test_tensor_peak_counts_live_storages_once():
     assert a.numel() and view.numel() and d.numel()
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """`tiny_run(name)`: (run directory, config, planned and measured tensor bytes per stage) of
+    `TINY_RUNS[name]`, each configuration run once for the module."""
+    runs = {}
+
+    def run(name: str):
+        if name not in runs:
+            torch.set_num_threads(1)
+            config = load_config("tiny", merge_overrides(plan_check.SMALL, TINY_RUNS[name]))
+            planned = {s.stage: s.tensor_bytes for s in plan.plan(config, device="cpu").stages}
+            run_dir = tmp_path_factory.mktemp(name)
+            measured = plan_check.measure(config, run_dir, [s for s in ("sft", "reward", "ppo") if s in config.stages])
+            runs[name] = run_dir, config, planned, measured
+        return runs[name]
+
+    return run
+
+
 @pytest.mark.parametrize("name", sorted(TINY_RUNS))
-def test_measured_stage_peaks_are_within_20_percent_of_the_plan(tmp_path, name):
-    torch.set_num_threads(1)
-    config = load_config("tiny", merge_overrides(plan_check.SMALL, TINY_RUNS[name]))
-    planned = {s.stage: s.tensor_bytes for s in plan.plan(config, device="cpu").stages}
-    measured = plan_check.measure(config, tmp_path, [s for s in ("sft", "reward", "ppo") if s in config.stages])
+def test_measured_stage_peaks_are_within_20_percent_of_the_plan(tiny_run, name):
+    _, config, planned, measured = tiny_run(name)
     assert set(measured) == {"sft", "ppo"} | ({"reward/bf16"} if "reward" in config.stages else set())
     ratios = {stage: planned[stage] / value for stage, value in measured.items()}
     assert all(abs(r - 1) <= plan_check.TOLERANCE for r in ratios.values()), ratios
+
+
+def test_gradient_checkpointing_saves_memory_in_every_training_stage_and_changes_no_result(tiny_run):
+    """The same Llama runs with `gradient_checkpointing` in SFT, reward and PPO: each stage's measured peak drops,
+    and what each stage trained (the merged SFT weights, the reward adapter and score head, the PPO adapter and
+    value head) is the run without it's, to float rounding."""
+    from safetensors.torch import load_file
+
+    plain_dir, _, _, plain = tiny_run("llama")
+    ckpt_dir, _, _, ckpt = tiny_run("llama-checkpointing")
+    assert all(ckpt[stage] < 0.9 * plain[stage] for stage in plain), (plain, ckpt)
+    for part in ("sft/merged/model.safetensors", "reward/bf16/adapter/adapter_model.safetensors",
+                 "ppo/adapter/adapter_model.safetensors"):
+        a, b = load_file(plain_dir / part), load_file(ckpt_dir / part)
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=f"{part}: {key}")
+    for part in ("reward/bf16/score_head.pt", "ppo/adapter/value_head.pt"):
+        a, b = torch.load(plain_dir / part), torch.load(ckpt_dir / part)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=f"{part}: {key}")
