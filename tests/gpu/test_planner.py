@@ -9,9 +9,10 @@ from edgerlhf import plan_check
 
 pytestmark = pytest.mark.gpu
 
-CONFIGS = ["gpt2-small", "llama-4bit-policy"]
+CONFIGS = ["gpt2-small", "llama-4bit-policy", "llama-deep-checkpointing"]
 """GPT-2 with the three reward precisions (bitsandbytes' CUDA layouts, autocast copies, peft's fp32 LoRA inputs),
-and one nf4 network shared by policy, reference and reward."""
+one nf4 network shared by policy, reference and reward, and gradient checkpointing in every training stage (what
+a checkpointed layer keeps under bf16 autocast)."""
 
 
 @pytest.mark.parametrize("name", CONFIGS)
