@@ -366,9 +366,9 @@ class PPOConfig:
     max_grad_norm: Annotated[float, Range(0, 1e6, low_open=True)] = 1.0
     """Gradient clipping."""
     gradient_checkpointing: bool = False
-    """Keep only each layer's input for the backward pass of the update passes and recompute the rest there (activation
-    checkpointing): the same maths, a fraction of the activation memory (`edgerlhf plan` gives both), about a
-    third more compute per step."""
+    """In the update passes, keep only each layer's input for the backward pass and recompute the rest there
+    (activation checkpointing): the same maths, a fraction of the activation memory (`edgerlhf plan` gives both),
+    about a third more compute per update."""
     reward_precision: str | None = None
     """Which trained reward model scores the rollouts (one of reward.precisions; None: the first of them)."""
     sample_every: Annotated[int, COUNT] = 10

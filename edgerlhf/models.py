@@ -291,9 +291,8 @@ def checkpointed_layers(model, on: bool = True):
 def trainer_arguments(cfg, seed: int, device: torch.device, output_dir: str | Path, **overrides) -> dict[str, Any]:
     """The training arguments the pipeline's TRL trainers share (SFT, reward, DPO), from a stage's config
     (`max_steps`, `batch_size`, `grad_accum`, `learning_rate`, `max_length`, `gradient_checkpointing`,
-    `eval_every`); `overrides`
-    are the stage's own (its checkpoints, its loss). Pass them to the stage's `SFTConfig`, `RewardConfig`
-    or `DPOConfig`."""
+    `eval_every`); `overrides` are the stage's own (its checkpoints, its loss). Pass them to the stage's
+    `SFTConfig`, `RewardConfig` or `DPOConfig`."""
     dtype = compute_dtype(device)
     return {
         "output_dir": str(output_dir),
