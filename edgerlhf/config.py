@@ -329,6 +329,9 @@ class PPOConfig:
     """Optimisation epochs over each rollout batch (GRPO's and RLOO's `num_iterations`, mu)."""
     learning_rate: Annotated[float, LEARNING_RATE] = 1.41e-5
     """Adam learning rate for the policy adapter (and PPO's value head)."""
+    lr_warmup_steps: Annotated[int, Range(0, 1_000_000)] = 0
+    """Iterations over which the learning rate rises linearly to `learning_rate` (iteration i of N uses i/N of it):
+    the first updates, from a fresh value head and Adam's first moments, move the policy the most. 0: none."""
     response_length: Annotated[int, Range(1, 8192)] = 64
     """Maximum new tokens per sampled response (also of the SFT and PPO probes)."""
     temperature: Annotated[float, Range(0.01, 10)] = 1.0

@@ -715,6 +715,14 @@ def ppo_step(models: PPOModels, optimizer, kl_ctl, batch_prompts: list[str], cfg
 # --- the stage -----------------------------------------------------------------------------------
 
 
+def learning_rate_at(cfg, step: int) -> float:
+    """The learning rate of iteration `step` (from 1): `ppo.learning_rate`, after rising linearly over the first
+    `ppo.lr_warmup_steps`. A function of the step alone, so a resumed run continues the schedule."""
+    if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
+        return cfg.learning_rate * step / cfg.lr_warmup_steps
+    return cfg.learning_rate
+
+
 def step_function(algorithm: str) -> Callable[..., tuple[dict, Rollouts, torch.Tensor]]:
     """The step of a sampling algorithm, called alike for all: `(models, optimizer, kl_ctl, batch_prompts, cfg,
     micro, step) -> (metrics, rollouts, scores)`. GRPO and RLOO keep their KL coefficient fixed at
@@ -781,7 +789,10 @@ def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:
         chosen = random.choices(train_prompts, k=n_prompts) if len(train_prompts) < n_prompts \
             else random.sample(train_prompts, n_prompts)
         batch_prompts = [p for p in chosen for _ in range(cfg.samples_per_prompt)]  # each prompt k times in a row
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(cfg, step)
         metrics, rollouts, scores = train_step(models, optimizer, kl_ctl, batch_prompts, cfg, micro, step)
+        metrics[algorithm_metric(algorithm, "learning_rate")] = learning_rate_at(cfg, step)
         metrics.update(memory.snapshot(device))
         ctx.log_metrics(metrics, step)
         for key, value in metrics.items():

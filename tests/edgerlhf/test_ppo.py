@@ -195,8 +195,9 @@ class StopAfter(RunContext):
 def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
     from edgerlhf.context import Cancelled
 
-    config = tiny_config(steps=4, checkpoint_every=2, grad_accum=2, batch_size=8)
+    config = tiny_config(steps=4, checkpoint_every=2, grad_accum=2, batch_size=8, lr_warmup_steps=3)
     run_dir = make_tiny_run(tmp_path / "run", config)
+    lr = config.ppo.learning_rate
 
     ctx = StopAfter(run_dir, 3)
     ctx.begin_stage("ppo")
@@ -206,8 +207,9 @@ def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
     assert sorted(first["ppo/kl"]) == [1, 2, 3]
     expected_keys = {"ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/policy_loss",
                      "ppo/value_loss", "ppo/clip_frac", "ppo/approx_kl", "ppo/response_length", "ppo/tokens_per_s",
-                     "mem/rss_mb"}
+                     "ppo/learning_rate", "mem/rss_mb"}
     assert expected_keys <= {k for _, k, step, _ in ctx.metrics if step == 1}
+    assert dict(ctx.metric_series("ppo/learning_rate")) == pytest.approx({1: lr / 3, 2: 2 * lr / 3, 3: lr})
     assert (run_dir / "ppo" / "checkpoint" / ppo.CHECKPOINT_FILE).exists()
     probes = {s.checkpoint for s in ctx.samples if s.kind == "probe"}
     assert probes == {"ppo/step-0", "ppo/step-2"}
@@ -222,6 +224,7 @@ def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
     report = ppo.run(config, resumed).model_dump()
     assert report["resumed_from_step"] == 2
     assert sorted(dict(resumed.metric_series("ppo/kl"))) == [3, 4]
+    assert dict(resumed.metric_series("ppo/learning_rate")) == pytest.approx({3: lr, 4: lr})  # the warm-up went on
     # Step 3 again, from the checkpoint, is the same step 3: same prompts, samples and update.
     for key, series in first.items():
         assert dict(resumed.metric_series(key))[3] == pytest.approx(series[3], rel=1e-5, abs=1e-7)
