@@ -24,7 +24,8 @@ What is counted (bytes; `cb` = bytes of the compute dtype: 2 for bf16 on a GPU, 
   weight + fp32 gradient + two fp32 AdamW moments = 16 bytes each; frozen adapters 4 bytes each;
 - activations a training micro-batch saves for its backward pass, layer by layer (`_layer_saved`): norm
   inputs, the inputs LoRA needs for its gradient, q/k/v and the attention output, the MLP's intermediate
-  tensors, dropout masks; with gradient checkpointing only each layer's input plus one layer recomputed;
+  tensors, dropout masks; with gradient checkpointing each layer's input, and in a phase of its own after the
+  loss one layer recomputed with as much again in its gradients;
 - full-vocabulary logits: SFT's labelled positions through log-softmax and back (3 fp32 copies), the
   sampling algorithms' response positions (policy and reference logits, and the gradient tensors of the
   vocabulary in the update), DPO's answer positions (the CPU head's log-softmax kept for the backward, the
@@ -327,15 +328,30 @@ def _math_attention(arch: Architecture, p: Pass) -> bool:
 
 
 def train_activations(arch: Architecture, p: Pass, checkpointing: bool = False) -> float:
-    """Activations a training micro-batch holds at the start of its backward pass (without the logits)."""
+    """Activations a training micro-batch holds at the start of its backward pass (without the logits); with
+    checkpointing each layer's input only (the layer recomputed in the backward is `_recompute_phase`'s)."""
     t = p.tokens
     around = t * arch.hidden * (p.cb + 4)  # the final norm's input and output
     if p.model_dropout and arch.embd_dropout:
         around += t * arch.hidden * (1 if p.gpu else 4)
     around += p.batch * p.seq * p.seq  # the 4-D boolean attention mask of a padded batch
     if checkpointing:
-        return around + arch.n_layer * t * arch.hidden * p.cb + _layer_saved(arch, p)
+        return around + arch.n_layer * t * arch.hidden * p.cb
     return around + arch.n_layer * _layer_saved(arch, p)
+
+
+RECOMPUTED = "backward through a recomputed layer"
+"""The phase of a checkpointed training step after its loss: one layer recomputed and its gradients."""
+
+
+def _recompute_phase(held: list[Item], arch: Architecture, p: Pass) -> list[Item]:
+    """The backward pass through one checkpointed layer: what the step still holds (`held`: weights, trainable
+    parameters with their gradients), every layer's input, and that layer's activations recomputed, with as much
+    again in their gradients. The logits are gone by then: the loss is a moment of its own."""
+    return [*held, _item("activations", train_activations(arch, p, checkpointing=True),
+                         f"{p.batch} x {p.seq} tokens, {arch.n_layer} layers, checkpointed: each layer's input"),
+            _item("recomputed layer", 2 * _layer_saved(arch, p),
+                  "one layer's activations, recomputed in the backward, and their gradients")]
 
 
 def inference_transient(arch: Architecture, batch: int, seq: int, cb: int) -> float:
@@ -560,14 +576,19 @@ def _sft(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
         phases["quantized load"] = [weights, *_loading(arch, cb, gpu)]
     if config.model.random_init and config.warmup.steps:
         phases.update(_warm_up(config, arch, plain, prompt, answer, cb, gpu))
-    ckpt = {"training step": sum(i.bytes for i in step) - activations.bytes + train_activations(arch, p, True)}
+    recompute = _recompute_phase([weights, *trainable, *_dequantized(arch, cfg.precision, cb)], arch, p)
+    if cfg.gradient_checkpointing:
+        phases[RECOMPUTED] = recompute
+    ckpt = {"training step": sum(i.bytes for i in step) - activations.bytes + train_activations(arch, p, True),
+            RECOMPUTED: sum(i.bytes for i in recompute)}
     return phases, ckpt
 
 
 def _saved(cfg) -> str:
     """How a stage's activations are kept for the backward (its `gradient_checkpointing`)."""
-    return "checkpointed: each layer's input, one layer recomputed" if cfg.gradient_checkpointing \
-        else "saved for backward"
+    if cfg.gradient_checkpointing:
+        return f"checkpointed: each layer's input (one layer recomputed: \"{RECOMPUTED}\")"
+    return "saved for backward"
 
 
 def _without_gradients(trainable: list[Item], grad_accum: int) -> list[Item]:
@@ -651,8 +672,11 @@ def _reward(config: PipelineConfig, arch: Architecture, precision: str, cb: int,
     }
     if precision != "bf16":
         phases["quantized load"] = [weights, *_loading(arch, cb, gpu)]
+    recompute = _recompute_phase([weights, trainable, *_dequantized(arch, precision, cb)], arch, p)
+    if cfg.gradient_checkpointing:
+        phases[RECOMPUTED] = recompute
     ckpt = {"training step": sum(i.bytes for i in phases["training step"]) - step[0].bytes
-            + train_activations(arch, p, checkpointing=True)}
+            + train_activations(arch, p, checkpointing=True), RECOMPUTED: sum(i.bytes for i in recompute)}
     return phases, ckpt
 
 
@@ -765,8 +789,11 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
     phases[f"{name} update"] = [*held, *update]
     phases["optimizer step"] = [*held, _adam_step(max((cfg.lora_r * lin.d_in for lin in lora), default=arch.hidden),
                                                   n_policy, gpu)]
+    recompute = _recompute_phase([*held, *_dequantized(arch, net_precision, cb)], arch, p)
+    if cfg.gradient_checkpointing:
+        phases[RECOMPUTED] = recompute
     ckpt = {f"{name} update": sum(i.bytes for i in phases[f"{name} update"]) - update[0].bytes
-            + train_activations(arch, p, checkpointing=True)}
+            + train_activations(arch, p, checkpointing=True), RECOMPUTED: sum(i.bytes for i in recompute)}
     return phases, ckpt
 
 
@@ -836,6 +863,10 @@ def _dpo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
         }
     ckpt = {name: sum(i.bytes for i in items) - activations.bytes + train_activations(arch, p, checkpointing=True)
             for name, items in phases.items()}
+    recompute = _recompute_phase([weights, *trainable], arch, p)
+    ckpt[RECOMPUTED] = sum(i.bytes for i in recompute)
+    if cfg.gradient_checkpointing:
+        phases[RECOMPUTED] = recompute
     phases["optimizer step"] = [weights, *trainable]  # the Trainer's fused AdamW: no temporaries
     if cfg.n_probe_prompts:  # sampled with PPO's settings (`generation.sample_probes`)
         phases["probe generation"] = [weights, *trainable, *_generation(
