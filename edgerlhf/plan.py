@@ -344,6 +344,21 @@ RECOMPUTED = "backward through a recomputed layer"
 """The phase of a checkpointed training step after its loss: one layer recomputed and its gradients."""
 
 
+def _with_checkpointing(phases: dict[str, list[Item]], activations: Item, held: list[Item], arch: Architecture,
+                        p: Pass, on: bool) -> dict[str, float]:
+    """A training stage's totals with gradient checkpointing (`StagePlan.checkpointing_peak_bytes`): each phase that
+    holds `activations` with every layer's input in their place, and the backward through a recomputed layer
+    (`_recompute_phase` of `held`), which joins `phases` when the stage runs checkpointing (`on`)."""
+    inputs = train_activations(arch, p, checkpointing=True)
+    ckpt = {name: sum(i.bytes for i in items) - activations.bytes + inputs
+            for name, items in phases.items() if any(i is activations for i in items)}
+    recompute = _recompute_phase(held, arch, p)
+    ckpt[RECOMPUTED] = sum(i.bytes for i in recompute)
+    if on:
+        phases[RECOMPUTED] = recompute
+    return ckpt
+
+
 def _recompute_phase(held: list[Item], arch: Architecture, p: Pass) -> list[Item]:
     """The backward pass through one checkpointed layer: what the step still holds (`held`: weights, trainable
     parameters with their gradients), every layer's input, and that layer's activations recomputed, with as much
@@ -576,11 +591,8 @@ def _sft(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
         phases["quantized load"] = [weights, *_loading(arch, cb, gpu)]
     if config.model.random_init and config.warmup.steps:
         phases.update(_warm_up(config, arch, plain, prompt, answer, cb, gpu))
-    recompute = _recompute_phase([weights, *trainable, *_dequantized(arch, cfg.precision, cb)], arch, p)
-    if cfg.gradient_checkpointing:
-        phases[RECOMPUTED] = recompute
-    ckpt = {"training step": sum(i.bytes for i in step) - activations.bytes + train_activations(arch, p, True),
-            RECOMPUTED: sum(i.bytes for i in recompute)}
+    ckpt = _with_checkpointing(phases, activations, [weights, *trainable, *_dequantized(arch, cfg.precision, cb)],
+                               arch, p, cfg.gradient_checkpointing)
     return phases, ckpt
 
 
@@ -672,11 +684,8 @@ def _reward(config: PipelineConfig, arch: Architecture, precision: str, cb: int,
     }
     if precision != "bf16":
         phases["quantized load"] = [weights, *_loading(arch, cb, gpu)]
-    recompute = _recompute_phase([weights, trainable, *_dequantized(arch, precision, cb)], arch, p)
-    if cfg.gradient_checkpointing:
-        phases[RECOMPUTED] = recompute
-    ckpt = {"training step": sum(i.bytes for i in phases["training step"]) - step[0].bytes
-            + train_activations(arch, p, checkpointing=True), RECOMPUTED: sum(i.bytes for i in recompute)}
+    ckpt = _with_checkpointing(phases, step[0], [weights, trainable, *_dequantized(arch, precision, cb)], arch, p,
+                               cfg.gradient_checkpointing)
     return phases, ckpt
 
 
@@ -789,11 +798,8 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
     phases[f"{name} update"] = [*held, *update]
     phases["optimizer step"] = [*held, _adam_step(max((cfg.lora_r * lin.d_in for lin in lora), default=arch.hidden),
                                                   n_policy, gpu)]
-    recompute = _recompute_phase([*held, *_dequantized(arch, net_precision, cb)], arch, p)
-    if cfg.gradient_checkpointing:
-        phases[RECOMPUTED] = recompute
-    ckpt = {f"{name} update": sum(i.bytes for i in phases[f"{name} update"]) - update[0].bytes
-            + train_activations(arch, p, checkpointing=True), RECOMPUTED: sum(i.bytes for i in recompute)}
+    ckpt = _with_checkpointing(phases, update[0], [*held, *_dequantized(arch, net_precision, cb)], arch, p,
+                               cfg.gradient_checkpointing)
     return phases, ckpt
 
 
@@ -861,12 +867,7 @@ def _dpo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
             "DPO backward": [*graph, _item("head pieces", 2 * piece, piece_note + ": logits, softmax"),
                              _item("gradient of the answer hidden states", positions * H * 4, "fp32")],
         }
-    ckpt = {name: sum(i.bytes for i in items) - activations.bytes + train_activations(arch, p, checkpointing=True)
-            for name, items in phases.items()}
-    recompute = _recompute_phase([weights, *trainable], arch, p)
-    ckpt[RECOMPUTED] = sum(i.bytes for i in recompute)
-    if cfg.gradient_checkpointing:
-        phases[RECOMPUTED] = recompute
+    ckpt = _with_checkpointing(phases, activations, [weights, *trainable], arch, p, cfg.gradient_checkpointing)
     phases["optimizer step"] = [weights, *trainable]  # the Trainer's fused AdamW: no temporaries
     if cfg.n_probe_prompts:  # sampled with PPO's settings (`generation.sample_probes`)
         phases["probe generation"] = [weights, *trainable, *_generation(

@@ -184,12 +184,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "evaluate": {"n_prompts": 8, "response_length": 16},
     },
 }
+"""The configurations of the README's accuracy table: overrides of the `tiny` preset (+ `SMALL`)."""
+
 CHECKPOINTING = {section: {"gradient_checkpointing": True} for section in ("sft", "reward", "ppo", "dpo")}
-# The two deep Llamas again with gradient checkpointing in every training stage: each layer's input kept, one layer
-# recomputed in the backward.
+"""Gradient checkpointing in every training stage: each layer's input kept, one layer recomputed in the backward."""
+# The two deep Llamas again with it.
 CONFIGS["llama-deep-checkpointing"] = merge_overrides(CONFIGS["llama-deep"], CHECKPOINTING)
 CONFIGS["llama-dpo-checkpointing"] = merge_overrides(CONFIGS["llama-dpo"], CHECKPOINTING)
-"""The configurations of the README's accuracy table: overrides of the `tiny` preset (+ `SMALL`)."""
 
 
 # --- measuring tensor memory ---------------------------------------------------------------------

@@ -789,10 +789,11 @@ def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:
         chosen = random.choices(train_prompts, k=n_prompts) if len(train_prompts) < n_prompts \
             else random.sample(train_prompts, n_prompts)
         batch_prompts = [p for p in chosen for _ in range(cfg.samples_per_prompt)]  # each prompt k times in a row
+        lr = learning_rate_at(cfg, step)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(cfg, step)
+            group["lr"] = lr
         metrics, rollouts, scores = train_step(models, optimizer, kl_ctl, batch_prompts, cfg, micro, step)
-        metrics[algorithm_metric(algorithm, "learning_rate")] = learning_rate_at(cfg, step)
+        metrics[algorithm_metric(algorithm, "learning_rate")] = lr
         metrics.update(memory.snapshot(device))
         ctx.log_metrics(metrics, step)
         for key, value in metrics.items():
