@@ -12,8 +12,10 @@ STAMP   = $(VENV)/.installed
 run: setup
 	$(BIN)/edgerlhf up
 
+# Two workers (pytest-xdist); a module's tests stay on one worker (its fixtures are built once) and the longest
+# modules start first (tests/conftest.py). Not in addopts: `pytest -m gpu tests/gpu` runs without it.
 test: setup browser postgres
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 setup: $(STAMP)
 
@@ -35,7 +37,7 @@ browser:
 	else echo "note: /usr/bin/chromium missing and cannot be installed; the browser test will be skipped"; fi
 
 # Every database test runs on SQLite and on PostgreSQL: the tests start a throw-away server from Debian's
-# server binaries (tests/postgres.py). Installed without the default cluster: nothing starts at boot.
+# server binaries (tests/support/postgres.py). Installed without the default cluster: nothing starts at boot.
 postgres:
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

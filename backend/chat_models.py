@@ -11,9 +11,13 @@ A model id is a name (`MODEL_ID_FORMAT`), not a path: the job's files are in `co
 
 A model exists when its job has finished (succeeded, or failed/cancelled after that stage completed)
 and its stage wrote its artifacts and `report.json` into the run directory. Models load lazily through
-`edgerlhf.models.load_policy` and stay in an LRU cache of `settings.chat_cache_size` entries; one lock
-per loaded model serializes its generations (one network, one KV cache at a time on a small GPU),
-while different models generate in parallel. `unload_job(job_id)` drops a deleted job's models.
+`edgerlhf.models.load_policy`, one at a time in the whole process (`edgerlhf.models.CONSTRUCTION_LOCK`: transformers'
+`from_pretrained` patches process-global state while it builds a model), and stay in an LRU cache of
+`settings.chat_cache_size` entries. That is also the most models in memory at once, counting one a request still
+uses after it left the cache (`hold`): a load beyond it evicts an idle model, or waits for one in use to be released,
+and after `wait_seconds` gives up (`ModelsBusy`, the API's 429). One lock per loaded model serializes its generations
+(one network, one KV cache at a time on a small GPU), while different models generate in parallel; `admit` bounds
+how many requests wait for it. `unload_job(job_id)` drops a deleted job's models.
 
 Generation is a plain token loop with a KV cache (as nanoGPT's `generate`), so it can stream; what it
 samples and where it stops come from `edgerlhf.generation`, as for every other generator: each token is
@@ -39,7 +43,8 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +70,14 @@ class ChatModelError(Exception):
 
 class ModelNotFound(ChatModelError):
     """No such model: malformed id, unknown or unfinished job, or the stage did not complete."""
+
+
+class ModelsBusy(ChatModelError):
+    """No room for another model in memory: every loaded one is in use (`hold`). Try again in `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 5):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -220,6 +233,9 @@ class LoadedModel:
         self.tokenizer = tokenizer
         self.device = device
         self.lock = threading.Lock()
+        self.pending = 0
+        """Requests admitted to generate with this model and not done yet (one generates, the others wait)."""
+        self._pending_lock = threading.Lock()
         from edgerlhf.generation import context_length
 
         self.context_length = context_length(model)
@@ -229,6 +245,19 @@ class LoadedModel:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._forward_kwargs = ({"logits_to_keep": 1}
                                 if "logits_to_keep" in inspect.signature(inner.forward).parameters else {})
+
+    def admit(self, max_waiting: int) -> bool:
+        """Take a place in this model's queue: False when `max_waiting` requests already wait behind the one
+        generating. Give it back with `leave`."""
+        with self._pending_lock:
+            if self.pending > max_waiting:
+                return False
+            self.pending += 1
+            return True
+
+    def leave(self) -> None:
+        with self._pending_lock:
+            self.pending -= 1
 
     def encode(self, text: str) -> list[int]:
         """Token ids of model text (a rendered prompt)."""
@@ -319,16 +348,22 @@ class ChatModels:
     """Which models exist (from the job table and run directories) and an LRU cache of loaded ones."""
 
     def __init__(self, runs_dir: Path, device: str = "auto", cache_size: int = 2, precision: str = "bf16",
-                 loader: Callable[..., tuple[Any, Any]] | None = None):
+                 loader: Callable[..., tuple[Any, Any]] | None = None, wait_seconds: float = 30.0):
         self.runs_dir = Path(runs_dir)
         self.device_spec = device
         self.cache_size = max(1, int(cache_size))
+        """The most models in memory at once: cached, or still used by a request after leaving the cache."""
         self.precision = precision
+        self.wait_seconds = wait_seconds
+        """How long a load waits for room (a model in use to be released) before `ModelsBusy`."""
         self._loader = loader
         self._cache: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()  # guards _cache, _loading, _epoch
+        self._lock = threading.Lock()  # guards _cache, _loading, _epoch, _users, _reserved
+        self._room = threading.Condition(self._lock)  # notified when a model is released or dropped
         self._loading: dict[str, threading.Lock] = {}  # one load at a time per model id
         self._epoch: dict[int, int] = {}  # bumped by unload_job so a load racing a delete is discarded
+        self._users: dict[LoadedModel, int] = {}  # models held by requests (`hold`), cached or not
+        self._reserved = 0  # loads under way, each counted as a model in memory
 
     # --- which models exist ----------------------------------------------------------------------
 
@@ -364,37 +399,103 @@ class ChatModels:
         with self._lock:
             return list(self._cache)
 
+    def in_memory(self) -> list[str]:
+        """Ids of every model in memory: the cached ones and those a request still holds after eviction."""
+        with self._lock:
+            return sorted({m.spec.id for m in self._models_in_memory()})
+
+    def _models_in_memory(self) -> set[LoadedModel]:
+        return set(self._cache.values()) | {m for m, n in self._users.items() if n}
+
     def get(self, spec: ModelSpec) -> LoadedModel:
         """The loaded model for `spec`, loading it (once, even under concurrent requests) if needed."""
+        return self._get(spec, hold=False)
+
+    @contextmanager
+    def hold(self, spec: ModelSpec) -> Iterator[LoadedModel]:
+        """The loaded model for `spec`, kept in memory (counted against `cache_size`) until the block ends."""
+        loaded = self._get(spec, hold=True)
+        try:
+            yield loaded
+        finally:
+            self.release(loaded)
+
+    def acquire(self, spec: ModelSpec) -> LoadedModel:
+        """`hold` for code that releases elsewhere (a stream's worker thread): call `release(model)` once."""
+        return self._get(spec, hold=True)
+
+    def release(self, loaded: LoadedModel) -> None:
+        with self._room:
+            left = self._users.get(loaded, 0) - 1
+            if left > 0:
+                self._users[loaded] = left
+            else:
+                self._users.pop(loaded, None)
+            self._room.notify_all()
+
+    def _cached(self, spec: ModelSpec, hold: bool) -> LoadedModel | None:
+        """The cached model (marked in use with `hold`), or None; under `_lock`."""
+        loaded = self._cache.get(spec.id)
+        if loaded is not None:
+            self._cache.move_to_end(spec.id)
+            if hold:
+                self._users[loaded] = self._users.get(loaded, 0) + 1
+        return loaded
+
+    def _get(self, spec: ModelSpec, hold: bool) -> LoadedModel:
         with self._lock:
-            loaded = self._cache.get(spec.id)
+            loaded = self._cached(spec, hold)
             if loaded is not None:
-                self._cache.move_to_end(spec.id)
                 return loaded
             load_lock = self._loading.setdefault(spec.id, threading.Lock())
             epoch = self._epoch.get(spec.job_id, 0)
         with load_lock:
             with self._lock:  # another request may have loaded it while we waited
-                loaded = self._cache.get(spec.id)
+                loaded = self._cached(spec, hold)
                 if loaded is not None:
-                    self._cache.move_to_end(spec.id)
                     return loaded
-            loaded = self._load(spec)
+            evicted = self._make_room(spec)
+            if evicted:
+                log.info(f"chat: evicted {', '.join(evicted)} (at most {self.cache_size} models in memory)")
+                _free_memory()
+            try:
+                loaded = self._load(spec)
+            finally:
+                with self._room:
+                    self._reserved -= 1
+                    self._room.notify_all()
             with self._lock:
                 self._loading.pop(spec.id, None)
                 if self._epoch.get(spec.job_id, 0) != epoch:
                     raise ModelNotFound(f"The model `{spec.id}` was deleted while it was loading.")
                 self._cache[spec.id] = loaded
-                evicted = []
-                while len(self._cache) > self.cache_size:
-                    evicted.append(self._cache.popitem(last=False)[0])
-            if evicted:
-                log.info(f"chat: evicted {', '.join(evicted)} (cache size {self.cache_size})")
-                _free_memory()
+                if hold:
+                    self._users[loaded] = self._users.get(loaded, 0) + 1
             return loaded
 
+    def _make_room(self, spec: ModelSpec) -> list[str]:
+        """Reserve room for one more model: evict idle cached models (least recently used first), or wait for one in
+        use to be released; `ModelsBusy` after `wait_seconds`. Returns the evicted ids."""
+        evicted = []
+        deadline = time.monotonic() + self.wait_seconds
+        with self._room:
+            while len(self._models_in_memory()) + self._reserved >= self.cache_size:
+                idle = next((key for key, m in self._cache.items() if not self._users.get(m)), None)
+                if idle is not None:
+                    del self._cache[idle]
+                    evicted.append(idle)
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ModelsBusy(f"The server holds its most models ({self.cache_size}, EDGERLHF_CHAT_CACHE_SIZE) "
+                                     f"and every one is in use; `{spec.id}` cannot be loaded now. Try again shortly.",
+                                     retry_after=max(1, round(self.wait_seconds)))
+                self._room.wait(left)
+            self._reserved += 1
+        return evicted
+
     def _load(self, spec: ModelSpec) -> LoadedModel:
-        from edgerlhf.models import resolve_device
+        from edgerlhf.models import CONSTRUCTION_LOCK, resolve_device
 
         loader = self._loader
         if loader is None:
@@ -402,7 +503,8 @@ class ChatModels:
         device = resolve_device(self.device_spec)
         start = time.monotonic()
         try:
-            model, tokenizer = loader(spec.run_dir, spec.which, device, self.precision)
+            with CONSTRUCTION_LOCK:  # one model built at a time in this process (chat and export)
+                model, tokenizer = loader(spec.run_dir, spec.which, device, self.precision)
         except Exception as exc:  # the API answers 500 with this message; the log keeps the traceback
             log.exception(f"chat: loading {spec.id} failed")
             raise ModelLoadError(f"The model `{spec.id}` could not be loaded: {type(exc).__name__}: {exc}") from exc
@@ -417,6 +519,7 @@ class ChatModels:
             gone = [key for key, loaded in self._cache.items() if loaded.spec.job_id == job_id]
             for key in gone:
                 del self._cache[key]
+            self._room.notify_all()
         if gone:
             log.info(f"chat: unloaded {', '.join(gone)}", extra={"job_id": job_id})
             _free_memory()
@@ -425,6 +528,7 @@ class ChatModels:
     def clear(self) -> None:
         with self._lock:
             self._cache.clear()
+            self._room.notify_all()
         _free_memory()
 
 
@@ -457,7 +561,8 @@ def get_registry(settings=None) -> ChatModels:
         if _registry is None or _registry.runs_dir != Path(settings.runs_dir):
             # Plain (unquantized) weights: load_policy computes them in bf16 on a GPU, in fp32 on the CPU.
             _registry = ChatModels(settings.runs_dir, device=settings.device,
-                                   cache_size=settings.chat_cache_size, precision="bf16")
+                                   cache_size=settings.chat_cache_size, precision="bf16",
+                                   wait_seconds=settings.chat_wait_seconds)
         return _registry
 
 

@@ -6,8 +6,10 @@
 It enqueues and reads; it never trains. Routers live in `backend/api/routes/` (one per resource,
 included under `/api`; the chat router under `/v1`), after fastapi/full-stack-fastapi-template.
 OpenAPI docs are at `/docs`. With `EDGERLHF_API_TOKEN` set, every request but `/healthz` needs
-`Authorization: Bearer <token>`. A client never sees a server traceback: unexpected errors answer
-`500 {"detail": "internal server error"}` and the traceback goes to the backend's log.
+`Authorization: Bearer <token>`; only trusted `Host` names are served and a browser page of another site cannot
+change state (`backend/api/middleware.py`; README: "Security"). A client never sees a server traceback: unexpected
+errors answer `500 {"detail": "internal server error"}` and the traceback goes to the backend's log; no response
+fails to render (`backend/api/errors.py`).
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import argparse
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from backend import chat_models
-from backend.api.middleware import BodyLimitMiddleware, TokenMiddleware
+from backend.api.errors import SafeJSONResponse, install_error_handlers
+from backend.api.middleware import BodyLimitMiddleware, SameSiteMiddleware, TokenMiddleware, UnicodeMiddleware
 from backend.api.routes import arena, chat, export, jobs, metrics, plan, system
 from db import init_db, make_engine, make_sessionmaker
-from edgerlhf.settings import Settings, get_settings
+from edgerlhf.settings import Settings, get_settings, is_loopback
 
 logger = logging.getLogger("edgerlhf.backend")
 
@@ -40,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         engine.dispose()
 
-    app = FastAPI(title="EdgeRLHF", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="EdgeRLHF", version="0.1.0", lifespan=lifespan, default_response_class=SafeJSONResponse,
                   description="RLHF (SFT, reward model, PPO) on one consumer GPU: queue jobs, watch them live, chat "
                               "with the results. Jobs live in the database and the worker, not in a browser tab.")
     app.state.settings = settings
@@ -58,16 +60,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(arena.router, prefix="/api")
     app.include_router(chat.router, prefix="/v1")
 
-    # Outermost first in the request path: size limit, then the token, then routing. The token is checked
-    # here and nowhere else: a middleware sees every request (/api, /v1, the SSE streams, /docs, unknown
-    # paths), where a router dependency would only guard the routes it is attached to.
-    app.add_middleware(TokenMiddleware, token=settings.api_token)
+    # Outermost first in the request path: the token, Host and Origin, the size limit, the body's Unicode,
+    # then routing (the last added runs first). The token is checked here and nowhere else: a middleware sees
+    # every request (/api, /v1, the SSE streams, /docs, unknown paths), where a router dependency would only
+    # guard the routes it is attached to; and it runs first, so no unauthenticated body is ever read.
+    app.add_middleware(UnicodeMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.error(f"{request.method} {request.url.path} failed", exc_info=exc)
-        return JSONResponse(status_code=500, content={"detail": "internal server error"})
+    app.add_middleware(SameSiteMiddleware, hosts=settings.allowed_hosts)
+    app.add_middleware(TokenMiddleware, token=settings.api_token)
+    install_error_handlers(app)
 
     return app
 
@@ -92,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=settings.backend_port, help="port (default %(default)s)")
     args = parser.parse_args(argv)
     setup_logging("backend", settings.log_level)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_token:
-        logger.warning(f"binding to {args.host} without EDGERLHF_API_TOKEN: anyone on the network can queue jobs")
+    settings = settings.model_copy(update={"backend_host": args.host})  # a --host is a trusted Host name too
+    if not is_loopback(args.host):
+        if not settings.api_token:
+            logger.warning(f"binding to {args.host} without EDGERLHF_API_TOKEN: anyone on the network can queue jobs")
+        logger.info(f"answering the Host names {sorted(settings.allowed_hosts)} (EDGERLHF_TRUSTED_HOSTS adds more)")
     app = create_app(settings)
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=True)
     return 0

@@ -32,8 +32,23 @@ def list_votes(session: Session, limit: int = 50, offset: int = 0) -> tuple[list
 
 
 def all_votes(session: Session) -> Sequence[ArenaVote]:
-    """Every vote, oldest first (the export, the snapshot a job reads, the leaderboard)."""
+    """Every vote, oldest first. Whole rows in memory: the export and the snapshot read `votes_after` page by page."""
     return session.scalars(select(ArenaVote).order_by(ArenaVote.id)).all()
+
+
+def count_votes(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(ArenaVote)) or 0
+
+
+def votes_after(session: Session, after_id: int, limit: int) -> list[ArenaVote]:
+    """Up to `limit` votes with an id above `after_id`, oldest first: one page of the export or the snapshot."""
+    return list(session.scalars(select(ArenaVote).where(ArenaVote.id > after_id).order_by(ArenaVote.id).limit(limit)))
+
+
+def outcomes(session: Session) -> list[dict[str, str]]:
+    """Every vote's `model_a`, `model_b` and `choice`, oldest first: what the leaderboard reads (not the texts)."""
+    rows = session.execute(select(ArenaVote.model_a, ArenaVote.model_b, ArenaVote.choice).order_by(ArenaVote.id))
+    return [{"model_a": a, "model_b": b, "choice": VoteChoice(c).value} for a, b, c in rows]
 
 
 def get_vote(session: Session, vote_id: int) -> ArenaVote | None:

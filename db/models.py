@@ -5,7 +5,10 @@ incrementally (metrics, samples, logs) numbers a job's rows in `row_seq`, drawn 
 `Job.last_row_seq` under a lock on the job row, so that within a job the numbers follow commit order; it is
 the read cursor: "everything of job J after N" is one range scan of the unique index `(job_id, row_seq)`.
 Why not the autoincrement `id`: on PostgreSQL, ids commit out of order (`db.read` explains). SQLite's
-`AUTOINCREMENT` (`sqlite_autoincrement`) stays, so a deleted row's id is never handed out again.
+`AUTOINCREMENT` (`sqlite_autoincrement`) stays, so a deleted row's id is never handed out again: on every table
+whose ids name something outside its row (jobs: run directories, chat model ids, votes; votes: snapshot files;
+metrics, samples, logs: old cursors). PostgreSQL's sequences never go back anyway. A SQLite database made before a
+table had it is rebuilt once (`db.session.add_autoincrement`).
 The statuses stored here (`JobStatus`, `StageStatus`, `FINISHED`) are the shared contract's
 (`edgerlhf.contract`), re-exported so `from db import JobStatus` keeps working.
 Layout after fastapi/full-stack-fastapi-template's `models.py`; queue semantics after procrastinate.
@@ -93,7 +96,7 @@ class Base(DeclarativeBase):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_id", "status", "id"),)
+    __table_args__ = (Index("ix_jobs_status_id", "status", "id"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(ID64, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -252,6 +255,7 @@ class ArenaVote(Base):
     """
 
     __tablename__ = "arena_votes"
+    __table_args__ = ({"sqlite_autoincrement": True},)
 
     id: Mapped[int] = mapped_column(ID64, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

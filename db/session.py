@@ -9,6 +9,7 @@ used as is, with `pool_pre_ping` so a restarted server costs one failed check, n
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ from sqlalchemy import create_engine, event, func, inspect, select, text, update
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import CreateIndex, CreateTable
 
-from db.models import Base, Job, LogLine, Metric, Sample
+from db.models import ArenaVote, Base, Job, LogLine, Metric, Sample
 
 BUSY_TIMEOUT_S = 30.0
 """How long a SQLite writer waits for the write lock before giving up."""
@@ -71,12 +73,14 @@ def init_db(engine: Engine) -> None:
     have one of the two: old rows get it), so `add_missing_columns` is the whole migration story, the same
     on SQLite and PostgreSQL: a database written by an older version gains the new columns in place. The
     one column filled by a step of its own is `row_seq`, the read cursor of metrics, samples and logs
-    (`number_old_rows`), and indexes of tables that already exist come after it (`add_missing_indexes`).
+    (`number_old_rows`), and indexes of tables that already exist come after it (`add_missing_indexes`). One change
+    is not a column: SQLite tables made before they had AUTOINCREMENT are rebuilt once (`add_autoincrement`).
     """
     for attempt in range(5):
         try:
             Base.metadata.create_all(engine)
             add_missing_columns(engine)
+            add_autoincrement(engine)
             number_old_rows(engine)
             add_missing_indexes(engine)
             return
@@ -108,6 +112,94 @@ def add_missing_columns(engine: Engine) -> list[str]:
                 conn.execute(text(ddl))
                 added.append(f"{table.name}.{column.name}")
     return added
+
+
+_MODEL_JOB = re.compile(r"^job-(\d+)/")
+"""The job id in a chat model id (`job-12/ppo`, `backend.chat_models.MODEL_ID_FORMAT`), as arena votes store it."""
+
+
+def add_autoincrement(engine: Engine) -> list[str]:
+    """Rebuild each SQLite table whose model asks for AUTOINCREMENT (`sqlite_autoincrement`) but whose stored table
+    lacks it (made by an older version), so that the id of a deleted row is never handed out again; returns the
+    tables rebuilt. Nothing to do on PostgreSQL, whose sequences never go back.
+
+    SQLite cannot add AUTOINCREMENT to a table, so this is its documented rebuild (sqlite.org/lang_altertable.html,
+    "making other kinds of table schema changes"): foreign keys off (a DROP TABLE of `jobs` would cascade to every
+    row that points at it), then in one write transaction a new table, the rows copied with their ids, the old table
+    dropped, the new one renamed, its indexes made, `PRAGMA foreign_key_check`. The sequence starts past the highest
+    id seen, in the rows and, for jobs, in the chat model ids arena votes name (`job-12/ppo`: a deleted job's votes
+    stay, and a new job must not inherit them). Several processes may start at once: the first to take the write
+    lock rebuilds, the others wait for it and find nothing left to do.
+    """
+    if engine.dialect.name != "sqlite":
+        return []
+    wanted = [t for t in Base.metadata.sorted_tables if t.dialect_options["sqlite"].get("autoincrement")]
+
+    def lacking(cursor) -> list:
+        found = []
+        for table in wanted:
+            row = cursor.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                 (table.name,)).fetchone()
+            if row is not None and "AUTOINCREMENT" not in row[0].upper():
+                found.append(table)
+        return found
+
+    raw = engine.raw_connection()
+    try:
+        db = raw.driver_connection
+        if not lacking(db):
+            return []
+        saved = db.isolation_level
+        db.isolation_level = None  # explicit BEGIN and COMMIT below
+        try:
+            db.execute("PRAGMA foreign_keys=OFF")  # outside any transaction, or SQLite ignores it
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rebuilt = []
+                for table in lacking(db):  # again, under the write lock: another process may have done it
+                    _rebuild(db, table, engine.dialect)
+                    rebuilt.append(table.name)
+                if "jobs" in rebuilt:
+                    _skip_job_ids_named_by_votes(db)
+                broken = db.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"rebuilding {rebuilt} broke foreign keys: {broken[:5]}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        finally:
+            db.execute("PRAGMA foreign_keys=ON")
+            db.isolation_level = saved
+        return rebuilt
+    finally:
+        raw.close()
+
+
+def _rebuild(db, table, dialect) -> None:
+    new = f"{table.name}__rebuilt"
+    ddl = str(CreateTable(table).compile(dialect=dialect)).strip()
+    head = f"CREATE TABLE {table.name} ("
+    assert ddl.startswith(head), ddl[:80]
+    db.execute(f"CREATE TABLE {new} (" + ddl[len(head):])
+    columns = ", ".join(f'"{c.name}"' for c in table.columns)
+    db.execute(f"INSERT INTO {new} ({columns}) SELECT {columns} FROM {table.name}")  # ids kept: the sequence follows
+    db.execute(f"DROP TABLE {table.name}")  # its indexes go with it
+    db.execute(f"ALTER TABLE {new} RENAME TO {table.name}")
+    for index in table.indexes:
+        db.execute(str(CreateIndex(index).compile(dialect=dialect)))
+
+
+def _skip_job_ids_named_by_votes(db) -> None:
+    votes = ArenaVote.__table__.name
+    named = [int(m.group(1)) for row in db.execute(f"SELECT model_a, model_b FROM {votes}") for value in row
+             if (m := _MODEL_JOB.match(value or ""))]
+    highest = max(named, default=0)
+    seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
+    if seq is None:
+        db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('jobs', ?)", (highest,))
+    elif seq[0] < highest:
+        db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'jobs'", (highest,))
 
 
 def number_old_rows(engine: Engine) -> int:

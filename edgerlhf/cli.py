@@ -42,28 +42,45 @@ DISPATCH = {
     "backend": "backend.main:main",
     "worker": "worker.main:main",
     "pipeline": "edgerlhf.pipeline:main",
-    "bench": "edgerlhf.bench:main",
+    "bench": "edgerlhf.lab.bench:main",
     "plan": "edgerlhf.plan:main",
     "export": "edgerlhf.export:main",
-    "known-answer": "edgerlhf.known_answer:main",
+    "known-answer": "edgerlhf.lab.known_answer:main",
 }
 
 
 def frontend_command(settings) -> list[str]:
-    """The Streamlit command line for the dashboard, on the configured port."""
+    """The Streamlit command line for the dashboard, on its own interface and port (`EDGERLHF_FRONTEND_HOST`,
+    `EDGERLHF_FRONTEND_PORT`): binding the backend beyond this machine does not expose the dashboard too."""
     return [sys.executable, "-m", "streamlit", "run", str(FRONTEND_APP),
             "--server.port", str(settings.frontend_port),
-            "--server.address", settings.backend_host,
+            "--server.address", settings.frontend_host,
             "--server.headless", "true",
             "--browser.gatherUsageStats", "false"]
 
 
+def dashboard_exposure(settings) -> str | None:
+    """The warning for a dashboard bound beyond this machine (None on a loopback interface)."""
+    from edgerlhf.settings import is_loopback
+
+    if is_loopback(settings.frontend_host):
+        return None
+    guard = ("every visitor must type the API token to use it" if settings.api_token else
+             "and EDGERLHF_API_TOKEN is not set: ANYONE WHO REACHES IT CAN LAUNCH, CANCEL AND DELETE JOBS")
+    return (f"the dashboard listens on {settings.frontend_host}:{settings.frontend_port}, beyond this machine; "
+            f"{guard}. Its traffic (the token included) is plain HTTP: put a reverse proxy with TLS in front, or "
+            "keep EDGERLHF_FRONTEND_HOST=127.0.0.1 and reach it through an SSH tunnel (README: \"Security\").")
+
+
 def run_frontend(argv: list[str]) -> int:
     from edgerlhf.settings import get_settings
-    from worker.lifeline import die_with_parent
+    from edgerlhf.lifeline import die_with_parent
 
+    settings = get_settings()
+    if warning := dashboard_exposure(settings):
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     # Streamlit dies with this command, however this command dies (as `up`'s children do).
-    return subprocess.call(frontend_command(get_settings()) + argv, preexec_fn=die_with_parent())
+    return subprocess.call(frontend_command(settings) + argv, preexec_fn=die_with_parent())
 
 
 class Busy(Exception):
@@ -110,10 +127,11 @@ def _port_in_use(host: str, port: int) -> bool:
 
 
 def _check_ports(settings) -> None:
-    for name, port, variable in (("backend", settings.backend_port, "EDGERLHF_BACKEND_PORT"),
-                                 ("dashboard", settings.frontend_port, "EDGERLHF_FRONTEND_PORT")):
-        if _port_in_use(settings.backend_host, port):
-            raise Busy(f"port {port} ({name}) on {settings.backend_host} is already in use (another "
+    for name, host, port, variable in (
+            ("backend", settings.backend_host, settings.backend_port, "EDGERLHF_BACKEND_PORT"),
+            ("dashboard", settings.frontend_host, settings.frontend_port, "EDGERLHF_FRONTEND_PORT")):
+        if _port_in_use(host, port):
+            raise Busy(f"port {port} ({name}) on {host} is already in use (another "
                        f"`edgerlhf up`?); stop what holds it, or set {variable} to a free port")
 
 
@@ -131,8 +149,8 @@ def up(argv: list[str]) -> int:
     import argparse
 
     from edgerlhf.log import setup_logging
-    from edgerlhf.settings import get_settings
-    from worker.lifeline import Reaper, die_with_parent
+    from edgerlhf.settings import get_settings, is_wildcard
+    from edgerlhf.lifeline import Reaper, die_with_parent
 
     parser = argparse.ArgumentParser(prog="edgerlhf up", description=up.__doc__)
     group = parser.add_mutually_exclusive_group()
@@ -181,11 +199,14 @@ def up(argv: list[str]) -> int:
         procs[name] = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent())
         reaper.watch(procs[name].pid)
     log.info(f"data directory: {settings.data_dir}")
-    log.info(f"database:       {settings.db_url}")
+    log.info(f"database:       {settings.db_url_for_logs}")
     if args.workers is not None:
         log.info(f"workers:        {args.workers}, on GPUs {', '.join(str(i) for i in range(args.workers))}")
     log.info(f"backend:        {settings.api_url}  (API docs: {settings.api_url}/docs)")
-    log.info(f"dashboard:      http://{'127.0.0.1' if settings.backend_host in ('0.0.0.0', '::') else settings.backend_host}:{settings.frontend_port}")
+    shown = "127.0.0.1" if is_wildcard(settings.frontend_host) else settings.frontend_host
+    log.info(f"dashboard:      http://{shown}:{settings.frontend_port}")
+    if warning := dashboard_exposure(settings):
+        log.warning(warning)
     log.info("press Ctrl-C to stop")
 
     exit_code = 0

@@ -18,9 +18,11 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
-from edgerlhf.contract import ALGORITHMS, PRECISIONS, REWARD_POOLINGS, STAGES, merge_overrides
+from edgerlhf.contract import ALGORITHMS, PRECISIONS, REWARD_POOLINGS, STAGES, algorithm_traits, merge_overrides
+from edgerlhf.locations import absolute_local_paths
 
 LOCATION_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"), ("data", "votes_file"))
 """(section, field) of the config fields that name a model or data location: a hub id or an absolute path."""
@@ -72,6 +74,9 @@ LEARNING_RATE = Range(0, 1, low_open=True)
 FRACTION = Range(0, 1)
 FEW = Range(0, 64)
 """How many fixed prompts to sample or show."""
+MAX_LIST_ITEMS = 64
+"""Most items of any list field (`stages`, `sft.target_modules`, `reward.precisions` ...): none needs more, and a job
+stores and serves its config whole."""
 
 
 @functools.cache
@@ -146,6 +151,13 @@ class ModelConfig:
             raise ConfigError("model.n_kv_head", f"must divide n_head={self.n_head}")
 
 
+HUB_SUBSET = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+"""A hub data set's subset (`data.data_dir`): folder names under the snapshot (`harmless-base`, `data/en`), never a
+path that leaves it (`datasets` joins it to the snapshot directory: `..` or `/etc` would read anything)."""
+HUB_SPLIT = re.compile(r"^\w+(\.\w+)*(\[[0-9%:+-]*\])?(\+\w+(\.\w+)*(\[[0-9%:+-]*\])?)*$")
+"""A `datasets` split: `train`, `test`, a slice (`train[:1000]`, `train[10%:20%]`), or several joined by `+`."""
+
+
 @dataclass
 class DataConfig:
     source: str = "Anthropic/hh-rlhf"
@@ -188,6 +200,13 @@ class DataConfig:
 
         if self.gold_scorer not in SCORERS:
             raise ConfigError("data.gold_scorer", f"unknown scorer {self.gold_scorer!r}; choose from {sorted(SCORERS)}")
+        if self.data_dir and not (HUB_SUBSET.match(self.data_dir) and ".." not in self.data_dir.split("/")):
+            raise ConfigError("data.data_dir", f"must be a subset name of the hub data set such as 'harmless-base' "
+                                               f"(folder names joined by '/', no '..', not absolute), "
+                                               f"got {self.data_dir!r}")
+        if not HUB_SPLIT.match(self.split):
+            raise ConfigError("data.split", f"must be a split name such as 'train', 'test' or 'train[:1000]', "
+                                            f"got {self.split!r}")
         check_ranges("data", self)
 
 
@@ -258,6 +277,9 @@ class SFTConfig:
         check_ranges("sft", self)
         if not self.target_modules:
             raise ConfigError("sft.target_modules", "must name at least one module")
+        # A module named twice is one module: keep the first mention, in order.
+        self.target_modules = list(dict.fromkeys(self.target_modules))
+        self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
 
 
 @dataclass
@@ -507,14 +529,14 @@ class PipelineConfig:
             raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.algorithm not in ALGORITHMS:
             raise ConfigError("algorithm", f"unknown algorithm {self.algorithm!r}; choose from {list(ALGORITHMS)}")
-        group_methods = ("grpo", "rloo")
+        traits = algorithm_traits(self.algorithm)
         if self.ppo.samples_per_prompt is None:
-            self.ppo.samples_per_prompt = 4 if self.algorithm in group_methods else 1
+            self.ppo.samples_per_prompt = max(1, traits.samples_per_prompt)
         if self.ppo.batch_size % self.ppo.samples_per_prompt:
             raise ConfigError("ppo.samples_per_prompt", f"must divide ppo.batch_size={self.ppo.batch_size}")
-        if self.algorithm in group_methods and self.ppo.samples_per_prompt < 2:
+        if self.ppo.samples_per_prompt < traits.min_samples_per_prompt:
             raise ConfigError("ppo.samples_per_prompt", f"{self.algorithm} compares several samples of a prompt: "
-                                                        "needs at least 2")
+                                                        f"needs at least {traits.min_samples_per_prompt}")
         if self.ppo.reward_precision is None:
             self.ppo.reward_precision = self.reward.precisions[0]
         function = self.ppo.reward_function
@@ -524,7 +546,7 @@ class PipelineConfig:
             if function not in SCORERS and not is_import_path(function):
                 raise ConfigError("ppo.reward_function", f"must be a gold scorer ({sorted(SCORERS)}) or "
                                                          f"`package.module:function`, got {function!r}")
-        if ("ppo" in self.stages and self.algorithm != "dpo" and function is None
+        if ("ppo" in self.stages and traits.samples and function is None
                 and self.ppo.reward_precision not in self.reward.precisions):
             raise ConfigError("ppo.reward_precision",
                               f"{self.ppo.reward_precision!r} is not among reward.precisions {self.reward.precisions}")
@@ -570,6 +592,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(path, f"must be a list, got {type(value).__name__}")
+        if len(value) > MAX_LIST_ITEMS:
+            raise ConfigError(path, f"lists {len(value):,} items; at most {MAX_LIST_ITEMS}")
         return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
@@ -586,6 +610,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(path, f"must be a string, got {value!r}")
+        try:  # a lone surrogate ("\ud800" in JSON) is no text: no file, log or UTF-8 response can hold it
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(path, "holds a lone surrogate (an unpaired \\ud800-\\udfff escape): not valid "
+                                    "Unicode") from None
         return value
     raise TypeError(f"unsupported config type {hint!r} at {path}")
 
@@ -732,3 +761,74 @@ def load_config(preset: str, overrides: dict[str, Any] | None = None) -> Pipelin
         raise ConfigError("preset", f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     # Merge onto the preset as written (not its resolved form) so derived defaults follow the overrides.
     return PipelineConfig.from_dict(merge_overrides({"preset": preset, **PRESETS[preset]}, overrides or {}))
+
+
+# --- from the command line -----------------------------------------------------------------------
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["ppo.steps=5", "reward.precisions=[\\"bf16\\"]"]` -> nested override dict (JSON values, else text)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(item, "expected KEY=VALUE, e.g. ppo.steps=5")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, "conflicts with another --set")
+        node[parts[-1]] = value
+    return out
+
+
+def build_config(preset: str | None, config_file: str | None, sets: list[str], stages: str | None) -> PipelineConfig:
+    """The run's configuration: preset, then the config file's overrides, then `--set`, then `--stages`."""
+    overrides: dict[str, Any] = {}
+    if config_file:
+        try:
+            overrides = json.loads(Path(config_file).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError("--config", f"cannot read {config_file}: {exc}") from exc
+        if not isinstance(overrides, dict):
+            raise ConfigError("--config", "must hold a JSON object")
+    preset = preset or overrides.get("preset") or "tiny"
+    overrides = merge_overrides(overrides, parse_overrides(sets))
+    if stages:
+        overrides["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
+    config = load_config(preset, overrides)
+    # Relative paths are the person's, relative to where they typed the command; the stages only take
+    # absolute paths (anything else is a hub id, see edgerlhf.locations).
+    for section, name in LOCATION_FIELDS:
+        value = getattr(getattr(config, section), name)
+        if value is not None:
+            setattr(getattr(config, section), name, absolute_local_paths(value))
+    return config
+
+
+# --- what the service allows ----------------------------------------------------------------------
+
+def service_problems(config: PipelineConfig, roots: list[Path]) -> list[tuple[str, str, str]]:
+    """What the service refuses in a config the command line accepts, as (dotted field, kind, message): a local
+    path outside `roots` (hub ids are always allowed; `edgerlhf.locations.check_location`), and a reward function
+    given as an import path, which would run that module's code on the worker. The backend checks it before it
+    queues a job, and the job process again before it runs one: a config in the database is not trusted."""
+    from edgerlhf.gold import SCORERS
+    from edgerlhf.locations import check_location
+
+    problems = []
+    for section, name in LOCATION_FIELDS:
+        value = getattr(getattr(config, section), name)
+        problem = None if value is None else check_location(value, roots)
+        if problem:
+            problems.append((f"{section}.{name}", "path", problem))
+    function = config.ppo.reward_function
+    if function is not None and function not in SCORERS:
+        problems.append(("ppo.reward_function", "config",
+                         f"a job may name a gold scorer ({sorted(SCORERS)}); a Python import path like {function!r} "
+                         "is taken from the command line only"))
+    return problems

@@ -10,16 +10,60 @@ from __future__ import annotations
 
 import copy
 import enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 STAGES = ("data", "sft", "reward", "ppo", "evaluate")
 """The pipeline's stages, in the order they run."""
 
-ALGORITHMS = ("ppo", "grpo", "rloo", "dpo")
-"""Alignment algorithms the `ppo` stage (the alignment stage; its name predates the others) can run
-(`PipelineConfig.algorithm`): PPO, GRPO and RLOO sample from the policy and score with the reward model;
-DPO trains offline on the preference pairs. Each writes its metrics under its own namespace (`grpo/...`)."""
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What every layer needs to know of one alignment algorithm: one row of `ALGORITHM_TABLE`."""
+
+    name: str
+    """`PipelineConfig.algorithm`, and the namespace of its metrics (`grpo/kl`)."""
+    label: str
+    """How a person reads it: PPO, GRPO, RLOO, DPO."""
+    section: str
+    """The config section holding its settings: the sampling algorithms share `ppo`; DPO reads `dpo`."""
+    samples: bool
+    """True: samples from the policy and scores the samples with the reward model (or a reward function), in our
+    loop (`edgerlhf.align.loop`); False: trains offline on the preference pairs (DPO, TRL's trainer)."""
+    samples_per_prompt: int
+    """The default of `ppo.samples_per_prompt`: 1, or the group a sample is compared with (0: does not sample)."""
+    min_samples_per_prompt: int
+    """The fewest samples per prompt it can learn from: a group baseline needs at least 2."""
+    value_head: bool
+    """Trains a critic beside the policy (PPO's value head on the shared trunk)."""
+    adaptive_kl: bool
+    """Honours `ppo.adaptive_kl` (Ziegler et al.'s controller); the others hold `ppo.init_kl_coef` fixed."""
+
+
+ALGORITHM_TABLE = {a.name: a for a in (
+    Algorithm("ppo", "PPO", "ppo", samples=True, samples_per_prompt=1, min_samples_per_prompt=1, value_head=True,
+              adaptive_kl=True),
+    Algorithm("grpo", "GRPO", "ppo", samples=True, samples_per_prompt=4, min_samples_per_prompt=2,
+              value_head=False, adaptive_kl=False),
+    Algorithm("rloo", "RLOO", "ppo", samples=True, samples_per_prompt=4, min_samples_per_prompt=2,
+              value_head=False, adaptive_kl=False),
+    Algorithm("dpo", "DPO", "dpo", samples=False, samples_per_prompt=0, min_samples_per_prompt=0,
+              value_head=False, adaptive_kl=False),
+)}
+"""Alignment algorithms the `ppo` stage (the alignment stage; its name predates the others) can run, by name.
+Every layer reads an algorithm's traits here instead of comparing its name."""
+
+ALGORITHMS = tuple(ALGORITHM_TABLE)
+"""Their names (`PipelineConfig.algorithm`): ppo, grpo, rloo, dpo."""
+
+
+def algorithm_traits(name: str) -> Algorithm:
+    """The row of `ALGORITHM_TABLE` for `name`, or a ValueError naming the choices."""
+    if name not in ALGORITHM_TABLE:
+        raise ValueError(f"unknown algorithm {name!r}; choose from {list(ALGORITHMS)}")
+    return ALGORITHM_TABLE[name]
+
 
 PRECISIONS = ("bf16", "int8", "int4")
 """Reward-model precisions: bf16 weights, or bitsandbytes int8 / nf4 (int4) quantized weights."""
@@ -32,6 +76,18 @@ property of one place, such as the closing mark, and one spread over the answer,
 `ends`, the response's first token's plus its last token's (how the answer opens, which a small model reads
 poorly from the last position, and how it ends; one position each, nothing a policy can add up by repeating
 words)."""
+
+# --- sizes the planner mirrors: the stages (which import torch) and the planner (which must not) read these --
+
+SCORE_BATCH = 32
+"""Texts per reward-model pass (`models.RewardModel.score`'s batch)."""
+EVAL_GEN_BATCH = 16
+"""Prompts per `generate` call in the evaluation stage."""
+ALL_LINEAR = "all-linear"
+"""peft's `target_modules` shorthand for every linear layer but the output head."""
+KL_CHUNK = 2 ** 22
+"""Logits per piece of DPO's exact KL (`align.dpo.chosen_kl`) and of its CPU log-prob head (`AnswerLogprobs`),
+16 MB in fp32: whole next-token distributions some tens of positions at a time (83 for a 50k vocabulary)."""
 
 
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

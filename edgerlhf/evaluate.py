@@ -32,20 +32,17 @@ import numpy as np
 import torch
 
 from edgerlhf import gold, memory
+from edgerlhf.align.policy import build_models, sequence_kl
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import PPO_ADAPTER, TEST_PREFS, reward_dir
+from edgerlhf.contract import EVAL_GEN_BATCH, PPO_ADAPTER, TEST_PREFS, algorithm_traits, reward_dir
 from edgerlhf.data import read_prefs
 from edgerlhf.dialogue import PromptFormat
 from edgerlhf.errors import require
 from edgerlhf.generation import Sampling, concat_rollouts, generate
 from edgerlhf.models import SCORE_HEAD_FILE, resolve_device
 from edgerlhf.oom import MicroBatch, chunks, planner_hint
-from edgerlhf.ppo import build_models, sequence_kl
 from edgerlhf.reports import EvalReport
-
-GEN_BATCH = 16
-"""Prompts per `generate` call."""
 
 
 def bootstrap_ci(values, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
@@ -94,10 +91,10 @@ def sample_policy(models, prompts: list[str], config, use_adapter: bool, seed: i
     cfg = config.ppo
     model = models.model
     max_new_tokens = config.evaluate.response_length
-    micro = micro or MicroBatch(GEN_BATCH, "evaluate")
+    micro = micro or MicroBatch(EVAL_GEN_BATCH, "evaluate")
     responses, lengths, capped, kls = [], [], [], []
-    for i in range(0, len(prompts), GEN_BATCH):
-        batch = prompts[i:i + GEN_BATCH]
+    for i in range(0, len(prompts), EVAL_GEN_BATCH):
+        batch = prompts[i:i + EVAL_GEN_BATCH]
 
         def attempt(size: int):
             # The same seed per batch for both policies: common random numbers make the comparison less noisy.
@@ -109,7 +106,7 @@ def sample_policy(models, prompts: list[str], config, use_adapter: bool, seed: i
             kl = sequence_kl(models, rollouts, cfg, min(size, cfg.mini_batch_size)) if use_adapter else None
             return rollouts, kl
 
-        rollouts, kl = micro.run(i // GEN_BATCH + 1, attempt)
+        rollouts, kl = micro.run(i // EVAL_GEN_BATCH + 1, attempt)
         responses += rollouts.responses
         lengths += rollouts.response_mask.sum(1).tolist()
         capped += hit_cap(models.tokenizer, rollouts, max_new_tokens)
@@ -249,10 +246,11 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
     k = cfg.samples_per_prompt
     all_prompts = [p for p in prompts for _ in range(k)]  # (n_prompts * k,)
 
-    scored = config.algorithm != "dpo" or config.ppo.reward_function is not None or has_reward_model(config, run_dir)
+    scored = (algorithm_traits(config.algorithm).samples or config.ppo.reward_function is not None
+              or has_reward_model(config, run_dir))
     models = build_models(config, run_dir, device, adapter_dir=adapter, reward=scored)
     ctx.progress(0, 4)
-    micro = MicroBatch(GEN_BATCH, "evaluate", ctx, device, planner_hint=lambda: planner_hint(config, "evaluate"))
+    micro = MicroBatch(EVAL_GEN_BATCH, "evaluate", ctx, device, planner_hint=lambda: planner_hint(config, "evaluate"))
     sft = sample_policy(models, all_prompts, config, use_adapter=False, seed=config.seed, micro=micro)
     ctx.check_cancelled()
     ctx.progress(1, 4)

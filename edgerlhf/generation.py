@@ -67,23 +67,43 @@ def support_mask(support, shape) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.bool, device=idx.device).scatter(-1, idx, keep)
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this draw the arg max: fp32 logits divided by a subnormal temperature (`5e-324`) overflow to
+inf and their softmax is NaN, and long before that the distribution is the arg max to float precision."""
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How tokens are drawn: temperature, then top-k, then top-p. `greedy` takes the arg max instead."""
+    """How tokens are drawn: temperature, then top-k, then top-p. `greedy` (or a temperature below
+    `GREEDY_BELOW`) takes the arg max instead."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     greedy: bool = False
 
+    def __post_init__(self):
+        # `not (x >= 0)` is true for NaN too: no NaN or infinite setting reaches a softmax.
+        if not (0 <= self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (0 <= self.top_p <= 1):
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k!r}")
+
     @classmethod
     def of(cls, cfg) -> Sampling:
         """The sampling settings of a config section with `temperature`, `top_k`, `top_p` (e.g. `ppo`)."""
         return cls(cfg.temperature, cfg.top_k, cfg.top_p)
 
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature < GREEDY_BELOW
+
     def scale(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits in fp32 divided by the temperature: the only place the temperature is applied."""
-        return logits.float() / self.temperature
+        """Logits in fp32 divided by the temperature: the only place the temperature is applied (never by less
+        than `GREEDY_BELOW`, so the result stays finite)."""
+        return logits.float() / max(self.temperature, GREEDY_BELOW)
 
     def support(self, scaled_logits: torch.Tensor):
         """`sampling_support` of already scaled logits with these settings."""
@@ -100,7 +120,7 @@ class Sampling:
     def draw(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Next token ids (N,) from last-position logits (N, V): the arg max when greedy, else one draw per
         row from softmax(`warp(logits)`), the distribution `SamplingProcessor` hands `generate`."""
-        if self.greedy:
+        if self.is_greedy:
             return logits.argmax(dim=-1)  # (N,)
         probs = torch.softmax(self.warp(logits), dim=-1)  # (N, V), 0 outside the support
         # Inverse-CDF draw: one uniform number per row and a binary search, instead of torch.multinomial's
@@ -272,7 +292,7 @@ def generation_config(sampling: Sampling, max_new_tokens: int, tokenizer, fmt: P
     # transformers fills every field left at None from the model's config, so the neutral values are explicit.
     neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
                    eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not sampling.greedy,
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not sampling.is_greedy,
                             pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=list(fmt.stop_token_ids), **neutral)
 
@@ -293,7 +313,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling
                           add_special_tokens=fmt.add_special_tokens).to(device)
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = sides
-    processors = [] if sampling.greedy else [SamplingProcessor(sampling)]
+    processors = [] if sampling.is_greedy else [SamplingProcessor(sampling)]
     stops = [StopOnMarkers(tokenizer, batch["input_ids"].shape[1], fmt)] if fmt.stop_strings else []
     out = model.generate(**batch, generation_config=generation_config(sampling, max_new_tokens, tokenizer, fmt),
                          logits_processor=processors, stopping_criteria=stops)  # (B, P + T)

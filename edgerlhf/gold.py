@@ -39,7 +39,7 @@ SFT policy already samples them and PPO only has to shift their probabilities; `
 token at the start (22 % of HH answers open with "I"). A reward model on a random
 base needs word features to count lexicon words: the `tiny` preset's reward LoRA adapts the token embedding
 (`reward.adapt_embedding`). What a tiny model *does* learn at the `tiny` budget is measured, not assumed, at
-three seeds per gold: `edgerlhf.known_answer` (README, "Known-answer suite").
+three seeds per gold: `edgerlhf.lab.known_answer` (README, "Known-answer suite").
 
 **Empty answers.** A scorer that rewards shorter answers, or a share that an empty answer cannot get
 wrong, would make the empty answer a good one, a degenerate optimum PPO finds quickly. So an empty

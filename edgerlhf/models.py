@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,16 @@ from torch import nn
 
 from edgerlhf import locations
 from edgerlhf.config import PRECISIONS, ModelConfig, PipelineConfig
-from edgerlhf.contract import CONFIG_FILE, PPO_ADAPTER, RANDOM_BASE, REWARD_POOLINGS, SFT_MERGED, reward_dir
+from edgerlhf.contract import (ALL_LINEAR, CONFIG_FILE, PPO_ADAPTER, RANDOM_BASE, REWARD_POOLINGS, SCORE_BATCH,
+                               SFT_MERGED, reward_dir)
 from edgerlhf.dialogue import PromptFormat
 from edgerlhf.errors import MissingPrerequisite, ModelLoadError, require
+
+CONSTRUCTION_LOCK = threading.RLock()
+"""Held around building a model wherever several threads may build one (the backend: chat models, exports).
+transformers 5's `from_pretrained` patches process-global state while it builds a model (`PreTrainedModel.tie_weights`,
+torch's init functions, `torch.linspace`, the meta device) and puts back what it found on the way out; two builds that
+overlap put back each other's patches, so every later load in the process fails ("Cannot copy out of meta tensor")."""
 
 REWARD_ADAPTER_DIR = "adapter"
 SCORE_HEAD_FILE = "score_head.pt"
@@ -320,10 +328,6 @@ def trainer_arguments(cfg, seed: int, device: torch.device, output_dir: str | Pa
     } | overrides
 
 
-ALL_LINEAR = "all-linear"
-"""`target_modules` shorthand: every linear layer of the body, not the output layer (peft's; the QLoRA recipe)."""
-
-
 def lora_config(model, r: int, alpha: int, target_modules, dropout: float = 0.0, modules_to_save=None,
                 task_type: str = "CAUSAL_LM", embedding: bool = False):
     """The peft `LoraConfig` of every adapter the pipeline trains (LoRA, Hu et al. 2021) on `model`.
@@ -565,7 +569,7 @@ class RewardModel(nn.Module):
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()  # (B,)
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = SCORE_BATCH) -> torch.Tensor:
         """Rewards for (prompt, response) pairs: a float32 CPU tensor (N,)."""
         out = []
         for i in range(0, len(prompts), batch_size):

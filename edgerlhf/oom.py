@@ -128,8 +128,9 @@ class SplitOnOutOfMemory:
 
     The step's micro-batch is cut into `self.micro.size`-row pieces whose losses, each weighted by its share
     of the micro-batch's loss (`loss_share`), accumulate into the same gradients; gradients accumulated by
-    a failed attempt are rolled back first. Subclasses say how their batches split (`rows`, `part`) and
-    weigh (`loss_share`); set `self.micro` before training.
+    a failed attempt, the first one at full size included (an error in the backward leaves the gradients of
+    the layers it already passed), are rolled back first. Subclasses say how their batches split (`rows`,
+    `part`) and weigh (`loss_share`); set `self.micro` before training.
     """
 
     micro: MicroBatch
@@ -151,10 +152,10 @@ class SplitOnOutOfMemory:
 
         def attempt(size: int):
             n = self.rows(inputs)
-            if size >= n:
-                return step(model, inputs, num_items_in_batch)
             saved = [None if p.grad is None else p.grad.clone() for p in trainable]
             try:
+                if size >= n:
+                    return step(model, inputs, num_items_in_batch)
                 total = 0.0
                 for rows in chunks(n, size):
                     piece = self.part(inputs, rows)

@@ -18,8 +18,8 @@ whose `<stage>/report.json` already exists. A bad configuration exits with statu
 a stage error exits with status 1 (one line for a `StageError`, such as a `MissingPrerequisite` naming the
 stage to run first; a traceback for anything else); a cancelled run (Ctrl-C) with 130.
 
-Each stage module (`edgerlhf.<stage>`) is imported only when it runs, so `data` and `sft` work without
-the PPO dependencies loaded, and a stage's `run(config, ctx)` returns its report, which `run_stage`
+Each stage's module (`STAGE_MODULES`) is imported only when it runs, so `data` and `sft` work without the
+alignment stage's dependencies loaded, and a stage's `run(config, ctx)` returns its report, which `run_stage`
 writes to `<run_dir>/<stage>/report.json`.
 """
 
@@ -35,21 +35,25 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from edgerlhf.contract import ALGORITHMS, CONFIG_FILE, REPORT_FILE, algorithm_metric, merge_overrides
-from edgerlhf.config import LOCATION_FIELDS, STAGES, ConfigError, PipelineConfig, load_config
+from edgerlhf.config import STAGES, ConfigError, PipelineConfig, build_config
 from edgerlhf.context import Cancelled, ConsoleContext, RunContext
+from edgerlhf.contract import ALGORITHMS, CONFIG_FILE, REPORT_FILE, algorithm_metric, algorithm_traits
 from edgerlhf.errors import StageError
-from edgerlhf.locations import absolute_local_paths
 from edgerlhf.reports import DataReport, EvalReport, PPOReport, Report, RewardReport, SFTReport
 
 logger = logging.getLogger("edgerlhf.pipeline")
 
 
+STAGE_MODULES = {"data": "edgerlhf.data", "sft": "edgerlhf.sft", "reward": "edgerlhf.reward", "ppo": "edgerlhf.align",
+                 "evaluate": "edgerlhf.evaluate"}
+"""The module of each stage, whose `run(config, ctx)` is the stage (the alignment stage keeps its old name, `ppo`)."""
+
+
 def stage_module(name: str):
     """The module that implements stage `name`, imported on first use."""
-    if name not in STAGES:
+    if name not in STAGE_MODULES:
         raise ValueError(f"unknown stage {name!r}; choose from {list(STAGES)}")
-    return importlib.import_module(f"edgerlhf.{name}")
+    return importlib.import_module(STAGE_MODULES[name])
 
 
 def run_stage(name: str, config: PipelineConfig, ctx: RunContext) -> Report:
@@ -86,51 +90,6 @@ def run_pipeline(config: PipelineConfig, ctx: RunContext, skip: Iterable[str] = 
 
 
 # --- command line --------------------------------------------------------------------------------
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`["ppo.steps=5", "reward.precisions=[\\"bf16\\"]"]` -> nested override dict (JSON values, else text)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(item, "expected KEY=VALUE, e.g. ppo.steps=5")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(key, "conflicts with another --set")
-        node[parts[-1]] = value
-    return out
-
-
-def build_config(preset: str | None, config_file: str | None, sets: list[str], stages: str | None) -> PipelineConfig:
-    """The run's configuration: preset, then the config file's overrides, then `--set`, then `--stages`."""
-    overrides: dict[str, Any] = {}
-    if config_file:
-        try:
-            overrides = json.loads(Path(config_file).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError("--config", f"cannot read {config_file}: {exc}") from exc
-        if not isinstance(overrides, dict):
-            raise ConfigError("--config", "must hold a JSON object")
-    preset = preset or overrides.get("preset") or "tiny"
-    overrides = merge_overrides(overrides, parse_overrides(sets))
-    if stages:
-        overrides["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
-    config = load_config(preset, overrides)
-    # Relative paths are the person's, relative to where they typed the command; the stages only take
-    # absolute paths (anything else is a hub id, see edgerlhf.locations).
-    for section, name in LOCATION_FIELDS:
-        value = getattr(getattr(config, section), name)
-        if value is not None:
-            setattr(getattr(config, section), name, absolute_local_paths(value))
-    return config
-
 
 class CLIContext(ConsoleContext):
     """Prints stage progress as a bar on a terminal, or a line every 10 % otherwise."""
@@ -183,7 +142,7 @@ def _summary(report: Report) -> str:
                          for p, r in report.precisions.items())
     if isinstance(report, PPOReport):
         final = {name: report.final.get(algorithm_metric(report.algorithm, name)) for name in ("reward_mean", "kl")}
-        reward = f"reward {_num(final['reward_mean'])}, " if report.algorithm != "dpo" else ""
+        reward = f"reward {_num(final['reward_mean'])}, " if algorithm_traits(report.algorithm).samples else ""
         return (f"{report.algorithm}: {report.steps} steps, {reward}KL {_num(final['kl'])}, "
                 f"{report.network_copies:.2f} network copies held")
     if isinstance(report, EvalReport):

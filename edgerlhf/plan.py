@@ -11,7 +11,7 @@ The alignment stage (`ppo`) is planned for `config.algorithm`: PPO, GRPO and RLO
 reward adapter, its copy and its scoring pass, and DPO is TRL's trainer on preference pairs (`_dpo`).
 Pure arithmetic: the architecture comes from `edgerlhf.architectures.model_config` (a config file, never
 weights), and every term below follows what the stage code does, term by term. Figures are checked
-against measured peaks of the real stages by `python -m edgerlhf.plan_check` (README, "Will it fit?").
+against measured peaks of the real stages by `python -m edgerlhf.lab.plan_check` (README, "Will it fit?").
 
 What is counted (bytes; `cb` = bytes of the compute dtype: 2 for bf16 on a GPU, 4 for fp32 on the CPU,
 `edgerlhf.models.compute_dtype`):
@@ -19,7 +19,7 @@ What is counted (bytes; `cb` = bytes of the compute dtype: 2 for bf16 on a GPU, 
   output row) or nf4 (QLoRA: half a byte + the double-quantized block constants); embeddings, norms and the
   output layer stay in cb. PPO, GRPO and RLOO hold one network (policy = LoRA, reference = adapters off,
   reward = a second adapter) plus one quantized reward copy when the reward model is int8/int4 without
-  `ppo.quantized_policy` (`edgerlhf.ppo.build_models`); DPO one bf16 network, policy LoRA and reference;
+  `ppo.quantized_policy` (`edgerlhf.align.policy.build_models`); DPO one bf16 network, policy LoRA and reference;
 - trainable parameters (LoRA on `sft.target_modules`, PPO's value head, the score head, `modules_to_save`): fp32
   weight + fp32 gradient + two fp32 AdamW moments = 16 bytes each; frozen adapters 4 bytes each;
 - activations a training micro-batch saves for its backward pass, layer by layer (`_layer_saved`): norm
@@ -51,8 +51,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from edgerlhf.config import ConfigError, PipelineConfig
-from edgerlhf.contract import merge_overrides
+from edgerlhf.config import ConfigError, PipelineConfig, build_config
+from edgerlhf.contract import ALL_LINEAR, EVAL_GEN_BATCH, KL_CHUNK, SCORE_BATCH, algorithm_traits, merge_overrides
 
 MiB = 2**20
 GiB = 2**30
@@ -63,12 +63,6 @@ ALLOCATOR_SLACK = 0.10
 """Share of the tensor peak the caching allocator holds beyond it (blocks cached, split or fragmented)."""
 CHAT_TEMPLATE_TOKENS = 32
 """Tokens a chat template adds around an HH prompt (system turn, role markers), for models that have one."""
-SCORE_BATCH = 32
-"""Texts per reward-model pass (`RewardModel.score`'s batch)."""
-EVAL_GEN_BATCH = 16
-"""Prompts per `generate` call in the evaluation (`edgerlhf.evaluate.GEN_BATCH`)."""
-ALL_LINEAR = "all-linear"
-"""peft's `target_modules` shorthand (`edgerlhf.models.ALL_LINEAR`, which imports torch; the planner must not)."""
 
 
 # --- the architecture ----------------------------------------------------------------------------
@@ -706,20 +700,20 @@ def _generation(arch: Architecture, rows: int, prompt: int, response: int, cb: i
 
 def _alignment(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
     """The alignment stage (`ppo` in STAGES) of `config.algorithm`: DPO's trainer, or the sampling loop that PPO,
-    GRPO and RLOO share (`edgerlhf.ppo.run`)."""
-    if config.algorithm == "dpo":
+    GRPO and RLOO share (`edgerlhf.align.loop`)."""
+    if not algorithm_traits(config.algorithm).samples:
         return _dpo(config, arch, cb, gpu)
     return _sampling(config, arch, cb, gpu, training=True)
 
 
 def _reward_model(config: PipelineConfig, training: bool) -> str | None:
-    """How the rollouts are scored, as `ppo.build_models` loads it: `shared` (the reward adapter on the one
+    """How the rollouts are scored, as `align.policy.build_models` loads it: `shared` (the reward adapter on the one
     network), `copy` (a separate int8/int4 network) or None (`ppo.reward_function`'s Python scorer; an evaluation
     of DPO without a reward stage in `config.stages`, which `evaluate.has_reward_model` finds no model for)."""
     cfg = config.ppo
     if cfg.reward_function is not None:
         return None
-    if not training and config.algorithm == "dpo" and "reward" not in config.stages:
+    if not training and not algorithm_traits(config.algorithm).samples and "reward" not in config.stages:
         return None
     return "shared" if cfg.reward_precision == "bf16" or cfg.quantized_policy else "copy"
 
@@ -731,8 +725,8 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
     Only PPO has a value head, and only its passes ask for every layer's hidden states; a reward function
     replaces the reward adapter, its copy and its scoring pass."""
     cfg = config.ppo
-    name = config.algorithm.upper()
-    value_head = config.algorithm == "ppo"  # `build_models`' default, in training and evaluation
+    name = algorithm_traits(config.algorithm).label
+    value_head = algorithm_traits(config.algorithm).value_head  # `build_models`' default, in training and evaluation
     reward = _reward_model(config, training)
     precision = cfg.reward_precision
     net_precision = precision if cfg.quantized_policy else "bf16"  # bf16 unless the network itself is quantized
@@ -803,8 +797,6 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
     return phases, ckpt
 
 
-KL_CHUNK = 2 ** 22
-"""Logits per piece of `dpo.chosen_kl` and of the CPU head (`edgerlhf.dpo.KL_CHUNK`, which imports torch)."""
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768
 """The tile of TRL's fused log-prob head on a GPU (`trl.kernels.chunked_logprob`: tokens x vocabulary)."""
 
@@ -819,7 +811,7 @@ def _dpo_lengths(config: PipelineConfig, arch: Architecture) -> tuple[int, int]:
 
 
 def _dpo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
-    """DPO (`edgerlhf.dpo`): TRL's DPOTrainer on one bf16 network, the policy a LoRA and the reference the adapter
+    """DPO (`edgerlhf.align.dpo`): TRL's DPOTrainer on one bf16 network, the policy a LoRA and the reference the adapter
     disabled; no reward model, no sampling but the probes. A step runs the policy over chosen + rejected
     (2 x `dpo.batch_size` rows) with gradients, the reference over the same rows without, the loss, then
     `chosen_kl` (two more passes over the chosen rows) while the policy's graph waits for the backward pass.
@@ -955,7 +947,7 @@ def _candidates(config: PipelineConfig, stage: str):
             length //= 2
             yield f"{section}.max_length {cfg.max_length} -> {length} (shorter sequences)", {section: {"max_length": length}}
         return
-    if stage == "ppo" and config.algorithm == "dpo":  # DPO's trainer reads `dpo`, not `ppo`
+    if stage == "ppo" and algorithm_traits(config.algorithm).section == "dpo":  # DPO's trainer reads `dpo`
         cfg = config.dpo
         for batch, accum in _halvings(cfg.batch_size, cfg.grad_accum):
             yield (f"dpo.batch_size {cfg.batch_size} -> {batch} with dpo.grad_accum {cfg.grad_accum} -> {accum} "
@@ -1019,8 +1011,6 @@ def table(result: MemoryPlan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgerlhf.pipeline import build_config
-
     parser = argparse.ArgumentParser(prog="edgerlhf plan", description=__doc__.split("\n\n")[1].strip())
     parser.add_argument("--preset", help="preset to start from (default: tiny, or the config file's preset)")
     parser.add_argument("--config", help="JSON file of config overrides (may name its preset)")

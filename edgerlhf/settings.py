@@ -15,8 +15,10 @@ command (`edgerlhf.cli`), and importing the pipeline and its stages never loads 
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +35,9 @@ class Settings(BaseSettings):
     """Any SQLAlchemy URL; default: SQLite file `<data_dir>/edgerlhf.db` (WAL mode)."""
     backend_host: str = "127.0.0.1"
     """Interface the backend binds to; 127.0.0.1 keeps it off the network."""
+    frontend_host: str = "127.0.0.1"
+    """Interface the dashboard binds to; 127.0.0.1 keeps it off the network. Anyone who reaches the dashboard can do
+    what the API token allows once they type it (README: "Security")."""
     backend_port: int = Field(8000, ge=1, le=65535)
     """Backend (API) port."""
     frontend_port: int = Field(8501, ge=1, le=65535)
@@ -40,7 +45,12 @@ class Settings(BaseSettings):
     backend_url: str | None = None
     """How the dashboard reaches the backend; default `http://<backend_host>:<backend_port>`."""
     api_token: str | None = None
-    """When set, every request but `/healthz` must send `Authorization: Bearer <token>`."""
+    """When set, every request but `/healthz` must send `Authorization: Bearer <token>` (the dashboard asks each
+    browser session for it)."""
+    trusted_hosts: list[str] = Field(default_factory=list)
+    """Host names (the `Host` header, without the port) the backend answers besides the loopback names,
+    `backend_host` and the host of `backend_url`, e.g. `["rlhf.example.com"]`; `["*"]`: any (only behind a proxy
+    that checks it). Refusing other names stops DNS rebinding."""
     device: str = "auto"
     """Device for training and chat: `auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`."""
     allowed_roots: list[Path] = Field(default_factory=lambda: [Path(SHARED_DIR)])
@@ -58,7 +68,17 @@ class Settings(BaseSettings):
     chat_max_prompt_tokens: int = Field(768, gt=0)
     """Upper bound of a chat prompt's length in tokens."""
     chat_cache_size: int = Field(2, ge=1)
-    """How many chat models stay loaded (LRU)."""
+    """How many chat models stay loaded (LRU), and the most in memory at once (counting one a request still uses)."""
+    chat_wait_seconds: float = Field(30.0, ge=0)
+    """How long a chat request waits for room to load its model (every loaded one in use) before a 429."""
+    chat_max_queue: int = Field(8, ge=0, le=1000)
+    """Chat requests that may wait for one model while it generates for another; more answer 429 with `Retry-After`."""
+    arena_max_votes: int = Field(50_000, ge=1)
+    """The most arena votes stored; more are refused (409) until some are deleted."""
+    arena_votes_per_minute: int = Field(60, ge=1)
+    """The most arena votes accepted in any minute; more answer 429 with `Retry-After`."""
+    max_download_bytes: int = Field(20 * 2**30, gt=0)
+    """The largest hub download (a model or data set snapshot, the files it would fetch) a job may start."""
     log_level: str = "INFO"
     """Python logging level."""
 
@@ -81,9 +101,45 @@ class Settings(BaseSettings):
         return self.data_dir / "runs"
 
     @property
+    def db_url_for_logs(self) -> str:
+        """`db_url` with its password hidden (`***`), for log lines."""
+        from sqlalchemy.engine import make_url  # lazily: importing the settings stays light
+
+        try:
+            return make_url(self.db_url).render_as_string(hide_password=True)
+        except Exception:  # not a URL SQLAlchemy can parse: the engine will say so; never print it
+            return "*** (a database URL SQLAlchemy cannot parse)"
+
+    @property
+    def allowed_hosts(self) -> frozenset[str]:
+        """The `Host` names the backend answers (lower case, no port): `trusted_hosts` and the defaults."""
+        hosts = {"localhost", "127.0.0.1", "::1", *(h.strip().lower().strip("[]") for h in self.trusted_hosts)}
+        if not is_wildcard(self.backend_host):
+            hosts.add(self.backend_host.lower().strip("[]"))
+        if self.backend_url and urlsplit(self.backend_url).hostname:
+            hosts.add(urlsplit(self.backend_url).hostname.lower())
+        return frozenset(hosts)
+
+    @property
     def api_url(self) -> str:
         host = "127.0.0.1" if self.backend_host in ("0.0.0.0", "::") else self.backend_host
         return self.backend_url or f"http://{host}:{self.backend_port}"
+
+
+def is_wildcard(host: str) -> bool:
+    """Whether binding `host` listens on every interface (`0.0.0.0`, `::`, empty)."""
+    return host.strip("[]") in ("", "0.0.0.0", "::")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps a server on this machine (`127.0.0.1`, `::1`, `localhost`)."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache

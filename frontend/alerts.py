@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from edgerlhf.contract import MICRO_BATCH_METRIC, algorithm_metric
+from edgerlhf.contract import MICRO_BATCH_METRIC, algorithm_metric, algorithm_traits
 from frontend.live import job_algorithm
 
 Series = dict[str, list[tuple[int, float | None]]]
@@ -213,7 +213,7 @@ def check_job(job: dict[str, Any], series: Series, gpu_total_mb: float | None = 
     limit (twice `ppo.target_kl`) and the length cap (`ppo.response_length`) of its config. DPO samples
     nothing while it trains: only its NaN, KL-collapse and memory checks apply."""
     algorithm = job_algorithm(job)
-    sampling = algorithm != "dpo"
+    sampling = algorithm_traits(algorithm).samples
     ppo = job["config"].get("ppo", {})
     return check_all(series, gpu_total_mb=gpu_total_mb, algorithm=algorithm,
                      target_kl=ppo.get("target_kl") if sampling else None,

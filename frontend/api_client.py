@@ -1,6 +1,9 @@
-"""The dashboard's one client of the EdgeRLHF backend API (httpx, kept in `st.cache_resource`).
+"""The dashboard's client of the EdgeRLHF backend API (httpx): one per browser session, over one connection pool.
 
-The dashboard talks to the backend and nothing else: every page goes through `get_client()`. Errors come
+The dashboard talks to the backend and nothing else: every page goes through `get_client()`, which gives the
+browser session its own client, carrying the API token that session typed at the login (`frontend.login`) and no
+other: the dashboard never calls the backend with the server's `EDGERLHF_API_TOKEN` for a visitor, so reaching the
+dashboard is not reaching the API. The sessions' clients share one connection pool (`st.cache_resource`). Errors come
 back as two exceptions a page can act on: `BackendDown` (no answer at all: show the banner, keep what is
 on screen) and `ApiError` (the backend answered 4xx/5xx; `field_errors` maps a config field such as
 `ppo.batch_size` to its message so a form can show it next to the widget).
@@ -113,12 +116,16 @@ def parse_error(status: int, payload: Any) -> ApiError:
 
 
 class ApiClient:
-    """Synchronous client of the backend API. One instance per (URL, token), shared by all sessions."""
+    """Synchronous client of the backend API with one token (or none). `transport`: a connection pool shared with
+    other clients (which `close` then leaves open)."""
 
-    def __init__(self, base_url: str, token: str | None = None, timeout: httpx.Timeout = TIMEOUT):
+    def __init__(self, base_url: str, token: str | None = None, timeout: httpx.Timeout = TIMEOUT,
+                 transport: httpx.BaseTransport | None = None):
         self.base_url = base_url.rstrip("/")
+        self.token = token
+        self._owns_transport = transport is None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
 
     @property
     def http(self) -> httpx.Client:
@@ -126,7 +133,8 @@ class ApiClient:
         return self._http
 
     def close(self) -> None:
-        self._http.close()
+        if self._owns_transport:
+            self._http.close()
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -173,7 +181,7 @@ class ApiClient:
         return self.request("GET", "/api/system")
 
     def list_jobs(self, status: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        """One page of jobs (`JobsPublic.items`: `JobPublic` objects), newest first."""
+        """One page of jobs (`JobsPublic.items`: `JobSummary` objects, a job without its config), newest first."""
         params = {"limit": limit, "offset": offset}
         if status:
             params["status"] = status
@@ -249,21 +257,34 @@ class ApiClient:
         return JobReports.model_validate(self.request("GET", f"/api/jobs/{job_id}/report"))
 
 
-def _cached_client(base_url: str, token: str | None) -> ApiClient:
-    return ApiClient(base_url, token)
+TOKEN_KEY = "api_token"
+"""Session-state key of the API token this browser session typed at the login (absent: none typed)."""
+CLIENT_KEY = "api_client"
+"""Session-state key of this browser session's `ApiClient`."""
 
 
-try:  # `st.cache_resource` shares one connection pool between all browser sessions.
+def _shared_transport() -> httpx.HTTPTransport:
+    return httpx.HTTPTransport()
+
+
+try:  # `st.cache_resource` shares one connection pool between all browser sessions (the tokens stay per session).
     import streamlit as st
 
-    _cached_client = st.cache_resource(show_spinner=False)(_cached_client)
+    _shared_transport = st.cache_resource(show_spinner=False)(_shared_transport)
 except ImportError:  # pragma: no cover - the client also works outside Streamlit
     pass
 
 
 def get_client() -> ApiClient:
-    """The shared client for the backend named by the settings (`EDGERLHF_BACKEND_URL`, `EDGERLHF_API_TOKEN`)."""
+    """This browser session's client of the backend named by the settings (`EDGERLHF_BACKEND_URL`), with the token
+    the session typed at the login (`TOKEN_KEY`), never one from the server's environment."""
+    import streamlit as st
+
     from edgerlhf.settings import get_settings
 
-    settings = get_settings()
-    return _cached_client(settings.api_url, settings.api_token)
+    url, token = get_settings().api_url.rstrip("/"), st.session_state.get(TOKEN_KEY) or None
+    client = st.session_state.get(CLIENT_KEY)
+    if not isinstance(client, ApiClient) or (client.base_url, client.token) != (url, token):
+        client = ApiClient(url, token, transport=_shared_transport())
+        st.session_state[CLIENT_KEY] = client
+    return client

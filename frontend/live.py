@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgerlhf.contract import FINISHED, JobStatus, StageStatus, algorithm_metric
+from edgerlhf.contract import FINISHED, JobStatus, StageStatus, algorithm_metric, algorithm_traits
 from edgerlhf.reports import JobReports
 from frontend.api_client import ApiClient
 
@@ -90,7 +90,7 @@ class JobFeed:
             return None
         config, namespace = self.job["config"], self.key(name).split("/", 1)[0]
         if namespace == self.algorithm:
-            section = "dpo" if namespace == "dpo" else "ppo"
+            section = algorithm_traits(namespace).section
         elif namespace in ("sft", "reward", "warmup"):
             section = namespace
         else:
@@ -151,9 +151,9 @@ class JobFeed:
 
 
 def job_algorithm(job: dict[str, Any] | None) -> str:
-    """The alignment algorithm of a job (`JobPublic`): its config's `algorithm`, `ppo` for a job stored before
-    the config named one (or no job yet)."""
-    return (job or {}).get("config", {}).get("algorithm", "ppo")
+    """The alignment algorithm of a job (`JobSummary.algorithm`, a list item; `JobPublic` has it too), `ppo` for
+    no job yet."""
+    return (job or {}).get("algorithm") or (job or {}).get("config", {}).get("algorithm", "ppo")
 
 
 def _drain(fetch, cursor: int) -> tuple[list[dict[str, Any]], int]:

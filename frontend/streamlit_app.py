@@ -1,7 +1,9 @@
 """EdgeRLHF dashboard: launch jobs, watch them live, compare runs (`edgerlhf frontend`).
 
 Entry point for `streamlit run frontend/streamlit_app.py`: declares the pages with `st.navigation`
-(pages live in `app_pages/`), checks that the backend answers, and runs the chosen page. The dashboard
+(pages live in `app_pages/`), checks that the backend answers, asks a session for the API token when the
+backend needs one (`frontend.login`: typed once per browser session, never taken from the server's
+environment), and runs the chosen page. The dashboard
 talks only to the backend API (`frontend.api_client`); jobs live in the backend's database and the
 worker, never in this process, so closing or reloading a tab loses nothing.
 """
@@ -18,7 +20,7 @@ if str(HERE.parent) not in sys.path:  # `streamlit run` from a checkout that is 
 import streamlit as st  # noqa: E402
 
 from edgerlhf.settings import get_settings  # noqa: E402
-from frontend import ui  # noqa: E402
+from frontend import login, ui  # noqa: E402
 from frontend.api_client import ApiError, BackendDown, get_client  # noqa: E402
 
 st.set_page_config(page_title="EdgeRLHF", page_icon="🎛️", layout="wide")
@@ -40,12 +42,16 @@ page = st.navigation({"Training": training, "Service": system})
 # One cheap health check per full rerun: the banner says plainly that the backend is down, instead of
 # every panel failing on its own. Live fragments check again on their own refreshes.
 st.session_state["backend_down"] = False
+client = get_client()
 try:
-    get_client().health()
+    client.health()
 except BackendDown as exc:
     ui.backend_down(exc)  # sets `backend_down`, so the page's own calls do not repeat the banner
 except ApiError:
     pass  # it answered: up, even if /healthz itself complains
 
 st.sidebar.caption(f"Backend: `{get_settings().api_url}`")
+if not login.require_login(client):  # the login form is on the page instead
+    st.stop()
+login.logout_button()
 page.run()

@@ -1,14 +1,19 @@
-"""Shared fixtures: paths to the local data in ../shared, free ports, a database per test on either engine.
+"""Shared fixtures: the local data in ../shared, a database per test on either engine, the dashboard's settings, and
+the session's one trained tiny run. What they are built from lives in `tests/support/`.
 
 `db_url` is parametrised over SQLite (a file in the test's temp dir) and PostgreSQL (a new database on one
-throw-away server per session, `tests/postgres.py`), so every test that takes it runs on both engines. Where
+throw-away server per session, `tests/support/postgres.py`), so every test that takes it runs on both engines. Where
 no PostgreSQL server can be started, the PostgreSQL half is skipped, or fails under `CI=true` (CI must run it).
+Tests of what a worker process does (crash, SIGTERM, cancel, resume) take `sqlite_url` instead: they are about
+processes, not SQL.
+
+Under pytest-xdist (`-n 2`) every fixture here is per worker (one PostgreSQL server each), but the trained run,
+which the workers share (`tests/support/trained.py`).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +21,9 @@ import pytest
 
 from edgerlhf.config import SHARED_DIR
 
-from .postgres import PostgresServer, PostgresUnavailable
+from .support.db import ENGINES
+from .support.postgres import PostgresServer, PostgresUnavailable
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(SHARED_DIR)
 
 # Tests never reach the hub; make any accidental hub access fail at once instead of retrying.
@@ -28,10 +33,23 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LONGEST_FIRST = (
+    "tests/edgerlhf/test_known_answer.py",
+    "tests/test_families.py",
+    "tests/worker/test_worker.py",
+    "tests/edgerlhf/test_plan_check.py",
+    "tests/frontend/test_e2e_browser.py",
+    "tests/backend/test_schemathesis.py",
+)
+"""Modules that run for minutes, started first (in this order) so that no worker is left with one at the end."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest modules first: under `pytest -n 2 --dist loadfile --no-loadscope-reorder` (the Makefile's), where
+    each module's tests run on one worker (its module fixtures built once), they start at once instead of ending the
+    run on one worker while the other waits. Without xdist only the order changes."""
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: collection order otherwise
 
 
 @pytest.fixture
@@ -39,11 +57,6 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"the shared data directory {SHARED} is missing (set EDGERLHF_SHARED_DIR)")
     return SHARED
-
-
-ENGINES = ("sqlite", "postgresql")
-sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-"""For a test of SQLite's own behaviour (its pragmas): `db_url` without the PostgreSQL half."""
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +87,36 @@ def db_url(request, tmp_path) -> Iterator[str]:
     url = server.create_database()
     yield url
     server.drop_database(url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    """A fresh SQLite file in the temp dir, for tests about processes rather than SQL."""
+    return f"sqlite:///{tmp_path / 'data' / 'edgerlhf.db'}"
+
+
+@pytest.fixture
+def dashboard_env(monkeypatch):
+    """Point the in-process dashboard (AppTest runs it in this process) at a backend URL (and its token)."""
+    from edgerlhf.settings import get_settings
+
+    def point_at(url: str, token: str | None = None) -> None:
+        for key in [k for k in os.environ if k.startswith("EDGERLHF_") and k != "EDGERLHF_SHARED_DIR"]:
+            monkeypatch.delenv(key)
+        monkeypatch.setenv("EDGERLHF_BACKEND_URL", url)
+        if token:
+            monkeypatch.setenv("EDGERLHF_API_TOKEN", token)
+        get_settings.cache_clear()
+
+    yield point_at
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """The session's trained tiny run (`tests/support/trained.py`): read it, or `copy_to(tmp_path / ...)` to write."""
+    from .support.trained import trained_run
+
+    base = tmp_path_factory.getbasetemp()
+    # xdist workers each have a basetemp under one common parent: build the run there, once for all of them.
+    return trained_run(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)

@@ -23,7 +23,7 @@ from db import make_engine
 from edgerlhf import cli
 from edgerlhf.settings import Settings
 
-from .conftest import REPO_ROOT
+from tests.support.procs import REPO_ROOT
 
 COMPOSE_TEXT = (REPO_ROOT / "docker-compose.yml").read_text()
 COMPOSE = yaml.safe_load(COMPOSE_TEXT)
@@ -156,3 +156,12 @@ def test_the_documented_url_reaches_a_real_postgresql(postgres):
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 0
     engine.dispose()
+
+
+def test_the_postgresql_password_has_no_default():
+    """A published PostgreSQL (`EDGERLHF_POSTGRES_BIND=0.0.0.0`) with a password everyone can read in this file is
+    open to anyone: compose passes the variable as it is (empty when unset, so the postgres image refuses to
+    initialise), never a fallback. (`${VAR:?}` would do it too, but compose interpolates every service, the
+    profile's too, so plain `docker compose up` on SQLite would then fail without it.)"""
+    assert POSTGRES["environment"]["POSTGRES_PASSWORD"] == "${EDGERLHF_POSTGRES_PASSWORD:-}"
+    assert "EDGERLHF_POSTGRES_PASSWORD" in (REPO_ROOT / "README.md").read_text()

@@ -23,37 +23,24 @@ import pytest
 import torch
 
 from db import init_db, make_engine, make_sessionmaker, queue
-from edgerlhf.config import HH_PREFS_SAMPLE, RANDOM_ARCHITECTURES, load_config
+from edgerlhf.config import RANDOM_ARCHITECTURES, load_config
 from edgerlhf.context import RunContext
 from edgerlhf.pipeline import run_pipeline, run_stage
-from tests.backend.test_chat_api import TOKEN, start_backend, stop_backend
-from tests.edgerlhf.tiny_run import chat_template_tokenizer
+from tests.support.backend import CHAT_ENV, CHAT_TOKEN, start_backend
+from tests.support.tiny import FAMILIES, chat_template_tokenizer
 
 pytestmark = pytest.mark.slow
 
 TEMPLATE_FAMILIES = {"llama", "qwen2", "gemma2", "phi3"}
 """Families run through the ChatML template; the others see raw HH text."""
 
-PIPELINE = {
-    "model": {"n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 64, "intermediate_size": 128, "n_positions": 256},
-    "data": {"source": HH_PREFS_SAMPLE, "max_pairs": 48, "max_prompt_tokens": 64, "max_response_tokens": 24},
-    "warmup": {"steps": 0},
-    "sft": {"target_modules": ["all-linear"], "max_steps": 2, "batch_size": 4, "max_length": 128, "eval_every": 2,
-            "sample_every": 2, "n_sample_prompts": 1},
-    "reward": {"precisions": ["bf16", "int8", "int4"], "max_steps": 2, "batch_size": 4, "eval_every": 2,
-               "max_length": 128},
-    "ppo": {"steps": 2, "batch_size": 4, "samples_per_prompt": 2, "mini_batch_size": 2, "ppo_epochs": 1,
-            "response_length": 8, "learning_rate": 3e-2, "sample_every": 1, "checkpoint_every": 1,
-            "n_probe_prompts": 1},
-    "evaluate": {"n_prompts": 4, "response_length": 8, "n_show": 1, "samples_per_prompt": 1},
-}
 QLORA_SFT = {"mistral": "int4", "qwen3": "int8"}
 """Families whose SFT trains its LoRA on a quantized base (QLoRA), merged into the bf16 weights after."""
 JOB_IDS = {arch: i + 1 for i, arch in enumerate(RANDOM_ARCHITECTURES)}
 
 
 def family_config(arch: str, tokenizer_dir: Path):
-    overrides = json.loads(json.dumps(PIPELINE))
+    overrides = json.loads(json.dumps(FAMILIES))
     overrides["model"]["architecture"] = arch
     if arch in TEMPLATE_FAMILIES:
         overrides["model"]["tokenizer"] = str(tokenizer_dir)
@@ -113,7 +100,7 @@ def test_every_stage_runs_and_ppo_holds_one_network(data_dir, arch, tmp_path):
     shutil.copy(run_dir / "config.json", quantized)
     for part in ("data", "sft", "reward"):
         shutil.copytree(run_dir / part, quantized / part)
-    overrides = {**json.loads(json.dumps(PIPELINE)), "stages": ["ppo"]}
+    overrides = {**json.loads(json.dumps(FAMILIES)), "stages": ["ppo"]}
     overrides["model"] = config["model"]
     overrides["ppo"].update(quantized_policy=True, reward_precision="int4")
     four_bit = run_stage("ppo", load_config("tiny", overrides), RunContext(quantized)).model_dump()
@@ -124,10 +111,11 @@ def test_every_stage_runs_and_ppo_holds_one_network(data_dir, arch, tmp_path):
 def test_every_family_answers_through_the_chat_api(data_dir):
     from transformers import AutoTokenizer
 
-    proc, url = start_backend(data_dir)
+    backend = start_backend(data_dir, **CHAT_ENV)
+    url = backend.url
     messages = [{"role": "user", "content": "How far can spiders jump?"}]
     try:
-        with openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=300) as client:
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=CHAT_TOKEN, max_retries=0, timeout=300) as client:
             for arch, job_id in JOB_IDS.items():
                 answer = client.chat.completions.create(model=f"job-{job_id}/ppo", messages=messages,
                                                         max_tokens=6, temperature=0)
@@ -140,7 +128,7 @@ def test_every_family_answers_through_the_chat_api(data_dir):
 
         # Export over the API: the .tar holds a model directory that plain transformers loads.
         job_id = JOB_IDS["qwen2"]
-        headers = {"Authorization": f"Bearer {TOKEN}"}
+        headers = {"Authorization": f"Bearer {CHAT_TOKEN}"}
         exported = httpx.post(f"{url}/api/jobs/{job_id}/export", headers=headers, timeout=300)
         assert exported.status_code == 200, exported.text
         assert "model.safetensors" in {f["name"] for f in exported.json()["files"]}
@@ -152,7 +140,7 @@ def test_every_family_answers_through_the_chat_api(data_dir):
         assert_same_policy(unpacked / f"edgerlhf-job-{job_id}", data_dir / "runs" / f"job-{job_id}")
         assert httpx.post(f"{url}/api/jobs/999/export", headers=headers).status_code == 404
     finally:
-        stop_backend(proc)
+        backend.stop()
 
 
 def assert_same_policy(exported_dir: Path, run_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""The test session's PostgreSQL server (`tests/postgres.py`): it runs (as an unprivileged user under root),
+"""The test session's PostgreSQL server (`tests/support/postgres.py`): it runs (as an unprivileged user under root),
 and where none can run, the PostgreSQL half of the tests says why and is skipped, or fails under `CI=true`."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 
 import psycopg
 
-from .conftest import REPO_ROOT
-from .postgres import BINDIR_ENV
+from tests.support.procs import REPO_ROOT
+from tests.support.postgres import BINDIR_ENV
 
 A_DB_TEST = "tests/db/test_queue.py::test_claim_takes_oldest_first_and_returns_none_when_empty"
 

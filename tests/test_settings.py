@@ -3,10 +3,10 @@
 import subprocess
 import sys
 
-from edgerlhf.contract import STAGES
+from edgerlhf.pipeline import STAGE_MODULES
 from edgerlhf.settings import Settings
 
-from .conftest import REPO_ROOT
+from tests.support.procs import REPO_ROOT
 
 
 def test_defaults_are_local_and_safe(tmp_path, monkeypatch):
@@ -37,7 +37,7 @@ def test_the_ml_library_and_the_command_load_no_service_code():
     loads a service package only when its subcommand runs."""
     code = (
         "import importlib, sys\n"
-        f"for name in {['edgerlhf.cli', 'edgerlhf.pipeline', *(f'edgerlhf.{s}' for s in STAGES)]!r}:\n"
+        f"for name in {['edgerlhf.cli', 'edgerlhf.pipeline', *STAGE_MODULES.values()]!r}:\n"
         "    importlib.import_module(name)\n"
         "print(sorted(m for m in sys.modules if m == 'edgerlhf.settings' or m.split('.')[0] in\n"
         "             ('backend', 'worker', 'db', 'frontend', 'fastapi', 'sqlalchemy', 'streamlit', 'pydantic_settings')))\n")

@@ -15,8 +15,8 @@ import httpx
 import psutil
 import pytest
 
-from .conftest import REPO_ROOT, free_port
-from .fake_gpus import FAKE_GPUS, fake_nvidia_smi_path
+from tests.support.fake_gpus import FAKE_GPUS, fake_nvidia_smi_path
+from tests.support.procs import REPO_ROOT, free_port
 
 
 def wait_for(url: str, deadline: float) -> httpx.Response:

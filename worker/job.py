@@ -2,10 +2,13 @@
 
 Every tensor, CUDA context and data loader of a job lives in this process, so when it ends (finished,
 cancelled, killed) the operating system takes all of it back: nothing of a stopped job survives in the
-long-lived worker. It dies with its worker too (the worker starts it with `worker.lifeline.die_with_parent`,
+long-lived worker. It dies with its worker too (the worker starts it with `edgerlhf.lifeline.die_with_parent`,
 Linux's `PR_SET_PDEATHSIG`; a watchdog thread here covers other systems), so a `kill -9` of the worker
 leaves no orphan training on. A job that names a device this machine lacks (`cuda:99`, or `cuda` without
-CUDA) fails before its first stage, with the devices there are.
+CUDA) fails before its first stage, with the devices there are. So does a job whose config the service would not
+have queued (`edgerlhf.config.service_problems`: a local path outside the allowed roots, an import-path reward
+function): the config comes from the database, and whoever can write there is not trusted to run code here. Hub
+downloads are bounded by `EDGERLHF_MAX_DOWNLOAD_BYTES` (`edgerlhf.locations.set_download_limit`).
 
     python -m worker.job --job-id 12 --parent-pid 4711 --result /path/result.json
 
@@ -34,6 +37,10 @@ logger = logging.getLogger("edgerlhf.worker")
 
 class DeviceUnavailable(RuntimeError):
     """The job asks for a device this machine does not have."""
+
+
+class JobRefused(ValueError):
+    """The job's config asks for what the service refuses (the checks the backend runs before queueing a job)."""
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -93,7 +100,8 @@ def _write_result(path: Path, result: dict) -> None:
 def run(job_id: int) -> tuple[int, dict]:
     """Run job `job_id` to its end here; returns (exit code, result)."""
     from db import make_engine, make_sessionmaker, queue, read
-    from edgerlhf.config import PipelineConfig
+    from edgerlhf import locations
+    from edgerlhf.config import PipelineConfig, service_problems
     from edgerlhf.context import Cancelled
     from edgerlhf.contract import job_run_dir
     from edgerlhf.settings import get_settings
@@ -109,7 +117,12 @@ def run(job_id: int) -> tuple[int, dict]:
                 return EXIT_FAILED, {"status": "failed", "error": f"job {job_id} not found"}
             config_dict, attempt = job.config, job.attempts
             skip = queue.completed_stages(session, job_id)
-        config = PipelineConfig.from_dict(config_dict)
+        config = PipelineConfig.from_dict(config_dict)  # the config's own checks (ranges, names, data.data_dir ...)
+        problems = service_problems(config, [*settings.allowed_roots, settings.data_dir])
+        if problems:  # before anything of the config is used: no path read, no module imported
+            raise JobRefused("this job's config is refused by the service: "
+                             + "; ".join(f"{field}: {message}" for field, _, message in problems))
+        locations.set_download_limit(settings.max_download_bytes)
         if config.device == "auto" and settings.device != "auto":
             config.device = settings.device  # the worker's settings pin the device of jobs that leave it open
         check_device(config.device)  # before any stage: a missing device is this job's error, not a retry

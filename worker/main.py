@@ -38,11 +38,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import Job, JobStatus, init_db, make_engine, make_sessionmaker, queue
 from db.models import MAX_GPU_MEMORY_MB
 from edgerlhf.contract import job_run_dir
+from edgerlhf.lifeline import die_with_parent
 from edgerlhf.log import setup_logging
 from edgerlhf.settings import Settings, get_settings
 from worker.gpu import GPUError, WorkerGPU, resolve
 from worker.job import EXIT_CANCELLED, EXIT_OK
-from worker.lifeline import die_with_parent
 
 logger = logging.getLogger("edgerlhf.worker")
 
@@ -278,7 +278,7 @@ class Worker:
         return JobRunner(job, self.sessions, self.settings, self.worker_id, self.cancel_grace, self.gpu).run()
 
     def run(self, once: bool = False, max_jobs: int | None = None) -> int:
-        logger.info(f"worker {self.worker_id} started on {self.settings.db_url} with {self.gpu.describe()}")
+        logger.info(f"worker {self.worker_id} started on {self.settings.db_url_for_logs} with {self.gpu.describe()}")
         done = 0
         try:
             while max_jobs is None or done < max_jobs:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from db.models import MAX_GPU_MEMORY_MB, Artifact, Job, JobStatus, LogLine, Metric, Sample, StageRun, Worker
 from edgerlhf.contract import StageStatus
@@ -27,6 +27,28 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+MAX_OVERRIDE_DEPTH = 8
+"""Deepest nesting of a job's `overrides` (a config is a section, a field and a list: 3 levels)."""
+
+
+def _shallow(value: Any) -> Any:
+    """`value` unchanged, or a ValueError when it nests deeper than `MAX_OVERRIDE_DEPTH` (checked without recursion,
+    so any depth the JSON parser took is measured)."""
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth >= MAX_OVERRIDE_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_OVERRIDE_DEPTH} levels; a config has 3 "
+                                 "(section, field, list)")
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return value
+
+
+Overrides = Annotated[dict[str, Any], BeforeValidator(_shallow)]
+"""A job's overrides: nested fields to change, at most `MAX_OVERRIDE_DEPTH` deep (422 beyond)."""
+
+
 # --- jobs ------------------------------------------------------------------------------------------
 
 
@@ -38,8 +60,8 @@ class JobCreate(BaseModel):
 
     name: str | None = Field(None, min_length=1, max_length=200, description="Shown in lists; default: the preset name")
     preset: str = Field(min_length=1, max_length=100, description="A name from GET /api/presets")
-    overrides: dict[str, Any] = Field(default_factory=dict,
-                                      description="Nested fields to change, e.g. {\"ppo\": {\"steps\": 5}}")
+    overrides: Overrides = Field(default_factory=dict,
+                                 description="Nested fields to change, e.g. {\"ppo\": {\"steps\": 5}}")
     min_gpu_memory_mb: int | None = Field(
         None, strict=True, ge=1, le=MAX_GPU_MEMORY_MB,
         description="Only a worker whose GPU has at least this much memory (MB) runs the job; default: any worker")
@@ -56,7 +78,7 @@ class PlanRequest(BaseModel):
                       "gpu_memory_mb": 8192}]})
 
     preset: str = Field(min_length=1, max_length=100, description="A name from GET /api/presets")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="Nested fields to change, as for a job")
+    overrides: Overrides = Field(default_factory=dict, description="Nested fields to change, as for a job")
     gpu_memory_mb: int | None = Field(
         None, strict=True, ge=1, le=MAX_GPU_MEMORY_MB,
         description="The GPU memory to check against (a job's min_gpu_memory_mb); default: as a new job is "
@@ -81,12 +103,17 @@ class StagePublic(BaseModel):
     finished_at: datetime | None = None
 
 
-class JobPublic(BaseModel):
+class JobSummary(BaseModel):
+    """A job without its config: what a job list and a status event carry (a config is kilobytes, and a list of
+    200 jobs polled every few seconds would carry each one every time). `GET /api/jobs/{id}` has the config."""
+
     id: int
     name: str
     status: JobStatus
     preset: str
-    config: dict[str, Any]
+    algorithm: str
+    """The alignment algorithm of its config (`PipelineConfig.algorithm`; `ppo` for a job stored before there was
+    a choice)."""
     stage: str | None
     progress: float
     created_at: datetime
@@ -109,7 +136,7 @@ class JobPublic(BaseModel):
 
     @classmethod
     def of(cls, job: Job, runs: list[StageRun], queue_position: int | None,
-           waiting_for: str | None = None) -> JobPublic:
+           waiting_for: str | None = None) -> Self:
         by_stage = {r.stage: r for r in runs}
         stages = []
         for name in job.config.get("stages", []):
@@ -118,8 +145,10 @@ class JobPublic(BaseModel):
                                       progress=run.progress if run else 0.0,
                                       started_at=run.started_at if run else None,
                                       finished_at=run.finished_at if run else None))
-        return cls(id=job.id, name=job.name, status=job.status, preset=job.preset, config=jsonable(job.config),
-                   stage=job.stage, progress=job.progress or 0.0, created_at=job.created_at,
+        extra = {"config": jsonable(job.config)} if "config" in cls.model_fields else {}
+        return cls(id=job.id, name=job.name, status=job.status, preset=job.preset,
+                   algorithm=job.config.get("algorithm", "ppo"), **extra, stage=job.stage,
+                   progress=job.progress or 0.0, created_at=job.created_at,
                    started_at=job.started_at, finished_at=job.finished_at, heartbeat_at=job.heartbeat_at,
                    error=job.error, attempts=job.attempts, worker_id=job.worker_id,
                    cancel_requested=job.cancel_requested,
@@ -128,8 +157,14 @@ class JobPublic(BaseModel):
                    waiting_for=waiting_for if job.status == JobStatus.queued else None, stages=stages)
 
 
+class JobPublic(JobSummary):
+    """A job with its whole config (`PipelineConfig.to_dict()`)."""
+
+    config: dict[str, Any]
+
+
 class JobsPublic(BaseModel):
-    items: list[JobPublic]
+    items: list[JobSummary]
     total: int
     """Jobs matching the filter (all pages)."""
     limit: int

@@ -10,13 +10,16 @@ must be a gold scorer: an import path would run code of the job's choosing on th
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
-from edgerlhf.config import LOCATION_FIELDS, PRESETS, ConfigError, PipelineConfig, load_config
-from edgerlhf.gold import SCORERS
-from edgerlhf.locations import is_hub_id, is_local
+from edgerlhf.config import PRESETS, ConfigError, PipelineConfig, load_config, service_problems
+
+
+MAX_CONFIG_BYTES = 16_384
+"""Largest config a job may store, as JSON."""
 
 
 class JobInvalid(Exception):
@@ -41,24 +44,6 @@ def _loc(field: str) -> list[str | int]:
     return loc
 
 
-def check_location(value: str, roots: list[Path]) -> str | None:
-    """None if `value` is a hub id or a local path under one of `roots`; else what is wrong with it."""
-    if is_hub_id(value):
-        return None
-    if "\x00" in value:
-        return "contains a NUL byte"
-    path = Path(value).expanduser()
-    if not is_local(value):
-        return ("is neither a hub id ('name' or 'org/name') nor an absolute local path; "
-                "give local files as absolute paths")
-    resolved = path.resolve()
-    for root in roots:
-        if resolved.is_relative_to(root.expanduser().resolve()):
-            return None
-    allowed = ", ".join(str(r) for r in roots)
-    return f"local path {value!r} is outside the allowed roots ({allowed}); set EDGERLHF_ALLOWED_ROOTS to allow it"
-
-
 def validate_job(preset: str, overrides: dict[str, Any], roots: list[Path]) -> PipelineConfig:
     """The job's full config, or `JobInvalid` naming the first bad field."""
     if preset not in PRESETS:
@@ -71,20 +56,14 @@ def validate_job(preset: str, overrides: dict[str, Any], roots: list[Path]) -> P
         config = load_config(preset, overrides)
     except ConfigError as exc:
         raise JobInvalid([{"loc": ["body", "overrides", *_loc(exc.field)], "type": "config", "msg": exc.message}])
-    errors = []
-    for section, name in LOCATION_FIELDS:
-        value = getattr(getattr(config, section), name)
-        if value is None:
-            continue
-        problem = check_location(value, roots)
-        if problem:
-            errors.append({"loc": ["body", "overrides", section, name], "type": "path", "msg": problem})
-    function = config.ppo.reward_function
-    if function is not None and function not in SCORERS:
-        # An import path runs that module's code on the worker: only the command line and Python take one.
-        errors.append({"loc": ["body", "overrides", "ppo", "reward_function"], "type": "config",
-                       "msg": f"a job may name a gold scorer ({sorted(SCORERS)}); a Python import path like "
-                              f"{function!r} is taken from the command line only"})
+    # Paths under the allowed roots, no import-path reward function: the rule the job process checks again.
+    errors = [{"loc": ["body", "overrides", *field.split(".")], "type": kind, "msg": message}
+              for field, kind, message in service_problems(config, roots)]
+    size = len(json.dumps(config.to_dict()))
+    if size > MAX_CONFIG_BYTES:  # every job list item once carried it, and a job stores it whole
+        errors.append({"loc": ["body", "overrides"], "type": "config",
+                       "msg": f"the job's config would take {size:,} bytes as JSON; at most {MAX_CONFIG_BYTES:,} "
+                              "(a preset's takes about 3,000)"})
     if errors:
         raise JobInvalid(errors)
     return config

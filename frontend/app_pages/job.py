@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from edgerlhf.contract import MEMORY_PREFIX, SAMPLED_PREFIX, JobStatus, StageStatus
+from edgerlhf.contract import MEMORY_PREFIX, SAMPLED_PREFIX, JobStatus, StageStatus, algorithm_traits
 from frontend import charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
 from frontend.reports import eval_headline, eval_pairs, eval_rows, precision_rows
@@ -127,7 +127,7 @@ def dpo_curves(feed: live.JobFeed, jid: int) -> bool:
 
 
 def overview(feed: live.JobFeed, jid: int) -> None:
-    aligned = dpo_curves(feed, jid) if feed.algorithm == "dpo" else sampling_curves(feed, jid)
+    aligned = sampling_curves(feed, jid) if algorithm_traits(feed.algorithm).samples else dpo_curves(feed, jid)
     if not aligned and (feed.series("sft/loss") or feed.keys()):
         st.plotly_chart(charts.keys_figure(feed, ["sft/loss", "sft/eval_loss"], "SFT loss", "sft"),
                         key=f"j{jid}-sft-overview", width="stretch")

@@ -34,7 +34,7 @@ def _rows(jobs: list[dict]) -> list[dict]:
             "progress": j["progress"],
             "queue": j["queue_position"],
             "preset": j["preset"],
-            "algorithm": j["config"].get("algorithm", "ppo"),  # jobs queued before it existed ran PPO
+            "algorithm": j["algorithm"],
             "created": ui.parse_time(j["created_at"]).astimezone().strftime("%Y-%m-%d %H:%M:%S"),
             "duration": ui.duration(j),
             "attempts": j["attempts"],

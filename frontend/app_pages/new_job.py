@@ -25,7 +25,7 @@ from typing import Any
 
 import streamlit as st
 
-from edgerlhf.contract import ALGORITHMS, PRECISIONS, STAGES, merge_overrides
+from edgerlhf.contract import ALGORITHM_TABLE, ALGORITHMS, PRECISIONS, STAGES, merge_overrides
 from frontend import arena, ui
 from frontend.api_client import ApiClient, ApiError, BackendDown, get_client
 
@@ -85,9 +85,10 @@ ALGORITHM_HELP = {
     "dpo": "offline on the preference pairs: no sampling, no reward model needed",
 }
 """One line per algorithm for the select box (the field's ⓘ holds `PipelineConfig.algorithm`'s docstring)."""
-SECTION_ALGORITHMS = {"PPO": ("ppo", "grpo", "rloo"), "DPO": ("dpo",)}
+SECTION_ALGORITHMS = {section.upper(): tuple(a.name for a in ALGORITHM_TABLE.values() if a.section == section)
+                      for section in ("ppo", "dpo")}
 """Sections shown only for some algorithms: `ppo.*` holds the settings of every sampling algorithm."""
-FIELD_ALGORITHMS = {"ppo.target_kl": ("ppo",)}
+FIELD_ALGORITHMS = {"ppo.target_kl": tuple(a.name for a in ALGORITHM_TABLE.values() if a.adaptive_kl)}
 """Fields of a shown section that only some of its algorithms read (the adaptive KL controller is PPO's)."""
 BY_ALGORITHM = ("ppo.samples_per_prompt",)
 """Fields whose default the config derives from the algorithm (None: 1 for PPO, 4 for GRPO and RLOO). The preset
@@ -289,8 +290,9 @@ with st.container(border=True):
                 algorithm = values.get("algorithm", defaults["algorithm"])
                 if algorithm not in SECTION_ALGORITHMS.get(section, (algorithm,)):
                     continue
-                sampling = section == "PPO" and algorithm != "ppo"  # GRPO and RLOO read the `ppo` section
-                st.subheader(f"{algorithm.upper()} (`ppo.*`)" if sampling else section, divider="gray")
+                algorithm_label = ALGORITHM_TABLE[algorithm].label
+                sampling = section == "PPO" and algorithm_label != section  # GRPO and RLOO read the `ppo` section
+                st.subheader(f"{algorithm_label} (`ppo.*`)" if sampling else section, divider="gray")
                 if section == "DPO" and "reward" not in values.get("stages", defaults["stages"]):
                     st.caption("Without the reward stage, the evaluation measures gold, length and KL, not reward.")
                 for sec, path, label, options in FIELDS:
@@ -300,7 +302,7 @@ with st.container(border=True):
                     if path in BY_ALGORITHM:
                         default = default if algorithm == defaults["algorithm"] else None
                         key = f"nj:{preset}:{algorithm}:{path}"  # a fresh widget when the algorithm changes
-                    values[path] = widget(fields[path], label.replace("PPO", algorithm.upper()) if sampling else label,
+                    values[path] = widget(fields[path], label.replace("PPO", algorithm_label) if sampling else label,
                                           options, default, key=key)
                     field_error(path, errors)
     arena_votes = arena.votes_option(client, key=f"nj:{preset}:votes")  # train on the Arena page's votes

@@ -23,7 +23,8 @@ from edgerlhf.data import parse_record, read_prefs
 from edgerlhf.pipeline import run_pipeline
 from edgerlhf.settings import Settings
 
-from .conftest import row_counts
+from tests.support.db import row_counts
+from tests.support.runs import make_run_dir
 
 HELD_OUT = ["Human: What is a good name for a cat?", "Human: Hi\n\nAssistant: Hello!\n\nHuman: How do magnets work?"]
 
@@ -31,8 +32,6 @@ HELD_OUT = ["Human: What is a good name for a cat?", "Human: Hi\n\nAssistant: He
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory) -> Path:
     """Run directories of jobs 1 (sft + ppo) and 2 (sft), built once and copied into each test's data dir."""
-    from tests.backend.test_chat_models import make_run_dir
-
     runs = tmp_path_factory.mktemp("arena-runs")
     make_run_dir(runs / "job-1")
     make_run_dir(runs / "job-2", with_ppo=False)
@@ -133,7 +132,7 @@ def test_arena_routes_need_the_token(db_url, tmp_path):
     from backend.main import create_app
 
     app = create_app(Settings(data_dir=tmp_path / "data", database_url=db_url, api_token="s3cret"))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         for method, path in (("GET", "/api/arena/votes"), ("POST", "/api/arena/votes"),
                              ("GET", "/api/arena/leaderboard"), ("GET", "/api/arena/votes/export"),
                              ("POST", "/api/arena/votes/snapshot"), ("GET", "/api/arena/prompts?job_id=1")):

@@ -1,7 +1,7 @@
 """The arena's loop on a task whose answer we know: votes cast through the API by a script that follows a gold
 scorer train, through a real job, a reward model that agrees with that gold on pairs it never saw.
 
-A real `edgerlhf backend` (with its API token) serves two finished jobs (tiny real models, `make_run_dir`).
+A real `edgerlhf backend` (with its API token) serves two finished jobs (tiny real models, `tests/support/runs.py`).
 The script plays the person at the arena: for HH-RLHF prompts it shows two HH responses as the answers of
 two of those models (sides drawn at random) and votes as the `concise` gold says (A, B, or a tie when the
 gold cannot tell). Then, as the New job page does, it snapshots the votes (`POST /api/arena/votes/snapshot`)
@@ -32,10 +32,13 @@ import pytest
 import torch
 
 from edgerlhf import gold, models
-from edgerlhf.config import HH_PREFS_SAMPLE, SHARED_DIR, TINY_TOKENIZER_DIR, load_config
-from tests.backend.test_chat_api import TOKEN, start_backend, stop_backend
-from tests.conftest import REPO_ROOT
-from tests.frontend.conftest import APP, dashboard_env, service_env  # noqa: F401 (a fixture)
+from edgerlhf.config import SHARED_DIR, TINY_TOKENIZER_DIR, load_config
+from frontend.api_client import TOKEN_KEY
+from tests.support.backend import CHAT_ENV, CHAT_TOKEN, start_backend
+from tests.support.dashboard import APP
+from tests.support.procs import REPO_ROOT, service_env
+from tests.support.runs import make_jobs
+from tests.support.tiny import ARENA_VOTES_JOB
 
 pytestmark = pytest.mark.slow
 
@@ -47,36 +50,6 @@ HH_DIR = os.path.join(SHARED_DIR, "data", "hh-rlhf")
 """The local HH-RLHF files (raw harmless-base test split and the processed sample): ~1,100 prompts fit the budgets."""
 WORKER_TIMEOUT_S = 300
 WORKER = [sys.executable, "-m", "edgerlhf.cli", "worker", "--once", "--poll-interval", "0.2"]
-JOB = {  # the tiny preset shrunk: a 1-layer model, no warm-up, 2 SFT steps; the reward model is what is tested
-    "stages": ["data", "sft", "reward"],
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 256},
-    "warmup": {"steps": 0},
-    "data": {"source": HH_PREFS_SAMPLE, "labels": "human", "max_pairs": 40, "test_fraction": 0.2,
-             "max_prompt_tokens": 128, "max_response_tokens": 64, "votes_weight": 1.0},
-    "sft": {"max_steps": 2, "batch_size": 4, "max_length": 96, "eval_every": 2, "sample_every": 2,
-            "n_sample_prompts": 0},
-    "reward": {"precisions": ["bf16"], "max_steps": 150, "batch_size": 8, "eval_every": 150, "max_length": 192},
-}
-
-
-def finished_jobs(data_dir) -> None:
-    """Jobs 1 (succeeded: sft and ppo) and 2 (failed after sft: sft), their run dirs holding tiny real models."""
-    from db import init_db, make_engine, make_sessionmaker, queue
-    from tests.backend.test_chat_models import make_run_dir
-
-    make_run_dir(data_dir / "runs" / "job-1")
-    make_run_dir(data_dir / "runs" / "job-2", with_ppo=False)
-    engine = make_engine(f"sqlite:///{data_dir / 'edgerlhf.db'}")
-    init_db(engine)
-    with make_sessionmaker(engine)() as session:
-        for name in ("done", "failed-in-ppo"):
-            queue.create_job(session, name=name, preset="tiny", config=load_config("tiny").to_dict())
-            assert queue.claim_next(session, "test-worker") is not None
-        assert queue.finish(session, 1, "test-worker")
-        assert queue.fail(session, 2, "RuntimeError: ppo diverged", worker_id="test-worker")
-    engine.dispose()
-
-
 def hh_pairs() -> list[tuple[str, str, str]]:
     """(prompt, response, response) of the local HH-RLHF files within the job's token budgets, one per prompt."""
     from transformers import AutoTokenizer
@@ -116,15 +89,17 @@ class Loop:
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     data = tmp_path_factory.mktemp("arena-loop")
-    finished_jobs(data)
+    make_jobs(data, running=False)  # jobs 1 (succeeded: sft, ppo) and 2 (failed after sft: sft)
     pairs = hh_pairs()
     assert len(pairs) >= N_VOTES + N_HELD_OUT, len(pairs)
     rng = random.Random(0)
     rng.shuffle(pairs)
     voted, held_out = pairs[:N_VOTES], pairs[N_VOTES:N_VOTES + N_HELD_OUT]
-    proc, url = start_backend(data)
+    # A script votes here, far faster than the 60 votes a minute a person is allowed by default.
+    backend = start_backend(data, **CHAT_ENV, EDGERLHF_ARENA_VOTES_PER_MINUTE=str(10 * N_VOTES))
+    url = backend.url
     try:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as api:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {CHAT_TOKEN}"}, timeout=30) as api:
             for prompt, first, second in voted:  # the script at the arena
                 model_a, model_b = rng.sample(CONTESTANTS, 2)
                 answer_a, answer_b = (first, second) if rng.random() < 0.5 else (second, first)
@@ -135,7 +110,7 @@ def loop(tmp_path_factory):
                     "answer_b": answer_b, "choice": choice})
                 assert response.status_code == 201, response.text
             snapshot = api.post("/api/arena/votes/snapshot").json()
-            job = JOB | {"data": JOB["data"] | {"votes_file": snapshot["path"]}}
+            job = ARENA_VOTES_JOB | {"data": ARENA_VOTES_JOB["data"] | {"votes_file": snapshot["path"]}}
             created = api.post("/api/jobs", json={"preset": "tiny", "name": "on arena votes", "overrides": job})
             assert created.status_code == 201, created.text
             job_id = created.json()["id"]
@@ -146,7 +121,7 @@ def loop(tmp_path_factory):
             report = api.get(f"/api/jobs/{job_id}/report").json()
         yield Loop(url, snapshot, finished, report, data / "runs" / f"job-{job_id}", held_out)
     finally:
-        stop_backend(proc)
+        backend.stop()
 
 
 def test_the_job_uses_exactly_the_votes_of_its_snapshot(loop):
@@ -189,8 +164,9 @@ def test_the_vote_trained_reward_model_agrees_with_the_gold(loop):
 def test_the_job_page_says_which_votes_shaped_the_run(loop, dashboard_env):
     from streamlit.testing.v1 import AppTest
 
-    dashboard_env(loop.url, TOKEN)
+    dashboard_env(loop.url, CHAT_TOKEN)
     at = AppTest.from_file(str(APP), default_timeout=60)
+    at.session_state[TOKEN_KEY] = CHAT_TOKEN  # what this browser session typed at the login (frontend/login.py)
     at.query_params["job"] = str(loop.job["id"])
     at.run()
     at.switch_page("app_pages/job.py").run()

@@ -2,99 +2,36 @@
 
 `edgerlhf backend` runs as a subprocess on a free port over a real SQLite file in a temp dir. Its jobs
 are made through `db.queue` (created, claimed, finished or failed) and their run directories hold real
-tiny artifacts (`make_run_dir`): job 1 succeeded with base/SFT/PPO, job 2 failed after SFT, job 3 is
+tiny artifacts (`tests/support/runs.py`): job 1 succeeded with base/SFT/PPO, job 2 failed after SFT, job 3 is
 still running and serves nothing.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.backend.test_chat_models import make_run_dir
-from tests.conftest import REPO_ROOT, free_port
+from tests.support.backend import CHAT_ENV, CHAT_MAX_TOKENS, CHAT_TOKEN, start_backend
+from tests.support.runs import make_jobs
 
-TOKEN = "chat-test-token"
-MAX_TOKENS = 48
+TOKEN = CHAT_TOKEN
+MAX_TOKENS = CHAT_MAX_TOKENS
 MESSAGES = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "How far can spiders jump?"},
             {"role": "assistant", "content": "About a metre."},
             {"role": "user", "content": "And fleas?"}]
 
 
-def make_jobs(data_dir: Path) -> None:
-    """Jobs 1 (succeeded: base, sft, ppo), 2 (failed after sft: base, sft), 3 (running: nothing)."""
-    from db import init_db, make_engine, make_sessionmaker, queue
-    from edgerlhf.config import load_config
-
-    engine = make_engine(f"sqlite:///{data_dir / 'edgerlhf.db'}")
-    init_db(engine)
-    config = load_config("tiny").to_dict()
-    runs = data_dir / "runs"
-    make_run_dir(runs / "job-1")
-    make_run_dir(runs / "job-2", with_ppo=False)
-    with make_sessionmaker(engine)() as session:
-        for name in ("done", "failed-in-ppo", "running"):
-            queue.create_job(session, name=name, preset="tiny", config=config)
-        for job_id in (1, 2, 3):
-            assert queue.claim_next(session, "test-worker").id == job_id
-        assert queue.finish(session, 1, "test-worker")
-        assert queue.fail(session, 2, "RuntimeError: ppo diverged", worker_id="test-worker")
-    engine.dispose()
-
-
-def start_backend(data_dir: Path, token: str | None = TOKEN, **env: str) -> tuple[subprocess.Popen, str]:
-    """`edgerlhf backend` on a free port; returns the process and its base URL once /healthz answers."""
-    port = free_port()
-    # Only our settings: an EDGERLHF_* variable of the developer's shell must not leak into the test.
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("EDGERLHF_") or k == "EDGERLHF_SHARED_DIR"}
-    environ = {**inherited, "EDGERLHF_DATA_DIR": str(data_dir), "EDGERLHF_DEVICE": "cpu",
-               "EDGERLHF_CHAT_MAX_TOKENS": str(MAX_TOKENS), "EDGERLHF_CHAT_CACHE_SIZE": "2",
-               "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **env}
-    if token:
-        environ["EDGERLHF_API_TOKEN"] = token
-    with open(data_dir / "backend.log", "wb") as log:  # the child keeps its own copy of the handle
-        proc = subprocess.Popen([sys.executable, "-m", "edgerlhf.cli", "backend", "--port", str(port)],
-                                cwd=REPO_ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"backend exited with {proc.returncode}:\n{(data_dir / 'backend.log').read_text()}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError(f"backend did not answer:\n{(data_dir / 'backend.log').read_text()}")
-
-
-def stop_backend(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("chat-data")
     make_jobs(data_dir)
-    proc, url = start_backend(data_dir)
-    yield url, data_dir
-    stop_backend(proc)
+    backend = start_backend(data_dir, **CHAT_ENV)
+    yield backend.url, data_dir
+    backend.stop()
 
 
 @pytest.fixture(scope="module")

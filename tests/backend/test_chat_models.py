@@ -2,12 +2,11 @@
 
 The models are real: a tiny random GPT-2 saved as `base/` and `sft/merged/` with the GPT-2 tokenizer,
 and a real peft LoRA adapter as `ppo/adapter/`, in the run directory layout of the brief, loaded by
-`edgerlhf.models.load_policy`. `make_run_dir` is shared with the API test.
+`edgerlhf.models.load_policy` (`tests/support/runs.py`: `make_run_dir`).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -15,47 +14,7 @@ import pytest
 
 from backend.chat_models import (ChatModels, GenerationParams, ModelNotFound, StopScanner, available_kinds,
                                  parse_model_id)
-
-N_POSITIONS = 128
-
-
-def _save_gpt2(path: Path, seed: int) -> None:
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    from edgerlhf.config import TINY_TOKENIZER_DIR
-
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=N_POSITIONS))
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR).save_pretrained(path)
-
-
-def make_run_dir(run_dir: Path, with_ppo: bool = True) -> Path:
-    """A finished tiny run: config.json, base/, sft/merged + report, ppo/adapter + report."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from edgerlhf.config import load_config
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = load_config("tiny", {"model": {"n_embd": 32, "n_positions": N_POSITIONS}})
-    (run_dir / "config.json").write_text(config.to_json())
-    _save_gpt2(run_dir / "base", seed=1)
-    _save_gpt2(run_dir / "sft" / "merged", seed=2)
-    (run_dir / "sft" / "report.json").write_text(json.dumps({"steps": 0}))
-    if with_ppo:
-        sft = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "merged")
-        policy = get_peft_model(sft, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM"))
-        torch.manual_seed(3)
-        with torch.no_grad():  # a trained adapter: B != 0, so the PPO policy differs from SFT
-            for name, param in policy.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.5)
-        policy.save_pretrained(run_dir / "ppo" / "adapter")
-        (run_dir / "ppo" / "report.json").write_text(json.dumps({"steps": 0}))
-    return run_dir
+from tests.support.runs import make_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +201,82 @@ def test_sampling_draws_from_the_top_p_distribution():
     assert counts[[7, 3, 11]].tolist() == pytest.approx([25 / 38, 9 / 38, 4 / 38], abs=0.015)
     assert set(sample_next(logits[:5], 0.0, 1.0, gen).tolist()) == {7}
     assert set(sample_next(logits[:500], 1.0, 0.0, gen).tolist()) == {7}
+
+
+def _process_globals():
+    """What transformers' `from_pretrained` patches while it builds a model and must put back."""
+    import torch
+    from transformers import PreTrainedModel
+
+    return {"tie_weights": PreTrainedModel.tie_weights, "init_weights": PreTrainedModel.init_weights,
+            "linspace": torch.linspace, "normal_": torch.nn.init.normal_}
+
+
+def test_concurrent_first_loads_of_different_models_all_succeed(runs_dir, tmp_path):
+    """Eight different models (four jobs' base and sft) loaded at once by eight threads, as eight first chat requests
+    would: every load succeeds, generates, and leaves transformers' process-global state as it found it."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_dir / "job-1", runs / "job-1")
+    for job in (2, 3, 4):
+        shutil.copytree(runs_dir / "job-2", runs / f"job-{job}")
+    registry = ChatModels(runs, device="cpu", cache_size=8)
+    specs = [registry.resolve(f"job-{j}/{w}", (j, "succeeded", None)) for j in (1, 2, 3, 4) for w in ("base", "sft")]
+    before = _process_globals()
+    barrier = threading.Barrier(len(specs))
+    errors: list[str] = []
+
+    def first_request(spec):
+        barrier.wait()
+        try:
+            loaded = registry.get(spec)
+            loaded.generate(loaded.encode("\n\nHuman: Hi\n\nAssistant:"), GenerationParams(max_tokens=2, seed=0))
+        except Exception as exc:  # noqa: BLE001 - collected, asserted below
+            errors.append(f"{spec.id}: {type(exc).__name__}: {exc}")
+
+    try:
+        threads = [threading.Thread(target=first_request, args=(spec,)) for spec in specs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = _process_globals()
+    finally:  # a broken load must not break the rest of this test process
+        import torch
+        from transformers import PreTrainedModel
+
+        PreTrainedModel.tie_weights, PreTrainedModel.init_weights = before["tie_weights"], before["init_weights"]
+        torch.linspace, torch.nn.init.normal_ = before["linspace"], before["normal_"]
+    assert errors == []
+    assert after == before
+    assert sorted(registry.cached()) == sorted(s.id for s in specs)
+
+
+def test_models_loaded_or_in_use_are_bounded_a_load_waits_for_a_slot_or_is_refused(runs_dir):
+    """At most `cache_size` models in memory, counting the ones a request still uses after eviction: a load beyond it
+    evicts an idle model, waits for a busy one to be released, or after `wait_seconds` raises `ModelsBusy`."""
+    from backend.chat_models import ModelsBusy
+
+    registry = ChatModels(runs_dir, device="cpu", cache_size=1, wait_seconds=0.5)
+    sft = registry.resolve("job-1/sft", (1, "succeeded", None))
+    other = registry.resolve("job-2/sft", (2, "failed", None))
+    with registry.hold(sft):
+        with pytest.raises(ModelsBusy):
+            with registry.hold(other):
+                pass
+        assert registry.in_memory() == ["job-1/sft"]
+
+    # A waiting load gets the slot once the model in use is released (a thread waits; the holder releases).
+    got: list[str] = []
+    held = registry.hold(sft)
+    held.__enter__()
+    waiter = threading.Thread(target=lambda: got.append(registry.get(other).spec.id))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and got == []  # waiting: job-1/sft is in use
+    held.__exit__(None, None, None)
+    waiter.join(30)
+    assert got == ["job-2/sft"] and registry.in_memory() == ["job-2/sft"]
+    registry.get(sft)  # idle models are simply evicted
+    assert registry.in_memory() == ["job-1/sft"]

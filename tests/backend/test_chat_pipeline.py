@@ -1,11 +1,10 @@
 """The chat API serving models that the pipeline itself produced, not hand-made run directories.
 
-A tiny real pipeline (data -> sft -> reward -> ppo, a few steps each) writes `runs/job-1` of a data
-directory whose database says job 1 succeeded; a real `edgerlhf backend` then serves it. Chatting
-greedily through the `openai` client, `job-1/sft` must answer what `sft/merged` answers and `job-1/ppo`
-what `sft/merged` + `ppo/adapter` answer, each loaded here with transformers and peft directly, and the
-two policies must differ: a registry that served the SFT weights for the PPO id, or dropped the
-adapter, fails.
+The session's trained tiny run (data -> sft -> reward -> ppo -> evaluate, a few steps each: `trained_run`) is
+`runs/job-1` of a data directory whose database says job 1 succeeded; a real `edgerlhf backend` then serves it.
+Chatting greedily through the `openai` client, `job-1/sft` must answer what `sft/merged` answers and `job-1/ppo`
+what `sft/merged` + `ppo/adapter` answer, each loaded here with transformers and peft directly, and the two policies
+must differ: a registry that served the SFT weights for the PPO id, or dropped the adapter, fails.
 """
 
 from __future__ import annotations
@@ -18,26 +17,11 @@ import torch
 
 from backend.chat_models import GenerationParams, LoadedModel, ModelSpec
 from db import init_db, make_engine, make_sessionmaker, queue
-from edgerlhf.config import HH_PREFS_SAMPLE, load_config
-from edgerlhf.context import RunContext
 from edgerlhf.dialogue import render_chat
-from edgerlhf.pipeline import run_pipeline
-from tests.backend.test_chat_api import TOKEN, start_backend, stop_backend
+from tests.support.backend import CHAT_ENV, CHAT_TOKEN, start_backend
 
 pytestmark = pytest.mark.slow
 
-TINY_PIPELINE = {
-    "stages": ["data", "sft", "reward", "ppo"],
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 128},
-    "data": {"source": HH_PREFS_SAMPLE, "max_pairs": 40, "max_prompt_tokens": 48, "max_response_tokens": 16},
-    "sft": {"max_steps": 2, "batch_size": 4, "max_length": 96, "eval_every": 2, "sample_every": 2,
-            "n_sample_prompts": 0},
-    "reward": {"precisions": ["bf16"], "max_steps": 2, "batch_size": 4, "eval_every": 2, "max_length": 96},
-    # A large learning rate: two steps must move the policy clearly away from SFT.
-    "ppo": {"steps": 2, "batch_size": 4, "samples_per_prompt": 2, "mini_batch_size": 2, "ppo_epochs": 1,
-            "response_length": 8, "learning_rate": 3e-2, "sample_every": 100, "checkpoint_every": 100,
-            "n_probe_prompts": 0},
-}
 QUESTIONS = ["How far can spiders jump?", "What should I cook tonight?"]
 MAX_TOKENS = 12
 
@@ -53,16 +37,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A data directory whose job 1 succeeded, its run directory written by the real pipeline."""
+def data_dir(tmp_path_factory, trained_run):
+    """A data directory whose job 1 succeeded, its run directory a copy of the session's trained run."""
     data_dir = tmp_path_factory.mktemp("chat-pipeline")
-    config = load_config("tiny", TINY_PIPELINE)
+    trained_run.copy_to(data_dir / "runs" / "job-1")
     engine = make_engine(f"sqlite:///{data_dir / 'edgerlhf.db'}")
     init_db(engine)
     with make_sessionmaker(engine)() as session:
-        job = queue.create_job(session, name="tiny pipeline", preset="tiny", config=config.to_dict())
+        job = queue.create_job(session, name="tiny pipeline", preset="tiny", config=trained_run.config.to_dict())
         assert queue.claim_next(session, "test-worker").id == job.id == 1
-        run_pipeline(config, RunContext(data_dir / "runs" / "job-1"))
         assert queue.finish(session, 1, "test-worker")
     engine.dispose()
     return data_dir
@@ -104,13 +87,13 @@ def test_chat_serves_the_sft_and_ppo_policies_the_pipeline_trained(data_dir):
     expected = {which: [_greedy(model, tokenizer, q) for q in QUESTIONS] for which, model in models.items()}
     assert expected["sft"] != expected["ppo"], "the two policies answer alike: the test could not tell them apart"
 
-    proc, url = start_backend(data_dir)
+    backend = start_backend(data_dir, **CHAT_ENV)
     try:
-        with openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=120) as client:
+        with openai.OpenAI(base_url=f"{backend.url}/v1", api_key=CHAT_TOKEN, max_retries=0, timeout=120) as client:
             assert {"job-1/sft", "job-1/ppo"} <= {m.id for m in client.models.list()}
             answers = {which: [client.chat.completions.create(
                 model=f"job-1/{which}", messages=[{"role": "user", "content": q}], max_tokens=MAX_TOKENS,
                 temperature=0).choices[0].message.content for q in QUESTIONS] for which in ("sft", "ppo")}
     finally:
-        stop_backend(proc)
+        backend.stop()
     assert answers == expected

@@ -11,7 +11,7 @@ from sqlalchemy import update
 from db import queue
 from db.models import MAX_GPU_MEMORY_MB, Worker, utcnow
 
-from .conftest import row_counts
+from tests.support.db import row_counts
 
 TINY = {"preset": "tiny", "overrides": {"stages": ["data"], "data": {"max_pairs": 20}}}
 

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from db import queue
 from edgerlhf.config import HH_PREFS_SAMPLE, TINY_TOKENIZER_DIR
 
-from .conftest import row_counts
+from tests.support.db import row_counts
 
 TINY = {"preset": "tiny", "overrides": {"stages": ["data"], "data": {"max_pairs": 20}}}
 

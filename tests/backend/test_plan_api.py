@@ -10,7 +10,7 @@ from backend.main import create_app
 from edgerlhf import plan
 from edgerlhf.config import load_config
 
-from .conftest import row_counts
+from tests.support.db import row_counts
 from .test_gpu_workers_api import beat
 
 QWEN = "qwen2.5-0.5b-8gb"
@@ -103,7 +103,7 @@ def test_plan_needs_the_api_token_like_every_route(tmp_path, db_url):
     from edgerlhf.settings import Settings
 
     app = create_app(Settings(data_dir=tmp_path / "data", database_url=db_url, api_token="s3cret"))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         assert c.post("/api/plan", json={"preset": QWEN}).status_code == 401
         ok = c.post("/api/plan", json={"preset": QWEN}, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200

@@ -9,8 +9,9 @@ import time
 import httpx
 import pytest
 
-from ..worker.conftest import DATA_ONLY, Service
-from .conftest import Server
+from tests.support.backend import start_backend
+from tests.support.tiny import DATA_ONLY
+from tests.support.workers import Service
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -18,7 +19,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture
 def server(tmp_path, db_url):
-    srv = Server(tmp_path / "data", tmp_path / "backend.log", EDGERLHF_API_TOKEN=TOKEN, EDGERLHF_DATABASE_URL=db_url)
+    srv = start_backend(tmp_path / "data", tmp_path / "backend.log", EDGERLHF_API_TOKEN=TOKEN,
+                        EDGERLHF_DATABASE_URL=db_url)
     yield srv
     srv.stop()
 

@@ -22,7 +22,7 @@ from backend.main import create_app
 from db import queue
 from edgerlhf.settings import Settings
 
-from ..conftest import REPO_ROOT
+from tests.support.procs import REPO_ROOT
 
 WRITER = r"""
 import sys, time
@@ -71,7 +71,7 @@ def _start_writers(db_url: str, job_id: int, tmp_path) -> list[subprocess.Popen]
 
 def test_a_reader_following_the_cursors_gets_every_row_of_concurrent_writers_exactly_once(db_url, tmp_path):
     app = create_app(Settings(data_dir=tmp_path / "data", database_url=db_url, api_token=None))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         with app.state.sessions() as s:
             job_id = queue.create_job(s, name="cursors", preset="tiny", config={"stages": ["sft"]}).id
             queue.claim_next(s, "w")

@@ -12,7 +12,7 @@ from sqlalchemy import inspect, select, text
 from db import init_db, make_engine, make_sessionmaker, queue, read
 from db.models import Base, Job
 
-from ..conftest import REPO_ROOT
+from tests.support.procs import REPO_ROOT
 
 ROW_TABLES = ("metrics", "samples", "logs")
 OLD_JOB = ("INSERT INTO jobs (name, status, preset, config, progress, created_at, attempts, cancel_requested) "
@@ -114,3 +114,102 @@ def test_several_processes_creating_one_database_at_once_all_succeed(db_url, tmp
     for table in ROW_TABLES:
         assert f"ix_{table}_job_row_seq" in {ix["name"] for ix in inspect(engine).get_indexes(table)}
     engine.dispose()
+
+
+def _finished_job(sessions, name: str) -> int:
+    with sessions() as s:
+        job_id = queue.create_job(s, name=name, preset="tiny", config={}).id
+        queue.request_cancel(s, job_id)  # a queued job is cancelled at once: finished, deletable
+    return job_id
+
+
+def _vote(sessions, model: str = "job-1/sft") -> int:
+    from db import arena
+
+    with sessions() as s:
+        return arena.add_vote(s, prompt="\n\nHuman: hi\n\nAssistant:", model_a=model, model_b="job-1/ppo",
+                              answer_a="a", answer_b="b", choice="a").id
+
+
+def test_the_id_of_a_deleted_job_or_vote_is_never_handed_out_again(db_url):
+    """Votes, leaderboard rows, snapshot vote ids and run directories name jobs and votes by id: a new job or vote
+    must never get the id of a deleted one (SQLite's AUTOINCREMENT; PostgreSQL's sequences never go back)."""
+    from db import arena
+
+    engine = make_engine(db_url)
+    init_db(engine)
+    sessions = make_sessionmaker(engine)
+    first, last = _finished_job(sessions, "a"), _finished_job(sessions, "b")
+    with sessions() as s:
+        queue.delete_job(s, last)  # the newest: SQLite would hand out max(id) + 1 again
+    assert _finished_job(sessions, "c") > last > first
+    v1, v2 = _vote(sessions), _vote(sessions)
+    with sessions() as s:
+        assert arena.delete_vote(s, v2)
+    assert _vote(sessions) > v2 > v1
+    engine.dispose()
+
+
+def test_an_older_sqlite_database_is_rebuilt_once_with_autoincrement_and_keeps_every_row(sqlite_url):
+    """A database made before `jobs` and `arena_votes` had AUTOINCREMENT is rebuilt in place by the next start: the
+    rows, the rows that point at the jobs (a DROP TABLE with foreign keys on would cascade) and the indexes are
+    kept, and no id already seen (the deleted job's, still named by a vote) is handed out again."""
+    engine = make_engine(sqlite_url)
+    init_db(engine)
+    sessions = make_sessionmaker(engine)
+    raw = engine.raw_connection()  # play an older version: the two tables without AUTOINCREMENT
+    try:
+        db = raw.driver_connection
+        db.isolation_level = None
+        db.execute("PRAGMA foreign_keys=OFF")
+        for table in ("jobs", "arena_votes"):
+            sql = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+            old = sql.replace(" AUTOINCREMENT", "").replace(f"CREATE TABLE {table} ", f"CREATE TABLE {table}_old ")
+            db.execute(old)
+            db.execute(f"INSERT INTO {table}_old SELECT * FROM {table}")
+            db.execute(f"DROP TABLE {table}")
+            db.execute(f"ALTER TABLE {table}_old RENAME TO {table}")
+        db.execute("CREATE INDEX IF NOT EXISTS ix_jobs_status_id ON jobs (status, id)")
+        db.execute("PRAGMA foreign_keys=ON")
+    finally:
+        raw.close()
+    assert "AUTOINCREMENT" not in _table_sql(engine, "jobs")
+    kept, deleted = _finished_job(sessions, "kept"), _finished_job(sessions, "deleted")
+    with sessions() as s:
+        queue.begin_stage(s, kept, "data", attempt=1)
+        queue.record(s, kept, logs=[(0.0, "info", "data", "a line")], metrics=[("data", "data/pairs", 0, 1.0, 0.0)])
+    _vote(sessions, model=f"job-{deleted}/sft")
+    with sessions() as s:
+        queue.delete_job(s, deleted)
+    counts = _row_counts(engine)
+    engine.dispose()
+
+    for _ in range(2):  # the start that rebuilds, and one that finds nothing to do
+        engine = make_engine(sqlite_url)
+        init_db(engine)
+        for table in ("jobs", "arena_votes"):
+            assert "AUTOINCREMENT" in _table_sql(engine, table), table
+        assert _row_counts(engine) == counts
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT name FROM jobs")).scalars().all() == ["kept"]
+            assert conn.execute(text(f"SELECT count(*) FROM metrics WHERE job_id = {kept}")).scalar() == 1
+            assert conn.execute(text(f"SELECT count(*) FROM stage_runs WHERE job_id = {kept}")).scalar() == 1
+            assert conn.execute(text("PRAGMA foreign_key_check")).all() == []
+        assert "ix_jobs_status_id" in {ix["name"] for ix in inspect(engine).get_indexes("jobs")}
+        engine.dispose()
+    sessions = make_sessionmaker(make_engine(sqlite_url))
+    assert _finished_job(sessions, "new") > deleted  # not the deleted job's id, which a vote still names
+    with sessions() as s:  # the foreign keys still cascade from the rebuilt table
+        queue.delete_job(s, kept)
+        assert s.scalar(text(f"SELECT count(*) FROM logs WHERE job_id = {kept}")) == 0
+
+
+def _row_counts(engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar() for t in Base.metadata.tables}
+
+
+def _table_sql(engine, table: str) -> str:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = :t"),
+                            {"t": table}).scalar()

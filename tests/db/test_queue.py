@@ -16,7 +16,8 @@ from sqlalchemy import func, select, text, update
 from db import JobStateError, JobStatus, StageStatus, queue, read
 from db.models import Job, LogLine, Metric, Sample, StageRun, utcnow
 
-from ..conftest import REPO_ROOT, sqlite_only
+from tests.support.db import sqlite_only
+from tests.support.procs import REPO_ROOT
 
 CLAIMER = r"""
 import json, sys, time

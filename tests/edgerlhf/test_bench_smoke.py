@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from edgerlhf import bench
+from edgerlhf.lab import bench
 
 SMALL = ["--set", "ppo.batch_size=4", "--set", "ppo.mini_batch_size=2", "--set", "ppo.response_length=6",
          "--set", "ppo.ppo_epochs=1", "--set", "sft.batch_size=2", "--set", "sft.max_length=32",

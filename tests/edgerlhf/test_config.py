@@ -96,3 +96,29 @@ def test_every_numeric_field_declares_a_range():
         for name, hint in typing.get_type_hints(cls).items():
             if int in (hint, *typing.get_args(hint)) or float in (hint, *typing.get_args(hint)):
                 assert name in ranges(cls), f"{cls.__name__}.{name} has no Range"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("data_dir", "../../../../tmp/x"), ("data_dir", "/etc"), ("data_dir", "harmless-base/../.."), ("data_dir", ".."),
+    ("data_dir", "a//b"), ("data_dir", "~/x"), ("data_dir", "x\\..\\y"),
+    ("split", "../train"), ("split", "/train"), ("split", "train/../../x"), ("split", ""),
+])
+def test_the_hub_subset_and_split_are_simple_names_never_paths(field, value):
+    """`datasets` joins `data.data_dir` to the snapshot: `..` or an absolute path would read any directory the worker
+    can. The config itself refuses them, so the API, the command line and the worker (which rebuilds the config from
+    the database) all do."""
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", {"data": {field: value}})
+    assert err.value.field == f"data.{field}"
+    with pytest.raises(ConfigError):
+        stored = load_config("tiny").to_dict()  # as the worker rebuilds a job's config from the database
+        PipelineConfig.from_dict({**stored, "data": {**stored["data"], field: value}})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("data_dir", "harmless-base"), ("data_dir", "helpful-rejection-sampled"), ("data_dir", "data/en.v2"),
+    ("data_dir", None), ("data_dir", ""), ("split", "train"), ("split", "test"), ("split", "train[:1000]"),
+    ("split", "train[10%:20%]"), ("split", "train+test"),
+])
+def test_hub_subsets_and_splits_that_datasets_names_are_accepted(field, value):
+    assert getattr(load_config("tiny", {"data": {field: value}}).data, field) == value

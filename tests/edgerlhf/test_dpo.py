@@ -9,14 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgerlhf import dpo, memory, models, ppo
+from edgerlhf import memory, models
+from edgerlhf.align import dpo, policy
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import Cancelled, RunContext
 from edgerlhf.contract import PPO_ADAPTER, SFT_MERGED, TRAIN_PREFS, merge_overrides
 from edgerlhf.data import read_prefs
 from edgerlhf.dialogue import PromptFormat
 from edgerlhf.pipeline import run_pipeline, run_stage
-from tests.edgerlhf.tiny_run import chat_template_tokenizer, make_tiny_run, tiny_config
+from tests.support.tiny import chat_template_tokenizer, make_tiny_run, tiny_config
 
 
 def dpo_config(**fields) -> PipelineConfig:
@@ -160,7 +161,7 @@ def test_dpo_trains_checkpoints_resumes_and_saves_a_loadable_policy(tmp_path):
 
     # The policy is a standard peft adapter on sft/merged, with no value head, where every loader looks.
     adapter = run_dir / PPO_ADAPTER
-    assert (adapter / "adapter_config.json").exists() and not (adapter / ppo.VALUE_HEAD_FILE).exists()
+    assert (adapter / "adapter_config.json").exists() and not (adapter / policy.VALUE_HEAD_FILE).exists()
     trained, _ = models.load_policy(run_dir, "ppo")
     sft, _ = models.load_policy(run_dir, "sft")
     changed = [not torch.equal(a, b) for (n, a), (_, b) in zip(trained.named_parameters(), sft.named_parameters())
@@ -187,16 +188,15 @@ def test_dpo_trains_checkpoints_resumes_and_saves_a_loadable_policy(tmp_path):
     assert math.isfinite(evaluated["kl"]) and evaluated["kl"] != 0.0  # the sampled estimate of a policy that moved
 
 
-def test_pipeline_with_dpo_and_no_reward_stage(tmp_path):
-    """data, sft, ppo (DPO) and evaluate, no reward stage: the evaluation reports gold, length and KL, no rewards."""
+def test_pipeline_with_dpo_and_no_reward_stage(tmp_path, trained_run):
+    """data, sft, ppo (DPO) and evaluate, no reward stage: the evaluation reports gold, length and KL, no rewards.
+    The data and sft stages are the session's trained run's (copied without its reward models); the pipeline runs
+    the rest."""
     config = PipelineConfig.from_dict(merge_overrides(dpo_config().to_dict(), {
-        "stages": ["data", "sft", "ppo", "evaluate"],
-        "data": {"max_pairs": 150},
-        "warmup": {"steps": 2, "eval_every": 100},
-        "sft": {"max_steps": 2, "eval_every": 100, "sample_every": 100, "n_sample_prompts": 1, "max_length": 96},
-    }))
-    ctx = RunContext(tmp_path / "run")
-    reports = run_pipeline(config, ctx)
+        "stages": ["data", "sft", "ppo", "evaluate"]}))
+    ctx = RunContext(trained_run.copy_to(tmp_path / "run", parts=("data", "base", "sft")))
+    reports = run_pipeline(config, ctx, skip={"data", "sft"})
+    assert list(reports) == ["ppo", "evaluate"]
     assert not (ctx.run_dir / "reward").exists()
     assert reports["ppo"].algorithm == "dpo"
     report = reports["evaluate"].model_dump()

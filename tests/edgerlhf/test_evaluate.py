@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from edgerlhf import evaluate, ppo
+from edgerlhf import evaluate
+from edgerlhf.align import loop, policy
 from edgerlhf.pipeline import run_stage
 from edgerlhf.context import RunContext
-from tests.edgerlhf.tiny_run import make_tiny_run, tiny_config
+from tests.support.tiny import make_tiny_run, tiny_config
 
 
 def test_win_rate_counts_ties_as_half():
@@ -37,8 +38,8 @@ def test_an_unchanged_policy_evaluates_as_a_tie(tmp_path):
     """PPO adapter == reference (a fresh LoRA, B = 0): same samples, zero KL, zero differences, win rate 1/2."""
     config = tiny_config()
     run_dir = make_tiny_run(tmp_path / "run", config)
-    models = ppo.build_models(config, run_dir, torch.device("cpu"))
-    ppo.save_adapter(run_dir / "ppo" / "adapter", models)
+    models = policy.build_models(config, run_dir, torch.device("cpu"))
+    loop.save_adapter(run_dir / "ppo" / "adapter", models)
 
     ctx = RunContext(run_dir)
     ctx.begin_stage("evaluate")
@@ -50,11 +51,11 @@ def test_an_unchanged_policy_evaluates_as_a_tie(tmp_path):
     assert all(s["sft"] == s["ppo"] for s in report["samples"])
 
 
-def test_evaluate_report_after_ppo(tmp_path):
-    config = tiny_config(steps=2, learning_rate=0.05)
-    run_dir = make_tiny_run(tmp_path / "run", config)
-    ctx = RunContext(run_dir)
-    run_stage("ppo", config, ctx)
+def test_evaluate_report_after_ppo(tmp_path, trained_run):
+    """The session's trained run (its PPO stage trained with a large learning rate), evaluated again in a copy."""
+    config = trained_run.config
+    ctx = RunContext(trained_run.copy_to(tmp_path / "run"))
+    run_dir = ctx.run_dir
     report = run_stage("evaluate", config, ctx).model_dump()  # the stage, as the pipeline runs it
 
     assert report["n_prompts"] == config.evaluate.n_prompts

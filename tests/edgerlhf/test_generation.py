@@ -180,9 +180,29 @@ def test_chat_draw_samples_what_generate_samples(sampling):
     assert Sampling(greedy=True).draw(logits.expand(3, -1)).tolist() == [int(logits.argmax())] * 3
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-40, 1e-8])
+def test_a_tiny_temperature_is_greedy_never_nan(temperature):
+    """Dividing fp32 logits by a subnormal temperature overflows to inf and softmax gives NaN (an empty answer):
+    below `GREEDY_BELOW` the distribution is the arg max to float precision, so the draw is the arg max."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 30  # (N, V)
+    sampling = Sampling(temperature=temperature, top_p=0.9)
+    assert sampling.draw(logits, torch.Generator().manual_seed(1)).tolist() == logits.argmax(-1).tolist()
+    assert torch.isfinite(sampling.scale(logits)).all()
+    from edgerlhf.generation import GREEDY_BELOW
+
+    assert temperature < GREEDY_BELOW and sampling.is_greedy
+
+
+@pytest.mark.parametrize("fields", [{"temperature": float("nan")}, {"temperature": float("inf")},
+                                    {"temperature": -1.0}, {"top_p": float("nan")}, {"top_p": 1.5}, {"top_k": -1}])
+def test_non_finite_or_negative_sampling_settings_are_refused(fields):
+    with pytest.raises(ValueError):
+        Sampling(**fields)
+
+
 @pytest.fixture(scope="module")
 def tiny_run_dir(tmp_path_factory):
-    from tests.edgerlhf.tiny_run import make_tiny_run
+    from tests.support.tiny import make_tiny_run
 
     return make_tiny_run(tmp_path_factory.mktemp("generation-run"))
 
@@ -191,12 +211,12 @@ def tiny_run_dir(tmp_path_factory):
 def test_unchanged_policy_has_ratio_one_and_kl_zero(tiny_run_dir, sampling):
     """The first minibatch of the first epoch: the policy has not moved, so every ratio is exactly 1 and
     the KL to the reference (the same network, adapters off; the LoRA B is 0) is exactly 0."""
-    from edgerlhf import ppo
-    from tests.edgerlhf.tiny_run import tiny_config
+    from edgerlhf.align import policy, ppo
+    from tests.support.tiny import tiny_config
 
-    config = tiny_config(batch_size=4, mini_batch_size=4, ppo_epochs=1, temperature=sampling.temperature,
-                         top_k=sampling.top_k, top_p=sampling.top_p)
-    models = ppo.build_models(config, tiny_run_dir, torch.device("cpu"))
+    config = tiny_config(ppo=dict(batch_size=4, mini_batch_size=4, ppo_epochs=1, temperature=sampling.temperature,
+                                  top_k=sampling.top_k, top_p=sampling.top_p))
+    models = policy.build_models(config, tiny_run_dir, torch.device("cpu"))
     optimizer = torch.optim.AdamW(models.policy_parameters(), lr=1e-3)
     torch.manual_seed(0)
     prompts = ["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: What is a cat?\n\nAssistant:"] * 2

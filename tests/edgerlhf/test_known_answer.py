@@ -16,7 +16,7 @@ rather than the stages' reports alone:
   the gold at equal length too, with a finite KL, no collapse and one copy of the network.
 
 Then the same pipeline on the real Anthropic raw file (human labels) with tiny budgets: it must run and
-write every report. Every gold at three seeds: `python -m edgerlhf.known_answer` (README, "Known-answer suite").
+write every report. Every gold at three seeds: `python -m edgerlhf.lab.known_answer` (README, "Known-answer suite").
 """
 
 import json

@@ -3,7 +3,8 @@ the pipeline (the runs themselves are the benchmark's; tests/edgerlhf/test_known
 
 import pytest
 
-from edgerlhf import cli, known_answer
+from edgerlhf import cli
+from edgerlhf.lab import known_answer
 
 
 def interval(mean, low, high):
@@ -41,7 +42,7 @@ def test_table_counts_each_algorithm_apart():
 
 
 def test_the_command_is_dispatched_and_refuses_a_bad_configuration(capsys):
-    assert cli.DISPATCH["known-answer"] == "edgerlhf.known_answer:main"
+    assert cli.DISPATCH["known-answer"] == "edgerlhf.lab.known_answer:main"
     assert known_answer.main(["--set", "ppo.steps=0", "--seeds", "0"]) == 2
     assert "ppo.steps" in capsys.readouterr().err
     with pytest.raises(SystemExit):

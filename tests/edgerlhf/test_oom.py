@@ -13,7 +13,7 @@ from edgerlhf.context import RunContext
 from edgerlhf.contract import MICRO_BATCH_METRIC
 from edgerlhf.oom import MicroBatch, OutOfMemory, allocation_limit, is_out_of_memory
 from edgerlhf.pipeline import run_stage
-from tests.edgerlhf.tiny_run import make_tiny_run, tiny_config
+from tests.support.tiny import make_tiny_run, tiny_config
 
 MB = 2**20
 
@@ -50,13 +50,15 @@ def test_micro_batch_halves_then_fails_at_the_floor():
 
 
 def _ppo_config(**ppo):
-    return tiny_config(**{"batch_size": 8, "mini_batch_size": 4, "samples_per_prompt": 2, "response_length": 16,
-                          "steps": 2, "ppo_epochs": 2, **ppo})
+    return tiny_config(ppo={"batch_size": 8, "mini_batch_size": 4, "samples_per_prompt": 2, "response_length": 16,
+                            "steps": 2, "ppo_epochs": 2, **ppo})
 
 
 def test_ppo_step_in_halves_gives_the_same_update(tmp_path):
     """The same rollouts through one pass of 4 or two passes of 2: the same gradients, the same adapter after."""
-    from edgerlhf.ppo import FixedKLController, StepMicroBatches, build_models, ppo_step
+    from edgerlhf.align.policy import build_models
+    from edgerlhf.align.ppo import FixedKLController, ppo_step
+    from edgerlhf.align.rollout import StepMicroBatches
 
     config = _ppo_config()
     run_dir = make_tiny_run(tmp_path, config)
@@ -125,12 +127,58 @@ def test_sft_and_reward_out_of_memory_split_their_batches(tmp_path, caplog):
     assert [v for _, k, _, v in ctx.metrics if k == MICRO_BATCH_METRIC], "the split is recorded as a metric"
 
 
-def test_evaluate_out_of_memory_samples_in_halves(tmp_path, caplog):
+def test_evaluate_out_of_memory_samples_in_halves(tmp_path, caplog, trained_run):
     config = _ppo_config(mini_batch_size=8, steps=1)  # the KL passes take 8 rollouts at a time: 27 MB of logits
-    ctx = RunContext(make_tiny_run(tmp_path, config))
-    run_stage("ppo", config, ctx)
+    ctx = RunContext(trained_run.copy_to(tmp_path / "run"))  # a PPO policy trained on make_tiny_run's model size
     with caplog.at_level(logging.WARNING, logger="edgerlhf"), allocation_limit(8):
         report = run_stage("evaluate", config, ctx)
     assert report.n_prompts == config.evaluate.n_prompts
     assert any(r.message.startswith("evaluate: out of memory") for r in caplog.records)
     assert [v for _, k, _, v in ctx.metrics if k == MICRO_BATCH_METRIC]
+
+
+class _ThreeLayers(torch.nn.Module):
+    """A regression net whose middle layer's backward runs out of memory above `fail_above` rows: by then the
+    head's gradients are already accumulated, as when CUDA fails part-way through a real backward."""
+
+    def __init__(self, fail_above: int | None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+        self.fail_above = fail_above
+        self.b.register_full_backward_hook(self._out_of_memory)
+
+    def _out_of_memory(self, module, grad_input, grad_output):
+        if self.fail_above is not None and grad_output[0].shape[0] > self.fail_above:
+            raise torch.OutOfMemoryError("CUDA out of memory (raised in the backward)")
+
+    def forward(self, input_ids, labels):
+        hidden = torch.relu(self.b(torch.relu(self.a(input_ids))))
+        return {"loss": ((self.head(hidden).squeeze(-1) - labels) ** 2).mean()}
+
+
+def test_a_trainer_step_out_of_memory_in_the_backward_keeps_the_gradient(tmp_path):
+    """The first, full-size attempt fails in its backward after the head's gradients accumulated; the halves
+    must not add theirs on top (they did: 2x the head's gradient)."""
+    from transformers import Trainer, TrainingArguments
+
+    from edgerlhf.oom import SplitOnOutOfMemory
+
+    class StageTrainer(SplitOnOutOfMemory, Trainer):
+        pass
+
+    def gradients(fail_above):
+        model = _ThreeLayers(fail_above)
+        trainer = StageTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                  report_to=[]))
+        trainer.micro = MicroBatch(4, "test step")
+        trainer.current_gradient_accumulation_steps = 1  # what Trainer's training loop sets before a step
+        generator = torch.Generator().manual_seed(1)
+        inputs = {"input_ids": torch.randn(4, 4, generator=generator), "labels": torch.randn(4, generator=generator)}
+        trainer.training_step(model, inputs)
+        return trainer.micro.size, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    (whole_size, whole), (split_size, split) = gradients(None), gradients(2)
+    assert (whole_size, split_size) == (4, 2)
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)

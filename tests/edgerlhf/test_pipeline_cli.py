@@ -14,16 +14,11 @@ from edgerlhf.context import RunContext
 from edgerlhf.data import DataError
 from edgerlhf.errors import MissingPrerequisite, StageError
 from edgerlhf.models import ModelLoadError, load_tokenizer
-from edgerlhf.pipeline import build_config, main, parse_overrides, run_pipeline, run_stage
+from edgerlhf.config import build_config, parse_overrides
+from edgerlhf.pipeline import main, run_pipeline, run_stage
+from tests.support.tiny import SFT_AND_REWARD, as_sets
 
-TINY_SETS = [
-    "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-    f"data.source={HH_PREFS_SAMPLE}", "data.max_pairs=40", "data.max_prompt_tokens=64",
-    "data.max_response_tokens=16",
-    "sft.max_steps=2", "sft.batch_size=4", "sft.max_length=96", "sft.eval_every=2", "sft.sample_every=2",
-    'reward.precisions=["bf16"]', "reward.max_steps=2", "reward.batch_size=4", "reward.eval_every=2",
-    "reward.max_length=96",
-]
+TINY_SETS = as_sets(SFT_AND_REWARD)
 
 
 def cli(*args, timeout=600):

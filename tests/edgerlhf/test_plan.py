@@ -78,11 +78,11 @@ def test_quantized_weight_bytes_are_what_bitsandbytes_holds(tmp_path, precision)
 
 
 def test_ppo_holds_what_build_models_holds_one_copy_shared_or_one_quantized_copy_more(tmp_path):
-    """The planner's PPO weights are the network `ppo.build_models` really loads: one copy with a bf16
+    """The planner's PPO weights are the network `align.policy.build_models` really loads: one copy with a bf16
     reward adapter, plus one int8 reward copy without `quantized_policy`."""
     from edgerlhf import memory
-    from edgerlhf.ppo import build_models
-    from tests.edgerlhf.tiny_run import make_tiny_run
+    from edgerlhf.align.policy import build_models
+    from tests.support.tiny import make_tiny_run
 
     run_dir = make_tiny_run(tmp_path, precisions=("bf16", "int8"))
     for precision in ("bf16", "int8"):
@@ -313,7 +313,7 @@ def test_a_dpo_run_without_a_reward_stage_is_evaluated_without_a_reward_model():
 
 
 def test_the_dpo_chunk_is_the_one_the_stage_uses():
-    from edgerlhf import dpo
+    from edgerlhf.align import dpo
 
     assert plan.KL_CHUNK == dpo.KL_CHUNK
 

@@ -1,7 +1,7 @@
 """The planner against measured memory: the real stages (`pipeline.run_stage` of sft, reward, ppo) run on
 tiny random models with the planner's worst-case data, their peak of live tensor storage measured by
 `plan_check.TensorPeak`, each within +-20 % of the plan; the alignment stage as PPO, as DPO and as GRPO with a
-reward function. The full table is `python -m edgerlhf.plan_check`.
+reward function. The full table is `python -m edgerlhf.lab.plan_check`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgerlhf import plan, plan_check
+from edgerlhf import plan
+from edgerlhf.lab import plan_check
 from edgerlhf.config import load_config
 from edgerlhf.contract import merge_overrides
 

@@ -6,11 +6,13 @@ import math
 import pytest
 import torch
 
-from edgerlhf import memory, models, ppo
+from edgerlhf import memory, models
+from edgerlhf import align
+from edgerlhf.align import loop, policy, ppo
 from edgerlhf.config import ConfigError, load_config
 from edgerlhf.context import RunContext
 from edgerlhf.generation import Sampling, forward_response, generate, logprobs_from_logits, response_lengths
-from tests.edgerlhf.tiny_run import make_tiny_run, tiny_config
+from tests.support.tiny import make_tiny_run, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ppo_models(run_dir):
-    return ppo.build_models(tiny_config(), run_dir, torch.device("cpu"))
+    return policy.build_models(tiny_config(), run_dir, torch.device("cpu"))
 
 
 def _base_param_count(model) -> int:
@@ -35,11 +37,11 @@ def test_ppo_holds_exactly_one_copy_of_the_base_weights(run_dir):
     del sft_model
 
     before = memory.tensor_bytes()
-    built = ppo.build_models(tiny_config(), run_dir, torch.device("cpu"))
+    built = policy.build_models(tiny_config(), run_dir, torch.device("cpu"))
     grown = memory.tensor_bytes() - before
 
     # Every object PPO holds (policy+reference network, value head, reward model) reaches one set of base weights.
-    held = ppo.base_weight_storages(built.modules())
+    held = policy.base_weight_storages(built.modules())
     assert sum(held.values()) == base_bytes
     assert built.reward_shared and built.reward_model.model is built.model
     # Nothing else in the process grew by a second copy either (adapters and heads are tiny).
@@ -47,7 +49,7 @@ def test_ppo_holds_exactly_one_copy_of_the_base_weights(run_dir):
 
     # The counter does see a second copy: the naive design with a separate reference model has two.
     naive_reference = copy.deepcopy(built.model.get_base_model())
-    assert sum(ppo.base_weight_storages(built.modules() + [naive_reference]).values()) == 2 * base_bytes
+    assert sum(policy.base_weight_storages(built.modules() + [naive_reference]).values()) == 2 * base_bytes
 
 
 def _int8_config(**ppo_fields):
@@ -68,14 +70,14 @@ def test_quantized_reward_copy_is_measured_and_bounded_by_its_size(run_dir, prec
     assert 0 < quantized < network  # int8/nf4 linear layers are smaller than the fp32 ones
 
     before = memory.tensor_bytes()
-    built = ppo.build_models(_int8_config() if precision == "int8" else _int4_config(), run_dir, torch.device("cpu"))
+    built = policy.build_models(_int8_config() if precision == "int8" else _int4_config(), run_dir, torch.device("cpu"))
     grown = memory.tensor_bytes() - before
     assert not built.reward_shared
     assert network + 0.9 * quantized <= grown < 1.1 * (network + quantized), (grown, network, quantized)
 
 
 def test_quantized_reward_model_is_a_separate_copy(run_dir):
-    built = ppo.build_models(_int8_config(), run_dir, torch.device("cpu"))
+    built = policy.build_models(_int8_config(), run_dir, torch.device("cpu"))
     assert not built.reward_shared
     scores = built.score(["\n\nHuman: hi\n\nAssistant:"] * 2, ["hello", "a much longer answer"])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
@@ -92,11 +94,11 @@ def _int4_config():
 def test_quantized_policy_shares_one_int8_network(run_dir):
     """`ppo.quantized_policy`: policy, reference and int8 reward model all on one int8 network (QLoRA-style)."""
     config = _int8_config(quantized_policy=True)
-    built = ppo.build_models(config, run_dir, torch.device("cpu"))
+    built = policy.build_models(config, run_dir, torch.device("cpu"))
     assert built.reward_shared and built.reward_model.model is built.model
     assert any(p.dtype == torch.int8 for p in built.model.parameters())
-    held = ppo.base_weight_storages(built.modules())
-    assert held == ppo.base_weight_storages([built.model])  # nothing beyond the one (quantized) network
+    held = policy.base_weight_storages(built.modules())
+    assert held == policy.base_weight_storages([built.model])  # nothing beyond the one (quantized) network
     prompts = ["\n\nHuman: hi\n\nAssistant:"] * 2
     standalone = models.load_reward_model(run_dir, "int8").score(prompts, ["hello", "a longer answer"])
     torch.testing.assert_close(built.score(prompts, ["hello", "a longer answer"]), standalone)
@@ -117,7 +119,7 @@ def test_shared_reward_adapter_scores_like_the_standalone_reward_model(run_dir, 
     named = dict(ppo_models.model.named_parameters())
     assert all(p.requires_grad for n, p in named.items() if "lora_" in n and ".policy." in n)
     assert not any(p.requires_grad for n, p in named.items() if "lora_" in n and ".reward." in n)
-    assert ppo_models.model.active_adapter == ppo.POLICY
+    assert ppo_models.model.active_adapter == policy.POLICY
 
 
 def test_reference_is_the_sft_model_with_the_adapter_disabled(run_dir, ppo_models):
@@ -195,14 +197,14 @@ class StopAfter(RunContext):
 def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
     from edgerlhf.context import Cancelled
 
-    config = tiny_config(steps=4, checkpoint_every=2, grad_accum=2, batch_size=8, lr_warmup_steps=3)
+    config = tiny_config(ppo=dict(steps=4, checkpoint_every=2, grad_accum=2, batch_size=8, lr_warmup_steps=3))
     run_dir = make_tiny_run(tmp_path / "run", config)
     lr = config.ppo.learning_rate
 
     ctx = StopAfter(run_dir, 3)
     ctx.begin_stage("ppo")
     with pytest.raises(Cancelled):
-        ppo.run(config, ctx)
+        align.run(config, ctx)
     first = {k: dict(ctx.metric_series(k)) for k in ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss")}
     assert sorted(first["ppo/kl"]) == [1, 2, 3]
     expected_keys = {"ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/policy_loss",
@@ -210,7 +212,7 @@ def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
                      "ppo/learning_rate", "mem/rss_mb"}
     assert expected_keys <= {k for _, k, step, _ in ctx.metrics if step == 1}
     assert dict(ctx.metric_series("ppo/learning_rate")) == pytest.approx({1: lr / 3, 2: 2 * lr / 3, 3: lr})
-    assert (run_dir / "ppo" / "checkpoint" / ppo.CHECKPOINT_FILE).exists()
+    assert (run_dir / "ppo" / "checkpoint" / loop.CHECKPOINT_FILE).exists()
     probes = {s.checkpoint for s in ctx.samples if s.kind == "probe"}
     assert probes == {"ppo/step-0", "ppo/step-2"}
     # Probes are on the SFT probes' scale: the gold score of the known-answer task, not the reward model's.
@@ -221,7 +223,7 @@ def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
 
     resumed = RunContext(run_dir)
     resumed.begin_stage("ppo")
-    report = ppo.run(config, resumed).model_dump()
+    report = align.run(config, resumed).model_dump()
     assert report["resumed_from_step"] == 2
     assert sorted(dict(resumed.metric_series("ppo/kl"))) == [3, 4]
     assert dict(resumed.metric_series("ppo/learning_rate")) == pytest.approx({3: lr, 4: lr})  # the warm-up went on
@@ -232,7 +234,7 @@ def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
 
     # The trained adapter is a standard peft adapter: the shared loader applies it to sft/merged.
     adapter = run_dir / "ppo" / "adapter"
-    assert (adapter / "adapter_config.json").exists() and (adapter / ppo.VALUE_HEAD_FILE).exists()
+    assert (adapter / "adapter_config.json").exists() and (adapter / policy.VALUE_HEAD_FILE).exists()
     trained, _ = models.load_policy(run_dir, "ppo")
     sft, _ = models.load_policy(run_dir, "sft")
     changed = [not torch.equal(a, b) for (n, a), (_, b) in zip(trained.named_parameters(), sft.named_parameters())
@@ -242,11 +244,57 @@ def test_ppo_trains_checkpoints_and_resumes_with_the_same_steps(tmp_path):
     # A stage that already finished resumes at its end and trains no more.
     again = RunContext(run_dir)
     again.begin_stage("ppo")
-    assert ppo.run(config, again).resumed_from_step == 4
+    assert align.run(config, again).resumed_from_step == 4
     assert again.metric_series("ppo/kl") == []
 
     # A checkpoint trained against other sft/reward models does not apply to this run directory.
-    signature = ppo._signature(config, run_dir)
+    signature = loop._signature(config, run_dir)
     weights = next((run_dir / "sft" / "merged").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes())
-    assert ppo._signature(config, run_dir) != signature
+    assert loop._signature(config, run_dir) != signature
+
+
+def _runs_code(marker: str) -> dict:
+    """What unpickling `_CodeInAPickle` calls: proof that loading a checkpoint ran code of the file's choosing."""
+    from pathlib import Path
+
+    Path(marker).write_text("ran")
+    return {}
+
+
+class _CodeInAPickle:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return _runs_code, (self.marker,)
+
+
+def test_checkpoints_load_weights_only_and_one_that_needs_a_full_unpickle_is_ignored(run_dir, ppo_models, tmp_path,
+                                                                                     caplog):
+    """A checkpoint holds tensors and plain data only (the RNG states too), so it loads with `weights_only=True`; a
+    file that only a full unpickle could read (an old checkpoint, or one planted in the run directory) is never
+    unpickled: the stage warns and starts afresh."""
+    import logging
+
+    import numpy as np
+
+    config = tiny_config()
+    optimizer = torch.optim.AdamW(ppo_models.policy_parameters(), lr=1e-3)
+    kl_ctl = ppo.kl_controller(config)
+    ckpt = tmp_path / "checkpoint"
+    np.random.seed(7)
+    loop.save_checkpoint(ckpt, 3, ppo_models, optimizer, kl_ctl, config, run_dir)
+    state = torch.load(ckpt / loop.CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    assert state["step"] == 3
+    numpy_state = np.random.get_state()
+    assert state["rng"]["numpy"][0] == numpy_state[0]
+    assert np.array_equal(np.asarray(state["rng"]["numpy"][1]), numpy_state[1])
+    assert loop.load_checkpoint(ckpt, ppo_models, optimizer, kl_ctl, config, run_dir) == 3
+
+    marker = tmp_path / "ran"
+    torch.save(_CodeInAPickle(marker), ckpt / loop.CHECKPOINT_FILE)
+    with caplog.at_level(logging.WARNING):
+        assert loop.load_checkpoint(ckpt, ppo_models, optimizer, kl_ctl, config, run_dir) is None
+    assert not marker.exists(), "loading the checkpoint ran code from it"
+    assert "weights_only" in caplog.text and "starting afresh" in caplog.text

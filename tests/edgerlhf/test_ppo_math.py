@@ -1,23 +1,13 @@
-"""Exact-value checks of PPO's math (edgerlhf.ppo) against numbers worked out by hand."""
+"""Exact-value checks of PPO's math (edgerlhf.align.losses, the KL controllers of edgerlhf.align.ppo) against numbers worked out by hand."""
 
 import math
 
 import pytest
 import torch
 
-from edgerlhf.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    clipped_policy_loss,
-    clipped_value_loss,
-    compute_gae,
-    kl_estimate,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-    per_token_rewards,
-    whiten,
-)
+from edgerlhf.align.losses import (clipped_policy_loss, clipped_value_loss, compute_gae, kl_estimate, masked_mean,
+                                   masked_var, masked_whiten, per_token_rewards, whiten)
+from edgerlhf.align.ppo import AdaptiveKLController, FixedKLController
 
 
 def t(x):
@@ -130,7 +120,7 @@ def test_adaptive_kl_controller():
 
 
 def test_leave_one_out_baseline():
-    from edgerlhf.ppo import leave_one_out
+    from edgerlhf.align.losses import leave_one_out
 
     # Groups (1, 2, 6) and (10, 10, 10): 1 - (2 + 6) / 2 = -3, 2 - 3.5 = -1.5, 6 - 1.5 = 4.5; the second group is flat
     close(leave_one_out(t([1.0, 2.0, 6.0, 10.0, 10.0, 10.0]), 3), [-3.0, -1.5, 4.5, 0.0, 0.0, 0.0])

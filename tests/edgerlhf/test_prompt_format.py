@@ -12,7 +12,7 @@ from edgerlhf.config import TINY_TOKENIZER_DIR, ModelConfig
 from edgerlhf.dialogue import DialogueError, PromptFormat, render_chat, to_messages
 from edgerlhf.generation import Sampling, generate, response_lengths
 from edgerlhf.models import encode_for_reward, load_tokenizer, random_model, reward_token_ids, reward_tokens
-from tests.edgerlhf.tiny_run import chat_template_tokenizer
+from tests.support.tiny import chat_template_tokenizer
 
 PROMPT = "\n\nHuman: How far can spiders jump?\n\nAssistant: About a metre.\n\nHuman: Really?\n\nAssistant:"
 

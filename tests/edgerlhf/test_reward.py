@@ -8,27 +8,17 @@ import pytest
 import torch
 
 from edgerlhf import reward
-from edgerlhf.config import HH_PREFS_SAMPLE, load_config
 from edgerlhf.context import RunContext
 from edgerlhf.data import read_prefs
 from edgerlhf.data import run as run_data
 from edgerlhf.models import load_reward_model, load_tokenizer, random_model
-
-
-def tiny_config(precisions=("bf16", "int8", "int4"), **reward_overrides):
-    return load_config("tiny", {
-        "model": {"n_layer": 1, "n_head": 2, "n_embd": 64, "n_positions": 256},
-        "data": {"source": HH_PREFS_SAMPLE, "max_pairs": 60, "test_fraction": 0.25, "max_prompt_tokens": 64,
-                 "max_response_tokens": 24},
-        "reward": {"precisions": list(precisions), "max_steps": 6, "batch_size": 4, "max_length": 96,
-                   "eval_every": 3, **reward_overrides},
-    })
+from tests.support.tiny import REWARD_STUDY, tiny_config
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """data/ (gold labels) and an sft/merged random model, as the earlier stages leave them."""
-    config = tiny_config()
+    config = tiny_config(REWARD_STUDY)
     ctx = RunContext(tmp_path_factory.mktemp("reward-base"))
     ctx.begin_stage("data")
     run_data(config, ctx)
@@ -55,7 +45,7 @@ def test_spearman_exact_values():
 
 
 def test_precision_study(tmp_path, base_run):
-    config = tiny_config()
+    config = tiny_config(REWARD_STUDY)
     ctx = new_run(tmp_path, base_run)
     report = reward.run(config, ctx).model_dump()
     test = read_prefs(ctx.run_dir / "data" / "test_prefs.jsonl")
@@ -108,7 +98,7 @@ def test_precision_study(tmp_path, base_run):
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_saved_model_scores_like_the_trained_classifier(tmp_path, base_run, precision):
     """The saved adapter + score head, loaded on a causal LM, reproduce the sequence classifier's rewards."""
-    config = tiny_config(precisions=(precision,), max_steps=3)
+    config = tiny_config(REWARD_STUDY, reward={"precisions": [precision], "max_steps": 3})
     ctx = new_run(tmp_path, base_run)
     device = torch.device("cpu")
     tokenizer = load_tokenizer(ctx.run_dir / "sft" / "merged")
@@ -138,7 +128,7 @@ def test_pooled_reward_is_the_pooling_of_per_token_scores_over_the_response(tmp_
     both give each response the mean of the score head's per-token outputs over the response's tokens;
     `"both"`: that mean plus the last token's score; `"ends"`: the response's first token's score plus its
     last's."""
-    config = tiny_config(precisions=("bf16",), max_steps=3, pooling=pooling)
+    config = tiny_config(REWARD_STUDY, reward={"precisions": ["bf16"], "max_steps": 3, "pooling": pooling})
     ctx = new_run(tmp_path, base_run)
     device = torch.device("cpu")
     tokenizer = load_tokenizer(ctx.run_dir / "sft" / "merged")

@@ -9,28 +9,18 @@ import torch
 from safetensors.torch import load_file
 
 from edgerlhf import sft
-from edgerlhf.config import HH_PREFS_SAMPLE, load_config
 from edgerlhf.context import Cancelled, RunContext
 from edgerlhf.data import read_prefs
 from edgerlhf.data import run as run_data
 from edgerlhf.models import load_base_model, load_policy, load_tokenizer
-
-
-def tiny_config(**sft_overrides):
-    return load_config("tiny", {
-        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 256},
-        "data": {"source": HH_PREFS_SAMPLE, "max_pairs": 40, "test_fraction": 0.2, "max_prompt_tokens": 64,
-                 "max_response_tokens": 16},
-        "sft": {"max_steps": 4, "batch_size": 4, "max_length": 96, "eval_every": 2, "sample_every": 2,
-                "n_sample_prompts": 2, **sft_overrides},
-    })
+from tests.support.tiny import SFT_STEPS, tiny_config
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     ctx = RunContext(tmp_path_factory.mktemp("sft-data"))
     ctx.begin_stage("data")
-    run_data(tiny_config(), ctx)
+    run_data(tiny_config(SFT_STEPS), ctx)
     return ctx.run_dir / "data"
 
 
@@ -45,7 +35,7 @@ def new_run(tmp_path, data_dir):
 
 @pytest.mark.parametrize("completion_only", [True, False])
 def test_labels_mask_the_prompt(tmp_path, data_dir, completion_only):
-    config = tiny_config(completion_only_loss=completion_only)
+    config = tiny_config(SFT_STEPS, sft={"completion_only_loss": completion_only})
     ctx = new_run(tmp_path, data_dir)
     tokenizer = load_tokenizer(config.model.tokenizer)
     model = load_base_model(config.model, "cpu", tokenizer=tokenizer)
@@ -72,7 +62,7 @@ def test_loss_equals_trls_own(tmp_path, data_dir):
     """Our plain completion loss gives the number TRL's fused-kernel loss gives, on the same batch."""
     from trl import SFTTrainer
 
-    config = tiny_config()
+    config = tiny_config(SFT_STEPS)
     ctx = new_run(tmp_path, data_dir)
     tokenizer = load_tokenizer(config.model.tokenizer)
     model = load_base_model(config.model, "cpu", tokenizer=tokenizer)
@@ -90,7 +80,7 @@ def test_loss_equals_trls_own(tmp_path, data_dir):
 
 
 def test_sft_trains_saves_and_reports(tmp_path, data_dir):
-    config = tiny_config()
+    config = tiny_config(SFT_STEPS)
     ctx = new_run(tmp_path, data_dir)
     report = sft.run(config, ctx).model_dump()
     run_dir = ctx.run_dir
@@ -134,5 +124,5 @@ def test_cancel_stops_training(tmp_path, data_dir):
     ctx = new_run(tmp_path, data_dir)
     ctx.request_cancel()
     with pytest.raises(Cancelled):
-        sft.run(tiny_config(), ctx)
+        sft.run(tiny_config(SFT_STEPS), ctx)
     assert not (ctx.run_dir / "sft" / "merged").exists()

@@ -21,9 +21,9 @@ from db import read
 from edgerlhf.context import RunContext, tensorboard_tag
 from edgerlhf.contract import TENSORBOARD_DIR
 from edgerlhf.contract import SAMPLED_PREFIX, job_run_dir
-from tests.worker.conftest import Service, sft_job
-
-from ..conftest import REPO_ROOT
+from tests.support.procs import REPO_ROOT
+from tests.support.tiny import sft_job
+from tests.support.workers import Service
 
 
 def event_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:

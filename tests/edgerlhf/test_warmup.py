@@ -7,31 +7,19 @@ import pytest
 import torch
 
 from edgerlhf import sft, warmup
-from edgerlhf.config import HH_PREFS_SAMPLE, load_config
 from edgerlhf.context import Cancelled, RunContext
 from edgerlhf.data import read_prefs
 from edgerlhf.data import run as run_data
 from edgerlhf.dialogue import PromptFormat
 from edgerlhf.models import load_base_model, load_policy, load_tokenizer
-
-
-def tiny_config(**overrides):
-    return load_config("tiny", {
-        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 256},
-        "data": {"source": HH_PREFS_SAMPLE, "max_pairs": 60, "test_fraction": 0.2, "max_prompt_tokens": 64,
-                 "max_response_tokens": 16},
-        "warmup": {"steps": 40, "batch_size": 4, "learning_rate": 3e-3, "max_epochs": 100, "eval_every": 20,
-                   **overrides},
-        "sft": {"max_steps": 2, "batch_size": 4, "max_length": 96, "eval_every": 2, "sample_every": 2,
-                "n_sample_prompts": 1},
-    })
+from tests.support.tiny import WARMUP_STEPS, tiny_config
 
 
 @pytest.fixture(scope="module")
 def data_run(tmp_path_factory):
     ctx = RunContext(tmp_path_factory.mktemp("warmup-data"))
     ctx.begin_stage("data")
-    run_data(tiny_config(), ctx)
+    run_data(tiny_config(WARMUP_STEPS), ctx)
     return ctx.run_dir
 
 
@@ -45,7 +33,7 @@ def new_context(tmp_path, data_run):
 
 
 def test_training_texts_are_prompt_and_each_response_held_out_ones_score_the_answer(data_run):
-    tokenizer = load_tokenizer(tiny_config().model.tokenizer)
+    tokenizer = load_tokenizer(tiny_config(WARMUP_STEPS).model.tokenizer)
     rows = read_prefs(data_run / "data" / "train_prefs.jsonl")
     train = warmup.encode(rows, tokenizer, max_length=4096, both=True)
     distinct = {(r["prompt"], r[side]) for r in rows for side in ("chosen", "rejected") if r[side]}
@@ -73,7 +61,7 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 
 def test_warm_up_trains_every_parameter_and_lowers_the_held_out_loss(tmp_path, data_run):
-    config = tiny_config()
+    config = tiny_config(WARMUP_STEPS)
     ctx = new_context(tmp_path, data_run)
     tokenizer = load_tokenizer(config.model.tokenizer)
     model = load_base_model(config.model, "cpu", tokenizer=tokenizer, seed=0)
@@ -92,7 +80,7 @@ def test_warm_up_trains_every_parameter_and_lowers_the_held_out_loss(tmp_path, d
 
 
 def test_no_steps_no_warm_up_and_a_small_data_set_gets_fewer_steps(tmp_path, data_run):
-    config = tiny_config(steps=0)
+    config = tiny_config(WARMUP_STEPS, warmup=dict(steps=0))
     ctx = new_context(tmp_path / "none", data_run)
     tokenizer = load_tokenizer(config.model.tokenizer)
     model = load_base_model(config.model, "cpu", tokenizer=tokenizer, seed=0)
@@ -101,13 +89,13 @@ def test_no_steps_no_warm_up_and_a_small_data_set_gets_fewer_steps(tmp_path, dat
     assert torch.equal(model.lm_head.weight, weights) and not ctx.metrics
 
     n_texts = len(warmup.encode(read_prefs(data_run / "data" / "train_prefs.jsonl"), tokenizer, 4096, both=True))
-    config = tiny_config(steps=1000, max_epochs=0.5, eval_every=1000)
+    config = tiny_config(WARMUP_STEPS, warmup=dict(steps=1000, max_epochs=0.5, eval_every=1000))
     result = warmup.warm_up(config, new_context(tmp_path / "capped", data_run), model, tokenizer)
     assert result["steps"] == math.ceil(0.5 * n_texts / 4) < 1000
 
 
 def test_sft_saves_the_warmed_up_base(tmp_path, data_run):
-    config = tiny_config(steps=10, eval_every=10)
+    config = tiny_config(WARMUP_STEPS, warmup=dict(steps=10, eval_every=10))
     ctx = new_context(tmp_path, data_run)
     sft.run(config, ctx)
     base, tokenizer = load_policy(ctx.run_dir, "base")
@@ -119,7 +107,7 @@ def test_sft_saves_the_warmed_up_base(tmp_path, data_run):
 def test_warm_up_honours_cancel(tmp_path, data_run):
     ctx = new_context(tmp_path, data_run)
     ctx.request_cancel()
-    config = tiny_config()
+    config = tiny_config(WARMUP_STEPS)
     tokenizer = load_tokenizer(config.model.tokenizer)
     with pytest.raises(Cancelled):
         warmup.warm_up(config, ctx, load_base_model(config.model, "cpu", tokenizer=tokenizer), tokenizer)
@@ -127,9 +115,9 @@ def test_warm_up_honours_cancel(tmp_path, data_run):
 
 @pytest.mark.parametrize("architecture, template", [("llama", True), ("gemma2", False)])
 def test_warm_up_any_family_in_its_prompt_format(tmp_path, data_run, architecture, template):
-    from tests.edgerlhf.tiny_run import chat_template_tokenizer
+    from tests.support.tiny import chat_template_tokenizer
 
-    config = tiny_config(steps=12, eval_every=12)
+    config = tiny_config(WARMUP_STEPS, warmup=dict(steps=12, eval_every=12))
     config.model.architecture, config.model.n_kv_head, config.model.intermediate_size = architecture, 1, 64
     if template:
         config.model.tokenizer = str(tmp_path / "tokenizer")

@@ -10,11 +10,12 @@ import math
 import pytest
 
 from edgerlhf.config import load_config
-from edgerlhf.reports import EvalReport, JobReports, PPOReport
+from edgerlhf.reports import JobReports, PPOReport
 from frontend import alerts, charts
 from frontend.live import JobFeed
 from frontend.reports import eval_headline, eval_rows, run_row, side_by_side
 from frontend.ui import job_label
+from tests.support.runs import ev_report
 
 
 def job(job_id: int, algorithm: str, **overrides) -> dict:
@@ -38,29 +39,6 @@ def feed_of(job_id: int, algorithm: str, metrics: dict[str, list[float | None]],
 
 def rising(n: int, start: float, growth: float) -> list[float]:
     return [start * growth ** i for i in range(n)]
-
-
-def ev_report(algorithm: str, kl: float, sft_reward: float | None, aligned_reward: float | None,
-              prompts: list[str], gold: bool = True) -> dict:
-    """An evaluate report as the stage writes it (`edgerlhf.reports.EvalReport` as JSON data)."""
-    def policy(reward, tokens, gold_mean):
-        return {"reward": None if reward is None else {"mean": reward, "std": 0.1},
-                "response_tokens": {"mean": tokens, "std": 2.0},
-                "gold": {"mean": gold_mean, "std": 0.5} if gold else None, "cap_hit_rate": 0.0, "empty_rate": 0.0}
-
-    diff = lambda m: {"mean": m, "low": m - 0.1, "high": m + 0.1, "confidence": 0.95, "n": len(prompts)}  # noqa: E731
-    scored = sft_reward is not None
-    return EvalReport.model_validate({
-        "algorithm": algorithm, "n_prompts": len(prompts), "samples_per_prompt": 1,
-        "reward_precision": "bf16" if scored else None, "confidence": 0.95,
-        "sft": policy(sft_reward, 20.0, -1.0), "ppo": {**policy(aligned_reward, 17.0, -0.6), "kl": {"mean": kl, "std": 0.1}},
-        "win_rate": 0.7 if scored else None, "reward_diff": diff(aligned_reward - sft_reward) if scored else None,
-        "length_diff": diff(-3.0), "kl": kl, "gold_scorer": "question" if gold else None,
-        "gold_diff": diff(0.4) if gold else None, "samples": [
-            {"prompt": p, "sft": f"sft answer {i}", "ppo": f"{algorithm} answer {i}",
-             "sft_reward": sft_reward, "ppo_reward": None if aligned_reward is None else aligned_reward + i,
-             "sft_gold": -1.0 if gold else None, "ppo_gold": -0.5 + i if gold else None}
-            for i, p in enumerate(prompts)]}).model_dump(mode="json")
 
 
 def test_a_feed_reads_its_jobs_algorithm_namespace_and_samples_per_step_from_its_config():

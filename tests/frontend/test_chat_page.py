@@ -11,8 +11,10 @@ import openai
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.backend.test_chat_api import TOKEN, make_jobs, start_backend, stop_backend
-from tests.conftest import REPO_ROOT
+from frontend.api_client import TOKEN_KEY
+from tests.support.backend import CHAT_ENV, CHAT_TOKEN, start_backend
+from tests.support.procs import REPO_ROOT
+from tests.support.runs import make_jobs
 
 PAGE = str(REPO_ROOT / "frontend" / "app_pages" / "chat.py")
 SEED = 4
@@ -24,9 +26,9 @@ MAX_TOKENS = 40
 def backend(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("chat-page")
     make_jobs(data_dir)
-    proc, url = start_backend(data_dir, EDGERLHF_CHAT_MAX_TOKENS=str(MAX_TOKENS))
-    yield url
-    stop_backend(proc)
+    backend = start_backend(data_dir, **{**CHAT_ENV, "EDGERLHF_CHAT_MAX_TOKENS": str(MAX_TOKENS)})
+    yield backend.url
+    backend.stop()
 
 
 @pytest.fixture
@@ -34,10 +36,10 @@ def page(backend, monkeypatch):
     from edgerlhf.settings import get_settings
 
     monkeypatch.setenv("EDGERLHF_BACKEND_URL", backend)
-    monkeypatch.setenv("EDGERLHF_API_TOKEN", TOKEN)
     monkeypatch.setenv("EDGERLHF_CHAT_MAX_TOKENS", str(MAX_TOKENS))
     get_settings.cache_clear()
     at = AppTest.from_file(PAGE, default_timeout=120)
+    at.session_state[TOKEN_KEY] = CHAT_TOKEN  # what this browser session typed at the login (frontend/login.py)
     at.run()
     assert not at.exception, at.exception
     yield at
@@ -46,7 +48,7 @@ def page(backend, monkeypatch):
 
 def _api_reply(backend: str, model: str, messages: list[dict[str, str]]) -> str:
     """What the API answers with the page's default sampling settings and our seed."""
-    with openai.OpenAI(base_url=f"{backend}/v1", api_key=TOKEN, max_retries=0) as client:
+    with openai.OpenAI(base_url=f"{backend}/v1", api_key=CHAT_TOKEN, max_retries=0) as client:
         return client.chat.completions.create(model=model, messages=messages, temperature=0.7, top_p=0.95,
                                               max_tokens=MAX_TOKENS, seed=SEED).choices[0].message.content
 

@@ -16,9 +16,8 @@ import httpx
 from streamlit.testing.v1 import AppTest
 
 from edgerlhf.reports import PPOReport
-from tests.frontend.conftest import APP, JobWriter
-from tests.frontend.test_algorithms import ev_report
-from tests.frontend.test_pages import TIMEOUT, backend, open_job_page, plotly_trace  # noqa: F401  (backend: fixture)
+from tests.support.dashboard import APP, TIMEOUT, open_job_page, plotly_trace
+from tests.support.runs import JobWriter, ev_report
 
 PROMPTS = ["\n\nHuman: Where do owls sleep?\n\nAssistant:", "\n\nHuman: Is tea good?\n\nAssistant:"]
 
@@ -55,6 +54,12 @@ def finished_run(backend, algorithm: str, rewards: list[float], kls: list[float]
     return job
 
 
+def newest_job(backend) -> dict:
+    """The job created last, with its config (a list item has none)."""
+    newest = httpx.get(f"{backend.url}/api/jobs", params={"limit": 1}, timeout=30).json()["items"][0]
+    return httpx.get(f"{backend.url}/api/jobs/{newest['id']}", timeout=30).json()
+
+
 def chart(at: AppTest, title: str) -> dict:
     """The plotly figure (as JSON) whose title starts with `title`."""
     for el in at.get("plotly_chart"):
@@ -64,7 +69,7 @@ def chart(at: AppTest, title: str) -> dict:
     raise AssertionError(f"no chart titled {title!r}")
 
 
-def test_new_job_form_chooses_the_algorithm_and_shows_its_settings(backend, dashboard_env):  # noqa: F811
+def test_new_job_form_chooses_the_algorithm_and_shows_its_settings(backend, dashboard_env):
     dashboard_env(backend.url)
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     at.switch_page("app_pages/new_job.py").run()
@@ -84,7 +89,7 @@ def test_new_job_form_chooses_the_algorithm_and_shows_its_settings(backend, dash
     assert at.number_input(key="nj:tiny:grpo:ppo.samples_per_prompt").value is None  # the config derives it
     [b for b in at.button if "Launch" in (b.label or "")][0].click().run()
     assert not at.exception, at.exception
-    grpo = httpx.get(f"{backend.url}/api/jobs", timeout=30).json()["items"][0]
+    grpo = newest_job(backend)
     assert grpo["config"]["algorithm"] == "grpo" and grpo["config"]["ppo"]["samples_per_prompt"] >= 2
     assert any("algorithm **GRPO**" in m.value for m in at.markdown), "the job page says which algorithm"
 
@@ -97,12 +102,12 @@ def test_new_job_form_chooses_the_algorithm_and_shows_its_settings(backend, dash
     at.number_input(key="nj:tiny:dpo.max_steps").set_value(7)
     [b for b in at.button if "Launch" in (b.label or "")][0].click().run()
     assert not at.exception, at.exception
-    dpo = httpx.get(f"{backend.url}/api/jobs", timeout=30).json()["items"][0]
+    dpo = newest_job(backend)
     assert dpo["id"] != grpo["id"] and dpo["config"]["algorithm"] == "dpo"
     assert dpo["config"]["dpo"]["beta"] == 0.25 and dpo["config"]["dpo"]["max_steps"] == 7
 
 
-def test_grpo_and_dpo_job_pages_draw_and_check_their_own_metrics(backend, dashboard_env):  # noqa: F811
+def test_grpo_and_dpo_job_pages_draw_and_check_their_own_metrics(backend, dashboard_env):
     dashboard_env(backend.url)
     job = create(backend, "grpo", ppo={"target_kl": 2.0})
     writer = JobWriter(backend.db_url, job["id"])
@@ -136,7 +141,7 @@ def test_grpo_and_dpo_job_pages_draw_and_check_their_own_metrics(backend, dashbo
     writer.close()
 
 
-def test_compare_page_overlays_a_ppo_and_a_grpo_run(backend, dashboard_env):  # noqa: F811
+def test_compare_page_overlays_a_ppo_and_a_grpo_run(backend, dashboard_env):
     dashboard_env(backend.url)
     ppo = finished_run(backend, "ppo", rewards=[0.0, 0.1, 0.3], kls=[0.1, 0.5, 0.9], eval_kl=1.1)
     grpo = finished_run(backend, "grpo", rewards=[0.2, 0.6], kls=[0.05, 0.2], eval_kl=0.4)

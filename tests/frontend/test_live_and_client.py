@@ -12,7 +12,8 @@ from frontend.api_client import ApiClient, BackendDown, ContractError, parse_err
 from frontend.live import JobFeed, finished_stages
 from frontend.reports import eval_headline, eval_pairs, eval_rows, eval_scalars, precision_rows
 from frontend.ui import checkpoint_order
-from tests.frontend.conftest import answering
+from tests.support.dashboard import answering
+from tests.support.procs import free_port
 
 
 def metric(i, stage, key, step, value, t=None):
@@ -69,8 +70,6 @@ def test_parse_error_names_fields():
 
 
 def test_client_raises_backend_down_when_nothing_listens():
-    from tests.frontend.conftest import free_port
-
     client = ApiClient(f"http://127.0.0.1:{free_port()}")
     try:
         client.health()

@@ -7,8 +7,7 @@ from __future__ import annotations
 import httpx
 from streamlit.testing.v1 import AppTest
 
-from tests.frontend.conftest import APP
-from tests.frontend.test_pages import TIMEOUT, backend, walk  # noqa: F401  (backend: the fixture)
+from tests.support.dashboard import APP, TIMEOUT, walk
 
 QWEN = "qwen2.5-0.5b-8gb"
 
@@ -34,7 +33,7 @@ def launch(at: AppTest) -> None:
     assert not at.exception, at.exception
 
 
-def test_the_plan_follows_the_form_and_a_job_that_does_not_fit_needs_the_override(backend, dashboard_env):  # noqa: F811
+def test_the_plan_follows_the_form_and_a_job_that_does_not_fit_needs_the_override(backend, dashboard_env):
     register_worker(backend, 8192)
     dashboard_env(backend.url)
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
@@ -68,6 +67,7 @@ def test_the_plan_follows_the_form_and_a_job_that_does_not_fit_needs_the_overrid
 
     at.checkbox(key="nj_override_memory_plan").check().run()
     launch(at)
-    (job,) = httpx.get(backend.url + "/api/jobs").json()["items"]
+    (item,) = httpx.get(backend.url + "/api/jobs").json()["items"]
+    job = httpx.get(f"{backend.url}/api/jobs/{item['id']}").json()  # with its config (a list item has none)
     assert job["preset"] == QWEN and job["config"]["ppo"]["mini_batch_size"] == 8
     assert any(f"Job #{job['id']}" in h.value for h in at.subheader), "the job's page opened"

@@ -14,55 +14,18 @@ from __future__ import annotations
 import json
 
 import httpx
-import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.frontend.conftest import APP, JobWriter, free_port, sft_report, start_backend
-
-TIMEOUT = 60  # seconds per script run: the first import of plotly/pandas on a busy 2-core box is slow
+from tests.support.dashboard import APP, TIMEOUT, open_job_page, plotly_trace, walk
+from tests.support.procs import free_port
+from tests.support.runs import JobWriter, sft_report
 
 PPO_KEYS = ["ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/policy_loss", "ppo/value_loss",
             "ppo/response_length", "ppo/entropy"]
 
 
-@pytest.fixture
-def backend(tmp_path):
-    b = start_backend(tmp_path / "data")
-    yield b
-    b.stop()
-
-
 def ppo_rows(start: int, n: int) -> dict[str, list[float]]:
     return {key: [0.1 * (start + i) + j for i in range(n)] for j, key in enumerate(PPO_KEYS)}
-
-
-def walk(node):
-    """Every element of an AppTest tree in display order."""
-    yield node
-    children = getattr(node, "children", None)
-    if isinstance(children, dict):
-        for key in sorted(children):
-            yield from walk(children[key])
-
-
-def open_job_page(job_id: int) -> AppTest:
-    """A fresh browser session (a reload) opening `/job?job=<id>`."""
-    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-    at.query_params["job"] = str(job_id)
-    at.run()
-    at.switch_page("app_pages/job.py").run()
-    assert not at.exception, at.exception
-    return at
-
-
-def plotly_trace(at: AppTest, title: str, trace: str) -> dict:
-    for el in at.get("plotly_chart"):
-        spec = json.loads(el.proto.spec)
-        if title in json.dumps(spec["layout"].get("title", "")):
-            for t in spec["data"]:
-                if t.get("name") == trace:
-                    return t
-    raise AssertionError(f"no chart {title!r} with trace {trace!r}")
 
 
 def make_running_job(backend) -> tuple[int, JobWriter]:
@@ -259,23 +222,6 @@ def test_jobs_page_lists_jobs_and_cancels_one(backend, dashboard_env):
     assert not at.exception, at.exception
     assert client.get(f"/api/jobs/{ids[1]}").json()["status"] == "cancelled"
     assert client.get(f"/api/jobs/{ids[0]}").json()["status"] == "queued"
-
-
-def test_dashboard_sends_the_api_token(tmp_path, dashboard_env):
-    b = start_backend(tmp_path / "data", EDGERLHF_API_TOKEN="s3cret-token")
-    try:
-        assert httpx.get(b.url + "/api/jobs").status_code == 401
-        httpx.post(b.url + "/api/jobs", json={"preset": "tiny", "name": "guarded"},
-                   headers={"Authorization": "Bearer s3cret-token"}).raise_for_status()
-        dashboard_env(b.url)  # no token: the backend refuses, and the page says so
-        at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
-        assert any("401" in e.value for e in at.error), [e.value for e in at.error]
-        dashboard_env(b.url, token="s3cret-token")
-        at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
-        assert not at.error, [e.value for e in at.error]
-        assert at.dataframe[0].value["name"].tolist() == ["guarded"]
-    finally:
-        b.stop()
 
 
 def test_system_page_shows_the_system_fields(backend, dashboard_env):

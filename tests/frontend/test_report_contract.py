@@ -1,67 +1,35 @@
 """The dashboard reads the stage reports field by field: real reports in, the same numbers on screen, and a
 renamed field is an error, never a blank cell.
 
-One real job for the module: the `tiny` preset shrunk to seconds, created through the real backend and run
-by the real worker (`edgerlhf worker --once`, its job process running every stage), so the report JSON is
-exactly what `GET /api/jobs/{id}/report` serves (`edgerlhf.reports.JobReports`).
+The session's service (`finished_service`): the `tiny` preset shrunk to seconds, a PPO and a GRPO job created
+through the real backend and run by real workers (`edgerlhf worker --once`, its job process running every stage),
+so the report JSON is exactly what `GET /api/jobs/{id}/report` serves (`edgerlhf.reports.JobReports`). The PPO job
+(reward models in bf16 and int8) is the one whose pages are read; the Compare page shows both.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-import subprocess
-import sys
 
-import httpx
 import pandas as pd
 import pytest
 from pydantic import ValidationError
 from streamlit.testing.v1 import AppTest
 
-from edgerlhf.config import HH_PREFS_SAMPLE
 from edgerlhf.reports import JobReports
 from frontend import ui
 from frontend.api_client import ApiClient
 from frontend.reports import eval_headline, eval_pairs, eval_rows, precision_rows
-from tests.frontend.conftest import APP, REPO, answering, service_env, start_backend
+from tests.support.dashboard import APP, TIMEOUT, answering, open_job_page
 
-TIMEOUT = 60  # seconds per AppTest script run
-WORKER_TIMEOUT_S = 300  # the job takes ~15 s of CPU; the rest is imports on a busy 2-core box
 MB = 1024 * 1024
-TINY = {
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32},
-    "data": {"source": HH_PREFS_SAMPLE, "max_pairs": 60, "max_prompt_tokens": 64, "max_response_tokens": 16},
-    "warmup": {"steps": 2, "batch_size": 2, "eval_every": 2},
-    "sft": {"max_steps": 2, "batch_size": 4, "max_length": 96, "eval_every": 2, "sample_every": 2,
-            "n_sample_prompts": 1},
-    # Two precisions, so the study has two rows and int8 has a Spearman correlation with bf16.
-    "reward": {"precisions": ["bf16", "int8"], "max_steps": 2, "batch_size": 4, "max_length": 96, "eval_every": 2},
-    "ppo": {"steps": 2, "batch_size": 4, "samples_per_prompt": 1, "mini_batch_size": 2, "ppo_epochs": 1,
-            "response_length": 8, "sample_every": 1, "checkpoint_every": 1, "n_probe_prompts": 1, "lora_r": 4,
-            "lora_alpha": 8},
-    "evaluate": {"n_prompts": 4, "response_length": 8, "n_show": 2, "samples_per_prompt": 1, "n_bootstrap": 100},
-}
 
 
-@pytest.fixture(scope="module")
-def finished_job(tmp_path_factory):
-    """(backend, job id, the job's report JSON as the backend serves it) of a job the real worker ran."""
-    backend = start_backend(tmp_path_factory.mktemp("report-contract") / "data")
-    try:
-        created = httpx.post(f"{backend.url}/api/jobs", json={"preset": "tiny", "name": "reports", "overrides": TINY},
-                             timeout=30)
-        assert created.status_code == 201, created.text
-        job_id = created.json()["id"]
-        worker = subprocess.run([sys.executable, "-m", "edgerlhf.cli", "worker", "--once", "--poll-interval", "0.2"],
-                                cwd=REPO, env=service_env(backend.data_dir), capture_output=True, text=True,
-                                timeout=WORKER_TIMEOUT_S)
-        job = httpx.get(f"{backend.url}/api/jobs/{job_id}", timeout=30).json()
-        assert job["status"] == "succeeded", (job["error"], worker.stdout[-3000:], worker.stderr[-3000:])
-        report = httpx.get(f"{backend.url}/api/jobs/{job_id}/report", timeout=30).json()
-        yield backend, job_id, report
-    finally:
-        backend.stop()
+@pytest.fixture
+def finished_job(finished_service):
+    """(backend, job id, the job's report JSON as the backend serves it) of the PPO job the real worker ran."""
+    return finished_service.backend, finished_service.jobs["ppo"], finished_service.reports["ppo"]
 
 
 def interval(diff: dict) -> str:
@@ -124,18 +92,10 @@ def test_report_tables_hold_the_values_of_the_real_reports(finished_job):
     assert eval_pairs(reports.evaluate) == ev["samples"] and len(ev["samples"]) == 2
 
 
-def job_page(job_id: int) -> AppTest:
-    """The dashboard's job page for `job_id`, run once."""
-    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-    at.query_params["job"] = str(job_id)
-    at.run()
-    return at.switch_page("app_pages/job.py").run()
-
-
 def test_job_page_shows_the_real_reports_values(finished_job, dashboard_env):
     backend, job_id, raw = finished_job
     dashboard_env(backend.url)
-    at = job_page(job_id)
+    at = open_job_page(job_id, check=False)
     assert not at.exception, at.exception
 
     frames = [df.value for df in at.dataframe]
@@ -196,29 +156,37 @@ def test_a_renamed_report_field_raises_instead_of_blanking_a_cell(finished_job, 
         answering({f"/api/jobs/{job_id}/report": {**raw, stage: bad}}).report(job_id)
 
 
-def test_compare_page_shows_the_real_reports_values(finished_job, dashboard_env):
-    backend, job_id, raw = finished_job
-    dashboard_env(backend.url)
+def test_compare_page_shows_the_real_reports_values(finished_service, dashboard_env):
+    dashboard_env(finished_service.url)
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     at.switch_page("app_pages/compare.py").run()
     assert not at.exception, at.exception
-    assert at.multiselect(key="compare_jobs").value == [job_id], "a succeeded job is chosen by default"
+    jobs = finished_service.jobs
+    assert sorted(at.multiselect(key="compare_jobs").value) == sorted(jobs.values()), \
+        "the succeeded jobs are chosen by default"
 
     frames = [df.value for df in at.dataframe]
     headline = next(f for f in frames if "win rate" in f.columns)
-    ev = raw["evaluate"]
-    assert headline.to_dict("records") == [{"job": f"#{job_id} reports", **eval_headline(ev)}]
-    assert headline["reward PPO−SFT"].tolist() == [ev["reward_diff"]["mean"]]
     study = next(f for f in frames if "accuracy" in f.columns)
-    assert study["precision"].tolist() == ["bf16", "int8"]
-    assert study["accuracy"].tolist() == [p["accuracy"] for p in raw["reward"]["precisions"].values()]
+    assert sorted(headline["job"]) == sorted(f"#{i} {a}-run" for a, i in jobs.items())
+    for algorithm, job_id in jobs.items():
+        label, raw = f"#{job_id} {algorithm}-run", finished_service.reports[algorithm]
+        ev = raw["evaluate"]
+        row = headline[headline["job"] == label]
+        assert row.to_dict("records") == [{"job": label, **eval_headline(ev)}]
+        assert row["reward PPO−SFT"].tolist() == [ev["reward_diff"]["mean"]]
+        rows = study[study["job"] == label]
+        assert rows["precision"].tolist() == list(raw["reward"]["precisions"])
+        assert rows["accuracy"].tolist() == [p["accuracy"] for p in raw["reward"]["precisions"].values()]
+    ppo = study[study["job"] == f"#{jobs['ppo']} ppo-run"]
+    assert ppo["precision"].tolist() == ["bf16", "int8"]
 
 
 def test_job_page_exports_the_aligned_model(finished_job, dashboard_env):
     """The Export button merges the job's policy into one model directory the page then offers for download."""
     backend, job_id, raw = finished_job
     dashboard_env(backend.url)
-    at = job_page(job_id)
+    at = open_job_page(job_id, check=False)
     at.button(key=f"export-{job_id}-button").click().run(timeout=300)
     assert not at.exception, at.exception
     (done,) = [s.value for s in at.success if "Exported to" in s.value]

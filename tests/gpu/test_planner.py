@@ -1,11 +1,11 @@
 """The memory planner against the GPU: each stage's planned tensor memory against `torch.cuda.max_memory_allocated`
-(`python -m edgerlhf.plan_check --device cuda`), on the configurations whose terms differ most on a GPU."""
+(`python -m edgerlhf.lab.plan_check --device cuda`), on the configurations whose terms differ most on a GPU."""
 
 from __future__ import annotations
 
 import pytest
 
-from edgerlhf import plan_check
+from edgerlhf.lab import plan_check
 
 pytestmark = pytest.mark.gpu
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,8 +14,10 @@ import pytest
 
 from db import JobStatus, init_db, make_engine, make_sessionmaker, queue, read
 from edgerlhf.config import load_config
-from tests.conftest import REPO_ROOT, free_port
-from tests.worker.conftest import Service, wait_for
+from tests.support.backend import start_backend
+from tests.support.procs import wait_for
+from tests.support.runs import make_run_dir
+from tests.support.workers import Service
 
 from .helpers import gone, gpu_processes, gpu_used_mib, release_this_process
 
@@ -85,39 +85,14 @@ def _finished_job(data_dir: Path) -> None:
     engine.dispose()
 
 
-def start_backend(data_dir: Path, device: str) -> tuple[subprocess.Popen, str]:
-    """`edgerlhf backend` on a free port with chat on `device`; returns the process and its URL once it answers."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGERLHF_") or k == "EDGERLHF_SHARED_DIR"}
-    env.update({"EDGERLHF_DATA_DIR": str(data_dir), "EDGERLHF_DEVICE": device, "EDGERLHF_CHAT_MAX_TOKENS": "64",
-                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
-    with open(data_dir / "backend.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "edgerlhf.cli", "backend", "--port", str(port)], cwd=REPO_ROOT,
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the backend exited: {(data_dir / 'backend.log').read_text()}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"the backend did not answer: {(data_dir / 'backend.log').read_text()}")
-
-
 def chat_on(device: str, tmp_path: Path) -> dict:
     """A finished tiny job served by a real backend with chat on `device`: one plain and one streamed completion
     of the same seeded request. Returns what they gave, with timings and the backend's log."""
-    from tests.backend.test_chat_models import make_run_dir
-
     data_dir = tmp_path / "data"
     make_run_dir(data_dir / "runs" / "job-1")
     _finished_job(data_dir)
-    proc, url = start_backend(data_dir, device)
+    backend = start_backend(data_dir, EDGERLHF_DEVICE=device, EDGERLHF_CHAT_MAX_TOKENS="64")
+    url = backend.url
     body = {"model": "job-1/ppo", "messages": [{"role": "user", "content": "How far can spiders jump?"}],
             "max_tokens": 48, "temperature": 1.0, "seed": 11}
     try:
@@ -137,8 +112,7 @@ def chat_on(device: str, tmp_path: Path) -> dict:
                     pieces.append(delta)
         stream_s = time.perf_counter() - t0
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        backend.stop()
     return {"plain": plain.json(), "streamed": "".join(pieces), "stream_s": stream_s,
             "first_token_s": (first - t0) if first else None, "log": (data_dir / "backend.log").read_text()}
 

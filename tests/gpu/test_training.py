@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from edgerlhf import models, ppo
+from edgerlhf import models
+from edgerlhf.align import policy, ppo
 from edgerlhf.config import PRECISIONS, load_config
 from edgerlhf.context import RunContext
 from edgerlhf.contract import CONFIG_FILE, RANDOM_BASE, SFT_MERGED, TEST_PREFS, TRAIN_PREFS, reward_dir
@@ -168,12 +169,12 @@ def test_a_ppo_step_on_the_gpu_holds_one_copy_of_the_network(trained, record):
     release_this_process()
 
     before = torch.cuda.memory_allocated(device)
-    built = ppo.build_models(trained.config, trained.run_dir, device)
+    built = policy.build_models(trained.config, trained.run_dir, device)
     torch.cuda.synchronize(device)
     built_bytes = torch.cuda.memory_allocated(device) - before
     # Policy, reference (adapters off), value head and reward (a second adapter) share one set of weights.
     assert built.reward_shared and built.reward_model.model is built.model
-    assert sum(ppo.base_weight_storages(built.modules()).values()) == network
+    assert sum(policy.base_weight_storages(built.modules()).values()) == network
     assert network <= built_bytes < 1.25 * network, (built_bytes, network)
 
     optimizer = torch.optim.AdamW(built.policy_parameters(), lr=1e-3)
@@ -193,6 +194,6 @@ def test_a_ppo_step_on_the_gpu_holds_one_copy_of_the_network(trained, record):
     naive_reference = copy.deepcopy(built.model.get_base_model())
     torch.cuda.synchronize(device)
     assert torch.cuda.memory_allocated(device) - before >= after_step + 0.9 * network
-    assert sum(ppo.base_weight_storages(built.modules() + [naive_reference]).values()) == 2 * network
+    assert sum(policy.base_weight_storages(built.modules() + [naive_reference]).values()) == 2 * network
     record(ppo_network_bytes=network, ppo_built_bytes=built_bytes, ppo_step_peak_bytes=step_peak,
            ppo_metrics={k: v for k, v in metrics.items() if k.endswith(("reward_mean", "kl", "step_s"))})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from sqlalchemy import event
 
 from db import StageStatus, queue, read
@@ -14,7 +15,15 @@ from edgerlhf.contract import MEMORY_PREFIX, SAMPLED_PREFIX
 from edgerlhf.pipeline import run_pipeline
 from worker.context import DBContext
 
-from .conftest import sft_job, wait_for
+from tests.support.db import sqlite_only
+from tests.support.procs import wait_for
+from tests.support.tiny import sft_job
+
+
+@pytest.fixture
+def service(db_service):
+    """The database context writes through the queue's SQL in-process: both engines (`db_service`)."""
+    return db_service
 
 
 def test_metrics_are_written_in_batches_and_all_arrive(service):
@@ -98,6 +107,7 @@ def test_memory_is_sampled_as_sys_metrics_at_the_stages_step(service):
     assert not service.points(job_id, "mem/rss_mb")  # the stages' key: the sampler leaves it alone
 
 
+@sqlite_only  # which writer writes which key is the context's business, not the engine's
 def test_each_metric_key_has_one_writer_the_stages_or_the_sampler(service):
     """A real data + sft run with the sampler firing all the time: the keys the stages log (`mem/*`
     included) and the keys the sampler records never overlap, and every row in the table is one writer's."""

@@ -18,9 +18,9 @@ from db import JobStatus, queue, read
 from edgerlhf.config import load_config
 from worker.gpu import GPUError, WorkerGPU, resolve
 
-from ..conftest import REPO_ROOT
-from ..fake_gpus import FAKE_GPUS, fake_nvidia_smi_path
-from .conftest import DATA_ONLY, sft_job, wait_for
+from tests.support.fake_gpus import FAKE_GPUS, fake_nvidia_smi_path
+from tests.support.procs import REPO_ROOT, wait_for
+from tests.support.tiny import DATA_ONLY, sft_job
 
 
 def add_job(service, overrides: dict, name: str, min_gpu_memory_mb: int) -> int:
@@ -121,7 +121,7 @@ def test_resolve_the_gpu_from_the_flag_the_environment_or_gpu_0(tmp_path, monkey
 
 @pytest.mark.slow
 def test_a_dead_workers_job_is_requeued_by_a_worker_that_cannot_take_it_and_claimed_by_one_that_can(service):
-    job_id = add_job(service, sft_job(max_steps=99), "needs 6 GB", min_gpu_memory_mb=6000)
+    job_id = add_job(service, sft_job(max_steps=199), "needs 6 GB", min_gpu_memory_mb=6000)  # still training at the kill
     big = service.start_worker("--gpu-memory-mb", "8000", "--worker-id", "big-a")
     wait_for(lambda: service.job(job_id).worker_id == "big-a", 120, "the 8 GB worker to claim the job")
     small = service.start_worker("--gpu-memory-mb", "2000", "--worker-id", "small-b")

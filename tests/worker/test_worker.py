@@ -1,4 +1,4 @@
-"""The worker as real processes on a real database, SQLite and PostgreSQL (`db_url`): racing workers, crash and
+"""The worker as real processes on a real SQLite file (`service`): racing workers, crash and
 resume, cancel, failures.
 
 These run the real pipeline (`tiny` preset, very small overrides), so each job process imports the
@@ -19,7 +19,11 @@ from sqlalchemy import update
 from db import JobStatus, StageStatus, queue, read
 from db.models import Job, utcnow
 
-from .conftest import DATA_ONLY, sft_job, wait_for
+from tests.support.procs import wait_for
+from tests.support.tiny import DATA_ONLY, sft_job
+
+
+RACED_JOBS = 10
 
 
 def gone(pid: int) -> bool:
@@ -30,8 +34,10 @@ def gone(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_two_workers_race_for_20_queued_jobs_and_run_each_exactly_once(service):
-    ids = [service.add_job(DATA_ONLY, name=f"race {i}") for i in range(20)]
+def test_two_workers_race_for_queued_jobs_and_run_each_exactly_once(service):
+    # 10 jobs, each a job process of its own: both workers keep racing for the next one (claims racing at the SQL
+    # level, hundreds of them, on both engines: tests/db/test_queue.py).
+    ids = [service.add_job(DATA_ONLY, name=f"race {i}") for i in range(RACED_JOBS)]
     workers = [service.start_worker("--once") for _ in range(2)]
     for w in workers:
         assert w.wait(timeout=600) == 0, service.worker_logs()
@@ -46,18 +52,19 @@ def test_two_workers_race_for_20_queued_jobs_and_run_each_exactly_once(service):
         # Each metric point exists once and the data stage ran once (the split's size is data.py's business).
         assert [(stage, step) for stage, step, _ in service.points(job_id, "data/train")] == [("data", 0)]
         assert Counter(m for m in service.logs(job_id))["stage data started"] == 1
-    assert sum(runs_per_worker.values()) == 20
+    assert sum(runs_per_worker.values()) == RACED_JOBS
     assert len(runs_per_worker) == 2, f"both workers should have taken jobs: {runs_per_worker}"
 
 
 def test_a_failing_stage_fails_its_job_with_traceback_and_the_worker_goes_on(service):
-    bad = service.add_job({"stages": ["data"], "data": {"source": "/nonexistent/prefs.jsonl"}}, name="bad")
+    missing = service.data_dir / "nonexistent" / "prefs.jsonl"  # under an allowed root: the data stage fails on it
+    bad = service.add_job({"stages": ["data"], "data": {"source": str(missing)}}, name="bad")
     good = service.add_job(DATA_ONLY, name="good")
     worker = service.start_worker("--once")
     assert worker.wait(timeout=240) == 0, service.worker_logs()
     failed = service.job(bad)
     assert failed.status == JobStatus.failed
-    assert "DataError" in failed.error and "/nonexistent/prefs.jsonl" in failed.error
+    assert "DataError" in failed.error and str(missing) in failed.error
     assert failed.traceback.startswith("Traceback (most recent call last)")
     assert "edgerlhf/data.py" in failed.traceback
     with service.sessions() as s:
@@ -242,4 +249,37 @@ def test_a_job_asking_for_a_device_this_machine_lacks_fails_at_once_and_the_work
         assert f"device {device!r} was asked for" in job.error and "available: cpu" in job.error, job.error
         with service.sessions() as s:
             assert read.stage_runs(s, job_id) == [], "no stage starts on a device that does not exist"
+    assert service.job(good).status == JobStatus.succeeded
+
+
+def test_a_job_whose_config_the_service_refuses_fails_before_it_runs(service, tmp_path):
+    """The job process trusts nothing it reads from the database: a config the backend would have refused (a local
+    path outside the allowed roots, an import-path reward function), written there by anyone, fails at once with
+    the service's reason, reads no file of it and imports no module of it."""
+    import shutil
+
+    from edgerlhf.config import HH_PREFS_SAMPLE
+
+    outside = tmp_path / "outside" / "pairs.jsonl"
+    outside.parent.mkdir()
+    shutil.copy(HH_PREFS_SAMPLE, outside)
+    marker = tmp_path / "imported"
+    (tmp_path / "planted").mkdir()
+    module = (f"open({str(marker)!r}, 'w').write('imported')\n"
+              "def score(prompts, responses):\n    return [0.0] * len(prompts)\n")
+    (tmp_path / "planted" / "reward_fn.py").write_text(module)
+    service.env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "planted"), service.env.get("PYTHONPATH", "")])
+    path_job = service.add_job({**DATA_ONLY, "data": {**DATA_ONLY["data"], "source": str(outside)}}, name="outside")
+    code_job = service.add_job({**DATA_ONLY, "ppo": {"reward_function": "reward_fn:score"}}, name="import path")
+    good = service.add_job(DATA_ONLY, name="good")
+    worker = service.start_worker("--once")
+    assert worker.wait(timeout=240) == 0, service.worker_logs()
+    for job_id, field in ((path_job, "data.source"), (code_job, "ppo.reward_function")):
+        job = service.job(job_id)
+        assert (job.status, job.attempts) == (JobStatus.failed, 1), (field, job.status, job.error)
+        assert "refused by the service" in job.error and field in job.error, job.error
+        with service.sessions() as s:
+            assert read.stage_runs(s, job_id) == [], "no stage starts"
+    assert "outside the allowed roots" in service.job(path_job).error
+    assert not marker.exists(), "the job process imported the config's reward function module"
     assert service.job(good).status == JobStatus.succeeded

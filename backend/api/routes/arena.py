@@ -14,18 +14,32 @@ page does) and sent with the vote; the backend checks that both models exist (a 
 policy, `backend.chat_models`), that the prompt is a prompt and that nothing is oversized, and stores
 nothing otherwise. What a vote means (its pairs, the ratings) is `edgerlhf.votes`; the rows are `db.arena`'s.
 Behind the same token and body-size middleware as every route.
+
+Votes are bounded: at most `settings.arena_max_votes` stored (409 beyond) and `settings.arena_votes_per_minute`
+accepted in any minute (429 with `Retry-After` beyond). The export and the snapshot read the votes a page at a time,
+each page in a short database session: the export streams its lines (it never holds every vote, nor a database
+connection while the client reads), the snapshot writes them to a file as it goes. A snapshot is named by its
+content: the same votes give the same file, written once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from datetime import datetime, timezone
+import math
+import os
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -71,6 +85,8 @@ ARENA_KINDS = ("sft", "ppo")
 SNAPSHOT_DIR = "arena"
 """Under the data dir: the votes files written for jobs (`POST /api/arena/votes/snapshot`)."""
 EXPORT_MEDIA_TYPE = "application/x-ndjson"
+PAGE = 200
+"""Votes read per database session by the export and the snapshot (at most 200 x 32 KB in memory)."""
 
 
 # --- schemas ------------------------------------------------------------------------------------------
@@ -237,9 +253,16 @@ def held_out_prompts(session: SessionDep, settings: SettingsDep,
 @router.post("/votes", status_code=status.HTTP_201_CREATED, response_model=VotePublic,
              responses={422: {"description": "A field is invalid: an unknown model, an empty prompt, an oversized "
                                              "answer ...; nothing is stored"},
-                        413: {"description": "Body too large"}})
-def create_vote(body: VoteCreate, request: Request, session: SessionDep):
+                        409: {"description": "The arena holds its most votes (`EDGERLHF_ARENA_MAX_VOTES`)"},
+                        413: {"description": "Body too large"},
+                        429: {"description": "Too many votes this minute (`EDGERLHF_ARENA_VOTES_PER_MINUTE`); "
+                                             "see `Retry-After`"}})
+def create_vote(body: VoteCreate, request: Request, session: SessionDep, settings: SettingsDep):
     """Store a vote. Both models must exist (a finished job's sft or ppo policy); nothing is stored otherwise."""
+    if arena.count_votes(session) >= settings.arena_max_votes:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"the arena holds its most votes ({settings.arena_max_votes}, "
+                                                      "EDGERLHF_ARENA_MAX_VOTES): delete some, or export them first")
+    _rate(request).take(settings.arena_votes_per_minute)
     try:
         prompt = votes.arena_prompt(body.prompt)
     except DialogueError as exc:
@@ -256,6 +279,50 @@ def create_vote(body: VoteCreate, request: Request, session: SessionDep):
     return VotePublic.of(vote)
 
 
+class _VoteRate:
+    """The times of the votes accepted in the last minute: a sliding window shared by every request."""
+
+    def __init__(self):
+        self.times: deque[float] = deque()
+        self.lock = threading.Lock()
+
+    def take(self, per_minute: int) -> None:
+        """Count one vote now, or 429 with `Retry-After` when `per_minute` were accepted in the last 60 s."""
+        now = time.monotonic()
+        with self.lock:
+            while self.times and now - self.times[0] >= 60:
+                self.times.popleft()
+            if len(self.times) >= per_minute:
+                wait = math.ceil(60 - (now - self.times[0]))
+                raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
+                                    f"at most {per_minute} votes a minute (EDGERLHF_ARENA_VOTES_PER_MINUTE); "
+                                    f"try again in {wait} s", headers={"Retry-After": str(max(1, wait))})
+            self.times.append(now)
+
+
+_rate_guard = threading.Lock()
+
+
+def _rate(request: Request) -> _VoteRate:
+    state = request.app.state
+    with _rate_guard:
+        if getattr(state, "vote_rate", None) is None:
+            state.vote_rate = _VoteRate()
+        return state.vote_rate
+
+
+def _pages(request: Request) -> Iterator[dict[str, Any]]:
+    """Every vote as `db.arena.as_dict`, oldest first, `PAGE` at a time, each page in a session closed at once."""
+    after = 0
+    while True:
+        with request.app.state.sessions() as session:
+            page = [arena.as_dict(v) for v in arena.votes_after(session, after, PAGE)]
+        if not page:
+            return
+        yield from page
+        after = page[-1]["id"]
+
+
 @router.get("/votes", response_model=VotesPublic)
 def list_votes(session: SessionDep, limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: RowOffset = 0):
     """Votes, newest first."""
@@ -267,32 +334,47 @@ def list_votes(session: SessionDep, limit: Annotated[int, Query(ge=1, le=500)] =
             responses={200: {"content": {EXPORT_MEDIA_TYPE: {}},
                              "description": "One preference pair per line: prompt, chosen, rejected, vote_id, "
                                             "choice, chosen_by, rejected_by"}})
-def export_votes(session: SessionDep):
-    """Every vote's preference pairs as JSONL, oldest vote first: a `data.source` or `data.votes_file`."""
-    text = "".join(votes.export_lines(arena.as_dict(v) for v in arena.all_votes(session)))
-    return Response(text, media_type=EXPORT_MEDIA_TYPE,
-                    headers={"Content-Disposition": 'attachment; filename="arena-votes.jsonl"'})
+def export_votes(request: Request):
+    """Every vote's preference pairs as JSONL, oldest vote first: a `data.source` or `data.votes_file`. Streamed as
+    it is read, a page of votes at a time."""
+    return StreamingResponse(votes.export_lines(_pages(request)), media_type=EXPORT_MEDIA_TYPE,
+                             headers={"Content-Disposition": 'attachment; filename="arena-votes.jsonl"'})
 
 
 @router.post("/votes/snapshot", status_code=status.HTTP_201_CREATED, response_model=SnapshotPublic,
              responses={409: {"description": "No vote makes a preference pair yet"}})
-def snapshot_votes(session: SessionDep, settings: SettingsDep):
-    """Write every vote's pairs to a new file under the data dir, for a job's `data.votes_file`: the job reads
-    this file, so votes cast or deleted later do not change what it trains on."""
-    lines = list(votes.export_lines(arena.as_dict(v) for v in arena.all_votes(session)))
-    if not lines:
-        raise HTTPException(status.HTTP_409_CONFLICT, "no vote makes a preference pair yet: vote A or B, or write a "
-                                                      "better answer (a tie or 'both bad' alone makes none)")
-    ids = sorted({json.loads(line)["vote_id"] for line in lines})
+def snapshot_votes(request: Request, settings: SettingsDep):
+    """Write every vote's pairs to a file under the data dir, for a job's `data.votes_file`: the job reads this
+    file, so votes cast or deleted later do not change what it trains on. The file is named by its content
+    (`votes-<sha256>.jsonl`): the same votes give the same file, and a second snapshot of them writes nothing."""
     out_dir = settings.data_dir / SNAPSHOT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    path = out_dir / f"votes-{stamp}.jsonl"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    tmp.replace(path)  # a job never sees half a file
-    logger.info(f"arena snapshot {path}: {len(ids)} votes, {len(lines)} pairs")
-    return SnapshotPublic(path=str(path), votes=len(ids), pairs=len(lines), vote_ids=ids)
+    digest, ids, pairs = hashlib.sha256(), [], 0
+    fd, tmp_name = tempfile.mkstemp(prefix=".votes-", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for vote in _pages(request):
+                lines = list(votes.export_lines([vote]))
+                if lines:
+                    ids.append(vote["id"])
+                    pairs += len(lines)
+                for line in lines:
+                    digest.update(line.encode("utf-8"))
+                    f.write(line)
+        if not pairs:
+            raise HTTPException(status.HTTP_409_CONFLICT, "no vote makes a preference pair yet: vote A or B, or write "
+                                                          "a better answer (a tie or 'both bad' alone makes none)")
+        path = out_dir / f"votes-{digest.hexdigest()[:32]}.jsonl"
+        if path.is_file():
+            logger.info(f"arena snapshot {path}: the same {len(ids)} votes as before, kept")
+        else:
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, path)  # a job never sees half a file
+            logger.info(f"arena snapshot {path}: {len(ids)} votes, {pairs} pairs")
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return SnapshotPublic(path=str(path), votes=len(ids), pairs=pairs, vote_ids=ids)
 
 
 @router.get("/votes/{vote_id}", response_model=VotePublic, responses={404: {"description": "No such vote"}})
@@ -316,4 +398,4 @@ def delete_vote(vote_id: int, session: SessionDep):
 @router.get("/leaderboard", response_model=LeaderboardPublic)
 def leaderboard(session: SessionDep) -> Any:
     """Win rates and Bradley–Terry ratings of every model voted on, with the votes each rests on."""
-    return votes.leaderboard(arena.as_dict(v) for v in arena.all_votes(session))
+    return votes.leaderboard(arena.outcomes(session))

@@ -5,23 +5,30 @@ OpenAI-compatible tools work unchanged: the same request fields (`messages`, `te
 `max_tokens`, `stop`, `seed`, `n`, `stream`, `stream_options`), the same response and SSE chunk
 objects (`data: {...}` ... `data: [DONE]`), and the same error body,
 `{"error": {"message", "type", "param", "code"}}`, with 400 for bad parameters (FastAPI's 422s are
-converted), 401 for a missing or wrong token, 404 for an unknown model. Messages are rendered in the
-model's format (`edgerlhf.dialogue.PromptFormat`: its chat template, or the HH dialogue text); models come from `backend.chat_models`, and
-generation runs in worker threads so the event loop keeps serving other requests.
+converted), 401 for a missing or wrong token, 404 for an unknown model, 429 with `Retry-After` when the model's
+queue is full (`settings.chat_max_queue` requests wait behind the one generating) or no model can be loaded now
+(every loaded one in use). Messages are rendered in the model's format (`edgerlhf.dialogue.PromptFormat`: its chat
+template, or the HH dialogue text); models come from `backend.chat_models`. Loading and generation run in worker
+threads of their own (a limiter sized for the admitted requests), never in the thread pool the rest of the API
+shares, so queued chats cannot stall `/api/jobs`; a client that goes away, streamed or not, stops its generation
+between two tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any, Literal
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -31,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend import chat_models
-from backend.chat_models import ChatModelError, GenerationParams, ModelNotFound
+from backend.chat_models import ChatModelError, GenerationParams, ModelNotFound, ModelsBusy
 from db import FINISHED, read
 from edgerlhf.errors import ModelLoadError
 
@@ -41,6 +48,11 @@ MAX_N = 8
 """Most completions per request (all are sampled as one batch)."""
 MAX_STOP = 4
 """Most stop strings per request (as OpenAI)."""
+MAX_STOP_CHARS = 256
+"""Longest stop string: each new token looks for a stop string beginning at the end of the text, which costs the
+square of a stop string's length (a 100,000-character one held the model for seconds per request)."""
+DISCONNECT_POLL_S = 0.25
+"""How often a non-streamed request checks whether its client went away while the model generates."""
 
 
 # --- OpenAI-shaped errors ------------------------------------------------------------------------
@@ -50,15 +62,17 @@ class OpenAIError(Exception):
     """An error answered as OpenAI does: `{"error": {"message", "type", "param", "code"}}`."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def _invalid_json() -> OpenAIError:
@@ -219,6 +233,9 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters, got "
+                             f"{max(len(s) for s in stops)}")
         return value
 
 
@@ -271,13 +288,41 @@ def _resolve(request: Request, name: str) -> chat_models.ModelSpec:
         raise OpenAIError(404, str(exc), param="model", code="model_not_found") from exc
 
 
-def _load(request: Request, spec: chat_models.ModelSpec) -> chat_models.LoadedModel:
+def _busy(exc: ModelsBusy) -> OpenAIError:
+    return OpenAIError(429, str(exc), type="rate_limit_error", param="model", code="model_busy",
+                       retry_after=exc.retry_after)
+
+
+def _hold(registry: chat_models.ChatModels, spec: chat_models.ModelSpec) -> chat_models.LoadedModel:
+    """The loaded model, held in memory until `registry.release(model)`."""
     try:
-        return chat_models.get_registry(_settings(request)).get(spec)
+        return registry.acquire(spec)
     except ModelNotFound as exc:
         raise OpenAIError(404, str(exc), param="model", code="model_not_found") from exc
+    except ModelsBusy as exc:
+        raise _busy(exc) from exc
     except ModelLoadError as exc:
         raise OpenAIError(500, str(exc), type="server_error", param="model", code="model_load_failed") from exc
+
+
+def _limiter(request: Request) -> anyio.CapacityLimiter:
+    """The chat's own worker threads: enough for every request the queues admit (each model's generating one and
+    `chat_max_queue` waiting, for each model in memory), so an admitted request never waits for a thread and a chat
+    never takes one of the threads the rest of the API runs in."""
+    state = request.app.state
+    limiter = getattr(state, "chat_limiter", None)
+    if limiter is None:
+        settings = _settings(request)
+        limiter = state.chat_limiter = anyio.CapacityLimiter(settings.chat_cache_size * (settings.chat_max_queue + 2))
+    return limiter
+
+
+async def _in_chat_thread(request: Request, func: Callable, *args, **kwargs):
+    return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs), limiter=_limiter(request))
+
+
+_running: set[asyncio.Future] = set()
+"""Generations started for a stream, kept referenced until they end."""
 
 
 @router.post("/chat/completions", response_model=None)
@@ -296,42 +341,88 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         raise OpenAIError(400, f"Invalid 'messages': {exc}.", param="messages", code="invalid_value") from exc
 
     spec = await run_in_threadpool(_resolve, request, body.model)
-    loaded = await run_in_threadpool(_load, request, spec)
-    try:  # a long prompt takes a while to tokenize
-        prompt_ids = await run_in_threadpool(loaded.prompt_ids, messages)
-    except ValueError as exc:  # the model's chat template refused the messages
-        raise OpenAIError(400, f"Invalid 'messages': {exc}.", param="messages", code="invalid_value") from exc
-    limit = min(settings.chat_max_prompt_tokens, loaded.context_length - 1)
-    if len(prompt_ids) > limit:
-        raise OpenAIError(400, f"This model's maximum prompt length is {limit} tokens. However, your messages "
-                          f"resulted in {len(prompt_ids)} tokens. Please reduce the length of the messages.",
-                          param="messages", code="context_length_exceeded")
-    room = loaded.context_length - len(prompt_ids)
-    if max_tokens is None:
-        max_tokens = min(settings.chat_max_tokens, room)
-    elif max_tokens > room:
-        raise OpenAIError(400, f"This model's maximum context length is {loaded.context_length} tokens. However, "
-                          f"you requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the messages, "
-                          f"{max_tokens} in the completion). Please reduce the length of the messages or completion.",
-                          param=param, code="context_length_exceeded")
-    stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
-    params = GenerationParams(max_tokens=max_tokens,
-                              temperature=1.0 if body.temperature is None else body.temperature,
-                              top_p=1.0 if body.top_p is None else body.top_p,
-                              stop=stop, seed=body.seed, n=body.n or 1)
-    cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(loaded, prompt_ids, params, cid, created, include_usage),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
+    registry = chat_models.get_registry(settings)
+    loaded = await _in_chat_thread(request, _hold, registry, spec)
+    handed_over = False  # to the generation thread, which releases the model and its queue place when it ends
     try:
-        choices = await run_in_threadpool(loaded.generate, prompt_ids, params)
-    except ChatModelError as exc:
-        raise OpenAIError(500, str(exc), type="server_error") from exc
+        try:  # a long prompt takes a while to tokenize
+            prompt_ids = await _in_chat_thread(request, loaded.prompt_ids, messages)
+        except ValueError as exc:  # the model's chat template refused the messages
+            raise OpenAIError(400, f"Invalid 'messages': {exc}.", param="messages", code="invalid_value") from exc
+        limit = min(settings.chat_max_prompt_tokens, loaded.context_length - 1)
+        if len(prompt_ids) > limit:
+            raise OpenAIError(400, f"This model's maximum prompt length is {limit} tokens. However, your messages "
+                              f"resulted in {len(prompt_ids)} tokens. Please reduce the length of the messages.",
+                              param="messages", code="context_length_exceeded")
+        room = loaded.context_length - len(prompt_ids)
+        if max_tokens is None:
+            max_tokens = min(settings.chat_max_tokens, room)
+        elif max_tokens > room:
+            raise OpenAIError(400, f"This model's maximum context length is {loaded.context_length} tokens. "
+                              f"However, you requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the "
+                              f"messages, {max_tokens} in the completion). Please reduce the length of the messages "
+                              f"or completion.", param=param, code="context_length_exceeded")
+        stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
+        params = GenerationParams(max_tokens=max_tokens,
+                                  temperature=1.0 if body.temperature is None else body.temperature,
+                                  top_p=1.0 if body.top_p is None else body.top_p,
+                                  stop=stop, seed=body.seed, n=body.n or 1)
+        if not loaded.admit(settings.chat_max_queue):
+            raise OpenAIError(429, f"The model `{spec.id}` is busy: {settings.chat_max_queue} requests already wait "
+                              f"for it (EDGERLHF_CHAT_MAX_QUEUE). Try again shortly.", type="rate_limit_error",
+                              param="model", code="model_busy", retry_after=max(1, settings.chat_max_queue))
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        cancel = threading.Event()
+
+        def generate(on_delta=None):
+            try:
+                return loaded.generate(prompt_ids, params, on_delta=on_delta, cancel=cancel)
+            finally:
+                loaded.leave()
+                registry.release(loaded)
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            queue: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+
+            def put(item) -> None:
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                except RuntimeError:  # the event loop is gone (server shutting down)
+                    cancel.set()
+
+            def work() -> None:
+                try:
+                    put(("done", generate(on_delta=lambda i, t: put(("delta", i, t)))))
+                except Exception as exc:  # reported to the client as an error event
+                    put(("error", exc))
+
+            # Started now, not when the response starts streaming: the thread releases the model however the
+            # client behaves (one that leaves before the first byte never runs the stream's code).
+            task = asyncio.ensure_future(_in_chat_thread(request, work))
+            handed_over = True
+            _running.add(task)
+            task.add_done_callback(_running.discard)
+            return StreamingResponse(_stream(queue, cancel, spec.id, len(prompt_ids), params.n, cid, created,
+                                             include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        task = asyncio.ensure_future(_in_chat_thread(request, generate))
+        handed_over = True
+        while not task.done():  # a client that goes away stops the generation between two tokens
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and not cancel.is_set() and await request.is_disconnected():
+                cancel.set()
+        try:
+            choices = task.result()
+        except ChatModelError as exc:
+            raise OpenAIError(500, str(exc), type="server_error") from exc
+    finally:
+        if not handed_over:
+            registry.release(loaded)
     return JSONResponse({
         "id": cid, "object": "chat.completion", "created": created, "model": spec.id, "system_fingerprint": None,
         "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
@@ -340,31 +431,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     })
 
 
-async def _stream(loaded: chat_models.LoadedModel, prompt_ids: list[int], params: GenerationParams,
+async def _stream(queue: asyncio.Queue, cancel: threading.Event, model: str, prompt_tokens: int, n: int,
                   cid: str, created: int, include_usage: bool) -> AsyncIterator[str]:
-    """SSE chunks while a worker thread generates; a client that goes away stops the generation."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancel = threading.Event()
-
-    def put(item) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            cancel.set()
-
-    def work() -> None:
-        try:
-            put(("done", loaded.generate(prompt_ids, params, on_delta=lambda i, t: put(("delta", i, t)),
-                                         cancel=cancel)))
-        except Exception as exc:  # reported to the client as an error event
-            put(("error", exc))
-
-    model = loaded.spec.id
-    loop.run_in_executor(None, work)
+    """SSE chunks of what the generation thread puts in `queue`; a client that goes away stops the generation."""
     try:
         yield _chunk(cid, created, model, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None} for i in range(params.n)])
+                                            "logprobs": None, "finish_reason": None} for i in range(n)])
         while True:
             item = await queue.get()
             if item[0] == "delta":
@@ -381,7 +453,7 @@ async def _stream(loaded: chat_models.LoadedModel, prompt_ids: list[int], params
                     yield _chunk(cid, created, model, [{"index": c.index, "delta": {}, "logprobs": None,
                                                         "finish_reason": _finish(c.finish_reason)}])
                 if include_usage:
-                    yield _chunk(cid, created, model, [], usage=_usage(len(prompt_ids), choices))
+                    yield _chunk(cid, created, model, [], usage=_usage(prompt_tokens, choices))
                 yield "data: [DONE]\n\n"
                 return
     finally:

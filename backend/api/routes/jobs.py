@@ -14,11 +14,11 @@ import shutil
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
-from fastapi.responses import JSONResponse
-
 from backend.api.deps import JobDep, RowOffset, SessionDep, SettingsDep
+from backend.api.routes import export
 from backend.api.routes.plan import gpu_to_check, planned, refusal
-from backend.api.schemas import JobCreate, JobPublic, JobsPublic
+from backend.api.errors import SafeJSONResponse
+from backend.api.schemas import JobCreate, JobPublic, JobsPublic, JobSummary
 from backend.api.validation import JobInvalid, validate_job
 from db import JobNotFound, JobStateError, JobStatus, queue, read
 from db.models import Job, Worker
@@ -28,6 +28,9 @@ from edgerlhf.settings import get_settings
 logger = logging.getLogger("edgerlhf.backend")
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+EXPORT_WAIT_S = 5.0
+"""How long a delete waits for the job's export lock (a download holds it only while it opens its files)."""
 
 
 def waiting_for(job: Job, live: list[Worker]) -> str | None:
@@ -43,13 +46,14 @@ def waiting_for(job: Job, live: list[Worker]) -> str | None:
     return f"waiting for a worker with ≥ {need:,} MB of GPU memory ({why})"
 
 
-def job_public(session, job: Job, alive_seconds: float | None = None) -> JobPublic:
-    """`alive_seconds`: the app's `Settings.worker_alive_seconds` (default: the environment's settings')."""
+def job_public(session, job: Job, alive_seconds: float | None = None, schema: type[JobSummary] = JobPublic):
+    """The job as `schema` (`JobPublic`, with its config, or `JobSummary`); `alive_seconds`: the app's
+    `Settings.worker_alive_seconds` (default: the environment's settings')."""
     position = read.queue_positions(session).get(job.id) if job.status == JobStatus.queued else None
     live = []
     if job.status == JobStatus.queued and job.min_gpu_memory_mb is not None:
         live = read.alive_workers(session, alive_seconds or get_settings().worker_alive_seconds)
-    return JobPublic.of(job, read.stage_runs(session, job.id), position, waiting_for(job, live))
+    return schema.of(job, read.stage_runs(session, job.id), position, waiting_for(job, live))
 
 
 def _conflict(exc: Exception) -> HTTPException:
@@ -68,7 +72,7 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep):
     try:
         config = validate_job(body.preset, body.overrides, [*settings.allowed_roots, settings.data_dir])
     except JobInvalid as exc:
-        return JSONResponse(status_code=422, content={"detail": exc.errors})
+        return SafeJSONResponse(status_code=422, content={"detail": exc.errors})
     if not body.override_memory_plan:
         gpu, source = gpu_to_check(session, body.min_gpu_memory_mb)
         try:
@@ -78,7 +82,7 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep):
         else:
             why = refusal(result)
             if why:
-                return JSONResponse(status_code=409, content={"detail": {
+                return SafeJSONResponse(status_code=409, content={"detail": {
                     "field": "override_memory_plan", "message": why, "plan": result.model_dump(mode="json")}})
     job = queue.create_job(session, name=body.name or body.preset, preset=body.preset, config=config.to_dict(),
                            min_gpu_memory_mb=body.min_gpu_memory_mb)
@@ -91,11 +95,11 @@ def list_jobs(session: SessionDep, settings: SettingsDep,
               status_: Annotated[list[JobStatus] | None, Query(alias="status", description="Repeat to allow several")] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
               offset: RowOffset = 0):
-    """Jobs, newest first, optionally filtered by status."""
+    """Jobs, newest first, optionally filtered by status; without their configs (`GET /api/jobs/{id}` has it)."""
     jobs, total = read.list_jobs(session, status_ or (), limit, offset)
     positions = read.queue_positions(session)
     live = read.alive_workers(session, settings.worker_alive_seconds)
-    items = [JobPublic.of(j, read.stage_runs(session, j.id), positions.get(j.id), waiting_for(j, live)) for j in jobs]
+    items = [JobSummary.of(j, read.stage_runs(session, j.id), positions.get(j.id), waiting_for(j, live)) for j in jobs]
     return JobsPublic(items=items, total=total, limit=limit, offset=offset)
 
 
@@ -130,16 +134,23 @@ def retry_job(job: JobDep, session: SessionDep, settings: SettingsDep):
                responses={404: {"description": "No such job"}, 409: {"description": "Job is queued or running"}})
 def delete_job(job: JobDep, session: SessionDep, settings: SettingsDep, request: Request):
     """Delete a finished job, its records and its run directory (models, reports)."""
+    lock = export.job_lock(job.id)
+    if not lock.acquire(timeout=EXPORT_WAIT_S):  # an export writing into the run directory: not under its feet
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} is being exported; delete it once the export "
+                                                      "is done")
     try:
-        queue.delete_job(session, job.id)
-    except JobNotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} not found") from None
-    except JobStateError as exc:
-        raise _conflict(exc) from None
-    runs = settings.runs_dir.resolve()
-    run_dir = job_run_dir(runs, job.id).resolve()
-    if run_dir.parent == runs and run_dir.exists():
-        shutil.rmtree(run_dir, ignore_errors=True)
+        try:
+            queue.delete_job(session, job.id)
+        except JobNotFound:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} not found") from None
+        except JobStateError as exc:
+            raise _conflict(exc) from None
+        runs = settings.runs_dir.resolve()
+        run_dir = job_run_dir(runs, job.id).resolve()
+        if run_dir.parent == runs and run_dir.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        lock.release()
     for hook in request.app.state.job_deleted_hooks:  # e.g. unload the job's chat models
         try:
             hook(job.id)

@@ -9,7 +9,8 @@ so a reader following the cursor gets the new values (a point is unique per stag
 last value seen).
 
 `GET /api/jobs/{id}/events` is a server-sent-event stream (`text/event-stream`) of the same rows as they
-are written plus status changes: events `metric`, `sample`, `log`, `status` and a final `end`. Each
+are written plus status changes: events `metric`, `sample`, `log`, `status` (a `JobSummary`: the job without its
+config) and a final `end`. Each
 event's id is `<metric cursor>.<sample cursor>.<log cursor>`; a reconnecting `EventSource` sends it back
 as `Last-Event-ID` and the stream resumes there (or pass `after`, `after_sample`, `after_log`).
 """
@@ -30,6 +31,7 @@ from backend.api.deps import JobDep, RowOffset, SessionDep, SettingsDep
 from backend.api.routes.jobs import job_public
 from backend.api.schemas import (
     ArtifactPublic,
+    JobSummary,
     LogPublic,
     LogsPage,
     MetricPublic,
@@ -154,7 +156,8 @@ def _poll(sessions, job_id: int, cursors: _Cursors) -> _Batch:
         job = read.get_job(session, job_id)
         if job is None:
             return _Batch(gone=True)
-        batch = _Batch(status=job_public(session, job).model_dump(mode="json"), finished=job.status in FINISHED)
+        summary = job_public(session, job, schema=JobSummary).model_dump(mode="json")  # no config: events stay light
+        batch = _Batch(status=summary, finished=job.status in FINISHED)
         batch.metrics = [MetricPublic.of(m).model_dump() for m in
                          read.metrics_after(session, job_id, cursors.metric, limit=STREAM_PAGE)]
         batch.samples = [SamplePublic.of(s).model_dump() for s in

@@ -15,8 +15,10 @@ import threading
 import time
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import psutil
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Request, Response, status
 
 from backend.api.deps import SessionDep, SettingsDep
 from backend.api.schemas import ConfigFieldPublic, PresetPublic, SystemPublic, WorkerPublic
@@ -34,6 +36,9 @@ PRESET_DESCRIPTIONS = {
     "smollm2-1.7b-8gb": "SmolLM2-1.7B-Instruct through its chat template with one 4-bit (NF4) network: QLoRA SFT, an "
                         "int4 reward adapter and the policy on the same weights, sized for one 8 GB GPU",
 }
+
+HEALTH_TIMEOUT_S = 3.0
+"""`/healthz` answers 503 when the database has not answered within this (a health check that hangs is no check)."""
 
 _gpu_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
 _gpu_lock = threading.Lock()
@@ -117,11 +122,26 @@ def system(session: SessionDep, settings: SettingsDep):
                         queue_length=counts["queued"], jobs=counts)
 
 
-@health_router.get("/healthz")
-def healthz(session: SessionDep, response: Response) -> dict[str, str]:
-    """Liveness: the backend answers and its database does. Never needs the API token."""
-    try:
+def _touch(sessions) -> None:
+    with sessions() as session:
         queue.touch(session)
+
+
+@health_router.get("/healthz")
+async def healthz(request: Request, response: Response) -> dict[str, str]:
+    """Liveness: the backend answers and its database does, within `HEALTH_TIMEOUT_S` (else 503). Never needs the API
+    token. The round trip runs in a thread of its own (the API's shared ones may all be busy), and a database that
+    does not answer (a server that hangs, every pooled connection taken) is a 503, not a hung check."""
+    limiter = getattr(request.app.state, "health_limiter", None)
+    if limiter is None:
+        limiter = request.app.state.health_limiter = anyio.CapacityLimiter(4)
+    try:
+        with anyio.fail_after(HEALTH_TIMEOUT_S):
+            await anyio.to_thread.run_sync(_touch, request.app.state.sessions, limiter=limiter,
+                                           abandon_on_cancel=True)
+    except TimeoutError:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        return {"status": "error", "database": "not answering"}
     except Exception:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return {"status": "error", "database": "unreachable"}

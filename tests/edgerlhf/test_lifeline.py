@@ -1,4 +1,4 @@
-"""`worker.lifeline` with real processes: a supervisor is `kill -9`ed and what it started goes with it."""
+"""`edgerlhf.lifeline` with real processes: a supervisor is `kill -9`ed and what it started goes with it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from ..conftest import REPO_ROOT
+from tests.support.procs import REPO_ROOT
 
 # A child that starts a grandchild in its own process group (as streamlit or uvicorn could) and waits.
 CHILD = ("import subprocess, sys, time; "
@@ -18,7 +18,7 @@ CHILD = ("import subprocess, sys, time; "
 
 SUPERVISOR = r"""
 import subprocess, sys, time
-from worker.lifeline import Reaper, die_with_parent
+from edgerlhf.lifeline import Reaper, die_with_parent
 mode, child_code = sys.argv[1], sys.argv[2]
 if mode == "reaper":
     reaper = Reaper()

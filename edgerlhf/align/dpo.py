@@ -1,4 +1,5 @@
-"""Stage 4 with `algorithm=dpo` — Direct Preference Optimization on the preference pairs, with TRL's DPOTrainer.
+"""DPO — the alignment stage with `algorithm=dpo` (`edgerlhf.align.run` hands it here): Direct Preference
+Optimization on the preference pairs, with TRL's DPOTrainer.
 
 DPO (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward
 Model") trains the policy offline on the labelled pairs, with no reward model and no sampling:
@@ -45,9 +46,10 @@ import torch
 import torch.nn.functional as F
 
 from edgerlhf import memory
+from edgerlhf.align.policy import base_weight_storages
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import PPO_ADAPTER, SFT_MERGED, TEST_PREFS, TRAIN_PREFS, algorithm_metric
+from edgerlhf.contract import KL_CHUNK, PPO_ADAPTER, SFT_MERGED, TEST_PREFS, TRAIN_PREFS, algorithm_metric
 from edgerlhf.data import read_prefs
 from edgerlhf.dialogue import PromptFormat
 from edgerlhf.errors import require
@@ -67,7 +69,7 @@ def metric(name: str) -> str:
     return algorithm_metric(ALGORITHM, name)
 
 
-# --- data: the pairs in the model's PromptFormat ---------------------------------------------------
+# --- data: the pairs in the model's PromptFormat --------------------------------------------------
 
 
 def preference_dataset(path: Path, tokenizer, max_length: int):
@@ -95,12 +97,7 @@ def preference_dataset(path: Path, tokenizer, max_length: int):
     return Dataset.from_list(rows)
 
 
-# --- the trainer ---------------------------------------------------------------------------------
-
-
-KL_CHUNK = 2 ** 22
-"""Logits per piece of `chosen_kl` and of the CPU head (`AnswerLogprobs`), 16 MB in fp32: whole next-token
-distributions are computed some tens of positions at a time (83 for a 50k vocabulary), never all at once."""
+# --- the trainer ----------------------------------------------------------------------------------
 
 
 def chosen_kl(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -274,13 +271,11 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
 
 def held_base_storages(trainer) -> dict[int, int]:
     """The base-network weights the trainer holds (policy and reference), each storage once
-    (`ppo.base_weight_storages`): one copy of sft/merged with the reference as the adapter disabled."""
-    from edgerlhf.ppo import base_weight_storages
-
+    (`policy.base_weight_storages`): one copy of sft/merged with the reference as the adapter disabled."""
     return base_weight_storages([m for m in (trainer.model, trainer.ref_model) if m is not None])
 
 
-# --- checkpoints -----------------------------------------------------------------------------------
+# --- checkpoints ----------------------------------------------------------------------------------
 
 
 def _signature(config: PipelineConfig, run_dir: Path) -> dict[str, Any]:
@@ -321,12 +316,12 @@ def load_adapter_weights(trainer, checkpoint: Path) -> None:
 
 def save_adapter(path: Path, trainer) -> None:
     """The final policy: a standard peft adapter directory, loadable with `PeftModel.from_pretrained` on sft/merged
-    (under any adapter name: `models.load_policy`, `ppo.build_models`). A PPO run's value head is not left behind."""
+    (under any adapter name: `models.load_policy`, `policy.build_models`). A PPO run's value head is not left behind."""
     shutil.rmtree(path, ignore_errors=True)
     trainer.model.save_pretrained(str(path))
 
 
-# --- reporting -------------------------------------------------------------------------------------
+# --- reporting ------------------------------------------------------------------------------------
 
 
 def _callback(config: PipelineConfig, ctx: RunContext, tokenizer, probe_prompts: list[str], device):
@@ -386,7 +381,7 @@ def _probe(ctx: RunContext, model, tokenizer, prompts: list[str], step: int, con
                        checkpoint=f"ppo/step-{step}")
 
 
-# --- the stage -----------------------------------------------------------------------------------
+# --- the stage ------------------------------------------------------------------------------------
 
 
 def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:

@@ -1,7 +1,7 @@
 """The known-answer suite: every gold (`edgerlhf.gold.SCORERS`) at several seeds, with one or more alignment
 algorithms, one table.
 
-    python -m edgerlhf.known_answer --seeds 0 1 2                   # every gold, PPO, the `tiny` preset
+    python -m edgerlhf.lab.known_answer --seeds 0 1 2                   # every gold, PPO, the `tiny` preset
     edgerlhf known-answer --golds you question --seeds 0 --threads 1 --out known-answer.json
     edgerlhf known-answer --golds question --seeds 0 --algorithms ppo grpo rloo dpo
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from edgerlhf.log import setup_logging
-    from edgerlhf.pipeline import parse_overrides
+    from edgerlhf.config import parse_overrides
 
     setup_logging("known-answer")
     try:

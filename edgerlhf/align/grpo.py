@@ -1,7 +1,7 @@
 """GRPO — Group Relative Policy Optimization (Shao et al. 2024, "DeepSeekMath"), one step of the alignment stage.
 
-The stage (`edgerlhf.ppo.run`) calls `grpo_step` when `algorithm = "grpo"`; the models, the rollouts, the
-log-prob passes and the minibatch loop are the ones PPO uses (`edgerlhf.ppo`). What is GRPO's own:
+The stage (`edgerlhf.align.run`) calls `grpo_step` when `algorithm = "grpo"`; the models, the rollouts,
+the log-prob passes and the minibatch loop are the ones PPO uses (`align.policy`, `align.rollout`). What is GRPO's own:
 
 - G = `ppo.samples_per_prompt` responses of each prompt, scored by the reward model; each response's
   advantage is its score against its group, (r - mean_group) / (std_group + eps), the same for every
@@ -32,11 +32,13 @@ import time
 
 import torch
 
+from edgerlhf.align.losses import clipped_policy_loss, kl_estimate, masked_mean
+from edgerlhf.align.policy import PolicyModels
+from edgerlhf.align.rollout import (StepMicroBatches, minibatch_updates, rollout_args, rollout_logprobs,
+                                    sample_and_score, step_metrics)
 from edgerlhf.generation import Rollouts, Sampling, policy_stats
-from edgerlhf.ppo import (PPOModels, StepMicroBatches, clipped_policy_loss, kl_estimate, masked_mean,
-                          minibatch_updates, rollout_args, rollout_logprobs, sample_and_score, step_metrics)
 
-# --- GRPO math: pure functions; `mask` (B, T) is 1 on response tokens ---------------------------------
+# --- GRPO math: pure functions; `mask` (B, T) is 1 on response tokens -----------------------------
 
 
 def group_advantages(scores: torch.Tensor, group: int, eps: float = 1e-4) -> torch.Tensor:
@@ -67,11 +69,11 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
     return loss, {"policy_loss": pg_loss, "k3_kl": kl, "clip_frac": clip_frac, "approx_kl": approx_kl}
 
 
-# --- the step ----------------------------------------------------------------------------------------
+# --- the step -------------------------------------------------------------------------------------
 
 
-def grpo_step(models: PPOModels, optimizer, batch_prompts: list[str], cfg, micro: StepMicroBatches | None = None,
-              step: int = 0) -> tuple[dict, Rollouts, torch.Tensor]:
+def grpo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str], cfg,
+              micro: StepMicroBatches | None = None, step: int = 0) -> tuple[dict, Rollouts, torch.Tensor]:
     """One GRPO iteration on a batch of prompts, each `cfg.samples_per_prompt` times in a row: rollouts, group
     advantages, `ppo_epochs` of clipped updates with the k3 KL in the loss.
 
@@ -81,7 +83,7 @@ def grpo_step(models: PPOModels, optimizer, batch_prompts: list[str], cfg, micro
     t0 = time.perf_counter()
     sampling = Sampling.of(cfg)
     micro = micro or StepMicroBatches.of(cfg)
-    beta = cfg.init_kl_coef
+    beta = kl_ctl.value  # fixed at `ppo.init_kl_coef` (`ppo.kl_controller`)
 
     # 1. Rollouts: G responses to each prompt from the policy, scored by the reward model.
     rollouts, scores = sample_and_score(models, batch_prompts, cfg, sampling, micro, step)  # scores (B,)

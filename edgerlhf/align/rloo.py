@@ -1,8 +1,8 @@
 """RLOO — REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics"; Kool et al. 2019), one step of the
 alignment stage.
 
-The stage (`edgerlhf.ppo.run`) calls `rloo_step` when `algorithm = "rloo"`; the models, the rollouts, the
-log-prob passes and the minibatch loop are the ones PPO uses (`edgerlhf.ppo`). What is RLOO's own:
+The stage (`edgerlhf.align.run`) calls `rloo_step` when `algorithm = "rloo"`; the models, the rollouts,
+the log-prob passes and the minibatch loop are the ones PPO uses (`align.policy`, `align.rollout`). What is RLOO's own:
 
 - k = `ppo.samples_per_prompt` responses of each prompt. A response is one action: its reward is the
   reward model's score minus beta * KL(policy || reference) of the whole response (the sum of its
@@ -28,11 +28,13 @@ import time
 
 import torch
 
+from edgerlhf.align.losses import leave_one_out, whiten
+from edgerlhf.align.policy import PolicyModels
+from edgerlhf.align.rollout import (StepMicroBatches, minibatch_updates, rollout_args, rollout_logprobs,
+                                    sample_and_score, step_metrics)
 from edgerlhf.generation import Rollouts, Sampling, policy_stats
-from edgerlhf.ppo import (PPOModels, StepMicroBatches, leave_one_out, minibatch_updates, rollout_args,
-                          rollout_logprobs, sample_and_score, step_metrics, whiten)
 
-# --- RLOO math: pure functions on per-response (B,) tensors ------------------------------------------
+# --- RLOO math: pure functions on per-response (B,) tensors ---------------------------------------
 
 
 def rloo_rewards(scores: torch.Tensor, seq_kl: torch.Tensor, beta: float) -> torch.Tensor:
@@ -63,11 +65,11 @@ def rloo_loss(seq_logprobs: torch.Tensor, old_seq_logprobs: torch.Tensor, advant
     return loss, {"policy_loss": loss, "clip_frac": clip_frac, "approx_kl": approx_kl}
 
 
-# --- the step ----------------------------------------------------------------------------------------
+# --- the step -------------------------------------------------------------------------------------
 
 
-def rloo_step(models: PPOModels, optimizer, batch_prompts: list[str], cfg, micro: StepMicroBatches | None = None,
-              step: int = 0) -> tuple[dict, Rollouts, torch.Tensor]:
+def rloo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str], cfg,
+              micro: StepMicroBatches | None = None, step: int = 0) -> tuple[dict, Rollouts, torch.Tensor]:
     """One RLOO iteration on a batch of prompts, each `cfg.samples_per_prompt` times in a row: rollouts, rewards
     with the KL penalty, leave-one-out advantages, `ppo_epochs` of clipped sequence-level updates.
 
@@ -77,7 +79,7 @@ def rloo_step(models: PPOModels, optimizer, batch_prompts: list[str], cfg, micro
     t0 = time.perf_counter()
     sampling = Sampling.of(cfg)
     micro = micro or StepMicroBatches.of(cfg)
-    beta = cfg.init_kl_coef
+    beta = kl_ctl.value  # fixed at `ppo.init_kl_coef` (`ppo.kl_controller`)
 
     # 1. Rollouts: k responses to each prompt from the policy, scored by the reward model.
     rollouts, scores = sample_and_score(models, batch_prompts, cfg, sampling, micro, step)  # scores (B,)

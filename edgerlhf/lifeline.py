@@ -11,7 +11,9 @@
   pipe is portable). The groups hold what the children started themselves (streamlit's or uvicorn's
   helpers), so those go too.
 
-    python -I worker/lifeline.py      the reaper itself: process group ids on stdin, one a line
+It lives in the library, below both of its users, so `edgerlhf.cli` needs no code of the worker package.
+
+    python -I edgerlhf/lifeline.py      the reaper itself: process group ids on stdin, one a line
 """
 
 from __future__ import annotations

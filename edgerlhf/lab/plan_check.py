@@ -1,8 +1,8 @@
 """Accuracy of the memory planner on the CPU: each stage's measured peak of tensor memory against its plan.
 
-    python -m edgerlhf.plan_check                    # every configuration of the README's table (minutes)
-    python -m edgerlhf.plan_check --only gpt2-small  # one of them
-    python -m edgerlhf.plan_check --json out.json
+    python -m edgerlhf.lab.plan_check                    # every configuration of the README's table (minutes)
+    python -m edgerlhf.lab.plan_check --only gpt2-small  # one of them
+    python -m edgerlhf.lab.plan_check --json out.json
 
 Each configuration runs the real stages of its `stages`, `pipeline.run_stage` of sft, reward (once per
 precision), ppo (one step, or two of DPO; the alignment stage runs the configuration's `algorithm`: PPO, GRPO,
@@ -376,7 +376,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edgerlhf.plan_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m edgerlhf.lab.plan_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", choices=sorted(CONFIGS), help="run only this configuration (repeatable)")
     parser.add_argument("--stages", help="comma-separated subset of sft,reward,ppo,evaluate (later stages need the "
                                          "earlier; default: the configuration's own stages)")

@@ -1,11 +1,12 @@
 """Metric write throughput on a real database: one transaction per number vs the worker's batched context.
 
-    python -m db.bench [--rows 20000] [--dir /tmp/edgerlhf-bench]     # a SQLite file
-    python -m db.bench --url postgresql+psycopg://user:pass@host/db     # an (empty, scratch) PostgreSQL database
+    python -m worker.bench [--rows 20000] [--dir /tmp/edgerlhf-bench]     # a SQLite file
+    python -m worker.bench --url postgresql+psycopg://user:pass@host/db     # an (empty, scratch) PostgreSQL database
 
 Prints rows per second for (1) `db.queue.record` with one metric per transaction, the naive way, and
 (2) `worker.context.DBContext`, which buffers `log_metric` calls and writes them from a background
 thread; for (2) it also prints what a `log_metric` call costs the training loop.
+A measuring tool beside what it measures (`worker.context`); nothing in the service imports it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def batched(sessions, rows: int, run_dir: Path) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m db.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m worker.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--dir", type=Path, default=None, help="where the SQLite file goes (default: a temp dir)")
     parser.add_argument("--url", default=None, help="a database URL instead of the SQLite file (its jobs are kept)")

@@ -19,7 +19,7 @@ stage is measured in a fresh subprocess, so one stage's peak never hides in anot
 - `sft`: one LoRA SFT optimizer step (`sft.batch_size` x `sft.max_length` tokens, causal-LM loss);
 - `reward_bf16/int8/int4`: one Bradley-Terry reward step (`reward.batch_size` pairs of `reward.max_length`
   tokens) on the base loaded in that precision, LoRA + score head;
-- `ppo`, `grpo`, `rloo`: one step of our alignment stage with that algorithm (`edgerlhf.ppo.step_function`:
+- `ppo`, `grpo`, `rloo`: one step of our alignment stage with that algorithm (`edgerlhf.align.STEPS`:
   a rollout batch of `ppo.batch_size` responses, `ppo.samples_per_prompt` to a prompt, scored, then
   `ppo_epochs` of minibatch updates) on one network: policy LoRA, reference = adapters off, the reward LoRA
   as a second adapter (and PPO's value head);
@@ -28,7 +28,7 @@ stage is measured in a fresh subprocess, so one stage's peak never hides in anot
 - `trl_grpo`, `trl_rloo`: TRL's `GRPOTrainer` / `RLOOTrainer` with the same model, LoRA, rollout batch, group
   size, response length, minibatch, epochs, beta and clip range, our reward model as its reward function; one
   step = one rollout batch (`batch_size / mini_batch_size / grad_accum * ppo_epochs` trainer steps);
-- `dpo`: one optimizer step of our DPO stage's trainer (`edgerlhf.dpo.build_trainer`: `dpo.batch_size` pairs
+- `dpo`: one optimizer step of our DPO stage's trainer (`edgerlhf.align.dpo.build_trainer`: `dpo.batch_size` pairs
   x `dpo.grad_accum`); `trl_dpo`: TRL's `DPOTrainer` as it is (its own LM head, no KL metric) on the same
   tokenized pairs and settings.
 
@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from edgerlhf.contract import (CONFIG_FILE, PRECISIONS, SFT_MERGED, TEST_PREFS, TRAIN_PREFS, algorithm_metric,
-                               merge_overrides, reward_dir)
+                               algorithm_traits, merge_overrides, reward_dir)
 
 MB = 1024 * 1024
 STAGES = ("generation", "sft", "reward_bf16", "reward_int8", "reward_int4", "ppo", "ppo_naive", "grpo", "trl_grpo",
@@ -69,8 +69,6 @@ ALIGNMENT_STAGES = {
     "dpo": ("ours", "dpo"), "trl_grpo": ("TRL", "grpo"), "trl_rloo": ("TRL", "rloo"), "trl_dpo": ("TRL", "dpo"),
 }
 """The alignment stages: whose trainer (ours or TRL's) and which algorithm each runs."""
-GROUP_ALGORITHMS = ("grpo", "rloo")
-"""Algorithms whose baseline is the other responses to a prompt: they need `ppo.samples_per_prompt` >= 2."""
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 256}
 """A toy model for the smoke test (`--tiny`)."""
 
@@ -259,7 +257,7 @@ def stage_config(config, stage: str):
         return config
     data = config.to_dict()
     data["algorithm"] = ALIGNMENT_STAGES[stage][1]
-    if data["algorithm"] in GROUP_ALGORITHMS and data["ppo"]["samples_per_prompt"] < 2:
+    if data["ppo"]["samples_per_prompt"] < algorithm_traits(data["algorithm"]).min_samples_per_prompt:
         data["ppo"]["samples_per_prompt"] = None
     return PipelineConfig.from_dict(data)
 
@@ -378,16 +376,17 @@ class NaivePPOModels:
     """
 
     def __init__(self, config, run_dir: Path, device):
-        from edgerlhf import models, ppo
+        from edgerlhf import models
+        from edgerlhf.align import policy
 
         self.device = device
         base, self.tokenizer = models.load_policy(run_dir, "sft", device)
-        self.model = ppo.add_policy_adapter(base, config).eval()
+        self.model = policy.add_policy_adapter(base, config).eval()
         self.reference, _ = models.load_policy(run_dir, "sft", device)
         value_base, _ = models.load_policy(run_dir, "sft", device)
         self.value_model = _lora(value_base, config.ppo.lora_r, config.ppo.lora_alpha, config.sft.target_modules,
                                  adapter_name="value").eval()
-        self.value_head = ppo.ValueHead(base.config.hidden_size).to(device)
+        self.value_head = policy.ValueHead(base.config.hidden_size).to(device)
         self.reward_model = models.load_reward_model(run_dir, "bf16", device)
         self.reward_shared = False
 
@@ -421,15 +420,15 @@ def bench_sampling(config, run_dir: Path, device, steps: int, warmup: int, naive
     `naive`: PPO's step on `NaivePPOModels`."""
     torch = _torch()
     meter = Meter(device)  # before the imports, as for TRL's trainers: what a stage imports is its own cost
-    from edgerlhf import ppo
+    from edgerlhf.align import STEPS, policy, ppo
 
     cfg = config.ppo
     algorithm = config.algorithm
-    models = NaivePPOModels(config, run_dir, device) if naive else ppo.build_models(config, run_dir, device)
+    models = NaivePPOModels(config, run_dir, device) if naive else policy.build_models(config, run_dir, device)
     params = models.policy_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)
     kl_ctl = ppo.kl_controller(config)
-    train_step = ppo.step_function(algorithm)
+    train_step = STEPS[algorithm]
     prompts = _batch_prompts(run_dir, cfg)
     out: dict[str, Any] = {}
 
@@ -442,8 +441,8 @@ def bench_sampling(config, run_dir: Path, device, steps: int, warmup: int, naive
     meter.time(step, steps, warmup)
     trainable = sum(p.numel() for p in params)
     P, T = out["P"], out["T"]
-    one_network = sum(ppo.base_weight_storages([models.model]).values())
-    copies = sum(ppo.base_weight_storages(models.modules()).values()) / one_network
+    one_network = sum(policy.base_weight_storages([models.model]).values())
+    copies = sum(policy.base_weight_storages(models.modules()).values()) / one_network
     model_cfg = models.model.config
     design = ("naive: separate policy, reference, value and reward networks" if naive else
               "one copy: policy LoRA, reference = adapters off, " +
@@ -498,7 +497,7 @@ def bench_trl_sampling(config, run_dir: Path, device, steps: int, warmup: int) -
     from transformers import AutoConfig, AutoModelForCausalLM, PrinterCallback
 
     from edgerlhf import models
-    from edgerlhf.ppo import base_weight_storages
+    from edgerlhf.align.policy import base_weight_storages
 
     cfg = config.ppo
     algorithm = config.algorithm
@@ -569,12 +568,13 @@ def _plain_trl_dpo_trainer():
 
 
 def bench_dpo(config, run_dir: Path, device, steps: int, warmup: int, trl: bool = False) -> dict[str, Any]:
-    """Optimizer steps of our DPO stage's trainer, built as the stage builds it (`edgerlhf.dpo.build_trainer`: TRL's
+    """Optimizer steps of our DPO stage's trainer, built as the stage builds it (`align.dpo.build_trainer`: TRL's
     DPOTrainer, a LoRA policy whose reference is the adapter off, our answer-only LM head off the GPU, the
     chosen-answer KL metric), or with `trl` TRL's own DPOTrainer with the same settings on the same pairs.
     A step is `dpo.batch_size` pairs x `dpo.grad_accum`."""
     meter = Meter(device)
-    from edgerlhf import dpo, models
+    from edgerlhf import models
+    from edgerlhf.align import dpo
     from edgerlhf.context import RunContext
 
     cfg = config.dpo
@@ -594,7 +594,8 @@ def bench_dpo(config, run_dir: Path, device, steps: int, warmup: int, trl: bool 
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     cpu_head = " + our answer-only LM head" if device.type not in ("cuda", "xpu") else ""  # as dpo.py installs it
     return meter.result(pairs_per_step * pair_tokens, algorithm="dpo",
-                        trainer="trl.DPOTrainer" if trl else f"edgerlhf.dpo (trl.DPOTrainer{cpu_head}, KL metric)",
+                        trainer="trl.DPOTrainer" if trl else
+                        f"edgerlhf.align.dpo (trl.DPOTrainer{cpu_head}, KL metric)",
                         design="policy LoRA, reference = adapter off", trainable_parameters=trainable,
                         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_length=cfg.max_length,
                         mean_pair_tokens=pair_tokens, beta=cfg.beta,
@@ -643,7 +644,7 @@ def run_stage_process(stage: str, config_file: Path, run_dir: Path, steps: int, 
     """Measure one stage in a fresh Python process; a failure is recorded, not raised."""
     result = run_dir / f"result-{stage}.json"
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "edgerlhf.bench", "--worker", stage, "--config-file", str(config_file),
+    cmd = [sys.executable, "-m", "edgerlhf.lab.bench", "--worker", stage, "--config-file", str(config_file),
            "--run-dir", str(run_dir), "--steps", str(steps), "--warmup", str(warmup), "--result", str(result)]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -677,7 +678,7 @@ def compare(results: dict[str, dict]) -> dict[str, Any]:
     """The side-by-side ratios: naive / ours for PPO; ours / TRL for GRPO, RLOO and DPO (peak memory, step time:
     below 1, ours is the smaller or the faster); our PPO / TRL's RLOO (step time)."""
     out = _ratios(results.get("ppo_naive", {}), results.get("ppo", {}), "naive_vs_ours")
-    for algorithm in ("grpo", "rloo", "dpo"):
+    for algorithm in [name for who, name in ALIGNMENT_STAGES.values() if who == "TRL"]:
         out.update(_ratios(results.get(algorithm, {}), results.get(f"trl_{algorithm}", {}),
                            f"{algorithm}_ours_vs_trl"))
     ours, trl_rloo = results.get("ppo", {}), results.get("trl_rloo", {})
@@ -786,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from edgerlhf.config import ConfigError
-    from edgerlhf.pipeline import parse_overrides
+    from edgerlhf.config import parse_overrides
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]

@@ -1,0 +1,237 @@
+"""The one network of the alignment stage: sft/merged loaded once, with the policy, the reference, PPO's value
+head and a bf16 reward model all on it (`build_models` -> `PolicyModels`).
+
+Memory design — one copy of the base network, whichever algorithm:
+- `sft/merged` is loaded once; the policy is a trainable LoRA adapter named `policy` on it (peft);
+- the reference policy is the same model under `with model.disable_adapter():`;
+- PPO's value head is a small linear head on the policy's last hidden states (shared trunk, as TRL's
+  `AutoModelForCausalLMWithValueHead`); GRPO and RLOO have none;
+- a bf16 reward model is the reward LoRA loaded as a second, frozen adapter named `reward` on the same
+  model plus its score head; scoring switches adapters with peft's `set_adapter`.
+- An int8/int4 reward model cannot share bf16 weights: by default it is loaded with
+  `models.load_reward_model` and adds one quantized copy of the network (about 1/2 or 1/4 of its bf16
+  size). With `ppo.quantized_policy` the one network is instead loaded in int8/int4 and everything
+  shares it, QLoRA-style (Dettmers et al. 2023): the policy LoRA trains on the quantized base and the
+  reference is that quantized base.
+The evaluation stage loads the trained policy through the same `build_models`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from edgerlhf import gold
+from edgerlhf.contract import algorithm_traits, reward_dir
+from edgerlhf.errors import MissingPrerequisite
+from edgerlhf.generation import Rollouts, Sampling, forward_response, policy_stats
+from edgerlhf.models import checkpointed_layers
+
+POLICY = "policy"
+"""Name of the trainable LoRA adapter (the policy)."""
+REWARD = "reward"
+"""Name of the frozen reward LoRA adapter, when the bf16 reward model shares the network."""
+VALUE_HEAD_FILE = "value_head.pt"
+"""PPO's critic beside the policy adapter in `ppo/adapter/`."""
+
+
+def is_policy_lora(name: str) -> bool:
+    """Whether parameter `name` belongs to the policy adapter: `...q_proj.lora_A.policy.weight`, and an embedding's
+    `...embed_tokens.lora_embedding_A.policy`, whose adapter name ends the name."""
+    parts = name.split(".")
+    return POLICY in parts and any(part.startswith("lora_") for part in parts)
+
+
+class ValueHead(nn.Module):
+    """V(s_t): a linear map of the policy's last hidden state (B, T, H) -> (B, T), computed in fp32."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        # Small weights: the first value estimates are ~0, so early value losses do not swamp the policy.
+        nn.init.normal_(self.summary.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+@dataclass
+class PolicyModels:
+    """Everything the alignment stage holds in memory. `model` is the one network; the rest are views or small
+    heads."""
+
+    model: Any
+    """peft model: sft/merged + the trainable `policy` LoRA (+ the frozen `reward` LoRA when shared)."""
+    value_head: ValueHead | None
+    """PPO's critic; None for GRPO and RLOO, whose baselines come from the other samples of a prompt."""
+    reward_model: Any
+    """`edgerlhf.models.RewardModel`; for bf16 it wraps `model` itself (no copy); None when built without one."""
+    tokenizer: Any
+    device: torch.device
+    reward_shared: bool
+    """True when the reward model is the `reward` adapter on `model` (bf16); False: a separate quantized copy."""
+    reward_function: Callable[[str, str], float] | None = None
+    """`ppo.reward_function`: scores the rollouts in place of a reward model (then None)."""
+    checkpointing: bool = False
+    """`ppo.gradient_checkpointing`: the passes with gradients recompute each layer in the backward."""
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        lora = [p for n, p in self.model.named_parameters() if is_policy_lora(n)]
+        return lora + (list(self.value_head.parameters()) if self.value_head is not None else [])
+
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.model, self.value_head, self.reward_model) if m is not None]
+
+    def forward(self, query_ids, query_mask, response_ids, response_mask, sampling: Sampling | None = None):
+        """Policy logits (B, T, V), scaled by `sampling`, and values (B, T) at the response tokens, in one pass
+        (values None without a value head)."""
+        with checkpointed_layers(self.model, self.checkpointing and torch.is_grad_enabled()):
+            return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, sampling,
+                                    self.value_head)
+
+    @torch.no_grad()
+    def reference_logits(self, query_ids, query_mask, response_ids, response_mask,
+                         sampling: Sampling | None = None) -> torch.Tensor:
+        """Logits (B, T, V) of the reference policy: the same network with the LoRA adapters off."""
+        with self.model.disable_adapter():
+            return forward_response(self.model, query_ids, query_mask, response_ids, response_mask, sampling)[0]
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Reward-model scores (N,) of (prompt, response) texts (or the reward function's)."""
+        if self.reward_function is not None:
+            return torch.tensor([float(self.reward_function(p, r)) for p, r in zip(prompts, responses, strict=True)])
+        if self.reward_model is None:
+            raise RuntimeError("these models were built without a reward model (build_models(reward=False))")
+        if not self.reward_shared:
+            return self.reward_model.score(prompts, responses)
+        with using_adapter(self.model, REWARD):
+            return self.reward_model.score(prompts, responses)
+
+
+@contextmanager
+def using_adapter(model, name: str):
+    """Run a block with adapter `name` active (frozen), then give control back to the policy adapter."""
+    trainable = any(p.requires_grad for n, p in model.named_parameters() if is_policy_lora(n))
+    model.set_adapter(name, inference_mode=True)  # peft freezes every adapter but the active one
+    try:
+        yield
+    finally:
+        model.set_adapter(POLICY, inference_mode=not trainable)  # the policy LoRA trainable again, if it was
+
+
+def add_policy_adapter(model, config, adapter_name: str = POLICY):
+    """Wrap a causal LM in peft with a fresh trainable LoRA adapter (B = 0, so policy == reference at start)."""
+    from peft import get_peft_model
+
+    from edgerlhf.models import lora_config
+
+    lora = lora_config(model, config.ppo.lora_r, config.ppo.lora_alpha, config.sft.target_modules)
+    return get_peft_model(model, lora, adapter_name=adapter_name)
+
+
+def build_models(config, run_dir: str | Path, device: torch.device,
+                 adapter_dir: str | Path | None = None, reward: bool = True,
+                 value_head: bool | None = None) -> PolicyModels:
+    """Load sft/merged once and hang the policy, reference, (PPO's) value head and (bf16) reward model on it.
+
+    With `adapter_dir` (a saved `ppo/adapter`) the policy is that trained adapter, frozen (evaluation);
+    without it, a fresh trainable LoRA (training). `reward=False` loads no reward model (`reward_model` is
+    None): a DPO run evaluated without one. `value_head` (default: only when `config.algorithm` is PPO)
+    adds PPO's critic, loaded from `adapter_dir` when it holds one.
+    """
+    from peft import PeftModel
+
+    from edgerlhf import models
+
+    run_dir = Path(run_dir)
+    precision = config.ppo.reward_precision
+    # QLoRA-style sharing: with `quantized_policy`, the one network is loaded in the reward's int8/int4
+    # precision, and policy, reference and reward all run on it.
+    shared = precision == "bf16" or config.ppo.quantized_policy
+    base, tokenizer = models.load_policy(run_dir, "sft", device, precision=precision if shared else "bf16")
+    # Dropout stays off during PPO updates (eval mode throughout), so the log-probs of the update pass
+    # match those of the rollout pass and the first ratio is exactly 1 (Huang et al. 2023, detail #16).
+    if adapter_dir is None:
+        model = add_policy_adapter(base, config).eval()
+    else:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=POLICY).eval()
+    rm_dir = run_dir / reward_dir(precision)
+    function = gold.reward_function(config.ppo.reward_function) if config.ppo.reward_function else None
+    if not reward or function is not None:
+        reward_model = None
+    elif shared:
+        if not (rm_dir / models.SCORE_HEAD_FILE).exists():
+            raise MissingPrerequisite(rm_dir, "reward", f"holds no reward model (reward.precisions must include "
+                                      f"{precision!r})")
+        model.load_adapter(str(rm_dir / models.REWARD_ADAPTER_DIR), adapter_name=REWARD, is_trainable=False)
+        meta_file = rm_dir / models.REWARD_META_FILE
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        head = models.load_score_head(rm_dir / models.SCORE_HEAD_FILE, device).requires_grad_(False)
+        reward_model = models.RewardModel(model, head, tokenizer, meta.get("max_length", 384), precision,
+                                          device, meta.get("pooling", "last")).eval()
+    else:
+        # A quantized network cannot share the policy's bf16 weights: this adds one int8/int4 copy.
+        reward_model = models.load_reward_model(run_dir, precision, device).requires_grad_(False)
+    model.set_adapter(POLICY, inference_mode=adapter_dir is not None)
+    critic = None
+    if value_head or (value_head is None and algorithm_traits(config.algorithm).value_head):
+        critic = ValueHead(model.config.hidden_size).to(device)
+        if adapter_dir is not None and (Path(adapter_dir) / VALUE_HEAD_FILE).exists():
+            critic.load_state_dict(torch.load(Path(adapter_dir) / VALUE_HEAD_FILE, map_location=device,
+                                               weights_only=True))
+    checkpointing = adapter_dir is None and config.ppo.gradient_checkpointing  # only a training policy needs it
+    if checkpointing:
+        models.enable_activation_checkpointing(model)
+    return PolicyModels(model, critic, reward_model, tokenizer, device, shared and reward_model is not None, function,
+                     checkpointing)
+
+
+def reward_source(models: PolicyModels, cfg) -> str:
+    """What scores the rollouts, for the log: the reward function, or the reward model and how it is held."""
+    if models.reward_function is not None:
+        return f"the function {cfg.reward_function}"
+    return (f"reward model {cfg.reward_precision} "
+            f"({'shared adapter' if models.reward_shared else 'separate quantized copy'})")
+
+
+def base_weight_storages(objects: list[nn.Module]) -> dict[int, int]:
+    """Unique storages (data_ptr -> elements) of the non-adapter, non-head weights reachable from `objects`.
+
+    Everything PPO holds goes in; a design with one copy of the network gives exactly the base model's
+    parameter count, a second policy/reference/reward copy doubles it.
+    """
+    storages: dict[int, int] = {}
+    for obj in objects:
+        for name, tensor in list(obj.named_parameters()) + list(obj.named_buffers()):
+            if "lora_" in name or name.startswith(("summary.", "head.")) or ".head." in name:
+                continue
+            if tensor.numel() == 0 or not tensor.is_floating_point() and tensor.dtype not in (torch.int8, torch.uint8):
+                continue
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return storages
+
+
+def sequence_kl(models, rollouts: Rollouts, cfg, batch_size: int) -> torch.Tensor:
+    """KL(policy || reference) of each sampled response: sum over its tokens of log pi - log pi_ref (B,),
+    with the same estimator as the PPO penalty (`policy_stats`)."""
+    sampling = Sampling.of(cfg)
+    out = []
+    for i in range(0, len(rollouts.prompts), batch_size):
+        s = slice(i, i + batch_size)
+        args = (rollouts.query_ids[s], rollouts.query_mask[s], rollouts.response_ids[s], rollouts.response_mask[s])
+        with torch.no_grad():
+            logits, _ = models.forward(*args, sampling)
+            ref_logits = models.reference_logits(*args, sampling)
+            logp, ref_logp, _ = policy_stats(logits, ref_logits, rollouts.response_ids[s], sampling)
+        out.append(((logp - ref_logp) * rollouts.response_mask[s]).sum(1).cpu())
+    return torch.cat(out)

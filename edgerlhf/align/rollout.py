@@ -1,0 +1,150 @@
+"""What every step of a sampling algorithm (PPO, GRPO, RLOO) shares: draw and score a batch of rollouts, the
+log-probs of its tokens under the policy and the reference, `ppo_epochs` of minibatch updates around the
+algorithm's own loss, and the metrics every algorithm logs alike.
+
+A step reads top to bottom in its own module (`ppo.ppo_step`, `grpo.grpo_step`, `rloo.rloo_step`) and calls these
+phases in order, as TRL's trainers share `RepeatSampler` and `_generate_and_score_completions` (TRL 1.16) and
+OpenRLHF's trainers its `experience_maker`. Every phase runs in micro-batches that halve on out-of-memory errors
+(`edgerlhf.oom`).
+
+Sampling and log-probs agree: rollouts are drawn with temperature, top-k and top-p, and the ratio of every
+algorithm uses the probability of a token under exactly that distribution; both go through one definition,
+`edgerlhf.generation.Sampling`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from edgerlhf.align.losses import masked_mean
+from edgerlhf.align.policy import PolicyModels
+from edgerlhf.contract import algorithm_metric
+from edgerlhf.generation import Rollouts, Sampling, concat_rollouts, generate, policy_stats
+from edgerlhf.oom import MicroBatch, chunks, planner_hint
+
+
+@dataclass
+class StepMicroBatches:
+    """The micro-batches a step of PPO, GRPO or RLOO cuts its work into, each halved on its own out-of-memory
+    errors (`edgerlhf.oom`): rows per `generate` call, and rollouts per forward/backward pass."""
+
+    rollouts: MicroBatch
+    passes: MicroBatch
+
+    @classmethod
+    def of(cls, cfg, ctx=None, device=None, config=None) -> StepMicroBatches:
+        algorithm = config.algorithm if config is not None else "ppo"
+
+        def hint() -> str:
+            return planner_hint(config, "ppo") if config is not None else ""
+        return cls(MicroBatch(cfg.batch_size, f"{algorithm} rollout generation", ctx, device, planner_hint=hint),
+                   MicroBatch(cfg.mini_batch_size, algorithm, ctx, device, planner_hint=hint))
+
+
+def rollout_args(rollouts: Rollouts, rows) -> tuple[torch.Tensor, ...]:
+    """What `PolicyModels.forward` takes for some rows of a rollout batch: query ids and mask, response ids and mask."""
+    return (rollouts.query_ids[rows], rollouts.query_mask[rows], rollouts.response_ids[rows],
+            rollouts.response_mask[rows])
+
+
+def sample_and_score(models: PolicyModels, batch_prompts: list[str], cfg, sampling: Sampling,
+                     micro: StepMicroBatches, step: int) -> tuple[Rollouts, torch.Tensor]:
+    """A step's rollouts, one response per entry of `batch_prompts` drawn by the policy (`micro.rollouts` rows
+    per `generate` call), and their reward-model scores (B,)."""
+    rollouts = micro.rollouts.run(step, lambda size: concat_rollouts(
+        [generate(models.model, models.tokenizer, batch_prompts[rows], cfg.response_length, sampling)
+         for rows in chunks(len(batch_prompts), size)], models.tokenizer.pad_token_id))
+    return rollouts, models.score(rollouts.prompts, rollouts.responses).to(models.device)
+
+
+def rollout_logprobs(models: PolicyModels, rollouts: Rollouts, cfg, sampling: Sampling, micro: StepMicroBatches,
+                     step: int) -> list[torch.Tensor | None]:
+    """`[logprobs, ref_logprobs, entropy, values]` of the sampled tokens, each (B, T), without gradients: the
+    log-probs under the policy that drew them and under the reference, the policy's entropy, and the values
+    (None without a value head). Passes of at most `mini_batch_size` rollouts, fewer after out-of-memory errors."""
+    def attempt(size: int):
+        out = []
+        with torch.no_grad():
+            for rows in chunks(len(rollouts.prompts), min(size, cfg.mini_batch_size)):
+                logits, values = models.forward(*rollout_args(rollouts, rows), sampling)  # (M, T, V), (M, T)
+                ref_logits = models.reference_logits(*rollout_args(rollouts, rows), sampling)  # (M, T, V)
+                logp, ref_logp, ent = policy_stats(logits, ref_logits, rollouts.response_ids[rows], sampling)
+                out.append((logp, ref_logp, ent, values))
+                del logits, ref_logits
+        return [None if parts[0] is None else torch.cat(parts) for parts in zip(*out)]
+
+    return micro.passes.run(step, attempt)
+
+
+def minibatch_updates(params: list[nn.Parameter], optimizer, cfg, micro: StepMicroBatches, step: int,
+                      row_weights: torch.Tensor,
+                      piece_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+                      ) -> dict[str, float]:
+    """`ppo_epochs` passes over the rollout batch in shuffled minibatches of `mini_batch_size` rollouts, with an
+    optimizer step (after gradient clipping) every `grad_accum` minibatches; returns each statistic's mean over
+    the minibatches.
+
+    `piece_loss(rows)` is the algorithm: its loss on some rollouts of a minibatch and its statistics, each a
+    mean over the units that loss averages, tokens or sequences (`row_weights` (B,) counts them per rollout).
+    A minibatch runs in pieces of `micro.passes` rollouts, halved on out-of-memory errors; each piece is
+    weighted by its share of the minibatch's units, so the gradients and the statistics are the whole
+    minibatch's, and a failed attempt's gradients are rolled back before it is retried.
+    """
+    def update(mb: torch.Tensor, size: int) -> dict[str, float]:
+        saved = [None if p.grad is None else p.grad.clone() for p in params]
+        mb_stats: dict[str, float] = {}
+        units = row_weights[mb].sum().clamp(min=1)
+        try:
+            for rows in chunks(len(mb), size):
+                piece = mb[rows]
+                share = row_weights[piece].sum() / units
+                loss, stats = piece_loss(piece)
+                (loss * share / cfg.grad_accum).backward()
+                for key, value in stats.items():
+                    mb_stats[key] = mb_stats.get(key, 0.0) + (value * share).item()
+                del loss
+        except Exception:
+            for p, grad in zip(params, saved):
+                p.grad = grad
+            raise
+        return mb_stats
+
+    history: dict[str, list[float]] = {}
+    n_minibatches = cfg.batch_size // cfg.mini_batch_size
+    for _epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(cfg.batch_size, device=row_weights.device)
+        for k in range(n_minibatches):
+            mb = order[k * cfg.mini_batch_size:(k + 1) * cfg.mini_batch_size]
+            mb_stats = micro.passes.run(step, lambda size: update(mb, size))
+            if (k + 1) % cfg.grad_accum == 0:
+                nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in mb_stats.items():
+                history.setdefault(key, []).append(value)
+    return {key: float(np.mean(values)) for key, values in history.items()}
+
+
+def step_metrics(algorithm: str, scores: torch.Tensor, b_seq_kl: torch.Tensor, b_entropy: torch.Tensor,
+                 b_mask: torch.Tensor, own: dict[str, float], t0: float, t_gen: float) -> dict[str, float]:
+    """A step's metrics under the algorithm's namespace (`contract.algorithm_metric`): those every sampling
+    algorithm logs alike (scores (B,), KL(policy || reference) per response `b_seq_kl` (B,) as the sum of
+    its tokens' log-ratios at sampling time, entropy, length, speed), then the algorithm's `own`."""
+    elapsed = time.perf_counter() - t0
+    common = {
+        "reward_mean": scores.mean().item(),
+        "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+        "kl": b_seq_kl.mean().item(),
+        "entropy": masked_mean(b_entropy, b_mask).item(),
+        "response_length": b_mask.sum(1).mean().item(),
+        "tokens_per_s": b_mask.sum().item() / elapsed,
+        "generation_s": t_gen,
+        "step_s": elapsed,
+    }
+    return {algorithm_metric(algorithm, key): value for key, value in {**common, **own}.items()}
