@@ -45,7 +45,7 @@ LONGEST_FIRST = (
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest modules first: under `pytest -n 2 --dist loadfile --no-loadscope-reorder` (the Makefile's), where
+    """The longest modules first: under `pytest -n 2 --dist loadfile` (the Makefile's), where
     each module's tests run on one worker (its module fixtures built once), they start at once instead of ending the
     run on one worker while the other waits. Without xdist only the order changes."""
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
