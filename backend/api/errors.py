@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -22,18 +21,9 @@ from fastapi.utils import is_body_allowed_for_status_code
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.api.middleware import error_body, is_openai_path
+from backend.api.schemas import jsonable
 
 logger = logging.getLogger("edgerlhf.backend")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def render_json(content: Any) -> bytes:
@@ -41,7 +31,7 @@ def render_json(content: Any) -> bytes:
     try:
         text = json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":"), default=str)
     except ValueError:  # NaN or infinity
-        text = json.dumps(_finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":"), default=str)
+        text = json.dumps(jsonable(content), ensure_ascii=True, allow_nan=False, separators=(",", ":"), default=str)
     return text.encode("ascii")
 
 
