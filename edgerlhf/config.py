@@ -355,7 +355,13 @@ class PPOConfig:
     """Iterations over which the learning rate rises linearly to `learning_rate` (iteration i of N uses i/N of it):
     the first updates, from a fresh value head and Adam's first moments, move the policy the most. 0: none."""
     response_length: Annotated[int, Range(1, 8192)] = 64
-    """Maximum new tokens per sampled response (also of the SFT and PPO probes)."""
+    """Maximum new tokens per sampled response (also of the SFT and PPO probes). Keep it at least
+    `data.max_response_tokens`: shorter, and the answers the SFT policy learned to give are cut before their end
+    (`missing_eos_penalty`); every preset does."""
+    missing_eos_penalty: Annotated[float, Range(0, 1000)] = 1.0
+    """Subtracted from the score of a sampled answer that ran into `response_length` without ending (PPO, GRPO,
+    RLOO): the reward model scores a cut answer as if it were finished, so without it the policy can gain by
+    rambling to the cap. The share of such answers is logged as `<algorithm>/cap_hit_rate`. 0 turns it off."""
     temperature: Annotated[float, Range(0.01, 10)] = 1.0
     """Sampling temperature (logits are divided by it before top-k and top-p); these sampling settings
     also draw the SFT and PPO probes and the evaluation's samples."""
@@ -485,9 +491,11 @@ class EvalConfig:
     """Bootstrap resamples for the confidence intervals of the PPO - SFT differences."""
     confidence: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.95
     """Level of the bootstrap confidence intervals."""
-    length_strata: Annotated[int, Range(1, 100)] = 8
-    """Length bins (quantiles of the non-empty responses' token lengths; empty answers are one more) within
-    which the gold difference at equal length compares the two policies."""
+    length_strata: Annotated[int, Range(0, 100)] = 0
+    """Length strata within which the gold difference at equal length compares the two policies: 0, one per
+    token length (a pure length effect cannot leak through); N > 0, N quantile bins of the non-empty lengths
+    (narrower intervals when few answers share a length, but a length effect leaks within a bin). Empty
+    answers are one more stratum."""
 
     def __post_init__(self):
         check_ranges("evaluate", self)
@@ -683,6 +691,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The reference configuration for an 8 GB GPU.
     "distilgpt2-8gb": {
         "model": {"name_or_path": "distilgpt2"},
+        # Answers of at most 64 tokens, the length PPO samples within 8 GB: SFT learns to finish within the cap.
+        "data": {"max_response_tokens": 64},
         "sft": {"lora_r": 16, "target_modules": ["c_attn", "c_proj"]},
         "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 16},
         "ppo": {"batch_size": 32, "mini_batch_size": 2, "response_length": 64, "learning_rate": 1.41e-5,
@@ -691,22 +701,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A ~0.5B chat model in bf16 with LoRA adapters on every linear layer, through its chat template.
     "qwen2.5-0.5b-8gb": {
         "model": {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"},
+        "data": {"max_response_tokens": 64},  # = ppo.response_length, as distilgpt2-8gb
         "sft": {"lora_r": 16, "batch_size": 4, "grad_accum": 2},
         "reward": {"precisions": ["bf16", "int8", "int4"], "lora_r": 16, "batch_size": 4, "grad_accum": 2},
         "ppo": {"batch_size": 16, "mini_batch_size": 2, "response_length": 64, "learning_rate": 1e-5,
                 "init_kl_coef": 0.1, "top_k": 50, "top_p": 0.95},
-        # DPO holds chosen + rejected rows with gradients: 8 pairs at once plan 11.8 GiB, 4 x 2 plan 6.8.
+        # DPO holds chosen + rejected rows with gradients: 8 pairs at once plan 10.8 GiB, 4 x 2 plan 6.2.
         "dpo": {"batch_size": 4, "grad_accum": 2},
     },
     # A 1.7B chat model that does not fit in bf16 beside its activations: one 4-bit (NF4) copy of the network
     # carries the SFT LoRA (QLoRA), the reward adapter and the policy adapter; the reference is adapters off.
     "smollm2-1.7b-8gb": {
         "model": {"name_or_path": "HuggingFaceTB/SmolLM2-1.7B-Instruct"},
+        "data": {"max_response_tokens": 64},  # = ppo.response_length, as distilgpt2-8gb
         "sft": {"precision": "int4", "lora_r": 16, "batch_size": 2, "grad_accum": 4},
         "reward": {"precisions": ["int4"], "lora_r": 16, "batch_size": 2, "grad_accum": 4},
         "ppo": {"quantized_policy": True, "batch_size": 16, "mini_batch_size": 1, "response_length": 64,
                 "learning_rate": 1e-5, "init_kl_coef": 0.1, "top_k": 50, "top_p": 0.95},
-        # DPO trains a bf16 network (no 4-bit DPO yet): one pair at a time plans 6.7 GiB.
+        # DPO trains a bf16 network (no 4-bit DPO yet): one pair at a time plans 6.5 GiB.
         "dpo": {"batch_size": 1, "grad_accum": 8},
     },
     # A small random GPT-2 on the known-answer task: the whole pipeline in minutes on 2 CPU cores.
@@ -736,7 +748,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # step with a leave-one-out baseline (the reward model's offsets between prompts dwarf the differences
         # between answers), whitened scores; 4 samples per held-out prompt narrow the bootstrap interval.
         "ppo": {"steps": 30, "batch_size": 32, "samples_per_prompt": 4, "whiten_rewards": True, "mini_batch_size": 4,
-                "ppo_epochs": 2, "learning_rate": 3e-3, "response_length": 24, "sample_every": 5,
+                "ppo_epochs": 2, "learning_rate": 3e-3, "response_length": 48, "sample_every": 5,
                 "checkpoint_every": 10},
         # DPO (algorithm=dpo) sized like PPO: a significant gold gain over SFT in about 2 CPU minutes (60 steps of
         # 8 pairs, ~2 passes over the ~260 training pairs); a LoRA on a 64-wide model needs a learning rate as high.

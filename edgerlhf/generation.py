@@ -11,8 +11,10 @@ token is scored with is the probability it was drawn with. Both sides therefore 
 built-in warper of `transformers.generate` is switched off, because in transformers 5 a custom processor
 runs *before* its temperature warper and would see unscaled logits), the chat's token loop draws with
 `Sampling.draw` (the same distribution, one step at a time with a KV cache, so it can stream), and
-`forward_response` + `policy_stats` score sampled tokens with exactly that. The reference policy is
-scored on the policy's support, so the KL estimate is 0 for an unchanged policy (see `policy_stats`).
+`forward_response` + `policy_stats` score sampled tokens with exactly that, for the importance ratio. Every KL to
+the reference is taken between the whole temperature-scaled distributions instead (`TokenStats`,
+`kl_per_position`): 0 for an unchanged policy, and it sees a policy collapse onto one token that the sampler's
+top-p would hide.
 
 Also here: `Rollouts` (a batch of sampled responses), where a response ends (a stop token of the model's
 `PromptFormat`, EOS or its chat template's end of turn, or the first stop string of `StopRule`;
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgerlhf.contract import KL_CHUNK
 from edgerlhf.dialogue import PromptFormat
 
 # --- the sampling distribution -------------------------------------------------------------------
@@ -147,8 +150,10 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each token in `tokens` (B, T) under `logits` (B, T, V)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """Log-probability of each token in `tokens` (B, T) under the whole softmax of `logits` (B, T, V): the
+    token's logit minus the logsumexp, so the backward keeps no (B, T, V) log-softmax."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def restricted_logprobs(logits: torch.Tensor, tokens: torch.Tensor, support) -> torch.Tensor:
@@ -178,22 +183,48 @@ def restricted_entropy(logits: torch.Tensor, support) -> torch.Tensor:
     return -(logp.exp() * logp.masked_fill(~keep, 0.0)).sum(-1)
 
 
-def policy_stats(logits: torch.Tensor, ref_logits: torch.Tensor | None, tokens: torch.Tensor, sampling: Sampling):
-    """Log-probs of the sampled tokens under the distribution they were drawn from, and the reference's.
+@dataclass
+class TokenStats:
+    """What the policy's logits say about the sampled tokens, each (B, T).
 
-    `logits` and `ref_logits` are scaled (`forward_response(..., sampling)`). The policy's probability of
-    a token is the softmax renormalised over that step's support, so the PPO ratio uses the importance
-    weights of the sampler. The reference is renormalised over the same support: the KL estimate
-    log pi(x) - log pi_ref(x) is then 0 when policy == reference and >= 0 in expectation, where
-    full-vocabulary reference log-probs would make it negative and turn the penalty into a bonus for
-    flattening the policy (TRL's "negative KL" pitfall with top-k/top-p sampling).
-
-    Returns `(logprobs (B, T), ref_logprobs (B, T) or None, entropy (B, T))`.
+    Two distributions, each for its own use. The *sampler's* (softmax of the scaled logits renormalised over
+    the top-k/top-p support) gives `logprobs` and `entropy`: the importance ratio must use the probability a
+    token was drawn with, which also makes the first ratio exactly 1. The *model's* (the whole softmax of the
+    scaled logits, untruncated) gives `full_logprobs`, which every KL to the reference uses: a KL on the
+    sampler's support reads 0 wherever one token holds more than `top_p`, and has no gradient there, so a
+    policy collapsing onto one token would look unchanged and could never be pulled back.
     """
+
+    logprobs: torch.Tensor
+    full_logprobs: torch.Tensor
+    entropy: torch.Tensor
+
+
+def policy_stats(logits: torch.Tensor, tokens: torch.Tensor, sampling: Sampling) -> TokenStats:
+    """`TokenStats` of `tokens` (B, T) under scaled `logits` (B, T, V) (`forward_response(..., sampling)`)."""
     support = sampling.support(logits)
-    logprobs = restricted_logprobs(logits, tokens, support)
-    ref_logprobs = None if ref_logits is None else restricted_logprobs(ref_logits, tokens, support)
-    return logprobs, ref_logprobs, restricted_entropy(logits, support)
+    return TokenStats(restricted_logprobs(logits, tokens, support), logprobs_from_logits(logits, tokens),
+                      restricted_entropy(logits, support))
+
+
+def kl_per_position(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """The exact KL(policy || reference) of the two whole next-token distributions at every position (B, T), from
+    scaled logits (B, T, V): sum_v p(v) (log p(v) - log q(v)), no gradient.
+
+    Untruncated on both sides, so it is 0 exactly when the two agree, never negative, and grows as the policy
+    sharpens or drifts whatever its sampling support (the sampler's own top-k/top-p would hide a collapse). What
+    the logs, the KL controller and the evaluation report; computed `KL_CHUNK` logits at a time.
+    """
+    shape, V = logits.shape[:-1], logits.shape[-1]
+    flat, ref_flat = logits.reshape(-1, V), ref_logits.reshape(-1, V)
+    rows = max(1, KL_CHUNK // V)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(flat), rows):
+            logp = torch.log_softmax(flat[i:i + rows].float(), dim=-1)  # (rows, V)
+            ref_logp = torch.log_softmax(ref_flat[i:i + rows].float(), dim=-1)  # (rows, V)
+            out.append((logp.exp() * (logp - ref_logp)).sum(-1).clamp_(min=0.0))
+    return torch.cat(out).reshape(shape) if out else logits.new_zeros(shape)
 
 
 # --- sampling responses ----------------------------------------------------------------------------
@@ -210,6 +241,7 @@ class Rollouts:
     query_mask: torch.Tensor  # (B, P)
     response_ids: torch.Tensor  # (B, T)
     response_mask: torch.Tensor  # (B, T) 1 up to and including the token that ended the response
+    capped: torch.Tensor  # (B,) bool: ran into the length cap instead of ending by itself (`capped_responses`)
 
 
 def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
@@ -229,7 +261,8 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
         torch.cat([pad(p.query_ids, P, pad_token_id, True) for p in parts]),
         torch.cat([pad(p.query_mask, P, 0, True) for p in parts]),
         torch.cat([pad(p.response_ids, T, pad_token_id, False) for p in parts]),
-        torch.cat([pad(p.response_mask, T, 0, False) for p in parts]))
+        torch.cat([pad(p.response_mask, T, 0, False) for p in parts]),
+        torch.cat([p.capped for p in parts]))
 
 
 def response_lengths(tokenizer, response_ids: torch.Tensor,
@@ -253,6 +286,21 @@ def response_lengths(tokenizer, response_ids: torch.Tensor,
         lengths.append(n)
         texts.append(rule.cut(text).strip())
     return lengths, texts
+
+
+def capped_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor, max_new_tokens: int,
+                     fmt: PromptFormat | None = None) -> list[bool]:
+    """Whether each response ran into the length cap instead of ending by itself (a stop token, or a stop marker
+    completed on its last allowed token). A capped answer is cut, not finished: the reward model sees no end of
+    turn, so training penalises it (`ppo.missing_eos_penalty`) and the evaluation counts it."""
+    fmt = fmt or PromptFormat.of(tokenizer)
+    rule, stops = fmt.stop_rule(), set(fmt.stop_token_ids)
+    capped = []
+    for ids, n in zip(response_ids.tolist(), response_mask.sum(1).tolist()):
+        ended = n < max_new_tokens or ids[n - 1] in stops \
+            or rule.find(tokenizer.decode(ids[:n], skip_special_tokens=True)) >= 0
+        capped.append(not ended)
+    return capped
 
 
 class StopOnMarkers:
@@ -324,7 +372,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling
     response_mask = (positions[None, :] < torch.tensor(lengths, device=device)[:, None]).long()  # (B, T)
     # Tokens after the end are padding: make them the pad token so no stray sample leaks into later passes.
     response_ids = torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id)
-    return Rollouts(list(prompts), texts, query_ids, batch["attention_mask"], response_ids, response_mask)
+    capped = torch.tensor(capped_responses(tokenizer, response_ids, response_mask, max_new_tokens, fmt),
+                          dtype=torch.bool, device=device)
+    return Rollouts(list(prompts), texts, query_ids, batch["attention_mask"], response_ids, response_mask, capped)
 
 
 def sample_probes(model, tokenizer, prompts: list[str], config) -> Rollouts:

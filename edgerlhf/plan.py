@@ -775,7 +775,10 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
         "log-prob maths": [
             *held, _item("policy + reference logits", 2 * n_vocab * 4, f"{pass_note}: scaled fp32"),
             _item("sampling support", n_vocab * _full_vocabulary_extra(cfg, update=False),
-                  "top-k sized; without top-k: a sort, or softmax + logsumexp over the vocabulary")],
+                  "the whole distribution's logsumexp (for the KL); the sampler's support top-k sized, without "
+                  "top-k a sort, or softmax + logsumexp over the vocabulary"),
+            _item("KL pieces", 3 * min(n_vocab, max(arch.vocab, KL_CHUNK)) * 4,
+                  f"exact KL per position in pieces of {KL_CHUNK:,} logits: 2 log-softmax, product")],
     }
     if not training:
         return phases, None
@@ -880,14 +883,16 @@ def _update_logits(cfg, m: int, response: int, vocab: int, cb: int) -> float:
 
 
 def _full_vocabulary_extra(cfg, update: bool) -> int:
-    """Bytes per (position, vocabulary) entry that sampling without top-k adds to the log-prob maths (with
-    top-k the support is top-k sized). Without it, the log-sum-exp and the entropy run over the whole
-    vocabulary (softmax and product: two fp32 temporaries; their gradients three more in the update), and
-    top-p sorts it (fp32 values + int64 indices)."""
+    """Bytes per (position, vocabulary) entry the log-prob maths adds beyond the logits. Always: the whole
+    distribution's log-sum-exp, which every KL reads (one fp32 temporary; in the update its softmax gradient, one
+    more). The sampler's distribution is top-k sized with top-k; without it, its log-sum-exp and entropy run over
+    the whole vocabulary too (softmax and product: two fp32 temporaries; their gradients three more in the
+    update), and top-p sorts it (fp32 values + int64 indices)."""
+    whole = 8 if update else 4
     if cfg.top_k and cfg.top_k < 1_000_000:
-        return 0
+        return whole
     extra = 12 if update else 8
-    return extra + (12 if cfg.top_p < 1.0 else 0)
+    return whole + extra + (12 if cfg.top_p < 1.0 else 0)
 
 
 # --- the cheapest change that makes a stage fit ------------------------------------------------

@@ -102,13 +102,13 @@ def keys_figure(feed: JobFeed, keys: list[str], title: str, stage: str | None = 
     return _layout(fig, title, y=y)
 
 
-DIAGNOSTICS = ("response_length", "entropy", "clip_frac", "tokens_per_s")
+DIAGNOSTICS = ("response_length", "cap_hit_rate", "entropy", "clip_frac", "tokens_per_s")
 """The health signals of a sampling algorithm, in its namespace; those it does not log are left out."""
 
 
 def diagnostics_figure(feed: JobFeed) -> go.Figure:
-    """Small multiples of the sampling algorithm's health signals: response length, entropy, clip fraction,
-    throughput (the ones the job's algorithm logs)."""
+    """Small multiples of the sampling algorithm's health signals: response length, the share of answers cut at
+    the cap, entropy, clip fraction, throughput (the ones the job's algorithm logs)."""
     names = [n for n in DIAGNOSTICS if _stage_series(feed, n)] or list(DIAGNOSTICS[:1])
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names)
     for i, name in enumerate(names, start=1):

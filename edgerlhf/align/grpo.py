@@ -8,7 +8,9 @@ the log-prob passes and the minibatch loop are the ones PPO uses (`align.policy`
   one of its tokens. The group is the baseline: no value head, no GAE.
 - the loss per token is PPO's clipped surrogate plus beta * KL(policy || reference) with Schulman's k3
   estimator, which is >= 0 and whose gradient pulls the policy back to the reference (DeepSeekMath's
-  choice; the KL sits in the loss, not in the reward).
+  choice; the KL sits in the loss, not in the reward). The surrogate's ratio uses the sampler's log-probs
+  (top-k/top-p support); k3 uses the whole temperature-scaled distributions of both, so it is 0 for an
+  unchanged policy and keeps a gradient where one token holds more than `top_p` (`generation.TokenStats`).
 
 Choices, against TRL 1.16's `GRPOTrainer` (`trl/trainer/grpo_trainer.py`):
 - advantages: TRL's default `scale_rewards="group"`: the group's unbiased std (`nanstd`) and eps = 1e-4.
@@ -35,7 +37,7 @@ import torch
 from edgerlhf.align.losses import clipped_policy_loss, kl_estimate, masked_mean
 from edgerlhf.align.policy import PolicyModels
 from edgerlhf.align.rollout import (StepMicroBatches, minibatch_updates, rollout_args, rollout_logprobs,
-                                    sample_and_score, step_metrics)
+                                    sample_and_score, step_metrics, training_scores)
 from edgerlhf.generation import Rollouts, Sampling, policy_stats
 
 # --- GRPO math: pure functions; `mask` (B, T) is 1 on response tokens -----------------------------
@@ -53,18 +55,19 @@ def group_advantages(scores: torch.Tensor, group: int, eps: float = 1e-4) -> tor
     return ((grouped - mean) / (std + eps)).reshape(-1)  # (B,)
 
 
-def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-              advantages: torch.Tensor, mask: torch.Tensor, cliprange: float,
+def grpo_loss(logprobs: torch.Tensor, full_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+              ref_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float,
               beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's loss, a mean over the response tokens: clipped surrogate + beta * k3 KL to the reference.
 
-    `logprobs` (B, T) carry the gradient; `old_logprobs` are those the rollouts were sampled with,
-    `ref_logprobs` the reference's; `advantages` (B,) hold one value per response. Returns
-    `(loss, stats)` with `policy_loss`, `k3_kl` (mean per token), `clip_frac` and `approx_kl`.
+    `logprobs` (B, T) (the sampler's distribution, for the ratio) and `full_logprobs` (the whole distribution,
+    for the KL) carry the gradient; `old_logprobs` are the sampler's when the rollouts were drawn,
+    `ref_logprobs` the reference's whole distribution's; `advantages` (B,) hold one value per response.
+    Returns `(loss, stats)` with `policy_loss`, `k3_kl` (mean per token), `clip_frac` and `approx_kl`.
     """
     token_advantages = advantages[:, None].expand_as(logprobs)  # (B, T)
     pg_loss, clip_frac, approx_kl = clipped_policy_loss(logprobs, old_logprobs, token_advantages, mask, cliprange)
-    kl = masked_mean(kl_estimate(logprobs, ref_logprobs, "k3"), mask)
+    kl = masked_mean(kl_estimate(full_logprobs, ref_logprobs, "k3"), mask)
     loss = pg_loss + beta * kl
     return loss, {"policy_loss": pg_loss, "k3_kl": kl, "clip_frac": clip_frac, "approx_kl": approx_kl}
 
@@ -90,27 +93,26 @@ def grpo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str],
     t_gen = time.perf_counter() - t0
 
     # 2. Log-probs of the sampled tokens under the policy that drew them and under the reference (no grad).
-    b_old_logprobs, b_ref_logprobs, b_entropy, _ = rollout_logprobs(models, rollouts, cfg, sampling, micro,
-                                                                    step)  # (B, T) each
+    b = rollout_logprobs(models, rollouts, cfg, sampling, micro, step)  # (B, T) each
     b_mask = rollouts.response_mask.float()  # (B, T)
-    b_seq_kl = ((b_old_logprobs - b_ref_logprobs) * b_mask).sum(1)  # (B,) logged, as PPO's KL per response
 
-    # 3. Advantages: each score against the other responses to its prompt, on every token of the response.
-    b_advantages = group_advantages(scores, cfg.samples_per_prompt)  # (B,)
+    # 3. Advantages: each score (less the missing-EOS penalty of a capped answer) against the other responses to
+    #    its prompt, on every token of the response.
+    b_advantages = group_advantages(training_scores(scores, rollouts, cfg), cfg.samples_per_prompt)  # (B,)
 
     # 4. `ppo_epochs` over shuffled minibatches: loss = clipped surrogate + beta * k3 - ent_coef * entropy,
     #    each a mean over the piece's response tokens.
     def piece_loss(piece: torch.Tensor):
         mb_mask = b_mask[piece]  # (m, T)
         logits, _ = models.forward(*rollout_args(rollouts, piece), sampling)  # (m, T, V)
-        mb_logprobs, _, mb_entropy = policy_stats(logits, None, rollouts.response_ids[piece], sampling)  # (m, T)
-        loss, stats = grpo_loss(mb_logprobs, b_old_logprobs[piece], b_ref_logprobs[piece], b_advantages[piece],
-                                mb_mask, cfg.cliprange, beta)
-        loss = loss - cfg.ent_coef * masked_mean(mb_entropy, mb_mask)
+        mb = policy_stats(logits, rollouts.response_ids[piece], sampling)  # (m, T) each
+        loss, stats = grpo_loss(mb.logprobs, mb.full_logprobs, b.logprobs[piece], b.ref_logprobs[piece],
+                                b_advantages[piece], mb_mask, cfg.cliprange, beta)
+        loss = loss - cfg.ent_coef * masked_mean(mb.entropy, mb_mask)
         return loss, stats
 
     stats = minibatch_updates(models.policy_parameters(), optimizer, cfg, micro, step, b_mask.sum(1), piece_loss)
 
-    metrics = step_metrics("grpo", scores, b_seq_kl, b_entropy, b_mask, {
+    metrics = step_metrics("grpo", scores, rollouts, b, {
         "kl_coef": beta, **stats, "advantage_abs_mean": b_advantages.abs().mean().item()}, t0, t_gen)
     return metrics, rollouts, scores

@@ -32,7 +32,7 @@ import torch.nn as nn
 from edgerlhf import gold
 from edgerlhf.contract import algorithm_traits, reward_dir
 from edgerlhf.errors import MissingPrerequisite
-from edgerlhf.generation import Rollouts, Sampling, forward_response, policy_stats
+from edgerlhf.generation import Rollouts, Sampling, forward_response, kl_per_position
 from edgerlhf.models import checkpointed_layers
 
 POLICY = "policy"
@@ -222,8 +222,8 @@ def base_weight_storages(objects: list[nn.Module]) -> dict[int, int]:
 
 
 def sequence_kl(models, rollouts: Rollouts, cfg, batch_size: int) -> torch.Tensor:
-    """KL(policy || reference) of each sampled response: sum over its tokens of log pi - log pi_ref (B,),
-    with the same estimator as the PPO penalty (`policy_stats`)."""
+    """KL(policy || reference) of each sampled response (B,): the exact KL of the two whole temperature-scaled
+    next-token distributions at each of its positions, summed (`generation.kl_per_position`, what training logs)."""
     sampling = Sampling.of(cfg)
     out = []
     for i in range(0, len(rollouts.prompts), batch_size):
@@ -232,6 +232,6 @@ def sequence_kl(models, rollouts: Rollouts, cfg, batch_size: int) -> torch.Tenso
         with torch.no_grad():
             logits, _ = models.forward(*args, sampling)
             ref_logits = models.reference_logits(*args, sampling)
-            logp, ref_logp, _ = policy_stats(logits, ref_logits, rollouts.response_ids[s], sampling)
-        out.append(((logp - ref_logp) * rollouts.response_mask[s]).sum(1).cpu())
+            kl = kl_per_position(logits, ref_logits)  # (b, T)
+        out.append((kl * rollouts.response_mask[s]).sum(1).cpu())
     return torch.cat(out)

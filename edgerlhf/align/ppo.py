@@ -8,8 +8,11 @@ per-token KL penalty with the score on the last token, GAE, whitening, `ppo_epoc
 policy + value loss (- entropy bonus) over shuffled minibatches with gradient accumulation. The phases it
 shares with GRPO and RLOO are `edgerlhf.align.rollout`'s; its maths is `edgerlhf.align.losses`'.
 
-The reference is scored on the same support as the policy, so the KL estimate is 0 for an unchanged policy
-and cannot go negative in expectation (see `generation.policy_stats`).
+The ratio uses the probability a token was drawn with (top-k/top-p support); the per-token KL penalty compares the
+whole temperature-scaled distributions of policy and reference (k1 on the sampled token, as the recipe), so it is
+0 for an unchanged policy and sees a collapse the sampler's support would hide (`generation.TokenStats`). The KL
+the controller steers by and the logs show is the exact one of the two distributions at each position.
+An answer cut at `response_length` loses `missing_eos_penalty` from its score (`rollout.training_scores`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from edgerlhf.align.losses import (clipped_policy_loss, clipped_value_loss, comp
                                    masked_whiten, per_token_rewards, whiten)
 from edgerlhf.align.policy import PolicyModels
 from edgerlhf.align.rollout import (StepMicroBatches, minibatch_updates, rollout_args, rollout_logprobs,
-                                    sample_and_score, step_metrics)
+                                    sample_and_score, sequence_kl, step_metrics, training_scores)
 from edgerlhf.contract import algorithm_traits
 from edgerlhf.generation import Rollouts, Sampling, policy_stats
 
@@ -91,15 +94,17 @@ def ppo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str], 
     rollouts, scores = sample_and_score(models, batch_prompts, cfg, sampling, micro, step)  # scores (B,)
     t_gen = time.perf_counter() - t0
 
-    # 2. Log-probs of policy and reference, entropy and values of the sampled tokens (no grad).
-    b_logprobs, b_ref_logprobs, b_entropy, b_values = rollout_logprobs(models, rollouts, cfg, sampling, micro,
-                                                                       step)  # (B, T) each
+    # 2. Log-probs of policy and reference, KL, entropy and values of the sampled tokens (no grad).
+    b = rollout_logprobs(models, rollouts, cfg, sampling, micro, step)  # (B, T) each
+    b_logprobs, b_values = b.logprobs, b.values  # the sampler's log-probs: the ratio's
     b_mask = rollouts.response_mask.float()  # (B, T)
 
-    # 3. Rewards: KL penalty on every token, the score on the last; then GAE and whitening.
-    b_scores = leave_one_out(scores, cfg.samples_per_prompt)  # (B,)
+    # 3. Rewards: KL penalty on every token (whole distributions), the score on the last, less the missing-EOS
+    #    penalty of a capped answer; then GAE and whitening.
+    b_scores = leave_one_out(training_scores(scores, rollouts, cfg), cfg.samples_per_prompt)  # (B,)
     b_scores = whiten(b_scores) if cfg.whiten_rewards else b_scores  # (B,)
-    b_rewards, b_kl = per_token_rewards(b_scores, b_logprobs, b_ref_logprobs, b_mask, kl_ctl.value)  # (B, T)
+    b_rewards, b_penalty_kl = per_token_rewards(b_scores, b.full_logprobs, b.ref_logprobs, b_mask,
+                                                kl_ctl.value)  # (B, T)
     b_advantages, b_returns = compute_gae(b_rewards, b_values, b_mask, cfg.gamma, cfg.lam)  # (B, T)
     b_advantages = masked_whiten(b_advantages, b_mask)  # (B, T)
 
@@ -107,24 +112,23 @@ def ppo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str], 
     def piece_loss(piece: torch.Tensor):
         mb_mask = b_mask[piece]  # (m, T)
         logits, mb_values = models.forward(*rollout_args(rollouts, piece), sampling)  # (m, T, V), (m, T)
-        mb_logprobs, _, mb_entropy = policy_stats(logits, None, rollouts.response_ids[piece], sampling)
-        pg_loss, clip_frac, approx_kl = clipped_policy_loss(mb_logprobs, b_logprobs[piece], b_advantages[piece],
+        mb = policy_stats(logits, rollouts.response_ids[piece], sampling)
+        pg_loss, clip_frac, approx_kl = clipped_policy_loss(mb.logprobs, b_logprobs[piece], b_advantages[piece],
                                                             mb_mask, cfg.cliprange)
         v_loss, vf_clip_frac = clipped_value_loss(mb_values, b_values[piece], b_returns[piece], mb_mask,
                                                   cfg.cliprange_value)
-        mb_entropy = masked_mean(mb_entropy, mb_mask)
+        mb_entropy = masked_mean(mb.entropy, mb_mask)
         loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * mb_entropy
         return loss, {"policy_loss": pg_loss, "value_loss": v_loss, "clip_frac": clip_frac,
                       "vf_clip_frac": vf_clip_frac, "approx_kl": approx_kl}
 
     stats = minibatch_updates(models.policy_parameters(), optimizer, cfg, micro, step, b_mask.sum(1), piece_loss)
 
-    # 5. The KL controller moves towards its target with this batch's KL per response.
-    b_seq_kl = b_kl.sum(1)  # (B,)
+    # 5. The KL controller moves towards its target with this batch's exact KL per response.
     kl_coef = kl_ctl.value
-    kl_ctl.update(b_seq_kl.mean().item(), cfg.batch_size)
+    kl_ctl.update(sequence_kl(b, b_mask).mean().item(), cfg.batch_size)
 
-    metrics = step_metrics("ppo", scores, b_seq_kl, b_entropy, b_mask, {
-        "kl_coef": kl_coef, "non_score_reward": -kl_coef * b_seq_kl.mean().item(), **stats,
+    metrics = step_metrics("ppo", scores, rollouts, b, {
+        "kl_coef": kl_coef, "non_score_reward": -kl_coef * b_penalty_kl.sum(1).mean().item(), **stats,
         "returns_mean": masked_mean(b_returns, b_mask).item()}, t0, t_gen)
     return metrics, rollouts, scores

@@ -6,7 +6,9 @@ the log-prob passes and the minibatch loop are the ones PPO uses (`align.policy`
 
 - k = `ppo.samples_per_prompt` responses of each prompt. A response is one action: its reward is the
   reward model's score minus beta * KL(policy || reference) of the whole response (the sum of its
-  tokens' log-ratios, k1, as the paper and TRL: the KL is in the reward, not the loss), and its
+  tokens' log-ratios, k1, as the paper and TRL: the KL is in the reward, not the loss; taken between the
+  whole temperature-scaled distributions, not the sampler's top-k/top-p support, `generation.TokenStats`),
+  less `ppo.missing_eos_penalty` for an answer cut at the cap, and its
   advantage is that reward minus the mean reward of the other k - 1 responses to the prompt, an
   unbiased baseline without a value head.
 - the loss is PPO's clipped surrogate on the sequence's ratio, exp(sum of the response's log-prob
@@ -31,7 +33,7 @@ import torch
 from edgerlhf.align.losses import leave_one_out, whiten
 from edgerlhf.align.policy import PolicyModels
 from edgerlhf.align.rollout import (StepMicroBatches, minibatch_updates, rollout_args, rollout_logprobs,
-                                    sample_and_score, step_metrics)
+                                    sample_and_score, step_metrics, training_scores)
 from edgerlhf.generation import Rollouts, Sampling, policy_stats
 
 # --- RLOO math: pure functions on per-response (B,) tensors ---------------------------------------
@@ -86,28 +88,27 @@ def rloo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str],
     t_gen = time.perf_counter() - t0
 
     # 2. Log-probs of the sampled tokens under the policy that drew them and under the reference (no grad).
-    b_old_logprobs, b_ref_logprobs, b_entropy, _ = rollout_logprobs(models, rollouts, cfg, sampling, micro,
-                                                                    step)  # (B, T) each
+    b = rollout_logprobs(models, rollouts, cfg, sampling, micro, step)  # (B, T) each
     b_mask = rollouts.response_mask.float()  # (B, T)
-    b_old_seq_logprobs = (b_old_logprobs * b_mask).sum(1)  # (B,)
-    b_seq_kl = ((b_old_logprobs - b_ref_logprobs) * b_mask).sum(1)  # (B,) k1, summed over the response
+    b_old_seq_logprobs = (b.logprobs * b_mask).sum(1)  # (B,) the sampler's: the ratio's
+    b_penalty_kl = ((b.full_logprobs - b.ref_logprobs) * b_mask).sum(1)  # (B,) k1, summed over the response
 
-    # 3. Rewards with the KL penalty, advantages against the other responses to the same prompt.
-    b_rewards = rloo_rewards(scores, b_seq_kl, beta)  # (B,)
+    # 3. Rewards with the KL penalty (and the missing-EOS one), advantages against the other responses to the prompt.
+    b_rewards = rloo_rewards(training_scores(scores, rollouts, cfg), b_penalty_kl, beta)  # (B,)
     b_advantages = rloo_advantages(b_rewards, cfg.samples_per_prompt)  # (B,)
     b_advantages = whiten(b_advantages) if cfg.whiten_rewards else b_advantages  # (B,)
 
     # 4. `ppo_epochs` over shuffled minibatches: the clipped surrogate of whole responses, a mean over responses.
     def piece_loss(piece: torch.Tensor):
         logits, _ = models.forward(*rollout_args(rollouts, piece), sampling)  # (m, T, V)
-        mb_logprobs, _, _ = policy_stats(logits, None, rollouts.response_ids[piece], sampling)  # (m, T)
+        mb_logprobs = policy_stats(logits, rollouts.response_ids[piece], sampling).logprobs  # (m, T)
         mb_seq_logprobs = (mb_logprobs * b_mask[piece]).sum(1)  # (m,)
         return rloo_loss(mb_seq_logprobs, b_old_seq_logprobs[piece], b_advantages[piece], cfg.cliprange)
 
     stats = minibatch_updates(models.policy_parameters(), optimizer, cfg, micro, step, torch.ones_like(scores),
                               piece_loss)
 
-    metrics = step_metrics("rloo", scores, b_seq_kl, b_entropy, b_mask, {
-        "kl_coef": beta, "non_score_reward": (-beta * b_seq_kl).mean().item(), **stats,
+    metrics = step_metrics("rloo", scores, rollouts, b, {
+        "kl_coef": beta, "non_score_reward": (-beta * b_penalty_kl).mean().item(), **stats,
         "rlhf_reward_mean": b_rewards.mean().item()}, t0, t_gen)
     return metrics, rollouts, scores

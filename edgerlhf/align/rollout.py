@@ -9,7 +9,8 @@ OpenRLHF's trainers its `experience_maker`. Every phase runs in micro-batches th
 
 Sampling and log-probs agree: rollouts are drawn with temperature, top-k and top-p, and the ratio of every
 algorithm uses the probability of a token under exactly that distribution; both go through one definition,
-`edgerlhf.generation.Sampling`.
+`edgerlhf.generation.Sampling`. Every KL to the reference is taken between the whole temperature-scaled
+distributions instead (`generation.TokenStats`): the sampler's support would hide a collapse.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch.nn as nn
 from edgerlhf.align.losses import masked_mean
 from edgerlhf.align.policy import PolicyModels
 from edgerlhf.contract import algorithm_metric
-from edgerlhf.generation import Rollouts, Sampling, concat_rollouts, generate, policy_stats
+from edgerlhf.generation import Rollouts, Sampling, concat_rollouts, generate, kl_per_position, logprobs_from_logits, \
+    policy_stats
 from edgerlhf.oom import MicroBatch, chunks, planner_hint
 
 
@@ -56,30 +58,61 @@ def rollout_args(rollouts: Rollouts, rows) -> tuple[torch.Tensor, ...]:
 def sample_and_score(models: PolicyModels, batch_prompts: list[str], cfg, sampling: Sampling,
                      micro: StepMicroBatches, step: int) -> tuple[Rollouts, torch.Tensor]:
     """A step's rollouts, one response per entry of `batch_prompts` drawn by the policy (`micro.rollouts` rows
-    per `generate` call), and their reward-model scores (B,)."""
+    per `generate` call), and their reward-model scores (B,); `rollouts.capped` says which ran into the cap."""
     rollouts = micro.rollouts.run(step, lambda size: concat_rollouts(
         [generate(models.model, models.tokenizer, batch_prompts[rows], cfg.response_length, sampling)
          for rows in chunks(len(batch_prompts), size)], models.tokenizer.pad_token_id))
     return rollouts, models.score(rollouts.prompts, rollouts.responses).to(models.device)
 
 
+@dataclass
+class RolloutStats:
+    """The sampled tokens seen by the policy that drew them and by the reference, each (B, T), no gradients."""
+
+    logprobs: torch.Tensor
+    """Under the sampler's distribution (top-k/top-p support): the importance ratio's old log-probs."""
+    full_logprobs: torch.Tensor
+    """Under the policy's whole temperature-scaled distribution: the KL estimators' (k1, k3)."""
+    ref_logprobs: torch.Tensor
+    """Under the reference's whole temperature-scaled distribution."""
+    kl: torch.Tensor
+    """The exact KL(policy || reference) of the two whole next-token distributions at each position."""
+    entropy: torch.Tensor
+    """Of the sampler's distribution."""
+    values: torch.Tensor | None
+    """The critic's, None without a value head."""
+
+
 def rollout_logprobs(models: PolicyModels, rollouts: Rollouts, cfg, sampling: Sampling, micro: StepMicroBatches,
-                     step: int) -> list[torch.Tensor | None]:
-    """`[logprobs, ref_logprobs, entropy, values]` of the sampled tokens, each (B, T), without gradients: the
-    log-probs under the policy that drew them and under the reference, the policy's entropy, and the values
-    (None without a value head). Passes of at most `mini_batch_size` rollouts, fewer after out-of-memory errors."""
+                     step: int) -> RolloutStats:
+    """`RolloutStats` of a batch of rollouts, in passes of at most `mini_batch_size` rollouts (fewer after
+    out-of-memory errors)."""
     def attempt(size: int):
         out = []
         with torch.no_grad():
             for rows in chunks(len(rollouts.prompts), min(size, cfg.mini_batch_size)):
+                tokens = rollouts.response_ids[rows]  # (M, T)
                 logits, values = models.forward(*rollout_args(rollouts, rows), sampling)  # (M, T, V), (M, T)
                 ref_logits = models.reference_logits(*rollout_args(rollouts, rows), sampling)  # (M, T, V)
-                logp, ref_logp, ent = policy_stats(logits, ref_logits, rollouts.response_ids[rows], sampling)
-                out.append((logp, ref_logp, ent, values))
+                own = policy_stats(logits, tokens, sampling)
+                out.append((own.logprobs, own.full_logprobs, logprobs_from_logits(ref_logits, tokens),
+                            kl_per_position(logits, ref_logits), own.entropy, values))
                 del logits, ref_logits
-        return [None if parts[0] is None else torch.cat(parts) for parts in zip(*out)]
+        return RolloutStats(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*out)))
 
     return micro.passes.run(step, attempt)
+
+
+def sequence_kl(stats: RolloutStats, mask: torch.Tensor) -> torch.Tensor:
+    """The exact KL(policy || reference) of each response (B,): its positions' `stats.kl`, summed."""
+    return (stats.kl * mask).sum(1)
+
+
+def training_scores(scores: torch.Tensor, rollouts: Rollouts, cfg) -> torch.Tensor:
+    """The scores (B,) a step learns from: the reward model's, minus `cfg.missing_eos_penalty` for an answer cut
+    at the cap, which the reward model scored as if it had ended (the missing-EOS penalty of TRL's PPO and RLOO
+    recipes, `missing_eos_penalty`)."""
+    return scores - cfg.missing_eos_penalty * rollouts.capped.to(scores.dtype)
 
 
 def minibatch_updates(params: list[nn.Parameter], optimizer, cfg, micro: StepMicroBatches, step: int,
@@ -131,18 +164,20 @@ def minibatch_updates(params: list[nn.Parameter], optimizer, cfg, micro: StepMic
     return {key: float(np.mean(values)) for key, values in history.items()}
 
 
-def step_metrics(algorithm: str, scores: torch.Tensor, b_seq_kl: torch.Tensor, b_entropy: torch.Tensor,
-                 b_mask: torch.Tensor, own: dict[str, float], t0: float, t_gen: float) -> dict[str, float]:
+def step_metrics(algorithm: str, scores: torch.Tensor, rollouts: Rollouts, stats: RolloutStats,
+                 own: dict[str, float], t0: float, t_gen: float) -> dict[str, float]:
     """A step's metrics under the algorithm's namespace (`contract.algorithm_metric`): those every sampling
-    algorithm logs alike (scores (B,), KL(policy || reference) per response `b_seq_kl` (B,) as the sum of
-    its tokens' log-ratios at sampling time, entropy, length, speed), then the algorithm's `own`."""
+    algorithm logs alike (the reward model's scores (B,) before any penalty, the exact KL(policy || reference)
+    per response, entropy, length, the share of answers cut at the cap, speed), then the algorithm's `own`."""
     elapsed = time.perf_counter() - t0
+    b_mask = rollouts.response_mask.float()  # (B, T)
     common = {
         "reward_mean": scores.mean().item(),
         "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-        "kl": b_seq_kl.mean().item(),
-        "entropy": masked_mean(b_entropy, b_mask).item(),
+        "kl": sequence_kl(stats, b_mask).mean().item(),
+        "entropy": masked_mean(stats.entropy, b_mask).item(),
         "response_length": b_mask.sum(1).mean().item(),
+        "cap_hit_rate": rollouts.capped.float().mean().item(),
         "tokens_per_s": b_mask.sum().item() / elapsed,
         "generation_s": t_gen,
         "step_s": elapsed,

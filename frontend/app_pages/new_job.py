@@ -63,6 +63,7 @@ FIELDS: list[tuple[str, str, str, list[str] | None]] = [
     ("PPO", "ppo.init_kl_coef", "Initial KL coefficient", None),
     ("PPO", "ppo.target_kl", "Target KL", None),
     ("PPO", "ppo.response_length", "Max response tokens", None),
+    ("PPO", "ppo.missing_eos_penalty", "Penalty for an answer cut at the cap", None),
     ("PPO", "ppo.reward_precision", "Reward model scoring PPO", list(PRECISIONS)),
     ("PPO", "ppo.sample_every", "Log samples every N steps", None),
     ("PPO", "ppo.gradient_checkpointing", "Gradient checkpointing in the updates", None),

@@ -20,6 +20,7 @@ from edgerlhf.generation import (
     entropy_from_logits,
     forward_response,
     generate,
+    kl_per_position,
     logprobs_from_logits,
     policy_stats,
     restricted_entropy,
@@ -94,13 +95,54 @@ def test_restricted_logprobs_and_entropy():
     close(restricted_entropy(logits, full), [[-sum(q * math.log(q) for q in (0.05, 0.5, 0.15, 0.3))]])
 
 
-def test_kl_estimate_on_a_shared_support_is_zero_for_identical_policies():
+def test_the_kl_of_an_unchanged_policy_is_exactly_zero():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 50, dtype=torch.float64)
     tokens = torch.randint(0, 50, (2, 5))
-    logp, ref_logp, entropy = policy_stats(logits, logits.clone(), tokens, Sampling(top_k=10, top_p=0.9))
-    close(logp - ref_logp, torch.zeros(2, 5))
-    assert (entropy <= math.log(10) + 1e-9).all()  # at most 10 tokens in the support
+    stats = policy_stats(logits, tokens, Sampling(top_k=10, top_p=0.9))
+    close(stats.full_logprobs - logprobs_from_logits(logits.clone(), tokens), torch.zeros(2, 5))  # k1 and k3: 0
+    assert kl_per_position(logits, logits.clone()).abs().max() == 0
+    assert (stats.entropy <= math.log(10) + 1e-9).all()  # the sampler's: at most 10 tokens in the support
+
+
+def test_a_policy_collapsed_above_top_p_reads_its_true_kl():
+    """Reference 50/50, policy 97/3, top_p 0.9: the sampler's support is the first token alone. Restricted to that
+    support both distributions read 1 and the KL 0; the whole distributions give KL 0.558 per position
+    (0.97 log(0.97/0.5) + 0.03 log(0.03/0.5)) and k1 log(0.97/0.5) = 0.663 on the sampled token."""
+    ref_logits = torch.zeros(1, 1, 2, dtype=torch.float64)
+    logits = torch.log(t([[[0.97, 0.03]]]))
+    token = torch.tensor([[0]])
+    stats = policy_stats(logits, token, Sampling(top_p=0.9))
+    assert stats.logprobs.item() == 0.0  # the sampler's probability: 1
+    exact = 0.97 * math.log(0.97 / 0.5) + 0.03 * math.log(0.03 / 0.5)
+    close(kl_per_position(logits, ref_logits), [[exact]])
+    close(stats.full_logprobs - logprobs_from_logits(ref_logits, token), [[math.log(0.97 / 0.5)]])
+
+
+def test_the_kl_of_a_sharpened_policy_rises_with_the_sharpening():
+    """Logits x alpha (the ranking unchanged, as a collapsing policy): the KL from the reference grows with alpha,
+    also once the top token holds more than top_p and the sampler's support is that token alone."""
+    torch.manual_seed(0)
+    ref_logits = 2.0 * torch.randn(4, 6, 200)
+    kls = [kl_per_position(alpha * ref_logits, ref_logits).sum().item() for alpha in (1.0, 1.5, 2, 3, 5, 8, 13)]
+    assert kls[0] == 0.0 and all(b > a for a, b in zip(kls, kls[1:])), kls
+    top = torch.softmax(13 * ref_logits, -1).amax(-1)
+    assert (top > 0.95).float().mean() > 0.5  # most positions collapsed past the preset top_p
+
+
+def test_the_kl_has_a_gradient_where_one_token_holds_more_than_top_p():
+    """GRPO's k3 term at a position whose sampler's support is one token: with the whole distributions it still
+    pulls the policy back towards the reference (on the support alone it would be a constant)."""
+    from edgerlhf.align import grpo
+
+    logits = torch.log(t([[[0.97, 0.01, 0.02]]])).requires_grad_(True)
+    ref_logits = torch.zeros(1, 1, 3, dtype=torch.float64)
+    token = torch.tensor([[0]])
+    stats = policy_stats(logits, token, Sampling(top_p=0.9))
+    loss, _ = grpo.grpo_loss(stats.logprobs, stats.full_logprobs, stats.logprobs.detach(),
+                             logprobs_from_logits(ref_logits, token), torch.zeros(1), torch.ones(1, 1), 0.2, beta=1.0)
+    loss.backward()
+    assert logits.grad[0, 0, 0] > 0  # gradient descent lowers the collapsed token's logit, towards the reference
 
 
 @pytest.fixture(scope="module")

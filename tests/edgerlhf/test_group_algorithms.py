@@ -16,8 +16,8 @@ from edgerlhf.oom import allocation_limit
 from tests.support.tiny import make_tiny_run, tiny_config
 
 ALGORITHMS = ("grpo", "rloo")
-COMMON_METRICS = ("reward_mean", "reward_std", "kl", "response_length", "entropy", "policy_loss", "clip_frac",
-                  "step_s", "tokens_per_s", "generation_s")
+COMMON_METRICS = ("reward_mean", "reward_std", "kl", "response_length", "cap_hit_rate", "entropy", "policy_loss",
+                  "clip_frac", "step_s", "tokens_per_s", "generation_s")
 
 
 def algorithm_config(algorithm: str, **ppo_fields):
@@ -72,8 +72,8 @@ def test_k3_is_nonnegative_zero_at_the_reference_and_pulls_the_policy_back():
     # reference's and raises one below it.
     logprobs = torch.tensor([[-1.0, -3.0]], requires_grad=True)
     ref_logprobs = torch.tensor([[-2.0, -2.0]])
-    loss, stats = grpo.grpo_loss(logprobs, logprobs.detach(), ref_logprobs, torch.zeros(1), torch.ones(1, 2),
-                                 cliprange=0.2, beta=1.0)
+    loss, stats = grpo.grpo_loss(logprobs, logprobs, logprobs.detach(), ref_logprobs, torch.zeros(1),
+                                 torch.ones(1, 2), cliprange=0.2, beta=1.0)
     loss.backward()
     assert logprobs.grad[0, 0] > 0 and logprobs.grad[0, 1] < 0  # gradient descent moves both towards -2
     assert stats["k3_kl"] > 0
@@ -87,7 +87,7 @@ def test_ratio_clipping_stops_the_gradient_only_beyond_the_trust_region_on_the_a
     A < 0) gets no more gradient; one on the other side keeps its full gradient, whose sign follows A."""
     old = torch.tensor([[-2.0]])
     new = (old + math.log(ratio)).requires_grad_(True)
-    loss, stats = grpo.grpo_loss(new, old, new.detach(), torch.tensor([advantage]), torch.ones(1, 1), 0.2, 0.0)
+    loss, stats = grpo.grpo_loss(new, new, old, new.detach(), torch.tensor([advantage]), torch.ones(1, 1), 0.2, 0.0)
     loss.backward()
     seq = (old[:, 0] + math.log(ratio)).requires_grad_(True)
     seq_loss, seq_stats = rloo.rloo_loss(seq, old[:, 0], torch.tensor([advantage]), 0.2)
@@ -134,8 +134,8 @@ def test_minibatch_pieces_are_weighted_by_their_share_of_the_loss_units():
 def _sequence_logprobs(built, rollouts, sampling):
     logits, _ = forward_response(built.model, rollouts.query_ids, rollouts.query_mask, rollouts.response_ids,
                                  rollouts.response_mask, sampling)
-    logp, _, _ = policy_stats(logits, None, rollouts.response_ids, sampling)
-    return logp, (logp * rollouts.response_mask).sum(1)
+    stats = policy_stats(logits, rollouts.response_ids, sampling)
+    return stats, (stats.logprobs * rollouts.response_mask).sum(1)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -155,7 +155,8 @@ def test_one_update_raises_the_log_prob_of_the_better_response(run_dir, algorith
     optimizer = torch.optim.SGD(built.policy_parameters(), lr=0.05)
     logp, seq = _sequence_logprobs(built, rollouts, sampling)
     if algorithm == "grpo":
-        loss, _ = grpo.grpo_loss(logp, old_logp, old_logp, grpo.group_advantages(scores, 4), mask, 0.2, 0.1)
+        loss, _ = grpo.grpo_loss(logp.logprobs, logp.full_logprobs, old_logp.logprobs, old_logp.full_logprobs,
+                                 grpo.group_advantages(scores, 4), mask, 0.2, 0.1)
     else:
         advantages = rloo.rloo_advantages(rloo.rloo_rewards(scores, torch.zeros(4), 0.1), 4)
         loss, _ = rloo.rloo_loss(seq, old_seq, advantages, 0.2)
@@ -229,6 +230,58 @@ def test_out_of_memory_halves_the_passes_and_gives_the_same_update(run_dir, algo
     for key in ("policy_loss", "clip_frac", "approx_kl", "reward_mean"):
         key = f"{algorithm}/{key}"
         assert after[8][1][key] == pytest.approx(after[None][1][key], rel=1e-4, abs=1e-7), key
+
+
+def ends_about_half(built, prompts: list[str], steps: int, sampling: Sampling) -> None:
+    """Give the base's LM head a bias towards end-of-text so that about half of the `steps`-token answers to
+    `prompts` end early (the shrunk tiny policy never ends by itself): the same bias for policy and reference,
+    found by bisection on the sampler's probability of ending at the first token."""
+    head = built.model.get_output_embeddings()
+    eos = built.tokenizer.eos_token_id
+    target = 1 - 0.5 ** (1 / steps)  # P(no end in `steps` tokens) = 1/2, if each token ended alike
+    with torch.no_grad():
+        logits = torch.stack([built.model(**built.tokenizer(p, return_tensors="pt")).logits[0, -1] for p in prompts])
+        low, high = -50.0, 50.0
+        for _ in range(40):
+            bias = torch.zeros(logits.shape[-1])
+            bias[eos] = (low + high) / 2
+            p_end = torch.softmax(sampling.warp(logits + bias), -1)[:, eos].mean()
+            low, high = (bias[eos].item(), high) if p_end < target else (low, bias[eos].item())
+    head.bias = torch.nn.Parameter(bias, requires_grad=False)
+
+
+def same_reward(prompt: str, response: str) -> float:
+    """A reward function that scores every answer alike (`ppo.reward_function`)."""
+    return 1.0
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", *ALGORITHMS])
+def test_an_answer_cut_at_the_cap_is_flagged_logged_and_penalised(run_dir, algorithm):
+    """Every answer scores the same, so only `ppo.missing_eos_penalty` tells them apart: the rollouts that ran into
+    `response_length` are flagged (as `capped_responses` reads them), their share is logged, and the scores each
+    algorithm learns from are the reward less the penalty of the capped ones."""
+    from edgerlhf.generation import capped_responses
+
+    penalty = 0.7
+    config = algorithm_config(algorithm, batch_size=8, mini_batch_size=4, response_length=3, samples_per_prompt=4,
+                              missing_eos_penalty=penalty, reward_function=f"{__name__}:same_reward")
+    built = policy.build_models(config, run_dir, torch.device("cpu"))
+    prompts = [p for p in ("\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: What is a cat?\n\nAssistant:") for _ in range(4)]
+    ends_about_half(built, prompts[::4], 3, Sampling.of(config.ppo))
+    optimizer = torch.optim.SGD(built.policy_parameters(), lr=0.0)
+    torch.manual_seed(0)
+    metrics, rollouts, scores = align.STEPS[algorithm](built, optimizer, ppo.kl_controller(config), prompts, config.ppo)
+
+    capped = torch.tensor(capped_responses(built.tokenizer, rollouts.response_ids, rollouts.response_mask, 3))
+    assert torch.equal(rollouts.capped.cpu(), capped) and 0 < capped.sum() < 8, capped  # some cut, some ended
+    assert metrics[f"{algorithm}/cap_hit_rate"] == pytest.approx(capped.float().mean().item())
+    assert metrics[f"{algorithm}/reward_mean"] == 1.0  # the reward model's (here the function's) own scores
+    learned = rollout.training_scores(scores, rollouts, config.ppo)
+    torch.testing.assert_close(learned, 1.0 - penalty * capped.float())
+    if algorithm == "grpo":
+        assert metrics["grpo/advantage_abs_mean"] == pytest.approx(grpo.group_advantages(learned, 4).abs().mean().item())
+    if algorithm == "rloo":  # the first step's policy is the reference: no KL penalty
+        assert metrics["rloo/rlhf_reward_mean"] == pytest.approx(learned.mean().item())
 
 
 class StopAfter(RunContext):

@@ -29,3 +29,40 @@ def test_the_policy_parameters_include_an_adapted_embedding():
     assert is_policy_lora(f"base_model.model.model.embed_tokens.lora_embedding_B.{POLICY}")
     assert not is_policy_lora("base_model.model.model.embed_tokens.lora_embedding_B.reward")
     assert not is_policy_lora("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight")
+
+
+class SharpenedPolicy(PolicyModels):
+    """A policy whose logits are the reference's times `alpha`: the same ranking, ever more peaked, as a policy
+    collapsing onto its favourite tokens."""
+
+    alpha: float = 1.0
+
+    def forward(self, *args, **kwargs):
+        logits, values = super().forward(*args, **kwargs)
+        return self.alpha * logits, values
+
+
+def test_the_evaluation_kl_of_a_sharpening_policy_rises_with_the_sharpening():
+    """The KL the evaluation reports (`sequence_kl`) on a fixed set of rollouts, with the preset's top-k 50 and
+    top-p 0.95: 0 for the unchanged policy, then rising with alpha. On the sampler's support it peaked and fell
+    once most positions had one token above top_p (issue 27: 2.2, then 0.9, as the true KL rose)."""
+    from edgerlhf.align.policy import sequence_kl
+    from edgerlhf.config import TINY_TOKENIZER_DIR
+    from edgerlhf.generation import Sampling, generate
+    from edgerlhf.models import load_tokenizer, random_model
+
+    config = load_config("tiny", {"model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64}})
+    tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
+    base = random_model(config.model, tokenizer, seed=0).eval()
+    with torch.no_grad():
+        base.lm_head.weight.mul_(40.0)  # logits with a std of a few units, as a trained LM has
+    model = add_policy_adapter(base, config).eval()
+    torch.manual_seed(0)
+    rollouts = generate(model, tokenizer, ["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: Why?\n\nAssistant:"] * 2, 12,
+                        Sampling.of(config.ppo))
+    kls = []
+    for alpha in (1.0, 1.5, 2.0, 3.0, 5.0, 8.0):
+        models = SharpenedPolicy(model, None, None, tokenizer, torch.device("cpu"), reward_shared=False)
+        models.alpha = alpha
+        kls.append(sequence_kl(models, rollouts, config.ppo, 2).mean().item())
+    assert kls[0] == 0.0 and all(b > a for a, b in zip(kls, kls[1:])), kls
