@@ -89,13 +89,14 @@ def _ci(d: dict[str, float]) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """The suite's Markdown table: one row per run, then per gold and algorithm the seeds where it was learned."""
     lines = ["| gold | algorithm | seed | gold gain aligned − SFT | gain at equal length | length Δ (tokens) | KL | "
-             "RM accuracy | SFT ppl | empty SFT/aligned | learned |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "RM accuracy | SFT ppl | empty SFT/aligned | capped SFT/aligned | learned |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['gold']} | {r.get('algorithm', 'ppo')} | {r['seed']} | {_ci(r['gold_diff'])} | "
                      f"{_ci(r['gold_diff_equal_length'])} | {r['length_diff']['mean']:+.1f} | {r['kl']:.2f} | "
                      f"{r['reward_accuracy']:.3f} | {r['sft_perplexity']:.0f} | "
-                     f"{r['empty_rate']['sft']:.0%}/{r['empty_rate']['ppo']:.0%} | {'yes' if r['learned'] else 'no'} |")
+                     f"{r['empty_rate']['sft']:.0%}/{r['empty_rate']['ppo']:.0%} | "
+                     f"{r['cap_hit_rate']['sft']:.0%}/{r['cap_hit_rate']['ppo']:.0%} | {'yes' if r['learned'] else 'no'} |")
     lines.append("")
     for name, algorithm in dict.fromkeys((r["gold"], r.get("algorithm", "ppo")) for r in rows):
         runs = [r for r in rows if r["gold"] == name and r.get("algorithm", "ppo") == algorithm]
@@ -113,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithms", nargs="+", default=["ppo"], choices=list(ALGORITHMS),
                         help="alignment algorithms, each on the same data, SFT and reward model (default: ppo)")
     parser.add_argument("--run-root", help="directory for the runs (default: a temporary directory)")
-    parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--out", help="write the rows as JSON here, after every run")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --out and run only the missing ones (needs the same --run-root: "
+                             "a further algorithm reuses its (gold, seed)'s first run)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of every run, e.g. --set ppo.steps=40 (repeatable; JSON values)")
@@ -133,13 +137,23 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.resume and not (args.out and args.run_root):
+        print("edgerlhf known-answer: --resume needs --out and --run-root", file=sys.stderr)
+        return 2
     root = Path(args.run_root or tempfile.mkdtemp(prefix="known-answer-")).resolve()
-    rows = []
+    done = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).exists() else []
+    rows = list(done)
     for name in args.golds:
         for seed in args.seeds:
             first = None
             for algorithm in args.algorithms:
                 where = root / (f"{name}-seed{seed}" if first is None else f"{name}-seed{seed}-{algorithm}")
+                kept = [r for r in done if (r["gold"], r["seed"], r["algorithm"], r["run_dir"]) ==
+                        (name, seed, algorithm, str(where))]
+                if kept:
+                    first = first or kept[0]
+                    continue
+                shutil.rmtree(where, ignore_errors=True)  # what an interrupted run left
                 rows.append(run_one(name, seed, where, overrides, algorithm, shared=first))
                 first = first or rows[-1]
                 print(f"{name} seed {seed} {algorithm}: gain {_ci(rows[-1]['gold_diff'])}, at equal length "

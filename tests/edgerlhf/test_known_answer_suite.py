@@ -15,7 +15,7 @@ def row(gold, seed, content, equal_low, learned):
     return {"gold": gold, "seed": seed, "content": content, "gold_diff": interval(0.2, 0.1, 0.3),
             "gold_diff_equal_length": interval(0.05, equal_low, 0.1), "length_diff": interval(-3.0, -4.0, -2.0),
             "kl": 1.5, "reward_accuracy": 0.98, "sft_perplexity": 250.0, "empty_rate": {"sft": 0.02, "ppo": 0.0},
-            "gold_length_correlation": -0.1, "learned": learned}
+            "cap_hit_rate": {"sft": 0.25, "ppo": 0.05}, "gold_length_correlation": -0.1, "learned": learned}
 
 
 def test_table_has_a_row_per_run_and_counts_the_seeds_where_a_gold_was_learned():
@@ -25,7 +25,7 @@ def test_table_has_a_row_per_run_and_counts_the_seeds_where_a_gold_was_learned()
     lines = text.splitlines()
     assert lines[0].startswith("| gold | algorithm | seed | gold gain aligned − SFT | gain at equal length")
     assert ("| question | ppo | 0 | +0.200 [+0.100, +0.300] | +0.050 [+0.020, +0.100] | -3.0 | 1.50 | 0.980 | 250 | "
-            "2%/0% | yes |") in lines
+            "2%/0% | 25%/5% | yes |") in lines
     assert "- `question` with ppo: learned in 1 of 2 seeds (gain at equal length above 0); gold-length correlation " \
            "in the data -0.100" in lines
     assert any(line.startswith("- `concise` with ppo: learned in 1 of 1 seeds (plain gain: a gold about length")
@@ -47,3 +47,21 @@ def test_the_command_is_dispatched_and_refuses_a_bad_configuration(capsys):
     assert "ppo.steps" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         known_answer.main(["--golds", "no-such-gold"])
+
+
+def test_resume_keeps_the_finished_rows_and_runs_only_the_missing(tmp_path, capsys):
+    """Every (gold, seed, algorithm) asked for is already in --out, in this --run-root: nothing runs (a run would
+    take minutes and write its directory), the table is the kept rows'."""
+    import json
+
+    root = tmp_path / "runs"
+    rows = [{**row("question", 0, True, 0.02, True), "algorithm": "ppo", "run_dir": str(root / "question-seed0")},
+            {**row("question", 0, True, -0.01, False), "algorithm": "dpo",
+             "run_dir": str(root / "question-seed0-dpo")}]
+    out = tmp_path / "rows.json"
+    out.write_text(json.dumps(rows))
+    assert known_answer.main(["--golds", "question", "--seeds", "0", "--algorithms", "ppo", "dpo", "--resume",
+                              "--out", str(out), "--run-root", str(root)]) == 0
+    assert not root.exists() and json.loads(out.read_text()) == rows
+    assert "- `question` with dpo: learned in 0 of 1 seeds" in capsys.readouterr().out
+    assert known_answer.main(["--resume", "--out", str(out)]) == 2  # without the run root a resume cannot share
