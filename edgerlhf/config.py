@@ -24,7 +24,8 @@ from typing import Annotated, Any
 from edgerlhf.contract import ALGORITHMS, PRECISIONS, REWARD_POOLINGS, STAGES, algorithm_traits, merge_overrides
 from edgerlhf.locations import absolute_local_paths
 
-LOCATION_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"), ("data", "votes_file"))
+LOCATION_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"), ("data", "votes_file"),
+                   ("sft_data", "source"), ("prompt_data", "source"))
 """(section, field) of the config fields that name a model or data location: a hub id or an absolute path."""
 
 
@@ -158,11 +159,44 @@ HUB_SPLIT = re.compile(r"^\w+(\.\w+)*(\[[0-9%:+-]*\])?(\+\w+(\.\w+)*(\[[0-9%:+-]
 """A `datasets` split: `train`, `test`, a slice (`train[:1000]`, `train[10%:20%]`), or several joined by `+`."""
 
 
+DATA_FORMATS = ("auto", "preference", "demonstration", "prompt", "unpaired")
+"""What a data source holds (`edgerlhf.formats`); `auto` detects it from the columns."""
+
+
+def check_source(section: str, source: str | None, fmt: str, columns: dict[str, str] | None, data_dir: str | None,
+                 split: str, formats: tuple[str, ...] = DATA_FORMATS) -> None:
+    """The checks every data source's fields share (`data`, `sft_data`, `prompt_data`)."""
+    if source is not None and not source:
+        raise ConfigError(f"{section}.source", "must name a hub id, a file or a directory")
+    if fmt not in formats:
+        raise ConfigError(f"{section}.format", f"must be one of {list(formats)}, got {fmt!r}")
+    for old, new in (columns or {}).items():
+        if not old or not new:
+            raise ConfigError(f"{section}.columns", "maps a column name to a format's column name, both non-empty")
+    if data_dir and not (HUB_SUBSET.match(data_dir) and ".." not in data_dir.split("/")):
+        raise ConfigError(f"{section}.data_dir", f"must be a subset name of the hub data set such as 'harmless-base' "
+                                                 f"(folder names joined by '/', no '..', not absolute), got {data_dir!r}")
+    if not HUB_SPLIT.match(split):
+        raise ConfigError(f"{section}.split", f"must be a split name such as 'train', 'test' or 'train[:1000]', "
+                                              f"got {split!r}")
+
+
 @dataclass
 class DataConfig:
     source: str = "Anthropic/hh-rlhf"
-    """Hub id, or an absolute path to a local `.jsonl`/`.jsonl.gz` file or a directory of them (raw HH-RLHF or
-    processed prompt/chosen/rejected)."""
+    """Hub id, or an absolute path to a local file (`.jsonl`, `.json`, `.csv`, `.parquet`, each also `.gz`) or a
+    directory of them: preference pairs (prompt/chosen/rejected or chosen/rejected, text or message lists; HH-RLHF's
+    raw dialogues too), or any other format of `format` (`edgerlhf.formats`)."""
+    format: str = "auto"
+    """What `source` holds: `auto` (detected from its columns), `preference`, `demonstration` (prompt/completion,
+    messages or text), `prompt` (prompt-only, other columns kept) or `unpaired` (prompt/completion/label). The
+    reward model and DPO read preferences; without them, the data stage still gives SFT its demonstrations and the
+    sampling algorithms their prompts."""
+    columns: dict[str, str] | None = None
+    """Column mapping applied before detection, your name -> the format's: {"question": "prompt", "answer":
+    "completion"}."""
+    name: str | None = None
+    """The hub data set's configuration name (`datasets.load_dataset(..., name)`); ignored for local files."""
     data_dir: str | None = "harmless-base"
     """Subset of the hub data set (`harmless-base`, `helpful-base`, ...); ignored for local files."""
     split: str = "train"
@@ -194,20 +228,54 @@ class DataConfig:
     def __post_init__(self):
         if not self.source:
             raise ConfigError("data.source", "must name a hub id, a file or a directory")
+        check_source("data", self.source, self.format, self.columns, self.data_dir, self.split)
         if self.labels not in ("human", "gold"):
             raise ConfigError("data.labels", f"must be 'human' or 'gold', got {self.labels!r}")
         from edgerlhf.gold import SCORERS  # light: plain Python, no torch
 
         if self.gold_scorer not in SCORERS:
             raise ConfigError("data.gold_scorer", f"unknown scorer {self.gold_scorer!r}; choose from {sorted(SCORERS)}")
-        if self.data_dir and not (HUB_SUBSET.match(self.data_dir) and ".." not in self.data_dir.split("/")):
-            raise ConfigError("data.data_dir", f"must be a subset name of the hub data set such as 'harmless-base' "
-                                               f"(folder names joined by '/', no '..', not absolute), "
-                                               f"got {self.data_dir!r}")
-        if not HUB_SPLIT.match(self.split):
-            raise ConfigError("data.split", f"must be a split name such as 'train', 'test' or 'train[:1000]', "
-                                            f"got {self.split!r}")
         check_ranges("data", self)
+
+
+@dataclass
+class StageDataConfig:
+    """A data set of one stage's own (`sft_data`: demonstrations for SFT; `prompt_data`: prompts for PPO, GRPO and
+    RLOO), read like `data.source` (`edgerlhf.formats`), split by prompt with `data.test_fraction` and `seed`."""
+
+    source: str | None = None
+    """Hub id or absolute local path, as `data.source`; None: derived from `data` (SFT: the preferred answers of
+    the preference pairs, or `data`'s own demonstrations; prompts: the prompts of `data`)."""
+    format: str = "auto"
+    """`auto` (detected from the columns) or the kind this stage reads (`demonstration` / `prompt`); a preference
+    set serves as a prompt set with `prompt`."""
+    columns: dict[str, str] | None = None
+    """Column mapping, your name -> the format's, as `data.columns`."""
+    name: str | None = None
+    """The hub data set's configuration name."""
+    data_dir: str | None = None
+    """Subset folder of the hub data set."""
+    split: str = "train"
+    """Split to read from the hub data set."""
+    max_rows: Annotated[int, Range(1, 10_000_000)] | None = None
+    """Keep at most this many records after cleaning (None: all)."""
+
+
+def _stage_data_check(section: str, kind: str):
+    def __post_init__(self):
+        check_source(section, self.source, self.format, self.columns, self.data_dir, self.split, ("auto", kind))
+        check_ranges(section, self)
+    return __post_init__
+
+
+@dataclass
+class SFTDataConfig(StageDataConfig):
+    __post_init__ = _stage_data_check("sft_data", "demonstration")
+
+
+@dataclass
+class PromptDataConfig(StageDataConfig):
+    __post_init__ = _stage_data_check("prompt_data", "prompt")
 
 
 @dataclass
@@ -518,6 +586,8 @@ class PipelineConfig:
     stage is then optional). PPO, GRPO and RLOO take their settings from `ppo`, DPO from `dpo`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sft_data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    prompt_data: PromptDataConfig = field(default_factory=PromptDataConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -603,6 +673,13 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if len(value) > MAX_LIST_ITEMS:
             raise ConfigError(path, f"lists {len(value):,} items; at most {MAX_LIST_ITEMS}")
         return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"must be an object, got {type(value).__name__}")
+        if len(value) > MAX_LIST_ITEMS:
+            raise ConfigError(path, f"holds {len(value):,} entries; at most {MAX_LIST_ITEMS}")
+        key_hint, value_hint = args
+        return {_coerce(key_hint, k, f"{path}.{k}"): _coerce(value_hint, v, f"{path}.{k}") for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(path, f"must be true or false, got {value!r}")
@@ -637,13 +714,14 @@ def _docstrings(cls: type) -> dict[str, str]:
     import inspect
     import textwrap
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
     docs = {}
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(following, ast.Expr) \
-                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
-            docs[node.target.id] = " ".join(following.value.value.split())
+    for klass in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):  # a base's fields first
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, following in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant) \
+                    and isinstance(following.value.value, str):
+                docs[node.target.id] = " ".join(following.value.value.split())
     return docs
 
 
@@ -674,6 +752,8 @@ def _type_name(hint: Any) -> str:
         return _type_name(args[0]) + " | None"
     if typing.get_origin(hint) is list:
         return f"list[{_type_name(args[0])}]"
+    if typing.get_origin(hint) is dict:
+        return f"dict[{_type_name(args[0])}, {_type_name(args[1])}]"
     return getattr(hint, "__name__", str(hint))
 
 

@@ -147,7 +147,9 @@ class StageStatus(str, enum.Enum):
 #   <data dir>/runs/job-<id>/         a job's run directory (`job_run_dir`); `edgerlhf pipeline --run-dir` any
 #       config.json                   the whole PipelineConfig
 #       <stage>/report.json           each stage's report (edgerlhf.reports)
-#       data/train_prefs.jsonl, data/test_prefs.jsonl
+#       data/train_prefs.jsonl, data/test_prefs.jsonl     preference pairs (reward model, DPO)
+#       data/sft_train.jsonl, data/sft_test.jsonl         demonstrations (SFT)
+#       data/prompts_train.jsonl, data/prompts_test.jsonl prompts (PPO, GRPO, RLOO, probes, evaluation)
 #       data/votes.jsonl              only with data.votes_file: the arena vote pairs the job used (edgerlhf.votes)
 #       base/                         only for model.random_init: the random base LM + tokenizer
 #       sft/merged/                   the SFT policy, LoRA merged in (save_pretrained)
@@ -155,18 +157,44 @@ class StageStatus(str, enum.Enum):
 #       ppo/adapter/                  the aligned policy's LoRA adapter (+ value_head.pt for PPO), whatever the algorithm
 #       ppo/checkpoint/               state.pt, to resume
 #       export/model/                 the PPO policy merged into one model directory (edgerlhf.export), on request
+#       export/gguf-<quant>/          the same policy as one GGUF file + Modelfile + README.md, on request
 #       tensorboard/                  every metric as TensorBoard event files (edgerlhf.context)
 
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.json"
 TRAIN_PREFS = "data/train_prefs.jsonl"
 TEST_PREFS = "data/test_prefs.jsonl"
+SFT_TRAIN = "data/sft_train.jsonl"
+"""SFT's demonstrations {prompt, completion} (`edgerlhf.data.demonstrations`)."""
+SFT_TEST = "data/sft_test.jsonl"
+PROMPTS_TRAIN = "data/prompts_train.jsonl"
+"""The prompts {prompt, ...} the sampling algorithms train on (`edgerlhf.data.prompts`)."""
+PROMPTS_TEST = "data/prompts_test.jsonl"
+"""The held-out prompts of the probes and the evaluation."""
 VOTES_PAIRS = "data/votes.jsonl"
 RANDOM_BASE = "base"
 SFT_MERGED = "sft/merged"
 PPO_ADAPTER = "ppo/adapter"
 EXPORTED_MODEL = "export/model"
 """The aligned policy merged into one Hugging Face model directory (`edgerlhf.export`)."""
+EXPORT_FORMATS = ("hf", "gguf")
+"""What an export writes: `hf`, one Hugging Face model directory (`EXPORTED_MODEL`); `gguf`, one GGUF file for
+llama.cpp, Ollama and LM Studio with an Ollama Modelfile (`exported_gguf`)."""
+GGUF_QUANTS = ("f16", "q8_0")
+"""Weight types of a GGUF export's matrices: f16 (2 bytes a weight), q8_0 (8-bit blocks of 32 with an f16 scale,
+34 bytes per 32 weights). Norms and biases stay float32 in both."""
+
+
+def exported_gguf(quant: str) -> str:
+    """The GGUF export of one quant, relative to a run directory."""
+    if quant not in GGUF_QUANTS:
+        raise ValueError(f"unknown GGUF quant {quant!r}; choose from {list(GGUF_QUANTS)}")
+    return f"export/gguf-{quant}"
+
+
+def gguf_file_name(quant: str) -> str:
+    """The GGUF file in `exported_gguf(quant)` (the Modelfile's `FROM`)."""
+    return f"model-{quant}.gguf"
 TENSORBOARD_DIR = "tensorboard"
 """TensorBoard event files of every metric the run logged (`RunContext.log_metrics`)."""
 

@@ -1,17 +1,26 @@
-"""Stage 1, data: HH-RLHF preference pairs -> cleaned, deduplicated, split prompt/chosen/rejected files.
+"""Stage 1, data: the job's data sets -> cleaned, deduplicated, split files for every later stage.
 
-Sources (`data.source`):
-  (a) a hub id, `Anthropic/hh-rlhf` with `data.data_dir` (harmless-base, helpful-base, ...) and
-      `data.split`, downloaded (never looked up on disk, see `edgerlhf.locations`) and read through
-      `datasets.load_dataset` (Bai et al. 2022). Offline, this fails at once and says how to point
-      `data.source` at local files instead;
-  (b) an absolute path to a local `.jsonl` / `.jsonl.gz` file, or a directory of them (read recursively, in name order), in
-      Anthropic's raw format: each line `{"chosen": full dialogue, "rejected": full dialogue}`;
-  (c) the same, in processed form: `{"prompt", "chosen", "rejected"}` (prompts are normalised to the
-      canonical `"\\n\\nHuman: ...\\n\\nAssistant:"`). Raw and processed lines may be mixed.
+What each stage reads, in `data/` (`edgerlhf.contract`):
 
-Cleaning, in this order, each drop counted by reason in the report: empty response, identical
-responses, prompt/response split mismatch (raw pairs whose dialogues differ before the last reply),
+    train_prefs.jsonl, test_prefs.jsonl       preference pairs {prompt, chosen, rejected}: the reward model, DPO
+    sft_train.jsonl, sft_test.jsonl           demonstrations {prompt, completion}: SFT
+    prompts_train.jsonl, prompts_test.jsonl   prompts {prompt, ...extra columns}: PPO, GRPO, RLOO, the evaluation
+
+`data.source` may hold any format of `edgerlhf.formats` (preference pairs, demonstrations, prompts, unpaired
+feedback; text or conversational; a file, a directory or a hub id; columns mapped by `data.columns`). The other
+two files are derived from it unless a stage has its own data set, as in the InstructGPT recipe (demonstrations
+for SFT, comparisons for the reward model, prompts for RL): `sft_data.source` (demonstrations) and
+`prompt_data.source` (prompts). Derived, SFT learns the preferred answer of each training pair (once per prompt
+and answer) and the prompts are the pairs' prompts.
+
+Hub ids (`Anthropic/hh-rlhf` with `data.data_dir` harmless-base, helpful-base, ... and `data.split`) are
+downloaded, never looked up on disk (`edgerlhf.locations`), and read through `datasets`; offline this fails at
+once and says how to point the source at local files instead. HH-RLHF's raw dialogues (`{"chosen", "rejected"}`,
+the prompt being their shared beginning) and its processed form (`{"prompt", "chosen", "rejected"}`) are
+preference formats like any other.
+
+Cleaning of the preference pairs, in this order, each drop counted by reason in the report: empty response,
+identical responses, prompt/response split mismatch (pairs whose dialogues differ before the last reply),
 duplicate pair (same prompt and the same two responses, in either order), prompt longer than
 `max_prompt_tokens`, a response longer than `max_response_tokens`, and with `labels = "gold"` a gold tie.
 With `labels = "gold"` each pair is relabelled by the gold scorer (`edgerlhf.gold`): chosen is the
@@ -22,149 +31,72 @@ the pairs to the test split, and every pair of a prompt goes to the same side, s
 on the data and the seed and no prompt is on both sides. Only then, on the training side, gold data
 gets for a `gold_empty_fraction` share of its pairs an extra pair (the worse response vs the empty one),
 so the reward model also learns the gold's verdict on empty answers. The report gives every gold's
-correlation with the responses' length.
+correlation with the responses' length. Demonstrations and prompts are cleaned alike (empty, duplicate, over
+the token budgets) and split by prompt with the same fraction and seed.
 
-A malformed line (not JSON, not an object, missing fields, no dialogue) raises `DataError` naming the
-file and line, unless `skip_bad_lines` is set: then it is skipped and counted.
+A malformed row (not JSON, not an object, a missing or ill-typed column, no dialogue) raises `DataError`
+naming the file, row and column, unless `skip_bad_lines` is set: then it is skipped and counted.
 
 With `data.votes_file`, arena votes join last, after the split (`edgerlhf.votes.mix`; never relabelled).
 
-Writes `data/train_prefs.jsonl`, `data/test_prefs.jsonl` and returns the report (`data/report.json`).
+Returns the report (`data/report.json`): for every data set, where it came from, the format found and why, the
+rows read, kept and dropped by reason.
 """
 
 from __future__ import annotations
 
 import bisect
-import gzip
 import json
 import random
 import statistics
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgerlhf import gold, locations, votes
+from edgerlhf import formats, gold, votes
 from edgerlhf.config import DataConfig, PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import TEST_PREFS, TRAIN_PREFS
-from edgerlhf.dialogue import DialogueError, normalize_prompt, split_dialogue
-from edgerlhf.errors import StageError, require
+from edgerlhf.contract import PROMPTS_TEST, PROMPTS_TRAIN, SFT_TEST, SFT_TRAIN, TEST_PREFS, TRAIN_PREFS
+from edgerlhf.errors import require
+from edgerlhf.formats import DataError
 from edgerlhf.models import load_tokenizer
-from edgerlhf.reports import DataReport, DataSource
+from edgerlhf.reports import DataReport, DataSource, StageData
 
 HUB_DATASET = "Anthropic/hh-rlhf"
-MAX_BAD_LINE_EXAMPLES = 5
-
-
-class DataError(StageError, ValueError):
-    """The input data cannot be read; the message names the file and line when it is about one line."""
 
 
 # --- reading ---------------------------------------------------------------------------------------
 
-def local_files(source: str | Path) -> list[Path]:
-    """The `.jsonl` / `.jsonl.gz` files of a source file or directory (recursively, sorted)."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith((".jsonl", ".jsonl.gz")))
-        if not files:
-            raise DataError(f"{path}: the directory holds no .jsonl or .jsonl.gz files")
-        return files
-    raise DataError(f"{source}: no such file or directory")
 
-
-def _open(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+def read_source(section, setting: str, kind: str | None, skip_bad_lines: bool) -> formats.Records:
+    """The records of a config section's data source (`data`, `sft_data`, `prompt_data`), of `kind` if given."""
+    return formats.read(section.source, kind=section.format if section.format != "auto" else kind,
+                        columns=section.columns, name=section.name, data_dir=section.data_dir, split=section.split,
+                        skip_bad_rows=skip_bad_lines, setting=setting,
+                        advice="set data.skip_bad_lines=true to skip bad lines")
 
 
 def parse_record(record: Any) -> dict[str, str]:
-    """One input record (raw or processed) -> {"prompt", "chosen", "rejected"}; raises DataError if malformed.
-
-    A raw pair whose two dialogues do not share a prompt gets `"mismatch": True` (a drop, not an error).
-    """
+    """One preference row (HH's raw dialogues or prompt/chosen/rejected, text or messages) -> {"prompt", "chosen",
+    "rejected"}; raises DataError if malformed. A pair whose two dialogues do not share a prompt gets
+    `"mismatch": True` (a drop, not an error)."""
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
-    for key in ("chosen", "rejected"):
-        if not isinstance(record.get(key), str):
-            raise DataError(f"field {key!r} is missing or not a string")
-    if "prompt" in record:
-        if not isinstance(record["prompt"], str):
-            raise DataError("field 'prompt' is not a string")
-        try:
-            prompt = normalize_prompt(record["prompt"])
-        except DialogueError as exc:
-            raise DataError(f"bad prompt: {exc}") from exc
-        return {"prompt": prompt, "chosen": record["chosen"].strip(), "rejected": record["rejected"].strip()}
-    try:
-        prompt, chosen = split_dialogue(record["chosen"])
-        prompt_r, rejected = split_dialogue(record["rejected"])
-    except DialogueError as exc:
-        raise DataError(f"not an HH dialogue: {exc}") from exc
-    pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    if prompt_r != prompt:
-        pair["mismatch"] = True
-    return pair
-
-
-def _records_from_files(files: list[Path]) -> Iterator[tuple[str, Any]]:
-    """(location "file:line", record or the exception that made the line unreadable)."""
-    for path in files:
-        with _open(path) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield f"{path}:{lineno}", DataError(f"invalid JSON ({exc.msg} at column {exc.colno})")
-
-
-def _records_from_hub(cfg: DataConfig) -> Iterator[tuple[str, Any]]:
-    """Rows of a hub data set, read from its snapshot (the hub id is never looked up on disk)."""
-    try:
-        snapshot = locations.hub_snapshot(cfg.source, repo_type="dataset",
-                                          allow_patterns=[f"{cfg.data_dir}/*"] if cfg.data_dir else None)
-    except locations.LocationError as exc:
-        raise DataError(
-            f"cannot load the data set {exc} (data_dir={cfg.data_dir!r}). Point data.source at an absolute local "
-            f"file or directory instead, e.g. --set data.source=/path/to/hh-rlhf/harmless-base/train.jsonl.gz "
-            f"(raw HH-RLHF) or a .jsonl of prompt/chosen/rejected rows.") from exc
-    import datasets
-
-    rows = datasets.load_dataset(str(snapshot), data_dir=cfg.data_dir, split=cfg.split)
-    where = f"{cfg.source}:{cfg.data_dir or ''}/{cfg.split}"
-    for i, row in enumerate(rows, start=1):
-        yield f"{where}:{i}", row
+    detected = formats.detect(record, [record], "preference")
+    return formats.to_records(record, detected)[0]
 
 
 def read_pairs(cfg: DataConfig) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    """All well-formed pairs of the source, and reading statistics (files, lines, bad lines)."""
-    if locations.is_local(cfg.source):
-        files = local_files(cfg.source)
-        records = _records_from_files(files)
-        info: dict[str, Any] = {"kind": "local", "files": [str(f) for f in files]}
-    else:
-        records = _records_from_hub(cfg)
-        info = {"kind": "hub", "dataset": cfg.source, "data_dir": cfg.data_dir, "split": cfg.split}
-    pairs, bad, examples = [], 0, []
-    for where, record in records:
-        try:
-            if isinstance(record, Exception):
-                raise record
-            pairs.append(parse_record(record))
-        except DataError as exc:
-            if not cfg.skip_bad_lines:
-                raise DataError(f"{where}: {exc} (set data.skip_bad_lines=true to skip bad lines)") from None
-            bad += 1
-            if len(examples) < MAX_BAD_LINE_EXAMPLES:
-                examples.append(f"{where}: {exc}")
-    info.update(records=len(pairs) + bad, bad_lines=bad, bad_line_examples=examples)
-    return pairs, info
+    """All well-formed preference pairs of `data.source`, and reading statistics (files, rows, bad rows)."""
+    read = read_source(cfg, "data.source", "preference", cfg.skip_bad_lines)
+    return read.records, source_info(read)
+
+
+def source_info(read: formats.Records) -> dict[str, Any]:
+    """What `DataSource` reports of a data set read."""
+    return {**read.source, "records": read.rows, "bad_lines": read.bad_rows, "bad_line_examples": read.bad_row_examples,
+            "format": read.detected.kind, "conversational": read.detected.conversational,
+            "detected": read.detected.reason}
 
 
 # --- cleaning --------------------------------------------------------------------------------------
@@ -344,44 +276,173 @@ def read_prefs(path: str | Path) -> list[dict[str, str]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _derived(run_dir: Path, own: str, prefs: str, derive) -> list[dict[str, Any]]:
+    """The rows of a stage's own file, or, in a run directory written before this stage wrote one, those derived
+    from the preference pairs."""
+    path = Path(run_dir) / own
+    if path.exists() or not (Path(run_dir) / prefs).exists():
+        return read_prefs(path)
+    return derive(read_prefs(Path(run_dir) / prefs))
+
+
+def demonstrations(run_dir: str | Path, split: str = "train") -> list[dict[str, str]]:
+    """SFT's demonstrations {prompt, completion} of a run (`split` train or test)."""
+    own, prefs = (SFT_TRAIN, TRAIN_PREFS) if split == "train" else (SFT_TEST, TEST_PREFS)
+    return _derived(Path(run_dir), own, prefs, demonstrations_of_pairs)
+
+
+def prompts(run_dir: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """The prompts {prompt, ...} of a run that the sampling algorithms (train) and the evaluation (test) read."""
+    own, prefs = (PROMPTS_TRAIN, TRAIN_PREFS) if split == "train" else (PROMPTS_TEST, TEST_PREFS)
+    return _derived(Path(run_dir), own, prefs, prompts_of_pairs)
+
+
+def demonstrations_of_pairs(pairs: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The preferred answer of each pair, once per (prompt, answer), sorted. Pairs against an empty response are
+    left out: the data stage adds them for the reward model (`data.gold_empty_fraction`), with the worse response
+    of a pair as their chosen side."""
+    return [{"prompt": p, "completion": c} for p, c in sorted({(r["prompt"], r["chosen"]) for r in pairs
+                                                                 if r["rejected"]})]
+
+
+def prompts_of_pairs(pairs: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The prompt of every pair, in order (a prompt with several pairs comes as often)."""
+    return [{"prompt": r["prompt"]} for r in pairs]
+
+
+def clean_records(records: list[dict[str, Any]], cfg: DataConfig, tokenizer) -> tuple[list[dict[str, Any]], Counter]:
+    """Demonstrations, prompts or unpaired feedback without the unusable ones (counted by reason): an empty
+    answer, a duplicate, a prompt over `max_prompt_tokens`, an answer over `max_response_tokens`."""
+    dropped: Counter = Counter()
+    kept, seen = [], set()
+    for r in records:
+        key = (r["prompt"], r.get("completion"))
+        if "completion" in r and not r["completion"]:
+            dropped["empty_response"] += 1
+        elif key in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(key)
+            kept.append(r)
+    prompt_len = _n_tokens(tokenizer, [r["prompt"] for r in kept])
+    answer_len = _n_tokens(tokenizer, [" " + r.get("completion", "") for r in kept])
+    budgeted = []
+    for r, lp, la in zip(kept, prompt_len, answer_len):
+        if lp > cfg.max_prompt_tokens:
+            dropped["prompt_too_long"] += 1
+        elif "completion" in r and la > cfg.max_response_tokens:
+            dropped["response_too_long"] += 1
+        else:
+            budgeted.append(r)
+    return budgeted, dropped
+
+
+def _n_tokens(tokenizer, texts: list[str]) -> list[int]:
+    if not texts:
+        return []
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def stage_records(config: PipelineConfig, section, setting: str, kind: str, tokenizer,
+                  ) -> tuple[list[dict], list[dict], StageData]:
+    """A stage's own data set (`sft_data`: `kind` demonstration; `prompt_data`: prompt), cleaned and split by prompt.
+
+    Any format serves that has what the stage reads: SFT learns demonstrations, the preferred answers of
+    preference pairs or the answers of unpaired feedback labelled good; the prompts are every record's prompt."""
+    read = read_source(section, setting, None, config.data.skip_bad_lines)
+    found, records = read.detected.kind, read.records
+    if kind == "demonstration":
+        if found == "prompt":
+            raise DataError(f"{setting}: {section.source} holds prompts only ({read.detected.reason}): no answers for "
+                            "SFT to learn; give demonstrations (prompt/completion, messages or text)")
+        if found == "preference":
+            records = demonstrations_of_pairs([r for r in records if not r.get("mismatch")])
+        elif found == "unpaired":
+            records = [{"prompt": r["prompt"], "completion": r["completion"]} for r in records if r["label"]]
+    else:
+        records = [{k: v for k, v in r.items() if k not in ("completion", "chosen", "rejected", "label", "mismatch")}
+                   for r in records]
+    kept, dropped = clean_records(records, config.data, tokenizer)
+    train, test = split_pairs(kept, config.data.test_fraction, config.seed, section.max_rows)
+    return train, test, StageData(source=DataSource(**source_info(read)), read=len(records),
+                                  dropped=dict(sorted(dropped.items())), kept=len(kept), train=len(train),
+                                  test=len(test))
+
+
 # --- the stage ----------------------------------------------------------------------------------
+
 
 def run(config: PipelineConfig, ctx: RunContext) -> DataReport:
     cfg = config.data
-    ctx.stage_dir("data")  # TRAIN_PREFS and TEST_PREFS live in it
-    ctx.log(f"reading {cfg.source}" + (f" ({cfg.data_dir}/{cfg.split})" if not locations.is_local(cfg.source) else ""))
-    pairs, source_info = read_pairs(cfg)
+    ctx.stage_dir("data")  # every file of `contract`'s data/ lives in it
+    ctx.log(f"reading {cfg.source}" + (f" ({cfg.data_dir}/{cfg.split})" if not formats.locations.is_local(cfg.source)
+                                       else ""))
+    main = read_source(cfg, "data.source", None, cfg.skip_bad_lines)
+    source = source_info(main)
+    kind = main.detected.kind
+    ctx.log(f"data.source: {kind} data ({main.detected.reason})")
     ctx.progress(1, 3)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)  # for the token budgets
-    if source_info["bad_lines"]:
-        ctx.log(f"skipped {source_info['bad_lines']} malformed line(s), e.g. {source_info['bad_line_examples'][0]}",
+    if source["bad_lines"]:
+        ctx.log(f"skipped {source['bad_lines']} malformed line(s), e.g. {source['bad_line_examples'][0]}",
                 level="warning")
-    kept, dropped, gold_info = clean_pairs(pairs, cfg, tokenizer)
+    if cfg.labels == "gold" and kind != "preference":
+        raise DataError(f"data.labels=gold relabels preference pairs, but {cfg.source} holds {kind} data")
+
+    gold_info: dict[str, Any] = {}
+    pairs = main.records if kind == "preference" else []
+    if kind == "preference":
+        kept, dropped, gold_info = clean_pairs(pairs, cfg, tokenizer)
+        train, test = split_pairs(kept, cfg.test_fraction, config.seed, cfg.max_pairs)
+        if cfg.labels == "gold":
+            n_real = len(train)
+            train = add_empty_answer_pairs(train, cfg, config.seed)
+            gold_info["gold_empty_pairs_added"] = len(train) - n_real
+            gold_info["gold_length_correlation"] = gold_length_correlation(train + test)
+    else:  # demonstrations, prompts or unpaired feedback: no pairs, but SFT's data and the prompts
+        kept, dropped = clean_records(main.records, cfg, tokenizer)
+        own = split_pairs(kept, cfg.test_fraction, config.seed, cfg.max_pairs)
+        train, test = [], []
     ctx.progress(2, 3)
-    train, test = split_pairs(kept, cfg.test_fraction, config.seed, cfg.max_pairs)
-    if cfg.labels == "gold":
-        n_real = len(train)
-        train = add_empty_answer_pairs(train, cfg, config.seed)
-        gold_info["gold_empty_pairs_added"] = len(train) - n_real
-        gold_info["gold_length_correlation"] = gold_length_correlation(train + test)
     train, test, votes_info = votes.mix(config, ctx, train, test, tokenizer)  # arena votes (data.votes_file)
 
-    write_jsonl(ctx.run_dir / TRAIN_PREFS, train)
-    write_jsonl(ctx.run_dir / TEST_PREFS, test)
-    ctx.artifact("data", ctx.run_dir / TRAIN_PREFS)
-    ctx.artifact("data", ctx.run_dir / TEST_PREFS)
+    # SFT's demonstrations and the prompts, derived from data.source unless the stage has its own data set.
+    if kind == "preference":
+        demos = [demonstrations_of_pairs(train), demonstrations_of_pairs(test)]
+        prompt_rows = [prompts_of_pairs(train), prompts_of_pairs(test)]
+    else:
+        demos = [[{"prompt": r["prompt"], "completion": r["completion"]} for r in part
+                  if kind == "demonstration" or kind == "unpaired" and r["label"]] for part in own]
+        prompt_rows = [[{k: v for k, v in r.items() if k not in ("completion", "label")} for r in part]
+                       for part in own]
+    parts: dict[str, StageData] = {}
+    if config.sft_data.source:
+        *demos, parts["demonstrations"] = stage_records(config, config.sft_data, "sft_data.source",
+                                                        "demonstration", tokenizer)
+    if config.prompt_data.source:
+        *prompt_rows, parts["prompts"] = stage_records(config, config.prompt_data, "prompt_data.source", "prompt",
+                                                       tokenizer)
+
+    files = {TRAIN_PREFS: train, TEST_PREFS: test, SFT_TRAIN: demos[0], SFT_TEST: demos[1],
+             PROMPTS_TRAIN: prompt_rows[0], PROMPTS_TEST: prompt_rows[1]}
+    for name, rows in files.items():
+        write_jsonl(ctx.run_dir / name, rows)
+        ctx.artifact("data", ctx.run_dir / name)
     report = DataReport(
-        source=DataSource(**source_info), labels=cfg.labels, **gold_info, seed=config.seed,
-        pairs_read=len(pairs), bad_lines=source_info["bad_lines"],
+        source=DataSource(**source), format=kind, labels=cfg.labels, **gold_info, seed=config.seed,
+        pairs_read=len(pairs), bad_lines=source["bad_lines"],
         dropped=dict(sorted(dropped.items())), kept=len(kept),
         capped_by_max_pairs=max(0, len(kept) - (cfg.max_pairs or len(kept))),
         train=len(train), test=len(test),
         lengths={"train": length_stats(train, tokenizer), "test": length_stats(test, tokenizer)},
-        votes=votes_info,
+        votes=votes_info, demonstrations=parts.get("demonstrations"), prompts=parts.get("prompts"),
+        sft_examples={"train": len(demos[0]), "test": len(demos[1])},
+        prompt_rows={"train": len(prompt_rows[0]), "test": len(prompt_rows[1])},
     )
     ctx.log_metrics({"data/pairs_read": len(pairs), "data/kept": len(kept), "data/train": len(train),
-                     "data/test": len(test), "data/bad_lines": source_info["bad_lines"]}, step=0)
-    ctx.log(f"{len(pairs)} pairs read, {len(kept)} kept ({dict(dropped)} dropped): "
-            f"{len(train)} train / {len(test)} test")
+                     "data/test": len(test), "data/bad_lines": source["bad_lines"]}, step=0)
+    ctx.log(f"{main.rows} {kind} rows read, {len(kept)} kept ({dict(dropped)} dropped): {len(train)} train / "
+            f"{len(test)} test pairs; SFT {len(demos[0])} / {len(demos[1])} demonstrations; prompts "
+            f"{len(prompt_rows[0])} / {len(prompt_rows[1])}")
     ctx.progress(3, 3)
     return report

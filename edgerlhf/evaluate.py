@@ -1,6 +1,6 @@
 """Stage 5 — evaluation: the SFT policy against the aligned policy (PPO, GRPO, RLOO or DPO) on held-out prompts.
 
-For each of `evaluate.n_prompts` held-out prompts (data/test_prefs.jsonl), both policies sample fresh
+For each of `evaluate.n_prompts` held-out prompts (data/prompts_test.jsonl), both policies sample fresh
 responses with the PPO sampling settings; we report the mean reward of each (the reward model PPO was
 trained against), the win rate of PPO over SFT judged by that reward model, the KL of the PPO policy from
 the reference (= SFT) policy on its own samples, and, on the known-answer task (`data.labels = "gold"`),
@@ -35,8 +35,8 @@ from edgerlhf import gold, memory
 from edgerlhf.align.policy import build_models, sequence_kl
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import EVAL_GEN_BATCH, PPO_ADAPTER, TEST_PREFS, algorithm_traits, reward_dir
-from edgerlhf.data import read_prefs
+from edgerlhf.contract import EVAL_GEN_BATCH, PPO_ADAPTER, algorithm_traits, reward_dir
+from edgerlhf.data import prompts as prompt_rows
 from edgerlhf.errors import require
 from edgerlhf.generation import Sampling, concat_rollouts, generate
 from edgerlhf.models import SCORE_HEAD_FILE, resolve_device
@@ -235,7 +235,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
     device = resolve_device(config.device)
     run_dir = Path(ctx.run_dir)
     out_dir = ctx.stage_dir("evaluate")
-    prompts = [row["prompt"] for row in read_prefs(run_dir / TEST_PREFS)][: cfg.n_prompts]
+    prompts = [row["prompt"] for row in prompt_rows(run_dir, "test")][: cfg.n_prompts]
     adapter = require(run_dir / PPO_ADAPTER, "ppo")
     k = cfg.samples_per_prompt
     all_prompts = [p for p in prompts for _ in range(k)]  # (n_prompts * k,)

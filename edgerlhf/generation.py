@@ -11,10 +11,10 @@ token is scored with is the probability it was drawn with. Both sides therefore 
 built-in warper of `transformers.generate` is switched off, because in transformers 5 a custom processor
 runs *before* its temperature warper and would see unscaled logits), the chat's token loop draws with
 `Sampling.draw` (the same distribution, one step at a time with a KV cache, so it can stream), and
-`forward_response` + `policy_stats` score sampled tokens with exactly that, for the importance ratio. Every KL to
-the reference is taken between the whole temperature-scaled distributions instead (`TokenStats`,
-`kl_per_position`): 0 for an unchanged policy, and it sees a policy collapse onto one token that the sampler's
-top-p would hide.
+`forward_response` + `policy_stats` score sampled tokens with exactly that, for the importance ratio. The
+reference is never renormalised on the policy's support: every KL is taken against its whole temperature-scaled
+distribution (`TokenStats`, `kl_per_position`), so a policy collapsing onto one token that the sampler's top-p
+would hide is seen.
 
 Also here: `Rollouts` (a batch of sampled responses), where a response ends (a stop token of the model's
 `PromptFormat`, EOS or its chat template's end of turn, or the first stop string of `StopRule`;
@@ -190,9 +190,14 @@ class TokenStats:
     Two distributions, each for its own use. The *sampler's* (softmax of the scaled logits renormalised over
     the top-k/top-p support) gives `logprobs` and `entropy`: the importance ratio must use the probability a
     token was drawn with, which also makes the first ratio exactly 1. The *model's* (the whole softmax of the
-    scaled logits, untruncated) gives `full_logprobs`, which every KL to the reference uses: a KL on the
-    sampler's support reads 0 wherever one token holds more than `top_p`, and has no gradient there, so a
-    policy collapsing onto one token would look unchanged and could never be pulled back.
+    scaled logits, untruncated) gives `full_logprobs`. The reference is never renormalised on the policy's
+    support: that KL reads 0 wherever one token holds more than `top_p`, and a policy collapsing onto one token
+    looks unchanged. So the exact KL of the two whole distributions (`kl_per_position`) is what is reported;
+    PPO's and RLOO's k1 penalties take the sampler's log-probs against the reference's own sampler
+    (`sampler_logprobs`): 0 for an unchanged policy, and it sees a collapse, where the model's whole log-probs
+    would reward flattening (the tail they raise is one the sampler never draws) and the whole reference would
+    charge an unchanged policy for the mass top-k/top-p leaves out; GRPO's k3 takes the model's whole log-probs
+    against the whole reference, which keeps a gradient where the sampler's support is one token.
     """
 
     logprobs: torch.Tensor
@@ -205,6 +210,23 @@ def policy_stats(logits: torch.Tensor, tokens: torch.Tensor, sampling: Sampling)
     support = sampling.support(logits)
     return TokenStats(restricted_logprobs(logits, tokens, support), logprobs_from_logits(logits, tokens),
                       restricted_entropy(logits, support))
+
+
+def sampler_logprobs(logits: torch.Tensor, tokens: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """log p(token) - log p(support) for `tokens` (B, T) under scaled `logits` (B, T, V), the support being the one
+    `sampling` draws from for these logits: the log-probs of a model's own sampler, extended to every token (one
+    outside the support keeps its whole-distribution probability over the support's mass instead of -inf).
+
+    The reference side of the k1 penalties: against these, the penalty of an unchanged policy is exactly 0 at
+    every token, and a policy collapsed onto one token (its own support that token alone) is charged what the
+    reference thinks of it (0.69 nats against a 50/50 reference).
+    """
+    idx, keep = sampling.support(logits)
+    logits = logits.float()
+    token_logit = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if idx is None:
+        return token_logit - torch.logsumexp(logits, dim=-1)
+    return token_logit - torch.logsumexp(logits.gather(-1, idx).masked_fill(~keep, float("-inf")), dim=-1)
 
 
 def kl_per_position(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:

@@ -37,12 +37,31 @@ class DataSource(Part):
     files: list[str] | None = None
     """Local files read, in order."""
     dataset: str | None = None
+    name: str | None = None
     data_dir: str | None = None
     split: str | None = None
     records: int
     """Lines (local) or rows (hub) read."""
     bad_lines: int
     bad_line_examples: list[str]
+    format: str | None = None
+    """What the data set holds (`edgerlhf.formats.KINDS`): preference, demonstration, prompt or unpaired."""
+    conversational: bool | None = None
+    """Message lists rather than text."""
+    detected: str | None = None
+    """Why it was read as that format (the columns it found)."""
+
+
+class StageData(Part):
+    """A stage's own data set (`sft_data`, `prompt_data`): where it came from and what was kept."""
+
+    source: DataSource
+    read: int
+    """Records read (a multi-turn conversation gives one demonstration per assistant turn)."""
+    dropped: dict[str, int]
+    kept: int
+    train: int
+    test: int
 
 
 class LengthStats(Part):
@@ -113,6 +132,16 @@ class DataReport(Report):
     lengths: dict[Literal["train", "test"], SplitLengths | None]
     votes: VotesPart | None = None
     """With `data.votes_file`: the arena votes mixed in (counted in `train` and `test`)."""
+    format: str = "preference"
+    """What `data.source` holds (`source.format`); the counts above are its pairs (0 for another format)."""
+    demonstrations: StageData | None = None
+    """SFT's own data set (`sft_data.source`); None: derived from `data.source`."""
+    prompts: StageData | None = None
+    """The prompts' own data set (`prompt_data.source`); None: derived from `data.source`."""
+    sft_examples: dict[Literal["train", "test"], int] | None = None
+    """Demonstrations SFT reads (`data/sft_*.jsonl`), train and test."""
+    prompt_rows: dict[Literal["train", "test"], int] | None = None
+    """Prompts the sampling algorithms and the evaluation read (`data/prompts_*.jsonl`), train and test."""
 
 
 # --- sft -----------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Stage 2, sft: LoRA supervised fine-tuning on prompt + chosen response, with TRL's SFTTrainer.
 
-The first step of the InstructGPT recipe (Ouyang et al. 2022): the base LM learns to answer HH prompts
-the way the preferred responses do. Training pairs come from `data/train_prefs.jsonl`, tokenized here in
-the model's `PromptFormat` (`sft_dataset`: its chat template, or `prompt + " " + chosen + EOS`); with
+The first step of the InstructGPT recipe (Ouyang et al. 2022): the base LM learns to answer prompts the way
+the demonstrations do. Demonstrations come from `data/sft_train.jsonl` (`edgerlhf.data.demonstrations`: the job's
+own, or the preferred answers of its preference pairs), tokenized here in the model's `PromptFormat`
+(`sft_dataset`: its chat template, or `prompt + " " + completion + EOS`); with
 `sft.completion_only_loss` (default) the loss covers the answer's tokens only (TRL masks the prompt's
 labels to -100 from our `completion_mask`). LoRA (Hu et al. 2021) adapts `sft.target_modules`, `sft.modules_to_save` train in
 full, everything else stays frozen. The loss is TRL's, computed without its vocabulary-tiled kernel,
@@ -24,7 +25,6 @@ import dataclasses
 import math
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from edgerlhf import gold
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import RANDOM_BASE, SFT_MERGED, TEST_PREFS, TRAIN_PREFS
-from edgerlhf.data import read_prefs
+from edgerlhf.contract import RANDOM_BASE, SFT_MERGED
+from edgerlhf.data import demonstrations, prompts
+from edgerlhf.errors import StageError
 from edgerlhf.dialogue import PromptFormat
 from edgerlhf.generation import sample_probes
 from edgerlhf.memory import free_memory, reset_peak, snapshot
@@ -45,26 +46,25 @@ from edgerlhf.models import (compute_dtype, dtype_name, head_logits, load_base_m
                              resolve_device, trainer_arguments, upcast_trainable)
 
 
-def sft_dataset(path: Path, tokenizer):
-    """Tokenized SFT examples from a prefs file: each (prompt, chosen) once, in the model's `PromptFormat`.
+def sft_dataset(rows: list[dict[str, str]], tokenizer):
+    """Tokenized SFT examples from demonstrations {prompt, completion}: each once, in the model's `PromptFormat`.
 
-    `input_ids` = tokens of `prompt(p)` then tokens of `answer(chosen)` (the response and its end: EOS,
-    or the chat template's end of turn), tokenized apart so the prompt's tokens are exactly those
-    generation feeds the model; `completion_mask` marks the answer, the only tokens that carry loss with
-    `sft.completion_only_loss`. Pairs against an empty response are left out: the data stage adds them for
-    the reward model (`data.gold_empty_fraction`), with the longer response of a pair as their chosen side.
+    `input_ids` = tokens of `prompt(p)` then tokens of `answer(completion)` (the answer and its end: EOS, or the
+    chat template's end of turn), tokenized apart so the prompt's tokens are exactly those generation feeds the
+    model; `completion_mask` marks the answer, the only tokens that carry loss with `sft.completion_only_loss`.
+    A conversation's earlier turns are in its prompt (`edgerlhf.formats`: one demonstration per assistant turn),
+    so the loss covers every assistant turn and nothing else.
     """
     from datasets import Dataset
 
     fmt = PromptFormat.of(tokenizer)
-    examples = {(r["prompt"], r["chosen"]) for r in read_prefs(path) if r["rejected"]}
-    rows = []
-    for prompt, chosen in sorted(examples):  # a set has no stable order across processes
+    rows_out = []
+    for prompt, completion in sorted({(r["prompt"], r["completion"]) for r in rows}):  # stable across processes
         prompt_ids = tokenizer(fmt.prompt(prompt), add_special_tokens=fmt.add_special_tokens)["input_ids"]
-        answer_ids = tokenizer(fmt.answer(chosen), add_special_tokens=False)["input_ids"]
-        rows.append({"input_ids": prompt_ids + answer_ids,
-                     "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)})
-    return Dataset.from_list(rows)
+        answer_ids = tokenizer(fmt.answer(completion), add_special_tokens=False)["input_ids"]
+        rows_out.append({"input_ids": prompt_ids + answer_ids,
+                         "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)})
+    return Dataset.from_list(rows_out)
 
 
 def _callback(config: PipelineConfig, ctx: RunContext, tokenizer, probe_prompts: list[str], device):
@@ -172,8 +172,11 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
     from trl import SFTConfig
 
     cfg = config.sft
-    train = sft_dataset(ctx.run_dir / TRAIN_PREFS, tokenizer)
-    test = sft_dataset(ctx.run_dir / TEST_PREFS, tokenizer)
+    train = sft_dataset(demonstrations(ctx.run_dir, "train"), tokenizer)
+    if not len(train):
+        raise StageError("sft: the run's data holds no demonstrations (data.source holds prompts only): give SFT "
+                         "its own data set with sft_data.source, or skip the sft stage")
+    test = sft_dataset(demonstrations(ctx.run_dir, "test"), tokenizer)
     args = SFTConfig(**trainer_arguments(cfg, config.seed, device, ctx.stage_dir("sft") / "trainer",
                                          completion_only_loss=cfg.completion_only_loss, packing=False,
                                          prediction_loss_only=True))
@@ -215,8 +218,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> SFTReport:
         model = load_base_model(config.model, device, cfg.precision)
     n_params = sum(p.numel() for p in model.parameters())
 
-    test_rows = read_prefs(ctx.run_dir / TEST_PREFS)
-    probe_prompts = [r["prompt"] for r in test_rows[: cfg.n_sample_prompts]]
+    probe_prompts = [r["prompt"] for r in prompts(ctx.run_dir, "test")[: cfg.n_sample_prompts]]
     reset_peak(device)
     callback = _callback(config, ctx, tokenizer, probe_prompts, device)
     trainer = build_trainer(config, ctx, model, tokenizer, device, callbacks=[callback])

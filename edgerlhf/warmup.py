@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.contract import TEST_PREFS, TRAIN_PREFS
-from edgerlhf.data import read_prefs
+from edgerlhf.data import demonstrations, read_prefs
 from edgerlhf.dialogue import PromptFormat
 from edgerlhf.models import head_logits
 
@@ -57,6 +58,14 @@ def encode(rows: list[dict[str, str]], tokenizer, max_length: int, both: bool) -
         mask = [0] + [1] * (len(ids) - 1) if both else ([0] * len(prompt_ids) + [1] * len(answer_ids))[:max_length]
         out.append((ids, mask))
     return out
+
+
+def dialogues(run_dir, split: str) -> list[dict[str, str]]:
+    """The texts to warm up on, as `encode` reads them: the preference pairs, or, for a run without any, the
+    demonstrations (`edgerlhf.data`), each as a pair against no answer."""
+    rows = read_prefs(Path(run_dir) / (TRAIN_PREFS if split == "train" else TEST_PREFS))
+    return rows or [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": ""}
+                    for r in demonstrations(run_dir, split)]
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -121,8 +130,8 @@ def warm_up(config: PipelineConfig, ctx: RunContext, model, tokenizer) -> dict[s
         return {}
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    held_out = encode(read_prefs(ctx.run_dir / TEST_PREFS), tokenizer, cfg.max_length, both=False)
-    train = encode(read_prefs(ctx.run_dir / TRAIN_PREFS), tokenizer, cfg.max_length, both=True)
+    held_out = encode(dialogues(ctx.run_dir, "test"), tokenizer, cfg.max_length, both=False)
+    train = encode(dialogues(ctx.run_dir, "train"), tokenizer, cfg.max_length, both=True)
     steps = min(cfg.steps, math.ceil(cfg.max_epochs * len(train) / cfg.batch_size))
     rng = random.Random(config.seed)
 

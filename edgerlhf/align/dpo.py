@@ -50,7 +50,7 @@ from edgerlhf.align.policy import base_weight_storages
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.contract import KL_CHUNK, PPO_ADAPTER, SFT_MERGED, TEST_PREFS, TRAIN_PREFS, algorithm_metric
-from edgerlhf.data import read_prefs
+from edgerlhf.data import prompts, read_prefs
 from edgerlhf.dialogue import PromptFormat
 from edgerlhf.errors import require
 from edgerlhf.generation import sample_probes
@@ -393,7 +393,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> PPOReport:
     memory.reset_peak(device)
     merged = require(run_dir / SFT_MERGED, "sft")
     tokenizer = load_tokenizer(merged)
-    probe_prompts = [r["prompt"] for r in read_prefs(run_dir / TEST_PREFS)][: cfg.n_probe_prompts]
+    probe_prompts = [r["prompt"] for r in prompts(run_dir, "test")][: cfg.n_probe_prompts]
 
     # What DPO holds, measured around building it: one copy of the network, the adapter (and its optimizer later).
     callback = _callback(config, ctx, tokenizer, probe_prompts, device)

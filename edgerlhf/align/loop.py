@@ -29,8 +29,8 @@ from edgerlhf.align.ppo import kl_controller
 from edgerlhf.align.rollout import StepMicroBatches
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import PPO_ADAPTER, TEST_PREFS, TRAIN_PREFS, algorithm_metric
-from edgerlhf.data import read_prefs
+from edgerlhf.contract import PPO_ADAPTER, algorithm_metric
+from edgerlhf.data import prompts
 from edgerlhf.generation import Rollouts, sample_probes
 from edgerlhf.gold import probe_score
 from edgerlhf.models import compute_dtype, dtype_name, resolve_device
@@ -137,10 +137,6 @@ def _seed_step(seed: int, step: int) -> None:
     torch.manual_seed(s)
 
 
-def _prompts(path: Path) -> list[str]:
-    return [row["prompt"] for row in read_prefs(path)]
-
-
 def _probe(ctx, models: PolicyModels, prompts: list[str], step: int, config) -> None:
     """Sample the fixed held-out probe prompts (same seed each time) and log them for this checkpoint, scored
     as the SFT stage scores its probes (`gold.probe_score`), so the Probes page compares like with like."""
@@ -174,9 +170,8 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
     torch.manual_seed(config.seed)
     memory.reset_peak(device)
 
-    train_prompts = _prompts(run_dir / TRAIN_PREFS)
-    test_file = run_dir / TEST_PREFS
-    probe_prompts = _prompts(test_file)[: cfg.n_probe_prompts] if test_file.exists() else []
+    train_prompts = [row["prompt"] for row in prompts(run_dir, "train")]
+    probe_prompts = [row["prompt"] for row in prompts(run_dir, "test")[: cfg.n_probe_prompts]]
 
     # What the stage holds, measured around building it: one copy of the network (plus one quantized copy for
     # an int8/int4 reward model), the adapters and (PPO only) the value head.

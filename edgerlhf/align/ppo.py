@@ -8,10 +8,13 @@ per-token KL penalty with the score on the last token, GAE, whitening, `ppo_epoc
 policy + value loss (- entropy bonus) over shuffled minibatches with gradient accumulation. The phases it
 shares with GRPO and RLOO are `edgerlhf.align.rollout`'s; its maths is `edgerlhf.align.losses`'.
 
-The ratio uses the probability a token was drawn with (top-k/top-p support); the per-token KL penalty compares the
-whole temperature-scaled distributions of policy and reference (k1 on the sampled token, as the recipe), so it is
-0 for an unchanged policy and sees a collapse the sampler's support would hide (`generation.TokenStats`). The KL
-the controller steers by and the logs show is the exact one of the two distributions at each position.
+The ratio uses the probability a token was drawn with (the sampler's top-k/top-p distribution). The per-token KL
+penalty is k1 on the sampled token between the two samplers, the policy's and the reference's own
+(`generation.sampler_logprobs`): exactly 0 for an unchanged policy, and it sees a policy collapsed onto one token
+(where a reference renormalised on the policy's support would read 0). Against the policy's whole distribution
+instead, k1 turned into a bonus for flattening (-42 nats per answer after 30 steps of a known-answer run, whose
+answers then ran to the cap): the sampler never draws the tail where that policy exceeds the reference. The KL the
+controller steers by and the logs show is the exact one of the two whole distributions at each position.
 An answer cut at `response_length` loses `missing_eos_penalty` from its score (`rollout.training_scores`).
 """
 
@@ -99,11 +102,11 @@ def ppo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str], 
     b_logprobs, b_values = b.logprobs, b.values  # the sampler's log-probs: the ratio's
     b_mask = rollouts.response_mask.float()  # (B, T)
 
-    # 3. Rewards: KL penalty on every token (whole distributions), the score on the last, less the missing-EOS
-    #    penalty of a capped answer; then GAE and whitening.
+    # 3. Rewards: KL penalty on every token (the policy's sampler against the reference's), the score on the last, less
+    #    the missing-EOS penalty of a capped answer; then GAE and whitening.
     b_scores = leave_one_out(training_scores(scores, rollouts, cfg), cfg.samples_per_prompt)  # (B,)
     b_scores = whiten(b_scores) if cfg.whiten_rewards else b_scores  # (B,)
-    b_rewards, b_penalty_kl = per_token_rewards(b_scores, b.full_logprobs, b.ref_logprobs, b_mask,
+    b_rewards, b_penalty_kl = per_token_rewards(b_scores, b_logprobs, b.ref_sampler_logprobs, b_mask,
                                                 kl_ctl.value)  # (B, T)
     b_advantages, b_returns = compute_gae(b_rewards, b_values, b_mask, cfg.gamma, cfg.lam)  # (B, T)
     b_advantages = masked_whiten(b_advantages, b_mask)  # (B, T)

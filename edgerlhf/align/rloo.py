@@ -6,8 +6,8 @@ the log-prob passes and the minibatch loop are the ones PPO uses (`align.policy`
 
 - k = `ppo.samples_per_prompt` responses of each prompt. A response is one action: its reward is the
   reward model's score minus beta * KL(policy || reference) of the whole response (the sum of its
-  tokens' log-ratios, k1, as the paper and TRL: the KL is in the reward, not the loss; taken between the
-  whole temperature-scaled distributions, not the sampler's top-k/top-p support, `generation.TokenStats`),
+  tokens' log-ratios, k1, as the paper and TRL: the KL is in the reward, not the loss; between the policy's
+  sampler and the reference's own, as PPO's penalty: 0 for an unchanged policy, and it sees a collapse),
   less `ppo.missing_eos_penalty` for an answer cut at the cap, and its
   advantage is that reward minus the mean reward of the other k - 1 responses to the prompt, an
   unbiased baseline without a value head.
@@ -91,7 +91,7 @@ def rloo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str],
     b = rollout_logprobs(models, rollouts, cfg, sampling, micro, step)  # (B, T) each
     b_mask = rollouts.response_mask.float()  # (B, T)
     b_old_seq_logprobs = (b.logprobs * b_mask).sum(1)  # (B,) the sampler's: the ratio's
-    b_penalty_kl = ((b.full_logprobs - b.ref_logprobs) * b_mask).sum(1)  # (B,) k1, summed over the response
+    b_penalty_kl = ((b.logprobs - b.ref_sampler_logprobs) * b_mask).sum(1)  # (B,) k1, summed over the response
 
     # 3. Rewards with the KL penalty (and the missing-EOS one), advantages against the other responses to the prompt.
     b_rewards = rloo_rewards(training_scores(scores, rollouts, cfg), b_penalty_kl, beta)  # (B,)

@@ -26,8 +26,8 @@ import torch.nn as nn
 from edgerlhf.align.losses import masked_mean
 from edgerlhf.align.policy import PolicyModels
 from edgerlhf.contract import algorithm_metric
-from edgerlhf.generation import Rollouts, Sampling, concat_rollouts, generate, kl_per_position, logprobs_from_logits, \
-    policy_stats
+from edgerlhf.generation import (Rollouts, Sampling, concat_rollouts, generate, kl_per_position, logprobs_from_logits,
+                                 policy_stats, sampler_logprobs)
 from edgerlhf.oom import MicroBatch, chunks, planner_hint
 
 
@@ -70,11 +70,14 @@ class RolloutStats:
     """The sampled tokens seen by the policy that drew them and by the reference, each (B, T), no gradients."""
 
     logprobs: torch.Tensor
-    """Under the sampler's distribution (top-k/top-p support): the importance ratio's old log-probs."""
+    """Under the sampler's distribution (top-k/top-p support): the importance ratio's old log-probs, and the policy
+    side of PPO's and RLOO's k1 penalty."""
     full_logprobs: torch.Tensor
-    """Under the policy's whole temperature-scaled distribution: the KL estimators' (k1, k3)."""
+    """Under the policy's whole temperature-scaled distribution: the policy side of GRPO's k3."""
     ref_logprobs: torch.Tensor
-    """Under the reference's whole temperature-scaled distribution."""
+    """Under the reference's whole temperature-scaled distribution: the reference side of GRPO's k3."""
+    ref_sampler_logprobs: torch.Tensor
+    """Under the reference's own sampler (`generation.sampler_logprobs`): the reference side of the k1 penalties."""
     kl: torch.Tensor
     """The exact KL(policy || reference) of the two whole next-token distributions at each position."""
     entropy: torch.Tensor
@@ -96,7 +99,8 @@ def rollout_logprobs(models: PolicyModels, rollouts: Rollouts, cfg, sampling: Sa
                 ref_logits = models.reference_logits(*rollout_args(rollouts, rows), sampling)  # (M, T, V)
                 own = policy_stats(logits, tokens, sampling)
                 out.append((own.logprobs, own.full_logprobs, logprobs_from_logits(ref_logits, tokens),
-                            kl_per_position(logits, ref_logits), own.entropy, values))
+                            sampler_logprobs(ref_logits, tokens, sampling), kl_per_position(logits, ref_logits),
+                            own.entropy, values))
                 del logits, ref_logits
         return RolloutStats(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*out)))
 

@@ -100,7 +100,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
     ('["a list"]', "expected a JSON object"),
     ('{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: yes"}', "'rejected' is missing"),
     ('{"chosen": "no dialogue at all", "rejected": "none here"}', "not an HH dialogue"),
-    ('{"prompt": "Assistant: hi", "chosen": "a", "rejected": "b"}', "bad prompt"),
+    ('{"chosen": [{"role": "user", "content": "hi"}], "rejected": "no"}', "both must be text or both lists"),
 ])
 def test_malformed_record_kinds(tmp_path, bad_line, reason):
     path = write_lines(tmp_path / "pairs.jsonl", [raw("\n\nHuman: hi", "Hello.", "Go away."), bad_line])

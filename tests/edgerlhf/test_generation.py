@@ -26,6 +26,7 @@ from edgerlhf.generation import (
     restricted_entropy,
     restricted_logprobs,
     sample_probes,
+    sampler_logprobs,
     sampling_support,
     support_mask,
 )
@@ -98,9 +99,11 @@ def test_restricted_logprobs_and_entropy():
 def test_the_kl_of_an_unchanged_policy_is_exactly_zero():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 50, dtype=torch.float64)
-    tokens = torch.randint(0, 50, (2, 5))
-    stats = policy_stats(logits, tokens, Sampling(top_k=10, top_p=0.9))
-    close(stats.full_logprobs - logprobs_from_logits(logits.clone(), tokens), torch.zeros(2, 5))  # k1 and k3: 0
+    sampling = Sampling(top_k=10, top_p=0.9)
+    tokens = sampling.draw(logits.reshape(10, 50)).reshape(2, 5)  # drawn: inside the sampler's support
+    stats = policy_stats(logits, tokens, sampling)
+    close(stats.full_logprobs - logprobs_from_logits(logits.clone(), tokens), torch.zeros(2, 5))  # k3: 0
+    close(stats.logprobs - sampler_logprobs(logits.clone(), tokens, sampling), torch.zeros(2, 5))  # k1: 0
     assert kl_per_position(logits, logits.clone()).abs().max() == 0
     assert (stats.entropy <= math.log(10) + 1e-9).all()  # the sampler's: at most 10 tokens in the support
 
@@ -108,7 +111,7 @@ def test_the_kl_of_an_unchanged_policy_is_exactly_zero():
 def test_a_policy_collapsed_above_top_p_reads_its_true_kl():
     """Reference 50/50, policy 97/3, top_p 0.9: the sampler's support is the first token alone. Restricted to that
     support both distributions read 1 and the KL 0; the whole distributions give KL 0.558 per position
-    (0.97 log(0.97/0.5) + 0.03 log(0.03/0.5)) and k1 log(0.97/0.5) = 0.663 on the sampled token."""
+    (0.97 log(0.97/0.5) + 0.03 log(0.03/0.5)), and the k1 penalty of the sampled token log(1/0.5) = 0.69."""
     ref_logits = torch.zeros(1, 1, 2, dtype=torch.float64)
     logits = torch.log(t([[[0.97, 0.03]]]))
     token = torch.tensor([[0]])
@@ -116,7 +119,9 @@ def test_a_policy_collapsed_above_top_p_reads_its_true_kl():
     assert stats.logprobs.item() == 0.0  # the sampler's probability: 1
     exact = 0.97 * math.log(0.97 / 0.5) + 0.03 * math.log(0.03 / 0.5)
     close(kl_per_position(logits, ref_logits), [[exact]])
-    close(stats.full_logprobs - logprobs_from_logits(ref_logits, token), [[math.log(0.97 / 0.5)]])
+    close(stats.full_logprobs - logprobs_from_logits(ref_logits, token), [[math.log(0.97 / 0.5)]])  # GRPO's k3's
+    # The k1 penalties': the policy's sampler against the reference's own (both tokens in its top-p 0.9 set).
+    close(stats.logprobs - sampler_logprobs(ref_logits, token, Sampling(top_p=0.9)), [[math.log(2)]])
 
 
 def test_the_kl_of_a_sharpened_policy_rises_with_the_sharpening():

@@ -284,6 +284,31 @@ def test_an_answer_cut_at_the_cap_is_flagged_logged_and_penalised(run_dir, algor
         assert metrics["rloo/rlhf_reward_mean"] == pytest.approx(learned.mean().item())
 
 
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+def test_the_kl_penalty_is_no_bonus_for_a_flattened_policy(run_dir, algorithm):
+    """A policy flatter than its reference (logits x 0.6, on a base whose logits have a trained model's spread),
+    sampled with top-k 50 / top-p 0.95: its KL penalty must cost, not pay. Measured: +1.8 nats per answer (the exact
+    KL of the two whole distributions: 15.8); a k1 of the policy's whole distribution against the reference's paid
+    7.6 nats instead (the tail it raised above the reference is one the sampler never draws)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config = algorithm_config(algorithm, batch_size=8, mini_batch_size=4, response_length=12, samples_per_prompt=4,
+                              reward_function=f"{__name__}:same_reward", adaptive_kl=False)
+    built = policy.build_models(config, run_dir, torch.device("cpu"))
+    head = built.model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.mul_(40.0)  # logits with a std of a few units, for policy and reference
+    adapted = next(m for m in built.model.modules() if isinstance(m, BaseTunerLayer))
+    # The policy (adapters on) samples and scores with logits x 0.6, the reference (adapters off) with the base's.
+    head.register_forward_hook(lambda module, args, out: out if adapted.disable_adapters else 0.6 * out)
+    optimizer = torch.optim.SGD(built.policy_parameters(), lr=0.0)
+    prompts = [p for p in ("\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: What is a cat?\n\nAssistant:") for _ in range(4)]
+    torch.manual_seed(0)
+    metrics, _, _ = align.STEPS[algorithm](built, optimizer, ppo.kl_controller(config), prompts, config.ppo)
+    assert metrics[f"{algorithm}/kl"] > 0  # the exact KL of the two distributions
+    assert metrics[f"{algorithm}/non_score_reward"] < 0, metrics  # -beta x the penalty: a cost
+
+
 class StopAfter(RunContext):
     """A context whose run is cancelled once `n` steps of `algorithm` have been logged."""
 

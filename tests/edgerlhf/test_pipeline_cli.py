@@ -53,9 +53,9 @@ def test_run_stage_and_pipeline_in_process(tmp_path):
 @pytest.mark.parametrize("stage, present, missing, first", [
     ("sft", [], "data/test_prefs.jsonl", "data"),
     ("reward", [], "sft/merged", "sft"),
-    ("ppo", [], "data/train_prefs.jsonl", "data"),
+    ("ppo", [], "data/prompts_train.jsonl", "data"),
     ("ppo", ["data/train_prefs.jsonl", "data/test_prefs.jsonl"], "sft/merged", "sft"),
-    ("evaluate", [], "data/test_prefs.jsonl", "data"),
+    ("evaluate", [], "data/prompts_test.jsonl", "data"),
     ("evaluate", ["data/test_prefs.jsonl"], "ppo/adapter", "ppo"),
 ])
 def test_a_missing_prerequisite_names_the_stage_to_run_first(tmp_path, stage, present, missing, first):

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from edgerlhf.align.policy import POLICY, PolicyModels, add_policy_adapter, is_policy_lora
 from edgerlhf.architectures import random_config
 from edgerlhf.config import load_config
+from tests.support.policies import ScaledPolicy
 
 
 def test_the_policy_parameters_include_an_adapted_embedding():
@@ -31,17 +32,6 @@ def test_the_policy_parameters_include_an_adapted_embedding():
     assert not is_policy_lora("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight")
 
 
-class SharpenedPolicy(PolicyModels):
-    """A policy whose logits are the reference's times `alpha`: the same ranking, ever more peaked, as a policy
-    collapsing onto its favourite tokens."""
-
-    alpha: float = 1.0
-
-    def forward(self, *args, **kwargs):
-        logits, values = super().forward(*args, **kwargs)
-        return self.alpha * logits, values
-
-
 def test_the_evaluation_kl_of_a_sharpening_policy_rises_with_the_sharpening():
     """The KL the evaluation reports (`sequence_kl`) on a fixed set of rollouts, with the preset's top-k 50 and
     top-p 0.95: 0 for the unchanged policy, then rising with alpha. On the sampler's support it peaked and fell
@@ -60,9 +50,7 @@ def test_the_evaluation_kl_of_a_sharpening_policy_rises_with_the_sharpening():
     torch.manual_seed(0)
     rollouts = generate(model, tokenizer, ["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: Why?\n\nAssistant:"] * 2, 12,
                         Sampling.of(config.ppo))
-    kls = []
-    for alpha in (1.0, 1.5, 2.0, 3.0, 5.0, 8.0):
-        models = SharpenedPolicy(model, None, None, tokenizer, torch.device("cpu"), reward_shared=False)
-        models.alpha = alpha
-        kls.append(sequence_kl(models, rollouts, config.ppo, 2).mean().item())
+    models = PolicyModels(model, None, None, tokenizer, torch.device("cpu"), reward_shared=False)
+    kls = [sequence_kl(ScaledPolicy.of(models, alpha), rollouts, config.ppo, 2).mean().item()
+           for alpha in (1.0, 1.5, 2.0, 3.0, 5.0, 8.0)]
     assert kls[0] == 0.0 and all(b > a for a, b in zip(kls, kls[1:])), kls

@@ -48,7 +48,7 @@ from backend.api.deps import RowOffset, SessionDep, SettingsDep, get_job_or_404
 from db import arena, read
 from db.models import ArenaVote
 from edgerlhf import votes
-from edgerlhf.contract import TEST_PREFS, job_run_dir
+from edgerlhf.contract import PROMPTS_TEST, TEST_PREFS, job_run_dir
 from edgerlhf.dialogue import ASSISTANT, DialogueError
 from edgerlhf.votes import VoteChoice
 
@@ -231,9 +231,11 @@ def _model_problem(request: Request, session, name: str) -> str | None:
 def held_out_prompts(session: SessionDep, settings: SettingsDep,
                      job_id: Annotated[int, Query(description="The job whose held-out prompts to list")],
                      limit: Annotated[int, Query(ge=1, le=1000)] = 200):
-    """A job's held-out prompts (its `data/test_prefs.jsonl`): prompts it never trained on."""
+    """A job's held-out prompts (its `data/prompts_test.jsonl`, or the test pairs' of a job written before it):
+    prompts it never trained on."""
     job = get_job_or_404(job_id, session)
-    path = job_run_dir(settings.runs_dir, job.id) / TEST_PREFS
+    run_dir = job_run_dir(settings.runs_dir, job.id)
+    path = run_dir / (PROMPTS_TEST if (run_dir / PROMPTS_TEST).is_file() else TEST_PREFS)
     if not path.is_file():
         raise HTTPException(status.HTTP_409_CONFLICT,
                             f"job {job.id} has no held-out set yet: its data stage has not run")
