@@ -6,9 +6,11 @@
     edgerlhf worker      the GPU worker (one job at a time)
     edgerlhf frontend    the Streamlit dashboard
     edgerlhf pipeline    run pipeline stages directly, without the service
+    edgerlhf data        read a data set as a job would: its format, counts, problems and first rows
     edgerlhf bench       memory and speed benchmarks of every stage
     edgerlhf plan        will a config fit the GPU: each stage's planned peak memory, itemised
-    edgerlhf export      merge a run's aligned policy into one Hugging Face model directory
+    edgerlhf export      merge a run's aligned policy into one Hugging Face model directory, or a GGUF file
+                         with an Ollama Modelfile (`--format gguf --quant f16|q8_0`)
     edgerlhf known-answer  every known-answer gold at several seeds: is content learned, not length
 
 Subcommands import their code lazily, so `edgerlhf up` starts fast and `edgerlhf backend` never loads
@@ -42,6 +44,7 @@ DISPATCH = {
     "backend": "backend.main:main",
     "worker": "worker.main:main",
     "pipeline": "edgerlhf.pipeline:main",
+    "data": "edgerlhf.formats:main",
     "bench": "edgerlhf.lab.bench:main",
     "plan": "edgerlhf.plan:main",
     "export": "edgerlhf.export:main",

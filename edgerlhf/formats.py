@@ -389,3 +389,94 @@ def read(source: str, *, kind: str | None = None, columns: dict[str, str] | None
             if len(examples) < MAX_EXAMPLES:
                 examples.append(f"{where}: {exc}")
     return Records(detected, records, len(rows), bad, examples, info)
+
+
+# --- a look at a data set, as a model will see it ---------------------------------------------------
+
+
+def preview(read: Records, tokenizer=None, rows: int = 5, max_prompt_tokens: int | None = None,
+            max_response_tokens: int | None = None) -> dict[str, Any]:
+    """What `edgerlhf data` shows of a data set read: its format and counts, the first `rows` records as the
+    model of `tokenizer` sees them (its `PromptFormat`: the prompt and the answer apart), and with a tokenizer
+    the token lengths of prompts and answers and how many records the given budgets would drop."""
+    out: dict[str, Any] = {"format": read.detected.kind, "conversational": read.detected.conversational,
+                           "detected": read.detected.reason, "rows": read.rows, "records": len(read.records),
+                           "bad_rows": read.bad_rows, "bad_row_examples": read.bad_row_examples}
+    answers = [a for a in ("chosen", "rejected", "completion") if read.records and a in read.records[0]]
+    fmt = None
+    if tokenizer is not None:
+        from edgerlhf.dialogue import PromptFormat
+
+        fmt = PromptFormat.of(tokenizer)
+    out["examples"] = [{"prompt": fmt.prompt(r["prompt"]) if fmt else r["prompt"],
+                        **{a: fmt.answer(r[a]) if fmt else r[a] for a in answers},
+                        **{k: v for k, v in r.items() if k not in ("prompt", "mismatch", *answers)}}
+                       for r in read.records[:rows]]
+    if tokenizer is not None and read.records:
+        def lengths(texts: list[str]) -> list[int]:
+            return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+        prompt_len = lengths([r["prompt"] for r in read.records])
+        answer_len = [max(column) for column in zip(*(lengths([" " + r[a] for r in read.records]) for a in answers))] \
+            if answers else [0] * len(prompt_len)
+        out["prompt_tokens"], out["answer_tokens"] = _percentiles(prompt_len), _percentiles(answer_len)
+        out["dropped_by_budget"] = sum(
+            (max_prompt_tokens is not None and p > max_prompt_tokens)
+            or (max_response_tokens is not None and a > max_response_tokens) for p, a in zip(prompt_len, answer_len))
+    return out
+
+
+def _percentiles(values: list[int]) -> dict[str, int]:
+    ordered = sorted(values)
+    return {f"p{q}": ordered[min(len(ordered) - 1, len(ordered) * q // 100)] for q in (50, 90, 99)} | \
+        {"max": ordered[-1]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`edgerlhf data SOURCE`: read a data set as a job would, and show what was found."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="edgerlhf data", description=main.__doc__.split(": ", 1)[1])
+    parser.add_argument("source", help="an absolute path (file or directory) or a hub id")
+    parser.add_argument("--format", choices=["auto", *KINDS], default="auto", help="what it holds (default: detect)")
+    parser.add_argument("--columns", type=json.loads, help='column mapping as JSON, e.g. \'{"question": "prompt"}\'')
+    parser.add_argument("--name", help="hub data set configuration")
+    parser.add_argument("--data-dir", help="hub data set subset folder")
+    parser.add_argument("--split", default="train", help="hub split (default: train)")
+    parser.add_argument("--model", help="render the examples and count tokens with this model's tokenizer "
+                                        "(hub id or local directory)")
+    parser.add_argument("--rows", type=int, default=3, help="examples to show (default: 3)")
+    parser.add_argument("--max-prompt-tokens", type=int, help="count the records a prompt budget would drop")
+    parser.add_argument("--max-response-tokens", type=int, help="count the records an answer budget would drop")
+    parser.add_argument("--skip-bad-rows", action="store_true", help="count and skip unreadable rows")
+    parser.add_argument("--json", action="store_true", help="print the preview as JSON")
+    args = parser.parse_args(argv)
+    try:
+        read_set = read(args.source, kind=None if args.format == "auto" else args.format, columns=args.columns,
+                        name=args.name, data_dir=args.data_dir, split=args.split, skip_bad_rows=args.skip_bad_rows,
+                        advice="--skip-bad-rows skips bad rows")
+        tokenizer = None
+        if args.model:
+            from edgerlhf.models import load_tokenizer
+
+            tokenizer = load_tokenizer(args.model)
+    except StageError as exc:
+        print(f"edgerlhf data: {exc}", file=sys.stderr)
+        return 2
+    shown = preview(read_set, tokenizer, args.rows, args.max_prompt_tokens, args.max_response_tokens)
+    if args.json:
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{args.source}: {shown['format']} data ({shown['detected']}); {shown['rows']} rows -> "
+          f"{shown['records']} records, {shown['bad_rows']} bad")
+    for example in shown["bad_row_examples"]:
+        print(f"  bad row: {example}")
+    if "prompt_tokens" in shown:
+        print(f"prompt tokens {shown['prompt_tokens']}, answer tokens {shown['answer_tokens']}; "
+              f"{shown['dropped_by_budget']} records over the given budgets")
+    for i, example in enumerate(shown["examples"], start=1):
+        print(f"--- example {i}")
+        for key, value in example.items():
+            print(f"[{key}]\n{value}")
+    return 0

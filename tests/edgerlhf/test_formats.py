@@ -313,3 +313,19 @@ def test_demonstrations_and_prompts_alone_align_against_a_stated_reward(tmp_path
     assert reports["data"].format == "demonstration" and reports["data"].train == 0
     assert reports["ppo"].steps == config.ppo.steps
     assert {s.prompt for s in ctx.samples if s.kind == "sample"} <= {r["prompt"] for r in prompts(ctx.run_dir)}
+
+
+def test_the_data_command_shows_the_format_the_rows_and_the_budget_drops(tmp_path, hh, capsys):
+    from edgerlhf import cli
+    from edgerlhf.config import TINY_TOKENIZER_DIR
+
+    assert cli.DISPATCH["data"] == "edgerlhf.formats:main"
+    path = write(tmp_path / "mine.csv", [{"question": question(r["prompt"]), "answer": r["chosen"]} for r in hh])
+    assert formats.main([str(path), "--columns", '{"question": "prompt", "answer": "completion"}', "--model",
+                         TINY_TOKENIZER_DIR, "--max-response-tokens", "20", "--json", "--rows", "1"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["format"] == "demonstration" and shown["records"] == N
+    assert shown["examples"][0]["prompt"] == hh[0]["prompt"]  # GPT-2 has no chat template: the HH text
+    assert shown["examples"][0]["completion"] == " " + hh[0]["chosen"] + "<|endoftext|>"
+    assert 0 < shown["dropped_by_budget"] < N
+    assert formats.main([str(path)]) == 2 and "fit no format" in capsys.readouterr().err
