@@ -132,7 +132,15 @@ def read_rows(source: str, *, name: str | None = None, data_dir: str | None = No
                         f"--set {setting}=/path/to/pairs.jsonl") from exc
     import datasets
 
-    table = datasets.load_dataset(str(snapshot), name, data_dir=data_dir, split=split)
+    section = setting.rsplit(".", 1)[0]
+    if data_dir and not (snapshot / data_dir).is_dir():
+        raise DataError(f"{source} has no subset {data_dir!r} on the hub (no file under {data_dir}/); "
+                        f"check {section}.data_dir")
+    try:
+        table = datasets.load_dataset(str(snapshot), name, data_dir=data_dir, split=split)
+    except Exception as exc:  # datasets' own errors, an unknown split's ValueError ...: what the user named is wrong
+        raise DataError(f"{source} (name={name!r}, data_dir={data_dir!r}, split={split!r}) cannot be read: {exc}; "
+                        f"check {section}.name, .data_dir and .split") from exc
     where = f"{source}:{data_dir or ''}/{split}"
     return ([(f"{where}:{i}", row) for i, row in enumerate(table, start=1)],
             {"kind": "hub", "dataset": source, "name": name, "data_dir": data_dir, "split": split})

@@ -118,7 +118,7 @@ def hub_snapshot(repo_id: str, repo_type: str = "model", allow_patterns: list[st
     do when the repository can be had neither way.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     if not is_hub_id(repo_id):
         raise LocationError(f"{repo_id!r} is neither a hub id ('name' or 'org/name') nor an absolute local path")
@@ -140,6 +140,9 @@ def hub_snapshot(repo_id: str, repo_type: str = "model", allow_patterns: list[st
         raise LocationError(f"{repo_id!r} is gated on the Hugging Face hub: accept its licence on "
                             f"https://huggingface.co/{repo_id} and set HF_TOKEN to an access token of that account "
                             f"(or `hf auth login`)") from exc
+    except RepositoryNotFoundError as exc:  # after GatedRepoError, its subclass
+        raise LocationError(f"{repo_id!r}: no such {repo_type} repository on the hub (or it is private: set "
+                            "HF_TOKEN)") from exc
     except (HfHubHTTPError, OSError) as exc:
         raise LocationError(f"{repo_id!r} cannot be downloaded from the hub: {exc}") from exc
 

@@ -16,6 +16,8 @@ the expensive trained artifacts, and the helpers that write what a worker would.
 - `dashboard`: Streamlit AppTest helpers and API clients that answer fixed bodies.
 - `browser`: Debian's Chromium for Playwright, and the `edgerlhf` processes a browser test drives.
 - `rawhttp`: HTTP/1.1 written by hand on a socket, for requests no polite client sends.
+- `stand_in_hub`: a local Hugging Face hub (model and data set repositories served from directories) for the
+  hub-id loading tests, which cannot reach the real one.
 - `postgres`: a throw-away PostgreSQL server for the session; `fake_gpus`: a stand-in `nvidia-smi`.
 
 Under pytest-xdist (`-n 2 --dist loadfile`) the two expensive ones, `trained` and `service`, are built once for all
