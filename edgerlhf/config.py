@@ -402,6 +402,39 @@ class RewardConfig:
 
 
 @dataclass
+class RewardComponent:
+    """One term of `ppo.rewards` (`edgerlhf.rewards`): its kind, its weight and the fields that kind reads."""
+
+    kind: str
+    """reward_model, reference_answer, regex, contains, not_contains, length, repetition or gold."""
+    weight: float = 1.0
+    """Its weight in the sum (negative to penalise)."""
+    name: str | None = None
+    """Its name in the logs (`<algorithm>/rewards/<name>_mean`); default: the kind and its place."""
+    column: str | None = None
+    """reference_answer: the prompt data's column that holds the reference answer."""
+    extract: str = "whole"
+    """reference_answer: how to take the answer out of a response: whole, last_number, first_line, tag:<name>,
+    after:<marker> or regex:<pattern>."""
+    compare: str = "text"
+    """reference_answer: text (normalised case and spaces), number, or math (by value, with math-verify)."""
+    pattern: str | None = None
+    """regex: the regular expression to look for (1 if found)."""
+    words: list[str] | None = None
+    """contains / not_contains: the words to look for."""
+    target: Annotated[int, Range(0, 100_000)] | None = None
+    """length: the length that scores 1."""
+    tolerance: Annotated[float, Range(0, 100_000, low_open=True)] = 10.0
+    """length: how far from the target the score falls to 0."""
+    unit: str = "words"
+    """length: words or tokens (the policy's tokenizer)."""
+    n: Annotated[int, Range(1, 16)] = 3
+    """repetition: the n-gram size."""
+    scorer: str | None = None
+    """gold: the gold scorer's name."""
+
+
+@dataclass
 class PPOConfig:
     """Settings of the sampling algorithms of the alignment stage: PPO, GRPO and RLOO (`PipelineConfig.algorithm`).
     All three read the sampling, batch, optimizer, LoRA, reward and bookkeeping fields; a field only some of
@@ -485,6 +518,11 @@ class PPOConfig:
     G and RLOO's k; both need at least 2. PPO with more than one subtracts from each score the mean score of the
     other responses to its prompt (a leave-one-out baseline, as RLOO): prompts the reward model simply likes
     more stop swamping the signal."""
+    rewards: list[RewardComponent] | None = None
+    """Score the rollouts with a weighted sum of stated components instead of the reward model alone (PPO, GRPO,
+    RLOO; `edgerlhf.rewards`): reference answers from the prompt data, regular expressions, words to use or avoid,
+    a target length, repetition, a gold scorer, and the reward model itself as one of them. Each is logged
+    (`<algorithm>/rewards/<name>_mean`). The evaluation scores with the same sum."""
     reward_function: str | None = None
     """Score the rollouts with a Python function instead of the reward model (PPO, GRPO, RLOO; the reward stage
     is then not needed): a gold scorer's name (`question`, `you`, `positive`, `concise`: known-answer runs
@@ -617,6 +655,22 @@ class PipelineConfig:
                                                         f"needs at least {traits.min_samples_per_prompt}")
         if self.ppo.reward_precision is None:
             self.ppo.reward_precision = self.reward.precisions[0]
+        if self.ppo.rewards is not None:
+            from edgerlhf.rewards import RewardError, check
+
+            if not self.ppo.rewards:
+                raise ConfigError("ppo.rewards", "lists no component; leave it out to use the reward model")
+            if self.ppo.reward_function is not None:
+                raise ConfigError("ppo.rewards", "and ppo.reward_function both say how to score: keep one")
+            for i, component in enumerate(self.ppo.rewards):
+                check_ranges(f"ppo.rewards[{i}]", component)
+                if component.unit not in ("words", "tokens"):
+                    raise ConfigError(f"ppo.rewards[{i}].unit", f"must be words or tokens, got {component.unit!r}")
+            try:
+                check(self.ppo.rewards)
+            except RewardError as exc:
+                field_, _, message = str(exc).partition(": ")
+                raise ConfigError(field_, message) from None
         function = self.ppo.reward_function
         if function is not None:
             from edgerlhf.gold import SCORERS, is_import_path
@@ -624,7 +678,9 @@ class PipelineConfig:
             if function not in SCORERS and not is_import_path(function):
                 raise ConfigError("ppo.reward_function", f"must be a gold scorer ({sorted(SCORERS)}) or "
                                                          f"`package.module:function`, got {function!r}")
-        if ("ppo" in self.stages and traits.samples and function is None
+        uses_reward_model = function is None and (self.ppo.rewards is None
+                                                  or any(c.kind == "reward_model" for c in self.ppo.rewards))
+        if ("ppo" in self.stages and traits.samples and uses_reward_model
                 and self.ppo.reward_precision not in self.reward.precisions):
             raise ConfigError("ppo.reward_precision",
                               f"{self.ppo.reward_precision!r} is not among reward.precisions {self.reward.precisions}")

@@ -178,7 +178,8 @@ def markdown_report(report: dict[str, Any]) -> str:
 
     name = report.get("algorithm", "ppo").upper()
     scored = report["reward_diff"] is not None
-    rm = (f"reward function {report['reward_function']}" if report.get("reward_function") else
+    rm = (f"stated rewards {' + '.join(report['rewards'])}" if report.get("rewards") else
+          f"reward function {report['reward_function']}" if report.get("reward_function") else
           f"reward model {report['reward_precision']}" if scored else "no reward model")
     lines = [
         f"# Evaluation: SFT vs {name}",
@@ -241,7 +242,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
     all_prompts = [p for p in prompts for _ in range(k)]  # (n_prompts * k,)
 
     scored = (algorithm_traits(config.algorithm).samples or config.ppo.reward_function is not None
-              or has_reward_model(config, run_dir))
+              or config.ppo.rewards is not None or has_reward_model(config, run_dir))
     models = build_models(config, run_dir, device, adapter_dir=adapter, reward=scored)
     ctx.progress(0, 4)
     micro = MicroBatch(EVAL_GEN_BATCH, "evaluate", ctx, device, planner_hint=lambda: planner_hint(config, "evaluate"))
@@ -269,8 +270,9 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
         "algorithm": config.algorithm,
         "n_prompts": len(prompts),
         "samples_per_prompt": k,
-        "reward_precision": config.ppo.reward_precision if scored and not config.ppo.reward_function else None,
+        "reward_precision": config.ppo.reward_precision if models.reward_model is not None else None,
         "reward_function": config.ppo.reward_function,
+        "rewards": models.rewards.names if models.rewards is not None else None,
         "confidence": cfg.confidence,
         "response_length": cfg.response_length,
         **policies,

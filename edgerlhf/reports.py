@@ -237,6 +237,8 @@ class PPOReport(Report):
     """The reward model that scored the rollouts; None for DPO, which trains on the pairs, and for a reward
     function (`ppo.reward_function`)."""
     reward_model: Literal["shared adapter", "separate quantized copy", "python function", "none"]
+    rewards: list[str] | None = None
+    """With `ppo.rewards`: the stated components' names (each logged as `<algorithm>/rewards/<name>_mean`)."""
     compute_dtype: str
     device: str
     trainable_parameters: int
@@ -308,6 +310,8 @@ class EvalReport(Report):
     then every reward field is None, and gold, length and KL are still measured."""
     reward_function: str | None = None
     """`ppo.reward_function` when a function, not a reward model, scored both policies."""
+    rewards: list[str] | None = None
+    """`ppo.rewards`' components when their weighted sum scored both policies."""
     confidence: float
     response_length: int | None = None
     """The length cap of the sampled responses, in tokens (`evaluate.response_length`)."""

@@ -89,7 +89,7 @@ def grpo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str],
     beta = kl_ctl.value  # fixed at `ppo.init_kl_coef` (`ppo.kl_controller`)
 
     # 1. Rollouts: G responses to each prompt from the policy, scored by the reward model.
-    rollouts, scores = sample_and_score(models, batch_prompts, cfg, sampling, micro, step)  # scores (B,)
+    rollouts, scores, parts = sample_and_score(models, batch_prompts, cfg, sampling, micro, step)  # scores (B,)
     t_gen = time.perf_counter() - t0
 
     # 2. Log-probs of the sampled tokens under the policy that drew them and under the reference (no grad).
@@ -114,5 +114,5 @@ def grpo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str],
     stats = minibatch_updates(models.policy_parameters(), optimizer, cfg, micro, step, b_mask.sum(1), piece_loss)
 
     metrics = step_metrics("grpo", scores, rollouts, b, {
-        "kl_coef": beta, **stats, "advantage_abs_mean": b_advantages.abs().mean().item()}, t0, t_gen)
+        "kl_coef": beta, **stats, "advantage_abs_mean": b_advantages.abs().mean().item()}, t0, t_gen, parts)
     return metrics, rollouts, scores

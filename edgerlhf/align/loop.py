@@ -241,9 +241,10 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
         algorithm=algorithm,
         steps=cfg.steps,
         resumed_from_step=start,
-        reward_precision=None if models.reward_function else cfg.reward_precision,
-        reward_model=("python function" if models.reward_function else
+        reward_precision=None if models.reward_model is None else cfg.reward_precision,
+        reward_model=("python function" if models.reward_function else "none" if models.reward_model is None else
                       "shared adapter" if models.reward_shared else "separate quantized copy"),
+        rewards=models.rewards.names if models.rewards is not None else None,
         compute_dtype=dtype_name(compute_dtype(device)),
         device=str(device),
         trainable_parameters=sum(p.numel() for p in params),

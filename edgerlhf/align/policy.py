@@ -81,6 +81,9 @@ class PolicyModels:
     """True when the reward model is the `reward` adapter on `model` (bf16); False: a separate quantized copy."""
     reward_function: Callable[[str, str], float] | None = None
     """`ppo.reward_function`: scores the rollouts in place of a reward model (then None)."""
+    rewards: Any = None
+    """`ppo.rewards`' stated components (`edgerlhf.rewards.RewardSet`): the weighted sum scores the rollouts, the
+    reward model being one of the components if at all."""
     checkpointing: bool = False
     """`ppo.gradient_checkpointing`: the passes with gradients recompute each layer in the backward."""
 
@@ -107,9 +110,20 @@ class PolicyModels:
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """Reward-model scores (N,) of (prompt, response) texts (or the reward function's)."""
+        """Scores (N,) of (prompt, response) texts: the reward model's, the reward function's, or the weighted sum
+        of the stated rewards."""
+        return self.score_parts(prompts, responses)[0]
+
+    def score_parts(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`score` and, with stated rewards, each component's own scores {name: (N,)} (else {})."""
+        if self.rewards is not None:
+            return self.rewards.score(prompts, responses)
         if self.reward_function is not None:
-            return torch.tensor([float(self.reward_function(p, r)) for p, r in zip(prompts, responses, strict=True)])
+            return torch.tensor([float(self.reward_function(p, r)) for p, r in zip(prompts, responses, strict=True)]), {}
+        return self.reward_model_score(prompts, responses), {}
+
+    def reward_model_score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """The reward model's scores (N,)."""
         if self.reward_model is None:
             raise RuntimeError("these models were built without a reward model (build_models(reward=False))")
         if not self.reward_shared:
@@ -167,7 +181,8 @@ def build_models(config, run_dir: str | Path, device: torch.device,
         model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=POLICY).eval()
     rm_dir = run_dir / reward_dir(precision)
     function = gold.reward_function(config.ppo.reward_function) if config.ppo.reward_function else None
-    if not reward or function is not None:
+    stated = config.ppo.rewards
+    if not reward or function is not None or stated is not None and not any(c.kind == "reward_model" for c in stated):
         reward_model = None
     elif shared:
         if not (rm_dir / models.SCORE_HEAD_FILE).exists():
@@ -192,12 +207,32 @@ def build_models(config, run_dir: str | Path, device: torch.device,
     checkpointing = adapter_dir is None and config.ppo.gradient_checkpointing  # only a training policy needs it
     if checkpointing:
         models.enable_activation_checkpointing(model)
-    return PolicyModels(model, critic, reward_model, tokenizer, device, shared and reward_model is not None, function,
-                     checkpointing)
+    built = PolicyModels(model, critic, reward_model, tokenizer, device, shared and reward_model is not None, function,
+                         checkpointing=checkpointing)
+    if stated is not None and reward:
+        built.rewards = stated_rewards(config, run_dir, built)
+    return built
+
+
+def stated_rewards(config, run_dir: Path, built: PolicyModels):
+    """`ppo.rewards` ready to score the run's prompts: their prompt-data rows (the reference answers), the reward
+    model if a component is it, and the policy's tokenizer for lengths in tokens."""
+    from edgerlhf.data import prompts
+    from edgerlhf.rewards import RewardSet
+
+    rows = {}
+    for split in ("train", "test"):
+        for row in prompts(run_dir, split):
+            rows.setdefault(row["prompt"], row)
+    return RewardSet(config.ppo.rewards, rows, built.reward_model_score if built.reward_model is not None else None,
+                     lambda text: len(built.tokenizer(text, add_special_tokens=False)["input_ids"]))
 
 
 def reward_source(models: PolicyModels, cfg) -> str:
     """What scores the rollouts, for the log: the reward function, or the reward model and how it is held."""
+    if models.rewards is not None:
+        return "the stated rewards " + " + ".join(f"{c.weight:g} x {name}" for name, c in
+                                                  zip(models.rewards.names, models.rewards.components))
     if models.reward_function is not None:
         return f"the function {cfg.reward_function}"
     return (f"reward model {cfg.reward_precision} "

@@ -94,7 +94,7 @@ def ppo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str], 
     micro = micro or StepMicroBatches.of(cfg)
 
     # 1. Rollouts: generate with the policy, score with the reward model.
-    rollouts, scores = sample_and_score(models, batch_prompts, cfg, sampling, micro, step)  # scores (B,)
+    rollouts, scores, parts = sample_and_score(models, batch_prompts, cfg, sampling, micro, step)  # scores (B,)
     t_gen = time.perf_counter() - t0
 
     # 2. Log-probs of policy and reference, KL, entropy and values of the sampled tokens (no grad).
@@ -133,5 +133,5 @@ def ppo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str], 
 
     metrics = step_metrics("ppo", scores, rollouts, b, {
         "kl_coef": kl_coef, "non_score_reward": -kl_coef * b_penalty_kl.sum(1).mean().item(), **stats,
-        "returns_mean": masked_mean(b_returns, b_mask).item()}, t0, t_gen)
+        "returns_mean": masked_mean(b_returns, b_mask).item()}, t0, t_gen, parts)
     return metrics, rollouts, scores

@@ -84,7 +84,7 @@ def rloo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str],
     beta = kl_ctl.value  # fixed at `ppo.init_kl_coef` (`ppo.kl_controller`)
 
     # 1. Rollouts: k responses to each prompt from the policy, scored by the reward model.
-    rollouts, scores = sample_and_score(models, batch_prompts, cfg, sampling, micro, step)  # scores (B,)
+    rollouts, scores, parts = sample_and_score(models, batch_prompts, cfg, sampling, micro, step)  # scores (B,)
     t_gen = time.perf_counter() - t0
 
     # 2. Log-probs of the sampled tokens under the policy that drew them and under the reference (no grad).
@@ -110,5 +110,5 @@ def rloo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str],
 
     metrics = step_metrics("rloo", scores, rollouts, b, {
         "kl_coef": beta, "non_score_reward": (-beta * b_penalty_kl).mean().item(), **stats,
-        "rlhf_reward_mean": b_rewards.mean().item()}, t0, t_gen)
+        "rlhf_reward_mean": b_rewards.mean().item()}, t0, t_gen, parts)
     return metrics, rollouts, scores

@@ -56,13 +56,15 @@ def rollout_args(rollouts: Rollouts, rows) -> tuple[torch.Tensor, ...]:
 
 
 def sample_and_score(models: PolicyModels, batch_prompts: list[str], cfg, sampling: Sampling,
-                     micro: StepMicroBatches, step: int) -> tuple[Rollouts, torch.Tensor]:
+                     micro: StepMicroBatches, step: int) -> tuple[Rollouts, torch.Tensor, dict[str, torch.Tensor]]:
     """A step's rollouts, one response per entry of `batch_prompts` drawn by the policy (`micro.rollouts` rows
-    per `generate` call), and their reward-model scores (B,); `rollouts.capped` says which ran into the cap."""
+    per `generate` call), their scores (B,) and, with stated rewards, each component's ({} otherwise);
+    `rollouts.capped` says which ran into the cap."""
     rollouts = micro.rollouts.run(step, lambda size: concat_rollouts(
         [generate(models.model, models.tokenizer, batch_prompts[rows], cfg.response_length, sampling)
          for rows in chunks(len(batch_prompts), size)], models.tokenizer.pad_token_id))
-    return rollouts, models.score(rollouts.prompts, rollouts.responses).to(models.device)
+    scores, parts = models.score_parts(rollouts.prompts, rollouts.responses)
+    return rollouts, scores.to(models.device), parts
 
 
 @dataclass
@@ -169,10 +171,12 @@ def minibatch_updates(params: list[nn.Parameter], optimizer, cfg, micro: StepMic
 
 
 def step_metrics(algorithm: str, scores: torch.Tensor, rollouts: Rollouts, stats: RolloutStats,
-                 own: dict[str, float], t0: float, t_gen: float) -> dict[str, float]:
+                 own: dict[str, float], t0: float, t_gen: float,
+                 parts: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """A step's metrics under the algorithm's namespace (`contract.algorithm_metric`): those every sampling
-    algorithm logs alike (the reward model's scores (B,) before any penalty, the exact KL(policy || reference)
-    per response, entropy, length, the share of answers cut at the cap, speed), then the algorithm's `own`."""
+    algorithm logs alike (the scores (B,) before any penalty, the exact KL(policy || reference) per response,
+    entropy, length, the share of answers cut at the cap, speed, each stated reward's mean and std), then the
+    algorithm's `own`."""
     elapsed = time.perf_counter() - t0
     b_mask = rollouts.response_mask.float()  # (B, T)
     common = {
@@ -186,4 +190,7 @@ def step_metrics(algorithm: str, scores: torch.Tensor, rollouts: Rollouts, stats
         "generation_s": t_gen,
         "step_s": elapsed,
     }
+    for name, values in (parts or {}).items():
+        common[f"rewards/{name}_mean"] = values.mean().item()
+        common[f"rewards/{name}_std"] = values.std().item() if len(values) > 1 else 0.0
     return {algorithm_metric(algorithm, key): value for key, value in {**common, **own}.items()}

@@ -1,0 +1,147 @@
+"""Stated rewards (`edgerlhf.rewards`): every kind against hand-computed scores, the checks that name the field, a
+step that logs each component, and a pipeline whose GRPO is scored by the prompt data's reference answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from edgerlhf import rewards
+from edgerlhf.config import ConfigError, RewardComponent, load_config
+from edgerlhf.rewards import RewardError, RewardSet
+
+PROMPT = "\n\nHuman: What is 6 times 7?\n\nAssistant:"
+
+
+def scored(components, response: str, rows=None, prompt: str = PROMPT, **kw) -> dict[str, float]:
+    total, parts = RewardSet([RewardComponent(**c) for c in components], rows, **kw).score([prompt], [response])
+    return {"total": total.item(), **{name: values.item() for name, values in parts.items()}}
+
+
+def test_every_kind_scores_what_it_says():
+    rows = {PROMPT: {"prompt": PROMPT, "answer": "42", "word": "Forty-two"}}
+    got = scored([
+        {"kind": "reference_answer", "column": "answer", "extract": "last_number", "compare": "number", "name": "exact"},
+        {"kind": "regex", "pattern": r"\.$", "name": "full_stop", "weight": 0.5},
+        {"kind": "contains", "words": ["six", "seven", "times"], "name": "words"},
+        {"kind": "not_contains", "words": ["maybe"], "name": "sure"},
+        {"kind": "length", "target": 4, "tolerance": 4, "name": "short"},
+        {"kind": "repetition", "n": 1, "name": "varied", "weight": 2.0},
+        {"kind": "gold", "scorer": "starts_with_i", "name": "i"},
+    ], "Six times seven is 42.", rows)
+    assert got["exact"] == 1.0 and got["full_stop"] == 1.0
+    assert got["words"] == pytest.approx(3 / 3) and got["sure"] == 0.0
+    assert got["short"] == pytest.approx(1 - abs(5 - 4) / 4)  # five words
+    assert got["varied"] == 0.0  # no word twice
+    assert got["i"] == 0.0
+    assert got["total"] == pytest.approx(1 + 0.5 + 1 + 0 + 0.75 + 0 + 0)
+    again = scored([{"kind": "repetition", "n": 1}, {"kind": "not_contains", "words": ["maybe", "perhaps"]}],
+                   "maybe maybe maybe yes", rows)
+    assert again["repetition0"] == pytest.approx(-2 / 4) and again["not_contains1"] == pytest.approx(-1 / 2)
+
+
+@pytest.mark.parametrize("extract, response, reference, compare, expected", [
+    ("whole", " Forty-two. ", "forty-two", "text", True),
+    ("last_number", "first 3, then 1,024", "1024", "number", True),
+    ("last_number", "no number here", "42", "number", False),
+    ("tag:answer", "I think <answer> 7 </answer> is it", "7", "text", True),
+    ("after:####", "work... #### 12", "12", "number", True),
+    ("regex:= (\\w+)", "x = blue, y = red", "blue", "text", True),
+    ("first_line", "Paris\nbecause it is the capital", "paris", "text", True),
+    ("whole", "0.5", "\\frac{1}{2}", "math", True),
+    ("whole", "0.25", "\\frac{1}{2}", "math", False),
+])
+def test_reference_answers_are_extracted_and_compared(extract, response, reference, compare, expected):
+    rows = {PROMPT: {"prompt": PROMPT, "answer": reference}}
+    got = scored([{"kind": "reference_answer", "column": "answer", "extract": extract, "compare": compare}], response,
+                 rows)
+    assert got["total"] == float(expected)
+
+
+def test_a_prompt_without_its_reference_fails_the_step_naming_the_column():
+    with pytest.raises(RewardError, match=r"ppo.rewards\[0\]: the prompt has no 'answer' column"):
+        scored([{"kind": "reference_answer", "column": "answer"}], "42", {PROMPT: {"prompt": PROMPT}})
+
+
+@pytest.mark.parametrize("component, field", [
+    ({"kind": "regex", "pattern": "("}, "ppo.rewards[1].pattern"),
+    ({"kind": "reference_answer"}, "ppo.rewards[1].column"),
+    ({"kind": "reference_answer", "column": "a", "extract": "tag:"}, "ppo.rewards[1].extract"),
+    ({"kind": "length", "target": 3, "unit": "lines"}, "ppo.rewards[1].unit"),
+    ({"kind": "gold", "scorer": "nope"}, "ppo.rewards[1].scorer"),
+    ({"kind": "judge"}, "ppo.rewards[1].kind"),
+    ({"kind": "regex", "pattern": "x", "name": "regex0"}, "ppo.rewards[1].name"),
+])
+def test_an_invalid_component_is_refused_naming_its_field(component, field):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", {"ppo": {"rewards": [{"kind": "regex", "pattern": "y"}, component]}})
+    assert info.value.field == field, str(info.value)
+
+
+def test_rewards_exclude_a_reward_function_and_need_no_reward_stage_unless_they_use_the_model():
+    with pytest.raises(ConfigError, match="both say how to score"):
+        load_config("tiny", {"ppo": {"rewards": [{"kind": "gold", "scorer": "you"}], "reward_function": "you"}})
+    stated = {"ppo": {"rewards": [{"kind": "gold", "scorer": "you"}], "reward_precision": "int4"},
+              "reward": {"precisions": ["bf16"]}}
+    load_config("tiny", stated)  # no reward model read: its precision is not checked
+    with pytest.raises(ConfigError, match="reward_precision"):
+        load_config("tiny", {**stated, "ppo": {**stated["ppo"], "rewards": [{"kind": "reward_model"}]}})
+
+
+# --- in a step and in the pipeline ------------------------------------------------------------------
+
+
+def test_a_step_is_scored_by_the_weighted_sum_and_logs_each_component(tmp_path):
+    from edgerlhf import align
+    from edgerlhf.align import policy, ppo
+    from tests.support.tiny import make_tiny_run, tiny_config
+
+    config = tiny_config(algorithm="grpo", ppo={"batch_size": 8, "mini_batch_size": 4, "samples_per_prompt": 4,
+                                                "rewards": [{"kind": "repetition", "n": 1, "name": "varied"},
+                                                            {"kind": "length", "target": 3, "tolerance": 6,
+                                                             "unit": "tokens", "weight": -0.5}]})
+    run_dir = make_tiny_run(tmp_path / "run", config)
+    built = policy.build_models(config, run_dir, torch.device("cpu"))
+    assert built.reward_model is None  # no component is the reward model: none is loaded
+    prompts = [p for p in ("\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: What is a cat?\n\nAssistant:") for _ in range(4)]
+    torch.manual_seed(0)
+    metrics, rollouts, scores = align.STEPS["grpo"](built, torch.optim.SGD(built.policy_parameters(), lr=0.0),
+                                                    ppo.kl_controller(config), prompts, config.ppo)
+    words = [[w.lower() for w in rewards.WORD.findall(r)] for r in rollouts.responses]
+    varied = torch.tensor([-(len(w) - len(set(w))) / len(w) if w else 0.0 for w in words])
+    tokens = torch.tensor([len(built.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in rollouts.responses])
+    length = 1 - (tokens - 3).abs() / 6
+    torch.testing.assert_close(scores.cpu(), varied - 0.5 * length)
+    assert metrics["grpo/rewards/varied_mean"] == pytest.approx(varied.mean().item())
+    assert metrics["grpo/rewards/length1_mean"] == pytest.approx(length.mean().item())
+    assert metrics["grpo/reward_mean"] == pytest.approx(scores.mean().item())
+
+
+def test_grpo_on_own_prompts_is_scored_by_their_reference_answers(tmp_path):
+    """A CSV of questions with their answers as the prompt data; GRPO scored by the answer's last number against
+    the reference plus a format rule; the evaluation scores both policies with the same sum."""
+    from edgerlhf.context import RunContext
+    from edgerlhf.pipeline import run_pipeline
+    from tests.support.tiny import PIPELINE, tiny_config
+
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": f"Add {i} and {i}.", "completion": f"The sum is {2 * i}."}) + "\n"
+                             for i in range(30)))
+    asks = tmp_path / "asks.csv"
+    asks.write_text("question,answer\n" + "".join(f"What is {i} plus {i}?,{2 * i}\n" for i in range(30)))
+    components = [{"kind": "reference_answer", "column": "answer", "extract": "last_number", "compare": "number",
+                   "name": "correct"}, {"kind": "regex", "pattern": r"^The sum is", "weight": 0.2, "name": "format"}]
+    config = tiny_config(PIPELINE, stages=["data", "sft", "ppo", "evaluate"], algorithm="grpo",
+                         data={"source": str(demos), "labels": "human"},
+                         prompt_data={"source": str(asks), "columns": {"question": "prompt"}},
+                         ppo={"samples_per_prompt": 2, "rewards": components})
+    ctx = RunContext(tmp_path / "run")
+    reports = run_pipeline(config, ctx)
+    assert reports["ppo"].rewards == ["correct", "format"] and reports["ppo"].reward_model == "none"
+    assert reports["evaluate"].rewards == ["correct", "format"] and reports["evaluate"].reward_diff is not None
+    logged = ctx.metric_series("grpo/rewards/correct_mean")
+    assert len(logged) == config.ppo.steps and all(0.0 <= v <= 1.0 for _, v in logged)
+    assert all(math.isfinite(v) for _, v in ctx.metric_series("grpo/rewards/format_mean"))
