@@ -193,6 +193,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     if scored:
         lines.append(f"| reward | {report['sft']['reward']['mean']:.3f} | {report['ppo']['reward']['mean']:.3f} | "
                      f"{ci(report['reward_diff'])} |")
+    for part, diff in (report.get("reward_parts_diff") or {}).items():
+        lines.append(f"| reward: {part} | | | {ci(diff)} |")
     if report.get("gold_diff"):
         lines += [f"| gold ({report['gold_scorer']}) | {report['sft']['gold']['mean']:.3f} | "
                   f"{report['ppo']['gold']['mean']:.3f} | {ci(report['gold_diff'])} |",
@@ -253,8 +255,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
     ctx.check_cancelled()
     ctx.progress(2, 4)
     for result in (sft, ppo):
-        result["reward"] = models.score(all_prompts, result["responses"]).tolist() if scored \
-            else [None] * len(all_prompts)
+        total, result["parts"] = models.score_parts(all_prompts, result["responses"]) if scored else (None, {})
+        result["reward"] = total.tolist() if scored else [None] * len(all_prompts)
     ctx.progress(3, 4)
 
     boot = dict(n_resamples=cfg.n_bootstrap, confidence=cfg.confidence, seed=config.seed)
@@ -283,6 +285,10 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
         "kl": float(np.mean(ppo["kl"])),
         "gold_scorer": None,
         "gold_diff": None,
+        # Each stated reward's own difference: which component the aligned policy gained on.
+        "reward_parts_diff": {name: bootstrap_ci(_per_prompt(ppo["parts"][name].numpy(), k)
+                                                 - _per_prompt(sft["parts"][name].numpy(), k), **boot)
+                              for name in ppo["parts"]} or None,
     }
     if config.data.labels == "gold":
         for result in (sft, ppo):

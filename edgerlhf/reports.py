@@ -320,6 +320,8 @@ class EvalReport(Report):
     win_rate: float | None
     """Share of prompts where the PPO response out-scores the SFT one (reward model), ties counting 1/2."""
     reward_diff: Interval | None
+    reward_parts_diff: dict[str, Interval] | None = None
+    """With `ppo.rewards`: each component's difference aligned - SFT, with its interval."""
     """Reward PPO - SFT, per prompt."""
     length_diff: Interval | None = None
     """Response tokens PPO - SFT, per prompt."""

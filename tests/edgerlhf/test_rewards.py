@@ -141,7 +141,12 @@ def test_grpo_on_own_prompts_is_scored_by_their_reference_answers(tmp_path):
     ctx = RunContext(tmp_path / "run")
     reports = run_pipeline(config, ctx)
     assert reports["ppo"].rewards == ["correct", "format"] and reports["ppo"].reward_model == "none"
-    assert reports["evaluate"].rewards == ["correct", "format"] and reports["evaluate"].reward_diff is not None
+    evaluation = reports["evaluate"]
+    assert evaluation.rewards == ["correct", "format"] and evaluation.reward_diff is not None
+    parts = evaluation.reward_parts_diff
+    assert set(parts) == {"correct", "format"}
+    # The total's difference is the weighted sum of the components' (means of per-prompt differences are linear).
+    assert evaluation.reward_diff.mean == pytest.approx(parts["correct"].mean + 0.2 * parts["format"].mean, abs=1e-6)
     logged = ctx.metric_series("grpo/rewards/correct_mean")
     assert len(logged) == config.ppo.steps and all(0.0 <= v <= 1.0 for _, v in logged)
     assert all(math.isfinite(v) for _, v in ctx.metric_series("grpo/rewards/format_mean"))
