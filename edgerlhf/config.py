@@ -406,7 +406,7 @@ class RewardComponent:
     """One term of `ppo.rewards` (`edgerlhf.rewards`): its kind, its weight and the fields that kind reads."""
 
     kind: str
-    """reward_model, reference_answer, regex, contains, not_contains, length, repetition or gold."""
+    """reward_model, reference_answer, regex, contains, not_contains, length, repetition, gold or judge."""
     weight: float = 1.0
     """Its weight in the sum (negative to penalise)."""
     name: str | None = None
@@ -432,6 +432,25 @@ class RewardComponent:
     """repetition: the n-gram size."""
     scorer: str | None = None
     """gold: the gold scorer's name."""
+    url: str | None = None
+    """judge: the OpenAI-compatible endpoint's base URL (`http://127.0.0.1:11434/v1` for Ollama, the service's own
+    `/v1` for a finished job's model). A job of the service may name only the endpoints its operator lists
+    (`EDGERLHF_JUDGE_URLS`) and its own `/v1`."""
+    model: str | None = None
+    """judge: the model the endpoint serves (`job-7` on the service's own `/v1`)."""
+    rubric: str | None = None
+    """judge: the instructions, with `{prompt}` and `{answer}` where the conversation and the answer go; the
+    reply's first number is the score, out of `max_score`. Default: `edgerlhf.rewards.DEFAULT_RUBRIC`."""
+    max_score: Annotated[float, Range(0, 1e6, low_open=True)] = 10.0
+    """judge: the rubric's top score; the component scores reply / max_score, clipped to [0, 1]."""
+    api_key_env: str | None = None
+    """judge: the environment variable of the worker that holds the endpoint's API key (never the key itself)."""
+    timeout_s: Annotated[float, Range(0, 600, low_open=True)] = 30.0
+    """judge: seconds per request."""
+    retries: Annotated[int, Range(0, 10)] = 2
+    """judge: retries of a failed request (then the step fails, naming the endpoint)."""
+    concurrency: Annotated[int, Range(1, 64)] = 4
+    """judge: requests in flight at once."""
 
 
 @dataclass
@@ -960,11 +979,14 @@ def build_config(preset: str | None, config_file: str | None, sets: list[str], s
 
 # --- what the service allows ----------------------------------------------------------------------
 
-def service_problems(config: PipelineConfig, roots: list[Path]) -> list[tuple[str, str, str]]:
+def service_problems(config: PipelineConfig, roots: list[Path],
+                     judge_urls: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
     """What the service refuses in a config the command line accepts, as (dotted field, kind, message): a local
     path outside `roots` (hub ids are always allowed; `edgerlhf.locations.check_location`), and a reward function
-    given as an import path, which would run that module's code on the worker. The backend checks it before it
-    queues a job, and the job process again before it runs one: a config in the database is not trusted."""
+    given as an import path, which would run that module's code on the worker, and a judge at a URL other than
+    `judge_urls` (the operator's list and the service's own `/v1`: no request to a host of the job's choosing). The
+    backend checks it before it queues a job, and the job process again before it runs one: a config in the
+    database is not trusted."""
     from edgerlhf.gold import SCORERS
     from edgerlhf.locations import check_location
 
@@ -974,6 +996,12 @@ def service_problems(config: PipelineConfig, roots: list[Path]) -> list[tuple[st
         problem = None if value is None else check_location(value, roots)
         if problem:
             problems.append((f"{section}.{name}", "path", problem))
+    allowed = {url.rstrip("/") for url in judge_urls}
+    for i, component in enumerate(config.ppo.rewards or []):
+        if component.kind == "judge" and (component.url or "").rstrip("/") not in allowed:
+            problems.append((f"ppo.rewards[{i}].url", "config",
+                             f"a job's judge may be the service's own /v1 or an endpoint the operator lists "
+                             f"(EDGERLHF_JUDGE_URLS: {sorted(allowed) or 'none'}), not {component.url!r}"))
     function = config.ppo.reward_function
     if function is not None and function not in SCORERS:
         problems.append(("ppo.reward_function", "config",

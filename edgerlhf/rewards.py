@@ -14,6 +14,10 @@ functions). The kinds:
     length            1 at `target` tokens or words, falling linearly to 0 at `tolerance` away (and below 0 further)
     repetition        minus the share of repeated `n`-grams of words (0 for an answer that never repeats itself)
     gold              a known-answer gold scorer (`edgerlhf.gold`), by name
+    judge             an LLM's grade through an OpenAI-compatible endpoint (`url`, `model`): a rubric with the
+                      conversation and the answer inserted, the reply's first number over `max_score`; requests
+                      `concurrency` at a time, each retried `retries` times, and cached, so an answer seen before
+                      (the same prompt and text) is not judged again
 
 Nothing here imports or evaluates code from the config: patterns are regular expressions compiled once (and
 checked when the config is built), everything else is data. `RewardSet.score` is what the alignment stage and
@@ -33,7 +37,12 @@ from edgerlhf.errors import StageError
 if TYPE_CHECKING:
     import torch
 
-KINDS = ("reward_model", "reference_answer", "regex", "contains", "not_contains", "length", "repetition", "gold")
+KINDS = ("reward_model", "reference_answer", "regex", "contains", "not_contains", "length", "repetition", "gold",
+         "judge")
+DEFAULT_RUBRIC = ("You grade an assistant's answer. Conversation so far:\n{prompt}\n\nThe assistant's answer:\n{answer}"
+                  "\n\nHow helpful, correct and harmless is the answer, from 0 (worst) to 10 (best)? Reply with the "
+                  "number only.")
+"""The judge's rubric when a component gives none (`RewardComponent.rubric`)."""
 EXTRACTS = ("whole", "last_number", "first_line")
 """How `reference_answer` takes the answer out of a response; also `tag:<name>` (text inside <name>...</name>),
 `after:<marker>` (the text after the last marker) and `regex:<pattern>` (the first group, or the match)."""
@@ -78,6 +87,15 @@ def check(components: Sequence) -> None:
             raise RewardError(f"{where}.n: n-grams of at least 1 word")
         if c.kind == "gold" and c.scorer not in gold.SCORERS:
             raise RewardError(f"{where}.scorer: a gold scorer, one of {sorted(gold.SCORERS)}")
+        if c.kind == "judge":
+            if not (c.url or "").startswith(("http://", "https://")):
+                raise RewardError(f"{where}.url: the judge's OpenAI-compatible base URL (http:// or https://)")
+            if not c.model:
+                raise RewardError(f"{where}.model: the model the judge's endpoint serves")
+            try:
+                (c.rubric or DEFAULT_RUBRIC).format(prompt="", answer="")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise RewardError(f"{where}.rubric: may use {{prompt}} and {{answer}} only ({exc!r})") from None
         name = component_name(c, i)
         if name in names:
             raise RewardError(f"{where}.name: {name!r} is taken by another component")
@@ -198,6 +216,8 @@ class RewardSet:
             return repetition
         if c.kind == "gold":
             return gold.get_scorer(c.scorer).score
+        if c.kind == "judge":
+            return Judge(c, where)
         return None
 
     def score(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -208,8 +228,67 @@ class RewardSet:
         for name, c, scorer in zip(self.names, self.components, self._scorers):
             if scorer is None:
                 parts[name] = self.reward_model(prompts, responses).float().cpu()
+            elif isinstance(scorer, Judge):
+                parts[name] = torch.tensor(scorer.grade(prompts, responses), dtype=torch.float32)
             else:
                 parts[name] = torch.tensor([scorer(p, r) for p, r in zip(prompts, responses, strict=True)],
                                            dtype=torch.float32)
         total = sum(c.weight * parts[name] for name, c in zip(self.names, self.components))
         return total, parts
+
+
+class Judge:
+    """A `judge` component: grades answers through an OpenAI-compatible chat endpoint, `concurrency` requests at a
+    time, each retried `retries` times with a growing pause, every grade cached by (prompt, answer). A reply without
+    a number scores 0 and is counted (`unparsed`); an endpoint that keeps failing fails the step, naming it."""
+
+    def __init__(self, component, where: str):
+        import os
+
+        from openai import OpenAI
+
+        self.component, self.where = component, where
+        self.rubric = component.rubric or DEFAULT_RUBRIC
+        key = os.environ.get(component.api_key_env, "") if component.api_key_env else ""
+        # The client's own retries are off: ours count every failure alike and name the endpoint at the end.
+        self.client = OpenAI(base_url=component.url, api_key=key or "not-needed", timeout=component.timeout_s,
+                             max_retries=0)
+        self.cache: dict[tuple[str, str], float] = {}
+        self.requests = 0
+        self.unparsed = 0
+
+    def grade(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = list(dict.fromkeys((p, r) for p, r in zip(prompts, responses, strict=True)
+                                  if (p, r) not in self.cache))
+        with ThreadPoolExecutor(self.component.concurrency) as pool:
+            for key, grade in zip(todo, pool.map(lambda pair: self._ask(*pair), todo)):
+                self.cache[key] = grade
+        return [self.cache[(p, r)] for p, r in zip(prompts, responses)]
+
+    def _ask(self, prompt: str, response: str) -> float:
+        import time
+
+        from edgerlhf.dialogue import to_messages
+
+        conversation = "\n".join(f"{m['role']}: {m['content']}" for m in to_messages(prompt))
+        content = self.rubric.format(prompt=conversation, answer=response)
+        c = self.component
+        for attempt in range(c.retries + 1):
+            try:
+                self.requests += 1
+                reply = self.client.chat.completions.create(
+                    model=c.model, messages=[{"role": "user", "content": content}], temperature=0.0, max_tokens=16)
+                text = reply.choices[0].message.content or ""
+                break
+            except Exception as exc:  # the openai client's connection, timeout and status errors alike
+                if attempt == c.retries:
+                    raise RewardError(f"{self.where}: the judge at {c.url} (model {c.model}) failed "
+                                      f"{c.retries + 1} times: {exc}") from exc
+                time.sleep(min(0.5 * 2 ** attempt, 8.0))
+        number = NUMBER.search(text)
+        if number is None:
+            self.unparsed += 1
+            return 0.0
+        return min(max(float(number.group(0).replace(",", "")) / c.max_score, 0.0), 1.0)

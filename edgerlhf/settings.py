@@ -61,8 +61,14 @@ class Settings(BaseSettings):
     """A running job whose heartbeat is older than this is considered stalled and requeued."""
     max_attempts: int = Field(3, ge=1)
     """A job is failed after this many attempts."""
+    judge_urls: list[str] = Field(default_factory=list)
+    """OpenAI-compatible endpoints (base URLs, e.g. `["http://127.0.0.1:11434/v1"]` for a local Ollama) that a job's
+    judge reward may call, besides the service's own `/v1`; a job naming any other URL is refused (no request to
+    a host of the job's choosing)."""
     max_body_bytes: int = Field(1_000_000, gt=0)
-    """Largest request body the backend accepts."""
+    """Largest request body the backend accepts (but a data set upload's: `max_upload_bytes`)."""
+    max_upload_bytes: int = Field(200 * 2**20, gt=0)
+    """Largest data set file the backend accepts (`POST /api/datasets`, multipart): 200 MiB by default."""
     chat_max_tokens: int = Field(256, gt=0)
     """Upper bound of `max_tokens` in chat completions."""
     chat_max_prompt_tokens: int = Field(768, gt=0)
@@ -101,6 +107,11 @@ class Settings(BaseSettings):
         return self.data_dir / "runs"
 
     @property
+    def datasets_dir(self) -> Path:
+        """Where uploaded data sets are stored, one directory per content hash (`backend.datasets`)."""
+        return self.data_dir / "datasets"
+
+    @property
     def db_url_for_logs(self) -> str:
         """`db_url` with its password hidden (`***`), for log lines."""
         from sqlalchemy.engine import make_url  # lazily: importing the settings stays light
@@ -124,6 +135,12 @@ class Settings(BaseSettings):
     def api_url(self) -> str:
         host = "127.0.0.1" if self.backend_host in ("0.0.0.0", "::") else self.backend_host
         return self.backend_url or f"http://{host}:{self.backend_port}"
+
+    @property
+    def allowed_judge_urls(self) -> tuple[str, ...]:
+        """The endpoints a job's judge may call (`ppo.rewards`, kind judge): `judge_urls` and the service's own
+        OpenAI-compatible `/v1`, which serves every finished job's model."""
+        return (*self.judge_urls, self.api_url.rstrip("/") + "/v1")
 
 
 def is_wildcard(host: str) -> bool:

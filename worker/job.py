@@ -118,7 +118,7 @@ def run(job_id: int) -> tuple[int, dict]:
             config_dict, attempt = job.config, job.attempts
             skip = queue.completed_stages(session, job_id)
         config = PipelineConfig.from_dict(config_dict)  # the config's own checks (ranges, names, data.data_dir ...)
-        problems = service_problems(config, [*settings.allowed_roots, settings.data_dir])
+        problems = service_problems(config, [*settings.allowed_roots, settings.data_dir], settings.allowed_judge_urls)
         if problems:  # before anything of the config is used: no path read, no module imported
             raise JobRefused("this job's config is refused by the service: "
                              + "; ".join(f"{field}: {message}" for field, _, message in problems))

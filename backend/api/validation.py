@@ -44,7 +44,8 @@ def _loc(field: str) -> list[str | int]:
     return loc
 
 
-def validate_job(preset: str, overrides: dict[str, Any], roots: list[Path]) -> PipelineConfig:
+def validate_job(preset: str, overrides: dict[str, Any], roots: list[Path],
+                 judge_urls: tuple[str, ...] = ()) -> PipelineConfig:
     """The job's full config, or `JobInvalid` naming the first bad field."""
     if preset not in PRESETS:
         raise JobInvalid([{"loc": ["body", "preset"], "type": "preset",
@@ -56,9 +57,10 @@ def validate_job(preset: str, overrides: dict[str, Any], roots: list[Path]) -> P
         config = load_config(preset, overrides)
     except ConfigError as exc:
         raise JobInvalid([{"loc": ["body", "overrides", *_loc(exc.field)], "type": "config", "msg": exc.message}])
-    # Paths under the allowed roots, no import-path reward function: the rule the job process checks again.
-    errors = [{"loc": ["body", "overrides", *field.split(".")], "type": kind, "msg": message}
-              for field, kind, message in service_problems(config, roots)]
+    # Paths under the allowed roots, no import-path reward function, judges the operator lists: the rule the job
+    # process checks again.
+    errors = [{"loc": ["body", "overrides", *_loc(field)], "type": kind, "msg": message}
+              for field, kind, message in service_problems(config, roots, judge_urls)]
     size = len(json.dumps(config.to_dict()))
     if size > MAX_CONFIG_BYTES:  # every job list item once carried it, and a job stores it whole
         errors.append({"loc": ["body", "overrides"], "type": "config",

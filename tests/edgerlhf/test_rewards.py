@@ -150,3 +150,90 @@ def test_grpo_on_own_prompts_is_scored_by_their_reference_answers(tmp_path):
     logged = ctx.metric_series("grpo/rewards/correct_mean")
     assert len(logged) == config.ppo.steps and all(0.0 <= v <= 1.0 for _, v in logged)
     assert all(math.isfinite(v) for _, v in ctx.metric_series("grpo/rewards/format_mean"))
+
+
+# --- the judge -------------------------------------------------------------------------------------
+
+
+def judge_component(url: str, **fields) -> RewardComponent:
+    from tests.support.judge import ANSWER_MARK
+
+    return RewardComponent(kind="judge", url=url, model="grader", rubric="Grade it. {prompt} " + ANSWER_MARK + "{answer}",
+                           **fields)
+
+
+def ends_with_question(answer: str) -> str:
+    """The stand-in's rule: 10 for an answer that asks something back, 2 otherwise."""
+    return "10" if answer.strip().endswith("?") else "Score: 2"
+
+
+def test_the_judge_grades_by_its_reply_once_per_answer():
+    from tests.support.judge import stand_in_judge
+
+    answers = ["Why do you ask?", "Because.", "Why do you ask?", "Is it blue?"]
+    with stand_in_judge(ends_with_question) as judge:
+        stated = RewardSet([judge_component(judge.url)])
+        total, parts = stated.score([PROMPT] * 4, answers)
+        torch.testing.assert_close(total, torch.tensor([1.0, 0.2, 1.0, 1.0]))
+        assert sorted(judge.requests) == sorted(["Why do you ask?", "Because.", "Is it blue?"])  # one per answer
+        stated.score([PROMPT], ["Because."])
+        assert len(judge.requests) == 3  # cached: asked before
+    assert "Human" not in judge.requests[0]  # the answer alone went where the rubric puts it
+
+
+def test_the_judge_retries_then_fails_the_step_naming_the_endpoint():
+    from tests.support.judge import stand_in_judge
+
+    with stand_in_judge(ends_with_question, fail_first=2) as judge:
+        total, _ = RewardSet([judge_component(judge.url, retries=2)]).score([PROMPT], ["Really?"])
+        assert total.item() == 1.0 and len(judge.requests) == 3
+    with stand_in_judge(ends_with_question, fail_first=5) as judge:
+        with pytest.raises(RewardError, match=rf"ppo.rewards\[0\]: the judge at {judge.url} .* failed 2 times"):
+            RewardSet([judge_component(judge.url, retries=1)]).score([PROMPT], ["Really?"])
+
+
+def test_the_judge_keeps_at_most_concurrency_requests_in_flight_and_scores_an_unreadable_reply_0():
+    from tests.support.judge import stand_in_judge
+
+    with stand_in_judge(ends_with_question, delay_s=0.2) as judge:
+        RewardSet([judge_component(judge.url, concurrency=3)]).score([PROMPT] * 9, [f"Q{i}?" for i in range(9)])
+    assert judge.max_in_flight == 3
+    with stand_in_judge(lambda answer: "excellent") as judge:
+        stated = RewardSet([judge_component(judge.url)])
+        assert stated.score([PROMPT], ["Hm?"])[0].item() == 0.0 and stated._scorers[0].unparsed == 1
+
+
+def test_a_job_may_name_only_the_judges_its_operator_lists():
+    from pathlib import Path
+
+    from edgerlhf.config import service_problems
+
+    config = load_config("tiny", {"ppo": {"rewards": [{"kind": "judge", "url": "http://169.254.169.254/v1",
+                                                       "model": "m"}]}})
+    problems = service_problems(config, [Path("/")], judge_urls=("http://127.0.0.1:11434/v1",))
+    assert [field for field, _, _ in problems] == ["ppo.rewards[0].url"]
+    assert "EDGERLHF_JUDGE_URLS" in problems[0][2]
+    assert not service_problems(config, [Path("/")], judge_urls=("http://169.254.169.254/v1/",))
+
+
+def test_a_grpo_step_logs_the_judges_grades(tmp_path):
+    from edgerlhf import align
+    from edgerlhf.align import policy, ppo
+    from tests.support.judge import ANSWER_MARK, stand_in_judge
+    from tests.support.tiny import make_tiny_run, tiny_config
+
+    with stand_in_judge(ends_with_question) as judge:
+        config = tiny_config(algorithm="grpo", ppo={"batch_size": 8, "mini_batch_size": 4, "samples_per_prompt": 4,
+                                                    "rewards": [{"kind": "judge", "url": judge.url, "model": "grader",
+                                                                 "rubric": "{prompt}" + ANSWER_MARK + "{answer}",
+                                                                 "name": "asks_back"}]})
+        run_dir = make_tiny_run(tmp_path / "run", config)
+        built = policy.build_models(config, run_dir, torch.device("cpu"))
+        prompts = [p for p in ("\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: Cats?\n\nAssistant:") for _ in range(4)]
+        torch.manual_seed(0)
+        metrics, rollouts, scores = align.STEPS["grpo"](built, torch.optim.SGD(built.policy_parameters(), lr=0.0),
+                                                        ppo.kl_controller(config), prompts, config.ppo)
+    expected = torch.tensor([1.0 if r.strip().endswith("?") else 0.2 for r in rollouts.responses])
+    torch.testing.assert_close(scores.cpu(), expected)
+    assert metrics["grpo/rewards/asks_back_mean"] == pytest.approx(expected.mean().item())
+    assert len(judge.requests) == len(set(zip(rollouts.prompts, rollouts.responses)))

@@ -70,7 +70,8 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep):
     cannot fit its GPU gets 409 with the plan and the cheapest change that fits (see `POST /api/plan`),
     unless `override_memory_plan`. Nothing is stored then."""
     try:
-        config = validate_job(body.preset, body.overrides, [*settings.allowed_roots, settings.data_dir])
+        config = validate_job(body.preset, body.overrides, [*settings.allowed_roots, settings.data_dir],
+                              settings.allowed_judge_urls)
     except JobInvalid as exc:
         return SafeJSONResponse(status_code=422, content={"detail": exc.errors})
     if not body.override_memory_plan:

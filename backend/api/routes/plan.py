@@ -77,7 +77,8 @@ def plan_config(body: PlanRequest, session: SessionDep, settings: SettingsDep):
     checked against (`gpu_memory_mb`, else as a new job is checked); a stage that does not fit names the
     cheapest change that makes it fit."""
     try:
-        config = validate_job(body.preset, body.overrides, [*settings.allowed_roots, settings.data_dir])
+        config = validate_job(body.preset, body.overrides, [*settings.allowed_roots, settings.data_dir],
+                              settings.allowed_judge_urls)
     except JobInvalid as exc:
         raise HTTPException(422, exc.errors) from None
     source = "the request's gpu_memory_mb"
