@@ -40,6 +40,7 @@ LONGEST_FIRST = (
     "tests/edgerlhf/test_plan_check.py",
     "tests/frontend/test_e2e_browser.py",
     "tests/backend/test_schemathesis.py",
+    "tests/edgerlhf/test_gguf_export.py",
 )
 """Modules that run for minutes, started first (in this order) so that no worker is left with one at the end."""
 
@@ -110,6 +111,20 @@ def dashboard_env(monkeypatch):
 
     yield point_at
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def finished_service(tmp_path_factory):
+    """The session's backend over a PPO and a GRPO job that real workers ran (`tests/support/service.py`). Its
+    tests read it; one that writes takes `copy_data`. Under pytest-xdist the workers share the jobs (built once) and
+    each serves them with a backend of its own."""
+    from .support.service import finished_jobs, serve
+
+    base = tmp_path_factory.getbasetemp()
+    data_dir, jobs = finished_jobs(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
+    service = serve(data_dir, jobs, tmp_path_factory.mktemp("service-backend") / "backend.log")
+    yield service
+    service.backend.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""Fixtures of the dashboard tests: a fresh real backend process on a real SQLite file, the session's service with a
-finished PPO and GRPO job, and a real headless Chromium.
+"""Fixtures of the dashboard tests: a fresh real backend process on a real SQLite file and a real headless Chromium
+(the session's service with a finished PPO and GRPO job, `finished_service`, is the root conftest's).
 
 How they are started lives in `tests/support/` (`backend.py`, `browser.py`); what a running job would write is
 written with `tests/support/runs.py`'s `JobWriter` (the worker's own queue functions).
@@ -7,13 +7,10 @@ written with `tests/support/runs.py`'s `JobWriter` (the worker's own queue funct
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tests.support.backend import start_backend
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
-from tests.support.service import finished_jobs, serve
 
 
 @pytest.fixture
@@ -22,18 +19,6 @@ def backend(tmp_path):
     b = start_backend(tmp_path / "data")
     yield b
     b.stop()
-
-
-@pytest.fixture(scope="session")
-def finished_service(tmp_path_factory):
-    """The session's backend over a PPO and a GRPO job that real workers ran (`tests/support/service.py`). Its
-    tests read it; one that writes takes `copy_data`. Under pytest-xdist the workers share the jobs (built once) and
-    each serves them with a backend of its own."""
-    base = tmp_path_factory.getbasetemp()
-    data_dir, jobs = finished_jobs(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
-    service = serve(data_dir, jobs, tmp_path_factory.mktemp("service-backend") / "backend.log")
-    yield service
-    service.backend.stop()
 
 
 @pytest.fixture
