@@ -616,6 +616,11 @@ class EvalConfig:
     """Bootstrap resamples for the confidence intervals of the PPO - SFT differences."""
     confidence: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.95
     """Level of the bootstrap confidence intervals."""
+    judge: RewardComponent | None = None
+    """An LLM judge (`kind: "judge"`, `url`, `model`, as a `judge` reward) asked, for every pair of answers, which is
+    better, in both orders to cancel its bias for a position: the report gives the aligned policy's win rate over
+    SFT with its interval (`judge_win_rate`). Its rubric takes `{prompt}`, `{first}` (A) and `{second}` (B);
+    default `edgerlhf.rewards.PAIRWISE_RUBRIC`."""
     length_strata: Annotated[int, Range(0, 100)] = 0
     """Length strata within which the gold difference at equal length compares the two policies: 0, one per
     token length (a pure length effect cannot leak through); N > 0, N quantile bins of the non-empty lengths
@@ -687,6 +692,15 @@ class PipelineConfig:
                     raise ConfigError(f"ppo.rewards[{i}].unit", f"must be words or tokens, got {component.unit!r}")
             try:
                 check(self.ppo.rewards)
+            except RewardError as exc:
+                field_, _, message = str(exc).partition(": ")
+                raise ConfigError(field_, message) from None
+        if self.evaluate.judge is not None:
+            from edgerlhf.rewards import PAIRWISE_RUBRIC, RewardError, check_judge
+
+            check_ranges("evaluate.judge", self.evaluate.judge)
+            try:
+                check_judge(self.evaluate.judge, "evaluate.judge", PAIRWISE_RUBRIC)
             except RewardError as exc:
                 field_, _, message = str(exc).partition(": ")
                 raise ConfigError(field_, message) from None
@@ -997,11 +1011,13 @@ def service_problems(config: PipelineConfig, roots: list[Path],
         if problem:
             problems.append((f"{section}.{name}", "path", problem))
     allowed = {url.rstrip("/") for url in judge_urls}
-    for i, component in enumerate(config.ppo.rewards or []):
-        if component.kind == "judge" and (component.url or "").rstrip("/") not in allowed:
-            problems.append((f"ppo.rewards[{i}].url", "config",
+    judges = [(f"ppo.rewards[{i}].url", c) for i, c in enumerate(config.ppo.rewards or []) if c.kind == "judge"]
+    judges += [("evaluate.judge.url", config.evaluate.judge)] if config.evaluate.judge is not None else []
+    for field_, judge in judges:
+        if (judge.url or "").rstrip("/") not in allowed:
+            problems.append((field_, "config",
                              f"a job's judge may be the service's own /v1 or an endpoint the operator lists "
-                             f"(EDGERLHF_JUDGE_URLS: {sorted(allowed) or 'none'}), not {component.url!r}"))
+                             f"(EDGERLHF_JUDGE_URLS: {sorted(allowed) or 'none'}), not {judge.url!r}"))
     function = config.ppo.reward_function
     if function is not None and function not in SCORERS:
         problems.append(("ppo.reward_function", "config",

@@ -161,6 +161,24 @@ def stratified_difference(sft, ppo, strata_sft, strata_ppo, k: int, n_resamples:
     return {"mean": point, "low": float(low), "high": float(high), "confidence": confidence, "n": n_prompts}
 
 
+def judge_win_rate(judge, prompts: list[str], sft: list[str], aligned: list[str], k: int,
+                   **boot) -> dict[str, Any]:
+    """The pairwise judge's verdict on aligned vs SFT answers (k per prompt, prompt-major): each pair asked in both
+    orders, a win counting 1, a loss 0, and a pair the judge decides by position alone (the same letter both times)
+    or cannot be read 0.5. Returns the win rate with its bootstrap interval over prompts, and how often the two
+    orders agreed."""
+    aligned_first = judge.prefers_first(prompts, aligned, sft)  # 1: aligned is A and preferred
+    aligned_second = judge.prefers_first(prompts, sft, aligned)  # 0: aligned is B and preferred
+    wins, agreed = [], 0
+    for a, b in zip(aligned_first, aligned_second):
+        if a is None or b is None or a == b:  # unread, or the same letter twice: no preference between the answers
+            wins.append(0.5)
+        else:
+            wins.append(a)  # a = 1 - b: both orders preferred the same answer
+            agreed += 1
+    return {"win_rate": bootstrap_ci(_per_prompt(wins, k), **boot), "consistent": agreed / max(len(wins), 1)}
+
+
 def _per_prompt(values, k: int) -> np.ndarray:
     """Average the `k` samples of each prompt: (n_prompts * k,) -> (n_prompts,)."""
     return np.asarray(values, dtype=np.float64).reshape(-1, k).mean(axis=1)
@@ -195,6 +213,9 @@ def markdown_report(report: dict[str, Any]) -> str:
                      f"{ci(report['reward_diff'])} |")
     for part, diff in (report.get("reward_parts_diff") or {}).items():
         lines.append(f"| reward: {part} | | | {ci(diff)} |")
+    if report.get("judge_win_rate"):
+        lines.append(f"| judge's win rate of {name} | | | {ci(report['judge_win_rate'])} (both orders agreed on "
+                     f"{report['judge_consistency']:.0%}) |")
     if report.get("gold_diff"):
         lines += [f"| gold ({report['gold_scorer']}) | {report['sft']['gold']['mean']:.3f} | "
                   f"{report['ppo']['gold']['mean']:.3f} | {ci(report['gold_diff'])} |",
@@ -301,6 +322,13 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
         strata = length_strata(sft["lengths"] + ppo["lengths"], sft["empty"] + ppo["empty"], cfg.length_strata)
         report["gold_diff_equal_length"] = stratified_difference(sft["gold"], ppo["gold"], strata[:len(sft["gold"])],
                                                                  strata[len(sft["gold"]):], k, **boot)
+
+    if cfg.judge is not None:
+        from edgerlhf.rewards import Judge
+
+        judged = judge_win_rate(Judge(cfg.judge, "evaluate.judge"), all_prompts, sft["responses"], ppo["responses"],
+                                k, **boot)
+        report["judge_win_rate"], report["judge_consistency"] = judged["win_rate"], judged["consistent"]
 
     samples = []
     for i in range(0, min(cfg.n_show, len(prompts)) * k, k):  # the first sample of the first n_show prompts

@@ -322,6 +322,11 @@ class EvalReport(Report):
     reward_diff: Interval | None
     reward_parts_diff: dict[str, Interval] | None = None
     """With `ppo.rewards`: each component's difference aligned - SFT, with its interval."""
+    judge_win_rate: Interval | None = None
+    """With `evaluate.judge`: how often the judge preferred the aligned answer, both orders asked (0.5: no
+    preference), with its interval over prompts."""
+    judge_consistency: float | None = None
+    """With `evaluate.judge`: the share of pairs where both orders preferred the same answer."""
     """Reward PPO - SFT, per prompt."""
     length_diff: Interval | None = None
     """Response tokens PPO - SFT, per prompt."""

@@ -72,7 +72,9 @@ def test_a_prompt_without_its_reference_fails_the_step_naming_the_column():
     ({"kind": "reference_answer", "column": "a", "extract": "tag:"}, "ppo.rewards[1].extract"),
     ({"kind": "length", "target": 3, "unit": "lines"}, "ppo.rewards[1].unit"),
     ({"kind": "gold", "scorer": "nope"}, "ppo.rewards[1].scorer"),
-    ({"kind": "judge"}, "ppo.rewards[1].kind"),
+    ({"kind": "judges"}, "ppo.rewards[1].kind"),
+    ({"kind": "judge", "model": "m"}, "ppo.rewards[1].url"),
+    ({"kind": "judge", "url": "http://127.0.0.1:1/v1", "model": "m", "rubric": "{verdict}"}, "ppo.rewards[1].rubric"),
     ({"kind": "regex", "pattern": "x", "name": "regex0"}, "ppo.rewards[1].name"),
 ])
 def test_an_invalid_component_is_refused_naming_its_field(component, field):
@@ -132,14 +134,22 @@ def test_grpo_on_own_prompts_is_scored_by_their_reference_answers(tmp_path):
                              for i in range(30)))
     asks = tmp_path / "asks.csv"
     asks.write_text("question,answer\n" + "".join(f"What is {i} plus {i}?,{2 * i}\n" for i in range(30)))
+    from tests.support.judge import ANSWER_MARK, stand_in_judge
+
     components = [{"kind": "reference_answer", "column": "answer", "extract": "last_number", "compare": "number",
                    "name": "correct"}, {"kind": "regex", "pattern": r"^The sum is", "weight": 0.2, "name": "format"}]
-    config = tiny_config(PIPELINE, stages=["data", "sft", "ppo", "evaluate"], algorithm="grpo",
-                         data={"source": str(demos), "labels": "human"},
-                         prompt_data={"source": str(asks), "columns": {"question": "prompt"}},
-                         ppo={"samples_per_prompt": 2, "rewards": components})
-    ctx = RunContext(tmp_path / "run")
-    reports = run_pipeline(config, ctx)
+    shorter = pairwise(lambda a, b: "A" if len(a) < len(b) else "B" if len(b) < len(a) else "A")
+    with stand_in_judge(shorter) as judge:
+        config = tiny_config(PIPELINE, stages=["data", "sft", "ppo", "evaluate"], algorithm="grpo",
+                             data={"source": str(demos), "labels": "human"},
+                             prompt_data={"source": str(asks), "columns": {"question": "prompt"}},
+                             ppo={"samples_per_prompt": 2, "rewards": components},
+                             evaluate={"judge": {"kind": "judge", "url": judge.url, "model": "grader",
+                                                 "rubric": "{prompt}" + ANSWER_MARK + "{first}|||{second}"}})
+        ctx = RunContext(tmp_path / "run")
+        reports = run_pipeline(config, ctx)
+    assert len(judge.requests) == 2 * config.evaluate.n_prompts * config.evaluate.samples_per_prompt  # both orders
+    assert 0.0 <= reports["evaluate"].judge_win_rate.mean <= 1.0
     assert reports["ppo"].rewards == ["correct", "format"] and reports["ppo"].reward_model == "none"
     evaluation = reports["evaluate"]
     assert evaluation.rewards == ["correct", "format"] and evaluation.reward_diff is not None
@@ -214,6 +224,8 @@ def test_a_job_may_name_only_the_judges_its_operator_lists():
     assert [field for field, _, _ in problems] == ["ppo.rewards[0].url"]
     assert "EDGERLHF_JUDGE_URLS" in problems[0][2]
     assert not service_problems(config, [Path("/")], judge_urls=("http://169.254.169.254/v1/",))
+    evaluated = load_config("tiny", {"evaluate": {"judge": {"kind": "judge", "url": "http://10.0.0.1/v1", "model": "m"}}})
+    assert [f for f, _, _ in service_problems(evaluated, [Path("/")])] == ["evaluate.judge.url"]
 
 
 def test_a_grpo_step_logs_the_judges_grades(tmp_path):
@@ -237,3 +249,34 @@ def test_a_grpo_step_logs_the_judges_grades(tmp_path):
     torch.testing.assert_close(scores.cpu(), expected)
     assert metrics["grpo/rewards/asks_back_mean"] == pytest.approx(expected.mean().item())
     assert len(judge.requests) == len(set(zip(rollouts.prompts, rollouts.responses)))
+
+
+# --- the evaluation's pairwise judge --------------------------------------------------------------------
+
+
+def pairwise(rule):
+    """A stand-in grader of `first|||second` (the tests' pairwise rubric puts the two answers there)."""
+    return lambda text: rule(*text.split("|||"))
+
+
+def test_the_pairwise_judge_asks_both_orders_and_cancels_a_position_bias():
+    from edgerlhf.evaluate import judge_win_rate
+    from tests.support.judge import ANSWER_MARK, stand_in_judge
+
+    component = lambda url: RewardComponent(kind="judge", url=url, model="grader",  # noqa: E731
+                                            rubric="{prompt}" + ANSWER_MARK + "{first}|||{second}")
+    sft, aligned = ["Sure.", "Fine.", "No."] * 2, ["Why?", "Fine.", "Really?"] * 2
+    prompts = [PROMPT] * 6
+    asks_back = pairwise(lambda a, b: "A" if a.endswith("?") and not b.endswith("?") else
+                         "B" if b.endswith("?") and not a.endswith("?") else "A")
+    with stand_in_judge(asks_back) as judge:
+        got = judge_win_rate(rewards.Judge(component(judge.url), "evaluate.judge"), prompts, sft, aligned, k=2,
+                             n_resamples=200)
+    # Prompt-major, 2 answers per prompt: (Why? vs Sure.) wins, (Fine. vs Fine.) is position alone, (Really? vs No.)
+    # wins, ... -> per-prompt means 0.75, 0.75, 1.0.
+    assert got["win_rate"]["mean"] == pytest.approx((0.75 + 0.75 + 1.0) / 3)
+    assert got["consistent"] == pytest.approx(4 / 6)
+    with stand_in_judge(pairwise(lambda a, b: "A")) as judge:  # always the first: no preference at all
+        got = judge_win_rate(rewards.Judge(component(judge.url), "evaluate.judge"), prompts, sft, aligned, k=2,
+                             n_resamples=200)
+    assert got["win_rate"]["mean"] == 0.5 and got["consistent"] == 0.0
