@@ -1,7 +1,7 @@
 """The `edgerlhf` command: one entry point for every process of the service and for the pipeline.
 
-    edgerlhf up          backend + worker + dashboard together; Ctrl-C stops all three, and they die with it
-                         (`--workers N`: N workers, worker i on GPU i)
+    edgerlhf up          backend + worker + dashboard together; a child that dies is restarted; Ctrl-C stops all
+                         three, and they die with it (`--workers N`: N workers, worker i on GPU i)
     edgerlhf backend     the FastAPI backend (uvicorn)
     edgerlhf worker      the GPU worker (one job at a time)
     edgerlhf frontend    the Streamlit dashboard
@@ -147,8 +147,16 @@ def worker_commands(workers: int | None) -> dict[str, list[str]]:
     return {f"worker-{i}": [*base, "--gpu", str(i)] for i in range(workers)}
 
 
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+"""Pauses before restarting a child of `up` that died, one more step each time it died within `CRASH_WINDOW_S`."""
+CRASH_WINDOW_S = 120.0
+MAX_CRASHES = 5
+"""A child that dies this many times within `CRASH_WINDOW_S` is crash-looping: `up` stops everything instead."""
+
+
 def up(argv: list[str]) -> int:
-    """Start backend, worker(s) and dashboard as child processes; stop them all on Ctrl-C or if one dies."""
+    """Start backend, worker(s) and dashboard as child processes; restart one that dies (after a pause that grows
+    while it keeps dying), stop them all on Ctrl-C or when one crash-loops."""
     import argparse
 
     from edgerlhf.log import setup_logging
@@ -198,9 +206,13 @@ def up(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     reaper = Reaper()
-    for name, cmd in commands.items():
-        procs[name] = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent())
+
+    def start(name: str) -> None:
+        procs[name] = subprocess.Popen(commands[name], env=env, start_new_session=True, preexec_fn=die_with_parent())
         reaper.watch(procs[name].pid)
+
+    for name in commands:
+        start(name)
     log.info(f"data directory: {settings.data_dir}")
     log.info(f"database:       {settings.db_url_for_logs}")
     if args.workers is not None:
@@ -213,13 +225,30 @@ def up(argv: list[str]) -> int:
     log.info("press Ctrl-C to stop")
 
     exit_code = 0
+    crashes: dict[str, list[float]] = {name: [] for name in commands}
+    restart_at: dict[str, float] = {}
     while not stopping:
+        now = time.monotonic()
         for name, proc in procs.items():
-            if proc.poll() is not None:
-                log.error(f"{name} exited with code {proc.returncode}; stopping the others")
+            if name in restart_at or proc.poll() is None:
+                continue
+            # A child that died: the others keep serving (a job keeps running while the backend is down); it is
+            # started again after a pause, unless it keeps dying.
+            crashes[name] = [t for t in crashes[name] if now - t < CRASH_WINDOW_S] + [now]
+            if len(crashes[name]) >= MAX_CRASHES:
+                log.error(f"{name} exited with code {proc.returncode}, {len(crashes[name])} times in "
+                          f"{CRASH_WINDOW_S:.0f} s; stopping the others")
                 exit_code = proc.returncode or 1
                 stopping = True
                 break
+            pause = RESTART_BACKOFF_S[min(len(crashes[name]), len(RESTART_BACKOFF_S)) - 1]
+            log.error(f"{name} exited with code {proc.returncode}; restarting it in {pause:.0f} s")
+            restart_at[name] = now + pause
+        for name, when in list(restart_at.items()):
+            if not stopping and now >= when:
+                del restart_at[name]
+                start(name)
+                log.info(f"{name} restarted (pid {procs[name].pid})")
         time.sleep(0.3)
 
     log.info("stopping ...")

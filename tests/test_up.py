@@ -1,6 +1,6 @@
 """`edgerlhf up` (behind `make run`): three real processes come up, answer, and all go away on Ctrl-C or
-with `up` itself (`kill -9`); a second `up` on the same data directory or ports says why it cannot start;
-`up --workers 2` runs a worker per GPU, and both go with it too."""
+with `up` itself (`kill -9`); a child that dies is restarted; a second `up` on the same data directory or ports says
+why it cannot start; `up --workers 2` runs a worker per GPU, and both go with it too."""
 
 from __future__ import annotations
 
@@ -133,6 +133,26 @@ def test_kill_9_of_up_takes_every_process_it_started_with_it_and_a_second_up_is_
     for p in left:  # do not leave them holding ports for the next test
         p.kill()
     assert not left, f"left behind: {[p.cmdline() for p in left]}"
+
+
+@pytest.mark.slow
+def test_a_backend_that_dies_is_restarted_and_answers_again(tmp_path):
+    ports = free_port(), free_port()
+    up = start_up(up_env(tmp_path / "data", *ports), "--no-worker")
+    try:
+        deadline = time.monotonic() + 120
+        wait_for(f"http://127.0.0.1:{ports[0]}/healthz", deadline)
+        (backend,) = [p for p in psutil.Process(up.pid).children() if "backend" in " ".join(p.cmdline())]
+        backend.kill()  # as a crash would: no handler runs
+        backend.wait(timeout=30)
+        wait_for(f"http://127.0.0.1:{ports[0]}/healthz", time.monotonic() + 120)
+        (again,) = [p for p in psutil.Process(up.pid).children() if "backend" in " ".join(p.cmdline())]
+        assert again.pid != backend.pid and up.poll() is None  # the rest kept running
+    finally:
+        up.send_signal(signal.SIGINT)
+        output, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, output
+    assert "backend exited with code -9; restarting it in 1 s" in output and f"backend restarted (pid {again.pid})" in output
 
 
 @pytest.mark.parametrize("busy", ["backend", "dashboard"])
