@@ -23,8 +23,9 @@ from fastapi import FastAPI
 from backend import chat_models
 from backend.api.errors import SafeJSONResponse, install_error_handlers
 from backend.api.middleware import BodyLimitMiddleware, SameSiteMiddleware, TokenMiddleware, UnicodeMiddleware
-from backend.api.routes import arena, chat, export, jobs, metrics, plan, system
+from backend.api.routes import arena, chat, datasets, export, jobs, metrics, plan, system
 from db import init_db, make_engine, make_sessionmaker
+from edgerlhf import locations
 from edgerlhf.settings import Settings, get_settings, is_loopback
 
 logger = logging.getLogger("edgerlhf.backend")
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A backend app on `settings` (default: the environment's); creates the database tables if needed."""
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    locations.set_download_limit(settings.max_download_bytes)  # a registered hub data set, a preview's tokenizer
     engine = make_engine(settings.db_url)
     init_db(engine)
 
@@ -58,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(export.router, prefix="/api")
     app.include_router(metrics.router, prefix="/api")
     app.include_router(arena.router, prefix="/api")
+    app.include_router(datasets.router, prefix="/api")
     app.include_router(chat.router, prefix="/v1")
 
     # Outermost first in the request path: the token, Host and Origin, the size limit, the body's Unicode,
@@ -65,7 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # every request (/api, /v1, the SSE streams, /docs, unknown paths), where a router dependency would only
     # guard the routes it is attached to; and it runs first, so no unauthenticated body is ever read.
     app.add_middleware(UnicodeMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # A data set file is the one body allowed past `max_body_bytes` (its own limit, counted as it streams).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       uploads={f"/api{datasets.router.prefix}": settings.max_upload_bytes + datasets.FORM_BYTES})
     app.add_middleware(SameSiteMiddleware, hosts=settings.allowed_hosts)
     app.add_middleware(TokenMiddleware, token=settings.api_token)
     install_error_handlers(app)

@@ -41,7 +41,7 @@ from edgerlhf.contract import FINISHED, JobStatus, StageStatus
 from edgerlhf.votes import VoteChoice
 
 __all__ = ["FINISHED", "INT64_MAX", "INT64_MIN", "MAX_GPU_MEMORY_MB", "JobStatus", "StageStatus", "ArenaVote",
-           "Artifact", "Base", "Job", "LogLine", "Metric", "Sample", "StageRun", "VoteChoice", "Worker", "utcnow"]
+           "Artifact", "Base", "Dataset", "Job", "LogLine", "Metric", "Sample", "StageRun", "VoteChoice", "Worker", "utcnow"]
 
 
 def utcnow() -> datetime:
@@ -271,3 +271,49 @@ class ArenaVote(Base):
     choice: Mapped[VoteChoice] = mapped_column(_enum(VoteChoice))
     better: Mapped[str | None] = mapped_column(Text, default=None)
     """An answer the person wrote, better than both (None: none written)."""
+
+
+class Dataset(Base):
+    """A data set a job may read by its id: a file uploaded to the backend, or a hub id registered with it.
+
+    An upload is stored once per content (`sha256`, unique) under the data directory, at `path`; a hub data set is
+    read from the hub by the job (`hub_id`, `hub_name`, `data_dir`, `split`). The format was detected when it was
+    added (`edgerlhf.formats`), so the list can say what each holds without reading it again. What the backend does
+    with it is `backend.datasets`.
+    """
+
+    __tablename__ = "datasets"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(ID64, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16))
+    """What it holds, as detected: preference, demonstration, prompt or unpaired (`edgerlhf.formats.KINDS`)."""
+    conversational: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Its texts are lists of `{"role", "content"}` messages."""
+    reason: Mapped[str] = mapped_column(Text, default="")
+    """Why the format was detected as it was (`formats.Detected.reason`)."""
+    format: Mapped[str] = mapped_column(String(16), default="auto")
+    """The format asked for when it was added (`auto`: detected); a job reads it with this `format`."""
+    columns: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """The column mapping (its name -> the format's) used to detect it, and that a job applies; None: none."""
+    rows: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Rows read (a multi-turn demonstration may give several records)."""
+    records: Mapped[int] = mapped_column(BigInteger, default=0)
+    bad_rows: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Rows that could not be read, accepted only when it was added with `skip_bad_rows` (jobs then skip them)."""
+    bad_row_examples: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    """The first few bad rows, `file:line: message` each."""
+    sha256: Mapped[str | None] = mapped_column(String(64), default=None, unique=True)
+    """An upload's content hash (the same file uploaded twice is one data set); None for a hub data set."""
+    path: Mapped[str | None] = mapped_column(Text, default=None)
+    """An upload's file, relative to the data directory: `datasets/<sha256>/<file name>`."""
+    size: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    """An upload's bytes."""
+    hub_id: Mapped[str | None] = mapped_column(String(200), default=None)
+    """A hub data set's id (`org/name`); None for an upload."""
+    hub_name: Mapped[str | None] = mapped_column(String(200), default=None)
+    """Its configuration name (`datasets.load_dataset(id, name)`)."""
+    data_dir: Mapped[str | None] = mapped_column(String(300), default=None)
+    split: Mapped[str | None] = mapped_column(String(100), default=None)

@@ -166,6 +166,20 @@ def render_chat(messages: list[dict[str, str]]) -> str:
     return "".join(parts) + ASSISTANT
 
 
+HH_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '\n\nHuman:' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '\n\nAssistant:' }}"
+    "{%- else -%}{{ '\n\nSystem:' }}{%- endif -%}"
+    "{%- set text = message['content'] | trim | replace('\n\nHuman:', '\nHuman:')"
+    " | replace('\n\nAssistant:', '\nAssistant:') -%}"
+    "{%- if text -%}{{ ' ' + text }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\n\nAssistant:' }}{%- endif -%}"
+)
+"""`render_chat` as a Jinja chat template, for tools outside EdgeRLHF that run a model trained on HH text (a GGUF
+export's `tokenizer.chat_template`): the same prompt for the same user, assistant and system messages."""
+
 _TURN = re.compile(r"\n\n(Human|Assistant|System):")
 _ROLES = {"Human": "user", "Assistant": "assistant", "System": "system"}
 

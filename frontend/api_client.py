@@ -192,12 +192,16 @@ class ApiClient:
         return self.request("GET", f"/api/jobs/{job_id}")
 
     def create_job(self, preset: str, overrides: dict[str, Any] | None = None, name: str | None = None,
-                   min_gpu_memory_mb: int | None = None, override_memory_plan: bool = False) -> dict[str, Any]:
+                   min_gpu_memory_mb: int | None = None, override_memory_plan: bool = False,
+                   datasets: dict[str, int] | None = None) -> dict[str, Any]:
         """`JobCreate`; `min_gpu_memory_mb`: only a worker whose GPU has that much memory runs it (None: any);
-        `override_memory_plan`: queue it even if the memory plan says it does not fit (else a 409 says why)."""
+        `override_memory_plan`: queue it even if the memory plan says it does not fit (else a 409 says why);
+        `datasets`: config section (`data`, `sft_data`, `prompt_data`) -> the id of the data set it reads."""
         body: dict[str, Any] = {"preset": preset, "overrides": overrides or {}}
         if name:
             body["name"] = name
+        if datasets:
+            body["datasets"] = datasets
         if min_gpu_memory_mb is not None:
             body["min_gpu_memory_mb"] = min_gpu_memory_mb
         if override_memory_plan:
@@ -224,14 +228,22 @@ class ApiClient:
     def delete_job(self, job_id: int) -> None:
         self.request("DELETE", f"/api/jobs/{job_id}")
 
-    def export_job(self, job_id: int) -> dict[str, Any]:
-        """Merge the job's PPO policy into one model directory (`ExportPublic`: `path`, `files`, `bytes`,
-        `download`); merging a model of a few GB takes a minute."""
-        return self.request("POST", f"/api/jobs/{job_id}/export", timeout=EXPORT_TIMEOUT)
+    def export_job(self, job_id: int, fmt: str = "hf", quant: str = "q8_0") -> dict[str, Any]:
+        """Merge the job's PPO policy into one model directory, or one GGUF file with an Ollama Modelfile
+        (`fmt="gguf"`, `quant` f16 or q8_0): `ExportPublic` (`path`, `files`, `bytes`, `download`); merging a model
+        of a few GB takes a minute."""
+        return self.request("POST", f"/api/jobs/{job_id}/export", params={"format": fmt, "quant": quant},
+                            timeout=EXPORT_TIMEOUT)
 
-    def export_tar(self, job_id: int) -> bytes:
-        """The exported directory as a .tar (after `export_job`)."""
-        resp = self._http.get(f"/api/jobs/{job_id}/export.tar", timeout=EXPORT_TIMEOUT)
+    def export_estimate(self, job_id: int, fmt: str = "hf", quant: str = "q8_0") -> dict[str, Any]:
+        """Roughly how much disk and memory that export needs (`ExportEstimatePublic`: `parameters`, `disk_bytes`,
+        `ram_bytes`): an estimate from the weights' count."""
+        return self.request("GET", f"/api/jobs/{job_id}/export/estimate", params={"format": fmt, "quant": quant})
+
+    def export_tar(self, job_id: int, fmt: str = "hf", quant: str = "q8_0") -> bytes:
+        """The exported directory as a .tar (after `export_job` with the same format and quant)."""
+        resp = self._http.get(f"/api/jobs/{job_id}/export.tar", params={"format": fmt, "quant": quant},
+                              timeout=EXPORT_TIMEOUT)
         if resp.status_code >= 400:
             raise parse_error(resp.status_code, resp.json())
         return resp.content

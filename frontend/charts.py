@@ -313,3 +313,19 @@ def probe_reward_figure(rows: list[dict[str, Any]], order: list[str]) -> go.Figu
                                  line=dict(color=COLORS[i % len(COLORS)])))
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=order)
     return _layout(fig, "Probe reward per checkpoint", x="checkpoint", y="reward")
+
+
+def histogram_figure(hist: dict[str, Any], title: str, limit: int | None = None, color: str = COLORS[0]) -> go.Figure:
+    """A token-length histogram (`HistogramPublic`: `edges`, `counts`) with the budget `limit` as a dashed line:
+    what lies right of it is dropped."""
+    edges, counts = hist["edges"], hist["counts"]
+    fig = go.Figure(go.Bar(x=[(a + b) / 2 for a, b in zip(edges, edges[1:])], y=counts, name="records",
+                           width=[b - a for a, b in zip(edges, edges[1:])], marker_color=color,
+                           customdata=[f"{a}–{b - 1}" for a, b in zip(edges, edges[1:])],
+                           hovertemplate="%{customdata} tokens: %{y}<extra></extra>"))
+    if limit is not None:
+        fig.add_vline(x=limit + 0.5, line_dash="dash", line_color="#d62728", annotation_text=f"max {limit}",
+                      annotation_position="top right")
+    _layout(fig, title, x="tokens", y="records")
+    fig.update_layout(hovermode="closest", showlegend=False, bargap=0.05)
+    return fig

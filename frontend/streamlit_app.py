@@ -28,6 +28,7 @@ st.set_page_config(page_title="EdgeRLHF", page_icon="🎛️", layout="wide")
 training = [
     st.Page("app_pages/jobs.py", title="Jobs", icon=":material/list:", default=True),
     st.Page("app_pages/new_job.py", title="New job", icon=":material/add_circle:", url_path="new"),
+    st.Page("app_pages/datasets.py", title="Data sets", icon=":material/dataset:", url_path="datasets"),
     st.Page("app_pages/job.py", title="Job", icon=":material/monitoring:", url_path="job"),
     st.Page("app_pages/probes.py", title="Probe prompts", icon=":material/compare:", url_path="probes"),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/stacked_line_chart:", url_path="compare"),

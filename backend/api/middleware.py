@@ -9,7 +9,9 @@ names (DNS rebinding) and refuses state changes a browser says come from another
 what a token would stop, for the default setup without one). `BodyLimitMiddleware` counts the bytes that arrive,
 whatever `Content-Length` or `Transfer-Encoding` claim, and `UnicodeMiddleware` refuses a body that is not UTF-8
 or holds a lone surrogate (`"\\ud800"`, which JSON can spell but no UTF-8 response can carry), so nothing of the
-kind is stored.
+kind is stored. A file upload (`multipart/form-data` to a path of `BodyLimitMiddleware`'s `uploads`: the data set
+route) is the one exception: its own, larger limit, its bytes counted as they stream to the route instead of being
+held here, and no Unicode check (a file is bytes; the route checks its fields).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 OPEN_PATHS = frozenset({"/healthz"})
@@ -192,27 +195,63 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
+UPLOAD = "edgerlhf.upload"
+"""The scope key `BodyLimitMiddleware` sets on a file upload, so that `UnicodeMiddleware` lets its bytes pass."""
+
+
+def _counted(receive: Receive, limit: int, message: str) -> Receive:
+    """A `receive` that raises a 413 `HTTPException` once more than `limit` body bytes have arrived (FastAPI lets an
+    `HTTPException` raised while it reads a form through, so the client gets the 413 and no route runs)."""
+    seen = 0
+
+    async def counted() -> Message:
+        nonlocal seen
+        received = await receive()
+        if received["type"] == "http.request":
+            seen += len(received.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, message)
+        return received
+
+    return counted
+
+
 class BodyLimitMiddleware:
     """413 for a request body larger than `max_bytes`: a declared length at once, and on every request the bytes
     that actually arrive, counted before the app sees any of them (`Transfer-Encoding` in any case or form, or a
-    length the server's framing got wrong, changes nothing)."""
+    length the server's framing got wrong, changes nothing). `uploads` maps a path to the limit of a
+    `multipart/form-data` POST to it (a file upload): counted as it streams to the route, never held here."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, uploads: Mapping[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.uploads = dict(uploads or {})
+
+    def upload_limit(self, scope: Scope) -> int | None:
+        """The limit of this request's body if it is a file upload, else None."""
+        if scope["method"] != "POST" or scope["path"] not in self.uploads:
+            return None
+        kind = dict(scope.get("headers") or []).get(b"content-type", b"")
+        return self.uploads[scope["path"]] if kind.lower().startswith(b"multipart/form-data") else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = error_body(scope["path"], f"request body larger than {self.max_bytes} bytes", status=413)
+        upload = self.upload_limit(scope)
+        limit = self.max_bytes if upload is None else upload
+        too_large = error_body(scope["path"], f"request body larger than {limit} bytes" if upload is None else
+                               f"the upload is larger than its limit: {limit:,} bytes with its form fields "
+                               "(EDGERLHF_MAX_UPLOAD_BYTES)", status=413)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None:
             try:
                 declared = int(length)
             except ValueError:
                 return await _send_json(send, 400, error_body(scope["path"], "invalid Content-Length"))
-            if declared > self.max_bytes:
+            if declared > limit:
                 return await _send_json(send, 413, too_large)
+        if upload is not None:
+            return await self.app({**scope, UPLOAD: True}, _counted(receive, limit, too_large["detail"]), send)
         try:
             body = await _read_body(receive, self.max_bytes)
         except _TooLarge:
@@ -261,7 +300,7 @@ class UnicodeMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get(UPLOAD):
             return await self.app(scope, receive, send)
         body = await _read_body(receive)
         if body is None:

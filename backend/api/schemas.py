@@ -9,9 +9,13 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pathlib import Path
 
-from db.models import MAX_GPU_MEMORY_MB, Artifact, Job, JobStatus, LogLine, Metric, Sample, StageRun, Worker
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from db.models import (INT64_MAX, MAX_GPU_MEMORY_MB, Artifact, Dataset, Job, JobStatus, LogLine, Metric, Sample,
+                       StageRun, Worker)
+from edgerlhf.locations import HUB_ID
 from edgerlhf.contract import StageStatus
 from edgerlhf.plan import MemoryPlan
 
@@ -52,6 +56,27 @@ Overrides = Annotated[dict[str, Any], BeforeValidator(_shallow)]
 # --- jobs ------------------------------------------------------------------------------------------
 
 
+DatasetId = Annotated[int, Field(strict=True, ge=1, le=INT64_MAX)]
+
+
+class DatasetRefs(BaseModel):
+    """The data sets a job reads, by config section (`backend.datasets`); a section left out reads what the
+    overrides and the preset say."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"data": 1, "sft_data": 2}]})
+
+    data: DatasetId | None = Field(None, description="`data.source`: preference pairs (or any kind) for the data "
+                                                     "stage, the reward model and DPO")
+    sft_data: DatasetId | None = Field(None, description="`sft_data.source`: SFT's demonstrations (or pairs: their "
+                                                  "preferred answers)")
+    prompt_data: DatasetId | None = Field(None, description="`prompt_data.source`: the prompts of PPO, GRPO, RLOO "
+                                                            "and the evaluation")
+
+    def chosen(self) -> dict[str, int]:
+        """Section -> data set id, for the sections given."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class JobCreate(BaseModel):
     """A new job: a preset plus overrides of any of its fields."""
 
@@ -68,6 +93,9 @@ class JobCreate(BaseModel):
     override_memory_plan: bool = Field(
         False, description="Queue the job even if the memory planner says a stage does not fit the GPU it is "
                            "checked against (see POST /api/plan); default: such a job is refused with 409")
+    datasets: DatasetRefs | None = Field(
+        None, description="Data sets (ids from GET /api/datasets) the job reads, by config section; each becomes "
+                          "that section's source, format and columns (the overrides' other fields of the section win)")
 
 
 class PlanRequest(BaseModel):
@@ -329,3 +357,168 @@ class SystemPublic(BaseModel):
     """Queued jobs."""
     jobs: dict[str, int]
     """Job count per status."""
+
+
+# --- data sets -------------------------------------------------------------------------------------
+
+
+DatasetFormat = Literal["auto", "preference", "demonstration", "prompt", "unpaired"]
+"""What a data set holds (`edgerlhf.formats.KINDS`); `auto`: detected from its columns."""
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:  # PostgreSQL refuses NUL in text
+        raise ValueError("contains a NUL character")
+    return value
+
+
+Text200 = Annotated[str, AfterValidator(_no_nul), Field(min_length=1, max_length=200)]
+
+
+class DatasetHubCreate(BaseModel):
+    """A hub data set to register: read once now (its format detected), downloaded by the jobs that read it."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"hub_id": "Anthropic/hh-rlhf", "data_dir": "harmless-base", "split": "train"}]})
+
+    hub_id: str = Field(min_length=1, max_length=193, pattern=HUB_ID.pattern, description="`org/name` on the hub")
+    name: Text200 | None = Field(None, description="Shown in lists; default: the hub id")
+    hub_name: Text200 | None = Field(None, description="The data set's configuration "
+                                                       "(`datasets.load_dataset(id, name)`)")
+    data_dir: str | None = Field(None, min_length=1, max_length=300, description="A subset folder of the data set")
+    split: str = Field("train", min_length=1, max_length=100, description="`train`, `test`, `train[:1000]` ...")
+    format: DatasetFormat = Field("auto", description="What it holds; `auto`: detected from its columns")
+    columns: dict[str, str] | None = Field(None, description="Column mapping, its name -> the format's, "
+                                                             "e.g. {\"question\": \"prompt\"}")
+    skip_bad_rows: bool = Field(False, description="Register it without its bad rows (counted and shown) instead "
+                                                   "of refusing it on the first one")
+
+
+class DatasetPublic(BaseModel):
+    """A data set: what it holds (detected when it was added), where it comes from, and who reads it now."""
+
+    id: int
+    name: str
+    origin: Literal["upload", "hub"]
+    created_at: datetime
+    kind: str
+    """preference, demonstration, prompt or unpaired (`edgerlhf.formats.KINDS`)."""
+    conversational: bool
+    """Its texts are lists of `{"role", "content"}` messages."""
+    reason: str
+    """Why this format was detected."""
+    format: str
+    """The format asked for when it was added (`auto`: detected); a job reads it so."""
+    columns: dict[str, str] | None
+    """The column mapping it is read with."""
+    rows: int
+    records: int
+    """Records read from the rows (a multi-turn conversation gives one demonstration per assistant turn)."""
+    bad_rows: int
+    """Rows skipped as unreadable (only when it was added with `skip_bad_rows`)."""
+    bad_row_examples: list[str]
+    """The first few, `file:line: what is wrong`."""
+    source: str
+    """What a job's config names to read it: the stored file's absolute path, or the hub id."""
+    file_name: str | None
+    sha256: str | None
+    size: int | None
+    """Bytes of the stored file."""
+    hub_id: str | None
+    hub_name: str | None
+    data_dir: str | None
+    split: str | None
+    sections: list[str]
+    """The config sections a job can fill with it (`JobCreate.datasets`): `data`, `sft_data` (not a prompt set),
+    `prompt_data`."""
+    used_by: list[int]
+    """Queued or running jobs that read it: while there are any it cannot be deleted."""
+
+    @classmethod
+    def of(cls, d: Dataset, data_dir: Path, used_by: list[int]) -> Self:
+        from backend.datasets import SECTIONS
+
+        return cls(sections=[s for s, kinds in SECTIONS.items() if d.kind in kinds], id=d.id, name=d.name,
+                   origin="hub" if d.hub_id else "upload", created_at=d.created_at,
+                   kind=d.kind, conversational=d.conversational, reason=d.reason, format=d.format, columns=d.columns,
+                   rows=d.rows, records=d.records, bad_rows=d.bad_rows, bad_row_examples=d.bad_row_examples or [],
+                   source=str(data_dir / d.path) if d.path else d.hub_id,
+                   file_name=Path(d.path).name if d.path else None, sha256=d.sha256, size=d.size, hub_id=d.hub_id,
+                   hub_name=d.hub_name, data_dir=d.data_dir, split=d.split, used_by=used_by)
+
+
+class DatasetAdded(DatasetPublic):
+    """The data set an upload or registration made, or the one already stored with the same content."""
+
+    duplicate: bool
+    """True: the same file (or hub coordinates) was stored already, and this is that data set."""
+
+
+class DatasetsPublic(BaseModel):
+    items: list[DatasetPublic]
+    """Newest first."""
+
+
+class HistogramPublic(BaseModel):
+    """Token lengths in equal-width bins from 0: `counts[i]` lengths in `[edges[i], edges[i+1])`."""
+
+    edges: list[int]
+    counts: list[int]
+    mean: float | None
+    p50: int | None
+    p95: int | None
+    max: int | None
+
+
+class PreviewAnswer(BaseModel):
+    role: str
+    """`chosen`, `rejected` or `completion`."""
+    text: str
+    """As the model is taught it (its chat template's end of turn, or a space before and EOS after)."""
+    tokens: int
+    """Its length as `max_response_tokens` counts it."""
+
+
+class PreviewRow(BaseModel):
+    prompt: str
+    """As the model sees it: its chat template up to where the answer begins, or the HH dialogue."""
+    prompt_tokens: int
+    """Its length as `max_prompt_tokens` counts it (the stored prompt, no template)."""
+    answers: list[PreviewAnswer]
+    """Empty for a prompt set."""
+    label: bool | None
+    """Unpaired feedback: whether the answer is a good one."""
+    extra: dict[str, Any]
+    """The record's other fields (a prompt set's extra columns)."""
+
+
+class DatasetPreview(BaseModel):
+    """A data set as one model would read it: its first rows rendered, the token lengths, and what given budgets
+    would drop (`backend.datasets.preview`)."""
+
+    dataset_id: int
+    model: str
+    """Whose tokenizer rendered and counted."""
+    chat_template: bool
+    """The tokenizer has a chat template (else the HH text is what the model sees)."""
+    kind: str
+    conversational: bool
+    reason: str
+    rows: int
+    records: int
+    bad_rows: int
+    measured: int
+    """Records measured for the histograms and the drops (the first ones, at most 20,000)."""
+    max_prompt_tokens: int
+    max_response_tokens: int
+    prompt_tokens: HistogramPublic
+    answer_tokens: HistogramPublic | None
+    """None for a prompt set."""
+    dropped: dict[str, int]
+    """What the data stage's cleaning would drop of the measured records, by reason, with these budgets
+    (`prompt_too_long`, `response_too_long`, `duplicate`, `empty_response` ...)."""
+    kept: int
+    """Measured records it would keep."""
+    rows_shown: list[PreviewRow]
+    problems: list[str]
+    """The bad rows, `file:line: what is wrong`."""

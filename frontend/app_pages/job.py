@@ -16,7 +16,9 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from edgerlhf.contract import MEMORY_PREFIX, SAMPLED_PREFIX, JobStatus, StageStatus, algorithm_traits
+from edgerlhf.contract import (EXPORT_FORMATS, GGUF_QUANTS, MEMORY_PREFIX, SAMPLED_PREFIX, JobStatus, StageStatus,
+                               algorithm_traits)
+from edgerlhf.export import human_size
 from frontend import charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
 from frontend.reports import eval_headline, eval_pairs, eval_rows, precision_rows
@@ -247,26 +249,45 @@ DOWNLOAD_LIMIT = 200 * 1024 * 1024
 """Larger exports are fetched with the API (the dashboard would hold the whole .tar in memory)."""
 
 
+EXPORT_FORMAT_LABELS = {"hf": "Hugging Face directory", "gguf": "GGUF + Ollama Modelfile"}
+
+
 def export_section(jid: int) -> None:
-    """Export the aligned policy as one Hugging Face model directory, and download it."""
+    """Export the aligned policy as one Hugging Face model directory or one GGUF file, and download it."""
     st.markdown("#### Export the aligned model")
     key = f"export-{jid}"
     client = get_client()
+    left, right = st.columns([3, 2])
+    fmt = left.radio("Format", EXPORT_FORMATS, format_func=EXPORT_FORMAT_LABELS.get, horizontal=True,
+                     key=f"{key}-format",
+                     help="Hugging Face: one directory that `AutoModelForCausalLM.from_pretrained` loads anywhere. "
+                          "GGUF: one file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile (chat "
+                          "template, stop strings, this job's sampling settings) and the commands that run it.")
+    quant = right.selectbox("GGUF weights", GGUF_QUANTS, key=f"{key}-quant", disabled=fmt != "gguf",
+                            help="f16: 2 bytes a weight, as trained; q8_0: about half of that, nearly as good.")
+    try:
+        need = client.export_estimate(jid, fmt, quant)
+    except (ApiError, BackendDown):  # the estimate is a hint: the export itself reports what went wrong
+        need = None
+    if need:
+        st.caption(f"Needs about {human_size(need['disk_bytes'])} of disk and {human_size(need['ram_bytes'])} of "
+                   f"memory on the server ({need['parameters']:,} weights; an estimate).")
     if st.button("Export model", key=f"{key}-button",
-                 help="Merge the aligned policy's adapter into the SFT model: one directory that "
-                      "`AutoModelForCausalLM.from_pretrained` loads anywhere, with the tokenizer and chat template."):
+                 help="Merge the aligned policy's adapter into the SFT model and write it in the chosen format, "
+                      "with the tokenizer and chat template."):
         with st.spinner("Merging the policy…"):
-            st.session_state[key] = ui.call(client.export_job, jid)
+            st.session_state[key] = ui.call(client.export_job, jid, fmt, quant)
     exported = st.session_state.get(key)
     if not exported:
         return
-    st.success(f"Exported to `{exported['path']}` ({exported['bytes'] / 2**20:,.1f} MB, "
+    st.success(f"Exported to `{exported['path']}` ({human_size(exported['bytes'])} on disk, "
                f"{len(exported['files'])} files).")
     st.code(f"curl -H 'Authorization: Bearer $EDGERLHF_API_TOKEN' -o job-{jid}.tar "
-            f"{client.base_url}{exported['download']}", language="bash")
+            f"'{client.base_url}{exported['download']}'", language="bash")
     if exported["bytes"] <= DOWNLOAD_LIMIT:
-        st.download_button("Download .tar", data=lambda: client.export_tar(jid), file_name=f"job-{jid}.tar",
-                           mime="application/x-tar", key=f"{key}-download")
+        done_fmt, done_quant = exported["format"], exported["quant"] or quant
+        st.download_button("Download .tar", data=lambda: client.export_tar(jid, done_fmt, done_quant),
+                           file_name=f"job-{jid}.tar", mime="application/x-tar", key=f"{key}-download")
 
 
 st.title("Job")

@@ -7,7 +7,9 @@ the dashboard keeps no copy of it, and the widget's kind follows the field's typ
 a 422 names the field (`ppo.batch_size`), and its message is shown right under that field. Submitting
 opens the new job's page. Beside the config, a job may ask for a minimum GPU memory (`min_gpu_memory_mb`):
 only a worker whose GPU has that much takes it. "Arena votes" trains the job on the Arena page's votes, alone
-or mixed with the data set: at launch a snapshot of them becomes `data.votes_file` (`frontend.arena`).
+or mixed with the data set: at launch a snapshot of them becomes `data.votes_file` (`frontend.arena`). "Data sets"
+picks, per stage, one of the Data sets page's uploads or hub registrations (`datasets` in the job request: the
+backend makes it that section's source).
 
 The alignment algorithm (`algorithm`: PPO, GRPO, RLOO or DPO) decides which settings follow: the sampling
 algorithms' (`ppo.*`, shared by PPO, GRPO and RLOO; a few PPO's own) or DPO's (`dpo.*`).
@@ -26,7 +28,7 @@ from typing import Any
 import streamlit as st
 
 from edgerlhf.contract import ALGORITHM_TABLE, ALGORITHMS, PRECISIONS, STAGES, merge_overrides
-from frontend import arena, ui
+from frontend import arena, datasets, ui
 from frontend.api_client import ApiClient, ApiError, BackendDown, get_client
 
 # (section, config path, label, options). The widget follows the field's type from /api/config/fields:
@@ -95,6 +97,7 @@ BY_ALGORITHM = ("ppo.samples_per_prompt",)
 """Fields whose default the config derives from the algorithm (None: 1 for PPO, 4 for GRPO and RLOO). The preset
 shows the value derived for its own algorithm; for another one the field starts empty, so the config derives it."""
 ERRORS = "new_job_errors"  # session key: {field path: message} from the last rejected submit
+DATASET_KEY = "nj_dataset:{}"  # a data set picker's key, by config section (outside `nj:<preset>:`: no config field)
 MIN_GPU = "min_gpu_memory_mb"  # the job-level field of `JobCreate` (not part of the config)
 OVERRIDE = "override_memory_plan"  # the job-level field that queues a job the memory plan refuses
 PLAN_SECONDS = 10  # a plan depends on the registered workers' GPUs too: recompute it now and then
@@ -235,6 +238,35 @@ def show_plan(result, source: str) -> None:
                          hide_index=True, width="stretch")
 
 
+def dataset_pickers(client: ApiClient, errors: dict[str, str]) -> dict[str, int]:
+    """A data set per config section (`data`, `sft_data`, `prompt_data`) from the Data sets page's list, each
+    offering only the data sets that section can read (`DatasetPublic.sections`): section -> the id chosen."""
+    st.subheader("Data sets", divider="gray")
+    try:
+        items = datasets.list_datasets(client)
+    except BackendDown as exc:
+        ui.backend_down(exc, inline=True)
+        return {}
+    except ApiError as exc:
+        st.error(f"No data sets: {exc.message}")
+        return {}
+    st.caption("Your uploads and hub registrations (the **Data sets** page). A stage given one reads it instead of "
+               "the Data fields above; a stage left at its default reads what they say (SFT: the preferred answers "
+               "of the preference data; prompts: its prompts)." if items else
+               "No data sets yet: upload your own on the **Data sets** page.")
+    by_id = {d["id"]: d for d in items}
+    chosen: dict[str, int] = {}
+    for column, (section, label) in zip(st.columns(len(datasets.SECTIONS)), datasets.SECTIONS.items()):
+        with column:
+            ids = [None, *(d["id"] for d in items if section in d["sections"])]
+            picked = st.selectbox(label, ids, key=DATASET_KEY.format(section),
+                                  format_func=lambda i: "— the default —" if i is None else datasets.label(by_id[i]))
+            if picked is not None:
+                chosen[section] = picked
+            field_error(f"datasets.{section}", errors)
+    return chosen
+
+
 def field_error(path: str, errors: dict[str, str]) -> None:
     """The backend's message for this field (or one of its items, e.g. `reward.precisions[1]`), under it."""
     for name, message in errors.items():
@@ -267,7 +299,7 @@ errors: dict[str, str] = st.session_state.get(ERRORS, {})
 known = {path for _, path, _, _ in FIELDS}
 other = {k: v for k, v in errors.items()
          if not any(k == p or k.startswith(p + "[") or k.startswith(p + ".") for p in known)
-         and k not in ("overrides", MIN_GPU, OVERRIDE)}
+         and k not in ("overrides", MIN_GPU, OVERRIDE) and not k.startswith("datasets.")}
 
 values: dict[str, Any] = {}
 # Plain widgets rather than a form: the memory plan below follows every change as it is made.
@@ -306,6 +338,7 @@ with st.container(border=True):
                     values[path] = widget(fields[path], label.replace("PPO", algorithm_label) if sampling else label,
                                           options, default, key=key)
                     field_error(path, errors)
+    chosen_datasets = dataset_pickers(client, errors)  # the Data sets page's uploads, per stage
     arena_votes = arena.votes_option(client, key=f"nj:{preset}:votes")  # train on the Arena page's votes
     extra_text = st.text_area("Extra overrides (JSON, applied last)", key=f"nj:{preset}:extra",
                               placeholder='{"ppo": {"top_k": 0, "temperature": 0.7}}',
@@ -339,7 +372,7 @@ if submitted:
         try:
             job = client.create_job(preset, arena.with_votes(client, overrides, arena_votes), name=name.strip() or None,
                                     min_gpu_memory_mb=None if min_gpu is None else int(min_gpu),
-                                    override_memory_plan=override)
+                                    override_memory_plan=override, datasets=chosen_datasets)
         except BackendDown as exc:
             ui.backend_down(exc, inline=True)
             st.stop()

@@ -196,3 +196,24 @@ def test_job_page_exports_the_aligned_model(finished_job, dashboard_env):
 
     assert (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
     assert f"/api/jobs/{job_id}/export.tar" in at.code[-1].value
+
+
+def test_job_page_exports_the_aligned_model_as_gguf(finished_job, dashboard_env):
+    """With GGUF chosen, the page says roughly how much disk and memory the export needs, then writes the GGUF file,
+    its Modelfile and README, and offers that directory's download."""
+    from pathlib import Path
+
+    backend, job_id, raw = finished_job
+    dashboard_env(backend.url)
+    at = open_job_page(job_id, check=False)
+    at.radio(key=f"export-{job_id}-format").set_value("gguf").run()
+    at.selectbox(key=f"export-{job_id}-quant").set_value("f16").run()
+    assert any("Needs about" in c.value and "(an estimate)" not in c.value and "an estimate" in c.value
+               for c in at.caption), [c.value for c in at.caption]
+    at.button(key=f"export-{job_id}-button").click().run(timeout=300)
+    assert not at.exception, at.exception
+    (done,) = [s.value for s in at.success if "Exported to" in s.value]
+    path = Path(re.search(r"`([^`]+)`", done).group(1))
+    assert path.parts[-3:] == (f"job-{job_id}", "export", "gguf-f16")
+    assert sorted(p.name for p in path.iterdir()) == ["Modelfile", "README.md", "model-f16.gguf"]
+    assert f"/api/jobs/{job_id}/export.tar?format=gguf&quant=f16" in at.code[-1].value

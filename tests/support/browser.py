@@ -67,3 +67,20 @@ def edgerlhf_processes(data_dir: Path, names: tuple[str, ...], log_prefix: str, 
     finally:
         for proc in procs.values():
             stop(proc)
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick `option` in the Streamlit select box whose label holds `label`: the box is clicked; if its list does not
+    show the option (a scroll may close it), the option's start is typed into the box, which opens the list narrowed
+    to it. Then the option is clicked (the box shows the pick in an input, not as text: what the pick did is for the
+    caller to check)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    box = page.locator('[data-testid="stSelectbox"]').filter(has_text=label)
+    box.click()
+    choice = page.get_by_role("option").filter(has_text=option).first
+    try:
+        choice.wait_for(state="visible", timeout=5_000)
+    except PlaywrightTimeout:
+        page.keyboard.type(option[:24])
+    choice.click()

@@ -4,7 +4,8 @@ A job lives in the database and the worker, never in a browser session: closing 
 and any client can re-attach to a running job by its id. A job may ask for a minimum GPU memory; only a
 worker whose GPU has it claims the job, and while no live worker has it, `waiting_for` says so. A job the
 memory planner says cannot fit the GPU it would get is refused unless the person overrides the plan
-(`backend.api.routes.plan`).
+(`backend.api.routes.plan`). A job may name uploaded or registered data sets by id per config section
+(`datasets`): they become the sections' sources before the config is checked (`backend.datasets`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import shutil
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+
+from backend import datasets
 from backend.api.deps import JobDep, RowOffset, SessionDep, SettingsDep
 from backend.api.routes import export
 from backend.api.routes.plan import gpu_to_check, planned, refusal
@@ -66,11 +69,13 @@ def _conflict(exc: Exception) -> HTTPException:
                                              "checked against (`override_memory_plan` queues it anyway)"},
                         413: {"description": "Body too large"}})
 def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep):
-    """Queue a job: `preset` plus `overrides`. A bad field gets 422 naming it; a job the memory planner says
-    cannot fit its GPU gets 409 with the plan and the cheapest change that fits (see `POST /api/plan`),
-    unless `override_memory_plan`. Nothing is stored then."""
+    """Queue a job: `preset` plus `overrides`, and the data sets it reads (`datasets`, by id). A bad field gets 422
+    naming it; a job the memory planner says cannot fit its GPU gets 409 with the plan and the cheapest change that
+    fits (see `POST /api/plan`), unless `override_memory_plan`. Nothing is stored then."""
+    refs = body.datasets.chosen() if body.datasets else {}
     try:
-        config = validate_job(body.preset, body.overrides, [*settings.allowed_roots, settings.data_dir],
+        overrides = datasets.job_overrides(session, settings, refs, body.overrides) if refs else body.overrides
+        config = validate_job(body.preset, overrides, [*settings.allowed_roots, settings.data_dir],
                               settings.allowed_judge_urls)
     except JobInvalid as exc:
         return SafeJSONResponse(status_code=422, content={"detail": exc.errors})
@@ -85,8 +90,14 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep):
             if why:
                 return SafeJSONResponse(status_code=409, content={"detail": {
                     "field": "override_memory_plan", "message": why, "plan": result.model_dump(mode="json")}})
-    job = queue.create_job(session, name=body.name or body.preset, preset=body.preset, config=config.to_dict(),
-                           min_gpu_memory_mb=body.min_gpu_memory_mb)
+    try:
+        with datasets.reading(session, settings, refs):  # no delete of its data sets until the job is queued
+            job = queue.create_job(session, name=body.name or body.preset, preset=body.preset,
+                                   config=config.to_dict(), min_gpu_memory_mb=body.min_gpu_memory_mb)
+    except JobInvalid as exc:
+        return SafeJSONResponse(status_code=422, content={"detail": exc.errors})
+    except datasets.DatasetRefused as exc:  # the store's lock not had in time
+        raise HTTPException(exc.status, exc.message) from None
     logger.info(f"job {job.id} queued ({body.preset})", extra={"job_id": job.id})
     return job_public(session, job, settings.worker_alive_seconds)
 
