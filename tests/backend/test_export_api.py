@@ -7,10 +7,10 @@ import io
 import tarfile
 
 import pytest
-import torch
 
 from db import queue
 from edgerlhf.settings import Settings
+from tests.support.runs import save_policy_adapter
 
 
 @pytest.fixture
@@ -21,7 +21,6 @@ def settings(tmp_path, sqlite_url) -> Settings:
 
 def _finished_policy(run_dir, architecture: str = "gpt2") -> None:
     """A tiny random model as `sft/merged` and a LoRA adapter with B != 0 as `ppo/adapter`, with the ppo report."""
-    from peft import LoraConfig, get_peft_model
 
     from edgerlhf.config import TINY_TOKENIZER_DIR, ModelConfig, load_config
     from edgerlhf.models import load_tokenizer, random_model
@@ -33,13 +32,7 @@ def _finished_policy(run_dir, architecture: str = "gpt2") -> None:
                                      n_head=2, n_embd=32, n_positions=1024), tokenizer)
     model.save_pretrained(run_dir / "sft" / "merged")
     tokenizer.save_pretrained(run_dir / "sft" / "merged")
-    targets = ["c_attn"] if architecture == "gpt2" else ["q_proj", "v_proj"]
-    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    policy.save_pretrained(run_dir / "ppo" / "adapter")
+    save_policy_adapter(model, run_dir, ["c_attn"] if architecture == "gpt2" else ["q_proj", "v_proj"])
     (run_dir / "ppo" / "report.json").write_text("{}")
 
 

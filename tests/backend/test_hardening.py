@@ -24,7 +24,7 @@ import pytest
 
 from tests.support.backend import start_backend
 from tests.support.procs import wait_for
-from tests.support.runs import make_run_dir
+from tests.support.runs import make_run_dir, save_policy_adapter
 
 TOKEN = "hardening-token"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -40,7 +40,6 @@ USER = [{"role": "user", "content": "Tell me a long story about spiders."}]
 def _gpt2_run(run_dir: Path, n_embd: int = 32, n_positions: int = 128, with_ppo: bool = False) -> None:
     """A finished run of a random one-layer GPT-2 of this size: sft/merged (+ a LoRA adapter with B != 0 as ppo)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     from edgerlhf.config import TINY_TOKENIZER_DIR, load_config
@@ -55,12 +54,7 @@ def _gpt2_run(run_dir: Path, n_embd: int = 32, n_positions: int = 128, with_ppo:
     AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR).save_pretrained(merged)
     (run_dir / "sft" / "report.json").write_text("{}")
     if with_ppo:
-        policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM"))
-        with torch.no_grad():
-            for name, param in policy.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.5)
-        policy.save_pretrained(run_dir / "ppo" / "adapter")
+        save_policy_adapter(model, run_dir)
         (run_dir / "ppo" / "report.json").write_text("{}")
 
 

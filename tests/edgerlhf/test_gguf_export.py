@@ -28,6 +28,7 @@ from edgerlhf.contract import exported_gguf, gguf_file_name
 from edgerlhf.dialogue import HH_CHAT_TEMPLATE, PromptFormat, render_chat
 from edgerlhf.gguf_export import GGUF_FAMILIES, GGUFExportError, write_gguf
 from edgerlhf.modelfile import PROBES, turn_template
+from tests.support.runs import save_policy_adapter
 from tests.support.tiny import CHATML, chat_template_tokenizer
 
 TOLERANCE = {"f16": 0.02, "q8_0": 0.25}
@@ -363,8 +364,6 @@ def test_the_modelfile_renders_what_the_chat_template_renders(tokenizers, templa
 def _finished_run(run_dir, tokenizer):
     """A run directory whose policy is a tiny ChatML GPT-2 (`sft/merged`) plus a LoRA adapter with B != 0
     (`ppo/adapter`), and whose config samples at temperature 0.7, top_k 40, top_p 0.9."""
-    from peft import LoraConfig, get_peft_model
-
     from edgerlhf.config import load_config
 
     run_dir.mkdir()
@@ -373,12 +372,7 @@ def _finished_run(run_dir, tokenizer):
     model = tiny_model("gpt2", tokenizer)
     model.save_pretrained(run_dir / "sft" / "merged")
     tokenizer.save_pretrained(run_dir / "sft" / "merged")
-    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    policy.save_pretrained(run_dir / "ppo" / "adapter")
+    save_policy_adapter(model, run_dir)
     return run_dir
 
 

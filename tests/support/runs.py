@@ -28,10 +28,24 @@ def _save_gpt2(path: Path, seed: int) -> None:
     AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR).save_pretrained(path)
 
 
+def save_policy_adapter(model, run_dir: Path, target_modules: list[str] | None = None) -> None:
+    """A LoRA on `model` as a trained one would be (B != 0, so the policy differs from its base), saved as the run's
+    `ppo/adapter/` (`target_modules` default: GPT-2's `c_attn`)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules or ["c_attn"],
+                                              task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    policy.save_pretrained(run_dir / "ppo" / "adapter")
+
+
 def make_run_dir(run_dir: Path, with_ppo: bool = True) -> Path:
     """A finished tiny run: config.json, base/, sft/merged + report, ppo/adapter + report."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from edgerlhf.config import load_config
@@ -43,14 +57,8 @@ def make_run_dir(run_dir: Path, with_ppo: bool = True) -> Path:
     _save_gpt2(run_dir / "sft" / "merged", seed=2)
     (run_dir / "sft" / "report.json").write_text(json.dumps({"steps": 0}))
     if with_ppo:
-        sft = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "merged")
-        policy = get_peft_model(sft, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM"))
         torch.manual_seed(3)
-        with torch.no_grad():  # a trained adapter: B != 0, so the PPO policy differs from SFT
-            for name, param in policy.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.5)
-        policy.save_pretrained(run_dir / "ppo" / "adapter")
+        save_policy_adapter(AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "merged"), run_dir)
         (run_dir / "ppo" / "report.json").write_text(json.dumps({"steps": 0}))
     return run_dir
 
