@@ -192,7 +192,7 @@ class TokenStats:
     token was drawn with, which also makes the first ratio exactly 1. The *model's* (the whole softmax of the
     scaled logits, untruncated) gives `full_logprobs`. The reference is never renormalised on the policy's
     support: that KL reads 0 wherever one token holds more than `top_p`, and a policy collapsing onto one token
-    looks unchanged. So the exact KL of the two whole distributions (`kl_per_position`) is what is reported;
+    looks unchanged. So the exact KL of the two whole distributions (`whole_distributions`) is what is reported;
     PPO's and RLOO's k1 penalties take the sampler's log-probs against the reference's own sampler
     (`sampler_logprobs`): 0 for an unchanged policy, and it sees a collapse, where the model's whole log-probs
     would reward flattening (the tail they raise is one the sampler never draws) and the whole reference would
@@ -201,15 +201,16 @@ class TokenStats:
     """
 
     logprobs: torch.Tensor
-    full_logprobs: torch.Tensor
+    full_logprobs: torch.Tensor | None
     entropy: torch.Tensor
 
 
-def policy_stats(logits: torch.Tensor, tokens: torch.Tensor, sampling: Sampling) -> TokenStats:
-    """`TokenStats` of `tokens` (B, T) under scaled `logits` (B, T, V) (`forward_response(..., sampling)`)."""
+def policy_stats(logits: torch.Tensor, tokens: torch.Tensor, sampling: Sampling, whole: bool = True) -> TokenStats:
+    """`TokenStats` of `tokens` (B, T) under scaled `logits` (B, T, V) (`forward_response(..., sampling)`); without
+    `whole`, `full_logprobs` is None (the rollout pass takes it from `whole_distributions`, in pieces)."""
     support = sampling.support(logits)
-    return TokenStats(restricted_logprobs(logits, tokens, support), logprobs_from_logits(logits, tokens),
-                      restricted_entropy(logits, support))
+    return TokenStats(restricted_logprobs(logits, tokens, support),
+                      logprobs_from_logits(logits, tokens) if whole else None, restricted_entropy(logits, support))
 
 
 def sampler_logprobs(logits: torch.Tensor, tokens: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -229,24 +230,45 @@ def sampler_logprobs(logits: torch.Tensor, tokens: torch.Tensor, sampling: Sampl
     return token_logit - torch.logsumexp(logits.gather(-1, idx).masked_fill(~keep, float("-inf")), dim=-1)
 
 
-def kl_per_position(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
-    """The exact KL(policy || reference) of the two whole next-token distributions at every position (B, T), from
-    scaled logits (B, T, V): sum_v p(v) (log p(v) - log q(v)), no gradient.
+def whole_distributions(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.Tensor | None = None):
+    """The whole (untruncated) distributions of policy and reference at every position of scaled logits (B, T, V),
+    no gradient: the log-probs of `tokens` (B, T) under each (None without tokens) and the exact KL(policy ||
+    reference) of the two next-token distributions, sum_v p(v) (log p(v) - log q(v)) (B, T).
 
-    Untruncated on both sides, so it is 0 exactly when the two agree, never negative, and grows as the policy
-    sharpens or drifts whatever its sampling support (the sampler's own top-k/top-p would hide a collapse). What
-    the logs, the KL controller and the evaluation report; computed `KL_CHUNK` logits at a time.
+    The KL is 0 exactly when the two agree, never negative, and grows as the policy sharpens or drifts whatever its
+    sampling support (the sampler's own top-k/top-p would hide a collapse): what the logs, the KL controller and the
+    evaluation report. Computed `KL_CHUNK` logits at a time with two temporaries of that size (log-softmax of each,
+    then their difference and the policy's probabilities in place): nothing of the size of the logits is added.
     """
     shape, V = logits.shape[:-1], logits.shape[-1]
     flat, ref_flat = logits.reshape(-1, V), ref_logits.reshape(-1, V)
+    flat_tokens = None if tokens is None else tokens.reshape(-1, 1)
     rows = max(1, KL_CHUNK // V)
-    out = []
+    kl, logp_tokens, ref_tokens = [], [], []
     with torch.no_grad():
         for i in range(0, len(flat), rows):
             logp = torch.log_softmax(flat[i:i + rows].float(), dim=-1)  # (rows, V)
-            ref_logp = torch.log_softmax(ref_flat[i:i + rows].float(), dim=-1)  # (rows, V)
-            out.append((logp.exp() * (logp - ref_logp)).sum(-1).clamp_(min=0.0))
-    return torch.cat(out).reshape(shape) if out else logits.new_zeros(shape)
+            diff = torch.log_softmax(ref_flat[i:i + rows].float(), dim=-1)  # (rows, V): the reference's, for now
+            if flat_tokens is not None:
+                logp_tokens.append(logp.gather(-1, flat_tokens[i:i + rows]).squeeze(-1))
+                ref_tokens.append(diff.gather(-1, flat_tokens[i:i + rows]).squeeze(-1))
+            diff.neg_().add_(logp)  # log p - log q
+            probs = logp.exp_()  # p, in place of log p
+            kl.append((probs.unsqueeze(1) @ diff.unsqueeze(2)).reshape(-1).clamp_(min=0.0))  # (rows,)
+            del logp, diff, probs
+    if not kl:
+        zeros = logits.new_zeros(shape, dtype=torch.float32)
+        return (None, None, zeros) if tokens is None else (zeros, zeros.clone(), zeros.clone())
+    kl = torch.cat(kl).reshape(shape)
+    if tokens is None:
+        return None, None, kl
+    return torch.cat(logp_tokens).reshape(shape), torch.cat(ref_tokens).reshape(shape), kl
+
+
+def kl_per_position(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """The exact KL(policy || reference) of the whole next-token distributions at every position (B, T)
+    (`whole_distributions`)."""
+    return whole_distributions(logits, ref_logits)[2]
 
 
 # --- sampling responses ----------------------------------------------------------------------------

@@ -774,11 +774,10 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
             _item("layer working set", inference_transient(arch, m, seq, cb), f"{m} x {seq} tokens")],
         "log-prob maths": [
             *held, _item("policy + reference logits", 2 * n_vocab * 4, f"{pass_note}: scaled fp32"),
-            _item("sampling support", n_vocab * _full_vocabulary_extra(cfg, update=False),
-                  "the whole distribution's logsumexp (for the KL); the sampler's support top-k sized, without "
-                  "top-k a sort, or softmax + logsumexp over the vocabulary"),
-            _item("KL pieces", 3 * min(n_vocab, max(arch.vocab, KL_CHUNK)) * 4,
-                  f"exact KL per position in pieces of {KL_CHUNK:,} logits: 2 log-softmax, product")],
+            _item("sampling support", n_vocab * _full_vocabulary_extra(cfg, update=False, whole=False),
+                  "top-k sized; without top-k: a sort, or softmax + logsumexp over the vocabulary"),
+            _item("whole-distribution pieces", 2 * min(n_vocab, max(arch.vocab, KL_CHUNK)) * 4,
+                  f"exact KL and whole log-probs in pieces of {KL_CHUNK:,} logits: 2 log-softmax, then in place")],
     }
     if not training:
         return phases, None
@@ -786,7 +785,8 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
     p = Pass(m, seq, cb, gpu, lora, cfg.lora_r, precision=net_precision)
     update = [_item("activations", train_activations(arch, p, cfg.gradient_checkpointing),
                     f"{m} x {seq} tokens, {arch.n_layer} layers, {_saved(cfg)}"),
-              _item("logits and their gradients", _update_logits(cfg, m, response, arch.vocab, cb),
+              _item("logits and their gradients",
+                    _update_logits(cfg, m, response, arch.vocab, cb, whole=config.algorithm == "grpo"),
                     f"{m} x {response} response positions x {arch.vocab:,} vocabulary")]
     if gpu and value_head:  # the norms save fp32 copies, so the bf16 layer outputs output_hidden_states keeps are extra
         update.append(_item("hidden states", (arch.n_layer + 1) * m * seq * arch.hidden * cb,
@@ -875,24 +875,24 @@ def _pass_logits(m: int, response: int, vocab: int, cb: int) -> float:
     return m * (response + 1) * vocab * cb + m * response * vocab * 4
 
 
-def _update_logits(cfg, m: int, response: int, vocab: int, cb: int) -> float:
+def _update_logits(cfg, m: int, response: int, vocab: int, cb: int, whole: bool) -> float:
     """The update: the scaled fp32 logits and, in the backward pass, the gradients of the gather and of
-    top-k (each a full (M, T, V) fp32 tensor), their sum, and the slice's gradient in the compute dtype."""
+    top-k (each a full (M, T, V) fp32 tensor), their sum, and the slice's gradient in the compute dtype; with
+    `whole` (GRPO's k3 reads the whole distribution), its log-sum-exp and gradient."""
     n = m * response * vocab
-    return n * 4 * 3 + m * (response + 1) * vocab * cb + n * _full_vocabulary_extra(cfg, update=True)
+    return n * 4 * 3 + m * (response + 1) * vocab * cb + n * _full_vocabulary_extra(cfg, update=True, whole=whole)
 
 
-def _full_vocabulary_extra(cfg, update: bool) -> int:
-    """Bytes per (position, vocabulary) entry the log-prob maths adds beyond the logits. Always: the whole
-    distribution's log-sum-exp, which every KL reads (one fp32 temporary; in the update its softmax gradient, one
-    more). The sampler's distribution is top-k sized with top-k; without it, its log-sum-exp and entropy run over
-    the whole vocabulary too (softmax and product: two fp32 temporaries; their gradients three more in the
-    update), and top-p sorts it (fp32 values + int64 indices)."""
-    whole = 8 if update else 4
+def _full_vocabulary_extra(cfg, update: bool, whole: bool) -> int:
+    """Bytes per (position, vocabulary) entry the log-prob maths adds beyond the logits. With `whole` (GRPO's
+    update: k3 reads the whole distribution with its gradient), its log-sum-exp and the softmax of its gradient
+    (two fp32 temporaries). The sampler's distribution is top-k sized with top-k; without it, its log-sum-exp and
+    entropy run over the whole vocabulary (softmax and product: two fp32 temporaries; their gradients three more
+    in the update), and top-p sorts it (fp32 values + int64 indices)."""
+    extra = 8 if whole else 0
     if cfg.top_k and cfg.top_k < 1_000_000:
-        return whole
-    extra = 12 if update else 8
-    return whole + extra + (12 if cfg.top_p < 1.0 else 0)
+        return extra
+    return extra + (12 if update else 8) + (12 if cfg.top_p < 1.0 else 0)
 
 
 # --- the cheapest change that makes a stage fit ------------------------------------------------

@@ -47,10 +47,10 @@ def test_dry_run_every_import_of_the_gpu_run_is_on_the_target_or_carried():
 
 def test_dry_run_reports_a_missing_wheel_and_a_wheel_nothing_needs(kit, monkeypatch):
     monkeypatch.setattr(kit.scan, "WHEELHOUSE", {k: v for k, v in kit.scan.WHEELHOUSE.items() if k != "bitsandbytes"}
-                        | {"requests": "nothing"})
+                        | {"psycopg": "nothing"})
     problems, _ = kit.scan.dry_run(REPO_ROOT)
     assert any(p.startswith("bitsandbytes") and "neither on the target" in p for p in problems), problems
-    assert any(p.startswith("requests: carried but nothing") for p in problems), problems
+    assert any(p.startswith("psycopg: carried but nothing") for p in problems), problems
 
 
 def test_dry_run_reports_a_wheel_whose_requirement_is_neither_on_the_target_nor_carried(kit, monkeypatch):
@@ -110,12 +110,12 @@ def test_the_wheelhouse_check_wants_exactly_the_pinned_wheels_within_budget(kit,
 
     _fake_wheel(wheels, "trl", "0.0.1", [])  # a second version
     (wheels / f"sqlalchemy-{pins['sqlalchemy']}-py3-none-any.whl").unlink()
-    _fake_wheel(wheels, "requests", pins["requests"], ["urllib3"])  # not on the list, nor is what it requires
+    _fake_wheel(wheels, "psycopg", pins["psycopg"], ["psycopg-pool"])  # not on the list, nor is what it requires
     problems = kit.scan.check_wheelhouse(tmp_path / "kit", REPO_ROOT)
     assert any(p.startswith("trl: 2 versions") for p in problems), problems
     assert any(p.startswith("sqlalchemy: no wheel") for p in problems), problems
-    assert any(p.startswith("requests: a wheel the kit does not list") for p in problems), problems
-    assert any(p.startswith("requests requires urllib3") for p in problems), problems
+    assert any(p.startswith("psycopg: a wheel the kit does not list") for p in problems), problems
+    assert any(p.startswith("psycopg requires psycopg-pool") for p in problems), problems
 
     # Over the budget: 64 MiB less the working tree and the margin, here made smaller than the kit.
     (tmp_path / "kit" / "padding").write_bytes(bytes(kit.scan.MiB))

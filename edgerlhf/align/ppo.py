@@ -115,7 +115,7 @@ def ppo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str], 
     def piece_loss(piece: torch.Tensor):
         mb_mask = b_mask[piece]  # (m, T)
         logits, mb_values = models.forward(*rollout_args(rollouts, piece), sampling)  # (m, T, V), (m, T)
-        mb = policy_stats(logits, rollouts.response_ids[piece], sampling)
+        mb = policy_stats(logits, rollouts.response_ids[piece], sampling, whole=False)
         pg_loss, clip_frac, approx_kl = clipped_policy_loss(mb.logprobs, b_logprobs[piece], b_advantages[piece],
                                                             mb_mask, cfg.cliprange)
         v_loss, vf_clip_frac = clipped_value_loss(mb_values, b_values[piece], b_returns[piece], mb_mask,

@@ -101,7 +101,7 @@ def rloo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str],
     # 4. `ppo_epochs` over shuffled minibatches: the clipped surrogate of whole responses, a mean over responses.
     def piece_loss(piece: torch.Tensor):
         logits, _ = models.forward(*rollout_args(rollouts, piece), sampling)  # (m, T, V)
-        mb_logprobs = policy_stats(logits, rollouts.response_ids[piece], sampling).logprobs  # (m, T)
+        mb_logprobs = policy_stats(logits, rollouts.response_ids[piece], sampling, whole=False).logprobs  # (m, T)
         mb_seq_logprobs = (mb_logprobs * b_mask[piece]).sum(1)  # (m,)
         return rloo_loss(mb_seq_logprobs, b_old_seq_logprobs[piece], b_advantages[piece], cfg.cliprange)
 

@@ -26,8 +26,8 @@ import torch.nn as nn
 from edgerlhf.align.losses import masked_mean
 from edgerlhf.align.policy import PolicyModels
 from edgerlhf.contract import algorithm_metric
-from edgerlhf.generation import (Rollouts, Sampling, concat_rollouts, generate, kl_per_position, logprobs_from_logits,
-                                 policy_stats, sampler_logprobs)
+from edgerlhf.generation import (Rollouts, Sampling, concat_rollouts, generate, policy_stats, sampler_logprobs,
+                                 whole_distributions)
 from edgerlhf.oom import MicroBatch, chunks, planner_hint
 
 
@@ -99,9 +99,9 @@ def rollout_logprobs(models: PolicyModels, rollouts: Rollouts, cfg, sampling: Sa
                 tokens = rollouts.response_ids[rows]  # (M, T)
                 logits, values = models.forward(*rollout_args(rollouts, rows), sampling)  # (M, T, V), (M, T)
                 ref_logits = models.reference_logits(*rollout_args(rollouts, rows), sampling)  # (M, T, V)
-                own = policy_stats(logits, tokens, sampling)
-                out.append((own.logprobs, own.full_logprobs, logprobs_from_logits(ref_logits, tokens),
-                            sampler_logprobs(ref_logits, tokens, sampling), kl_per_position(logits, ref_logits),
+                own = policy_stats(logits, tokens, sampling, whole=False)
+                full, ref_full, kl = whole_distributions(logits, ref_logits, tokens)
+                out.append((own.logprobs, full, ref_full, sampler_logprobs(ref_logits, tokens, sampling), kl,
                             own.entropy, values))
                 del logits, ref_logits
         return RolloutStats(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*out)))

@@ -414,6 +414,10 @@ class NaivePPOModels:
     def score(self, prompts, responses):
         return self.reward_model.score(prompts, responses)
 
+    def score_parts(self, prompts, responses):
+        """`score`, and no stated rewards' parts (what the steps read of `PolicyModels`)."""
+        return self.score(prompts, responses), {}
+
 
 def bench_sampling(config, run_dir: Path, device, steps: int, warmup: int, naive: bool = False) -> dict[str, Any]:
     """One step of our alignment stage with `config.algorithm` (PPO, GRPO or RLOO), called as the stage calls it;

@@ -18,8 +18,9 @@ TARGET_VERSIONS = {"torch": "2.11.0", "transformers": "5.17.0", "huggingface-hub
 """The lent GPU machine's versions, as sessions read them there (`pip list`, 2026-11; the device tool's KINDS.md);
 the rest of `TARGET_PACKAGES` comes at whatever pip resolves beside them."""
 
-REHEARSAL_TEST_ONLY = ("tensorboard", "openai")
-"""What the CPU tests import beyond the GPU run (the GPU image has tensorboard; `openai` is the chat tests' client)."""
+REHEARSAL_TEST_ONLY = ("tensorboard",)
+"""What the CPU tests import beyond the GPU run (the GPU image has tensorboard; `openai`, the chat tests' client, is
+carried since the judge reward uses it)."""
 
 REHEARSAL_TESTS = ("tests/edgerlhf", "tests/test_families.py", "tests/backend/test_chat_api.py",
                    "tests/backend/test_chat_models.py", "tests/backend/test_chat_pipeline.py", "tests/worker",

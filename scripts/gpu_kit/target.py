@@ -53,6 +53,19 @@ WHEELHOUSE = {
     "pluggy": "required by pytest",
     "iniconfig": "required by pytest",
     "pytest-timeout": "pyproject.toml's pytest `timeout` option",
+    "gguf": "the GGUF export (edgerlhf.gguf_export)",
+    "requests": "required by gguf",
+    "urllib3": "required by requests",
+    "charset-normalizer": "required by requests",
+    "openai": "the judge reward's client (edgerlhf.rewards)",
+    "httpx2": "required by openai",
+    "httpcore2": "required by httpx2",
+    "truststore": "required by httpx2",
+    "jiter": "required by openai",
+    "sniffio": "required by openai",
+    "math-verify": "reference answers compared by value (edgerlhf.rewards)",
+    "latex2sympy2-extended": "required by math-verify",
+    "antlr4-python3-runtime": "required by latex2sympy2-extended",
 }
 """Distributions the GPU run needs beyond `TARGET_PACKAGES`, and why; versions come from constraints.txt."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -41,12 +40,10 @@ def test_template_format_finds_the_end_of_turn(chatml):
     assert not plain.chat_template and plain.prompt(PROMPT) == PROMPT and "\n\nHuman:" in plain.stop_strings
 
 
-def test_sft_loss_mask_covers_exactly_the_assistant_turn(chatml, tmp_path):
+def test_sft_loss_mask_covers_exactly_the_assistant_turn(chatml):
     from edgerlhf.sft import sft_dataset
 
-    rows = [{"prompt": PROMPT, "chosen": "Up to fifty times their length.", "rejected": "No."}]
-    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (example,) = sft_dataset(tmp_path / "prefs.jsonl", chatml)
+    (example,) = sft_dataset([{"prompt": PROMPT, "completion": "Up to fifty times their length."}], chatml)
     ids, mask = example["input_ids"], example["completion_mask"]
     n_prompt = mask.index(1)
     assert all(mask[n_prompt:]) and not any(mask[:n_prompt])

@@ -17,6 +17,7 @@ import re
 import httpx
 import pytest
 
+from edgerlhf.contract import PROMPTS_TEST
 from tests.support.backend import CHAT_ENV
 from tests.support.browser import ARTIFACTS, edgerlhf_processes
 
@@ -31,8 +32,8 @@ def service(finished_service, tmp_path):
     """Backend and dashboard over a copy of the session service's data, the PPO job's held-out prompt set to one."""
     data = finished_service.copy_data(tmp_path / "data")
     ppo, grpo = (f"job-{finished_service.jobs[a]}" for a in ("ppo", "grpo"))
-    held_out = data / "runs" / ppo / "data" / "test_prefs.jsonl"
-    held_out.write_text(json.dumps({"prompt": f"\n\n{HELD_OUT}\n\nAssistant:", "chosen": "Far.", "rejected": "No."}))
+    held_out = data / "runs" / ppo / PROMPTS_TEST  # where a job's held-out prompts come from
+    held_out.write_text(json.dumps({"prompt": f"\n\n{HELD_OUT}\n\nAssistant:"}))
     env = {k: v for k, v in CHAT_ENV.items() if k != "EDGERLHF_API_TOKEN"}  # the dashboard sends no token here
     with edgerlhf_processes(data, ("backend", "frontend"), "arena", **env) as procs:
         yield {**procs, "ppo": ppo, "grpo": grpo}
