@@ -121,14 +121,9 @@ def clean_pairs(pairs: list[dict[str, str]], cfg: DataConfig, tokenizer) -> tupl
                 kept.append(pair)
 
     # Token budgets; responses are counted as they follow the prompt (" " + response).
-    def n_tokens(texts: list[str]) -> list[int]:
-        if not texts:
-            return []
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
-
-    prompt_len = n_tokens([p["prompt"] for p in kept])
-    chosen_len = n_tokens([" " + p["chosen"] for p in kept])
-    rejected_len = n_tokens([" " + p["rejected"] for p in kept])
+    prompt_len = _n_tokens(tokenizer, [p["prompt"] for p in kept])
+    chosen_len = _n_tokens(tokenizer, [" " + p["chosen"] for p in kept])
+    rejected_len = _n_tokens(tokenizer, [" " + p["rejected"] for p in kept])
     budgeted = []
     for pair, lp, lc, lr in zip(kept, prompt_len, chosen_len, rejected_len):
         if lp > cfg.max_prompt_tokens:
@@ -250,11 +245,9 @@ def length_stats(pairs: list[dict[str, str]], tokenizer) -> dict[str, Any] | Non
     """Token-length statistics of prompts and responses, and how often chosen is the shorter response."""
     if not pairs:
         return None
-    def n_tokens(texts):
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
-    lp = n_tokens([p["prompt"] for p in pairs])
-    lc = n_tokens([" " + p["chosen"] for p in pairs])
-    lr = n_tokens([" " + p["rejected"] for p in pairs])
+    lp = _n_tokens(tokenizer, [p["prompt"] for p in pairs])
+    lc = _n_tokens(tokenizer, [" " + p["chosen"] for p in pairs])
+    lr = _n_tokens(tokenizer, [" " + p["rejected"] for p in pairs])
     return {"prompt_tokens": _stats(lp), "chosen_tokens": _stats(lc), "rejected_tokens": _stats(lr),
             # Among pairs of two non-empty responses (gold data adds pairs against the empty one).
             "chosen_shorter_fraction": round(_mean([c < r for c, r, p in zip(lc, lr, pairs) if p["rejected"]]), 4)}
@@ -338,6 +331,7 @@ def clean_records(records: list[dict[str, Any]], cfg: DataConfig, tokenizer) -> 
 
 
 def _n_tokens(tokenizer, texts: list[str]) -> list[int]:
+    """Each text's length in tokens, as the budgets count it (no special tokens)."""
     if not texts:
         return []
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
