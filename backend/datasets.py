@@ -560,13 +560,6 @@ def prompt_format(model: str, roots: list[Path]):
     return fmt
 
 
-def n_tokens(tokenizer, texts: list[str]) -> list[int]:
-    """Token counts as the data stage's budgets count them (no special tokens added)."""
-    if not texts:
-        return []
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
-
-
 def histogram(values: list[int], bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
     """Counts of `values` in `bins` equal integer-width bins from 0 (`edges` has one more entry than `counts`), and
     their mean, median, 95th percentile and maximum."""
@@ -606,8 +599,8 @@ def preview(dataset: Dataset, settings: Settings, model: str, limit: int, max_pr
     roles = ANSWERS[dataset.kind]
     budgets = DataConfig(source="preview", max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
     with _measure_lock:
-        prompt_len = n_tokens(tokenizer, [r["prompt"] for r in records])
-        answer_len = {role: n_tokens(tokenizer, [" " + r[role] for r in records]) for role in roles}
+        prompt_len = data.n_tokens(tokenizer, [r["prompt"] for r in records])
+        answer_len = {role: data.n_tokens(tokenizer, [" " + r[role] for r in records]) for role in roles}
         if dataset.kind == "preference":
             kept, dropped, _ = data.clean_pairs(records, budgets, tokenizer)
         else:

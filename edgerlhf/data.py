@@ -121,9 +121,9 @@ def clean_pairs(pairs: list[dict[str, str]], cfg: DataConfig, tokenizer) -> tupl
                 kept.append(pair)
 
     # Token budgets; responses are counted as they follow the prompt (" " + response).
-    prompt_len = _n_tokens(tokenizer, [p["prompt"] for p in kept])
-    chosen_len = _n_tokens(tokenizer, [" " + p["chosen"] for p in kept])
-    rejected_len = _n_tokens(tokenizer, [" " + p["rejected"] for p in kept])
+    prompt_len = n_tokens(tokenizer, [p["prompt"] for p in kept])
+    chosen_len = n_tokens(tokenizer, [" " + p["chosen"] for p in kept])
+    rejected_len = n_tokens(tokenizer, [" " + p["rejected"] for p in kept])
     budgeted = []
     for pair, lp, lc, lr in zip(kept, prompt_len, chosen_len, rejected_len):
         if lp > cfg.max_prompt_tokens:
@@ -245,9 +245,9 @@ def length_stats(pairs: list[dict[str, str]], tokenizer) -> dict[str, Any] | Non
     """Token-length statistics of prompts and responses, and how often chosen is the shorter response."""
     if not pairs:
         return None
-    lp = _n_tokens(tokenizer, [p["prompt"] for p in pairs])
-    lc = _n_tokens(tokenizer, [" " + p["chosen"] for p in pairs])
-    lr = _n_tokens(tokenizer, [" " + p["rejected"] for p in pairs])
+    lp = n_tokens(tokenizer, [p["prompt"] for p in pairs])
+    lc = n_tokens(tokenizer, [" " + p["chosen"] for p in pairs])
+    lr = n_tokens(tokenizer, [" " + p["rejected"] for p in pairs])
     return {"prompt_tokens": _stats(lp), "chosen_tokens": _stats(lc), "rejected_tokens": _stats(lr),
             # Among pairs of two non-empty responses (gold data adds pairs against the empty one).
             "chosen_shorter_fraction": round(_mean([c < r for c, r, p in zip(lc, lr, pairs) if p["rejected"]]), 4)}
@@ -317,8 +317,8 @@ def clean_records(records: list[dict[str, Any]], cfg: DataConfig, tokenizer) -> 
         else:
             seen.add(key)
             kept.append(r)
-    prompt_len = _n_tokens(tokenizer, [r["prompt"] for r in kept])
-    answer_len = _n_tokens(tokenizer, [" " + r.get("completion", "") for r in kept])
+    prompt_len = n_tokens(tokenizer, [r["prompt"] for r in kept])
+    answer_len = n_tokens(tokenizer, [" " + r.get("completion", "") for r in kept])
     budgeted = []
     for r, lp, la in zip(kept, prompt_len, answer_len):
         if lp > cfg.max_prompt_tokens:
@@ -330,7 +330,7 @@ def clean_records(records: list[dict[str, Any]], cfg: DataConfig, tokenizer) -> 
     return budgeted, dropped
 
 
-def _n_tokens(tokenizer, texts: list[str]) -> list[int]:
+def n_tokens(tokenizer, texts: list[str]) -> list[int]:
     """Each text's length in tokens, as the budgets count it (no special tokens)."""
     if not texts:
         return []
