@@ -208,3 +208,18 @@ def side_by_side(evals: dict[str, EvalReport | dict[str, Any] | None]) -> list[d
     rows = [{"prompt": prompt, "answers": {label: by_run.get(label) for label in parsed}}
             for prompt, by_run in answers.items()]
     return sorted(rows, key=lambda row: sum(a is None for a in row["answers"].values()))  # stable sort
+
+
+def config_overrides(config: dict[str, Any], preset: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a job's resolved `config` whose values differ from its `preset`'s, nested as the overrides
+    of `POST /api/jobs` are: what a person changed, and what a clone of the job sends again."""
+    changed: dict[str, Any] = {}
+    for key, value in config.items():
+        base = preset.get(key)
+        if isinstance(value, dict) and isinstance(base, dict):
+            inner = config_overrides(value, base)
+            if inner:
+                changed[key] = inner
+        elif key not in preset or value != base:
+            changed[key] = value
+    return changed
