@@ -15,7 +15,7 @@ run: setup
 # Two workers (pytest-xdist); a module's tests stay on one worker (its fixtures are built once) and the longest
 # modules start first (tests/conftest.py). Not in addopts: `pytest -m gpu tests/gpu` runs without it.
 test: setup browser postgres
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=25
 
 setup: $(STAMP)
 
