@@ -212,7 +212,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines.append(f"| reward | {report['sft']['reward']['mean']:.3f} | {report['ppo']['reward']['mean']:.3f} | "
                      f"{ci(report['reward_diff'])} |")
     for part, diff in (report.get("reward_parts_diff") or {}).items():
-        lines.append(f"| reward: {part} | | | {ci(diff)} |")
+        sides = [f"{report[side]['rewards'][part]['mean']:.3f}" if report[side].get("rewards") else ""
+                 for side in ("sft", "ppo")]
+        lines.append(f"| reward: {part} | {sides[0]} | {sides[1]} | {ci(diff)} |")
     if report.get("judge_win_rate"):
         lines.append(f"| judge's win rate of {name} | | | {ci(report['judge_win_rate'])} (both orders agreed on "
                      f"{report['judge_consistency']:.0%}) |")
@@ -287,7 +289,9 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
         policies[name] = {"reward": _summary(result["reward"]) if scored else None,
                           "response_tokens": _summary(result["lengths"]),
                           "cap_hit_rate": float(np.mean(result["capped"])),
-                          "empty_rate": float(np.mean(result["empty"]))}
+                          "empty_rate": float(np.mean(result["empty"])),
+                          "rewards": {part: _summary(values.tolist()) for part, values in result["parts"].items()}
+                          or None}
     policies["ppo"]["kl"] = _summary(ppo["kl"])
     report: dict[str, Any] = {
         "algorithm": config.algorithm,

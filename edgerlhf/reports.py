@@ -287,6 +287,8 @@ class PolicyEval(Part):
     """Share of responses that ran into the length cap (`EvalReport.response_length`) instead of ending."""
     empty_rate: float | None = None
     """Share of empty responses."""
+    rewards: dict[str, Summary] | None = None
+    """With `ppo.rewards`: each component's score (unweighted), e.g. the exact-match rate of `reference_answer`."""
 
 
 class SamplePair(Part):
@@ -320,6 +322,7 @@ class EvalReport(Report):
     win_rate: float | None
     """Share of prompts where the PPO response out-scores the SFT one (reward model), ties counting 1/2."""
     reward_diff: Interval | None
+    """Reward PPO - SFT, per prompt."""
     reward_parts_diff: dict[str, Interval] | None = None
     """With `ppo.rewards`: each component's difference aligned - SFT, with its interval."""
     judge_win_rate: Interval | None = None
@@ -327,7 +330,6 @@ class EvalReport(Report):
     preference), with its interval over prompts."""
     judge_consistency: float | None = None
     """With `evaluate.judge`: the share of pairs where both orders preferred the same answer."""
-    """Reward PPO - SFT, per prompt."""
     length_diff: Interval | None = None
     """Response tokens PPO - SFT, per prompt."""
     kl: float

@@ -1,0 +1,196 @@
+"""A verifiable known-answer task: stated rewards (`ppo.rewards`), no reward model, a right answer per prompt.
+
+    python -m edgerlhf.lab.verifiable --seeds 0 1 2 --algorithms grpo ppo rloo --out verifiable.json
+    edgerlhf verifiable --seeds 0 --algorithms grpo
+
+The task, **second word**: the prompt lists three words, the answer names the second, in a fixed format:
+
+    Human: Which word is second: river apple stone?
+    Assistant: Answer: apple
+
+The words come from `WORDS` (one GPT-2 token each). `--demos` demonstrations (default `DEMOS`) teach the format
+and are the only SFT data; the prompts of the alignment and of the evaluation are other triples of the same words,
+never seen with their answer. The reward is `reference_answer` (the text after `Answer:` equals the second word,
+case and spaces normalised) plus 0.2 × a format rule (`^Answer:`); an answer cut at the cap pays
+`ppo.missing_eos_penalty`. The task is *learned* at a seed when the exact-match rate of the aligned policy minus
+SFT's, on held-out prompts, has a bootstrap interval above 0 (`evaluate.reward_parts_diff["correct"]`).
+
+Each seed is one `tiny` pipeline (data -> warm-up + SFT -> alignment -> evaluate; no reward stage) in
+`<run-root>/seed<seed>/`; every further algorithm reuses its data and SFT policy, in `seed<seed>-<algorithm>/`.
+Like `edgerlhf known-answer`, a benchmark, not a test: it reports, it does not tune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edgerlhf.config import ConfigError, load_config
+from edgerlhf.contract import merge_overrides
+
+WORDS = ("river", "apple", "stone", "cloud", "horse", "bread", "chair", "glass", "music", "paper", "plant", "sugar",
+         "table", "water", "money", "house", "light", "night", "dream", "earth", "field", "green", "heart", "metal",
+         "ocean", "queen", "radio", "smile", "tiger", "train", "voice", "watch")
+"""Common nouns, one GPT-2 token each with their leading space (checked when the task is written)."""
+DEMOS = 64
+"""Demonstrations by default: the format, and a few examples of the rule."""
+PROMPTS = 600
+"""Prompt triples (train and held-out, split by `data.test_fraction`)."""
+SHARED_STAGES = ("data", "sft")
+COMPONENTS = [
+    {"kind": "reference_answer", "column": "answer", "extract": "after:Answer:", "compare": "text", "name": "correct"},
+    {"kind": "regex", "pattern": "^Answer:", "weight": 0.2, "name": "format"},
+]
+TASK = {
+    "stages": ["data", "sft", "ppo", "evaluate"],
+    "data": {"labels": "human", "max_response_tokens": 8},
+    "ppo": {"rewards": COMPONENTS, "response_length": 8},
+    "evaluate": {"response_length": 8},
+}
+"""The `tiny` preset's changes for this task: answers of a few tokens, the stated rewards, no reward model."""
+
+
+def prompt_of(words: tuple[str, str, str]) -> str:
+    return f"Which word is second: {' '.join(words)}?"
+
+
+def write_task(root: Path, seed: int, demos: int = DEMOS, tokenizer_dir: str | None = None) -> tuple[Path, Path]:
+    """The demonstrations (`prompt`/`completion`) and the prompts with their `answer`, disjoint triples, as JSONL."""
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        split = [w for w in WORDS if len(tok(" " + w)["input_ids"]) != 1]
+        if split:
+            raise ValueError(f"words that are not one token: {split}")
+    triples = list(itertools.permutations(WORDS, 3))
+    random.Random(seed).shuffle(triples)
+    root.mkdir(parents=True, exist_ok=True)
+    demo_path, prompt_path = root / "demos.jsonl", root / "prompts.jsonl"
+    demo_path.write_text("".join(json.dumps({"prompt": prompt_of(t), "completion": f"Answer: {t[1]}"}) + "\n"
+                                 for t in triples[:demos]))
+    prompt_path.write_text("".join(json.dumps({"prompt": prompt_of(t), "answer": t[1]}) + "\n"
+                                   for t in triples[demos:demos + PROMPTS]))
+    return demo_path, prompt_path
+
+
+def run_one(seed: int, run_dir: Path, overrides: dict[str, Any], algorithm: str = "grpo",
+            shared: dict[str, Any] | None = None, demos: int = DEMOS) -> dict[str, Any]:
+    """One pipeline run of the task; its table row. With `shared` (the row of the seed's first run) its data and
+    SFT stages are copied and only the alignment and the evaluation run."""
+    from edgerlhf.context import RunContext
+    from edgerlhf.pipeline import run_pipeline
+
+    preset = load_config("tiny")
+    demo_path, prompt_path = write_task(run_dir.parent / f"task-seed{seed}", seed, demos, preset.model.tokenizer)
+    config = load_config("tiny", merge_overrides(merge_overrides(TASK, {
+        "seed": seed, "algorithm": algorithm, "data": {"source": str(demo_path)},
+        "prompt_data": {"source": str(prompt_path)}}), overrides))
+    ctx = RunContext(run_dir)
+    started = time.perf_counter()
+    if shared is not None:
+        for stage in SHARED_STAGES:
+            shutil.copytree(Path(shared["run_dir"]) / stage, run_dir / stage, dirs_exist_ok=True)
+    reports = run_pipeline(config, ctx, skip=SHARED_STAGES if shared is not None else ())
+    ev = reports["evaluate"]
+    correct = ev.reward_parts_diff["correct"]
+    row = {
+        "seed": seed, "algorithm": config.algorithm, "run_dir": str(run_dir), "demos": demos,
+        "correct_diff": correct.model_dump(), "format_diff": ev.reward_parts_diff["format"].model_dump(),
+        "exact_match": {"sft": ev.sft.rewards["correct"].mean, "aligned": ev.ppo.rewards["correct"].mean},
+        "length_diff": ev.length_diff.model_dump(), "kl": ev.kl,
+        "empty_rate": {"sft": ev.sft.empty_rate, "aligned": ev.ppo.empty_rate},
+        "cap_hit_rate": {"sft": ev.sft.cap_hit_rate, "aligned": ev.ppo.cap_hit_rate},
+        "learned": correct.low is not None and correct.low > 0.0,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return row
+
+
+def _ci(d: dict[str, float]) -> str:
+    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """One row per run, then per algorithm the seeds where the task was learned."""
+    lines = ["| algorithm | seed | exact match SFT → aligned | gain (interval) | format gain | length Δ (tokens) | KL | "
+             "capped SFT/aligned | learned |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['algorithm']} | {r['seed']} | {r['exact_match']['sft']:.2f} → "
+                     f"{r['exact_match']['aligned']:.2f} | {_ci(r['correct_diff'])} | {_ci(r['format_diff'])} | "
+                     f"{r['length_diff']['mean']:+.1f} | {r['kl']:.2f} | "
+                     f"{r['cap_hit_rate']['sft']:.0%}/{r['cap_hit_rate']['aligned']:.0%} | "
+                     f"{'yes' if r['learned'] else 'no'} |")
+    lines.append("")
+    for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
+        runs = [r for r in rows if r["algorithm"] == algorithm]
+        lines.append(f"- {algorithm}: learned in {sum(r['learned'] for r in runs)} of {len(runs)} seeds "
+                     "(exact-match gain above 0)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgerlhf verifiable", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    parser.add_argument("--algorithms", nargs="+", default=["grpo", "ppo", "rloo"], choices=["grpo", "ppo", "rloo"],
+                        help="sampling algorithms, each from the same SFT policy (default: grpo ppo rloo)")
+    parser.add_argument("--demos", type=int, default=DEMOS, help=f"demonstrations for SFT (default: {DEMOS})")
+    parser.add_argument("--run-root", help="directory for the runs (default: a temporary directory)")
+    parser.add_argument("--out", help="write the rows as JSON here, after every run")
+    parser.add_argument("--resume", action="store_true", help="keep the rows in --out, run only the missing ones")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of every run, e.g. --set ppo.steps=40 (repeatable; JSON values)")
+    args = parser.parse_args(argv)
+
+    from edgerlhf.config import parse_overrides
+    from edgerlhf.log import setup_logging
+
+    setup_logging("verifiable")
+    try:
+        overrides = parse_overrides(args.sets)
+        load_config("tiny", merge_overrides(TASK, overrides))
+    except ConfigError as exc:
+        print(f"edgerlhf verifiable: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.resume and not (args.out and args.run_root):
+        print("edgerlhf verifiable: --resume needs --out and --run-root", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    root = Path(args.run_root or tempfile.mkdtemp(prefix="verifiable-")).resolve()
+    done = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).exists() else []
+    rows = list(done)
+    for seed in args.seeds:
+        first = None
+        for algorithm in args.algorithms:
+            where = root / (f"seed{seed}" if first is None else f"seed{seed}-{algorithm}")
+            kept = [r for r in done if (r["seed"], r["algorithm"], r["run_dir"]) == (seed, algorithm, str(where))]
+            if kept:
+                first = first or kept[0]
+                continue
+            shutil.rmtree(where, ignore_errors=True)
+            rows.append(run_one(seed, where, overrides, algorithm, shared=first, demos=args.demos))
+            first = first or rows[-1]
+            print(f"seed {seed} {algorithm}: exact match {rows[-1]['exact_match']['sft']:.2f} -> "
+                  f"{rows[-1]['exact_match']['aligned']:.2f}, gain {_ci(rows[-1]['correct_diff'])} "
+                  f"({rows[-1]['seconds']:.0f}s)", file=sys.stderr)
+            if args.out:
+                Path(args.out).write_text(json.dumps(rows, indent=2))
+    print(table(rows))
+    print(f"runs: {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
