@@ -3,27 +3,32 @@
     python -m edgerlhf.lab.verifiable --seeds 0 1 2 --algorithms grpo ppo rloo --out verifiable.json
     edgerlhf verifiable --seeds 0 --algorithms grpo
 
-The task, **second word**: the prompt lists three words, the answer names the second, in a fixed format:
+The task, **category**: the prompt names a word, the answer names its category (animal, food, color or place) in
+a fixed format:
 
-    Human: Which word is second: river apple stone?
-    Assistant: Answer: apple
+    Human: What kind of thing is tiger?
+    Assistant: Answer: animal
 
-The words come from `WORDS` (one GPT-2 token each). `--demos` demonstrations (default `DEMOS`) teach the format
-and are the only SFT data; the prompts of the alignment and of the evaluation are other triples of the same words,
-never seen with their answer. The reward is `reference_answer` (the text after `Answer:` equals the second word,
-case and spaces normalised) plus 0.2 × a format rule (`^Answer:`); an answer cut at the cap pays
-`ppo.missing_eos_penalty`. The task is *learned* at a seed when the exact-match rate of the aligned policy minus
-SFT's, on held-out prompts, has a bootstrap interval above 0 (`evaluate.reward_parts_diff["correct"]`).
+`CATEGORIES` holds ten words per category (one GPT-2 token each), `TEMPLATES` eight ways to ask. The SFT
+demonstrations are every template of the first half of each category's words: SFT learns the format and those
+words. The prompts of the alignment and of the evaluation are every template of the *other* words, whose category
+SFT never saw (so SFT guesses: about 1 in 4), split into training and held-out prompts by `data.test_fraction`:
+a held-out prompt asks about a word the alignment saw, in a way it did not. The reward is `reference_answer` (the
+text after `Answer:` equals the category, case and spaces normalised) plus 0.2 x a format rule (`^Answer:`); an
+answer cut at the cap pays `ppo.missing_eos_penalty`. The task is *learned* at a seed when the exact-match rate of
+the aligned policy minus SFT's on held-out prompts has a bootstrap interval above 0
+(`evaluate.reward_parts_diff["correct"]`).
 
 Each seed is one `tiny` pipeline (data -> warm-up + SFT -> alignment -> evaluate; no reward stage) in
 `<run-root>/seed<seed>/`; every further algorithm reuses its data and SFT policy, in `seed<seed>-<algorithm>/`.
-Like `edgerlhf known-answer`, a benchmark, not a test: it reports, it does not tune.
+Like `edgerlhf known-answer`, a benchmark, not a test: it reports, it does not tune. (A first task, naming the
+second of three words, was dropped at its pilot seed, 100, before any reported run: SFT on 64 or 512
+demonstrations answered a word not in the prompt, exact match 0.01-0.02, and GRPO did not move it.)
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 import shutil
@@ -36,14 +41,17 @@ from typing import Any
 from edgerlhf.config import ConfigError, load_config
 from edgerlhf.contract import merge_overrides
 
-WORDS = ("river", "apple", "stone", "cloud", "horse", "bread", "chair", "glass", "music", "paper", "plant", "sugar",
-         "table", "water", "money", "house", "light", "night", "dream", "earth", "field", "green", "heart", "metal",
-         "ocean", "queen", "radio", "smile", "tiger", "train", "voice", "watch")
-"""Common nouns, one GPT-2 token each with their leading space (checked when the task is written)."""
-DEMOS = 64
-"""Demonstrations by default: the format, and a few examples of the rule."""
-PROMPTS = 600
-"""Prompt triples (train and held-out, split by `data.test_fraction`)."""
+CATEGORIES = {
+    "animal": ("horse", "tiger", "sheep", "mouse", "eagle", "snake", "whale", "camel", "rabbit", "wolf"),
+    "food": ("bread", "apple", "rice", "cheese", "pizza", "sugar", "soup", "cake", "meat", "salad"),
+    "color": ("red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black", "white"),
+    "place": ("city", "school", "church", "hospital", "forest", "beach", "market", "village", "island", "park"),
+}
+"""Ten words per category, one GPT-2 token each with their leading space (checked when the task is written)."""
+TEMPLATES = ("What kind of thing is {w}?", "Is {w} an animal, a food, a color or a place?",
+             "Which category does the word {w} belong to?", "Name the category of: {w}.",
+             "{w}: which kind of thing is it?", "Tell me what sort of thing {w} is.", "Classify the word {w}.",
+             "In one word, what is {w}?")
 SHARED_STAGES = ("data", "sft")
 COMPONENTS = [
     {"kind": "reference_answer", "column": "answer", "extract": "after:Answer:", "compare": "text", "name": "correct"},
@@ -58,39 +66,39 @@ TASK = {
 """The `tiny` preset's changes for this task: answers of a few tokens, the stated rewards, no reward model."""
 
 
-def prompt_of(words: tuple[str, str, str]) -> str:
-    return f"Which word is second: {' '.join(words)}?"
-
-
-def write_task(root: Path, seed: int, demos: int = DEMOS, tokenizer_dir: str | None = None) -> tuple[Path, Path]:
-    """The demonstrations (`prompt`/`completion`) and the prompts with their `answer`, disjoint triples, as JSONL."""
+def write_task(root: Path, seed: int, tokenizer_dir: str | None = None) -> tuple[Path, Path]:
+    """The demonstrations (`prompt`/`completion`: the first half of each category's words) and the prompts with
+    their `answer` (the other words), as JSONL, each shuffled by `seed`."""
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-        split = [w for w in WORDS if len(tok(" " + w)["input_ids"]) != 1]
+        split = [w for words in CATEGORIES.values() for w in words if len(tok(" " + w)["input_ids"]) != 1]
         if split:
             raise ValueError(f"words that are not one token: {split}")
-    triples = list(itertools.permutations(WORDS, 3))
-    random.Random(seed).shuffle(triples)
+    taught = [(w, c) for c, words in CATEGORIES.items() for w in words[: len(words) // 2]]
+    asked = [(w, c) for c, words in CATEGORIES.items() for w in words[len(words) // 2:]]
+    demos = [{"prompt": t.format(w=w), "completion": f"Answer: {c}"} for w, c in taught for t in TEMPLATES]
+    prompts = [{"prompt": t.format(w=w), "answer": c} for w, c in asked for t in TEMPLATES]
+    rng = random.Random(seed)
+    rng.shuffle(demos)
+    rng.shuffle(prompts)
     root.mkdir(parents=True, exist_ok=True)
     demo_path, prompt_path = root / "demos.jsonl", root / "prompts.jsonl"
-    demo_path.write_text("".join(json.dumps({"prompt": prompt_of(t), "completion": f"Answer: {t[1]}"}) + "\n"
-                                 for t in triples[:demos]))
-    prompt_path.write_text("".join(json.dumps({"prompt": prompt_of(t), "answer": t[1]}) + "\n"
-                                   for t in triples[demos:demos + PROMPTS]))
+    demo_path.write_text("".join(json.dumps(d) + "\n" for d in demos))
+    prompt_path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     return demo_path, prompt_path
 
 
 def run_one(seed: int, run_dir: Path, overrides: dict[str, Any], algorithm: str = "grpo",
-            shared: dict[str, Any] | None = None, demos: int = DEMOS) -> dict[str, Any]:
+            shared: dict[str, Any] | None = None) -> dict[str, Any]:
     """One pipeline run of the task; its table row. With `shared` (the row of the seed's first run) its data and
     SFT stages are copied and only the alignment and the evaluation run."""
     from edgerlhf.context import RunContext
     from edgerlhf.pipeline import run_pipeline
 
     preset = load_config("tiny")
-    demo_path, prompt_path = write_task(run_dir.parent / f"task-seed{seed}", seed, demos, preset.model.tokenizer)
+    demo_path, prompt_path = write_task(run_dir.parent / f"task-seed{seed}", seed, preset.model.tokenizer)
     config = load_config("tiny", merge_overrides(merge_overrides(TASK, {
         "seed": seed, "algorithm": algorithm, "data": {"source": str(demo_path)},
         "prompt_data": {"source": str(prompt_path)}}), overrides))
@@ -103,7 +111,7 @@ def run_one(seed: int, run_dir: Path, overrides: dict[str, Any], algorithm: str 
     ev = reports["evaluate"]
     correct = ev.reward_parts_diff["correct"]
     row = {
-        "seed": seed, "algorithm": config.algorithm, "run_dir": str(run_dir), "demos": demos,
+        "seed": seed, "algorithm": config.algorithm, "run_dir": str(run_dir),
         "correct_diff": correct.model_dump(), "format_diff": ev.reward_parts_diff["format"].model_dump(),
         "exact_match": {"sft": ev.sft.rewards["correct"].mean, "aligned": ev.ppo.rewards["correct"].mean},
         "length_diff": ev.length_diff.model_dump(), "kl": ev.kl,
@@ -142,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--algorithms", nargs="+", default=["grpo", "ppo", "rloo"], choices=["grpo", "ppo", "rloo"],
                         help="sampling algorithms, each from the same SFT policy (default: grpo ppo rloo)")
-    parser.add_argument("--demos", type=int, default=DEMOS, help=f"demonstrations for SFT (default: {DEMOS})")
     parser.add_argument("--run-root", help="directory for the runs (default: a temporary directory)")
     parser.add_argument("--out", help="write the rows as JSON here, after every run")
     parser.add_argument("--resume", action="store_true", help="keep the rows in --out, run only the missing ones")
@@ -180,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 first = first or kept[0]
                 continue
             shutil.rmtree(where, ignore_errors=True)
-            rows.append(run_one(seed, where, overrides, algorithm, shared=first, demos=args.demos))
+            rows.append(run_one(seed, where, overrides, algorithm, shared=first))
             first = first or rows[-1]
             print(f"seed {seed} {algorithm}: exact match {rows[-1]['exact_match']['sft']:.2f} -> "
                   f"{rows[-1]['exact_match']['aligned']:.2f}, gain {_ci(rows[-1]['correct_diff'])} "
