@@ -10,10 +10,11 @@ a fixed format:
     Assistant: Answer: animal
 
 `CATEGORIES` holds ten words per category (one GPT-2 token each), `TEMPLATES` eight ways to ask. The SFT
-demonstrations are every template of the first half of each category's words: SFT learns the format and those
-words. The prompts of the alignment and of the evaluation are every template of the *other* words, whose category
-SFT never saw (so SFT guesses: about 1 in 4), split into training and held-out prompts by `data.test_fraction`:
-a held-out prompt asks about a word the alignment saw, in a way it did not. The reward is `reference_answer` (the
+demonstrations are every template of the first half of each category's words, and *one* template (drawn by the
+seed) of each other word: SFT learns the format and the first words well, the others barely. The prompts of the
+alignment and of the evaluation are the other seven templates of those barely taught words, split into training
+and held-out prompts by `data.test_fraction`: a held-out prompt asks about a word the alignment saw, in a way it
+did not. The reward is `reference_answer` (the
 text after `Answer:` equals the category, case and spaces normalised) plus 0.2 x a format rule (`^Answer:`); an
 answer cut at the cap pays `ppo.missing_eos_penalty`. The task is *learned* at a seed when the exact-match rate of
 the aligned policy minus SFT's on held-out prompts has a bootstrap interval above 0
@@ -23,7 +24,10 @@ Each seed is one `tiny` pipeline (data -> warm-up + SFT -> alignment -> evaluate
 `<run-root>/seed<seed>/`; every further algorithm reuses its data and SFT policy, in `seed<seed>-<algorithm>/`.
 Like `edgerlhf known-answer`, a benchmark, not a test: it reports, it does not tune. (A first task, naming the
 second of three words, was dropped at its pilot seed, 100, before any reported run: SFT on 64 or 512
-demonstrations answered a word not in the prompt, exact match 0.01-0.02, and GRPO did not move it.)
+demonstrations answered a word not in the prompt, exact match 0.01-0.02, and GRPO did not move it. So was a first
+version of this one whose asked words SFT had never seen: SFT guessed (0.28), and GRPO stayed at chance over 100
+steps (0.26 -> 0.22 per 10 steps) while it learned an unconditional rule, "say animal", in 5 steps: the tiny
+model's policy adapter does not learn a new word -> category mapping from rewards alone.)
 """
 
 from __future__ import annotations
@@ -78,9 +82,12 @@ def write_task(root: Path, seed: int, tokenizer_dir: str | None = None) -> tuple
             raise ValueError(f"words that are not one token: {split}")
     taught = [(w, c) for c, words in CATEGORIES.items() for w in words[: len(words) // 2]]
     asked = [(w, c) for c, words in CATEGORIES.items() for w in words[len(words) // 2:]]
-    demos = [{"prompt": t.format(w=w), "completion": f"Answer: {c}"} for w, c in taught for t in TEMPLATES]
-    prompts = [{"prompt": t.format(w=w), "answer": c} for w, c in asked for t in TEMPLATES]
     rng = random.Random(seed)
+    once = {w: rng.randrange(len(TEMPLATES)) for w, _ in asked}  # the one template an asked word is taught in
+    demos = [{"prompt": t.format(w=w), "completion": f"Answer: {c}"} for w, c in taught for t in TEMPLATES]
+    demos += [{"prompt": TEMPLATES[once[w]].format(w=w), "completion": f"Answer: {c}"} for w, c in asked]
+    prompts = [{"prompt": t.format(w=w), "answer": c} for w, c in asked for i, t in enumerate(TEMPLATES)
+               if i != once[w]]
     rng.shuffle(demos)
     rng.shuffle(prompts)
     root.mkdir(parents=True, exist_ok=True)
