@@ -5,18 +5,26 @@ checked without a browser. Every trace draws lines with markers, so even a run o
 The alignment stage's figures read the metrics of the job's algorithm (`JobFeed.key`: `grpo/kl` for a GRPO
 job), so one figure serves PPO, GRPO and RLOO, and DPO has its own (`dpo_figure`). The Compare page's figures
 overlay several jobs of any algorithms (`compare_figure`, `frontier_figure`).
+
+Every axis says what it shows and its unit in words (a metric's `Measure`, from `measure`), every trace has a
+name, and an axis never shows a range its quantity cannot take: a flat series gets a range around its value
+(`flat_range`), a non-negative quantity no negative numbers. Each time-series figure takes `smoothing`, the
+weight of W&B's debiased exponential moving average (`ema`; 0 draws the raw series): the raw series stays faint
+under its bold smoothed one, and the two toggle together from the legend.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from edgerlhf.contract import ALGORITHM_TABLE, MICRO_BATCH_METRIC, algorithm_traits
 from edgerlhf.reports import EvalReport
 from frontend.live import JobFeed
 from frontend.reports import parse
@@ -25,16 +33,252 @@ HEIGHT = 300
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
 
-def _layout(fig: go.Figure, title: str, x: str = "step", y: str | None = None, height: int = HEIGHT) -> go.Figure:
+# --- what a metric is, in words -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measure:
+    """How a person reads a metric: what it is and its unit in words, and the least and greatest values it can
+    take (None: unbounded), so its axis never shows a range the quantity cannot have."""
+
+    what: str
+    unit: str
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def title(self) -> str:
+        """The axis title: `KL to the reference (nats per answer)`."""
+        return f"{self.what} ({self.unit})"
+
+
+def _share(what: str, of: str) -> Measure:
+    return Measure(what, f"share of {of}", 0.0, 1.0)
+
+
+KL = Measure("KL to the reference", "nats per answer", 0.0)
+"""The exact KL(policy || reference) of each answer, summed over its tokens (`rollout.step_metrics`; DPO's on
+its chosen answers, teacher-forced), averaged over the batch."""
+MEMORY = Measure("memory", "MB", 0.0)
+STEP = "step"
+"""The x-axis of a stage's curves: its own optimizer (or rollout) step."""
+
+_TRAINING = {"learning_rate": Measure("learning rate", "per step", 0.0),
+             "grad_norm": Measure("gradient norm", "L2", 0.0),
+             "tokens_per_s": Measure("throughput", "tokens/s", 0.0),
+             "step_s": Measure("time per step", "s", 0.0)}
+"""Measures every training stage logs alike."""
+
+ALIGNMENT_MEASURES: dict[str, Measure] = {
+    **_TRAINING,
+    "kl": KL,
+    "eval_kl": Measure("held-out KL to the reference", "nats per answer", 0.0),
+    "approx_kl": Measure("KL of one update, approx.", "nats", 0.0),
+    "k3_kl": Measure("KL to the reference, k3 estimate", "nats per token", 0.0),
+    "kl_coef": Measure("KL coefficient β", "reward per nat", 0.0),
+    "response_length": Measure("response length", "tokens", 0.0),
+    "cap_hit_rate": _share("answers cut at the length cap", "answers"),
+    "entropy": Measure("entropy", "nats per token", 0.0),
+    "clip_frac": Measure("clipped by the ratio", "share", 0.0, 1.0),  # of tokens; of answers for RLOO
+    "vf_clip_frac": _share("value clipped", "tokens"),
+    "generation_s": Measure("sampling time per step", "s", 0.0),
+    "policy_loss": Measure("policy loss", "advantage units"),  # the clipped surrogate
+    "value_loss": Measure("value loss", "reward units²", 0.0),  # squared error of the returns
+    "advantage_abs_mean": Measure("mean |advantage|", "advantage units", 0.0),
+    # DPO's (`edgerlhf.align.dpo`): its loss per pair, and the implicit reward beta * log(policy / reference).
+    "loss": Measure("preference loss", "per pair", 0.0),
+    "eval_loss": Measure("held-out preference loss", "per pair", 0.0),
+    "accuracy": _share("pairs ranked right", "pairs"),
+    "eval_accuracy": _share("held-out pairs ranked right", "pairs"),
+    "margin": Measure("implicit reward margin", "β · log-ratio"),
+    "eval_margin": Measure("held-out implicit reward margin", "β · log-ratio"),
+    "chosen_reward": Measure("implicit reward", "β · log-ratio"),
+    "rejected_reward": Measure("implicit reward", "β · log-ratio"),
+}
+"""The alignment stage's metrics by name (`<algorithm>/<name>`), but those in the unit of its reward."""
+
+REWARD_MEASURES: dict[str, tuple[str, float | None]] = {
+    "reward_mean": ("reward", None), "reward_std": ("reward std", 0.0), "non_score_reward": ("KL penalty", None),
+    "returns_mean": ("mean return", None), "rlhf_reward_mean": ("reward − β · KL", None)}
+"""The alignment metrics in the unit of what scored the rollouts (`reward_unit`): name -> (what, least value)."""
+
+LM_MEASURES: dict[str, Measure] = {
+    **_TRAINING,
+    "loss": Measure("cross-entropy", "nats per token", 0.0),
+    "eval_loss": Measure("held-out cross-entropy", "nats per token", 0.0),
+    "perplexity": Measure("held-out perplexity", "exp of nats per token", 1.0),
+    "token_accuracy": _share("next token right", "tokens"),
+}
+"""SFT's and its warm-up's metrics (`sft/*`, `warmup/*`)."""
+
+REWARD_MODEL_MEASURES: dict[str, Measure] = {
+    **_TRAINING,
+    "loss": Measure("Bradley–Terry loss", "nats per pair", 0.0),
+    "eval_loss": Measure("held-out Bradley–Terry loss", "nats per pair", 0.0),
+    "accuracy": _share("pairs ranked right", "pairs"),
+    "eval_accuracy": _share("held-out pairs ranked right", "pairs"),
+    "test_accuracy": _share("test pairs ranked right", "pairs"),
+    "margin": Measure("score margin, chosen − rejected", "RM score"),
+    "eval_margin": Measure("held-out score margin", "RM score"),
+    "test_margin": Measure("test score margin", "RM score"),
+}
+"""The reward stage's metrics of each precision (`reward/<precision>/<name>`)."""
+
+EVALUATE_MEASURES: dict[str, Measure] = {
+    "kl": KL,
+    "length_diff": Measure("length change, aligned − SFT", "tokens"),
+    "cap_hit_rate_ppo": _share("aligned answers cut at the cap", "answers"),
+    "win_rate": _share("aligned answer scored higher", "prompts"),
+}
+"""The evaluate stage's metrics (`evaluate/*`), but its rewards and gold scores (`measure`)."""
+
+
+def reward_unit(function: str | None = None, terms: Sequence[Any] | None = None) -> str:
+    """What scored the rollouts: a reward function (`ppo.reward_function`), the weighted sum of stated terms
+    (`ppo.rewards`), or the reward model."""
+    if function:
+        return f"function {function}"
+    if terms:
+        return f"weighted sum of {len(terms)} terms"
+    return "RM score"
+
+
+def measure(feed: JobFeed | None, key: str) -> Measure:
+    """How a person reads metric `key` of a job: an alignment metric (`grpo/kl`), SFT's and the warm-up's, the
+    reward model's at any precision (`reward/int4/accuracy`), evaluation's, memory's (`mem/*`, `sys/*`) and the
+    data stage's counts. The units of rewards and gold scores come from the job's config (what scored, which
+    gold scorer); a key this table does not know reads as itself, "as logged"."""
+    config = ((feed.job or {}).get("config") or {}) if feed is not None else {}
+    namespace, _, name = key.partition("/")
+    if namespace in ALGORITHM_TABLE:
+        if name in REWARD_MEASURES:
+            what, low = REWARD_MEASURES[name]
+            ppo = config.get("ppo") or {}
+            return Measure(what, reward_unit(ppo.get("reward_function"), ppo.get("rewards")), low)
+        if name.startswith("rewards/"):  # one stated term of `ppo.rewards`
+            return Measure(f"reward term {name.removeprefix('rewards/')}", "its own scale")
+        if name in ("loss", "eval_loss") and (config.get("dpo") or {}).get("loss_type", "sigmoid") == "sigmoid":
+            return Measure(ALIGNMENT_MEASURES[name].what, "nats per pair", 0.0)  # -log sigmoid(...)
+        found = ALIGNMENT_MEASURES.get(name)
+    elif namespace in ("sft", "warmup"):
+        found = LM_MEASURES.get(name)
+    elif namespace == "reward":
+        found = REWARD_MODEL_MEASURES.get(name.rpartition("/")[2])
+    elif namespace in ("mem", "sys"):
+        found = Measure("rows per forward pass", "rows", 0.0) if key == MICRO_BATCH_METRIC else MEMORY
+    elif namespace == "evaluate":
+        if name.startswith("reward_"):
+            ppo = config.get("ppo") or {}
+            found = Measure("reward", reward_unit(ppo.get("reward_function"), ppo.get("rewards")))
+        elif name.startswith("gold_"):
+            found = Measure("gold score", (config.get("data") or {}).get("gold_scorer", "gold scorer"))
+        else:
+            found = EVALUATE_MEASURES.get(name)
+    elif namespace == "data":
+        found = _share("votes among the pairs", "pairs") if name == "votes_share" else Measure("count", "records", 0.0)
+    else:
+        found = None
+    return found or Measure(name or key, "as logged")
+
+
+STAGE_NAMES = {"data": "data", "sft": "SFT", "reward": "reward model", "evaluate": "evaluation"}
+"""How a person reads a stage (`contract.STAGES`); the alignment stage reads as its algorithm (`stage_name`)."""
+
+
+def stage_name(stage: str, algorithm: str) -> str:
+    """A stage as a person reads it: the alignment stage, stored as `ppo` whatever it runs, by its algorithm."""
+    return algorithm_traits(algorithm).label if stage == "ppo" else STAGE_NAMES.get(stage, stage)
+
+
+# --- smoothing and ranges (pure) -------------------------------------------------------------------
+
+
+def ema(values: Sequence[float | None], weight: float) -> list[float | None]:
+    """The debiased exponential moving average of `values` (W&B's and TensorBoard's smoothing): `weight` 0 is
+    the raw series, near 1 the smoothest. A gap (None or NaN) stays a gap and does not reset the average;
+    dividing by 1 - weight^n removes the pull towards 0 of the first points."""
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+    out: list[float | None] = []
+    last, n = 0.0, 0
+    for v in values:
+        if v is None or not math.isfinite(v):
+            out.append(None)
+            continue
+        n += 1
+        last = last * weight + (1.0 - weight) * v
+        out.append(last / (1.0 - weight ** n))
+    return out
+
+
+def flat_range(values: Iterable[Any], low: float | None = None, high: float | None = None) -> list[float] | None:
+    """The y-range of a flat series: ±50 % around its value (±1 around 0), kept within the quantity's bounds
+    `low`..`high` (a small margin above `high`, so points on it stay whole); None when the values vary or
+    there are none (Plotly's autorange then fits them)."""
+    finite = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        return None
+    lo, hi = min(finite), max(finite)
+    if hi - lo > 1e-9 * max(1.0, abs(hi)):
+        return None
+    pad = 0.5 * abs(lo) or 1.0
+    bottom, top = lo - pad, hi + pad
+    if low is not None:
+        bottom = max(bottom, low)
+    if high is not None:
+        top = min(top, high + 0.05 * (high - (low or 0.0)))
+    return [bottom, top]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# --- building blocks ---------------------------------------------------------------------------------
+
+
+def _layout(fig: go.Figure, title: str, height: int = HEIGHT) -> go.Figure:
     # Subplot titles are annotations just above the plots: leave room for them under the figure's title.
     top = 70 if fig.layout.annotations else 40
+    # The legend sits at the figure's foot (container coordinates), below the x-axis title, never over it.
     fig.update_layout(title=dict(text=title, font=dict(size=14)), height=height, hovermode="x unified",
-                      margin=dict(l=10, r=10, t=top, b=10), legend=dict(orientation="h", y=-0.25),
-                      xaxis_title=x, yaxis_title=y)
+                      margin=dict(l=10, r=10, t=top, b=10),
+                      legend=dict(orientation="h", xref="container", x=0, yref="container", y=0, yanchor="bottom"))
     return fig
 
 
-def _xy(points: Iterable[tuple[int, float | None]]) -> tuple[list[int], list[float | None]]:
+def _axis_id(axis: Any) -> str:
+    """`x2` of the layout's `xaxis2`: how traces name the axis they are drawn on."""
+    return axis.plotly_name.replace("axis", "")
+
+
+def _x(fig: go.Figure, title: str, axis: str = "x") -> None:
+    # automargin: the figure's margins are thin; the axis makes room for its tick labels and title.
+    fig.layout["xaxis" + axis[1:]].update(title_text=title, title_font_size=12, automargin=True)
+
+
+def _y(fig: go.Figure, m: Measure, axis: str = "y", title: str | None = None, also: Iterable[float] = ()) -> None:
+    """Title y-axis `axis` with `m` (or `title`) and fit its range to `m`'s bounds: a flat series gets a range
+    around its value, a non-negative quantity never a negative range. `also`: values the range must show
+    besides the traces' (a limit drawn as a line)."""
+    values = [v for t in fig.data if (t.yaxis or "y") == axis for v in (t.y or ())]
+    layout_axis = fig.layout["yaxis" + axis[1:]]
+    layout_axis.update(title_text=title or m.title, title_font_size=12, automargin=True)
+    span = flat_range([*values, *also], m.low, m.high)
+    if span is not None:
+        layout_axis.range = span
+    elif m.low is not None and m.low >= 0:
+        layout_axis.rangemode = "nonnegative"
+
+
+def _panel(fig: go.Figure, row: int, col: int, m: Measure, x: str = STEP, y: str | None = None) -> None:
+    """Title the axes of one subplot and fit its y-range (`_y`)."""
+    sub = fig.get_subplot(row, col)
+    _x(fig, x, _axis_id(sub.xaxis))
+    _y(fig, m, _axis_id(sub.yaxis), y)
+
+
+def _xy(points: Iterable[tuple[Any, float | None]]) -> tuple[list[Any], list[float | None]]:
     xs, ys = [], []
     for step, value in points:
         xs.append(step)
@@ -43,10 +287,27 @@ def _xy(points: Iterable[tuple[int, float | None]]) -> tuple[list[int], list[flo
     return xs, ys
 
 
-def line(fig: go.Figure, points, name: str, color: str | None = None, **kw: Any) -> go.Figure:
+def line(fig: go.Figure, points, name: str, color: str | None = None, smoothing: float = 0.0,
+         row: int | None = None, col: int | None = None, secondary_y: bool | None = None, **kw: Any) -> go.Figure:
+    """One series, lines with markers. With `smoothing`, the raw series faint (still named `name`, in the
+    hover) under its bold exponential moving average (`ema`), named `<name> (smoothed)` in the legend; one
+    legend entry toggles both. `row`, `col`, `secondary_y` place it in a subplot; `kw` goes to the trace."""
     xs, ys = _xy(points)
-    fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines+markers", marker=dict(size=5),
-                             line=dict(color=color), **kw))
+    style = {**(kw.pop("line", None) or {}), **({"color": color} if color else {})}
+    place = dict(row=row, col=col, secondary_y=secondary_y)
+    if not smoothing:
+        fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines+markers", marker=kw.pop("marker", dict(size=5)),
+                                 line=style, **kw), **place)
+        return fig
+    kw.pop("marker", None)
+    group, shown = kw.pop("legendgroup", name), kw.pop("showlegend", None)
+    # Small markers: a point alone between two gaps still shows.
+    fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines+markers", marker=dict(size=3),
+                             line={**style, "width": 1}, opacity=0.35, legendgroup=group, showlegend=False, **kw),
+                  **place)
+    fig.add_trace(go.Scatter(x=xs, y=ema(ys, smoothing), name=f"{name} (smoothed)", mode="lines+markers",
+                             marker=dict(size=3), line={**style, "width": 2.5}, legendgroup=group, showlegend=shown,
+                             **kw), **place)
     return fig
 
 
@@ -56,7 +317,14 @@ def _stage_series(feed: JobFeed, name: str) -> list[tuple[int, float | None]]:
     return feed.series(key, "ppo") or feed.series(key)
 
 
-def reward_figure(feed: JobFeed) -> go.Figure:
+def _label(algorithm: str) -> str:
+    return algorithm_traits(algorithm).label
+
+
+# --- a job's figures ---------------------------------------------------------------------------------
+
+
+def reward_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
     """The reward of the algorithm's rollouts (PPO, GRPO, RLOO): the batch mean with a band of ± one std."""
     mean = _stage_series(feed, "reward_mean")
     std = dict(_stage_series(feed, "reward_std"))
@@ -69,54 +337,75 @@ def reward_figure(feed: JobFeed) -> go.Figure:
         xs = [s for s, _, _ in band]
         fig.add_trace(go.Scatter(x=xs + xs[::-1], y=upper + lower[::-1], fill="toself", name="± std", mode="lines",
                                  fillcolor="rgba(31,119,180,0.18)", line=dict(width=0), hoverinfo="skip"))
-    line(fig, mean, "reward mean", COLORS[0])
-    return _layout(fig, f"Reward ({feed.algorithm.upper()} batch mean ± std)", y="reward")
+    line(fig, mean, "reward mean", COLORS[0], smoothing)
+    _layout(fig, f"Reward ({_label(feed.algorithm)} batch mean ± std)")
+    _x(fig, STEP)
+    _y(fig, measure(feed, feed.key("reward_mean")))
+    return fig
 
 
-def kl_figure(feed: JobFeed) -> go.Figure:
-    """KL to the reference policy (DPO's too, and its held-out KL), and the KL coefficient on a second axis."""
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    for i, name in enumerate(("kl", "approx_kl", "eval_kl")):
+def kl_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
+    """KL to the reference policy (DPO's too, and its held-out KL), and the KL coefficient on a second axis
+    (a constant coefficient gets a range around its value)."""
+    coef = _stage_series(feed, "kl_coef")
+    fig = make_subplots(specs=[[{"secondary_y": True}]]) if coef else go.Figure()
+    for name, color in (("kl", COLORS[1]), ("eval_kl", COLORS[3])):
         pts = _stage_series(feed, name)
         if pts:
-            xs, ys = _xy(pts)
-            fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines+markers",
-                                     marker=dict(size=5), line=dict(color=COLORS[i + 1])), secondary_y=False)
-    coef = _stage_series(feed, "kl_coef")
+            line(fig, pts, name, color, smoothing, secondary_y=False if coef else None)
     if coef:
         xs, ys = _xy(coef)
         fig.add_trace(go.Scatter(x=xs, y=ys, name="kl_coef", mode="lines", line=dict(dash="dot", color="gray")),
                       secondary_y=True)
-    fig.update_yaxes(title_text="KL (nats)", secondary_y=False)
-    fig.update_yaxes(title_text="coef", secondary_y=True, showgrid=False)
-    return _layout(fig, "KL to the reference policy")
+    _layout(fig, "KL to the reference policy")
+    _x(fig, STEP)
+    _y(fig, measure(feed, feed.key("kl")))
+    if coef:
+        _y(fig, measure(feed, feed.key("kl_coef")), "y2")
+        # Its own round ticks: an overlaying axis copies the left one's gridlines by default (tickmode "sync").
+        fig.layout.yaxis2.update(showgrid=False, tickmode="auto")
+    return fig
 
 
-def keys_figure(feed: JobFeed, keys: list[str], title: str, stage: str | None = None, y: str | None = None) -> go.Figure:
-    """Several metrics of one stage on one chart."""
+def keys_figure(feed: JobFeed, keys: list[str], title: str, stage: str | None = None, y: str | None = None,
+                smoothing: float = 0.0) -> go.Figure:
+    """Several metrics of one stage on one chart; the y-axis reads `y` (or what the first key is) and the first
+    key's unit."""
     fig = go.Figure()
     for i, key in enumerate(keys):
         pts = feed.series(key, stage) if stage else feed.series(key)
         if pts:
-            line(fig, pts, key.split("/", 1)[-1] if stage else key, COLORS[i % len(COLORS)])
-    return _layout(fig, title, y=y)
+            line(fig, pts, key.split("/", 1)[-1] if stage else key, COLORS[i % len(COLORS)], smoothing)
+    _layout(fig, title)
+    _x(fig, STEP)
+    m = measure(feed, keys[0]) if keys else Measure("value", "as logged")
+    _y(fig, m, title=f"{y} ({m.unit})" if y else None)
+    return fig
 
 
-DIAGNOSTICS = ("response_length", "cap_hit_rate", "entropy", "clip_frac", "tokens_per_s")
+DIAGNOSTICS = ("response_length", "cap_hit_rate", "entropy", "clip_frac", "approx_kl", "tokens_per_s")
 """The health signals of a sampling algorithm, in its namespace; those it does not log are left out."""
+DIAGNOSTIC_COLUMNS = 3
 
 
-def diagnostics_figure(feed: JobFeed) -> go.Figure:
+def diagnostics_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
     """Small multiples of the sampling algorithm's health signals: response length, the share of answers cut at
-    the cap, entropy, clip fraction, throughput (the ones the job's algorithm logs)."""
+    the cap, entropy, clip fraction, the size of one update (approximate KL of the policy before and after it),
+    throughput (the ones the job's algorithm logs), three to a row."""
     names = [n for n in DIAGNOSTICS if _stage_series(feed, n)] or list(DIAGNOSTICS[:1])
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names)
-    for i, name in enumerate(names, start=1):
-        xs, ys = _xy(_stage_series(feed, name))
-        fig.add_trace(go.Scatter(x=xs, y=ys, name=feed.key(name), mode="lines+markers", marker=dict(size=4),
-                                 line=dict(color=COLORS[i - 1]), showlegend=False), row=1, col=i)
+    measures = [measure(feed, feed.key(n)) for n in names]
+    cols = min(DIAGNOSTIC_COLUMNS, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[m.what for m in measures],
+                        specs=[[{} if r * cols + c < len(names) else None for c in range(cols)] for r in range(rows)],
+                        vertical_spacing=0.25)
+    for i, (name, m) in enumerate(zip(names, measures)):
+        row, col = divmod(i, cols)
+        line(fig, _stage_series(feed, name), feed.key(name), COLORS[i % len(COLORS)], smoothing, row=row + 1,
+             col=col + 1, marker=dict(size=4), showlegend=False)
+        _panel(fig, row + 1, col + 1, m, y=m.unit)
     fig.update_annotations(font_size=12)
-    return _layout(fig, f"{feed.algorithm.upper()} diagnostics", height=260)
+    return _layout(fig, f"{_label(feed.algorithm)} diagnostics", height=40 + 230 * rows)
 
 
 DPO_PANELS = (("loss", ("loss", "eval_loss")), ("accuracy", ("accuracy", "eval_accuracy")),
@@ -124,99 +413,141 @@ DPO_PANELS = (("loss", ("loss", "eval_loss")), ("accuracy", ("accuracy", "eval_a
 """DPO's panels: (title, metric names); a held-out `eval_*` series is drawn dotted."""
 
 
-def dpo_figure(feed: JobFeed) -> go.Figure:
+def dpo_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
     """DPO's training: preference loss, accuracy and margin (training, and dotted held-out), and the implicit
     rewards beta * log(policy / reference) of the chosen and rejected responses."""
     fig = make_subplots(rows=1, cols=len(DPO_PANELS), subplot_titles=[t for t, _ in DPO_PANELS])
     for col, (_, names) in enumerate(DPO_PANELS, start=1):
         for i, name in enumerate(names):
             pts = _stage_series(feed, name)
-            if not pts:
-                continue
-            xs, ys = _xy(pts)
-            fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines+markers", marker=dict(size=4),
-                                     line=dict(color=COLORS[(col - 1 + 4 * i) % len(COLORS)],
-                                               dash="dot" if name.startswith("eval_") else None)), row=1, col=col)
+            if pts:
+                line(fig, pts, name, COLORS[(col - 1 + 4 * i) % len(COLORS)], smoothing, row=1, col=col,
+                     marker=dict(size=4), line=dict(dash="dot" if name.startswith("eval_") else None))
+        m = measure(feed, feed.key(names[0]))
+        _panel(fig, 1, col, m, y=m.unit)
     fig.update_annotations(font_size=12)
     return _layout(fig, "DPO on the preference pairs", height=300)
 
 
-def reward_model_figure(feed: JobFeed) -> go.Figure:
-    """Reward-model training per precision: loss (left), training and held-out accuracy (right)."""
+def reward_model_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
+    """Reward-model training per precision: loss (left) and accuracy (right), training solid and held-out
+    dotted; one legend entry per precision toggles its four curves."""
     keys = feed.keys()
-    precisions = sorted({m.group(1) for k in keys if (m := re.match(r"reward/([^/]+)/(loss|accuracy|eval_accuracy)$", k))})
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["loss", "accuracy (dotted: held-out)"])
+    precisions = sorted({m.group(1) for k in keys
+                         if (m := re.match(r"reward/([^/]+)/(loss|eval_loss|accuracy|eval_accuracy)$", k))})
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["loss (dotted: held-out)", "accuracy (dotted: held-out)"])
     for i, p in enumerate(precisions):
         color = COLORS[i % len(COLORS)]
-        for col, metric, dash in ((1, "loss", None), (2, "accuracy", None), (2, "eval_accuracy", "dot")):
+        for col, metric, dash in ((1, "loss", None), (1, "eval_loss", "dot"), (2, "accuracy", None),
+                                  (2, "eval_accuracy", "dot")):
             pts = feed.series(f"reward/{p}/{metric}")
-            if not pts:
-                continue
-            xs, ys = _xy(pts)
-            fig.add_trace(go.Scatter(x=xs, y=ys, name=p if metric != "eval_accuracy" else f"{p} held-out",
-                                     legendgroup=p, showlegend=metric != "accuracy", mode="lines+markers",
-                                     marker=dict(size=5), line=dict(color=color, dash=dash)), row=1, col=col)
+            if pts:
+                line(fig, pts, f"{p} held-out" if dash else p, color, smoothing, row=1, col=col, legendgroup=p,
+                     showlegend=(col, dash) in ((1, None), (2, "dot")), line=dict(dash=dash))
+    some = precisions[0] if precisions else "bf16"
+    for col, metric in ((1, "loss"), (2, "accuracy")):
+        m = measure(feed, f"reward/{some}/{metric}")
+        _panel(fig, 1, col, m, y=m.unit)
+    fig.update_annotations(font_size=12)
     return _layout(fig, "Reward model per precision")
+
+
+PRECISION_PANELS = (("accuracy", _share("held-out accuracy", "pairs")),
+                    ("peak_train_mb", Measure("peak memory", "MB", 0.0)),
+                    ("throughput_pairs_per_s", Measure("scoring throughput", "pairs/s", 0.0)))
+"""The precision study's panels: (column of `reports.precision_rows`, what it is)."""
 
 
 def precision_figure(rows: list[dict[str, Any]]) -> go.Figure:
     """The precision study (rows of `reports.precision_rows`) side by side: held-out accuracy, peak memory,
     scoring throughput."""
-    panels = [("accuracy", "held-out accuracy"), ("peak_train_mb", "peak memory (MB)"),
-              ("throughput_pairs_per_s", "throughput (pairs/s)")]
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for _, t in panels])
+    fig = make_subplots(rows=1, cols=len(PRECISION_PANELS), subplot_titles=[m.what for _, m in PRECISION_PANELS])
     names = [r["precision"] for r in rows]
-    for col, (key, _) in enumerate(panels, start=1):
-        fig.add_trace(go.Bar(x=names, y=[r[key] for r in rows], showlegend=False,
+    for col, (key, m) in enumerate(PRECISION_PANELS, start=1):
+        fig.add_trace(go.Bar(x=names, y=[r[key] for r in rows], name=m.what, showlegend=False,
                              marker_color=[COLORS[i % len(COLORS)] for i in range(len(rows))]), row=1, col=col)
+        _panel(fig, 1, col, m, x="precision", y=m.unit)
     fig.update_annotations(font_size=12)
-    return _layout(fig, "Precision study", x=None, height=260)
+    return _layout(fig, "Precision study", height=260)
 
 
 def eval_figure(report: EvalReport | dict[str, Any]) -> go.Figure:
-    """SFT vs the aligned policy (named after its algorithm) on held-out prompts: mean reward-model score and
-    gold score, those the run has, with ± one standard deviation; response length when it has neither (a
-    DPO run without a reward model on human labels)."""
+    """SFT vs the aligned policy (named after its algorithm) on held-out prompts: mean reward and gold score,
+    those the run has, with ± one standard deviation; response length when it has neither (a DPO run without
+    a reward model on human labels)."""
     report = parse(EvalReport, report)
-    titles = {"reward": "reward model score", "gold": f"gold score ({report.gold_scorer})",
-              "response_tokens": "response tokens"}
-    measures = [m for m in ("reward", "gold")
-                if getattr(report.sft, m) is not None and getattr(report.ppo, m) is not None] or ["response_tokens"]
-    aligned = report.algorithm.upper()
-    fig = make_subplots(rows=1, cols=len(measures), subplot_titles=[titles[m] for m in measures])
-    for col, m in enumerate(measures, start=1):
+    measures = {"reward": Measure("reward", reward_unit(report.reward_function, report.rewards)),
+                "gold": Measure("gold score", report.gold_scorer or "gold scorer"),
+                "response_tokens": Measure("response length", "tokens", 0.0)}
+    shown = [m for m in ("reward", "gold")
+             if getattr(report.sft, m) is not None and getattr(report.ppo, m) is not None] or ["response_tokens"]
+    aligned = _label(report.algorithm)
+    fig = make_subplots(rows=1, cols=len(shown), horizontal_spacing=0.15)
+    for col, m in enumerate(shown, start=1):
         for i, (who, policy) in enumerate((("SFT", report.sft), (aligned, report.ppo))):
             summary = getattr(policy, m)
             fig.add_trace(go.Bar(x=[who], y=[summary.mean], name=who, showlegend=col == 1,
                                  error_y=dict(type="data", array=[summary.std or 0.0], visible=True),
                                  marker_color=COLORS[i]), row=1, col=col)
-    fig.update_annotations(font_size=12)
-    return _layout(fig, f"SFT vs {aligned} (mean ± std)", x=None, height=280)
+        _panel(fig, 1, col, measures[m], x="policy")
+    return _layout(fig, f"SFT vs {aligned} (mean ± std)", height=280)
 
 
-def memory_figure(feed: JobFeed, gpu_total_mb: float | None) -> go.Figure:
-    """Memory over the whole job (all stages, by time) against the GPU's total when there is a GPU."""
+MEMORY_SERIES = {
+    "mem/allocated_mb": "GPU allocated by tensors (at steps)",
+    "mem/peak_mb": "GPU peak allocated (at steps)",
+    "mem/reserved_mb": "GPU reserved by PyTorch (at steps)",
+    "sys/gpu_used_mb": "GPU in use, all processes (sampled)",
+    "mem/rss_mb": "job process RSS (at steps)",
+    "sys/rss_mb": "job process RSS (sampled)",
+}
+"""The memory chart's series: a stage's `mem/*` at its steps (`edgerlhf.memory.snapshot`), the worker's `sys/*`
+every few seconds between them (`edgerlhf.memory.sampled`); the first four exist only on a GPU."""
+GPU_SERIES = ("mem/allocated_mb", "mem/peak_mb", "mem/reserved_mb", "sys/gpu_used_mb")
+
+
+def stage_starts(feed: JobFeed) -> list[tuple[float, str]]:
+    """(time of its first metric, stage) of each stage the feed has metrics of, in time order."""
+    first: dict[str, float] = {}
+    for (stage, _, _), row in feed.metrics.items():
+        if _finite(row["time"]) and row["time"] < first.get(stage, math.inf):
+            first[stage] = row["time"]
+    return sorted((t, stage) for stage, t in first.items())
+
+
+def memory_figure(feed: JobFeed, gpu_total_mb: float | None, smoothing: float = 0.0) -> go.Figure:
+    """Memory over the whole job (all stages, by clock time) against the GPU's total when there is a GPU: one
+    line per reading (`MEMORY_SERIES`) in time order, and a dotted line with the stage's name where each stage
+    began."""
     fig = go.Figure()
-    # `mem/*` from the stages at their steps; `sys/*` sampled by the worker between them (contract.SAMPLED_PREFIX).
-    keys = ["mem/allocated_mb", "mem/peak_mb", "mem/reserved_mb", "sys/gpu_used_mb"] if gpu_total_mb else []
-    keys += ["mem/rss_mb", "sys/rss_mb"]
+    keys = [k for k in MEMORY_SERIES if gpu_total_mb or k not in GPU_SERIES]
     for i, key in enumerate(keys):
-        rows = feed.timed(key)
+        rows = sorted((r for r in feed.timed(key) if _finite(r[0])), key=lambda r: r[0])
         if not rows:
             continue
-        have_time = all(isinstance(t, (int, float)) for t, *_ in rows)
         # Unix seconds -> datetimes, so the axis reads as clock time (local time of the dashboard host).
-        xs = [datetime.fromtimestamp(t) for t, *_ in rows] if have_time else list(range(len(rows)))
-        ys = [v if v is not None and math.isfinite(v) else None for *_, v in rows]
-        text = [f"{stage} step {step}" for _, step, stage, _ in rows]
-        fig.add_trace(go.Scatter(x=xs, y=ys, name=key.split("/")[1], mode="lines+markers", marker=dict(size=4),
-                                 text=text, line=dict(color=COLORS[i % len(COLORS)],
-                                                      dash="dot" if key == "mem/rss_mb" and gpu_total_mb else None)))
+        points = [(datetime.fromtimestamp(t), v) for t, _, _, v in rows]
+        text = [f"{stage_name(stage, feed.algorithm)} step {step}" for _, step, stage, _ in rows]
+        dash = "dot" if key == "mem/rss_mb" and gpu_total_mb else None
+        line(fig, points, MEMORY_SERIES[key], COLORS[i % len(COLORS)], smoothing, text=text, marker=dict(size=4),
+             hovertemplate="%{y:,.0f} MB (%{text})", line=dict(dash=dash))
+    for i, (t, stage) in enumerate(stage_starts(feed) if fig.data else ()):
+        at = datetime.fromtimestamp(t)
+        fig.add_shape(type="line", xref="x", yref="paper", x0=at, x1=at, y0=0, y1=1,
+                      line=dict(color="gray", width=1, dash="dot"))
+        # Stages a few seconds apart (data, then SFT) would print their names over each other: three heights.
+        fig.add_annotation(x=at, xref="x", y=1 - 0.09 * (i % 3), yref="paper", text=stage_name(stage, feed.algorithm),
+                           showarrow=False, xanchor="left", yanchor="top", font=dict(size=11, color="gray"))
     if gpu_total_mb:
         fig.add_hline(y=gpu_total_mb, line=dict(color="red", dash="dash"),
-                      annotation_text=f"GPU total {gpu_total_mb:,.0f} MB", annotation_position="top left")
-    title = "Memory (MB) vs the GPU's total" if gpu_total_mb else "Process memory (RSS, MB): no GPU"
-    return _layout(fig, title, x="time", y="MB")
+                      annotation_text=f"GPU total {gpu_total_mb:,.0f} MB", annotation_position="bottom right")
+    _layout(fig, "Memory vs the GPU's total" if gpu_total_mb else "Process memory (RSS): no GPU", height=360)
+    _x(fig, "clock time")
+    _y(fig, MEMORY, also=[gpu_total_mb] if gpu_total_mb else ())
+    return fig
+
+
+# --- several jobs (the Compare page) -------------------------------------------------------------------
 
 
 X_AXES = {"step": "step", "samples": "samples seen"}
@@ -224,7 +555,12 @@ X_AXES = {"step": "step", "samples": "samples seen"}
 (`JobFeed.samples_per_step`: responses for PPO/GRPO/RLOO, preference pairs for DPO)."""
 
 
-def compare_figure(feeds: dict[str, JobFeed], name: str, x: str = "step") -> go.Figure:
+def _titles(titles: Iterable[str]) -> str:
+    """One axis title for several runs: theirs if they agree, else each once."""
+    return " / ".join(dict.fromkeys(titles))
+
+
+def compare_figure(feeds: dict[str, JobFeed], name: str, x: str = "step", smoothing: float = 0.0) -> go.Figure:
     """Metric `name` of several jobs overlaid on a common x-axis (`X_AXES`).
 
     An alignment metric (`reward_mean`, no namespace) is read in each job's own algorithm's namespace, so a PPO
@@ -234,7 +570,7 @@ def compare_figure(feeds: dict[str, JobFeed], name: str, x: str = "step") -> go.
     if x not in X_AXES:
         raise ValueError(f"unknown x-axis {x!r}; choose from {list(X_AXES)}")
     fig = go.Figure()
-    drawn = []
+    drawn: dict[str, JobFeed] = {}
     for i, (label, feed) in enumerate(feeds.items()):
         pts = feed.series(feed.key(name))
         per_step = feed.samples_per_step(name)
@@ -242,11 +578,15 @@ def compare_figure(feeds: dict[str, JobFeed], name: str, x: str = "step") -> go.
             continue
         if x == "samples":
             pts = [(step * per_step, value) for step, value in pts]
-        line(fig, pts, label if "/" in name else f"{label} ({feed.algorithm})", COLORS[i % len(COLORS)])
-        drawn.append(feed.algorithm)
+        line(fig, pts, label if "/" in name else f"{label} ({feed.algorithm})", COLORS[i % len(COLORS)], smoothing)
+        drawn[label] = feed
     fig.update_layout(showlegend=True)  # even for one job: say which job a line is
-    title = name if "/" in name else f"{name} ({', '.join(dict.fromkeys(drawn)) or 'alignment'})"
-    return _layout(fig, title, x=X_AXES[x])
+    algorithms = ", ".join(dict.fromkeys(feed.algorithm for feed in drawn.values())) or "alignment"
+    _layout(fig, name if "/" in name else f"{name} ({algorithms})")
+    _x(fig, X_AXES[x])
+    measures = [measure(feed, feed.key(name)) for feed in drawn.values()] or [measure(None, name)]
+    _y(fig, measures[0], title=_titles(m.title for m in measures))
+    return fig
 
 
 def frontier_figure(feeds: dict[str, JobFeed]) -> go.Figure:
@@ -258,6 +598,7 @@ def frontier_figure(feeds: dict[str, JobFeed]) -> go.Figure:
     pair (when the run has a reward model to score it).
     """
     fig = go.Figure()
+    rewards = []
     for i, (label, feed) in enumerate(feeds.items()):
         color, name = COLORS[i % len(COLORS)], f"{label} ({feed.algorithm})"
         kl = dict(_stage_series(feed, "kl"))
@@ -268,24 +609,29 @@ def frontier_figure(feeds: dict[str, JobFeed]) -> go.Figure:
                                      text=[f"step {s}" for _, _, s in path], mode="lines+markers", legendgroup=label,
                                      marker=dict(size=5), line=dict(color=color),
                                      hovertemplate="KL %{x:.3g}, reward %{y:.3g} (%{text})"))
+            rewards.append(measure(feed, feed.key("reward_mean")).title)
         ev = feed.report.evaluate if feed.report is not None else None
         if ev is not None and ev.sft.reward is not None and ev.ppo.reward is not None \
                 and _finite(ev.sft.reward.mean) and _finite(ev.ppo.reward.mean) and _finite(ev.kl):
+            aligned = _label(ev.algorithm)
             fig.add_trace(go.Scatter(x=[0.0, ev.kl], y=[ev.sft.reward.mean, ev.ppo.reward.mean],
-                                     name=f"{name} held-out: SFT → {ev.algorithm.upper()}", legendgroup=label,
-                                     text=["SFT", ev.algorithm.upper()], mode="lines+markers",
+                                     name=f"{name} held-out: SFT → {aligned}", legendgroup=label,
+                                     text=["SFT", aligned], mode="lines+markers",
                                      marker=dict(size=[9, 15], symbol=["circle-open", "star"], color=color),
                                      line=dict(color=color, dash="dot"),
                                      hovertemplate="%{text}: KL %{x:.3g}, reward %{y:.3g} (held-out)"))
+            rewards.append(Measure("reward", reward_unit(ev.reward_function, ev.rewards)).title)
     fig.update_layout(showlegend=True)
-    _layout(fig, "Reward vs KL (training steps; ★ the aligned policy on held-out prompts)",
-            x="KL to the reference (nats per response)", y="reward", height=420)
+    _layout(fig, "Reward vs KL (training steps; ★ the aligned policy on held-out prompts)", height=420)
     fig.update_layout(hovermode="closest")  # points, not a step's column: the x-axis is KL
+    _x(fig, KL.title)
+    fig.layout.xaxis.rangemode = "nonnegative"
+    fig.layout.yaxis.update(title_text=_titles(rewards) or Measure("reward", reward_unit()).title, title_font_size=12,
+                            automargin=True)
     return fig
 
 
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
+# --- probes and data ------------------------------------------------------------------------------------
 
 
 def last_question(prompt: str) -> str:
@@ -299,20 +645,36 @@ def checkpoint_label(sample: dict[str, Any]) -> str:
     return sample["checkpoint"] or f"{sample['stage']}/step-{sample['step']}"
 
 
-def probe_reward_figure(rows: list[dict[str, Any]], order: list[str]) -> go.Figure:
-    """Probe rewards per checkpoint, one line per probe prompt."""
+def checkpoint_name(label: str, algorithm: str) -> str:
+    """A checkpoint label as a person reads it: the alignment stage's (stored as `ppo/step-10` whatever ran)
+    under the job's algorithm, `grpo/step-10` of a GRPO job; any other label as it is."""
+    stage, sep, rest = label.partition("/")
+    return f"{algorithm}{sep}{rest}" if stage == "ppo" else label
+
+
+def probe_reward_figure(rows: list[dict[str, Any]], order: list[str], scorer: str | None = None,
+                        algorithm: str = "ppo") -> go.Figure:
+    """The probe answers' scores per checkpoint, one line per probe prompt. A probe is scored with the gold
+    scorer `scorer` (`gold.probe_score`: the same scale from SFT to the last aligned step; a reward model
+    cannot be, SFT runs before it exists), so the axis says gold score, never reward; checkpoints read with
+    the job's `algorithm` (`checkpoint_name`)."""
     fig = go.Figure()
     by_prompt: dict[str, dict[str, float]] = {}
     for r in rows:
         if r["reward"] is not None:
             by_prompt.setdefault(r["prompt"], {})[checkpoint_label(r)] = r["reward"]
-    for i, (prompt, rewards) in enumerate(by_prompt.items()):
-        xs = [c for c in order if c in rewards]
+    names = [checkpoint_name(c, algorithm) for c in order]
+    for i, (prompt, scores) in enumerate(by_prompt.items()):
+        xs = [c for c in order if c in scores]
         short = last_question(prompt)[:40]
-        fig.add_trace(go.Scatter(x=xs, y=[rewards[c] for c in xs], name=f"#{i + 1} {short}", mode="lines+markers",
+        fig.add_trace(go.Scatter(x=[checkpoint_name(c, algorithm) for c in xs], y=[scores[c] for c in xs],
+                                 name=f"#{i + 1} {short}", mode="lines+markers",
                                  line=dict(color=COLORS[i % len(COLORS)])))
-    fig.update_xaxes(type="category", categoryorder="array", categoryarray=order)
-    return _layout(fig, "Probe reward per checkpoint", x="checkpoint", y="reward")
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=names)
+    _layout(fig, "Probe answers' gold score per checkpoint")
+    _x(fig, "checkpoint")
+    _y(fig, Measure("gold score", scorer or "gold scorer"))
+    return fig
 
 
 def histogram_figure(hist: dict[str, Any], title: str, limit: int | None = None, color: str = COLORS[0]) -> go.Figure:
@@ -326,6 +688,8 @@ def histogram_figure(hist: dict[str, Any], title: str, limit: int | None = None,
     if limit is not None:
         fig.add_vline(x=limit + 0.5, line_dash="dash", line_color="#d62728", annotation_text=f"max {limit}",
                       annotation_position="top right")
-    _layout(fig, title, x="tokens", y="records")
+    _layout(fig, title)
+    _x(fig, "length (tokens)")
+    _y(fig, Measure("count", "records", 0.0))
     fig.update_layout(hovermode="closest", showlegend=False, bargap=0.05)
     return fig

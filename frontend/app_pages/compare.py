@@ -2,7 +2,8 @@
 
 - Curves overlaid on a common x-axis, steps or samples seen (`charts.X_AXES`); an alignment metric is
   matched by name across algorithms (`reward_mean` is `ppo/reward_mean` of a PPO job and `grpo/reward_mean`
-  of a GRPO job: `JobFeed.key`).
+  of a GRPO job: `JobFeed.key`); a smoothing slider draws each curve's moving average over its faint raw
+  series (`charts.ema`, as W&B's).
 - The reward-vs-KL frontier: each sampling run's training trajectory and each finished run's held-out
   point, so DPO appears too (`charts.frontier_figure`).
 - One row per run: algorithm, rewards, gold gain, KL, length, peak memory, time per step (`reports.run_row`),
@@ -18,7 +19,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from edgerlhf.contract import FINISHED, JobStatus
+from edgerlhf.contract import FINISHED, JobStatus, algorithm_traits
 from frontend import charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
 from frontend.reports import eval_headline, precision_rows, run_row, side_by_side
@@ -38,7 +39,7 @@ def curves(feeds: dict[str, live.JobFeed]) -> None:
     if not names:
         st.info("The chosen jobs have no metrics yet.")
         return
-    left, right = st.columns([3, 1])
+    left, right, smooth = st.columns([3, 1, 1])
     picked = left.multiselect("Metrics", names, default=[n for n in DEFAULT_NAMES if n in names] or names[:2],
                               format_func=metric_label, key="compare_keys",
                               help="An alignment metric without a namespace (reward_mean, kl …) is each job's own "
@@ -47,9 +48,14 @@ def curves(feeds: dict[str, live.JobFeed]) -> None:
                     help="Samples seen = step × what a step consumed, from each job's config: its rollout batch "
                          "(ppo.batch_size responses) for PPO, GRPO and RLOO; dpo.batch_size × dpo.grad_accum preference "
                          "pairs for DPO; the batch × accumulation of SFT, warm-up and the reward model.")
+    smoothing = smooth.slider("Smoothing", 0.0, 0.99, 0.0, 0.01, key="compare_smoothing",
+                              help="Weight of an exponential moving average, as W&B's slider: 0 draws the raw "
+                                   "curves; the higher, the smoother. The raw curve stays faint under the smoothed "
+                                   "one.")
     cols = st.columns(2)
     for i, name in enumerate(picked):
-        cols[i % 2].plotly_chart(charts.compare_figure(feeds, name, x), key=f"cmp-{name}", width="stretch")
+        cols[i % 2].plotly_chart(charts.compare_figure(feeds, name, x, smoothing=smoothing), key=f"cmp-{name}",
+                                 width="stretch")
 
 
 def frontier(feeds: dict[str, live.JobFeed]) -> None:
@@ -74,10 +80,14 @@ def runs_table(feeds: dict[str, live.JobFeed]) -> None:
 
     reports = {label: feed.report for label, feed in feeds.items() if feed.report is not None}
     st.markdown("#### Final reports (SFT vs the aligned policy: PPO, GRPO, RLOO or DPO)")
-    rows = [{"job": label, **eval_headline(r.evaluate)} for label, r in reports.items() if r.evaluate is not None]
+    # The report calls the aligned side `ppo` whatever trained it: "aligned" is each run's own algorithm's policy.
+    rows = [{"job": label, "algorithm": algorithm_traits(r.evaluate.algorithm).label,
+             **{k.replace("PPO", "aligned"): v for k, v in eval_headline(r.evaluate).items()}}
+            for label, r in reports.items() if r.evaluate is not None]
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-        st.caption("\"PPO\" columns are each run's aligned policy, whichever algorithm trained it.")
+        st.caption("\"aligned\" is each run's policy after its algorithm (the algorithm column), against its own SFT "
+                   "policy.")
     else:
         st.caption("None of the chosen jobs has finished its evaluate stage.")
 

@@ -1,14 +1,17 @@
 """Probe prompts page: the same fixed prompts answered by every checkpoint of a job, side by side.
 
 The pipeline logs `kind == "probe"` samples for a fixed set of held-out prompts at each checkpoint
-(`sft/step-30`, then `ppo/step-10`, `ppo/step-20` ...). Grouped by prompt, a person reads how the answers
-and their rewards change from SFT through PPO (and spots a policy that learned to game the reward).
+(`sft/step-30`, then `ppo/step-10`, `ppo/step-20` ... for whichever algorithm aligns: the page names them after
+it, `charts.checkpoint_name`). Grouped by prompt, a person reads how the answers change from SFT through the
+aligned steps (and spots a policy that learned to game the reward). A probe is scored with the known-answer
+task's gold scorer (`gold.probe_score`), never the reward model, so the page says "gold score".
 """
 
 from __future__ import annotations
 
 import streamlit as st
 
+from edgerlhf.contract import algorithm_traits
 from frontend import charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
 
@@ -27,8 +30,14 @@ def group_probes(samples: list[dict]) -> tuple[dict[str, dict[str, dict]], list[
     return by_prompt, order
 
 
+def gold_scorer(job: dict | None) -> str | None:
+    """The gold scorer that scores the job's probes (`data.gold_scorer` on the known-answer task), else None."""
+    data = ((job or {}).get("config") or {}).get("data") or {}
+    return data.get("gold_scorer") if data.get("labels") == "gold" else None
+
+
 st.title("Probe prompts")
-st.caption("Fixed prompts answered by each checkpoint: SFT first, then the PPO steps.")
+st.caption("Fixed prompts answered by each checkpoint: SFT first, then the aligned policy's steps.")
 job_id = ui.pick_job(key="probes_job")
 if job_id is None:
     st.stop()
@@ -51,13 +60,23 @@ def panel() -> None:
     if live_refresh and feed.job is not None and not feed.active:
         st.rerun()  # finished: draw once more without the refresh timer
     by_prompt, order = group_probes(feed.samples)
+    algorithm = feed.algorithm
     if not by_prompt:
-        st.info("No probe generations yet: they are logged at each SFT and PPO checkpoint.")
+        st.info(f"No probe generations yet: they are logged at each SFT and "
+                f"{algorithm_traits(algorithm).label} checkpoint.")
         return
-    st.plotly_chart(charts.probe_reward_figure([s for per in by_prompt.values() for s in per.values()], order),
-                    key=f"probe-rewards-{job_id}", width="stretch")
+    scorer = gold_scorer(feed.job)
+    gold = f"gold ({scorer})" if scorer else "gold score"
+    probes = [s for per in by_prompt.values() for s in per.values()]
+    if any(s["reward"] is not None for s in probes):
+        st.plotly_chart(charts.probe_reward_figure(probes, order, scorer=scorer, algorithm=algorithm),
+                        key=f"probe-rewards-{job_id}", width="stretch")
+    else:
+        st.caption("The probe answers are scored only on the known-answer task (`data.labels = gold`), with its "
+                   "gold scorer: a reward model cannot score SFT's checkpoints, which come before it.")
     shown = st.multiselect("Checkpoints", order, default=order if len(order) <= COLUMNS else
-                           [order[0], *order[-(COLUMNS - 1):]], key=f"probe-ckpts-{job_id}")
+                           [order[0], *order[-(COLUMNS - 1):]], key=f"probe-ckpts-{job_id}",
+                           format_func=lambda c: charts.checkpoint_name(c, algorithm))
     shown = sorted(shown, key=ui.checkpoint_order)
     for i, (prompt, per) in enumerate(by_prompt.items(), start=1):
         with st.container(border=True, key=f"probe-{i}"):
@@ -67,7 +86,8 @@ def panel() -> None:
                 row = shown[start:start + COLUMNS]
                 for col, ckpt in zip(st.columns(COLUMNS), row):
                     s = per.get(ckpt)
-                    col.markdown(f"`{ckpt}`" + (f" · reward **{ui.fmt(s['reward'])}**" if s else ""))
+                    score = f" · {gold} **{ui.fmt(s['reward'])}**" if s and s["reward"] is not None else ""
+                    col.markdown(f"`{charts.checkpoint_name(ckpt, algorithm)}`" + score)
                     col.text((s["response"] or "(empty)") if s else "—")
 
 

@@ -117,7 +117,7 @@ def test_the_frontier_has_each_sampling_runs_trajectory_and_every_runs_held_out_
     assert list(zip(path.x, path.y, path.text)) == [(0.1, 0.0, "step 1"), (0.4, 0.2, "step 2"), (0.9, 0.5, "step 4")]
     held = traces["#2 d (dpo) held-out: SFT → DPO"]
     assert list(held.x) == [0.0, 0.3] and list(held.y) == [-0.1, 0.2]
-    assert fig.layout.xaxis.title.text.startswith("KL") and fig.layout.yaxis.title.text == "reward"
+    assert fig.layout.xaxis.title.text.startswith("KL") and fig.layout.yaxis.title.text == "reward (RM score)"
 
 
 def test_run_rows_and_side_by_side_answers_come_from_the_reports():

@@ -3,17 +3,23 @@ client's error parsing, checkpoint ordering, and the figures built from a histor
 
 from __future__ import annotations
 
+import codecs
 import math
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from frontend import charts
+from edgerlhf.reports import EvalReport, Interval
+from frontend import charts, ui
 from frontend.api_client import ApiClient, BackendDown, ContractError, parse_error
-from frontend.live import JobFeed, finished_stages
-from frontend.reports import eval_headline, eval_pairs, eval_rows, eval_scalars, precision_rows
+from frontend.flagged import flagged_sample, is_flagged
+from frontend.live import JobFeed, finished_stages, job_clock
+from frontend.reports import (eval_headline, eval_pairs, eval_rows, eval_scalars, precision_rows, reading,
+                              result_columns, verdict)
 from frontend.ui import checkpoint_order
 from tests.support.dashboard import answering
 from tests.support.procs import free_port
+from tests.support.runs import ev_report
 
 
 def metric(i, stage, key, step, value, t=None):
@@ -166,12 +172,152 @@ def test_reward_figure_has_mean_points_and_a_std_band_with_gaps_at_nan():
     assert list(mean.x) == [0, 1, 2, 3] and mean.y[2] is None
     band = next(t for t in fig.data if t.name == "± std")
     assert len(band.x) == 2 * 3  # the NaN step has no band
+    assert fig.layout.yaxis.title.text == "reward (RM score)" and fig.layout.xaxis.title.text == "step"
+    smooth = charts.reward_figure(feed, smoothing=0.5)  # the raw mean stays, faint, beside its average
+    raw, ema = (next(t for t in smooth.data if t.name == n) for n in ("reward mean", "reward mean (smoothed)"))
+    assert raw.y[2] is None and raw.opacity < 1 and ema.y[2] is None
+    assert list(ema.y[:2]) == pytest.approx([0.1, (0.25 * 0.1 + 0.5 * 0.2) / 0.75])
 
 
 def test_memory_figure_draws_the_gpu_total_or_says_there_is_none():
     feed = JobFeed(job_id=1)
-    feed.add_metrics([metric(1, "ppo", "mem/peak_mb", 0, 5000.0), metric(2, "ppo", "mem/rss_mb", 0, 900.0)])
+    feed.add_metrics([metric(1, "ppo", "mem/peak_mb", 0, 900.0), metric(2, "ppo", "mem/rss_mb", 0, 900.0),
+                      metric(3, "ppo", "sys/rss_mb", 0, 900.0)])
     gpu = charts.memory_figure(feed, 8188.0)
     assert any(s.y0 == 8188.0 for s in gpu.layout.shapes)
+    span = gpu.layout.yaxis.range  # None: Plotly's autorange, which takes the line in
+    assert span is None or span[1] > 8188.0, "the range of a flat series still shows the GPU's total"
     cpu = charts.memory_figure(feed, None)
-    assert "no GPU" in cpu.layout.title.text and [t.name for t in cpu.data] == ["rss_mb"]
+    assert "no GPU" in cpu.layout.title.text
+    # Each reading named for what it is: the stage's own at its steps, the worker's sampled between them.
+    assert [t.name for t in cpu.data] == ["job process RSS (at steps)", "job process RSS (sampled)"]
+    assert cpu.layout.yaxis.title.text == "memory (MB)" and cpu.layout.xaxis.title.text == "clock time"
+
+
+# --- progress and time left (`live.job_clock`) --------------------------------------------------------
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def at(seconds: float) -> str:
+    """A `StagePublic` time `seconds` after T0, as the API sends it."""
+    return (T0 + timedelta(seconds=seconds)).isoformat()
+
+
+def timed_stage(name, status, done=None, total=None, first_done=None, started=None, first=None, latest=None):
+    return {**stage(name, status), "done": done, "total": total, "first_done": first_done, "started_at": started,
+            "first_progress_at": first, "progress_at": latest}
+
+
+def test_time_left_counts_each_stage_from_its_own_first_step_and_sums_only_what_is_known():
+    job = {"status": "running", "stages": [
+        timed_stage("data", "succeeded", 3, 3),
+        # Began at 0, loaded for 100 s, first report (step 2) at 100, step 12 at 150: 10 steps in 50 s, 5 s a step.
+        timed_stage("sft", "running", 12, 40, 2, started=at(0), first=at(100), latest=at(150)),
+        timed_stage("reward", "pending"), timed_stage("ppo", "pending")]}
+    clock = job_clock(job, T0 + timedelta(seconds=160))
+    data, sft, reward, ppo = clock.stages
+    assert (data.phase, data.remaining_s) == ("done", 0.0)
+    # 28 steps at 5 s = 140 s from the last report, 10 s of which have passed; the 100 s of loading do not count.
+    assert (sft.phase, sft.done, sft.total, sft.remaining_s, sft.elapsed_s) == ("stepping", 12, 40, 130.0, 60.0)
+    assert (reward.phase, reward.remaining_s) == ("pending", None)
+    assert clock.remaining_s == 130.0 and clock.untimed == ["reward", "ppo"], "a lower bound, not a guess"
+    assert ui.eta_text(clock, "grpo") == "≥ 2m 10s (+ reward model, GRPO: not timed yet)"
+    assert ui.eta_text(clock, "grpo", short=True) == "≥ 2m 10s"
+    assert ui.stage_text(sft, "grpo") == "SFT · step 12 of 40 · 2m 10s left"
+
+    late = job_clock(job, T0 + timedelta(seconds=400))  # overdue: never below 0
+    assert late.stages[1].remaining_s == 0.0
+
+
+def test_a_loading_stage_and_a_single_step_have_no_time_left_and_the_job_says_so():
+    loading = {"status": "running", "stages": [timed_stage("ppo", "running", started=at(0))]}
+    clock = job_clock(loading, T0 + timedelta(seconds=35))
+    assert (clock.stages[0].phase, clock.stages[0].elapsed_s, clock.stages[0].remaining_s) == ("loading", 35.0, None)
+    assert clock.remaining_s is None and ui.eta_text(clock, "rloo") == ui.DASH == "—"
+    assert ui.stage_text(clock.stages[0], "rloo") == "RLOO · loading / warm-up… 0m 35s"
+
+    one_step = {"status": "running", "stages": [timed_stage("ppo", "running", 1, 20, 1, at(0), at(30), at(30))]}
+    only = job_clock(one_step, T0 + timedelta(seconds=31)).stages[0]
+    assert (only.phase, only.remaining_s) == ("stepping", None), "one step gives no rate"
+    assert ui.stage_text(only, "ppo") == "PPO · step 1 of 20 · timing…"
+
+    # The last stage timed: the job's time left is known, without a bound.
+    last = {"status": "running", "stages": [timed_stage("sft", "succeeded", 40, 40),
+                                            timed_stage("evaluate", "running", 2, 4, 0, at(0), at(10), at(30))]}
+    clock = job_clock(last, T0 + timedelta(seconds=30))
+    assert (clock.remaining_s, clock.untimed) == (20.0, []) and ui.eta_text(clock, "ppo") == "0m 20s"
+
+    finished = {**last, "status": "cancelled"}
+    assert job_clock(finished, T0).remaining_s is None and job_clock(finished, T0).stages[1].phase == "stopped"
+
+
+# --- the verdict and the result columns (`reports.verdict`) --------------------------------------------
+
+
+def interval(mean, low, high):
+    return {"mean": mean, "low": low, "high": high, "confidence": 0.9, "n": 48}
+
+
+def test_reading_says_whether_the_interval_excludes_no_change():
+    assert reading(interval(0.3, 0.1, 0.5)) == "better, significant"
+    assert reading(interval(-0.3, -0.5, -0.01)) == "worse, significant"
+    assert reading(interval(0.1, -0.1, 0.3)) == "no detectable change"
+    assert reading(interval(0.1, 0.0, 0.3)) == "no detectable change", "an interval touching 0 does not exclude it"
+    assert reading(interval(0.6, 0.55, 0.7), null=0.5) == "better, significant"
+    assert reading(interval(0.1, None, None)) is None and reading(None) is None
+
+
+def test_verdict_reads_every_measure_the_report_has():
+    report = EvalReport.model_validate(ev_report("grpo", 0.8, -0.2, 0.3, ["\n\nHuman: a\n\nAssistant:"]))
+    report.gold_diff = Interval.model_validate(interval(0.05, -0.1, 0.2))
+    report.judge_win_rate = Interval.model_validate(interval(0.4, 0.3, 0.45))
+    v = verdict(report)
+    assert v.algorithm == "grpo" and v.kl == 0.8 and v.confidence == 0.95
+    found = {f.measure: f for f in v.findings}
+    assert list(found) == ["reward", "gold score", "judge preference"]
+    assert (found["reward"].sft, found["reward"].aligned, found["reward"].change.mean) == (-0.2, 0.3, 0.5)
+    assert found["reward"].reading == "better, significant" and "standard deviations" in found["reward"].unit
+    assert found["gold score"].reading == "no detectable change" and "question" in found["gold score"].unit
+    assert found["judge preference"].reading == "worse, significant" and found["judge preference"].null == 0.5
+    assert (v.length.change.mean, v.length.reading) == (-3.0, "shorter, significant")
+
+    no_reward = verdict(ev_report("dpo", 0.2, None, None, ["p"]))  # DPO without a reward model: gold, length, KL
+    assert [f.measure for f in no_reward.findings] == ["gold score"] and no_reward.length is not None
+    assert verdict(None) is None
+
+
+def test_result_columns_come_from_the_compact_job_result():
+    result = {"reward_diff": interval(-0.4, -0.6, -0.2), "gold_diff": interval(0.1, -0.1, 0.3), "kl": 1.5,
+              "judge_win_rate": None, "length_diff": None}
+    assert result_columns(result) == {"reward Δ": -0.4, "reading": "worse, significant", "gold Δ": 0.1, "KL": 1.5}
+    gold_only = {**result, "reward_diff": None, "gold_diff": interval(0.3, 0.1, 0.5)}
+    assert result_columns(gold_only)["reading"] == "better, significant (gold)"
+    assert result_columns(None) == {"reward Δ": None, "reading": None, "gold Δ": None, "KL": None}
+
+
+# --- numbers and text as shown -------------------------------------------------------------------------
+
+
+def test_numbers_are_rounded_and_missing_values_are_a_dash_in_tables_too():
+    assert [ui.fmt(v) for v in (None, math.nan, 0.123456, -0.000123456, 999.96, 123456.7, 12345, math.inf)] == \
+        ["—", "—", "0.123", "-0.000123", "1,000", "123,457", "12,345", "∞"]
+    assert ui.signed(0.31) == "+0.31" and ui.signed(-1.2) == "-1.2" and ui.signed(None) == "—"
+    shown = ui.table([{"reward": 0.123456, "note": None}, {"reward": None, "note": "x"}]).to_string()
+    assert "0.123 —" in shown and "— x" in shown and "None" not in shown and "nan" not in shown
+
+
+def test_sample_text_drops_a_cut_character_and_never_shows_replacement_characters():
+    assert ui.clean_text("café au l\ufffd") == "café au l"  # a multibyte character cut at the length cap
+    assert ui.clean_text("a\ufffd\ufffdb") == "a[…]b"
+    assert "\ufffd" not in ui.clean_text("\ufffd\ufffdx\ufffd y \ufffd") and ui.clean_text(None) == ""
+
+
+def test_flagged_words_are_found_as_words_in_any_disguise_and_ordinary_text_is_not():
+    slur = codecs.decode("avttre", "rot13")  # kept out of the source as flagged.py keeps its list
+    assert is_flagged(f"why are {slur}s like that") and is_flagged(slur.upper())
+    assert is_flagged(slur.replace("i", "1").replace("e", "3"))
+    assert is_flagged(codecs.decode("jung gur shpx", "rot13"))
+    assert not any(is_flagged(t) for t in ("a spicy dish", "Scunthorpe", "fire retardant", "", None,
+                                          "\n\nHuman: Where do owls sleep?\n\nAssistant:"))
+    assert flagged_sample({"prompt": "hi", "response": f"you {slur}"}) and not flagged_sample({"prompt": "hi"})
