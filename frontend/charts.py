@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from edgerlhf.contract import ALGORITHM_TABLE, MICRO_BATCH_METRIC, algorithm_traits
+from edgerlhf.contract import ALGORITHM_TABLE, MICRO_BATCH_METRIC, algorithm_metric, algorithm_traits
 from edgerlhf.reports import EvalReport
 from frontend.live import JobFeed
 from frontend.reports import parse
@@ -341,6 +341,29 @@ def reward_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
     _layout(fig, f"Reward ({_label(feed.algorithm)} batch mean ± std)")
     _x(fig, STEP)
     _y(fig, measure(feed, feed.key("reward_mean")))
+    return fig
+
+
+def reward_terms(feed: JobFeed) -> list[str]:
+    """The names of the stated reward terms (`ppo.rewards`) the job's alignment logged, in logging order."""
+    prefix, suffix = algorithm_metric(feed.algorithm, "rewards/"), "_mean"
+    return [key[len(prefix):-len(suffix)] for key in feed.keys() if key.startswith(prefix) and key.endswith(suffix)]
+
+
+def reward_terms_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
+    """Each stated reward term's batch mean, unweighted, with its weight in its name: which part of the sum moved."""
+    weights = {}
+    for i, term in enumerate(((feed.job or {}).get("config") or {}).get("ppo", {}).get("rewards") or []):
+        weights[term.get("name") or f"{term['kind']}{i}"] = term.get("weight", 1.0)
+    fig = go.Figure()
+    for i, name in enumerate(reward_terms(feed)):
+        weight = weights.get(name)
+        label = f"{name} (× {weight:g})" if weight is not None else name
+        points = feed.series(algorithm_metric(feed.algorithm, f"rewards/{name}_mean"))
+        line(fig, points, label, COLORS[i % len(COLORS)], smoothing)
+    _layout(fig, f"Stated reward terms ({_label(feed.algorithm)} batch mean, before weighting)")
+    _x(fig, STEP)
+    _y(fig, Measure("reward term", "its own scale, unweighted"))
     return fig
 
 

@@ -76,6 +76,20 @@ def grpo_feed() -> JobFeed:
     return feed
 
 
+TERMS = [{"kind": "reference_answer", "column": "answer", "name": "correct"},
+         {"kind": "regex", "pattern": "^Answer:", "weight": 0.2, "name": "format"}]
+
+
+def terms_feed() -> JobFeed:
+    """A GRPO job scored by two stated reward terms (`ppo.rewards`)."""
+    logged = {"grpo/reward_mean": [0.3, 0.7], "grpo/rewards/correct_mean": [0.1, 0.5],
+              "grpo/rewards/correct_std": [0.3, 0.5], "grpo/rewards/format_mean": [1.0, 1.0],
+              "grpo/rewards/format_std": [0.0, 0.0]}
+    feed = feed_of(4, "grpo", {"ppo": logged})
+    feed.job["config"]["ppo"]["rewards"] = TERMS  # as a job with `ppo.rewards` stores it (config.to_dict)
+    return feed
+
+
 def dpo_feed() -> JobFeed:
     return feed_of(3, "dpo", {"ppo": {"dpo/loss": [0.69, 0.6], "dpo/eval_loss": [None, 0.65],
                                       "dpo/accuracy": [0.5, 0.75], "dpo/eval_accuracy": [None, 0.7],
@@ -101,6 +115,7 @@ def compared() -> dict[str, JobFeed]:
 BUILDERS = {
     "reward_figure": lambda s: [charts.reward_figure(ppo_feed(), smoothing=s),
                                 charts.reward_figure(grpo_feed(), smoothing=s)],
+    "reward_terms_figure": lambda s: [charts.reward_terms_figure(terms_feed(), smoothing=s)],
     "kl_figure": lambda s: [charts.kl_figure(ppo_feed(), smoothing=s), charts.kl_figure(dpo_feed(), smoothing=s)],
     "keys_figure": lambda s: [charts.keys_figure(ppo_feed(), ["ppo/policy_loss"], "Policy loss", "ppo", smoothing=s),
                               charts.keys_figure(ppo_feed(), ["sft/loss", "sft/eval_loss"], "SFT loss", "sft", y="loss",
@@ -313,3 +328,11 @@ def test_compare_smooths_on_request_and_probes_read_as_gold_after_the_algorithm(
     assert probe["layout"]["xaxis"]["categoryarray"] == ["sft/step-30", "grpo/step-4"]
     labels = [m.value for m in at.markdown if m.value.startswith("`")]
     assert labels == ["`sft/step-30` · gold (concise) **-1**", "`grpo/step-4` · gold (concise) **-0.5**"]
+
+
+def test_the_stated_reward_terms_are_drawn_each_by_name_with_its_weight():
+    fig = charts.reward_terms_figure(terms_feed())
+    assert charts.reward_terms(terms_feed()) == ["correct", "format"]
+    assert [t.name for t in fig.data] == ["correct (× 1)", "format (× 0.2)"]
+    assert list(fig.data[0].y) == [0.1, 0.5] and list(fig.data[1].y) == [1.0, 1.0]
+    assert charts.reward_terms(grpo_feed()) == []  # scored by the reward model alone: no terms
