@@ -191,6 +191,9 @@ class RewardSet:
         if any(c.kind == "reward_model" for c in self.components) and reward_model is None:
             raise RewardError("ppo.rewards: a reward_model component needs the run's reward model (the reward stage)")
         self._scorers = [self._scorer(c, f"ppo.rewards[{i}]") for i, c in enumerate(self.components)]
+        self.last_unparsed: dict[str, float] = {}
+        """Per judge component: the share of the last scored batch whose grade came from a reply without a number
+        (scored 0): a judge that stops following its rubric shows here, not as a falling reward."""
 
     @property
     def needs_reward_model(self) -> bool:
@@ -242,6 +245,8 @@ class RewardSet:
                 parts[name] = self.reward_model(prompts, responses).float().cpu()
             elif isinstance(scorer, Judge):
                 parts[name] = torch.tensor(scorer.grade(prompts, responses), dtype=torch.float32)
+                unread = [(p, r) in scorer.unparsed_answers for p, r in zip(prompts, responses)]
+                self.last_unparsed[name] = sum(unread) / max(len(unread), 1)
             else:
                 parts[name] = torch.tensor([scorer(p, r) for p, r in zip(prompts, responses, strict=True)],
                                            dtype=torch.float32)
@@ -268,6 +273,7 @@ class Judge:
         self.cache: dict[tuple[str, str], float] = {}
         self.requests = 0
         self.unparsed = 0
+        self.unparsed_answers: set[tuple[str, str]] = set()
 
     def grade(self, prompts: list[str], responses: list[str]) -> list[float]:
         from concurrent.futures import ThreadPoolExecutor
@@ -302,6 +308,7 @@ class Judge:
         number = NUMBER.search(text)
         if number is None:
             self.unparsed += 1
+            self.unparsed_answers.add((prompt, response))
             return 0.0
         return min(max(float(number.group(0).replace(",", "")) / self.component.max_score, 0.0), 1.0)
 

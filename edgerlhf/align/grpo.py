@@ -114,5 +114,6 @@ def grpo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str],
     stats = minibatch_updates(models.policy_parameters(), optimizer, cfg, micro, step, b_mask.sum(1), piece_loss)
 
     metrics = step_metrics("grpo", scores, rollouts, b, {
-        "kl_coef": beta, **stats, "advantage_abs_mean": b_advantages.abs().mean().item()}, t0, t_gen, parts)
+        "kl_coef": beta, **stats, "advantage_abs_mean": b_advantages.abs().mean().item(),
+        **models.reward_diagnostics()}, t0, t_gen, parts)
     return metrics, rollouts, scores

@@ -122,6 +122,12 @@ class PolicyModels:
             return torch.tensor([float(self.reward_function(p, r)) for p, r in zip(prompts, responses, strict=True)]), {}
         return self.reward_model_score(prompts, responses), {}
 
+    def reward_diagnostics(self) -> dict[str, float]:
+        """Metrics of the last scoring beside the scores: each judge's share of unreadable replies
+        (`rewards/<name>_unparsed`); {} without a judge."""
+        shares = self.rewards.last_unparsed if self.rewards is not None else {}
+        return {f"rewards/{name}_unparsed": share for name, share in shares.items()}
+
     def reward_model_score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """The reward model's scores (N,)."""
         if self.reward_model is None:

@@ -133,5 +133,6 @@ def ppo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str], 
 
     metrics = step_metrics("ppo", scores, rollouts, b, {
         "kl_coef": kl_coef, "non_score_reward": -kl_coef * b_penalty_kl.sum(1).mean().item(), **stats,
-        "returns_mean": masked_mean(b_returns, b_mask).item()}, t0, t_gen, parts)
+        "returns_mean": masked_mean(b_returns, b_mask).item(), **models.reward_diagnostics()},
+        t0, t_gen, parts)
     return metrics, rollouts, scores

@@ -110,5 +110,5 @@ def rloo_step(models: PolicyModels, optimizer, kl_ctl, batch_prompts: list[str],
 
     metrics = step_metrics("rloo", scores, rollouts, b, {
         "kl_coef": beta, "non_score_reward": (-beta * b_penalty_kl).mean().item(), **stats,
-        "rlhf_reward_mean": b_rewards.mean().item()}, t0, t_gen, parts)
+        "rlhf_reward_mean": b_rewards.mean().item(), **models.reward_diagnostics()}, t0, t_gen, parts)
     return metrics, rollouts, scores

@@ -213,6 +213,22 @@ def test_the_judge_keeps_at_most_concurrency_requests_in_flight_and_scores_an_un
         assert stated.score([PROMPT], ["Hm?"])[0].item() == 0.0 and stated._scorers[0].unparsed == 1
 
 
+def test_the_share_of_unreadable_judge_replies_is_reported_per_batch():
+    """A reply without a number scores 0; the batch's share of such answers is kept per judge, for the step's
+    `rewards/<name>_unparsed` metric, so a judge that stops following its rubric is seen."""
+    from tests.support.judge import ANSWER_MARK, stand_in_judge
+
+    with stand_in_judge(lambda answer: "8" if answer.endswith("?") else "I cannot grade this.") as judge:
+        component = RewardComponent(kind="judge", url=judge.url, model="grader", name="asks",
+                                    rubric="{prompt}" + ANSWER_MARK + "{answer}")
+        rewards = RewardSet([component])
+        scores, parts = rewards.score(["\n\nHuman: Hi\n\nAssistant:"] * 4, ["Why?", "No.", "Yes.", "How?"])
+        assert parts["asks"].tolist() == pytest.approx([0.8, 0.0, 0.0, 0.8])
+        assert rewards.last_unparsed == {"asks": 0.5}
+        rewards.score(["\n\nHuman: Hi\n\nAssistant:"] * 2, ["Why?", "What?"])  # one cached, one new: both read
+        assert rewards.last_unparsed == {"asks": 0.0}
+
+
 def test_a_job_may_name_only_the_judges_its_operator_lists():
     from pathlib import Path
 
@@ -248,6 +264,7 @@ def test_a_grpo_step_logs_the_judges_grades(tmp_path):
     expected = torch.tensor([1.0 if r.strip().endswith("?") else 0.2 for r in rollouts.responses])
     torch.testing.assert_close(scores.cpu(), expected)
     assert metrics["grpo/rewards/asks_back_mean"] == pytest.approx(expected.mean().item())
+    assert metrics["grpo/rewards/asks_back_unparsed"] == 0.0  # every reply had its number
     assert len(judge.requests) == len(set(zip(rollouts.prompts, rollouts.responses)))
 
 
