@@ -63,6 +63,8 @@ ALLOCATOR_SLACK = 0.10
 """Share of the tensor peak the caching allocator holds beyond it (blocks cached, split or fragmented)."""
 CHAT_TEMPLATE_TOKENS = 32
 """Tokens a chat template adds around an HH prompt (system turn, role markers), for models that have one."""
+JUDGE_RUBRIC_TOKENS = 256
+"""Positions a judge's request adds to the prompt and the answer: the rubric's words and the reply (`max_tokens`)."""
 
 
 # --- the architecture ----------------------------------------------------------------------------
@@ -447,19 +449,23 @@ class MemoryPlan(BaseModel):
 
 
 def plan(config: PipelineConfig, gpu_memory_bytes: int | None = None, device: str = "cuda",
-         suggest: bool = True) -> MemoryPlan:
-    """The planned peak of each stage of `config` on `device` (`cuda` or `cpu`), checked against a GPU's memory."""
+         suggest: bool = True, served: dict[str, PipelineConfig] | None = None) -> MemoryPlan:
+    """The planned peak of each stage of `config` on `device` (`cuda` or `cpu`), checked against a GPU's memory.
+
+    `served`: the judges of `config` that the service's own `/v1` serves on the same GPU (a judge component's
+    `model`, `job-7/ppo`, -> that job's config); their weights, KV cache and CUDA context count in the stages
+    that ask them (`served_judge_items`)."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     arch = architecture(config)
     gpu = device == "cuda"
-    stages = [_stage_plan(config, arch, stage, gpu) for stage in _stage_names(config)]
+    stages = [_stage_plan(config, arch, stage, gpu, served or {}) for stage in _stage_names(config)]
     checked = gpu and gpu_memory_bytes is not None
     for s in stages:
         if checked:
             s.fits = s.peak_bytes <= gpu_memory_bytes
             if not s.fits and suggest:
-                s.suggestion = suggestion(config, s.stage, gpu_memory_bytes)
+                s.suggestion = suggestion(config, s.stage, gpu_memory_bytes, served)
     if not gpu:
         note = "CPU figures: fp32 tensors, no CUDA context; a job on the CPU is never refused for memory."
     elif gpu_memory_bytes is None:
@@ -482,7 +488,38 @@ def _stage_names(config: PipelineConfig) -> list[str]:
     return names
 
 
-def _stage_plan(config: PipelineConfig, arch: Architecture, stage: str, gpu: bool) -> StagePlan:
+def judges_asked(config: PipelineConfig, stage: str) -> list:
+    """The judge components (`RewardComponent`, kind judge) a stage asks: the alignment's stated rewards; in the
+    evaluation those (both policies are scored with them) and `evaluate.judge`."""
+    stated = [c for c in config.ppo.rewards or [] if c.kind == "judge"]
+    if stage == "ppo" and algorithm_traits(config.algorithm).samples:
+        return stated
+    if stage == "evaluate":
+        return stated + ([config.evaluate.judge] if config.evaluate.judge is not None else [])
+    return []
+
+
+def served_judge_items(config: PipelineConfig, stage: str, served: dict[str, PipelineConfig], gpu: bool) -> list[Item]:
+    """What the judges a stage asks hold on the same GPU while it runs, when the service serves them (its `/v1`
+    loads a finished job's merged model in bf16 in the backend process): the weights, a KV cache for
+    `concurrency` requests of a rubric with the prompt and the answer, and that process's CUDA context."""
+    items = []
+    for judge in {c.model: c for c in judges_asked(config, stage) if c.model in served}.values():
+        judged = served[judge.model]
+        arch = architecture(judged)
+        cb = 2 if gpu else 4
+        prompt, _ = _lengths(config, arch)
+        positions = prompt + max(config.ppo.response_length, config.evaluate.response_length) + JUDGE_RUBRIC_TOKENS
+        items += [_weights_item(arch, "bf16", cb, f"judge {judge.model} (served by the backend)"),
+                  _item(f"judge {judge.model} KV cache", kv_cache_bytes(arch, judge.concurrency, positions, cb),
+                        f"{judge.concurrency} requests x {positions} positions (rubric, prompt, answer, reply)")]
+        if gpu:
+            items.append(_item(f"judge {judge.model} CUDA context", CUDA_CONTEXT_BYTES, "the backend's own process"))
+    return items
+
+
+def _stage_plan(config: PipelineConfig, arch: Architecture, stage: str, gpu: bool,
+                served: dict[str, PipelineConfig] | None = None) -> StagePlan:
     cb = 2 if gpu else 4
     if stage == "sft":
         phases, ckpt = _sft(config, arch, cb, gpu)
@@ -494,6 +531,8 @@ def _stage_plan(config: PipelineConfig, arch: Architecture, stage: str, gpu: boo
         phases, ckpt = _sampling(config, arch, cb, gpu, training=False)
     else:
         raise ValueError(f"no memory plan for stage {stage!r}")
+    judges = served_judge_items(config, stage, served or {}, gpu)  # held beside every phase of the stage
+    phases = {name: [*items, *judges] for name, items in phases.items()}
     totals = {name: sum(i.bytes for i in items) for name, items in phases.items()}
     phase = max(totals, key=totals.get)
     tensor = totals[phase]
@@ -898,7 +937,8 @@ def _full_vocabulary_extra(cfg, update: bool, whole: bool) -> int:
 # --- the cheapest change that makes a stage fit ------------------------------------------------
 
 
-def suggestion(config: PipelineConfig, stage: str, gpu_memory_bytes: int) -> Suggestion | None:
+def suggestion(config: PipelineConfig, stage: str, gpu_memory_bytes: int,
+               served: dict[str, PipelineConfig] | None = None) -> Suggestion | None:
     """The cheapest change that makes `stage` fit in `gpu_memory_bytes`, cheapest first: a smaller
     micro-batch with more accumulation (the same maths, only slower), gradient checkpointing (the same
     maths, about a third more compute), a 4-bit network (QLoRA: different numerics), shorter
@@ -910,7 +950,8 @@ def suggestion(config: PipelineConfig, stage: str, gpu_memory_bytes: int) -> Sug
             changed = PipelineConfig.from_dict(merge_overrides(base, overrides))
         except ConfigError:
             return None
-        s = next((s for s in plan(changed, gpu_memory_bytes, "cuda", suggest=False).stages if s.stage == stage), None)
+        planned = plan(changed, gpu_memory_bytes, "cuda", suggest=False, served=served)
+        s = next((s for s in planned.stages if s.stage == stage), None)
         return None if s is None else s.peak_bytes
 
     for change, overrides in _candidates(config, stage):

@@ -325,3 +325,28 @@ def test_every_8gb_preset_fits_8_gib_whatever_the_algorithm(algorithm):
     for name in (n for n in PRESETS if n.endswith("-8gb")):
         result = plan.plan(load_config(name, {"algorithm": algorithm}), 8 * GiB)
         assert result.fits, (name, [(s.stage, round(s.peak_bytes / GiB, 2)) for s in result.stages if not s.fits])
+
+
+def test_a_judge_served_on_the_same_gpu_counts_in_the_stages_that_ask_it():
+    """A GRPO job judged by a finished job's model on the service's own /v1: that model's bf16 weights, its KV cache
+    and the backend's CUDA context count in the alignment and the evaluation, not in SFT; a judge elsewhere adds
+    nothing; a suggestion is checked with the judge counted."""
+    judge = {"kind": "judge", "url": "http://127.0.0.1:8000/v1", "model": "job-7/ppo", "concurrency": 2}
+    config = load_config(QWEN, {"algorithm": "grpo", "ppo": {"rewards": [judge]}})
+    alone = plan.plan(config, 8 * GiB)
+    judged = load_config(QWEN, {})  # the served job: the same 0.5B architecture
+    served = plan.plan(config, 8 * GiB, served={"job-7/ppo": judged})
+    weights = network_bytes(plan.architecture(judged), "bf16", 2)
+    for name in ("ppo", "evaluate"):
+        added = stage(served, name).tensor_bytes - stage(alone, name).tensor_bytes
+        assert weights + plan.CUDA_CONTEXT_BYTES < added < weights + plan.CUDA_CONTEXT_BYTES + 256 * MiB, name
+        assert any(i.name.startswith("judge job-7/ppo") for i in stage(served, name).items)
+    assert stage(served, "sft").peak_bytes == stage(alone, "sft").peak_bytes
+    elsewhere = plan.plan(config, 8 * GiB, served={"job-9/ppo": judged})  # another model is served: not this judge
+    assert stage(elsewhere, "ppo").peak_bytes == stage(alone, "ppo").peak_bytes
+    tight = stage(plan.plan(config, stage(served, "ppo").peak_bytes - MiB, served={"job-7/ppo": judged}), "ppo")
+    assert tight.fits is False and tight.suggestion is not None
+    fixed = load_config(QWEN, merge_overrides({"algorithm": "grpo", "ppo": {"rewards": [judge]}},
+                                              tight.suggestion.overrides))
+    assert tight.suggestion.peak_bytes == stage(plan.plan(fixed, served={"job-7/ppo": judged}), "ppo").peak_bytes
+    assert tight.suggestion.peak_bytes > stage(plan.plan(fixed), "ppo").peak_bytes  # the judge still counted in it
