@@ -107,3 +107,33 @@ def test_plan_needs_the_api_token_like_every_route(tmp_path, db_url):
         assert c.post("/api/plan", json={"preset": QWEN}).status_code == 401
         ok = c.post("/api/plan", json={"preset": QWEN}, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
+
+
+def test_a_judge_the_service_serves_on_its_gpu_counts_in_the_plan_and_the_refusal(tmp_path, db_url):
+    """A GRPO job judged by an earlier job's model on this service's own /v1: with the backend serving on the GPU,
+    the plan holds that model beside the alignment and the evaluation, and a job that fits alone is refused;
+    with the backend serving on the CPU, nothing is added."""
+    from edgerlhf.settings import Settings
+
+    def judged_job(device: str) -> tuple[TestClient, dict]:
+        settings = Settings(data_dir=tmp_path / device / "data", database_url=db_url, api_token=None, device=device)
+        client = TestClient(create_app(settings), base_url="http://localhost", raise_server_exceptions=False)
+        served = client.post("/api/jobs", json={"preset": QWEN, "override_memory_plan": True}).json()
+        judge = {"kind": "judge", "url": settings.api_url + "/v1", "model": f"job-{served['id']}/ppo"}
+        return client, {"preset": QWEN, "overrides": {"algorithm": "grpo", "stages": ["ppo", "evaluate"],
+                                                      "ppo": {"rewards": [judge]}}}
+
+    client, job = judged_job("cuda")
+    with client:
+        alone = plan.plan(load_config(QWEN, {"algorithm": "grpo", "stages": ["ppo", "evaluate"]}), 8 * plan.GiB)
+        body = client.post("/api/plan", json={**job, "gpu_memory_mb": 8192}).json()
+        for got, want in zip(body["stages"], alone.stages):
+            assert got["peak_bytes"] > want.peak_bytes + plan.GiB, got["stage"]  # a 0.5B model in bf16 + context
+            assert any(i["name"].startswith("judge job-") for i in got["items"])
+        between = (alone.stages[0].peak_bytes + body["stages"][0]["peak_bytes"]) // 2 // plan.MiB
+        refused = client.post("/api/jobs", json={**job, "min_gpu_memory_mb": between})
+        assert refused.status_code == 409 and "ppo needs" in refused.json()["detail"]["message"]
+    client, job = judged_job("cpu")
+    with client:
+        body = client.post("/api/plan", json={**job, "gpu_memory_mb": 8192}).json()
+        assert [s["peak_bytes"] for s in body["stages"]] == [s.peak_bytes for s in alone.stages]

@@ -19,7 +19,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from backend import datasets
 from backend.api.deps import JobDep, RowOffset, SessionDep, SettingsDep
 from backend.api.routes import export
-from backend.api.routes.plan import gpu_to_check, planned, refusal
+from backend.api.routes.plan import gpu_to_check, planned, refusal, served_judges
 from backend.api.errors import SafeJSONResponse
 from backend.api.schemas import JobCreate, JobPublic, JobsPublic, JobSummary
 from backend.api.validation import JobInvalid, validate_job
@@ -82,7 +82,7 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep):
     if not body.override_memory_plan:
         gpu, source = gpu_to_check(session, body.min_gpu_memory_mb)
         try:
-            result = planned(config, gpu, source)
+            result = planned(config, gpu, source, served=served_judges(session, settings, config))
         except ValueError as exc:  # what cannot be planned is not refused
             logger.warning(f"no memory plan for a {body.preset} job: {exc}")
         else:

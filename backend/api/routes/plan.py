@@ -18,7 +18,8 @@ from backend.api.schemas import PlanPublic, PlanRequest
 from backend.api.validation import JobInvalid, validate_job
 from db import read
 from edgerlhf.config import PipelineConfig
-from edgerlhf.plan import GiB, MemoryPlan, MiB, architecture, plan
+from edgerlhf.plan import GiB, MemoryPlan, MiB, architecture, judges_asked, plan
+from edgerlhf.settings import Settings
 
 logger = logging.getLogger("edgerlhf.backend")
 
@@ -41,17 +42,51 @@ def device_kind(config: PipelineConfig) -> str:
     return "cpu" if config.device == "cpu" else "cuda"
 
 
-def planned(config: PipelineConfig, gpu_memory_mb: int | None, source: str, device: str | None = None) -> PlanPublic:
-    """The plan of `config`, checked against `gpu_memory_mb`; raises `ValueError` when the model's
-    architecture cannot be read (a hub id that is neither a preset's nor cached, offline)."""
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def served_judges(session, settings: Settings, config: PipelineConfig) -> dict[str, PipelineConfig]:
+    """The judges of `config` that this service's own `/v1` serves on the GPU the job will share with it (a
+    finished job's model, `job-7/ppo`; the backend loads it on `settings.device`): {model name: that job's
+    config}. None of them when the backend serves on the CPU (`device` cpu, or auto without a GPU); a name that is
+    no job's is the judge's own error."""
+    from backend.chat_models import ModelNotFound, parse_model_id
+
+    own = settings.api_url.rstrip("/") + "/v1"
+    if settings.device == "cpu" or (settings.device == "auto" and not _has_gpu()):
+        return {}
+    found = {}
+    for stage in ("ppo", "evaluate"):
+        for judge in judges_asked(config, stage):
+            if (judge.url or "").rstrip("/") != own or judge.model in found:
+                continue
+            try:
+                job = read.get_job(session, parse_model_id(judge.model)[0])
+            except ModelNotFound:
+                continue
+            if job is not None:
+                found[judge.model] = PipelineConfig.from_dict(job.config)
+    return found
+
+
+def planned(config: PipelineConfig, gpu_memory_mb: int | None, source: str, device: str | None = None,
+            served: dict[str, PipelineConfig] | None = None) -> PlanPublic:
+    """The plan of `config`, checked against `gpu_memory_mb`, counting the judges the service serves on the same
+    GPU (`served_judges`); raises `ValueError` when the model's architecture cannot be read (a hub id that is
+    neither a preset's nor cached, offline)."""
     device = device or device_kind(config)
     if device == "cpu":
         gpu_memory_mb, source = None, "a CPU job: never refused for memory"
     try:
         architecture(config)  # the model's config.json: from the presets' shapes, a local directory or the hub
+        for judged in (served or {}).values():
+            architecture(judged)
     except Exception as exc:
         raise ValueError(f"cannot read the architecture of {config.model.name_or_path!r}: {exc}") from exc
-    result = plan(config, None if gpu_memory_mb is None else gpu_memory_mb * MiB, device)
+    result = plan(config, None if gpu_memory_mb is None else gpu_memory_mb * MiB, device, served=served)
     return PlanPublic(**result.model_dump(), gpu_source=source)
 
 
@@ -86,7 +121,7 @@ def plan_config(body: PlanRequest, session: SessionDep, settings: SettingsDep):
     if gpu is None:
         gpu, source = gpu_to_check(session, None)
     try:
-        return planned(config, gpu, source, body.device)
+        return planned(config, gpu, source, body.device, served_judges(session, settings, config))
     except ValueError as exc:
         raise HTTPException(422,
                             [{"loc": ["body", "overrides", "model", "name_or_path"], "type": "plan",
