@@ -5,7 +5,8 @@
 
 It enqueues and reads; it never trains. Routers live in `backend/api/routes/` (one per resource,
 included under `/api`; the chat router under `/v1`), after fastapi/full-stack-fastapi-template.
-OpenAPI docs are at `/docs`. With `EDGERLHF_API_TOKEN` set, every request but `/healthz` needs
+OpenAPI docs are at `/docs` (Swagger UI) and `/redoc`, their scripts and styles served from this process (the
+`fastapi-offline` package's copies, `DOCS_ASSETS`), not from a CDN, so they work on a machine without internet. With `EDGERLHF_API_TOKEN` set, every request but `/healthz` needs
 `Authorization: Bearer <token>`; only trusted `Host` names are served and a browser page of another site cannot
 change state (`backend/api/middleware.py`; README: "Security"). A client never sees a server traceback: unexpected
 errors answer `500 {"detail": "internal server error"}` and the traceback goes to the backend's log; no response
@@ -17,8 +18,13 @@ from __future__ import annotations
 import argparse
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import fastapi_offline
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
 from backend import chat_models
 from backend.api.errors import SafeJSONResponse, install_error_handlers
@@ -29,6 +35,35 @@ from edgerlhf import locations
 from edgerlhf.settings import Settings, get_settings, is_loopback
 
 logger = logging.getLogger("edgerlhf.backend")
+
+DOCS_ASSETS = "/docs-assets"
+"""Where Swagger UI's and ReDoc's scripts, styles and icon are served from (FastAPI's recipe "self-hosting JavaScript
+and CSS for docs"): the files the `fastapi-offline` package ships, Swagger UI 5 (OpenAPI 3.1) and ReDoc 2."""
+_DOCS_FILES = Path(fastapi_offline.__file__).parent / "static"
+
+
+def add_docs(app: FastAPI) -> None:
+    """`/docs` and `/redoc` on assets served by the app itself (`DOCS_ASSETS`), for an app made with
+    `docs_url=None, redoc_url=None`."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=_DOCS_FILES), name="docs-assets")
+    redirect = app.swagger_ui_oauth2_redirect_url
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI",
+                                   oauth2_redirect_url=redirect, swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png")
+
+    @app.get(redirect, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -45,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine.dispose()
 
     app = FastAPI(title="EdgeRLHF", version="0.1.0", lifespan=lifespan, default_response_class=SafeJSONResponse,
+                  docs_url=None, redoc_url=None,  # `add_docs`: the same pages on local assets
                   description="RLHF (SFT, reward model, PPO) on one consumer GPU: queue jobs, watch them live, chat "
                               "with the results. Jobs live in the database and the worker, not in a browser tab.")
     app.state.settings = settings
@@ -62,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(arena.router, prefix="/api")
     app.include_router(datasets.router, prefix="/api")
     app.include_router(chat.router, prefix="/v1")
+    add_docs(app)
 
     # Outermost first in the request path: the token, Host and Origin, the size limit, the body's Unicode,
     # then routing (the last added runs first). The token is checked here and nowhere else: a middleware sees
@@ -104,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning(f"binding to {args.host} without EDGERLHF_API_TOKEN: anyone on the network can queue jobs")
         logger.info(f"answering the Host names {sorted(settings.allowed_hosts)} (EDGERLHF_TRUSTED_HOSTS adds more)")
     app = create_app(settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=True)
+    # A line per request only when asked for (EDGERLHF_VERBOSE, `edgerlhf up --verbose`): the dashboard's live panels
+    # poll, and their requests were most of what a terminal running `up` showed.
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=settings.verbose)
     return 0
 
 

@@ -1,7 +1,8 @@
 """The `edgerlhf` command: one entry point for every process of the service and for the pipeline.
 
     edgerlhf up          backend + worker + dashboard together; a child that dies is restarted; Ctrl-C stops all
-                         three, and they die with it (`--workers N`: N workers, worker i on GPU i)
+                         three, and they die with it (`--workers N`: N workers, worker i on GPU i; `--verbose`:
+                         every request and library report in the log, see `quiet_libraries`)
     edgerlhf backend     the FastAPI backend (uvicorn)
     edgerlhf worker      the GPU worker (one job at a time)
     edgerlhf frontend    the Streamlit dashboard
@@ -33,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 USAGE = __doc__.split("\n\n")[1]
@@ -50,6 +52,33 @@ DISPATCH = {
     "export": "edgerlhf.export:main",
     "known-answer": "edgerlhf.lab.known_answer:main",
 }
+
+
+SERVICE_COMMANDS = ("up", "backend", "worker", "frontend")
+"""The commands that run the service, whose output is quiet unless `EDGERLHF_VERBOSE` (`up --verbose`)."""
+
+
+QUIET_ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",  # its model loading report and its warnings: a table per model loaded
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # progress bars (transformers' too): saving shards, downloads
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # a bar per `map` of a data set (TRL's tokenising)
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",  # the libraries' notes to their developers
+}
+"""What the service's processes (and the job processes they start) leave out of the log unless verbose. The loading
+report warns of weights a model did not use or had to create, which is expected here (a reward head, a value head)."""
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Unless `verbose`, keep the service's terminal to what matters: `QUIET_ENVIRONMENT`, for this process and every
+    process it starts (they inherit the environment); a variable already set is left as it is. The backend's access
+    log follows the same setting (`backend.main`)."""
+    if verbose:
+        return
+    if "PYTHONWARNINGS" not in os.environ:  # the variable is read at start-up: this process filters by hand
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
 
 
 def frontend_command(settings) -> list[str]:
@@ -169,9 +198,16 @@ def up(argv: list[str]) -> int:
     group.add_argument("--workers", type=_positive, default=None, metavar="N",
                        help="start N workers, worker i owning GPU i (`edgerlhf worker --gpu i`); default: one "
                             "worker on the GPU of CUDA_VISIBLE_DEVICES (or GPU 0)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log every request to the backend, transformers' model loading reports and its warnings "
+                             "(EDGERLHF_VERBOSE=1 does the same); default: quiet")
     args = parser.parse_args(argv)
 
+    if args.verbose:
+        os.environ["EDGERLHF_VERBOSE"] = "1"  # for this process's settings and every child's
+        get_settings.cache_clear()
     settings = get_settings()
+    quiet_libraries(settings.verbose)
     setup_logging("up", settings.log_level)
     import logging
 
@@ -290,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command in SERVICE_COMMANDS[1:]:  # `up` decides after reading its `--verbose`
+        from edgerlhf.settings import get_settings
+
+        quiet_libraries(get_settings().verbose)
     if command == "up":
         return up(rest)
     if command == "frontend":

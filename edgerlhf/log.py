@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -32,3 +33,6 @@ def setup_logging(component: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
     for noisy in ("httpx", "urllib3", "watchdog", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not os.environ.get("EDGERLHF_VERBOSE"):  # `edgerlhf up --verbose`: every library's warnings too
+        # bitsandbytes warns on every CPU process that an optional kernel package is missing: expected here.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     """The largest hub download (a model or data set snapshot, the files it would fetch) a job may start."""
     log_level: str = "INFO"
     """Python logging level."""
+    verbose: bool = False
+    """Log what is only noise while all is well: the backend's access log (a line per request), transformers' model
+    loading reports and its warnings about expected conditions (`edgerlhf up --verbose` sets it for its children)."""
+    dashboard_hide_flagged: bool = True
+    """The dashboard's landing views (a job's overview, its verdict's examples and samples) hide prompts flagged as
+    offensive until asked to show them (HH-RLHF's red-team prompts include slurs); False shows them at once."""
 
     @field_validator("data_dir")
     @classmethod

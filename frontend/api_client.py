@@ -51,6 +51,9 @@ class ApiError(Exception):
     message: str
     field_errors: dict[str, str] = field(default_factory=dict)
     """Config field (dotted path, e.g. `ppo.batch_size`) -> message, from a 422."""
+    detail: Any = None
+    """The error body's `detail` as sent (the body itself when it has none): what a page reads beyond the message, e.g.
+    the memory plan of a refused job (`{"field": "override_memory_plan", "message", "plan"}`)."""
 
     def __str__(self) -> str:
         return f"{self.status}: {self.message}"
@@ -112,7 +115,7 @@ def parse_error(status: int, payload: Any) -> ApiError:
         message = "; ".join(f"{k}: {v}" for k, v in fields.items()) or str(detail)
     else:
         message = str(detail)
-    return ApiError(status, message, fields)
+    return ApiError(status, message, fields, detail)
 
 
 class ApiClient:
@@ -140,7 +143,14 @@ class ApiClient:
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            resp = self._http.request(method, path, **kwargs)
+            try:
+                resp = self._http.request(method, path, **kwargs)
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                # A pooled connection the server closed: uvicorn drops the connection of a request that ended in a 500,
+                # and the next request on it is reset. A read is asked again, once, on a fresh connection.
+                if method not in ("GET", "HEAD"):
+                    raise
+                resp = self._http.request(method, path, **kwargs)
         except (httpx.TransportError, OSError) as exc:  # refused, reset, timed out, DNS
             raise BackendDown(self.base_url, f"{type(exc).__name__}: {exc}") from exc
         if resp.status_code >= 400:

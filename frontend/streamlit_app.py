@@ -3,7 +3,8 @@
 Entry point for `streamlit run frontend/streamlit_app.py`: declares the pages with `st.navigation`
 (pages live in `app_pages/`), checks that the backend answers, asks a session for the API token when the
 backend needs one (`frontend.login`: typed once per browser session, never taken from the server's
-environment), and runs the chosen page. The dashboard
+environment), says in the sidebar which part of the service is up (`frontend.health`: backend, database, workers),
+and runs the chosen page. The dashboard
 talks only to the backend API (`frontend.api_client`); jobs live in the backend's database and the
 worker, never in this process, so closing or reloading a tab loses nothing.
 """
@@ -20,7 +21,7 @@ if str(HERE.parent) not in sys.path:  # `streamlit run` from a checkout that is 
 import streamlit as st  # noqa: E402
 
 from edgerlhf.settings import get_settings  # noqa: E402
-from frontend import login, ui  # noqa: E402
+from frontend import health, login, ui  # noqa: E402
 from frontend.api_client import ApiError, BackendDown, get_client  # noqa: E402
 
 st.set_page_config(page_title="EdgeRLHF", page_icon="🎛️", layout="wide")
@@ -55,4 +56,6 @@ st.sidebar.caption(f"Backend: `{get_settings().api_url}`")
 if not login.require_login(client):  # the login form is on the page instead
     st.stop()
 login.logout_button()
+with st.sidebar:
+    health.sidebar_status()
 page.run()

@@ -1,6 +1,7 @@
 """`edgerlhf up` (behind `make run`): three real processes come up, answer, and all go away on Ctrl-C or
 with `up` itself (`kill -9`); a child that dies is restarted; a second `up` on the same data directory or ports says
-why it cannot start; `up --workers 2` runs a worker per GPU, and both go with it too."""
+why it cannot start; `up --workers 2` runs a worker per GPU, and both go with it too. Its output is quiet (no line
+per request, the libraries' reports and notes off in every child) unless `--verbose`."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ import httpx
 import psutil
 import pytest
 
+from edgerlhf.cli import QUIET_ENVIRONMENT
 from tests.support.fake_gpus import FAKE_GPUS, fake_nvidia_smi_path
 from tests.support.procs import REPO_ROOT, free_port
+
+ACCESS_LOG = '"GET /healthz HTTP/1.1" 200'
+"""What uvicorn's access log writes for each of the tests' health checks."""
 
 
 def wait_for(url: str, deadline: float) -> httpx.Response:
@@ -38,7 +43,8 @@ def test_up_serves_backend_and_dashboard_and_stops_cleanly_on_ctrl_c(tmp_path):
     backend_port, frontend_port = free_port(), free_port()
     env = {**os.environ, "EDGERLHF_DATA_DIR": str(tmp_path / "data"),
            "EDGERLHF_BACKEND_PORT": str(backend_port), "EDGERLHF_FRONTEND_PORT": str(frontend_port)}
-    env.pop("EDGERLHF_API_TOKEN", None)
+    for name in ("EDGERLHF_API_TOKEN", "EDGERLHF_VERBOSE", *QUIET_ENVIRONMENT):
+        env.pop(name, None)
     up = subprocess.Popen([sys.executable, "-m", "edgerlhf.cli", "up"], cwd=REPO_ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -57,18 +63,22 @@ def test_up_serves_backend_and_dashboard_and_stops_cleanly_on_ctrl_c(tmp_path):
             raise AssertionError(f"worker never reported alive: {system}")
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) >= 3
+        for child in psutil.Process(up.pid).children():  # each child, and what it starts, keeps the libraries quiet
+            assert {k: child.environ().get(k) for k in QUIET_ENVIRONMENT} == QUIET_ENVIRONMENT, child.cmdline()
     finally:
         up.send_signal(signal.SIGINT)
         output, _ = up.communicate(timeout=60)
     assert up.returncode == 0, output
     assert "backend:" in output and "dashboard:" in output
+    assert "HTTP/1.1" not in output, "a line per request (uvicorn's access log) without --verbose"
     time.sleep(0.5)
     alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"left behind: {[c.cmdline() for c in alive]}"
 
 
 def up_env(data_dir, backend_port: int, frontend_port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGERLHF_") or k == "EDGERLHF_SHARED_DIR"}
+    env = {k: v for k, v in os.environ.items()
+           if (not k.startswith("EDGERLHF_") or k == "EDGERLHF_SHARED_DIR") and k not in QUIET_ENVIRONMENT}
     env.update({"EDGERLHF_DATA_DIR": str(data_dir), "EDGERLHF_BACKEND_PORT": str(backend_port),
                 "EDGERLHF_FRONTEND_PORT": str(frontend_port), "PYTHONUNBUFFERED": "1"})
     return env
@@ -136,9 +146,9 @@ def test_kill_9_of_up_takes_every_process_it_started_with_it_and_a_second_up_is_
 
 
 @pytest.mark.slow
-def test_a_backend_that_dies_is_restarted_and_answers_again(tmp_path):
+def test_a_backend_that_dies_is_restarted_and_answers_again_and_verbose_logs_every_request(tmp_path):
     ports = free_port(), free_port()
-    up = start_up(up_env(tmp_path / "data", *ports), "--no-worker")
+    up = start_up(up_env(tmp_path / "data", *ports), "--no-worker", "--verbose")
     try:
         deadline = time.monotonic() + 120
         wait_for(f"http://127.0.0.1:{ports[0]}/healthz", deadline)
@@ -148,11 +158,13 @@ def test_a_backend_that_dies_is_restarted_and_answers_again(tmp_path):
         wait_for(f"http://127.0.0.1:{ports[0]}/healthz", time.monotonic() + 120)
         (again,) = [p for p in psutil.Process(up.pid).children() if "backend" in " ".join(p.cmdline())]
         assert again.pid != backend.pid and up.poll() is None  # the rest kept running
+        assert again.environ().get("EDGERLHF_VERBOSE") == "1" and "TRANSFORMERS_VERBOSITY" not in again.environ()
     finally:
         up.send_signal(signal.SIGINT)
         output, _ = up.communicate(timeout=60)
     assert up.returncode == 0, output
     assert "backend exited with code -9; restarting it in 1 s" in output and f"backend restarted (pid {again.pid})" in output
+    assert ACCESS_LOG in output, "--verbose: uvicorn's access log, a line per request"
 
 
 @pytest.mark.parametrize("busy", ["backend", "dashboard"])
@@ -216,3 +228,24 @@ def test_up_with_two_workers_runs_one_per_gpu_both_heartbeat_and_both_die_with_u
         p.kill()
     assert not left, f"left behind: {[p.cmdline() for p in left]}"
     assert not alive(workers), "both workers die with up"
+
+
+LOAD_A_MODEL_WITH_A_NEW_HEAD = """
+import tempfile
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+directory = tempfile.mkdtemp()
+GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=64, n_positions=16)).save_pretrained(directory)
+GPT2ForSequenceClassification.from_pretrained(directory)  # a reward model from an LM: a new head, an unused one
+"""
+
+
+def test_the_quiet_environment_silences_transformers_loading_report_and_progress_bars(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENVIRONMENT}
+    outputs = {}
+    for mode, extra in (("verbose", {}), ("quiet", QUIET_ENVIRONMENT)):
+        done = subprocess.run([sys.executable, "-c", LOAD_A_MODEL_WITH_A_NEW_HEAD], env={**env, **extra},
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        outputs[mode] = done.stdout + done.stderr
+    assert "LOAD REPORT" in outputs["verbose"] and "Loading weights" in outputs["verbose"], outputs["verbose"]
+    assert outputs["quiet"].strip() == "", outputs["quiet"]

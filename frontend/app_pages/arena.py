@@ -2,7 +2,9 @@
 
 Pick two contestants (a finished job's SFT or PPO policy; the same one twice compares two of its samples),
 write a prompt or take one from a job's held-out set, and both answers stream in side by side through the
-chat API (`frontend.chat_stream`, as on the Chat page). Which model answers as A is drawn at random and
+chat API (`frontend.chat_stream`, as on the Chat page), under the prompt they answer: its last human turn (the
+question voted on) in full, the dialogue's earlier turns folded above it. The prompt box grows with its text, so
+a held-out dialogue's last turn is never scrolled out of sight. Which model answers as A is drawn at random and
 shown only after the vote: A, B, a tie or both bad, optionally with a better answer of your own. Below, the
 leaderboard (win rates and Bradley–Terry ratings, with the votes each rests on) and the votes themselves,
 deletable and exportable as preference pairs; the New job page trains on them (`edgerlhf.votes`).
@@ -81,9 +83,25 @@ def remove_vote(client: ApiClient) -> None:
     st.session_state[NOTICE] = ("success", f"Vote {vote_id} deleted.")
 
 
+def show_prompt(prompt: str) -> None:
+    """The prompt being voted on (an HH prompt): its last human turn in full, the earlier turns in an expander."""
+    *earlier, last = to_messages(prompt)
+    with st.container(border=True, key="arena-prompt"):
+        st.markdown("**Prompt**")
+        if earlier:
+            with st.expander(f"Earlier turns of the dialogue ({len(earlier)})"):
+                for message in earlier:
+                    with st.chat_message(message["role"]):
+                        st.text(message["content"])
+        with st.chat_message(last["role"]):
+            st.text(last["content"])
+
+
 def fight(client: ApiClient, battle: dict[str, Any], params: dict[str, Any]) -> bool:
-    """Stream both answers side by side into `battle`; False (and the reason on screen) if one failed."""
+    """Stream both answers side by side into `battle`, under the prompt; False (and the reason on screen) if one
+    failed."""
     messages = to_messages(battle["prompt"])
+    show_prompt(battle["prompt"])
     ok = True
     for i, column in enumerate(st.columns(2)):
         with column, st.container(border=True, key=f"arena-answer-{'ab'[i]}"):
@@ -103,6 +121,7 @@ def fight(client: ApiClient, battle: dict[str, Any], params: dict[str, Any]) -> 
 
 def show_battle(client: ApiClient, battle: dict[str, Any]) -> None:
     voted = battle["vote"]
+    show_prompt(battle["prompt"])
     for i, column in enumerate(st.columns(2)):
         with column, st.container(border=True, key=f"arena-answer-{'ab'[i]}"):
             name = f" · `{battle['models'][i]}`" if voted else " · model hidden until you vote"
@@ -204,6 +223,7 @@ else:
         take.button("Take a held-out prompt", on_click=take_held_out, args=(client,), key="arena_take",
                     use_container_width=True)
         prompt = st.text_area("Prompt", key="arena_prompt", placeholder="Ask something, or take a held-out prompt",
+                              height="content",  # a dialogue's last turn, the question, at the bottom: all shown
                               help="One message; a held-out prompt may be a whole dialogue ('Human: ...').")
         # Never disabled: the click that takes focus from the prompt box is the one that sends its text.
         go = st.button("Get two answers", type="primary", key="arena_go", icon=":material/compare_arrows:")

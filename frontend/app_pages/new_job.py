@@ -3,10 +3,13 @@
 Every field starts at the preset's value; only fields changed from the preset are sent as overrides, so
 the job's stored config says plainly what was changed. A field's help (its ⓘ) is the field's docstring in
 `edgerlhf/config.py` with its type and accepted range, as the backend serves them (`GET /api/config/fields`):
-the dashboard keeps no copy of it, and the widget's kind follows the field's type. The backend validates:
-a 422 names the field (`ppo.batch_size`), and its message is shown right under that field. Submitting
-opens the new job's page. Beside the config, a job may ask for a minimum GPU memory (`min_gpu_memory_mb`):
-only a worker whose GPU has that much takes it. "Arena votes" trains the job on the Arena page's votes, alone
+the dashboard keeps no copy of it, and the widget's kind follows the field's type. A field the config derives when
+left empty says what it becomes (`auto (4)`, not "none"). The backend validates: a 422 names the field
+(`ppo.batch_size`), and its message is shown right under that field's widget, or under the "Extra overrides" box for
+a field the form has no widget for (an unknown one included); a short summary stands beside the Launch button.
+Submitting opens the new job's page. Opened as `?clone=<job id>` (the job page's "Clone into New job"), the form
+starts from that job: its preset, the fields it changed from it, its name with " (copy)". Beside the config, a job
+may ask for a minimum GPU memory (`min_gpu_memory_mb`): only a worker whose GPU has that much takes it. "Arena votes" trains the job on the Arena page's votes, alone
 or mixed with the data set: at launch a snapshot of them becomes `data.votes_file` (`frontend.arena`). "Data sets"
 picks, per stage, one of the Data sets page's uploads or hub registrations (`datasets` in the job request: the
 backend makes it that section's source).
@@ -16,8 +19,9 @@ algorithms' (`ppo.*`, shared by PPO, GRPO and RLOO; a few PPO's own) or DPO's (`
 
 Below the fields, the memory plan (`POST /api/plan`, `edgerlhf.plan`) follows every change: each stage's
 planned peak, whether it fits the GPU the job would be checked against, what dominates, and for a stage
-that does not fit the cheapest change that makes it fit. The backend refuses a job that does not fit
-(409, its message shown under the override box) unless "Launch even if it does not fit" is ticked.
+that does not fit the cheapest change that makes it fit, with a button that puts that change into the form. The
+backend refuses a job that does not fit (409, its message and the same button under the override box) unless
+"Launch even if it does not fit" is ticked.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 import streamlit as st
 
 from edgerlhf.contract import ALGORITHM_TABLE, ALGORITHMS, PRECISIONS, STAGES, merge_overrides
-from frontend import arena, datasets, ui
+from frontend import arena, datasets, reports, ui
 from frontend.api_client import ApiClient, ApiError, BackendDown, get_client
 
 # (section, config path, label, options). The widget follows the field's type from /api/config/fields:
@@ -97,6 +101,10 @@ BY_ALGORITHM = ("ppo.samples_per_prompt",)
 """Fields whose default the config derives from the algorithm (None: 1 for PPO, 4 for GRPO and RLOO). The preset
 shows the value derived for its own algorithm; for another one the field starts empty, so the config derives it."""
 ERRORS = "new_job_errors"  # session key: {field path: message} from the last rejected submit
+REFUSAL = "new_job_refusal"  # session key: the suggestions (`Suggestion` JSON) of the last memory refusal
+NOTICE = "new_job_notice"  # session key: what the last clone or applied change did to the form
+FILLED = "new_job_filled"  # session key: widget keys whose value was just set through session state
+REQUEST = "request"  # the key of an error that names no field (a refusal of the whole request)
 DATASET_KEY = "nj_dataset:{}"  # a data set picker's key, by config section (outside `nj:<preset>:`: no config field)
 MIN_GPU = "min_gpu_memory_mb"  # the job-level field of `JobCreate` (not part of the config)
 OVERRIDE = "override_memory_plan"  # the job-level field that queues a job the memory plan refuses
@@ -162,32 +170,152 @@ def shown(section: str, path: str, algorithm: str) -> bool:
         algorithm in FIELD_ALGORITHMS.get(path, (algorithm,))
 
 
-def widget(field: dict[str, Any], label: str, options: list[str] | None, default: Any, key: str) -> Any:
-    """The input for one config field; its kind follows the field's `type`."""
+def auto_text(path: str, algorithm: str, values: dict[str, Any]) -> str:
+    """What an empty (None) field becomes, in words: what the config derives for it (`PipelineConfig`'s checks
+    and each field's docstring), e.g. `auto (4)` for GRPO's group size; `none` where None is simply none."""
+    if path == "ppo.samples_per_prompt":
+        return f"auto ({ALGORITHM_TABLE[algorithm].samples_per_prompt})"
+    if path == "ppo.reward_precision":
+        precisions = values.get("reward.precisions") or []
+        return f"auto ({precisions[0]}, the first reward precision)" if precisions else "auto"
+    if path == "model.tokenizer":
+        return f"auto (the model's: {values.get('model.name_or_path') or 'none'})"
+    if path == "data.max_pairs":
+        return "all"
+    return "none"
+
+
+def widget(field: dict[str, Any], label: str, options: list[str] | None, default: Any, key: str,
+           auto: str = "none") -> Any:
+    """The input for one config field; its kind follows the field's `type`; `auto`: what an empty value means."""
     kind, optional = field["type"].removesuffix(" | None"), field["type"].endswith(" | None")
     help_ = help_text(field, default)
+    # A value just put into session state (a clone, an applied change) is the widget's: a default beside it only
+    # makes Streamlit log a warning.
+    filled = key in st.session_state.get(FILLED, ())
     if kind == "int":
         value = int(default) if default is not None else (None if optional else 0)
-        return st.number_input(label, value=value, step=1, key=key, help=help_,
-                               placeholder="none" if optional else None)
+        return st.number_input(label, value=None if filled else value, step=1, key=key, help=help_,
+                               placeholder=auto if optional else None)
     if kind == "float":
         value = float(default) if default is not None else (None if optional else 0.0)
-        return st.number_input(label, value=value, step=abs(value or 0.0) / 10 or 0.01, format="%g", key=key,
-                               help=help_, placeholder="none" if optional else None)
+        return st.number_input(label, value=None if filled else value, step=abs(value or 0.0) / 10 or 0.01,
+                               format="%g", key=key, help=help_, placeholder=auto if optional else None)
     if kind == "bool":
-        return st.checkbox(label, value=bool(default), key=key, help=help_)
+        return st.checkbox(label, value=False if filled else bool(default), key=key, help=help_)
     if kind == "list[str]":
-        return st.multiselect(label, options, default=[d for d in default if d in options], key=key, help=help_)
+        return st.multiselect(label, options, default=None if filled else [d for d in default if d in options],
+                              key=key, help=help_)
     if kind != "str":
         raise ValueError(f"no widget for {field['path']} of type {field['type']}")
     if options is not None:
         opts = list(options)
         if default not in opts:
             opts.insert(0, default)
-        return st.selectbox(label, opts, index=opts.index(default), key=key, help=help_,
-                            format_func=algorithm_option if field["path"] == "algorithm" else str)
-    value = st.text_input(label, value="" if default is None else str(default), key=key, help=help_)
+        if filled and st.session_state[key] not in opts:
+            opts.append(st.session_state[key])
+        return st.selectbox(label, opts, index=0 if filled else opts.index(default), key=key, help=help_,
+                            format_func=algorithm_option if field["path"] == "algorithm" else
+                            lambda o: auto if o is None else str(o))
+    value = st.text_input(label, value="" if filled or default is None else str(default), key=key, help=help_,
+                          placeholder=auto if optional else None)
     return (value.strip() or None) if optional else value
+
+
+def widget_key(preset: str, algorithm: str, path: str) -> str:
+    """The session key of a config field's widget: per preset, and per algorithm for a field whose default the
+    algorithm decides (a fresh widget when the algorithm changes)."""
+    return f"nj:{preset}:{algorithm}:{path}" if path in BY_ALGORITHM else f"nj:{preset}:{path}"
+
+
+def leaves(overrides: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested overrides as (dotted path, value) pairs: `{"ppo": {"steps": 3}}` -> `[("ppo.steps", 3)]`."""
+    out: list[tuple[str, Any]] = []
+    for key, value in overrides.items():
+        if isinstance(value, dict) and value:
+            out.extend(leaves(value, f"{prefix}{key}."))
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def fill_form(preset: str, algorithm: str, change: dict[str, Any], fields: dict[str, dict[str, Any]]) -> list[str]:
+    """Put nested overrides into the form of `preset` through session state (before its widgets are drawn): a field
+    the form shows for `algorithm` takes its value; any other goes into the extra overrides box, merged with what
+    it holds. Returns the paths changed."""
+    sections = {path: section for section, path, _, _ in FIELDS}
+    filled = set(st.session_state.get(FILLED, ()))
+    rest: dict[str, Any] = {}
+    for path, value in leaves(change):
+        if path in sections and shown(sections[path], path, algorithm):
+            key = widget_key(preset, algorithm, path)
+            kind = fields[path]["type"].removesuffix(" | None")
+            st.session_state[key] = float(value) if kind == "float" and value is not None else value
+            filled.add(key)
+        else:
+            set_path(rest, path, value)
+    if rest:
+        extra_key = f"nj:{preset}:extra"
+        try:
+            held = json.loads(st.session_state.get(extra_key) or "{}")
+        except ValueError:
+            held = None
+        st.session_state[extra_key] = json.dumps(merge_overrides(held, rest) if isinstance(held, dict) else rest,
+                                                 indent=1)
+    st.session_state[FILLED] = filled
+    return [path for path, _ in leaves(change)]
+
+
+def apply_change(preset: str, algorithm: str, change: dict[str, Any], fields: dict[str, dict[str, Any]],
+                 what: str) -> None:
+    """Callback of "Apply the suggested change": the memory plan's change into the form; the refusal it answers
+    goes (the form changed), and a notice says what was changed."""
+    fill_form(preset, algorithm, change, fields)
+    st.session_state.pop(ERRORS, None)
+    st.session_state.pop(REFUSAL, None)
+    st.session_state[NOTICE] = f"Applied the suggested change: {what}. The memory plan below follows it."
+
+
+def apply_button(preset: str, algorithm: str, suggestion: dict[str, Any], fields: dict[str, dict[str, Any]],
+                 key: str) -> None:
+    """The button that puts a memory plan's suggestion (`Suggestion` JSON) into the form (none when the change is
+    not a config option: its `overrides` are empty)."""
+    if suggestion.get("overrides"):
+        st.button("Apply the suggested change", key=key, icon=":material/auto_fix_high:", on_click=apply_change,
+                  args=(preset, algorithm, suggestion["overrides"], fields, suggestion["change"]),
+                  help=f"Sets {', '.join(f'`{p}`' for p, _ in leaves(suggestion['overrides']))} in the form "
+                       "(a field without its own widget goes into the extra overrides); nothing is launched.")
+
+
+def clone_into_form(client: ApiClient, job_id: str, presets: dict[str, dict[str, Any]],
+                    fields: dict[str, dict[str, Any]]) -> None:
+    """Fill the form from job `job_id` (`?clone=`): its preset, the fields its config changed from that preset
+    (`frontend.reports.config_overrides`), its name with " (copy)" and its minimum GPU memory."""
+    try:
+        job = client.get_job(int(job_id))
+    except ValueError:
+        st.session_state[NOTICE] = f"Nothing to clone: `{job_id}` is not a job id."
+        return
+    except ApiError as exc:
+        st.session_state[NOTICE] = f"Could not clone job {job_id}: {exc.message}"
+        return
+    except BackendDown as exc:
+        st.session_state[NOTICE] = f"Could not clone job {job_id}: the backend is unreachable ({exc.reason})."
+        return
+    preset = job["preset"]
+    if preset not in presets:
+        st.session_state[NOTICE] = f"Could not clone job #{job['id']}: the backend no longer offers its preset `{preset}`."
+        return
+    st.session_state["nj_preset"] = preset
+    st.session_state["nj_name"] = f"{job['name']} (copy)"
+    if job.get(MIN_GPU) is not None:
+        st.session_state["nj_min_gpu_memory_mb"] = job[MIN_GPU]
+    changed = fill_form(preset, job["config"]["algorithm"],
+                        reports.config_overrides(job["config"], presets[preset]["config"]), fields)
+    st.session_state[FILLED] = {*st.session_state[FILLED], "nj_preset"}
+    st.session_state[NOTICE] = (f"Cloned job #{job['id']} ({job['name']}): the `{preset}` preset with the "
+                                f"{len(changed)} field(s) it changed" + (f" ({', '.join(f'`{p}`' for p in changed)})"
+                                                                        if changed else "") + ".")
 
 
 @st.cache_data(ttl=PLAN_SECONDS, show_spinner=False)
@@ -214,8 +342,9 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f}"
 
 
-def show_plan(result, source: str) -> None:
-    """Each stage's planned peak against the GPU, the terms that dominate, and a fix for what does not fit."""
+def show_plan(result, source: str, preset: str, algorithm: str, fields: dict[str, dict[str, Any]]) -> None:
+    """Each stage's planned peak against the GPU, the terms that dominate, and a fix for what does not fit (with a
+    button that applies it to the form)."""
     st.subheader("Memory plan", divider="gray")
     checked = f"checked against {_gib(result.gpu_memory_bytes)} GiB ({source})" if result.gpu_memory_bytes \
         else source
@@ -231,6 +360,8 @@ def show_plan(result, source: str) -> None:
                    if s.suggestion else "No single change tried here makes it fit.")
             st.warning(f"`{s.stage}` does not fit: {_gib(s.peak_bytes)} GiB at its {s.phase}. {fix}",
                        icon=":material/memory:")
+            if s.suggestion is not None:
+                apply_button(preset, algorithm, s.suggestion.model_dump(), fields, key=f"nj_apply_plan:{s.stage}")
     with st.expander("What each stage's peak is made of"):
         for s in result.stages:
             st.markdown(f"**{s.stage}** — {_gib(s.peak_bytes)} GiB at the {s.phase}")
@@ -267,11 +398,29 @@ def dataset_pickers(client: ApiClient, errors: dict[str, str]) -> dict[str, int]
     return chosen
 
 
+def about(name: str, path: str) -> bool:
+    """Whether error `name` is about field `path` (or one of its items, e.g. `reward.precisions[1]`)."""
+    return name == path or name.startswith(path + "[") or name.startswith(path + ".")
+
+
 def field_error(path: str, errors: dict[str, str]) -> None:
-    """The backend's message for this field (or one of its items, e.g. `reward.precisions[1]`), under it."""
+    """The backend's message for this field, under it."""
     for name, message in errors.items():
-        if name == path or name.startswith(path + "[") or name.startswith(path + "."):
+        if about(name, path):
             st.error(message, icon=":material/error:")
+
+
+def summary(errors: dict[str, str], placed: dict[str, str]) -> str:
+    """The short text beside the Launch button: what was refused, and where each message is (`placed`: error name
+    -> the widget it is shown under)."""
+    if OVERRIDE in errors:  # a memory refusal: what to do is under the override box
+        return ("**Not launched:** the memory plan says it does not fit; the cheapest change that fits is under "
+                "\"Launch even if the memory plan says it does not fit\".")
+    where = [f"`{name}` (under {placed[name]})" for name in errors if name in placed]
+    text = f"**Not launched.** {len(where)} field(s) to fix: {', '.join(where)}." if where else "**Not launched.**"
+    if REQUEST in errors:
+        text += f" {errors[REQUEST]}"
+    return text
 
 
 st.title("New job")
@@ -283,9 +432,17 @@ if presets is None or fields is None:
 if not presets:
     st.error("The backend offers no presets.")
     st.stop()
+if clone := st.query_params.get("clone"):
+    del st.query_params["clone"]  # filled once: from here on the form is the person's, and a later clone fills it again
+    st.session_state.pop(ERRORS, None)
+    clone_into_form(client, clone, presets, fields)
+if notice := st.session_state.pop(NOTICE, None):
+    st.info(notice, icon=":material/content_copy:" if notice.startswith("Cloned") else ":material/info:")
 
 names = list(presets)
-preset = st.selectbox("Preset", names, index=names.index("tiny") if "tiny" in names else 0, key="nj_preset",
+cloned = "nj_preset" in st.session_state.get(FILLED, ())  # the preset a clone set: no default beside it
+preset = st.selectbox("Preset", names, index=0 if cloned else names.index("tiny") if "tiny" in names else 0,
+                      key="nj_preset",
                       format_func=lambda name: f"{name} · {presets[name]['model']}",
                       on_change=lambda: st.session_state.pop(ERRORS, None),
                       help="The starting configuration; every field below starts at its value.")
@@ -296,16 +453,12 @@ with st.expander(f"Full `{preset}` configuration"):
     st.json(defaults, expanded=False)
 
 errors: dict[str, str] = st.session_state.get(ERRORS, {})
-known = {path for _, path, _, _ in FIELDS}
-other = {k: v for k, v in errors.items()
-         if not any(k == p or k.startswith(p + "[") or k.startswith(p + ".") for p in known)
-         and k not in ("overrides", MIN_GPU, OVERRIDE) and not k.startswith("datasets.")}
+placed: dict[str, str] = {}  # error name -> the widget its message is under (for the summary beside Launch)
 
 values: dict[str, Any] = {}
+labels: dict[str, str] = {}
 # Plain widgets rather than a form: the memory plan below follows every change as it is made.
 with st.container(border=True):
-    if other:
-        st.error("The backend rejected the job:\n\n" + "\n".join(f"- `{k}`: {v}" for k, v in other.items()))
     st.caption(f"Every field starts at the `{preset}` preset's value (its ⓘ explains the config field and "
                "gives its range); only what you change is sent as an override. The backend checks the whole config.")
     name_col, gpu_col = st.columns([2, 1])
@@ -331,19 +484,28 @@ with st.container(border=True):
                 for sec, path, label, options in FIELDS:
                     if sec != section or not shown(section, path, algorithm):
                         continue
-                    default, key = get_path(defaults, path), f"nj:{preset}:{path}"
+                    default, key = get_path(defaults, path), widget_key(preset, algorithm, path)
                     if path in BY_ALGORITHM:
                         default = default if algorithm == defaults["algorithm"] else None
-                        key = f"nj:{preset}:{algorithm}:{path}"  # a fresh widget when the algorithm changes
-                    values[path] = widget(fields[path], label.replace("PPO", algorithm_label) if sampling else label,
-                                          options, default, key=key)
+                    labels[path] = label.replace("PPO", algorithm_label) if sampling else label
+                    values[path] = widget(fields[path], labels[path], options, default, key=key,
+                                          auto=auto_text(path, algorithm, values))
                     field_error(path, errors)
     chosen_datasets = dataset_pickers(client, errors)  # the Data sets page's uploads, per stage
     arena_votes = arena.votes_option(client, key=f"nj:{preset}:votes")  # train on the Arena page's votes
     extra_text = st.text_area("Extra overrides (JSON, applied last)", key=f"nj:{preset}:extra",
                               placeholder='{"ppo": {"top_k": 0, "temperature": 0.7}}',
                               help="Any other config field, as nested JSON; see the full configuration above.")
-    field_error("overrides", errors)
+    # Under the box: its own JSON error, and every field the form has no widget for (an unknown field, one of
+    # another algorithm's): the box is where such a field is set.
+    for field_name, message in errors.items():
+        if field_name == REQUEST or any(about(field_name, p) for p in (*values, MIN_GPU, OVERRIDE, "datasets")):
+            continue
+        st.error(message if field_name == "overrides" else f"`{field_name}`: {message}", icon=":material/error:")
+        placed[field_name] = "Extra overrides"
+    placed.update({e: labels[p] for e in errors for p in values if about(e, p)})
+    placed.update({e: label for e in errors for p, label in (
+        (MIN_GPU, "Minimum GPU memory"), ("datasets", "Data sets")) if about(e, p)})
 
     try:
         overrides = form_overrides(values, defaults, extra_text)
@@ -359,15 +521,22 @@ with st.container(border=True):
         except ApiError as exc:  # a field being typed is invalid: its message comes on submit
             st.info(f"Memory plan unavailable: {exc.message}", icon=":material/memory:")
         else:
-            show_plan(result, source)
+            show_plan(result, source, preset, values["algorithm"], fields)
     override = st.checkbox("Launch even if the memory plan says it does not fit", key="nj_override_memory_plan",
                            help="The backend refuses a job a stage of which the plan says cannot fit the GPU it is "
                                 "checked against; tick this to queue it anyway (e.g. when the plan is too cautious).")
     field_error(OVERRIDE, errors)
-    submitted = st.button("Launch job", type="primary", icon=":material/rocket_launch:")
+    for i, suggestion in enumerate(st.session_state.get(REFUSAL, []) if OVERRIDE in errors else []):
+        apply_button(preset, values["algorithm"], suggestion, fields, key=f"nj_apply_refusal:{i}")
+    launch, beside = st.columns([1, 4], vertical_alignment="center")
+    submitted = launch.button("Launch job", type="primary", icon=":material/rocket_launch:")
+    if errors:
+        beside.error(summary(errors, placed), icon=":material/block:")
+st.session_state.pop(FILLED, None)  # drawn: from now on the widgets hold what the person types
 
 if submitted:
     new_errors: dict[str, str] = {"overrides": overrides_error} if overrides_error else {}
+    st.session_state.pop(REFUSAL, None)
     if not new_errors:
         try:
             job = client.create_job(preset, arena.with_votes(client, overrides, arena_votes), name=name.strip() or None,
@@ -377,7 +546,12 @@ if submitted:
             ui.backend_down(exc, inline=True)
             st.stop()
         except ApiError as exc:
-            new_errors = exc.field_errors or {"request": exc.message}
+            new_errors = exc.field_errors or {REQUEST: exc.message}
+            plan = exc.detail.get("plan") if isinstance(exc.detail, dict) else None
+            if plan:  # a memory refusal: offer each distinct change that makes a stage fit
+                suggestions = {json.dumps(s["suggestion"], sort_keys=True): s["suggestion"] for s in plan["stages"]
+                               if s.get("fits") is False and s.get("suggestion")}
+                st.session_state[REFUSAL] = list(suggestions.values())
         else:
             st.session_state.pop(ERRORS, None)
             st.switch_page(ui.JOB_PAGE, query_params={"job": str(job["id"])})

@@ -3,10 +3,12 @@
 A copy of the session service's data (`finished_service`: a PPO job and a GRPO job that real workers trained, so
 both serve their SFT and aligned policies) is served by a backend and a dashboard of the test's own. The browser
 opens the Arena, picks the PPO job's policy against the GRPO job's SFT policy, takes a held-out prompt of the PPO
-job, gets both answers streamed from the chat API with the names hidden, votes "A is better" with a better answer of
-its own, and then sees the names, the vote in the list and both models on the leaderboard; exports the votes as
-JSONL; launches a job on the votes from the New job form; and deletes the vote. A second battle, typed, compares two
-samples of one model and ends in a tie: stored, no pair, no rating. Screenshots go to `tests/artifacts/arena-*.png`.
+job (a dialogue: its last human turn, the question, is shown whole in the prompt box and above the answers, its
+earlier turns folded), gets both answers streamed from the chat API with the names hidden, votes "A is better" with a
+better answer of its own, and then sees the names, the vote in the list and both models on the leaderboard; exports
+the votes as JSONL; launches a job on the votes from the New job form; and deletes the vote. A second battle, typed,
+compares two samples of one model and ends in a tie: stored, no pair, no rating. Last, a message on the Chat page.
+Screenshots go to `tests/artifacts/arena-*.png`, `new-job.png` and `chat.png`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from tests.support.browser import ARTIFACTS, edgerlhf_processes
 
 pytestmark = pytest.mark.slow
 
-HELD_OUT = "Human: How far can a jumping spider jump?"
+QUESTION = "How far can a jumping spider jump?"
+EARLIER = "Hi, I have a question about spiders."
+HELD_OUT = f"Human: {EARLIER}\n\nAssistant: Sure, go ahead.\n\nHuman: {QUESTION}"
 BETTER = "Up to about fifty times its own body length."
 
 
@@ -67,6 +71,8 @@ def test_vote_in_the_arena_then_train_on_the_votes(browser, service):
         page.get_by_role("button", name="Take a held-out prompt").click()
         prompt_box = page.get_by_label("Prompt", exact=True)
         expect(prompt_box).to_have_value(HELD_OUT, timeout=30_000)
+        settle(page)
+        assert prompt_box.evaluate("box => box.scrollHeight <= box.clientHeight + 2"), "the box hides part of the prompt"
         page.get_by_role("button", name="Get two answers").click()
 
         # Both answers arrive; the vote buttons come once both are in, and the names stay hidden.
@@ -77,6 +83,11 @@ def test_vote_in_the_arena_then_train_on_the_votes(browser, service):
         for name in (f"{ppo}/ppo", f"{grpo}/sft"):
             expect(page.locator('[class*="st-key-arena-answer-"]').filter(has_text=name)).to_have_count(0)
         shown = [answer.inner_text() for answer in answers]
+        # Above the answers, the question voted on in full; the dialogue's earlier turns folded.
+        asked = page.locator('[class*="st-key-arena-prompt"]')
+        expect(asked.get_by_text(QUESTION, exact=True)).to_be_visible()
+        expect(asked.get_by_text("Earlier turns of the dialogue (2)")).to_be_visible()
+        expect(asked.get_by_text(EARLIER, exact=True)).to_be_hidden()
         page.screenshot(path=str(ARTIFACTS / "arena-battle.png"), full_page=True)
 
         better = page.get_by_label("A better answer of your own (optional)", exact=True)
@@ -97,7 +108,7 @@ def test_vote_in_the_arena_then_train_on_the_votes(browser, service):
 
         # The vote is in the list, and both models on the leaderboard, A first with one vote each.
         votes_table = page.locator('[class*="st-key-arena-votes"]')
-        expect(votes_table).to_contain_text("How far can a jumping spider jump?")
+        expect(votes_table).to_contain_text(QUESTION)
         expect(votes_table).to_contain_text("A is better")
         board = page.locator('[class*="st-key-arena-leaderboard"]')
         rows = board.locator("tbody tr")
@@ -135,6 +146,11 @@ def test_vote_in_the_arena_then_train_on_the_votes(browser, service):
         page.goto(f"{ui}/new", wait_until="domcontentloaded")
         expect(page.get_by_text("Train on the arena's votes")).to_be_visible(timeout=60_000)
         page.get_by_text("Votes only", exact=True).click()
+        settle(page)
+        # Streamlit scrolls inside its own container: a viewport as tall as the form shows it whole.
+        page.set_viewport_size({"width": 1500, "height": 2900})
+        page.screenshot(path=str(ARTIFACTS / "new-job.png"), full_page=True)
+        page.set_viewport_size({"width": 1500, "height": 1600})
         page.get_by_role("button", name="Launch job").click()
         page.wait_for_url("**/job?job=*", timeout=60_000)
         job_id = int(page.url.split("job=")[1].split("&")[0])
@@ -153,6 +169,19 @@ def test_vote_in_the_arena_then_train_on_the_votes(browser, service):
         expect(page.get_by_text("No vote between two different models yet.")).to_be_visible()
         assert [v["id"] for v in httpx.get(f"{api}/api/arena/votes", timeout=10).json()["items"]] == [2]
         page.screenshot(path=str(ARTIFACTS / "arena-deleted.png"), full_page=True)
+
+        # The Chat page answers a message from the PPO job's policy; the sidebar says the backend is up.
+        page.goto(f"{ui}/chat?model={ppo}/ppo", wait_until="domcontentloaded")
+        message = page.get_by_test_id("stChatInputTextArea")
+        expect(message).to_be_visible(timeout=60_000)
+        message.fill("What do jumping spiders eat?")
+        message.press("Enter")
+        bubbles = page.get_by_test_id("stChatMessage")
+        expect(bubbles).to_have_count(2, timeout=120_000)
+        expect(bubbles.nth(0)).to_contain_text("What do jumping spiders eat?")
+        settle(page)
+        expect(page.locator('[class*="st-key-service-status"]')).to_contain_text("backend ✓ · database ✓")
+        page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
     except Exception:
         page.screenshot(path=str(ARTIFACTS / "arena-failure.png"), full_page=True)
         raise

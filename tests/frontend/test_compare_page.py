@@ -137,7 +137,8 @@ def test_grpo_and_dpo_job_pages_draw_and_check_their_own_metrics(backend, dashbo
     for name in ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward"):
         assert plotly_trace(at, "DPO on the preference pairs", name)["y"] == dpo[f"dpo/{name}"]
     assert plotly_trace(at, "KL to the reference", "kl")["y"] == dpo["dpo/kl"]
-    assert not [w.value for w in at.warning], "a healthy DPO run has no warning"
+    # The sidebar's service line warns too (no worker runs in this test): only the job's own warnings count.
+    assert not [w.value for w in at.warning if "worker ✗" not in w.value], "a healthy DPO run has no warning"
     writer.close()
 
 
