@@ -174,6 +174,11 @@ def same_answer(answer: str | None, reference: Any, compare: str) -> bool:
 WORD = re.compile(r"[\w']+")
 
 
+def token_counter(tokenizer) -> Callable[[str], int]:
+    """A `length` component's count in `tokens`: the policy's tokenizer, without special tokens."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 class RewardSet:
     """The components of `ppo.rewards`, ready to score: `score(prompts, responses)` gives the weighted total (B,)
     and each component's scores. `rows` maps a prompt to its prompt-data row (the reference answers);

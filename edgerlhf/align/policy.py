@@ -224,14 +224,14 @@ def stated_rewards(config, run_dir: Path, built: PolicyModels):
     """`ppo.rewards` ready to score the run's prompts: their prompt-data rows (the reference answers), the reward
     model if a component is it, and the policy's tokenizer for lengths in tokens."""
     from edgerlhf.data import prompts
-    from edgerlhf.rewards import RewardSet
+    from edgerlhf.rewards import RewardSet, token_counter
 
     rows = {}
     for split in ("train", "test"):
         for row in prompts(run_dir, split):
             rows.setdefault(row["prompt"], row)
     return RewardSet(config.ppo.rewards, rows, built.reward_model_score if built.reward_model is not None else None,
-                     lambda text: len(built.tokenizer(text, add_special_tokens=False)["input_ids"]))
+                     token_counter(built.tokenizer))
 
 
 def reward_source(models: PolicyModels, cfg) -> str:
