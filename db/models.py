@@ -140,6 +140,19 @@ class StageRun(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     """The job attempt that began this stage last."""
     progress: Mapped[float] = mapped_column(Float, default=0.0)
+    """The stage's fraction done in [0, 1]."""
+    done: Mapped[int | None] = mapped_column(Integer, default=None)
+    """Units of work done, as the stage last reported them (`ctx.progress(done, total)`: steps, batches ...);
+    None until it reports."""
+    total: Mapped[int | None] = mapped_column(Integer, default=None)
+    """Units of work the stage will do, from the same report."""
+    first_done: Mapped[int | None] = mapped_column(Integer, default=None)
+    """`done` at the stage's first report in this attempt (more than 1 on a resumed stage): its step rate counts
+    from there, so the time spent loading and warming up before it is not taken for slow steps."""
+    first_progress_at: Mapped[datetime | None] = mapped_column(default=None)
+    """When that first report came; None while the stage is still loading (or it never reports)."""
+    progress_at: Mapped[datetime | None] = mapped_column(default=None)
+    """When the latest report came."""
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)

@@ -56,6 +56,21 @@ class JobStateError(RuntimeError):
     """The action is not allowed in the job's current status (e.g. deleting a running job)."""
 
 
+@dataclass(frozen=True)
+class StepProgress:
+    """Where a running stage is in the units its `ctx.progress(done, total)` counts (steps, batches ...), and when:
+    what the dashboard's step counts and ETAs are computed from (`StageRun.done` and the columns after it)."""
+
+    done: int
+    total: int
+    first_done: int
+    """`done` at the stage's first report in this attempt: the step rate counts from there."""
+    first_at: datetime
+    """When that first report came (the end of loading and warm-up)."""
+    at: datetime
+    """When this report came (not when it was written: the worker writes in batches)."""
+
+
 @dataclass
 class HeartbeatReply:
     owned: bool
@@ -208,6 +223,7 @@ def begin_stage(session: Session, job_id: int, stage: str, attempt: int) -> None
     run.status = StageStatus.running
     run.attempt = attempt
     run.progress = 0.0
+    run.done = run.total = run.first_done = run.first_progress_at = run.progress_at = None  # this attempt's own
     run.started_at = now
     run.finished_at = None
     run.report = None
@@ -259,12 +275,13 @@ def record(session: Session, job_id: int, *,
            samples: Iterable[dict[str, Any]] = (),
            logs: Iterable[tuple[float, str, str | None, str]] = (),
            artifacts: Iterable[tuple[str | None, str, str, int | None]] = (),
-           progress: tuple[str, float, float] | None = None) -> None:
+           progress: tuple[str, float, float] | None = None, steps: StepProgress | None = None) -> None:
     """Write one batch of what a running job reported, in one transaction.
 
     metrics: (stage, key, step, value, time); samples: dicts with stage, kind, checkpoint, step, seq,
     prompt, response, reward, time; logs: (time, level, stage, message); artifacts: (stage, kind,
-    path, size); progress: (stage, stage fraction, overall fraction). The batch's metrics, samples and
+    path, size); progress: (stage, stage fraction, overall fraction), with `steps` the same stage's step
+    counts when it reported them. The batch's metrics, samples and
     logs are numbered with one `next_row_seqs` call: one lock of the job row per batch, not per row.
     """
     metric_rows: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -300,11 +317,14 @@ def record(session: Session, job_id: int, *,
 
     if progress is not None:
         stage, stage_fraction, overall = progress
+        counts = {} if steps is None else {
+            "done": steps.done, "total": steps.total, "first_done": steps.first_done,
+            "first_progress_at": steps.first_at, "progress_at": steps.at}
         session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running)
                         .values(progress=overall, stage=stage).execution_options(synchronize_session=False))
         session.execute(update(StageRun).where(StageRun.job_id == job_id, StageRun.stage == stage,
                                                StageRun.status == StageStatus.running)
-                        .values(progress=stage_fraction).execution_options(synchronize_session=False))
+                        .values(progress=stage_fraction, **counts).execution_options(synchronize_session=False))
     session.commit()
 
 

@@ -67,6 +67,7 @@ class RunContext:
         self.samples: list[Sample] = []
         self.artifacts: list[tuple[str, str]] = []  # (kind, path)
         self.progress_by_stage: dict[str, float] = {}
+        self.steps_by_stage: dict[str, tuple[int, int]] = {}  # (done, total) of each stage's latest `progress`
         self._cancel_requested = False
         self._tensorboard: Any = None  # a SummaryWriter once the first metric comes; False if it cannot be made
 
@@ -98,9 +99,11 @@ class RunContext:
         self._emit_log(level, message)
 
     def progress(self, done: int, total: int) -> None:
-        """Stage progress: `done` of `total` units (steps, batches ...)."""
+        """Stage progress: `done` of `total` units (steps, batches ...). Call it after each unit; the first call
+        marks the end of loading and warm-up, and the dashboard's ETA counts the step rate from there."""
         fraction = min(max(done / total, 0.0), 1.0) if total else 1.0
         self.progress_by_stage[self.stage or ""] = fraction
+        self.steps_by_stage[self.stage or ""] = (int(done), int(total))
         self._emit_progress(fraction)
 
     def artifact(self, kind: str, path: str | Path) -> None:
@@ -121,6 +124,7 @@ class RunContext:
     def begin_stage(self, stage: str) -> None:
         self.stage = stage
         self.progress_by_stage[stage] = 0.0
+        self.steps_by_stage.pop(stage, None)  # a stage run again counts its own steps
         self._emit_log("info", f"stage {stage} started")
 
     def end_stage(self, stage: str, report: dict[str, Any] | None = None) -> None:

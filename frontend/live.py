@@ -19,6 +19,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from edgerlhf.contract import FINISHED, JobStatus, StageStatus, algorithm_metric, algorithm_traits
@@ -202,6 +203,87 @@ def finished_stages(job: dict[str, Any] | None) -> tuple[str, ...]:
     if job is None:
         return ()
     return tuple(s["stage"] for s in job["stages"] if StageStatus(s["status"]) == StageStatus.succeeded)
+
+
+@dataclass(frozen=True)
+class StageClock:
+    """Where one stage of a job stands in time (`job_clock`)."""
+
+    stage: str
+    status: StageStatus
+    phase: str
+    """`pending` (not begun in this attempt), `loading` (begun, no step reported yet: loading and warm-up),
+    `stepping`, `done` (succeeded) or `stopped` (failed, cancelled, interrupted in a finished job)."""
+    done: int | None
+    total: int | None
+    elapsed_s: float | None
+    """Loading: seconds since the stage began; stepping: seconds since its first step; else None."""
+    remaining_s: float | None
+    """Seconds left at its own step rate; 0 once done; None where not known (pending, loading, one step so far)."""
+
+
+@dataclass(frozen=True)
+class JobClock:
+    stages: list[StageClock]
+    remaining_s: float | None
+    """The sum of the remaining stages' known times; None when none is known (or the job is not running)."""
+    untimed: list[str]
+    """Stages still to run whose time is not known yet (not begun, or still loading): the job's ETA is at least
+    `remaining_s`."""
+
+
+def _seconds(later: Any, earlier: Any) -> float | None:
+    if later is None or earlier is None:
+        return None
+    return (_when(later) - _when(earlier)).total_seconds()
+
+
+def _when(value: Any) -> datetime:
+    """A `StagePublic` time (ISO text from the API, or a datetime) as an aware datetime."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def job_clock(job: dict[str, Any], now: datetime) -> JobClock:
+    """Each stage's step count, phase and time left, and the job's time left, from `JobPublic.stages` at `now`.
+
+    A running stage's rate is its own: steps since its first report over the time since it
+    (`(done - first_done) / (progress_at - first_progress_at)`), so loading and warm-up before the first step do not
+    pass for slow steps; its time left is `(total - done) / rate` less the time since its latest report (never below
+    0). Until a second step is reported the rate, and so the time left, is unknown. Stages not begun have no rate of
+    their own: they are listed in `untimed`, and the job's time left is the sum of what is known, not a guess.
+    """
+    running = JobStatus(job["status"]) == JobStatus.running
+    clocks = []
+    for s in job["stages"]:
+        status = StageStatus(s["status"])
+        done, total = s.get("done"), s.get("total")
+        elapsed = left = None
+        if status == StageStatus.succeeded:
+            phase, left = "done", 0.0
+        elif status == StageStatus.running and running:
+            if s.get("first_progress_at") is None:
+                phase, elapsed = "loading", _seconds(now, s["started_at"])
+            else:
+                phase, elapsed = "stepping", _seconds(now, s["first_progress_at"])
+                span, stepped = _seconds(s["progress_at"], s["first_progress_at"]), done - s["first_done"]
+                if total is not None and done >= total:
+                    left = 0.0
+                elif span and span > 0 and stepped > 0:
+                    left = max(0.0, (total - done) * span / stepped - _seconds(now, s["progress_at"]))
+        elif running and status in (StageStatus.pending, StageStatus.interrupted):
+            phase = "pending"
+        else:
+            phase = "stopped" if status != StageStatus.pending else "pending"
+        clocks.append(StageClock(s["stage"], status, phase, done, total, elapsed, left))
+    if not running:
+        return JobClock(clocks, None, [])
+    ahead = [c for c in clocks if c.phase != "done"]
+    timed = [c.remaining_s for c in ahead if c.remaining_s is not None]
+    return JobClock(clocks, sum(timed) if timed or not ahead else None,
+                    [c.stage for c in ahead if c.remaining_s is None])
 
 
 def refresh_report(client: ApiClient, feed: JobFeed) -> JobReports:

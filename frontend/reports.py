@@ -7,6 +7,8 @@ an `AttributeError` here) instead of leaving a blank cell or an empty chart.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
@@ -158,6 +160,109 @@ def eval_pairs(report: EvalReport | dict[str, Any] | None) -> list[dict[str, Any
     return [pair.model_dump() for pair in report.samples]
 
 
+# --- the verdict: did alignment help? ------------------------------------------------------------
+
+BETTER, WORSE, NO_CHANGE = "better, significant", "worse, significant", "no detectable change"
+"""The plain readings of a difference's interval (`reading`)."""
+
+
+def reading(interval: Interval | dict[str, Any] | None, null: float = 0.0, up: str = BETTER,
+            down: str = WORSE) -> str | None:
+    """What a bootstrap interval of a difference says: `up` when it lies wholly above `null` (0: no difference),
+    `down` wholly below, `NO_CHANGE` when it holds `null`; None without an interval."""
+    interval = parse(Interval, interval)
+    if interval is None or interval.low is None or interval.high is None:
+        return None
+    if interval.low > null:
+        return up
+    if interval.high < null:
+        return down
+    return NO_CHANGE
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One measure of the aligned policy against SFT on the held-out prompts."""
+
+    measure: str
+    unit: str
+    """What the numbers count, in words."""
+    sft: float | None
+    aligned: float | None
+    change: Interval
+    """Aligned − SFT per prompt (a share, for the judge), with its bootstrap interval."""
+    reading: str
+    """`reading` of `change`."""
+    null: float = 0.0
+    """The value of `change` that means "no difference" (0.5 for the judge's share)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The evaluate report read as an answer to "did alignment help?" (`verdict`)."""
+
+    algorithm: str
+    findings: list[Finding]
+    """Reward, gold, gold at equal length, judge: those the report has."""
+    length: Finding | None
+    kl: float | None
+    """KL of the aligned policy from SFT, nats per answer."""
+    n_prompts: int
+    samples_per_prompt: int
+    confidence: float
+
+
+def _unit_of_reward(report: EvalReport) -> str:
+    if report.reward_function:
+        return f"score of the reward function `{report.reward_function}`"
+    if report.rewards:
+        return f"weighted sum of the rewards {', '.join(report.rewards)}"
+    return (f"reward-model score ({report.reward_precision}), in standard deviations of its scores on the training "
+            "answers")
+
+
+def verdict(report: EvalReport | dict[str, Any] | None) -> Verdict | None:
+    """The evaluate report as findings with a plain reading each (better / worse, significant, or no detectable
+    change, from whether the interval excludes "no difference"), the KL and the length change; None without a
+    report. Every number is the report's; nothing is recomputed."""
+    report = parse(EvalReport, report)
+    if report is None:
+        return None
+    sft, ppo = report.sft, report.ppo
+
+    def finding(measure: str, unit: str, before: Any, after: Any, change: Interval | None, null: float = 0.0,
+                up: str = BETTER, down: str = WORSE) -> Finding | None:
+        if change is None or change.mean is None:
+            return None
+        return Finding(measure, unit, getattr(before, "mean", before), getattr(after, "mean", after), change,
+                       reading(change, null, up, down) or "no interval (too few prompts)", null)
+
+    found = [
+        finding("reward", _unit_of_reward(report), sft.reward, ppo.reward, report.reward_diff),
+        finding("gold score", f"the known-answer task's true score ({report.gold_scorer})", sft.gold, ppo.gold,
+                report.gold_diff),
+        finding("gold score at equal length", "the true score compared within answers of equal length: a gain here "
+                "is content, not length", None, None, report.gold_diff_equal_length),
+        finding("judge preference", "share of answer pairs where the judge preferred the aligned answer, both orders "
+                "asked (0.5: no preference)", None, report.judge_win_rate, report.judge_win_rate, null=0.5),
+    ]
+    length = finding("answer length", "tokens per answer", sft.response_tokens, ppo.response_tokens,
+                     report.length_diff, up="longer, significant", down="shorter, significant")
+    return Verdict(report.algorithm, [f for f in found if f is not None], length, report.kl, report.n_prompts,
+                   report.samples_per_prompt, report.confidence)
+
+
+def result_columns(result: dict[str, Any] | None) -> dict[str, Any]:
+    """A job's result columns in the Jobs list, from its compact `JobSummary.result` (the evaluate report's
+    headline): the reward and gold change, the KL, and the reading of the reward's interval (of the gold's, marked,
+    for a run without rewards); None where there is none."""
+    result = result or {}
+    reward, gold = parse(Interval, result.get("reward_diff")), parse(Interval, result.get("gold_diff"))
+    said = reading(reward) or (f"{reading(gold)} (gold)" if reading(gold) else None)
+    return {"reward Δ": reward.mean if reward is not None else None, "reading": said,
+            "gold Δ": gold.mean if gold is not None else None, "KL": result.get("kl")}
+
+
 # --- the Compare page ----------------------------------------------------------------------------
 
 
@@ -223,3 +328,25 @@ def config_overrides(config: dict[str, Any], preset: dict[str, Any]) -> dict[str
         elif key not in preset or value != base:
             changed[key] = value
     return changed
+
+
+def override_rows(config: dict[str, Any], preset: dict[str, Any]) -> list[dict[str, Any]]:
+    """`config_overrides` as table rows, one per changed field: its dotted path (as `--set` and the form name it),
+    the job's value and the preset's as text (a string as it is, anything else as JSON), the preset's None where the
+    preset has no such field."""
+    def shown(value: Any) -> str:
+        return value if isinstance(value, str) else json.dumps(value)
+
+    def walk(changed: dict[str, Any], base: dict[str, Any], prefix: str) -> list[dict[str, Any]]:
+        rows = []
+        for key, value in changed.items():
+            before = base.get(key) if isinstance(base, dict) else None
+            if isinstance(value, dict) and isinstance(before, dict):
+                rows += walk(value, before, f"{prefix}{key}.")
+            else:
+                absent = not isinstance(base, dict) or key not in base
+                rows.append({"field": f"{prefix}{key}", "this job": shown(value),
+                             "preset": None if absent else shown(before)})
+        return rows
+
+    return walk(config_overrides(config, preset), preset, "")

@@ -1,18 +1,25 @@
-"""Small pieces shared by the dashboard's pages: the backend-down banner, job picking, formatting."""
+"""Small pieces shared by the dashboard's pages: the backend-down banner, job picking, cancelling with a
+confirmation, how numbers, durations, stage names and model text are shown, and hiding flagged samples."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
+import pandas as pd
 import streamlit as st
+from pandas.io.formats.style import Styler
 
-from edgerlhf.contract import JobStatus
+from edgerlhf.contract import JobStatus, StageStatus
 from frontend import alerts
+from frontend.charts import stage_name
 from frontend.api_client import ApiError, BackendDown, get_client
-from frontend.live import job_algorithm
+from frontend.flagged import flagged_sample
+from frontend.live import JobClock, StageClock, job_algorithm
 
 T = TypeVar("T")
 
@@ -26,6 +33,12 @@ RETRYABLE = (JobStatus.failed, JobStatus.cancelled)
 BANNER = "Backend unreachable"
 """First words of the banner shown when the backend does not answer (tests look for it)."""
 JOB_PAGE = "app_pages/job.py"
+NEW_JOB_PAGE = "app_pages/new_job.py"
+"""Opened with `?clone=<job id>`, its form starts from that job's preset and changes."""
+DASH = "—"
+"""What a table or a figure shows for a value that is missing or not a number."""
+UNDECODABLE = "[…]"
+"""Shown in a model's text instead of bytes that were not valid UTF-8 (`clean_text`)."""
 
 
 def status_icon(status: str) -> str:
@@ -94,10 +107,44 @@ def duration(job: dict[str, Any]) -> str:
     if start is None:
         return ""
     end = parse_time(job["finished_at"]) or datetime.now(timezone.utc)
-    secs = max(0, int((end - start).total_seconds()))
-    h, rem = divmod(secs, 3600)
+    return seconds_text((end - start).total_seconds())
+
+
+def seconds_text(seconds: float | None) -> str:
+    """`1h 02m 05s`, `3m 05s`, `0m 45s`; `DASH` when unknown."""
+    if seconds is None:
+        return DASH
+    h, rem = divmod(max(0, int(seconds)), 3600)
     m, s = divmod(rem, 60)
     return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+
+
+def stage_text(clock: StageClock, algorithm: str) -> str:
+    """One stage's bar caption: its name (`charts.stage_name`: the alignment stage by its algorithm), its status,
+    and while it runs `step k of N · 1m 20s left` or `loading / warm-up… 0m 35s`."""
+    parts = [stage_name(clock.stage, algorithm)]
+    steps = f"step {clock.done} of {clock.total}" if clock.done is not None and clock.total else None
+    if clock.phase == "loading":
+        parts.append(f"loading / warm-up… {seconds_text(clock.elapsed_s)}")
+    elif clock.phase == "stepping":
+        left = f"{seconds_text(clock.remaining_s)} left" if clock.remaining_s is not None else "timing…"
+        parts += [p for p in (steps, left) if p]
+    else:
+        parts += [clock.status.value] + ([steps] if steps and clock.status != StageStatus.succeeded else [])
+    return " · ".join(parts)
+
+
+def eta_text(clock: JobClock, algorithm: str, short: bool = False) -> str:
+    """The job's time left: `4m 10s`; `≥ 4m 10s (+ GRPO, evaluation: not timed yet)` while stages to come have no
+    rate of their own yet (`short`: without the parenthesis); `DASH` when nothing is known."""
+    if clock.remaining_s is None:
+        return DASH
+    if not clock.untimed:
+        return seconds_text(clock.remaining_s)
+    if short:
+        return f"≥ {seconds_text(clock.remaining_s)}"
+    later = ", ".join(stage_name(stage, algorithm) for stage in clock.untimed)
+    return f"≥ {seconds_text(clock.remaining_s)} (+ {later}: not timed yet)"
 
 
 def job_label(job: dict[str, Any]) -> str:
@@ -195,12 +242,100 @@ def tail(text: str, limit: int) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
+def head(text: str, limit: int) -> str:
+    """The start of a long text on one line (a table cell), marked when cut."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit].rstrip() + "…"
+
+
+_BROKEN = re.compile("\ufffd+")
+
+
+def clean_text(text: str | None) -> str:
+    """A model's text as a person should read it, without replacement characters (U+FFFD).
+
+    A byte-level tokenizer decodes a multibyte character cut at the length cap as U+FFFD at the very end: that
+    partial character is dropped. Elsewhere (bytes that never were valid UTF-8) each run of them shows as
+    `UNDECODABLE`, so the text reads as written and never as "��" noise. Use it wherever a sample is shown."""
+    if not text:
+        return ""
+    return _BROKEN.sub(UNDECODABLE, text.rstrip("\ufffd"))
+
+
 def fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    return str(value)
+    """A value as a table cell or a caption shows it: a number to `digits` significant digits (from 10**digits up
+    a whole number with thousands separators), `DASH` for None and NaN."""
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return DASH
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return f"{int(value):,}"
+    value = float(value)
+    if math.isinf(value):
+        return "∞" if value > 0 else "−∞"
+    rounded = float(f"{value:.{digits}g}")  # 999.96 rounds up to 1000: a whole number too
+    return f"{value:,.0f}" if abs(rounded) >= 10 ** digits else f"{value:.{digits}g}"
+
+
+def signed(value: float | None, digits: int = 3) -> str:
+    """A difference with its sign (`+0.31`, `-1.2`); `DASH` for None."""
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return DASH
+    return ("+" if value > 0 else "") + fmt(value, digits)
+
+
+def table(rows: list[dict[str, Any]] | pd.DataFrame) -> Styler:
+    """Rows for `st.dataframe`, each cell shown as `fmt` shows it (3 significant digits, `DASH` for None and NaN)
+    while the column keeps its values, so it still sorts as numbers."""
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    return frame.style.format(fmt)
+
+
+def dataframe(rows: list[dict[str, Any]] | pd.DataFrame, where: Any = st, **kwargs: Any) -> Any:
+    """`st.dataframe` (or `where.dataframe`, a column) of `rows` as every table of the dashboard reads: cells as
+    `table` shows them, `DASH` for a missing value (the grid draws a missing cell itself, as "None" by default)."""
+    return where.dataframe(table(rows), placeholder=DASH, **kwargs)
+
+
+def hide_flagged(items: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """`items` (samples, SFT-vs-aligned pairs) without those flagged as offensive (`frontend.flagged`), with a toggle
+    that shows them again, unless `Settings.dashboard_hide_flagged` is off."""
+    from edgerlhf.settings import get_settings
+
+    if not getattr(get_settings(), "dashboard_hide_flagged", True):  # the setting may not exist in every version
+        return items
+    flagged = sum(flagged_sample(item) for item in items)
+    if not flagged:
+        return items
+    label = f"Show {flagged} hidden prompt{'s' if flagged > 1 else ''} flagged as offensive"
+    if st.toggle(label, key=key, help="Red-team prompts of preference data sets can hold slurs; they are hidden on "
+                                      "this view by default (setting `EDGERLHF_DASHBOARD_HIDE_FLAGGED`)."):
+        return items
+    return [item for item in items if not flagged_sample(item)]
+
+
+def ask_to_cancel(job_id: int, key: str) -> None:
+    """The Cancel button was pressed: ask before cancelling (`confirm_cancel` shows the question)."""
+    st.session_state[key] = job_id
+
+
+def confirm_cancel(client, job_id: int, key: str) -> bool:
+    """The question `ask_to_cancel` asked about `job_id`, with Yes and No; True once the cancel was sent."""
+    if st.session_state.get(key) != job_id:
+        return False
+    st.warning(f"Cancel job #{job_id}? A queued job is cancelled at once, a running one stops at its next step; what "
+               "it finished is kept, and Retry resumes it after its last completed stage.", icon=":material/help:")
+    yes, no, _ = st.columns([1, 1, 3])
+    if yes.button("Yes, cancel it", key=f"{key}_yes", type="primary", width="stretch"):
+        st.session_state.pop(key, None)
+        if act(client.cancel_job, job_id):
+            st.toast(f"Cancel requested for job #{job_id}: the worker stops within a few seconds.")
+            return True
+    if no.button("No, keep it", key=f"{key}_no", width="stretch"):
+        st.session_state.pop(key, None)
+        st.rerun()
+    return False
 
 
 def sampling_sidebar(page: str, zero_help: str, seed: bool = False) -> dict[str, Any]:

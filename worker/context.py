@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import queue
+from db.models import utcnow
 from edgerlhf.context import RunContext, Sample
 
 logger = logging.getLogger("edgerlhf.worker")
@@ -81,6 +83,8 @@ class DBContext(RunContext):
         self._logs: list[tuple[float, str, str | None, str]] = []
         self._artifacts: list[tuple[str | None, str, str, int | None]] = []
         self._progress: tuple[str, float, float] | None = None
+        self._steps: queue.StepProgress | None = None  # the step counts of `_progress`'s stage, when it gave them
+        self._first_step: dict[str, tuple[int, datetime]] = {}  # stage -> (done, time) of its first `progress`
         self._sample_seq: dict[tuple[str, str, int], int] = {}
         self._last_step: dict[str, int] = {}
         self._cancel_seen = False
@@ -148,8 +152,15 @@ class DBContext(RunContext):
         stage = self.stage or ""
         index = self.stages.index(stage) if stage in self.stages else 0
         overall = (index + fraction) / max(len(self.stages), 1)
+        steps = None
+        if stage in self.steps_by_stage:  # stamped now, not when the batch is written: the ETA is a rate
+            done, total = self.steps_by_stage[stage]
+            now = utcnow()
+            first_done, first_at = self._first_step.setdefault(stage, (done, now))
+            steps = queue.StepProgress(done, total, first_done, first_at, now)
         with self._lock:
             self._progress = (stage, fraction, overall)
+            self._steps = steps
 
     def _emit_artifact(self, kind: str, path: Path) -> None:
         path = Path(path).absolute()
@@ -172,6 +183,7 @@ class DBContext(RunContext):
         self.flush()
         with self.sessions() as session:
             queue.begin_stage(session, int(self.job_id), stage, self.attempt)
+        self._first_step.pop(stage, None)
         super().begin_stage(stage)
         self._emit_progress(0.0)
 
@@ -201,19 +213,21 @@ class DBContext(RunContext):
                 logs, self._logs = self._logs, []
                 artifacts, self._artifacts = self._artifacts, []
                 progress, self._progress = self._progress, None
+                steps, self._steps = self._steps, None
             if not (metrics or samples or logs or artifacts or progress):
                 return
             try:
                 with self.sessions() as session:
                     queue.record(session, int(self.job_id), metrics=metrics, samples=samples, logs=logs,
-                                 artifacts=artifacts, progress=progress)
+                                 artifacts=artifacts, progress=progress, steps=steps)
             except Exception:
                 with self._lock:  # keep order: the failed batch goes before anything newer
                     self._metrics[:0] = metrics
                     self._samples[:0] = samples
                     self._logs[:0] = logs
                     self._artifacts[:0] = artifacts
-                    self._progress = self._progress or progress
+                    if self._progress is None:
+                        self._progress, self._steps = progress, steps
                 raise
 
     def _check_cancel_flag(self) -> None:

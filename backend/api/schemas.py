@@ -11,13 +11,14 @@ from typing import Annotated, Any, Literal, Self
 
 from pathlib import Path
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from db.models import (INT64_MAX, MAX_GPU_MEMORY_MB, Artifact, Dataset, Job, JobStatus, LogLine, Metric, Sample,
                        StageRun, Worker)
 from edgerlhf.locations import HUB_ID
 from edgerlhf.contract import StageStatus
 from edgerlhf.plan import MemoryPlan
+from edgerlhf.reports import EvalReport, Interval
 
 
 def jsonable(value: Any) -> Any:
@@ -122,13 +123,65 @@ class PlanPublic(MemoryPlan):
     """Where `gpu_memory_bytes` came from: the request, the largest registered worker, or nowhere."""
 
 
+EVALUATE_STAGE = "evaluate"
+"""The stage of `edgerlhf.contract.STAGES` whose report (`EvalReport`) holds a job's result."""
+
+
 class StagePublic(BaseModel):
     stage: str
+    """Its stored name (`edgerlhf.contract.STAGES`): the alignment stage is `ppo` whichever algorithm ran."""
     status: str
     """pending, running, succeeded, failed, cancelled or interrupted."""
     progress: float
+    done: int | None = None
+    """Units of work done (steps, batches ...) as the stage last reported them; None until it reports."""
+    total: int | None = None
+    """Units of work it will do."""
+    first_done: int | None = None
+    """`done` at its first report in this attempt: its step rate counts from there."""
+    first_progress_at: datetime | None = None
+    """When that first report came; None while it loads and warms up (or before it began)."""
+    progress_at: datetime | None = None
+    """When its latest report came."""
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+    @classmethod
+    def of(cls, name: str, run: StageRun | None) -> Self:
+        if run is None:
+            return cls(stage=name, status=StageStatus.pending.value, progress=0.0)
+        return cls(stage=name, status=run.status.value, progress=run.progress, done=run.done, total=run.total,
+                   first_done=run.first_done, first_progress_at=run.first_progress_at, progress_at=run.progress_at,
+                   started_at=run.started_at, finished_at=run.finished_at)
+
+
+class JobResult(BaseModel):
+    """A job's headline result from its evaluate stage's stored report (`EvalReport`): what a job list shows
+    without fetching each job's reports. Differences are aligned − SFT per prompt with their bootstrap interval;
+    None where the report has no such measure."""
+
+    reward_diff: Interval | None
+    """Reward (the reward model's or function's score) aligned − SFT."""
+    gold_diff: Interval | None
+    """Gold score aligned − SFT (the known-answer task only)."""
+    judge_win_rate: Interval | None
+    """How often the judge preferred the aligned answer (0.5: no preference; with `evaluate.judge` only)."""
+    kl: float | None
+    """KL of the aligned policy from SFT, nats per response."""
+    length_diff: Interval | None
+    """Response tokens aligned − SFT."""
+
+    @classmethod
+    def of(cls, report: dict[str, Any] | None) -> Self | None:
+        """From the evaluate stage's stored report; None without one, or for a report of an older shape."""
+        if report is None:
+            return None
+        try:
+            ev = EvalReport.model_validate(report)
+        except ValidationError:
+            return None
+        return cls(reward_diff=ev.reward_diff, gold_diff=ev.gold_diff, judge_win_rate=ev.judge_win_rate,
+                   kl=jsonable(ev.kl), length_diff=ev.length_diff)
 
 
 class JobSummary(BaseModel):
@@ -161,18 +214,17 @@ class JobSummary(BaseModel):
     """Why a queued job waits when no live worker could ever take it (`waiting for a worker with ≥ M MB ...`);
     None otherwise."""
     stages: list[StagePublic]
+    result: JobResult | None
+    """Its evaluate stage's headline numbers once that stage succeeded; None before (or without one)."""
 
     @classmethod
     def of(cls, job: Job, runs: list[StageRun], queue_position: int | None,
            waiting_for: str | None = None) -> Self:
         by_stage = {r.stage: r for r in runs}
-        stages = []
-        for name in job.config.get("stages", []):
-            run = by_stage.get(name)
-            stages.append(StagePublic(stage=name, status=run.status.value if run else StageStatus.pending.value,
-                                      progress=run.progress if run else 0.0,
-                                      started_at=run.started_at if run else None,
-                                      finished_at=run.finished_at if run else None))
+        stages = [StagePublic.of(name, by_stage.get(name)) for name in job.config.get("stages", [])]
+        evaluated = by_stage.get(EVALUATE_STAGE)
+        result = JobResult.of(evaluated.report) if evaluated is not None and \
+            evaluated.status == StageStatus.succeeded else None
         extra = {"config": jsonable(job.config)} if "config" in cls.model_fields else {}
         return cls(id=job.id, name=job.name, status=job.status, preset=job.preset,
                    algorithm=job.config.get("algorithm", "ppo"), **extra, stage=job.stage,
@@ -182,7 +234,8 @@ class JobSummary(BaseModel):
                    cancel_requested=job.cancel_requested,
                    queue_position=queue_position if job.status == JobStatus.queued else None,
                    min_gpu_memory_mb=job.min_gpu_memory_mb,
-                   waiting_for=waiting_for if job.status == JobStatus.queued else None, stages=stages)
+                   waiting_for=waiting_for if job.status == JobStatus.queued else None, stages=stages,
+                   result=result)
 
 
 class JobPublic(JobSummary):

@@ -35,13 +35,13 @@ def worker_rows(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One table row per worker (`SystemPublic.workers`), alive or not."""
     rows = []
     for w in workers:
-        gpu = "–" if w["gpu_index"] is None and w["gpu_name"] is None else \
+        gpu = ui.DASH if w["gpu_index"] is None and w["gpu_name"] is None else \
             f"{w['gpu_index'] if w['gpu_index'] is not None else '?'}: {w['gpu_name'] or 'unknown'}"
         beat = ui.parse_time(w["last_heartbeat"])
         rows.append({"worker": w["id"], "alive": "yes" if w["alive"] else "no", "host": w["host"], "pid": w["pid"],
                      "GPU": gpu, "GPU memory (MB)": w["gpu_memory_mb"], "state": w["state"],
-                     "job": f"#{w['job_id']}" if w["job_id"] else "–",
-                     "last heartbeat": beat.astimezone().strftime("%Y-%m-%d %H:%M:%S") if beat else "–"})
+                     "job": f"#{w['job_id']}" if w["job_id"] else ui.DASH,
+                     "last heartbeat": beat.astimezone().strftime("%Y-%m-%d %H:%M:%S") if beat else ui.DASH})
     return rows
 
 
@@ -74,7 +74,7 @@ def panel() -> None:
     cpu = info["cpu"]
     cols = st.columns(4)
     total, used = cpu["memory_total_mb"], cpu["memory_used_mb"]
-    cols[0].metric("CPU cores", cpu["count"] or "–")
+    cols[0].metric("CPU cores", cpu["count"] or ui.DASH)
     cols[1].metric("CPU load", f"{cpu['percent']:.0f}%")
     cols[2].metric("RAM used", f"{used:,.0f} MB")
     cols[3].metric("RAM total", f"{total:,.0f} MB")
@@ -86,9 +86,9 @@ def panel() -> None:
     c = st.columns(4)
     c[0].metric("Workers", f"{len(live)} alive" if live else "not running")
     beats = [b for b in (ui.parse_time(w["last_heartbeat"]) for w in workers) if b]
-    c[1].metric("Last heartbeat", max(beats).astimezone().strftime("%H:%M:%S") if beats else "–")
+    c[1].metric("Last heartbeat", max(beats).astimezone().strftime("%H:%M:%S") if beats else ui.DASH)
     running = [f"#{w['job_id']}" for w in live if w["job_id"]]
-    c[2].metric("Running jobs", ", ".join(running) or "–")
+    c[2].metric("Running jobs", ", ".join(running) or ui.DASH)
     c[3].metric("Queued jobs", info["queue_length"])
     if not live:
         st.warning("No worker is heartbeating: queued jobs wait until one starts (`edgerlhf worker`).")

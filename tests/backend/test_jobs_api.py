@@ -154,7 +154,10 @@ def test_create_list_filter_paginate_and_queue_position(client):
     job = created[0]
     assert job["status"] == "queued" and job["preset"] == "tiny" and job["name"] == "run 0"
     assert job["config"]["data"]["max_pairs"] == 20 and job["config"]["model"]["tokenizer"] == TINY_TOKENIZER_DIR
-    assert job["stages"] == [{"stage": "data", "status": "pending", "progress": 0.0, "started_at": None, "finished_at": None}]
+    assert job["stages"] == [{"stage": "data", "status": "pending", "progress": 0.0, "done": None, "total": None,
+                              "first_done": None, "first_progress_at": None, "progress_at": None,
+                              "started_at": None, "finished_at": None}]
+    assert job["result"] is None
 
     assert client.post(f"/api/jobs/{created[1]['id']}/cancel").json()["status"] == "cancelled"
     assert client.get(f"/api/jobs/{created[2]['id']}").json()["queue_position"] == 2

@@ -213,3 +213,39 @@ def _table_sql(engine, table: str) -> str:
     with engine.connect() as conn:
         return conn.execute(text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = :t"),
                             {"t": table}).scalar()
+
+
+STEP_COLUMNS = ("done", "total", "first_done", "first_progress_at", "progress_at")
+
+
+def test_an_older_stage_runs_table_gains_the_step_counts_and_stores_them(db_url):
+    from datetime import timedelta
+
+    from db.models import StageRun, utcnow
+
+    engine = make_engine(db_url)
+    init_db(engine)
+    with engine.begin() as conn:  # the version before stages reported their step counts
+        for column in STEP_COLUMNS:
+            conn.execute(text(f"ALTER TABLE stage_runs DROP COLUMN {column}"))
+        conn.execute(text(OLD_JOB.format(name="old")))
+        job_id = conn.execute(text("SELECT id FROM jobs")).scalar_one()
+        conn.execute(text("INSERT INTO stage_runs (job_id, stage, status, attempt, progress) "
+                          f"VALUES ({job_id}, 'sft', 'running', 1, 0.25)"))
+    engine.dispose()
+
+    engine = make_engine(db_url)
+    init_db(engine)
+    assert set(STEP_COLUMNS) <= columns(engine, "stage_runs")
+    sessions = make_sessionmaker(engine)
+    with sessions() as s:
+        old = read.stage_runs(s, job_id)[0]
+        assert (old.progress, old.done, old.total, old.progress_at) == (0.25, None, None, None)  # unknown, not 0
+        first = utcnow()
+        queue.record(s, job_id, progress=("sft", 0.5, 0.5),
+                     steps=queue.StepProgress(5, 10, 2, first, first + timedelta(seconds=30)))
+    with sessions() as s:
+        run = s.scalars(select(StageRun)).one()
+        assert (run.done, run.total, run.first_done) == (5, 10, 2)
+        assert run.first_progress_at == first and run.progress_at == first + timedelta(seconds=30)
+    engine.dispose()

@@ -117,7 +117,7 @@ def test_submit_tiny_job_and_watch_it_live(browser, service):
             assert time.monotonic() < deadline, f"job not finished after {PIPELINE_TIMEOUT_S}s: {status}"
             page.wait_for_timeout(2000)
         assert status["status"] == "succeeded", status.get("error")
-        expect(page.get_by_text("evaluate · succeeded")).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("evaluation · succeeded")).to_be_visible(timeout=30_000)
         page.get_by_role("tab", name="Report").click()
         expect(page.get_by_text("SFT vs PPO", exact=True)).to_be_visible(timeout=30_000)
         assert page.evaluate("window.__no_reload === true"), "the page was reloaded"

@@ -1,5 +1,7 @@
 """Pure parts of the dashboard: the session's job history (merge, replace on resume, views), the API
-client's error parsing, checkpoint ordering, and the figures built from a history."""
+client's error parsing, checkpoint ordering, the figures built from a history, each stage's time left
+(`live.job_clock`), the verdict and the result columns (`reports.verdict`, `result_columns`), how numbers and model
+text are shown (`ui.fmt`, `ui.table`, `ui.clean_text`) and which texts are flagged (`frontend.flagged`)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from frontend import charts, ui
 from frontend.api_client import ApiClient, BackendDown, ContractError, parse_error
 from frontend.flagged import flagged_sample, is_flagged
 from frontend.live import JobFeed, finished_stages, job_clock
-from frontend.reports import (eval_headline, eval_pairs, eval_rows, eval_scalars, precision_rows, reading,
-                              result_columns, verdict)
+from frontend.reports import (eval_headline, eval_pairs, eval_rows, eval_scalars, override_rows, precision_rows,
+                              reading, result_columns, verdict)
 from frontend.ui import checkpoint_order
 from tests.support.dashboard import answering
 from tests.support.procs import free_port
@@ -321,3 +323,15 @@ def test_flagged_words_are_found_as_words_in_any_disguise_and_ordinary_text_is_n
     assert not any(is_flagged(t) for t in ("a spicy dish", "Scunthorpe", "fire retardant", "", None,
                                           "\n\nHuman: Where do owls sleep?\n\nAssistant:"))
     assert flagged_sample({"prompt": "hi", "response": f"you {slur}"}) and not flagged_sample({"prompt": "hi"})
+
+
+def test_override_rows_list_each_changed_field_with_the_presets_value():
+    preset = {"algorithm": "ppo", "ppo": {"steps": 20, "lr": 1e-5}, "stages": ["data", "sft"], "seed": 0}
+    config = {"algorithm": "grpo", "ppo": {"steps": 7, "lr": 1e-5, "samples_per_prompt": 4},
+              "stages": ["data", "sft", "ppo"], "seed": 0}
+    assert override_rows(config, preset) == [
+        {"field": "algorithm", "this job": "grpo", "preset": "ppo"},
+        {"field": "ppo.steps", "this job": "7", "preset": "20"},
+        {"field": "ppo.samples_per_prompt", "this job": "4", "preset": None},
+        {"field": "stages", "this job": '["data", "sft", "ppo"]', "preset": '["data", "sft"]'}]
+    assert override_rows(preset, preset) == []

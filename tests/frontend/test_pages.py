@@ -220,6 +220,9 @@ def test_jobs_page_lists_jobs_and_cancels_one(backend, dashboard_env):
     at.selectbox(key="jobs_action_job").select(ids[1]).run()
     at.button(key="jobs_cancel").click().run()
     assert not at.exception, at.exception
+    assert client.get(f"/api/jobs/{ids[1]}").json()["status"] == "queued"  # Cancel asks first
+    at.button(key="jobs_confirm_cancel_yes").click().run()
+    assert not at.exception, at.exception
     assert client.get(f"/api/jobs/{ids[1]}").json()["status"] == "cancelled"
     assert client.get(f"/api/jobs/{ids[0]}").json()["status"] == "queued"
 
@@ -302,8 +305,8 @@ def test_system_page_lists_every_worker_with_its_gpu(backend, dashboard_env):
     assert (busy["alive"], busy["host"], busy["GPU"], busy["GPU memory (MB)"], busy["state"], busy["job"]) == \
         ("yes", "gpu-box", "1: RTX 4090", 24_564, "busy", f"#{job_id}")
     assert (gone["alive"], gone["host"], gone["GPU"], gone["GPU memory (MB)"], gone["state"], gone["job"]) == \
-        ("no", "old-box", "0: GTX 1080", 8_192, "idle", "–")
-    assert busy["last heartbeat"] != "–" and gone["last heartbeat"] < busy["last heartbeat"]
+        ("no", "old-box", "0: GTX 1080", 8_192, "idle", "—")
+    assert busy["last heartbeat"] != "—" and gone["last heartbeat"] < busy["last heartbeat"]
 
 
 def test_job_page_measures_memory_against_the_gpu_of_the_worker_running_the_job(backend, dashboard_env):

@@ -173,8 +173,10 @@ def test_compare_page_shows_the_real_reports_values(finished_service, dashboard_
         label, raw = f"#{job_id} {algorithm}-run", finished_service.reports[algorithm]
         ev = raw["evaluate"]
         row = headline[headline["job"] == label]
-        assert row.to_dict("records") == [{"job": label, **eval_headline(ev)}]
-        assert row["reward PPO−SFT"].tolist() == [ev["reward_diff"]["mean"]]
+        # The report calls the aligned side `ppo` whatever trained it; the page says "aligned" and the algorithm.
+        aligned = {k.replace("PPO", "aligned"): v for k, v in eval_headline(ev).items()}
+        assert row.to_dict("records") == [{"job": label, "algorithm": algorithm.upper(), **aligned}]
+        assert row["reward aligned−SFT"].tolist() == [ev["reward_diff"]["mean"]]
         rows = study[study["job"] == label]
         assert rows["precision"].tolist() == list(raw["reward"]["precisions"])
         assert rows["accuracy"].tolist() == [p["accuracy"] for p in raw["reward"]["precisions"].values()]

@@ -140,3 +140,47 @@ def test_each_metric_key_has_one_writer_the_stages_or_the_sampler(service):
     with service.sessions() as s:
         rows = [(m.stage, m.key, m.step) for m in read.metrics_after(s, job_id, 0, limit=100_000)]
     assert set(rows) == written["stages"] | written["sampler"]
+
+
+def test_progress_stores_the_step_counts_and_when_the_first_step_came(service):
+    # The dashboard's ETA is a step rate counted from the first report (loading and warm-up excluded), so the
+    # first report's count and time are kept while later reports move `done` and `progress_at`.
+    job_id = service.add_job({"stages": ["sft", "ppo"]})
+    with service.sessions() as s:
+        queue.claim_next(s, "w")
+    with DBContext(service.sessions, job_id, service.tmp_path / "run", stages=["sft", "ppo"],
+                   flush_interval=60, memory_interval=0) as ctx:  # flushed by hand below
+        ctx.begin_stage("sft")
+        ctx.flush()
+        with service.sessions() as s:
+            run = read.stage_runs(s, job_id)[0]
+            assert (run.done, run.total, run.first_progress_at) == (None, None, None), "still loading"
+        ctx.progress(1, 10)
+        ctx.flush()
+        with service.sessions() as s:
+            first = read.stage_runs(s, job_id)[0]
+        assert (first.done, first.total, first.first_done) == (1, 10, 1)
+        assert first.first_progress_at is not None and first.progress_at == first.first_progress_at
+        time.sleep(0.05)
+        ctx.progress(4, 10)
+        ctx.progress(6, 10)  # two reports in one batch: the later wins, the first step is not forgotten
+        ctx.flush()
+        with service.sessions() as s:
+            run = read.stage_runs(s, job_id)[0]
+        assert (run.done, run.total, run.first_done, run.first_progress_at) == (6, 10, 1, first.first_progress_at)
+        assert run.progress_at > first.first_progress_at and abs(run.progress - 0.6) < 1e-9
+        ctx.end_stage("sft")
+
+        ctx.begin_stage("ppo")  # a resumed stage: its first report is past step 1
+        ctx.progress(51, 100)
+        ctx.progress(52, 100)
+        ctx.flush()
+        with service.sessions() as s:
+            sft, ppo = read.stage_runs(s, job_id)
+        assert (sft.status, sft.done, sft.total) == (StageStatus.succeeded, 6, 10)  # as it last reported
+        assert (ppo.done, ppo.total, ppo.first_done) == (52, 100, 51)
+
+    with service.sessions() as s:  # a new attempt begins the stage afresh: its counts start over
+        queue.begin_stage(s, job_id, "ppo", attempt=2)
+        ppo = read.stage_runs(s, job_id)[1]
+        assert (ppo.done, ppo.total, ppo.first_done, ppo.first_progress_at, ppo.progress_at) == (None,) * 5
