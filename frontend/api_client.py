@@ -218,6 +218,12 @@ class ApiClient:
             body["override_memory_plan"] = True
         return self.request("POST", "/api/jobs", json=body)
 
+    def score_rewards(self, rewards: list[dict[str, Any]], samples: list[dict[str, Any]], preset: str = "tiny",
+                      overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`RewardsScored`: `samples` (`prompt`, `answer`, `reference`) scored by stated rewards as a job would."""
+        return self.request("POST", "/api/rewards/score", json={"rewards": rewards, "samples": samples,
+                                                                "preset": preset, "overrides": overrides or {}})
+
     def plan(self, preset: str, overrides: dict[str, Any] | None = None,
              gpu_memory_mb: int | None = None) -> tuple[MemoryPlan, str]:
         """(the plan, which GPU it was checked against) from `PlanPublic`: each stage's planned peak memory

@@ -32,7 +32,7 @@ from typing import Any
 import streamlit as st
 
 from edgerlhf.contract import ALGORITHM_TABLE, ALGORITHMS, PRECISIONS, STAGES, merge_overrides
-from frontend import arena, datasets, reports, ui
+from frontend import arena, datasets, reports, rewards_builder, ui
 from frontend.api_client import ApiClient, ApiError, BackendDown, get_client
 
 # (section, config path, label, options). The widget follows the field's type from /api/config/fields:
@@ -108,6 +108,7 @@ REQUEST = "request"  # the key of an error that names no field (a refusal of the
 DATASET_KEY = "nj_dataset:{}"  # a data set picker's key, by config section (outside `nj:<preset>:`: no config field)
 MIN_GPU = "min_gpu_memory_mb"  # the job-level field of `JobCreate` (not part of the config)
 OVERRIDE = "override_memory_plan"  # the job-level field that queues a job the memory plan refuses
+REWARDS = "ppo.rewards"  # set by the rewards builder (`frontend.rewards_builder`), not a plain widget
 PLAN_SECONDS = 10  # a plan depends on the registered workers' GPUs too: recompute it now and then
 CACHE_SECONDS = 300  # presets and field docs change only when the backend is upgraded
 
@@ -350,7 +351,7 @@ def show_plan(result, source: str, preset: str, algorithm: str, fields: dict[str
         else source
     st.caption(f"{result.model} · {result.compute_dtype} · {checked}. {result.note}")
     rows = [{"stage": s.stage, "peak GiB": round(s.peak_bytes / 2**30, 2),
-             "fits": {True: "yes", False: "no", None: "–"}[s.fits], "peak in": s.phase,
+             "fits": {True: "yes", False: "no", None: ui.DASH}[s.fits], "peak in": s.phase,
              "largest terms": " · ".join(f"{i.name} {_gib(i.bytes)}" for i in s.items[:3])} for s in result.stages]
     st.dataframe(rows, hide_index=True, width="stretch", key="nj-plan")
     for s in result.stages:
@@ -492,6 +493,12 @@ with st.container(border=True):
                                           auto=auto_text(path, algorithm, values))
                     field_error(path, errors)
     chosen_datasets = dataset_pickers(client, errors)  # the Data sets page's uploads, per stage
+    if ALGORITHM_TABLE[values["algorithm"]].samples:  # what scores PPO's, GRPO's or RLOO's answers
+        st.subheader("Rewards", divider="gray")
+        rewards = rewards_builder.editor(f"nj:{preset}:rewards", fields, on=bool(get_path(defaults, REWARDS)))
+        if rewards is not None:
+            values[REWARDS], labels[REWARDS] = rewards, "Rewards"
+            field_error(REWARDS, errors)
     arena_votes = arena.votes_option(client, key=f"nj:{preset}:votes")  # train on the Arena page's votes
     extra_text = st.text_area("Extra overrides (JSON, applied last)", key=f"nj:{preset}:extra",
                               placeholder='{"ppo": {"top_k": 0, "temperature": 0.7}}',
@@ -522,6 +529,12 @@ with st.container(border=True):
             st.info(f"Memory plan unavailable: {exc.message}", icon=":material/memory:")
         else:
             show_plan(result, source, preset, values["algorithm"], fields)
+        if values.get(REWARDS):
+            rewards_builder.try_box(client, f"nj:{preset}:try", values[REWARDS], preset, overrides,
+                                    chosen_datasets.get("prompt_data"), values.get("model.name_or_path")
+                                    or get_path(defaults, "model.name_or_path"),
+                                    (get_path(defaults, "data.max_prompt_tokens"),
+                                     get_path(defaults, "data.max_response_tokens")))
     override = st.checkbox("Launch even if the memory plan says it does not fit", key="nj_override_memory_plan",
                            help="The backend refuses a job a stage of which the plan says cannot fit the GPU it is "
                                 "checked against; tick this to queue it anyway (e.g. when the plan is too cautious).")
