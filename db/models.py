@@ -206,6 +206,8 @@ class Sample(Base):
     prompt: Mapped[str] = mapped_column(Text)
     response: Mapped[str] = mapped_column(Text)
     reward: Mapped[float | None] = mapped_column(Float, default=None)
+    parts: Mapped[dict[str, float] | None] = mapped_column(JSON, default=None)
+    """With stated rewards (`ppo.rewards`): each component's score of the response, unweighted."""
     time: Mapped[float] = mapped_column(Float)
 
 

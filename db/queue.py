@@ -290,7 +290,8 @@ def record(session: Session, job_id: int, *,
                                            "value": _finite(value), "time": t}
     sample_rows: dict[tuple, dict[str, Any]] = {}
     for s in samples:
-        row = {"job_id": job_id, **s, "reward": _finite(s.get("reward"))}
+        row = {"job_id": job_id, **s, "reward": _finite(s.get("reward")),
+               "parts": {k: _finite(v) for k, v in s["parts"].items()} if s.get("parts") else None}
         sample_rows[(row["stage"], row["kind"], row["step"], row["seq"])] = row
     log_rows = [{"job_id": job_id, "time": t, "level": level, "stage": stage, "message": message}
                 for t, level, stage, message in logs]

@@ -49,6 +49,8 @@ class Sample:
     """`sample` (during training), `probe` (fixed probe prompts per checkpoint) or `eval`."""
     checkpoint: str | None = None
     """Which checkpoint produced it, e.g. `sft`, `ppo/step-20`."""
+    parts: dict[str, float] | None = None
+    """With stated rewards (`ppo.rewards`): each component's score of it, unweighted."""
 
 
 class RunContext:
@@ -89,9 +91,9 @@ class RunContext:
         self._emit_metrics(rows)
 
     def log_sample(self, prompt: str, response: str, reward: float | None, step: int,
-                   kind: str = "sample", checkpoint: str | None = None) -> None:
+                   kind: str = "sample", checkpoint: str | None = None, parts: dict[str, float] | None = None) -> None:
         sample = Sample(prompt, response, None if reward is None else float(reward), int(step),
-                        self.stage or "", kind, checkpoint)
+                        self.stage or "", kind, checkpoint, parts)
         self.samples.append(sample)
         self._emit_sample(sample)
 

@@ -196,6 +196,8 @@ class RewardSet:
         if any(c.kind == "reward_model" for c in self.components) and reward_model is None:
             raise RewardError("ppo.rewards: a reward_model component needs the run's reward model (the reward stage)")
         self._scorers = [self._scorer(c, f"ppo.rewards[{i}]") for i, c in enumerate(self.components)]
+        self.last_parts: dict[str, torch.Tensor] = {}
+        """Each component's scores of the last scored batch (the step's rollouts, for its logged samples)."""
         self.last_unparsed: dict[str, float] = {}
         """Per judge component: the share of the last scored batch whose grade came from a reply without a number
         (scored 0): a judge that stops following its rubric shows here, not as a falling reward."""
@@ -256,6 +258,7 @@ class RewardSet:
                 parts[name] = torch.tensor([scorer(p, r) for p, r in zip(prompts, responses, strict=True)],
                                            dtype=torch.float32)
         total = sum(c.weight * parts[name] for name, c in zip(self.names, self.components))
+        self.last_parts = parts
         return total, parts
 
 

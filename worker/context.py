@@ -142,7 +142,8 @@ class DBContext(RunContext):
             self._sample_seq[seq_key] = seq + 1
             self._samples.append({"stage": sample.stage, "kind": sample.kind, "checkpoint": sample.checkpoint,
                                   "step": sample.step, "seq": seq, "prompt": sample.prompt,
-                                  "response": sample.response, "reward": sample.reward, "time": time.time()})
+                                  "response": sample.response, "reward": sample.reward, "parts": sample.parts,
+                                  "time": time.time()})
 
     def _emit_log(self, level: str, message: str) -> None:
         logger.log(logging.getLevelName(level.upper()), message, extra={"job_id": self.job_id, "from_ctx": True})

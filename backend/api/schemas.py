@@ -282,12 +282,15 @@ class SamplePublic(BaseModel):
     prompt: str
     response: str
     reward: float | None
+    parts: dict[str, float | None] | None = None
+    """With stated rewards (`ppo.rewards`): each component's score of the response, unweighted."""
     time: float
 
     @classmethod
     def of(cls, s: Sample) -> SamplePublic:
         return cls(id=s.id, cursor=s.row_seq, stage=s.stage, kind=s.kind, checkpoint=s.checkpoint, step=s.step,
-                   prompt=s.prompt, response=s.response, reward=jsonable(s.reward), time=s.time)
+                   prompt=s.prompt, response=s.response, reward=jsonable(s.reward), parts=jsonable(s.parts),
+                   time=s.time)
 
 
 class LogPublic(BaseModel):

@@ -218,7 +218,9 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
 
         if step % cfg.sample_every == 0 or step == 1:
             for i in sorted({0, cfg.samples_per_prompt % cfg.batch_size}):  # two different prompts when there are
-                ctx.log_sample(rollouts.prompts[i], rollouts.responses[i], scores[i].item(), step)
+                parts = models.rewards.last_parts if models.rewards is not None else {}  # this step's, per term
+                ctx.log_sample(rollouts.prompts[i], rollouts.responses[i], scores[i].item(), step,
+                               parts={name: values[i].item() for name, values in parts.items()} or None)
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             save_checkpoint(ckpt_dir, step, models, optimizer, kl_ctl, config, run_dir)
             _probe(ctx, models, probe_prompts, step, config)

@@ -101,6 +101,7 @@ def header(client, feed: live.JobFeed, clock: live.JobClock) -> None:
 def sample_card(s: dict[str, Any], algorithm: str, key: str) -> None:
     with st.container(border=True, key=key):
         meta = [f"{stage_name(s['stage'], algorithm)} step {s['step']}", f"reward **{ui.fmt(s['reward'])}**"]
+        meta += [f"{name} {ui.fmt(value)}" for name, value in (s.get("parts") or {}).items()]  # stated rewards
         if s["checkpoint"]:
             meta.append(f"checkpoint `{checkpoint_name(s['checkpoint'], algorithm)}`")
         if s["kind"] != "sample":
@@ -138,6 +139,8 @@ def sampling_curves(feed: live.JobFeed, jid: int, smoothing: float) -> bool:
         c2.plotly_chart(charts.kl_figure(feed, smoothing=smoothing), key=f"j{jid}-kl", width="stretch")
     else:
         c2.info(f"KL: no {name} step yet.")
+    if charts.reward_terms(feed):  # stated rewards (`ppo.rewards`): which term of the sum moved
+        st.plotly_chart(charts.reward_terms_figure(feed, smoothing=smoothing), key=f"j{jid}-terms", width="stretch")
     losses = [key for key in (feed.key("policy_loss"), feed.key("value_loss")) if feed.series(key)]
     if losses:
         for col, key in zip(st.columns(len(losses)), losses):

@@ -157,6 +157,9 @@ def test_grpo_on_own_prompts_is_scored_by_their_reference_answers(tmp_path):
     assert set(parts) == {"correct", "format"}
     # The total's difference is the weighted sum of the components' (means of per-prompt differences are linear).
     assert evaluation.reward_diff.mean == pytest.approx(parts["correct"].mean + 0.2 * parts["format"].mean, abs=1e-6)
+    samples = [s for s in ctx.samples if s.stage == "ppo" and s.kind == "sample"]
+    assert samples and all(set(s.parts) == {"correct", "format"} for s in samples)
+    assert all(s.reward == pytest.approx(s.parts["correct"] + 0.2 * s.parts["format"]) for s in samples)
     logged = ctx.metric_series("grpo/rewards/correct_mean")
     assert len(logged) == config.ppo.steps and all(0.0 <= v <= 1.0 for _, v in logged)
     assert all(math.isfinite(v) for _, v in ctx.metric_series("grpo/rewards/format_mean"))

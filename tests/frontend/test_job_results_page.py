@@ -24,7 +24,7 @@ from streamlit.testing.v1 import AppTest
 
 from db import queue
 from db.models import utcnow
-from tests.support.dashboard import APP, TIMEOUT, open_job_page, walk
+from tests.support.dashboard import APP, TIMEOUT, open_job_page, plotly_trace, walk
 from tests.support.runs import JobWriter, ev_report
 
 SLUR = codecs.decode("avttre", "rot13")  # a flagged word (`frontend.flagged`), kept out of the source
@@ -199,3 +199,26 @@ def test_a_finished_job_leads_with_its_verdict_and_shows_its_samples_config_and_
     assert queued["reward Δ"] == queued["reading"] == queued["KL"] == "—"
     assert not any(v in ("None", "nan") for v in cells.to_numpy().ravel())
     assert jobs.dataframe[0].proto.placeholder == "—", "the grid draws a missing cell as the placeholder"
+
+
+def test_a_job_scored_by_stated_rewards_plots_each_term_and_shows_it_on_its_samples(backend, dashboard_env):
+    """Issue 30: the job page draws each `ppo.rewards` term's curve beside the total, and a sample card shows each
+    term's score of that answer (as the worker stores it, `Sample.parts`)."""
+    dashboard_env(backend.url)
+    rewards = [{"kind": "reference_answer", "column": "answer", "name": "correct"},
+               {"kind": "regex", "pattern": "^Answer:", "weight": 0.2, "name": "format"}]
+    job = create(backend, "stated", algorithm="grpo", stages=["data", "sft", "ppo", "evaluate"],
+                 ppo={"rewards": rewards})
+    writer = JobWriter(backend.db_url, job["id"])
+    writer.claim()
+    writer.begin("ppo")
+    writer.metrics("ppo", {"grpo/reward_mean": [0.4, 0.8], "grpo/rewards/correct_mean": [0.2, 0.6],
+                           "grpo/rewards/correct_std": [0.4, 0.5], "grpo/rewards/format_mean": [1.0, 1.0],
+                           "grpo/rewards/format_std": [0.0, 0.0]}, start=1)
+    writer.samples("ppo", [{"step": 2, "prompt": "\n\nHuman: What kind of thing is tiger?\n\nAssistant:",
+                            "response": "Answer: animal", "reward": 1.2, "parts": {"correct": 1.0, "format": 1.0}}])
+    at = open_job_page(job["id"])
+    assert plotly_trace(at, "Stated reward terms", "correct (× 1)")["y"] == [0.2, 0.6]
+    assert plotly_trace(at, "Stated reward terms", "format (× 0.2)")["y"] == [1.0, 1.0]
+    assert any("reward **1.2** · correct 1 · format 1" in t for t in texts(at)), texts(at)
+    writer.close()

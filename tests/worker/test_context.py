@@ -40,7 +40,8 @@ def test_metrics_are_written_in_batches_and_all_arrive(service):
         for step in range(1, 2001):
             ctx.log_metrics({"sft/loss": 1.0 / step, "sft/learning_rate": 1e-3}, step)
         ctx.log_sample("Human: hi\n\nAssistant:", " hello", 0.5, 10, kind="probe")
-        ctx.log_sample("Human: hi\n\nAssistant:", " hello again", 0.7, 10, kind="probe")
+        ctx.log_sample("Human: hi\n\nAssistant:", " hello again", 0.7, 10, kind="probe",
+                       parts={"correct": 1.0, "format": float("nan")})  # a stated reward's terms; NaN is no number
         ctx.progress(5, 10)
         ctx.artifact("adapter", service.tmp_path / "run")
         # Rows appear without any explicit flush (the background thread writes them).
@@ -50,6 +51,7 @@ def test_metrics_are_written_in_batches_and_all_arrive(service):
     with service.sessions() as s:
         samples = read.samples_after(s, job_id)
         assert [(x.seq, x.response) for x in samples] == [(0, " hello"), (1, " hello again")]
+        assert [x.parts for x in samples] == [None, {"correct": 1.0, "format": None}]
         job = read.get_job(s, job_id)
         assert job.stage == "sft" and abs(job.progress - 0.75) < 1e-9  # stage 2 of 2, half done
         assert [a.kind for a in read.artifacts(s, job_id)] == ["adapter"]
