@@ -13,7 +13,7 @@ from typing import Any
 
 import streamlit as st
 
-from edgerlhf.contract import FINISHED, JobStatus
+from edgerlhf.contract import FINISHED, JobStatus, algorithm_traits
 from frontend import ui
 from frontend.api_client import ApiError, BackendDown, get_client
 from frontend.charts import stage_name
@@ -76,7 +76,7 @@ def _rows(jobs: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
             "stage": stage,
             "time left": ui.eta_text(clock, algorithm, short=True) if j["status"] == JobStatus.running.value else None,
             "progress": j["progress"],
-            "algorithm": algorithm,
+            "algorithm": algorithm_traits(algorithm).label,
             **result_columns(j["result"]),
             "open": f"/job?job={j['id']}",
             "queue": j["queue_position"],

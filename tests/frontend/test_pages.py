@@ -216,7 +216,7 @@ def test_jobs_page_lists_jobs_and_cancels_one(backend, dashboard_env):
     table = at.dataframe[0].value
     assert sorted(table["id"].tolist()) == sorted(ids)
     assert sorted(table["queue"].tolist()) == [1, 2]
-    assert dict(zip(table["id"], table["algorithm"])) == {ids[0]: "ppo", ids[1]: "grpo"}
+    assert dict(zip(table["id"], table["algorithm"])) == {ids[0]: "PPO", ids[1]: "GRPO"}
     at.selectbox(key="jobs_action_job").select(ids[1]).run()
     at.button(key="jobs_cancel").click().run()
     assert not at.exception, at.exception
