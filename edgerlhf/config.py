@@ -437,7 +437,7 @@ class RewardComponent:
     `/v1` for a finished job's model). A job of the service may name only the endpoints its operator lists
     (`EDGERLHF_JUDGE_URLS`) and its own `/v1`."""
     model: str | None = None
-    """judge: the model the endpoint serves (`job-7` on the service's own `/v1`)."""
+    """judge: the model the endpoint serves (`job-7/ppo`, a job's aligned policy, on the service's own `/v1`)."""
     rubric: str | None = None
     """judge: the instructions, with `{prompt}` and `{answer}` where the conversation and the answer go; the
     reply's first number is the score, out of `max_score`. Default: `edgerlhf.rewards.DEFAULT_RUBRIC`."""
