@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from backend import chat_models
 from backend.api.errors import SafeJSONResponse, install_error_handlers
 from backend.api.middleware import BodyLimitMiddleware, SameSiteMiddleware, TokenMiddleware, UnicodeMiddleware
-from backend.api.routes import arena, chat, datasets, export, jobs, metrics, plan, rewards, system
+from backend.api.routes import arena, chat, datasets, export, feedback, jobs, metrics, plan, rewards, system
 from db import init_db, make_engine, make_sessionmaker
 from edgerlhf import locations
 from edgerlhf.settings import Settings, get_settings, is_loopback
@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(arena.router, prefix="/api")
     app.include_router(datasets.router, prefix="/api")
     app.include_router(rewards.router, prefix="/api")
+    app.include_router(feedback.router, prefix="/api")
     app.include_router(chat.router, prefix="/v1")
     add_docs(app)
 

@@ -288,6 +288,35 @@ class ArenaVote(Base):
     """An answer the person wrote, better than both (None: none written)."""
 
 
+class Feedback(Base):
+    """What a person said about one reply while chatting: a thumb up or down, and/or a better answer they wrote.
+
+    The person's data, not a job's (no foreign key: deleting a job keeps what was said about its models). What it
+    becomes as training data (unpaired thumbs, demonstrations, preference pairs) is `db.feedback.records`.
+    """
+
+    __tablename__ = "feedback"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(ID64, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    model: Mapped[str] = mapped_column(String(100))
+    """The chat model that replied (`job-3/ppo`, `job-3/sft`, `job-3/base`)."""
+    completion_id: Mapped[str | None] = mapped_column(String(100), default=None)
+    """The `/v1/chat/completions` reply's `id`, linking the feedback to that completion."""
+    messages: Mapped[list[dict[str, str]]] = mapped_column(JSON)
+    """The conversation up to the reply (`{"role", "content"}` messages, the last one the user's)."""
+    reply: Mapped[str] = mapped_column(Text)
+    rating: Mapped[int | None] = mapped_column(Integer, default=None)
+    """1: thumb up, -1: thumb down, None: a better answer only."""
+    better: Mapped[str | None] = mapped_column(Text, default=None)
+    """A better answer the person wrote (None: none)."""
+    sampling: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """The sampling settings of the reply (temperature, top_p, max_tokens, seed)."""
+    author: Mapped[str | None] = mapped_column(String(100), default=None)
+    """Who gave it, as the client says (the dashboard: its session's name, if any)."""
+
+
 class Dataset(Base):
     """A data set a job may read by its id: a file uploaded to the backend, or a hub id registered with it.
 

@@ -740,6 +740,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if key not in known:
             raise ConfigError(f"{prefix}{key}", "unknown field")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    for name, f in known.items():  # a field without a default (a reward component's `kind`) must be given
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}", "missing: this field has no default")
     return cls(**kwargs)
 
 

@@ -428,7 +428,9 @@ def _no_nul(value: str) -> str:
     return value
 
 
-Text200 = Annotated[str, AfterValidator(_no_nul), Field(min_length=1, max_length=200)]
+NoNul = Annotated[str, AfterValidator(_no_nul)]
+"""Text a database row stores: no NUL character."""
+Text200 = Annotated[NoNul, Field(min_length=1, max_length=200)]
 
 
 class DatasetHubCreate(BaseModel):

@@ -73,6 +73,7 @@ def test_a_prompt_without_its_reference_fails_the_step_naming_the_column():
     ({"kind": "length", "target": 3, "unit": "lines"}, "ppo.rewards[1].unit"),
     ({"kind": "gold", "scorer": "nope"}, "ppo.rewards[1].scorer"),
     ({"kind": "judges"}, "ppo.rewards[1].kind"),
+    ({"weight": 2.0}, "ppo.rewards[1].kind"),  # no kind at all: refused, not a crash
     ({"kind": "judge", "model": "m"}, "ppo.rewards[1].url"),
     ({"kind": "judge", "url": "http://127.0.0.1:1/v1", "model": "m", "rubric": "{verdict}"}, "ppo.rewards[1].rubric"),
     ({"kind": "regex", "pattern": "x", "name": "regex0"}, "ppo.rewards[1].name"),
