@@ -224,6 +224,11 @@ class ApiClient:
         return self.request("POST", "/api/rewards/score", json={"rewards": rewards, "samples": samples,
                                                                 "preset": preset, "overrides": overrides or {}})
 
+    def give_feedback(self, **fields: Any) -> dict[str, Any]:
+        """`FeedbackCreate` (`model`, `messages`, `reply`, `rating` and/or `better`, `sampling`, `completion_id`):
+        the stored `FeedbackPublic`."""
+        return self.request("POST", "/api/feedback", json=fields)
+
     def plan(self, preset: str, overrides: dict[str, Any] | None = None,
              gpu_memory_mb: int | None = None) -> tuple[MemoryPlan, str]:
         """(the plan, which GPU it was checked against) from `PlanPublic`: each stage's planned peak memory

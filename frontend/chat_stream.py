@@ -33,8 +33,9 @@ def _error_message(payload: Any, fallback: str) -> str:
 
 
 def stream_chat(client: ApiClient, model: str, messages: list[dict[str, str]], params: dict[str, Any],
-                sink: list[str]) -> Iterator[str]:
-    """Yield the reply's text pieces from the SSE stream (appending each to `sink` too)."""
+                sink: list[str], meta: dict[str, Any] | None = None) -> Iterator[str]:
+    """Yield the reply's text pieces from the SSE stream (appending each to `sink` too); `meta` gets the
+    completion's `id` (what feedback about the reply names)."""
     body = {"model": model, "messages": messages, "stream": True, **params}
     try:
         # The chat stream reuses the API client's httpx client (base URL, token).
@@ -55,6 +56,8 @@ def stream_chat(client: ApiClient, model: str, messages: list[dict[str, str]], p
                 chunk = json.loads(data)
                 if "error" in chunk:
                     raise ChatError(_error_message(chunk, "generation failed"))
+                if meta is not None and chunk.get("id"):
+                    meta["id"] = chunk["id"]
                 for choice in chunk["choices"]:
                     text = choice["delta"].get("content")  # OpenAI: the last chunk's delta may be empty
                     if text:

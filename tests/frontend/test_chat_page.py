@@ -105,3 +105,29 @@ def test_refused_message_shows_the_api_error_and_is_not_kept(page):
     assert any("maximum prompt length" in e.value for e in page.error), [e.value for e in page.error]
     page.run()  # the refused message was dropped from the conversation
     assert _bubbles(page) == []
+
+
+def test_a_thumb_and_a_better_answer_under_a_reply_are_stored_with_the_conversation(page, backend):
+    """Issue 32: under each reply, 👍/👎 and "Write a better answer" go to `POST /api/feedback` with the conversation
+    up to the reply, the model, the reply's sampling settings and its completion id."""
+    import httpx
+
+    page.selectbox(key="chat_model").set_value("job-1/sft")
+    page.number_input(key="chat_seed").set_value(SEED)
+    page.chat_input(key="chat_input").set_value("What do owls eat?").run()
+    assert not page.exception and not page.error, page.error
+    answer = _bubbles(page)[1][1]
+    page.feedback(key="chat:job-1/sft:1:thumb").set_value(0).run()  # thumb down
+    page.text_area(key="chat:job-1/sft:1:better").input("Mice, insects and small birds.")
+    page.button(key="chat:job-1/sft:1:save").click().run()
+    assert not page.exception and not page.error, page.error
+    headers = {"Authorization": f"Bearer {CHAT_TOKEN}"}
+    stored = httpx.get(f"{backend}/api/feedback", params={"model": "job-1/sft"}, headers=headers).json()["items"]
+    better, thumb = stored  # newest first
+    assert thumb["rating"] == -1 and thumb["better"] is None and better["better"] == "Mice, insects and small birds."
+    for row in stored:
+        assert row["messages"] == [{"role": "user", "content": "What do owls eat?"}] and row["reply"] == answer
+        assert row["completion_id"] and row["sampling"]["seed"] == SEED and row["sampling"]["max_tokens"] == MAX_TOKENS
+    assert any(f"#{thumb['id']}" in c.value for c in page.caption), "the page says it was saved"
+    page.run()  # a rerun stores nothing twice
+    assert httpx.get(f"{backend}/api/feedback", headers=headers).json()["total"] == 2
