@@ -90,8 +90,54 @@ def do_delete(client: ApiClient, dataset_id: int) -> None:
     _notice("success", f"Data set #{dataset_id} deleted.")
 
 
+FEEDBACK_KINDS = {"preference": "preference pairs: each better answer ≻ the reply it replaces",
+                  "demonstration": "demonstrations: each better answer",
+                  "unpaired": "unpaired feedback: each thumb, with its reply"}
+"""What chat feedback can become (`POST /api/feedback/snapshot`'s `kind`)."""
+
+
+def do_snapshot(client: ApiClient) -> None:
+    """The Chat page's feedback as a data set (`POST /api/feedback/snapshot`)."""
+    body = {"kind": st.session_state["ds_fb_kind"]}
+    if st.session_state.get("ds_fb_model"):
+        body["model"] = st.session_state["ds_fb_model"]
+    try:
+        made = client.request("POST", "/api/feedback/snapshot", json=body)
+    except BackendDown as exc:
+        _notice("error", f"Backend unreachable: {exc.reason}")
+        return
+    except ApiError as exc:
+        _notice("error", f"No data set made: {exc.message}")
+        return
+    _notice("success", f"{'Stored already' if made['duplicate'] else 'Made'}: data set #{made['id']} "
+                       f"\u201c{made['name']}\u201d, {len(made['feedback_ids'])} record(s) from feedback "
+                       + ", ".join(f"#{i}" for i in made["feedback_ids"][:20])
+                       + (" …" if len(made["feedback_ids"]) > 20 else ""))
+    _show(made["id"])
+
+
+def feedback_form(client: ApiClient) -> None:
+    """How much feedback the Chat page has stored, and a data set made of it."""
+    try:
+        total = client.request("GET", "/api/feedback", params={"limit": 1})["total"]
+        better = client.request("GET", "/api/feedback", params={"limit": 1, "has_better": True})["total"]
+    except (BackendDown, ApiError) as exc:
+        st.caption(f"Feedback unavailable: {getattr(exc, 'message', exc)}")
+        return
+    st.caption(f"{total} feedback row(s) from the Chat page, {better} with a better answer. A data set made of them "
+               "is a snapshot: feedback deleted later stays in it, and its records name their feedback ids.")
+    with st.form("ds-feedback"):
+        left, right = st.columns(2)
+        left.selectbox("Make", list(FEEDBACK_KINDS), format_func=FEEDBACK_KINDS.get, key="ds_fb_kind")
+        right.text_input("Only about the model (empty: any)", key="ds_fb_model", placeholder="job-3/ppo")
+        st.form_submit_button("Make a data set", icon=":material/thumbs_up_down:", on_click=do_snapshot,
+                              args=(client,), key="ds-feedback-submit", disabled=not total)
+
+
 def add_forms(client: ApiClient) -> None:
-    upload_tab, hub_tab = st.tabs(["Upload a file", "Register a hub data set"])
+    upload_tab, hub_tab, feedback_tab = st.tabs(["Upload a file", "Register a hub data set", "From chat feedback"])
+    with feedback_tab:
+        feedback_form(client)
     with upload_tab, st.form("ds-upload"):
         st.file_uploader("Data file (.jsonl, .json, .csv, .parquet, each also .gz)",
                          type=["jsonl", "json", "csv", "parquet", "gz"], key="ds_file")

@@ -84,3 +84,23 @@ def test_the_data_sets_page_previews_prompt_and_answers_apart_and_the_form_launc
     config = httpx.get(f"{backend.url}/api/jobs/{job['id']}", timeout=10).json()["config"]
     assert config["stages"] == ["data"] and config["data"]["source"] == prefs["source"]
     assert httpx.get(f"{backend.url}/api/datasets/{prefs['id']}", timeout=10).json()["used_by"] == [job["id"]]
+
+
+def test_the_data_sets_page_makes_a_data_set_from_chat_feedback(backend, dashboard_env):
+    """Issue 32: the page's "From chat feedback" tab makes the Chat page's better answers into preference pairs."""
+    dashboard_env(backend.url)
+    conversation = [{"role": "user", "content": "How do I boil an egg?"}]
+    for fields in ({"rating": 1}, {"rating": -1, "better": "Simmer it for nine minutes."}):
+        r = httpx.post(f"{backend.url}/api/feedback", timeout=30, json={
+            "model": "job-1/ppo", "messages": conversation, "reply": "Put it in water.", **fields})
+        assert r.status_code == 201, r.text
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    at.switch_page("app_pages/datasets.py").run()
+    assert not at.exception, at.exception
+    assert any("2 feedback row(s) from the Chat page, 1 with a better answer" in c.value for c in at.caption)
+    at.selectbox(key="ds_fb_kind").set_value("preference")
+    at.button(key="ds-feedback-submit").click().run()
+    assert not at.exception, at.exception
+    (made,) = httpx.get(f"{backend.url}/api/datasets", timeout=30).json()["items"]
+    assert made["kind"] == "preference" and made["records"] == 1
+    assert any(f"data set #{made['id']}" in s.value for s in at.success), [s.value for s in at.success]
