@@ -13,6 +13,7 @@
     edgerlhf export      merge a run's aligned policy into one Hugging Face model directory, or a GGUF file
                          with an Ollama Modelfile (`--format gguf --quant f16|q8_0`)
     edgerlhf known-answer  every known-answer gold at several seeds: is content learned, not length
+    edgerlhf verifiable  a task with right answers and stated rewards, no reward model: is it learned
 
 Subcommands import their code lazily, so `edgerlhf up` starts fast and `edgerlhf backend` never loads
 the training stack it does not need.
@@ -51,6 +52,7 @@ DISPATCH = {
     "plan": "edgerlhf.plan:main",
     "export": "edgerlhf.export:main",
     "known-answer": "edgerlhf.lab.known_answer:main",
+    "verifiable": "edgerlhf.lab.verifiable:main",
 }
 
 

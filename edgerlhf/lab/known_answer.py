@@ -106,6 +106,43 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every suite of runs takes (this one, `edgerlhf.lab.verifiable`): where the runs go, the rows
+    file, resuming, threads and overrides of every run."""
+    parser.add_argument("--run-root", help="directory for the runs (default: a temporary directory)")
+    parser.add_argument("--out", help="write the rows as JSON here, after every run")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --out and run only the missing ones (needs the same --run-root: "
+                             "a further algorithm reuses its seed's first run)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of every run, e.g. --set ppo.steps=40 (repeatable; JSON values)")
+
+
+def start_runs(args: argparse.Namespace, prog: str, base: dict[str, Any] | None = None
+               ) -> tuple[dict[str, Any], Path, list[dict[str, Any]]]:
+    """The overrides of `--set` (checked on the `tiny` preset over `base`), the run root and the rows kept by
+    `--resume`; `ValueError` with the reason for a bad configuration or `--resume` without `--out` and `--run-root`."""
+    from edgerlhf.config import parse_overrides
+    from edgerlhf.log import setup_logging
+
+    setup_logging(prog.removeprefix("edgerlhf "))
+    try:
+        overrides = parse_overrides(args.sets)
+        load_config("tiny", merge_overrides(base or {}, overrides))
+    except ConfigError as exc:
+        raise ValueError(f"invalid configuration: {exc}") from None
+    if args.resume and not (args.out and args.run_root):
+        raise ValueError("--resume needs --out and --run-root")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    root = Path(args.run_root or tempfile.mkdtemp(prefix=prog.removeprefix("edgerlhf ") + "-")).resolve()
+    done = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).exists() else []
+    return overrides, root, done
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgerlhf known-answer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--golds", nargs="+", default=list(gold.SCORERS), choices=list(gold.SCORERS),
@@ -113,35 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--algorithms", nargs="+", default=["ppo"], choices=list(ALGORITHMS),
                         help="alignment algorithms, each on the same data, SFT and reward model (default: ppo)")
-    parser.add_argument("--run-root", help="directory for the runs (default: a temporary directory)")
-    parser.add_argument("--out", help="write the rows as JSON here, after every run")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the rows already in --out and run only the missing ones (needs the same --run-root: "
-                             "a further algorithm reuses its (gold, seed)'s first run)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field of every run, e.g. --set ppo.steps=40 (repeatable; JSON values)")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-
-    from edgerlhf.log import setup_logging
-    from edgerlhf.config import parse_overrides
-
-    setup_logging("known-answer")
     try:
-        overrides = parse_overrides(args.sets)
-        load_config("tiny", overrides)
-    except ConfigError as exc:
-        print(f"edgerlhf known-answer: invalid configuration: {exc}", file=sys.stderr)
+        overrides, root, done = start_runs(args, "edgerlhf known-answer")
+    except ValueError as exc:
+        print(f"edgerlhf known-answer: {exc}", file=sys.stderr)
         return 2
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args.resume and not (args.out and args.run_root):
-        print("edgerlhf known-answer: --resume needs --out and --run-root", file=sys.stderr)
-        return 2
-    root = Path(args.run_root or tempfile.mkdtemp(prefix="known-answer-")).resolve()
-    done = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).exists() else []
     rows = list(done)
     for name in args.golds:
         for seed in args.seeds:

@@ -37,13 +37,13 @@ import json
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from edgerlhf.config import ConfigError, load_config
+from edgerlhf.config import load_config
 from edgerlhf.contract import merge_overrides
+from edgerlhf.lab.known_answer import add_run_arguments, start_runs
 
 CATEGORIES = {
     "animal": ("horse", "tiger", "sheep", "mouse", "eagle", "snake", "whale", "camel", "rabbit", "wolf"),
@@ -157,33 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--algorithms", nargs="+", default=["grpo", "ppo", "rloo"], choices=["grpo", "ppo", "rloo"],
                         help="sampling algorithms, each from the same SFT policy (default: grpo ppo rloo)")
-    parser.add_argument("--run-root", help="directory for the runs (default: a temporary directory)")
-    parser.add_argument("--out", help="write the rows as JSON here, after every run")
-    parser.add_argument("--resume", action="store_true", help="keep the rows in --out, run only the missing ones")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field of every run, e.g. --set ppo.steps=40 (repeatable; JSON values)")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-
-    from edgerlhf.config import parse_overrides
-    from edgerlhf.log import setup_logging
-
-    setup_logging("verifiable")
     try:
-        overrides = parse_overrides(args.sets)
-        load_config("tiny", merge_overrides(TASK, overrides))
-    except ConfigError as exc:
-        print(f"edgerlhf verifiable: invalid configuration: {exc}", file=sys.stderr)
+        overrides, root, done = start_runs(args, "edgerlhf verifiable", TASK)
+    except ValueError as exc:
+        print(f"edgerlhf verifiable: {exc}", file=sys.stderr)
         return 2
-    if args.resume and not (args.out and args.run_root):
-        print("edgerlhf verifiable: --resume needs --out and --run-root", file=sys.stderr)
-        return 2
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    root = Path(args.run_root or tempfile.mkdtemp(prefix="verifiable-")).resolve()
-    done = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).exists() else []
     rows = list(done)
     for seed in args.seeds:
         first = None

@@ -1,6 +1,9 @@
 """The known-answer suite's command (`edgerlhf known-answer`): its table and its verdicts, without running
 the pipeline (the runs themselves are the benchmark's; tests/edgerlhf/test_known_answer.py runs one)."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from edgerlhf import cli
@@ -65,3 +68,28 @@ def test_resume_keeps_the_finished_rows_and_runs_only_the_missing(tmp_path, caps
     assert not root.exists() and json.loads(out.read_text()) == rows
     assert "- `question` with dpo: learned in 0 of 1 seeds" in capsys.readouterr().out
     assert known_answer.main(["--resume", "--out", str(out)]) == 2  # without the run root a resume cannot share
+
+
+def test_the_verifiable_task_asks_only_what_sft_barely_saw_and_its_command_refuses_bad_input(tmp_path):
+    """`edgerlhf verifiable`'s task (`edgerlhf.lab.verifiable`): the demonstrations teach half the words in every
+    phrasing and the other half in one; the prompts ask those in the other seven, each with its category; every
+    word is one tokenizer token. The command checks its overrides like `known-answer`."""
+    from edgerlhf.config import TINY_TOKENIZER_DIR
+    from edgerlhf.lab import verifiable
+
+    demos, prompts = (Path(p) for p in verifiable.write_task(tmp_path, 0, TINY_TOKENIZER_DIR))
+    demos = [json.loads(line) for line in demos.read_text().splitlines()]
+    prompts = [json.loads(line) for line in prompts.read_text().splitlines()]
+    category = {w: c for c, words in verifiable.CATEGORIES.items() for w in words}
+    asked = {w for c, words in verifiable.CATEGORIES.items() for w in words[len(words) // 2:]}
+    n = len(verifiable.TEMPLATES)
+    assert len(demos) == (len(category) - len(asked)) * n + len(asked) and len(prompts) == len(asked) * (n - 1)
+    assert not {d["prompt"] for d in demos} & {p["prompt"] for p in prompts}
+    for p in prompts:
+        (word,) = [w for w in asked if f" {w}" in f" {p['prompt']}".replace(":", " ").replace("?", " ")
+                   .replace(".", " ")]
+        assert p["answer"] == category[word]
+    assert all(d["completion"] == f"Answer: {category[w]}" for d in demos for w in category
+               if d["prompt"] in {t.format(w=w) for t in verifiable.TEMPLATES})
+    assert cli.DISPATCH["verifiable"] == "edgerlhf.lab.verifiable:main"
+    assert verifiable.main(["--set", "ppo.steps=0"]) == 2 and verifiable.main(["--resume"]) == 2
