@@ -418,6 +418,10 @@ class NaivePPOModels:
         """`score`, and no stated rewards' parts (what the steps read of `PolicyModels`)."""
         return self.score(prompts, responses), {}
 
+    def reward_diagnostics(self):
+        """No stated rewards, so no judge to report on (what the steps read of `PolicyModels`)."""
+        return {}
+
 
 def bench_sampling(config, run_dir: Path, device, steps: int, warmup: int, naive: bool = False) -> dict[str, Any]:
     """One step of our alignment stage with `config.algorithm` (PPO, GRPO or RLOO), called as the stage calls it;

@@ -45,6 +45,7 @@ WHEELHOUSE = {
     "pydantic-settings": "service settings (edgerlhf.settings)",
     "python-dotenv": "required by pydantic-settings",
     "fastapi": "the backend (chat endpoint)",
+    "fastapi-offline": "the backend's /docs and /redoc files, served offline",
     "starlette": "required by fastapi",
     "opentelemetry-api": "required by fastapi",
     "uvicorn": "serves the backend",
