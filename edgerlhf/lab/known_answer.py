@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgerlhf import gold
 from edgerlhf.config import ConfigError, load_config
@@ -82,7 +82,7 @@ def run_one(gold_name: str, seed: int, run_dir: Path, overrides: dict[str, Any],
     return row
 
 
-def _ci(d: dict[str, float]) -> str:
+def interval_text(d: dict[str, float]) -> str:
     return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
@@ -92,8 +92,8 @@ def table(rows: list[dict[str, Any]]) -> str:
              "RM accuracy | SFT ppl | empty SFT/aligned | capped SFT/aligned | learned |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['gold']} | {r.get('algorithm', 'ppo')} | {r['seed']} | {_ci(r['gold_diff'])} | "
-                     f"{_ci(r['gold_diff_equal_length'])} | {r['length_diff']['mean']:+.1f} | {r['kl']:.2f} | "
+        lines.append(f"| {r['gold']} | {r.get('algorithm', 'ppo')} | {r['seed']} | {interval_text(r['gold_diff'])} | "
+                     f"{interval_text(r['gold_diff_equal_length'])} | {r['length_diff']['mean']:+.1f} | {r['kl']:.2f} | "
                      f"{r['reward_accuracy']:.3f} | {r['sft_perplexity']:.0f} | "
                      f"{r['empty_rate']['sft']:.0%}/{r['empty_rate']['ppo']:.0%} | "
                      f"{r['cap_hit_rate']['sft']:.0%}/{r['cap_hit_rate']['ppo']:.0%} | {'yes' if r['learned'] else 'no'} |")
@@ -143,6 +143,28 @@ def start_runs(args: argparse.Namespace, prog: str, base: dict[str, Any] | None 
     return overrides, root, done
 
 
+def run_seed(rows: list[dict[str, Any]], done: list[dict[str, Any]], base: Path, identity: dict[str, Any],
+             algorithms: list[str], run: Callable[[Path, str, dict[str, Any] | None], dict[str, Any]],
+             describe: Callable[[dict[str, Any]], str], out: str | None) -> None:
+    """One seed's runs, one per algorithm: the first in `base`, each further one in `<base>-<algorithm>` reusing the
+    first's shared stages (`run(where, algorithm, first_row)`). A row `--resume` kept (same `identity` fields,
+    algorithm and run directory) is not run again; the rows go to `out` after every run."""
+    first = None
+    for algorithm in algorithms:
+        where = base if first is None else base.with_name(f"{base.name}-{algorithm}")
+        kept = [r for r in done if all(r[k] == v for k, v in identity.items())
+                and (r["algorithm"], r["run_dir"]) == (algorithm, str(where))]
+        if kept:
+            first = first or kept[0]
+            continue
+        shutil.rmtree(where, ignore_errors=True)  # what an interrupted run left
+        rows.append(run(where, algorithm, first))
+        first = first or rows[-1]
+        print(describe(rows[-1]), file=sys.stderr)
+        if out:
+            Path(out).write_text(json.dumps(rows, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgerlhf known-answer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--golds", nargs="+", default=list(gold.SCORERS), choices=list(gold.SCORERS),
@@ -160,21 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = list(done)
     for name in args.golds:
         for seed in args.seeds:
-            first = None
-            for algorithm in args.algorithms:
-                where = root / (f"{name}-seed{seed}" if first is None else f"{name}-seed{seed}-{algorithm}")
-                kept = [r for r in done if (r["gold"], r["seed"], r["algorithm"], r["run_dir"]) ==
-                        (name, seed, algorithm, str(where))]
-                if kept:
-                    first = first or kept[0]
-                    continue
-                shutil.rmtree(where, ignore_errors=True)  # what an interrupted run left
-                rows.append(run_one(name, seed, where, overrides, algorithm, shared=first))
-                first = first or rows[-1]
-                print(f"{name} seed {seed} {algorithm}: gain {_ci(rows[-1]['gold_diff'])}, at equal length "
-                      f"{_ci(rows[-1]['gold_diff_equal_length'])} ({rows[-1]['seconds']:.0f}s)", file=sys.stderr)
-                if args.out:
-                    Path(args.out).write_text(json.dumps(rows, indent=2))
+            run_seed(rows, done, root / f"{name}-seed{seed}", {"gold": name, "seed": seed}, args.algorithms,
+                     lambda where, algorithm, first: run_one(name, seed, where, overrides, algorithm, shared=first),
+                     lambda r: f"{name} seed {seed} {r['algorithm']}: gain {interval_text(r['gold_diff'])}, at equal length "
+                               f"{interval_text(r['gold_diff_equal_length'])} ({r['seconds']:.0f}s)", args.out)
     print(table(rows))
     print(f"runs: {root}")
     return 0

@@ -43,7 +43,7 @@ from typing import Any
 
 from edgerlhf.config import load_config
 from edgerlhf.contract import merge_overrides
-from edgerlhf.lab.known_answer import add_run_arguments, start_runs
+from edgerlhf.lab.known_answer import add_run_arguments, interval_text, run_seed, start_runs
 
 CATEGORIES = {
     "animal": ("horse", "tiger", "sheep", "mouse", "eagle", "snake", "whale", "camel", "rabbit", "wolf"),
@@ -130,17 +130,13 @@ def run_one(seed: int, run_dir: Path, overrides: dict[str, Any], algorithm: str 
     return row
 
 
-def _ci(d: dict[str, float]) -> str:
-    return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     """One row per run, then per algorithm the seeds where the task was learned."""
     lines = ["| algorithm | seed | exact match SFT → aligned | gain (interval) | format gain | length Δ (tokens) | KL | "
              "capped SFT/aligned | learned |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['algorithm']} | {r['seed']} | {r['exact_match']['sft']:.2f} → "
-                     f"{r['exact_match']['aligned']:.2f} | {_ci(r['correct_diff'])} | {_ci(r['format_diff'])} | "
+                     f"{r['exact_match']['aligned']:.2f} | {interval_text(r['correct_diff'])} | {interval_text(r['format_diff'])} | "
                      f"{r['length_diff']['mean']:+.1f} | {r['kl']:.2f} | "
                      f"{r['cap_hit_rate']['sft']:.0%}/{r['cap_hit_rate']['aligned']:.0%} | "
                      f"{'yes' if r['learned'] else 'no'} |")
@@ -166,21 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = list(done)
     for seed in args.seeds:
-        first = None
-        for algorithm in args.algorithms:
-            where = root / (f"seed{seed}" if first is None else f"seed{seed}-{algorithm}")
-            kept = [r for r in done if (r["seed"], r["algorithm"], r["run_dir"]) == (seed, algorithm, str(where))]
-            if kept:
-                first = first or kept[0]
-                continue
-            shutil.rmtree(where, ignore_errors=True)
-            rows.append(run_one(seed, where, overrides, algorithm, shared=first))
-            first = first or rows[-1]
-            print(f"seed {seed} {algorithm}: exact match {rows[-1]['exact_match']['sft']:.2f} -> "
-                  f"{rows[-1]['exact_match']['aligned']:.2f}, gain {_ci(rows[-1]['correct_diff'])} "
-                  f"({rows[-1]['seconds']:.0f}s)", file=sys.stderr)
-            if args.out:
-                Path(args.out).write_text(json.dumps(rows, indent=2))
+        run_seed(rows, done, root / f"seed{seed}", {"seed": seed}, args.algorithms,
+                 lambda where, algorithm, first: run_one(seed, where, overrides, algorithm, shared=first),
+                 lambda r: f"seed {seed} {r['algorithm']}: exact match {r['exact_match']['sft']:.2f} -> "
+                           f"{r['exact_match']['aligned']:.2f}, gain {interval_text(r['correct_diff'])} ({r['seconds']:.0f}s)",
+                 args.out)
     print(table(rows))
     print(f"runs: {root}")
     return 0
