@@ -34,6 +34,11 @@ EXPORT_TIMEOUT = httpx.Timeout(900.0, connect=2.0)
 """Exporting merges a whole model on the CPU, and its download is the model's size."""
 
 
+FEEDBACK_FIELDS = ("id", "created_at", "model", "completion_id", "messages", "reply", "rating", "better", "sampling",
+                   "author")
+"""The fields of `FeedbackPublic` the Feedback page reads."""
+
+
 class BackendDown(Exception):
     """The backend could not be reached (refused, timed out, DNS ...)."""
 
@@ -228,6 +233,35 @@ class ApiClient:
         """`FeedbackCreate` (`model`, `messages`, `reply`, `rating` and/or `better`, `sampling`, `completion_id`):
         the stored `FeedbackPublic`."""
         return self.request("POST", "/api/feedback", json=fields)
+
+    def list_feedback(self, model: str | None = None, rating: int | None = None, has_better: bool | None = None,
+                      limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """One page of feedback (`FeedbacksPublic.items`: `FeedbackPublic` objects), newest first, and how many match
+        the filters (`total`): about `model`, thumbs `rating` (1 up, -1 down), with or without a better answer."""
+        filters = {"model": model, "rating": rating, "has_better": has_better, "limit": limit, "offset": offset}
+        data = self.request("GET", "/api/feedback", params={k: v for k, v in filters.items() if v is not None})
+        items = _field(data, "items", "/api/feedback")
+        for item in items:
+            for name in FEEDBACK_FIELDS:
+                _field(item, name, "/api/feedback")
+        return items, _field(data, "total", "/api/feedback")
+
+    def delete_feedback(self, feedback_id: int) -> None:
+        """Delete one: data sets made from it before keep it (a snapshot never changes); later ones leave it out."""
+        self.request("DELETE", f"/api/feedback/{feedback_id}")
+
+    def snapshot_feedback(self, kind: str, model: str | None = None, ids: list[int] | None = None) -> dict[str, Any]:
+        """The matching feedback (of `model`, or `ids`; None: all) as a data set of `kind` (`unpaired`,
+        `demonstration`, `preference`): `SnapshotPublic` (a `DatasetAdded` with the `feedback_ids` it holds)."""
+        body: dict[str, Any] = {"kind": kind}
+        if model is not None:
+            body["model"] = model
+        if ids is not None:
+            body["ids"] = ids
+        made = self.request("POST", "/api/feedback/snapshot", json=body)
+        for name in ("id", "name", "duplicate", "feedback_ids"):
+            _field(made, name, "/api/feedback/snapshot")
+        return made
 
     def plan(self, preset: str, overrides: dict[str, Any] | None = None,
              gpu_memory_mb: int | None = None) -> tuple[MemoryPlan, str]:

@@ -36,6 +36,8 @@ training = [
 ]
 if (HERE / "app_pages" / "chat.py").exists():
     training.append(st.Page("app_pages/chat.py", title="Chat", icon=":material/chat:", url_path="chat"))
+training.append(st.Page("app_pages/feedback.py", title="Feedback", icon=":material/thumbs_up_down:",
+                        url_path="feedback"))
 training.append(st.Page("app_pages/arena.py", title="Arena", icon=":material/how_to_vote:", url_path="arena"))
 system = [st.Page("app_pages/system.py", title="System", icon=":material/memory:", url_path="system")]
 
