@@ -3,7 +3,7 @@ knows nothing of HTTP or the database (the service's processes, `backend/`, `wor
 it; it imports none of them).
 
     the stages, each `run(config, ctx) -> report`, in the order they run (`pipeline.STAGE_MODULES`):
-        data.py, sft.py (+ warmup.py), reward.py, align/ (PPO, GRPO, RLOO, DPO: the stage `ppo`), evaluate.py
+        data.py, sft.py (+ warmup.py), reward.py, align/ (PPO, GRPO, RLOO, DPO, KTO: the stage `ppo`), evaluate.py
     what the stages share: models.py (loading, LoRA, precisions), generation.py (the one sampler), oom.py
         (out-of-memory halving), memory.py, dialogue.py (prompt formats), gold.py (known-answer scorers),
         votes.py (arena pairs), context.py (how a stage reports), reports.py, errors.py

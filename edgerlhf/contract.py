@@ -25,12 +25,13 @@ class Algorithm:
     name: str
     """`PipelineConfig.algorithm`, and the namespace of its metrics (`grpo/kl`)."""
     label: str
-    """How a person reads it: PPO, GRPO, RLOO, DPO."""
+    """How a person reads it: PPO, GRPO, RLOO, DPO, KTO."""
     section: str
-    """The config section holding its settings: the sampling algorithms share `ppo`; DPO reads `dpo`."""
+    """The config section holding its settings: the sampling algorithms share `ppo`; DPO reads `dpo`, KTO `kto`."""
     samples: bool
     """True: samples from the policy and scores the samples with the reward model (or a reward function), in our
-    loop (`edgerlhf.align.loop`); False: trains offline on the preference pairs (DPO, TRL's trainer)."""
+    loop (`edgerlhf.align.loop`); False: trains offline through a TRL trainer, on the preference pairs (DPO) or on
+    answers labelled desirable or undesirable (KTO)."""
     samples_per_prompt: int
     """The default of `ppo.samples_per_prompt`: 1, or the group a sample is compared with (0: does not sample)."""
     min_samples_per_prompt: int
@@ -39,6 +40,10 @@ class Algorithm:
     """Trains a critic beside the policy (PPO's value head on the shared trunk)."""
     adaptive_kl: bool
     """Honours `ppo.adaptive_kl` (Ziegler et al.'s controller); the others hold `ppo.init_kl_coef` fixed."""
+    exact_kl: bool = True
+    """Its `<name>/kl` is an exact KL(policy || reference), zero only where the policy is the reference. False: KTO's
+    is TRL's estimate from mismatched answers clamped at 0, which stays at 0 while the policy moves away from the
+    reference on them (the dashboard's KL-collapse warning does not read it)."""
 
 
 ALGORITHM_TABLE = {a.name: a for a in (
@@ -50,12 +55,14 @@ ALGORITHM_TABLE = {a.name: a for a in (
               value_head=False, adaptive_kl=False),
     Algorithm("dpo", "DPO", "dpo", samples=False, samples_per_prompt=0, min_samples_per_prompt=0,
               value_head=False, adaptive_kl=False),
+    Algorithm("kto", "KTO", "kto", samples=False, samples_per_prompt=0, min_samples_per_prompt=0,
+              value_head=False, adaptive_kl=False, exact_kl=False),
 )}
 """Alignment algorithms the `ppo` stage (the alignment stage; its name predates the others) can run, by name.
 Every layer reads an algorithm's traits here instead of comparing its name."""
 
 ALGORITHMS = tuple(ALGORITHM_TABLE)
-"""Their names (`PipelineConfig.algorithm`): ppo, grpo, rloo, dpo."""
+"""Their names (`PipelineConfig.algorithm`): ppo, grpo, rloo, dpo, kto."""
 
 
 def algorithm_traits(name: str) -> Algorithm:
@@ -86,7 +93,8 @@ EVAL_GEN_BATCH = 16
 ALL_LINEAR = "all-linear"
 """peft's `target_modules` shorthand for every linear layer but the output head."""
 KL_CHUNK = 2 ** 22
-"""Logits per piece of DPO's exact KL (`align.dpo.chosen_kl`) and of its CPU log-prob head (`AnswerLogprobs`),
+"""Logits per piece of DPO's exact KL (`align.dpo.chosen_kl`) and of the offline trainers' CPU log-prob head
+(`align.offline.AnswerLogprobs`, DPO's and KTO's),
 16 MB in fp32: whole next-token distributions some tens of positions at a time (83 for a 50k vocabulary)."""
 
 
@@ -148,6 +156,7 @@ class StageStatus(str, enum.Enum):
 #       config.json                   the whole PipelineConfig
 #       <stage>/report.json           each stage's report (edgerlhf.reports)
 #       data/train_prefs.jsonl, data/test_prefs.jsonl     preference pairs (reward model, DPO)
+#       data/train_unpaired.jsonl, data/test_unpaired.jsonl   answers labelled desirable or not (KTO)
 #       data/sft_train.jsonl, data/sft_test.jsonl         demonstrations (SFT)
 #       data/prompts_train.jsonl, data/prompts_test.jsonl prompts (PPO, GRPO, RLOO, probes, evaluation)
 #       data/votes.jsonl              only with data.votes_file: the arena vote pairs the job used (edgerlhf.votes)
@@ -167,6 +176,10 @@ TEST_PREFS = "data/test_prefs.jsonl"
 SFT_TRAIN = "data/sft_train.jsonl"
 """SFT's demonstrations {prompt, completion} (`edgerlhf.data.demonstrations`)."""
 SFT_TEST = "data/sft_test.jsonl"
+TRAIN_UNPAIRED = "data/train_unpaired.jsonl"
+"""KTO's unpaired examples {prompt, completion, label} (`edgerlhf.data.unpaired`): a data set's own, or each
+preference pair split into its chosen answer (desirable) and its rejected one (undesirable)."""
+TEST_UNPAIRED = "data/test_unpaired.jsonl"
 PROMPTS_TRAIN = "data/prompts_train.jsonl"
 """The prompts {prompt, ...} the sampling algorithms train on (`edgerlhf.data.prompts`)."""
 PROMPTS_TEST = "data/prompts_test.jsonl"
@@ -214,7 +227,8 @@ def reward_dir(precision: str) -> str:
 def algorithm_metric(algorithm: str, name: str) -> str:
     """`grpo/reward_mean`: metric `name` of the alignment stage run with `algorithm`. Every algorithm that
     samples logs `reward_mean`, `reward_std`, `kl`, `response_length`, `entropy`, `policy_loss`, `step_s` and
-    `tokens_per_s` under its own namespace; DPO logs `loss`, `accuracy`, `margin`, `kl`. The dashboard
+    `tokens_per_s` under its own namespace; DPO logs `loss`, `accuracy`, `margin`, `kl`; KTO `loss`, `kl`,
+    `chosen_reward`, `rejected_reward`, `margin`. The dashboard
     reads a job's curves through this, whichever algorithm it ran."""
     return f"{algorithm}/{name}"
 

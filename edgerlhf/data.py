@@ -3,6 +3,7 @@
 What each stage reads, in `data/` (`edgerlhf.contract`):
 
     train_prefs.jsonl, test_prefs.jsonl       preference pairs {prompt, chosen, rejected}: the reward model, DPO
+    train_unpaired.jsonl, test_unpaired.jsonl answers labelled desirable or not {prompt, completion, label}: KTO
     sft_train.jsonl, sft_test.jsonl           demonstrations {prompt, completion}: SFT
     prompts_train.jsonl, prompts_test.jsonl   prompts {prompt, ...extra columns}: PPO, GRPO, RLOO, the evaluation
 
@@ -11,7 +12,9 @@ feedback; text or conversational; a file, a directory or a hub id; columns mappe
 two files are derived from it unless a stage has its own data set, as in the InstructGPT recipe (demonstrations
 for SFT, comparisons for the reward model, prompts for RL): `sft_data.source` (demonstrations) and
 `prompt_data.source` (prompts). Derived, SFT learns the preferred answer of each training pair (once per prompt
-and answer) and the prompts are the pairs' prompts.
+and answer) and the prompts are the pairs' prompts. KTO's unpaired examples are `data.source`'s own when it holds
+unpaired feedback (a snapshot of chat thumbs), else each pair's chosen answer labelled desirable and its rejected
+one undesirable (`unpaired_of_pairs`).
 
 Hub ids (`Anthropic/hh-rlhf` with `data.data_dir` harmless-base, helpful-base, ... and `data.split`) are
 downloaded, never looked up on disk (`edgerlhf.locations`), and read through `datasets`; offline this fails at
@@ -56,7 +59,8 @@ from typing import Any
 from edgerlhf import formats, gold, votes
 from edgerlhf.config import DataConfig, PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import PROMPTS_TEST, PROMPTS_TRAIN, SFT_TEST, SFT_TRAIN, TEST_PREFS, TRAIN_PREFS
+from edgerlhf.contract import (PROMPTS_TEST, PROMPTS_TRAIN, SFT_TEST, SFT_TRAIN, TEST_PREFS, TEST_UNPAIRED, TRAIN_PREFS,
+                               TRAIN_UNPAIRED)
 from edgerlhf.errors import require
 from edgerlhf.formats import DataError
 from edgerlhf.models import load_tokenizer
@@ -303,6 +307,43 @@ def prompts_of_pairs(pairs: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{"prompt": r["prompt"]} for r in pairs]
 
 
+def unpaired(run_dir: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """KTO's unpaired examples {prompt, completion, label} of a run (`split` train or test): the data stage's file,
+    or, in a run directory written before the data stage wrote one, those of its preference pairs
+    (`unpaired_of_pairs`). A malformed row raises `DataError` naming the file, the line and the column."""
+    own, prefs = (TRAIN_UNPAIRED, TRAIN_PREFS) if split == "train" else (TEST_UNPAIRED, TEST_PREFS)
+    path = Path(run_dir) / own
+    if not path.exists() and (Path(run_dir) / prefs).exists():
+        return unpaired_of_pairs(read_prefs(Path(run_dir) / prefs))
+    return read_unpaired(path)
+
+
+def read_unpaired(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of an unpaired file (`train_unpaired.jsonl`), read as an `unpaired` data set (`formats.read`): a
+    prompt, a completion and a true/false label each, or `DataError` naming the line and the column. An empty file
+    has no rows (the data set held demonstrations or prompts)."""
+    path = require(path, "data")
+    if not path.read_text(encoding="utf-8").strip():
+        return []
+    return formats.read(str(Path(path).absolute()), kind="unpaired").records
+
+
+def unpaired_of_pairs(pairs: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Each pair as two unpaired examples: its chosen answer labelled desirable (True), its rejected one undesirable
+    (False), in order, each (prompt, answer, label) once. A pair against an empty answer (the data stage adds them
+    for the reward model, `data.gold_empty_fraction`, with a pair's *worse* answer as their chosen side) gives only
+    its empty answer, undesirable."""
+    out, seen = [], set()
+    for r in pairs:
+        for completion, label in ((r["chosen"], True), (r["rejected"], False)):
+            if label and not r["rejected"]:
+                continue
+            if (r["prompt"], completion, label) not in seen:
+                seen.add((r["prompt"], completion, label))
+                out.append({"prompt": r["prompt"], "completion": completion, "label": label})
+    return out
+
+
 def clean_records(records: list[dict[str, Any]], cfg: DataConfig, tokenizer) -> tuple[list[dict[str, Any]], Counter]:
     """Demonstrations, prompts or unpaired feedback without the unusable ones (counted by reason): an empty
     answer, a duplicate, a prompt over `max_prompt_tokens`, an answer over `max_response_tokens`."""
@@ -404,11 +445,13 @@ def run(config: PipelineConfig, ctx: RunContext) -> DataReport:
     if kind == "preference":
         demos = [demonstrations_of_pairs(train), demonstrations_of_pairs(test)]
         prompt_rows = [prompts_of_pairs(train), prompts_of_pairs(test)]
+        thumbs = [unpaired_of_pairs(train), unpaired_of_pairs(test)]
     else:
         demos = [[{"prompt": r["prompt"], "completion": r["completion"]} for r in part
                   if kind == "demonstration" or kind == "unpaired" and r["label"]] for part in own]
         prompt_rows = [[{k: v for k, v in r.items() if k not in ("completion", "label")} for r in part]
                        for part in own]
+        thumbs = [list(part) if kind == "unpaired" else [] for part in own]
     parts: dict[str, StageData] = {}
     if config.sft_data.source:
         *demos, parts["demonstrations"] = stage_records(config, config.sft_data, "sft_data.source",
@@ -418,7 +461,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> DataReport:
                                                        tokenizer)
 
     files = {TRAIN_PREFS: train, TEST_PREFS: test, SFT_TRAIN: demos[0], SFT_TEST: demos[1],
-             PROMPTS_TRAIN: prompt_rows[0], PROMPTS_TEST: prompt_rows[1]}
+             PROMPTS_TRAIN: prompt_rows[0], PROMPTS_TEST: prompt_rows[1], TRAIN_UNPAIRED: thumbs[0],
+             TEST_UNPAIRED: thumbs[1]}
     for name, rows in files.items():
         write_jsonl(ctx.run_dir / name, rows)
         ctx.artifact("data", ctx.run_dir / name)
@@ -432,11 +476,12 @@ def run(config: PipelineConfig, ctx: RunContext) -> DataReport:
         votes=votes_info, demonstrations=parts.get("demonstrations"), prompts=parts.get("prompts"),
         sft_examples={"train": len(demos[0]), "test": len(demos[1])},
         prompt_rows={"train": len(prompt_rows[0]), "test": len(prompt_rows[1])},
+        unpaired_examples={"train": len(thumbs[0]), "test": len(thumbs[1])},
     )
     ctx.log_metrics({"data/pairs_read": len(pairs), "data/kept": len(kept), "data/train": len(train),
                      "data/test": len(test), "data/bad_lines": source["bad_lines"]}, step=0)
     ctx.log(f"{main.rows} {kind} rows read, {len(kept)} kept ({dict(dropped)} dropped): {len(train)} train / "
             f"{len(test)} test pairs; SFT {len(demos[0])} / {len(demos[1])} demonstrations; prompts "
-            f"{len(prompt_rows[0])} / {len(prompt_rows[1])}")
+            f"{len(prompt_rows[0])} / {len(prompt_rows[1])}; KTO {len(thumbs[0])} / {len(thumbs[1])} labelled answers")
     ctx.progress(3, 3)
     return report

@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="alignment algorithm of the ppo stage, short for --set algorithm=NAME (a later --set "
                              "algorithm=... wins): ppo (clipped policy gradient with a value head), grpo (advantages "
                              "within a group of samples per prompt), rloo (leave-one-out baseline), dpo (offline on "
-                             "the preference pairs; settings under dpo.*)")
+                             "the preference pairs; settings under dpo.*), kto (offline on answers labelled desirable "
+                             "or undesirable; settings under kto.*)")
     parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--resume", action="store_true", help="skip stages whose report.json already exists")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

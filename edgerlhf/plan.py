@@ -8,7 +8,8 @@ sees what dominates: LLaMA-Factory answers it with a static table, Unsloth for S
 rollout's KV cache, the full-vocabulary logits of the PPO passes and the networks PPO actually holds.
 The alignment stage (`ppo`) is planned for `config.algorithm`: PPO, GRPO and RLOO share one sampling loop
 (only PPO holds a value head and keeps every layer's hidden states for it), `ppo.reward_function` drops the
-reward adapter, its copy and its scoring pass, and DPO is TRL's trainer on preference pairs (`_dpo`).
+reward adapter, its copy and its scoring pass, and DPO and KTO are TRL's trainers on preference pairs (`_dpo`) and
+on labelled answers (`_kto`).
 Pure arithmetic: the architecture comes from `edgerlhf.architectures.model_config` (a config file, never
 weights), and every term below follows what the stage code does, term by term. Figures are checked
 against measured peaks of the real stages by `python -m edgerlhf.lab.plan_check` (README, "Will it fit?").
@@ -19,7 +20,8 @@ What is counted (bytes; `cb` = bytes of the compute dtype: 2 for bf16 on a GPU, 
   output row) or nf4 (QLoRA: half a byte + the double-quantized block constants); embeddings, norms and the
   output layer stay in cb. PPO, GRPO and RLOO hold one network (policy = LoRA, reference = adapters off,
   reward = a second adapter) plus one quantized reward copy when the reward model is int8/int4 without
-  `ppo.quantized_policy` (`edgerlhf.align.policy.build_models`); DPO one bf16 network, policy LoRA and reference;
+  `ppo.quantized_policy` (`edgerlhf.align.policy.build_models`); DPO and KTO one bf16 network, policy LoRA and
+  reference;
 - trainable parameters (LoRA on `sft.target_modules`, PPO's value head, the score head, `modules_to_save`): fp32
   weight + fp32 gradient + two fp32 AdamW moments = 16 bytes each; frozen adapters 4 bytes each;
 - activations a training micro-batch saves for its backward pass, layer by layer (`_layer_saved`): norm
@@ -28,8 +30,8 @@ What is counted (bytes; `cb` = bytes of the compute dtype: 2 for bf16 on a GPU, 
   loss one layer recomputed with as much again in its gradients;
 - full-vocabulary logits: SFT's labelled positions through log-softmax and back (3 fp32 copies), the
   sampling algorithms' response positions (policy and reference logits, and the gradient tensors of the
-  vocabulary in the update), DPO's answer positions (the CPU head's log-softmax kept for the backward, the
-  reference's beside it, `chosen_kl`'s pieces; TRL's tiles on a GPU);
+  vocabulary in the update), DPO's and KTO's answer positions (the CPU head's log-softmax kept for the backward,
+  the reference's beside it, DPO's `chosen_kl` pieces; TRL's tiles on a GPU);
 - the generation KV cache of the rollout batch (prompt + response positions, every layer), the reward
   model's scoring pass, one layer's working set of a no-grad pass;
 - on a GPU, the CUDA context and the caching allocator's slack, which are not tensors but do run out.
@@ -738,17 +740,17 @@ def _generation(arch: Architecture, rows: int, prompt: int, response: int, cb: i
 
 
 def _alignment(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
-    """The alignment stage (`ppo` in STAGES) of `config.algorithm`: DPO's trainer, or the sampling loop that PPO,
-    GRPO and RLOO share (`edgerlhf.align.loop`)."""
+    """The alignment stage (`ppo` in STAGES) of `config.algorithm`: DPO's or KTO's trainer (`OFFLINE`), or the
+    sampling loop that PPO, GRPO and RLOO share (`edgerlhf.align.loop`)."""
     if not algorithm_traits(config.algorithm).samples:
-        return _dpo(config, arch, cb, gpu)
+        return OFFLINE[config.algorithm](config, arch, cb, gpu)
     return _sampling(config, arch, cb, gpu, training=True)
 
 
 def _reward_model(config: PipelineConfig, training: bool) -> str | None:
     """How the rollouts are scored, as `align.policy.build_models` loads it: `shared` (the reward adapter on the one
     network), `copy` (a separate int8/int4 network) or None (`ppo.reward_function`'s Python scorer; an evaluation
-    of DPO without a reward stage in `config.stages`, which `evaluate.has_reward_model` finds no model for)."""
+    of DPO or KTO without a reward stage in `config.stages`, which `evaluate.has_reward_model` finds no model for)."""
     cfg = config.ppo
     if cfg.reward_function is not None:
         return None
@@ -843,11 +845,11 @@ TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768
 """The tile of TRL's fused log-prob head on a GPU (`trl.kernels.chunked_logprob`: tokens x vocabulary)."""
 
 
-def _dpo_lengths(config: PipelineConfig, arch: Architecture) -> tuple[int, int]:
-    """(prompt, answer) tokens of a DPO sequence: `dpo.preference_dataset`'s cut to `dpo.max_length` (each answer
-    leaves the prompt at least half the budget, then the prompt is cut from the left to fit)."""
+def _offline_lengths(config: PipelineConfig, arch: Architecture, budget: int) -> tuple[int, int]:
+    """(prompt, answer) tokens of a DPO or KTO sequence: `dpo.preference_dataset`'s and `kto.unpaired_dataset`'s cut
+    to `budget` (their `max_length`: each answer leaves the prompt at least half the budget, then the prompt is cut
+    from the left to fit)."""
     prompt, answer = _lengths(config, arch)
-    budget = config.dpo.max_length
     answer = min(answer, budget - min(prompt, budget // 2))
     return min(prompt, budget - answer), answer
 
@@ -857,11 +859,11 @@ def _dpo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
     disabled; no reward model, no sampling but the probes. A step runs the policy over chosen + rejected
     (2 x `dpo.batch_size` rows) with gradients, the reference over the same rows without, the loss, then
     `chosen_kl` (two more passes over the chosen rows) while the policy's graph waits for the backward pass.
-    The log-prob head scores the answer positions only: on the CPU `dpo.add_answer_logprob_head`, a piece of
+    The log-prob head scores the answer positions only: on the CPU `offline.add_answer_logprob_head`, a piece of
     the vocabulary-wide log-softmax at a time, recomputed in the backward; on a GPU TRL's fused head, in tiles.
     Its evaluation passes run the same without gradients, below the training step."""
     cfg = config.dpo
-    prompt, answer = _dpo_lengths(config, arch)
+    prompt, answer = _offline_lengths(config, arch, cfg.max_length)
     seq = prompt + answer
     rows = 2 * cfg.batch_size  # the batch is the chosen rows, then the rejected rows
     positions = rows * answer  # N: the answer positions the head scores
@@ -891,7 +893,7 @@ def _dpo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
             "DPO backward": [*graph, _item("log-prob tile and its gradient", tile * (cb + 4), "TRL's fused head"),
                              _item("gradient of the answer hidden states", positions * H * 4, "fp32 accumulator")],
         }
-    else:  # `dpo.AnswerLogprobs`: the log-softmax a piece at a time, recomputed in the backward
+    else:  # `offline.AnswerLogprobs`: the log-softmax a piece at a time, recomputed in the backward
         piece = min(positions, max(1, KL_CHUNK // V)) * V * 4
         piece_note = f"pieces of {piece // (V * 4)} answer positions x {V:,} vocabulary, fp32"
         phases = {
@@ -907,6 +909,60 @@ def _dpo(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
         phases["probe generation"] = [weights, *trainable, *_generation(
             arch, cfg.n_probe_prompts, _lengths(config, arch)[0], config.ppo.response_length, cb)]
     return phases, ckpt
+
+
+def _kto(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool):
+    """KTO (`edgerlhf.align.kto`): TRL's KTOTrainer on one bf16 network, the policy a LoRA and the reference the adapter
+    disabled; no reward model, no sampling but the probes. A step (`KTOTrainer._compute_loss`) runs the policy
+    without gradients over the KL sequences (`kto.batch_size` rows: each prompt with another row's answer), then
+    with them over the batch's answers (`kto.batch_size` rows), and, adapter off, the reference over both without,
+    while the policy's graph waits for the backward pass. The log-prob head scores the answer positions only, as
+    DPO's (on the CPU `offline.add_answer_logprob_head`, on a GPU TRL's fused head). Its evaluation passes run the
+    same without gradients, below the training step."""
+    cfg = config.kto
+    prompt, answer = _offline_lengths(config, arch, cfg.max_length)
+    seq = prompt + answer
+    rows = cfg.batch_size  # one answer a row; a KL sequence is as long at most (TRL's collator cuts it)
+    positions = rows * answer  # N: the answer positions the head scores
+    V, H = arch.vocab, arch.hidden
+    lora = tuple(arch.targeted(config.sft.target_modules))
+    n_lora = lora_params(arch, config.sft.target_modules, cfg.lora_r)
+    weights = _weights_item(arch, "bf16", cb, "network (KTO policy, reference = adapter off)")
+    trainable = [_trainable_item(f"KTO policy LoRA r={cfg.lora_r}", n_lora)]
+    held = [weights, *_without_gradients(trainable, cfg.grad_accum)]
+    p = Pass(rows, seq, cb, gpu, lora, cfg.lora_r, autocast=gpu)  # TRL switches dropout off
+    activations = _item("activations", train_activations(arch, p, cfg.gradient_checkpointing),
+                        f"{rows} answers x {seq} tokens, {arch.n_layer} layers, {_saved(cfg)}")
+    # What the policy's pass keeps from its forward to its backward, beside the weights and the adapter.
+    graph = [*held, activations,
+             _item("answer hidden states", positions * H * cb, f"{positions} answer positions, the head's input")]
+    last_hidden = _item("last hidden states", rows * seq * H * cb, f"{rows} x {seq} tokens, a no-grad pass's output")
+    if gpu:
+        tile = min(positions, TRL_TOKEN_TILE) * min(V, TRL_VOCAB_TILE)
+        head = _item("log-prob tile", tile * cb, "TRL's fused head")
+        backward = [_item("log-prob tile and its gradient", tile * (cb + 4), "TRL's fused head"),
+                    _item("gradient of the answer hidden states", positions * H * 4, "fp32 accumulator")]
+    else:  # `offline.AnswerLogprobs`: the log-softmax a piece at a time, recomputed in the backward
+        piece = min(positions, max(1, KL_CHUNK // V)) * V * 4
+        piece_note = f"pieces of {piece // (V * 4)} answer positions x {V:,} vocabulary, fp32"
+        head = _item("head pieces", 4 * piece, piece_note + ": logits, log-softmax, exp, product")
+        backward = [_item("head pieces", 2 * piece, piece_note + ": logits, softmax"),
+                    _item("gradient of the answer hidden states", positions * H * 4, "fp32")]
+    phases = {
+        "KTO KL pass": [*held, last_hidden, head],
+        "KTO reference passes": [*graph, last_hidden, head],
+        "KTO backward": [*graph, *backward],
+    }
+    ckpt = _with_checkpointing(phases, activations, [weights, *trainable], arch, p, cfg.gradient_checkpointing)
+    phases["optimizer step"] = [weights, *trainable]  # the Trainer's fused AdamW: no temporaries
+    if cfg.n_probe_prompts:  # sampled with PPO's settings (`generation.sample_probes`)
+        phases["probe generation"] = [weights, *trainable, *_generation(
+            arch, cfg.n_probe_prompts, _lengths(config, arch)[0], config.ppo.response_length, cb)]
+    return phases, ckpt
+
+
+OFFLINE = {"dpo": _dpo, "kto": _kto}
+"""The plan of each algorithm that trains offline through its own trainer (`align.TRAINERS`)."""
 
 
 def _pass_logits(m: int, response: int, vocab: int, cb: int) -> float:
@@ -993,16 +1049,19 @@ def _candidates(config: PipelineConfig, stage: str):
             length //= 2
             yield f"{section}.max_length {cfg.max_length} -> {length} (shorter sequences)", {section: {"max_length": length}}
         return
-    if stage == "ppo" and algorithm_traits(config.algorithm).section == "dpo":  # DPO's trainer reads `dpo`
-        cfg = config.dpo
-        for batch, accum in _halvings(cfg.batch_size, cfg.grad_accum):
-            yield (f"dpo.batch_size {cfg.batch_size} -> {batch} with dpo.grad_accum {cfg.grad_accum} -> {accum} "
-                   "(same effective batch)", {"dpo": {"batch_size": batch, "grad_accum": accum}})
-        yield from _checkpointing("dpo", cfg)
+    traits = algorithm_traits(config.algorithm)
+    if stage == "ppo" and not traits.samples:  # DPO's and KTO's trainers read their own section
+        section = traits.section
+        cfg = getattr(config, section)
+        for batch, accum in _halvings(cfg.batch_size, cfg.grad_accum):  # KTO's config refuses a batch of 1
+            yield (f"{section}.batch_size {cfg.batch_size} -> {batch} with {section}.grad_accum {cfg.grad_accum} -> "
+                   f"{accum} (same effective batch)", {section: {"batch_size": batch, "grad_accum": accum}})
+        yield from _checkpointing(section, cfg)
         length = cfg.max_length
         while length > 64:
             length //= 2
-            yield f"dpo.max_length {cfg.max_length} -> {length} (shorter pairs)", {"dpo": {"max_length": length}}
+            yield (f"{section}.max_length {cfg.max_length} -> {length} (shorter sequences)",
+                   {section: {"max_length": length}})
         return
     cfg = config.ppo
     for mini, accum in _halvings(cfg.mini_batch_size, cfg.grad_accum):

@@ -142,6 +142,8 @@ class DataReport(Report):
     """Demonstrations SFT reads (`data/sft_*.jsonl`), train and test."""
     prompt_rows: dict[Literal["train", "test"], int] | None = None
     """Prompts the sampling algorithms and the evaluation read (`data/prompts_*.jsonl`), train and test."""
+    unpaired_examples: dict[Literal["train", "test"], int] | None = None
+    """Answers labelled desirable or not that KTO reads (`data/*_unpaired.jsonl`), train and test."""
 
 
 # --- sft -----------------------------------------------------------------------------------------

@@ -151,9 +151,10 @@ def length_collapse(series: Series, min_points: int = 6, drop: float = 0.4, min_
 
 def kl_collapse(series: Series, eps: float = 1e-3, last: int = 3, min_points: int = 5,
                 algorithm: str = "ppo") -> list[Alert]:
-    """KL to the reference stuck at (or below) zero over the last `last` steps of the alignment stage."""
+    """KL to the reference stuck at (or below) zero over the last `last` steps of the alignment stage; not for an
+    algorithm whose KL is a clamped estimate (`Algorithm.exact_kl`: KTO's), whose zero says nothing of the policy."""
     kl = _values(series, algorithm, "kl")
-    if len(kl) < min_points:
+    if len(kl) < min_points or not algorithm_traits(algorithm).exact_kl:
         return []
     tail = kl[-last:]
     if all(v < eps for v in tail):
@@ -210,8 +211,8 @@ def check_all(series: Series, gpu_total_mb: float | None = None, target_kl: floa
 
 def check_job(job: dict[str, Any], series: Series, gpu_total_mb: float | None = None) -> list[Alert]:
     """`check_all` for a job (`JobPublic`): its algorithm's metrics; for the algorithms that sample, the KL
-    limit (twice `ppo.target_kl`) and the length cap (`ppo.response_length`) of its config. DPO samples
-    nothing while it trains: only its NaN, KL-collapse and memory checks apply."""
+    limit (twice `ppo.target_kl`) and the length cap (`ppo.response_length`) of its config. DPO and KTO sample
+    nothing while they train: only their NaN, KL-collapse (DPO's) and memory checks apply."""
     algorithm = job_algorithm(job)
     sampling = algorithm_traits(algorithm).samples
     ppo = job["config"].get("ppo", {})

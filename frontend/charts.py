@@ -3,7 +3,8 @@
 Pure functions from a `JobFeed` (or series) to a `go.Figure`, so pages stay short and the figures can be
 checked without a browser. Every trace draws lines with markers, so even a run of two steps shows points.
 The alignment stage's figures read the metrics of the job's algorithm (`JobFeed.key`: `grpo/kl` for a GRPO
-job), so one figure serves PPO, GRPO and RLOO, and DPO has its own (`dpo_figure`). The Compare page's figures
+job), so one figure serves PPO, GRPO and RLOO, and the offline trainers DPO and KTO theirs (`offline_figure`, its
+panels per algorithm). The Compare page's figures
 overlay several jobs of any algorithms (`compare_figure`, `frontier_figure`).
 
 Every axis says what it shows and its unit in words (a metric's `Measure`, from `measure`), every trace has a
@@ -58,7 +59,7 @@ def _share(what: str, of: str) -> Measure:
 
 KL = Measure("KL to the reference", "nats per answer", 0.0)
 """The exact KL(policy || reference) of each answer, summed over its tokens (`rollout.step_metrics`; DPO's on
-its chosen answers, teacher-forced), averaged over the batch."""
+its chosen answers, teacher-forced), averaged over the batch (KTO's estimate reads as `ALGORITHM_MEASURES`')."""
 MEMORY = Measure("memory", "MB", 0.0)
 STEP = "step"
 """The x-axis of a stage's curves: its own optimizer (or rollout) step."""
@@ -94,8 +95,24 @@ ALIGNMENT_MEASURES: dict[str, Measure] = {
     "eval_margin": Measure("held-out implicit reward margin", "β · log-ratio"),
     "chosen_reward": Measure("implicit reward", "β · log-ratio"),
     "rejected_reward": Measure("implicit reward", "β · log-ratio"),
+    "eval_chosen_reward": Measure("held-out implicit reward", "β · log-ratio"),
+    "eval_rejected_reward": Measure("held-out implicit reward", "β · log-ratio"),
 }
 """The alignment stage's metrics by name (`<algorithm>/<name>`), but those in the unit of its reward."""
+
+ALGORITHM_MEASURES: dict[str, dict[str, Measure]] = {
+    # KTO's (`edgerlhf.align.kto`): a loss per labelled answer, 1 - sigmoid(beta * (log-ratio - z)) for a desirable
+    # one (the other way round for an undesirable one), and z, TRL's estimate of the KL from mismatched answers.
+    "kto": {
+        "loss": Measure("KTO loss", "per answer", 0.0),
+        "eval_loss": Measure("held-out KTO loss", "per answer", 0.0),
+        "kl": Measure("KL estimate z (mismatched answers)", "nats per answer", 0.0),
+        "eval_kl": Measure("held-out KL estimate z", "nats per answer", 0.0),
+        "margin": Measure("implicit reward, desirable − undesirable", "β · log-ratio"),
+        "eval_margin": Measure("held-out implicit reward, desirable − undesirable", "β · log-ratio"),
+    },
+}
+"""An algorithm's own reading of a metric name that `ALIGNMENT_MEASURES` reads otherwise (KTO's loss and KL)."""
 
 REWARD_MEASURES: dict[str, tuple[str, float | None]] = {
     "reward_mean": ("reward", None), "reward_std": ("reward std", 0.0), "non_score_reward": ("KL penalty", None),
@@ -151,6 +168,8 @@ def measure(feed: JobFeed | None, key: str) -> Measure:
     config = ((feed.job or {}).get("config") or {}) if feed is not None else {}
     namespace, _, name = key.partition("/")
     if namespace in ALGORITHM_TABLE:
+        if name in ALGORITHM_MEASURES.get(namespace, {}):
+            return ALGORITHM_MEASURES[namespace][name]
         if name in REWARD_MEASURES:
             what, low = REWARD_MEASURES[name]
             ppo = config.get("ppo") or {}
@@ -368,8 +387,8 @@ def reward_terms_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
 
 
 def kl_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
-    """KL to the reference policy (DPO's too, and its held-out KL), and the KL coefficient on a second axis
-    (a constant coefficient gets a range around its value)."""
+    """KL to the reference policy (DPO's and KTO's too, and their held-out KL), and the KL coefficient on a second
+    axis (a constant coefficient gets a range around its value)."""
     coef = _stage_series(feed, "kl_coef")
     fig = make_subplots(specs=[[{"secondary_y": True}]]) if coef else go.Figure()
     for name, color in (("kl", COLORS[1]), ("eval_kl", COLORS[3])):
@@ -431,16 +450,25 @@ def diagnostics_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
     return _layout(fig, f"{_label(feed.algorithm)} diagnostics", height=40 + 230 * rows)
 
 
-DPO_PANELS = (("loss", ("loss", "eval_loss")), ("accuracy", ("accuracy", "eval_accuracy")),
-              ("margin", ("margin", "eval_margin")), ("implicit rewards", ("chosen_reward", "rejected_reward")))
-"""DPO's panels: (title, metric names); a held-out `eval_*` series is drawn dotted."""
+OFFLINE_PANELS = {
+    "dpo": (("loss", ("loss", "eval_loss")), ("accuracy", ("accuracy", "eval_accuracy")),
+            ("margin", ("margin", "eval_margin")), ("implicit rewards", ("chosen_reward", "rejected_reward"))),
+    "kto": (("loss", ("loss", "eval_loss")), ("KL estimate z", ("kl", "eval_kl")),
+            ("margin", ("margin", "eval_margin")), ("implicit rewards", ("chosen_reward", "rejected_reward"))),
+}
+"""The panels of each algorithm that trains offline: (title, metric names); a held-out `eval_*` series is drawn
+dotted."""
+OFFLINE_DATA = {"dpo": "on the preference pairs", "kto": "on desirable and undesirable answers"}
+"""What each offline algorithm trains on, in words (its figure's title, the job page's notice)."""
 
 
-def dpo_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
-    """DPO's training: preference loss, accuracy and margin (training, and dotted held-out), and the implicit
-    rewards beta * log(policy / reference) of the chosen and rejected responses."""
-    fig = make_subplots(rows=1, cols=len(DPO_PANELS), subplot_titles=[t for t, _ in DPO_PANELS])
-    for col, (_, names) in enumerate(DPO_PANELS, start=1):
+def offline_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
+    """The training of the job's offline algorithm (DPO, KTO; `OFFLINE_PANELS`): its loss, its accuracy (DPO) or KL
+    estimate (KTO) and its margin (training, and dotted held-out), and the implicit rewards beta * log(policy /
+    reference) of the chosen (desirable) and rejected (undesirable) answers."""
+    panels = OFFLINE_PANELS[feed.algorithm]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for t, _ in panels])
+    for col, (_, names) in enumerate(panels, start=1):
         for i, name in enumerate(names):
             pts = _stage_series(feed, name)
             if pts:
@@ -449,7 +477,7 @@ def dpo_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
         m = measure(feed, feed.key(names[0]))
         _panel(fig, 1, col, m, y=m.unit)
     fig.update_annotations(font_size=12)
-    return _layout(fig, "DPO on the preference pairs", height=300)
+    return _layout(fig, f"{_label(feed.algorithm)} {OFFLINE_DATA[feed.algorithm]}", height=300)
 
 
 def reward_model_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
@@ -575,7 +603,7 @@ def memory_figure(feed: JobFeed, gpu_total_mb: float | None, smoothing: float = 
 
 X_AXES = {"step": "step", "samples": "samples seen"}
 """The Compare page's common x-axes: a metric's own step, or the samples its stage had consumed by then
-(`JobFeed.samples_per_step`: responses for PPO/GRPO/RLOO, preference pairs for DPO)."""
+(`JobFeed.samples_per_step`: responses for PPO/GRPO/RLOO, preference pairs for DPO, labelled answers for KTO)."""
 
 
 def _titles(titles: Iterable[str]) -> str:
@@ -617,8 +645,8 @@ def frontier_figure(feeds: dict[str, JobFeed]) -> go.Figure:
 
     Each sampling run's training trajectory (one point per step, its batch's mean KL and reward), and each
     finished run's held-out pair from its evaluate report: the SFT policy at KL 0 and the aligned policy at
-    its KL, joined by a dotted line. DPO samples nothing while it trains, so it appears by that held-out
-    pair (when the run has a reward model to score it).
+    its KL, joined by a dotted line. DPO and KTO sample nothing while they train, so they appear by that
+    held-out pair (when the run has a reward model to score it).
     """
     fig = go.Figure()
     rewards = []

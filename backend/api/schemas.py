@@ -67,7 +67,7 @@ class DatasetRefs(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"data": 1, "sft_data": 2}]})
 
     data: DatasetId | None = Field(None, description="`data.source`: preference pairs (or any kind) for the data "
-                                                     "stage, the reward model and DPO")
+                                                     "stage, the reward model, DPO and KTO (thumbs too)")
     sft_data: DatasetId | None = Field(None, description="`sft_data.source`: SFT's demonstrations (or pairs: their "
                                                   "preferred answers)")
     prompt_data: DatasetId | None = Field(None, description="`prompt_data.source`: the prompts of PPO, GRPO, RLOO "

@@ -5,7 +5,7 @@ naive PPO, and the floor.
     edgerlhf bench --preset qwen2.5-0.5b-8gb          # Qwen2.5-0.5B's exact architecture, random weights
     edgerlhf bench --model PATH --out bench.json      # any local causal LM directory
     edgerlhf bench --set ppo.batch_size=8 --set ppo.ppo_epochs=1 --stages generation,ppo,ppo_naive
-    edgerlhf bench --stages grpo,trl_grpo,rloo,trl_rloo,dpo,trl_dpo --threads 1   # ours against TRL's
+    edgerlhf bench --stages grpo,trl_grpo,rloo,trl_rloo,dpo,trl_dpo,kto,trl_kto --threads 1   # ours against TRL's
 
 Runs offline. Without `--model` the model is the exact architecture of the preset's model (for the
 default preset distilgpt2: 6 layers, 12 heads, 768 wide, GPT-2 vocabulary; see
@@ -30,7 +30,10 @@ stage is measured in a fresh subprocess, so one stage's peak never hides in anot
   step = one rollout batch (`batch_size / mini_batch_size / grad_accum * ppo_epochs` trainer steps);
 - `dpo`: one optimizer step of our DPO stage's trainer (`edgerlhf.align.dpo.build_trainer`: `dpo.batch_size` pairs
   x `dpo.grad_accum`); `trl_dpo`: TRL's `DPOTrainer` as it is (its own LM head, no KL metric) on the same
-  tokenized pairs and settings.
+  tokenized pairs and settings;
+- `kto`: one optimizer step of our KTO stage's trainer (`edgerlhf.align.kto.build_trainer`: `kto.batch_size`
+  labelled answers, the pairs split, x `kto.grad_accum`); `trl_kto`: TRL's `KTOTrainer` as it is (its own LM head)
+  on the same tokenized answers, KL partners and settings.
 
 The stages of a group algorithm (GRPO, RLOO) run with `algorithm` set to it, so `ppo.samples_per_prompt`
 resolves to its default group of 4 where the preset's PPO samples one response per prompt. `compare` gives
@@ -61,12 +64,13 @@ from edgerlhf.contract import (CONFIG_FILE, PRECISIONS, SFT_MERGED, TEST_PREFS, 
 
 MB = 1024 * 1024
 STAGES = ("generation", "sft", "reward_bf16", "reward_int8", "reward_int4", "ppo", "ppo_naive", "grpo", "trl_grpo",
-          "rloo", "trl_rloo", "dpo", "trl_dpo")
+          "rloo", "trl_rloo", "dpo", "trl_dpo", "kto", "trl_kto")
 """Every benchmark, in the order they run: each of our algorithms next to TRL's trainer for it, so a run cut short
 (out of time) still compares whole pairs and the two of a pair meet the same load on a shared machine."""
 ALIGNMENT_STAGES = {
     "ppo": ("ours", "ppo"), "ppo_naive": ("ours-naive", "ppo"), "grpo": ("ours", "grpo"), "rloo": ("ours", "rloo"),
     "dpo": ("ours", "dpo"), "trl_grpo": ("TRL", "grpo"), "trl_rloo": ("TRL", "rloo"), "trl_dpo": ("TRL", "dpo"),
+    "kto": ("ours", "kto"), "trl_kto": ("TRL", "kto"),
 }
 """The alignment stages: whose trainer (ours or TRL's) and which algorithm each runs."""
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 256}
@@ -140,8 +144,8 @@ def prepare_run_dir(config, work: Path) -> Path:
         pairs = [{"prompt": f"\n\nHuman: Tell me something about the number {i}.\n\nAssistant:",
                   "chosen": f"{i} is {'even' if i % 2 == 0 else 'odd'}.", "rejected": "I do not know."}
                  for i in range(256)]
-    # The pairs feed DPO; the sampling stages read only their prompts. DPO's trainer also builds an evaluation
-    # set, never run by the bench: a few of the same pairs.
+    # The pairs feed DPO, and KTO split into labelled answers; the sampling stages read only their prompts. The
+    # offline trainers also build an evaluation set, never run by the bench: a few of the same pairs.
     (work / TRAIN_PREFS).parent.mkdir(parents=True, exist_ok=True)
     (work / TRAIN_PREFS).write_text("".join(json.dumps(r) + "\n" for r in pairs))
     (work / TEST_PREFS).write_text("".join(json.dumps(r) + "\n" for r in pairs[:16]))
@@ -613,6 +617,56 @@ def bench_dpo(config, run_dir: Path, device, steps: int, warmup: int, trl: bool 
                                     logit_tokens=int(cfg.batch_size * answer_tokens)))
 
 
+def _plain_trl_kto_trainer():
+    """TRL's `KTOTrainer` as it is (its own LM head, no out-of-memory splitting), taking the answers already tokenized
+    as our stage tokenizes them, with their KL partners (`kto.unpaired_dataset`), so both train on the same tokens."""
+    from trl import KTOTrainer
+
+    class PlainKTOTrainer(KTOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return PlainKTOTrainer
+
+
+def bench_kto(config, run_dir: Path, device, steps: int, warmup: int, trl: bool = False) -> dict[str, Any]:
+    """Optimizer steps of our KTO stage's trainer, built as the stage builds it (`align.kto.build_trainer`: TRL's
+    KTOTrainer, a LoRA policy whose reference is the adapter off, our answer-only LM head off the GPU), or with `trl`
+    TRL's own KTOTrainer with the same settings on the same answers. A step is `kto.batch_size` answers x
+    `kto.grad_accum`, each answer also scored after another prompt (its KL sequence)."""
+    meter = Meter(device)
+    from edgerlhf import models
+    from edgerlhf.align import kto
+    from edgerlhf.context import RunContext
+
+    cfg = config.kto
+    cfg.max_steps = steps + warmup
+    clock = step_clock(meter)
+    ctx = RunContext(run_dir)
+    model = models.load_causal_lm(run_dir / SFT_MERGED, device)
+    tokenizer = models.load_tokenizer(run_dir / SFT_MERGED)
+    trainer = kto.build_trainer(config, ctx, model, tokenizer, device, callbacks=[clock],
+                                trainer_class=_plain_trl_kto_trainer() if trl else None)
+    trainer.train()
+    meter.times = clock.step_times(warmup)
+    data = trainer.train_dataset
+    answer_tokens = sum(len(c) for c in data["completion_ids"]) / len(data)
+    example_tokens = sum(len(p) for p in data["prompt_ids"]) / len(data) + answer_tokens
+    answers_per_step = cfg.batch_size * cfg.grad_accum
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    cpu_head = " + our answer-only LM head" if device.type not in ("cuda", "xpu") else ""  # as kto.py installs it
+    return meter.result(answers_per_step * example_tokens, algorithm="kto",
+                        trainer="trl.KTOTrainer" if trl else f"edgerlhf.align.kto (trl.KTOTrainer{cpu_head})",
+                        design="policy LoRA, reference = adapter off", trainable_parameters=trainable,
+                        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_length=cfg.max_length,
+                        mean_example_tokens=example_tokens, beta=cfg.beta,
+                        note="tokens_per_step: answers per step x the mean tokens of an answer with its prompt (its KL "
+                             "sequence, as long again, not counted)",
+                        floor=floor(_weights_bytes(trainer.model), trainable, trainer.model.config, device,
+                                    train_tokens=int(cfg.batch_size * example_tokens),
+                                    logit_tokens=int(cfg.batch_size * answer_tokens)))
+
+
 def worker(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int, result: Path,
            threads: int | None = None) -> None:
     """Entry point of one stage's subprocess: measure, write the result as JSON."""
@@ -637,6 +691,8 @@ def worker(stage: str, config_file: Path, run_dir: Path, steps: int, warmup: int
         out = bench_trl_sampling(config, run_dir, device, steps, warmup)
     elif stage in ("dpo", "trl_dpo"):
         out = bench_dpo(config, run_dir, device, steps, warmup, trl=stage == "trl_dpo")
+    elif stage in ("kto", "trl_kto"):
+        out = bench_kto(config, run_dir, device, steps, warmup, trl=stage == "trl_kto")
     else:
         raise ValueError(f"unknown benchmark stage {stage!r}; choose from {list(STAGES)}")
     out["device"] = str(device)
@@ -683,7 +739,7 @@ def _ratios(numerator: dict, denominator: dict, prefix: str) -> dict[str, float]
 
 
 def compare(results: dict[str, dict]) -> dict[str, Any]:
-    """The side-by-side ratios: naive / ours for PPO; ours / TRL for GRPO, RLOO and DPO (peak memory, step time:
+    """The side-by-side ratios: naive / ours for PPO; ours / TRL for GRPO, RLOO, DPO and KTO (peak memory, step time:
     below 1, ours is the smaller or the faster); our PPO / TRL's RLOO (step time)."""
     out = _ratios(results.get("ppo_naive", {}), results.get("ppo", {}), "naive_vs_ours")
     for algorithm in [name for who, name in ALIGNMENT_STAGES.values() if who == "TRL"]:

@@ -5,8 +5,8 @@
     python -m edgerlhf.lab.plan_check --json out.json
 
 Each configuration runs the real stages of its `stages`, `pipeline.run_stage` of sft, reward (once per
-precision), ppo (one step, or two of DPO; the alignment stage runs the configuration's `algorithm`: PPO, GRPO,
-RLOO or DPO) and evaluate, one after the other on a fresh run directory, exactly as a job runs them, on a
+precision), ppo (one step, or two of DPO or KTO; the alignment stage runs the configuration's `algorithm`: PPO,
+GRPO, RLOO, DPO or KTO) and evaluate, one after the other on a fresh run directory, exactly as a job runs them, on a
 random model of its architecture (`model.random_init`, the GPT-2 tokenizer). The data are written so that every
 pair has exactly the planner's worst case: prompts of `data.max_prompt_tokens` tokens, responses of
 `data.max_response_tokens`, and the random policy rarely stops before `response_length`.
@@ -49,6 +49,7 @@ SMALL = {"warmup": {"steps": 0},
          "ppo": {"steps": 1, "ppo_epochs": 1, "samples_per_prompt": 1, "n_probe_prompts": 0, "sample_every": 1000,
                  "checkpoint_every": 1000},
          "dpo": {"max_steps": 2, "eval_every": 1000, "checkpoint_every": 1000, "n_probe_prompts": 1},
+         "kto": {"max_steps": 2, "eval_every": 1000, "checkpoint_every": 1000, "n_probe_prompts": 1},
          "evaluate": {"n_show": 1, "samples_per_prompt": 1, "n_bootstrap": 10}}
 """Budgets that keep each stage to a step or two: the peak of a step is the peak of the stage."""
 
@@ -183,14 +184,39 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "ppo": {"response_length": 16},
         "evaluate": {"n_prompts": 8, "response_length": 16},
     },
+    # KTO (TRL's KTOTrainer, the CPU's answer-only log-prob head) on the pairs split into labelled answers, without
+    # a reward stage.
+    "gpt2-kto": {
+        "algorithm": "kto",
+        "stages": ["data", "sft", "ppo", "evaluate"],
+        "model": {"architecture": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 512},
+        "data": {"max_prompt_tokens": 48, "max_response_tokens": 24},
+        "sft": {"batch_size": 4, "max_length": 128},
+        "kto": {"batch_size": 8, "max_length": 128, "lora_r": 8},
+        "ppo": {"response_length": 24},
+        "evaluate": {"n_prompts": 8, "response_length": 24},
+    },
+    # KTO on the deeper Llama of llama-dpo: activations dominate its training step.
+    "llama-kto": {
+        "algorithm": "kto",
+        "model": {"architecture": "llama", "n_layer": 6, "n_head": 6, "n_embd": 384, "intermediate_size": 1024,
+                  "n_positions": 512, "tie_word_embeddings": True},
+        "data": {"max_prompt_tokens": 128, "max_response_tokens": 32},
+        "sft": {"batch_size": 4, "max_length": 192, "target_modules": ["all-linear"], "modules_to_save": []},
+        "reward": {"precisions": ["bf16"], "batch_size": 4, "max_length": 192},
+        "kto": {"batch_size": 8, "max_length": 192, "lora_r": 16},
+        "ppo": {"response_length": 16},
+        "evaluate": {"n_prompts": 8, "response_length": 16},
+    },
 }
 """The configurations of the README's accuracy table: overrides of the `tiny` preset (+ `SMALL`)."""
 
-CHECKPOINTING = {section: {"gradient_checkpointing": True} for section in ("sft", "reward", "ppo", "dpo")}
+CHECKPOINTING = {section: {"gradient_checkpointing": True} for section in ("sft", "reward", "ppo", "dpo", "kto")}
 """Gradient checkpointing in every training stage: each layer's input kept, one layer recomputed in the backward."""
-# The two deep Llamas again with it.
+# The deep Llamas again with it.
 CONFIGS["llama-deep-checkpointing"] = merge_overrides(CONFIGS["llama-deep"], CHECKPOINTING)
 CONFIGS["llama-dpo-checkpointing"] = merge_overrides(CONFIGS["llama-dpo"], CHECKPOINTING)
+CONFIGS["llama-kto-checkpointing"] = merge_overrides(CONFIGS["llama-kto"], CHECKPOINTING)
 
 
 # --- measuring tensor memory ---------------------------------------------------------------------

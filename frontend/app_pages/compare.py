@@ -5,7 +5,7 @@
   of a GRPO job: `JobFeed.key`); a smoothing slider draws each curve's moving average over its faint raw
   series (`charts.ema`, as W&B's).
 - The reward-vs-KL frontier: each sampling run's training trajectory and each finished run's held-out
-  point, so DPO appears too (`charts.frontier_figure`).
+  point, so DPO and KTO appear too (`charts.frontier_figure`).
 - One row per run: algorithm, rewards, gold gain, KL, length, peak memory, time per step (`reports.run_row`),
   then the final reports and the precision study.
 - The dashboard's warnings per run (`frontend.alerts`), and the same held-out prompts answered by each run.
@@ -47,7 +47,8 @@ def curves(feeds: dict[str, live.JobFeed]) -> None:
     x = right.radio("x-axis", list(charts.X_AXES), format_func=charts.X_AXES.get, key="compare_x", horizontal=True,
                     help="Samples seen = step × what a step consumed, from each job's config: its rollout batch "
                          "(ppo.batch_size responses) for PPO, GRPO and RLOO; dpo.batch_size × dpo.grad_accum preference "
-                         "pairs for DPO; the batch × accumulation of SFT, warm-up and the reward model.")
+                         "pairs for DPO; kto.batch_size × kto.grad_accum labelled answers for KTO; the batch × "
+                         "accumulation of SFT, warm-up and the reward model.")
     smoothing = smooth.slider("Smoothing", 0.0, 0.99, 0.0, 0.01, key="compare_smoothing",
                               help="Weight of an exponential moving average, as W&B's slider: 0 draws the raw "
                                    "curves; the higher, the smoother. The raw curve stays faint under the smoothed "
@@ -67,19 +68,19 @@ def frontier(feeds: dict[str, live.JobFeed]) -> None:
     st.plotly_chart(fig, key="cmp-frontier", width="stretch")
     st.caption("Up and to the left is better: more reward for less distance from the SFT policy. Lines: the "
                "training batches, step by step; ★: the aligned policy on held-out prompts (evaluate), joined to its "
-               "SFT policy at KL 0. DPO trains without sampling, so it shows by its held-out point only.")
+               "SFT policy at KL 0. DPO and KTO train without sampling, so they show by their held-out point only.")
 
 
 def runs_table(feeds: dict[str, live.JobFeed]) -> None:
     st.markdown("#### Runs")
     with st.container(key="cmp-runs"):  # a plain table: a few rows, readable in any screenshot
         st.table(pd.DataFrame([run_row(label, feed) for label, feed in feeds.items()]), hide_index=True)
-    st.caption("Training reward: the mean of the last steps (DPO samples nothing while it trains). Held-out: the "
-               "aligned policy on the evaluate stage's prompts; gains are over the run's own SFT policy, gold "
+    st.caption("Training reward: the mean of the last steps (DPO and KTO sample nothing while they train). Held-out: "
+               "the aligned policy on the evaluate stage's prompts; gains are over the run's own SFT policy, gold "
                "gain on the known-answer task only. Peak memory and time per step are the alignment stage's.")
 
     reports = {label: feed.report for label, feed in feeds.items() if feed.report is not None}
-    st.markdown("#### Final reports (SFT vs the aligned policy: PPO, GRPO, RLOO or DPO)")
+    st.markdown("#### Final reports (SFT vs the aligned policy: PPO, GRPO, RLOO, DPO or KTO)")
     # The report calls the aligned side `ppo` whatever trained it: "aligned" is each run's own algorithm's policy.
     rows = [{"job": label, "algorithm": algorithm_traits(r.evaluate.algorithm).label,
              **{k.replace("PPO", "aligned"): v for k, v in eval_headline(r.evaluate).items()}}
@@ -149,7 +150,8 @@ if not jobs:
 by_id = {j["id"]: j for j in jobs}
 default = [j["id"] for j in jobs if j["status"] in (JobStatus.succeeded, JobStatus.running)][:2] or [jobs[0]["id"]]
 chosen = st.multiselect("Jobs", list(by_id), default=default, format_func=lambda i: ui.job_label(by_id[i]),
-                        key="compare_jobs", help="Runs of any algorithm: PPO, GRPO, RLOO and DPO compare side by side.")
+                        key="compare_jobs",
+                        help="Runs of any algorithm: PPO, GRPO, RLOO, DPO and KTO compare side by side.")
 if not chosen:
     st.stop()
 

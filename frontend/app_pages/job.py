@@ -6,9 +6,9 @@ step as its own phase (loading / warm-up), and the job's time left (`live.job_cl
 opens with a verdict card: aligned vs SFT on each measure, with its interval and a plain reading
 (`reports.verdict`). The alignment stage's curves and warnings follow the job's algorithm
 (`PipelineConfig.algorithm`): reward, KL and diagnostics of PPO, GRPO or RLOO under their own namespace (`grpo/kl`),
-DPO's loss, accuracy, margin and KL; everywhere a person reads the stage it is named by its algorithm. One
-Smoothing slider smooths every curve. Samples flagged as offensive are hidden on the landing views until asked for
-(`frontend.flagged`).
+DPO's loss, accuracy, margin and KL, KTO's loss, KL estimate and margin; everywhere a person reads the stage it is
+named by its algorithm. One Smoothing slider smooths every curve. Samples flagged as offensive are hidden on the
+landing views until asked for (`frontend.flagged`).
 
 The job is named in the URL (`/job?job=12`), so a reloaded tab re-attaches to it: the new session pulls
 the job's history once from the backend and then, every two seconds, only the rows after its cursors
@@ -151,16 +151,19 @@ def sampling_curves(feed: live.JobFeed, jid: int, smoothing: float) -> bool:
     return bool(feed.series(reward))
 
 
-def dpo_curves(feed: live.JobFeed, jid: int, smoothing: float) -> bool:
-    """DPO's curves: its preference loss, accuracy, margin and implicit rewards, and its KL; True once a step
-    has been logged."""
+def offline_curves(feed: live.JobFeed, jid: int, smoothing: float) -> bool:
+    """The curves of an algorithm that trains offline (DPO, KTO: `charts.offline_figure`): its loss, accuracy or KL
+    estimate, margin and implicit rewards, and its KL; True once a step has been logged."""
+    name = aligned_label(feed)
     if not feed.series(feed.key("loss")):
-        st.info("DPO: no step yet (DPO runs after SFT, on the preference pairs).")
+        st.info(f"{name}: no step yet ({name} runs after SFT, {charts.OFFLINE_DATA[feed.algorithm]}).")
         return False
-    st.plotly_chart(charts.dpo_figure(feed, smoothing=smoothing), key=f"j{jid}-dpo", width="stretch")
+    st.plotly_chart(charts.offline_figure(feed, smoothing=smoothing), key=f"j{jid}-{feed.algorithm}",
+                    width="stretch")
     c1, c2 = st.columns(2)
-    c1.caption(f"{len(feed.series(feed.key('loss')))} DPO steps · last loss {ui.fmt(feed.last(feed.key('loss')))} · "
-               f"last accuracy {ui.fmt(feed.last(feed.key('accuracy')))}")
+    second = "accuracy" if feed.series(feed.key("accuracy")) else "margin"
+    c1.caption(f"{len(feed.series(feed.key('loss')))} {name} steps · last loss {ui.fmt(feed.last(feed.key('loss')))} "
+               f"· last {second} {ui.fmt(feed.last(feed.key(second)))}")
     if feed.series(feed.key("kl")):
         c2.plotly_chart(charts.kl_figure(feed, smoothing=smoothing), key=f"j{jid}-kl", width="stretch")
     return True
@@ -218,7 +221,7 @@ def overview(feed: live.JobFeed, jid: int, smoothing: float, clock: live.JobCloc
         verdict_card(feed, jid)
     loading_notice(clock, feed.algorithm)
     samples = algorithm_traits(feed.algorithm).samples
-    aligned = sampling_curves(feed, jid, smoothing) if samples else dpo_curves(feed, jid, smoothing)
+    aligned = sampling_curves(feed, jid, smoothing) if samples else offline_curves(feed, jid, smoothing)
     if not aligned and feed.series("sft/loss"):
         st.plotly_chart(charts.keys_figure(feed, ["sft/loss", "sft/eval_loss"], "SFT loss", "sft",
                                            smoothing=smoothing), key=f"j{jid}-sft-overview", width="stretch")

@@ -14,8 +14,8 @@ or mixed with the data set: at launch a snapshot of them becomes `data.votes_fil
 picks, per stage, one of the Data sets page's uploads or hub registrations (`datasets` in the job request: the
 backend makes it that section's source).
 
-The alignment algorithm (`algorithm`: PPO, GRPO, RLOO or DPO) decides which settings follow: the sampling
-algorithms' (`ppo.*`, shared by PPO, GRPO and RLOO; a few PPO's own) or DPO's (`dpo.*`).
+The alignment algorithm (`algorithm`: PPO, GRPO, RLOO, DPO or KTO) decides which settings follow: the sampling
+algorithms' (`ppo.*`, shared by PPO, GRPO and RLOO; a few PPO's own), DPO's (`dpo.*`) or KTO's (`kto.*`).
 
 Below the fields, the memory plan (`POST /api/plan`, `edgerlhf.plan`) follows every change: each stage's
 planned peak, whether it fits the GPU the job would be checked against, what dominates, and for a stage
@@ -82,18 +82,29 @@ FIELDS: list[tuple[str, str, str, list[str] | None]] = [
     ("DPO", "dpo.max_length", "DPO max tokens per pair side", None),
     ("DPO", "dpo.eval_every", "DPO held-out evaluation every N steps", None),
     ("DPO", "dpo.gradient_checkpointing", "DPO gradient checkpointing", None),
+    ("KTO", "kto.beta", "KTO beta", None),
+    ("KTO", "kto.desirable_weight", "Weight of desirable answers", None),
+    ("KTO", "kto.undesirable_weight", "Weight of undesirable answers", None),
+    ("KTO", "kto.max_steps", "KTO steps", None),
+    ("KTO", "kto.batch_size", "KTO batch size (answers, at least 2)", None),
+    ("KTO", "kto.grad_accum", "KTO gradient accumulation", None),
+    ("KTO", "kto.learning_rate", "KTO learning rate", None),
+    ("KTO", "kto.max_length", "KTO max tokens per answer with its prompt", None),
+    ("KTO", "kto.eval_every", "KTO held-out evaluation every N steps", None),
+    ("KTO", "kto.gradient_checkpointing", "KTO gradient checkpointing", None),
     ("Evaluate", "evaluate.n_prompts", "Evaluation prompts", None),
 ]
-LAYOUT = [["Run", "Model", "Data"], ["SFT", "Reward model"], ["PPO", "DPO", "Evaluate"]]
+LAYOUT = [["Run", "Model", "Data"], ["SFT", "Reward model"], ["PPO", "DPO", "KTO", "Evaluate"]]
 ALGORITHM_HELP = {
     "ppo": "clipped policy gradient, value head and GAE, adaptive KL penalty in the reward",
     "grpo": "each response scored against its group of samples; KL in the loss; no value head",
     "rloo": "leave-one-out baseline over a prompt's samples; KL in the reward; no value head",
     "dpo": "offline on the preference pairs: no sampling, no reward model needed",
+    "kto": "offline on answers labelled good or bad (thumbs, or the pairs split): no sampling, no reward model needed",
 }
 """One line per algorithm for the select box (the field's ⓘ holds `PipelineConfig.algorithm`'s docstring)."""
 SECTION_ALGORITHMS = {section.upper(): tuple(a.name for a in ALGORITHM_TABLE.values() if a.section == section)
-                      for section in ("ppo", "dpo")}
+                      for section in ("ppo", "dpo", "kto")}
 """Sections shown only for some algorithms: `ppo.*` holds the settings of every sampling algorithm."""
 FIELD_ALGORITHMS = {"ppo.target_kl": tuple(a.name for a in ALGORITHM_TABLE.values() if a.adaptive_kl)}
 """Fields of a shown section that only some of its algorithms read (the adaptive KL controller is PPO's)."""
@@ -480,7 +491,9 @@ with st.container(border=True):
                 algorithm_label = ALGORITHM_TABLE[algorithm].label
                 sampling = section == "PPO" and algorithm_label != section  # GRPO and RLOO read the `ppo` section
                 st.subheader(f"{algorithm_label} (`ppo.*`)" if sampling else section, divider="gray")
-                if section == "DPO" and "reward" not in values.get("stages", defaults["stages"]):
+                traits = ALGORITHM_TABLE[algorithm]  # an offline algorithm's own section: DPO, KTO
+                if not traits.samples and section == traits.section.upper() \
+                        and "reward" not in values.get("stages", defaults["stages"]):
                     st.caption("Without the reward stage, the evaluation measures gold, length and KL, not reward.")
                 for sec, path, label, options in FIELDS:
                     if sec != section or not shown(section, path, algorithm):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from edgerlhf import memory, models
-from edgerlhf.align import dpo, policy
+from edgerlhf.align import dpo, offline, policy
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import Cancelled, RunContext
 from edgerlhf.contract import PPO_ADAPTER, SFT_MERGED, TRAIN_PREFS, merge_overrides
@@ -110,12 +110,12 @@ def test_dpo_holds_one_copy_of_the_network_and_the_check_sees_a_second(run_dir):
     trainer = _trainer(run_dir, dpo_config())
     grown = memory.tensor_bytes() - before
     assert trainer.ref_model is None  # TRL's reference: the same peft model with the adapter disabled
-    assert sum(dpo.held_base_storages(trainer).values()) == base_bytes
+    assert sum(offline.held_base_storages(trainer).values()) == base_bytes
     assert base_bytes <= grown < 1.5 * base_bytes
 
     # The naive design, a reference model beside the policy, holds two copies and the check says so.
     naive = _trainer(run_dir, dpo_config(), ref_model=copy.deepcopy(trainer.model.get_base_model()))
-    assert sum(dpo.held_base_storages(naive).values()) == 2 * base_bytes
+    assert sum(offline.held_base_storages(naive).values()) == 2 * base_bytes
 
 
 class StopAfter(RunContext):
@@ -178,7 +178,7 @@ def test_dpo_trains_checkpoints_resumes_and_saves_a_loadable_policy(tmp_path):
     assert run_stage("ppo", config, again).resumed_from_step == 4 and again.metric_series("dpo/loss") == []
     weights = next((run_dir / SFT_MERGED).glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes())
-    assert dpo.resumable_checkpoint(config, run_dir) is None
+    assert offline.resumable_checkpoint(config, run_dir, "dpo", config.dpo) is None
     assert not list((run_dir / "ppo" / "checkpoint").glob("checkpoint-*"))
 
     # Evaluated with the run's reward model when there is one.
@@ -222,10 +222,10 @@ def test_the_chunked_head_gives_autograds_gradients_without_a_whole_vocabulary_t
     head = torch.nn.Linear(h, v)
     targets = torch.randint(0, v, (n,))
     weights = torch.randn(n)  # a loss that weighs the positions differently
-    monkeypatch.setattr(dpo, "KL_CHUNK", 4 * v)  # pieces of 4 positions: 4 + 4 + 3
+    monkeypatch.setattr(offline, "KL_CHUNK", 4 * v)  # pieces of 4 positions: 4 + 4 + 3
 
-    token_logp, entropy, mean_logits, is_top1 = dpo.AnswerLogprobs.apply(hidden, head.weight.detach(),
-                                                                         head.bias.detach(), targets, scale, cap)
+    token_logp, entropy, mean_logits, is_top1 = offline.AnswerLogprobs.apply(hidden, head.weight.detach(),
+                                                                             head.bias.detach(), targets, scale, cap)
     (token_logp * weights).sum().backward()
     got = hidden.grad.clone()
     hidden.grad = None

@@ -14,7 +14,8 @@ from edgerlhf.contract import ALGORITHM_TABLE
 LIBRARY = Path(edgerlhf.__file__).parent
 SERVICE = ("worker", "backend", "db", "frontend")
 
-ALIGN_FLOORS = [("losses", "policy"), ("rollout", "dpo"), ("ppo", "grpo", "rloo"), ("loop",), ("__init__",)]
+ALIGN_FLOORS = [("losses", "policy"), ("rollout", "offline"), ("ppo", "grpo", "rloo", "dpo", "kto"), ("loop",),
+                ("__init__",)]
 """The alignment package bottom to top (`edgerlhf/align/__init__.py`'s docstring)."""
 
 

@@ -17,7 +17,7 @@ import torch
 from edgerlhf import cli, plan
 from edgerlhf.architectures import random_config
 from edgerlhf.config import TINY_TOKENIZER_DIR, ModelConfig, load_config
-from edgerlhf.contract import merge_overrides
+from edgerlhf.contract import ALGORITHMS, merge_overrides
 from edgerlhf.plan import GiB, MiB, Architecture, MemoryPlan, lora_params, network_bytes
 
 QWEN = "qwen2.5-0.5b-8gb"
@@ -148,7 +148,7 @@ def test_gradient_checkpointing_keeps_only_layer_inputs():
     """The what-if figure of every training stage is below its plan, and is the plan once the stage's
     `gradient_checkpointing` is on (for DPO too)."""
     result = plan.plan(load_config(QWEN))
-    on = {section: {"gradient_checkpointing": True} for section in ("sft", "reward", "ppo", "dpo")}
+    on = {section: {"gradient_checkpointing": True} for section in ("sft", "reward", "ppo", "dpo", "kto")}
     checkpointed = plan.plan(load_config(QWEN, on))
     for s, c in zip(result.stages, checkpointed.stages, strict=True):
         if s.stage != "evaluate":
@@ -318,7 +318,7 @@ def test_the_dpo_chunk_is_the_one_the_stage_uses():
     assert plan.KL_CHUNK == dpo.KL_CHUNK
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "dpo"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_8gb_preset_fits_8_gib_whatever_the_algorithm(algorithm):
     from edgerlhf.config import PRESETS
 

@@ -52,6 +52,8 @@ def test_a_feed_reads_its_jobs_algorithm_namespace_and_samples_per_step_from_its
     assert grpo.samples_per_step("mem/peak_mb") is None
     dpo = feed_of(2, "dpo", {}, dpo={"batch_size": 4, "grad_accum": 3})
     assert dpo.samples_per_step("loss") == 12  # preference pairs per optimizer step
+    kto = feed_of(2, "kto", {}, kto={"batch_size": 6, "grad_accum": 2})
+    assert kto.samples_per_step("loss") == 12  # labelled answers per optimizer step
     legacy = JobFeed(job_id=3, job={"id": 3, "name": "old", "preset": "tiny", "config": {"ppo": {"batch_size": 8}}})
     assert legacy.algorithm == "ppo" and legacy.samples_per_step("kl") == 8  # stored before the field existed
     assert job_label(grpo.job) == "#1 grpo-run (tiny, grpo)"
@@ -74,12 +76,26 @@ def test_the_job_figures_read_the_algorithms_metrics():
     dpo = feed_of(2, "dpo", {"dpo/loss": [0.69, 0.6], "dpo/accuracy": [0.5, 0.75], "dpo/margin": [0.0, 0.3],
                              "dpo/chosen_reward": [0.0, 0.1], "dpo/rejected_reward": [0.0, -0.2],
                              "dpo/eval_loss": [None, 0.65], "dpo/kl": [0.0, 0.02]})
-    fig = charts.dpo_figure(dpo)
+    fig = charts.offline_figure(dpo)
     drawn = {t.name: list(t.y) for t in fig.data}
     assert drawn == {"loss": [0.69, 0.6], "eval_loss": [None, 0.65], "accuracy": [0.5, 0.75], "margin": [0.0, 0.3],
                      "chosen_reward": [0.0, 0.1], "rejected_reward": [0.0, -0.2]}
     assert next(t for t in fig.data if t.name == "eval_loss").line.dash == "dot"
+    assert fig.layout.title.text == "DPO on the preference pairs"
     assert [list(t.y) for t in charts.kl_figure(dpo).data] == [[0.0, 0.02]]
+
+    # KTO: its loss per answer, its KL estimate z beside the margin and the implicit rewards; no accuracy.
+    kto = feed_of(3, "kto", {"kto/loss": [0.5, 0.45], "kto/kl": [0.0, 0.1], "kto/eval_kl": [None, 0.2],
+                             "kto/margin": [0.0, 0.4], "kto/chosen_reward": [0.0, 0.3],
+                             "kto/rejected_reward": [0.0, -0.1], "dpo/loss": [9.0, 9.0]})  # not this job's
+    fig = charts.offline_figure(kto)
+    assert {t.name: list(t.y) for t in fig.data} == {
+        "loss": [0.5, 0.45], "kl": [0.0, 0.1], "eval_kl": [None, 0.2], "margin": [0.0, 0.4],
+        "chosen_reward": [0.0, 0.3], "rejected_reward": [0.0, -0.1]}
+    assert fig.layout.title.text == "KTO on desirable and undesirable answers"
+    assert [a.text for a in fig.layout.annotations] == ["loss", "KL estimate z", "margin", "implicit rewards"]
+    assert charts.measure(kto, "kto/loss").title == "KTO loss (per answer)"
+    assert charts.measure(kto, "kto/kl").what.startswith("KL estimate z")
 
 
 def test_compare_overlays_a_metric_by_name_across_algorithms_on_steps_or_samples():
@@ -184,3 +200,6 @@ def test_the_warnings_follow_the_jobs_algorithm():
     # DPO: no sampling limits; its KL stuck at zero is still the policy not moving, a NaN loss still an error.
     dpo = feed_of(5, "dpo", {"dpo/kl": [0.0] * 6, "dpo/loss": [0.69, 0.69, None, 0.6, 0.6, 0.6]}).all_series()
     assert [a.code for a in alerts.check_job(job(5, "dpo"), dpo)] == ["nan", "kl_collapse"]
+    # KTO's KL is an estimate clamped at 0, which stays there while the policy moves: no KL-collapse warning.
+    kto = feed_of(6, "kto", {"kto/kl": [0.0] * 6, "kto/loss": [0.5, 0.5, None, 0.4, 0.4, 0.4]}).all_series()
+    assert [a.code for a in alerts.check_job(job(6, "kto"), kto)] == ["nan"]

@@ -98,6 +98,13 @@ def dpo_feed() -> JobFeed:
                                       "dpo/kl": [0.0, 0.02], "dpo/eval_kl": [None, 0.03]}})
 
 
+def kto_feed() -> JobFeed:
+    return feed_of(6, "kto", {"ppo": {"kto/loss": [0.5, 0.45], "kto/eval_loss": [None, 0.47],
+                                      "kto/kl": [0.0, 0.1], "kto/eval_kl": [None, 0.2],
+                                      "kto/margin": [0.0, 0.3], "kto/eval_margin": [None, 0.2],
+                                      "kto/chosen_reward": [0.0, 0.2], "kto/rejected_reward": [0.0, -0.1]}})
+
+
 def probes() -> tuple[list[dict], list[str]]:
     rows = [{"prompt": p, "checkpoint": ckpt, "stage": ckpt.split("/")[0], "step": 0, "reward": -1.0 + i + j}
             for i, ckpt in enumerate(["sft/step-30", "ppo/step-5", "ppo/step-10"]) for j, p in enumerate(PROMPTS)]
@@ -122,7 +129,8 @@ BUILDERS = {
                                                  smoothing=s)],
     "diagnostics_figure": lambda s: [charts.diagnostics_figure(ppo_feed(), smoothing=s),
                                      charts.diagnostics_figure(grpo_feed(), smoothing=s)],
-    "dpo_figure": lambda s: [charts.dpo_figure(dpo_feed(), smoothing=s)],
+    "offline_figure": lambda s: [charts.offline_figure(dpo_feed(), smoothing=s),
+                                 charts.offline_figure(kto_feed(), smoothing=s)],
     "reward_model_figure": lambda s: [charts.reward_model_figure(ppo_feed(), smoothing=s)],
     "precision_figure": lambda s: [charts.precision_figure(PRECISION_ROWS)],
     "eval_figure": lambda s: [charts.eval_figure(ev_report("rloo", 0.5, -0.2, 0.4, PROMPTS)),
@@ -140,8 +148,8 @@ BUILDERS = {
 """Each public figure builder of `frontend.charts`, built from small synthetic feeds and reports (smoothing `s`
 where the builder takes it)."""
 
-TIME_SERIES = ("reward_figure", "kl_figure", "keys_figure", "diagnostics_figure", "dpo_figure", "reward_model_figure",
-               "memory_figure", "compare_figure")
+TIME_SERIES = ("reward_figure", "kl_figure", "keys_figure", "diagnostics_figure", "offline_figure",
+               "reward_model_figure", "memory_figure", "compare_figure")
 """The builders of curves over steps or time: each takes `smoothing`."""
 
 
@@ -159,8 +167,8 @@ def axes(fig) -> list[str]:
 
 
 UNITS = {m.unit for table in (charts.ALIGNMENT_MEASURES, charts.LM_MEASURES, charts.REWARD_MODEL_MEASURES,
-                              charts.EVALUATE_MEASURES) for m in table.values()} | \
-        {m.unit for _, m in charts.PRECISION_PANELS}
+                              charts.EVALUATE_MEASURES, *charts.ALGORITHM_MEASURES.values())
+         for m in table.values()} | {m.unit for _, m in charts.PRECISION_PANELS}
 """The units the charts know; a y-axis reads `what (unit)` or, under a subplot title that says what, the unit."""
 
 

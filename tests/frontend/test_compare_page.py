@@ -78,7 +78,9 @@ def test_new_job_form_chooses_the_algorithm_and_shows_its_settings(backend, dash
     assert select.options == ["PPO — clipped policy gradient, value head and GAE, adaptive KL penalty in the reward",
                               "GRPO — each response scored against its group of samples; KL in the loss; no value head",
                               "RLOO — leave-one-out baseline over a prompt's samples; KL in the reward; no value head",
-                              "DPO — offline on the preference pairs: no sampling, no reward model needed"]
+                              "DPO — offline on the preference pairs: no sampling, no reward model needed",
+                              "KTO — offline on answers labelled good or bad (thumbs, or the pairs split): no "
+                              "sampling, no reward model needed"]
     keys = {w.key for w in at.number_input}
     assert "nj:tiny:ppo.steps" in keys and "nj:tiny:ppo.target_kl" in keys and "nj:tiny:dpo.beta" not in keys
 
@@ -105,6 +107,16 @@ def test_new_job_form_chooses_the_algorithm_and_shows_its_settings(backend, dash
     dpo = newest_job(backend)
     assert dpo["id"] != grpo["id"] and dpo["config"]["algorithm"] == "dpo"
     assert dpo["config"]["dpo"]["beta"] == 0.25 and dpo["config"]["dpo"]["max_steps"] == 7
+
+    at.switch_page("app_pages/new_job.py").run()
+    at.selectbox(key="nj:tiny:algorithm").set_value("kto").run()
+    keys = {w.key for w in at.number_input}
+    assert "nj:tiny:dpo.beta" not in keys and {"nj:tiny:kto.beta", "nj:tiny:kto.desirable_weight"} <= keys
+    at.number_input(key="nj:tiny:kto.desirable_weight").set_value(1.25)
+    [b for b in at.button if "Launch" in (b.label or "")][0].click().run()
+    assert not at.exception, at.exception
+    kto = newest_job(backend)
+    assert kto["config"]["algorithm"] == "kto" and kto["config"]["kto"]["desirable_weight"] == 1.25
 
 
 def test_grpo_and_dpo_job_pages_draw_and_check_their_own_metrics(backend, dashboard_env):
