@@ -875,7 +875,9 @@ def field_docs(cls: type = None, prefix: str = "") -> list[dict[str, Any]]:
     """
     cls = cls or PipelineConfig
     hints = typing.get_type_hints(cls)
-    defaults = cls()
+    required = any(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   for f in dataclasses.fields(cls))
+    defaults = None if required else cls()  # a reward component has no default `kind`: its fields' own defaults
     out = []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
@@ -883,10 +885,23 @@ def field_docs(cls: type = None, prefix: str = "") -> list[dict[str, Any]]:
             out += field_docs(hint, f"{prefix}{f.name}.")
             continue
         bounds = ranges(cls).get(f.name)
-        out.append({"path": f"{prefix}{f.name}", "type": _type_name(hint), "default": getattr(defaults, f.name),
+        default = (getattr(defaults, f.name) if defaults is not None else f.default
+                   if f.default is not dataclasses.MISSING else None)
+        out.append({"path": f"{prefix}{f.name}", "type": _type_name(hint), "default": default,
                     "help": _docstrings(cls).get(f.name, ""),
                     "range": None if bounds is None else dataclasses.asdict(bounds)})
+        item = _list_item(hint)
+        if dataclasses.is_dataclass(item):  # a list of objects (`ppo.rewards`): each item's fields, `ppo.rewards.kind`
+            out += field_docs(item, f"{prefix}{f.name}.")
     return out
+
+
+def _list_item(hint: Any) -> Any:
+    """The item type of `list[X]` or `list[X] | None`, else None."""
+    for arg in (hint, *typing.get_args(hint)):
+        if typing.get_origin(arg) is list:
+            return typing.get_args(arg)[0]
+    return None
 
 
 def _type_name(hint: Any) -> str:

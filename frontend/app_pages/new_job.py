@@ -259,7 +259,10 @@ def fill_form(preset: str, algorithm: str, change: dict[str, Any], fields: dict[
     filled = set(st.session_state.get(FILLED, ()))
     rest: dict[str, Any] = {}
     for path, value in leaves(change):
-        if path in sections and shown(sections[path], path, algorithm):
+        if path == REWARDS and value:  # stated rewards go to the builder's cards, switched on
+            st.session_state[f"nj:{preset}:rewards"] = [dict(c) for c in value]
+            st.session_state[f"nj:{preset}:rewards:on"] = True
+        elif path in sections and shown(sections[path], path, algorithm):
             key = widget_key(preset, algorithm, path)
             kind = fields[path]["type"].removesuffix(" | None")
             st.session_state[key] = float(value) if kind == "float" and value is not None else value

@@ -3,7 +3,10 @@
 - switched on for GRPO, it starts from a verifiable reward and a format rule; a component added, changed and launched
   reaches the job's config as `ppo.rewards`, empty fields left to the config's defaults;
 - an invalid component is refused with the message under the builder, naming `ppo.rewards[i].<field>`;
-- the Try-it box scores typed answers through `POST /api/rewards/score`: each component and the weighted total.
+- the Try-it box scores typed answers through `POST /api/rewards/score`: each component and the weighted total;
+- each field's help is the config's docstring of `RewardComponent` (served by `/api/config/fields`);
+- cloning a job with stated rewards puts them in the builder's cards, not in the extra overrides box, and the
+  copy launches with the same components.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ def test_the_builder_sends_its_components_as_the_jobs_stated_rewards(backend, da
     at = grpo_form(backend, dashboard_env)
     assert at.selectbox(key=f"{KEY}:0:kind").value == "reference_answer"
     assert at.text_input(key=f"{KEY}:1:regex:pattern").value == "^The answer is"
+    fields = {f["path"]: f for f in httpx.get(f"{backend.url}/api/config/fields", timeout=30).json()}
+    assert "regular expression" in fields["ppo.rewards.pattern"]["help"]
+    assert at.text_input(key=f"{KEY}:1:regex:pattern").help == fields["ppo.rewards.pattern"]["help"]
     button(at, "Add a component").click().run()
     at.selectbox(key=f"{KEY}:2:kind").set_value("length").run()
     at.number_input(key=f"{KEY}:2:length:target").set_value(12).run()
@@ -70,3 +76,27 @@ def test_try_it_scores_typed_answers_with_the_builders_components(backend, dashb
     assert list(table["answer"]) == ["The answer is 42.", "It is 41."]
     assert list(table["correct (× 1)"]) == [1.0, 0.0] and list(table["format (× 0.2)"]) == [1.0, 0.0]
     assert list(table["total"]) == [1.2, 0.0]
+
+
+def test_a_cloned_jobs_stated_rewards_fill_the_builder(backend, dashboard_env):
+    rewards = [{"kind": "reference_answer", "column": "answer", "extract": "after:Answer:", "name": "correct"},
+               {"kind": "regex", "pattern": "^Answer:", "weight": 0.2, "name": "format"}]
+    created = httpx.post(f"{backend.url}/api/jobs", timeout=30, json={
+        "preset": "tiny", "name": "stated", "overrides": {"algorithm": "grpo", "ppo": {"rewards": rewards}}})
+    assert created.status_code == 201, created.text
+    original = created.json()
+    dashboard_env(backend.url)
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.query_params["clone"] = str(original["id"])
+    at.run()
+    at.switch_page("app_pages/new_job.py").run()
+    assert not at.exception, at.exception
+    assert at.toggle(key=f"{KEY}:on").value is True
+    assert at.selectbox(key=f"{KEY}:0:kind").value == "reference_answer"
+    assert at.text_input(key=f"{KEY}:0:reference_answer:extract").value == "after:Answer:"
+    assert at.text_input(key=f"{KEY}:1:regex:pattern").value == "^Answer:"
+    assert "rewards" not in (at.text_area(key="nj:tiny:extra").value or "")
+    button(at, "Launch").click().run()
+    assert not at.exception, at.exception
+    copy = next(j for j in httpx.get(f"{backend.url}/api/jobs", timeout=30).json()["items"] if j["id"] != original["id"])
+    assert httpx.get(f"{backend.url}/api/jobs/{copy['id']}", timeout=30).json()["config"] == original["config"]
