@@ -3,31 +3,45 @@
     python -m edgerlhf.lab.verifiable --seeds 0 1 2 --algorithms grpo ppo rloo --out verifiable.json
     edgerlhf verifiable --seeds 0 --algorithms grpo
 
-The task, **category**: the prompt names a word, the answer names its category (animal, food, color or place) in
-a fixed format:
+The task, **echo**: the prompt gives a word, the right answer repeats it, in a fixed format:
 
-    Human: What kind of thing is tiger?
-    Assistant: Answer: animal
+    Human: Please echo tiger.
+    Assistant: Answer: tiger
 
-`CATEGORIES` holds ten words per category (one GPT-2 token each), `TEMPLATES` eight ways to ask. The SFT
-demonstrations are every template of the first half of each category's words, and *one* template (drawn by the
-seed) of each other word: SFT learns the format and the first words well, the others barely. The prompts of the
-alignment and of the evaluation are the other seven templates of those barely taught words, split into training
-and held-out prompts by `data.test_fraction`: a held-out prompt asks about a word the alignment saw, in a way it
-did not. The reward is `reference_answer` (the
-text after `Answer:` equals the category, case and spaces normalised) plus 0.2 x a format rule (`^Answer:`); an
-answer cut at the cap pays `ppo.missing_eos_penalty`. The task is *learned* at a seed when the exact-match rate of
-the aligned policy minus SFT's on held-out prompts has a bootstrap interval above 0
-(`evaluate.reward_parts_diff["correct"]`).
+`WORDS` holds forty words (one GPT-2 token each), `TEMPLATES` eight ways to ask. The SFT demonstrations are every
+word in the first `TAUGHT` templates; the prompts of the alignment and of the evaluation are every word in the
+others, split into training and held-out prompts by `data.test_fraction`: SFT has never seen a prompt worded that
+way, and a held-out prompt pairs a word with a wording the alignment did not see together. The right answer
+depends on the prompt: no one answer is right for two prompts. The reward is `reference_answer` — the answer's last
+word equals the prompt's word — plus 0.2 x a format rule (`^Answer:`); an answer cut at the cap pays
+`ppo.missing_eos_penalty`. The task is *learned* at a seed when the exact-match rate of the aligned policy minus
+SFT's on held-out prompts has a bootstrap interval above 0 (`evaluate.reward_parts_diff["correct"]`).
+
+The `tiny` preset's random base learns to copy a word only from a long warm-up (`TASK`: 1,500 causal-LM steps on
+the demonstrations, every parameter trained), so the warm-up is part of this task's SFT; SFT then copies in its
+own wordings and sometimes in the new ones, often without the format.
 
 Each seed is one `tiny` pipeline (data -> warm-up + SFT -> alignment -> evaluate; no reward stage) in
 `<run-root>/seed<seed>/`; every further algorithm reuses its data and SFT policy, in `seed<seed>-<algorithm>/`.
-Like `edgerlhf known-answer`, a benchmark, not a test: it reports, it does not tune. (A first task, naming the
-second of three words, was dropped at its pilot seed, 100, before any reported run: SFT on 64 or 512
-demonstrations answered a word not in the prompt, exact match 0.01-0.02, and GRPO did not move it. So was a first
-version of this one whose asked words SFT had never seen: SFT guessed (0.28), and GRPO stayed at chance over 100
-steps (0.26 -> 0.22 per 10 steps) while it learned an unconditional rule, "say animal", in 5 steps: the tiny
-model's policy adapter does not learn a new word -> category mapping from rewards alone.)
+Like `edgerlhf known-answer`, a benchmark, not a test: it reports, it does not tune.
+
+Written down before any reported run (seeds 0, 1, 2), after pilots at seed 100 only. Dropped there:
+- *second of three words*: SFT on 64 or 512 demonstrations answered a word not in the prompt (exact match
+  0.01-0.02) and GRPO did not move it;
+- *category* (a word's category: animal, food, color, place), asked of words SFT never saw (SFT 0.28, GRPO flat at
+  chance over 100 steps) or saw in one wording (SFT 0.33, GRPO 0.28 at 30 steps, 0.24-0.29 over 120 steps with 8
+  samples per prompt): a supervised run of the policy's own LoRA on the asked prompts stayed at chance too (train
+  exact match 0.27 after 150 steps of 8), so the tiny model's policy adapter cannot hold a word -> category map at
+  all, from rewards or from labels; GRPO learned the unconditional "say animal" in 5 steps;
+- *echo* with the preset's 150-step warm-up: SFT did not copy at all (loss 0.9 per answer token, exact match 0.01);
+- *echo* with the exact match requiring the format (`after:Answer:`): SFT's format depends on the wording, always
+  or never, so a group of samples never differs in it and GRPO could not learn it (0.09 -> 0.14-0.16, intervals
+  reaching 0), while the same runs raised the share of answers naming the right word by +0.19 [+0.05, +0.33] and
+  [+0.08, +0.30]: the criterion became the word, the format a bonus;
+- noisy demonstrations (the right word in a third or fewer of them): the warm-up did not learn to copy (0.02).
+This version, at seed 100: with six templates taught (two asked) GRPO did not move the exact match (0.35 -> 0.33,
+-0.02 [-0.09, +0.06]); with five (three asked, the version written here) it did (0.45 -> 0.60, +0.15 [+0.06,
++0.23]). SFT is right about half the time, not rarely: a wording it has never seen, and a word it must copy.
 """
 
 from __future__ import annotations
@@ -45,49 +59,45 @@ from edgerlhf.config import load_config
 from edgerlhf.contract import merge_overrides
 from edgerlhf.lab.known_answer import add_run_arguments, interval_text, run_seed, start_runs
 
-CATEGORIES = {
-    "animal": ("horse", "tiger", "sheep", "mouse", "eagle", "snake", "whale", "camel", "rabbit", "wolf"),
-    "food": ("bread", "apple", "rice", "cheese", "pizza", "sugar", "soup", "cake", "meat", "salad"),
-    "color": ("red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black", "white"),
-    "place": ("city", "school", "church", "hospital", "forest", "beach", "market", "village", "island", "park"),
-}
-"""Ten words per category, one GPT-2 token each with their leading space (checked when the task is written)."""
-TEMPLATES = ("What kind of thing is {w}?", "Is {w} an animal, a food, a color or a place?",
-             "Which category does the word {w} belong to?", "Name the category of: {w}.",
-             "{w}: which kind of thing is it?", "Tell me what sort of thing {w} is.", "Classify the word {w}.",
-             "In one word, what is {w}?")
+WORDS = ("horse", "tiger", "sheep", "mouse", "eagle", "snake", "whale", "camel", "rabbit", "wolf",
+         "bread", "apple", "rice", "cheese", "pizza", "sugar", "soup", "cake", "meat", "salad",
+         "red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black", "white",
+         "city", "school", "church", "hospital", "forest", "beach", "market", "village", "island", "park")
+"""Forty words, one GPT-2 token each with their leading space (checked when the task is written)."""
+TEMPLATES = ("Repeat the word {w}.", "Say {w}.", "Write the word: {w}", "Copy this word exactly: {w}",
+             "{w} - say it back.", "Please echo {w}.", "What word is this: {w}?", "Type {w} back to me.")
+TAUGHT = 5
+"""SFT's demonstrations use the first `TAUGHT` templates, the prompts the others."""
 SHARED_STAGES = ("data", "sft")
 COMPONENTS = [
-    {"kind": "reference_answer", "column": "answer", "extract": "after:Answer:", "compare": "text", "name": "correct"},
+    {"kind": "reference_answer", "column": "answer", "extract": r"regex:(\w+)\W*$", "compare": "text", "name": "correct"},
     {"kind": "regex", "pattern": "^Answer:", "weight": 0.2, "name": "format"},
 ]
 TASK = {
     "stages": ["data", "sft", "ppo", "evaluate"],
-    "data": {"labels": "human", "max_response_tokens": 8},
-    "ppo": {"rewards": COMPONENTS, "response_length": 8},
-    "evaluate": {"response_length": 8},
+    "data": {"labels": "human", "max_response_tokens": 8, "test_fraction": 0.25},
+    "warmup": {"steps": 1500, "max_epochs": 100},
+    "ppo": {"rewards": COMPONENTS, "response_length": 8, "steps": 60, "learning_rate": 1e-3},
+    "evaluate": {"response_length": 8, "samples_per_prompt": 8},
 }
-"""The `tiny` preset's changes for this task: answers of a few tokens, the stated rewards, no reward model."""
+"""The `tiny` preset's changes for this task: a warm-up long enough to learn copying, answers of a few tokens, the
+stated rewards and no reward model, 60 alignment steps at a third of the preset's learning rate, 8 answers per
+held-out prompt."""
 
 
 def write_task(root: Path, seed: int, tokenizer_dir: str | None = None) -> tuple[Path, Path]:
-    """The demonstrations (`prompt`/`completion`: the first half of each category's words) and the prompts with
-    their `answer` (the other words), as JSONL, each shuffled by `seed`."""
+    """The demonstrations (`prompt`/`completion`: every word in the first `TAUGHT` templates) and the prompts with
+    their `answer` (every word in the other templates), as JSONL, each shuffled by `seed`."""
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-        split = [w for words in CATEGORIES.values() for w in words if len(tok(" " + w)["input_ids"]) != 1]
+        split = [w for w in WORDS if len(tok(" " + w)["input_ids"]) != 1]
         if split:
             raise ValueError(f"words that are not one token: {split}")
-    taught = [(w, c) for c, words in CATEGORIES.items() for w in words[: len(words) // 2]]
-    asked = [(w, c) for c, words in CATEGORIES.items() for w in words[len(words) // 2:]]
+    demos = [{"prompt": t.format(w=w), "completion": f"Answer: {w}"} for w in WORDS for t in TEMPLATES[:TAUGHT]]
+    prompts = [{"prompt": t.format(w=w), "answer": w} for w in WORDS for t in TEMPLATES[TAUGHT:]]
     rng = random.Random(seed)
-    once = {w: rng.randrange(len(TEMPLATES)) for w, _ in asked}  # the one template an asked word is taught in
-    demos = [{"prompt": t.format(w=w), "completion": f"Answer: {c}"} for w, c in taught for t in TEMPLATES]
-    demos += [{"prompt": TEMPLATES[once[w]].format(w=w), "completion": f"Answer: {c}"} for w, c in asked]
-    prompts = [{"prompt": t.format(w=w), "answer": c} for w, c in asked for i, t in enumerate(TEMPLATES)
-               if i != once[w]]
     rng.shuffle(demos)
     rng.shuffle(prompts)
     root.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgerlhf import cli
+from edgerlhf.config import load_config
 from edgerlhf.lab import known_answer
 
 
@@ -70,26 +71,31 @@ def test_resume_keeps_the_finished_rows_and_runs_only_the_missing(tmp_path, caps
     assert known_answer.main(["--resume", "--out", str(out)]) == 2  # without the run root a resume cannot share
 
 
-def test_the_verifiable_task_asks_only_what_sft_barely_saw_and_its_command_refuses_bad_input(tmp_path):
-    """`edgerlhf verifiable`'s task (`edgerlhf.lab.verifiable`): the demonstrations teach half the words in every
-    phrasing and the other half in one; the prompts ask those in the other seven, each with its category; every
-    word is one tokenizer token. The command checks its overrides like `known-answer`."""
+def test_the_verifiable_task_asks_in_wordings_sft_never_saw_and_its_command_refuses_bad_input(tmp_path):
+    """`edgerlhf verifiable`'s task (`edgerlhf.lab.verifiable`, echo): the demonstrations answer every word in the
+    first `TAUGHT` wordings; the prompts ask every word in the others, each with the word as its answer (so no
+    answer is right for two prompts); every word is one tokenizer token; the stated rewards score a right word in
+    any format, the format on its own. The command checks its overrides like `known-answer`."""
     from edgerlhf.config import TINY_TOKENIZER_DIR
     from edgerlhf.lab import verifiable
+    from edgerlhf.rewards import RewardSet
 
     demos, prompts = (Path(p) for p in verifiable.write_task(tmp_path, 0, TINY_TOKENIZER_DIR))
     demos = [json.loads(line) for line in demos.read_text().splitlines()]
     prompts = [json.loads(line) for line in prompts.read_text().splitlines()]
-    category = {w: c for c, words in verifiable.CATEGORIES.items() for w in words}
-    asked = {w for c, words in verifiable.CATEGORIES.items() for w in words[len(words) // 2:]}
-    n = len(verifiable.TEMPLATES)
-    assert len(demos) == (len(category) - len(asked)) * n + len(asked) and len(prompts) == len(asked) * (n - 1)
+    taught, asked = verifiable.TEMPLATES[:verifiable.TAUGHT], verifiable.TEMPLATES[verifiable.TAUGHT:]
+    assert len(demos) == len(verifiable.WORDS) * len(taught) and len(prompts) == len(verifiable.WORDS) * len(asked)
+    assert {d["prompt"] for d in demos} == {t.format(w=w) for w in verifiable.WORDS for t in taught}
     assert not {d["prompt"] for d in demos} & {p["prompt"] for p in prompts}
-    for p in prompts:
-        (word,) = [w for w in asked if f" {w}" in f" {p['prompt']}".replace(":", " ").replace("?", " ")
-                   .replace(".", " ")]
-        assert p["answer"] == category[word]
-    assert all(d["completion"] == f"Answer: {category[w]}" for d in demos for w in category
-               if d["prompt"] in {t.format(w=w) for t in verifiable.TEMPLATES})
+    assert all(p["prompt"] in {t.format(w=p["answer"]) for t in asked} for p in prompts)
+    assert all(d["completion"] == f"Answer: {w}" for d in demos for w in verifiable.WORDS
+               if d["prompt"] in {t.format(w=w) for t in taught})
+    assert len({p["answer"] for p in prompts}) == len(verifiable.WORDS)
+
+    prompt = asked[0].format(w="tiger")
+    rewards = RewardSet(load_config("tiny", verifiable.TASK).ppo.rewards, rows={prompt: {"answer": "tiger"}})
+    for answer, correct, fmt in [("Answer: tiger", 1, 1), ("tiger.", 1, 0), ("Answer: horse", 0, 1), ("", 0, 0)]:
+        _, parts = rewards.score([prompt], [answer])
+        assert (parts["correct"][0], parts["format"][0]) == (correct, fmt), answer
     assert cli.DISPATCH["verifiable"] == "edgerlhf.lab.verifiable:main"
     assert verifiable.main(["--set", "ppo.steps=0"]) == 2 and verifiable.main(["--resume"]) == 2
