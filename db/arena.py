@@ -6,10 +6,10 @@ leaderboard is `edgerlhf.votes`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import INT64_MAX, ArenaVote, VoteChoice
@@ -40,9 +40,13 @@ def count_votes(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(ArenaVote)) or 0
 
 
-def votes_after(session: Session, after_id: int, limit: int) -> list[ArenaVote]:
-    """Up to `limit` votes with an id above `after_id`, oldest first: one page of the export or the snapshot."""
-    return list(session.scalars(select(ArenaVote).where(ArenaVote.id > after_id).order_by(ArenaVote.id).limit(limit)))
+def votes_after(session: Session, after_id: int, limit: int, models: Collection[str] | None = None) -> list[ArenaVote]:
+    """Up to `limit` votes with an id above `after_id`, oldest first: one page of the export or the snapshot; with
+    `models`, only the votes with one of them on either side (the next round's votes about a job's model)."""
+    query = select(ArenaVote).where(ArenaVote.id > after_id)
+    if models is not None:
+        query = query.where(or_(ArenaVote.model_a.in_(models), ArenaVote.model_b.in_(models)))
+    return list(session.scalars(query.order_by(ArenaVote.id).limit(limit)))
 
 
 def outcomes(session: Session) -> list[dict[str, str]]:

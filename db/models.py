@@ -96,7 +96,8 @@ class Base(DeclarativeBase):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_id", "status", "id"), {"sqlite_autoincrement": True})
+    __table_args__ = (Index("ix_jobs_status_id", "status", "id"), Index("ix_jobs_parent_id", "parent_id"),
+                      {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(ID64, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -124,6 +125,12 @@ class Job(Base):
     """The last `row_seq` handed to one of this job's metrics, samples or log lines (`db.queue.next_row_seqs`)."""
     min_gpu_memory_mb: Mapped[int | None] = mapped_column(Integer, default=None)
     """Only a worker whose GPU has at least this much memory (MB) claims the job; None: any worker."""
+    parent_id: Mapped[int | None] = mapped_column(ID64, default=None)
+    """The job this one continues (`POST /api/jobs/{id}/continue`): the next round of RLHF from its aligned policy;
+    None for a round 1. No foreign key: a round keeps its place in the chain when its parent is deleted (its own run
+    directory holds all it needs once its SFT stage has written the parent's policy)."""
+    round: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    """Which round of RLHF the job is: 1 from a base model, the parent's round + 1 (its config's `round.number`)."""
 
     stage_runs: Mapped[list[StageRun]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="StageRun.id")

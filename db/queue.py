@@ -125,12 +125,15 @@ def _get(session: Session, job_id: int) -> Job:
 
 
 def create_job(session: Session, *, name: str, preset: str, config: dict[str, Any],
-               min_gpu_memory_mb: int | None = None) -> Job:
-    job = Job(name=name, preset=preset, config=config, status=JobStatus.queued, min_gpu_memory_mb=min_gpu_memory_mb)
+               min_gpu_memory_mb: int | None = None, parent_id: int | None = None, round: int = 1) -> Job:
+    """Queue a job; `parent_id` and `round`: the job it continues and its round (the next round of RLHF)."""
+    job = Job(name=name, preset=preset, config=config, status=JobStatus.queued, min_gpu_memory_mb=min_gpu_memory_mb,
+              parent_id=parent_id, round=round)
     session.add(job)
     session.flush()
     needs = f", needs a GPU with >= {min_gpu_memory_mb} MB" if min_gpu_memory_mb is not None else ""
-    _add_logs(session, job.id, _log_row(job.id, f"queued ({preset}{needs})"))
+    continues = f", round {round}: continues job {parent_id}" if parent_id is not None else ""
+    _add_logs(session, job.id, _log_row(job.id, f"queued ({preset}{needs}{continues})"))
     session.commit()
     return job
 
@@ -471,6 +474,16 @@ def retry(session: Session, job_id: int) -> Job:
     return _get(session, job_id)
 
 
+def waiting_rounds(session: Session, job_id: int) -> list[int]:
+    """The queued or running jobs that continue job `job_id` and still need its run directory: their SFT stage, which
+    writes the parent's aligned policy into their own, has not succeeded."""
+    children = session.scalars(select(Job.id).where(Job.parent_id == job_id, Job.status.not_in(FINISHED))
+                               .order_by(Job.id)).all()
+    copied = set(session.scalars(select(StageRun.job_id).where(StageRun.job_id.in_(children), StageRun.stage == "sft",
+                                                               StageRun.status == StageStatus.succeeded)).all())
+    return [i for i in children if i not in copied]
+
+
 def delete_job(session: Session, job_id: int) -> Job:
     """Delete a finished job and everything recorded about it (the caller removes its run directory)."""
     job = _get(session, job_id)
@@ -478,6 +491,12 @@ def delete_job(session: Session, job_id: int) -> Job:
         session.rollback()
         raise JobStateError(f"job {job_id} is {job.status.value}; only finished jobs can be deleted "
                             f"(cancel it first)")
+    waiting = waiting_rounds(session, job_id)
+    if waiting:
+        session.rollback()
+        raise JobStateError(f"job {job_id} is continued by job(s) {', '.join(f'#{i}' for i in waiting)}, which start "
+                            "from its aligned policy and have not copied it yet: delete it once their SFT stage has "
+                            "finished (or cancel them)")
     # The job row first, as every writer of a job's rows locks it (`next_row_seqs`): a late batch of a job
     # process that outlived its job commits before the delete, or waits and finds no job.
     session.execute(select(Job.id).where(Job.id == job_id).with_for_update())

@@ -63,6 +63,28 @@ def list_jobs(session: Session, statuses: Sequence[JobStatus] = (), limit: int =
     return list(jobs), int(session.scalar(count) or 0)
 
 
+def rounds(session: Session, job_id: int) -> list[Job]:
+    """The chain of rounds job `job_id` belongs to (`Job.parent_id`): the jobs it continues, back to its round 1 (or
+    to the first whose parent was deleted), itself, and every job continued from it, from those, and so on; ordered
+    by round, then id. Empty for an unknown job."""
+    job = get_job(session, job_id)
+    if job is None:
+        return []
+    found = {job.id: job}
+    node = job
+    while node.parent_id is not None and node.parent_id not in found:
+        parent = get_job(session, node.parent_id)
+        if parent is None:
+            break
+        found[parent.id] = node = parent
+    frontier = [job.id]
+    while frontier:
+        children = [c for c in session.scalars(select(Job).where(Job.parent_id.in_(frontier))) if c.id not in found]
+        found.update({c.id: c for c in children})
+        frontier = [c.id for c in children]
+    return sorted(found.values(), key=lambda j: (j.round or 1, j.id))
+
+
 def queue_positions(session: Session) -> dict[int, int]:
     """Queued job id -> its position in the queue (1 = the next job a worker claims)."""
     ids = session.scalars(select(Job.id).where(Job.status == JobStatus.queued).order_by(Job.id)).all()

@@ -14,6 +14,7 @@
                          with an Ollama Modelfile (`--format gguf --quant f16|q8_0`)
     edgerlhf known-answer  every known-answer gold at several seeds: is content learned, not length
     edgerlhf verifiable  a task with right answers and stated rewards, no reward model: is it learned
+    edgerlhf rounds      two rounds of RLHF, the second on a simulated voter's votes: does round 2 beat round 1
 
 Subcommands import their code lazily, so `edgerlhf up` starts fast and `edgerlhf backend` never loads
 the training stack it does not need.
@@ -53,6 +54,7 @@ DISPATCH = {
     "export": "edgerlhf.export:main",
     "known-answer": "edgerlhf.lab.known_answer:main",
     "verifiable": "edgerlhf.lab.verifiable:main",
+    "rounds": "edgerlhf.lab.rounds:main",
 }
 
 

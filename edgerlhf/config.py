@@ -25,8 +25,9 @@ from edgerlhf.contract import ALGORITHMS, PRECISIONS, REWARD_POOLINGS, STAGES, a
 from edgerlhf.locations import absolute_local_paths
 
 LOCATION_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"), ("data", "votes_file"),
-                   ("sft_data", "source"), ("prompt_data", "source"))
-"""(section, field) of the config fields that name a model or data location: a hub id or an absolute path."""
+                   ("sft_data", "source"), ("prompt_data", "source"), ("round", "parent_run"))
+"""(section, field) of the config fields that name a model or data location: a hub id or an absolute path (a parent
+run, `round.parent_run`: an absolute path only)."""
 
 
 class ConfigError(ValueError):
@@ -386,6 +387,13 @@ class RewardConfig:
     such as a share of its words, that one position summarises poorly) or `both` (their sum: one head reads a
     property of one place, such as the closing mark, and one spread over the answer) or `ends` (the response's
     first token's score plus its last's: how the answer opens and how it ends)."""
+    validation: bool = False
+    """Also train a validation reward model (`reward/validation/`), an independent second opinion on the sampling
+    algorithms' rollouts: the training pairs are split in two halves by prompt, the main reward model (each
+    precision) trains on one half and the validation model on the other, so with this on the main reward model
+    sees only half the pairs. The alignment stage scores every step's rollouts with it without training on it
+    (`<algorithm>/validation_reward_mean`): a proxy reward that climbs while the validation reward does not is
+    reward hacking (README, "Seeing reward hacking")."""
 
     def __post_init__(self):
         if self.pooling not in REWARD_POOLINGS:
@@ -680,6 +688,41 @@ class EvalConfig:
 
 
 @dataclass
+class RoundConfig:
+    """The next round of RLHF: a run that starts from a finished run's aligned policy instead of the base model
+    (`POST /api/jobs/{id}/continue`, the job page's Continue, `edgerlhf pipeline --from-run`)."""
+
+    parent_run: str | None = None
+    """The finished run directory this run continues, an absolute path (None: round 1, from `model`). Its aligned
+    policy (`ppo/adapter` merged into its `sft/merged` by `edgerlhf.export`'s merge) becomes this run's `sft/merged`:
+    the reward model trains on it, the alignment starts from it and the evaluation compares against it. SFT then
+    trains nothing, unless the round has demonstrations of its own (`sft_data.source`, or a `data.source` of
+    demonstrations): then it fine-tunes the parent's policy on them."""
+    number: Annotated[int, Range(1, 1_000_000)] = 1
+    """Which round of its chain the run is: 1 from the base model, the parent's number + 1 with `parent_run`."""
+
+    def __post_init__(self):
+        check_ranges("round", self)
+        if self.parent_run is not None:
+            if "\x00" in self.parent_run or not os.path.isabs(self.parent_run):
+                raise ConfigError("round.parent_run", f"must be the absolute path of a run directory, got "
+                                                      f"{self.parent_run!r} (the command line's --from-run takes a "
+                                                      "relative one)")
+            if self.number < 2:
+                raise ConfigError("round.number", "a run that continues round.parent_run is round 2 or later (the "
+                                                  "parent's number + 1)")
+        elif self.number != 1:
+            raise ConfigError("round.number", f"round {self.number} continues a run: set round.parent_run")
+
+
+def next_round(parent_run: str | Path, parent: dict[str, Any]) -> dict[str, Any]:
+    """The `round` section of a run that continues the run directory `parent_run`, whose config (as stored:
+    `PipelineConfig.to_dict()`, or an older one without `round`) is `parent`: that directory, and its number + 1."""
+    number = (parent.get("round") or {}).get("number", 1)
+    return {"parent_run": str(parent_run), "number": int(number) + 1}
+
+
+@dataclass
 class PipelineConfig:
     preset: str = "distilgpt2-8gb"
     """Name of the preset this configuration started from."""
@@ -697,6 +740,7 @@ class PipelineConfig:
     the pairs split; the reward stage optional too). PPO, GRPO and RLOO take their settings from `ppo`, DPO from
     `dpo`, KTO from `kto`."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    round: RoundConfig = field(default_factory=RoundConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft_data: SFTDataConfig = field(default_factory=SFTDataConfig)
     prompt_data: PromptDataConfig = field(default_factory=PromptDataConfig)

@@ -160,9 +160,12 @@ class StageStatus(str, enum.Enum):
 #       data/sft_train.jsonl, data/sft_test.jsonl         demonstrations (SFT)
 #       data/prompts_train.jsonl, data/prompts_test.jsonl prompts (PPO, GRPO, RLOO, probes, evaluation)
 #       data/votes.jsonl              only with data.votes_file: the arena vote pairs the job used (edgerlhf.votes)
-#       base/                         only for model.random_init: the random base LM + tokenizer
-#       sft/merged/                   the SFT policy, LoRA merged in (save_pretrained)
+#       base/                         only for model.random_init: the random base LM + tokenizer; in a later round
+#                                     (round.parent_run) that has demonstrations: the parent's aligned policy
+#       sft/merged/                   the SFT policy, LoRA merged in (save_pretrained); in a later round without
+#                                     demonstrations: the parent's aligned policy (edgerlhf.export's merge)
 #       reward/<precision>/           adapter/, score_head.pt, reward_model.json
+#       reward/validation/            the same files: the validation reward model (reward.validation)
 #       ppo/adapter/                  the aligned policy's LoRA adapter (+ value_head.pt for PPO), whatever the algorithm
 #       ppo/checkpoint/               state.pt, to resume
 #       export/model/                 the PPO policy merged into one model directory (edgerlhf.export), on request
@@ -222,13 +225,28 @@ def reward_dir(precision: str) -> str:
     return f"reward/{precision}"
 
 
+VALIDATION_REWARD = "reward/validation"
+"""The validation reward model (`reward.validation`), relative to a run directory: the files of a `reward_dir`, trained
+on the other half of the training pairs in `network_precision`, and loaded by the sampling algorithms as one more
+frozen adapter on their one network to score the rollouts beside the reward model they train against."""
+
+
+def network_precision(reward_precision: str, quantized_policy: bool) -> str:
+    """The precision of the alignment stage's one network (`align.policy.build_models`, `plan`): the reward model's
+    int8/int4 with `ppo.quantized_policy` (QLoRA-style), else bf16. The validation reward model is trained in it, so
+    its adapter scores on the very base it was trained on."""
+    return reward_precision if quantized_policy else "bf16"
+
+
 # --- metric keys ------------------------------------------------------------------------------------
 
 def algorithm_metric(algorithm: str, name: str) -> str:
     """`grpo/reward_mean`: metric `name` of the alignment stage run with `algorithm`. Every algorithm that
     samples logs `reward_mean`, `reward_std`, `kl`, `response_length`, `entropy`, `policy_loss`, `step_s` and
-    `tokens_per_s` under its own namespace; DPO logs `loss`, `accuracy`, `margin`, `kl`; KTO `loss`, `kl`,
-    `chosen_reward`, `rejected_reward`, `margin`. The dashboard
+    `tokens_per_s` under its own namespace, and the independent signals of the same rollouts
+    (`align.rollout.independent_metrics`): with `reward.validation` `validation_reward_mean` and
+    `proxy_validation_spearman`, on the known-answer task `gold_mean` and `proxy_gold_spearman`; DPO logs `loss`,
+    `accuracy`, `margin`, `kl`; KTO `loss`, `kl`, `chosen_reward`, `rejected_reward`, `margin`. The dashboard
     reads a job's curves through this, whichever algorithm it ran."""
     return f"{algorithm}/{name}"
 

@@ -8,7 +8,9 @@ policy the job served, with no EdgeRLHF and no peft. `--format gguf` writes the 
 `export/gguf-<quant>/` instead: the GGUF file (`edgerlhf.gguf_export`), an Ollama `Modelfile` with the job's
 sampling settings and a README of the commands that run it (`edgerlhf.modelfile`). Served by `edgerlhf export`,
 `POST /api/jobs/{id}/export` and the job page's Export button; `open_export` + `tar_stream` stream the directory as
-one .tar download; `estimate_export` says beforehand how much disk and memory an export takes.
+one .tar download; `estimate_export` says beforehand how much disk and memory an export takes. The next round of RLHF
+starts from the same merge: its SFT stage writes its parent's policy with `export_policy`
+(`edgerlhf.sft.write_parent_policy`).
 
 An export directory is never changed once it is in place: a new export is written to a directory of its own and
 swapped in by renames, and a download opens every file of the directory it starts from before it sends a byte, so

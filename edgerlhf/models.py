@@ -592,16 +592,19 @@ def load_score_head(path: str | Path, device: torch.device | str = "cpu") -> nn.
     return head.to(resolve_device(device)).float()
 
 
-def load_reward_model(run_dir: str | Path, precision: str = "bf16", device: torch.device | str = "cpu") -> RewardModel:
-    """The reward model trained in `precision`: sft/merged (quantized as trained) + reward LoRA + score head."""
+def load_reward_model(run_dir: str | Path, precision: str = "bf16", device: torch.device | str = "cpu",
+                      where: str | None = None) -> RewardModel:
+    """The reward model trained in `precision`: sft/merged (quantized as trained) + reward LoRA + score head, from
+    `where` in the run directory (default `reward_dir(precision)`; the validation model's is
+    `contract.VALIDATION_REWARD`)."""
     from peft import PeftModel
 
     run_dir = Path(run_dir)
     device = resolve_device(device)
-    rm_dir = run_dir / reward_dir(precision)
+    rm_dir = run_dir / (where or reward_dir(precision))
     if not (rm_dir / SCORE_HEAD_FILE).exists():
-        raise MissingPrerequisite(rm_dir, "reward",
-                                  f"holds no reward model (reward.precisions must include {precision!r})")
+        must = f" (reward.precisions must include {precision!r})" if where is None else ""
+        raise MissingPrerequisite(rm_dir, "reward", f"holds no reward model{must}")
     meta = json.loads((rm_dir / REWARD_META_FILE).read_text()) if (rm_dir / REWARD_META_FILE).exists() else {}
     base_dir = run_dir / SFT_MERGED
     model = load_causal_lm(base_dir, device, precision)

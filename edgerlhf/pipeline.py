@@ -11,12 +11,15 @@ From the command line (`edgerlhf pipeline ...` dispatches here):
     edgerlhf pipeline --preset tiny --run-dir runs/tiny --set ppo.steps=5 --set reward.precisions='["bf16"]'
     edgerlhf pipeline --preset tiny --run-dir runs/tiny --stages data,sft
     edgerlhf pipeline --config my_run.json --run-dir runs/mine --resume
+    edgerlhf pipeline --run-dir runs/round2 --from-run runs/tiny --set data.votes_file=/abs/votes.jsonl
 
 `--set KEY=VALUE` takes a dotted field and a JSON value (plain text when it is not JSON); `--config` reads
 a JSON object of overrides (it may name its `preset`), applied before `--set`. `--resume` skips stages
 whose `<stage>/report.json` already exists. A bad configuration exits with status 2 and names the field;
 a stage error exits with status 1 (one line for a `StageError`, such as a `MissingPrerequisite` naming the
-stage to run first; a traceback for anything else); a cancelled run (Ctrl-C) with 130.
+stage to run first; a traceback for anything else); a cancelled run (Ctrl-C) with 130. `--from-run DIR` runs the
+next round of RLHF from a finished run (`round.parent_run`, `round.number`: `edgerlhf.config.RoundConfig`): its
+aligned policy is this run's SFT policy.
 
 Each stage's module (`STAGE_MODULES`) is imported only when it runs, so `data` and `sft` work without the
 alignment stage's dependencies loaded, and a stage's `run(config, ctx)` returns its report, which `run_stage`
@@ -35,7 +38,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from edgerlhf.config import STAGES, ConfigError, PipelineConfig, build_config
+from edgerlhf.config import STAGES, ConfigError, PipelineConfig, build_config, next_round
 from edgerlhf.context import Cancelled, ConsoleContext, RunContext
 from edgerlhf.contract import ALGORITHMS, CONFIG_FILE, REPORT_FILE, algorithm_metric, algorithm_traits
 from edgerlhf.errors import StageError
@@ -134,6 +137,8 @@ def _summary(report: Report) -> str:
     """One line per stage for the end of a CLI run."""
     if isinstance(report, DataReport):
         return f"{report.train} train / {report.test} test pairs, dropped {report.dropped}"
+    if isinstance(report, SFTReport) and not report.trained:
+        return f"round {report.round}: the aligned policy of {report.parent_run}, as is (no demonstrations)"
     if isinstance(report, SFTReport):
         return (f"loss {_num(report.first_loss)} -> {_num(report.final_loss)}, "
                 f"eval perplexity {_num(report.perplexity, 1)}")
@@ -167,12 +172,26 @@ def main(argv: list[str] | None = None) -> int:
                              "within a group of samples per prompt), rloo (leave-one-out baseline), dpo (offline on "
                              "the preference pairs; settings under dpo.*), kto (offline on answers labelled desirable "
                              "or undesirable; settings under kto.*)")
+    parser.add_argument("--from-run", metavar="RUN_DIR",
+                        help="the next round of RLHF from a finished run: its aligned policy (merged) is this run's "
+                             "SFT policy, which SFT fine-tunes only on demonstrations of this run's own; sets "
+                             "round.parent_run and round.number (the parent's + 1); the run's settings are the "
+                             "parent's (its config.json) unless --config is given")
     parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--resume", action="store_true", help="skip stages whose report.json already exists")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
     if args.algorithm:
         args.sets.insert(0, f"algorithm={args.algorithm}")
+    if args.from_run:
+        parent = Path(args.from_run).expanduser().resolve()
+        try:
+            stored = json.loads((parent / CONFIG_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"edgerlhf pipeline: --from-run: {parent} is not a run directory ({exc})", file=sys.stderr)
+            return 2
+        args.sets[:0] = [f"round.{key}={json.dumps(value)}" for key, value in next_round(parent, stored).items()]
+        args.config = args.config or str(parent / CONFIG_FILE)  # the parent's settings, unless a config is given
 
     from edgerlhf.log import setup_logging
 

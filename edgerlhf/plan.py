@@ -20,8 +20,10 @@ What is counted (bytes; `cb` = bytes of the compute dtype: 2 for bf16 on a GPU, 
   output row) or nf4 (QLoRA: half a byte + the double-quantized block constants); embeddings, norms and the
   output layer stay in cb. PPO, GRPO and RLOO hold one network (policy = LoRA, reference = adapters off,
   reward = a second adapter) plus one quantized reward copy when the reward model is int8/int4 without
-  `ppo.quantized_policy` (`edgerlhf.align.policy.build_models`); DPO and KTO one bf16 network, policy LoRA and
-  reference;
+  `ppo.quantized_policy` (`edgerlhf.align.policy.build_models`), and with `reward.validation` the validation
+  reward model as one more frozen adapter and score head on the one network; DPO and KTO one bf16 network,
+  policy LoRA and reference; the reward stage one model per precision, plus the validation model
+  (`reward/validation`, trained in the alignment network's precision) with `reward.validation`;
 - trainable parameters (LoRA on `sft.target_modules`, PPO's value head, the score head, `modules_to_save`): fp32
   weight + fp32 gradient + two fp32 AdamW moments = 16 bytes each; frozen adapters 4 bytes each;
 - activations a training micro-batch saves for its backward pass, layer by layer (`_layer_saved`): norm
@@ -54,7 +56,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from edgerlhf.config import ConfigError, PipelineConfig, build_config
-from edgerlhf.contract import ALL_LINEAR, EVAL_GEN_BATCH, KL_CHUNK, SCORE_BATCH, algorithm_traits, merge_overrides
+from edgerlhf.contract import (ALL_LINEAR, EVAL_GEN_BATCH, KL_CHUNK, SCORE_BATCH, algorithm_traits, merge_overrides,
+                               network_precision)
 
 MiB = 2**20
 GiB = 2**30
@@ -413,7 +416,7 @@ class StagePlan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stage: str
-    """`sft`, `reward/bf16` (`/int8`, `/int4`), `ppo` or `evaluate`."""
+    """`sft`, `reward/bf16` (`/int8`, `/int4`, `/validation`: `reward.validation`'s model), `ppo` or `evaluate`."""
     phase: str
     """The part of the stage where the peak is (e.g. `training step`, `rollout generation`)."""
     items: list[Item]
@@ -485,6 +488,7 @@ def _stage_names(config: PipelineConfig) -> list[str]:
     for stage in config.stages:
         if stage == "reward":
             names += [f"reward/{p}" for p in config.reward.precisions]
+            names += ["reward/validation"] if config.reward.validation else []
         elif stage != "data":
             names.append(stage)
     return names
@@ -526,7 +530,10 @@ def _stage_plan(config: PipelineConfig, arch: Architecture, stage: str, gpu: boo
     if stage == "sft":
         phases, ckpt = _sft(config, arch, cb, gpu)
     elif stage.startswith("reward/"):
-        phases, ckpt = _reward(config, arch, stage.removeprefix("reward/"), cb, gpu)
+        precision = stage.removeprefix("reward/")
+        if precision == "validation":  # trained in the precision of the alignment stage's network, where it rides
+            precision = network_precision(config.ppo.reward_precision, config.ppo.quantized_policy)
+        phases, ckpt = _reward(config, arch, precision, cb, gpu)
     elif stage == "ppo":
         phases, ckpt = _alignment(config, arch, cb, gpu)
     elif stage == "evaluate":
@@ -770,7 +777,7 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
     value_head = algorithm_traits(config.algorithm).value_head  # `build_models`' default, in training and evaluation
     reward = _reward_model(config, training)
     precision = cfg.reward_precision
-    net_precision = precision if cfg.quantized_policy else "bf16"  # bf16 unless the network itself is quantized
+    net_precision = network_precision(precision, cfg.quantized_policy)  # bf16 unless the network itself is quantized
     prompt, _ = _lengths(config, arch)
     response = cfg.response_length if training else config.evaluate.response_length
     n_policy = lora_params(arch, config.sft.target_modules, cfg.lora_r)
@@ -787,6 +794,10 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
         held.append(_item("reward LoRA (frozen)", n_reward * FROZEN_ADAPTER_BYTES))
     if reward == "copy":
         held.append(_weights_item(arch, precision, cb, "reward copy", lm_head=False))
+    validation = training and config.reward.validation  # `build_models(validation=...)`: the loop's only
+    if validation:
+        held.append(_item("validation LoRA + score head (frozen)", (n_reward + arch.hidden + 1) * FROZEN_ADAPTER_BYTES,
+                          "reward.validation: one more adapter on the one network"))
     rows = cfg.batch_size if training else min(EVAL_GEN_BATCH, config.evaluate.n_prompts * config.evaluate.samples_per_prompt)
     m = cfg.mini_batch_size
     seq = prompt + response
@@ -803,6 +814,9 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
     phases = {"rollout generation": [*held, *_generation(arch, rows, prompt, response, cb, label)]}
     if reward is not None:  # a reward function scores the texts in Python: no pass on the device
         phases["reward scoring"] = [*held, _no_grad_pass(arch, min(rows, SCORE_BATCH), reward_seq, cb, "reward pass")]
+    if validation:  # the same rollouts through the validation adapter, after the step
+        phases["validation scoring"] = [*held, _no_grad_pass(arch, min(rows, SCORE_BATCH), reward_seq, cb,
+                                                             "validation pass")]
     phases |= {
         "policy log-probs": [
             *held, _item("previous batch's logits", previous * n_vocab * 4, "policy and reference, scaled fp32"),

@@ -177,6 +177,12 @@ class SFTReport(Report):
     """`mem/*` readings at the end of the stage."""
     probes: list[Probe]
     """The fixed held-out prompts sampled at the last probe."""
+    round: int = 1
+    """Which round of RLHF the run is (`round.number`): 1 from the base model, n + 1 continuing a run of round n."""
+    parent_run: str | None = None
+    """The run whose aligned policy this run started from (`round.parent_run`); None in round 1."""
+    trained: bool = True
+    """False: SFT trained nothing, `sft/merged` is the parent's aligned policy (a round without demonstrations)."""
 
 
 # --- reward --------------------------------------------------------------------------------------
@@ -217,12 +223,29 @@ class PrecisionResult(Part):
     """Rank correlation of the held-out scores with the bf16 model's (None without a bf16 model)."""
 
 
+class ValidationResult(PrecisionResult):
+    """The validation reward model (`reward.validation`): trained on the other half of the training pairs, in the
+    precision of the alignment stage's network, and evaluated on the same test pairs as the main models."""
+
+    train_pairs: int
+    """Training pairs it learned from (the half the main models did not see)."""
+    main_precision: str
+    """The main reward model it is compared with: the one the alignment stage trains against."""
+    spearman_vs_main: float | None
+    """Rank correlation of its held-out scores with the main model's (None when either side is constant)."""
+
+
 class RewardReport(Report):
     device: str
     test_pairs: int
     labels: str
+    train_pairs: int | None = None
+    """Training pairs each main reward model learned from: every pair of `data/train_prefs.jsonl`, or one half of
+    them with `reward.validation` (None in reports written before the field existed)."""
     precisions: dict[str, PrecisionResult]
     """The precision study, by precision."""
+    validation: ValidationResult | None = None
+    """With `reward.validation`: the validation reward model, trained on the other half of the pairs."""
     note: str
 
 
@@ -241,6 +264,12 @@ class PPOReport(Report):
     reward_model: Literal["shared adapter", "separate quantized copy", "python function", "none"]
     rewards: list[str] | None = None
     """With `ppo.rewards`: the stated components' names (each logged as `<algorithm>/rewards/<name>_mean`)."""
+    validation_reward: bool = False
+    """The validation reward model (`reward.validation`) scored every step's rollouts beside the proxy, as one more
+    frozen adapter on the one network (`<algorithm>/validation_reward_mean`)."""
+    gold_scorer: str | None = None
+    """The known-answer task's gold scorer that scored every step's rollouts beside the proxy
+    (`<algorithm>/gold_mean`); None when there is none, or when the gold is itself the reward trained on."""
     compute_dtype: str
     device: str
     trainable_parameters: int

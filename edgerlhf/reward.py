@@ -26,9 +26,19 @@ causal-LM LoRA adapter, loadable as a second adapter on `sft/merged`), `score_he
 `reward_model.json`. The saved head is normalised: rewards have mean 0 and std 1 on the training
 responses (`normalize_saved`); the margins in the study are in those units.
 
+With `reward.validation` the stage also trains a validation reward model, the independent second opinion the
+alignment stage scores its rollouts with (Gao et al. 2022 measure over-optimisation against a second, "gold" reward
+model the policy never trains against): the training pairs are split in two halves by prompt (`split_halves`), the
+main reward model of every precision trains on one half and the validation model on the other, so **with
+validation on, the main reward model sees half the pairs**. The validation model is trained in the precision of the
+alignment stage's one network (`contract.network_precision`: bf16 unless `ppo.quantized_policy`), where it rides as one
+more frozen adapter, and saved in `reward/validation/` in the same format; the report gives its held-out accuracy
+beside the main models' (`RewardReport.validation`) and the rank correlation of the two on the test pairs.
+
 Metrics: `reward/<precision>/loss`, `/accuracy`, `/margin`, `/learning_rate`, `/eval_loss`,
-`/eval_accuracy`, `/eval_margin` at that precision's own step (curves overlay), and `mem/*` at the stage
-step `k * max_steps + step` for the k-th precision (one continuous memory curve).
+`/eval_accuracy`, `/eval_margin` at that precision's own step (curves overlay; the validation model's are
+`reward/validation/*`), and `mem/*` at the stage step `k * max_steps + step` for the k-th model trained (one
+continuous memory curve).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import copy
 import gc
 import json
 import math
+import random
 import shutil
 import time
 from pathlib import Path
@@ -47,10 +58,10 @@ import torch
 from edgerlhf import memory
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import SFT_MERGED, TEST_PREFS, TRAIN_PREFS, reward_dir
+from edgerlhf.contract import SFT_MERGED, TEST_PREFS, TRAIN_PREFS, VALIDATION_REWARD, network_precision, reward_dir
 from edgerlhf.data import read_prefs
 from edgerlhf.errors import require
-from edgerlhf.reports import PrecisionResult, RewardReport
+from edgerlhf.reports import PrecisionResult, RewardReport, ValidationResult
 from edgerlhf.memory import MB, snapshot
 from edgerlhf.oom import MicroBatch, SplitPairsOnOutOfMemory, planner_hint
 from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, compute_dtype, dtype_name,
@@ -59,13 +70,13 @@ from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FI
                              upcast_trainable)
 
 
-def preference_dataset(path: Path, tokenizer, max_length: int):
-    """Tokenized preference pairs: `chosen_ids`, `rejected_ids` laid out as `models.encode_for_reward` lays
-    out what PPO scores, so the reward model is trained on exactly the inputs it will judge, and where each
-    response begins (`chosen_start`, `rejected_start`) for a mean-pooled reward."""
+def preference_dataset(pairs: Path | list[dict], tokenizer, max_length: int):
+    """Tokenized preference pairs (a `.jsonl` file of them, or the rows): `chosen_ids`, `rejected_ids` laid out as
+    `models.encode_for_reward` lays out what PPO scores, so the reward model is trained on exactly the inputs it will
+    judge, and where each response begins (`chosen_start`, `rejected_start`) for a mean-pooled reward."""
     from datasets import Dataset
 
-    rows = read_prefs(path)
+    rows = read_prefs(pairs) if isinstance(pairs, Path) else pairs
     prompts = [r["prompt"] for r in rows]
     chosen, chosen_starts = reward_tokens(tokenizer, prompts, [r["chosen"] for r in rows], max_length)
     rejected, rejected_starts = reward_tokens(tokenizer, prompts, [r["rejected"] for r in rows], max_length)
@@ -86,6 +97,25 @@ def preference_collator(pad_token_id: int):
             return batch
 
     return WithResponseMask(pad_token_id=pad_token_id)
+
+
+def split_halves(pairs: list[dict], seed: int) -> tuple[list[int], list[int]]:
+    """Indices of `pairs` in two halves, (main, validation), for `reward.validation`: disjoint, together every pair,
+    and split by prompt (every pair of a prompt on one side, like the train/test split, so the validation model
+    never saw a prompt, nor an answer to it, that the main model learned from). Prompts go in a seeded random order
+    to the half with fewer pairs so far; each half keeps the pairs' file order."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, row in enumerate(pairs):
+        by_prompt.setdefault(row["prompt"], []).append(i)
+    prompts = sorted(by_prompt)
+    random.Random(seed).shuffle(prompts)
+    halves: tuple[list[int], list[int]] = ([], [])
+    for prompt in prompts:
+        smaller = halves[0] if len(halves[0]) <= len(halves[1]) else halves[1]
+        smaller.extend(by_prompt[prompt])
+    if not halves[0] or not halves[1]:
+        raise ValueError(f"reward.validation needs training pairs of at least two prompts, got {len(prompts)}")
+    return sorted(halves[0]), sorted(halves[1])
 
 
 def spearman(a: list[float] | torch.Tensor, b: list[float] | torch.Tensor) -> float:
@@ -127,10 +157,11 @@ class _SeqCls:
         return self.auto.from_pretrained(*args, num_labels=1, **kwargs)
 
 
-def _callback(ctx: RunContext, precision: str, max_steps: int, offset: int, device: torch.device):
+def _callback(ctx: RunContext, name: str, max_steps: int, offset: int, device: torch.device):
+    """Logs the Trainer's metrics as `reward/<name>/*` (`name`: the precision, or `validation`) and memory."""
     from transformers import TrainerCallback
 
-    prefix = f"reward/{precision}"
+    prefix = f"reward/{name}"
     renames = {"loss": "loss", "accuracy": "accuracy", "margin": "margin", "learning_rate": "learning_rate",
                "grad_norm": "grad_norm", "eval_loss": "eval_loss", "eval_accuracy": "eval_accuracy",
                "eval_margin": "eval_margin"}
@@ -156,8 +187,10 @@ def _callback(ctx: RunContext, precision: str, max_steps: int, offset: int, devi
     return ContextCallback()
 
 
-def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model, tokenizer, device, callbacks=()):
-    """TRL's RewardTrainer with a LoRA + score-head adapter on `model` (tests use it directly)."""
+def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model, tokenizer, device, callbacks=(),
+                  pairs: list[dict] | None = None):
+    """TRL's RewardTrainer with a LoRA + score-head adapter on `model` (tests use it directly), trained on `pairs`
+    (default: every training pair, `data/train_prefs.jsonl`)."""
     from peft import get_peft_model
     from transformers import PrinterCallback
     from trl import RewardConfig
@@ -181,7 +214,8 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, precision: str, model
         model=model, args=args, processing_class=tokenizer, callbacks=list(callbacks), optimizers=(optimizer, None),
         data_collator=preference_collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                           else tokenizer.eos_token_id),
-        train_dataset=preference_dataset(ctx.run_dir / TRAIN_PREFS, tokenizer, cfg.max_length),
+        train_dataset=preference_dataset(ctx.run_dir / TRAIN_PREFS if pairs is None else pairs, tokenizer,
+                                         cfg.max_length),
         eval_dataset=preference_dataset(ctx.run_dir / TEST_PREFS, tokenizer, cfg.max_length))
     trainer.remove_callback(PrinterCallback)
     upcast_trainable(trainer.model)  # TRL puts a quantized model's adapter in bf16; we train it in fp32
@@ -256,7 +290,8 @@ NORMALIZE_SAMPLES = 1024
 """At most this many training responses set a reward model's normalisation."""
 
 
-def normalize_saved(run_dir: Path, precision: str, device: torch.device, train: list[dict]) -> dict[str, float]:
+def normalize_saved(run_dir: Path, precision: str, device: torch.device, train: list[dict],
+                    where: str | None = None) -> dict[str, float]:
     """Fold a normalisation into the saved score head so rewards have mean 0 and std 1 on the training
     responses (Ziegler et al. 2019 normalise their reward model the same way before RL).
 
@@ -264,12 +299,12 @@ def normalize_saved(run_dir: Path, precision: str, device: torch.device, train: 
     the head learned (a fast-learning head can reach scores in the tens), which keeps its value loss and
     the KL penalty's weight comparable across runs and precisions.
     """
-    rm = load_reward_model(run_dir, precision, device)
+    rm = load_reward_model(run_dir, precision, device, where)
     rows = train[: NORMALIZE_SAMPLES // 2]
     prompts = [r["prompt"] for r in rows] * 2
     scores = rm.score(prompts, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])  # (2N,)
     mean, std = float(scores.mean()), float(scores.std().clamp(min=1e-6))
-    out_dir = run_dir / reward_dir(precision)
+    out_dir = run_dir / (where or reward_dir(precision))
     state = torch.load(out_dir / SCORE_HEAD_FILE, map_location="cpu", weights_only=True)
     bias = state.get("bias")
     bias = torch.zeros(1) if bias is None else bias
@@ -280,9 +315,11 @@ def normalize_saved(run_dir: Path, precision: str, device: torch.device, train: 
     return meta["normalization"]
 
 
-def evaluate_saved(run_dir: Path, precision: str, device: torch.device, test: list[dict]) -> tuple[dict, torch.Tensor]:
-    """Reload the saved reward model and score the test pairs: accuracy, margin, throughput, footprint."""
-    rm = load_reward_model(run_dir, precision, device)
+def evaluate_saved(run_dir: Path, precision: str, device: torch.device, test: list[dict],
+                   where: str | None = None) -> tuple[dict, torch.Tensor]:
+    """Reload the saved reward model (from `where`, default `reward_dir(precision)`) and score the test pairs:
+    accuracy, margin, throughput, footprint."""
+    rm = load_reward_model(run_dir, precision, device, where)
     prompts = [r["prompt"] for r in test]
     started = time.perf_counter()
     chosen = rm.score(prompts, [r["chosen"] for r in test])  # (N,)
@@ -301,8 +338,11 @@ def evaluate_saved(run_dir: Path, precision: str, device: torch.device, test: li
     return stats, torch.cat([chosen, rejected])
 
 
-def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, index: int) -> dict[str, Any]:
-    """Train, save and reload one reward model; returns its row of the precision study (without spearman)."""
+def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, index: int,
+                    pairs: list[dict] | None = None, where: str | None = None) -> dict[str, Any]:
+    """Train and save one reward model in `precision` on `pairs` (default: every training pair) into `where` (default
+    `reward_dir(precision)`; its metrics `reward/<last part of where>/*`); returns its row of the precision study
+    (without spearman)."""
     cfg = config.reward
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(ctx.run_dir / SFT_MERGED)
@@ -310,17 +350,20 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
     memory.reset_peak(device)  # the peak from here on: this precision's model, loaded and trained
     rss_before_mb = memory.rss_mb()
     model = load_for_training(ctx.run_dir, precision, device, config.seed)
-    callback = _callback(ctx, precision, cfg.max_steps, index * cfg.max_steps, device)
-    trainer = build_trainer(config, ctx, precision, model, tokenizer, device, callbacks=[callback])
+    where = where or reward_dir(precision)
+    name = Path(where).name  # the precision, or `validation`
+    callback = _callback(ctx, name, cfg.max_steps, index * cfg.max_steps, device)
+    trainer = build_trainer(config, ctx, precision, model, tokenizer, device, callbacks=[callback], pairs=pairs)
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    ctx.log(f"reward model {precision}: {len(trainer.train_dataset)} train pairs, {cfg.max_steps} steps "
+    label = precision if name == precision else f"{name} ({precision})"
+    ctx.log(f"reward model {label}: {len(trainer.train_dataset)} train pairs, {cfg.max_steps} steps "
             f"on {device} (compute {dtype_name(compute_dtype(device))})")
     started = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - started
     peak = memory.peak_mb(device)
     source = "cuda_max_allocated" if device.type == "cuda" else "process_rss"
-    out_dir = ctx.run_dir / reward_dir(precision)
+    out_dir = ctx.run_dir / where
     save_reward_model(trainer.model, out_dir, precision, cfg.max_length, device, cfg.pooling)
     ctx.artifact("reward_model", out_dir)
     train_accuracy = callback.train_accuracy
@@ -339,19 +382,32 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
     }
 
 
+def _spearman_or_none(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    value = spearman(a, b)
+    return None if math.isnan(value) else value
+
+
 def run(config: PipelineConfig, ctx: RunContext) -> RewardReport:
     cfg = config.reward
     device = resolve_device(config.device)
     require(ctx.run_dir / SFT_MERGED, "sft")
     train = read_prefs(ctx.run_dir / TRAIN_PREFS)
     test = read_prefs(ctx.run_dir / TEST_PREFS)
+    if cfg.validation:  # the main models learn from one half, the validation model from the other
+        main_half, validation_half = split_halves(train, config.seed)
+        main_pairs, validation_pairs = [train[i] for i in main_half], [train[i] for i in validation_half]
+    else:
+        main_pairs, validation_pairs = train, []
+        # A validation model of an earlier run saw pairs the main model now trains on: it is no longer independent.
+        shutil.rmtree(ctx.run_dir / VALIDATION_REWARD, ignore_errors=True)
     # bf16 first when present: the others are compared with it.
     order = sorted(cfg.precisions, key=lambda p: p != "bf16")
+    n_models = len(order) + bool(cfg.validation)
     study: dict[str, dict[str, Any]] = {}
     scores: dict[str, torch.Tensor] = {}
     for k, precision in enumerate(order):
-        row = train_precision(config, ctx, precision, k)
-        row["normalization"] = normalize_saved(ctx.run_dir, precision, device, train)
+        row = train_precision(config, ctx, precision, k, main_pairs)
+        row["normalization"] = normalize_saved(ctx.run_dir, precision, device, main_pairs)
         held_out, scores[precision] = evaluate_saved(ctx.run_dir, precision, device, test)
         row.update(held_out)
         study[precision] = row
@@ -359,15 +415,32 @@ def run(config: PipelineConfig, ctx: RunContext) -> RewardReport:
                          f"reward/{precision}/test_margin": row["mean_margin"]}, cfg.max_steps)
         ctx.log(f"reward model {precision}: held-out accuracy {row['accuracy']:.3f}, margin {row['mean_margin']:.3f}, "
                 f"{row['memory_footprint_bytes'] / MB:.1f} MB weights, {row['throughput_pairs_per_s']:.1f} pairs/s")
-        ctx.progress(k + 1, len(order))
+        ctx.progress(k + 1, n_models)
+    validation = None
+    if cfg.validation:
+        precision = network_precision(config.ppo.reward_precision, config.ppo.quantized_policy)
+        main = config.ppo.reward_precision if config.ppo.reward_precision in scores else order[0]
+        row = train_precision(config, ctx, precision, len(order), validation_pairs, VALIDATION_REWARD)
+        row["normalization"] = normalize_saved(ctx.run_dir, precision, device, validation_pairs, VALIDATION_REWARD)
+        held_out, validation_scores = evaluate_saved(ctx.run_dir, precision, device, test, VALIDATION_REWARD)
+        row.update(held_out, train_pairs=len(validation_pairs), main_precision=main,
+                   spearman_vs_main=_spearman_or_none(validation_scores, scores[main]),
+                   spearman_vs_bf16=_spearman_or_none(validation_scores, scores["bf16"]) if "bf16" in scores else None)
+        validation = ValidationResult(**row)
+        ctx.log_metrics({"reward/validation/test_accuracy": row["accuracy"],
+                         "reward/validation/test_margin": row["mean_margin"]}, cfg.max_steps)
+        rho = row["spearman_vs_main"]
+        ctx.log(f"validation reward model ({precision}, {len(validation_pairs)} pairs; the main models had the other "
+                f"{len(main_pairs)}): held-out accuracy {row['accuracy']:.3f}, rank correlation with the {main} model "
+                f"on the test pairs {'n/a' if rho is None else f'{rho:.3f}'}")
+        ctx.progress(n_models, n_models)
     shutil.rmtree(ctx.stage_dir("reward") / "trainer", ignore_errors=True)  # the Trainer's unused output_dir
     for precision, row in study.items():
-        row["spearman_vs_bf16"] = spearman(scores[precision], scores["bf16"]) if "bf16" in scores else None
-        if row["spearman_vs_bf16"] is not None and math.isnan(row["spearman_vs_bf16"]):
-            row["spearman_vs_bf16"] = None
+        row["spearman_vs_bf16"] = _spearman_or_none(scores[precision], scores["bf16"]) if "bf16" in scores else None
     return RewardReport(
-        device=str(device), test_pairs=len(test), labels=config.data.labels,
+        device=str(device), test_pairs=len(test), labels=config.data.labels, train_pairs=len(main_pairs),
         precisions={p: PrecisionResult(**study[p]) for p in cfg.precisions},
+        validation=validation,
         note=("bf16 computes in fp32 on the CPU (compute_dtype says which); peak memory on the CPU is the "
               "process RSS, which includes everything else the process holds"),
     )

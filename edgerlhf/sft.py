@@ -17,14 +17,23 @@ its probes (`edgerlhf.generation.sample_probes`: PPO's sampling settings and res
 
 Writes: `sft/adapter/` (the LoRA adapter), `sft/merged/` (base with the LoRA merged + tokenizer) and,
 for a `model.random_init` base, `base/` (the random base + tokenizer) so later stages can load it.
+
+**A later round** (`round.parent_run`: the next round of RLHF from a finished run) starts from the parent's aligned
+policy, merged by `edgerlhf.export`'s own merge (`ppo/adapter` into the parent's `sft/merged`). Without
+demonstrations of its own (`own_demonstrations`) the stage trains nothing: that policy *is* `sft/merged`
+(`from_parent`), so the reward model trains on it, the alignment starts from it, and the evaluation's "SFT" side is
+the parent's policy. With them, it is this run's `base/` and SFT fine-tunes it with a LoRA as above (no warm-up).
+Either way the report names the round and the parent (`SFTReport.round`, `parent_run`, `trained`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +42,7 @@ import torch.nn.functional as F
 from edgerlhf import gold
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import RANDOM_BASE, SFT_MERGED
+from edgerlhf.contract import PPO_ADAPTER, RANDOM_BASE, REPORT_FILE, SFT_MERGED
 from edgerlhf.data import demonstrations, prompts
 from edgerlhf.errors import StageError
 from edgerlhf.dialogue import PromptFormat
@@ -42,8 +51,8 @@ from edgerlhf.memory import free_memory, reset_peak, snapshot
 from edgerlhf.oom import MicroBatch, SplitOnOutOfMemory, planner_hint
 from edgerlhf.reports import Probe, SFTReport
 from edgerlhf.warmup import warm_up
-from edgerlhf.models import (compute_dtype, dtype_name, head_logits, load_base_model, load_tokenizer, lora_config,
-                             resolve_device, trainer_arguments, upcast_trainable)
+from edgerlhf.models import (compute_dtype, dtype_name, head_logits, load_base_model, load_causal_lm, load_tokenizer,
+                             lora_config, resolve_device, trainer_arguments, upcast_trainable)
 
 
 def sft_dataset(rows: list[dict[str, str]], tokenizer):
@@ -191,18 +200,83 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
 
 
 def base_model_config(config: PipelineConfig, ctx: RunContext):
-    """The base model's config as later loads see it: a random base is the directory SFT saved it to."""
-    if not config.model.random_init:
+    """The base model's config as later loads see it: a random base, or a later round's parent policy, is the
+    directory SFT saved it to (`base/`)."""
+    if not config.model.random_init and config.round.parent_run is None:
         return config.model
-    return dataclasses.replace(config.model, name_or_path=str(ctx.run_dir / RANDOM_BASE), random_init=False)
+    return dataclasses.replace(config.model, name_or_path=str(ctx.run_dir / RANDOM_BASE), tokenizer=None,
+                               random_init=False)
+
+
+# --- a later round: the parent's aligned policy -------------------------------------------------------
+
+
+def own_demonstrations(config: PipelineConfig, run_dir: Path) -> bool:
+    """Whether the run has demonstrations of its own, not the preferred answers of its pairs: `sft_data.source`, or
+    a `data.source` the data stage read as demonstrations (its report's `format`)."""
+    if config.sft_data.source:
+        return True
+    report = Path(run_dir) / "data" / REPORT_FILE
+    return report.is_file() and json.loads(report.read_text()).get("format") == "demonstration"
+
+
+def write_parent_policy(config: PipelineConfig, out_dir: Path) -> Path:
+    """The parent run's aligned policy (`round.parent_run`), merged by `edgerlhf.export.export_policy` (its
+    `ppo/adapter` into its `sft/merged`), written with its tokenizer to `out_dir`; returns `out_dir`."""
+    from edgerlhf.export import export_policy
+
+    parent = Path(config.round.parent_run)
+    missing = [name for name in (SFT_MERGED, PPO_ADAPTER) if not (parent / name).is_dir()]
+    if missing:
+        raise StageError(f"round.parent_run: {parent} holds no aligned policy ({', '.join(missing)} missing): a run "
+                         "continues from a run whose alignment stage has finished")
+    return export_policy(parent, out_dir)
+
+
+def from_parent(config: PipelineConfig, ctx: RunContext) -> SFTReport:
+    """The stage of a later round without demonstrations: `sft/merged` is the parent's aligned policy, as is. Its
+    probes are sampled as SFT's would be (`sft/step-0`), so the Probes page shows where the round started."""
+    cfg = config.sft
+    device = resolve_device(config.device)
+    merged = ctx.run_dir / SFT_MERGED
+    ctx.log(f"round {config.round.number}: the SFT policy is the aligned policy of {config.round.parent_run}, merged "
+            "(no demonstrations of this round's own: SFT trains nothing)")
+    ctx.progress(0, 1)
+    write_parent_policy(config, merged)
+    ctx.artifact("model", merged)
+    model = load_causal_lm(merged, device).eval()
+    tokenizer = load_tokenizer(merged)
+    probe_prompts = [r["prompt"] for r in prompts(ctx.run_dir, "test")[: cfg.n_sample_prompts]]
+    probes = []
+    if probe_prompts:
+        responses = sample_probes(model, tokenizer, probe_prompts, config).responses
+        for prompt, response in zip(probe_prompts, responses):
+            reward = gold.probe_score(prompt, response, config.data)
+            ctx.log_sample(prompt, response, reward, 0, kind="probe", checkpoint="sft/step-0")
+            probes.append(Probe(step=0, prompt=prompt, response=response, gold=reward))
+    ctx.progress(1, 1)
+    return SFTReport(
+        device=str(device), compute_dtype=dtype_name(compute_dtype(device)),
+        parameters=sum(p.numel() for p in model.parameters()), trainable_parameters=0,
+        train_examples=0, eval_examples=0, steps=0, train_seconds=0.0, first_loss=None, final_loss=None,
+        train_loss=None, eval_loss=None, perplexity=None, completion_only_loss=cfg.completion_only_loss,
+        memory=snapshot(device), probes=probes, round=config.round.number, parent_run=config.round.parent_run,
+        trained=False)
 
 
 def run(config: PipelineConfig, ctx: RunContext) -> SFTReport:
     cfg = config.sft
+    if config.round.parent_run is not None and not own_demonstrations(config, ctx.run_dir):
+        return from_parent(config, ctx)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
-    if config.model.random_init:
+    if config.round.parent_run is not None:  # a later round with demonstrations: fine-tune the parent's policy
+        write_parent_policy(config, ctx.run_dir / RANDOM_BASE)
+        ctx.artifact("base_model", ctx.run_dir / RANDOM_BASE)
+        tokenizer = load_tokenizer(ctx.run_dir / RANDOM_BASE)
+        model = load_base_model(base_model_config(config, ctx), device, cfg.precision)
+    elif config.model.random_init:
+        tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
         model = load_base_model(config.model, device, tokenizer=tokenizer, seed=config.seed)
         warm_up(config, ctx, model, tokenizer)  # a random base first learns the dialogues' words (edgerlhf.warmup)
         # Later stages and the chat page need the exact base SFT started from (random, then warmed up).
@@ -215,6 +289,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> SFTReport:
             free_memory(device)
             model = load_base_model(base_model_config(config, ctx), device, cfg.precision)
     else:  # QLoRA: the frozen base is loaded quantized
+        tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
         model = load_base_model(config.model, device, cfg.precision)
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -267,4 +342,5 @@ def run(config: PipelineConfig, ctx: RunContext) -> SFTReport:
         completion_only_loss=cfg.completion_only_loss,
         memory=snapshot(device),
         probes=[Probe(**p) for p in callback.last_probes],
+        round=config.round.number, parent_run=config.round.parent_run,
     )

@@ -2,6 +2,9 @@
 
 - Reward rising while KL or the response length runs away: the policy is likely exploiting the reward
   model (reward hacking; Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization").
+- The proxy reward rising while a signal the policy does not train on (the validation reward model, the
+  known-answer gold) stays flat or falls: the policy is getting better at the reward model, not at the task
+  (reward hacking seen directly, `proxy_divergence`).
 - KL far above its target while the reward does not rise: the policy drifts away for nothing (KL blow-up).
 - Responses shrinking towards nothing: the policy may be collapsing to empty answers (length collapse).
 - KL collapsing to zero: the policy stopped moving away from the reference (learning rate too low,
@@ -36,8 +39,8 @@ class Alert:
     level: str
     """`warning` or `error`."""
     code: str
-    """Stable identifier: `reward_hacking`, `kl_blowup`, `length_collapse`, `kl_collapse`, `nan`, `memory`,
-    `out_of_memory`."""
+    """Stable identifier: `reward_hacking`, `proxy_divergence`, `kl_blowup`, `length_collapse`, `kl_collapse`, `nan`,
+    `memory`, `out_of_memory`."""
     message: str
 
 
@@ -117,6 +120,61 @@ def reward_hacking(series: Series, min_points: int = 6, kl_growth: float = 3.0, 
                                 f"Reward rising ({r0:.3g} → {r1:.3g}) while responses grow ({l0:.3g} → {l1:.3g} tokens"
                                 + (f", limit {max_response_length}" if capped else "")
                                 + "): the reward model may be paying for length, not quality."))
+    return alerts
+
+
+def trend(values: list[float]) -> tuple[float, float]:
+    """(change, its standard error) of a noisy series: the mean of its last third minus that of its first third
+    (`_ends`), and the noise of such a difference, sigma * sqrt(2 / k) for thirds of k points, where the noise per
+    point sigma is read from the step-to-step differences (std / sqrt 2), which a steady trend does not inflate."""
+    k = max(2, len(values) // 3)
+    first, last = _ends(values)
+    diffs = [b - a for a, b in zip(values, values[1:])]
+    mean = sum(diffs) / len(diffs)
+    sigma = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1) / 2)
+    return last - first, sigma * math.sqrt(2 / k)
+
+
+INDEPENDENT = (("validation_reward_mean", "the validation reward model's score"), ("gold_mean", "the gold score"))
+"""The signals of the rollouts the policy is not trained on (`rollout.independent_metrics`), in words."""
+
+
+def proxy_divergence(series: Series, min_points: int = 8, rise: float = 2.0, allowance: float = 1.0,
+                     algorithm: str = "ppo") -> list[Alert]:
+    """The proxy reward (`reward_mean`, what the policy is trained against) rising over the recent steps while an
+    independent signal of the same rollouts (`INDEPENDENT`) does not: one alert per such signal.
+
+    Recent steps: the later half of the steps where both were logged, at least `min_points`. Each side's `trend`
+    compares the mean of the last third of them with the first third's, against the noise of that difference: the
+    proxy rises when its change exceeds `rise` standard errors, the signal counts as flat or falling when its change
+    stays under `allowance` standard errors (a signal that rises more than that, even slower than the proxy, is
+    left alone).
+    """
+    def finite(name: str) -> dict[int, float]:
+        return {step: v for step, v in series.get(algorithm_metric(algorithm, name), [])
+                if v is not None and math.isfinite(v)}
+
+    proxy = finite("reward_mean")
+    alerts = []
+    for name, words in INDEPENDENT:
+        other = finite(name)
+        steps = sorted(set(proxy) & set(other))
+        if len(steps) < min_points:
+            continue
+        recent = steps[-max(min_points, len(steps) // 2):]
+        p_change, p_error = trend([proxy[s] for s in recent])
+        o_change, o_error = trend([other[s] for s in recent])
+        if not (p_change > 0 and p_change > rise * p_error and o_change <= allowance * o_error):
+            continue
+        p0, p1 = _ends([proxy[s] for s in recent])
+        o0, o1 = _ends([other[s] for s in recent])
+        alerts.append(Alert(
+            "warning", "proxy_divergence",
+            f"The proxy reward rose ({p0:.3g} → {p1:.3g}) over steps {recent[0]}–{recent[-1]} while {words}, which "
+            f"the policy is not trained on, did not ({o0:.3g} → {o1:.3g}): the policy is likely getting better at "
+            "the reward model, not at the task (reward hacking; Gao et al. 2022). The chart \"Proxy vs independent "
+            "signal\" shows where they part. Stop early (re-run with ppo.steps ending before that step), or lower "
+            "the learning rate, or raise the KL coefficient (ppo.init_kl_coef, or a lower ppo.target_kl)."))
     return alerts
 
 
@@ -201,6 +259,7 @@ def check_all(series: Series, gpu_total_mb: float | None = None, target_kl: floa
     alerts = (nan_values(series)
               + reward_hacking(series, kl_limit=kl_limit, max_response_length=max_response_length,
                                algorithm=algorithm)
+              + proxy_divergence(series, algorithm=algorithm)
               + kl_blowup(series, kl_limit, algorithm=algorithm)
               + length_collapse(series, algorithm=algorithm)
               + kl_collapse(series, algorithm=algorithm)

@@ -274,6 +274,31 @@ class ApiClient:
         return MemoryPlan.model_validate({k: v for k, v in data.items() if k != "gpu_source"}), \
             _field(data, "gpu_source", "/api/plan")
 
+    def continue_job(self, job_id: int, reward_data: str = "votes", dataset: int | None = None,
+                     votes_weight: float = 1.0, sft_dataset: int | None = None, algorithm: str | None = None,
+                     overrides: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
+        """`ContinueCreate`: the next round of RLHF from a finished job, whose aligned policy it starts from; its reward
+        model trains on `reward_data` (`votes`: the arena votes about the job's aligned model, `votes_weight` of the
+        training pairs beside the job's data; `feedback`: the chat feedback about it; `dataset`: the data set
+        `dataset`; `parent`: the job's own data). The new job (`JobPublic`, with `parent_id` and `round`)."""
+        body: dict[str, Any] = {"reward_data": reward_data, "votes_weight": votes_weight,
+                                "overrides": overrides or {}}
+        optional = {"dataset": dataset, "sft_dataset": sft_dataset, "algorithm": algorithm, "name": name}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        made = self.request("POST", f"/api/jobs/{job_id}/continue", json=body)
+        for key in ("id", "parent_id", "round"):
+            _field(made, key, f"/api/jobs/{job_id}/continue")
+        return made
+
+    def rounds(self, job_id: int) -> list[dict[str, Any]]:
+        """The chain of rounds the job belongs to (`RoundsPublic.items`: `JobSummary` objects with `round` and
+        `parent_id`, by round then id): the jobs it continues back to round 1, itself, the jobs continued from it."""
+        items = _field(self.request("GET", f"/api/jobs/{job_id}/rounds"), "items", f"/api/jobs/{job_id}/rounds")
+        for item in items:
+            for key in ("id", "name", "status", "round", "parent_id"):
+                _field(item, key, f"/api/jobs/{job_id}/rounds")
+        return items
+
     def cancel_job(self, job_id: int) -> dict[str, Any]:
         return self.request("POST", f"/api/jobs/{job_id}/cancel")
 

@@ -97,6 +97,11 @@ ALIGNMENT_MEASURES: dict[str, Measure] = {
     "rejected_reward": Measure("implicit reward", "β · log-ratio"),
     "eval_chosen_reward": Measure("held-out implicit reward", "β · log-ratio"),
     "eval_rejected_reward": Measure("held-out implicit reward", "β · log-ratio"),
+    # The independent signals of the rollouts (`rollout.independent_metrics`); the gold's unit: its scorer (`measure`).
+    "validation_reward_mean": Measure("validation reward", "validation RM score"),
+    "validation_reward_std": Measure("validation reward std", "validation RM score", 0.0),
+    "proxy_validation_spearman": Measure("rank agreement, proxy vs validation RM", "Spearman ρ", -1.0, 1.0),
+    "proxy_gold_spearman": Measure("rank agreement, proxy vs gold", "Spearman ρ", -1.0, 1.0),
 }
 """The alignment stage's metrics by name (`<algorithm>/<name>`), but those in the unit of its reward."""
 
@@ -176,6 +181,10 @@ def measure(feed: JobFeed | None, key: str) -> Measure:
             return Measure(what, reward_unit(ppo.get("reward_function"), ppo.get("rewards")), low)
         if name.startswith("rewards/"):  # one stated term of `ppo.rewards`
             return Measure(f"reward term {name.removeprefix('rewards/')}", "its own scale")
+        if name in ("gold_mean", "gold_std"):  # the known-answer task's gold of the rollouts
+            scorer = (config.get("data") or {}).get("gold_scorer", "gold scorer")
+            return Measure("gold score" if name == "gold_mean" else "gold score std", scorer,
+                           None if name == "gold_mean" else 0.0)
         if name in ("loss", "eval_loss") and (config.get("dpo") or {}).get("loss_type", "sigmoid") == "sigmoid":
             return Measure(ALIGNMENT_MEASURES[name].what, "nats per pair", 0.0)  # -log sigmoid(...)
         found = ALIGNMENT_MEASURES.get(name)
@@ -406,6 +415,65 @@ def kl_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
         _y(fig, measure(feed, feed.key("kl_coef")), "y2")
         # Its own round ticks: an overlaying axis copies the left one's gridlines by default (tickmode "sync").
         fig.layout.yaxis2.update(showgrid=False, tickmode="auto")
+    return fig
+
+
+INDEPENDENT_SIGNALS = (("validation_reward_mean", "validation_reward_std", "validation reward model"),
+                       ("gold_mean", "gold_std", "gold"))
+"""The signals of the rollouts the policy is not trained on (`rollout.independent_metrics`): (mean, std, name)."""
+SIGNAL_CHANGE = Measure("change since the first step", "first step's batch std")
+"""The proxy chart's common scale: a signal's change since its first logged step, in that step's batch std."""
+
+
+def signal_change(means: Sequence[tuple[int, float | None]], stds: Sequence[tuple[int, float | None]] = ()
+                  ) -> list[tuple[int, float | None]]:
+    """A signal's batch means (step, mean) as their change since the first finite one, in units of that step's
+    batch standard deviation (`stds`): one scale for a reward model's score and a gold's, whatever their units.
+    When that std is missing or 0 (a gold every answer of the batch got alike), the spread of the means over the
+    steps is the unit, and 1 when they are flat too."""
+    finite = [(step, v) for step, v in means if _finite(v)]
+    if not finite:
+        return []
+    first_step, first = finite[0]
+    unit = dict(stds).get(first_step)
+    if not (_finite(unit) and unit > 0):
+        values = [v for _, v in finite]
+        mean = sum(values) / len(values)
+        unit = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) or 1.0
+    return [(step, (v - first) / unit if _finite(v) else None) for step, v in means]
+
+
+def independent_signals(feed: JobFeed) -> list[str]:
+    """The names (`INDEPENDENT_SIGNALS`) of the independent signals the job's alignment stage logged."""
+    return [name for mean, _, name in INDEPENDENT_SIGNALS if _stage_series(feed, mean)]
+
+
+def proxy_figure(feed: JobFeed, smoothing: float = 0.0) -> go.Figure:
+    """The proxy reward (what the policy is trained against) beside the signals it is not trained on (the validation
+    reward model, the known-answer task's gold), each as its change since the first step in that step's batch stds
+    (`signal_change`), against the KL to the reference (left, as Gao et al. 2022 draw over-optimisation) and against
+    the step (right). Healthy: they rise together. Reward hacking: the proxy climbs on while the others stay flat
+    or fall (`alerts.proxy_divergence` says so in words)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["against KL to the reference", "against step"],
+                        horizontal_spacing=0.12)
+    kl = dict(_stage_series(feed, "kl"))
+    unit = measure(feed, feed.key("reward_mean")).unit
+    signals = [("reward_mean", "reward_std", f"proxy reward ({unit})")]
+    signals += [(mean, std, name if mean != "gold_mean" else f"gold ({measure(feed, feed.key(mean)).unit})")
+                for mean, std, name in INDEPENDENT_SIGNALS if _stage_series(feed, mean)]
+    for i, (mean, std, label) in enumerate(signals):
+        change = signal_change(_stage_series(feed, mean), _stage_series(feed, std))
+        color = COLORS[i % len(COLORS)]
+        line(fig, [(kl[step], v) for step, v in change if _finite(kl.get(step))], label, color, smoothing, row=1,
+             col=1, legendgroup=label, marker=dict(size=4))
+        line(fig, change, label, color, smoothing, row=1, col=2, legendgroup=label, showlegend=False,
+             marker=dict(size=4))
+    _panel(fig, 1, 1, SIGNAL_CHANGE, x=KL.title)
+    _panel(fig, 1, 2, SIGNAL_CHANGE)
+    fig.layout.xaxis.rangemode = "nonnegative"
+    fig.update_annotations(font_size=12)
+    _layout(fig, f"Proxy vs independent signal ({_label(feed.algorithm)}: change since step 1)", height=340)
+    fig.update_layout(hovermode="closest")  # the left panel's x is KL, not a step's column
     return fig
 
 
@@ -679,6 +747,53 @@ def frontier_figure(feeds: dict[str, JobFeed]) -> go.Figure:
     fig.layout.xaxis.rangemode = "nonnegative"
     fig.layout.yaxis.update(title_text=_titles(rewards) or Measure("reward", reward_unit()).title, title_font_size=12,
                             automargin=True)
+    return fig
+
+
+ROUND_MEASURES = {"gold": "gold score", "reward": "reward"}
+"""What `rounds_figure` plots across a chain of rounds: the known-answer gold, or each round's own reward."""
+
+
+def rounds_figure(rounds: Sequence[tuple[int, str, EvalReport | dict[str, Any]]], measure: str = "gold") -> go.Figure:
+    """A chain of rounds of RLHF (round 1 → 2 → 3) on one measure of their evaluate reports: `rounds` is (round, job
+    label, report) in order. Left, each round's start (its SFT policy: in a later round, the parent's aligned policy)
+    and end (its aligned policy), mean ± one std on its held-out prompts; right, each round's gain, end − start per
+    prompt, with its bootstrap interval. A round whose report lacks the measure is left out. A reward is each round's
+    own reward model's score: its levels do not compare across rounds, its gains do; the gold is one scale for all."""
+    if measure not in ROUND_MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; choose from {list(ROUND_MEASURES)}")
+    parsed = [(n, label, parse(EvalReport, report)) for n, label, report in rounds]
+    shown = [(n, label, r) for n, label, r in parsed
+             if getattr(r.sft, measure) is not None and getattr(r.ppo, measure) is not None
+             and getattr(r, f"{measure}_diff") is not None]
+    units = [r.gold_scorer or "gold scorer" if measure == "gold" else reward_unit(r.reward_function, r.rewards)
+             for _, _, r in shown]
+    m = Measure(ROUND_MEASURES[measure], _titles(units) or ("gold scorer" if measure == "gold" else reward_unit()))
+    gain = Measure(f"{ROUND_MEASURES[measure]} gain, end − start", m.unit)
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.14,
+                        subplot_titles=("Start and end of each round (mean ± std)", "Gain of each round (interval)"))
+    names = [f"round {n} · {label}" for n, label, _ in shown]
+    for i, (side, who) in enumerate((("sft", "start (SFT; in a later round the parent's aligned policy)"),
+                                     ("ppo", "end (the round's aligned policy)"))):
+        summaries = [getattr(getattr(r, side), measure) for _, _, r in shown]
+        fig.add_trace(go.Scatter(x=names, y=[s.mean for s in summaries], name=who, mode="lines+markers",
+                                 marker=dict(size=9), line=dict(color=COLORS[i]),
+                                 error_y=dict(type="data", array=[s.std or 0.0 for s in summaries], visible=True)),
+                      row=1, col=1)
+    diffs = [getattr(r, f"{measure}_diff") for _, _, r in shown]
+    confidence = diffs[0].confidence if diffs else 0.95
+    fig.add_trace(go.Bar(x=names, y=[d.mean for d in diffs], name=f"gain, end − start ({confidence:.0%} interval)",
+                         marker_color=COLORS[2], error_y=dict(
+                             type="data", symmetric=False, visible=True,
+                             array=[(d.high - d.mean) if _finite(d.high) else 0.0 for d in diffs],
+                             arrayminus=[(d.mean - d.low) if _finite(d.low) else 0.0 for d in diffs])), row=1, col=2)
+    _panel(fig, 1, 1, m, x="round", y=m.title)
+    _panel(fig, 1, 2, gain, x="round", y=gain.title)
+    fig.update_xaxes(type="category")
+    fig.update_annotations(font_size=12)
+    fig.update_layout(showlegend=True)
+    _layout(fig, f"Rounds of RLHF: {ROUND_MEASURES[measure]} by round", height=340)
+    fig.update_layout(hovermode="closest")  # a round's points, not a column across both panels
     return fig
 
 

@@ -8,7 +8,9 @@ leaves no orphan training on. A job that names a device this machine lacks (`cud
 CUDA) fails before its first stage, with the devices there are. So does a job whose config the service would not
 have queued (`edgerlhf.config.service_problems`: a local path outside the allowed roots, an import-path reward
 function): the config comes from the database, and whoever can write there is not trusted to run code here. Hub
-downloads are bounded by `EDGERLHF_MAX_DOWNLOAD_BYTES` (`edgerlhf.locations.set_download_limit`).
+downloads are bounded by `EDGERLHF_MAX_DOWNLOAD_BYTES` (`edgerlhf.locations.set_download_limit`). A job that continues
+another (the next round of RLHF, `Job.parent_id`) reads its parent's run directory where this worker finds run
+directories (`contract.job_run_dir` under its data dir), whatever path the backend that queued it saw.
 
     python -m worker.job --job-id 12 --parent-pid 4711 --result /path/result.json
 
@@ -115,9 +117,11 @@ def run(job_id: int) -> tuple[int, dict]:
             job = read.get_job(session, job_id)
             if job is None:
                 return EXIT_FAILED, {"status": "failed", "error": f"job {job_id} not found"}
-            config_dict, attempt = job.config, job.attempts
+            config_dict, attempt, parent_id = job.config, job.attempts, job.parent_id
             skip = queue.completed_stages(session, job_id)
         config = PipelineConfig.from_dict(config_dict)  # the config's own checks (ranges, names, data.data_dir ...)
+        if parent_id is not None:  # the next round: the parent's run directory is found as this job's own is
+            config.round.parent_run = str(job_run_dir(settings.runs_dir, parent_id))
         problems = service_problems(config, [*settings.allowed_roots, settings.data_dir], settings.allowed_judge_urls)
         if problems:  # before anything of the config is used: no path read, no module imported
             raise JobRefused("this job's config is refused by the service: "

@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from db.models import (INT64_MAX, MAX_GPU_MEMORY_MB, Artifact, Dataset, Job, JobStatus, LogLine, Metric, Sample,
                        StageRun, Worker)
 from edgerlhf.locations import HUB_ID
-from edgerlhf.contract import StageStatus
+from edgerlhf.contract import ALGORITHMS, StageStatus
 from edgerlhf.plan import MemoryPlan
 from edgerlhf.reports import EvalReport, Interval
 
@@ -216,6 +216,11 @@ class JobSummary(BaseModel):
     stages: list[StagePublic]
     result: JobResult | None
     """Its evaluate stage's headline numbers once that stage succeeded; None before (or without one)."""
+    parent_id: int | None
+    """The job this one continues (`POST /api/jobs/{id}/continue`): it started from that job's aligned policy; None
+    for a round 1."""
+    round: int
+    """Which round of RLHF the job is: 1 from a base model, its parent's round + 1 (`GET /api/jobs/{id}/rounds`)."""
 
     @classmethod
     def of(cls, job: Job, runs: list[StageRun], queue_position: int | None,
@@ -235,7 +240,7 @@ class JobSummary(BaseModel):
                    queue_position=queue_position if job.status == JobStatus.queued else None,
                    min_gpu_memory_mb=job.min_gpu_memory_mb,
                    waiting_for=waiting_for if job.status == JobStatus.queued else None, stages=stages,
-                   result=result)
+                   result=result, parent_id=job.parent_id, round=job.round or 1)
 
 
 class JobPublic(JobSummary):
@@ -580,3 +585,51 @@ class DatasetPreview(BaseModel):
     rows_shown: list[PreviewRow]
     problems: list[str]
     """The bad rows, `file:line: what is wrong`."""
+
+
+# --- rounds -------------------------------------------------------------------------------------------
+
+
+REWARD_DATA = ("votes", "feedback", "dataset", "parent")
+"""What the next round's reward model trains on (`ContinueCreate.reward_data`)."""
+
+
+class ContinueCreate(BaseModel):
+    """The next round of RLHF from a finished job: a new job whose SFT policy is that job's aligned policy (merged),
+    whose reward model trains on `reward_data`, and which aligns again. Everything else is the parent's config."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"reward_data": "votes"},
+        {"reward_data": "votes", "votes_weight": 0.5, "algorithm": "grpo", "name": "round 2, votes and old pairs"},
+        {"reward_data": "dataset", "dataset": 4, "overrides": {"ppo": {"steps": 50}}}]})
+
+    name: NoNul | None = Field(None, min_length=1, max_length=200,
+                             description="Shown in lists; default: the parent's name with its round (`… · round 2`)")
+    reward_data: Literal[REWARD_DATA] = Field(  # type: ignore[valid-type]
+        "votes", description="What the round's data stage (its reward model, DPO, KTO) reads: `votes`, the arena votes "
+                             "with the parent's aligned model (`job-N/ppo`) on either side, snapshot now "
+                             "(`data.votes_file`); `feedback`, the chat feedback about that model, snapshot now as a "
+                             "data set (better answer ≻ reply; thumbs for KTO); `dataset`, the data set `dataset`; "
+                             "`parent`, the parent's own data again")
+    dataset: DatasetId | None = Field(None, description="With reward_data=dataset: the data set (an id from GET "
+                                                        "/api/datasets, such as a feedback snapshot) it reads")
+    votes_weight: float = Field(1.0, gt=0, le=1, allow_inf_nan=False,
+                                description="With reward_data=votes: the votes' share of the training pairs; 1, the "
+                                            "votes alone; below 1, mixed with the parent's data set "
+                                            "(`data.votes_weight`)")
+    sft_dataset: DatasetId | None = Field(None, description="Demonstrations (a data set id) to fine-tune the parent's "
+                                                            "policy on first (`sft_data.source`); default: SFT trains "
+                                                            "nothing")
+    algorithm: Literal[ALGORITHMS] | None = Field(  # type: ignore[valid-type]
+        None, description="The round's alignment algorithm; default: the parent's")
+    overrides: Overrides = Field(default_factory=dict,
+                                 description="Nested fields to change on top of the parent's config, as for a job")
+    override_memory_plan: bool = Field(False, description="As for a new job: queue it even if the memory plan says "
+                                                          "a stage does not fit")
+
+
+class RoundsPublic(BaseModel):
+    """A chain of rounds: the jobs a job continues, back to round 1, itself, and the jobs continued from it."""
+
+    items: list[JobSummary]
+    """Ordered by round, then id."""

@@ -6,7 +6,9 @@ signature, `(models, optimizer, kl_ctl, batch_prompts, cfg, micro, step) -> (met
 logs under the algorithm's namespace (`ppo/...`, `grpo/...`, `rloo/...`). Laid out as CleanRL's `ppo.py`
 main loop: the models and optimizer, then each iteration samples its prompts, runs one step, logs, and every
 `ppo.checkpoint_every` steps writes a checkpoint a resumed run continues from exactly (the sampling is reseeded
-from (seed, step)).
+from (seed, step)). After each step the same rollouts are scored with what the step did not train on
+(`rollout.independent_metrics`: the validation reward model with `reward.validation`, the gold on the known-answer
+task), logged beside the step's own metrics.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from edgerlhf import memory
 from edgerlhf.align.policy import (POLICY, VALUE_HEAD_FILE, PolicyModels, base_weight_storages, build_models,
                                    reward_source)
 from edgerlhf.align.ppo import kl_controller
-from edgerlhf.align.rollout import StepMicroBatches
+from edgerlhf.align.rollout import StepMicroBatches, independent_gold, independent_metrics
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.contract import PPO_ADAPTER, algorithm_metric
@@ -176,7 +178,7 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
     # What the stage holds, measured around building it: one copy of the network (plus one quantized copy for
     # an int8/int4 reward model), the adapters and (PPO only) the value head.
     before = memory.tensor_bytes(device)
-    models = build_models(config, run_dir, device)
+    models = build_models(config, run_dir, device, validation=config.reward.validation)
     held_bytes = memory.tensor_bytes(device) - before
     network_bytes = sum(base_weight_storages([models.model]).values())
     params = models.policy_parameters()
@@ -192,8 +194,12 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
             ctx.log(f"{algorithm}: {ckpt_dir} cannot be resumed (another algorithm, adapter or sft/reward models, or a "
                     "file that cannot be read safely); starting afresh", "warning")
         _probe(ctx, models, probe_prompts, 0, config)
+    gold_scorer = independent_gold(config)
+    independent = [what for what, on in (("the validation reward model", models.validation_model is not None),
+                                         (f"the gold {gold_scorer}", gold_scorer is not None)) if on]
     ctx.log(f"{algorithm}: {sum(p.numel() for p in params):,} trainable parameters, rewards from "
-            f"{reward_source(models, cfg)}")
+            f"{reward_source(models, cfg)}" + (f"; rollouts also scored by {' and '.join(independent)}"
+                                               if independent else ""))
 
     history: dict[str, list[float]] = {}
     micro = StepMicroBatches.of(cfg, ctx, device, config)
@@ -209,6 +215,7 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
         for group in optimizer.param_groups:
             group["lr"] = lr
         metrics, rollouts, scores = train_step(models, optimizer, kl_ctl, batch_prompts, cfg, micro, step)
+        metrics.update(independent_metrics(algorithm, models, rollouts, scores, gold_scorer))
         metrics[algorithm_metric(algorithm, "learning_rate")] = lr
         metrics.update(memory.snapshot(device))
         ctx.log_metrics(metrics, step)
@@ -247,6 +254,8 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
         reward_model=("python function" if models.reward_function else "none" if models.reward_model is None else
                       "shared adapter" if models.reward_shared else "separate quantized copy"),
         rewards=models.rewards.names if models.rewards is not None else None,
+        validation_reward=models.validation_model is not None,
+        gold_scorer=gold_scorer,
         compute_dtype=dtype_name(compute_dtype(device)),
         device=str(device),
         trainable_parameters=sum(p.numel() for p in params),

@@ -13,6 +13,12 @@ Memory design — one copy of the base network, whichever algorithm:
   size). With `ppo.quantized_policy` the one network is instead loaded in int8/int4 and everything
   shares it, QLoRA-style (Dettmers et al. 2023): the policy LoRA trains on the quantized base and the
   reference is that quantized base.
+- With `reward.validation` (training only), the validation reward model is one more frozen adapter, `validation`,
+  on the one network, with its own score head: the independent second opinion on the rollouts
+  (`PolicyModels.validation_score`). It always rides on the one network, never on an int8/int4 reward copy: the
+  reward stage trains it in that network's precision (`contract.network_precision`: bf16, or the reward model's with
+  `ppo.quantized_policy`), so it scores on the base it was trained on and costs no copy whichever reward precision
+  the proxy uses.
 The evaluation stage loads the trained policy through the same `build_models`.
 """
 
@@ -30,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from edgerlhf import gold
-from edgerlhf.contract import algorithm_traits, reward_dir
+from edgerlhf.contract import VALIDATION_REWARD, algorithm_traits, network_precision, reward_dir
 from edgerlhf.errors import MissingPrerequisite
 from edgerlhf.generation import Rollouts, Sampling, forward_response, kl_per_position
 from edgerlhf.models import checkpointed_layers
@@ -39,6 +45,8 @@ POLICY = "policy"
 """Name of the trainable LoRA adapter (the policy)."""
 REWARD = "reward"
 """Name of the frozen reward LoRA adapter, when the bf16 reward model shares the network."""
+VALIDATION = "validation"
+"""Name of the frozen validation reward LoRA adapter (`reward.validation`), always on the one network."""
 VALUE_HEAD_FILE = "value_head.pt"
 """PPO's critic beside the policy adapter in `ppo/adapter/`."""
 
@@ -70,7 +78,8 @@ class PolicyModels:
     heads."""
 
     model: Any
-    """peft model: sft/merged + the trainable `policy` LoRA (+ the frozen `reward` LoRA when shared)."""
+    """peft model: sft/merged + the trainable `policy` LoRA (+ the frozen `reward` LoRA when shared, + the frozen
+    `validation` LoRA with `reward.validation`)."""
     value_head: ValueHead | None
     """PPO's critic; None for GRPO and RLOO, whose baselines come from the other samples of a prompt."""
     reward_model: Any
@@ -86,13 +95,16 @@ class PolicyModels:
     reward model being one of the components if at all."""
     checkpointing: bool = False
     """`ppo.gradient_checkpointing`: the passes with gradients recompute each layer in the backward."""
+    validation_model: Any = None
+    """`edgerlhf.models.RewardModel` of the validation reward model (`reward.validation`): the `validation` adapter on
+    `model` itself and its score head; None without one."""
 
     def policy_parameters(self) -> list[nn.Parameter]:
         lora = [p for n, p in self.model.named_parameters() if is_policy_lora(n)]
         return lora + (list(self.value_head.parameters()) if self.value_head is not None else [])
 
     def modules(self) -> list[nn.Module]:
-        return [m for m in (self.model, self.value_head, self.reward_model) if m is not None]
+        return [m for m in (self.model, self.value_head, self.reward_model, self.validation_model) if m is not None]
 
     def forward(self, query_ids, query_mask, response_ids, response_mask, sampling: Sampling | None = None):
         """Policy logits (B, T, V), scaled by `sampling`, and values (B, T) at the response tokens, in one pass
@@ -137,6 +149,15 @@ class PolicyModels:
         with using_adapter(self.model, REWARD):
             return self.reward_model.score(prompts, responses)
 
+    @torch.no_grad()
+    def validation_score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """The validation reward model's scores (N,): the `validation` adapter on the one network."""
+        if self.validation_model is None:
+            raise RuntimeError("these models were built without a validation reward model "
+                               "(build_models(validation=False))")
+        with using_adapter(self.model, VALIDATION):
+            return self.validation_model.score(prompts, responses)
+
 
 @contextmanager
 def using_adapter(model, name: str):
@@ -159,15 +180,28 @@ def add_policy_adapter(model, config, adapter_name: str = POLICY):
     return get_peft_model(model, lora, adapter_name=adapter_name)
 
 
+def _adapter_reward_model(model, rm_dir: Path, name: str, tokenizer, precision: str, device: torch.device):
+    """The reward model saved in `rm_dir` as frozen adapter `name` on the one network `model`, with its score head."""
+    from edgerlhf import models
+
+    model.load_adapter(str(rm_dir / models.REWARD_ADAPTER_DIR), adapter_name=name, is_trainable=False)
+    meta_file = rm_dir / models.REWARD_META_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    head = models.load_score_head(rm_dir / models.SCORE_HEAD_FILE, device).requires_grad_(False)
+    return models.RewardModel(model, head, tokenizer, meta.get("max_length", 384), precision, device,
+                              meta.get("pooling", "last")).eval()
+
+
 def build_models(config, run_dir: str | Path, device: torch.device,
                  adapter_dir: str | Path | None = None, reward: bool = True,
-                 value_head: bool | None = None) -> PolicyModels:
+                 value_head: bool | None = None, validation: bool = False) -> PolicyModels:
     """Load sft/merged once and hang the policy, reference, (PPO's) value head and (bf16) reward model on it.
 
     With `adapter_dir` (a saved `ppo/adapter`) the policy is that trained adapter, frozen (evaluation);
     without it, a fresh trainable LoRA (training). `reward=False` loads no reward model (`reward_model` is
     None): a DPO run evaluated without one. `value_head` (default: only when `config.algorithm` is PPO)
-    adds PPO's critic, loaded from `adapter_dir` when it holds one.
+    adds PPO's critic, loaded from `adapter_dir` when it holds one. `validation` adds the validation reward model
+    (`reward/validation/`, `reward.validation`) as the frozen adapter `validation`.
     """
     from peft import PeftModel
 
@@ -178,7 +212,8 @@ def build_models(config, run_dir: str | Path, device: torch.device,
     # QLoRA-style sharing: with `quantized_policy`, the one network is loaded in the reward's int8/int4
     # precision, and policy, reference and reward all run on it.
     shared = precision == "bf16" or config.ppo.quantized_policy
-    base, tokenizer = models.load_policy(run_dir, "sft", device, precision=precision if shared else "bf16")
+    network = network_precision(precision, config.ppo.quantized_policy)  # = precision if shared else "bf16"
+    base, tokenizer = models.load_policy(run_dir, "sft", device, precision=network)
     # Dropout stays off during PPO updates (eval mode throughout), so the log-probs of the update pass
     # match those of the rollout pass and the first ratio is exactly 1 (Huang et al. 2023, detail #16).
     if adapter_dir is None:
@@ -194,15 +229,17 @@ def build_models(config, run_dir: str | Path, device: torch.device,
         if not (rm_dir / models.SCORE_HEAD_FILE).exists():
             raise MissingPrerequisite(rm_dir, "reward", f"holds no reward model (reward.precisions must include "
                                       f"{precision!r})")
-        model.load_adapter(str(rm_dir / models.REWARD_ADAPTER_DIR), adapter_name=REWARD, is_trainable=False)
-        meta_file = rm_dir / models.REWARD_META_FILE
-        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-        head = models.load_score_head(rm_dir / models.SCORE_HEAD_FILE, device).requires_grad_(False)
-        reward_model = models.RewardModel(model, head, tokenizer, meta.get("max_length", 384), precision,
-                                          device, meta.get("pooling", "last")).eval()
+        reward_model = _adapter_reward_model(model, rm_dir, REWARD, tokenizer, precision, device)
     else:
         # A quantized network cannot share the policy's bf16 weights: this adds one int8/int4 copy.
         reward_model = models.load_reward_model(run_dir, precision, device).requires_grad_(False)
+    validation_model = None
+    if validation:
+        val_dir = run_dir / VALIDATION_REWARD
+        if not (val_dir / models.SCORE_HEAD_FILE).exists():
+            raise MissingPrerequisite(val_dir, "reward", "holds no validation reward model (reward.validation must be "
+                                      "on when the reward stage runs)")
+        validation_model = _adapter_reward_model(model, val_dir, VALIDATION, tokenizer, network, device)
     model.set_adapter(POLICY, inference_mode=adapter_dir is not None)
     critic = None
     if value_head or (value_head is None and algorithm_traits(config.algorithm).value_head):
@@ -214,7 +251,7 @@ def build_models(config, run_dir: str | Path, device: torch.device,
     if checkpointing:
         models.enable_activation_checkpointing(model)
     built = PolicyModels(model, critic, reward_model, tokenizer, device, shared and reward_model is not None, function,
-                         checkpointing=checkpointing)
+                         checkpointing=checkpointing, validation_model=validation_model)
     if stated is not None and reward:
         built.rewards = stated_rewards(config, run_dir, built)
     return built

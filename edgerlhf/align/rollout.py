@@ -11,6 +11,10 @@ Sampling and log-probs agree: rollouts are drawn with temperature, top-k and top
 algorithm uses the probability of a token under exactly that distribution; both go through one definition,
 `edgerlhf.generation.Sampling`. Every KL to the reference is taken between the whole temperature-scaled
 distributions instead (`generation.TokenStats`): the sampler's support would hide a collapse.
+
+Beside what the step trains on (the proxy), the loop scores the same rollouts with what it does not train on
+(`independent_metrics`): the validation reward model and, on the known-answer task, the gold. A proxy that climbs
+while these do not is reward hacking (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization").
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from edgerlhf import gold
 from edgerlhf.align.losses import masked_mean
 from edgerlhf.align.policy import PolicyModels
 from edgerlhf.contract import algorithm_metric
 from edgerlhf.generation import (Rollouts, Sampling, concat_rollouts, generate, policy_stats, sampler_logprobs,
                                  whole_distributions)
 from edgerlhf.oom import MicroBatch, chunks, planner_hint
+from edgerlhf.reward import spearman
 
 
 @dataclass
@@ -194,3 +200,39 @@ def step_metrics(algorithm: str, scores: torch.Tensor, rollouts: Rollouts, stats
         common[f"rewards/{name}_mean"] = values.mean().item()
         common[f"rewards/{name}_std"] = values.std().item() if len(values) > 1 else 0.0
     return {algorithm_metric(algorithm, key): value for key, value in {**common, **own}.items()}
+
+
+def independent_gold(config) -> str | None:
+    """The gold scorer that judges the rollouts beside the proxy: the known-answer task's (`data.labels = "gold"`,
+    `data.gold_scorer`), unless the rollouts are scored with that gold itself (as `ppo.reward_function` or a stated
+    `gold` term), where it is the proxy and says nothing independent."""
+    name = config.data.gold_scorer
+    if config.data.labels != "gold" or config.ppo.reward_function == name:
+        return None
+    if any(c.kind == "gold" and c.scorer == name for c in config.ppo.rewards or []):
+        return None
+    return name
+
+
+def independent_metrics(algorithm: str, models: PolicyModels, rollouts: Rollouts, scores: torch.Tensor,
+                        gold_scorer: str | None = None) -> dict[str, float]:
+    """What the policy is not trained on, of the rollouts whose scores (B,) (the proxy, before any penalty) the step
+    learned from: the validation reward model's scores (`validation_reward_mean`, `_std`) when the models have one,
+    the gold's (`gold_mean`, `_std`) when `gold_scorer` is given, and how the proxy ranks the rollouts against each
+    (Spearman's rank correlation, `proxy_validation_spearman`, `proxy_gold_spearman`; left out of a step where a side
+    is constant). Under the algorithm's namespace."""
+    proxy = scores.detach().float().cpu()
+    signals: dict[str, torch.Tensor] = {}
+    if models.validation_model is not None:
+        signals["validation"] = models.validation_score(rollouts.prompts, rollouts.responses).float().cpu()  # (B,)
+    if gold_scorer is not None:
+        signals["gold"] = torch.tensor(gold.score_batch(rollouts.prompts, rollouts.responses, gold_scorer))  # (B,)
+    out: dict[str, float] = {}
+    for name, values in signals.items():
+        mean_key = "validation_reward" if name == "validation" else name
+        out[f"{mean_key}_mean"] = values.mean().item()
+        out[f"{mean_key}_std"] = values.std().item() if len(values) > 1 else 0.0
+        rho = spearman(proxy, values) if len(values) > 1 else float("nan")
+        if np.isfinite(rho):
+            out[f"proxy_{name}_spearman"] = rho
+    return {algorithm_metric(algorithm, key): value for key, value in out.items()}

@@ -9,6 +9,8 @@
 - One row per run: algorithm, rewards, gold gain, KL, length, peak memory, time per step (`reports.run_row`),
   then the final reports and the precision study.
 - The dashboard's warnings per run (`frontend.alerts`), and the same held-out prompts answered by each run.
+- A chain of rounds of RLHF (a job continued from another's aligned policy, round 1 → 2 → 3): a gold or reward across
+  its rounds, each round's start and end and its gain with the interval (`charts.rounds_figure`).
 
 Each job's metrics come through the same cursor feeds as the job page (`frontend.live`), so comparing
 running jobs keeps downloading only their new points.
@@ -20,6 +22,7 @@ import pandas as pd
 import streamlit as st
 
 from edgerlhf.contract import FINISHED, JobStatus, algorithm_traits
+from edgerlhf.reports import EvalReport
 from frontend import charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
 from frontend.reports import eval_headline, precision_rows, run_row, side_by_side
@@ -139,6 +142,60 @@ def held_out_answers(feeds: dict[str, live.JobFeed]) -> None:
                "run's evaluate report shows `evaluate.n_show` of its prompts.")
 
 
+def evaluated(job: dict, feeds: dict[str, live.JobFeed]) -> EvalReport | None:
+    """A job's evaluate report: from its feed when it is one of the chosen jobs, else asked for (a finished job's once
+    per session: it no longer changes)."""
+    feed = next((f for f in feeds.values() if f.job_id == job["id"]), None)
+    if feed is not None:
+        return feed.report.evaluate if feed.report is not None else None
+    cache = st.session_state.setdefault("compare_round_reports", {})
+    if job["id"] in cache:
+        return cache[job["id"]]
+    try:
+        report = client.report(job["id"]).evaluate
+    except (ApiError, BackendDown):
+        return None
+    if JobStatus(job["status"]) in FINISHED:
+        cache[job["id"]] = report
+    return report
+
+
+def rounds(chosen_ids: list[int], feeds: dict[str, live.JobFeed]) -> None:
+    """A gold or reward across the rounds of a chain that a chosen job belongs to."""
+    st.markdown("#### Rounds of RLHF")
+    chains: dict[tuple[int, ...], list[dict]] = {}
+    for jid in chosen_ids:
+        try:
+            items = client.rounds(jid)
+        except (ApiError, BackendDown):
+            continue
+        if len(items) > 1:
+            chains.setdefault(tuple(j["id"] for j in items), items)
+    if not chains:
+        st.caption("None of the chosen jobs is part of a chain of rounds: continue a finished job from its page "
+                   "(Continue (next round)) to start one.")
+        return
+    left, right = st.columns([3, 1])
+    keys = list(chains)
+    picked = left.selectbox("Chain", keys, key="compare_chain", format_func=lambda k: " → ".join(f"#{i}" for i in k),
+                            help="The rounds a chosen job belongs to: the jobs it continues back to round 1, and "
+                                 "those continued from it.")
+    measure = right.radio("Measure", list(charts.ROUND_MEASURES), format_func=charts.ROUND_MEASURES.get,
+                          key="compare_round_measure", horizontal=True,
+                          help="The known-answer gold is one scale for every round. A reward is each round's own "
+                               "reward model's: compare the gains, not the levels.")
+    done = [(j["round"], f"#{j['id']} {j['name']}", report) for j in chains[picked]
+            if (report := evaluated(j, feeds)) is not None]
+    fig = charts.rounds_figure(done, measure)
+    if not any(len(t.x or ()) for t in fig.data):
+        st.caption(f"No round of this chain has a {charts.ROUND_MEASURES[measure]} in its evaluate report yet"
+                   + (" (a gold: the known-answer task only)." if measure == "gold" else "."))
+        return
+    st.plotly_chart(fig, key="cmp-rounds", width="stretch")
+    st.caption("Each round is evaluated against the policy it started from (its SFT policy; in a later round, the "
+               "aligned policy of the round before), on its own held-out prompts: the gain is the round's own.")
+
+
 st.title("Compare runs")
 client = get_client()
 jobs = ui.call(client.list_jobs, limit=200)
@@ -173,6 +230,7 @@ def panel() -> None:
     runs_table(feeds)
     warnings(feeds)
     held_out_answers(feeds)
+    rounds(chosen, feeds)
 
 
 any_active = any(JobStatus(by_id[j]["status"]) not in FINISHED for j in chosen)

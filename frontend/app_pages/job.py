@@ -10,6 +10,11 @@ DPO's loss, accuracy, margin and KL, KTO's loss, KL estimate and margin; everywh
 named by its algorithm. One Smoothing slider smooths every curve. Samples flagged as offensive are hidden on the
 landing views until asked for (`frontend.flagged`).
 
+A finished job with an aligned policy can be continued: *Continue (next round)* opens a small form (what the next
+round's reward model trains on, its algorithm) and queues the next round of RLHF from this job's aligned policy
+(`POST /api/jobs/{id}/continue`); a job that is part of a chain shows it under its header (round 1 → 2 → 3, each a
+link).
+
 The job is named in the URL (`/job?job=12`), so a reloaded tab re-attaches to it: the new session pulls
 the job's history once from the backend and then, every two seconds, only the rows after its cursors
 (`frontend.live`). Everything below the job picker is one fragment that refreshes itself while the job is
@@ -25,12 +30,13 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from edgerlhf.contract import (EXPORT_FORMATS, GGUF_QUANTS, MEMORY_PREFIX, SAMPLED_PREFIX, JobStatus, StageStatus,
-                               algorithm_traits)
+from edgerlhf.contract import (ALGORITHMS, EXPORT_FORMATS, FINISHED, GGUF_QUANTS, MEMORY_PREFIX, SAMPLED_PREFIX,
+                               JobStatus, StageStatus, algorithm_traits)
 from edgerlhf.export import human_size
 from frontend import charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
 from frontend.charts import checkpoint_name, stage_name
+from frontend.datasets import list_datasets
 from frontend.reports import (BETTER, NO_CHANGE, PRECISION_COLUMNS, WORSE, Finding, eval_headline, eval_pairs,
                               eval_rows, override_rows, precision_rows, verdict)
 
@@ -43,6 +49,10 @@ STAGE_ICON = {StageStatus.pending: "○", StageStatus.running: "▶", StageStatu
 READING_COLOR = {BETTER: "green", WORSE: "red", NO_CHANGE: "gray"}  # longer / shorter: neither good nor bad
 CONFIRM_CANCEL = "job_confirm_cancel"  # session key: the job whose Cancel awaits a yes
 VERDICT_EXAMPLES = 2  # SFT-vs-aligned pairs under the verdict; the Samples tab has them all
+CONTINUE_OPEN = "job_continue_open"  # session key: the job whose Continue form is open
+ROUNDS_TTL = 10.0  # seconds a job's chain of rounds is reused before asking again
+REWARD_DATA = {"votes": "Arena votes about this model", "feedback": "Chat feedback about this model",
+               "dataset": "A data set", "parent": "This job's data again"}  # `ContinueCreate.reward_data`, in words
 
 
 def aligned_label(feed: live.JobFeed) -> str:
@@ -56,6 +66,8 @@ def header(client, feed: live.JobFeed, clock: live.JobClock) -> None:
     left, right = st.columns([4, 2])
     left.subheader(f"{ui.status_icon(status)} Job #{job['id']} · {job['name']}")
     facts = [f"status **{status.value}**", f"algorithm **{feed.algorithm.upper()}**", f"preset `{job['preset']}`"]
+    if job["round"] > 1:
+        facts.append(f"round **{job['round']}** (continues job #{job['parent_id']})")
     if job["stage"]:
         facts.append(f"stage **{stage_name(job['stage'], feed.algorithm)}**")
     if job["queue_position"]:
@@ -80,8 +92,16 @@ def header(client, feed: live.JobFeed, clock: live.JobClock) -> None:
             if ui.act(client.retry_job, feed.job_id):
                 st.toast("Queued again: it resumes after its last completed stage.")
                 st.rerun()
+        if st.button("Continue (next round)", key="job_continue", disabled=not continuable(job), width="stretch",
+                     icon=":material/replay:",
+                     help="The next round of RLHF from this job's aligned policy: a new job whose reward model trains "
+                          "on the feedback or votes about this model, and which aligns again from it."):
+            st.session_state[CONTINUE_OPEN] = feed.job_id
     if status in ui.CANCELLABLE:
         ui.confirm_cancel(client, feed.job_id, CONFIRM_CANCEL)
+    rounds_line(client, feed.job_id)
+    if st.session_state.get(CONTINUE_OPEN) == feed.job_id and continuable(job):
+        continue_form(client, feed)
     if job["waiting_for"]:  # no live worker could ever take it
         st.warning(f"{job['waiting_for'][0].upper()}{job['waiting_for'][1:]}: start one with "
                    f"`edgerlhf worker --gpu N` on a machine whose GPU has that much memory.",
@@ -96,6 +116,84 @@ def header(client, feed: live.JobFeed, clock: live.JobClock) -> None:
     for col, s, c in zip(st.columns(max(1, len(stages))), stages, clock.stages):
         col.progress(min(max(s["progress"], 0.0), 1.0),
                      text=f"{STAGE_ICON[c.status]} {ui.stage_text(c, feed.algorithm)}")
+
+
+def continuable(job: dict[str, Any]) -> bool:
+    """Whether the job can be continued: it has finished and its alignment stage succeeded (an aligned policy)."""
+    aligned = any(s["stage"] == "ppo" and s["status"] == StageStatus.succeeded for s in job["stages"])
+    return JobStatus(job["status"]) in FINISHED and aligned
+
+
+def chain_of(client, job_id: int) -> list[dict[str, Any]]:
+    """The job's chain of rounds (`client.rounds`), asked again at most every `ROUNDS_TTL` seconds."""
+    key = f"j{job_id}-rounds"
+    cached = st.session_state.get(key)
+    if cached is None or time.time() - cached[0] > ROUNDS_TTL:
+        try:
+            cached = (time.time(), client.rounds(job_id))
+        except (ApiError, BackendDown):
+            return cached[1] if cached else []
+        st.session_state[key] = cached
+    return cached[1]
+
+
+def rounds_line(client, job_id: int) -> None:
+    """The chain of rounds this job belongs to, round 1 → 2 → 3, each job a link (this one in bold); nothing for a
+    job nobody continued and that continues nothing."""
+    chain = chain_of(client, job_id)
+    if len(chain) < 2:
+        return
+    by_round: dict[int, list[str]] = {}
+    for j in chain:
+        name = f"#{j['id']} {j['name']}".replace("[", "(").replace("]", ")")
+        shown = f"**{name}** (this job)" if j["id"] == job_id else f"[{name}](/job?job={j['id']})"
+        by_round.setdefault(j["round"], []).append(f"{ui.status_icon(JobStatus(j['status']))} {shown}")
+    shown_rounds = " → ".join(f"round {n}: {' / '.join(jobs)}" for n, jobs in sorted(by_round.items()))
+    st.markdown(f"Rounds of RLHF: {shown_rounds}",
+                help="Each round starts from the aligned policy of the round before (its SFT policy) and aligns "
+                     "again; the Compare page plots a gold or reward across the rounds.")
+
+
+def continue_form(client, feed: live.JobFeed) -> None:
+    """The next round's choices: what its reward model trains on, its algorithm and name; queues it and opens it."""
+    job, jid = feed.job, feed.job_id
+    n = job["round"] + 1
+    with st.container(border=True, key="continue-form"):
+        st.markdown(f"#### Round {n}: continue from this job's aligned policy")
+        st.caption("A new job with this job's settings. Its SFT policy is this job's aligned policy (merged, as an "
+                   "export merges it; SFT trains nothing), its reward model trains on the data below, and it aligns "
+                   "again; its evaluation compares it with this job's policy.")
+        data = st.radio("Reward model trains on", list(REWARD_DATA), format_func=REWARD_DATA.get, horizontal=True,
+                        key=f"j{jid}-next-data",
+                        help=f"Votes and feedback are those about this job's aligned model (job-{jid}/ppo), taken "
+                             "now: later ones do not change the new job. A data set: any from the Data sets page.")
+        dataset, weight = None, 1.0
+        if data == "votes" and st.checkbox("Mix with this job's own data", key=f"j{jid}-next-mix"):
+            weight = st.slider("Votes' share of the training pairs", 0.05, 0.95, 0.5, 0.05, key=f"j{jid}-next-weight",
+                               help="Each vote pair is repeated to reach this share; the rest are this job's pairs.")
+        elif data == "dataset":
+            sets = ui.call(list_datasets, client) or []
+            if not sets:
+                st.info("No data set yet: upload one on the Data sets page, or snapshot feedback there.")
+            dataset = st.selectbox("Data set", [d["id"] for d in sets], key=f"j{jid}-next-dataset",
+                                   format_func=lambda i: next(f"#{d['id']} {d['name']} ({d['kind']})"
+                                                              for d in sets if d["id"] == i))
+        left, right = st.columns(2)
+        algorithm = left.selectbox("Algorithm", ALGORITHMS, index=ALGORITHMS.index(feed.algorithm),
+                                   format_func=lambda a: algorithm_traits(a).label, key=f"j{jid}-next-algorithm")
+        name = right.text_input("Name", key=f"j{jid}-next-name", max_chars=200,
+                                placeholder=f"{job['name']} · round {n}")
+        start, close = st.columns([1, 4])
+        if start.button(f"Start round {n}", type="primary", key=f"j{jid}-next-start",
+                        disabled=data == "dataset" and dataset is None):
+            made = ui.call(client.continue_job, jid, reward_data=data, dataset=dataset, votes_weight=weight,
+                           algorithm=algorithm, name=name.strip() or None)
+            if made:
+                st.session_state.pop(CONTINUE_OPEN, None)
+                st.switch_page(ui.JOB_PAGE, query_params={"job": str(made["id"])})
+        if close.button("Close", key=f"j{jid}-next-close"):
+            st.session_state.pop(CONTINUE_OPEN, None)
+            st.rerun()
 
 
 def sample_card(s: dict[str, Any], algorithm: str, key: str) -> None:
@@ -139,6 +237,12 @@ def sampling_curves(feed: live.JobFeed, jid: int, smoothing: float) -> bool:
         c2.plotly_chart(charts.kl_figure(feed, smoothing=smoothing), key=f"j{jid}-kl", width="stretch")
     else:
         c2.info(f"KL: no {name} step yet.")
+    if charts.independent_signals(feed):  # reward.validation, or the known-answer gold: README "Seeing reward hacking"
+        st.plotly_chart(charts.proxy_figure(feed, smoothing=smoothing), key=f"j{jid}-proxy", width="stretch")
+        validation = feed.report.reward.validation if feed.report is not None and feed.report.reward else None
+        st.caption("Rising together: the policy improves. The proxy climbing alone: it exploits the reward model."
+                   + (f" Validation reward model: held-out accuracy {ui.fmt(validation.accuracy)} "
+                      f"({validation.train_pairs} pairs the main one never saw)." if validation else ""))
     if charts.reward_terms(feed):  # stated rewards (`ppo.rewards`): which term of the sum moved
         st.plotly_chart(charts.reward_terms_figure(feed, smoothing=smoothing), key=f"j{jid}-terms", width="stretch")
     losses = [key for key in (feed.key("policy_loss"), feed.key("value_loss")) if feed.series(key)]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 
-from frontend.alerts import (check_all, kl_collapse, memory_near_limit, nan_values, out_of_memory_retries,
-                             reward_hacking)
+import pytest
+
+from frontend.alerts import (check_all, check_job, kl_collapse, memory_near_limit, nan_values, out_of_memory_retries,
+                             proxy_divergence, reward_hacking, trend)
 
 
 def ser(values):
@@ -102,3 +104,61 @@ def test_check_all_puts_errors_first():
                          "sft/loss": [(0, math.nan)]})
     found = check_all(s)
     assert [a.code for a in found] == ["nan", "reward_hacking"]
+
+
+# --- the proxy against the independent signals (reward.validation, the known-answer gold) -------------------
+
+NOISE = [0.08, -0.05, 0.02, -0.09, 0.06, -0.01, 0.04, -0.07, 0.09, -0.03, 0.0, 0.05, -0.06, 0.03, -0.08, 0.07,
+         -0.02, 0.01, -0.04, 0.06]
+"""Fixed noise of a batch mean, about 0.05 on either side."""
+
+
+def noisy(start: float, slope: float, n: int = 20, shift: int = 0) -> list[float]:
+    return [start + slope * i + NOISE[(i + shift) % len(NOISE)] for i in range(n)]
+
+
+def run_of(proxy: list[float], **independent: list[float]) -> dict:
+    return {"grpo/reward_mean": ser(proxy), **{f"grpo/{name}": ser(values) for name, values in independent.items()}}
+
+
+def test_trend_is_the_change_between_thirds_against_the_step_to_step_noise():
+    change, error = trend([1.0, 1.0, 1.0, 2.0, 2.0, 2.0])  # thirds of 2: 1.0 and 2.0; one jump among five steps
+    diffs = [0, 0, 1, 0, 0]
+    sigma = math.sqrt(sum((d - 0.2) ** 2 for d in diffs) / 4 / 2)
+    assert change == 1.0 and error == pytest.approx(sigma * math.sqrt(2 / 2))
+    assert trend([0.0, 1.0, 2.0, 3.0, 4.0, 5.0]) == (4.0, 0.0)  # a steady line has no noise
+
+
+def test_proxy_rising_while_the_validation_reward_is_flat_or_falling_warns():
+    flat = proxy_divergence(run_of(noisy(0.0, 0.1), validation_reward_mean=noisy(0.2, 0.0, shift=7)),
+                            algorithm="grpo")
+    assert [a.code for a in flat] == ["proxy_divergence"]
+    assert "validation reward model" in flat[0].message and "steps 10–19" in flat[0].message
+    assert "Stop early" in flat[0].message and "KL coefficient" in flat[0].message
+    # Rising first, then falling (Gao et al.'s over-optimisation): the later half falls.
+    peaked = [0.1 * min(i, 10) - 0.08 * max(0, i - 10) + NOISE[(i + 3) % 20] for i in range(20)]
+    found = proxy_divergence(run_of(noisy(0.0, 0.1), gold_mean=peaked), algorithm="grpo")
+    assert [a.code for a in found] == ["proxy_divergence"] and "gold" in found[0].message
+    # Each signal that parts from the proxy has its own warning.
+    both = proxy_divergence(run_of(noisy(0.0, 0.1), validation_reward_mean=noisy(0.2, 0.0, shift=7),
+                                   gold_mean=peaked), algorithm="grpo")
+    assert len(both) == 2
+
+
+def test_no_divergence_warning_on_a_healthy_run_a_flat_run_or_too_few_steps():
+    healthy = run_of(noisy(0.0, 0.1), validation_reward_mean=noisy(0.0, 0.05, shift=5),
+                     gold_mean=noisy(1.0, 0.03, shift=11))
+    assert proxy_divergence(healthy, algorithm="grpo") == []
+    flat = run_of(noisy(0.5, 0.0), validation_reward_mean=noisy(0.2, 0.0, shift=7), gold_mean=noisy(0.0, -0.01))
+    assert proxy_divergence(flat, algorithm="grpo") == []  # the proxy does not rise: nothing to part from
+    short = run_of(noisy(0.0, 0.1, n=7), validation_reward_mean=noisy(0.2, -0.1, n=7))
+    assert proxy_divergence(short, algorithm="grpo") == []
+    # Without an independent signal there is nothing to compare: the other checks speak for such runs.
+    assert proxy_divergence(run_of(noisy(0.0, 0.1)), algorithm="grpo") == []
+
+
+def test_the_job_check_reads_the_divergence_in_the_jobs_algorithm():
+    diverging = run_of(noisy(0.0, 0.1), validation_reward_mean=noisy(0.2, 0.0, shift=7))
+    job = {"config": {"algorithm": "grpo", "ppo": {"target_kl": 6.0, "response_length": 64}}}
+    assert [a.code for a in check_job(job, diverging)] == ["proxy_divergence"]
+    assert check_job({"config": {"algorithm": "ppo", "ppo": {}}}, diverging) == []  # a PPO job reads ppo/*

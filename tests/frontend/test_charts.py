@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import statistics
 from datetime import datetime
 
 import httpx
@@ -105,6 +106,17 @@ def kto_feed() -> JobFeed:
                                       "kto/chosen_reward": [0.0, 0.2], "kto/rejected_reward": [0.0, -0.1]}})
 
 
+def hacking_feed() -> JobFeed:
+    """A GRPO job on the known-answer task with a validation reward model: the proxy climbs, the validation reward
+    and the gold peak at step 3 and fall."""
+    return feed_of(7, "grpo", {"ppo": {
+        "grpo/reward_mean": [0.0, 0.5, 1.0, 1.5, 2.0], "grpo/reward_std": [0.5] * 5,
+        "grpo/kl": [0.0, 1.0, 2.0, 4.0, 8.0],
+        "grpo/validation_reward_mean": [0.0, 0.3, 0.4, 0.2, -0.1], "grpo/validation_reward_std": [0.4] * 5,
+        "grpo/gold_mean": [0.1, 0.15, 0.2, 0.1, None], "grpo/gold_std": [0.0, 0.1, 0.1, 0.1, 0.1]}},
+        reward={"validation": True})
+
+
 def probes() -> tuple[list[dict], list[str]]:
     rows = [{"prompt": p, "checkpoint": ckpt, "stage": ckpt.split("/")[0], "step": 0, "reward": -1.0 + i + j}
             for i, ckpt in enumerate(["sft/step-30", "ppo/step-5", "ppo/step-10"]) for j, p in enumerate(PROMPTS)]
@@ -115,6 +127,13 @@ PRECISION_ROWS = [{"precision": "bf16", "accuracy": 0.8, "peak_train_mb": 900.0,
                   {"precision": "int4", "accuracy": 0.78, "peak_train_mb": 400.0, "throughput_pairs_per_s": 300.0}]
 
 
+def chain() -> list[tuple[int, str, dict]]:
+    """Three rounds of RLHF (round, job label, evaluate report), each gaining gold over its start."""
+    return [(1, "#1 p", ev_report("ppo", 1.1, -0.2, 0.5, PROMPTS)),
+            (2, "#5 g", ev_report("grpo", 0.4, 0.3, 0.6, PROMPTS)),
+            (3, "#9 d", ev_report("dpo", 0.2, 0.5, 0.55, PROMPTS))]
+
+
 def compared() -> dict[str, JobFeed]:
     return {"#1 p": ppo_feed(), "#2 g": grpo_feed(), "#3 d": dpo_feed()}
 
@@ -123,6 +142,7 @@ BUILDERS = {
     "reward_figure": lambda s: [charts.reward_figure(ppo_feed(), smoothing=s),
                                 charts.reward_figure(grpo_feed(), smoothing=s)],
     "reward_terms_figure": lambda s: [charts.reward_terms_figure(terms_feed(), smoothing=s)],
+    "proxy_figure": lambda s: [charts.proxy_figure(hacking_feed(), smoothing=s)],
     "kl_figure": lambda s: [charts.kl_figure(ppo_feed(), smoothing=s), charts.kl_figure(dpo_feed(), smoothing=s)],
     "keys_figure": lambda s: [charts.keys_figure(ppo_feed(), ["ppo/policy_loss"], "Policy loss", "ppo", smoothing=s),
                               charts.keys_figure(ppo_feed(), ["sft/loss", "sft/eval_loss"], "SFT loss", "sft", y="loss",
@@ -141,6 +161,7 @@ BUILDERS = {
                                  charts.compare_figure(compared(), "loss", "samples", smoothing=s),
                                  charts.compare_figure(compared(), "sft/loss", smoothing=s)],
     "frontier_figure": lambda s: [charts.frontier_figure(compared())],
+    "rounds_figure": lambda s: [charts.rounds_figure(chain(), "gold"), charts.rounds_figure(chain(), "reward")],
     "probe_reward_figure": lambda s: [charts.probe_reward_figure(*probes(), scorer="concise", algorithm="grpo")],
     "histogram_figure": lambda s: [charts.histogram_figure({"edges": [0, 8, 16, 24], "counts": [3, 5, 1]},
                                                            "Prompt length (tokens)", 12)],
@@ -149,7 +170,7 @@ BUILDERS = {
 where the builder takes it)."""
 
 TIME_SERIES = ("reward_figure", "kl_figure", "keys_figure", "diagnostics_figure", "offline_figure",
-               "reward_model_figure", "memory_figure", "compare_figure")
+               "reward_model_figure", "memory_figure", "compare_figure", "proxy_figure")
 """The builders of curves over steps or time: each takes `smoothing`."""
 
 
@@ -344,3 +365,25 @@ def test_the_stated_reward_terms_are_drawn_each_by_name_with_its_weight():
     assert [t.name for t in fig.data] == ["correct (× 1)", "format (× 0.2)"]
     assert list(fig.data[0].y) == [0.1, 0.5] and list(fig.data[1].y) == [1.0, 1.0]
     assert charts.reward_terms(grpo_feed()) == []  # scored by the reward model alone: no terms
+
+
+def test_the_proxy_chart_puts_each_signal_on_one_scale_against_kl_and_step():
+    """Proxy, validation reward and gold, each as its change since step 1 in step 1's batch std, drawn against the
+    KL (left) and the step (right); a gold whose first batch was all alike is scaled by the spread of its means."""
+    fig = charts.proxy_figure(hacking_feed())
+    names = [t.name for t in fig.data]
+    assert names == ["proxy reward (RM score)", "proxy reward (RM score)", "validation reward model",
+                     "validation reward model", "gold (concise)", "gold (concise)"]
+    left = {t.name: t for t in fig.data if t.xaxis in (None, "x")}
+    right = {t.name: t for t in fig.data if t.xaxis == "x2"}
+    assert list(left["proxy reward (RM score)"].x) == [0.0, 1.0, 2.0, 4.0, 8.0]
+    assert list(left["proxy reward (RM score)"].y) == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0])  # (r - 0) / 0.5
+    assert list(right["validation reward model"].x) == [1, 2, 3, 4, 5]
+    assert list(right["validation reward model"].y) == pytest.approx([0.0, 0.75, 1.0, 0.5, -0.25])  # (v - 0) / 0.4
+    gold = list(right["gold (concise)"].y)
+    spread = statistics.pstdev([0.1, 0.15, 0.2, 0.1])
+    assert gold[:4] == pytest.approx([0.0, 0.05 / spread, 0.1 / spread, 0.0]) and gold[4] is None
+    assert fig.layout.xaxis.title.text == charts.KL.title and fig.layout.xaxis2.title.text == "step"
+    assert charts.independent_signals(hacking_feed()) == ["validation reward model", "gold"]
+    assert charts.independent_signals(grpo_feed()) == []
+    assert charts.measure(hacking_feed(), "grpo/gold_mean").title == "gold score (concise)"

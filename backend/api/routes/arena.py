@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -50,6 +50,7 @@ from db.models import ArenaVote
 from edgerlhf import votes
 from edgerlhf.contract import PROMPTS_TEST, TEST_PREFS, job_run_dir
 from edgerlhf.dialogue import ASSISTANT, DialogueError
+from edgerlhf.settings import Settings
 from edgerlhf.votes import VoteChoice
 
 logger = logging.getLogger("edgerlhf.backend")
@@ -313,12 +314,13 @@ def _rate(request: Request) -> _VoteRate:
         return state.vote_rate
 
 
-def _pages(request: Request) -> Iterator[dict[str, Any]]:
-    """Every vote as `db.arena.as_dict`, oldest first, `PAGE` at a time, each page in a session closed at once."""
+def _pages(request: Request, models: Collection[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Every vote (of `models` only: with one of them on either side) as `db.arena.as_dict`, oldest first, `PAGE` at
+    a time, each page in a session closed at once."""
     after = 0
     while True:
         with request.app.state.sessions() as session:
-            page = [arena.as_dict(v) for v in arena.votes_after(session, after, PAGE)]
+            page = [arena.as_dict(v) for v in arena.votes_after(session, after, PAGE, models)]
         if not page:
             return
         yield from page
@@ -349,13 +351,19 @@ def snapshot_votes(request: Request, settings: SettingsDep):
     """Write every vote's pairs to a file under the data dir, for a job's `data.votes_file`: the job reads this
     file, so votes cast or deleted later do not change what it trains on. The file is named by its content
     (`votes-<sha256>.jsonl`): the same votes give the same file, and a second snapshot of them writes nothing."""
+    return write_snapshot(request, settings)
+
+
+def write_snapshot(request: Request, settings: Settings, models: Collection[str] | None = None) -> SnapshotPublic:
+    """The snapshot of `POST /api/arena/votes/snapshot`, of the votes with one of `models` on either side when given
+    (the next round's votes about a job's model: `POST /api/jobs/{id}/continue`); 409 when none makes a pair."""
     out_dir = settings.data_dir / SNAPSHOT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     digest, ids, pairs = hashlib.sha256(), [], 0
     fd, tmp_name = tempfile.mkstemp(prefix=".votes-", suffix=".tmp", dir=out_dir)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for vote in _pages(request):
+            for vote in _pages(request, models):
                 lines = list(votes.export_lines([vote]))
                 if lines:
                     ids.append(vote["id"])
@@ -364,8 +372,10 @@ def snapshot_votes(request: Request, settings: SettingsDep):
                     digest.update(line.encode("utf-8"))
                     f.write(line)
         if not pairs:
-            raise HTTPException(status.HTTP_409_CONFLICT, "no vote makes a preference pair yet: vote A or B, or write "
-                                                          "a better answer (a tie or 'both bad' alone makes none)")
+            about = f" about {', '.join(sorted(models))}" if models is not None else ""
+            raise HTTPException(status.HTTP_409_CONFLICT, f"no vote{about} makes a preference pair yet: vote A or B, "
+                                                          "or write a better answer (a tie or 'both bad' alone makes "
+                                                          "none)")
         path = out_dir / f"votes-{digest.hexdigest()[:32]}.jsonl"
         if path.is_file():
             logger.info(f"arena snapshot {path}: the same {len(ids)} votes as before, kept")

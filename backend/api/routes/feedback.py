@@ -29,7 +29,7 @@ from backend.api.errors import SafeJSONResponse
 from backend.api.schemas import DatasetAdded, DatasetPublic, NoNul
 from db import datasets as store
 from db import feedback
-from db.models import Feedback
+from db.models import Dataset, Feedback
 
 logger = logging.getLogger("edgerlhf.backend")
 
@@ -165,23 +165,39 @@ def delete_feedback(feedback_id: RowOffset, session: SessionDep):
 def snapshot_feedback(body: FeedbackSnapshot, session: SessionDep, settings: SettingsDep, response: Response):
     """The matching feedback as a data set of `kind`: stored like an upload (once per content), named by its
     feedback ids, readable by a job (`JobCreate.datasets`)."""
-    rows = feedback.matching(session, model=body.model, ids=body.ids)
-    records = feedback.records(rows, body.kind)
-    if not records:
-        return SafeJSONResponse({"detail": [{"loc": ["body", "kind"], "type": "feedback",
-                                             "msg": f"no feedback gives a {body.kind} record "
-                                                    f"({len(rows)} matching row(s))"}]}, 422)
-    content = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
-    ids = [r["feedback_id"] for r in records]
-    name = body.name or f"feedback {body.kind} ({len(ids)}: #{ids[0]}–#{ids[-1]})"
     try:
-        dataset, duplicate = datasets.upload(session, settings, io.BytesIO(content), f"feedback-{body.kind}.jsonl",
-                                             name=name, fmt=body.kind, columns=None, skip_bad_rows=False)
+        dataset, duplicate, ids = make_snapshot(session, settings, body.kind, model=body.model, ids=body.ids,
+                                                name=body.name)
+    except NoFeedback as exc:
+        return SafeJSONResponse({"detail": [{"loc": ["body", "kind"], "type": "feedback", "msg": str(exc)}]}, 422)
     except datasets.DatasetRefused as exc:
         return SafeJSONResponse({"detail": exc.message}, exc.status)
     if duplicate:
         response.status_code = status.HTTP_200_OK
     public = DatasetPublic.of(dataset, settings.data_dir, datasets.readers(
         dataset, store.active_job_configs(session), settings.data_dir))
-    logger.info(f"feedback snapshot: {len(ids)} {body.kind} record(s) as data set {dataset.id}")
     return SnapshotPublic(**public.model_dump(), duplicate=duplicate, feedback_ids=ids)
+
+
+class NoFeedback(ValueError):
+    """No feedback of the snapshot's filters gives a record of its kind."""
+
+
+def make_snapshot(session, settings, kind: str, model: str | None = None, ids: list[int] | None = None,
+                  name: str | None = None) -> tuple[Dataset, bool, list[int]]:
+    """The feedback of `model` (or `ids`; None: all) as a data set of `kind` (`db.feedback.records`), stored as an
+    upload: (the data set, whether it was stored already, the feedback ids it holds). Raises `NoFeedback` when none
+    gives a record, `backend.datasets.DatasetRefused` when the store refuses it. Also the next round's feedback
+    (`POST /api/jobs/{id}/continue`)."""
+    rows = feedback.matching(session, model=model, ids=ids)
+    records = feedback.records(rows, kind)
+    if not records:
+        about = f" about {model}" if model is not None else ""
+        raise NoFeedback(f"no feedback{about} gives a {kind} record ({len(rows)} matching row(s))")
+    content = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    held = [r["feedback_id"] for r in records]
+    name = name or f"feedback {kind} ({len(held)}: #{held[0]}–#{held[-1]})"
+    dataset, duplicate = datasets.upload(session, settings, io.BytesIO(content), f"feedback-{kind}.jsonl", name=name,
+                                         fmt=kind, columns=None, skip_bad_rows=False)
+    logger.info(f"feedback snapshot: {len(held)} {kind} record(s) as data set {dataset.id}")
+    return dataset, duplicate, held
