@@ -533,7 +533,18 @@ class PPOConfig:
     sample_every: Annotated[int, COUNT] = 10
     """Record sample generations (prompt, response, reward) every N steps."""
     checkpoint_every: Annotated[int, COUNT] = 20
-    """Save the policy adapter and optimizer every N steps so a run can resume."""
+    """Save the policy adapter and optimizer every N steps so a run can resume (and, with `keep_best`, weigh the
+    policy against the best so far)."""
+    keep_best: str = "none"
+    """Which signal the policy is not trained on picks the policy the stage writes to `ppo/adapter` (PPO, GRPO,
+    RLOO): `none` (the last one), `validation` (the validation reward model's score of the rollouts: needs
+    `reward.validation`), `gold` (the known-answer task's gold: needs `data.labels: gold` and a reward that is not
+    that gold) or `auto` (validation if the run has it, else gold, else none). The signal's per-step batch means are
+    smoothed (an exponential moving average) and weighed every `checkpoint_every` steps and at the last; the best
+    one's policy is kept in `ppo/best/`, and at the end of the stage it is the one written to `ppo/adapter`."""
+    early_stop_patience: Annotated[int, Range(0, 1_000_000)] = 0
+    """With `keep_best`: stop the stage once the smoothed signal has not improved for this many weighings in a row
+    (each `checkpoint_every` steps). 0: never stop early."""
     lora_r: Annotated[int, LORA_RANK] = 16
     """LoRA rank of the policy adapter (trained on top of sft/merged)."""
     lora_alpha: Annotated[int, Range(1, 4096)] = 32
@@ -568,6 +579,34 @@ class PPOConfig:
                                                 "minibatches of a rollout batch")
         if self.reward_precision is not None and self.reward_precision not in PRECISIONS:
             raise ConfigError("ppo.reward_precision", f"unknown precision {self.reward_precision!r}")
+        if self.keep_best not in KEEP_BEST:
+            raise ConfigError("ppo.keep_best", f"must be one of {list(KEEP_BEST)}, got {self.keep_best!r}")
+
+
+KEEP_BEST = ("none", "validation", "gold", "auto")
+"""The values of `ppo.keep_best`."""
+
+
+def independent_gold(config: PipelineConfig) -> str | None:
+    """The gold scorer that judges the rollouts beside the proxy: the known-answer task's (`data.labels = "gold"`,
+    `data.gold_scorer`), unless the rollouts are scored with that gold itself (as `ppo.reward_function` or a stated
+    `gold` term), where it is the proxy and says nothing independent."""
+    name = config.data.gold_scorer
+    if config.data.labels != "gold" or config.ppo.reward_function == name:
+        return None
+    if any(c.kind == "gold" and c.scorer == name for c in config.ppo.rewards or []):
+        return None
+    return name
+
+
+def best_signal(config: PipelineConfig) -> str | None:
+    """The signal that picks the best policy (`ppo.keep_best`, `auto` resolved): `validation`, `gold`, or None (none
+    asked for, or the one asked for is not in the run, which `PipelineConfig` rejects)."""
+    wanted = config.ppo.keep_best
+    has = {"validation": config.reward.validation, "gold": independent_gold(config) is not None}
+    if wanted == "auto":
+        return next((name for name in ("validation", "gold") if has[name]), None)
+    return wanted if has.get(wanted) else None
 
 
 @dataclass
@@ -812,6 +851,13 @@ class PipelineConfig:
                 and self.ppo.reward_precision not in self.reward.precisions):
             raise ConfigError("ppo.reward_precision",
                               f"{self.ppo.reward_precision!r} is not among reward.precisions {self.reward.precisions}")
+        if traits.samples and self.ppo.keep_best in ("validation", "gold") and best_signal(self) is None:
+            raise ConfigError("ppo.keep_best", "validation needs reward.validation: true" if self.ppo.keep_best ==
+                              "validation" else "gold needs the known-answer task (data.labels: gold) with a reward "
+                                                "that is not its gold scorer")
+        if traits.samples and self.ppo.early_stop_patience and best_signal(self) is None:
+            raise ConfigError("ppo.early_stop_patience", "stops on the signal of ppo.keep_best, and this run has "
+                                                         "none: set ppo.keep_best (validation or gold)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -284,6 +284,15 @@ class PPOReport(Report):
     final: dict[str, float | None]
     """`<algorithm>/*` metrics averaged over the last 5 steps."""
     kl_coef_final: float | None
+    best_signal: Literal["validation", "gold"] | None = None
+    """`ppo.keep_best`'s signal, which picked the policy written to `ppo/adapter`; None: the last policy is written."""
+    best_step: int | None = None
+    """The step whose rollouts the written policy sampled (it had `best_step - 1` updates): where the smoothed signal
+    was highest at a weighing (`align.loop.BestPolicy`)."""
+    best_value: float | None = None
+    """The smoothed signal (`<algorithm>/validation_reward_mean` or `gold_mean`, averaged) at `best_step`."""
+    stopped_early_at: int | None = None
+    """The step the stage stopped at with `ppo.early_stop_patience`, before `steps`; None when it ran them all."""
     wall_s: float
     peak_rss_mb: float
     memory: dict[str, float]

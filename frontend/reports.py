@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel
 
 from edgerlhf.contract import MEMORY_PREFIX
-from edgerlhf.reports import EvalReport, Interval, RewardReport
+from edgerlhf.reports import EvalReport, Interval, PPOReport, RewardReport
 
 if TYPE_CHECKING:
     from frontend.live import JobFeed
@@ -261,6 +261,22 @@ def result_columns(result: dict[str, Any] | None) -> dict[str, Any]:
     said = reading(reward) or (f"{reading(gold)} (gold)" if reading(gold) else None)
     return {"reward Δ": reward.mean if reward is not None else None, "reading": said,
             "gold Δ": gold.mean if gold is not None else None, "KL": result.get("kl")}
+
+
+def best_policy_line(report: PPOReport | dict[str, Any] | None) -> str | None:
+    """What the alignment stage wrote with `ppo.keep_best`: "best policy: step K by <signal>", the smoothed value,
+    and where the stage stopped early; None when it wrote the last policy (or has not finished)."""
+    report = parse(PPOReport, report)
+    if report is None or report.best_step is None:
+        return None
+    signal = {"validation": "the validation reward model", "gold": "the gold"}.get(report.best_signal,
+                                                                                   report.best_signal)
+    line = f"best policy: step {report.best_step} by {signal}"
+    if report.best_value is not None:
+        line += f" ({report.best_value:.4g} smoothed)"
+    if report.stopped_early_at is not None:
+        line += f"; stopped early at step {report.stopped_early_at} of {report.steps}"
+    return line
 
 
 # --- the Compare page ----------------------------------------------------------------------------

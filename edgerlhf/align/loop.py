@@ -8,7 +8,9 @@ main loop: the models and optimizer, then each iteration samples its prompts, ru
 `ppo.checkpoint_every` steps writes a checkpoint a resumed run continues from exactly (the sampling is reseeded
 from (seed, step)). After each step the same rollouts are scored with what the step did not train on
 (`rollout.independent_metrics`: the validation reward model with `reward.validation`, the gold on the known-answer
-task), logged beside the step's own metrics.
+task), logged beside the step's own metrics. With `ppo.keep_best` one of them also picks the policy the stage
+writes (`BestPolicy`: the best smoothed value, weighed at each checkpoint) and, with `ppo.early_stop_patience`, when
+the stage stops.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ from edgerlhf.align.policy import (POLICY, VALUE_HEAD_FILE, PolicyModels, base_w
                                    reward_source)
 from edgerlhf.align.ppo import kl_controller
 from edgerlhf.align.rollout import StepMicroBatches, independent_gold, independent_metrics
-from edgerlhf.config import PipelineConfig
+from edgerlhf.config import PipelineConfig, best_signal
 from edgerlhf.context import RunContext
 from edgerlhf.contract import PPO_ADAPTER, algorithm_metric
 from edgerlhf.data import prompts
@@ -45,6 +49,101 @@ CHECKPOINT_FILE = "state.pt"
 
 Step = Callable[..., tuple[dict, Rollouts, torch.Tensor]]
 """`(models, optimizer, kl_ctl, batch_prompts, cfg, micro, step) -> (metrics, rollouts, scores)`."""
+
+BEST_DIR = "best"
+"""`ppo/best/`: the policy `ppo.keep_best` picked so far, as `ppo/adapter` is written (adapter, PPO's value head)."""
+
+BEST_EMA_ALPHA = 0.2
+"""Weight of the newest step in the smoothed signal of `ppo.keep_best`: one step's batch mean is noisy, and the best
+of noisy values is mostly the luckiest; about the last 9 steps count."""
+
+SIGNAL_METRICS = {"validation": "validation_reward_mean", "gold": "gold_mean"}
+"""The per-step metric (`rollout.independent_metrics`, under the algorithm's namespace) of each `ppo.keep_best`."""
+
+# --- the best policy ------------------------------------------------------------------------------
+
+
+@dataclass
+class BestPolicy:
+    """The rule of `ppo.keep_best` and `ppo.early_stop_patience`, on numbers alone. Each step's batch mean of the
+    signal updates an exponential moving average (bias-corrected as Adam's moments, so the first steps are not
+    pulled towards 0); at each weighing (every `ppo.checkpoint_every` steps and the last) the average is compared
+    with the best so far: strictly higher is the new best, else one more weighing without improvement, and
+    `patience` of those in a row stop the stage. The policy kept for a weighing at step K is the one that sampled
+    step K's rollouts (after K - 1 updates): the newest policy the average has measured. Higher is better for both
+    signals (a reward model's score, a gold score)."""
+
+    signal: str
+    patience: int = 0
+    alpha: float = BEST_EMA_ALPHA
+    ema: float = 0.0
+    weight: float = 0.0
+    """1 - (1 - alpha)^n after n steps: what `ema` is divided by."""
+    best_value: float | None = None
+    best_step: int | None = None
+    stale: int = 0
+    """Weighings since the best one."""
+    weights: dict | None = field(default=None, repr=False)
+    """The best policy's adapter (and PPO's value head) as CPU tensors, from `policy_weights`; set by the loop."""
+
+    def observe(self, value: float) -> None:
+        if np.isfinite(value):
+            self.ema = (1 - self.alpha) * self.ema + self.alpha * float(value)
+            self.weight = (1 - self.alpha) * self.weight + self.alpha
+
+    @property
+    def smoothed(self) -> float | None:
+        return self.ema / self.weight if self.weight else None
+
+    def weigh(self, step: int) -> bool:
+        """Compare the smoothed signal with the best so far; True when it is the new best (at `step`)."""
+        value = self.smoothed
+        if value is None:
+            return False
+        if self.best_value is None or value > self.best_value:
+            self.best_value, self.best_step, self.stale = value, step, 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        """The patience is spent: the stage stops."""
+        return self.patience > 0 and self.stale >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Continue from a checkpoint's state, when it followed the same signal (else start afresh)."""
+        if state and state.get("signal") == self.signal:
+            for name in ("ema", "weight", "best_value", "best_step", "stale", "weights"):
+                setattr(self, name, state[name])
+
+
+def pick_best(values: list[float], every: int, patience: int = 0,
+              alpha: float = BEST_EMA_ALPHA) -> tuple[int | None, float | None, int | None]:
+    """`BestPolicy` on a series of per-step batch means (step 1 first), weighed as the loop weighs it: (the best step,
+    its smoothed value, the step the stage stops at early or None)."""
+    rule = BestPolicy("series", patience, alpha)
+    for step, value in enumerate(values, 1):
+        rule.observe(value)
+        if step % every == 0 or step == len(values):
+            rule.weigh(step)
+            if rule.exhausted and step < len(values):
+                return rule.best_step, rule.best_value, step
+    return rule.best_step, rule.best_value, None
+
+
+def policy_weights(models: PolicyModels) -> dict[str, Any]:
+    """A copy of the policy as it is now, on the CPU: its adapter and (PPO) value head; small (LoRA only)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(models.model, adapter_name=POLICY)
+    return {"adapter": {k: v.detach().to("cpu", copy=True) for k, v in state.items()},
+            "value_head": None if models.value_head is None else
+            {k: v.detach().to("cpu", copy=True) for k, v in models.value_head.state_dict().items()}}
+
 
 # --- checkpoints ----------------------------------------------------------------------------------
 
@@ -63,8 +162,10 @@ def _signature(config, run_dir: Path) -> dict[str, Any]:
             "inputs": inputs}
 
 
-def save_checkpoint(path: Path, step: int, models: PolicyModels, optimizer, kl_ctl, config, run_dir: Path) -> None:
-    """Everything a resumed run needs, in one file written atomically (a crash never leaves half a file)."""
+def save_checkpoint(path: Path, step: int, models: PolicyModels, optimizer, kl_ctl, config, run_dir: Path,
+                    best: BestPolicy | None = None) -> None:
+    """Everything a resumed run needs, in one file written atomically (a crash never leaves half a file), with
+    `ppo.keep_best` the best policy so far and the rule's state too."""
     from peft import get_peft_model_state_dict
 
     path.mkdir(parents=True, exist_ok=True)
@@ -76,6 +177,7 @@ def save_checkpoint(path: Path, step: int, models: PolicyModels, optimizer, kl_c
         "optimizer": optimizer.state_dict(),
         "kl_ctl": kl_ctl.state_dict(),
         "signature": _signature(config, run_dir),
+        "best": best.state_dict() if best is not None else None,
         # Sampling is reseeded from (seed, step) at each step; the generators are kept for completeness, as tensors
         # and plain data (numpy's key as a tensor), so the file loads with `weights_only=True`.
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -87,8 +189,10 @@ def save_checkpoint(path: Path, step: int, models: PolicyModels, optimizer, kl_c
     os.replace(tmp, path / CHECKPOINT_FILE)
 
 
-def load_checkpoint(path: Path, models: PolicyModels, optimizer, kl_ctl, config, run_dir: Path) -> int | None:
-    """Restore a checkpoint written by `save_checkpoint`; returns its step, or None if there is none it can resume."""
+def load_checkpoint(path: Path, models: PolicyModels, optimizer, kl_ctl, config, run_dir: Path,
+                    best: BestPolicy | None = None) -> int | None:
+    """Restore a checkpoint written by `save_checkpoint` (and into `best` the rule's state, when it followed the
+    same signal); returns its step, or None if there is none it can resume."""
     from peft import set_peft_model_state_dict
 
     file = path / CHECKPOINT_FILE
@@ -109,24 +213,28 @@ def load_checkpoint(path: Path, models: PolicyModels, optimizer, kl_ctl, config,
         models.value_head.load_state_dict(state["value_head"])
     optimizer.load_state_dict(state["optimizer"])
     kl_ctl.load_state_dict(state["kl_ctl"])
+    if best is not None:
+        best.load_state_dict(state.get("best"))
     return int(state["step"])
 
 
-def save_adapter(path: Path, models: PolicyModels) -> None:
+def save_adapter(path: Path, models: PolicyModels, weights: dict[str, Any] | None = None) -> None:
     """The final policy: a standard peft adapter directory (loadable with `PeftModel.from_pretrained` on
-    sft/merged) plus PPO's value head, when there is one."""
+    sft/merged) plus PPO's value head, when there is one; the models' policy as it is now, or `weights`
+    (`policy_weights`, of an earlier step)."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(models.model, adapter_name=POLICY)
+    state = weights["adapter"] if weights is not None else get_peft_model_state_dict(models.model, adapter_name=POLICY)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / "adapter_model.safetensors"))
     peft_config = models.model.peft_config[POLICY]
     peft_config.inference_mode = True
     peft_config.save_pretrained(str(path))
     peft_config.inference_mode = False
     if models.value_head is not None:
-        torch.save(models.value_head.state_dict(), path / VALUE_HEAD_FILE)
+        torch.save(weights["value_head"] if weights is not None else models.value_head.state_dict(),
+                   path / VALUE_HEAD_FILE)
     else:
         (path / VALUE_HEAD_FILE).unlink(missing_ok=True)  # an earlier PPO run's critic is not this policy's
 
@@ -185,8 +293,17 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
     kl_ctl = kl_controller(config)
 
+    signal = best_signal(config)
+    best = BestPolicy(signal, cfg.early_stop_patience) if signal is not None else None
+    signal_key = algorithm_metric(algorithm, SIGNAL_METRICS[signal]) if signal is not None else None
+    best_dir = out_dir / BEST_DIR
     ckpt_dir = out_dir / "checkpoint"
-    start = load_checkpoint(ckpt_dir, models, optimizer, kl_ctl, config, run_dir) or 0
+    start = load_checkpoint(ckpt_dir, models, optimizer, kl_ctl, config, run_dir, best) or 0
+    # ppo/best/ is the checkpoint's best (a crash may have left a newer one the resumed steps will weigh again).
+    shutil.rmtree(best_dir, ignore_errors=True)
+    if best is not None and best.weights is not None:
+        save_adapter(best_dir, models, best.weights)
+    end = start if best is not None and best.exhausted else cfg.steps  # an early-stopped stage does not go on
     if start:
         ctx.log(f"{algorithm}: resuming from {ckpt_dir} at step {start}")
     else:
@@ -201,10 +318,19 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
             f"{reward_source(models, cfg)}" + (f"; rollouts also scored by {' and '.join(independent)}"
                                                if independent else ""))
 
+    if best is not None:
+        ctx.log(f"{algorithm}: the policy written is the best by {signal} (`ppo.keep_best`), weighed every "
+                f"{cfg.checkpoint_every} steps" + (f"; stopping after {cfg.early_stop_patience} weighings without "
+                                                   "improvement" if cfg.early_stop_patience else ""))
+
+    def weighs(step: int) -> bool:
+        return best is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps)
+
     history: dict[str, list[float]] = {}
     micro = StepMicroBatches.of(cfg, ctx, device, config)
     t_start = time.perf_counter()
-    for step in range(start + 1, cfg.steps + 1):
+    last_step = end
+    for step in range(start + 1, end + 1):
         ctx.check_cancelled()
         _seed_step(config.seed, step)
         n_prompts = cfg.batch_size // cfg.samples_per_prompt
@@ -214,6 +340,7 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
         lr = learning_rate_at(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        sampled_by = policy_weights(models) if weighs(step) else None  # the policy of this step's rollouts
         metrics, rollouts, scores = train_step(models, optimizer, kl_ctl, batch_prompts, cfg, micro, step)
         metrics.update(independent_metrics(algorithm, models, rollouts, scores, gold_scorer))
         metrics[algorithm_metric(algorithm, "learning_rate")] = lr
@@ -222,21 +349,41 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
         for key, value in metrics.items():
             history.setdefault(key, []).append(value)
         ctx.progress(step, cfg.steps)
+        if best is not None:
+            best.observe(metrics[signal_key])
+            if weighs(step):
+                if best.weigh(step):
+                    best.weights = sampled_by
+                    save_adapter(best_dir, models, sampled_by)
+                if best.best_step is not None:
+                    ctx.log_metrics({algorithm_metric(algorithm, "best_step"): best.best_step}, step)
 
         if step % cfg.sample_every == 0 or step == 1:
             for i in sorted({0, cfg.samples_per_prompt % cfg.batch_size}):  # two different prompts when there are
                 parts = models.rewards.last_parts if models.rewards is not None else {}  # this step's, per term
                 ctx.log_sample(rollouts.prompts[i], rollouts.responses[i], scores[i].item(), step,
                                parts={name: values[i].item() for name, values in parts.items()} or None)
-        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_checkpoint(ckpt_dir, step, models, optimizer, kl_ctl, config, run_dir)
+        stop = best is not None and best.exhausted and step < cfg.steps
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps and not stop:
+            save_checkpoint(ckpt_dir, step, models, optimizer, kl_ctl, config, run_dir, best)
             _probe(ctx, models, probe_prompts, step, config)
+        if stop:
+            ctx.log(f"{algorithm}: stopping early at step {step}: {signal} has not improved for "
+                    f"{cfg.early_stop_patience} weighings (best at step {best.best_step})")
+            last_step = step
+            break
 
-    # The final policy, plus a last checkpoint so a finished stage re-run does not train again.
-    save_adapter(run_dir / PPO_ADAPTER, models)
-    save_checkpoint(ckpt_dir, cfg.steps, models, optimizer, kl_ctl, config, run_dir)
-    if start < cfg.steps:
-        _probe(ctx, models, probe_prompts, cfg.steps, config)
+    # The final policy (with `ppo.keep_best`, the best one), plus a last checkpoint so a finished stage re-run does
+    # not train again.
+    kept = best.weights if best is not None else None
+    save_adapter(run_dir / PPO_ADAPTER, models, kept)
+    save_checkpoint(ckpt_dir, last_step, models, optimizer, kl_ctl, config, run_dir, best)
+    if start < last_step:
+        _probe(ctx, models, probe_prompts, last_step, config)
+    if kept is not None:
+        ctx.log(f"{algorithm}: {PPO_ADAPTER} is the policy of step {best.best_step}, the best by {signal} "
+                f"({best.best_value:.4g} smoothed)")
+        ctx.artifact("best", best_dir)
     ctx.artifact("adapter", run_dir / PPO_ADAPTER)
     ctx.artifact("checkpoint", ckpt_dir)
 
@@ -265,6 +412,10 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
         first={k: v[0] for k, v in history.items() if k.startswith(namespace)},
         final={k: last(k) for k in history if k.startswith(namespace)},
         kl_coef_final=kl_ctl.value,
+        best_signal=signal,
+        best_step=best.best_step if best is not None else None,
+        best_value=best.best_value if best is not None else None,
+        stopped_early_at=last_step if last_step < cfg.steps else None,
         wall_s=time.perf_counter() - t_start,
         peak_rss_mb=memory.peak_rss_mb(),
         memory=memory.snapshot(device),

@@ -31,6 +31,7 @@ from edgerlhf import gold
 from edgerlhf.align.losses import masked_mean
 from edgerlhf.align.policy import PolicyModels
 from edgerlhf.contract import algorithm_metric
+from edgerlhf.config import independent_gold as config_independent_gold
 from edgerlhf.generation import (Rollouts, Sampling, concat_rollouts, generate, policy_stats, sampler_logprobs,
                                  whole_distributions)
 from edgerlhf.oom import MicroBatch, chunks, planner_hint
@@ -203,15 +204,9 @@ def step_metrics(algorithm: str, scores: torch.Tensor, rollouts: Rollouts, stats
 
 
 def independent_gold(config) -> str | None:
-    """The gold scorer that judges the rollouts beside the proxy: the known-answer task's (`data.labels = "gold"`,
-    `data.gold_scorer`), unless the rollouts are scored with that gold itself (as `ppo.reward_function` or a stated
-    `gold` term), where it is the proxy and says nothing independent."""
-    name = config.data.gold_scorer
-    if config.data.labels != "gold" or config.ppo.reward_function == name:
-        return None
-    if any(c.kind == "gold" and c.scorer == name for c in config.ppo.rewards or []):
-        return None
-    return name
+    """The gold scorer that judges the rollouts beside the proxy, or None (`config.independent_gold`: the rule lives
+    with the configuration, which checks `ppo.keep_best: gold` against it)."""
+    return config_independent_gold(config)
 
 
 def independent_metrics(algorithm: str, models: PolicyModels, rollouts: Rollouts, scores: torch.Tensor,

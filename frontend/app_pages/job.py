@@ -37,8 +37,8 @@ from frontend import charts, live, ui
 from frontend.api_client import ApiError, BackendDown, get_client
 from frontend.charts import checkpoint_name, stage_name
 from frontend.datasets import list_datasets
-from frontend.reports import (BETTER, NO_CHANGE, PRECISION_COLUMNS, WORSE, Finding, eval_headline, eval_pairs,
-                              eval_rows, override_rows, precision_rows, verdict)
+from frontend.reports import (BETTER, NO_CHANGE, PRECISION_COLUMNS, WORSE, Finding, best_policy_line, eval_headline,
+                              eval_pairs, eval_rows, override_rows, precision_rows, verdict)
 
 # (Plain comments, not attribute docstrings: Streamlit's "magic" would print a bare string in a page.)
 REFRESH_SECONDS = 2.0  # how often the live panel asks for new rows
@@ -444,6 +444,8 @@ def report_tab(feed: live.JobFeed, jid: int) -> None:
                      "are shares of responses. The answers side by side are on the Samples tab.")
         right.plotly_chart(charts.eval_figure(report), key=f"j{jid}-eval", width="stretch")
     if feed.report is not None and feed.report.ppo is not None:
+        if best := best_policy_line(feed.report.ppo):
+            st.caption(f"{aligned}: {best} (`ppo.keep_best`); evaluation, chat and export use that policy.")
         export_section(jid)
     others = {stage_name(stage, feed.algorithm): r.model_dump(mode="json") for stage, r in feed.report
               if r is not None and stage != "evaluate"} if feed.report is not None else {}
