@@ -394,8 +394,17 @@ class RewardConfig:
     sees only half the pairs. The alignment stage scores every step's rollouts with it without training on it
     (`<algorithm>/validation_reward_mean`): a proxy reward that climbs while the validation reward does not is
     reward hacking (README, "Seeing reward hacking")."""
+    ensemble: Annotated[int, Range(1, 16)] = 1
+    """Reward models in an ensemble (1: none). With k >= 2 the stage also trains k - 1 more reward models
+    (`reward/ensemble/<i>/`), each on a bootstrap resample of the main model's training pairs and from its own seed,
+    in the precision of the alignment stage's network, where each rides as one more frozen adapter; the sampling
+    algorithms then train against a conservative score of the k members (`ppo.ensemble_score`, Coste et al. 2023,
+    "Reward Model Ensembles Help Mitigate Overoptimization"; Eisenstein et al. 2023) and log the members'
+    disagreement (`<algorithm>/ensemble_std_mean`)."""
 
     def __post_init__(self):
+        if isinstance(self.ensemble, bool) or not isinstance(self.ensemble, int):
+            raise ConfigError("reward.ensemble", f"must be a whole number of reward models, got {self.ensemble!r}")
         if self.pooling not in REWARD_POOLINGS:
             raise ConfigError("reward.pooling",
                               f"unknown pooling {self.pooling!r}; choose from {list(REWARD_POOLINGS)}")
@@ -569,9 +578,16 @@ class PPOConfig:
     quantized_policy: bool = False
     """With an int8/int4 reward model: load the one network in that precision and train the policy LoRA on it
     (QLoRA-style), so policy, reference and reward share it; False keeps a bf16 policy plus a quantized reward copy."""
+    ensemble_score: str = "mean_minus_std"
+    """With `reward.ensemble` >= 2, the reward model's score of a rollout from its k members' scores:
+    `mean_minus_std` (their mean minus `ensemble_penalty` times their standard deviation) or `min` (the lowest)."""
+    ensemble_penalty: Annotated[float, Range(0, 1000)] = 1.0
+    """lambda of `ensemble_score: mean_minus_std`: how much the members' disagreement lowers the score (0: the mean)."""
 
     def __post_init__(self):
         check_ranges("ppo", self)
+        if self.ensemble_score not in ENSEMBLE_SCORES:
+            raise ConfigError("ppo.ensemble_score", f"must be one of {list(ENSEMBLE_SCORES)}, got {self.ensemble_score!r}")
         if self.batch_size % self.mini_batch_size:
             raise ConfigError("ppo.mini_batch_size", f"must divide batch_size={self.batch_size}")
         if (self.batch_size // self.mini_batch_size) % self.grad_accum:
@@ -582,6 +598,9 @@ class PPOConfig:
         if self.keep_best not in KEEP_BEST:
             raise ConfigError("ppo.keep_best", f"must be one of {list(KEEP_BEST)}, got {self.keep_best!r}")
 
+
+ENSEMBLE_SCORES = ("mean_minus_std", "min")
+"""The values of `ppo.ensemble_score`."""
 
 KEEP_BEST = ("none", "validation", "gold", "auto")
 """The values of `ppo.keep_best`."""

@@ -166,6 +166,7 @@ class StageStatus(str, enum.Enum):
 #                                     demonstrations: the parent's aligned policy (edgerlhf.export's merge)
 #       reward/<precision>/           adapter/, score_head.pt, reward_model.json
 #       reward/validation/            the same files: the validation reward model (reward.validation)
+#       reward/ensemble/<i>/          the same files: ensemble member i >= 1 (reward.ensemble)
 #       ppo/adapter/                  the aligned policy's LoRA adapter (+ value_head.pt for PPO), whatever the algorithm
 #       ppo/checkpoint/               state.pt, to resume
 #       export/model/                 the PPO policy merged into one model directory (edgerlhf.export), on request
@@ -229,6 +230,18 @@ VALIDATION_REWARD = "reward/validation"
 """The validation reward model (`reward.validation`), relative to a run directory: the files of a `reward_dir`, trained
 on the other half of the training pairs in `network_precision`, and loaded by the sampling algorithms as one more
 frozen adapter on their one network to score the rollouts beside the reward model they train against."""
+
+
+ENSEMBLE_REWARD = "reward/ensemble"
+"""The extra members of a reward-model ensemble (`reward.ensemble`), relative to a run directory: member i >= 1 in
+`ensemble_reward_dir(i)` (member 0 is the main reward model, `reward_dir`), each the files of a `reward_dir`, trained
+on a bootstrap resample of the main model's pairs in `network_precision`, and loaded by the sampling algorithms as
+frozen adapters on their one network."""
+
+
+def ensemble_reward_dir(member: int) -> str:
+    """Member `member` (>= 1) of the reward-model ensemble, relative to a run directory."""
+    return f"{ENSEMBLE_REWARD}/{member}"
 
 
 def network_precision(reward_precision: str, quantized_policy: bool) -> str:

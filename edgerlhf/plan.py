@@ -23,7 +23,9 @@ What is counted (bytes; `cb` = bytes of the compute dtype: 2 for bf16 on a GPU, 
   `ppo.quantized_policy` (`edgerlhf.align.policy.build_models`), and with `reward.validation` the validation
   reward model as one more frozen adapter and score head on the one network; DPO and KTO one bf16 network,
   policy LoRA and reference; the reward stage one model per precision, plus the validation model
-  (`reward/validation`, trained in the alignment network's precision) with `reward.validation`;
+  (`reward/validation`, trained in the alignment network's precision) with `reward.validation`, and the extra
+  members of `reward.ensemble` (`reward/ensemble`, one at a time, in the same precision; frozen adapters in the
+  alignment stage as the validation one);
 - trainable parameters (LoRA on `sft.target_modules`, PPO's value head, the score head, `modules_to_save`): fp32
   weight + fp32 gradient + two fp32 AdamW moments = 16 bytes each; frozen adapters 4 bytes each;
 - activations a training micro-batch saves for its backward pass, layer by layer (`_layer_saved`): norm
@@ -416,7 +418,8 @@ class StagePlan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stage: str
-    """`sft`, `reward/bf16` (`/int8`, `/int4`, `/validation`: `reward.validation`'s model), `ppo` or `evaluate`."""
+    """`sft`, `reward/bf16` (`/int8`, `/int4`, `/validation`: `reward.validation`'s model, `/ensemble`: each extra
+    member of `reward.ensemble` in turn), `ppo` or `evaluate`."""
     phase: str
     """The part of the stage where the peak is (e.g. `training step`, `rollout generation`)."""
     items: list[Item]
@@ -489,6 +492,7 @@ def _stage_names(config: PipelineConfig) -> list[str]:
         if stage == "reward":
             names += [f"reward/{p}" for p in config.reward.precisions]
             names += ["reward/validation"] if config.reward.validation else []
+            names += ["reward/ensemble"] if config.reward.ensemble > 1 else []  # each member in turn, one at a time
         elif stage != "data":
             names.append(stage)
     return names
@@ -531,7 +535,7 @@ def _stage_plan(config: PipelineConfig, arch: Architecture, stage: str, gpu: boo
         phases, ckpt = _sft(config, arch, cb, gpu)
     elif stage.startswith("reward/"):
         precision = stage.removeprefix("reward/")
-        if precision == "validation":  # trained in the precision of the alignment stage's network, where it rides
+        if precision in ("validation", "ensemble"):  # trained in the precision of the alignment stage's network
             precision = network_precision(config.ppo.reward_precision, config.ppo.quantized_policy)
         phases, ckpt = _reward(config, arch, precision, cb, gpu)
     elif stage == "ppo":
@@ -798,6 +802,11 @@ def _sampling(config: PipelineConfig, arch: Architecture, cb: int, gpu: bool, tr
     if validation:
         held.append(_item("validation LoRA + score head (frozen)", (n_reward + arch.hidden + 1) * FROZEN_ADAPTER_BYTES,
                           "reward.validation: one more adapter on the one network"))
+    members = config.reward.ensemble - 1 if training and reward is not None else 0  # `build_models(ensemble=...)`
+    if members:
+        held.append(_item(f"{members} ensemble LoRA{'s' if members > 1 else ''} + score heads (frozen)",
+                          members * (n_reward + arch.hidden + 1) * FROZEN_ADAPTER_BYTES,
+                          "reward.ensemble: one more adapter per extra member on the one network"))
     rows = cfg.batch_size if training else min(EVAL_GEN_BATCH, config.evaluate.n_prompts * config.evaluate.samples_per_prompt)
     m = cfg.mini_batch_size
     seq = prompt + response

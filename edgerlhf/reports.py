@@ -235,6 +235,23 @@ class ValidationResult(PrecisionResult):
     """Rank correlation of its held-out scores with the main model's (None when either side is constant)."""
 
 
+class EnsembleMember(PrecisionResult):
+    """One extra member of the reward-model ensemble (`reward.ensemble`): trained on a bootstrap resample of the main
+    model's training pairs from its own seed, in the precision of the alignment stage's network, evaluated on the same
+    test pairs (member 0 is the main reward model)."""
+
+    member: int
+    """Its index, >= 1 (`reward/ensemble/<member>/`)."""
+    seed: int
+    """The seed it trained from (initialisation, data order, resample)."""
+    train_pairs: int
+    """Pairs in its resample (as many as the main model's, drawn with replacement)."""
+    unique_pairs: int
+    """Distinct pairs among them (about 63% of the main model's)."""
+    spearman_vs_main: float | None
+    """Rank correlation of its held-out scores with the main model's (None when either side is constant)."""
+
+
 class RewardReport(Report):
     device: str
     test_pairs: int
@@ -246,6 +263,8 @@ class RewardReport(Report):
     """The precision study, by precision."""
     validation: ValidationResult | None = None
     """With `reward.validation`: the validation reward model, trained on the other half of the pairs."""
+    ensemble: list[EnsembleMember] = []
+    """With `reward.ensemble` >= 2: the ensemble's extra members, 1 to k - 1 (member 0 is the main reward model)."""
     note: str
 
 
@@ -267,6 +286,9 @@ class PPOReport(Report):
     validation_reward: bool = False
     """The validation reward model (`reward.validation`) scored every step's rollouts beside the proxy, as one more
     frozen adapter on the one network (`<algorithm>/validation_reward_mean`)."""
+    ensemble_members: int = 1
+    """Reward models whose conservative score (`ppo.ensemble_score`) was the reward model's score (`reward.ensemble`;
+    1: the reward model alone); their disagreement is `<algorithm>/ensemble_std_mean`."""
     gold_scorer: str | None = None
     """The known-answer task's gold scorer that scored every step's rollouts beside the proxy
     (`<algorithm>/gold_mean`); None when there is none, or when the gold is itself the reward trained on."""

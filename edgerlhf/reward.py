@@ -35,6 +35,13 @@ alignment stage's one network (`contract.network_precision`: bf16 unless `ppo.qu
 more frozen adapter, and saved in `reward/validation/` in the same format; the report gives its held-out accuracy
 beside the main models' (`RewardReport.validation`) and the rank correlation of the two on the test pairs.
 
+With `reward.ensemble` = k >= 2 the stage also trains k - 1 more reward models, the extra members of an ensemble
+whose conservative score the sampling algorithms train against (Coste et al. 2023, "Reward Model Ensembles Help
+Mitigate Overoptimization"; Eisenstein et al. 2023): member 0 is the main reward model; member i >= 1 trains on a
+bootstrap resample of the main model's pairs (`bootstrap`: as many, drawn with replacement) from seed `seed + i`, in
+the network's precision as the validation model is, saved in `reward/ensemble/<i>/` and normalised on its own
+resample; the report gives each member's held-out accuracy (`RewardReport.ensemble`), metrics `reward/ensemble/<i>/*`.
+
 Metrics: `reward/<precision>/loss`, `/accuracy`, `/margin`, `/learning_rate`, `/eval_loss`,
 `/eval_accuracy`, `/eval_margin` at that precision's own step (curves overlay; the validation model's are
 `reward/validation/*`), and `mem/*` at the stage step `k * max_steps + step` for the k-th model trained (one
@@ -44,6 +51,7 @@ continuous memory curve).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import math
@@ -58,10 +66,11 @@ import torch
 from edgerlhf import memory
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import SFT_MERGED, TEST_PREFS, TRAIN_PREFS, VALIDATION_REWARD, network_precision, reward_dir
+from edgerlhf.contract import (ENSEMBLE_REWARD, SFT_MERGED, TEST_PREFS, TRAIN_PREFS, VALIDATION_REWARD,
+                               ensemble_reward_dir, network_precision, reward_dir)
 from edgerlhf.data import read_prefs
 from edgerlhf.errors import require
-from edgerlhf.reports import PrecisionResult, RewardReport, ValidationResult
+from edgerlhf.reports import EnsembleMember, PrecisionResult, RewardReport, ValidationResult
 from edgerlhf.memory import MB, snapshot
 from edgerlhf.oom import MicroBatch, SplitPairsOnOutOfMemory, planner_hint
 from edgerlhf.models import (REWARD_ADAPTER_DIR, REWARD_META_FILE, SCORE_HEAD_FILE, compute_dtype, dtype_name,
@@ -116,6 +125,13 @@ def split_halves(pairs: list[dict], seed: int) -> tuple[list[int], list[int]]:
     if not halves[0] or not halves[1]:
         raise ValueError(f"reward.validation needs training pairs of at least two prompts, got {len(prompts)}")
     return sorted(halves[0]), sorted(halves[1])
+
+
+def bootstrap(n: int, seed: int) -> list[int]:
+    """A bootstrap resample of n pairs for an ensemble member (`reward.ensemble`): n indices drawn uniformly with
+    replacement, seeded, sorted (so the member reads its pairs in file order, repeats side by side)."""
+    rng = random.Random(seed)
+    return sorted(rng.randrange(n) for _ in range(n))
 
 
 def spearman(a: list[float] | torch.Tensor, b: list[float] | torch.Tensor) -> float:
@@ -339,10 +355,11 @@ def evaluate_saved(run_dir: Path, precision: str, device: torch.device, test: li
 
 
 def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, index: int,
-                    pairs: list[dict] | None = None, where: str | None = None) -> dict[str, Any]:
+                    pairs: list[dict] | None = None, where: str | None = None,
+                    name: str | None = None) -> dict[str, Any]:
     """Train and save one reward model in `precision` on `pairs` (default: every training pair) into `where` (default
-    `reward_dir(precision)`; its metrics `reward/<last part of where>/*`); returns its row of the precision study
-    (without spearman)."""
+    `reward_dir(precision)`; its metrics `reward/<name>/*`, default the last part of where); returns its row of the
+    precision study (without spearman)."""
     cfg = config.reward
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(ctx.run_dir / SFT_MERGED)
@@ -351,7 +368,7 @@ def train_precision(config: PipelineConfig, ctx: RunContext, precision: str, ind
     rss_before_mb = memory.rss_mb()
     model = load_for_training(ctx.run_dir, precision, device, config.seed)
     where = where or reward_dir(precision)
-    name = Path(where).name  # the precision, or `validation`
+    name = name or Path(where).name  # the precision, `validation`, or `ensemble/<i>`
     callback = _callback(ctx, name, cfg.max_steps, index * cfg.max_steps, device)
     trainer = build_trainer(config, ctx, precision, model, tokenizer, device, callbacks=[callback], pairs=pairs)
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -402,7 +419,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> RewardReport:
         shutil.rmtree(ctx.run_dir / VALIDATION_REWARD, ignore_errors=True)
     # bf16 first when present: the others are compared with it.
     order = sorted(cfg.precisions, key=lambda p: p != "bf16")
-    n_models = len(order) + bool(cfg.validation)
+    shutil.rmtree(ctx.run_dir / ENSEMBLE_REWARD, ignore_errors=True)  # an earlier run's members judged other pairs
+    n_models = len(order) + bool(cfg.validation) + cfg.ensemble - 1
     study: dict[str, dict[str, Any]] = {}
     scores: dict[str, torch.Tensor] = {}
     for k, precision in enumerate(order):
@@ -433,7 +451,29 @@ def run(config: PipelineConfig, ctx: RunContext) -> RewardReport:
         ctx.log(f"validation reward model ({precision}, {len(validation_pairs)} pairs; the main models had the other "
                 f"{len(main_pairs)}): held-out accuracy {row['accuracy']:.3f}, rank correlation with the {main} model "
                 f"on the test pairs {'n/a' if rho is None else f'{rho:.3f}'}")
-        ctx.progress(n_models, n_models)
+        ctx.progress(len(order) + 1, n_models)
+    ensemble = []
+    main = config.ppo.reward_precision if config.ppo.reward_precision in scores else order[0]
+    precision = network_precision(config.ppo.reward_precision, config.ppo.quantized_policy)
+    for member in range(1, cfg.ensemble):
+        seed = config.seed + member
+        pairs = [main_pairs[i] for i in bootstrap(len(main_pairs), seed)]
+        where = ensemble_reward_dir(member)
+        done = len(order) + bool(cfg.validation) + member - 1
+        row = train_precision(dataclasses.replace(config, seed=seed), ctx, precision, done, pairs, where,
+                              f"ensemble/{member}")
+        row["normalization"] = normalize_saved(ctx.run_dir, precision, device, pairs, where)
+        held_out, member_scores = evaluate_saved(ctx.run_dir, precision, device, test, where)
+        row.update(held_out, member=member, seed=seed, train_pairs=len(pairs),
+                   unique_pairs=len({json.dumps(p, sort_keys=True) for p in pairs}),
+                   spearman_vs_main=_spearman_or_none(member_scores, scores[main]),
+                   spearman_vs_bf16=_spearman_or_none(member_scores, scores["bf16"]) if "bf16" in scores else None)
+        ensemble.append(EnsembleMember(**row))
+        ctx.log_metrics({f"reward/ensemble/{member}/test_accuracy": row["accuracy"],
+                         f"reward/ensemble/{member}/test_margin": row["mean_margin"]}, cfg.max_steps)
+        ctx.log(f"reward ensemble member {member} ({precision}, seed {seed}, {row['unique_pairs']} distinct of "
+                f"{len(pairs)} resampled pairs): held-out accuracy {row['accuracy']:.3f}")
+        ctx.progress(done + 1, n_models)
     shutil.rmtree(ctx.stage_dir("reward") / "trainer", ignore_errors=True)  # the Trainer's unused output_dir
     for precision, row in study.items():
         row["spearman_vs_bf16"] = _spearman_or_none(scores[precision], scores["bf16"]) if "bf16" in scores else None
@@ -441,6 +481,7 @@ def run(config: PipelineConfig, ctx: RunContext) -> RewardReport:
         device=str(device), test_pairs=len(test), labels=config.data.labels, train_pairs=len(main_pairs),
         precisions={p: PrecisionResult(**study[p]) for p in cfg.precisions},
         validation=validation,
+        ensemble=ensemble,
         note=("bf16 computes in fp32 on the CPU (compute_dtype says which); peak memory on the CPU is the "
               "process RSS, which includes everything else the process holds"),
     )

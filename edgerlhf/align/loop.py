@@ -286,7 +286,7 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
     # What the stage holds, measured around building it: one copy of the network (plus one quantized copy for
     # an int8/int4 reward model), the adapters and (PPO only) the value head.
     before = memory.tensor_bytes(device)
-    models = build_models(config, run_dir, device, validation=config.reward.validation)
+    models = build_models(config, run_dir, device, validation=config.reward.validation, ensemble=config.reward.ensemble)
     held_bytes = memory.tensor_bytes(device) - before
     network_bytes = sum(base_weight_storages([models.model]).values())
     params = models.policy_parameters()
@@ -318,6 +318,10 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
             f"{reward_source(models, cfg)}" + (f"; rollouts also scored by {' and '.join(independent)}"
                                                if independent else ""))
 
+    if models.ensemble_models:
+        ctx.log(f"{algorithm}: the reward model's score is the {cfg.ensemble_score} of {1 + len(models.ensemble_models)} "
+                f"ensemble members" + (f" (lambda {cfg.ensemble_penalty:g})" if cfg.ensemble_score == "mean_minus_std"
+                                       else ""))
     if best is not None:
         ctx.log(f"{algorithm}: the policy written is the best by {signal} (`ppo.keep_best`), weighed every "
                 f"{cfg.checkpoint_every} steps" + (f"; stopping after {cfg.early_stop_patience} weighings without "
@@ -402,6 +406,7 @@ def run(config: PipelineConfig, ctx: RunContext, train_step: Step) -> PPOReport:
                       "shared adapter" if models.reward_shared else "separate quantized copy"),
         rewards=models.rewards.names if models.rewards is not None else None,
         validation_reward=models.validation_model is not None,
+        ensemble_members=1 + len(models.ensemble_models or []),
         gold_scorer=gold_scorer,
         compute_dtype=dtype_name(compute_dtype(device)),
         device=str(device),

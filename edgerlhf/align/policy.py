@@ -19,6 +19,11 @@ Memory design — one copy of the base network, whichever algorithm:
   reward stage trains it in that network's precision (`contract.network_precision`: bf16, or the reward model's with
   `ppo.quantized_policy`), so it scores on the base it was trained on and costs no copy whichever reward precision
   the proxy uses.
+- With `reward.ensemble` = k >= 2 (training only), the ensemble's extra members are k - 1 more frozen adapters,
+  `ensemble_<i>`, on the one network (trained in its precision, as the validation model is), each with its score head;
+  the reward model's score becomes a conservative score of the k members' (member 0 is the reward model itself):
+  their mean minus lambda times their standard deviation, or their minimum (`conservative_score`, `ppo.ensemble_score`;
+  Coste et al. 2023, Eisenstein et al. 2023), and their disagreement is kept for the step's metrics.
 The evaluation stage loads the trained policy through the same `build_models`.
 """
 
@@ -36,7 +41,8 @@ import torch
 import torch.nn as nn
 
 from edgerlhf import gold
-from edgerlhf.contract import VALIDATION_REWARD, algorithm_traits, network_precision, reward_dir
+from edgerlhf.contract import (VALIDATION_REWARD, algorithm_traits, ensemble_reward_dir, network_precision,
+                               reward_dir)
 from edgerlhf.errors import MissingPrerequisite
 from edgerlhf.generation import Rollouts, Sampling, forward_response, kl_per_position
 from edgerlhf.models import checkpointed_layers
@@ -47,6 +53,8 @@ REWARD = "reward"
 """Name of the frozen reward LoRA adapter, when the bf16 reward model shares the network."""
 VALIDATION = "validation"
 """Name of the frozen validation reward LoRA adapter (`reward.validation`), always on the one network."""
+ENSEMBLE = "ensemble_{}"
+"""Name of the frozen adapter of ensemble member i >= 1 (`reward.ensemble`), `ENSEMBLE.format(i)`, on the one network."""
 VALUE_HEAD_FILE = "value_head.pt"
 """PPO's critic beside the policy adapter in `ppo/adapter/`."""
 
@@ -56,6 +64,19 @@ def is_policy_lora(name: str) -> bool:
     `...embed_tokens.lora_embedding_A.policy`, whose adapter name ends the name."""
     parts = name.split(".")
     return POLICY in parts and any(part.startswith("lora_") for part in parts)
+
+
+def conservative_score(member_scores: torch.Tensor, how: str = "mean_minus_std", penalty: float = 1.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ensemble's score of each rollout from its k members' scores (k, N), and their disagreement (N,): the
+    members' standard deviation (population, over the k members). `how`: `mean_minus_std` (mean - penalty * std,
+    Coste et al. 2023's uncertainty-weighted score with the std, as Eisenstein et al. 2023) or `min` (worst case)."""
+    std = member_scores.std(0, correction=0)  # (N,)
+    if how == "min":
+        return member_scores.min(0).values, std
+    if how == "mean_minus_std":
+        return member_scores.mean(0) - penalty * std, std
+    raise ValueError(f"unknown ensemble score {how!r}; choose from mean_minus_std, min")
 
 
 class ValueHead(nn.Module):
@@ -98,13 +119,23 @@ class PolicyModels:
     validation_model: Any = None
     """`edgerlhf.models.RewardModel` of the validation reward model (`reward.validation`): the `validation` adapter on
     `model` itself and its score head; None without one."""
+    ensemble_models: list[Any] | None = None
+    """`edgerlhf.models.RewardModel` of the ensemble's extra members 1..k-1 (`reward.ensemble`): the `ensemble_<i>`
+    adapters on `model` itself; None without an ensemble."""
+    ensemble_score: str = "mean_minus_std"
+    """`ppo.ensemble_score`: how the members' scores make the reward model's."""
+    ensemble_penalty: float = 1.0
+    """`ppo.ensemble_penalty`: lambda of `mean_minus_std`."""
+    last_ensemble_std: torch.Tensor | None = None
+    """The members' disagreement (N,) at the last scoring by the reward model (`conservative_score`)."""
 
     def policy_parameters(self) -> list[nn.Parameter]:
         lora = [p for n, p in self.model.named_parameters() if is_policy_lora(n)]
         return lora + (list(self.value_head.parameters()) if self.value_head is not None else [])
 
     def modules(self) -> list[nn.Module]:
-        return [m for m in (self.model, self.value_head, self.reward_model, self.validation_model) if m is not None]
+        return [m for m in (self.model, self.value_head, self.reward_model, self.validation_model,
+                            *(self.ensemble_models or [])) if m is not None]
 
     def forward(self, query_ids, query_mask, response_ids, response_mask, sampling: Sampling | None = None):
         """Policy logits (B, T, V), scaled by `sampling`, and values (B, T) at the response tokens, in one pass
@@ -138,16 +169,29 @@ class PolicyModels:
         """Metrics of the last scoring beside the scores: each judge's share of unreadable replies
         (`rewards/<name>_unparsed`); {} without a judge."""
         shares = self.rewards.last_unparsed if self.rewards is not None else {}
-        return {f"rewards/{name}_unparsed": share for name, share in shares.items()}
+        out = {f"rewards/{name}_unparsed": share for name, share in shares.items()}
+        if self.last_ensemble_std is not None:  # the reward ensemble's disagreement on the rollouts
+            out["ensemble_std_mean"] = self.last_ensemble_std.float().mean().item()
+        return out
 
     def reward_model_score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """The reward model's scores (N,)."""
+        """The reward model's scores (N,); with an ensemble, the members' conservative score (`conservative_score`)."""
         if self.reward_model is None:
             raise RuntimeError("these models were built without a reward model (build_models(reward=False))")
         if not self.reward_shared:
-            return self.reward_model.score(prompts, responses)
-        with using_adapter(self.model, REWARD):
-            return self.reward_model.score(prompts, responses)
+            main = self.reward_model.score(prompts, responses)
+        else:
+            with using_adapter(self.model, REWARD):
+                main = self.reward_model.score(prompts, responses)
+        if not self.ensemble_models:
+            return main
+        members = [main.float()]
+        for i, member in enumerate(self.ensemble_models, start=1):
+            with using_adapter(self.model, ENSEMBLE.format(i)):
+                members.append(member.score(prompts, responses).float().to(main.device))
+        scores, self.last_ensemble_std = conservative_score(torch.stack(members), self.ensemble_score,  # (k, N)
+                                                            self.ensemble_penalty)
+        return scores
 
     @torch.no_grad()
     def validation_score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -194,14 +238,16 @@ def _adapter_reward_model(model, rm_dir: Path, name: str, tokenizer, precision: 
 
 def build_models(config, run_dir: str | Path, device: torch.device,
                  adapter_dir: str | Path | None = None, reward: bool = True,
-                 value_head: bool | None = None, validation: bool = False) -> PolicyModels:
+                 value_head: bool | None = None, validation: bool = False, ensemble: int = 1) -> PolicyModels:
     """Load sft/merged once and hang the policy, reference, (PPO's) value head and (bf16) reward model on it.
 
     With `adapter_dir` (a saved `ppo/adapter`) the policy is that trained adapter, frozen (evaluation);
     without it, a fresh trainable LoRA (training). `reward=False` loads no reward model (`reward_model` is
     None): a DPO run evaluated without one. `value_head` (default: only when `config.algorithm` is PPO)
     adds PPO's critic, loaded from `adapter_dir` when it holds one. `validation` adds the validation reward model
-    (`reward/validation/`, `reward.validation`) as the frozen adapter `validation`.
+    (`reward/validation/`, `reward.validation`) as the frozen adapter `validation`. `ensemble` = k >= 2 adds the
+    ensemble's members 1..k-1 (`reward/ensemble/<i>/`, `reward.ensemble`) as frozen adapters `ensemble_<i>`, and the
+    reward model's score becomes their conservative score with it (`ppo.ensemble_score`).
     """
     from peft import PeftModel
 
@@ -240,6 +286,16 @@ def build_models(config, run_dir: str | Path, device: torch.device,
             raise MissingPrerequisite(val_dir, "reward", "holds no validation reward model (reward.validation must be "
                                       "on when the reward stage runs)")
         validation_model = _adapter_reward_model(model, val_dir, VALIDATION, tokenizer, network, device)
+    ensemble_models = None
+    if ensemble > 1 and reward_model is not None:
+        ensemble_models = []
+        for i in range(1, ensemble):
+            member_dir = run_dir / ensemble_reward_dir(i)
+            if not (member_dir / models.SCORE_HEAD_FILE).exists():
+                raise MissingPrerequisite(member_dir, "reward", f"holds no reward ensemble member {i} (reward.ensemble "
+                                          f"must be at least {ensemble} when the reward stage runs)")
+            ensemble_models.append(_adapter_reward_model(model, member_dir, ENSEMBLE.format(i), tokenizer, network,
+                                                         device))
     model.set_adapter(POLICY, inference_mode=adapter_dir is not None)
     critic = None
     if value_head or (value_head is None and algorithm_traits(config.algorithm).value_head):
@@ -251,7 +307,9 @@ def build_models(config, run_dir: str | Path, device: torch.device,
     if checkpointing:
         models.enable_activation_checkpointing(model)
     built = PolicyModels(model, critic, reward_model, tokenizer, device, shared and reward_model is not None, function,
-                         checkpointing=checkpointing, validation_model=validation_model)
+                         checkpointing=checkpointing, validation_model=validation_model,
+                         ensemble_models=ensemble_models, ensemble_score=config.ppo.ensemble_score,
+                         ensemble_penalty=config.ppo.ensemble_penalty)
     if stated is not None and reward:
         built.rewards = stated_rewards(config, run_dir, built)
     return built
