@@ -26,6 +26,8 @@ the evaluation reports the gold gain at equal length (`evaluate.stratified_diffe
     you        second-person words ("you", "your") / words   an answer that addresses the user
     question   1 if the answer ends with "?", else 0         an answer that asks the user back
     starts_with_i  1 if the answer opens with "I", else 0    an answer in the first person from its first word
+    hedge      hedging words ("maybe", "might") / words      an answer that says how sure it is (held out)
+    exclaim    1 if the answer ends with "!", else 0         an enthusiastic answer (held out)
 
 The rates divide by `max(words, RATE_MIN_WORDS)`: a one-word answer cannot reach a rate of 1 ("Sure."
 counts as one positive word in five), so the degenerate way up, answering with one lexicon word, is closed
@@ -164,6 +166,28 @@ def starts_with_i(prompt: str, response: str) -> float:
     return float(re.match(r"I\b", text) is not None)
 
 
+# The held-out golds: written down on 2026-12-05, after the loop and its settings, before any run on them
+# (README, "Held-out golds"); no setting was tuned on them, and their results are reported as they came out.
+
+HEDGE_WORDS = frozenset("""
+    maybe might perhaps probably possibly likely unlikely usually sometimes often generally depends seem seems
+    """.split())
+"""`hedge`: words that state uncertainty or qualify a claim."""
+
+
+def hedge(prompt: str, response: str) -> float:
+    """Hedging words per word: an answer that says how sure it is ("it might", "probably", "it depends")."""
+    return lexicon_rate(response, HEDGE_WORDS)
+
+
+def exclaim(prompt: str, response: str) -> float:
+    """1 when the answer ends with an exclamation (its last mark is "!"), else 0; `EMPTY_RATE` if empty."""
+    text = cut_at_stop(response).rstrip(_CLOSERS)
+    if not text:
+        return EMPTY_RATE
+    return float(text.endswith("!"))
+
+
 @dataclass(frozen=True)
 class Gold:
     """A gold scorer: the score of a response (higher is better) and when two scores are a tie."""
@@ -194,8 +218,14 @@ SCORERS: dict[str, Gold] = {
     "you": Gold(you, tie_margin=RATE_TIE_MARGIN),
     "question": Gold(question, tie_margin=0.2),
     "starts_with_i": Gold(starts_with_i, tie_margin=0.2),
+    "hedge": Gold(hedge, tie_margin=RATE_TIE_MARGIN),
+    "exclaim": Gold(exclaim, tie_margin=0.2),
 }
 """Gold scorers by name (`data.gold_scorer`)."""
+
+HELD_OUT_GOLDS = ("hedge", "exclaim")
+"""Golds written down after the loop was built and not tuned on (README, "Held-out golds"): what it does on a
+preference it was not built around."""
 
 CONTENT_GOLDS = tuple(name for name, g in SCORERS.items() if g.balance_length)
 """The golds about content rather than length."""

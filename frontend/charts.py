@@ -121,7 +121,8 @@ ALGORITHM_MEASURES: dict[str, dict[str, Measure]] = {
 
 REWARD_MEASURES: dict[str, tuple[str, float | None]] = {
     "reward_mean": ("reward", None), "reward_std": ("reward std", 0.0), "non_score_reward": ("KL penalty", None),
-    "returns_mean": ("mean return", None), "rlhf_reward_mean": ("reward − β · KL", None)}
+    "returns_mean": ("mean return", None), "rlhf_reward_mean": ("reward − β · KL", None),
+    "ensemble_std_mean": ("reward ensemble disagreement (std)", 0.0)}
 """The alignment metrics in the unit of what scored the rollouts (`reward_unit`): name -> (what, least value)."""
 
 LM_MEASURES: dict[str, Measure] = {
@@ -493,8 +494,11 @@ def keys_figure(feed: JobFeed, keys: list[str], title: str, stage: str | None = 
     return fig
 
 
-DIAGNOSTICS = ("response_length", "cap_hit_rate", "entropy", "clip_frac", "approx_kl", "tokens_per_s")
-"""The health signals of a sampling algorithm, in its namespace; those it does not log are left out."""
+DIAGNOSTICS = ("response_length", "cap_hit_rate", "entropy", "clip_frac", "approx_kl", "ensemble_std_mean",
+               "tokens_per_s")
+"""The health signals of a sampling algorithm, in its namespace; those it does not log are left out (the reward
+ensemble's disagreement on the rollouts only with `reward.ensemble` > 1: growing, the policy is moving where the
+reward models were not trained)."""
 DIAGNOSTIC_COLUMNS = 3
 
 

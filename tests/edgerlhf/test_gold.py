@@ -61,6 +61,17 @@ def test_question_asks_back():
     assert gold.score("p", "Sure?\n\nHuman: no.", "question") == 1.0
 
 
+def test_the_held_out_golds():
+    assert gold.score("p", "It might work, maybe not.", "hedge") == pytest.approx(2 / 7)
+    assert gold.score("p", "It depends: it seems fine.", "hedge") == pytest.approx(2 / 7)
+    assert gold.score("p", "Yes.", "hedge") == 0.0
+    assert gold.score("p", "Great idea!", "exclaim") == 1.0
+    assert gold.score("p", 'She said "wow!"', "exclaim") == 1.0  # closing quotes are not the last mark
+    assert gold.score("p", "Wow! It is.", "exclaim") == 0.0
+    assert gold.prefers("p", "Have fun!", "Have fun.", "exclaim") is True
+    assert set(gold.HELD_OUT_GOLDS) <= set(gold.CONTENT_GOLDS)
+
+
 def test_an_empty_answer_is_worse_than_any_rate_and_labelled_so():
     for name in gold.CONTENT_GOLDS:
         assert gold.score("p", "", name) == gold.EMPTY_RATE

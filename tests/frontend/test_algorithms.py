@@ -98,6 +98,18 @@ def test_the_job_figures_read_the_algorithms_metrics():
     assert charts.measure(kto, "kto/kl").what.startswith("KL estimate z")
 
 
+def test_a_reward_ensembles_disagreement_is_a_diagnostic_in_the_reward_models_unit():
+    rloo = feed_of(1, "rloo", {"rloo/response_length": [9.0, 8.0], "rloo/ensemble_std_mean": [0.05, 0.4]},
+                   reward={"ensemble": 3})
+    diag = charts.diagnostics_figure(rloo)
+    drawn = {t.name: list(t.y) for t in diag.data}
+    assert drawn == {"rloo/response_length": [9.0, 8.0], "rloo/ensemble_std_mean": [0.05, 0.4]}
+    assert "reward ensemble disagreement (std)" in [a.text for a in diag.layout.annotations]
+    assert charts.measure(rloo, "rloo/ensemble_std_mean").unit == "RM score"
+    assert [t.name for t in charts.diagnostics_figure(feed_of(2, "rloo", {"rloo/entropy": [1.0]})).data] == [
+        "rloo/entropy"]  # one reward model: no such panel
+
+
 def test_compare_overlays_a_metric_by_name_across_algorithms_on_steps_or_samples():
     feeds = {"#1 a": feed_of(1, "ppo", {"ppo/reward_mean": [0.1, 0.2, 0.3], "sft/eval_loss": [2.0]},
                              ppo={"batch_size": 8, "samples_per_prompt": 1}),
