@@ -35,7 +35,7 @@ from edgerlhf import gold, memory
 from edgerlhf.align.policy import build_models, sequence_kl
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
-from edgerlhf.contract import EVAL_GEN_BATCH, PPO_ADAPTER, algorithm_traits, reward_dir
+from edgerlhf.contract import EVAL_GEN_BATCH, PPO_ADAPTER, VALIDATION_REWARD, algorithm_traits, reward_dir
 from edgerlhf.data import prompts as prompt_rows
 from edgerlhf.errors import require
 from edgerlhf.generation import Sampling, concat_rollouts, generate
@@ -215,6 +215,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         sides = [f"{report[side]['rewards'][part]['mean']:.3f}" if report[side].get("rewards") else ""
                  for side in ("sft", "ppo")]
         lines.append(f"| reward: {part} | {sides[0]} | {sides[1]} | {ci(diff)} |")
+    if report.get("validation_reward_diff"):
+        lines.append(f"| validation reward model | {report['sft']['validation_reward']['mean']:.3f} | "
+                     f"{report['ppo']['validation_reward']['mean']:.3f} | {ci(report['validation_reward_diff'])} |")
     if report.get("judge_win_rate"):
         lines.append(f"| judge's win rate of {name} | | | {ci(report['judge_win_rate'])} (both orders agreed on "
                      f"{report['judge_consistency']:.0%}) |")
@@ -268,7 +271,10 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
 
     scored = (algorithm_traits(config.algorithm).samples or config.ppo.reward_function is not None
               or config.ppo.rewards is not None or has_reward_model(config, run_dir))
-    models = build_models(config, run_dir, device, adapter_dir=adapter, reward=scored)
+    # The validation reward model (`reward.validation`), when the run trained one: a second opinion on the held-out
+    # answers that the policy was never trained against.
+    validation = config.reward.validation and (run_dir / VALIDATION_REWARD / SCORE_HEAD_FILE).exists()
+    models = build_models(config, run_dir, device, adapter_dir=adapter, reward=scored, validation=validation)
     ctx.progress(0, 4)
     micro = MicroBatch(EVAL_GEN_BATCH, "evaluate", ctx, device, planner_hint=lambda: planner_hint(config, "evaluate"))
     sft = sample_policy(models, all_prompts, config, use_adapter=False, seed=config.seed, micro=micro)
@@ -280,6 +286,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
     for result in (sft, ppo):
         total, result["parts"] = models.score_parts(all_prompts, result["responses"]) if scored else (None, {})
         result["reward"] = total.tolist() if scored else [None] * len(all_prompts)
+        if validation:
+            result["validation"] = models.validation_score(all_prompts, result["responses"]).tolist()
     ctx.progress(3, 4)
 
     boot = dict(n_resamples=cfg.n_bootstrap, confidence=cfg.confidence, seed=config.seed)
@@ -291,7 +299,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
                           "cap_hit_rate": float(np.mean(result["capped"])),
                           "empty_rate": float(np.mean(result["empty"])),
                           "rewards": {part: _summary(values.tolist()) for part, values in result["parts"].items()}
-                          or None}
+                          or None,
+                          "validation_reward": _summary(result["validation"]) if validation else None}
     policies["ppo"]["kl"] = _summary(ppo["kl"])
     report: dict[str, Any] = {
         "algorithm": config.algorithm,
@@ -306,6 +315,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> EvalReport:
         "win_rate": win_rate(ppo["reward"], sft["reward"]) if scored else None,
         "reward_diff": bootstrap_ci(_per_prompt(ppo["reward"], k) - _per_prompt(sft["reward"], k), **boot)
         if scored else None,
+        "validation_reward_diff": bootstrap_ci(_per_prompt(ppo["validation"], k) - _per_prompt(sft["validation"], k),
+                                               **boot) if validation else None,
         "length_diff": bootstrap_ci(_per_prompt(ppo["lengths"], k) - _per_prompt(sft["lengths"], k), **boot),
         "kl": float(np.mean(ppo["kl"])),
         "gold_scorer": None,

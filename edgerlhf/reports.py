@@ -351,6 +351,8 @@ class PolicyEval(Part):
     """Share of empty responses."""
     rewards: dict[str, Summary] | None = None
     """With `ppo.rewards`: each component's score (unweighted), e.g. the exact-match rate of `reference_answer`."""
+    validation_reward: Summary | None = None
+    """With `reward.validation`: the validation reward model's score."""
 
 
 class SamplePair(Part):
@@ -387,6 +389,9 @@ class EvalReport(Report):
     """Reward PPO - SFT, per prompt."""
     reward_parts_diff: dict[str, Interval] | None = None
     """With `ppo.rewards`: each component's difference aligned - SFT, with its interval."""
+    validation_reward_diff: Interval | None = None
+    """With `reward.validation`: the validation reward model's score aligned - SFT, per prompt. That model never
+    scored a rollout the policy trained on, so a `reward_diff` far above it is the proxy being exploited."""
     judge_win_rate: Interval | None = None
     """With `evaluate.judge`: how often the judge preferred the aligned answer, both orders asked (0.5: no
     preference), with its interval over prompts."""

@@ -84,7 +84,7 @@ def _diff(row: dict[str, Any], diff: Interval | None) -> None:
 
 
 def eval_rows(report: EvalReport | dict[str, Any] | None) -> list[dict[str, Any]]:
-    """SFT vs PPO per measure: reward, gold score and the gold at equal length (no means: a difference
+    """SFT vs PPO per measure: reward, the validation reward model's score, gold score and the gold at equal length (no means: a difference
     within length strata), response length, then the shares of responses that hit the length cap or came
     out empty; means, difference, its interval. Rows whose fields an older report lacks are left out."""
     report = parse(EvalReport, report)
@@ -97,6 +97,11 @@ def eval_rows(report: EvalReport | dict[str, Any] | None) -> list[dict[str, Any]
         reward = {"measure": f"reward ({source})", "SFT": sft.reward.mean, "PPO": ppo.reward.mean}
         _diff(reward, report.reward_diff)
         rows.append(reward)
+    if sft.validation_reward is not None and ppo.validation_reward is not None:  # reward.validation
+        validation = {"measure": "validation reward (RM never trained against)", "SFT": sft.validation_reward.mean,
+                      "PPO": ppo.validation_reward.mean}
+        _diff(validation, report.validation_reward_diff)
+        rows.append(validation)
     if sft.gold is not None and ppo.gold is not None:
         gold = {"measure": f"gold score ({report.gold_scorer})", "SFT": sft.gold.mean, "PPO": ppo.gold.mean}
         _diff(gold, report.gold_diff)

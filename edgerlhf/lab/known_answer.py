@@ -68,6 +68,11 @@ def run_one(gold_name: str, seed: int, run_dir: Path, overrides: dict[str, Any],
         "empty_rate": {"sft": ev.sft.empty_rate, "ppo": ev.ppo.empty_rate},
         "cap_hit_rate": {"sft": ev.sft.cap_hit_rate, "ppo": ev.ppo.cap_hit_rate},
         "learned": decisive.low is not None and decisive.low > 0.0,
+        # What the proxy and the validation reward model (`reward.validation`) say of the same held-out answers, and
+        # which step's policy was kept (`ppo.keep_best`): the reward-hacking runs' columns (README, "Held-out golds").
+        "reward_diff": ev.reward_diff.model_dump() if ev.reward_diff else None,
+        "validation_reward_diff": ev.validation_reward_diff.model_dump() if ev.validation_reward_diff else None,
+        "best_step": getattr(reports.get("ppo"), "best_step", None),
         "seconds": round(time.perf_counter() - started, 1),
     }
     if shared is not None:  # the shared stages' figures are the first run's
@@ -87,16 +92,24 @@ def interval_text(d: dict[str, float]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The suite's Markdown table: one row per run, then per gold and algorithm the seeds where it was learned."""
+    """The suite's Markdown table: one row per run, then per gold and algorithm the seeds where it was learned. With
+    runs that had a validation reward model (`reward.validation`), two more columns: the proxy's and the validation
+    model's aligned − SFT on the held-out answers, and the step of the policy kept (`ppo.keep_best`)."""
+    validated = any(r.get("validation_reward_diff") for r in rows)
     lines = ["| gold | algorithm | seed | gold gain aligned − SFT | gain at equal length | length Δ (tokens) | KL | "
-             "RM accuracy | SFT ppl | empty SFT/aligned | capped SFT/aligned | learned |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "RM accuracy | SFT ppl | empty SFT/aligned | capped SFT/aligned | learned |"
+             + (" proxy Δ | validation RM Δ | kept step |" if validated else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * 3 * validated]
     for r in rows:
-        lines.append(f"| {r['gold']} | {r.get('algorithm', 'ppo')} | {r['seed']} | {interval_text(r['gold_diff'])} | "
-                     f"{interval_text(r['gold_diff_equal_length'])} | {r['length_diff']['mean']:+.1f} | {r['kl']:.2f} | "
-                     f"{r['reward_accuracy']:.3f} | {r['sft_perplexity']:.0f} | "
-                     f"{r['empty_rate']['sft']:.0%}/{r['empty_rate']['ppo']:.0%} | "
-                     f"{r['cap_hit_rate']['sft']:.0%}/{r['cap_hit_rate']['ppo']:.0%} | {'yes' if r['learned'] else 'no'} |")
+        line = (f"| {r['gold']} | {r.get('algorithm', 'ppo')} | {r['seed']} | {interval_text(r['gold_diff'])} | "
+                f"{interval_text(r['gold_diff_equal_length'])} | {r['length_diff']['mean']:+.1f} | {r['kl']:.2f} | "
+                f"{r['reward_accuracy']:.3f} | {r['sft_perplexity']:.0f} | "
+                f"{r['empty_rate']['sft']:.0%}/{r['empty_rate']['ppo']:.0%} | "
+                f"{r['cap_hit_rate']['sft']:.0%}/{r['cap_hit_rate']['ppo']:.0%} | {'yes' if r['learned'] else 'no'} |")
+        if validated:
+            line += "".join(f" {interval_text(r[k]) if r.get(k) else '—'} |"
+                            for k in ("reward_diff", "validation_reward_diff")) + f" {r.get('best_step') or '—'} |"
+        lines.append(line)
     lines.append("")
     for name, algorithm in dict.fromkeys((r["gold"], r.get("algorithm", "ppo")) for r in rows):
         runs = [r for r in rows if r["gold"] == name and r.get("algorithm", "ppo") == algorithm]

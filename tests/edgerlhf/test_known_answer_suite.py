@@ -45,6 +45,18 @@ def test_table_counts_each_algorithm_apart():
     assert any(line.startswith("- `you` with dpo: learned in 1 of 2 seeds") for line in lines)
 
 
+def test_with_a_validation_reward_model_the_table_gives_the_proxys_and_its_change_and_the_kept_step():
+    defended = {**row("hedge", 0, True, 0.02, True), "reward_diff": interval(0.8, 0.6, 1.0),
+                "validation_reward_diff": interval(0.1, -0.1, 0.3), "best_step": 21}
+    lines = known_answer.table([defended, {**row("hedge", 1, True, 0.0, False), "validation_reward_diff": None}])
+    lines = lines.splitlines()
+    assert lines[0].endswith("| learned | proxy Δ | validation RM Δ | kept step |")
+    assert lines[1].count("---") == 15
+    assert lines[2].endswith("| yes | +0.800 [+0.600, +1.000] | +0.100 [-0.100, +0.300] | 21 |")
+    assert lines[3].endswith("| no | — | — | — |")
+    assert "proxy" not in known_answer.table([row("hedge", 0, True, 0.02, True)])
+
+
 def test_the_command_is_dispatched_and_refuses_a_bad_configuration(capsys):
     assert cli.DISPATCH["known-answer"] == "edgerlhf.lab.known_answer:main"
     assert known_answer.main(["--set", "ppo.steps=0", "--seeds", "0"]) == 2

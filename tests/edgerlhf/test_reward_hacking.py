@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from edgerlhf import align, gold, memory, models, plan, reward
+from edgerlhf import align, evaluate, gold, memory, models, plan, reward
 from edgerlhf.align import policy
 from edgerlhf.config import load_config
 from edgerlhf.context import RunContext
@@ -177,6 +177,17 @@ def test_the_loop_logs_the_independent_signals_of_every_steps_rollouts(run_dir, 
     assert report.validation_reward and report.gold_scorer == config.data.gold_scorer
     assert "grpo/validation_reward_mean" in report.final
     assert 0.9 < report.network_copies < 1.5  # the validation adapter is no copy of the network
+
+
+    # The evaluation scores both policies' held-out answers with it too: again the proxy's negation.
+    config = load_config("tiny", {**config.to_dict(), "evaluate": {"n_prompts": 4, "samples_per_prompt": 2,
+                                                                    "response_length": 8, "n_bootstrap": 200}})
+    ctx.begin_stage("evaluate")
+    ev = evaluate.run(config, ctx)
+    for side in (ev.sft, ev.ppo):
+        assert side.validation_reward.mean == pytest.approx(-side.reward.mean, abs=1e-4)
+    assert ev.validation_reward_diff.mean == pytest.approx(-ev.reward_diff.mean, abs=1e-4)
+    assert "| validation reward model |" in (work / "evaluate" / "report.md").read_text()
 
 
 def test_the_independent_metrics_of_some_rollouts_by_hand():

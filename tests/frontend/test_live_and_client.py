@@ -163,6 +163,12 @@ def test_reports_to_rows():
     assert eval_pairs(ev)[0]["ppo"] == "b"
     fig = charts.eval_figure(ev)
     assert [(t.name, t.y[0]) for t in fig.data] == [("SFT", 0.1), ("PPO", 0.4), ("SFT", -3.0), ("PPO", -2.0)]
+    # With `reward.validation`: the validation reward model's row follows the proxy's.
+    ev["sft"]["validation_reward"], ev["ppo"]["validation_reward"] = {"mean": 0.2, "std": 0.1}, {"mean": 0.1, "std": 0.1}
+    ev["validation_reward_diff"] = {"mean": -0.1, "low": -0.3, "high": 0.1, "confidence": 0.95, "n": 4}
+    rows = eval_rows(ev)
+    assert rows[1] == {"measure": "validation reward (RM never trained against)", "SFT": 0.2, "PPO": 0.1,
+                       "PPO − SFT": -0.1, "interval": "[-0.3, +0.1] (95%)"}
 
 
 def test_reward_figure_has_mean_points_and_a_std_band_with_gaps_at_nan():
