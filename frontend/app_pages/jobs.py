@@ -1,5 +1,5 @@
 """Jobs page: every job with its status, stage, step count and time left, progress, queue position, preset,
-alignment algorithm and duration, and once evaluated its result (reward and gold change with their readings, KL,
+alignment algorithm, round of RLHF (once a job has continued another) and duration, and once evaluated its result (reward and gold change with their readings, KL,
 from `JobSummary.result`: no report is fetched per job); cancel (with a confirmation), retry, delete.
 
 The table refreshes itself every few seconds (a fragment), so a queued job is seen starting without
@@ -33,6 +33,9 @@ CONFIRM_CANCEL = "jobs_confirm_cancel"  # session key: the job whose Cancel awai
 COLUMNS = {
     "id": st.column_config.NumberColumn("id", width=36),
     "name": st.column_config.TextColumn("name", width=105),
+    "round": st.column_config.TextColumn(
+        "round", width=52, help="Which round of RLHF: 1 from a base model; 2 ← #5: continues job 5 from its aligned "
+                                "policy (Continue on a finished job's page). Shown once a job has a next round"),
     "status": st.column_config.TextColumn("status", width=95, help="queued #N: its place in the queue"),
     "stage": st.column_config.TextColumn(
         "stage", width=110, help="The stage running (or the last that ran), with its steps done of its total"),
@@ -72,6 +75,7 @@ def _rows(jobs: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
         rows.append({
             "id": j["id"],
             "name": j["name"],
+            "round": f"{j['round']} ← #{j['parent_id']}" if j.get("parent_id") else str(j.get("round") or 1),
             "status": f"{ui.status_icon(j['status'])} {j['status']}{queued}",
             "stage": stage,
             "time left": ui.eta_text(clock, algorithm, short=True) if j["status"] == JobStatus.running.value else None,
@@ -107,8 +111,9 @@ def job_table() -> None:
         return
     counts = {s: sum(j["status"] == s for j in jobs) for s in STATUSES}
     st.caption(" · ".join(f"{ui.status_icon(s)} {counts[s]} {s}" for s in STATUSES if counts[s]))
+    rounds = any((j.get("round") or 1) > 1 for j in jobs)  # the column only for people who continue jobs
     ui.dataframe(_rows(jobs, datetime.now(timezone.utc)), hide_index=True, width="stretch", key="jobs_table",
-                 column_config=COLUMNS)
+                 column_config=COLUMNS if rounds else {**COLUMNS, "round": None})
 
     # Actions on one job: the buttons only offer what the backend allows in the job's status.
     by_id = {j["id"]: j for j in jobs}

@@ -3,7 +3,7 @@ SQLite file; the jobs' rows are written with the worker's own queue functions (`
 
 A finished job's page offers *Continue (next round)*: its form queues round 2 from the job's aligned policy on the
 data chosen (here the job's own data again) and opens the new job; the job pages then show the chain of rounds with
-links; the Compare page plots the gold across the chain's rounds. A running job cannot be continued.
+links, the Jobs list each job's round; the Compare page plots the gold across the chain's rounds. A running job cannot be continued.
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ def test_continue_from_the_job_page_then_the_chain_on_the_job_pages_and_the_gold
     child = next(j for j in jobs if j["parent_id"] == parent)
     assert (child["round"], child["name"], child["status"]) == (2, "first · round 2", "queued")
     assert not any("Round 2: continue" in m for m in markdown(at)), "the form closes once round 2 is queued"
+    at.switch_page("app_pages/jobs.py").run()
+    listed = at.dataframe[0].value.set_index("id")["round"]
+    assert (listed[parent], listed[child["id"]]) == ("1", f"2 ← #{parent}"), "the Jobs list gives each job's round"
 
     # Round 2 running: not continuable yet; its page shows the chain, round 1 a link.
     writer = JobWriter(backend.db_url, child["id"])
