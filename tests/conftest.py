@@ -36,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 LONGEST_FIRST = (
     "tests/edgerlhf/test_known_answer.py",
     "tests/test_families.py",
+    "tests/edgerlhf/test_verifiable.py",
     "tests/worker/test_worker.py",
     "tests/edgerlhf/test_plan_check.py",
     "tests/frontend/test_e2e_browser.py",

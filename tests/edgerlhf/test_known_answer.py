@@ -13,7 +13,9 @@ rather than the stages' reports alone:
   length*, with a bootstrap interval that excludes 0, and the answers did not collapse to empty ones;
 - the KL from the reference stays finite and is reported, and PPO held one copy of the network;
 - DPO and KTO, from the same SFT policy and pairs (KTO: the pairs split into thumbs), each in its own process
-  beside PPO, raise the gold at equal length too, with a finite KL, no collapse and one copy of the network.
+  beside PPO, raise the gold at equal length too, with a finite KL, no collapse and one copy of the network;
+- so does GRPO scored by a stated `judge` reward alone: a stand-in OpenAI-compatible server
+  (`tests/support/judge.py`) that grades each answer by the gold rule, called over HTTP from the job's process.
   (GRPO and RLOO run in the full suite's table; GRPO learns in CI on the verifiable task, test_verifiable.py.)
 
 Then the same pipeline on the real Anthropic raw file (human labels) with tiny budgets: it must run and
@@ -35,6 +37,7 @@ import torch
 from edgerlhf import gold, models
 from edgerlhf.config import SHARED_DIR, load_config
 from edgerlhf.context import RunContext
+from edgerlhf.contract import TENSORBOARD_DIR
 from edgerlhf.data import read_prefs
 from edgerlhf.pipeline import run_pipeline
 
@@ -61,43 +64,59 @@ def one_thread():
 
 
 SHARED_STAGES = ("data", "sft", "reward")
-OTHER_ALGORITHMS = ("dpo", "kto")
-"""Aligned from the same pairs and SFT policy as PPO, each in its own process."""
+JUDGED = "grpo-judge"
+"""The run of GRPO against a stand-in judge that grades by the gold (`ppo.rewards`: one `judge` term)."""
+OTHER_RUNS = {"dpo": "dpo", "kto": "kto", JUDGED: "grpo"}
+"""Aligned from the same pairs and SFT policy as PPO, each in its own process: run name -> algorithm."""
 
 
-def start_alignment(root: Path, base: Path, algorithm: str) -> tuple[Path, subprocess.Popen]:
-    """`edgerlhf pipeline --stages ppo,evaluate --algorithm <algorithm>` on a copy of `base`'s shared stages."""
-    run_dir = root / algorithm
+def judge_grade(answer: str) -> str:
+    """The stand-in judge's reply: 10 when the gold says the answer asks back, 0 otherwise."""
+    return "10" if gold.score("", answer, GOLD) == 1.0 else "0"
+
+
+def start_alignment(root: Path, base: Path, name: str, judge_url: str) -> tuple[Path, subprocess.Popen]:
+    """`edgerlhf pipeline --stages ppo,evaluate --algorithm <algorithm>` on a copy of `base`'s shared stages; the
+    judged run's reward is the judge at `judge_url` alone."""
+    from tests.support.judge import ANSWER_MARK
+
+    algorithm, run_dir = OTHER_RUNS[name], root / name
     for stage in SHARED_STAGES:
         shutil.copytree(base / stage, run_dir / stage)
-    log = (root / f"{algorithm}.log").open("w")
+    judge = [{"kind": "judge", "name": "judge", "url": judge_url, "model": "grader", "max_score": 10,
+              "rubric": "{prompt}" + ANSWER_MARK + "{answer}"}]
+    sets = ["--set", f"ppo.rewards={json.dumps(judge)}"] if name == JUDGED else []
+    log = (root / f"{name}.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "edgerlhf.cli", "pipeline", "--preset", "tiny", "--run-dir", str(run_dir),
-         "--algorithm", algorithm, "--set", f"data.gold_scorer={GOLD}", "--stages", "ppo,evaluate"],
+         "--algorithm", algorithm, "--set", f"data.gold_scorer={GOLD}", *sets, "--stages", "ppo,evaluate"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return run_dir, process
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The tiny pipeline with PPO here, and DPO and KTO in two processes started once the reward model exists: on 2
-    cores the three alignments take about the time of two in a row."""
+    """The tiny pipeline with PPO here, and DPO, KTO and the judged GRPO in processes started once the reward model
+    exists, the stand-in judge serving from this process."""
+    from tests.support.judge import stand_in_judge
+
     root = tmp_path_factory.mktemp("known-answer")
     run_dir = root / "ppo"
     config = load_config("tiny", {"data": {"gold_scorer": GOLD}})
     ctx = RunContext(run_dir)
     shared = load_config("tiny", {"data": {"gold_scorer": GOLD}, "stages": list(SHARED_STAGES)})
     reports = run_pipeline(shared, ctx)
-    others = {algorithm: start_alignment(root, run_dir, algorithm) for algorithm in OTHER_ALGORITHMS}
-    try:
-        reports.update(run_pipeline(config, ctx, skip=SHARED_STAGES))
-        returncodes = {algorithm: process.wait(timeout=1200) for algorithm, (_, process) in others.items()}
-    finally:
-        for _, process in others.values():
-            process.kill()
+    with stand_in_judge(judge_grade) as judge:
+        others = {name: start_alignment(root, run_dir, name, judge.url) for name in OTHER_RUNS}
+        try:
+            reports.update(run_pipeline(config, ctx, skip=SHARED_STAGES))
+            returncodes = {name: process.wait(timeout=1200) for name, (_, process) in others.items()}
+        finally:
+            for _, process in others.values():
+                process.kill()
     reports = {k: r.model_dump() for k, r in reports.items()}
     return {"config": config, "ctx": ctx, "run_dir": run_dir, "reports": reports, "root": root,
-            "others": {a: (d, returncodes[a]) for a, (d, _) in others.items()}}
+            "others": {a: (d, returncodes[a]) for a, (d, _) in others.items()}, "judged": list(judge.requests)}
 
 
 @pytest.fixture(scope="module")
@@ -202,12 +221,13 @@ def test_every_stage_wrote_its_report(tiny_run):
     assert (run_dir / "evaluate" / "report.md").exists()
 
 
-@pytest.mark.parametrize("algorithm", OTHER_ALGORITHMS)
-def test_every_algorithm_beats_sft_on_the_gold_at_equal_length(runs, algorithm):
-    """DPO and KTO, from the same SFT policy and pairs as PPO: a gold gain at equal length whose interval excludes 0,
-    a finite KL, no collapse, and one copy of the network held."""
-    run_dir, returncode = runs["others"][algorithm]
-    log = (runs["root"] / f"{algorithm}.log").read_text()
+@pytest.mark.parametrize("name", OTHER_RUNS)
+def test_every_algorithm_beats_sft_on_the_gold_at_equal_length(runs, name):
+    """DPO, KTO and GRPO against the judge, from the same SFT policy and pairs as PPO: a gold gain at equal length
+    whose interval excludes 0, a finite KL, no collapse, and one copy of the network held."""
+    algorithm = OTHER_RUNS[name]
+    run_dir, returncode = runs["others"][name]
+    log = (runs["root"] / f"{name}.log").read_text()
     assert returncode == 0, log[-3000:]
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
     assert report["algorithm"] == algorithm and report["gold_scorer"] == GOLD
@@ -223,6 +243,25 @@ def test_every_algorithm_beats_sft_on_the_gold_at_equal_length(runs, algorithm):
     # Measured around building the models: a second copy of the network (a reference, a reward model) shows
     # as a ratio near 2. The tiny reward LoRA adapts the token embedding too, a few % of the network.
     assert 1.0 <= aligned["network_copies"] < 1.2, aligned["network_copies"]
+
+
+def test_the_judged_run_was_scored_by_the_judge_alone(runs):
+    """Every GRPO step's reward was the judge's grade (logged as its term), asked over HTTP; its batch mean rose; the
+    evaluation scored both policies by the judge alone (no reward model) and reports its term of aligned - SFT."""
+    from tests.support.runs import event_scalars
+
+    run_dir, _ = runs["others"][JUDGED]
+    logged = event_scalars(run_dir / TENSORBOARD_DIR)  # what the job's process logged
+    term, total = logged["grpo/rewards/judge_mean"], logged["grpo/reward_mean"]
+    assert len(term) == len(total) == load_config("tiny").ppo.steps
+    assert [v for _, v in term] == pytest.approx([v for _, v in total])  # one term of weight 1: the whole reward
+    assert all(0.0 <= v <= 1.0 for _, v in term)  # grades over max_score
+    first, last = (sum(v for _, v in part) / len(part) for part in (term[:5], term[-5:]))
+    assert last > first  # the policy learned to earn the judge's grade
+    assert runs["judged"]  # ... from the stand-in, over HTTP
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    assert report["rewards"] == ["judge"] and report["reward_precision"] is None
+    assert report["reward_parts_diff"]["judge"]["low"] > 0.0
 
 
 def test_pipeline_runs_on_the_real_hh_rlhf_file(tmp_path):

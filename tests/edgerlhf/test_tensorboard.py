@@ -12,25 +12,17 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from db import read
 from edgerlhf.context import RunContext, tensorboard_tag
 from edgerlhf.contract import TENSORBOARD_DIR
 from edgerlhf.contract import SAMPLED_PREFIX, job_run_dir
 from tests.support.procs import REPO_ROOT
+from tests.support.runs import event_scalars
 from tests.support.tiny import sft_job
 from tests.support.workers import Service
-
-
-def event_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] of every scalar in the event files under `logdir`, in the order written."""
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every point, no sampling
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def expected_scalars(rows) -> dict[str, list[tuple[int, float]]]:

@@ -135,7 +135,7 @@ def test_vote_in_the_arena_then_train_on_the_votes(browser, service):
 
         # The export button downloads the votes' preference pairs: the tie made none.
         settle(page)
-        with page.expect_download() as download:
+        with page.expect_download(timeout=120_000) as download:  # a loaded CI machine: the file is made on click
             page.get_by_role("button", name="Export votes (JSONL)").click()
         pairs = [json.loads(line) for line in open(download.value.path(), encoding="utf-8")]
         assert [(p["chosen_by"], p["rejected_by"]) for p in pairs] == [
