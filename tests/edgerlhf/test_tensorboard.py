@@ -20,7 +20,7 @@ from edgerlhf.context import RunContext, tensorboard_tag
 from edgerlhf.contract import TENSORBOARD_DIR
 from edgerlhf.contract import SAMPLED_PREFIX, job_run_dir
 from tests.support.procs import REPO_ROOT
-from tests.support.runs import event_scalars
+from tests.support.events import event_scalars
 from tests.support.tiny import sft_job
 from tests.support.workers import Service
 

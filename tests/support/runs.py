@@ -98,16 +98,6 @@ def sft_report(**fields) -> dict:
     return SFTReport.model_validate({**report, **fields}).model_dump(mode="json")
 
 
-def event_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] of every scalar in the TensorBoard event files under `logdir`, in the order written: what
-    a run in another process logged (`<run dir>/tensorboard/`)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every point, no sampling
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 def ev_report(algorithm: str, kl: float, sft_reward: float | None, aligned_reward: float | None,
               prompts: list[str], gold: bool = True) -> dict:
     """An evaluate report as the stage writes it (`edgerlhf.reports.EvalReport` as JSON data)."""
