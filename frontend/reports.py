@@ -84,9 +84,9 @@ def _diff(row: dict[str, Any], diff: Interval | None) -> None:
 
 
 def eval_rows(report: EvalReport | dict[str, Any] | None) -> list[dict[str, Any]]:
-    """SFT vs PPO per measure: reward, the validation reward model's score, gold score and the gold at equal length (no means: a difference
-    within length strata), response length, then the shares of responses that hit the length cap or came
-    out empty; means, difference, its interval. Rows whose fields an older report lacks are left out."""
+    """SFT vs PPO per measure: reward, the validation reward model's score, gold score and the gold at equal length
+    (no means: a difference within length strata), response length, then the shares of responses that hit the length
+    cap or came out empty; means, difference, its interval. Rows whose fields an older report lacks are left out."""
     report = parse(EvalReport, report)
     if report is None:
         return []

@@ -93,7 +93,7 @@ def interval_text(d: dict[str, float]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The suite's Markdown table: one row per run, then per gold and algorithm the seeds where it was learned. With
-    runs that had a validation reward model (`reward.validation`), two more columns: the proxy's and the validation
+    runs that had a validation reward model (`reward.validation`), three more columns: the proxy's and the validation
     model's aligned − SFT on the held-out answers, and the step of the policy kept (`ppo.keep_best`)."""
     validated = any(r.get("validation_reward_diff") for r in rows)
     lines = ["| gold | algorithm | seed | gold gain aligned − SFT | gain at equal length | length Δ (tokens) | KL | "

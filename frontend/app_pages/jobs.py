@@ -1,6 +1,7 @@
 """Jobs page: every job with its status, stage, step count and time left, progress, queue position, preset,
-alignment algorithm, round of RLHF (once a job has continued another) and duration, and once evaluated its result (reward and gold change with their readings, KL,
-from `JobSummary.result`: no report is fetched per job); cancel (with a confirmation), retry, delete.
+alignment algorithm, round of RLHF (once a job has continued another) and duration, and once evaluated its result
+(reward and gold change with their readings, KL, from `JobSummary.result`: no report is fetched per job); cancel
+(with a confirmation), retry, delete.
 
 The table refreshes itself every few seconds (a fragment), so a queued job is seen starting without
 reloading the page.
