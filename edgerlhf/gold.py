@@ -150,12 +150,17 @@ def you(prompt: str, response: str) -> float:
     return lexicon_rate(response, SECOND_PERSON)
 
 
-def question(prompt: str, response: str) -> float:
-    """1 when the answer ends by asking the user something (its last mark is "?"), else 0; `EMPTY_RATE` if empty."""
+def last_mark_is(response: str, mark: str) -> float:
+    """1 when the response's last mark, closing quotes and brackets aside, is `mark`, else 0; `EMPTY_RATE` if empty."""
     text = cut_at_stop(response).rstrip(_CLOSERS)
     if not text:
         return EMPTY_RATE
-    return float(text.endswith("?"))
+    return float(text.endswith(mark))
+
+
+def question(prompt: str, response: str) -> float:
+    """1 when the answer ends by asking the user something (its last mark is "?"), else 0; `EMPTY_RATE` if empty."""
+    return last_mark_is(response, "?")
 
 
 def starts_with_i(prompt: str, response: str) -> float:
@@ -182,10 +187,7 @@ def hedge(prompt: str, response: str) -> float:
 
 def exclaim(prompt: str, response: str) -> float:
     """1 when the answer ends with an exclamation (its last mark is "!"), else 0; `EMPTY_RATE` if empty."""
-    text = cut_at_stop(response).rstrip(_CLOSERS)
-    if not text:
-        return EMPTY_RATE
-    return float(text.endswith("!"))
+    return last_mark_is(response, "!")
 
 
 @dataclass(frozen=True)
