@@ -10,23 +10,14 @@ import torch
 from edgerlhf import reward
 from edgerlhf.context import RunContext
 from edgerlhf.data import read_prefs
-from edgerlhf.data import run as run_data
-from edgerlhf.models import load_reward_model, load_tokenizer, random_model
-from tests.support.tiny import REWARD_STUDY, tiny_config
+from edgerlhf.models import load_reward_model, load_tokenizer
+from tests.support.tiny import REWARD_STUDY, data_and_random_sft, tiny_config
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """data/ (gold labels) and an sft/merged random model, as the earlier stages leave them."""
-    config = tiny_config(REWARD_STUDY)
-    ctx = RunContext(tmp_path_factory.mktemp("reward-base"))
-    ctx.begin_stage("data")
-    run_data(config, ctx)
-    tokenizer = load_tokenizer(config.model.tokenizer)
-    model = random_model(config.model, tokenizer, seed=0)
-    model.save_pretrained(ctx.run_dir / "sft" / "merged")
-    tokenizer.save_pretrained(ctx.run_dir / "sft" / "merged")
-    return ctx.run_dir
+    return data_and_random_sft(tmp_path_factory.mktemp("reward-base"))
 
 
 def new_run(tmp_path, base_run):

@@ -19,9 +19,8 @@ from edgerlhf.config import ConfigError, load_config
 from edgerlhf.context import RunContext
 from edgerlhf.contract import ENSEMBLE_REWARD, ensemble_reward_dir, merge_overrides
 from edgerlhf.data import read_prefs
-from edgerlhf.data import run as run_data
 from edgerlhf.errors import MissingPrerequisite
-from tests.support.tiny import REWARD_STUDY, make_tiny_run, tiny_config
+from tests.support.tiny import REWARD_STUDY, data_and_random_sft, make_tiny_run, tiny_config
 
 # --- the conservative score -------------------------------------------------------------------------------
 
@@ -79,15 +78,7 @@ def test_the_ensemble_is_off_by_default():
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """data/ and an sft/merged random model, as the earlier stages leave them."""
-    config = tiny_config(REWARD_STUDY)
-    ctx = RunContext(tmp_path_factory.mktemp("ensemble-base"))
-    ctx.begin_stage("data")
-    run_data(config, ctx)
-    tokenizer = models.load_tokenizer(config.model.tokenizer)
-    model = models.random_model(config.model, tokenizer, seed=0)
-    model.save_pretrained(ctx.run_dir / "sft" / "merged")
-    tokenizer.save_pretrained(ctx.run_dir / "sft" / "merged")
-    return ctx.run_dir
+    return data_and_random_sft(tmp_path_factory.mktemp("ensemble-base"))
 
 
 def test_the_reward_stage_trains_the_extra_members_on_bootstrap_resamples(tmp_path, base_run, monkeypatch):

@@ -18,9 +18,8 @@ from edgerlhf.config import load_config
 from edgerlhf.context import RunContext
 from edgerlhf.contract import VALIDATION_REWARD, merge_overrides
 from edgerlhf.data import read_prefs
-from edgerlhf.data import run as run_data
 from edgerlhf.errors import MissingPrerequisite
-from tests.support.tiny import REWARD_STUDY, make_tiny_run, tiny_config
+from tests.support.tiny import REWARD_STUDY, data_and_random_sft, make_tiny_run, tiny_config
 
 # --- the reward stage ---------------------------------------------------------------------------------
 
@@ -39,15 +38,7 @@ def test_the_halves_are_disjoint_cover_every_pair_and_keep_a_prompts_pairs_toget
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """data/ (gold labels) and an sft/merged random model, as the earlier stages leave them."""
-    config = tiny_config(REWARD_STUDY)
-    ctx = RunContext(tmp_path_factory.mktemp("validation-base"))
-    ctx.begin_stage("data")
-    run_data(config, ctx)
-    tokenizer = models.load_tokenizer(config.model.tokenizer)
-    model = models.random_model(config.model, tokenizer, seed=0)
-    model.save_pretrained(ctx.run_dir / "sft" / "merged")
-    tokenizer.save_pretrained(ctx.run_dir / "sft" / "merged")
-    return ctx.run_dir
+    return data_and_random_sft(tmp_path_factory.mktemp("validation-base"))
 
 
 def test_the_reward_stage_trains_a_validation_model_on_the_other_half(tmp_path, base_run, monkeypatch):

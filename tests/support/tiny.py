@@ -206,6 +206,24 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
 """The ChatML template of Qwen and SmolLM2 chat models (their system-prompt defaults left out)."""
 
 
+def data_and_random_sft(run_dir: Path, config=None) -> Path:
+    """`run_dir` as the reward stage finds it: the data stage's files of `config` (default: the `REWARD_STUDY` budget,
+    gold labels) and a random model as `sft/merged`; for the reward stage's tests."""
+    from edgerlhf.context import RunContext
+    from edgerlhf.data import run as run_data
+    from edgerlhf.models import load_tokenizer, random_model
+
+    config = config or tiny_config(REWARD_STUDY)
+    ctx = RunContext(run_dir)
+    ctx.begin_stage("data")
+    run_data(config, ctx)
+    tokenizer = load_tokenizer(config.model.tokenizer)
+    model = random_model(config.model, tokenizer, seed=0)
+    model.save_pretrained(run_dir / SFT_MERGED)
+    tokenizer.save_pretrained(run_dir / SFT_MERGED)
+    return run_dir
+
+
 def chat_template_tokenizer(path: Path):
     """The GPT-2 tokenizer made a chat model's: ChatML's two special tokens added and its template set, saved
     to `path` (a `model.tokenizer` directory). Returns the tokenizer."""
