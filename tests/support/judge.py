@@ -46,15 +46,17 @@ def stand_in_judge(grade: Callable[[str], str], fail_first: int = 0, delay_s: fl
                 failing = len(judge.requests) <= judge.fail_first
             try:
                 time.sleep(judge.delay_s)
-                if self.path != "/v1/chat/completions" or failing:
-                    self._send(404 if not failing else 503, {"error": {"message": "unavailable"}})
-                    return
-                self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": judge.grade(answer)}}]})
             finally:
+                # Counted out before the reply is written: once the client has it, it may send its next request,
+                # which must not meet this one still counted.
                 with judge.lock:
                     judge.in_flight -= 1
+            if self.path != "/v1/chat/completions" or failing:
+                self._send(404 if not failing else 503, {"error": {"message": "unavailable"}})
+                return
+            self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": judge.grade(answer)}}]})
 
         def _send(self, status: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
