@@ -28,6 +28,8 @@ the evaluation reports the gold gain at equal length (`evaluate.stratified_diffe
     starts_with_i  1 if the answer opens with "I", else 0    an answer in the first person from its first word
     hedge      hedging words ("maybe", "might") / words      an answer that says how sure it is (held out)
     exclaim    1 if the answer ends with "!", else 0         an enthusiastic answer (held out)
+    negation   negating words ("not", "no", "never") / words   an answer that declines or contradicts (held out)
+    comma      commas / words                                an answer in longer, joined-up sentences (held out)
 
 The rates divide by `max(words, RATE_MIN_WORDS)`: a one-word answer cannot reach a rate of 1 ("Sure."
 counts as one positive word in five), so the degenerate way up, answering with one lexicon word, is closed
@@ -190,6 +192,24 @@ def exclaim(prompt: str, response: str) -> float:
     return last_mark_is(response, "!")
 
 
+# The second pair of held-out golds: written down on 2026-12-06, before any run on them, and chosen among nine
+# candidates by one criterion only: at least 200 labelled pairs kept on the `tiny` preset's data (the first pair
+# kept 98 and 25, too few for a reward model; README, "Held-out golds").
+
+NEGATION_WORDS = frozenset("not no never nothing cannot none nobody neither nor".split())
+"""`negation`: words that decline, deny or contradict ("don't" counts as "do not")."""
+
+
+def negation(prompt: str, response: str) -> float:
+    """Negating words per word: an answer that declines or contradicts ("I don't think so", "never")."""
+    return lexicon_rate(response, NEGATION_WORDS)
+
+
+def comma(prompt: str, response: str) -> float:
+    """Commas per word: an answer in longer sentences, with clauses joined rather than cut short."""
+    return lexicon_rate(response, {","})
+
+
 @dataclass(frozen=True)
 class Gold:
     """A gold scorer: the score of a response (higher is better) and when two scores are a tie."""
@@ -222,10 +242,12 @@ SCORERS: dict[str, Gold] = {
     "starts_with_i": Gold(starts_with_i, tie_margin=0.2),
     "hedge": Gold(hedge, tie_margin=RATE_TIE_MARGIN),
     "exclaim": Gold(exclaim, tie_margin=0.2),
+    "negation": Gold(negation, tie_margin=RATE_TIE_MARGIN),
+    "comma": Gold(comma, tie_margin=RATE_TIE_MARGIN),
 }
 """Gold scorers by name (`data.gold_scorer`)."""
 
-HELD_OUT_GOLDS = ("hedge", "exclaim")
+HELD_OUT_GOLDS = ("hedge", "exclaim", "negation", "comma")
 """Golds written down after the loop was built and not tuned on (README, "Held-out golds"): what it does on a
 preference it was not built around."""
 

@@ -69,6 +69,10 @@ def test_the_held_out_golds():
     assert gold.score("p", 'She said "wow!"', "exclaim") == 1.0  # closing quotes are not the last mark
     assert gold.score("p", "Wow! It is.", "exclaim") == 0.0
     assert gold.prefers("p", "Have fun!", "Have fun.", "exclaim") is True
+    assert gold.score("p", "I don't know, no.", "negation") == pytest.approx(2 / 7)  # "don't" is "do not"
+    assert gold.score("p", "Nothing? Never.", "negation") == pytest.approx(2 / 5)
+    assert gold.score("p", "Yes, of course, gladly.", "comma") == pytest.approx(2 / 7)
+    assert gold.prefers("p", "Well, it is red.", "Well it is red.", "comma") is True
     assert set(gold.HELD_OUT_GOLDS) <= set(gold.CONTENT_GOLDS)
 
 
