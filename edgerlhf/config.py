@@ -499,6 +499,12 @@ class PPOConfig:
     """Subtracted from the score of a sampled answer that ran into `response_length` without ending (PPO, GRPO,
     RLOO): the reward model scores a cut answer as if it were finished, so without it the policy can gain by
     rambling to the cap. The share of such answers is logged as `<algorithm>/cap_hit_rate`. 0 turns it off."""
+    length_control: bool = False
+    """PPO, GRPO, RLOO: learn from the scores less their linear trend on the answer's length in tokens, fitted over
+    each step's batch (least squares; the batch mean is kept), so that making answers longer or shorter earns
+    nothing in itself and only what the reward model scores at equal length is learned. The fitted slope, the score
+    per token of length, is logged as `<algorithm>/length_slope` whether or not it is removed: a reward model's
+    length preference on the policy's own answers. Off by default until it is measured (README, "Held-out golds")."""
     temperature: Annotated[float, Range(0.01, 10)] = 1.0
     """Sampling temperature (logits are divided by it before top-k and top-p); these sampling settings
     also draw the SFT and PPO probes and the evaluation's samples."""

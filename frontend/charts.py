@@ -119,11 +119,14 @@ ALGORITHM_MEASURES: dict[str, dict[str, Measure]] = {
 }
 """An algorithm's own reading of a metric name that `ALIGNMENT_MEASURES` reads otherwise (KTO's loss and KL)."""
 
-REWARD_MEASURES: dict[str, tuple[str, float | None]] = {
-    "reward_mean": ("reward", None), "reward_std": ("reward std", 0.0), "non_score_reward": ("KL penalty", None),
-    "returns_mean": ("mean return", None), "rlhf_reward_mean": ("reward − β · KL", None),
-    "ensemble_std_mean": ("reward ensemble disagreement (std)", 0.0)}
-"""The alignment metrics in the unit of what scored the rollouts (`reward_unit`): name -> (what, least value)."""
+REWARD_MEASURES: dict[str, tuple[str, float | None, str]] = {
+    "reward_mean": ("reward", None, ""), "reward_std": ("reward std", 0.0, ""),
+    "non_score_reward": ("KL penalty", None, ""), "returns_mean": ("mean return", None, ""),
+    "rlhf_reward_mean": ("reward − β · KL", None, ""),
+    "ensemble_std_mean": ("reward ensemble disagreement (std)", 0.0, ""),
+    "length_slope": ("reward per token of answer length", None, " per token")}
+"""The alignment metrics in the unit of what scored the rollouts (`reward_unit`): name -> (what, least value, what
+follows the unit)."""
 
 LM_MEASURES: dict[str, Measure] = {
     **_TRAINING,
@@ -177,9 +180,9 @@ def measure(feed: JobFeed | None, key: str) -> Measure:
         if name in ALGORITHM_MEASURES.get(namespace, {}):
             return ALGORITHM_MEASURES[namespace][name]
         if name in REWARD_MEASURES:
-            what, low = REWARD_MEASURES[name]
+            what, low, per = REWARD_MEASURES[name]
             ppo = config.get("ppo") or {}
-            return Measure(what, reward_unit(ppo.get("reward_function"), ppo.get("rewards")), low)
+            return Measure(what, reward_unit(ppo.get("reward_function"), ppo.get("rewards")) + per, low)
         if name.startswith("rewards/"):  # one stated term of `ppo.rewards`
             return Measure(f"reward term {name.removeprefix('rewards/')}", "its own scale")
         if name in ("gold_mean", "gold_std"):  # the known-answer task's gold of the rollouts
@@ -494,11 +497,12 @@ def keys_figure(feed: JobFeed, keys: list[str], title: str, stage: str | None = 
     return fig
 
 
-DIAGNOSTICS = ("response_length", "cap_hit_rate", "entropy", "clip_frac", "approx_kl", "ensemble_std_mean",
-               "tokens_per_s")
+DIAGNOSTICS = ("response_length", "length_slope", "cap_hit_rate", "entropy", "clip_frac", "approx_kl",
+               "ensemble_std_mean", "tokens_per_s")
 """The health signals of a sampling algorithm, in its namespace; those it does not log are left out (the reward
 ensemble's disagreement on the rollouts only with `reward.ensemble` > 1: growing, the policy is moving where the
-reward models were not trained)."""
+reward models were not trained; the reward's slope on answer length: far from 0, length alone earns reward, see
+`ppo.length_control`)."""
 DIAGNOSTIC_COLUMNS = 3
 
 

@@ -121,10 +121,22 @@ def sequence_kl(stats: RolloutStats, mask: torch.Tensor) -> torch.Tensor:
     return (stats.kl * mask).sum(1)
 
 
+def length_slope(scores: torch.Tensor, lengths: torch.Tensor) -> float:
+    """The least-squares slope (B,) -> float of `scores` on `lengths` over a batch: score per token of length; 0
+    where every length is the same."""
+    x = lengths.to(torch.float64) - lengths.to(torch.float64).mean()
+    spread = (x * x).sum()
+    return 0.0 if spread == 0 else ((x * scores.to(torch.float64)).sum() / spread).item()
+
+
 def training_scores(scores: torch.Tensor, rollouts: Rollouts, cfg) -> torch.Tensor:
-    """The scores (B,) a step learns from: the reward model's, minus `cfg.missing_eos_penalty` for an answer cut
-    at the cap, which the reward model scored as if it had ended (the missing-EOS penalty of TRL's PPO and RLOO
-    recipes, `missing_eos_penalty`)."""
+    """The scores (B,) a step learns from: the reward model's, less their linear trend on length with
+    `cfg.length_control` (`length_slope`, about the batch's mean length), minus `cfg.missing_eos_penalty` for an
+    answer cut at the cap, which the reward model scored as if it had ended (the missing-EOS penalty of TRL's PPO
+    and RLOO recipes)."""
+    if cfg.length_control:
+        lengths = rollouts.response_mask.sum(1).to(scores.dtype)  # (B,)
+        scores = scores - length_slope(scores, lengths) * (lengths - lengths.mean())
     return scores - cfg.missing_eos_penalty * rollouts.capped.to(scores.dtype)
 
 
@@ -192,6 +204,7 @@ def step_metrics(algorithm: str, scores: torch.Tensor, rollouts: Rollouts, stats
         "kl": sequence_kl(stats, b_mask).mean().item(),
         "entropy": masked_mean(stats.entropy, b_mask).item(),
         "response_length": b_mask.sum(1).mean().item(),
+        "length_slope": length_slope(scores, b_mask.sum(1)),
         "cap_hit_rate": rollouts.capped.float().mean().item(),
         "tokens_per_s": b_mask.sum().item() / elapsed,
         "generation_s": t_gen,

@@ -276,12 +276,32 @@ def test_an_answer_cut_at_the_cap_is_flagged_logged_and_penalised(run_dir, algor
     assert torch.equal(rollouts.capped.cpu(), capped) and 0 < capped.sum() < 8, capped  # some cut, some ended
     assert metrics[f"{algorithm}/cap_hit_rate"] == pytest.approx(capped.float().mean().item())
     assert metrics[f"{algorithm}/reward_mean"] == 1.0  # the reward model's (here the function's) own scores
+    assert metrics[f"{algorithm}/length_slope"] == 0.0  # every length scores alike
     learned = rollout.training_scores(scores, rollouts, config.ppo)
     torch.testing.assert_close(learned, 1.0 - penalty * capped.float())
     if algorithm == "grpo":
         assert metrics["grpo/advantage_abs_mean"] == pytest.approx(grpo.group_advantages(learned, 4).abs().mean().item())
     if algorithm == "rloo":  # the first step's policy is the reference: no KL penalty
         assert metrics["rloo/rlhf_reward_mean"] == pytest.approx(learned.mean().item())
+
+
+def test_length_control_learns_the_scores_at_equal_length():
+    """`ppo.length_control`: the batch's linear trend of score on length is removed, about its mean length, so a
+    longer answer earns nothing for its length; answers of one length keep their differences, the batch its mean."""
+    from types import SimpleNamespace
+
+    lengths = torch.tensor([2, 2, 5, 5, 9, 9, 12, 12])
+    quality = torch.tensor([0.3, -0.3, 0.5, -0.5, 0.2, -0.2, 0.1, -0.1])  # no trend on length
+    scores = 0.25 * lengths + quality
+    rollouts = SimpleNamespace(response_mask=torch.arange(12) < lengths[:, None], capped=torch.zeros(8, dtype=torch.bool))
+    assert rollout.length_slope(scores, lengths) == pytest.approx(0.25)
+    cfg = algorithm_config("grpo", length_control=True, missing_eos_penalty=0.0).ppo
+    learned = rollout.training_scores(scores, rollouts, cfg)
+    assert rollout.length_slope(learned, lengths) == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(learned[::2] - learned[1::2], quality[::2] - quality[1::2])
+    assert learned.mean().item() == pytest.approx(scores.mean().item())
+    cfg.length_control = False
+    torch.testing.assert_close(rollout.training_scores(scores, rollouts, cfg), scores)
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "rloo"])

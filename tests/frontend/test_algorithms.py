@@ -110,6 +110,15 @@ def test_a_reward_ensembles_disagreement_is_a_diagnostic_in_the_reward_models_un
         "rloo/entropy"]  # one reward model: no such panel
 
 
+def test_the_rewards_slope_on_length_is_a_diagnostic_per_token_of_the_reward():
+    grpo = feed_of(1, "grpo", {"grpo/response_length": [9.0, 8.0], "grpo/length_slope": [0.01, -0.04]},
+                   ppo={"rewards": [{"kind": "length", "target": 20}, {"kind": "reward_model"}]})
+    diag = charts.diagnostics_figure(grpo)
+    assert {t.name: list(t.y) for t in diag.data} == {"grpo/response_length": [9.0, 8.0],
+                                                      "grpo/length_slope": [0.01, -0.04]}
+    assert charts.measure(grpo, "grpo/length_slope").unit == "weighted sum of 2 terms per token"
+
+
 def test_compare_overlays_a_metric_by_name_across_algorithms_on_steps_or_samples():
     feeds = {"#1 a": feed_of(1, "ppo", {"ppo/reward_mean": [0.1, 0.2, 0.3], "sft/eval_loss": [2.0]},
                              ppo={"batch_size": 8, "samples_per_prompt": 1}),
