@@ -39,14 +39,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from edgerlhf.align.offline import CHECKPOINT_DIR, add_answer_logprob_head, eval_renames, run_trainer
+from edgerlhf.align.offline import (CHECKPOINT_DIR, add_answer_logprob_head, assemble_trainer, eval_renames,
+                                    run_trainer)
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.contract import KL_CHUNK, TEST_PREFS, TRAIN_PREFS
 from edgerlhf.data import read_prefs
 from edgerlhf.dialogue import PromptFormat
-from edgerlhf.models import head_logits, lora_config, trainer_arguments, upcast_trainable
-from edgerlhf.oom import MicroBatch, SplitPairsOnOutOfMemory, planner_hint
+from edgerlhf.models import head_logits, trainer_arguments
+from edgerlhf.oom import SplitPairsOnOutOfMemory
 from edgerlhf.reports import PPOReport
 
 ALGORITHM = "dpo"
@@ -143,23 +144,16 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
     """TRL's DPOTrainer with a fresh LoRA policy on `model` (sft/merged); the reference is the adapter disabled
     unless a `ref_model` is given (tests pass a second copy to see the one-copy check fail). `trainer_class`
     replaces the stage's trainer class (the bench passes TRL's own)."""
-    from transformers import PrinterCallback
     from trl import DPOConfig
 
     cfg = config.dpo
     args = DPOConfig(**trainer_arguments(cfg, config.seed, device, ctx.run_dir / CHECKPOINT_DIR,
                                          beta=cfg.beta, loss_type=[cfg.loss_type], logging_steps=1,
                                          save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=1))
-    lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, config.sft.target_modules)
-    trainer = (trainer_class or _trainer_class())(
-        model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=lora,
-        callbacks=list(callbacks),
-        train_dataset=preference_dataset(ctx.run_dir / TRAIN_PREFS, tokenizer, cfg.max_length),
-        eval_dataset=preference_dataset(ctx.run_dir / TEST_PREFS, tokenizer, cfg.max_length))
-    trainer.remove_callback(PrinterCallback)  # metrics go through the context, not print()
-    upcast_trainable(trainer.model)  # the LoRA trains in fp32 whatever the base's dtype, as in every stage
-    trainer.micro = MicroBatch(cfg.batch_size, "dpo", ctx, device, planner_hint=lambda: planner_hint(config, "ppo"))
-    return trainer
+    return assemble_trainer(trainer_class or _trainer_class(), "dpo", config, ctx, model, tokenizer, device, args,
+                            preference_dataset(ctx.run_dir / TRAIN_PREFS, tokenizer, cfg.max_length),
+                            preference_dataset(ctx.run_dir / TEST_PREFS, tokenizer, cfg.max_length),
+                            callbacks, ref_model)
 
 
 _TRAINING = {"loss": "loss", "rewards/accuracies": "accuracy", "rewards/margins": "margin", "kl": "kl",

@@ -41,14 +41,15 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from edgerlhf.align.offline import CHECKPOINT_DIR, add_answer_logprob_head, eval_renames, run_trainer
+from edgerlhf.align.offline import (CHECKPOINT_DIR, add_answer_logprob_head, assemble_trainer, eval_renames,
+                                    run_trainer)
 from edgerlhf.config import PipelineConfig
 from edgerlhf.context import RunContext
 from edgerlhf.data import unpaired
 from edgerlhf.dialogue import PromptFormat
 from edgerlhf.formats import DataError
-from edgerlhf.models import lora_config, trainer_arguments, upcast_trainable
-from edgerlhf.oom import MicroBatch, SplitOnOutOfMemory, planner_hint
+from edgerlhf.models import trainer_arguments
+from edgerlhf.oom import SplitOnOutOfMemory
 from edgerlhf.reports import PPOReport
 
 ALGORITHM = "kto"
@@ -144,7 +145,6 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
     """TRL's KTOTrainer with a fresh LoRA policy on `model` (sft/merged) and the run's unpaired examples
     (`data.unpaired`); the reference is the adapter disabled unless a `ref_model` is given (tests pass a second copy
     to see the one-copy check fail). `trainer_class` replaces the stage's trainer class (the bench passes TRL's own)."""
-    from transformers import PrinterCallback
     from trl import KTOConfig
 
     cfg = config.kto
@@ -162,16 +162,11 @@ def build_trainer(config: PipelineConfig, ctx: RunContext, model, tokenizer, dev
                                          undesirable_weight=cfg.undesirable_weight, logging_steps=1,
                                          save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=1,
                                          **({} if test else {"eval_strategy": "no"})))
-    lora = lora_config(model, cfg.lora_r, cfg.lora_alpha, config.sft.target_modules)
-    trainer = (trainer_class or _trainer_class())(
-        model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=lora,
-        callbacks=list(callbacks),
-        train_dataset=unpaired_dataset(train, tokenizer, cfg.max_length, cfg.batch_size, config.seed),
-        eval_dataset=unpaired_dataset(test, tokenizer, cfg.max_length, cfg.batch_size, config.seed) if test else None)
-    trainer.remove_callback(PrinterCallback)  # metrics go through the context, not print()
-    upcast_trainable(trainer.model)  # the LoRA trains in fp32 whatever the base's dtype, as in every stage
-    trainer.micro = MicroBatch(cfg.batch_size, "kto", ctx, device, planner_hint=lambda: planner_hint(config, "ppo"))
-    return trainer
+    def dataset(rows: list[dict]):
+        return unpaired_dataset(rows, tokenizer, cfg.max_length, cfg.batch_size, config.seed) if rows else None
+
+    return assemble_trainer(trainer_class or _trainer_class(), "kto", config, ctx, model, tokenizer, device, args,
+                            dataset(train), dataset(test), callbacks, ref_model)
 
 
 _TRAINING = {"loss": "loss", "kl": "kl", "rewards/chosen": "chosen_reward", "rewards/rejected": "rejected_reward",

@@ -39,7 +39,8 @@ from edgerlhf.data import prompts
 from edgerlhf.errors import require
 from edgerlhf.generation import sample_probes
 from edgerlhf.models import (compute_dtype, dtype_name, head_logits, load_causal_lm, load_tokenizer, logit_transform,
-                             resolve_device, transform_logits)
+                             lora_config, resolve_device, transform_logits, upcast_trainable)
+from edgerlhf.oom import MicroBatch, planner_hint
 from edgerlhf.reports import PPOReport
 
 CHECKPOINT_DIR = "ppo/checkpoint"
@@ -204,6 +205,24 @@ def save_adapter(path: Path, trainer) -> None:
     (under any adapter name: `models.load_policy`, `policy.build_models`). A PPO run's value head is not left behind."""
     shutil.rmtree(path, ignore_errors=True)
     trainer.model.save_pretrained(str(path))
+
+
+def assemble_trainer(trainer_class, algorithm: str, config: PipelineConfig, ctx: RunContext, model, tokenizer,
+                     device, args, train_dataset, eval_dataset, callbacks=(), ref_model=None):
+    """`trainer_class` (TRL's trainer, or the stage's subclass of it) on `model` with a fresh LoRA policy from the
+    algorithm's section (`lora_r`, `lora_alpha`, on `sft.target_modules`), set up alike for every offline
+    algorithm: metrics through the context rather than print(), the LoRA in fp32, and out-of-memory halving of the
+    section's `batch_size`."""
+    from transformers import PrinterCallback
+
+    cfg = getattr(config, algorithm)
+    trainer = trainer_class(model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
+                            peft_config=lora_config(model, cfg.lora_r, cfg.lora_alpha, config.sft.target_modules),
+                            callbacks=list(callbacks), train_dataset=train_dataset, eval_dataset=eval_dataset)
+    trainer.remove_callback(PrinterCallback)  # metrics go through the context, not print()
+    upcast_trainable(trainer.model)  # the LoRA trains in fp32 whatever the base's dtype, as in every stage
+    trainer.micro = MicroBatch(cfg.batch_size, algorithm, ctx, device, planner_hint=lambda: planner_hint(config, "ppo"))
+    return trainer
 
 
 # --- reporting ------------------------------------------------------------------------------------

@@ -293,7 +293,8 @@ def test_length_control_learns_the_scores_at_equal_length():
     lengths = torch.tensor([2, 2, 5, 5, 9, 9, 12, 12])
     quality = torch.tensor([0.3, -0.3, 0.5, -0.5, 0.2, -0.2, 0.1, -0.1])  # no trend on length
     scores = 0.25 * lengths + quality
-    rollouts = SimpleNamespace(response_mask=torch.arange(12) < lengths[:, None], capped=torch.zeros(8, dtype=torch.bool))
+    rollouts = SimpleNamespace(response_mask=torch.arange(12) < lengths[:, None],  # what training_scores reads
+                               capped=torch.zeros(8, dtype=torch.bool))
     assert rollout.length_slope(scores, lengths) == pytest.approx(0.25)
     cfg = algorithm_config("grpo", length_control=True, missing_eos_penalty=0.0).ppo
     learned = rollout.training_scores(scores, rollouts, cfg)
