@@ -215,7 +215,7 @@ def assemble_trainer(trainer_class, algorithm: str, config: PipelineConfig, ctx:
     section's `batch_size`."""
     from transformers import PrinterCallback
 
-    cfg = getattr(config, algorithm)
+    cfg = getattr(config, algorithm_traits(algorithm).section)
     trainer = trainer_class(model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
                             peft_config=lora_config(model, cfg.lora_r, cfg.lora_alpha, config.sft.target_modules),
                             callbacks=list(callbacks), train_dataset=train_dataset, eval_dataset=eval_dataset)
