@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from edgerlhf.contract import ALGORITHMS, PRECISIONS, REWARD_POOLINGS, STAGES, algorithm_traits, merge_overrides
+from edgerlhf.contract import (ALGORITHMS, ENSEMBLE_SCORES, KEEP_BEST, PRECISIONS, REWARD_POOLINGS, STAGES,
+                               algorithm_traits, merge_overrides)
 from edgerlhf.locations import absolute_local_paths
 
 LOCATION_FIELDS = (("model", "name_or_path"), ("model", "tokenizer"), ("data", "source"), ("data", "votes_file"),
@@ -603,13 +604,6 @@ class PPOConfig:
             raise ConfigError("ppo.reward_precision", f"unknown precision {self.reward_precision!r}")
         if self.keep_best not in KEEP_BEST:
             raise ConfigError("ppo.keep_best", f"must be one of {list(KEEP_BEST)}, got {self.keep_best!r}")
-
-
-ENSEMBLE_SCORES = ("mean_minus_std", "min")
-"""The values of `ppo.ensemble_score`."""
-
-KEEP_BEST = ("none", "validation", "gold", "auto")
-"""The values of `ppo.keep_best`."""
 
 
 def independent_gold(config: PipelineConfig) -> str | None:

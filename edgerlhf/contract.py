@@ -84,6 +84,12 @@ property of one place, such as the closing mark, and one spread over the answer,
 poorly from the last position, and how it ends; one position each, nothing a policy can add up by repeating
 words)."""
 
+ENSEMBLE_SCORES = ("mean_minus_std", "min")
+"""The values of `ppo.ensemble_score` (the dashboard's choices too)."""
+
+KEEP_BEST = ("none", "validation", "gold", "auto")
+"""The values of `ppo.keep_best` (the dashboard's choices too)."""
+
 # --- sizes the planner mirrors: the stages (which import torch) and the planner (which must not) read these --
 
 SCORE_BATCH = 32

@@ -16,6 +16,9 @@ backend makes it that section's source).
 
 The alignment algorithm (`algorithm`: PPO, GRPO, RLOO, DPO or KTO) decides which settings follow: the sampling
 algorithms' (`ppo.*`, shared by PPO, GRPO and RLOO; a few PPO's own), DPO's (`dpo.*`) or KTO's (`kto.*`).
+The defences against reward hacking (README, "Seeing reward hacking") have fields too: the validation reward
+model and the ensemble under Reward model, the best policy, early stop, the ensemble's score and length control
+under the sampling algorithms' section.
 
 Below the fields, the memory plan (`POST /api/plan`, `edgerlhf.plan`) follows every change: each stage's
 planned peak, whether it fits the GPU the job would be checked against, what dominates, and for a stage
@@ -31,7 +34,7 @@ from typing import Any
 
 import streamlit as st
 
-from edgerlhf.contract import ALGORITHM_TABLE, ALGORITHMS, PRECISIONS, STAGES, merge_overrides
+from edgerlhf.contract import ALGORITHM_TABLE, ALGORITHMS, ENSEMBLE_SCORES, KEEP_BEST, PRECISIONS, STAGES, merge_overrides
 from frontend import arena, datasets, reports, rewards_builder, ui
 from frontend.api_client import ApiClient, ApiError, BackendDown, get_client
 
@@ -61,6 +64,8 @@ FIELDS: list[tuple[str, str, str, list[str] | None]] = [
     ("Reward model", "reward.learning_rate", "Reward learning rate", None),
     ("Reward model", "reward.batch_size", "Reward batch size", None),
     ("Reward model", "reward.gradient_checkpointing", "Reward gradient checkpointing", None),
+    ("Reward model", "reward.validation", "Validation reward model (second opinion, half the pairs)", None),
+    ("Reward model", "reward.ensemble", "Reward models in an ensemble (1: none)", None),
     ("PPO", "ppo.steps", "PPO steps", None),
     ("PPO", "ppo.batch_size", "PPO rollout batch size", None),
     ("PPO", "ppo.mini_batch_size", "PPO minibatch size", None),
@@ -73,6 +78,11 @@ FIELDS: list[tuple[str, str, str, list[str] | None]] = [
     ("PPO", "ppo.reward_precision", "Reward model scoring PPO", list(PRECISIONS)),
     ("PPO", "ppo.sample_every", "Log samples every N steps", None),
     ("PPO", "ppo.gradient_checkpointing", "Gradient checkpointing in the updates", None),
+    ("PPO", "ppo.keep_best", "Keep the best policy by", list(KEEP_BEST)),
+    ("PPO", "ppo.early_stop_patience", "Stop after N weighings without improvement (0: off)", None),
+    ("PPO", "ppo.ensemble_score", "Score of the reward ensemble", list(ENSEMBLE_SCORES)),
+    ("PPO", "ppo.ensemble_penalty", "Ensemble disagreement penalty (lambda)", None),
+    ("PPO", "ppo.length_control", "Length control (remove the score's length trend)", None),
     ("DPO", "dpo.beta", "DPO beta", None),
     ("DPO", "dpo.loss_type", "DPO loss", ["sigmoid", "ipo", "hinge"]),
     ("DPO", "dpo.max_steps", "DPO steps", None),

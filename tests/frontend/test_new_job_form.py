@@ -7,7 +7,9 @@ SQLite file:
   what has no field into the extra overrides), after which the job launches without the override;
 - a field the config derives when left empty says what it becomes (GRPO's group size: "auto (4)", not "none");
 - `?clone=<job id>` fills the form from that job (once per arrival: the parameter is then dropped), and launching it
-  unchanged queues the same configuration.
+  unchanged queues the same configuration;
+- the defences against reward hacking (validation model, ensemble, best policy, early stop, length control) have
+  fields: a best policy by a validation model the run lacks is refused under its field, and set together they launch.
 """
 
 from __future__ import annotations
@@ -146,3 +148,24 @@ def test_auto_fields_say_what_empty_becomes_and_a_clone_launches_the_same_config
     assert not at.exception, at.exception
     assert at.text_input(key="nj_name").value == "grpo-original (copy)" and "clone" not in at.query_params
     assert at.number_input(key="nj:tiny:ppo.steps").value == 3
+
+
+def test_the_reward_hacking_defences_have_fields_and_launch_as_set(backend, dashboard_env):
+    at = new_job_page(backend, dashboard_env)
+    at.selectbox(key="nj:tiny:ppo.keep_best").set_value("validation").run()
+    launch(at)  # the best policy by a validation model the run does not train: refused, said under the field
+    assert jobs(backend) == []
+    under = after(at, "nj:tiny:ppo.keep_best")
+    assert under.type in ("alert", "error") and "reward.validation" in under.value, under
+
+    at.checkbox(key="nj:tiny:reward.validation").check()
+    at.number_input(key="nj:tiny:reward.ensemble").set_value(3)
+    at.selectbox(key="nj:tiny:ppo.ensemble_score").set_value("min")
+    at.number_input(key="nj:tiny:ppo.early_stop_patience").set_value(2)
+    at.checkbox(key="nj:tiny:ppo.length_control").check()
+    launch(at)
+    (item,) = jobs(backend)
+    config = httpx.get(f"{backend.url}/api/jobs/{item['id']}", timeout=30).json()["config"]
+    assert (config["reward"]["validation"], config["reward"]["ensemble"]) == (True, 3)
+    assert {k: config["ppo"][k] for k in ("keep_best", "ensemble_score", "early_stop_patience", "length_control")} == \
+        {"keep_best": "validation", "ensemble_score": "min", "early_stop_patience": 2, "length_control": True}
