@@ -4,6 +4,7 @@ algorithms, one table.
     python -m edgerlhf.lab.known_answer --seeds 0 1 2                   # every gold, PPO, the `tiny` preset
     edgerlhf known-answer --golds you question --seeds 0 --threads 1 --out known-answer.json
     edgerlhf known-answer --golds question --seeds 0 --algorithms ppo grpo rloo dpo
+    edgerlhf known-answer --compare plain.json defended.json     # does a setting help? per gold, runs nothing
 
 Each (gold, seed) is one whole `tiny` pipeline run (data -> warm-up + sft -> reward -> alignment -> evaluate)
 with `data.gold_scorer` and `seed` set, a bf16 reward model only (the precision study is the CI test's), in
@@ -119,6 +120,38 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_key(r: dict[str, Any]) -> tuple[str, int, str]:
+    return r["gold"], r["seed"], r.get("algorithm", "ppo")
+
+
+def compare(base: list[dict[str, Any]], other: list[dict[str, Any]]) -> str:
+    """Two sets of rows of the same runs but one setting (e.g. without and with a defence), per gold over the runs
+    both have (same gold, seed and algorithm), judged by the README's rule for the held-out golds: the setting
+    *helps* a gold when it learns it in more runs than `base`, or in as many at a higher mean decisive gain (at equal
+    length for a gold about content, the plain gain for one about length); otherwise it does not help."""
+    theirs = {run_key(r): r for r in other}
+    lines = ["| gold | runs | learned: base → other | mean decisive gain: base → other | learned by algorithm "
+             "| verdict |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name in dict.fromkeys(r["gold"] for r in base):
+        pairs = [(r, theirs[run_key(r)]) for r in base if r["gold"] == name and run_key(r) in theirs]
+        if not pairs:
+            continue
+        decisive = "gold_diff_equal_length" if pairs[0][0]["content"] else "gold_diff"
+        learned = [sum(r["learned"] for r in side) for side in zip(*pairs)]
+        gains = [sum(r[decisive]["mean"] for r in side) / len(pairs) for side in zip(*pairs)]
+        helps = learned[1] > learned[0] or (learned[1] == learned[0] and gains[1] > gains[0])
+        by_algorithm = ", ".join(
+            f"{algorithm} {sum(b['learned'] for b, _ in runs)} → {sum(o['learned'] for _, o in runs)}"
+            for algorithm in dict.fromkeys(run_key(b)[2] for b, _ in pairs)
+            for runs in [[(b, o) for b, o in pairs if run_key(b)[2] == algorithm]])
+        lines.append(f"| {name} | {len(pairs)} | {learned[0]} → {learned[1]} | {gains[0]:+.4f} → {gains[1]:+.4f} | "
+                     f"{by_algorithm} | {'helps' if helps else 'does not help'} |")
+    if len(lines) == 2:
+        raise ValueError("the two files have no run in common (same gold, seed and algorithm)")
+    return "\n".join(lines) + "\n"
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every suite of runs takes (this one, `edgerlhf.lab.verifiable`): where the runs go, the rows
     file, resuming, threads and overrides of every run."""
@@ -185,8 +218,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--algorithms", nargs="+", default=["ppo"], choices=list(ALGORITHMS),
                         help="alignment algorithms, each on the same data, SFT and reward model (default: ppo)")
+    parser.add_argument("--compare", nargs=2, metavar=("BASE", "OTHER"),
+                        help="run nothing: compare two --out files of the same runs but one setting, per gold "
+                             "(learned runs, mean gain, whether OTHER helps by the README's rule)")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
+    if args.compare:
+        try:
+            print(compare(*(json.loads(Path(f).read_text()) for f in args.compare)))
+        except (OSError, ValueError) as exc:
+            print(f"edgerlhf known-answer: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         overrides, root, done = start_runs(args, "edgerlhf known-answer")
     except ValueError as exc:

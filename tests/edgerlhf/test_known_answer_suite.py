@@ -111,3 +111,37 @@ def test_the_verifiable_task_asks_in_wordings_sft_never_saw_and_its_command_refu
         assert (parts["correct"][0], parts["format"][0]) == (correct, fmt), answer
     assert cli.DISPATCH["verifiable"] == "edgerlhf.lab.verifiable:main"
     assert verifiable.main(["--set", "ppo.steps=0"]) == 2 and verifiable.main(["--resume"]) == 2
+
+
+def test_compare_judges_a_setting_per_gold_by_the_readmes_rule(tmp_path, capsys):
+    """More runs learned helps; as many at a higher mean gain helps; fewer does not, whatever the gain; only the runs
+    both files have are compared."""
+    def ran(gold, seed, algorithm, gain, learned, content=True):
+        r = {**row(gold, seed, content, 0.01 if learned else -0.01, learned), "algorithm": algorithm}
+        r["gold_diff_equal_length" if content else "gold_diff"]["mean"] = gain
+        return r
+
+    base = [ran("comma", 0, "ppo", 0.02, True), ran("comma", 0, "grpo", 0.01, False),
+            ran("negation", 0, "ppo", 0.004, True), ran("negation", 1, "ppo", 0.001, False),
+            ran("concise", 0, "ppo", -0.10, True, content=False), ran("you", 0, "ppo", 0.05, True)]
+    other = [ran("comma", 0, "ppo", 0.01, True), ran("comma", 0, "grpo", 0.005, True),  # one more learned
+             ran("negation", 0, "ppo", 0.010, True), ran("negation", 1, "ppo", 0.002, False),  # as many, higher
+             ran("concise", 0, "ppo", 0.30, False, content=False),  # fewer learned
+             ran("positive", 0, "ppo", 0.5, True)]  # not in base: not compared
+    lines = known_answer.compare(base, other).splitlines()
+    assert lines[0].startswith("| gold | runs | learned: base → other |")
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines[2:]}
+    assert set(rows) == {"comma", "negation", "concise"}, rows
+    assert rows["comma"] == "| comma | 2 | 1 → 2 | +0.0150 → +0.0075 | ppo 1 → 1, grpo 0 → 1 | helps |"
+    assert "| 1 → 1 | +0.0025 → +0.0060 | ppo 1 → 1 | helps |" in rows["negation"]
+    assert rows["concise"].endswith("| 1 → 0 | -0.1000 → +0.3000 | ppo 1 → 0 | does not help |")
+
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert known_answer.main(["--compare", str(tmp_path / "base.json"), str(tmp_path / "other.json")]) == 0
+    assert "| comma | 2 | 1 → 2 |" in capsys.readouterr().out
+    assert known_answer.main(["--compare", str(tmp_path / "base.json"), str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    (tmp_path / "apart.json").write_text(json.dumps([ran("hedge", 0, "ppo", 0.0, False)]))
+    assert known_answer.main(["--compare", str(tmp_path / "base.json"), str(tmp_path / "apart.json")]) == 2
+    assert "no run in common" in capsys.readouterr().err
