@@ -390,11 +390,15 @@ class RewardConfig:
     first token's score plus its last's: how the answer opens and how it ends)."""
     validation: bool = False
     """Also train a validation reward model (`reward/validation/`), an independent second opinion on the sampling
-    algorithms' rollouts: the training pairs are split in two halves by prompt, the main reward model (each
-    precision) trains on one half and the validation model on the other, so with this on the main reward model
-    sees only half the pairs. The alignment stage scores every step's rollouts with it without training on it
-    (`<algorithm>/validation_reward_mean`): a proxy reward that climbs while the validation reward does not is
-    reward hacking (README, "Seeing reward hacking")."""
+    algorithms' rollouts: the training pairs are split in two parts by prompt, the validation model trains on
+    `validation_share` of them and the main reward model (each precision) on the rest, so with this on the main
+    reward model sees only the rest of the pairs. The alignment stage scores every step's rollouts with it without
+    training on it (`<algorithm>/validation_reward_mean`): a proxy reward that climbs while the validation reward does
+    not is reward hacking (README, "Seeing reward hacking")."""
+    validation_share: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.5
+    """With `validation`: the share of the training pairs (whole prompts, so about) the validation model trains on;
+    the main reward model keeps the rest. Lower keeps more pairs for the reward model the policy trains against, at a
+    weaker second opinion (README, "Held-out golds": with half, the proxy's accuracy fell)."""
     ensemble: Annotated[int, Range(1, 16)] = 1
     """Reward models in an ensemble (1: none). With k >= 2 the stage also trains k - 1 more reward models
     (`reward/ensemble/<i>/`), each on a bootstrap resample of the main model's training pairs and from its own seed,

@@ -234,8 +234,9 @@ def reward_dir(precision: str) -> str:
 
 VALIDATION_REWARD = "reward/validation"
 """The validation reward model (`reward.validation`), relative to a run directory: the files of a `reward_dir`, trained
-on the other half of the training pairs in `network_precision`, and loaded by the sampling algorithms as one more
-frozen adapter on their one network to score the rollouts beside the reward model they train against."""
+on its share of the training pairs (`reward.validation_share`) in `network_precision`, and loaded by the sampling
+algorithms as one more frozen adapter on their one network to score the rollouts beside the reward model they train
+against."""
 
 
 ENSEMBLE_REWARD = "reward/ensemble"

@@ -224,11 +224,11 @@ class PrecisionResult(Part):
 
 
 class ValidationResult(PrecisionResult):
-    """The validation reward model (`reward.validation`): trained on the other half of the training pairs, in the
+    """The validation reward model (`reward.validation`): trained on its share of the training pairs, in the
     precision of the alignment stage's network, and evaluated on the same test pairs as the main models."""
 
     train_pairs: int
-    """Training pairs it learned from (the half the main models did not see)."""
+    """Training pairs it learned from (`reward.validation_share` of them, which the main models did not see)."""
     main_precision: str
     """The main reward model it is compared with: the one the alignment stage trains against."""
     spearman_vs_main: float | None
@@ -262,7 +262,8 @@ class RewardReport(Report):
     precisions: dict[str, PrecisionResult]
     """The precision study, by precision."""
     validation: ValidationResult | None = None
-    """With `reward.validation`: the validation reward model, trained on the other half of the pairs."""
+    """With `reward.validation`: the validation reward model, trained on its share of the pairs (the main ones on the
+    rest)."""
     ensemble: list[EnsembleMember] = []
     """With `reward.ensemble` >= 2: the ensemble's extra members, 1 to k - 1 (member 0 is the main reward model)."""
     note: str

@@ -28,12 +28,13 @@ responses (`normalize_saved`); the margins in the study are in those units.
 
 With `reward.validation` the stage also trains a validation reward model, the independent second opinion the
 alignment stage scores its rollouts with (Gao et al. 2022 measure over-optimisation against a second, "gold" reward
-model the policy never trains against): the training pairs are split in two halves by prompt (`split_halves`), the
-main reward model of every precision trains on one half and the validation model on the other, so **with
-validation on, the main reward model sees half the pairs**. The validation model is trained in the precision of the
-alignment stage's one network (`contract.network_precision`: bf16 unless `ppo.quantized_policy`), where it rides as one
-more frozen adapter, and saved in `reward/validation/` in the same format; the report gives its held-out accuracy
-beside the main models' (`RewardReport.validation`) and the rank correlation of the two on the test pairs.
+model the policy never trains against): the training pairs are split in two parts by prompt (`split_for_validation`),
+`reward.validation_share` of them (half by default) for the validation model and the rest for the main reward model of
+every precision, so **with validation on, the main reward model sees only the rest of the pairs**. The validation
+model is trained in the precision of the alignment stage's one network (`contract.network_precision`: bf16 unless
+`ppo.quantized_policy`), where it rides as one more frozen adapter, and saved in `reward/validation/` in the same
+format; the report gives its held-out accuracy beside the main models' (`RewardReport.validation`) and the rank
+correlation of the two on the test pairs.
 
 With `reward.ensemble` = k >= 2 the stage also trains k - 1 more reward models, the extra members of an ensemble
 whose conservative score the sampling algorithms train against (Coste et al. 2023, "Reward Model Ensembles Help
@@ -108,11 +109,12 @@ def preference_collator(pad_token_id: int):
     return WithResponseMask(pad_token_id=pad_token_id)
 
 
-def split_halves(pairs: list[dict], seed: int) -> tuple[list[int], list[int]]:
-    """Indices of `pairs` in two halves, (main, validation), for `reward.validation`: disjoint, together every pair,
-    and split by prompt (every pair of a prompt on one side, like the train/test split, so the validation model
-    never saw a prompt, nor an answer to it, that the main model learned from). Prompts go in a seeded random order
-    to the half with fewer pairs so far; each half keeps the pairs' file order."""
+def split_for_validation(pairs: list[dict], seed: int, share: float = 0.5) -> tuple[list[int], list[int]]:
+    """Indices of `pairs` in two parts, (main, validation), for `reward.validation`: disjoint, together every pair,
+    `share` of them (about: whole prompts) for the validation model, and split by prompt (every pair of a prompt on
+    one side, like the train/test split, so the validation model never saw a prompt, nor an answer to it, that the
+    main model learned from). Prompts go in a seeded random order to the validation part while it holds less than
+    `share` of the pairs placed so far, else to the main part; each part keeps the pairs' file order."""
     by_prompt: dict[str, list[int]] = {}
     for i, row in enumerate(pairs):
         by_prompt.setdefault(row["prompt"], []).append(i)
@@ -120,8 +122,8 @@ def split_halves(pairs: list[dict], seed: int) -> tuple[list[int], list[int]]:
     random.Random(seed).shuffle(prompts)
     halves: tuple[list[int], list[int]] = ([], [])
     for prompt in prompts:
-        smaller = halves[0] if len(halves[0]) <= len(halves[1]) else halves[1]
-        smaller.extend(by_prompt[prompt])
+        placed = len(halves[0]) + len(halves[1])
+        halves[len(halves[1]) < share * placed].extend(by_prompt[prompt])
     if not halves[0] or not halves[1]:
         raise ValueError(f"reward.validation needs training pairs of at least two prompts, got {len(prompts)}")
     return sorted(halves[0]), sorted(halves[1])
@@ -410,8 +412,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> RewardReport:
     require(ctx.run_dir / SFT_MERGED, "sft")
     train = read_prefs(ctx.run_dir / TRAIN_PREFS)
     test = read_prefs(ctx.run_dir / TEST_PREFS)
-    if cfg.validation:  # the main models learn from one half, the validation model from the other
-        main_half, validation_half = split_halves(train, config.seed)
+    if cfg.validation:  # the main models learn from one part, the validation model from the other
+        main_half, validation_half = split_for_validation(train, config.seed, cfg.validation_share)
         main_pairs, validation_pairs = [train[i] for i in main_half], [train[i] for i in validation_half]
     else:
         main_pairs, validation_pairs = train, []

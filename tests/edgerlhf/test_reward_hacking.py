@@ -14,7 +14,7 @@ import torch
 
 from edgerlhf import align, evaluate, gold, memory, models, plan, reward
 from edgerlhf.align import policy
-from edgerlhf.config import load_config
+from edgerlhf.config import ConfigError, load_config
 from edgerlhf.context import RunContext
 from edgerlhf.contract import VALIDATION_REWARD, merge_overrides
 from edgerlhf.data import read_prefs
@@ -26,13 +26,24 @@ from tests.support.tiny import REWARD_STUDY, data_and_random_sft, make_tiny_run,
 
 def test_the_halves_are_disjoint_cover_every_pair_and_keep_a_prompts_pairs_together():
     pairs = [{"prompt": f"p{i % 7}", "chosen": str(i), "rejected": ""} for i in range(30)]
-    main, validation = reward.split_halves(pairs, seed=0)
+    main, validation = reward.split_for_validation(pairs, seed=0)
     assert set(main).isdisjoint(validation) and sorted(main + validation) == list(range(30))
     assert {pairs[i]["prompt"] for i in main}.isdisjoint({pairs[i]["prompt"] for i in validation})
     assert abs(len(main) - len(validation)) <= 5  # a prompt has 4 or 5 pairs here
-    assert reward.split_halves(pairs, seed=0) == (main, validation)  # seeded
+    assert reward.split_for_validation(pairs, seed=0) == (main, validation)  # seeded
     with pytest.raises(ValueError, match="at least two prompts"):
-        reward.split_halves([{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3, seed=0)
+        reward.split_for_validation([{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3, seed=0)
+
+
+@pytest.mark.parametrize("share", [0.1, 0.2, 0.35, 0.8])
+def test_the_validation_share_sets_the_validation_models_part_to_within_a_prompts_pairs(share):
+    pairs = [{"prompt": f"p{i % 40}", "chosen": str(i), "rejected": ""} for i in range(200)]  # 5 pairs a prompt
+    main, validation = reward.split_for_validation(pairs, seed=3, share=share)
+    assert set(main).isdisjoint(validation) and sorted(main + validation) == list(range(200))
+    assert {pairs[i]["prompt"] for i in main}.isdisjoint({pairs[i]["prompt"] for i in validation})
+    assert abs(len(validation) - share * 200) <= 5, (share, len(validation))
+    with pytest.raises(ConfigError, match="reward.validation_share"):
+        tiny_config(reward={"validation": True, "validation_share": 1.0})
 
 
 @pytest.fixture(scope="module")
