@@ -120,13 +120,12 @@ def split_for_validation(pairs: list[dict], seed: int, share: float = 0.5) -> tu
         by_prompt.setdefault(row["prompt"], []).append(i)
     prompts = sorted(by_prompt)
     random.Random(seed).shuffle(prompts)
-    halves: tuple[list[int], list[int]] = ([], [])
+    main, validation = [], []
     for prompt in prompts:
-        placed = len(halves[0]) + len(halves[1])
-        halves[len(halves[1]) < share * placed].extend(by_prompt[prompt])
-    if not halves[0] or not halves[1]:
+        (validation if len(validation) < share * (len(main) + len(validation)) else main).extend(by_prompt[prompt])
+    if not main or not validation:
         raise ValueError(f"reward.validation needs training pairs of at least two prompts, got {len(prompts)}")
-    return sorted(halves[0]), sorted(halves[1])
+    return sorted(main), sorted(validation)
 
 
 def bootstrap(n: int, seed: int) -> list[int]:
@@ -413,8 +412,8 @@ def run(config: PipelineConfig, ctx: RunContext) -> RewardReport:
     train = read_prefs(ctx.run_dir / TRAIN_PREFS)
     test = read_prefs(ctx.run_dir / TEST_PREFS)
     if cfg.validation:  # the main models learn from one part, the validation model from the other
-        main_half, validation_half = split_for_validation(train, config.seed, cfg.validation_share)
-        main_pairs, validation_pairs = [train[i] for i in main_half], [train[i] for i in validation_half]
+        main_part, validation_part = split_for_validation(train, config.seed, cfg.validation_share)
+        main_pairs, validation_pairs = [train[i] for i in main_part], [train[i] for i in validation_part]
     else:
         main_pairs, validation_pairs = train, []
         # A validation model of an earlier run saw pairs the main model now trains on: it is no longer independent.

@@ -121,6 +121,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def run_key(r: dict[str, Any]) -> tuple[str, int, str]:
+    """What names a run across two rows files: its gold, seed and algorithm."""
     return r["gold"], r["seed"], r.get("algorithm", "ppo")
 
 
@@ -141,12 +142,13 @@ def compare(base: list[dict[str, Any]], other: list[dict[str, Any]]) -> str:
         learned = [sum(r["learned"] for r in side) for side in zip(*pairs)]
         gains = [sum(r[decisive]["mean"] for r in side) / len(pairs) for side in zip(*pairs)]
         helps = learned[1] > learned[0] or (learned[1] == learned[0] and gains[1] > gains[0])
-        by_algorithm = ", ".join(
-            f"{algorithm} {sum(b['learned'] for b, _ in runs)} → {sum(o['learned'] for _, o in runs)}"
-            for algorithm in dict.fromkeys(run_key(b)[2] for b, _ in pairs)
-            for runs in [[(b, o) for b, o in pairs if run_key(b)[2] == algorithm]])
+        by_algorithm = []
+        for algorithm in dict.fromkeys(run_key(b)[2] for b, _ in pairs):
+            runs = [(b, o) for b, o in pairs if run_key(b)[2] == algorithm]
+            by_algorithm.append(f"{algorithm} {sum(b['learned'] for b, _ in runs)} → "
+                                f"{sum(o['learned'] for _, o in runs)}")
         lines.append(f"| {name} | {len(pairs)} | {learned[0]} → {learned[1]} | {gains[0]:+.4f} → {gains[1]:+.4f} | "
-                     f"{by_algorithm} | {'helps' if helps else 'does not help'} |")
+                     f"{', '.join(by_algorithm)} | {'helps' if helps else 'does not help'} |")
     if len(lines) == 2:
         raise ValueError("the two files have no run in common (same gold, seed and algorithm)")
     return "\n".join(lines) + "\n"
