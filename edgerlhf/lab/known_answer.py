@@ -41,6 +41,12 @@ SHARED_STAGES = ("data", "sft", "reward")
 """What every algorithm of one (gold, seed) starts from: the same pairs, SFT policy and reward model."""
 
 
+def decisive_gain(content: bool) -> str:
+    """The gain that decides whether a gold was learned: at equal length for a gold about content, the plain gain
+    for one about length (the row's and the evaluation report's field name)."""
+    return "gold_diff_equal_length" if content else "gold_diff"
+
+
 def run_one(gold_name: str, seed: int, run_dir: Path, overrides: dict[str, Any], algorithm: str = "ppo",
             shared: dict[str, Any] | None = None) -> dict[str, Any]:
     """One pipeline run on the known-answer task of `gold_name`; the figures of its table row.
@@ -61,7 +67,7 @@ def run_one(gold_name: str, seed: int, run_dir: Path, overrides: dict[str, Any],
     reports = run_pipeline(config, ctx, skip=SHARED_STAGES if shared is not None else ())
     ev = reports["evaluate"]
     content = gold.get_scorer(gold_name).balance_length
-    decisive = ev.gold_diff_equal_length if content else ev.gold_diff
+    decisive = getattr(ev, decisive_gain(content))
     row = {
         "gold": gold_name, "seed": seed, "algorithm": config.algorithm, "content": content, "run_dir": str(run_dir),
         "gold_diff": ev.gold_diff.model_dump(), "gold_diff_equal_length": ev.gold_diff_equal_length.model_dump(),
@@ -138,7 +144,7 @@ def compare(base: list[dict[str, Any]], other: list[dict[str, Any]]) -> str:
         pairs = [(r, theirs[run_key(r)]) for r in base if r["gold"] == name and run_key(r) in theirs]
         if not pairs:
             continue
-        decisive = "gold_diff_equal_length" if pairs[0][0]["content"] else "gold_diff"
+        decisive = decisive_gain(pairs[0][0]["content"])
         learned = [sum(r["learned"] for r in side) for side in zip(*pairs)]
         gains = [sum(r[decisive]["mean"] for r in side) / len(pairs) for side in zip(*pairs)]
         helps = learned[1] > learned[0] or (learned[1] == learned[0] and gains[1] > gains[0])
